@@ -1,0 +1,610 @@
+//! [`Spec`] to the model graph, checking each section's data flow on the way.
+//!
+//! The embed section sees `tokens`, `positions` and `token_types` and must assign `x`;
+//! the block section is lowered once per layer and transforms `x`; the head section, if
+//! any, transforms `x` last. Attention is built from primitives (projections, head split,
+//! rotary, `QKᵀ`, scale, ALiBi, mask, softmax, `·V`, head merge) so that fusing it is a
+//! pass of its own. Leaves (inputs and weights) get their types here; every other type is
+//! left to shape inference.
+
+use std::collections::HashMap;
+
+use super::ast::{BinOp, Expr, Ident, SectionKind, Span};
+use super::diag::{Code, Diagnostic};
+use super::spec::*;
+use crate::ir::*;
+
+#[derive(Clone, Copy, Debug)]
+enum Val {
+    /// Integer ids (`tokens`, `positions`, `token_types`).
+    Ids(NodeId),
+    /// A `[T, d_model]` activation.
+    Hidden(NodeId),
+    /// `[T, vocab]` logits.
+    Logits(NodeId),
+    Scalar(f64),
+}
+
+impl Val {
+    fn describe(&self) -> &'static str {
+        match self {
+            Val::Ids(_) => "integer ids",
+            Val::Hidden(_) => "an activation",
+            Val::Logits(_) => "logits",
+            Val::Scalar(_) => "a number",
+        }
+    }
+}
+
+pub fn lower(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Option<Graph> {
+    let mut l = Lowerer {
+        spec,
+        g: Graph::new(spec.name.clone(), Phase::Model),
+        diags,
+        layer: None,
+        section: SectionKind::Embed,
+        inputs: HashMap::new(),
+    };
+    let before = l.diags.len();
+    let x = l.section(&spec.embed, SectionKind::Embed, HashMap::new())?;
+    let mut x = match x {
+        Val::Hidden(n) => n,
+        other => {
+            l.error_at(
+                &spec.embed.keyword,
+                format!(
+                    "the embed section must make `x` an activation, it is {}",
+                    other.describe()
+                ),
+            );
+            return None;
+        }
+    };
+    for layer in 0..spec.sizes.layers as u32 {
+        l.layer = Some(layer);
+        let env = HashMap::from([("x".to_string(), Val::Hidden(x))]);
+        match l.section(&spec.block, SectionKind::Block, env)? {
+            Val::Hidden(n) => x = n,
+            other => {
+                l.error_at(
+                    &spec.block.keyword,
+                    format!(
+                        "a block must leave `x` an activation, it is {}",
+                        other.describe()
+                    ),
+                );
+                return None;
+            }
+        }
+    }
+    l.layer = None;
+    let out = match &spec.head {
+        Some(h) => l.section(
+            h,
+            SectionKind::Head,
+            HashMap::from([("x".to_string(), Val::Hidden(x))]),
+        )?,
+        None => Val::Hidden(x),
+    };
+    match out {
+        Val::Logits(n) => l.g.outputs.push(("logits".into(), n)),
+        Val::Hidden(n) => l.g.outputs.push(("hidden".into(), n)),
+        other => {
+            let kw = spec
+                .head
+                .as_ref()
+                .map(|h| h.keyword.clone())
+                .unwrap_or(0..0);
+            l.error_at(
+                &kw,
+                format!(
+                    "the model's result must be an activation or logits, it is {}",
+                    other.describe()
+                ),
+            );
+        }
+    }
+    (l.diags.len() == before).then_some(l.g)
+}
+
+struct Lowerer<'a> {
+    spec: &'a Spec,
+    g: Graph,
+    diags: &'a mut Vec<Diagnostic>,
+    layer: Option<u32>,
+    section: SectionKind,
+    /// Graph inputs, created on first use.
+    inputs: HashMap<&'static str, NodeId>,
+}
+
+impl Lowerer<'_> {
+    /// Errors are reported for the first instance of a block only; the others repeat them.
+    fn reporting(&self) -> bool {
+        self.layer.is_none_or(|l| l == 0)
+    }
+
+    fn error(&mut self, d: Diagnostic) {
+        if self.reporting() {
+            self.diags.push(d);
+        }
+    }
+
+    fn error_at(&mut self, span: &Span, msg: String) {
+        let d = Diagnostic::error(Code::Flow, msg).label(span.clone(), "here");
+        self.error(d);
+    }
+
+    fn section(
+        &mut self,
+        s: &Section,
+        kind: SectionKind,
+        mut env: HashMap<String, Val>,
+    ) -> Option<Val> {
+        self.section = kind;
+        let before = self.diags.len();
+        for st in &s.stmts {
+            if let Some(v) = self.expr(&st.expr, s, &env) {
+                env.insert(st.target.name.clone(), v);
+            }
+        }
+        if self.diags.len() > before {
+            return None;
+        }
+        match env.get("x") {
+            Some(v) => Some(*v),
+            None => {
+                self.error(
+                    Diagnostic::error(Code::Flow, format!("the `{}` section never assigns `x`", kind.name()))
+                        .label(s.keyword.clone(), "this section")
+                        .note("every section passes the residual stream on as `x`, e.g. `x = x + attn(ln_1(x))`"),
+                );
+                None
+            }
+        }
+    }
+
+    fn node(&mut self, op: Op, operands: &[NodeId], origin: &str) -> NodeId {
+        let node = Node {
+            op,
+            ty: None,
+            layer: self.layer,
+            origin: origin.to_string(),
+        };
+        self.g.add(node, operands)
+    }
+
+    fn leaf(&mut self, op: Op, ty: TensorType, origin: &str, layer: Option<u32>) -> NodeId {
+        let node = Node {
+            op,
+            ty: Some(ty),
+            layer,
+            origin: origin.to_string(),
+        };
+        self.g.add(node, &[])
+    }
+
+    fn input(&mut self, name: &'static str) -> NodeId {
+        if let Some(&n) = self.inputs.get(name) {
+            return n;
+        }
+        let kind = if name == "tokens" {
+            InputKind::Tokens
+        } else {
+            InputKind::TokenTypes
+        };
+        let n = self.leaf(
+            Op::Input(kind),
+            TensorType::new(vec![Dim::T], DType::I32),
+            "",
+            None,
+        );
+        self.inputs.insert(name, n);
+        n
+    }
+
+    fn positions(&mut self, origin: &str) -> NodeId {
+        let ty = TensorType::new(vec![Dim::T], DType::I32);
+        let layer = self.layer;
+        self.leaf(Op::Positions, ty, origin, layer)
+    }
+
+    fn weight(
+        &mut self,
+        name: &Template,
+        shape: &[usize],
+        role: WeightRole,
+        origin: &str,
+    ) -> NodeId {
+        let name = instantiate(name, self.layer);
+        let dtype = if role == WeightRole::Bias || role == WeightRole::Gain {
+            DType::F32
+        } else {
+            self.spec.dtype
+        };
+        let layer = self.layer;
+        self.leaf(
+            Op::Weight { name, role },
+            TensorType::fixed(shape, dtype),
+            origin,
+            layer,
+        )
+    }
+
+    fn expr(&mut self, e: &Expr, s: &Section, env: &HashMap<String, Val>) -> Option<Val> {
+        match e {
+            Expr::Number(v, _) => Some(Val::Scalar(*v)),
+            Expr::Var(id) => self.var(id, env),
+            Expr::Binary(a, op, b, span) => {
+                let (a, b) = (self.expr(a, s, env)?, self.expr(b, s, env)?);
+                self.binary(a, *op, b, span)
+            }
+            Expr::Call(f, args, span) => {
+                let args: Vec<Val> = args
+                    .iter()
+                    .map(|a| self.expr(a, s, env))
+                    .collect::<Option<_>>()?;
+                self.call(f, &args, s, span)
+            }
+        }
+    }
+
+    fn var(&mut self, id: &Ident, env: &HashMap<String, Val>) -> Option<Val> {
+        if let Some(v) = env.get(&id.name) {
+            return Some(*v);
+        }
+        let sz = &self.spec.sizes;
+        let size = match id.name.as_str() {
+            "vocab" => Some(sz.vocab),
+            "d_model" => Some(sz.d_model),
+            "layers" => Some(sz.layers),
+            "heads" => Some(sz.heads),
+            "kv_heads" => Some(sz.kv_heads),
+            "head_dim" => Some(sz.head_dim),
+            "max_seq" => Some(sz.max_seq),
+            "d_ff" => sz.d_ff,
+            _ => None,
+        };
+        if let Some(v) = size {
+            return Some(Val::Scalar(v as f64));
+        }
+        let input = match id.name.as_str() {
+            "tokens" => Some("tokens"),
+            "token_types" => Some("token_types"),
+            "positions" => Some("positions"),
+            _ => None,
+        };
+        match input {
+            Some(name) if self.section == SectionKind::Embed => {
+                Some(Val::Ids(if name == "positions" {
+                    self.positions("")
+                } else {
+                    self.input(name)
+                }))
+            }
+            Some(name) => {
+                self.error(
+                    Diagnostic::error(
+                        Code::Name,
+                        format!("`{name}` is only available in the `embed` section"),
+                    )
+                    .label(id.span.clone(), "used here"),
+                );
+                None
+            }
+            None => {
+                let known: Vec<&str> = env.keys().map(String::as_str).collect();
+                let mut d = Diagnostic::error(Code::Name, format!("`{}` is not defined", id.name))
+                    .label(id.span.clone(), "no value or size of this name");
+                if !known.is_empty() {
+                    let mut known = known;
+                    known.sort();
+                    d = d.note(format!("defined here: {}", known.join(", ")));
+                }
+                self.error(d);
+                None
+            }
+        }
+    }
+
+    fn binary(&mut self, a: Val, op: BinOp, b: Val, span: &Span) -> Option<Val> {
+        let origin = "";
+        match (a, op, b) {
+            (Val::Scalar(x), _, Val::Scalar(y)) => Some(Val::Scalar(match op {
+                BinOp::Add => x + y,
+                BinOp::Sub => x - y,
+                BinOp::Mul => x * y,
+                BinOp::Div => x / y,
+            })),
+            (Val::Hidden(x), BinOp::Add, Val::Hidden(y)) => {
+                Some(Val::Hidden(self.node(Op::Add, &[x, y], origin)))
+            }
+            (Val::Hidden(x), BinOp::Mul, Val::Scalar(c))
+            | (Val::Scalar(c), BinOp::Mul, Val::Hidden(x)) => {
+                Some(Val::Hidden(self.node(Op::Scale(c), &[x], origin)))
+            }
+            (Val::Hidden(x), BinOp::Div, Val::Scalar(c)) if c != 0.0 => {
+                Some(Val::Hidden(self.node(Op::Scale(1.0 / c), &[x], origin)))
+            }
+            (a, _, b) => {
+                let sym = match op {
+                    BinOp::Add => "+",
+                    BinOp::Sub => "-",
+                    BinOp::Mul => "*",
+                    BinOp::Div => "/",
+                };
+                self.error(
+                    Diagnostic::error(
+                        Code::Flow,
+                        format!("cannot compute {} {sym} {}", a.describe(), b.describe()),
+                    )
+                    .label(span.clone(), "in this expression")
+                    .note("activations can be added, and scaled by a number"),
+                );
+                None
+            }
+        }
+    }
+
+    fn call(&mut self, f: &Ident, args: &[Val], s: &Section, span: &Span) -> Option<Val> {
+        if f.name == "sqrt" {
+            return match args {
+                [Val::Scalar(x)] if *x >= 0.0 => Some(Val::Scalar(x.sqrt())),
+                _ => {
+                    self.error(
+                        Diagnostic::error(Code::Flow, "`sqrt` takes one non-negative number")
+                            .label(span.clone(), "in this call"),
+                    );
+                    None
+                }
+            };
+        }
+        let Some(c) = s.component(&f.name) else {
+            let mut d = Diagnostic::error(
+                Code::Name,
+                format!(
+                    "`{}` is not a component of the `{}` section",
+                    f.name,
+                    self.section.name()
+                ),
+            )
+            .label(f.span.clone(), "called here");
+            let names: Vec<&str> = s.components.iter().map(|c| c.name.name.as_str()).collect();
+            if !names.is_empty() {
+                d = d.note(format!("components here: {}", names.join(", ")));
+            }
+            self.error(d);
+            return None;
+        };
+        let arg = match args {
+            [a] => *a,
+            _ => {
+                self.error(
+                    Diagnostic::error(
+                        Code::Flow,
+                        format!("`{}` takes one argument, got {}", f.name, args.len()),
+                    )
+                    .label(span.clone(), "in this call"),
+                );
+                return None;
+            }
+        };
+        let origin = f.name.as_str();
+        let sz = self.spec.sizes.clone();
+        let wants = |l: &mut Self, what: &str| {
+            l.error(
+                Diagnostic::error(
+                    Code::Flow,
+                    format!(
+                        "`{}` ({}) takes {what}, got {}",
+                        f.name,
+                        c.kind.name(),
+                        arg.describe()
+                    ),
+                )
+                .label(span.clone(), "in this call"),
+            );
+            None
+        };
+        match (&c.kind, arg) {
+            (
+                Kind::Embedding {
+                    weight,
+                    rows,
+                    offset,
+                },
+                Val::Ids(ids),
+            ) => {
+                let table =
+                    self.weight(weight, &[*rows, sz.d_model], WeightRole::Embedding, origin);
+                Some(Val::Hidden(self.node(
+                    Op::Gather { offset: *offset },
+                    &[table, ids],
+                    origin,
+                )))
+            }
+            (Kind::Sinusoidal { base }, Val::Ids(ids)) => {
+                if sz.d_model % 2 != 0 {
+                    self.error(
+                        Diagnostic::error(
+                            Code::Sizes,
+                            format!(
+                                "sinusoidal positions need an even d_model, not {}",
+                                sz.d_model
+                            ),
+                        )
+                        .label(c.name.span.clone(), "this encoding"),
+                    );
+                    return None;
+                }
+                let op = Op::Sinusoidal {
+                    dim: sz.d_model,
+                    base: *base,
+                };
+                Some(Val::Hidden(self.node(op, &[ids], origin)))
+            }
+            (Kind::Embedding { .. } | Kind::Sinusoidal { .. }, _) => {
+                wants(self, "ids: tokens, positions or token_types")
+            }
+            (_, Val::Hidden(x)) => self.apply(&c.kind, x, origin, &sz),
+            _ => wants(self, "an activation"),
+        }
+    }
+
+    fn apply(&mut self, kind: &Kind, x: NodeId, origin: &str, sz: &Sizes) -> Option<Val> {
+        let d = sz.d_model;
+        Some(match kind {
+            Kind::LayerNorm { eps, weight, bias } => {
+                let w = self.weight(weight, &[d], WeightRole::Gain, origin);
+                let mut ops = vec![x, w];
+                if let Some(b) = bias {
+                    ops.push(self.weight(b, &[d], WeightRole::Bias, origin));
+                }
+                Val::Hidden(self.node(Op::LayerNorm { eps: *eps }, &ops, origin))
+            }
+            Kind::RmsNorm {
+                eps,
+                weight,
+                unit_offset,
+            } => {
+                let w = self.weight(weight, &[d], WeightRole::Gain, origin);
+                Val::Hidden(self.node(
+                    Op::RmsNorm {
+                        eps: *eps,
+                        unit_offset: *unit_offset,
+                    },
+                    &[x, w],
+                    origin,
+                ))
+            }
+            Kind::Mlp(m) => {
+                let f = sz.d_ff.unwrap_or(0);
+                let up = self.linear(x, &m.up, d, f, origin);
+                let pre = match &m.gate {
+                    Some(g) => self.linear(x, g, d, f, origin),
+                    None => up,
+                };
+                let mut h = self.node(Op::Activation(m.act), &[pre], origin);
+                if m.gate.is_some() {
+                    h = self.node(Op::Mul, &[h, up], origin);
+                }
+                Val::Hidden(self.linear(h, &m.down, f, d, origin))
+            }
+            Kind::Attention(a) => Val::Hidden(self.attention(a, x, origin, sz)),
+            Kind::Unembed {
+                weight,
+                transposed,
+                bias,
+                tied,
+            } => {
+                let w = match tied {
+                    Some(t) => match self.spec.embed.component(t).map(|c| &c.kind) {
+                        Some(Kind::Embedding { weight, rows, .. }) => {
+                            let (weight, rows) = (weight.clone(), *rows);
+                            self.weight(&weight, &[rows, d], WeightRole::Embedding, origin)
+                        }
+                        _ => unreachable!("resolve checked `tied`"),
+                    },
+                    None => {
+                        let shape = if *transposed {
+                            [d, sz.vocab]
+                        } else {
+                            [sz.vocab, d]
+                        };
+                        self.weight(weight, &shape, WeightRole::Matrix, origin)
+                    }
+                };
+                let mut ops = vec![x, w];
+                if let Some(b) = bias {
+                    ops.push(self.weight(b, &[sz.vocab], WeightRole::Bias, origin));
+                }
+                let op = Op::Linear {
+                    transposed: *transposed && tied.is_none(),
+                    bias: bias.is_some(),
+                };
+                Val::Logits(self.node(op, &ops, origin))
+            }
+            Kind::Embedding { .. } | Kind::Sinusoidal { .. } => {
+                unreachable!("handled by the caller")
+            }
+        })
+    }
+
+    fn linear(&mut self, x: NodeId, p: &Proj, inn: usize, out: usize, origin: &str) -> NodeId {
+        let shape = if p.transposed { [inn, out] } else { [out, inn] };
+        let w = self.weight(&p.weight, &shape, WeightRole::Matrix, origin);
+        let mut ops = vec![x, w];
+        if let Some(b) = &p.bias {
+            ops.push(self.weight(b, &[out], WeightRole::Bias, origin));
+        }
+        self.node(
+            Op::Linear {
+                transposed: p.transposed,
+                bias: p.bias.is_some(),
+            },
+            &ops,
+            origin,
+        )
+    }
+
+    fn attention(&mut self, a: &Attention, x: NodeId, origin: &str, sz: &Sizes) -> NodeId {
+        let (h, kv, hd, d) = (sz.heads, sz.kv_heads, sz.head_dim, sz.d_model);
+        let (q, k, v) = match &a.qkv {
+            Qkv::Separate { q, k, v } => (
+                self.linear(x, q, d, h * hd, origin),
+                self.linear(x, k, d, kv * hd, origin),
+                self.linear(x, v, d, kv * hd, origin),
+            ),
+            Qkv::Fused { proj, layout } => {
+                let qkv = self.linear(x, proj, d, (h + 2 * kv) * hd, origin);
+                let mut part = |p| {
+                    let op = Op::SplitQkv {
+                        layout: *layout,
+                        part: p,
+                        heads: h,
+                        kv_heads: kv,
+                        head_dim: hd,
+                    };
+                    self.node(op, &[qkv], origin)
+                };
+                (part(QkvPart::Q), part(QkvPart::K), part(QkvPart::V))
+            }
+        };
+        let mut q = self.node(Op::SplitHeads { heads: h }, &[q], origin);
+        let mut k = self.node(Op::SplitHeads { heads: kv }, &[k], origin);
+        let v = self.node(Op::SplitHeads { heads: kv }, &[v], origin);
+        let pos = self.positions(origin);
+        if let Position::Rope {
+            theta,
+            rotary_dim,
+            interleaved,
+        } = a.position
+        {
+            let r = Op::Rope(Rope {
+                theta,
+                rotary_dim,
+                interleaved,
+            });
+            q = self.node(r.clone(), &[q, pos], origin);
+            k = self.node(r, &[k, pos], origin);
+        }
+        let mut s = self.node(Op::HeadMatMul { transpose_b: true }, &[q, k], origin);
+        s = self.node(Op::Scale(a.scale), &[s], origin);
+        if matches!(a.position, Position::Alibi) {
+            s = self.node(Op::Alibi, &[s, pos], origin);
+        }
+        if a.causal || a.window.is_some() {
+            s = self.node(
+                Op::Mask(AttnMask {
+                    causal: a.causal,
+                    window: a.window,
+                }),
+                &[s, pos],
+                origin,
+            );
+        }
+        let p = self.node(Op::Softmax, &[s], origin);
+        let o = self.node(Op::HeadMatMul { transpose_b: false }, &[p, v], origin);
+        let o = self.node(Op::MergeHeads, &[o], origin);
+        self.linear(o, &a.o, h * hd, d, origin)
+    }
+}

@@ -1,0 +1,806 @@
+//! Syntax tree to [`Spec`]: settings, sizes and component options, checked.
+//!
+//! Every problem is recorded and checking goes on, so one run reports all of them.
+
+use std::collections::HashSet;
+
+use super::ast::{self, Field, Ident, SectionKind, Span, Value, ValueKind};
+use super::diag::{Code, Diagnostic};
+use super::spec::*;
+use crate::ir::{Act, DType, QkvLayout};
+
+const SETTINGS: &[&str] = &[
+    "vocab", "d_model", "layers", "heads", "kv_heads", "head_dim", "d_ff", "max_seq", "dtype",
+];
+const KINDS: &[&str] = &[
+    "embedding",
+    "sinusoidal",
+    "layernorm",
+    "rmsnorm",
+    "attention",
+    "mlp",
+    "unembed",
+];
+
+pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
+    let before = diags.len();
+    let name = match &file.model {
+        Some(m) => m.name.clone(),
+        None => {
+            diags.push(
+                Diagnostic::error(Code::Missing, "the spec does not name its model")
+                    .label(0..0, "expected `model NAME` first")
+                    .note("start the file with a line such as `model gpt2`"),
+            );
+            String::new()
+        }
+    };
+    let (sizes, dtype) = sizes(file, diags);
+    for c in &file.components {
+        diags.push(
+            Diagnostic::error(
+                Code::Flow,
+                format!("component `{}` is declared outside a section", c.name.name),
+            )
+            .label(c.span.clone(), "declared here")
+            .note(
+                "declare components inside the `embed`, `block` or `head` section that uses them",
+            ),
+        );
+    }
+    let mut sections: [Option<Section>; 3] = [None, None, None];
+    for s in &file.sections {
+        let slot = &mut sections[s.kind as usize];
+        if slot.is_some() {
+            diags.push(
+                Diagnostic::error(
+                    Code::Duplicate,
+                    format!("a second `{}` section", s.kind.name()),
+                )
+                .label(s.keyword.clone(), "each section may appear once"),
+            );
+            continue;
+        }
+        *slot = Some(section(s, sizes.as_ref(), diags));
+    }
+    let [embed, block, head] = sections;
+    let end = file_end(file);
+    for (sec, kind) in [(&embed, SectionKind::Embed), (&block, SectionKind::Block)] {
+        if sec.is_none() {
+            diags.push(
+                Diagnostic::error(
+                    Code::Missing,
+                    format!("the spec has no `{}` section", kind.name()),
+                )
+                .label(end.clone(), format!("expected `{} {{ ... }}`", kind.name())),
+            );
+        }
+    }
+    if let (Some(sz), Some(b)) = (&sizes, &block) {
+        if sz.d_ff.is_none() {
+            for c in &b.components {
+                if matches!(c.kind, Kind::Mlp(_)) {
+                    diags.push(
+                        Diagnostic::error(Code::Missing, "an `mlp` needs the setting `d_ff`")
+                            .label(c.name.span.clone(), "this MLP has no hidden size")
+                            .note("add `d_ff = N` to the settings"),
+                    );
+                }
+            }
+        }
+    }
+    if let (Some(head), Some(embed)) = (&head, &embed) {
+        for c in &head.components {
+            if let Kind::Unembed { tied: Some(t), .. } = &c.kind {
+                match embed.component(t).map(|e| &e.kind) {
+                    Some(Kind::Embedding { .. }) => {}
+                    _ => diags.push(
+                        Diagnostic::error(
+                            Code::Name,
+                            format!("`tied = {t}` names no embedding of the `embed` section"),
+                        )
+                        .label(c.name.span.clone(), "in this unembedding"),
+                    ),
+                }
+            }
+        }
+    }
+    if diags.len() > before {
+        return None;
+    }
+    Some(Spec {
+        name,
+        sizes: sizes?,
+        dtype,
+        embed: embed?,
+        block: block?,
+        head,
+    })
+}
+
+fn file_end(file: &ast::File) -> Span {
+    let mut end = 0;
+    for s in &file.sections {
+        end = end.max(s.keyword.end);
+    }
+    for f in &file.settings {
+        end = end.max(f.value.span.end);
+    }
+    end..end
+}
+
+fn sizes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> (Option<Sizes>, DType) {
+    let mut f = Fields::new("the settings", &file.settings, SETTINGS);
+    let anchor = file.model.as_ref().map(|m| m.span.clone()).unwrap_or(0..0);
+    let required = |f: &mut Fields, key: &str, diags: &mut Vec<Diagnostic>| {
+        let v = f.positive(key, diags);
+        if v.is_none() && !f.has(key) {
+            diags.push(
+                Diagnostic::error(Code::Missing, format!("missing required setting `{key}`"))
+                    .label(anchor.clone(), "this model")
+                    .note(format!("add `{key} = N`")),
+            );
+        }
+        v
+    };
+    let vocab = required(&mut f, "vocab", diags);
+    let d_model = required(&mut f, "d_model", diags);
+    let layers = required(&mut f, "layers", diags);
+    let heads = required(&mut f, "heads", diags);
+    let max_seq = required(&mut f, "max_seq", diags);
+    let kv_heads = f.positive("kv_heads", diags);
+    let head_dim = f.positive("head_dim", diags);
+    let d_ff = f.positive("d_ff", diags);
+    let dtype = match f.choice("dtype", &["f32", "f16", "bf16"], diags) {
+        Some(s) => DType::parse(&s).unwrap(),
+        None => DType::F32,
+    };
+    f.finish(diags);
+    let (Some(vocab), Some(d_model), Some(layers), Some(heads), Some(max_seq)) =
+        (vocab, d_model, layers, heads, max_seq)
+    else {
+        return (None, dtype);
+    };
+    let mut ok = true;
+    let head_dim = match head_dim {
+        Some(h) => h,
+        None if d_model % heads != 0 => {
+            let span = f.span_of("heads");
+            diags.push(
+                Diagnostic::error(
+                    Code::Sizes,
+                    format!("{heads} heads do not divide d_model = {d_model}"),
+                )
+                .label(
+                    span,
+                    format!("d_model / heads = {d_model} / {heads} is not a whole number"),
+                )
+                .note("set `head_dim` explicitly, or choose a head count that divides d_model"),
+            );
+            ok = false;
+            0
+        }
+        None => d_model / heads,
+    };
+    let kv_heads = kv_heads.unwrap_or(heads);
+    if heads % kv_heads != 0 {
+        diags.push(
+            Diagnostic::error(
+                Code::Sizes,
+                format!("kv_heads = {kv_heads} does not divide heads = {heads}"),
+            )
+            .label(
+                f.span_of("kv_heads"),
+                "each key/value head must serve the same number of query heads",
+            )
+            .note("grouped-query attention needs heads to be a multiple of kv_heads"),
+        );
+        ok = false;
+    }
+    let sizes = Sizes {
+        vocab,
+        d_model,
+        layers,
+        heads,
+        kv_heads,
+        head_dim,
+        d_ff,
+        max_seq,
+    };
+    (ok.then_some(sizes), dtype)
+}
+
+fn section(s: &ast::Section, sizes: Option<&Sizes>, diags: &mut Vec<Diagnostic>) -> Section {
+    let mut seen = HashSet::new();
+    let mut components = Vec::new();
+    for c in &s.components {
+        if !seen.insert(c.name.name.clone()) {
+            diags.push(
+                Diagnostic::error(
+                    Code::Duplicate,
+                    format!("component `{}` is declared twice", c.name.name),
+                )
+                .label(c.name.span.clone(), "declared again here"),
+            );
+            continue;
+        }
+        if let Some(kind) = component(c, s.kind, sizes, diags) {
+            components.push(Component {
+                name: c.name.clone(),
+                kind,
+            });
+        }
+    }
+    Section {
+        keyword: s.keyword.clone(),
+        components,
+        stmts: s.stmts.clone(),
+    }
+}
+
+fn component(
+    c: &ast::Component,
+    section: SectionKind,
+    sizes: Option<&Sizes>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Kind> {
+    let kind = c.kind.name.as_str();
+    let allowed: &[&str] = match kind {
+        "embedding" => &["at", "weight", "rows", "offset"],
+        "sinusoidal" => &["base"],
+        "layernorm" => &["at", "eps", "weight", "bias"],
+        "rmsnorm" => &["at", "eps", "weight", "unit_offset"],
+        "attention" => &[
+            "at",
+            "q",
+            "k",
+            "v",
+            "o",
+            "qkv",
+            "qkv_layout",
+            "bias",
+            "transposed",
+            "causal",
+            "window",
+            "scale",
+            "position",
+        ],
+        "mlp" => &["at", "up", "gate", "down", "act", "bias", "transposed"],
+        "unembed" => &["at", "weight", "tied", "bias", "transposed"],
+        _ => {
+            diags.push(unknown(&c.kind, "component kind", KINDS));
+            return None;
+        }
+    };
+    let before = diags.len();
+    let mut f = Fields::new(&format!("`{}: {kind}`", c.name.name), &c.fields, allowed);
+    let at = f.string("at", diags);
+    let in_block = section == SectionKind::Block;
+    let mut name =
+        |f: &mut Fields, key: &str, default: Option<&str>, diags: &mut Vec<Diagnostic>| {
+            let given = f.string(key, diags);
+            let span = f.span_of(key);
+            let n = given.or(default.map(str::to_string))?;
+            let full = match &at {
+                Some(a) => format!("{a}.{n}"),
+                None => n,
+            };
+            check_template(&full, in_block, span, diags);
+            Some(full)
+        };
+    let result = match kind {
+        "embedding" => {
+            let weight = name(&mut f, "weight", at.as_ref().map(|_| "weight"), diags);
+            let rows = f.positive("rows", diags).or(sizes.map(|s| s.vocab));
+            let offset = f.natural("offset", diags).unwrap_or(0);
+            if weight.is_none() && diags.len() == before {
+                diags.push(missing(c, "weight", "the table's checkpoint name, or `at`"));
+            }
+            Kind::Embedding {
+                weight: weight.unwrap_or_default(),
+                rows: rows.unwrap_or(0),
+                offset,
+            }
+        }
+        "sinusoidal" => Kind::Sinusoidal {
+            base: f.float_positive("base", diags).unwrap_or(10000.0),
+        },
+        "layernorm" | "rmsnorm" => {
+            let eps = f
+                .float_positive("eps", diags)
+                .unwrap_or(if kind == "layernorm" { 1e-5 } else { 1e-6 });
+            let weight = name(&mut f, "weight", Some("weight"), diags).unwrap_or_default();
+            if kind == "layernorm" {
+                let bias = if f
+                    .get("bias")
+                    .is_some_and(|v| matches!(v.kind, ValueKind::Bool(false)))
+                {
+                    f.bool("bias", diags);
+                    None
+                } else {
+                    name(&mut f, "bias", Some("bias"), diags)
+                };
+                Kind::LayerNorm { eps, weight, bias }
+            } else {
+                let unit_offset = f.bool("unit_offset", diags).unwrap_or(false);
+                Kind::RmsNorm {
+                    eps,
+                    weight,
+                    unit_offset,
+                }
+            }
+        }
+        "attention" => attention(c, &mut f, &mut name, sizes, diags)?,
+        "mlp" => {
+            let bias = f.bool("bias", diags).unwrap_or(false);
+            let transposed = f.bool("transposed", diags).unwrap_or(false);
+            let proj = |f: &mut Fields, key: &str, diags: &mut Vec<Diagnostic>| {
+                name(f, key, None, diags).map(|w| Proj {
+                    bias: bias.then(|| format!("{w}.bias")),
+                    weight: format!("{w}.weight"),
+                    transposed,
+                })
+            };
+            let up = proj(&mut f, "up", diags);
+            let gate = proj(&mut f, "gate", diags);
+            let down = proj(&mut f, "down", diags);
+            let act = f.choice("act", &Act::ALL.map(|(n, _)| n), diags);
+            for (key, v, what) in [
+                ("up", up.is_some(), "the up projection"),
+                ("down", down.is_some(), "the down projection"),
+            ] {
+                if !v && !f.has(key) {
+                    diags.push(missing(c, key, what));
+                }
+            }
+            if act.is_none() && !f.has("act") {
+                diags.push(missing(
+                    c,
+                    "act",
+                    "the activation: relu, gelu, gelu_tanh or silu",
+                ));
+            }
+            let act = Act::ALL
+                .iter()
+                .find(|(n, _)| Some(*n) == act.as_deref())
+                .map(|(_, a)| *a);
+            Kind::Mlp(Mlp {
+                up: up?,
+                gate,
+                down: down?,
+                act: act?,
+            })
+        }
+        "unembed" => {
+            let tied = f.ident("tied", diags);
+            let transposed = f.bool("transposed", diags).unwrap_or(false);
+            let has_bias = f.bool("bias", diags).unwrap_or(false);
+            let weight = if tied.is_some() {
+                String::new()
+            } else {
+                match name(&mut f, "weight", at.as_ref().map(|_| "weight"), diags) {
+                    Some(w) => w,
+                    None => {
+                        diags.push(missing(
+                            c,
+                            "weight",
+                            "the checkpoint name, `at`, or `tied = EMBEDDING`",
+                        ));
+                        String::new()
+                    }
+                }
+            };
+            let bias = has_bias.then(|| match &at {
+                Some(a) => format!("{a}.bias"),
+                None => format!("{}.bias", weight.trim_end_matches(".weight")),
+            });
+            if has_bias && at.is_none() && tied.is_some() {
+                diags.push(
+                    Diagnostic::error(Code::Missing, "a tied unembedding with a bias needs `at`")
+                        .label(
+                            c.name.span.clone(),
+                            "the bias's checkpoint name is `{at}.bias`",
+                        ),
+                );
+            }
+            Kind::Unembed {
+                weight,
+                transposed,
+                bias,
+                tied,
+            }
+        }
+        _ => unreachable!(),
+    };
+    f.finish(diags);
+    (diags.len() == before).then_some(result)
+}
+
+type NameFn<'a> =
+    dyn FnMut(&mut Fields, &str, Option<&str>, &mut Vec<Diagnostic>) -> Option<String> + 'a;
+
+fn attention(
+    c: &ast::Component,
+    f: &mut Fields,
+    name: &mut NameFn<'_>,
+    sizes: Option<&Sizes>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Kind> {
+    let transposed = f.bool("transposed", diags).unwrap_or(false);
+    // `bias = true|false`, or a list naming the projections that have one.
+    let mut biased: HashSet<&'static str> = HashSet::new();
+    if let Some(v) = f.get("bias").cloned() {
+        f.used.insert("bias".into());
+        match &v.kind {
+            ValueKind::Bool(true) => biased.extend(["q", "k", "v", "o", "qkv"]),
+            ValueKind::Bool(false) => {}
+            ValueKind::List(items) => {
+                for it in items {
+                    match &it.kind {
+                        ValueKind::Ident(s)
+                            if ["q", "k", "v", "o", "qkv"].contains(&s.as_str()) =>
+                        {
+                            biased.insert(
+                                ["q", "k", "v", "o", "qkv"]
+                                    .into_iter()
+                                    .find(|x| x == s)
+                                    .unwrap(),
+                            );
+                        }
+                        _ => diags.push(bad(it, "a projection name: q, k, v, o or qkv")),
+                    }
+                }
+            }
+            _ => diags.push(bad(&v, "`true`, `false` or a list such as `[q, k, v]`")),
+        }
+    }
+    let mut proj = |f: &mut Fields, key: &'static str, diags: &mut Vec<Diagnostic>| {
+        name(f, key, None, diags).map(|w| Proj {
+            bias: biased.contains(key).then(|| format!("{w}.bias")),
+            weight: format!("{w}.weight"),
+            transposed,
+        })
+    };
+    let fused = proj(f, "qkv", diags);
+    let (q, k, v) = (
+        proj(f, "q", diags),
+        proj(f, "k", diags),
+        proj(f, "v", diags),
+    );
+    let o = proj(f, "o", diags);
+    let layout = match f
+        .choice("qkv_layout", &["concat", "grouped"], diags)
+        .as_deref()
+    {
+        Some("grouped") => QkvLayout::Grouped,
+        _ => QkvLayout::Concat,
+    };
+    let qkv = match (fused, q, k, v) {
+        (Some(proj), None, None, None) => Some(Qkv::Fused { proj, layout }),
+        (None, Some(q), Some(k), Some(v)) => Some(Qkv::Separate { q, k, v }),
+        (Some(_), ..) => {
+            diags.push(
+                Diagnostic::error(
+                    Code::BadValue,
+                    "`qkv` and separate `q`/`k`/`v` projections exclude each other",
+                )
+                .label(f.span_of("qkv"), "the fused projection")
+                .label(c.name.span.clone(), "in this attention"),
+            );
+            None
+        }
+        _ => {
+            if !(f.has("q") && f.has("k") && f.has("v")) && !f.has("qkv") {
+                diags.push(missing(
+                    c,
+                    "q",
+                    "the projections: `q`, `k` and `v`, or a fused `qkv`",
+                ));
+            }
+            None
+        }
+    };
+    if o.is_none() && !f.has("o") {
+        diags.push(missing(c, "o", "the output projection"));
+    }
+    let causal = f.bool("causal", diags).unwrap_or(true);
+    let window = f.positive("window", diags);
+    let head_dim = sizes.map(|s| s.head_dim).unwrap_or(0);
+    let scale = f
+        .float_positive("scale", diags)
+        .unwrap_or(1.0 / (head_dim.max(1) as f64).sqrt());
+    let position = position(f, head_dim, diags);
+    Some(Kind::Attention(Box::new(Attention {
+        qkv: qkv?,
+        o: o?,
+        causal,
+        window,
+        scale,
+        position: position?,
+    })))
+}
+
+fn position(f: &mut Fields, head_dim: usize, diags: &mut Vec<Diagnostic>) -> Option<Position> {
+    let Some(v) = f.get("position").cloned() else {
+        return Some(Position::None);
+    };
+    f.used.insert("position".into());
+    match &v.kind {
+        ValueKind::Ident(s) if s == "none" => Some(Position::None),
+        ValueKind::Ident(s) if s == "alibi" => Some(Position::Alibi),
+        ValueKind::Ident(s) if s == "rope" => Some(Position::Rope {
+            theta: 10000.0,
+            rotary_dim: head_dim,
+            interleaved: false,
+        }),
+        ValueKind::Object(kind, fields) if kind.name == "rope" => {
+            let mut r = Fields::new("`rope`", fields, &["theta", "fraction", "pairs"]);
+            let theta = r.float_positive("theta", diags).unwrap_or(10000.0);
+            let fraction = r.float_positive("fraction", diags).unwrap_or(1.0);
+            let interleaved = r
+                .choice("pairs", &["halves", "interleaved"], diags)
+                .as_deref()
+                == Some("interleaved");
+            r.finish(diags);
+            let dims = fraction * head_dim as f64;
+            let rotary_dim = dims.round() as usize;
+            if fraction > 1.0
+                || (dims - rotary_dim as f64).abs() > 1e-9
+                || rotary_dim % 2 != 0
+                || rotary_dim == 0
+            {
+                diags.push(
+                    Diagnostic::error(
+                        Code::Sizes,
+                        format!("rotary fraction {fraction} of head_dim {head_dim} gives {dims} dimensions"),
+                    )
+                    .label(r.span_of("fraction"), "the rotated dimensions must be a positive, even whole number")
+                    .note("rotary embeddings rotate pairs of dimensions"),
+                );
+                return None;
+            }
+            Some(Position::Rope {
+                theta,
+                rotary_dim,
+                interleaved,
+            })
+        }
+        ValueKind::Object(kind, _) => {
+            diags.push(unknown(kind, "position scheme", &["none", "alibi", "rope"]));
+            None
+        }
+        ValueKind::Ident(s) => {
+            let id = Ident {
+                name: s.clone(),
+                span: v.span.clone(),
+            };
+            diags.push(unknown(&id, "position scheme", &["none", "alibi", "rope"]));
+            None
+        }
+        _ => {
+            diags.push(bad(
+                &v,
+                "a position scheme: none, alibi, rope or rope { ... }",
+            ));
+            None
+        }
+    }
+}
+
+fn check_template(t: &str, in_block: bool, span: Span, diags: &mut Vec<Diagnostic>) {
+    let mut rest = t;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        let key = &rest[open + 1..open + close];
+        if key != "layer" {
+            diags.push(
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!("unknown placeholder `{{{key}}}` in `{t}`"),
+                )
+                .label(span.clone(), "the only placeholder is `{layer}`"),
+            );
+        } else if !in_block {
+            diags.push(
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!("`{{layer}}` in `{t}` outside the `block` section"),
+                )
+                .label(span.clone(), "only block components are repeated per layer"),
+            );
+        }
+        rest = &rest[open + close + 1..];
+    }
+}
+
+fn missing(c: &ast::Component, key: &str, what: &str) -> Diagnostic {
+    Diagnostic::error(
+        Code::Missing,
+        format!("`{}: {}` is missing `{key}`", c.name.name, c.kind.name),
+    )
+    .label(c.name.span.clone(), format!("needs `{key}`: {what}"))
+}
+
+fn bad(v: &Value, expected: &str) -> Diagnostic {
+    Diagnostic::error(Code::BadValue, format!("expected {expected}"))
+        .label(v.span.clone(), "this value")
+}
+
+fn unknown(id: &Ident, what: &str, known: &[&str]) -> Diagnostic {
+    let mut d = Diagnostic::error(Code::Unknown, format!("unknown {what} `{}`", id.name))
+        .label(id.span.clone(), format!("not a known {what}"));
+    match known.iter().max_by(|a, b| {
+        strsim::jaro_winkler(a, &id.name).total_cmp(&strsim::jaro_winkler(b, &id.name))
+    }) {
+        Some(best) if strsim::jaro_winkler(best, &id.name) > 0.8 => {
+            d = d.note(format!("did you mean `{best}`?"));
+        }
+        _ => {}
+    }
+    d.note(format!("expected one of: {}", known.join(", ")))
+}
+
+/// Typed access to `key = value` fields that remembers which keys were read, so that
+/// the rest can be reported as unknown.
+struct Fields<'a> {
+    what: String,
+    fields: &'a [Field],
+    allowed: &'a [&'a str],
+    used: HashSet<String>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(what: &str, fields: &'a [Field], allowed: &'a [&'a str]) -> Self {
+        Fields {
+            what: what.to_string(),
+            fields,
+            allowed,
+            used: HashSet::new(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.fields
+            .iter()
+            .find(|f| f.key.name == key)
+            .map(|f| &f.value)
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn span_of(&self, key: &str) -> Span {
+        self.fields
+            .iter()
+            .find(|f| f.key.name == key)
+            .map(|f| f.key.span.start..f.value.span.end)
+            .unwrap_or(0..0)
+    }
+
+    fn take(&mut self, key: &str) -> Option<&'a Value> {
+        self.used.insert(key.to_string());
+        self.get(key)
+    }
+
+    fn string(&mut self, key: &str, diags: &mut Vec<Diagnostic>) -> Option<String> {
+        match self.take(key).map(|v| (v, &v.kind)) {
+            Some((_, ValueKind::Str(s))) => Some(s.clone()),
+            Some((v, _)) => {
+                diags.push(bad(v, "a string in double quotes"));
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn bool(&mut self, key: &str, diags: &mut Vec<Diagnostic>) -> Option<bool> {
+        match self.take(key).map(|v| (v, &v.kind)) {
+            Some((_, ValueKind::Bool(b))) => Some(*b),
+            Some((v, _)) => {
+                diags.push(bad(v, "`true` or `false`"));
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn ident(&mut self, key: &str, diags: &mut Vec<Diagnostic>) -> Option<String> {
+        match self.take(key).map(|v| (v, &v.kind)) {
+            Some((_, ValueKind::Ident(s))) => Some(s.clone()),
+            Some((v, _)) => {
+                diags.push(bad(v, "a name"));
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn choice(
+        &mut self,
+        key: &str,
+        choices: &[&str],
+        diags: &mut Vec<Diagnostic>,
+    ) -> Option<String> {
+        let v = self.take(key)?;
+        match &v.kind {
+            ValueKind::Ident(s) if choices.contains(&s.as_str()) => Some(s.clone()),
+            ValueKind::Ident(s) => {
+                diags.push(unknown(
+                    &Ident {
+                        name: s.clone(),
+                        span: v.span.clone(),
+                    },
+                    &format!("`{key}`"),
+                    choices,
+                ));
+                None
+            }
+            _ => {
+                diags.push(bad(v, &format!("one of: {}", choices.join(", "))));
+                None
+            }
+        }
+    }
+
+    fn natural(&mut self, key: &str, diags: &mut Vec<Diagnostic>) -> Option<usize> {
+        match self.take(key).map(|v| (v, &v.kind)) {
+            Some((_, ValueKind::Integer(i))) if *i >= 0 => Some(*i as usize),
+            Some((v, _)) => {
+                diags.push(bad(v, "a whole number ≥ 0"));
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn positive(&mut self, key: &str, diags: &mut Vec<Diagnostic>) -> Option<usize> {
+        match self.take(key).map(|v| (v, &v.kind)) {
+            Some((_, ValueKind::Integer(i))) if *i > 0 => Some(*i as usize),
+            Some((v, _)) => {
+                diags.push(bad(v, &format!("a whole number ≥ 1 for `{key}`")));
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn float_positive(&mut self, key: &str, diags: &mut Vec<Diagnostic>) -> Option<f64> {
+        let v = self.take(key)?;
+        let x = match v.kind {
+            ValueKind::Integer(i) => i as f64,
+            ValueKind::Number(x) => x,
+            _ => f64::NAN,
+        };
+        if x.is_finite() && x > 0.0 {
+            Some(x)
+        } else {
+            diags.push(bad(v, &format!("a number > 0 for `{key}`")));
+            None
+        }
+    }
+
+    /// Reports every field that is not allowed here.
+    fn finish(&self, diags: &mut Vec<Diagnostic>) {
+        let mut seen = HashSet::new();
+        for f in self.fields {
+            if !seen.insert(f.key.name.as_str()) {
+                diags.push(
+                    Diagnostic::error(
+                        Code::Duplicate,
+                        format!("`{}` is set twice in {}", f.key.name, self.what),
+                    )
+                    .label(f.key.span.clone(), "set again here"),
+                );
+            } else if !self.allowed.contains(&f.key.name.as_str()) {
+                diags.push(unknown(
+                    &f.key,
+                    &format!("key in {}", self.what),
+                    self.allowed,
+                ));
+            }
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! A checked model description: what the declarative part of a spec means.
+//!
+//! Every size is known and consistent, every component's options are resolved to
+//! checkpoint names and attributes. The data flow (the statements of each section) is
+//! still syntax; `lower` checks it while building the graph.
+
+use super::ast::{Ident, Span, Stmt};
+use crate::ir::{Act, DType, QkvLayout};
+
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub name: String,
+    pub sizes: Sizes,
+    pub dtype: DType,
+    pub embed: Section,
+    pub block: Section,
+    pub head: Option<Section>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    pub vocab: usize,
+    pub d_model: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub d_ff: Option<usize>,
+    pub max_seq: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Section {
+    pub keyword: Span,
+    pub components: Vec<Component>,
+    pub stmts: Vec<Stmt>,
+}
+
+impl Section {
+    pub fn component(&self, name: &str) -> Option<&Component> {
+        self.components.iter().find(|c| c.name.name == name)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Component {
+    pub name: Ident,
+    pub kind: Kind,
+}
+
+/// A checkpoint tensor name; `{layer}` stands for the block index.
+pub type Template = String;
+
+pub fn instantiate(t: &Template, layer: Option<u32>) -> String {
+    match layer {
+        Some(l) => t.replace("{layer}", &l.to_string()),
+        None => t.clone(),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Proj {
+    pub weight: Template,
+    pub bias: Option<Template>,
+    pub transposed: bool,
+}
+
+#[derive(Clone, Debug)]
+pub enum Qkv {
+    Separate { q: Proj, k: Proj, v: Proj },
+    Fused { proj: Proj, layout: QkvLayout },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Position {
+    None,
+    Alibi,
+    Rope {
+        theta: f64,
+        rotary_dim: usize,
+        interleaved: bool,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub qkv: Qkv,
+    pub o: Proj,
+    pub causal: bool,
+    pub window: Option<usize>,
+    pub scale: f64,
+    pub position: Position,
+}
+
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub up: Proj,
+    pub gate: Option<Proj>,
+    pub down: Proj,
+    pub act: Act,
+}
+
+#[derive(Clone, Debug)]
+pub enum Kind {
+    /// A lookup table `[rows, d_model]`, indexed by `ids + offset`.
+    Embedding {
+        weight: Template,
+        rows: usize,
+        offset: usize,
+    },
+    Sinusoidal {
+        base: f64,
+    },
+    LayerNorm {
+        eps: f64,
+        weight: Template,
+        bias: Option<Template>,
+    },
+    RmsNorm {
+        eps: f64,
+        weight: Template,
+        unit_offset: bool,
+    },
+    Attention(Box<Attention>),
+    Mlp(Mlp),
+    /// The projection to vocabulary logits; `tied` names an embedding component whose
+    /// table it reuses.
+    Unembed {
+        weight: Template,
+        transposed: bool,
+        bias: Option<Template>,
+        tied: Option<String>,
+    },
+}
+
+impl Kind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Embedding { .. } => "embedding",
+            Kind::Sinusoidal { .. } => "sinusoidal",
+            Kind::LayerNorm { .. } => "layernorm",
+            Kind::RmsNorm { .. } => "rmsnorm",
+            Kind::Attention(_) => "attention",
+            Kind::Mlp(_) => "mlp",
+            Kind::Unembed { .. } => "unembed",
+        }
+    }
+}

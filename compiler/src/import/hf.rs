@@ -1,0 +1,785 @@
+//! Hugging Face `config.json` → spec text.
+//!
+//! Each supported `model_type` maps its config fields onto the spec language and names
+//! its checkpoint tensors as transformers saves them. Every field of the config is either
+//! used, known not to affect inference (dropouts, token ids, …), or an error: a field this
+//! importer does not understand could change the computation, so it is never ignored
+//! silently.
+
+use std::collections::HashSet;
+use std::fmt::Write;
+
+use serde_json::{Map, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("config.json is not valid JSON: {0}")]
+    Json(String),
+    #[error("config.json has no `model_type`")]
+    NoModelType,
+    #[error("model_type `{0}` is not supported (supported: {SUPPORTED})")]
+    ModelType(String),
+    #[error("config field `{key}` = {value} is not supported for model_type `{model}`: {why}")]
+    Unsupported {
+        model: String,
+        key: String,
+        value: String,
+        why: String,
+    },
+    #[error("config field `{key}` is missing or not {expected}")]
+    Field { key: String, expected: &'static str },
+}
+
+const SUPPORTED: &str = "bert, bloom, gemma, gpt2, gpt_neox, llama, mistral, opt, phi, qwen2";
+
+/// Keys that never change what inference computes.
+fn ignorable(key: &str) -> bool {
+    const KEYS: &[&str] = &[
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "use_cache",
+        "initializer_range",
+        "init_std",
+        "layerdrop",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "tokenizer_class",
+        "prefix",
+        "task_specific_params",
+        "_name_or_path",
+        "chunk_size_feed_forward",
+        "pretraining_tp",
+        "slow_but_exact",
+        "summary_type",
+        "summary_use_proj",
+        "summary_activation",
+        "summary_proj_to_labels",
+        "summary_first_dropout",
+        "gradient_checkpointing",
+        "use_return_dict",
+        "attn_implementation",
+        "finetuning_task",
+        "num_labels",
+        "is_encoder_decoder",
+        "tie_encoder_decoder",
+        "bad_words_ids",
+        "max_length",
+    ];
+    KEYS.contains(&key)
+        || key.contains("dropout")
+        || key.contains("pdrop")
+        || key.ends_with("_token_id")
+        || key.ends_with("_token_ids")
+}
+
+/// A config whose reads are tracked, so unread fields can be reported.
+struct Config<'a> {
+    model: String,
+    map: &'a Map<String, Value>,
+    read: HashSet<String>,
+}
+
+impl<'a> Config<'a> {
+    fn get(&mut self, key: &str) -> Option<&'a Value> {
+        self.read.insert(key.to_string());
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize(&mut self, key: &str) -> Result<usize, ImportError> {
+        self.opt_usize(key)?.ok_or(ImportError::Field {
+            key: key.into(),
+            expected: "a whole number",
+        })
+    }
+
+    fn opt_usize(&mut self, key: &str) -> Result<Option<usize>, ImportError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or(ImportError::Field {
+                    key: key.into(),
+                    expected: "a whole number",
+                }),
+        }
+    }
+
+    fn f64_or(&mut self, key: &str, default: f64) -> Result<f64, ImportError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or(ImportError::Field {
+                key: key.into(),
+                expected: "a number",
+            }),
+        }
+    }
+
+    fn bool_or(&mut self, key: &str, default: bool) -> Result<bool, ImportError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or(ImportError::Field {
+                key: key.into(),
+                expected: "true or false",
+            }),
+        }
+    }
+
+    fn str_or(&mut self, key: &str, default: &str) -> Result<String, ImportError> {
+        match self.get(key) {
+            None => Ok(default.to_string()),
+            Some(v) => v.as_str().map(str::to_string).ok_or(ImportError::Field {
+                key: key.into(),
+                expected: "a string",
+            }),
+        }
+    }
+
+    fn unsupported(&self, key: &str, why: &str) -> ImportError {
+        let value = self
+            .map
+            .get(key)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "(absent)".into());
+        ImportError::Unsupported {
+            model: self.model.clone(),
+            key: key.into(),
+            value,
+            why: why.into(),
+        }
+    }
+
+    /// Fails if the field is set to anything but one of the accepted values.
+    fn expect(&mut self, key: &str, accepted: &[Value], why: &str) -> Result<(), ImportError> {
+        match self.get(key) {
+            Some(v) if !accepted.contains(v) => Err(self.unsupported(key, why)),
+            _ => Ok(()),
+        }
+    }
+
+    fn act(&mut self, key: &str, default: &str) -> Result<&'static str, ImportError> {
+        let a = self.str_or(key, default)?;
+        Ok(match a.as_str() {
+            "relu" => "relu",
+            "gelu" => "gelu",
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => "gelu_tanh",
+            "silu" | "swish" => "silu",
+            _ => return Err(self.unsupported(
+                key,
+                "supported activations: relu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, silu",
+            )),
+        })
+    }
+
+    /// RoPE settings, from `rope_parameters` (transformers 5) or the older top-level
+    /// `rope_theta`/`rope_scaling`/`partial_rotary_factor`/`rotary_pct`.
+    fn rope(&mut self, default_fraction: f64) -> Result<(f64, f64), ImportError> {
+        let mut theta = self.f64_or("rope_theta", 10000.0)?;
+        theta = self.f64_or("rotary_emb_base", theta)?;
+        let mut fraction = self.f64_or("partial_rotary_factor", default_fraction)?;
+        fraction = self.f64_or("rotary_pct", fraction)?;
+        if let Some(s) = self.get("rope_scaling") {
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("");
+            if kind != "default" {
+                return Err(self.unsupported("rope_scaling", "only unscaled RoPE is supported"));
+            }
+        }
+        if let Some(p) = self.get("rope_parameters") {
+            let obj = p.as_object().ok_or(ImportError::Field {
+                key: "rope_parameters".into(),
+                expected: "an object",
+            })?;
+            for (k, v) in obj {
+                match k.as_str() {
+                    "rope_theta" => {
+                        theta = v.as_f64().ok_or(ImportError::Field {
+                            key: "rope_parameters.rope_theta".into(),
+                            expected: "a number",
+                        })?
+                    }
+                    "partial_rotary_factor" => {
+                        fraction = v.as_f64().ok_or(ImportError::Field {
+                            key: "rope_parameters.partial_rotary_factor".into(),
+                            expected: "a number",
+                        })?
+                    }
+                    "rope_type" if v == "default" => {}
+                    _ => {
+                        return Err(self.unsupported(
+                            "rope_parameters",
+                            &format!("`{k}` = {v}: only unscaled RoPE is supported"),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok((theta, fraction))
+    }
+
+    fn finish(&self) -> Result<(), ImportError> {
+        let mut keys: Vec<&String> = self.map.keys().collect();
+        keys.sort();
+        for k in keys {
+            if !self.read.contains(k) && !ignorable(k) {
+                return Err(self.unsupported(k, "this importer does not know what the field means, so it cannot promise a faithful spec"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The spec being written.
+#[derive(Default)]
+struct Gen {
+    comments: Vec<String>,
+    name: String,
+    sizes: Vec<(&'static str, String)>,
+    embed: Vec<String>,
+    block: Vec<String>,
+    head: Vec<String>,
+}
+
+impl Gen {
+    fn size(&mut self, key: &'static str, v: impl ToString) {
+        self.sizes.push((key, v.to_string()));
+    }
+
+    fn text(&self) -> String {
+        let mut s = String::new();
+        for c in &self.comments {
+            writeln!(s, "# {c}").unwrap();
+        }
+        writeln!(s, "model {}\n", self.name).unwrap();
+        let w = self.sizes.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        for (k, v) in &self.sizes {
+            writeln!(s, "{k:w$} = {v}").unwrap();
+        }
+        for (name, lines) in [
+            ("embed", &self.embed),
+            ("block", &self.block),
+            ("head", &self.head),
+        ] {
+            if lines.is_empty() {
+                continue;
+            }
+            writeln!(s, "\n{name} {{").unwrap();
+            for l in lines.iter() {
+                if l.is_empty() {
+                    s.push('\n');
+                } else {
+                    writeln!(s, "  {l}").unwrap();
+                }
+            }
+            s.push_str("}\n");
+        }
+        s
+    }
+}
+
+fn num(x: f64) -> String {
+    crate::ir::num(x)
+}
+
+fn rope_text(theta: f64, fraction: f64) -> String {
+    if fraction == 1.0 {
+        format!("rope {{ theta = {} }}", num(theta))
+    } else {
+        format!(
+            "rope {{ theta = {}, fraction = {} }}",
+            num(theta),
+            num(fraction)
+        )
+    }
+}
+
+/// Writes a spec for the model a `config.json` describes.
+pub fn import(config_json: &str) -> Result<String, ImportError> {
+    let v: Value =
+        serde_json::from_str(config_json).map_err(|e| ImportError::Json(e.to_string()))?;
+    let map = v
+        .as_object()
+        .ok_or(ImportError::Json("the top level is not an object".into()))?;
+    let model = map
+        .get("model_type")
+        .and_then(|m| m.as_str())
+        .ok_or(ImportError::NoModelType)?
+        .to_string();
+    let mut c = Config {
+        model: model.clone(),
+        map,
+        read: HashSet::new(),
+    };
+    let mut g = Gen {
+        name: model.clone(),
+        ..Gen::default()
+    };
+    g.comments.push(format!(
+        "Imported from a Hugging Face config.json (model_type `{model}`) by `tfc import-hf`."
+    ));
+    match model.as_str() {
+        "gpt2" => gpt2(&mut c, &mut g)?,
+        "llama" | "mistral" | "qwen2" | "gemma" => llama_like(&mut c, &mut g)?,
+        "gpt_neox" => gpt_neox(&mut c, &mut g)?,
+        "bloom" => bloom(&mut c, &mut g)?,
+        "opt" => opt(&mut c, &mut g)?,
+        "phi" => phi(&mut c, &mut g)?,
+        "bert" => bert(&mut c, &mut g)?,
+        _ => return Err(ImportError::ModelType(model)),
+    }
+    c.finish()?;
+    Ok(g.text())
+}
+
+fn gpt2(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    let d = c.usize("n_embd")?;
+    g.size("vocab", c.usize("vocab_size")?);
+    g.size("d_model", d);
+    g.size("layers", c.usize("n_layer")?);
+    g.size("heads", c.usize("n_head")?);
+    g.size("d_ff", c.opt_usize("n_inner")?.unwrap_or(4 * d));
+    let max_seq = c.usize("n_positions")?;
+    c.opt_usize("n_ctx")?;
+    g.size("max_seq", max_seq);
+    let eps = num(c.f64_or("layer_norm_epsilon", 1e-5)?);
+    let act = c.act("activation_function", "gelu_new")?;
+    let scaled = c.bool_or("scale_attn_weights", true)?;
+    c.expect(
+        "scale_attn_by_inverse_layer_idx",
+        &[false.into()],
+        "per-layer attention scaling is not supported",
+    )?;
+    c.expect(
+        "reorder_and_upcast_attn",
+        &[false.into()],
+        "upcast attention reordering is not supported",
+    )?;
+    c.expect(
+        "add_cross_attention",
+        &[false.into()],
+        "cross-attention is not supported",
+    )?;
+    let tied = c.bool_or("tie_word_embeddings", true)?;
+    let scale = if scaled {
+        String::new()
+    } else {
+        ", scale = 1".into()
+    };
+    g.embed = vec![
+        "wte: embedding { at = \"transformer.wte\" }".into(),
+        format!("wpe: embedding {{ at = \"transformer.wpe\", rows = {max_seq} }}"),
+        "x = wte(tokens) + wpe(positions)".into(),
+    ];
+    let h = "transformer.h.{layer}";
+    g.block = vec![
+        format!("ln_1: layernorm {{ at = \"{h}.ln_1\", eps = {eps} }}"),
+        format!("attn: attention {{ at = \"{h}.attn\", qkv = \"c_attn\", o = \"c_proj\", bias = true, transposed = true{scale} }}"),
+        format!("ln_2: layernorm {{ at = \"{h}.ln_2\", eps = {eps} }}"),
+        format!("mlp: mlp {{ at = \"{h}.mlp\", up = \"c_fc\", down = \"c_proj\", act = {act}, bias = true, transposed = true }}"),
+        String::new(),
+        "x = x + attn(ln_1(x))".into(),
+        "x = x + mlp(ln_2(x))".into(),
+    ];
+    g.head = vec![
+        format!("ln_f: layernorm {{ at = \"transformer.ln_f\", eps = {eps} }}"),
+        unembed(tied, "wte", "lm_head", false),
+        "x = lm_head(ln_f(x))".into(),
+    ];
+    Ok(())
+}
+
+fn unembed(tied: bool, embedding: &str, at: &str, bias: bool) -> String {
+    let bias = if bias { ", bias = true" } else { "" };
+    if tied {
+        format!("lm_head: unembed {{ tied = {embedding}{bias} }}")
+    } else {
+        format!("lm_head: unembed {{ at = \"{at}\"{bias} }}")
+    }
+}
+
+fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    let model = c.model.clone();
+    let gemma = model == "gemma";
+    let d = c.usize("hidden_size")?;
+    let heads = c.usize("num_attention_heads")?;
+    g.size("vocab", c.usize("vocab_size")?);
+    g.size("d_model", d);
+    g.size("layers", c.usize("num_hidden_layers")?);
+    g.size("heads", heads);
+    if let Some(kv) = c.opt_usize("num_key_value_heads")? {
+        if kv != heads {
+            g.size("kv_heads", kv);
+        }
+    }
+    if let Some(hd) = c.opt_usize("head_dim")? {
+        if hd * heads != d {
+            g.size("head_dim", hd);
+        }
+    }
+    g.size("d_ff", c.usize("intermediate_size")?);
+    g.size("max_seq", c.usize("max_position_embeddings")?);
+    let eps = num(c.f64_or("rms_norm_eps", 1e-6)?);
+    let act = if gemma {
+        let a = c.act("hidden_act", "gelu_pytorch_tanh")?;
+        c.act("hidden_activation", a_name(a))?
+    } else {
+        c.act("hidden_act", "silu")?
+    };
+    let (theta, fraction) = c.rope(1.0)?;
+    let attn_bias = c.bool_or("attention_bias", false)?;
+    let mlp_bias = c.bool_or("mlp_bias", false)?;
+    let tied = c.bool_or("tie_word_embeddings", gemma)?;
+    let mut window = None;
+    match model.as_str() {
+        "mistral" => window = c.opt_usize("sliding_window")?,
+        "qwen2" => {
+            if c.bool_or("use_sliding_window", false)? {
+                return Err(c.unsupported(
+                    "use_sliding_window",
+                    "per-layer sliding windows are not supported",
+                ));
+            }
+            c.opt_usize("sliding_window")?;
+            c.opt_usize("max_window_layers")?;
+        }
+        "gemma" => c.expect(
+            "use_bidirectional_attention",
+            &[false.into()],
+            "only causal Gemma is supported",
+        )?,
+        _ => {}
+    }
+    if let Some(types) = c.get("layer_types") {
+        if types
+            .as_array()
+            .is_none_or(|a| a.iter().any(|t| t != "full_attention"))
+        {
+            return Err(c.unsupported(
+                "layer_types",
+                "only full attention in every layer is supported",
+            ));
+        }
+    }
+    let bias = match (model.as_str(), attn_bias) {
+        ("qwen2", _) => ", bias = [q, k, v]",
+        (_, true) => ", bias = true",
+        _ => "",
+    };
+    let window = window
+        .map(|w| format!(", window = {w}"))
+        .unwrap_or_default();
+    g.embed = vec!["embed_tokens: embedding { at = \"model.embed_tokens\" }".into()];
+    g.embed.push(if gemma {
+        "x = embed_tokens(tokens) * sqrt(d_model)".into()
+    } else {
+        "x = embed_tokens(tokens)".into()
+    });
+    let norm = |at: &str, name: &str| {
+        let offset = if gemma { ", unit_offset = true" } else { "" };
+        format!("{name}: rmsnorm {{ at = \"{at}\", eps = {eps}{offset} }}")
+    };
+    let l = "model.layers.{layer}";
+    let mlp_bias = if mlp_bias { ", bias = true" } else { "" };
+    g.block = vec![
+        norm(&format!("{l}.input_layernorm"), "input_norm"),
+        format!("attn: attention {{"),
+        format!("  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{bias}"),
+        format!("  position = {}{window}", rope_text(theta, fraction)),
+        "}".into(),
+        norm(&format!("{l}.post_attention_layernorm"), "post_norm"),
+        format!("mlp: mlp {{ at = \"{l}.mlp\", gate = \"gate_proj\", up = \"up_proj\", down = \"down_proj\", act = {act}{mlp_bias} }}"),
+        String::new(),
+        "x = x + attn(input_norm(x))".into(),
+        "x = x + mlp(post_norm(x))".into(),
+    ];
+    g.head = vec![
+        norm("model.norm", "norm"),
+        unembed(tied, "embed_tokens", "lm_head", false),
+        "x = lm_head(norm(x))".into(),
+    ];
+    Ok(())
+}
+
+fn a_name(a: &str) -> &str {
+    match a {
+        "gelu_tanh" => "gelu_pytorch_tanh",
+        other => other,
+    }
+}
+
+fn gpt_neox(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    g.size("vocab", c.usize("vocab_size")?);
+    g.size("d_model", c.usize("hidden_size")?);
+    g.size("layers", c.usize("num_hidden_layers")?);
+    g.size("heads", c.usize("num_attention_heads")?);
+    g.size("d_ff", c.usize("intermediate_size")?);
+    g.size("max_seq", c.usize("max_position_embeddings")?);
+    let eps = num(c.f64_or("layer_norm_eps", 1e-5)?);
+    let act = c.act("hidden_act", "gelu")?;
+    let (theta, fraction) = c.rope(0.25)?;
+    let parallel = c.bool_or("use_parallel_residual", true)?;
+    let bias = c.bool_or("attention_bias", true)?;
+    let tied = c.bool_or("tie_word_embeddings", false)?;
+    c.bool_or("is_decoder", false)?;
+    let bias = if bias { ", bias = true" } else { "" };
+    g.embed = vec![
+        "embed_in: embedding { at = \"gpt_neox.embed_in\" }".into(),
+        "x = embed_in(tokens)".into(),
+    ];
+    let l = "gpt_neox.layers.{layer}";
+    g.block = vec![
+        format!("input_norm: layernorm {{ at = \"{l}.input_layernorm\", eps = {eps} }}"),
+        format!("post_norm: layernorm {{ at = \"{l}.post_attention_layernorm\", eps = {eps} }}"),
+        "attn: attention {".into(),
+        format!("  at = \"{l}.attention\", qkv = \"query_key_value\", qkv_layout = grouped, o = \"dense\"{bias}"),
+        format!("  position = {}", rope_text(theta, fraction)),
+        "}".into(),
+        format!("mlp: mlp {{ at = \"{l}.mlp\", up = \"dense_h_to_4h\", down = \"dense_4h_to_h\", act = {act}, bias = true }}"),
+        String::new(),
+    ];
+    if parallel {
+        g.block
+            .push("x = x + attn(input_norm(x)) + mlp(post_norm(x))".into());
+    } else {
+        g.block.push("x = x + attn(input_norm(x))".into());
+        g.block.push("x = x + mlp(post_norm(x))".into());
+    }
+    g.head = vec![
+        format!("final_norm: layernorm {{ at = \"gpt_neox.final_layer_norm\", eps = {eps} }}"),
+        unembed(tied, "embed_in", "embed_out", false),
+        "x = lm_head(final_norm(x))".into(),
+    ];
+    Ok(())
+}
+
+fn bloom(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    let d = c.usize("hidden_size")?;
+    g.size("vocab", c.usize("vocab_size")?);
+    g.size("d_model", d);
+    g.size("layers", c.usize("n_layer")?);
+    g.size("heads", c.usize("n_head")?);
+    g.size("d_ff", 4 * d);
+    let max_seq = c.opt_usize("seq_length")?;
+    if max_seq.is_none() {
+        g.comments.push("config.json gives no context length (ALiBi has none); max_seq is BLOOM's training length.".into());
+    }
+    g.size("max_seq", max_seq.unwrap_or(2048));
+    let eps = num(c.f64_or("layer_norm_epsilon", 1e-5)?);
+    let post = c.bool_or("apply_residual_connection_post_layernorm", false)?;
+    let tied = c.bool_or("tie_word_embeddings", true)?;
+    g.embed = vec![
+        "word_embeddings: embedding { at = \"transformer.word_embeddings\" }".into(),
+        format!("embed_norm: layernorm {{ at = \"transformer.word_embeddings_layernorm\", eps = {eps} }}"),
+        "x = embed_norm(word_embeddings(tokens))".into(),
+    ];
+    let l = "transformer.h.{layer}";
+    g.block = vec![
+        format!("input_norm: layernorm {{ at = \"{l}.input_layernorm\", eps = {eps} }}"),
+        format!("attn: attention {{ at = \"{l}.self_attention\", qkv = \"query_key_value\", qkv_layout = grouped, o = \"dense\", bias = true, position = alibi }}"),
+        format!("post_norm: layernorm {{ at = \"{l}.post_attention_layernorm\", eps = {eps} }}"),
+        format!("mlp: mlp {{ at = \"{l}.mlp\", up = \"dense_h_to_4h\", down = \"dense_4h_to_h\", act = gelu_tanh, bias = true }}"),
+        String::new(),
+    ];
+    if post {
+        // The residual is taken after the norm.
+        g.block.extend([
+            "h = input_norm(x)".into(),
+            "x = h + attn(h)".into(),
+            "h = post_norm(x)".into(),
+            "x = h + mlp(h)".into(),
+        ]);
+    } else {
+        g.block.extend([
+            "x = x + attn(input_norm(x))".into(),
+            "x = x + mlp(post_norm(x))".into(),
+        ]);
+    }
+    g.head = vec![
+        format!("ln_f: layernorm {{ at = \"transformer.ln_f\", eps = {eps} }}"),
+        unembed(tied, "word_embeddings", "lm_head", false),
+        "x = lm_head(ln_f(x))".into(),
+    ];
+    Ok(())
+}
+
+fn opt(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    let d = c.usize("hidden_size")?;
+    let max_seq = c.usize("max_position_embeddings")?;
+    g.size("vocab", c.usize("vocab_size")?);
+    g.size("d_model", d);
+    g.size("layers", c.usize("num_hidden_layers")?);
+    g.size("heads", c.usize("num_attention_heads")?);
+    g.size("d_ff", c.usize("ffn_dim")?);
+    g.size("max_seq", max_seq);
+    let pre = c.bool_or("do_layer_norm_before", true)?;
+    let remove_final = c.bool_or("_remove_final_layer_norm", false)?;
+    let act = c.act("activation_function", "relu")?;
+    let bias = c.bool_or("enable_bias", true)?;
+    c.expect(
+        "layer_norm_elementwise_affine",
+        &[true.into()],
+        "LayerNorm without gain is not supported",
+    )?;
+    if c.opt_usize("word_embed_proj_dim")?.is_some_and(|p| p != d) {
+        return Err(c.unsupported(
+            "word_embed_proj_dim",
+            "embedding projections (project_in/out) are not supported",
+        ));
+    }
+    let tied = c.bool_or("tie_word_embeddings", true)?;
+    g.embed = vec![
+        "embed_tokens: embedding { at = \"model.decoder.embed_tokens\" }".into(),
+        format!("embed_positions: embedding {{ at = \"model.decoder.embed_positions\", rows = {}, offset = 2 }}", max_seq + 2),
+        "x = embed_tokens(tokens) + embed_positions(positions)".into(),
+    ];
+    let l = "model.decoder.layers.{layer}";
+    let b = if bias { ", bias = true" } else { "" };
+    g.block = vec![
+        format!("attn: attention {{ at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"out_proj\"{b} }}"),
+        format!("attn_norm: layernorm {{ at = \"{l}.self_attn_layer_norm\" }}"),
+        format!("mlp: mlp {{ at = \"{l}\", up = \"fc1\", down = \"fc2\", act = {act}{b} }}"),
+        format!("mlp_norm: layernorm {{ at = \"{l}.final_layer_norm\" }}"),
+        String::new(),
+    ];
+    if pre {
+        g.block.extend([
+            "x = x + attn(attn_norm(x))".into(),
+            "x = x + mlp(mlp_norm(x))".into(),
+        ]);
+    } else {
+        g.block.extend([
+            "x = attn_norm(x + attn(x))".into(),
+            "x = mlp_norm(x + mlp(x))".into(),
+        ]);
+    }
+    if pre && !remove_final {
+        g.head = vec![
+            "final_norm: layernorm { at = \"model.decoder.final_layer_norm\" }".into(),
+            unembed(tied, "embed_tokens", "lm_head", false),
+            "x = lm_head(final_norm(x))".into(),
+        ];
+    } else {
+        g.head = vec![
+            unembed(tied, "embed_tokens", "lm_head", false),
+            "x = lm_head(x)".into(),
+        ];
+    }
+    Ok(())
+}
+
+fn phi(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    let heads = c.usize("num_attention_heads")?;
+    g.size("vocab", c.usize("vocab_size")?);
+    g.size("d_model", c.usize("hidden_size")?);
+    g.size("layers", c.usize("num_hidden_layers")?);
+    g.size("heads", heads);
+    if let Some(kv) = c.opt_usize("num_key_value_heads")? {
+        if kv != heads {
+            g.size("kv_heads", kv);
+        }
+    }
+    g.size("d_ff", c.usize("intermediate_size")?);
+    g.size("max_seq", c.usize("max_position_embeddings")?);
+    let eps = num(c.f64_or("layer_norm_eps", 1e-5)?);
+    let act = c.act("hidden_act", "gelu_new")?;
+    let (theta, fraction) = c.rope(0.5)?;
+    c.expect(
+        "qk_layernorm",
+        &[false.into()],
+        "query/key LayerNorm is not supported",
+    )?;
+    let tied = c.bool_or("tie_word_embeddings", false)?;
+    g.embed = vec![
+        "embed_tokens: embedding { at = \"model.embed_tokens\" }".into(),
+        "x = embed_tokens(tokens)".into(),
+    ];
+    let l = "model.layers.{layer}";
+    g.block = vec![
+        format!("norm: layernorm {{ at = \"{l}.input_layernorm\", eps = {eps} }}"),
+        "attn: attention {".into(),
+        format!("  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"dense\", bias = true"),
+        format!("  position = {}", rope_text(theta, fraction)),
+        "}".into(),
+        format!("mlp: mlp {{ at = \"{l}.mlp\", up = \"fc1\", down = \"fc2\", act = {act}, bias = true }}"),
+        String::new(),
+        "h = norm(x)".into(),
+        "x = x + attn(h) + mlp(h)".into(),
+    ];
+    g.head = vec![
+        format!("final_norm: layernorm {{ at = \"model.final_layernorm\", eps = {eps} }}"),
+        unembed(tied, "embed_tokens", "lm_head", true),
+        "x = lm_head(final_norm(x))".into(),
+    ];
+    Ok(())
+}
+
+fn bert(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    // A bare `BertModel` saves its tensors unprefixed; task models put them under `bert.`.
+    let bare = c
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .and_then(|a| a.first())
+        .and_then(|a| a.as_str())
+        .is_none_or(|a| a == "BertModel");
+    let p = if bare { "" } else { "bert." };
+    let max_seq = c.usize("max_position_embeddings")?;
+    g.size("vocab", c.usize("vocab_size")?);
+    g.size("d_model", c.usize("hidden_size")?);
+    g.size("layers", c.usize("num_hidden_layers")?);
+    g.size("heads", c.usize("num_attention_heads")?);
+    g.size("d_ff", c.usize("intermediate_size")?);
+    g.size("max_seq", max_seq);
+    let types = c.usize("type_vocab_size")?;
+    let eps = num(c.f64_or("layer_norm_eps", 1e-12)?);
+    let act = c.act("hidden_act", "gelu")?;
+    c.expect(
+        "position_embedding_type",
+        &["absolute".into()],
+        "only absolute position embeddings are supported",
+    )?;
+    c.expect(
+        "is_decoder",
+        &[false.into()],
+        "BERT as a decoder is not supported",
+    )?;
+    c.expect(
+        "add_cross_attention",
+        &[false.into()],
+        "cross-attention is not supported",
+    )?;
+    c.bool_or("tie_word_embeddings", true)?;
+    g.comments.push(
+        "An encoder: bidirectional attention, and its result is the last hidden state.".into(),
+    );
+    g.embed = vec![
+        format!("word: embedding {{ at = \"{p}embeddings.word_embeddings\" }}"),
+        format!("position: embedding {{ at = \"{p}embeddings.position_embeddings\", rows = {max_seq} }}"),
+        format!("token_type: embedding {{ at = \"{p}embeddings.token_type_embeddings\", rows = {types} }}"),
+        format!("norm: layernorm {{ at = \"{p}embeddings.LayerNorm\", eps = {eps} }}"),
+        "x = norm(word(tokens) + token_type(token_types) + position(positions))".into(),
+    ];
+    let l = format!("{p}encoder.layer.{{layer}}");
+    g.block = vec![
+        "attn: attention {".into(),
+        format!("  at = \"{l}.attention\", q = \"self.query\", k = \"self.key\", v = \"self.value\", o = \"output.dense\""),
+        "  bias = true, causal = false".into(),
+        "}".into(),
+        format!("attn_norm: layernorm {{ at = \"{l}.attention.output.LayerNorm\", eps = {eps} }}"),
+        format!("mlp: mlp {{ at = \"{l}\", up = \"intermediate.dense\", down = \"output.dense\", act = {act}, bias = true }}"),
+        format!("mlp_norm: layernorm {{ at = \"{l}.output.LayerNorm\", eps = {eps} }}"),
+        String::new(),
+        "x = attn_norm(x + attn(x))".into(),
+        "x = mlp_norm(x + mlp(x))".into(),
+    ];
+    Ok(())
+}

@@ -1,0 +1,2 @@
+//! Importers from other model descriptions.
+pub mod hf;

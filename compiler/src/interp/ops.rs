@@ -1,0 +1,350 @@
+//! One plain function per op. Shapes were checked by the verifier; these functions index
+//! with the sizes of their operands and accumulate sums in `f64`.
+
+use super::Tensor;
+use crate::ir::{Act, AttnMask, QkvLayout, QkvPart, Rope};
+
+pub fn gather(table: &Tensor, ids: &[i64], offset: usize) -> Result<Tensor, String> {
+    let (rows, d) = (table.shape[0], table.shape[1]);
+    let mut out = Vec::with_capacity(ids.len() * d);
+    for &id in ids {
+        let r = id + offset as i64;
+        if id < 0 || r as usize >= rows {
+            return Err(format!(
+                "id {id} (row {r}) is out of range for a table of {rows} rows"
+            ));
+        }
+        out.extend_from_slice(table.row(r as usize));
+    }
+    Ok(Tensor::new(vec![ids.len(), d], out))
+}
+
+pub fn sinusoidal(pos: &[i64], dim: usize, base: f64) -> Tensor {
+    let mut out = Vec::with_capacity(pos.len() * dim);
+    for &p in pos {
+        for i in 0..dim / 2 {
+            let angle = p as f64 / base.powf(2.0 * i as f64 / dim as f64);
+            out.push(angle.sin() as f32);
+            out.push(angle.cos() as f32);
+        }
+    }
+    Tensor::new(vec![pos.len(), dim], out)
+}
+
+pub fn zip(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> Tensor {
+    Tensor::new(
+        a.shape.clone(),
+        a.data.iter().zip(&b.data).map(|(&x, &y)| f(x, y)).collect(),
+    )
+}
+
+pub fn map(a: &Tensor, f: impl Fn(f32) -> f32) -> Tensor {
+    Tensor::new(a.shape.clone(), a.data.iter().map(|&x| f(x)).collect())
+}
+
+pub fn activation(a: Act, x: f32) -> f32 {
+    let x = x as f64;
+    let y = match a {
+        Act::Relu => x.max(0.0),
+        Act::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+        Act::GeluTanh => {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+        }
+        Act::Silu => x / (1.0 + (-x).exp()),
+    };
+    y as f32
+}
+
+/// Applies `f` to each row (the last axis) of `x`.
+fn rows(x: &Tensor, mut f: impl FnMut(&[f32], &mut [f32])) -> Tensor {
+    let d = *x.shape.last().unwrap();
+    let mut out = vec![0.0; x.data.len()];
+    for (src, dst) in x.data.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        f(src, dst);
+    }
+    Tensor::new(x.shape.clone(), out)
+}
+
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Tensor {
+    rows(x, |src, dst| {
+        let n = src.len() as f64;
+        let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let inv = 1.0 / (var + eps).sqrt();
+        for i in 0..src.len() {
+            let shift = b.map_or(0.0, |b| b.data[i] as f64);
+            dst[i] = ((src[i] as f64 - mean) * inv * w.data[i] as f64 + shift) as f32;
+        }
+    })
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, unit_offset: bool) -> Tensor {
+    rows(x, |src, dst| {
+        let ms = src.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / src.len() as f64;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for i in 0..src.len() {
+            let g = w.data[i] as f64 + if unit_offset { 1.0 } else { 0.0 };
+            dst[i] = (src[i] as f64 * inv * g) as f32;
+        }
+    })
+}
+
+/// `x [T, in] · Wᵀ + b` with `W [out, in]`, or `W [in, out]` when `transposed`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> Tensor {
+    let (t, inn) = (x.shape[0], x.shape[1]);
+    let out_f = if transposed { w.shape[1] } else { w.shape[0] };
+    let mut out = vec![0.0; t * out_f];
+    for r in 0..t {
+        let xr = x.row(r);
+        for o in 0..out_f {
+            let mut acc = b.map_or(0.0, |b| b.data[o] as f64);
+            for i in 0..inn {
+                let wv = if transposed {
+                    w.data[i * out_f + o]
+                } else {
+                    w.data[o * inn + i]
+                };
+                acc += xr[i] as f64 * wv as f64;
+            }
+            out[r * out_f + o] = acc as f32;
+        }
+    }
+    Tensor::new(vec![t, out_f], out)
+}
+
+pub fn split_qkv(
+    x: &Tensor,
+    layout: QkvLayout,
+    part: QkvPart,
+    h: usize,
+    kv: usize,
+    hd: usize,
+) -> Tensor {
+    let t = x.shape[0];
+    let n = if part == QkvPart::Q { h } else { kv };
+    // Column where head `j` of the requested part starts.
+    let col = |j: usize| -> usize {
+        match layout {
+            QkvLayout::Concat => match part {
+                QkvPart::Q => j * hd,
+                QkvPart::K => (h + j) * hd,
+                QkvPart::V => (h + kv + j) * hd,
+            },
+            QkvLayout::Grouped => {
+                let g = h / kv;
+                let group = (g + 2) * hd;
+                match part {
+                    QkvPart::Q => (j / g) * group + (j % g) * hd,
+                    QkvPart::K => j * group + g * hd,
+                    QkvPart::V => j * group + (g + 1) * hd,
+                }
+            }
+        }
+    };
+    let mut out = Vec::with_capacity(t * n * hd);
+    for r in 0..t {
+        let row = x.row(r);
+        for j in 0..n {
+            out.extend_from_slice(&row[col(j)..col(j) + hd]);
+        }
+    }
+    Tensor::new(vec![t, n * hd], out)
+}
+
+pub fn split_heads(x: &Tensor, h: usize) -> Tensor {
+    let (t, w) = (x.shape[0], x.shape[1]);
+    let hd = w / h;
+    let mut out = vec![0.0; t * w];
+    for r in 0..t {
+        for j in 0..h {
+            for c in 0..hd {
+                out[(j * t + r) * hd + c] = x.data[r * w + j * hd + c];
+            }
+        }
+    }
+    Tensor::new(vec![h, t, hd], out)
+}
+
+pub fn merge_heads(x: &Tensor) -> Tensor {
+    let (h, t, hd) = (x.shape[0], x.shape[1], x.shape[2]);
+    let mut out = vec![0.0; t * h * hd];
+    for j in 0..h {
+        for r in 0..t {
+            for c in 0..hd {
+                out[r * h * hd + j * hd + c] = x.data[(j * t + r) * hd + c];
+            }
+        }
+    }
+    Tensor::new(vec![t, h * hd], out)
+}
+
+pub fn rope(x: &Tensor, pos: &[i64], r: &Rope) -> Tensor {
+    let (h, t, hd) = (x.shape[0], x.shape[1], x.shape[2]);
+    let rd = r.rotary_dim;
+    let mut out = x.data.clone();
+    for j in 0..h {
+        for (row, &p) in pos.iter().enumerate().take(t) {
+            let base = (j * t + row) * hd;
+            for i in 0..rd / 2 {
+                let freq = 1.0 / r.theta.powf(2.0 * i as f64 / rd as f64);
+                let (sin, cos) = (p as f64 * freq).sin_cos();
+                let (a, b) = if r.interleaved {
+                    (base + 2 * i, base + 2 * i + 1)
+                } else {
+                    (base + i, base + i + rd / 2)
+                };
+                let (x1, x2) = (x.data[a] as f64, x.data[b] as f64);
+                out[a] = (x1 * cos - x2 * sin) as f32;
+                out[b] = (x2 * cos + x1 * sin) as f32;
+            }
+        }
+    }
+    Tensor::new(x.shape.clone(), out)
+}
+
+pub fn concat(a: &Tensor, b: &Tensor, axis: usize) -> Tensor {
+    let outer: usize = a.shape[..axis].iter().product();
+    let inner_a: usize = a.shape[axis..].iter().product();
+    let inner_b: usize = b.shape[axis..].iter().product();
+    let mut out = Vec::with_capacity(a.data.len() + b.data.len());
+    for o in 0..outer {
+        out.extend_from_slice(&a.data[o * inner_a..(o + 1) * inner_a]);
+        out.extend_from_slice(&b.data[o * inner_b..(o + 1) * inner_b]);
+    }
+    let mut shape = a.shape.clone();
+    shape[axis] += b.shape[axis];
+    Tensor::new(shape, out)
+}
+
+/// `a [H, M, K] · b [G, K, N]` (or `b [G, N, K]` transposed), head `h` with group
+/// `h / (H / G)`.
+pub fn head_matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Tensor {
+    let (h, m, k) = (a.shape[0], a.shape[1], a.shape[2]);
+    let g = b.shape[0];
+    let n = if transpose_b { b.shape[1] } else { b.shape[2] };
+    let mut out = vec![0.0; h * m * n];
+    for hh in 0..h {
+        let gg = hh / (h / g);
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0f64;
+                for c in 0..k {
+                    let bv = if transpose_b {
+                        b.data[(gg * n + j) * k + c]
+                    } else {
+                        b.data[(gg * k + c) * n + j]
+                    };
+                    acc += a.data[(hh * m + i) * k + c] as f64 * bv as f64;
+                }
+                out[(hh * m + i) * n + j] = acc as f32;
+            }
+        }
+    }
+    Tensor::new(vec![h, m, n], out)
+}
+
+/// The ALiBi slopes of Press et al. for `n` heads, as BLOOM and MPT compute them:
+/// a geometric sequence for the largest power of two `≤ n`, then every other slope of
+/// the sequence for twice that many.
+pub fn alibi_slopes(n: usize) -> Vec<f64> {
+    let p2 = 1usize << (usize::BITS - 1 - n.leading_zeros());
+    let seq = |k: usize| -> Vec<f64> {
+        let start = 2f64.powf(-(2f64.powf(-((k as f64).log2() - 3.0))));
+        (1..=k).map(|i| start.powi(i as i32)).collect()
+    };
+    let mut s = seq(p2);
+    if p2 < n {
+        s.extend(seq(2 * p2).into_iter().step_by(2).take(n - p2));
+    }
+    s
+}
+
+pub fn alibi(s: &Tensor, pos: &[i64]) -> Tensor {
+    let (h, t, n) = (s.shape[0], s.shape[1], s.shape[2]);
+    let slopes = alibi_slopes(h);
+    let mut out = s.data.clone();
+    for hh in 0..h {
+        for (i, &p) in pos.iter().enumerate().take(t) {
+            for j in 0..n {
+                out[(hh * t + i) * n + j] -= (slopes[hh] * (p - j as i64) as f64) as f32;
+            }
+        }
+    }
+    Tensor::new(s.shape.clone(), out)
+}
+
+pub fn visible(m: &AttnMask, query: i64, key: i64) -> bool {
+    (!m.causal || key <= query)
+        && m.window
+            .is_none_or(|w| (query - key).unsigned_abs() < w as u64)
+}
+
+pub fn mask(s: &Tensor, pos: &[i64], m: &AttnMask) -> Tensor {
+    let (h, t, n) = (s.shape[0], s.shape[1], s.shape[2]);
+    let mut out = s.data.clone();
+    for hh in 0..h {
+        for (i, &p) in pos.iter().enumerate().take(t) {
+            for j in 0..n {
+                if !visible(m, p, j as i64) {
+                    out[(hh * t + i) * n + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Tensor::new(s.shape.clone(), out)
+}
+
+pub fn softmax(s: &Tensor) -> Tensor {
+    rows(s, |src, dst| {
+        let max = src.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        if max == f32::NEG_INFINITY {
+            dst.fill(0.0);
+            return;
+        }
+        let sum: f64 = src.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = (((v - max) as f64).exp() / sum) as f32;
+        }
+    })
+}
+
+/// The fused attention node: the primitive chain, composed.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pos: &[i64],
+    scale: f64,
+    m: &AttnMask,
+    alibi_on: bool,
+) -> Tensor {
+    let mut s = map(&head_matmul(q, k, true), |x| (x as f64 * scale) as f32);
+    if alibi_on {
+        s = alibi(&s, pos);
+    }
+    s = mask(&s, pos, m);
+    head_matmul(&softmax(&s), v, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alibi_slopes_match_the_paper() {
+        let s = alibi_slopes(8);
+        assert!((s[0] - 0.5).abs() < 1e-12 && (s[7] - 1.0 / 256.0).abs() < 1e-12);
+        // 6 heads: the 4 of a power of two, then the odd ones of the 8-head sequence.
+        let s6 = alibi_slopes(6);
+        assert_eq!(s6.len(), 6);
+        assert!((s6[3] - 2f64.powi(-8)).abs() < 1e-12);
+        assert!((s6[4] - 0.5).abs() < 1e-12 && (s6[5] - 0.125).abs() < 1e-12);
+    }
+
+    #[test]
+    fn softmax_of_a_masked_row_ignores_masked_entries() {
+        let s = Tensor::new(vec![1, 3], vec![1.0, f32::NEG_INFINITY, 1.0]);
+        assert_eq!(softmax(&s).data, vec![0.5, 0.0, 0.5]);
+    }
+}

@@ -1,0 +1,141 @@
+//! The weights a graph reads, bound once: from a checkpoint, or random from a seed.
+//!
+//! Values are rounded to the storage dtype the graph declares, so the interpreter sees
+//! the same numbers a backend reading 16-bit weights would.
+
+use std::collections::HashMap;
+
+use tfc_runtime::{Checkpoint, CheckpointError};
+
+use super::Tensor;
+use crate::ir::{DType, Graph, Op, WeightRole};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("weight `{name}` is declared with two shapes, {a:?} and {b:?}")]
+    Conflict {
+        name: String,
+        a: Vec<usize>,
+        b: Vec<usize>,
+    },
+    #[error("bug: weight `{0}` was not bound")]
+    Unbound(String),
+}
+
+pub enum WeightSource<'a> {
+    Checkpoint(&'a Checkpoint),
+    /// Deterministic random weights: matrices and tables ~ N(0, 0.02²), gains 1, biases 0.
+    Random {
+        seed: u64,
+    },
+}
+
+#[derive(Default)]
+pub struct Weights {
+    map: HashMap<String, Tensor>,
+}
+
+impl Weights {
+    /// Binds every weight the graphs read, checking its shape.
+    pub fn bind(graphs: &[&Graph], source: &WeightSource) -> Result<Weights, WeightError> {
+        let mut w = Weights::default();
+        for g in graphs {
+            for id in g.node_ids() {
+                let n = g.node(id);
+                let Op::Weight { name, role } = &n.op else {
+                    continue;
+                };
+                let ty = n.ty.as_ref().expect("weights are typed at construction");
+                let shape: Vec<usize> = ty
+                    .shape
+                    .iter()
+                    .map(|d| d.as_fixed().expect("weights have fixed shapes"))
+                    .collect();
+                if let Some(t) = w.map.get(name) {
+                    if t.shape != shape {
+                        return Err(WeightError::Conflict {
+                            name: name.clone(),
+                            a: t.shape.clone(),
+                            b: shape,
+                        });
+                    }
+                    continue;
+                }
+                let mut data = match source {
+                    WeightSource::Checkpoint(ck) => ck.get(name, &shape)?,
+                    WeightSource::Random { seed } => random(name, *role, &shape, *seed),
+                };
+                round_to(&mut data, ty.dtype);
+                w.map.insert(name.clone(), Tensor::new(shape, data));
+            }
+        }
+        Ok(w)
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Tensor, WeightError> {
+        self.map
+            .get(name)
+            .ok_or_else(|| WeightError::Unbound(name.to_string()))
+    }
+
+    /// Every bound tensor, by checkpoint name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.map.iter()
+    }
+}
+
+fn round_to(data: &mut [f32], dtype: DType) {
+    match dtype {
+        DType::BF16 => data
+            .iter_mut()
+            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        DType::F16 => data
+            .iter_mut()
+            .for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        DType::F32 | DType::I32 => {}
+    }
+}
+
+/// SplitMix64: a tiny generator whose output never changes between versions, so random
+/// weights from a seed are the same everywhere.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn unit(&mut self) -> f64 {
+        ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn random(name: &str, role: WeightRole, shape: &[usize], seed: u64) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    match role {
+        WeightRole::Gain => vec![1.0; n],
+        WeightRole::Bias => vec![0.0; n],
+        WeightRole::Matrix | WeightRole::Embedding => {
+            // FNV-1a of the name, so each tensor has its own stream.
+            let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
+            let mut rng = SplitMix(seed ^ h);
+            (0..n)
+                .map(|_| {
+                    // Box–Muller.
+                    let (u1, u2) = (rng.unit(), rng.unit());
+                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02)
+                        as f32
+                })
+                .collect()
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The graph container: a petgraph `StableDiGraph` kept behind a small API.
+//!
+//! Operands are edges into a node, weighted with the operand index; that is the only
+//! place operand order is stored. Node ids stay valid while other nodes are removed.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use petgraph::stable_graph::{NodeIndex, StableDiGraph};
+use petgraph::visit::{EdgeRef, IntoEdgeReferences};
+use petgraph::Direction;
+
+use super::op::Op;
+use super::shape::TensorType;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(NodeIndex<u32>);
+
+impl NodeId {
+    pub fn index(self) -> usize {
+        self.0.index()
+    }
+}
+
+/// Which compiler phase a graph is in. Only the split pass moves a graph forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// One full forward pass over `T` tokens at positions `0..T`, no cache.
+    Model,
+    /// The prompt: `T` tokens at positions `0..T`; emits every layer's keys and values.
+    Prefill,
+    /// One token at position `P` against a cache of `P` positions.
+    Decode,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Model => "model",
+            Phase::Prefill => "prefill",
+            Phase::Decode => "decode",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub op: Op,
+    /// Filled in by shape inference (leaves carry theirs from the start).
+    pub ty: Option<TensorType>,
+    /// The transformer layer this node belongs to, if any.
+    pub layer: Option<u32>,
+    /// Where it came from in the spec, e.g. `attn` or `ln_f`.
+    pub origin: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Graph {
+    pub name: String,
+    pub phase: Phase,
+    /// Named results, in order.
+    pub outputs: Vec<(String, NodeId)>,
+    g: StableDiGraph<Node, u8>,
+}
+
+impl Graph {
+    pub fn new(name: impl Into<String>, phase: Phase) -> Self {
+        Graph {
+            name: name.into(),
+            phase,
+            outputs: Vec::new(),
+            g: StableDiGraph::new(),
+        }
+    }
+
+    pub fn add(&mut self, node: Node, operands: &[NodeId]) -> NodeId {
+        let id = NodeId(self.g.add_node(node));
+        for (i, &o) in operands.iter().enumerate() {
+            self.g.add_edge(o.0, id.0, i as u8);
+        }
+        id
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.g[id.0]
+    }
+
+    pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        &mut self.g[id.0]
+    }
+
+    pub fn op(&self, id: NodeId) -> &Op {
+        &self.g[id.0].op
+    }
+
+    /// The inferred type; only call after shape inference (the verifier guarantees it).
+    pub fn ty(&self, id: NodeId) -> &TensorType {
+        self.g[id.0]
+            .ty
+            .as_ref()
+            .expect("bug: type queried before shape inference")
+    }
+
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.g.contains_node(id.0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.g.node_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.g.node_count() == 0
+    }
+
+    pub fn operands(&self, id: NodeId) -> Vec<NodeId> {
+        let mut ins: Vec<(u8, NodeId)> = self
+            .g
+            .edges_directed(id.0, Direction::Incoming)
+            .map(|e| (*e.weight(), NodeId(e.source())))
+            .collect();
+        ins.sort();
+        ins.into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// Distinct nodes that use `id` as an operand, in id order.
+    pub fn users(&self, id: NodeId) -> Vec<NodeId> {
+        let mut us: Vec<NodeId> = self
+            .g
+            .neighbors_directed(id.0, Direction::Outgoing)
+            .map(NodeId)
+            .collect();
+        us.sort();
+        us.dedup();
+        us
+    }
+
+    /// How many operand slots and outputs refer to `id`.
+    pub fn use_count(&self, id: NodeId) -> usize {
+        self.g.edges_directed(id.0, Direction::Outgoing).count()
+            + self.outputs.iter().filter(|(_, o)| *o == id).count()
+    }
+
+    pub fn node_ids(&self) -> Vec<NodeId> {
+        self.g.node_indices().map(NodeId).collect()
+    }
+
+    /// Redirects every use of `old` (operands and outputs) to `new`.
+    pub fn replace_uses(&mut self, old: NodeId, new: NodeId) {
+        let uses: Vec<_> = self
+            .g
+            .edges_directed(old.0, Direction::Outgoing)
+            .map(|e| (e.id(), e.target(), *e.weight()))
+            .collect();
+        for (edge, target, slot) in uses {
+            self.g.remove_edge(edge);
+            self.g.add_edge(new.0, target, slot);
+        }
+        for (_, o) in &mut self.outputs {
+            if *o == old {
+                *o = new;
+            }
+        }
+    }
+
+    /// Replaces operand `slot` of `id` with `new`.
+    pub fn set_operand(&mut self, id: NodeId, slot: usize, new: NodeId) {
+        let edge = self
+            .g
+            .edges_directed(id.0, Direction::Incoming)
+            .find(|e| *e.weight() as usize == slot)
+            .map(|e| e.id())
+            .expect("bug: no such operand slot");
+        self.g.remove_edge(edge);
+        self.g.add_edge(new.0, id.0, slot as u8);
+    }
+
+    pub fn remove(&mut self, id: NodeId) {
+        self.g.remove_node(id.0);
+    }
+
+    /// A deterministic topological order: among ready nodes, the lowest id first, so the
+    /// order follows construction order wherever the data flow allows it.
+    /// Returns `Err(node)` naming a node on a cycle.
+    pub fn topo_order(&self) -> Result<Vec<NodeId>, NodeId> {
+        let mut indegree: std::collections::HashMap<NodeIndex<u32>, usize> =
+            self.g.node_indices().map(|n| (n, 0)).collect();
+        for e in (&self.g).edge_references() {
+            *indegree.get_mut(&e.target()).unwrap() += 1;
+        }
+        let mut ready: BinaryHeap<Reverse<NodeIndex<u32>>> = indegree
+            .iter()
+            .filter(|(_, &d)| d == 0)
+            .map(|(&n, _)| Reverse(n))
+            .collect();
+        let mut order = Vec::with_capacity(self.g.node_count());
+        while let Some(Reverse(n)) = ready.pop() {
+            order.push(NodeId(n));
+            for e in self.g.edges_directed(n, Direction::Outgoing) {
+                let d = indegree.get_mut(&e.target()).unwrap();
+                *d -= 1;
+                if *d == 0 {
+                    ready.push(Reverse(e.target()));
+                }
+            }
+        }
+        if order.len() == self.g.node_count() {
+            Ok(order)
+        } else {
+            let stuck = indegree
+                .iter()
+                .filter(|(_, &d)| d > 0)
+                .map(|(&n, _)| n)
+                .min()
+                .unwrap();
+            Err(NodeId(stuck))
+        }
+    }
+
+    pub fn output(&self, name: &str) -> Option<NodeId> {
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
+    }
+}

@@ -1,0 +1,620 @@
+//! The operations of the graph IR and their typing rules.
+//!
+//! Every operation is a variant of one enum; attributes are plain fields, operands are
+//! the node's ordered inputs. Layout conventions:
+//! - activations are row-major `[T, features]`, one row per token;
+//! - per-head tensors are `[heads, T, head_dim]`;
+//! - linear weights are `[out, in]` (PyTorch) unless `transposed`, then `[in, out]`
+//!   (GPT-2's Conv1D), so a checkpoint is bound without copying;
+//! - weights have the spec's storage dtype, activations are always `f32`.
+
+use std::fmt;
+
+use super::shape::{DType, Dim, TensorType};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Act {
+    Relu,
+    /// The exact GELU, `x·Φ(x)` with the error function.
+    Gelu,
+    /// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    Silu,
+}
+
+impl Act {
+    pub const ALL: [(&'static str, Act); 4] = [
+        ("relu", Act::Relu),
+        ("gelu", Act::Gelu),
+        ("gelu_tanh", Act::GeluTanh),
+        ("silu", Act::Silu),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Act::ALL
+            .iter()
+            .find(|(_, a)| *a == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
+    }
+}
+
+/// How a fused QKV projection orders its output features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QkvLayout {
+    /// All query heads, then all key heads, then all value heads (GPT-2).
+    Concat,
+    /// Per key/value group: its query heads, its key head, its value head
+    /// (GPT-NeoX, BLOOM, Falcon).
+    Grouped,
+}
+
+impl QkvLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            QkvLayout::Concat => "concat",
+            QkvLayout::Grouped => "grouped",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QkvPart {
+    Q,
+    K,
+    V,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CacheKind {
+    K,
+    V,
+}
+
+impl CacheKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheKind::K => "k",
+            CacheKind::V => "v",
+        }
+    }
+}
+
+/// What a graph input carries.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum InputKind {
+    /// Token ids, `[T] i32`.
+    Tokens,
+    /// Token-type (segment) ids, `[T] i32`.
+    TokenTypes,
+    /// The keys or values of one layer for the positions already processed,
+    /// `[kv_heads, P, head_dim]`.
+    Cache { layer: u32, kind: CacheKind },
+}
+
+/// What a weight holds, which decides its deterministic random initialisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightRole {
+    Matrix,
+    Embedding,
+    Gain,
+    Bias,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    /// How many leading dimensions of each head rotate (even).
+    pub rotary_dim: usize,
+    /// Rotate adjacent pairs `(0,1), (2,3), …` instead of the halves `(i, i + d/2)`.
+    pub interleaved: bool,
+}
+
+/// Attention attributes shared by the primitive mask op and the fused node.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnMask {
+    pub causal: bool,
+    /// A key is visible only if `query_pos - key_pos < window`.
+    pub window: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    Input(InputKind),
+    /// Absolute positions of the new tokens, `P + t` for `t` in `0..T`: `[T] i32`.
+    Positions,
+    /// A parameter from the checkpoint; its type is the stored shape.
+    Weight {
+        name: String,
+        role: WeightRole,
+    },
+    /// `table[ids + offset]`: `([R, d], [T]) -> [T, d]`.
+    Gather {
+        offset: usize,
+    },
+    /// The sinusoidal encoding of Vaswani et al.: `[T] -> [T, dim]`, sin at even, cos at
+    /// odd features.
+    Sinusoidal {
+        dim: usize,
+        base: f64,
+    },
+    Add,
+    Mul,
+    Scale(f64),
+    Activation(Act),
+    /// `(x, gain, [bias])`.
+    LayerNorm {
+        eps: f64,
+    },
+    /// `(x, gain)`; multiplies by `1 + gain` when `unit_offset`.
+    RmsNorm {
+        eps: f64,
+        unit_offset: bool,
+    },
+    /// `x·Wᵀ (+ b)`: `(x [T, in], w, [b])`.
+    Linear {
+        transposed: bool,
+        bias: bool,
+    },
+    /// One part of a fused QKV projection's output: `[T, (H + 2·KV)·hd] -> [T, n·hd]`.
+    SplitQkv {
+        layout: QkvLayout,
+        part: QkvPart,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    },
+    /// `[T, H·hd] -> [H, T, hd]`.
+    SplitHeads {
+        heads: usize,
+    },
+    /// `[H, T, hd] -> [T, H·hd]`.
+    MergeHeads,
+    /// Rotary embedding of `(x [H, T, hd], positions [T])`.
+    Rope(Rope),
+    /// Concatenation along an axis.
+    Concat {
+        axis: usize,
+    },
+    /// Per-head matrix product with grouped heads: `a [H, M, K]`, `b [G, K, N]` (or
+    /// `[G, N, K]` when `transpose_b`), head `h` uses group `h / (H / G)`.
+    HeadMatMul {
+        transpose_b: bool,
+    },
+    /// ALiBi bias of `(scores [H, T, S], positions [T])`: `-slope_h · (pos_t - s)`.
+    Alibi,
+    /// Sets invisible scores to -inf: `(scores [H, T, S], positions [T])`. Key `s` is at
+    /// position `s`; with `causal` it is visible from query position `p` if `s <= p`, and
+    /// a window further requires `|p - s| < window`.
+    Mask(AttnMask),
+    /// Softmax along the last axis.
+    Softmax,
+    /// Fused attention: `(q [H, T, hd], k [G, S, hd], v [G, S, hd], positions [T])`
+    /// `-> [H, T, hd]`, the keys at positions `0..S`.
+    Attention {
+        scale: f64,
+        mask: AttnMask,
+        alibi: bool,
+    },
+    /// The last row: `[T, d] -> [1, d]`.
+    LastRow,
+}
+
+impl Op {
+    /// The accepted operand counts.
+    pub fn arity(&self) -> std::ops::RangeInclusive<usize> {
+        match self {
+            Op::Input(_) | Op::Positions | Op::Weight { .. } => 0..=0,
+            Op::Sinusoidal { .. }
+            | Op::Scale(_)
+            | Op::Activation(_)
+            | Op::SplitQkv { .. }
+            | Op::SplitHeads { .. }
+            | Op::MergeHeads
+            | Op::Softmax
+            | Op::LastRow => 1..=1,
+            Op::Gather { .. }
+            | Op::Add
+            | Op::Mul
+            | Op::RmsNorm { .. }
+            | Op::Rope(_)
+            | Op::Concat { .. }
+            | Op::HeadMatMul { .. }
+            | Op::Alibi
+            | Op::Mask(_) => 2..=2,
+            Op::LayerNorm { .. } => 2..=3,
+            Op::Linear { bias, .. } => {
+                if *bias {
+                    3..=3
+                } else {
+                    2..=2
+                }
+            }
+            Op::Attention { .. } => 4..=4,
+        }
+    }
+
+    /// The op's mnemonic in the text form.
+    pub fn mnemonic(&self) -> &'static str {
+        match self {
+            Op::Input(_) => "input",
+            Op::Positions => "positions",
+            Op::Weight { .. } => "weight",
+            Op::Gather { .. } => "gather",
+            Op::Sinusoidal { .. } => "sinusoidal",
+            Op::Add => "add",
+            Op::Mul => "mul",
+            Op::Scale(_) => "scale",
+            Op::Activation(_) => "act",
+            Op::LayerNorm { .. } => "layernorm",
+            Op::RmsNorm { .. } => "rmsnorm",
+            Op::Linear { .. } => "linear",
+            Op::SplitQkv { .. } => "split_qkv",
+            Op::SplitHeads { .. } => "split_heads",
+            Op::MergeHeads => "merge_heads",
+            Op::Rope(_) => "rope",
+            Op::Concat { .. } => "concat",
+            Op::HeadMatMul { .. } => "head_matmul",
+            Op::Alibi => "alibi",
+            Op::Mask(_) => "mask",
+            Op::Softmax => "softmax",
+            Op::Attention { .. } => "attention",
+            Op::LastRow => "last_row",
+        }
+    }
+
+    /// The attributes in the text form, `{k=v, …}` or empty.
+    pub fn attrs(&self) -> String {
+        let list: Vec<String> = match self {
+            Op::Input(InputKind::Tokens) => vec!["tokens".into()],
+            Op::Input(InputKind::TokenTypes) => vec!["token_types".into()],
+            Op::Input(InputKind::Cache { layer, kind }) => {
+                vec![format!("cache.{}.{}", kind.name(), layer)]
+            }
+            Op::Weight { name, .. } => vec![format!("{name:?}")],
+            Op::Gather { offset } if *offset > 0 => vec![format!("offset={offset}")],
+            Op::Sinusoidal { dim, base } => {
+                vec![format!("dim={dim}"), format!("base={}", num(*base))]
+            }
+            Op::Scale(s) => vec![num(*s)],
+            Op::Activation(a) => vec![a.name().into()],
+            Op::LayerNorm { eps } => vec![format!("eps={}", num(*eps))],
+            Op::RmsNorm { eps, unit_offset } => {
+                let mut v = vec![format!("eps={}", num(*eps))];
+                if *unit_offset {
+                    v.push("unit_offset".into());
+                }
+                v
+            }
+            Op::Linear { transposed, .. } if *transposed => vec!["transposed".into()],
+            Op::SplitQkv {
+                layout,
+                part,
+                heads,
+                kv_heads,
+                head_dim,
+            } => vec![
+                format!("{part:?}").to_lowercase(),
+                layout.name().into(),
+                format!("heads={heads}"),
+                format!("kv_heads={kv_heads}"),
+                format!("head_dim={head_dim}"),
+            ],
+            Op::SplitHeads { heads } => vec![format!("heads={heads}")],
+            Op::Rope(r) => {
+                let mut v = vec![
+                    format!("theta={}", num(r.theta)),
+                    format!("dims={}", r.rotary_dim),
+                ];
+                if r.interleaved {
+                    v.push("interleaved".into());
+                }
+                v
+            }
+            Op::Concat { axis } => vec![format!("axis={axis}")],
+            Op::HeadMatMul { transpose_b } if *transpose_b => vec!["transpose_b".into()],
+            Op::Mask(m) => mask_attrs(m),
+            Op::Attention { scale, mask, alibi } => {
+                let mut v = vec![format!("scale={}", num(*scale))];
+                v.extend(mask_attrs(mask));
+                if *alibi {
+                    v.push("alibi".into());
+                }
+                v
+            }
+            _ => vec![],
+        };
+        if list.is_empty() {
+            String::new()
+        } else {
+            format!("{{{}}}", list.join(", "))
+        }
+    }
+
+    /// Whether two ops compute the same function of the same operands (for CSE).
+    pub fn same_as(&self, other: &Op) -> bool {
+        // Float attributes compare by bits so that CSE is reflexive even for NaN.
+        self == other
+    }
+
+    /// The result type from the operand types, or a message saying what does not fit.
+    pub fn infer(&self, ins: &[&TensorType]) -> Result<TensorType, String> {
+        let want_rank = |i: usize, r: usize| -> Result<(), String> {
+            if ins[i].rank() == r {
+                Ok(())
+            } else {
+                Err(format!(
+                    "operand {i} must have rank {r}, has type {}",
+                    ins[i]
+                ))
+            }
+        };
+        let float = |i: usize| -> Result<(), String> {
+            if ins[i].dtype.is_float() {
+                Ok(())
+            } else {
+                Err(format!("operand {i} must be a float tensor, is {}", ins[i]))
+            }
+        };
+        let ids = |i: usize| -> Result<(), String> {
+            if ins[i].dtype == DType::I32 && ins[i].rank() == 1 {
+                Ok(())
+            } else {
+                Err(format!("operand {i} must be [N] i32 ids, is {}", ins[i]))
+            }
+        };
+        let same = |a: usize, b: usize| -> Result<(), String> {
+            if ins[a] == ins[b] {
+                Ok(())
+            } else {
+                Err(format!(
+                    "operands {a} and {b} differ: {} vs {}",
+                    ins[a], ins[b]
+                ))
+            }
+        };
+        let fixed = |d: Dim, what: &str| -> Result<usize, String> {
+            d.as_fixed()
+                .ok_or_else(|| format!("{what} must be a fixed size, is {d}"))
+        };
+        let last = |i: usize| *ins[i].shape.last().unwrap();
+        match self {
+            Op::Input(_) | Op::Weight { .. } | Op::Positions => {
+                Err("leaf nodes carry their own type".into())
+            }
+            Op::Gather { .. } => {
+                want_rank(0, 2)?;
+                float(0)?;
+                ids(1)?;
+                Ok(TensorType::new(
+                    vec![ins[1].shape[0], ins[0].shape[1]],
+                    DType::F32,
+                ))
+            }
+            Op::Sinusoidal { dim, .. } => {
+                ids(0)?;
+                if dim % 2 != 0 {
+                    return Err(format!("sinusoidal dim {dim} must be even"));
+                }
+                Ok(TensorType::new(
+                    vec![ins[0].shape[0], Dim::fixed(*dim)],
+                    DType::F32,
+                ))
+            }
+            Op::Add | Op::Mul => {
+                float(0)?;
+                same(0, 1)?;
+                Ok(ins[0].clone())
+            }
+            Op::Scale(_) | Op::Activation(_) | Op::Softmax => {
+                float(0)?;
+                Ok(ins[0].clone())
+            }
+            Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
+                float(0)?;
+                let d = last(0);
+                for i in 1..ins.len() {
+                    if ins[i].shape != [d] {
+                        return Err(format!("norm parameter {i} must be [{d}], is {}", ins[i]));
+                    }
+                }
+                Ok(ins[0].clone())
+            }
+            Op::Linear { transposed, bias } => {
+                want_rank(0, 2)?;
+                want_rank(1, 2)?;
+                float(0)?;
+                let (out, inn) = if *transposed {
+                    (ins[1].shape[1], ins[1].shape[0])
+                } else {
+                    (ins[1].shape[0], ins[1].shape[1])
+                };
+                if inn != last(0) {
+                    return Err(format!(
+                        "weight {} takes {inn} input features, the activation has {}",
+                        ins[1],
+                        last(0)
+                    ));
+                }
+                if *bias && ins[2].shape != [out] {
+                    return Err(format!("bias must be [{out}], is {}", ins[2]));
+                }
+                Ok(TensorType::new(vec![ins[0].shape[0], out], ins[0].dtype))
+            }
+            Op::SplitQkv {
+                part,
+                heads,
+                kv_heads,
+                head_dim,
+                ..
+            } => {
+                want_rank(0, 2)?;
+                let width = fixed(last(0), "fused QKV width")?;
+                if width != (heads + 2 * kv_heads) * head_dim {
+                    return Err(format!(
+                        "fused QKV width {width} is not (heads + 2·kv_heads)·head_dim = {}",
+                        (heads + 2 * kv_heads) * head_dim
+                    ));
+                }
+                if *kv_heads == 0 || heads % kv_heads != 0 {
+                    return Err(format!("kv_heads {kv_heads} must divide heads {heads}"));
+                }
+                let n = if *part == QkvPart::Q {
+                    *heads
+                } else {
+                    *kv_heads
+                };
+                Ok(TensorType::new(
+                    vec![ins[0].shape[0], Dim::fixed(n * head_dim)],
+                    ins[0].dtype,
+                ))
+            }
+            Op::SplitHeads { heads } => {
+                want_rank(0, 2)?;
+                let width = fixed(last(0), "head width")?;
+                if *heads == 0 || width % heads != 0 {
+                    return Err(format!("{width} features do not split into {heads} heads"));
+                }
+                Ok(TensorType::new(
+                    vec![
+                        Dim::fixed(*heads),
+                        ins[0].shape[0],
+                        Dim::fixed(width / heads),
+                    ],
+                    ins[0].dtype,
+                ))
+            }
+            Op::MergeHeads => {
+                want_rank(0, 3)?;
+                let h = fixed(ins[0].shape[0], "heads")?;
+                let hd = fixed(ins[0].shape[2], "head_dim")?;
+                Ok(TensorType::new(
+                    vec![ins[0].shape[1], Dim::fixed(h * hd)],
+                    ins[0].dtype,
+                ))
+            }
+            Op::Rope(r) => {
+                want_rank(0, 3)?;
+                ids(1)?;
+                let hd = fixed(ins[0].shape[2], "head_dim")?;
+                if r.rotary_dim % 2 != 0 || r.rotary_dim > hd || r.rotary_dim == 0 {
+                    return Err(format!(
+                        "rotary dims {} must be even and in 2..={hd}",
+                        r.rotary_dim
+                    ));
+                }
+                if ins[1].shape[0] != ins[0].shape[1] {
+                    return Err(format!(
+                        "{} positions for {} rows",
+                        ins[1].shape[0], ins[0].shape[1]
+                    ));
+                }
+                Ok(ins[0].clone())
+            }
+            Op::Concat { axis } => {
+                let (a, b) = (ins[0], ins[1]);
+                if a.rank() != b.rank() || *axis >= a.rank() || a.dtype != b.dtype {
+                    return Err(format!("cannot concatenate {a} and {b} on axis {axis}"));
+                }
+                let mut shape = a.shape.clone();
+                for i in 0..a.rank() {
+                    if i != *axis && a.shape[i] != b.shape[i] {
+                        return Err(format!("cannot concatenate {a} and {b} on axis {axis}"));
+                    }
+                }
+                shape[*axis] = a.shape[*axis] + b.shape[*axis];
+                Ok(TensorType::new(shape, a.dtype))
+            }
+            Op::HeadMatMul { transpose_b } => {
+                want_rank(0, 3)?;
+                want_rank(1, 3)?;
+                let h = fixed(ins[0].shape[0], "heads")?;
+                let g = fixed(ins[1].shape[0], "groups")?;
+                if g == 0 || h % g != 0 {
+                    return Err(format!("{g} key/value heads do not group {h} heads"));
+                }
+                let (k, n) = if *transpose_b {
+                    (ins[1].shape[2], ins[1].shape[1])
+                } else {
+                    (ins[1].shape[1], ins[1].shape[2])
+                };
+                if k != ins[0].shape[2] {
+                    return Err(format!(
+                        "contraction sizes differ: {} vs {k}",
+                        ins[0].shape[2]
+                    ));
+                }
+                Ok(TensorType::new(
+                    vec![ins[0].shape[0], ins[0].shape[1], n],
+                    ins[0].dtype,
+                ))
+            }
+            Op::Alibi | Op::Mask(_) => {
+                want_rank(0, 3)?;
+                ids(1)?;
+                if ins[1].shape[0] != ins[0].shape[1] {
+                    return Err(format!(
+                        "{} positions for {} query rows",
+                        ins[1].shape[0], ins[0].shape[1]
+                    ));
+                }
+                Ok(ins[0].clone())
+            }
+            Op::Attention { .. } => {
+                want_rank(0, 3)?;
+                want_rank(1, 3)?;
+                want_rank(2, 3)?;
+                ids(3)?;
+                same(1, 2)?;
+                let h = fixed(ins[0].shape[0], "heads")?;
+                let g = fixed(ins[1].shape[0], "kv heads")?;
+                if g == 0 || h % g != 0 {
+                    return Err(format!("{g} key/value heads do not group {h} heads"));
+                }
+                if ins[0].shape[2] != ins[1].shape[2] {
+                    return Err("query and key head sizes differ".into());
+                }
+                if ins[3].shape[0] != ins[0].shape[1] {
+                    return Err("one position per query row is needed".into());
+                }
+                Ok(ins[0].clone())
+            }
+            Op::LastRow => {
+                want_rank(0, 2)?;
+                Ok(TensorType::new(
+                    vec![Dim::fixed(1), ins[0].shape[1]],
+                    ins[0].dtype,
+                ))
+            }
+        }
+    }
+}
+
+fn mask_attrs(m: &AttnMask) -> Vec<String> {
+    let mut v = vec![if m.causal {
+        "causal".to_string()
+    } else {
+        "bidirectional".to_string()
+    }];
+    if let Some(w) = m.window {
+        v.push(format!("window={w}"));
+    }
+    v
+}
+
+/// Formats a float attribute shortly and exactly enough to tell values apart.
+pub fn num(x: f64) -> String {
+    if x == x.trunc() && x.abs() < 1e15 {
+        format!("{}", x as i64)
+    } else if x.abs() < 1e-3 {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.mnemonic(), self.attrs())
+    }
+}

@@ -1,0 +1,115 @@
+//! tfc: a compiler for transformer architectures.
+//!
+//! The pipeline, declared once in [`compile`]: spec text → [`front`] (parse, resolve,
+//! lower) → model graph → [`passes::model_passes`] → [`passes::Split`] → prefill and
+//! decode graphs → [`passes::phase_passes`]. [`interp`] runs any of the graphs.
+
+pub mod backend;
+pub mod front;
+pub mod import;
+pub mod interp;
+pub mod ir;
+pub mod passes;
+
+use front::{Diagnostics, Spec};
+use ir::{verify, Graph, Phase};
+use passes::{run_passes, PassError, Split};
+
+/// The stages `tfc ir --stage` prints.
+pub const STAGES: &[&str] = &["lowered", "model", "prefill", "decode"];
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Prefill returns the logits of every position, not only the last.
+    pub all_logits: bool,
+    /// Run the verifier after every pass (always on in tests; cheap).
+    pub verify: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            all_logits: false,
+            verify: true,
+        }
+    }
+}
+
+/// Every stage of one compilation.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub spec: Spec,
+    /// The graph as lowered from the spec, before any pass (types only on leaves).
+    pub lowered: Graph,
+    /// The model graph after the model passes.
+    pub model: Graph,
+    pub prefill: Graph,
+    /// `None` for a model with bidirectional attention.
+    pub decode: Option<Graph>,
+}
+
+impl Compiled {
+    pub fn stage(&self, name: &str) -> Option<&Graph> {
+        match name {
+            "lowered" => Some(&self.lowered),
+            "model" => Some(&self.model),
+            "prefill" => Some(&self.prefill),
+            "decode" => self.decode.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("{0}")]
+    Spec(Diagnostics),
+    #[error(transparent)]
+    Pass(#[from] PassError),
+}
+
+/// Compiles spec text; `dump` sees the graph after every pass, with the pass's name.
+pub fn compile(
+    file: &str,
+    source: &str,
+    opts: &Options,
+    dump: &mut dyn FnMut(&str, &Graph),
+) -> Result<Compiled, CompileError> {
+    let (spec, lowered) = front::compile_spec(file, source).map_err(CompileError::Spec)?;
+    let mut model = lowered.clone();
+    run_passes(&mut model, &passes::model_passes(), opts.verify, dump)?;
+    let phases = Split {
+        all_logits: opts.all_logits,
+    }
+    .run(&model)?;
+    let (mut prefill, mut decode) = (phases.prefill, phases.decode);
+    let mut graphs: Vec<&mut Graph> = vec![&mut prefill];
+    graphs.extend(decode.as_mut());
+    for g in graphs {
+        if opts.verify {
+            verify(g).map_err(PassError::from)?;
+        }
+        dump(Split::NAME, g);
+        run_passes(g, &passes::phase_passes(g.phase), opts.verify, dump)?;
+    }
+    debug_assert!(model.phase == Phase::Model);
+    Ok(Compiled {
+        spec,
+        lowered,
+        model,
+        prefill,
+        decode,
+    })
+}
+
+/// Compiles a spec file from disk.
+pub fn compile_file(path: &std::path::Path, opts: &Options) -> Result<Compiled, anyhow::Error> {
+    let source = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    Ok(compile(
+        &path.display().to_string(),
+        &source,
+        opts,
+        &mut |_, _| {},
+    )?)
+}

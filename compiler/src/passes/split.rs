@@ -1,0 +1,148 @@
+//! The phase change: derives the prefill and decode graphs from the model graph.
+//!
+//! - **prefill** runs `T` tokens at positions `0..T` and additionally returns, for every
+//!   layer `L`, the keys and values its attention read: `cache.k.L` and `cache.v.L`, each
+//!   `[kv_heads, T, head_dim]`. Logits are those of the last position (`last_row`)
+//!   unless all positions are asked for.
+//! - **decode** runs one token at position `P`: every attention reads
+//!   `concat(input cache.k.L [kv_heads, P, head_dim], k_new)` along the sequence axis,
+//!   and the graph returns the new rows `cache.k.L`/`cache.v.L` `[kv_heads, 1, head_dim]`
+//!   for the caller to store at position `P`.
+//!
+//! The cache layout the runtime keeps (and backends index) is, per layer and for K and V
+//! separately, `[kv_heads, max_seq, head_dim]` row-major; the graphs name only the valid
+//! prefix `0..P` of it. A model with bidirectional attention (an encoder) has no decode
+//! graph and its prefill returns no cache.
+
+use super::{Pass, PassError, ShapeInfer};
+use crate::ir::{CacheKind, Dim, Graph, InputKind, Node, NodeId, Op, Phase, TensorType};
+
+pub struct Split {
+    /// Keep the logits of every position in prefill, not just the last.
+    pub all_logits: bool,
+}
+
+pub struct Phases {
+    pub prefill: Graph,
+    pub decode: Option<Graph>,
+}
+
+impl Split {
+    pub const NAME: &'static str = "split";
+
+    pub fn run(&self, model: &Graph) -> Result<Phases, PassError> {
+        if model.phase != Phase::Model {
+            return Err(PassError::Bug(format!(
+                "split takes a model graph, `{}` is {}",
+                model.name,
+                model.phase.name()
+            )));
+        }
+        let attns = attentions(model);
+        if let Some(&(n, ..)) = attns.iter().find(|(n, ..)| g_op_is_unfused(model, *n)) {
+            return Err(PassError::bug(
+                model,
+                n,
+                "attention must be fused before the split",
+            ));
+        }
+        let causal = attns
+            .iter()
+            .all(|&(n, ..)| matches!(model.op(n), Op::Attention { mask, .. } if mask.causal));
+
+        let mut prefill = model.clone();
+        prefill.phase = Phase::Prefill;
+        if causal {
+            for &(n, layer) in &attns {
+                let ops = prefill.operands(n);
+                prefill.outputs.push((format!("cache.k.{layer}"), ops[1]));
+                prefill.outputs.push((format!("cache.v.{layer}"), ops[2]));
+            }
+        }
+        if !self.all_logits {
+            if let Some(i) = prefill
+                .outputs
+                .iter()
+                .position(|(name, _)| name == "logits")
+            {
+                let logits = prefill.outputs[i].1;
+                let node = prefill.node(logits).clone();
+                let last = prefill.add(
+                    Node {
+                        op: Op::LastRow,
+                        ty: None,
+                        layer: node.layer,
+                        origin: node.origin,
+                    },
+                    &[logits],
+                );
+                prefill.outputs[i].1 = last;
+            }
+        }
+        ShapeInfer.run(&mut prefill)?;
+        let decode = match causal {
+            true => {
+                let mut d = decode(model, &attns);
+                ShapeInfer.run(&mut d)?;
+                Some(d)
+            }
+            false => None,
+        };
+        Ok(Phases { prefill, decode })
+    }
+}
+
+fn g_op_is_unfused(g: &Graph, n: NodeId) -> bool {
+    !matches!(g.op(n), Op::Attention { .. })
+}
+
+/// Every attention node (fused or the `·V` product of an unfused one) with its layer.
+fn attentions(g: &Graph) -> Vec<(NodeId, u32)> {
+    let order = g.topo_order().unwrap_or_default();
+    order
+        .into_iter()
+        .filter(|&n| matches!(g.op(n), Op::Attention { .. } | Op::Softmax))
+        .map(|n| (n, g.node(n).layer.unwrap_or(0)))
+        .collect()
+}
+
+fn decode(model: &Graph, attns: &[(NodeId, u32)]) -> Graph {
+    let mut g = model.clone();
+    g.phase = Phase::Decode;
+    for &(n, layer) in attns {
+        let ops = g.operands(n);
+        for (slot, kind) in [(1, CacheKind::K), (2, CacheKind::V)] {
+            let new = ops[slot];
+            let node = g.node(new).clone();
+            let ty = node.ty.clone().expect("typed before the split");
+            let cache_ty = TensorType::new(vec![ty.shape[0], Dim::P, ty.shape[2]], ty.dtype);
+            let cache = g.add(
+                Node {
+                    op: Op::Input(InputKind::Cache { layer, kind }),
+                    ty: Some(cache_ty),
+                    layer: Some(layer),
+                    origin: "cache".into(),
+                },
+                &[],
+            );
+            let all = g.add(
+                Node {
+                    op: Op::Concat { axis: 1 },
+                    ty: None,
+                    layer: Some(layer),
+                    origin: node.origin.clone(),
+                },
+                &[cache, new],
+            );
+            g.set_operand(n, slot, all);
+            g.outputs
+                .push((format!("cache.{}.{layer}", kind.name()), new));
+        }
+    }
+    // One token: every `T` becomes 1 (leaf types here; the caller re-infers the rest).
+    for id in g.node_ids() {
+        let node = g.node_mut(id);
+        node.ty = node.ty.as_ref().map(|t| t.with_t(1));
+    }
+    g
+}
