@@ -3,11 +3,10 @@
 //! Operands are edges into a node, weighted with the operand index; that is the only
 //! place operand order is stored. Node ids stay valid while other nodes are removed.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::HashMap;
 
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
-use petgraph::visit::{EdgeRef, IntoEdgeReferences};
+use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 
 use super::op::Op;
@@ -179,42 +178,48 @@ impl Graph {
         self.g.remove_node(id.0);
     }
 
-    /// A deterministic topological order: among ready nodes, the lowest id first, so the
-    /// order follows construction order wherever the data flow allows it.
-    /// Returns `Err(node)` naming a node on a cycle.
+    /// A deterministic topological order that puts every node just before its first use:
+    /// a depth-first post-order from the outputs (in order), visiting operands in order,
+    /// then any nodes no output reaches, by id. It depends only on the graph's structure,
+    /// not on how ids were allocated. Returns `Err(node)` naming a node on a cycle.
     pub fn topo_order(&self) -> Result<Vec<NodeId>, NodeId> {
-        let mut indegree: std::collections::HashMap<NodeIndex<u32>, usize> =
-            self.g.node_indices().map(|n| (n, 0)).collect();
-        for e in (&self.g).edge_references() {
-            *indegree.get_mut(&e.target()).unwrap() += 1;
+        #[derive(Clone, Copy, PartialEq)]
+        enum State {
+            Open,
+            Done,
         }
-        let mut ready: BinaryHeap<Reverse<NodeIndex<u32>>> = indegree
-            .iter()
-            .filter(|(_, &d)| d == 0)
-            .map(|(&n, _)| Reverse(n))
-            .collect();
-        let mut order = Vec::with_capacity(self.g.node_count());
-        while let Some(Reverse(n)) = ready.pop() {
-            order.push(NodeId(n));
-            for e in self.g.edges_directed(n, Direction::Outgoing) {
-                let d = indegree.get_mut(&e.target()).unwrap();
-                *d -= 1;
-                if *d == 0 {
-                    ready.push(Reverse(e.target()));
+        let mut state: HashMap<NodeId, State> = HashMap::with_capacity(self.len());
+        let mut order = Vec::with_capacity(self.len());
+        let mut ids = self.node_ids();
+        ids.sort();
+        let roots = self.outputs.iter().map(|(_, n)| *n).chain(ids);
+        for root in roots {
+            if state.contains_key(&root) {
+                continue;
+            }
+            let mut stack = vec![(root, self.operands(root), 0usize)];
+            state.insert(root, State::Open);
+            while let Some((node, ops, i)) = stack.last_mut() {
+                if let Some(&next) = ops.get(*i) {
+                    *i += 1;
+                    match state.get(&next) {
+                        Some(State::Open) => return Err(next),
+                        Some(State::Done) => {}
+                        None => {
+                            state.insert(next, State::Open);
+                            let next_ops = self.operands(next);
+                            stack.push((next, next_ops, 0));
+                        }
+                    }
+                } else {
+                    let node = *node;
+                    state.insert(node, State::Done);
+                    order.push(node);
+                    stack.pop();
                 }
             }
         }
-        if order.len() == self.g.node_count() {
-            Ok(order)
-        } else {
-            let stuck = indegree
-                .iter()
-                .filter(|(_, &d)| d > 0)
-                .map(|(&n, _)| n)
-                .min()
-                .unwrap();
-            Err(NodeId(stuck))
-        }
+        Ok(order)
     }
 
     pub fn output(&self, name: &str) -> Option<NodeId> {
