@@ -28,10 +28,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            all_logits: false,
-            verify: true,
-        }
+        Options { all_logits: false, verify: true }
     }
 }
 
@@ -78,10 +75,7 @@ pub fn compile(
     let (spec, lowered) = front::compile_spec(file, source).map_err(CompileError::Spec)?;
     let mut model = lowered.clone();
     run_passes(&mut model, &passes::model_passes(), opts.verify, dump)?;
-    let phases = Split {
-        all_logits: opts.all_logits,
-    }
-    .run(&model)?;
+    let phases = Split { all_logits: opts.all_logits }.run(&model)?;
     let (mut prefill, mut decode) = (phases.prefill, phases.decode);
     let mut graphs: Vec<&mut Graph> = vec![&mut prefill];
     graphs.extend(decode.as_mut());
@@ -93,23 +87,12 @@ pub fn compile(
         run_passes(g, &passes::phase_passes(g.phase), opts.verify, dump)?;
     }
     debug_assert!(model.phase == Phase::Model);
-    Ok(Compiled {
-        spec,
-        lowered,
-        model,
-        prefill,
-        decode,
-    })
+    Ok(Compiled { spec, lowered, model, prefill, decode })
 }
 
 /// Compiles a spec file from disk.
 pub fn compile_file(path: &std::path::Path, opts: &Options) -> Result<Compiled, anyhow::Error> {
-    let source = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    Ok(compile(
-        &path.display().to_string(),
-        &source,
-        opts,
-        &mut |_, _| {},
-    )?)
+    let source =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    Ok(compile(&path.display().to_string(), &source, opts, &mut |_, _| {})?)
 }

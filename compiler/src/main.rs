@@ -127,10 +127,7 @@ fn dispatch(cmd: Command) -> Result<()> {
                 s.head_dim,
                 s.vocab
             );
-            let decode = c
-                .decode
-                .as_ref()
-                .map(|d| format!("decode {} nodes", d.len()));
+            let decode = c.decode.as_ref().map(|d| format!("decode {} nodes", d.len()));
             println!(
                 "graphs: model {} nodes, prefill {} nodes, {}",
                 c.model.len(),
@@ -138,36 +135,22 @@ fn dispatch(cmd: Command) -> Result<()> {
                 decode.unwrap_or_else(|| "no decode (bidirectional attention)".into())
             );
         }
-        Command::Ir {
-            spec,
-            stage,
-            dump_after,
-            all_logits,
-        } => {
-            let source = std::fs::read_to_string(&spec)
-                .with_context(|| format!("cannot read {}", spec.display()))?;
-            let opts = Options {
-                all_logits,
-                ..Options::default()
-            };
+        Command::Ir { spec, stage, dump_after, all_logits } => {
+            let source =
+                std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
+            let opts = Options { all_logits, ..Options::default() };
             let mut out = String::new();
-            let c = tfc::compile(
-                &spec.display().to_string(),
-                &source,
-                &opts,
-                &mut |pass, g| {
-                    if dump_after.as_deref() == Some(pass) {
-                        out.push_str(&format!("// after {pass}\n{}", tfc::ir::print(g)));
-                    }
-                },
-            )?;
+            let c = tfc::compile(&spec.display().to_string(), &source, &opts, &mut |pass, g| {
+                if dump_after.as_deref() == Some(pass) {
+                    out.push_str(&format!("// after {pass}\n{}", tfc::ir::print(g)));
+                }
+            })?;
             if dump_after.is_none() {
                 match c.stage(&stage) {
                     Some(g) => out = tfc::ir::print(g),
-                    None => bail!(
-                        "`{}` has bidirectional attention, so it has no {stage} graph",
-                        c.spec.name
-                    ),
+                    None => {
+                        bail!("`{}` has bidirectional attention, so it has no {stage} graph", c.spec.name)
+                    }
                 }
             }
             print!("{out}");
@@ -183,29 +166,29 @@ fn dispatch(cmd: Command) -> Result<()> {
                         .arg(&path)
                         .stdin(std::process::Stdio::piped())
                         .spawn()
-                        .context("cannot run Graphviz `dot` to render SVG (install graphviz, or write .dot)")?;
+                        .context(
+                            "cannot run Graphviz `dot` to render SVG (install graphviz, or write .dot)",
+                        )?;
                     child.stdin.take().unwrap().write_all(dot.as_bytes())?;
                     if !child.wait()?.success() {
                         bail!("`dot` failed to render {}", path.display());
                     }
                 }
-                Some(path) => std::fs::write(&path, dot)
-                    .with_context(|| format!("cannot write {}", path.display()))?,
+                Some(path) => {
+                    std::fs::write(&path, dot).with_context(|| format!("cannot write {}", path.display()))?
+                }
             }
         }
         Command::ImportHf { dir, output } => {
-            let config = if dir.is_dir() {
-                dir.join("config.json")
-            } else {
-                dir.clone()
-            };
+            let config = if dir.is_dir() { dir.join("config.json") } else { dir.clone() };
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("cannot read {}", config.display()))?;
             let spec = tfc::import::hf::import(&text)
                 .with_context(|| format!("cannot import {}", config.display()))?;
             match output {
-                Some(p) => std::fs::write(&p, spec)
-                    .with_context(|| format!("cannot write {}", p.display()))?,
+                Some(p) => {
+                    std::fs::write(&p, spec).with_context(|| format!("cannot write {}", p.display()))?
+                }
                 None => print!("{spec}"),
             }
         }
@@ -219,10 +202,7 @@ fn dispatch(cmd: Command) -> Result<()> {
             backend: Backend::Interp,
             seed,
         } => {
-            let opts = Options {
-                all_logits: logits.is_some(),
-                ..Options::default()
-            };
+            let opts = Options { all_logits: logits.is_some(), ..Options::default() };
             let c = compile(&spec, &opts)?;
             let checkpoint = match &weights {
                 Some(dir) => Some(tfc_runtime::Checkpoint::open(dir)?),
@@ -241,10 +221,7 @@ fn dispatch(cmd: Command) -> Result<()> {
             let mut generated = Vec::new();
             if generate > 0 {
                 if c.decode.is_none() {
-                    bail!(
-                        "`{}` has bidirectional attention and cannot generate",
-                        c.spec.name
-                    );
+                    bail!("`{}` has bidirectional attention and cannot generate", c.spec.name);
                 }
                 for _ in 0..generate {
                     let last = rows.last().unwrap();
@@ -259,11 +236,7 @@ fn dispatch(cmd: Command) -> Result<()> {
             let ids: Vec<String> = generated.iter().map(|t| t.to_string()).collect();
             println!("{}", ids.join(","));
             if let Some(path) = logits {
-                let name = if c.decode.is_some() {
-                    "logits"
-                } else {
-                    "hidden"
-                };
+                let name = if c.decode.is_some() { "logits" } else { "hidden" };
                 write_rows(&path, name, &rows)?;
             }
         }
@@ -282,8 +255,7 @@ fn write_rows(path: &Path, name: &str, rows: &[Tensor]) -> Result<()> {
         std::fs::write(path, serde_json::to_string(&json)?)?;
     } else {
         let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, width], &bytes)?;
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, width], &bytes)?;
         safetensors::serialize_to_file([(name, view)], None, path)?;
     }
     Ok(())

@@ -14,10 +14,7 @@ use safetensors::{Dtype, SafeTensors};
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid safetensors file: {message}")]
     Format { path: PathBuf, message: String },
     #[error("{path} holds no `model.safetensors` and no `model.safetensors.index.json`")]
@@ -25,11 +22,7 @@ pub enum CheckpointError {
     #[error("the checkpoint has no tensor `{name}`{hint}")]
     Missing { name: String, hint: String },
     #[error("tensor `{name}` has shape {found:?}, the model expects {expected:?}")]
-    Shape {
-        name: String,
-        found: Vec<usize>,
-        expected: Vec<usize>,
-    },
+    Shape { name: String, found: Vec<usize>, expected: Vec<usize> },
     #[error("tensor `{name}` has dtype {dtype}, only F32, F16 and BF16 are supported")]
     DType { name: String, dtype: String },
 }
@@ -51,30 +44,20 @@ impl Checkpoint {
             } else if index.is_file() {
                 shards(&index)?.into_iter().map(|s| path.join(s)).collect()
             } else {
-                return Err(CheckpointError::NoModel {
-                    path: path.to_path_buf(),
-                });
+                return Err(CheckpointError::NoModel { path: path.to_path_buf() });
             }
         } else {
             vec![path.to_path_buf()]
         };
-        let mut ck = Checkpoint {
-            files: Vec::new(),
-            index: HashMap::new(),
-        };
+        let mut ck = Checkpoint { files: Vec::new(), index: HashMap::new() };
         for f in files {
-            let io = |source| CheckpointError::Io {
-                path: f.clone(),
-                source,
-            };
+            let io = |source| CheckpointError::Io { path: f.clone(), source };
             let file = File::open(&f).map_err(io)?;
             // SAFETY: the mapping is read-only; the file is not expected to change while
             // the checkpoint is open (as with any mmap'd model file).
             let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-            let st = SafeTensors::deserialize(&map).map_err(|e| CheckpointError::Format {
-                path: f.clone(),
-                message: e.to_string(),
-            })?;
+            let st = SafeTensors::deserialize(&map)
+                .map_err(|e| CheckpointError::Format { path: f.clone(), message: e.to_string() })?;
             for name in st.names() {
                 ck.index.insert(name.to_string(), ck.files.len());
             }
@@ -97,20 +80,14 @@ impl Checkpoint {
     /// The tensor `name` as `f32`, checked against the expected shape.
     pub fn get(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
         let Some(&i) = self.index.get(name) else {
-            return Err(CheckpointError::Missing {
-                name: name.to_string(),
-                hint: self.hint(name),
-            });
+            return Err(CheckpointError::Missing { name: name.to_string(), hint: self.hint(name) });
         };
         let (path, map) = &self.files[i];
-        let st = SafeTensors::deserialize(map).map_err(|e| CheckpointError::Format {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        let t = st.tensor(name).map_err(|e| CheckpointError::Format {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let st = SafeTensors::deserialize(map)
+            .map_err(|e| CheckpointError::Format { path: path.clone(), message: e.to_string() })?;
+        let t = st
+            .tensor(name)
+            .map_err(|e| CheckpointError::Format { path: path.clone(), message: e.to_string() })?;
         if t.shape() != expected {
             return Err(CheckpointError::Shape {
                 name: name.into(),
@@ -120,34 +97,23 @@ impl Checkpoint {
         }
         let bytes = t.data();
         Ok(match t.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            d => {
-                return Err(CheckpointError::DType {
-                    name: name.into(),
-                    dtype: format!("{d:?}"),
-                })
+            Dtype::F32 => {
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
             }
+            Dtype::F16 => {
+                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+            }
+            Dtype::BF16 => {
+                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+            }
+            d => return Err(CheckpointError::DType { name: name.into(), dtype: format!("{d:?}") }),
         })
     }
 
     /// The most similar tensor names, to say what was probably meant.
     fn hint(&self, name: &str) -> String {
-        let mut best: Vec<(&str, usize)> = self
-            .index
-            .keys()
-            .map(|k| (k.as_str(), common_affix(k, name)))
-            .collect();
+        let mut best: Vec<(&str, usize)> =
+            self.index.keys().map(|k| (k.as_str(), common_affix(k, name))).collect();
         best.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
         match best.first() {
             Some((k, score)) if *score > name.len() / 2 => format!(" (did you mean `{k}`?)"),
@@ -158,33 +124,20 @@ impl Checkpoint {
 
 fn common_affix(a: &str, b: &str) -> usize {
     let pre = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
-    let suf = a
-        .bytes()
-        .rev()
-        .zip(b.bytes().rev())
-        .take_while(|(x, y)| x == y)
-        .count();
+    let suf = a.bytes().rev().zip(b.bytes().rev()).take_while(|(x, y)| x == y).count();
     pre + suf
 }
 
 fn shards(index: &Path) -> Result<Vec<String>, CheckpointError> {
-    let text = std::fs::read_to_string(index).map_err(|source| CheckpointError::Io {
-        path: index.into(),
-        source,
-    })?;
-    let bad = |message: String| CheckpointError::Format {
-        path: index.into(),
-        message,
-    };
+    let text = std::fs::read_to_string(index)
+        .map_err(|source| CheckpointError::Io { path: index.into(), source })?;
+    let bad = |message: String| CheckpointError::Format { path: index.into(), message };
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| bad("no `weight_map` object".into()))?;
-    let mut files: Vec<String> = map
-        .values()
-        .filter_map(|f| f.as_str().map(str::to_string))
-        .collect();
+    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
     files.sort();
     files.dedup();
     Ok(files)

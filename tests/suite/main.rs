@@ -1,2 +1,11 @@
-#[test]
-fn t() {}
+//! The integration tests of the whole workspace, in one binary (each binary that links
+//! LLVM and MLIR is large and slow to link).
+
+mod common;
+mod diagnostics;
+mod equivalence;
+mod fixtures;
+mod import;
+mod passes;
+mod stages;
+mod toolchain;

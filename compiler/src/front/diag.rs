@@ -53,12 +53,7 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn error(code: Code, message: impl Into<String>) -> Self {
-        Diagnostic {
-            code,
-            message: message.into(),
-            labels: vec![],
-            notes: vec![],
-        }
+        Diagnostic { code, message: message.into(), labels: vec![], notes: vec![] }
     }
 
     pub fn label(mut self, span: Span, text: impl Into<String>) -> Self {
@@ -85,11 +80,7 @@ impl Diagnostics {
     /// offending text underlined; `color` for a terminal.
     pub fn render(&self, color: bool) -> String {
         let file = SimpleFile::new(&self.file, &self.source);
-        let mut buf = if color {
-            Buffer::ansi()
-        } else {
-            Buffer::no_color()
-        };
+        let mut buf = if color { Buffer::ansi() } else { Buffer::no_color() };
         let config = term::Config::default();
         for d in &self.list {
             let labels = d
@@ -98,12 +89,7 @@ impl Diagnostics {
                 .enumerate()
                 .map(|(i, (s, t))| {
                     let s = clamp(s.clone(), self.source.len());
-                    if i == 0 {
-                        Label::primary((), s)
-                    } else {
-                        Label::secondary((), s)
-                    }
-                    .with_message(t)
+                    if i == 0 { Label::primary((), s) } else { Label::secondary((), s) }.with_message(t)
                 })
                 .collect();
             let cs = CsDiagnostic::new(Severity::Error)
@@ -115,11 +101,7 @@ impl Diagnostics {
         }
         let n = self.list.len();
         let mut s = String::from_utf8_lossy(buf.as_slice()).into_owned();
-        s.push_str(&format!(
-            "error: {} has {n} error{}\n",
-            self.file,
-            if n == 1 { "" } else { "s" }
-        ));
+        s.push_str(&format!("error: {} has {n} error{}\n", self.file, if n == 1 { "" } else { "s" }));
         s
     }
 }

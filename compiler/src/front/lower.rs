@@ -46,18 +46,16 @@ pub fn lower(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Option<Graph> {
         inputs: HashMap::new(),
     };
     let before = l.diags.len();
-    let x = l.section(&spec.embed, SectionKind::Embed, HashMap::new())?;
-    let mut x = match x {
-        Val::Hidden(n) => n,
+    let mut x = match l.section(&spec.embed, SectionKind::Embed, HashMap::new()) {
+        Some(Val::Hidden(n)) => n,
         other => {
-            l.error_at(
-                &spec.embed.keyword,
-                format!(
-                    "the embed section must make `x` an activation, it is {}",
-                    other.describe()
-                ),
-            );
-            return None;
+            if let Some(other) = other {
+                let msg =
+                    format!("the embed section must make `x` an activation, it is {}", other.describe());
+                l.error_at(&spec.embed.keyword, msg);
+            }
+            // Go on with a stand-in so that the other sections are checked too.
+            l.leaf(Op::Positions, TensorType::new(vec![Dim::T], DType::I32), "", None)
         }
     };
     for layer in 0..spec.sizes.layers as u32 {
@@ -68,10 +66,7 @@ pub fn lower(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Option<Graph> {
             other => {
                 l.error_at(
                     &spec.block.keyword,
-                    format!(
-                        "a block must leave `x` an activation, it is {}",
-                        other.describe()
-                    ),
+                    format!("a block must leave `x` an activation, it is {}", other.describe()),
                 );
                 return None;
             }
@@ -79,28 +74,17 @@ pub fn lower(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Option<Graph> {
     }
     l.layer = None;
     let out = match &spec.head {
-        Some(h) => l.section(
-            h,
-            SectionKind::Head,
-            HashMap::from([("x".to_string(), Val::Hidden(x))]),
-        )?,
+        Some(h) => l.section(h, SectionKind::Head, HashMap::from([("x".to_string(), Val::Hidden(x))]))?,
         None => Val::Hidden(x),
     };
     match out {
         Val::Logits(n) => l.g.outputs.push(("logits".into(), n)),
         Val::Hidden(n) => l.g.outputs.push(("hidden".into(), n)),
         other => {
-            let kw = spec
-                .head
-                .as_ref()
-                .map(|h| h.keyword.clone())
-                .unwrap_or(0..0);
+            let kw = spec.head.as_ref().map(|h| h.keyword.clone()).unwrap_or(0..0);
             l.error_at(
                 &kw,
-                format!(
-                    "the model's result must be an activation or logits, it is {}",
-                    other.describe()
-                ),
+                format!("the model's result must be an activation or logits, it is {}", other.describe()),
             );
         }
     }
@@ -134,12 +118,7 @@ impl Lowerer<'_> {
         self.error(d);
     }
 
-    fn section(
-        &mut self,
-        s: &Section,
-        kind: SectionKind,
-        mut env: HashMap<String, Val>,
-    ) -> Option<Val> {
+    fn section(&mut self, s: &Section, kind: SectionKind, mut env: HashMap<String, Val>) -> Option<Val> {
         self.section = kind;
         let before = self.diags.len();
         for st in &s.stmts {
@@ -164,22 +143,12 @@ impl Lowerer<'_> {
     }
 
     fn node(&mut self, op: Op, operands: &[NodeId], origin: &str) -> NodeId {
-        let node = Node {
-            op,
-            ty: None,
-            layer: self.layer,
-            origin: origin.to_string(),
-        };
+        let node = Node { op, ty: None, layer: self.layer, origin: origin.to_string() };
         self.g.add(node, operands)
     }
 
     fn leaf(&mut self, op: Op, ty: TensorType, origin: &str, layer: Option<u32>) -> NodeId {
-        let node = Node {
-            op,
-            ty: Some(ty),
-            layer,
-            origin: origin.to_string(),
-        };
+        let node = Node { op, ty: Some(ty), layer, origin: origin.to_string() };
         self.g.add(node, &[])
     }
 
@@ -187,17 +156,8 @@ impl Lowerer<'_> {
         if let Some(&n) = self.inputs.get(name) {
             return n;
         }
-        let kind = if name == "tokens" {
-            InputKind::Tokens
-        } else {
-            InputKind::TokenTypes
-        };
-        let n = self.leaf(
-            Op::Input(kind),
-            TensorType::new(vec![Dim::T], DType::I32),
-            "",
-            None,
-        );
+        let kind = if name == "tokens" { InputKind::Tokens } else { InputKind::TokenTypes };
+        let n = self.leaf(Op::Input(kind), TensorType::new(vec![Dim::T], DType::I32), "", None);
         self.inputs.insert(name, n);
         n
     }
@@ -208,26 +168,12 @@ impl Lowerer<'_> {
         self.leaf(Op::Positions, ty, origin, layer)
     }
 
-    fn weight(
-        &mut self,
-        name: &Template,
-        shape: &[usize],
-        role: WeightRole,
-        origin: &str,
-    ) -> NodeId {
+    fn weight(&mut self, name: &Template, shape: &[usize], role: WeightRole, origin: &str) -> NodeId {
         let name = instantiate(name, self.layer);
-        let dtype = if role == WeightRole::Bias || role == WeightRole::Gain {
-            DType::F32
-        } else {
-            self.spec.dtype
-        };
+        let dtype =
+            if role == WeightRole::Bias || role == WeightRole::Gain { DType::F32 } else { self.spec.dtype };
         let layer = self.layer;
-        self.leaf(
-            Op::Weight { name, role },
-            TensorType::fixed(shape, dtype),
-            origin,
-            layer,
-        )
+        self.leaf(Op::Weight { name, role }, TensorType::fixed(shape, dtype), origin, layer)
     }
 
     fn expr(&mut self, e: &Expr, s: &Section, env: &HashMap<String, Val>) -> Option<Val> {
@@ -239,10 +185,7 @@ impl Lowerer<'_> {
                 self.binary(a, *op, b, span)
             }
             Expr::Call(f, args, span) => {
-                let args: Vec<Val> = args
-                    .iter()
-                    .map(|a| self.expr(a, s, env))
-                    .collect::<Option<_>>()?;
+                let args: Vec<Val> = args.iter().map(|a| self.expr(a, s, env)).collect::<Option<_>>()?;
                 self.call(f, &args, s, span)
             }
         }
@@ -275,11 +218,7 @@ impl Lowerer<'_> {
         };
         match input {
             Some(name) if self.section == SectionKind::Embed => {
-                Some(Val::Ids(if name == "positions" {
-                    self.positions("")
-                } else {
-                    self.input(name)
-                }))
+                Some(Val::Ids(if name == "positions" { self.positions("") } else { self.input(name) }))
             }
             Some(name) => {
                 self.error(
@@ -318,12 +257,18 @@ impl Lowerer<'_> {
             (Val::Hidden(x), BinOp::Add, Val::Hidden(y)) => {
                 Some(Val::Hidden(self.node(Op::Add, &[x, y], origin)))
             }
-            (Val::Hidden(x), BinOp::Mul, Val::Scalar(c))
-            | (Val::Scalar(c), BinOp::Mul, Val::Hidden(x)) => {
+            (Val::Hidden(x), BinOp::Mul, Val::Scalar(c)) | (Val::Scalar(c), BinOp::Mul, Val::Hidden(x)) => {
                 Some(Val::Hidden(self.node(Op::Scale(c), &[x], origin)))
             }
             (Val::Hidden(x), BinOp::Div, Val::Scalar(c)) if c != 0.0 => {
                 Some(Val::Hidden(self.node(Op::Scale(1.0 / c), &[x], origin)))
+            }
+            // Logits may be scaled (a logit scale or temperature baked into the model).
+            (Val::Logits(x), BinOp::Mul, Val::Scalar(c)) | (Val::Scalar(c), BinOp::Mul, Val::Logits(x)) => {
+                Some(Val::Logits(self.node(Op::Scale(c), &[x], origin)))
+            }
+            (Val::Logits(x), BinOp::Div, Val::Scalar(c)) if c != 0.0 => {
+                Some(Val::Logits(self.node(Op::Scale(1.0 / c), &[x], origin)))
             }
             (a, _, b) => {
                 let sym = match op {
@@ -361,11 +306,7 @@ impl Lowerer<'_> {
         let Some(c) = s.component(&f.name) else {
             let mut d = Diagnostic::error(
                 Code::Name,
-                format!(
-                    "`{}` is not a component of the `{}` section",
-                    f.name,
-                    self.section.name()
-                ),
+                format!("`{}` is not a component of the `{}` section", f.name, self.section.name()),
             )
             .label(f.span.clone(), "called here");
             let names: Vec<&str> = s.components.iter().map(|c| c.name.name.as_str()).collect();
@@ -394,52 +335,29 @@ impl Lowerer<'_> {
             l.error(
                 Diagnostic::error(
                     Code::Flow,
-                    format!(
-                        "`{}` ({}) takes {what}, got {}",
-                        f.name,
-                        c.kind.name(),
-                        arg.describe()
-                    ),
+                    format!("`{}` ({}) takes {what}, got {}", f.name, c.kind.name(), arg.describe()),
                 )
                 .label(span.clone(), "in this call"),
             );
             None
         };
         match (&c.kind, arg) {
-            (
-                Kind::Embedding {
-                    weight,
-                    rows,
-                    offset,
-                },
-                Val::Ids(ids),
-            ) => {
-                let table =
-                    self.weight(weight, &[*rows, sz.d_model], WeightRole::Embedding, origin);
-                Some(Val::Hidden(self.node(
-                    Op::Gather { offset: *offset },
-                    &[table, ids],
-                    origin,
-                )))
+            (Kind::Embedding { weight, rows, offset }, Val::Ids(ids)) => {
+                let table = self.weight(weight, &[*rows, sz.d_model], WeightRole::Embedding, origin);
+                Some(Val::Hidden(self.node(Op::Gather { offset: *offset }, &[table, ids], origin)))
             }
             (Kind::Sinusoidal { base }, Val::Ids(ids)) => {
                 if sz.d_model % 2 != 0 {
                     self.error(
                         Diagnostic::error(
                             Code::Sizes,
-                            format!(
-                                "sinusoidal positions need an even d_model, not {}",
-                                sz.d_model
-                            ),
+                            format!("sinusoidal positions need an even d_model, not {}", sz.d_model),
                         )
                         .label(c.name.span.clone(), "this encoding"),
                     );
                     return None;
                 }
-                let op = Op::Sinusoidal {
-                    dim: sz.d_model,
-                    base: *base,
-                };
+                let op = Op::Sinusoidal { dim: sz.d_model, base: *base };
                 Some(Val::Hidden(self.node(op, &[ids], origin)))
             }
             (Kind::Embedding { .. } | Kind::Sinusoidal { .. }, _) => {
@@ -461,20 +379,9 @@ impl Lowerer<'_> {
                 }
                 Val::Hidden(self.node(Op::LayerNorm { eps: *eps }, &ops, origin))
             }
-            Kind::RmsNorm {
-                eps,
-                weight,
-                unit_offset,
-            } => {
+            Kind::RmsNorm { eps, weight, unit_offset } => {
                 let w = self.weight(weight, &[d], WeightRole::Gain, origin);
-                Val::Hidden(self.node(
-                    Op::RmsNorm {
-                        eps: *eps,
-                        unit_offset: *unit_offset,
-                    },
-                    &[x, w],
-                    origin,
-                ))
+                Val::Hidden(self.node(Op::RmsNorm { eps: *eps, unit_offset: *unit_offset }, &[x, w], origin))
             }
             Kind::Mlp(m) => {
                 let f = sz.d_ff.unwrap_or(0);
@@ -490,12 +397,7 @@ impl Lowerer<'_> {
                 Val::Hidden(self.linear(h, &m.down, f, d, origin))
             }
             Kind::Attention(a) => Val::Hidden(self.attention(a, x, origin, sz)),
-            Kind::Unembed {
-                weight,
-                transposed,
-                bias,
-                tied,
-            } => {
+            Kind::Unembed { weight, transposed, bias, tied } => {
                 let w = match tied {
                     Some(t) => match self.spec.embed.component(t).map(|c| &c.kind) {
                         Some(Kind::Embedding { weight, rows, .. }) => {
@@ -505,11 +407,7 @@ impl Lowerer<'_> {
                         _ => unreachable!("resolve checked `tied`"),
                     },
                     None => {
-                        let shape = if *transposed {
-                            [d, sz.vocab]
-                        } else {
-                            [sz.vocab, d]
-                        };
+                        let shape = if *transposed { [d, sz.vocab] } else { [sz.vocab, d] };
                         self.weight(weight, &shape, WeightRole::Matrix, origin)
                     }
                 };
@@ -517,10 +415,7 @@ impl Lowerer<'_> {
                 if let Some(b) = bias {
                     ops.push(self.weight(b, &[sz.vocab], WeightRole::Bias, origin));
                 }
-                let op = Op::Linear {
-                    transposed: *transposed && tied.is_none(),
-                    bias: bias.is_some(),
-                };
+                let op = Op::Linear { transposed: *transposed && tied.is_none(), bias: bias.is_some() };
                 Val::Logits(self.node(op, &ops, origin))
             }
             Kind::Embedding { .. } | Kind::Sinusoidal { .. } => {
@@ -536,14 +431,7 @@ impl Lowerer<'_> {
         if let Some(b) = &p.bias {
             ops.push(self.weight(b, &[out], WeightRole::Bias, origin));
         }
-        self.node(
-            Op::Linear {
-                transposed: p.transposed,
-                bias: p.bias.is_some(),
-            },
-            &ops,
-            origin,
-        )
+        self.node(Op::Linear { transposed: p.transposed, bias: p.bias.is_some() }, &ops, origin)
     }
 
     fn attention(&mut self, a: &Attention, x: NodeId, origin: &str, sz: &Sizes) -> NodeId {
@@ -557,13 +445,7 @@ impl Lowerer<'_> {
             Qkv::Fused { proj, layout } => {
                 let qkv = self.linear(x, proj, d, (h + 2 * kv) * hd, origin);
                 let mut part = |p| {
-                    let op = Op::SplitQkv {
-                        layout: *layout,
-                        part: p,
-                        heads: h,
-                        kv_heads: kv,
-                        head_dim: hd,
-                    };
+                    let op = Op::SplitQkv { layout: *layout, part: p, heads: h, kv_heads: kv, head_dim: hd };
                     self.node(op, &[qkv], origin)
                 };
                 (part(QkvPart::Q), part(QkvPart::K), part(QkvPart::V))
@@ -573,17 +455,8 @@ impl Lowerer<'_> {
         let mut k = self.node(Op::SplitHeads { heads: kv }, &[k], origin);
         let v = self.node(Op::SplitHeads { heads: kv }, &[v], origin);
         let pos = self.positions(origin);
-        if let Position::Rope {
-            theta,
-            rotary_dim,
-            interleaved,
-        } = a.position
-        {
-            let r = Op::Rope(Rope {
-                theta,
-                rotary_dim,
-                interleaved,
-            });
+        if let Position::Rope { theta, rotary_dim, interleaved } = a.position {
+            let r = Op::Rope(Rope { theta, rotary_dim, interleaved });
             q = self.node(r.clone(), &[q, pos], origin);
             k = self.node(r, &[k, pos], origin);
         }
@@ -593,14 +466,7 @@ impl Lowerer<'_> {
             s = self.node(Op::Alibi, &[s, pos], origin);
         }
         if a.causal || a.window.is_some() {
-            s = self.node(
-                Op::Mask(AttnMask {
-                    causal: a.causal,
-                    window: a.window,
-                }),
-                &[s, pos],
-                origin,
-            );
+            s = self.node(Op::Mask(AttnMask { causal: a.causal, window: a.window }), &[s, pos], origin);
         }
         let p = self.node(Op::Softmax, &[s], origin);
         let o = self.node(Op::HeadMatMul { transpose_b: false }, &[p, v], origin);

@@ -17,11 +17,7 @@ use crate::ir::Graph;
 
 /// Parses and checks a spec, and lowers it to the model graph.
 pub fn compile_spec(file: &str, source: &str) -> Result<(Spec, Graph), Diagnostics> {
-    let fail = |list| Diagnostics {
-        file: file.to_string(),
-        source: source.to_string(),
-        list,
-    };
+    let fail = |list| Diagnostics { file: file.to_string(), source: source.to_string(), list };
     let ast = parse::parse(source).map_err(|d| fail(vec![d]))?;
     let mut diags = Vec::new();
     let spec = resolve::resolve(&ast, &mut diags);

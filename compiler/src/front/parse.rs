@@ -11,6 +11,8 @@ use super::diag::{Code, Diagnostic};
 struct SpecParser;
 
 pub fn parse(src: &str) -> Result<File, Diagnostic> {
+    // Detailed errors also list the punctuation the parser expected, not only rules.
+    pest::set_error_detail(true);
     let mut pairs = SpecParser::parse(Rule::file, src).map_err(syntax_error)?;
     let file = pairs.next().unwrap();
     let mut out = File::default();
@@ -35,10 +37,7 @@ fn span(p: &Pair<Rule>) -> Span {
 }
 
 fn ident_of(p: Pair<Rule>) -> Ident {
-    Ident {
-        name: p.as_str().to_string(),
-        span: span(&p),
-    }
+    Ident { name: p.as_str().to_string(), span: span(&p) }
 }
 
 fn field(p: Pair<Rule>) -> Field {
@@ -58,12 +57,7 @@ fn component(p: Pair<Rule>) -> Component {
     let name = ident_of(it.next().unwrap());
     let kind = ident_of(it.next().unwrap());
     let fields = it.next().map(fields).unwrap_or_default();
-    Component {
-        name,
-        kind,
-        fields,
-        span: sp,
-    }
+    Component { name, kind, fields, span: sp }
 }
 
 fn section(p: Pair<Rule>) -> Section {
@@ -74,12 +68,7 @@ fn section(p: Pair<Rule>) -> Section {
         "block" => SectionKind::Block,
         _ => SectionKind::Head,
     };
-    let mut s = Section {
-        kind,
-        keyword: span(&kw),
-        components: vec![],
-        stmts: vec![],
-    };
+    let mut s = Section { kind, keyword: span(&kw), components: vec![], stmts: vec![] };
     for item in it {
         match item.as_rule() {
             Rule::component => s.components.push(component(item)),
@@ -165,10 +154,7 @@ fn syntax_error(e: pest::error::Error<Rule>) -> Diagnostic {
     };
     let expected = match &e.variant {
         ErrorVariant::ParsingError { positives, .. } => {
-            let mut names: Vec<String> = positives
-                .iter()
-                .map(|r| rule_name(*r).to_string())
-                .collect();
+            let mut names: Vec<String> = positives.iter().map(|r| rule_name(*r).to_string()).collect();
             names.sort();
             names.dedup();
             match names.len() {

@@ -9,18 +9,9 @@ use super::diag::{Code, Diagnostic};
 use super::spec::*;
 use crate::ir::{Act, DType, QkvLayout};
 
-const SETTINGS: &[&str] = &[
-    "vocab", "d_model", "layers", "heads", "kv_heads", "head_dim", "d_ff", "max_seq", "dtype",
-];
-const KINDS: &[&str] = &[
-    "embedding",
-    "sinusoidal",
-    "layernorm",
-    "rmsnorm",
-    "attention",
-    "mlp",
-    "unembed",
-];
+const SETTINGS: &[&str] =
+    &["vocab", "d_model", "layers", "heads", "kv_heads", "head_dim", "d_ff", "max_seq", "dtype"];
+const KINDS: &[&str] = &["embedding", "sinusoidal", "layernorm", "rmsnorm", "attention", "mlp", "unembed"];
 
 pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
     let before = diags.len();
@@ -43,9 +34,7 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
                 format!("component `{}` is declared outside a section", c.name.name),
             )
             .label(c.span.clone(), "declared here")
-            .note(
-                "declare components inside the `embed`, `block` or `head` section that uses them",
-            ),
+            .note("declare components inside the `embed`, `block` or `head` section that uses them"),
         );
     }
     let mut sections: [Option<Section>; 3] = [None, None, None];
@@ -53,11 +42,8 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
         let slot = &mut sections[s.kind as usize];
         if slot.is_some() {
             diags.push(
-                Diagnostic::error(
-                    Code::Duplicate,
-                    format!("a second `{}` section", s.kind.name()),
-                )
-                .label(s.keyword.clone(), "each section may appear once"),
+                Diagnostic::error(Code::Duplicate, format!("a second `{}` section", s.kind.name()))
+                    .label(s.keyword.clone(), "each section may appear once"),
             );
             continue;
         }
@@ -68,11 +54,8 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
     for (sec, kind) in [(&embed, SectionKind::Embed), (&block, SectionKind::Block)] {
         if sec.is_none() {
             diags.push(
-                Diagnostic::error(
-                    Code::Missing,
-                    format!("the spec has no `{}` section", kind.name()),
-                )
-                .label(end.clone(), format!("expected `{} {{ ... }}`", kind.name())),
+                Diagnostic::error(Code::Missing, format!("the spec has no `{}` section", kind.name()))
+                    .label(end.clone(), format!("expected `{} {{ ... }}`", kind.name())),
             );
         }
     }
@@ -108,14 +91,7 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
     if diags.len() > before {
         return None;
     }
-    Some(Spec {
-        name,
-        sizes: sizes?,
-        dtype,
-        embed: embed?,
-        block: block?,
-        head,
-    })
+    Some(Spec { name, sizes: sizes?, dtype, embed: embed?, block: block?, head })
 }
 
 fn file_end(file: &ast::File) -> Span {
@@ -156,58 +132,49 @@ fn sizes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> (Option<Sizes>, DType
         None => DType::F32,
     };
     f.finish(diags);
-    let (Some(vocab), Some(d_model), Some(layers), Some(heads), Some(max_seq)) =
-        (vocab, d_model, layers, heads, max_seq)
+    let mut ok = true;
+    let head_dim = match (head_dim, d_model, heads) {
+        (Some(h), ..) => Some(h),
+        (None, Some(d), Some(h)) if d % h != 0 => {
+            diags.push(
+                Diagnostic::error(Code::Sizes, format!("{h} heads do not divide d_model = {d}"))
+                    .label(f.span_of("heads"), format!("d_model / heads = {d} / {h} is not a whole number"))
+                    .note("set `head_dim` explicitly, or choose a head count that divides d_model"),
+            );
+            ok = false;
+            None
+        }
+        (None, Some(d), Some(h)) => Some(d / h),
+        _ => None,
+    };
+    let kv_heads = kv_heads.or(heads);
+    if let (Some(kv), Some(h)) = (kv_heads, heads) {
+        if h % kv != 0 {
+            diags.push(
+                Diagnostic::error(Code::Sizes, format!("kv_heads = {kv} does not divide heads = {h}"))
+                    .label(
+                        f.span_of("kv_heads"),
+                        "each key/value head must serve the same number of query heads",
+                    )
+                    .note("grouped-query attention needs heads to be a multiple of kv_heads"),
+            );
+            ok = false;
+        }
+    }
+    let (
+        Some(vocab),
+        Some(d_model),
+        Some(layers),
+        Some(heads),
+        Some(max_seq),
+        Some(kv_heads),
+        Some(head_dim),
+        true,
+    ) = (vocab, d_model, layers, heads, max_seq, kv_heads, head_dim, ok)
     else {
         return (None, dtype);
     };
-    let mut ok = true;
-    let head_dim = match head_dim {
-        Some(h) => h,
-        None if d_model % heads != 0 => {
-            let span = f.span_of("heads");
-            diags.push(
-                Diagnostic::error(
-                    Code::Sizes,
-                    format!("{heads} heads do not divide d_model = {d_model}"),
-                )
-                .label(
-                    span,
-                    format!("d_model / heads = {d_model} / {heads} is not a whole number"),
-                )
-                .note("set `head_dim` explicitly, or choose a head count that divides d_model"),
-            );
-            ok = false;
-            0
-        }
-        None => d_model / heads,
-    };
-    let kv_heads = kv_heads.unwrap_or(heads);
-    if heads % kv_heads != 0 {
-        diags.push(
-            Diagnostic::error(
-                Code::Sizes,
-                format!("kv_heads = {kv_heads} does not divide heads = {heads}"),
-            )
-            .label(
-                f.span_of("kv_heads"),
-                "each key/value head must serve the same number of query heads",
-            )
-            .note("grouped-query attention needs heads to be a multiple of kv_heads"),
-        );
-        ok = false;
-    }
-    let sizes = Sizes {
-        vocab,
-        d_model,
-        layers,
-        heads,
-        kv_heads,
-        head_dim,
-        d_ff,
-        max_seq,
-    };
-    (ok.then_some(sizes), dtype)
+    (Some(Sizes { vocab, d_model, layers, heads, kv_heads, head_dim, d_ff, max_seq }), dtype)
 }
 
 fn section(s: &ast::Section, sizes: Option<&Sizes>, diags: &mut Vec<Diagnostic>) -> Section {
@@ -216,26 +183,16 @@ fn section(s: &ast::Section, sizes: Option<&Sizes>, diags: &mut Vec<Diagnostic>)
     for c in &s.components {
         if !seen.insert(c.name.name.clone()) {
             diags.push(
-                Diagnostic::error(
-                    Code::Duplicate,
-                    format!("component `{}` is declared twice", c.name.name),
-                )
-                .label(c.name.span.clone(), "declared again here"),
+                Diagnostic::error(Code::Duplicate, format!("component `{}` is declared twice", c.name.name))
+                    .label(c.name.span.clone(), "declared again here"),
             );
             continue;
         }
         if let Some(kind) = component(c, s.kind, sizes, diags) {
-            components.push(Component {
-                name: c.name.clone(),
-                kind,
-            });
+            components.push(Component { name: c.name.clone(), kind });
         }
     }
-    Section {
-        keyword: s.keyword.clone(),
-        components,
-        stmts: s.stmts.clone(),
-    }
+    Section { keyword: s.keyword.clone(), components, stmts: s.stmts.clone() }
 }
 
 fn component(
@@ -276,18 +233,17 @@ fn component(
     let mut f = Fields::new(&format!("`{}: {kind}`", c.name.name), &c.fields, allowed);
     let at = f.string("at", diags);
     let in_block = section == SectionKind::Block;
-    let mut name =
-        |f: &mut Fields, key: &str, default: Option<&str>, diags: &mut Vec<Diagnostic>| {
-            let given = f.string(key, diags);
-            let span = f.span_of(key);
-            let n = given.or(default.map(str::to_string))?;
-            let full = match &at {
-                Some(a) => format!("{a}.{n}"),
-                None => n,
-            };
-            check_template(&full, in_block, span, diags);
-            Some(full)
+    let mut name = |f: &mut Fields, key: &str, default: Option<&str>, diags: &mut Vec<Diagnostic>| {
+        let given = f.string(key, diags);
+        let span = if f.has(key) { f.span_of(key) } else { f.span_of("at") };
+        let n = given.or(default.map(str::to_string))?;
+        let full = match &at {
+            Some(a) => format!("{a}.{n}"),
+            None => n,
         };
+        check_template(&full, in_block, span, diags);
+        Some(full)
+    };
     let result = match kind {
         "embedding" => {
             let weight = name(&mut f, "weight", at.as_ref().map(|_| "weight"), diags);
@@ -296,25 +252,14 @@ fn component(
             if weight.is_none() && diags.len() == before {
                 diags.push(missing(c, "weight", "the table's checkpoint name, or `at`"));
             }
-            Kind::Embedding {
-                weight: weight.unwrap_or_default(),
-                rows: rows.unwrap_or(0),
-                offset,
-            }
+            Kind::Embedding { weight: weight.unwrap_or_default(), rows: rows.unwrap_or(0), offset }
         }
-        "sinusoidal" => Kind::Sinusoidal {
-            base: f.float_positive("base", diags).unwrap_or(10000.0),
-        },
+        "sinusoidal" => Kind::Sinusoidal { base: f.float_positive("base", diags).unwrap_or(10000.0) },
         "layernorm" | "rmsnorm" => {
-            let eps = f
-                .float_positive("eps", diags)
-                .unwrap_or(if kind == "layernorm" { 1e-5 } else { 1e-6 });
+            let eps = f.float_positive("eps", diags).unwrap_or(if kind == "layernorm" { 1e-5 } else { 1e-6 });
             let weight = name(&mut f, "weight", Some("weight"), diags).unwrap_or_default();
             if kind == "layernorm" {
-                let bias = if f
-                    .get("bias")
-                    .is_some_and(|v| matches!(v.kind, ValueKind::Bool(false)))
-                {
+                let bias = if f.get("bias").is_some_and(|v| matches!(v.kind, ValueKind::Bool(false))) {
                     f.bool("bias", diags);
                     None
                 } else {
@@ -323,11 +268,7 @@ fn component(
                 Kind::LayerNorm { eps, weight, bias }
             } else {
                 let unit_offset = f.bool("unit_offset", diags).unwrap_or(false);
-                Kind::RmsNorm {
-                    eps,
-                    weight,
-                    unit_offset,
-                }
+                Kind::RmsNorm { eps, weight, unit_offset }
             }
         }
         "attention" => attention(c, &mut f, &mut name, sizes, diags)?,
@@ -345,31 +286,18 @@ fn component(
             let gate = proj(&mut f, "gate", diags);
             let down = proj(&mut f, "down", diags);
             let act = f.choice("act", &Act::ALL.map(|(n, _)| n), diags);
-            for (key, v, what) in [
-                ("up", up.is_some(), "the up projection"),
-                ("down", down.is_some(), "the down projection"),
-            ] {
+            for (key, v, what) in
+                [("up", up.is_some(), "the up projection"), ("down", down.is_some(), "the down projection")]
+            {
                 if !v && !f.has(key) {
                     diags.push(missing(c, key, what));
                 }
             }
             if act.is_none() && !f.has("act") {
-                diags.push(missing(
-                    c,
-                    "act",
-                    "the activation: relu, gelu, gelu_tanh or silu",
-                ));
+                diags.push(missing(c, "act", "the activation: relu, gelu, gelu_tanh or silu"));
             }
-            let act = Act::ALL
-                .iter()
-                .find(|(n, _)| Some(*n) == act.as_deref())
-                .map(|(_, a)| *a);
-            Kind::Mlp(Mlp {
-                up: up?,
-                gate,
-                down: down?,
-                act: act?,
-            })
+            let act = Act::ALL.iter().find(|(n, _)| Some(*n) == act.as_deref()).map(|(_, a)| *a);
+            Kind::Mlp(Mlp { up: up?, gate, down: down?, act: act? })
         }
         "unembed" => {
             let tied = f.ident("tied", diags);
@@ -381,11 +309,7 @@ fn component(
                 match name(&mut f, "weight", at.as_ref().map(|_| "weight"), diags) {
                     Some(w) => w,
                     None => {
-                        diags.push(missing(
-                            c,
-                            "weight",
-                            "the checkpoint name, `at`, or `tied = EMBEDDING`",
-                        ));
+                        diags.push(missing(c, "weight", "the checkpoint name, `at`, or `tied = EMBEDDING`"));
                         String::new()
                     }
                 }
@@ -397,18 +321,10 @@ fn component(
             if has_bias && at.is_none() && tied.is_some() {
                 diags.push(
                     Diagnostic::error(Code::Missing, "a tied unembedding with a bias needs `at`")
-                        .label(
-                            c.name.span.clone(),
-                            "the bias's checkpoint name is `{at}.bias`",
-                        ),
+                        .label(c.name.span.clone(), "the bias's checkpoint name is `{at}.bias`"),
                 );
             }
-            Kind::Unembed {
-                weight,
-                transposed,
-                bias,
-                tied,
-            }
+            Kind::Unembed { weight, transposed, bias, tied }
         }
         _ => unreachable!(),
     };
@@ -416,8 +332,7 @@ fn component(
     (diags.len() == before).then_some(result)
 }
 
-type NameFn<'a> =
-    dyn FnMut(&mut Fields, &str, Option<&str>, &mut Vec<Diagnostic>) -> Option<String> + 'a;
+type NameFn<'a> = dyn FnMut(&mut Fields, &str, Option<&str>, &mut Vec<Diagnostic>) -> Option<String> + 'a;
 
 fn attention(
     c: &ast::Component,
@@ -437,15 +352,8 @@ fn attention(
             ValueKind::List(items) => {
                 for it in items {
                     match &it.kind {
-                        ValueKind::Ident(s)
-                            if ["q", "k", "v", "o", "qkv"].contains(&s.as_str()) =>
-                        {
-                            biased.insert(
-                                ["q", "k", "v", "o", "qkv"]
-                                    .into_iter()
-                                    .find(|x| x == s)
-                                    .unwrap(),
-                            );
+                        ValueKind::Ident(s) if ["q", "k", "v", "o", "qkv"].contains(&s.as_str()) => {
+                            biased.insert(["q", "k", "v", "o", "qkv"].into_iter().find(|x| x == s).unwrap());
                         }
                         _ => diags.push(bad(it, "a projection name: q, k, v, o or qkv")),
                     }
@@ -462,16 +370,9 @@ fn attention(
         })
     };
     let fused = proj(f, "qkv", diags);
-    let (q, k, v) = (
-        proj(f, "q", diags),
-        proj(f, "k", diags),
-        proj(f, "v", diags),
-    );
+    let (q, k, v) = (proj(f, "q", diags), proj(f, "k", diags), proj(f, "v", diags));
     let o = proj(f, "o", diags);
-    let layout = match f
-        .choice("qkv_layout", &["concat", "grouped"], diags)
-        .as_deref()
-    {
+    let layout = match f.choice("qkv_layout", &["concat", "grouped"], diags).as_deref() {
         Some("grouped") => QkvLayout::Grouped,
         _ => QkvLayout::Concat,
     };
@@ -491,11 +392,7 @@ fn attention(
         }
         _ => {
             if !(f.has("q") && f.has("k") && f.has("v")) && !f.has("qkv") {
-                diags.push(missing(
-                    c,
-                    "q",
-                    "the projections: `q`, `k` and `v`, or a fused `qkv`",
-                ));
+                diags.push(missing(c, "q", "the projections: `q`, `k` and `v`, or a fused `qkv`"));
             }
             None
         }
@@ -506,9 +403,7 @@ fn attention(
     let causal = f.bool("causal", diags).unwrap_or(true);
     let window = f.positive("window", diags);
     let head_dim = sizes.map(|s| s.head_dim).unwrap_or(0);
-    let scale = f
-        .float_positive("scale", diags)
-        .unwrap_or(1.0 / (head_dim.max(1) as f64).sqrt());
+    let scale = f.float_positive("scale", diags).unwrap_or(1.0 / (head_dim.max(1) as f64).sqrt());
     let position = position(f, head_dim, diags);
     Some(Kind::Attention(Box::new(Attention {
         qkv: qkv?,
@@ -528,22 +423,22 @@ fn position(f: &mut Fields, head_dim: usize, diags: &mut Vec<Diagnostic>) -> Opt
     match &v.kind {
         ValueKind::Ident(s) if s == "none" => Some(Position::None),
         ValueKind::Ident(s) if s == "alibi" => Some(Position::Alibi),
-        ValueKind::Ident(s) if s == "rope" => Some(Position::Rope {
-            theta: 10000.0,
-            rotary_dim: head_dim,
-            interleaved: false,
-        }),
+        ValueKind::Ident(s) if s == "rope" => {
+            Some(Position::Rope { theta: 10000.0, rotary_dim: head_dim, interleaved: false })
+        }
         ValueKind::Object(kind, fields) if kind.name == "rope" => {
             let mut r = Fields::new("`rope`", fields, &["theta", "fraction", "pairs"]);
             let theta = r.float_positive("theta", diags).unwrap_or(10000.0);
             let fraction = r.float_positive("fraction", diags).unwrap_or(1.0);
-            let interleaved = r
-                .choice("pairs", &["halves", "interleaved"], diags)
-                .as_deref()
-                == Some("interleaved");
+            let interleaved =
+                r.choice("pairs", &["halves", "interleaved"], diags).as_deref() == Some("interleaved");
             r.finish(diags);
             let dims = fraction * head_dim as f64;
             let rotary_dim = dims.round() as usize;
+            if head_dim == 0 {
+                // The sizes are wrong already and reported; nothing to check against.
+                return None;
+            }
             if fraction > 1.0
                 || (dims - rotary_dim as f64).abs() > 1e-9
                 || rotary_dim % 2 != 0
@@ -554,34 +449,27 @@ fn position(f: &mut Fields, head_dim: usize, diags: &mut Vec<Diagnostic>) -> Opt
                         Code::Sizes,
                         format!("rotary fraction {fraction} of head_dim {head_dim} gives {dims} dimensions"),
                     )
-                    .label(r.span_of("fraction"), "the rotated dimensions must be a positive, even whole number")
+                    .label(
+                        r.span_of("fraction"),
+                        "the rotated dimensions must be a positive, even whole number",
+                    )
                     .note("rotary embeddings rotate pairs of dimensions"),
                 );
                 return None;
             }
-            Some(Position::Rope {
-                theta,
-                rotary_dim,
-                interleaved,
-            })
+            Some(Position::Rope { theta, rotary_dim, interleaved })
         }
         ValueKind::Object(kind, _) => {
             diags.push(unknown(kind, "position scheme", &["none", "alibi", "rope"]));
             None
         }
         ValueKind::Ident(s) => {
-            let id = Ident {
-                name: s.clone(),
-                span: v.span.clone(),
-            };
+            let id = Ident { name: s.clone(), span: v.span.clone() };
             diags.push(unknown(&id, "position scheme", &["none", "alibi", "rope"]));
             None
         }
         _ => {
-            diags.push(bad(
-                &v,
-                "a position scheme: none, alibi, rope or rope { ... }",
-            ));
+            diags.push(bad(&v, "a position scheme: none, alibi, rope or rope { ... }"));
             None
         }
     }
@@ -596,11 +484,8 @@ fn check_template(t: &str, in_block: bool, span: Span, diags: &mut Vec<Diagnosti
         let key = &rest[open + 1..open + close];
         if key != "layer" {
             diags.push(
-                Diagnostic::error(
-                    Code::BadValue,
-                    format!("unknown placeholder `{{{key}}}` in `{t}`"),
-                )
-                .label(span.clone(), "the only placeholder is `{layer}`"),
+                Diagnostic::error(Code::BadValue, format!("unknown placeholder `{{{key}}}` in `{t}`"))
+                    .label(span.clone(), "the only placeholder is `{layer}`"),
             );
         } else if !in_block {
             diags.push(
@@ -616,24 +501,27 @@ fn check_template(t: &str, in_block: bool, span: Span, diags: &mut Vec<Diagnosti
 }
 
 fn missing(c: &ast::Component, key: &str, what: &str) -> Diagnostic {
-    Diagnostic::error(
-        Code::Missing,
-        format!("`{}: {}` is missing `{key}`", c.name.name, c.kind.name),
-    )
-    .label(c.name.span.clone(), format!("needs `{key}`: {what}"))
+    Diagnostic::error(Code::Missing, format!("`{}: {}` is missing `{key}`", c.name.name, c.kind.name))
+        .label(c.name.span.clone(), format!("needs `{key}`: {what}"))
 }
 
 fn bad(v: &Value, expected: &str) -> Diagnostic {
-    Diagnostic::error(Code::BadValue, format!("expected {expected}"))
-        .label(v.span.clone(), "this value")
+    Diagnostic::error(Code::BadValue, format!("expected {expected}")).label(v.span.clone(), "this value")
 }
 
 fn unknown(id: &Ident, what: &str, known: &[&str]) -> Diagnostic {
-    let mut d = Diagnostic::error(Code::Unknown, format!("unknown {what} `{}`", id.name))
-        .label(id.span.clone(), format!("not a known {what}"));
-    match known.iter().max_by(|a, b| {
-        strsim::jaro_winkler(a, &id.name).total_cmp(&strsim::jaro_winkler(b, &id.name))
-    }) {
+    unknown_in(id, what, "", known)
+}
+
+/// `unknown key `epsilon` in `ln: layernorm``, with a suggestion when one is close.
+fn unknown_in(id: &Ident, what: &str, place: &str, known: &[&str]) -> Diagnostic {
+    let place = if place.is_empty() { String::new() } else { format!(" in {place}") };
+    let mut d = Diagnostic::error(Code::Unknown, format!("unknown {what} `{}`{place}", id.name))
+        .label(id.span.clone(), format!("not a known {what}{place}"));
+    match known
+        .iter()
+        .max_by(|a, b| strsim::jaro_winkler(a, &id.name).total_cmp(&strsim::jaro_winkler(b, &id.name)))
+    {
         Some(best) if strsim::jaro_winkler(best, &id.name) > 0.8 => {
             d = d.note(format!("did you mean `{best}`?"));
         }
@@ -653,19 +541,11 @@ struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     fn new(what: &str, fields: &'a [Field], allowed: &'a [&'a str]) -> Self {
-        Fields {
-            what: what.to_string(),
-            fields,
-            allowed,
-            used: HashSet::new(),
-        }
+        Fields { what: what.to_string(), fields, allowed, used: HashSet::new() }
     }
 
     fn get(&self, key: &str) -> Option<&'a Value> {
-        self.fields
-            .iter()
-            .find(|f| f.key.name == key)
-            .map(|f| &f.value)
+        self.fields.iter().find(|f| f.key.name == key).map(|f| &f.value)
     }
 
     fn has(&self, key: &str) -> bool {
@@ -718,24 +598,13 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn choice(
-        &mut self,
-        key: &str,
-        choices: &[&str],
-        diags: &mut Vec<Diagnostic>,
-    ) -> Option<String> {
+    fn choice(&mut self, key: &str, choices: &[&str], diags: &mut Vec<Diagnostic>) -> Option<String> {
         let v = self.take(key)?;
         match &v.kind {
             ValueKind::Ident(s) if choices.contains(&s.as_str()) => Some(s.clone()),
             ValueKind::Ident(s) => {
-                diags.push(unknown(
-                    &Ident {
-                        name: s.clone(),
-                        span: v.span.clone(),
-                    },
-                    &format!("`{key}`"),
-                    choices,
-                ));
+                let id = Ident { name: s.clone(), span: v.span.clone() };
+                diags.push(unknown_in(&id, "value", &format!("`{key}`"), choices));
                 None
             }
             _ => {
@@ -795,11 +664,7 @@ impl<'a> Fields<'a> {
                     .label(f.key.span.clone(), "set again here"),
                 );
             } else if !self.allowed.contains(&f.key.name.as_str()) {
-                diags.push(unknown(
-                    &f.key,
-                    &format!("key in {}", self.what),
-                    self.allowed,
-                ));
+                diags.push(unknown_in(&f.key, "key", &self.what, self.allowed));
             }
         }
     }

@@ -20,12 +20,7 @@ pub enum ImportError {
     #[error("model_type `{0}` is not supported (supported: {SUPPORTED})")]
     ModelType(String),
     #[error("config field `{key}` = {value} is not supported for model_type `{model}`: {why}")]
-    Unsupported {
-        model: String,
-        key: String,
-        value: String,
-        why: String,
-    },
+    Unsupported { model: String, key: String, value: String, why: String },
     #[error("config field `{key}` is missing or not {expected}")]
     Field { key: String, expected: &'static str },
 }
@@ -93,10 +88,7 @@ impl<'a> Config<'a> {
     }
 
     fn usize(&mut self, key: &str) -> Result<usize, ImportError> {
-        self.opt_usize(key)?.ok_or(ImportError::Field {
-            key: key.into(),
-            expected: "a whole number",
-        })
+        self.opt_usize(key)?.ok_or(ImportError::Field { key: key.into(), expected: "a whole number" })
     }
 
     fn opt_usize(&mut self, key: &str) -> Result<Option<usize>, ImportError> {
@@ -105,55 +97,37 @@ impl<'a> Config<'a> {
             Some(v) => v
                 .as_u64()
                 .map(|x| Some(x as usize))
-                .ok_or(ImportError::Field {
-                    key: key.into(),
-                    expected: "a whole number",
-                }),
+                .ok_or(ImportError::Field { key: key.into(), expected: "a whole number" }),
         }
     }
 
     fn f64_or(&mut self, key: &str, default: f64) -> Result<f64, ImportError> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_f64().ok_or(ImportError::Field {
-                key: key.into(),
-                expected: "a number",
-            }),
+            Some(v) => v.as_f64().ok_or(ImportError::Field { key: key.into(), expected: "a number" }),
         }
     }
 
     fn bool_or(&mut self, key: &str, default: bool) -> Result<bool, ImportError> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or(ImportError::Field {
-                key: key.into(),
-                expected: "true or false",
-            }),
+            Some(v) => v.as_bool().ok_or(ImportError::Field { key: key.into(), expected: "true or false" }),
         }
     }
 
     fn str_or(&mut self, key: &str, default: &str) -> Result<String, ImportError> {
         match self.get(key) {
             None => Ok(default.to_string()),
-            Some(v) => v.as_str().map(str::to_string).ok_or(ImportError::Field {
-                key: key.into(),
-                expected: "a string",
-            }),
+            Some(v) => v
+                .as_str()
+                .map(str::to_string)
+                .ok_or(ImportError::Field { key: key.into(), expected: "a string" }),
         }
     }
 
     fn unsupported(&self, key: &str, why: &str) -> ImportError {
-        let value = self
-            .map
-            .get(key)
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| "(absent)".into());
-        ImportError::Unsupported {
-            model: self.model.clone(),
-            key: key.into(),
-            value,
-            why: why.into(),
-        }
+        let value = self.map.get(key).map(|v| v.to_string()).unwrap_or_else(|| "(absent)".into());
+        ImportError::Unsupported { model: self.model.clone(), key: key.into(), value, why: why.into() }
     }
 
     /// Fails if the field is set to anything but one of the accepted values.
@@ -171,10 +145,12 @@ impl<'a> Config<'a> {
             "gelu" => "gelu",
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => "gelu_tanh",
             "silu" | "swish" => "silu",
-            _ => return Err(self.unsupported(
-                key,
-                "supported activations: relu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, silu",
-            )),
+            _ => {
+                return Err(self.unsupported(
+                    key,
+                    "supported activations: relu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, silu",
+                ))
+            }
         })
     }
 
@@ -186,20 +162,15 @@ impl<'a> Config<'a> {
         let mut fraction = self.f64_or("partial_rotary_factor", default_fraction)?;
         fraction = self.f64_or("rotary_pct", fraction)?;
         if let Some(s) = self.get("rope_scaling") {
-            let kind = s
-                .get("rope_type")
-                .or_else(|| s.get("type"))
-                .and_then(|t| t.as_str())
-                .unwrap_or("");
+            let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|t| t.as_str()).unwrap_or("");
             if kind != "default" {
                 return Err(self.unsupported("rope_scaling", "only unscaled RoPE is supported"));
             }
         }
         if let Some(p) = self.get("rope_parameters") {
-            let obj = p.as_object().ok_or(ImportError::Field {
-                key: "rope_parameters".into(),
-                expected: "an object",
-            })?;
+            let obj = p
+                .as_object()
+                .ok_or(ImportError::Field { key: "rope_parameters".into(), expected: "an object" })?;
             for (k, v) in obj {
                 match k.as_str() {
                     "rope_theta" => {
@@ -232,7 +203,10 @@ impl<'a> Config<'a> {
         keys.sort();
         for k in keys {
             if !self.read.contains(k) && !ignorable(k) {
-                return Err(self.unsupported(k, "this importer does not know what the field means, so it cannot promise a faithful spec"));
+                return Err(self.unsupported(
+                    k,
+                    "this importer does not know what the field means, so it cannot promise a faithful spec",
+                ));
             }
         }
         Ok(())
@@ -265,11 +239,7 @@ impl Gen {
         for (k, v) in &self.sizes {
             writeln!(s, "{k:w$} = {v}").unwrap();
         }
-        for (name, lines) in [
-            ("embed", &self.embed),
-            ("block", &self.block),
-            ("head", &self.head),
-        ] {
+        for (name, lines) in [("embed", &self.embed), ("block", &self.block), ("head", &self.head)] {
             if lines.is_empty() {
                 continue;
             }
@@ -295,38 +265,19 @@ fn rope_text(theta: f64, fraction: f64) -> String {
     if fraction == 1.0 {
         format!("rope {{ theta = {} }}", num(theta))
     } else {
-        format!(
-            "rope {{ theta = {}, fraction = {} }}",
-            num(theta),
-            num(fraction)
-        )
+        format!("rope {{ theta = {}, fraction = {} }}", num(theta), num(fraction))
     }
 }
 
 /// Writes a spec for the model a `config.json` describes.
 pub fn import(config_json: &str) -> Result<String, ImportError> {
-    let v: Value =
-        serde_json::from_str(config_json).map_err(|e| ImportError::Json(e.to_string()))?;
-    let map = v
-        .as_object()
-        .ok_or(ImportError::Json("the top level is not an object".into()))?;
-    let model = map
-        .get("model_type")
-        .and_then(|m| m.as_str())
-        .ok_or(ImportError::NoModelType)?
-        .to_string();
-    let mut c = Config {
-        model: model.clone(),
-        map,
-        read: HashSet::new(),
-    };
-    let mut g = Gen {
-        name: model.clone(),
-        ..Gen::default()
-    };
-    g.comments.push(format!(
-        "Imported from a Hugging Face config.json (model_type `{model}`) by `tfc import-hf`."
-    ));
+    let v: Value = serde_json::from_str(config_json).map_err(|e| ImportError::Json(e.to_string()))?;
+    let map = v.as_object().ok_or(ImportError::Json("the top level is not an object".into()))?;
+    let model = map.get("model_type").and_then(|m| m.as_str()).ok_or(ImportError::NoModelType)?.to_string();
+    let mut c = Config { model: model.clone(), map, read: HashSet::new() };
+    let mut g = Gen { name: model.clone(), ..Gen::default() };
+    g.comments
+        .push(format!("Imported from a Hugging Face config.json (model_type `{model}`) by `tfc import-hf`."));
     match model.as_str() {
         "gpt2" => gpt2(&mut c, &mut g)?,
         "llama" | "mistral" | "qwen2" | "gemma" => llama_like(&mut c, &mut g)?,
@@ -359,22 +310,10 @@ fn gpt2(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         &[false.into()],
         "per-layer attention scaling is not supported",
     )?;
-    c.expect(
-        "reorder_and_upcast_attn",
-        &[false.into()],
-        "upcast attention reordering is not supported",
-    )?;
-    c.expect(
-        "add_cross_attention",
-        &[false.into()],
-        "cross-attention is not supported",
-    )?;
+    c.expect("reorder_and_upcast_attn", &[false.into()], "upcast attention reordering is not supported")?;
+    c.expect("add_cross_attention", &[false.into()], "cross-attention is not supported")?;
     let tied = c.bool_or("tie_word_embeddings", true)?;
-    let scale = if scaled {
-        String::new()
-    } else {
-        ", scale = 1".into()
-    };
+    let scale = if scaled { String::new() } else { ", scale = 1".into() };
     g.embed = vec![
         "wte: embedding { at = \"transformer.wte\" }".into(),
         format!("wpe: embedding {{ at = \"transformer.wpe\", rows = {max_seq} }}"),
@@ -444,30 +383,21 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         "mistral" => window = c.opt_usize("sliding_window")?,
         "qwen2" => {
             if c.bool_or("use_sliding_window", false)? {
-                return Err(c.unsupported(
-                    "use_sliding_window",
-                    "per-layer sliding windows are not supported",
-                ));
+                return Err(
+                    c.unsupported("use_sliding_window", "per-layer sliding windows are not supported")
+                );
             }
             c.opt_usize("sliding_window")?;
             c.opt_usize("max_window_layers")?;
         }
-        "gemma" => c.expect(
-            "use_bidirectional_attention",
-            &[false.into()],
-            "only causal Gemma is supported",
-        )?,
+        "gemma" => {
+            c.expect("use_bidirectional_attention", &[false.into()], "only causal Gemma is supported")?
+        }
         _ => {}
     }
     if let Some(types) = c.get("layer_types") {
-        if types
-            .as_array()
-            .is_none_or(|a| a.iter().any(|t| t != "full_attention"))
-        {
-            return Err(c.unsupported(
-                "layer_types",
-                "only full attention in every layer is supported",
-            ));
+        if types.as_array().is_none_or(|a| a.iter().any(|t| t != "full_attention")) {
+            return Err(c.unsupported("layer_types", "only full attention in every layer is supported"));
         }
     }
     let bias = match (model.as_str(), attn_bias) {
@@ -475,9 +405,7 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         (_, true) => ", bias = true",
         _ => "",
     };
-    let window = window
-        .map(|w| format!(", window = {w}"))
-        .unwrap_or_default();
+    let window = window.map(|w| format!(", window = {w}")).unwrap_or_default();
     g.embed = vec!["embed_tokens: embedding { at = \"model.embed_tokens\" }".into()];
     g.embed.push(if gemma {
         "x = embed_tokens(tokens) * sqrt(d_model)".into()
@@ -532,10 +460,8 @@ fn gpt_neox(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let tied = c.bool_or("tie_word_embeddings", false)?;
     c.bool_or("is_decoder", false)?;
     let bias = if bias { ", bias = true" } else { "" };
-    g.embed = vec![
-        "embed_in: embedding { at = \"gpt_neox.embed_in\" }".into(),
-        "x = embed_in(tokens)".into(),
-    ];
+    g.embed =
+        vec!["embed_in: embedding { at = \"gpt_neox.embed_in\" }".into(), "x = embed_in(tokens)".into()];
     let l = "gpt_neox.layers.{layer}";
     g.block = vec![
         format!("input_norm: layernorm {{ at = \"{l}.input_layernorm\", eps = {eps} }}"),
@@ -548,8 +474,7 @@ fn gpt_neox(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         String::new(),
     ];
     if parallel {
-        g.block
-            .push("x = x + attn(input_norm(x)) + mlp(post_norm(x))".into());
+        g.block.push("x = x + attn(input_norm(x)) + mlp(post_norm(x))".into());
     } else {
         g.block.push("x = x + attn(input_norm(x))".into());
         g.block.push("x = x + mlp(post_norm(x))".into());
@@ -571,7 +496,10 @@ fn bloom(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     g.size("d_ff", 4 * d);
     let max_seq = c.opt_usize("seq_length")?;
     if max_seq.is_none() {
-        g.comments.push("config.json gives no context length (ALiBi has none); max_seq is BLOOM's training length.".into());
+        g.comments.push(
+            "config.json gives no context length (ALiBi has none); max_seq is BLOOM's training length."
+                .into(),
+        );
     }
     g.size("max_seq", max_seq.unwrap_or(2048));
     let eps = num(c.f64_or("layer_norm_epsilon", 1e-5)?);
@@ -599,10 +527,7 @@ fn bloom(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
             "x = h + mlp(h)".into(),
         ]);
     } else {
-        g.block.extend([
-            "x = x + attn(input_norm(x))".into(),
-            "x = x + mlp(post_norm(x))".into(),
-        ]);
+        g.block.extend(["x = x + attn(input_norm(x))".into(), "x = x + mlp(post_norm(x))".into()]);
     }
     g.head = vec![
         format!("ln_f: layernorm {{ at = \"transformer.ln_f\", eps = {eps} }}"),
@@ -625,21 +550,19 @@ fn opt(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let remove_final = c.bool_or("_remove_final_layer_norm", false)?;
     let act = c.act("activation_function", "relu")?;
     let bias = c.bool_or("enable_bias", true)?;
-    c.expect(
-        "layer_norm_elementwise_affine",
-        &[true.into()],
-        "LayerNorm without gain is not supported",
-    )?;
+    c.expect("layer_norm_elementwise_affine", &[true.into()], "LayerNorm without gain is not supported")?;
     if c.opt_usize("word_embed_proj_dim")?.is_some_and(|p| p != d) {
-        return Err(c.unsupported(
-            "word_embed_proj_dim",
-            "embedding projections (project_in/out) are not supported",
-        ));
+        return Err(
+            c.unsupported("word_embed_proj_dim", "embedding projections (project_in/out) are not supported")
+        );
     }
     let tied = c.bool_or("tie_word_embeddings", true)?;
     g.embed = vec![
         "embed_tokens: embedding { at = \"model.decoder.embed_tokens\" }".into(),
-        format!("embed_positions: embedding {{ at = \"model.decoder.embed_positions\", rows = {}, offset = 2 }}", max_seq + 2),
+        format!(
+            "embed_positions: embedding {{ at = \"model.decoder.embed_positions\", rows = {}, offset = 2 }}",
+            max_seq + 2
+        ),
         "x = embed_tokens(tokens) + embed_positions(positions)".into(),
     ];
     let l = "model.decoder.layers.{layer}";
@@ -652,15 +575,9 @@ fn opt(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         String::new(),
     ];
     if pre {
-        g.block.extend([
-            "x = x + attn(attn_norm(x))".into(),
-            "x = x + mlp(mlp_norm(x))".into(),
-        ]);
+        g.block.extend(["x = x + attn(attn_norm(x))".into(), "x = x + mlp(mlp_norm(x))".into()]);
     } else {
-        g.block.extend([
-            "x = attn_norm(x + attn(x))".into(),
-            "x = mlp_norm(x + mlp(x))".into(),
-        ]);
+        g.block.extend(["x = attn_norm(x + attn(x))".into(), "x = mlp_norm(x + mlp(x))".into()]);
     }
     if pre && !remove_final {
         g.head = vec![
@@ -669,10 +586,7 @@ fn opt(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
             "x = lm_head(final_norm(x))".into(),
         ];
     } else {
-        g.head = vec![
-            unembed(tied, "embed_tokens", "lm_head", false),
-            "x = lm_head(x)".into(),
-        ];
+        g.head = vec![unembed(tied, "embed_tokens", "lm_head", false), "x = lm_head(x)".into()];
     }
     Ok(())
 }
@@ -693,11 +607,7 @@ fn phi(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let eps = num(c.f64_or("layer_norm_eps", 1e-5)?);
     let act = c.act("hidden_act", "gelu_new")?;
     let (theta, fraction) = c.rope(0.5)?;
-    c.expect(
-        "qk_layernorm",
-        &[false.into()],
-        "query/key LayerNorm is not supported",
-    )?;
+    c.expect("qk_layernorm", &[false.into()], "query/key LayerNorm is not supported")?;
     let tied = c.bool_or("tie_word_embeddings", false)?;
     g.embed = vec![
         "embed_tokens: embedding { at = \"model.embed_tokens\" }".into(),
@@ -747,20 +657,10 @@ fn bert(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         &["absolute".into()],
         "only absolute position embeddings are supported",
     )?;
-    c.expect(
-        "is_decoder",
-        &[false.into()],
-        "BERT as a decoder is not supported",
-    )?;
-    c.expect(
-        "add_cross_attention",
-        &[false.into()],
-        "cross-attention is not supported",
-    )?;
+    c.expect("is_decoder", &[false.into()], "BERT as a decoder is not supported")?;
+    c.expect("add_cross_attention", &[false.into()], "cross-attention is not supported")?;
     c.bool_or("tie_word_embeddings", true)?;
-    g.comments.push(
-        "An encoder: bidirectional attention, and its result is the last hidden state.".into(),
-    );
+    g.comments.push("An encoder: bidirectional attention, and its result is the last hidden state.".into());
     g.embed = vec![
         format!("word: embedding {{ at = \"{p}embeddings.word_embeddings\" }}"),
         format!("position: embedding {{ at = \"{p}embeddings.position_embeddings\", rows = {max_seq} }}"),

@@ -31,10 +31,7 @@ impl Tensor {
 
     pub fn zeros(shape: Vec<usize>) -> Self {
         let n = shape.iter().product();
-        Tensor {
-            shape,
-            data: vec![0.0; n],
-        }
+        Tensor { shape, data: vec![0.0; n] }
     }
 
     /// Row `i` of a 2-D tensor.
@@ -71,48 +68,27 @@ pub struct Inputs {
 }
 
 /// Runs a graph. The number of cached positions `P` comes from the cache inputs.
-pub fn run(
-    g: &Graph,
-    weights: &Weights,
-    inputs: &Inputs,
-) -> Result<HashMap<String, Tensor>, InterpError> {
+pub fn run(g: &Graph, weights: &Weights, inputs: &Inputs) -> Result<HashMap<String, Tensor>, InterpError> {
     let t = inputs.tokens.len();
     if t == 0 {
         return Err(InterpError::Input("no tokens to run".into()));
     }
-    let p = inputs
-        .cache
-        .values()
-        .next()
-        .map(|c| c.shape[1])
-        .unwrap_or(0);
-    if inputs
-        .cache
-        .values()
-        .any(|c| c.shape.len() != 3 || c.shape[1] != p)
-    {
-        return Err(InterpError::Input(
-            "cache tensors disagree on the number of cached positions".into(),
-        ));
+    let p = inputs.cache.values().next().map(|c| c.shape[1]).unwrap_or(0);
+    if inputs.cache.values().any(|c| c.shape.len() != 3 || c.shape[1] != p) {
+        return Err(InterpError::Input("cache tensors disagree on the number of cached positions".into()));
     }
     let b = SymBinding { t, p };
-    let order = g
-        .topo_order()
-        .map_err(|_| InterpError::Bug("cyclic graph".into()))?;
+    let order = g.topo_order().map_err(|_| InterpError::Bug("cyclic graph".into()))?;
     let mut vals: HashMap<NodeId, Value> = HashMap::new();
     // Free each value after its last use, so long graphs stay small.
-    let mut remaining: HashMap<NodeId, usize> =
-        order.iter().map(|&n| (n, g.use_count(n))).collect();
+    let mut remaining: HashMap<NodeId, usize> = order.iter().map(|&n| (n, g.use_count(n))).collect();
     for id in order {
         let node = g.node(id);
         let ops = g.operands(id);
         let f = |i: usize| -> &Tensor {
             match &vals[&ops[i]] {
                 Value::F(t) => t,
-                Value::I(_) => panic!(
-                    "bug: operand {i} of {} is not a float tensor",
-                    node.op.mnemonic()
-                ),
+                Value::I(_) => panic!("bug: operand {i} of {} is not a float tensor", node.op.mnemonic()),
             }
         };
         let ids = |i: usize| -> &[i64] {
@@ -157,32 +133,14 @@ pub fn run(
             Op::Mul => Value::F(ops::zip(f(0), f(1), |a, b| a * b)),
             Op::Scale(c) => Value::F(ops::map(f(0), |x| (x as f64 * c) as f32)),
             Op::Activation(a) => Value::F(ops::map(f(0), |x| ops::activation(*a, x))),
-            Op::LayerNorm { eps } => {
-                Value::F(ops::layer_norm(f(0), f(1), ops.get(2).map(|_| f(2)), *eps))
+            Op::LayerNorm { eps } => Value::F(ops::layer_norm(f(0), f(1), ops.get(2).map(|_| f(2)), *eps)),
+            Op::RmsNorm { eps, unit_offset } => Value::F(ops::rms_norm(f(0), f(1), *eps, *unit_offset)),
+            Op::Linear { transposed, bias } => {
+                Value::F(ops::linear(f(0), f(1), if *bias { Some(f(2)) } else { None }, *transposed))
             }
-            Op::RmsNorm { eps, unit_offset } => {
-                Value::F(ops::rms_norm(f(0), f(1), *eps, *unit_offset))
+            Op::SplitQkv { layout, part, heads, kv_heads, head_dim } => {
+                Value::F(ops::split_qkv(f(0), *layout, *part, *heads, *kv_heads, *head_dim))
             }
-            Op::Linear { transposed, bias } => Value::F(ops::linear(
-                f(0),
-                f(1),
-                if *bias { Some(f(2)) } else { None },
-                *transposed,
-            )),
-            Op::SplitQkv {
-                layout,
-                part,
-                heads,
-                kv_heads,
-                head_dim,
-            } => Value::F(ops::split_qkv(
-                f(0),
-                *layout,
-                *part,
-                *heads,
-                *kv_heads,
-                *head_dim,
-            )),
             Op::SplitHeads { heads } => Value::F(ops::split_heads(f(0), *heads)),
             Op::MergeHeads => Value::F(ops::merge_heads(f(0))),
             Op::Rope(r) => Value::F(ops::rope(f(0), ids(1), r)),
@@ -191,21 +149,12 @@ pub fn run(
             Op::Alibi => Value::F(ops::alibi(f(0), ids(1))),
             Op::Mask(m) => Value::F(ops::mask(f(0), ids(1), m)),
             Op::Softmax => Value::F(ops::softmax(f(0))),
-            Op::Attention { scale, mask, alibi } => Value::F(ops::attention(
-                f(0),
-                f(1),
-                f(2),
-                ids(3),
-                *scale,
-                mask,
-                *alibi,
-            )),
+            Op::Attention { scale, mask, alibi } => {
+                Value::F(ops::attention(f(0), f(1), f(2), ids(3), *scale, mask, *alibi))
+            }
             Op::LastRow => {
                 let x = f(0);
-                Value::F(Tensor::new(
-                    vec![1, x.shape[1]],
-                    x.row(x.shape[0] - 1).to_vec(),
-                ))
+                Value::F(Tensor::new(vec![1, x.shape[1]], x.row(x.shape[0] - 1).to_vec()))
             }
         };
         if let (Value::F(t), Some(ty)) = (&v, &node.ty) {
@@ -233,11 +182,7 @@ pub fn run(
             Some(Value::F(t)) => {
                 out.insert(name.clone(), t.clone());
             }
-            _ => {
-                return Err(InterpError::Bug(format!(
-                    "output {name} is not a float tensor"
-                )))
-            }
+            _ => return Err(InterpError::Bug(format!("output {name} is not a float tensor"))),
         }
     }
     Ok(out)

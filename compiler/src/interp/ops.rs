@@ -10,9 +10,7 @@ pub fn gather(table: &Tensor, ids: &[i64], offset: usize) -> Result<Tensor, Stri
     for &id in ids {
         let r = id + offset as i64;
         if id < 0 || r as usize >= rows {
-            return Err(format!(
-                "id {id} (row {r}) is out of range for a table of {rows} rows"
-            ));
+            return Err(format!("id {id} (row {r}) is out of range for a table of {rows} rows"));
         }
         out.extend_from_slice(table.row(r as usize));
     }
@@ -32,10 +30,7 @@ pub fn sinusoidal(pos: &[i64], dim: usize, base: f64) -> Tensor {
 }
 
 pub fn zip(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> Tensor {
-    Tensor::new(
-        a.shape.clone(),
-        a.data.iter().zip(&b.data).map(|(&x, &y)| f(x, y)).collect(),
-    )
+    Tensor::new(a.shape.clone(), a.data.iter().zip(&b.data).map(|(&x, &y)| f(x, y)).collect())
 }
 
 pub fn map(a: &Tensor, f: impl Fn(f32) -> f32) -> Tensor {
@@ -100,11 +95,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> T
         for o in 0..out_f {
             let mut acc = b.map_or(0.0, |b| b.data[o] as f64);
             for i in 0..inn {
-                let wv = if transposed {
-                    w.data[i * out_f + o]
-                } else {
-                    w.data[o * inn + i]
-                };
+                let wv = if transposed { w.data[i * out_f + o] } else { w.data[o * inn + i] };
                 acc += xr[i] as f64 * wv as f64;
             }
             out[r * out_f + o] = acc as f32;
@@ -113,14 +104,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> T
     Tensor::new(vec![t, out_f], out)
 }
 
-pub fn split_qkv(
-    x: &Tensor,
-    layout: QkvLayout,
-    part: QkvPart,
-    h: usize,
-    kv: usize,
-    hd: usize,
-) -> Tensor {
+pub fn split_qkv(x: &Tensor, layout: QkvLayout, part: QkvPart, h: usize, kv: usize, hd: usize) -> Tensor {
     let t = x.shape[0];
     let n = if part == QkvPart::Q { h } else { kv };
     // Column where head `j` of the requested part starts.
@@ -230,11 +214,8 @@ pub fn head_matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Tensor {
             for j in 0..n {
                 let mut acc = 0.0f64;
                 for c in 0..k {
-                    let bv = if transpose_b {
-                        b.data[(gg * n + j) * k + c]
-                    } else {
-                        b.data[(gg * k + c) * n + j]
-                    };
+                    let bv =
+                        if transpose_b { b.data[(gg * n + j) * k + c] } else { b.data[(gg * k + c) * n + j] };
                     acc += a.data[(hh * m + i) * k + c] as f64 * bv as f64;
                 }
                 out[(hh * m + i) * n + j] = acc as f32;
@@ -275,9 +256,7 @@ pub fn alibi(s: &Tensor, pos: &[i64]) -> Tensor {
 }
 
 pub fn visible(m: &AttnMask, query: i64, key: i64) -> bool {
-    (!m.causal || key <= query)
-        && m.window
-            .is_none_or(|w| (query - key).unsigned_abs() < w as u64)
+    (!m.causal || key <= query) && m.window.is_none_or(|w| (query - key).unsigned_abs() < w as u64)
 }
 
 pub fn mask(s: &Tensor, pos: &[i64], m: &AttnMask) -> Tensor {

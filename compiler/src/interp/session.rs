@@ -17,12 +17,7 @@ pub struct Session<'a> {
 
 impl<'a> Session<'a> {
     pub fn new(compiled: &'a Compiled, weights: &'a Weights) -> Self {
-        Session {
-            compiled,
-            weights,
-            cache: HashMap::new(),
-            pos: 0,
-        }
+        Session { compiled, weights, cache: HashMap::new(), pos: 0 }
     }
 
     fn check_room(&self, n: usize) -> Result<(), InterpError> {
@@ -39,9 +34,7 @@ impl<'a> Session<'a> {
     fn check_vocab(&self, tokens: &[i64]) -> Result<(), InterpError> {
         let v = self.compiled.spec.sizes.vocab as i64;
         match tokens.iter().find(|&&t| t < 0 || t >= v) {
-            Some(t) => Err(InterpError::Input(format!(
-                "token id {t} is outside the vocabulary 0..{v}"
-            ))),
+            Some(t) => Err(InterpError::Input(format!("token id {t} is outside the vocabulary 0..{v}"))),
             None => Ok(()),
         }
     }
@@ -50,17 +43,12 @@ impl<'a> Session<'a> {
     /// output (`logits` or, for an encoder, `hidden`).
     pub fn prefill(&mut self, tokens: &[i64], token_types: &[i64]) -> Result<Tensor, InterpError> {
         if self.pos != 0 {
-            return Err(InterpError::Input(
-                "prefill needs an empty cache; reset the session first".into(),
-            ));
+            return Err(InterpError::Input("prefill needs an empty cache; reset the session first".into()));
         }
         self.check_vocab(tokens)?;
         self.check_room(tokens.len())?;
-        let inputs = Inputs {
-            tokens: tokens.to_vec(),
-            token_types: token_types.to_vec(),
-            cache: HashMap::new(),
-        };
+        let inputs =
+            Inputs { tokens: tokens.to_vec(), token_types: token_types.to_vec(), cache: HashMap::new() };
         let mut out = run(&self.compiled.prefill, self.weights, &inputs)?;
         self.take_cache(&mut out, false);
         self.pos = tokens.len();
@@ -74,11 +62,8 @@ impl<'a> Session<'a> {
         })?;
         self.check_vocab(&[token])?;
         self.check_room(1)?;
-        let inputs = Inputs {
-            tokens: vec![token],
-            token_types: vec![],
-            cache: std::mem::take(&mut self.cache),
-        };
+        let inputs =
+            Inputs { tokens: vec![token], token_types: vec![], cache: std::mem::take(&mut self.cache) };
         let result = run(graph, self.weights, &inputs);
         self.cache = inputs.cache;
         let mut out = result?;
@@ -94,23 +79,13 @@ impl<'a> Session<'a> {
 
     /// Moves `cache.k.L`/`cache.v.L` outputs into the cache, appending when decoding.
     fn take_cache(&mut self, out: &mut HashMap<String, Tensor>, append: bool) {
-        let names: Vec<String> = out
-            .keys()
-            .filter(|k| k.starts_with("cache."))
-            .cloned()
-            .collect();
+        let names: Vec<String> = out.keys().filter(|k| k.starts_with("cache.")).cloned().collect();
         for name in names {
             let t = out.remove(&name).unwrap();
             let mut parts = name.split('.').skip(1);
-            let kind = if parts.next() == Some("k") {
-                CacheKind::K
-            } else {
-                CacheKind::V
-            };
-            let layer: u32 = parts
-                .next()
-                .and_then(|l| l.parse().ok())
-                .expect("cache outputs are named cache.{k,v}.L");
+            let kind = if parts.next() == Some("k") { CacheKind::K } else { CacheKind::V };
+            let layer: u32 =
+                parts.next().and_then(|l| l.parse().ok()).expect("cache outputs are named cache.{k,v}.L");
             let entry = self.cache.remove(&(layer, kind));
             let t = match (append, entry) {
                 (true, Some(old)) => super::ops::concat(&old, &t, 1),

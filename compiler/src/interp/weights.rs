@@ -15,11 +15,7 @@ pub enum WeightError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error("weight `{name}` is declared with two shapes, {a:?} and {b:?}")]
-    Conflict {
-        name: String,
-        a: Vec<usize>,
-        b: Vec<usize>,
-    },
+    Conflict { name: String, a: Vec<usize>, b: Vec<usize> },
     #[error("bug: weight `{0}` was not bound")]
     Unbound(String),
 }
@@ -48,11 +44,8 @@ impl Weights {
                     continue;
                 };
                 let ty = n.ty.as_ref().expect("weights are typed at construction");
-                let shape: Vec<usize> = ty
-                    .shape
-                    .iter()
-                    .map(|d| d.as_fixed().expect("weights have fixed shapes"))
-                    .collect();
+                let shape: Vec<usize> =
+                    ty.shape.iter().map(|d| d.as_fixed().expect("weights have fixed shapes")).collect();
                 if let Some(t) = w.map.get(name) {
                     if t.shape != shape {
                         return Err(WeightError::Conflict {
@@ -75,9 +68,7 @@ impl Weights {
     }
 
     pub fn get(&self, name: &str) -> Result<&Tensor, WeightError> {
-        self.map
-            .get(name)
-            .ok_or_else(|| WeightError::Unbound(name.to_string()))
+        self.map.get(name).ok_or_else(|| WeightError::Unbound(name.to_string()))
     }
 
     /// Every bound tensor, by checkpoint name.
@@ -88,12 +79,8 @@ impl Weights {
 
 fn round_to(data: &mut [f32], dtype: DType) {
     match dtype {
-        DType::BF16 => data
-            .iter_mut()
-            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
-        DType::F16 => data
-            .iter_mut()
-            .for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        DType::BF16 => data.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        DType::F16 => data.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
         DType::F32 | DType::I32 => {}
     }
 }
@@ -124,16 +111,15 @@ fn random(name: &str, role: WeightRole, shape: &[usize], seed: u64) -> Vec<f32> 
         WeightRole::Bias => vec![0.0; n],
         WeightRole::Matrix | WeightRole::Embedding => {
             // FNV-1a of the name, so each tensor has its own stream.
-            let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-            });
+            let h = name
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
             let mut rng = SplitMix(seed ^ h);
             (0..n)
                 .map(|_| {
                     // Box–Muller.
                     let (u1, u2) = (rng.unit(), rng.unit());
-                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02)
-                        as f32
+                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02) as f32
                 })
                 .collect()
         }

@@ -19,11 +19,7 @@ pub fn print(g: &Graph) -> String {
     writeln!(out, "graph {} ({}) {{", g.name, g.phase.name()).unwrap();
     for &id in &order {
         let n = g.node(id);
-        let operands: Vec<String> = g
-            .operands(id)
-            .iter()
-            .map(|o| format!("%{}", num[o]))
-            .collect();
+        let operands: Vec<String> = g.operands(id).iter().map(|o| format!("%{}", num[o])).collect();
         let mut line = format!("  %{} = {}", num[&id], n.op);
         if !operands.is_empty() {
             write!(line, " {}", operands.join(", ")).unwrap();

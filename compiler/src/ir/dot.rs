@@ -55,11 +55,7 @@ pub fn to_dot(g: &Graph, layers: u32) -> String {
     };
     let mut out = String::new();
     writeln!(out, "digraph \"{}\" {{", g.name).unwrap();
-    writeln!(
-        out,
-        "  rankdir=TB; node [shape=box, fontname=\"monospace\", fontsize=10];"
-    )
-    .unwrap();
+    writeln!(out, "  rankdir=TB; node [shape=box, fontname=\"monospace\", fontsize=10];").unwrap();
     let body = |out: &mut String, pred: &dyn Fn(Option<u32>) -> bool, indent: &str| {
         for &id in &order {
             let n = g.node(id);
@@ -71,11 +67,7 @@ pub fn to_dot(g: &Graph, layers: u32) -> String {
     body(&mut out, &|l| l.is_none(), "  ");
     if layers > 0 && by_layer.contains_key(&0) {
         writeln!(out, "  subgraph cluster_block {{").unwrap();
-        writeln!(
-            out,
-            "    label=\"block × {layers} (layer 0 shown)\"; style=rounded;"
-        )
-        .unwrap();
+        writeln!(out, "    label=\"block × {layers} (layer 0 shown)\"; style=rounded;").unwrap();
         body(&mut out, &|l| l == Some(0), "    ");
         writeln!(out, "  }}").unwrap();
     }
@@ -93,11 +85,7 @@ pub fn to_dot(g: &Graph, layers: u32) -> String {
         }
     }
     for (from, to, repeated) in edges {
-        let style = if repeated {
-            " [style=dashed, label=\"from the last block\"]"
-        } else {
-            ""
-        };
+        let style = if repeated { " [style=dashed, label=\"from the last block\"]" } else { "" };
         writeln!(out, "  n{from} -> n{to}{style};").unwrap();
     }
     out.push_str("}\n");

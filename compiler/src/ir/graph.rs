@@ -64,12 +64,7 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>, phase: Phase) -> Self {
-        Graph {
-            name: name.into(),
-            phase,
-            outputs: Vec::new(),
-            g: StableDiGraph::new(),
-        }
+        Graph { name: name.into(), phase, outputs: Vec::new(), g: StableDiGraph::new() }
     }
 
     pub fn add(&mut self, node: Node, operands: &[NodeId]) -> NodeId {
@@ -94,10 +89,7 @@ impl Graph {
 
     /// The inferred type; only call after shape inference (the verifier guarantees it).
     pub fn ty(&self, id: NodeId) -> &TensorType {
-        self.g[id.0]
-            .ty
-            .as_ref()
-            .expect("bug: type queried before shape inference")
+        self.g[id.0].ty.as_ref().expect("bug: type queried before shape inference")
     }
 
     pub fn contains(&self, id: NodeId) -> bool {
@@ -124,11 +116,7 @@ impl Graph {
 
     /// Distinct nodes that use `id` as an operand, in id order.
     pub fn users(&self, id: NodeId) -> Vec<NodeId> {
-        let mut us: Vec<NodeId> = self
-            .g
-            .neighbors_directed(id.0, Direction::Outgoing)
-            .map(NodeId)
-            .collect();
+        let mut us: Vec<NodeId> = self.g.neighbors_directed(id.0, Direction::Outgoing).map(NodeId).collect();
         us.sort();
         us.dedup();
         us
@@ -223,9 +211,6 @@ impl Graph {
     }
 
     pub fn output(&self, name: &str) -> Option<NodeId> {
-        self.outputs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, id)| *id)
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
     }
 }

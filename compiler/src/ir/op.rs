@@ -23,19 +23,11 @@ pub enum Act {
 }
 
 impl Act {
-    pub const ALL: [(&'static str, Act); 4] = [
-        ("relu", Act::Relu),
-        ("gelu", Act::Gelu),
-        ("gelu_tanh", Act::GeluTanh),
-        ("silu", Act::Silu),
-    ];
+    pub const ALL: [(&'static str, Act); 4] =
+        [("relu", Act::Relu), ("gelu", Act::Gelu), ("gelu_tanh", Act::GeluTanh), ("silu", Act::Silu)];
 
     pub fn name(self) -> &'static str {
-        Act::ALL
-            .iter()
-            .find(|(_, a)| *a == self)
-            .map(|(n, _)| *n)
-            .unwrap_or("?")
+        Act::ALL.iter().find(|(_, a)| *a == self).map(|(n, _)| *n).unwrap_or("?")
     }
 }
 
@@ -287,13 +279,7 @@ impl Op {
                 v
             }
             Op::Linear { transposed, .. } if *transposed => vec!["transposed".into()],
-            Op::SplitQkv {
-                layout,
-                part,
-                heads,
-                kv_heads,
-                head_dim,
-            } => vec![
+            Op::SplitQkv { layout, part, heads, kv_heads, head_dim } => vec![
                 format!("{part:?}").to_lowercase(),
                 layout.name().into(),
                 format!("heads={heads}"),
@@ -302,10 +288,7 @@ impl Op {
             ],
             Op::SplitHeads { heads } => vec![format!("heads={heads}")],
             Op::Rope(r) => {
-                let mut v = vec![
-                    format!("theta={}", num(r.theta)),
-                    format!("dims={}", r.rotary_dim),
-                ];
+                let mut v = vec![format!("theta={}", num(r.theta)), format!("dims={}", r.rotary_dim)];
                 if r.interleaved {
                     v.push("interleaved".into());
                 }
@@ -343,10 +326,7 @@ impl Op {
             if ins[i].rank() == r {
                 Ok(())
             } else {
-                Err(format!(
-                    "operand {i} must have rank {r}, has type {}",
-                    ins[i]
-                ))
+                Err(format!("operand {i} must have rank {r}, has type {}", ins[i]))
             }
         };
         let float = |i: usize| -> Result<(), String> {
@@ -367,39 +347,27 @@ impl Op {
             if ins[a] == ins[b] {
                 Ok(())
             } else {
-                Err(format!(
-                    "operands {a} and {b} differ: {} vs {}",
-                    ins[a], ins[b]
-                ))
+                Err(format!("operands {a} and {b} differ: {} vs {}", ins[a], ins[b]))
             }
         };
         let fixed = |d: Dim, what: &str| -> Result<usize, String> {
-            d.as_fixed()
-                .ok_or_else(|| format!("{what} must be a fixed size, is {d}"))
+            d.as_fixed().ok_or_else(|| format!("{what} must be a fixed size, is {d}"))
         };
         let last = |i: usize| *ins[i].shape.last().unwrap();
         match self {
-            Op::Input(_) | Op::Weight { .. } | Op::Positions => {
-                Err("leaf nodes carry their own type".into())
-            }
+            Op::Input(_) | Op::Weight { .. } | Op::Positions => Err("leaf nodes carry their own type".into()),
             Op::Gather { .. } => {
                 want_rank(0, 2)?;
                 float(0)?;
                 ids(1)?;
-                Ok(TensorType::new(
-                    vec![ins[1].shape[0], ins[0].shape[1]],
-                    DType::F32,
-                ))
+                Ok(TensorType::new(vec![ins[1].shape[0], ins[0].shape[1]], DType::F32))
             }
             Op::Sinusoidal { dim, .. } => {
                 ids(0)?;
                 if dim % 2 != 0 {
                     return Err(format!("sinusoidal dim {dim} must be even"));
                 }
-                Ok(TensorType::new(
-                    vec![ins[0].shape[0], Dim::fixed(*dim)],
-                    DType::F32,
-                ))
+                Ok(TensorType::new(vec![ins[0].shape[0], Dim::fixed(*dim)], DType::F32))
             }
             Op::Add | Op::Mul => {
                 float(0)?;
@@ -441,13 +409,7 @@ impl Op {
                 }
                 Ok(TensorType::new(vec![ins[0].shape[0], out], ins[0].dtype))
             }
-            Op::SplitQkv {
-                part,
-                heads,
-                kv_heads,
-                head_dim,
-                ..
-            } => {
+            Op::SplitQkv { part, heads, kv_heads, head_dim, .. } => {
                 want_rank(0, 2)?;
                 let width = fixed(last(0), "fused QKV width")?;
                 if width != (heads + 2 * kv_heads) * head_dim {
@@ -459,15 +421,8 @@ impl Op {
                 if *kv_heads == 0 || heads % kv_heads != 0 {
                     return Err(format!("kv_heads {kv_heads} must divide heads {heads}"));
                 }
-                let n = if *part == QkvPart::Q {
-                    *heads
-                } else {
-                    *kv_heads
-                };
-                Ok(TensorType::new(
-                    vec![ins[0].shape[0], Dim::fixed(n * head_dim)],
-                    ins[0].dtype,
-                ))
+                let n = if *part == QkvPart::Q { *heads } else { *kv_heads };
+                Ok(TensorType::new(vec![ins[0].shape[0], Dim::fixed(n * head_dim)], ins[0].dtype))
             }
             Op::SplitHeads { heads } => {
                 want_rank(0, 2)?;
@@ -476,11 +431,7 @@ impl Op {
                     return Err(format!("{width} features do not split into {heads} heads"));
                 }
                 Ok(TensorType::new(
-                    vec![
-                        Dim::fixed(*heads),
-                        ins[0].shape[0],
-                        Dim::fixed(width / heads),
-                    ],
+                    vec![Dim::fixed(*heads), ins[0].shape[0], Dim::fixed(width / heads)],
                     ins[0].dtype,
                 ))
             }
@@ -488,26 +439,17 @@ impl Op {
                 want_rank(0, 3)?;
                 let h = fixed(ins[0].shape[0], "heads")?;
                 let hd = fixed(ins[0].shape[2], "head_dim")?;
-                Ok(TensorType::new(
-                    vec![ins[0].shape[1], Dim::fixed(h * hd)],
-                    ins[0].dtype,
-                ))
+                Ok(TensorType::new(vec![ins[0].shape[1], Dim::fixed(h * hd)], ins[0].dtype))
             }
             Op::Rope(r) => {
                 want_rank(0, 3)?;
                 ids(1)?;
                 let hd = fixed(ins[0].shape[2], "head_dim")?;
                 if r.rotary_dim % 2 != 0 || r.rotary_dim > hd || r.rotary_dim == 0 {
-                    return Err(format!(
-                        "rotary dims {} must be even and in 2..={hd}",
-                        r.rotary_dim
-                    ));
+                    return Err(format!("rotary dims {} must be even and in 2..={hd}", r.rotary_dim));
                 }
                 if ins[1].shape[0] != ins[0].shape[1] {
-                    return Err(format!(
-                        "{} positions for {} rows",
-                        ins[1].shape[0], ins[0].shape[1]
-                    ));
+                    return Err(format!("{} positions for {} rows", ins[1].shape[0], ins[0].shape[1]));
                 }
                 Ok(ins[0].clone())
             }
@@ -539,24 +481,15 @@ impl Op {
                     (ins[1].shape[1], ins[1].shape[2])
                 };
                 if k != ins[0].shape[2] {
-                    return Err(format!(
-                        "contraction sizes differ: {} vs {k}",
-                        ins[0].shape[2]
-                    ));
+                    return Err(format!("contraction sizes differ: {} vs {k}", ins[0].shape[2]));
                 }
-                Ok(TensorType::new(
-                    vec![ins[0].shape[0], ins[0].shape[1], n],
-                    ins[0].dtype,
-                ))
+                Ok(TensorType::new(vec![ins[0].shape[0], ins[0].shape[1], n], ins[0].dtype))
             }
             Op::Alibi | Op::Mask(_) => {
                 want_rank(0, 3)?;
                 ids(1)?;
                 if ins[1].shape[0] != ins[0].shape[1] {
-                    return Err(format!(
-                        "{} positions for {} query rows",
-                        ins[1].shape[0], ins[0].shape[1]
-                    ));
+                    return Err(format!("{} positions for {} query rows", ins[1].shape[0], ins[0].shape[1]));
                 }
                 Ok(ins[0].clone())
             }
@@ -581,21 +514,14 @@ impl Op {
             }
             Op::LastRow => {
                 want_rank(0, 2)?;
-                Ok(TensorType::new(
-                    vec![Dim::fixed(1), ins[0].shape[1]],
-                    ins[0].dtype,
-                ))
+                Ok(TensorType::new(vec![Dim::fixed(1), ins[0].shape[1]], ins[0].dtype))
             }
         }
     }
 }
 
 fn mask_attrs(m: &AttnMask) -> Vec<String> {
-    let mut v = vec![if m.causal {
-        "causal".to_string()
-    } else {
-        "bidirectional".to_string()
-    }];
+    let mut v = vec![if m.causal { "causal".to_string() } else { "bidirectional".to_string() }];
     if let Some(w) = m.window {
         v.push(format!("window={w}"));
     }

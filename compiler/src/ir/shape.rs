@@ -42,22 +42,14 @@ impl Dim {
 
     /// Replaces the symbol `T` by a constant.
     pub fn with_t(self, t: usize) -> Dim {
-        Dim {
-            c: self.c + self.t * t,
-            t: 0,
-            p: self.p,
-        }
+        Dim { c: self.c + self.t * t, t: 0, p: self.p }
     }
 }
 
 impl std::ops::Add for Dim {
     type Output = Dim;
     fn add(self, o: Dim) -> Dim {
-        Dim {
-            c: self.c + o.c,
-            t: self.t + o.t,
-            p: self.p + o.p,
-        }
+        Dim { c: self.c + o.c, t: self.t + o.t, p: self.p + o.p }
     }
 }
 
@@ -135,10 +127,7 @@ impl TensorType {
     }
 
     pub fn fixed(shape: &[usize], dtype: DType) -> Self {
-        TensorType {
-            shape: shape.iter().map(|&c| Dim::fixed(c)).collect(),
-            dtype,
-        }
+        TensorType { shape: shape.iter().map(|&c| Dim::fixed(c)).collect(), dtype }
     }
 
     pub fn rank(&self) -> usize {
@@ -150,10 +139,7 @@ impl TensorType {
     }
 
     pub fn with_t(&self, t: usize) -> TensorType {
-        TensorType {
-            shape: self.shape.iter().map(|d| d.with_t(t)).collect(),
-            dtype: self.dtype,
-        }
+        TensorType { shape: self.shape.iter().map(|d| d.with_t(t)).collect(), dtype: self.dtype }
     }
 }
 

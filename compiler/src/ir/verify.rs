@@ -25,14 +25,10 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
     let fail = |node: Option<NodeId>, message: String| VerifyError {
         graph: g.name.clone(),
         phase: g.phase.name(),
-        node: node
-            .map(|n| format!("#{} ({})", n.index(), g.op(n).mnemonic()))
-            .unwrap_or_else(|| "-".into()),
+        node: node.map(|n| format!("#{} ({})", n.index(), g.op(n).mnemonic())).unwrap_or_else(|| "-".into()),
         message,
     };
-    let order = g
-        .topo_order()
-        .map_err(|n| fail(Some(n), "the graph has a cycle".into()))?;
+    let order = g.topo_order().map_err(|n| fail(Some(n), "the graph has a cycle".into()))?;
     if g.outputs.is_empty() {
         return Err(fail(None, "the graph has no outputs".into()));
     }
@@ -47,11 +43,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         if !node.op.arity().contains(&operands.len()) {
             return Err(fail(
                 Some(id),
-                format!(
-                    "has {} operands, wants {:?}",
-                    operands.len(),
-                    node.op.arity()
-                ),
+                format!("has {} operands, wants {:?}", operands.len(), node.op.arity()),
             ));
         }
         let Some(ty) = &node.ty else {
@@ -74,10 +66,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
                 return Err(fail(Some(id), "only decode graphs read a cache".into()))
             }
             (Op::Softmax | Op::Mask(_) | Op::Alibi, Phase::Prefill | Phase::Decode) => {
-                return Err(fail(
-                    Some(id),
-                    "attention primitives must be fused before the split".into(),
-                ))
+                return Err(fail(Some(id), "attention primitives must be fused before the split".into()))
             }
             _ => {}
         }
@@ -90,23 +79,12 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
                 _ => None,
             })
             .collect();
-        let want = if attn.iter().all(|&c| c) {
-            2 * attn.len()
-        } else {
-            0
-        };
-        let caches = g
-            .outputs
-            .iter()
-            .filter(|(n, _)| n.starts_with("cache."))
-            .count();
+        let want = if attn.iter().all(|&c| c) { 2 * attn.len() } else { 0 };
+        let caches = g.outputs.iter().filter(|(n, _)| n.starts_with("cache.")).count();
         if caches != want {
             return Err(fail(
                 None,
-                format!(
-                    "{} attention nodes but {caches} cache outputs, want {want}",
-                    attn.len()
-                ),
+                format!("{} attention nodes but {caches} cache outputs, want {want}", attn.len()),
             ));
         }
     }

@@ -60,10 +60,7 @@ fn match_chain(g: &Graph, pv: NodeId) -> Option<Match> {
     }
     let mut chain = vec![p];
     let mut cur = g.operands(p)[0];
-    let mut mask = AttnMask {
-        causal: false,
-        window: None,
-    };
+    let mut mask = AttnMask { causal: false, window: None };
     let mut alibi = false;
     let mut pos = None;
     if let Op::Mask(m) = g.op(cur) {
@@ -103,16 +100,7 @@ fn match_chain(g: &Graph, pv: NodeId) -> Option<Match> {
     let [q, k] = g.operands(qk)[..] else {
         return None;
     };
-    Some(Match {
-        q,
-        k,
-        v,
-        pos,
-        scale,
-        mask,
-        alibi,
-        chain,
-    })
+    Some(Match { q, k, v, pos, scale, mask, alibi, chain })
 }
 
 fn rewrite(g: &mut Graph, pv: NodeId, m: Match) {
@@ -131,21 +119,9 @@ fn rewrite(g: &mut Graph, pv: NodeId, m: Match) {
             &[],
         ),
     };
-    let op = Op::Attention {
-        scale: m.scale,
-        mask: m.mask,
-        alibi: m.alibi,
-    };
+    let op = Op::Attention { scale: m.scale, mask: m.mask, alibi: m.alibi };
     let ty = g.node(pv).ty.clone();
-    let fused = g.add(
-        Node {
-            op,
-            ty,
-            layer,
-            origin,
-        },
-        &[m.q, m.k, m.v, pos],
-    );
+    let fused = g.add(Node { op, ty, layer, origin }, &[m.q, m.k, m.v, pos]);
     g.replace_uses(pv, fused);
     g.remove(pv);
     for n in m.chain {

@@ -39,19 +39,11 @@ pub enum PassError {
 
 impl PassError {
     pub fn bug(g: &Graph, n: NodeId, message: &str) -> Self {
-        PassError::Bug(format!(
-            "{} in graph `{}` at node {}",
-            message,
-            g.name,
-            describe(g, n)
-        ))
+        PassError::Bug(format!("{} in graph `{}` at node {}", message, g.name, describe(g, n)))
     }
 
     pub fn shape(g: &Graph, n: NodeId, message: String) -> Self {
-        PassError::Shape {
-            origin: describe(g, n),
-            message,
-        }
+        PassError::Shape { origin: describe(g, n), message }
     }
 }
 
@@ -66,12 +58,7 @@ fn describe(g: &Graph, n: NodeId) -> String {
 
 /// The passes run on the model graph, in order.
 pub fn model_passes() -> Vec<Box<dyn Pass>> {
-    vec![
-        Box::new(ShapeInfer),
-        Box::new(Cse),
-        Box::new(Dce),
-        Box::new(FuseAttention),
-    ]
+    vec![Box::new(ShapeInfer), Box::new(Cse), Box::new(Dce), Box::new(FuseAttention)]
 }
 
 /// The passes run on each of the prefill and decode graphs after the split.
@@ -86,14 +73,7 @@ pub fn phase_passes(phase: Phase) -> Vec<Box<dyn Pass>> {
 }
 
 /// Every pass name `--dump-after` accepts.
-pub const PASS_NAMES: &[&str] = &[
-    "shape_infer",
-    "cse",
-    "dce",
-    "fuse_attention",
-    "split",
-    "narrow_last_row",
-];
+pub const PASS_NAMES: &[&str] = &["shape_infer", "cse", "dce", "fuse_attention", "split", "narrow_last_row"];
 
 /// Runs passes over a graph, verifying after each when asked and reporting each
 /// intermediate graph to `dump`.

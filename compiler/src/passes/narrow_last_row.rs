@@ -38,15 +38,8 @@ impl Pass for NarrowLastRow {
                 // last_row(op(y, w…)) → op(last_row(y), w…)
                 let y = g.operands(x)[0];
                 let node = g.node(x).clone();
-                let narrowed = g.add(
-                    Node {
-                        op: Op::LastRow,
-                        ty: None,
-                        layer: node.layer,
-                        origin: node.origin,
-                    },
-                    &[y],
-                );
+                let narrowed =
+                    g.add(Node { op: Op::LastRow, ty: None, layer: node.layer, origin: node.origin }, &[y]);
                 g.set_operand(x, 0, narrowed);
                 g.replace_uses(last, x);
                 g.remove(last);

@@ -16,9 +16,7 @@ impl Pass for ShapeInfer {
     }
 
     fn run(&self, g: &mut Graph) -> Result<(), PassError> {
-        let order = g
-            .topo_order()
-            .map_err(|n| PassError::bug(g, n, "the graph has a cycle"))?;
+        let order = g.topo_order().map_err(|n| PassError::bug(g, n, "the graph has a cycle"))?;
         for &id in &order {
             if is_leaf(g.op(id)) {
                 continue;
@@ -34,10 +32,7 @@ impl Pass for ShapeInfer {
             }
             let operands = g.operands(id);
             let ins: Vec<_> = operands.iter().map(|&o| g.ty(o)).collect();
-            let ty = g
-                .op(id)
-                .infer(&ins)
-                .map_err(|m| PassError::shape(g, id, m))?;
+            let ty = g.op(id).infer(&ins).map_err(|m| PassError::shape(g, id, m))?;
             g.node_mut(id).ty = Some(ty);
         }
         Ok(())

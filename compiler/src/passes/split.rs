@@ -40,15 +40,10 @@ impl Split {
         }
         let attns = attentions(model);
         if let Some(&(n, ..)) = attns.iter().find(|(n, ..)| g_op_is_unfused(model, *n)) {
-            return Err(PassError::bug(
-                model,
-                n,
-                "attention must be fused before the split",
-            ));
+            return Err(PassError::bug(model, n, "attention must be fused before the split"));
         }
-        let causal = attns
-            .iter()
-            .all(|&(n, ..)| matches!(model.op(n), Op::Attention { mask, .. } if mask.causal));
+        let causal =
+            attns.iter().all(|&(n, ..)| matches!(model.op(n), Op::Attention { mask, .. } if mask.causal));
 
         let mut prefill = model.clone();
         prefill.phase = Phase::Prefill;
@@ -60,20 +55,11 @@ impl Split {
             }
         }
         if !self.all_logits {
-            if let Some(i) = prefill
-                .outputs
-                .iter()
-                .position(|(name, _)| name == "logits")
-            {
+            if let Some(i) = prefill.outputs.iter().position(|(name, _)| name == "logits") {
                 let logits = prefill.outputs[i].1;
                 let node = prefill.node(logits).clone();
                 let last = prefill.add(
-                    Node {
-                        op: Op::LastRow,
-                        ty: None,
-                        layer: node.layer,
-                        origin: node.origin,
-                    },
+                    Node { op: Op::LastRow, ty: None, layer: node.layer, origin: node.origin },
                     &[logits],
                 );
                 prefill.outputs[i].1 = last;
@@ -135,8 +121,7 @@ fn decode(model: &Graph, attns: &[(NodeId, u32)]) -> Graph {
                 &[cache, new],
             );
             g.set_operand(n, slot, all);
-            g.outputs
-                .push((format!("cache.{}.{layer}", kind.name()), new));
+            g.outputs.push((format!("cache.{}.{layer}", kind.name()), new));
         }
     }
     // One token: every `T` becomes 1 (leaf types here; the caller re-infers the rest).

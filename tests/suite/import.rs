@@ -1,0 +1,78 @@
+//! `tfc import-hf`: every fixture's config.json imports to the spec shipped for it, and
+//! what the importer cannot represent faithfully is an error.
+
+use tfc::import::hf::import;
+
+use crate::common::*;
+
+const ARCHS: [&str; 10] =
+    ["bert", "bloom", "gemma", "gpt2", "gpt_neox", "llama", "mistral", "opt_postln", "phi", "qwen2"];
+
+fn config(arch: &str) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(root().join("tests/fixtures/hf").join(arch).join("config.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn fixture_configs_import_to_the_shipped_specs() {
+    for arch in ARCHS {
+        let got = import(&config(arch).to_string()).unwrap();
+        let want = std::fs::read_to_string(root().join("specs/tiny").join(format!("{arch}.tfs"))).unwrap();
+        assert_eq!(got, want, "{arch}: import-hf output differs from specs/tiny/{arch}.tfs");
+    }
+}
+
+fn import_err(arch: &str, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+    let mut c = config(arch);
+    edit(c.as_object_mut().unwrap());
+    import(&c.to_string()).unwrap_err().to_string()
+}
+
+#[test]
+fn what_cannot_be_imported_faithfully_is_an_error() {
+    let e = import_err("llama", |c| {
+        c.insert("model_type".into(), "mamba".into());
+    });
+    assert!(e.contains("model_type `mamba` is not supported"), "{e}");
+    let e = import_err("gpt2", |c| {
+        c.insert("scale_attn_by_inverse_layer_idx".into(), true.into());
+    });
+    assert!(e.contains("`scale_attn_by_inverse_layer_idx` = true"), "{e}");
+    let e = import_err("llama", |c| {
+        c.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+        );
+    });
+    assert!(e.contains("rope_parameters"), "{e}");
+    let e = import_err("llama", |c| {
+        c.insert("hidden_act".into(), "mish".into());
+    });
+    assert!(e.contains("`hidden_act` = \"mish\""), "{e}");
+    let e = import_err("mistral", |c| {
+        c.insert("frobnicate".into(), 3.into());
+    });
+    assert!(e.contains("`frobnicate` = 3") && e.contains("does not know"), "{e}");
+    let e = import_err("phi", |c| {
+        c.remove("hidden_size");
+    });
+    assert!(e.contains("`hidden_size` is missing"), "{e}");
+    assert!(import("[1, 2]").unwrap_err().to_string().contains("not an object"));
+}
+
+#[test]
+fn a_post_layernorm_opt_and_a_pre_layernorm_opt_differ() {
+    let pre = import_err_free("opt_postln", |c| {
+        c.insert("do_layer_norm_before".into(), true.into());
+    });
+    assert!(pre.contains("x = x + attn(attn_norm(x))") && pre.contains("final_norm: layernorm"));
+    let post = import_err_free("opt_postln", |_| {});
+    assert!(post.contains("x = attn_norm(x + attn(x))") && !post.contains("final_norm"));
+}
+
+fn import_err_free(arch: &str, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+    let mut c = config(arch);
+    edit(c.as_object_mut().unwrap());
+    import(&c.to_string()).unwrap()
+}

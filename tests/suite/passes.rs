@@ -1,0 +1,85 @@
+//! Small before/after checks of each pass, on the tiny GPT-2 spec.
+
+use tfc::interp::{run, Inputs, WeightSource, Weights};
+use tfc::ir::{verify, Dim, Graph, InputKind, Op};
+use tfc::Options;
+
+use crate::common::*;
+
+fn count(g: &Graph, f: impl Fn(&Op) -> bool) -> usize {
+    g.node_ids().into_iter().filter(|&n| f(g.op(n))).count()
+}
+
+fn gpt2(all_logits: bool) -> tfc::Compiled {
+    compile(&root().join("specs/tiny/gpt2.tfs"), &Options { all_logits, verify: true })
+}
+
+#[test]
+fn cse_merges_the_tied_unembedding_with_the_embedding() {
+    let c = gpt2(false);
+    let wte =
+        |g: &Graph| count(g, |op| matches!(op, Op::Weight { name, .. } if name == "transformer.wte.weight"));
+    assert_eq!(wte(&c.lowered), 2);
+    assert_eq!(wte(&c.model), 1);
+    // One positions node per attention and one for the embedding become one.
+    assert_eq!(count(&c.lowered, |op| *op == Op::Positions), 3);
+    assert_eq!(count(&c.model, |op| *op == Op::Positions), 1);
+}
+
+#[test]
+fn fusion_replaces_every_attention_chain() {
+    let c = gpt2(false);
+    let softmax = |g: &Graph| count(g, |op| *op == Op::Softmax);
+    let fused = |g: &Graph| count(g, |op| matches!(op, Op::Attention { .. }));
+    assert_eq!((softmax(&c.lowered), fused(&c.lowered)), (2, 0));
+    assert_eq!((softmax(&c.model), fused(&c.model)), (0, 2));
+    assert_eq!(count(&c.model, |op| matches!(op, Op::Mask(_) | Op::Scale(_) | Op::HeadMatMul { .. })), 0);
+}
+
+#[test]
+fn split_makes_the_cache_explicit() {
+    let c = gpt2(false);
+    let d = c.decode.as_ref().unwrap();
+    let caches: Vec<_> = d
+        .node_ids()
+        .into_iter()
+        .filter(|&n| matches!(d.op(n), Op::Input(InputKind::Cache { .. })))
+        .map(|n| d.ty(n).shape.clone())
+        .collect();
+    assert_eq!(caches.len(), 4);
+    assert!(caches.iter().all(|s| *s == [Dim::fixed(4), Dim::P, Dim::fixed(16)]));
+    assert_eq!(d.ty(d.output("logits").unwrap()).shape, [Dim::fixed(1), Dim::fixed(384)]);
+    assert_eq!(d.ty(d.output("cache.k.1").unwrap()).shape, [Dim::fixed(4), Dim::fixed(1), Dim::fixed(16)]);
+    let p = &c.prefill;
+    assert_eq!(p.ty(p.output("cache.v.0").unwrap()).shape, [Dim::fixed(4), Dim::T, Dim::fixed(16)]);
+    assert_eq!(p.ty(p.output("logits").unwrap()).shape, [Dim::fixed(1), Dim::fixed(384)]);
+    let all = gpt2(true);
+    assert_eq!(all.prefill.ty(all.prefill.output("logits").unwrap()).shape, [Dim::T, Dim::fixed(384)]);
+}
+
+#[test]
+fn narrowing_runs_the_head_on_one_row() {
+    let c = gpt2(false);
+    let p = &c.prefill;
+    // Only the final norm and the unembedding follow last_row.
+    let lr = p.node_ids().into_iter().find(|&n| *p.op(n) == Op::LastRow).unwrap();
+    let user = p.users(lr)[0];
+    assert!(matches!(p.op(user), Op::LayerNorm { .. }));
+    assert_eq!(p.ty(user).shape[0], Dim::fixed(1));
+    // And the result is unchanged.
+    let w = Weights::bind(&[&c.prefill, &c.model], &WeightSource::Random { seed: 3 }).unwrap();
+    let inputs = Inputs { tokens: vec![5, 6, 7], ..Inputs::default() };
+    let last = run(p, &w, &inputs).unwrap().remove("logits").unwrap();
+    let full = run(&c.model, &w, &inputs).unwrap().remove("logits").unwrap();
+    assert_close("narrowed logits", &last.data, full.row(2), 0.0);
+}
+
+#[test]
+fn the_verifier_rejects_a_wrong_type() {
+    let mut g = gpt2(false).model;
+    let add = g.node_ids().into_iter().find(|&n| *g.op(n) == Op::Add).unwrap();
+    verify(&g).unwrap();
+    g.node_mut(add).ty.as_mut().unwrap().shape[1] = Dim::fixed(65);
+    let e = verify(&g).unwrap_err().to_string();
+    assert!(e.starts_with("bug:") && e.contains("(add)") && e.contains("the rule gives [T, 64] f32"), "{e}");
+}

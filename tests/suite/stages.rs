@@ -1,0 +1,61 @@
+//! Snapshots of every compiler stage for every spec in `specs/` and `tests/specs/valid/`,
+//! plus the architecture drawing of each. The verifier runs after every pass.
+
+use tfc::Options;
+
+use crate::common::*;
+
+#[test]
+fn every_stage_of_every_spec() {
+    let mut specs = specs_in(&root().join("specs"));
+    specs.extend(specs_in(&root().join("tests/specs/valid")));
+    for path in specs {
+        let c = compile(&path, &Options::default());
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        for &stage in tfc::STAGES {
+            let text = match c.stage(stage) {
+                Some(g) => tfc::ir::print(g),
+                None => format!("`{}` has bidirectional attention: no {stage} graph\n", c.spec.name),
+            };
+            insta::assert_snapshot!(format!("{stem}@{stage}"), text);
+        }
+    }
+}
+
+#[test]
+fn architecture_drawings() {
+    for name in ["gpt2", "phi", "opt_postln"] {
+        let c = compile(&root().join(format!("specs/tiny/{name}.tfs")), &Options::default());
+        insta::assert_snapshot!(
+            format!("{name}@dot"),
+            tfc::ir::dot::to_dot(&c.model, c.spec.sizes.layers as u32)
+        );
+    }
+}
+
+#[test]
+fn dump_after_reports_each_pass() {
+    let path = root().join("specs/tiny/llama.tfs");
+    let source = std::fs::read_to_string(&path).unwrap();
+    let mut seen = Vec::new();
+    tfc::compile("llama.tfs", &source, &Options::default(), &mut |pass, g| {
+        seen.push(format!("{pass}:{}", g.phase.name()))
+    })
+    .unwrap();
+    assert_eq!(
+        seen,
+        [
+            "shape_infer:model",
+            "cse:model",
+            "dce:model",
+            "fuse_attention:model",
+            "split:prefill",
+            "narrow_last_row:prefill",
+            "cse:prefill",
+            "dce:prefill",
+            "split:decode",
+            "cse:decode",
+            "dce:decode"
+        ]
+    );
+}
