@@ -391,8 +391,10 @@ fn attention(
             None
         }
         _ => {
-            if !(f.has("q") && f.has("k") && f.has("v")) && !f.has("qkv") {
-                diags.push(missing(c, "q", "the projections: `q`, `k` and `v`, or a fused `qkv`"));
+            let absent: Vec<&str> = ["q", "k", "v"].into_iter().filter(|k| !f.has(k)).collect();
+            if !f.has("qkv") && !absent.is_empty() {
+                let what = "the projections: `q`, `k` and `v`, or a fused `qkv`";
+                diags.push(missing(c, &absent.join("`, `"), what));
             }
             None
         }

@@ -94,9 +94,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> T
         let xr = x.row(r);
         for o in 0..out_f {
             let mut acc = b.map_or(0.0, |b| b.data[o] as f64);
-            for i in 0..inn {
+            for (i, &xv) in xr.iter().enumerate() {
                 let wv = if transposed { w.data[i * out_f + o] } else { w.data[o * inn + i] };
-                acc += xr[i] as f64 * wv as f64;
+                acc += xv as f64 * wv as f64;
             }
             out[r * out_f + o] = acc as f32;
         }

@@ -381,9 +381,9 @@ impl Op {
             Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
                 float(0)?;
                 let d = last(0);
-                for i in 1..ins.len() {
-                    if ins[i].shape != [d] {
-                        return Err(format!("norm parameter {i} must be [{d}], is {}", ins[i]));
+                for (i, p) in ins.iter().enumerate().skip(1) {
+                    if p.shape != [d] {
+                        return Err(format!("norm parameter {i} must be [{d}], is {p}"));
                     }
                 }
                 Ok(ins[0].clone())
