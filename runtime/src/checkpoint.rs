@@ -13,7 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid safetensors file: {message}")]
     Format { path: PathBuf, message: String },
@@ -112,8 +112,14 @@ impl Checkpoint {
 
     /// The most similar tensor names, to say what was probably meant.
     fn hint(&self, name: &str) -> String {
-        let mut best: Vec<(&str, usize)> =
-            self.index.keys().map(|k| (k.as_str(), common_affix(k, name))).collect();
+        // Only names of the same kind of tensor (`.weight`, `.bias`, …) are candidates.
+        let kind = |n: &str| n.rsplit('.').next().map(str::to_string);
+        let mut best: Vec<(&str, usize)> = self
+            .index
+            .keys()
+            .filter(|k| kind(k) == kind(name))
+            .map(|k| (k.as_str(), common_affix(k, name)))
+            .collect();
         best.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
         match best.first() {
             Some((k, score)) if *score > name.len() / 2 => format!(" (did you mean `{k}`?)"),

@@ -83,3 +83,23 @@ macro_rules! fixture_tests {
 }
 
 fixture_tests!(bert, bloom, gemma, gpt2, gpt_neox, llama, mistral, opt_postln, phi, qwen2);
+
+#[test]
+fn a_checkpoint_that_does_not_fit_is_a_clear_error() {
+    let bind = |spec: &str, ck: &str| {
+        let c = compile(&root().join("specs/tiny").join(spec), &Options::default());
+        let ck = Checkpoint::open(root().join("tests/fixtures/hf").join(ck)).unwrap();
+        Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).err().map(|e| e.to_string())
+    };
+    let missing = bind("qwen2.tfs", "llama").unwrap();
+    assert_eq!(missing, "the checkpoint has no tensor `model.layers.0.self_attn.q_proj.bias`");
+    let shape = bind("gemma.tfs", "llama").unwrap();
+    assert!(
+        shape.contains(
+            "`model.layers.0.self_attn.q_proj.weight` has shape [64, 64], the model expects [128, 64]"
+        ),
+        "{shape}"
+    );
+    let e = Checkpoint::open(root().join("tests/fixtures")).err().unwrap().to_string();
+    assert!(e.contains("holds no `model.safetensors`"), "{e}");
+}
