@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tfc::interp::{argmax, Session, Tensor, WeightSource, Weights};
 use tfc::{CompileError, Compiled, Options};
 
+const STAGES: [&str; 6] = ["lowered", "model", "prefill", "decode", "llvm", "llvm-opt"];
+
 #[derive(Parser)]
 #[command(name = "tfc", version, about = "A compiler for transformer architectures", long_about = None)]
 struct Cli {
@@ -29,8 +31,9 @@ enum Command {
         /// The spec file (`.tfs`).
         spec: PathBuf,
         /// Which stage: lowered (before any pass), model (after the model passes),
-        /// prefill or decode (after the split and their own passes).
-        #[arg(long, default_value = "model", value_parser = clap::builder::PossibleValuesParser::new(tfc::STAGES))]
+        /// prefill or decode (after the split and their own passes), llvm (the LLVM IR
+        /// of the library) or llvm-opt (after `default<O3>`).
+        #[arg(long, default_value = "model", value_parser = clap::builder::PossibleValuesParser::new(STAGES))]
         stage: String,
         /// Instead of a stage, print the graph after each run of this pass.
         #[arg(long, value_name = "PASS", value_parser = clap::builder::PossibleValuesParser::new(tfc::passes::PASS_NAMES))]
@@ -38,6 +41,18 @@ enum Command {
         /// Prefill returns the logits of every position, not only the last.
         #[arg(long)]
         all_logits: bool,
+    },
+    /// Compile a spec to a shared library with a C header and a manifest.
+    Compile {
+        /// The spec file (`.tfs`).
+        spec: PathBuf,
+        /// The output folder: `lib<name>.so`, `<name>.h`, `manifest.json`.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The CPU to generate code for: `native` (the host, default) or an LLVM CPU name
+        /// such as `x86-64-v3` or `sapphirerapids`.
+        #[arg(long, default_value = "native")]
+        target_cpu: String,
     },
     /// Draw the architecture as Graphviz DOT (or SVG when the output ends in `.svg`).
     Graph {
@@ -154,6 +169,13 @@ fn dispatch(cmd: Command) -> Result<()> {
                 }
             }
             print!("{out}");
+        }
+        Command::Compile { spec, output, target_cpu } => {
+            let source =
+                std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
+            let opts = tfc::backend::LibOptions { target_cpu: Some(target_cpu) };
+            let a = tfc::backend::compile_library(&spec.display().to_string(), &source, &output, &opts)?;
+            println!("{}\n{}\n{}", a.library.display(), a.header.display(), a.manifest.display());
         }
         Command::Graph { spec, output } => {
             let c = compile(&spec, &Options::default())?;

@@ -77,26 +77,32 @@ impl Checkpoint {
         self.index.contains_key(name)
     }
 
-    /// The tensor `name` as `f32`, checked against the expected shape.
-    pub fn get(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+    /// The stored bytes of tensor `name` (in the mapping, not copied) and its dtype,
+    /// checked against the expected shape.
+    pub fn raw(&self, name: &str, expected: &[usize]) -> Result<(Dtype, &[u8]), CheckpointError> {
         let Some(&i) = self.index.get(name) else {
             return Err(CheckpointError::Missing { name: name.to_string(), hint: self.hint(name) });
         };
         let (path, map) = &self.files[i];
-        let st = SafeTensors::deserialize(map)
-            .map_err(|e| CheckpointError::Format { path: path.clone(), message: e.to_string() })?;
-        let t = st
-            .tensor(name)
-            .map_err(|e| CheckpointError::Format { path: path.clone(), message: e.to_string() })?;
+        let bad = |e: safetensors::SafeTensorError| CheckpointError::Format {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let st = SafeTensors::deserialize(map).map_err(bad)?;
+        let t = st.tensor(name).map_err(bad)?;
         if t.shape() != expected {
-            return Err(CheckpointError::Shape {
-                name: name.into(),
-                found: t.shape().to_vec(),
-                expected: expected.to_vec(),
-            });
+            let (found, expected) = (t.shape().to_vec(), expected.to_vec());
+            return Err(CheckpointError::Shape { name: name.into(), found, expected });
         }
-        let bytes = t.data();
-        Ok(match t.dtype() {
+        // The view borrows `map`, which lives as long as `self`.
+        let start = t.data().as_ptr() as usize - map.as_ptr() as usize;
+        Ok((t.dtype(), &map[start..start + t.data().len()]))
+    }
+
+    /// The tensor `name` as `f32`, checked against the expected shape.
+    pub fn get(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        let (dtype, bytes) = self.raw(name, expected)?;
+        Ok(match dtype {
             Dtype::F32 => {
                 bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
             }

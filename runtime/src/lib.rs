@@ -1,8 +1,13 @@
 //! The tfc runtime: what a program needs to run a compiled model, without LLVM.
 //!
-//! For now it reads checkpoints; the loader of compiled libraries and the session API
-//! build on it.
+//! It owns the ABI definition ([`abi`]), reads checkpoints ([`checkpoint`]), loads
+//! compiled libraries and runs them ([`model`]).
 
+pub mod abi;
 pub mod checkpoint;
+pub mod model;
+pub mod sampling;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
+pub use model::{Model, RuntimeError, Session, WeightData};
+pub use sampling::{argmax, Sampler, SplitMix64};

@@ -1,6 +1,7 @@
 //! The integration tests of the whole workspace, in one binary (each binary that links
 //! LLVM and MLIR is large and slow to link).
 
+mod backends;
 mod common;
 mod diagnostics;
 mod equivalence;

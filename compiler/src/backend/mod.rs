@@ -1,5 +1,18 @@
-//! Code generation backends. The LLVM (inkwell) and MLIR (melior) toolchains are linked
-//! here; [`toolchain`] reports what this build can target.
+//! Code generation backends and the artifact they produce.
+//!
+//! [`llvm`] lowers the prefill and decode graphs to one LLVM module; [`compile_library`]
+//! optimises it, emits an object for the host (or a chosen CPU), and links it with the
+//! C half of the ABI (`tfc_runtime::abi`) into `lib<name>.so`, beside `<name>.h` and
+//! `manifest.json`.
+
+pub mod llvm;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tfc_runtime::abi::{self, KvCache, Manifest, WeightInfo};
+
+use crate::{Compiled, Options};
 
 /// A one-line description of the linked code generators and the host.
 pub fn toolchain() -> String {
@@ -11,16 +24,160 @@ pub fn toolchain() -> String {
     let dialects = melior::dialect::DialectRegistry::new();
     melior::utility::register_all_dialects(&dialects);
     mlir.append_dialect_registry(&dialects);
+    mlir.load_all_available_dialects();
     let (major, minor, patch) = inkwell::support::get_llvm_version();
     format!(
         "LLVM {major}.{minor}.{patch} (host {}, cpu {}), MLIR with {} dialects",
         triple.as_str().to_string_lossy(),
         cpu.to_string_lossy(),
-        dialects_count(&mlir)
+        mlir.loaded_dialect_count()
     )
 }
 
-fn dialects_count(ctx: &melior::Context) -> usize {
-    ctx.load_all_available_dialects();
-    ctx.loaded_dialect_count()
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Llvm(#[from] llvm::LlvmError),
+    #[error(transparent)]
+    Compile(#[from] crate::CompileError),
+    #[error("cannot write {path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("linking {lib} with `{cc}` failed:\n{stderr}")]
+    Link { cc: String, lib: PathBuf, stderr: String },
+}
+
+/// What `tfc compile` wrote.
+#[derive(Debug)]
+pub struct Artifact {
+    pub library: PathBuf,
+    pub header: PathBuf,
+    pub manifest: PathBuf,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LibOptions {
+    /// `None` or `native`: the host CPU with its features; otherwise an LLVM CPU name.
+    pub target_cpu: Option<String>,
+}
+
+/// The three graphs a library holds, from one spec.
+pub struct LibGraphs {
+    pub compiled: Compiled,
+    pub prefill_all: crate::ir::Graph,
+}
+
+pub fn lib_graphs(file: &str, source: &str) -> Result<LibGraphs, crate::CompileError> {
+    let compiled = crate::compile(file, source, &Options::default(), &mut |_, _| {})?;
+    let all = crate::compile(file, source, &Options { all_logits: true, verify: true }, &mut |_, _| {})?;
+    Ok(LibGraphs { compiled, prefill_all: all.prefill })
+}
+
+impl LibGraphs {
+    pub fn graphs(&self) -> llvm::Graphs<'_> {
+        llvm::Graphs {
+            prefill: &self.compiled.prefill,
+            prefill_all: &self.prefill_all,
+            decode: self.compiled.decode.as_ref(),
+        }
+    }
+
+    pub fn weight_table(&self) -> llvm::WeightTable {
+        let mut gs = vec![&self.compiled.prefill, &self.prefill_all];
+        gs.extend(self.compiled.decode.as_ref());
+        llvm::WeightTable::of(&gs)
+    }
+}
+
+/// The LLVM IR of a spec's library, before (`optimized = false`) or after `default<O3>`.
+pub fn llvm_ir(file: &str, source: &str, optimized: bool, opts: &LibOptions) -> Result<String, BackendError> {
+    let lg = lib_graphs(file, source)?;
+    let cx = inkwell::context::Context::create();
+    let (m, _) = llvm::build(&cx, &lg.compiled, &lg.graphs(), &lg.weight_table())?;
+    let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
+    m.set_triple(&tm.get_triple());
+    m.set_data_layout(&tm.get_target_data().get_data_layout());
+    if optimized {
+        llvm::optimize(&m, &tm)?;
+    }
+    Ok(m.print_to_string().to_string())
+}
+
+/// Compiles a spec to `out_dir/lib<name>.so`, `<name>.h` and `manifest.json`.
+pub fn compile_library(
+    file: &str,
+    source: &str,
+    out_dir: &Path,
+    opts: &LibOptions,
+) -> Result<Artifact, BackendError> {
+    let lg = lib_graphs(file, source)?;
+    let c = &lg.compiled;
+    let weights = lg.weight_table();
+    let cx = inkwell::context::Context::create();
+    let (m, layout) = llvm::build(&cx, c, &lg.graphs(), &weights)?;
+    let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
+    let object = llvm::optimize_and_emit(&m, &tm)?;
+
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: std::io::Error| BackendError::Io { path, message: e.to_string() }
+    };
+    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    let name = &c.spec.name;
+    let work = out_dir.join(format!(".{name}.build"));
+    std::fs::create_dir_all(&work).map_err(io(&work))?;
+    let (obj, support, header) =
+        (work.join("model.o"), work.join("support.c"), out_dir.join(format!("{name}.h")));
+    std::fs::write(&obj, &object).map_err(io(&obj))?;
+    std::fs::write(&support, abi::SUPPORT_C).map_err(io(&support))?;
+    std::fs::write(&header, abi::HEADER).map_err(io(&header))?;
+    std::fs::write(work.join("tfc.h"), abi::HEADER).map_err(io(&work))?;
+    let library = out_dir.join(format!("lib{name}.so"));
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let result = Command::new(&cc)
+        .args(["-O2", "-fPIC", "-shared", "-std=c11", "-pthread", "-o"])
+        .arg(&library)
+        .arg(&support)
+        .arg(&obj)
+        .arg("-lm")
+        .output()
+        .map_err(|e| BackendError::Link { cc: cc.clone(), lib: library.clone(), stderr: e.to_string() })?;
+    if !result.status.success() {
+        let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+        return Err(BackendError::Link { cc, lib: library, stderr });
+    }
+    let _ = std::fs::remove_dir_all(&work);
+
+    let cpu = match opts.target_cpu.as_deref() {
+        None | Some("native") => inkwell::targets::TargetMachine::get_host_cpu_name().to_string(),
+        Some(c) => c.to_string(),
+    };
+    let per_token: usize = layout.cache.values().map(|(_, g, hd)| g * hd * 4).sum();
+    let manifest = Manifest {
+        name: name.clone(),
+        abi_version: abi::ABI_VERSION,
+        backend: "llvm".into(),
+        target_cpu: cpu,
+        library: format!("lib{name}.so"),
+        vocab: layout.vocab,
+        max_seq: layout.max_seq,
+        output: c.prefill.outputs[0].0.clone(),
+        output_width: layout.out_width,
+        has_decode: c.decode.is_some(),
+        kv_cache: KvCache {
+            layout: "per layer, K then V: [kv_heads][max_seq][head_dim] f32".into(),
+            bytes_per_token: per_token,
+            bytes: layout.cache_bytes as usize,
+        },
+        weights: weights
+            .names
+            .iter()
+            .map(|(n, s, d)| WeightInfo { name: n.clone(), shape: s.clone(), dtype: d.name().into() })
+            .collect(),
+        spec_hash: abi::fnv1a(source),
+        spec: source.to_string(),
+    };
+    let mpath = out_dir.join("manifest.json");
+    let text = serde_json::to_string_pretty(&manifest).expect("a manifest serialises");
+    std::fs::write(&mpath, text).map_err(io(&mpath))?;
+    Ok(Artifact { library, header, manifest: mpath })
 }

@@ -11,6 +11,7 @@ pub mod weights;
 
 use std::collections::HashMap;
 
+pub use ops::alibi_slopes;
 pub use session::{argmax, Session};
 pub use weights::{WeightSource, Weights};
 

@@ -1,0 +1,253 @@
+//! A small layer over inkwell's builder for writing loop nests: constants, loads and
+//! stores by element index, counted loops and reduction loops with phi nodes.
+
+use inkwell::builder::Builder;
+use inkwell::context::Context;
+use inkwell::module::Module;
+use inkwell::types::{BasicMetadataTypeEnum, FloatType, IntType, PointerType};
+use inkwell::values::{
+    BasicMetadataValueEnum, BasicValueEnum, FloatValue, FunctionValue, InstructionValue, IntValue,
+    PointerValue,
+};
+use inkwell::{FloatPredicate, IntPredicate};
+
+pub struct Kb<'a, 'ctx> {
+    pub cx: &'ctx Context,
+    pub m: &'a Module<'ctx>,
+    pub b: Builder<'ctx>,
+    pub f: FunctionValue<'ctx>,
+}
+
+fn ok<T>(r: Result<T, inkwell::builder::BuilderError>) -> T {
+    r.expect("bug: LLVM builder misuse")
+}
+
+impl<'a, 'ctx> Kb<'a, 'ctx> {
+    pub fn new(cx: &'ctx Context, m: &'a Module<'ctx>, f: FunctionValue<'ctx>) -> Self {
+        let b = cx.create_builder();
+        let entry = cx.append_basic_block(f, "entry");
+        b.position_at_end(entry);
+        Kb { cx, m, b, f }
+    }
+
+    pub fn i64t(&self) -> IntType<'ctx> {
+        self.cx.i64_type()
+    }
+    pub fn f32t(&self) -> FloatType<'ctx> {
+        self.cx.f32_type()
+    }
+    pub fn f64t(&self) -> FloatType<'ctx> {
+        self.cx.f64_type()
+    }
+    pub fn ptrt(&self) -> PointerType<'ctx> {
+        self.cx.ptr_type(inkwell::AddressSpace::default())
+    }
+
+    pub fn c(&self, v: i64) -> IntValue<'ctx> {
+        self.i64t().const_int(v as u64, true)
+    }
+    pub fn fc(&self, v: f64) -> FloatValue<'ctx> {
+        self.f32t().const_float(v)
+    }
+    pub fn dc(&self, v: f64) -> FloatValue<'ctx> {
+        self.f64t().const_float(v)
+    }
+
+    pub fn add(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        ok(self.b.build_int_add(a, b, ""))
+    }
+    pub fn sub(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        ok(self.b.build_int_sub(a, b, ""))
+    }
+    pub fn mul(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        ok(self.b.build_int_mul(a, b, ""))
+    }
+    pub fn div(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        ok(self.b.build_int_signed_div(a, b, ""))
+    }
+    pub fn rem(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        ok(self.b.build_int_signed_rem(a, b, ""))
+    }
+    pub fn min(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        let lt = ok(self.b.build_int_compare(IntPredicate::SLT, a, b, ""));
+        ok(self.b.build_select(lt, a, b, "")).into_int_value()
+    }
+    pub fn max(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        let gt = ok(self.b.build_int_compare(IntPredicate::SGT, a, b, ""));
+        ok(self.b.build_select(gt, a, b, "")).into_int_value()
+    }
+
+    /// Marks a float instruction reassociable and contractible, so reductions vectorise.
+    fn fast(&self, v: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        if let Some(i) = v.as_instruction() {
+            let flags =
+                inkwell::values::FastMathFlags::AllowReassoc | inkwell::values::FastMathFlags::AllowContract;
+            let _ = InstructionValue::set_fast_math_flags(i, flags);
+        }
+        v
+    }
+    pub fn fadd(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        self.fast(ok(self.b.build_float_add(a, b, "")))
+    }
+    pub fn fsub(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        self.fast(ok(self.b.build_float_sub(a, b, "")))
+    }
+    pub fn fmul(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        self.fast(ok(self.b.build_float_mul(a, b, "")))
+    }
+    pub fn fdiv(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        ok(self.b.build_float_div(a, b, ""))
+    }
+    pub fn fmax(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        let gt = ok(self.b.build_float_compare(FloatPredicate::OGT, a, b, ""));
+        ok(self.b.build_select(gt, a, b, "")).into_float_value()
+    }
+    pub fn to_f64(&self, v: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        ok(self.b.build_float_ext(v, self.f64t(), ""))
+    }
+    pub fn to_f32(&self, v: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        ok(self.b.build_float_trunc(v, self.f32t(), ""))
+    }
+    pub fn i_to_f64(&self, v: IntValue<'ctx>) -> FloatValue<'ctx> {
+        ok(self.b.build_signed_int_to_float(v, self.f64t(), ""))
+    }
+
+    /// `base + idx` elements of `ty`.
+    pub fn gep(
+        &self,
+        ty: impl inkwell::types::BasicType<'ctx>,
+        base: PointerValue<'ctx>,
+        idx: IntValue<'ctx>,
+    ) -> PointerValue<'ctx> {
+        // SAFETY: indices are in bounds by construction of the buffer plan.
+        unsafe { ok(self.b.build_in_bounds_gep(ty, base, &[idx], "")) }
+    }
+    pub fn ld(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> FloatValue<'ctx> {
+        let p = self.gep(self.f32t(), base, idx);
+        ok(self.b.build_load(self.f32t(), p, "")).into_float_value()
+    }
+    pub fn st(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, v: FloatValue<'ctx>) {
+        let p = self.gep(self.f32t(), base, idx);
+        ok(self.b.build_store(p, v));
+    }
+    /// Loads an `i32` element, sign-extended to `i64`.
+    pub fn ldi(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> IntValue<'ctx> {
+        let p = self.gep(self.cx.i32_type(), base, idx);
+        let v = ok(self.b.build_load(self.cx.i32_type(), p, "")).into_int_value();
+        ok(self.b.build_int_s_extend(v, self.i64t(), ""))
+    }
+    pub fn sti(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, v: IntValue<'ctx>) {
+        let p = self.gep(self.cx.i32_type(), base, idx);
+        let v = ok(self.b.build_int_truncate(v, self.cx.i32_type(), ""));
+        ok(self.b.build_store(p, v));
+    }
+    pub fn ld64(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> IntValue<'ctx> {
+        let p = self.gep(self.i64t(), base, idx);
+        ok(self.b.build_load(self.i64t(), p, "")).into_int_value()
+    }
+    pub fn st64(&self, base: PointerValue<'ctx>, idx: i64, v: IntValue<'ctx>) {
+        let p = self.gep(self.i64t(), base, self.c(idx));
+        ok(self.b.build_store(p, v));
+    }
+    pub fn ptr_of(&self, v: IntValue<'ctx>) -> PointerValue<'ctx> {
+        ok(self.b.build_int_to_ptr(v, self.ptrt(), ""))
+    }
+    pub fn int_of(&self, p: PointerValue<'ctx>) -> IntValue<'ctx> {
+        ok(self.b.build_ptr_to_int(p, self.i64t(), ""))
+    }
+    pub fn alloca_f32(&self) -> PointerValue<'ctx> {
+        ok(self.b.build_alloca(self.f32t(), ""))
+    }
+    pub fn load_f32(&self, p: PointerValue<'ctx>) -> FloatValue<'ctx> {
+        ok(self.b.build_load(self.f32t(), p, "")).into_float_value()
+    }
+    pub fn store(&self, p: PointerValue<'ctx>, v: impl inkwell::values::BasicValue<'ctx>) {
+        ok(self.b.build_store(p, v));
+    }
+
+    /// Calls an LLVM intrinsic such as `llvm.exp` overloaded on the arguments' type.
+    pub fn intrinsic(&self, name: &str, args: &[FloatValue<'ctx>]) -> FloatValue<'ctx> {
+        let ty = args[0].get_type();
+        let intr = inkwell::intrinsics::Intrinsic::find(name).expect("bug: unknown intrinsic");
+        let f = intr.get_declaration(self.m, &[ty.into()]).expect("bug: intrinsic declaration");
+        let args: Vec<BasicMetadataValueEnum> = args.iter().map(|a| (*a).into()).collect();
+        ok(self.b.build_call(f, &args, "")).try_as_basic_value().basic().unwrap().into_float_value()
+    }
+
+    /// Calls an external C function `double name(double)`.
+    pub fn libm(&self, name: &str, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        let f = self.m.get_function(name).unwrap_or_else(|| {
+            let ty = self.f64t().fn_type(&[BasicMetadataTypeEnum::FloatType(self.f64t())], false);
+            self.m.add_function(name, ty, None)
+        });
+        ok(self.b.build_call(f, &[x.into()], "")).try_as_basic_value().basic().unwrap().into_float_value()
+    }
+
+    /// `for i in lo..hi { body(i) }`.
+    pub fn for_(&self, lo: IntValue<'ctx>, hi: IntValue<'ctx>, body: impl FnOnce(IntValue<'ctx>)) {
+        self.fold(lo, hi, &[], |i, _| {
+            body(i);
+            vec![]
+        });
+    }
+
+    /// A counted loop carrying values: `acc = body(i, acc)` for `i in lo..hi`; returns the
+    /// final values.
+    pub fn fold(
+        &self,
+        lo: IntValue<'ctx>,
+        hi: IntValue<'ctx>,
+        init: &[BasicValueEnum<'ctx>],
+        body: impl FnOnce(IntValue<'ctx>, &[BasicValueEnum<'ctx>]) -> Vec<BasicValueEnum<'ctx>>,
+    ) -> Vec<BasicValueEnum<'ctx>> {
+        let pre = self.b.get_insert_block().unwrap();
+        let head = self.cx.append_basic_block(self.f, "loop");
+        let bodyb = self.cx.append_basic_block(self.f, "body");
+        let exit = self.cx.append_basic_block(self.f, "exit");
+        ok(self.b.build_unconditional_branch(head));
+        self.b.position_at_end(head);
+        let i = ok(self.b.build_phi(self.i64t(), "i"));
+        i.add_incoming(&[(&lo, pre)]);
+        let phis: Vec<_> = init
+            .iter()
+            .map(|v| {
+                let p = ok(self.b.build_phi(v.get_type(), ""));
+                p.add_incoming(&[(v, pre)]);
+                p
+            })
+            .collect();
+        let iv = i.as_basic_value().into_int_value();
+        let cond = ok(self.b.build_int_compare(IntPredicate::SLT, iv, hi, ""));
+        ok(self.b.build_conditional_branch(cond, bodyb, exit));
+        self.b.position_at_end(bodyb);
+        let cur: Vec<BasicValueEnum> = phis.iter().map(|p| p.as_basic_value()).collect();
+        let next = body(iv, &cur);
+        let latch = self.b.get_insert_block().unwrap();
+        let inc = self.add(iv, self.c(1));
+        i.add_incoming(&[(&inc, latch)]);
+        for (p, v) in phis.iter().zip(&next) {
+            p.add_incoming(&[(v, latch)]);
+        }
+        ok(self.b.build_unconditional_branch(head));
+        self.b.position_at_end(exit);
+        cur
+    }
+
+    /// `Σ body(i)` over `lo..hi` in `f32`, reassociable so that it vectorises.
+    pub fn sum(
+        &self,
+        lo: IntValue<'ctx>,
+        hi: IntValue<'ctx>,
+        body: impl FnOnce(IntValue<'ctx>) -> FloatValue<'ctx>,
+    ) -> FloatValue<'ctx> {
+        let r = self.fold(lo, hi, &[self.fc(0.0).into()], |i, acc| {
+            let v = body(i);
+            vec![self.fadd(acc[0].into_float_value(), v).into()]
+        });
+        r[0].into_float_value()
+    }
+
+    pub fn ret(&self) {
+        ok(self.b.build_return(None));
+    }
+}

@@ -1,0 +1,469 @@
+//! The kernels: one LLVM function per distinct op instance, with every size known at
+//! compile time baked in and the runtime ones (`T`, `P`, row counts) read from the
+//! argument block. A kernel has the task signature `void k(i64* args, i64 begin, i64 end)`
+//! and processes tasks `begin..end`, so the thread pool can split its work.
+
+use inkwell::attributes::AttributeLoc;
+use inkwell::module::Linkage;
+use inkwell::values::{FloatValue, FunctionValue, IntValue, PointerValue};
+
+use super::kb::Kb;
+use crate::interp::alibi_slopes;
+use crate::ir::{Act, AttnMask, QkvLayout, QkvPart};
+
+/// What a kernel computes; its argument block layout is given per variant.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kernel {
+    /// args: out(i32); tasks: 1. `out[t] = P + t`. Needs T, P.
+    Positions,
+    /// args: table, ids(i32), out; tasks: T rows.
+    Gather { d: usize, offset: usize },
+    /// args: pos(i32), out; tasks: T rows.
+    Sinusoidal { dim: usize, base: f64 },
+    /// args: a, b, out; tasks: rows.
+    Binary { mul: bool, width: usize },
+    /// args: x, out; tasks: rows.
+    Unary { op: UnaryOp, width: usize },
+    /// args: x, w, [b], out; tasks: rows.
+    LayerNorm { d: usize, eps: f64, bias: bool },
+    /// args: x, w, out; tasks: rows.
+    RmsNorm { d: usize, eps: f64, unit_offset: bool },
+    /// args: x, w, [b], out, rows; tasks: column blocks of `BLOCK`.
+    Linear { inn: usize, out: usize, transposed: bool, bias: bool },
+    /// args: x, out; tasks: rows.
+    SplitQkv { layout: QkvLayout, part: QkvPart, heads: usize, kv_heads: usize, head_dim: usize },
+    /// args: x, out, rows; tasks: rows.
+    SplitHeads { heads: usize, head_dim: usize },
+    /// args: x, out, rows; tasks: rows.
+    MergeHeads { heads: usize, head_dim: usize },
+    /// args: x, pos(i32), out, rows; tasks: heads.
+    Rope { head_dim: usize, rotary_dim: usize, theta: f64, interleaved: bool },
+    /// args: q, k, v, pos(i32), out, rows(T), S, k head stride, v head stride; tasks: H·T.
+    Attention { heads: usize, groups: usize, head_dim: usize, scale: f64, mask: AttnMask, alibi: bool },
+    /// args: x, out, rows; tasks: 1. Copies the last of `rows` rows.
+    LastRow { width: usize },
+    /// args: src, cache, rows(T), P; tasks: groups. Writes `src [G, T, hd]` at `P..P+T`.
+    CacheStore { head_dim: usize, max_seq: usize },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UnaryOp {
+    Scale(f64),
+    Act(Act),
+}
+
+/// Output columns per linear task: a block of weight rows that stays in cache while
+/// every activation row passes over it.
+pub const BLOCK: usize = 64;
+
+impl Kernel {
+    /// A name that is unique per distinct kernel, usable as a symbol.
+    pub fn symbol(&self) -> String {
+        let h = crate::ir::num;
+        match self {
+            Kernel::Positions => "positions".into(),
+            Kernel::Gather { d, offset } => format!("gather_d{d}_o{offset}"),
+            Kernel::Sinusoidal { dim, base } => format!("sinusoidal_{dim}_{}", h(*base).replace('.', "p")),
+            Kernel::Binary { mul, width } => format!("{}_{width}", if *mul { "mul" } else { "add" }),
+            Kernel::Unary { op: UnaryOp::Scale(s), width } => format!("scale_{width}_{:016x}", s.to_bits()),
+            Kernel::Unary { op: UnaryOp::Act(a), width } => format!("{}_{width}", a.name()),
+            Kernel::LayerNorm { d, eps, bias } => {
+                format!("layernorm_{d}_{:016x}_{}", eps.to_bits(), *bias as u8)
+            }
+            Kernel::RmsNorm { d, eps, unit_offset } => {
+                format!("rmsnorm_{d}_{:016x}_{}", eps.to_bits(), *unit_offset as u8)
+            }
+            Kernel::Linear { inn, out, transposed, bias } => {
+                format!(
+                    "linear_{inn}x{out}{}{}",
+                    if *transposed { "_t" } else { "" },
+                    if *bias { "_b" } else { "" }
+                )
+            }
+            Kernel::SplitQkv { layout, part, heads, kv_heads, head_dim } => {
+                format!("split_qkv_{}_{part:?}_{heads}_{kv_heads}_{head_dim}", layout.name())
+            }
+            Kernel::SplitHeads { heads, head_dim } => format!("split_heads_{heads}_{head_dim}"),
+            Kernel::MergeHeads { heads, head_dim } => format!("merge_heads_{heads}_{head_dim}"),
+            Kernel::Rope { head_dim, rotary_dim, theta, interleaved } => {
+                format!("rope_{head_dim}_{rotary_dim}_{:016x}_{}", theta.to_bits(), *interleaved as u8)
+            }
+            Kernel::Attention { heads, groups, head_dim, scale, mask, alibi } => format!(
+                "attention_{heads}_{groups}_{head_dim}_{:016x}_{}_{}_{}",
+                scale.to_bits(),
+                mask.causal as u8,
+                mask.window.unwrap_or(0),
+                *alibi as u8
+            ),
+            Kernel::LastRow { width } => format!("last_row_{width}"),
+            Kernel::CacheStore { head_dim, max_seq } => format!("cache_store_{head_dim}_{max_seq}"),
+        }
+    }
+}
+
+/// Emits the kernel as an internal function of `m`.
+pub fn emit<'ctx>(
+    kb_cx: &'ctx inkwell::context::Context,
+    m: &inkwell::module::Module<'ctx>,
+    k: &Kernel,
+) -> FunctionValue<'ctx> {
+    let ptr = kb_cx.ptr_type(inkwell::AddressSpace::default());
+    let i64t = kb_cx.i64_type();
+    let ty = kb_cx.void_type().fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
+    let f = m.add_function(&format!("tfc_k_{}", k.symbol()), ty, Some(Linkage::Internal));
+    f.add_attribute(AttributeLoc::Function, kb_cx.create_string_attribute("prefer-vector-width", "512"));
+    f.add_attribute(
+        AttributeLoc::Function,
+        kb_cx.create_enum_attribute(inkwell::attributes::Attribute::get_named_enum_kind_id("nounwind"), 0),
+    );
+    let kb = Kb::new(kb_cx, m, f);
+    let args = f.get_nth_param(0).unwrap().into_pointer_value();
+    let begin = f.get_nth_param(1).unwrap().into_int_value();
+    let end = f.get_nth_param(2).unwrap().into_int_value();
+    let a = |i: i64| kb.ld64(args, kb.c(i));
+    let p = |i: i64| kb.ptr_of(a(i));
+    body(&kb, k, &a, &p, begin, end);
+    kb.ret();
+    f
+}
+
+type ArgI<'c, 'f> = &'f dyn Fn(i64) -> IntValue<'c>;
+type ArgP<'c, 'f> = &'f dyn Fn(i64) -> PointerValue<'c>;
+
+fn body<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    a: ArgI<'ctx, '_>,
+    p: ArgP<'ctx, '_>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    match *k {
+        Kernel::Positions => {
+            // args: out, T, P
+            let (out, t, pp) = (p(0), a(1), a(2));
+            kb.for_(c(0), t, |i| kb.sti(out, i, kb.add(pp, i)));
+        }
+        Kernel::Gather { d, offset } => {
+            let (table, ids, out) = (p(0), p(1), p(2));
+            kb.for_(begin, end, |t| {
+                let row = kb.add(kb.ldi(ids, t), c(offset));
+                let (src, dst) = (kb.mul(row, c(d)), kb.mul(t, c(d)));
+                kb.for_(c(0), c(d), |j| kb.st(out, kb.add(dst, j), kb.ld(table, kb.add(src, j))));
+            });
+        }
+        Kernel::Sinusoidal { dim, base } => {
+            let (pos, out) = (p(0), p(1));
+            kb.for_(begin, end, |t| {
+                let pf = kb.i_to_f64(kb.ldi(pos, t));
+                for i in 0..dim / 2 {
+                    // Unrolled at compile time: the frequencies are constants.
+                    let inv = 1.0 / base.powf(2.0 * i as f64 / dim as f64);
+                    let ang = kb.fmul(pf, kb.dc(inv));
+                    let (s, co) = (kb.intrinsic("llvm.sin", &[ang]), kb.intrinsic("llvm.cos", &[ang]));
+                    let at = kb.add(kb.mul(t, c(dim)), c(2 * i));
+                    kb.st(out, at, kb.to_f32(s));
+                    kb.st(out, kb.add(at, c(1)), kb.to_f32(co));
+                }
+            });
+        }
+        Kernel::Binary { mul, width } => {
+            let (x, y, out) = (p(0), p(1), p(2));
+            kb.for_(begin, end, |r| {
+                let base = kb.mul(r, c(width));
+                kb.for_(c(0), c(width), |j| {
+                    let i = kb.add(base, j);
+                    let (u, v) = (kb.ld(x, i), kb.ld(y, i));
+                    kb.st(out, i, if mul { kb.fmul(u, v) } else { kb.fadd(u, v) });
+                });
+            });
+        }
+        Kernel::Unary { op, width } => {
+            let (x, out) = (p(0), p(1));
+            kb.for_(begin, end, |r| {
+                let base = kb.mul(r, c(width));
+                kb.for_(c(0), c(width), |j| {
+                    let i = kb.add(base, j);
+                    kb.st(out, i, unary(kb, op, kb.ld(x, i)));
+                });
+            });
+        }
+        Kernel::LayerNorm { d, eps, bias } => {
+            let (x, w) = (p(0), p(1));
+            let (b, out) = if bias { (Some(p(2)), p(3)) } else { (None, p(2)) };
+            kb.for_(begin, end, |r| {
+                let base = kb.mul(r, c(d));
+                let n = kb.fc(d as f64);
+                let mean = kb.fdiv(kb.sum(c(0), c(d), |j| kb.ld(x, kb.add(base, j))), n);
+                let var = kb.fdiv(
+                    kb.sum(c(0), c(d), |j| {
+                        let v = kb.fsub(kb.ld(x, kb.add(base, j)), mean);
+                        kb.fmul(v, v)
+                    }),
+                    n,
+                );
+                let inv = kb.fdiv(kb.fc(1.0), kb.intrinsic("llvm.sqrt", &[kb.fadd(var, kb.fc(eps))]));
+                kb.for_(c(0), c(d), |j| {
+                    let v = kb.fmul(kb.fmul(kb.fsub(kb.ld(x, kb.add(base, j)), mean), inv), kb.ld(w, j));
+                    let v = match b {
+                        Some(b) => kb.fadd(v, kb.ld(b, j)),
+                        None => v,
+                    };
+                    kb.st(out, kb.add(base, j), v);
+                });
+            });
+        }
+        Kernel::RmsNorm { d, eps, unit_offset } => {
+            let (x, w, out) = (p(0), p(1), p(2));
+            kb.for_(begin, end, |r| {
+                let base = kb.mul(r, c(d));
+                let ss = kb.sum(c(0), c(d), |j| {
+                    let v = kb.ld(x, kb.add(base, j));
+                    kb.fmul(v, v)
+                });
+                let ms = kb.fdiv(ss, kb.fc(d as f64));
+                let inv = kb.fdiv(kb.fc(1.0), kb.intrinsic("llvm.sqrt", &[kb.fadd(ms, kb.fc(eps))]));
+                kb.for_(c(0), c(d), |j| {
+                    let g = kb.ld(w, j);
+                    let g = if unit_offset { kb.fadd(g, kb.fc(1.0)) } else { g };
+                    kb.st(out, kb.add(base, j), kb.fmul(kb.fmul(kb.ld(x, kb.add(base, j)), inv), g));
+                });
+            });
+        }
+        Kernel::Linear { inn, out: n_out, transposed, bias } => {
+            let (x, w) = (p(0), p(1));
+            let (b, out, rows) = if bias { (Some(p(2)), p(3), a(4)) } else { (None, p(2), a(3)) };
+            kb.for_(begin, end, |blk| {
+                let o0 = kb.mul(blk, c(BLOCK));
+                let o1 = kb.min(kb.add(o0, c(BLOCK)), c(n_out));
+                kb.for_(c(0), rows, |t| {
+                    let xrow = kb.mul(t, c(inn));
+                    let yrow = kb.mul(t, c(n_out));
+                    let init = |o: IntValue<'ctx>| match b {
+                        Some(b) => kb.ld(b, o),
+                        None => kb.fc(0.0),
+                    };
+                    if transposed {
+                        // W [in, out]: accumulate whole rows of the block, vectorised over o.
+                        kb.for_(o0, o1, |o| kb.st(out, kb.add(yrow, o), init(o)));
+                        kb.for_(c(0), c(inn), |i| {
+                            let xv = kb.ld(x, kb.add(xrow, i));
+                            let wrow = kb.mul(i, c(n_out));
+                            kb.for_(o0, o1, |o| {
+                                let at = kb.add(yrow, o);
+                                let v = kb.fadd(kb.ld(out, at), kb.fmul(xv, kb.ld(w, kb.add(wrow, o))));
+                                kb.st(out, at, v);
+                            });
+                        });
+                    } else {
+                        // W [out, in]: one dot product per output.
+                        kb.for_(o0, o1, |o| {
+                            let wrow = kb.mul(o, c(inn));
+                            let dot = kb.sum(c(0), c(inn), |i| {
+                                kb.fmul(kb.ld(x, kb.add(xrow, i)), kb.ld(w, kb.add(wrow, i)))
+                            });
+                            kb.st(out, kb.add(yrow, o), kb.fadd(dot, init(o)));
+                        });
+                    }
+                });
+            });
+        }
+        Kernel::SplitQkv { layout, part, heads, kv_heads, head_dim } => {
+            let (x, out) = (p(0), p(1));
+            let n = if part == QkvPart::Q { heads } else { kv_heads };
+            let width = (heads + 2 * kv_heads) * head_dim;
+            let g = heads / kv_heads;
+            let col = |j: usize| -> usize {
+                match layout {
+                    QkvLayout::Concat => match part {
+                        QkvPart::Q => j * head_dim,
+                        QkvPart::K => (heads + j) * head_dim,
+                        QkvPart::V => (heads + kv_heads + j) * head_dim,
+                    },
+                    QkvLayout::Grouped => {
+                        let group = (g + 2) * head_dim;
+                        match part {
+                            QkvPart::Q => (j / g) * group + (j % g) * head_dim,
+                            QkvPart::K => j * group + g * head_dim,
+                            QkvPart::V => j * group + (g + 1) * head_dim,
+                        }
+                    }
+                }
+            };
+            kb.for_(begin, end, |t| {
+                let src = kb.mul(t, c(width));
+                let dst = kb.mul(t, c(n * head_dim));
+                for j in 0..n {
+                    let (s, d) = (kb.add(src, c(col(j))), kb.add(dst, c(j * head_dim)));
+                    kb.for_(c(0), c(head_dim), |i| kb.st(out, kb.add(d, i), kb.ld(x, kb.add(s, i))));
+                }
+            });
+        }
+        Kernel::SplitHeads { heads, head_dim } => {
+            let (x, out, rows) = (p(0), p(1), a(2));
+            kb.for_(begin, end, |t| {
+                kb.for_(c(0), c(heads), |h| {
+                    let src = kb.add(kb.mul(t, c(heads * head_dim)), kb.mul(h, c(head_dim)));
+                    let dst = kb.mul(kb.add(kb.mul(h, rows), t), c(head_dim));
+                    kb.for_(c(0), c(head_dim), |i| kb.st(out, kb.add(dst, i), kb.ld(x, kb.add(src, i))));
+                });
+            });
+        }
+        Kernel::MergeHeads { heads, head_dim } => {
+            let (x, out, rows) = (p(0), p(1), a(2));
+            kb.for_(begin, end, |t| {
+                kb.for_(c(0), c(heads), |h| {
+                    let src = kb.mul(kb.add(kb.mul(h, rows), t), c(head_dim));
+                    let dst = kb.add(kb.mul(t, c(heads * head_dim)), kb.mul(h, c(head_dim)));
+                    kb.for_(c(0), c(head_dim), |i| kb.st(out, kb.add(dst, i), kb.ld(x, kb.add(src, i))));
+                });
+            });
+        }
+        Kernel::Rope { head_dim, rotary_dim, theta, interleaved } => {
+            let (x, pos, out, rows) = (p(0), p(1), p(2), a(3));
+            kb.for_(begin, end, |h| {
+                kb.for_(c(0), rows, |t| {
+                    let base = kb.mul(kb.add(kb.mul(h, rows), t), c(head_dim));
+                    kb.for_(c(0), c(head_dim), |i| kb.st(out, kb.add(base, i), kb.ld(x, kb.add(base, i))));
+                    let pf = kb.i_to_f64(kb.ldi(pos, t));
+                    for i in 0..rotary_dim / 2 {
+                        let inv = 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64);
+                        let ang = kb.fmul(pf, kb.dc(inv));
+                        let (s, co) = (kb.intrinsic("llvm.sin", &[ang]), kb.intrinsic("llvm.cos", &[ang]));
+                        let (ia, ib) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + rotary_dim / 2) };
+                        let (pa, pb) = (kb.add(base, c(ia)), kb.add(base, c(ib)));
+                        let (x1, x2) = (kb.to_f64(kb.ld(x, pa)), kb.to_f64(kb.ld(x, pb)));
+                        let ra = kb.fsub(kb.fmul(x1, co), kb.fmul(x2, s));
+                        let rb = kb.fadd(kb.fmul(x2, co), kb.fmul(x1, s));
+                        kb.st(out, pa, kb.to_f32(ra));
+                        kb.st(out, pb, kb.to_f32(rb));
+                    }
+                });
+            });
+        }
+        Kernel::Attention { heads, groups, head_dim, scale, mask, alibi } => {
+            attention(kb, heads, groups, head_dim, scale, mask, alibi, a, p, begin, end)
+        }
+        Kernel::LastRow { width } => {
+            let (x, out, rows) = (p(0), p(1), a(2));
+            let src = kb.mul(kb.sub(rows, c(1)), c(width));
+            kb.for_(c(0), c(width), |i| kb.st(out, i, kb.ld(x, kb.add(src, i))));
+        }
+        Kernel::CacheStore { head_dim, max_seq } => {
+            let (src, cache, rows, pp) = (p(0), p(1), a(2), a(3));
+            kb.for_(begin, end, |g| {
+                kb.for_(c(0), rows, |t| {
+                    let s = kb.mul(kb.add(kb.mul(g, rows), t), c(head_dim));
+                    let d = kb.mul(kb.add(kb.mul(g, c(max_seq)), kb.add(pp, t)), c(head_dim));
+                    kb.for_(c(0), c(head_dim), |i| kb.st(cache, kb.add(d, i), kb.ld(src, kb.add(s, i))));
+                });
+            });
+        }
+    }
+}
+
+fn unary<'ctx>(kb: &Kb<'_, 'ctx>, op: UnaryOp, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
+    match op {
+        UnaryOp::Scale(s) => kb.to_f32(kb.fmul(kb.to_f64(x), kb.dc(s))),
+        UnaryOp::Act(Act::Relu) => kb.fmax(x, kb.fc(0.0)),
+        UnaryOp::Act(Act::Silu) => {
+            let e = kb.intrinsic("llvm.exp", &[kb.fsub(kb.fc(0.0), x)]);
+            kb.fdiv(x, kb.fadd(kb.fc(1.0), e))
+        }
+        UnaryOp::Act(Act::GeluTanh) => {
+            let k = (2.0 / std::f64::consts::PI).sqrt();
+            let x3 = kb.fmul(kb.fmul(x, x), x);
+            let inner = kb.fmul(kb.fc(k), kb.fadd(x, kb.fmul(kb.fc(0.044715), x3)));
+            let t = kb.intrinsic("llvm.tanh", &[inner]);
+            kb.fmul(kb.fmul(kb.fc(0.5), x), kb.fadd(kb.fc(1.0), t))
+        }
+        UnaryOp::Act(Act::Gelu) => {
+            let xd = kb.to_f64(x);
+            let e = kb.libm("erf", kb.fmul(xd, kb.dc(std::f64::consts::FRAC_1_SQRT_2)));
+            kb.to_f32(kb.fmul(kb.fmul(kb.dc(0.5), xd), kb.fadd(kb.dc(1.0), e)))
+        }
+    }
+}
+
+/// One task per (head, query row): an online softmax over the visible keys, reading the
+/// keys and values in place (the KV cache in decode) and never forming the score row.
+#[allow(clippy::too_many_arguments)]
+fn attention<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    heads: usize,
+    groups: usize,
+    hd: usize,
+    scale: f64,
+    mask: AttnMask,
+    alibi: bool,
+    a: ArgI<'ctx, '_>,
+    p: ArgP<'ctx, '_>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let (q, k, v, pos, out) = (p(0), p(1), p(2), p(3), p(4));
+    let (rows, s_len, kstride, vstride) = (a(5), a(6), a(7), a(8));
+    let slopes = alibi.then(|| {
+        let vals: Vec<_> = alibi_slopes(heads).iter().map(|&s| kb.f32t().const_float(s)).collect();
+        let arr = kb.f32t().const_array(&vals);
+        let g = kb.m.add_global(arr.get_type(), None, "tfc_alibi_slopes");
+        g.set_initializer(&arr);
+        g.set_constant(true);
+        g.set_linkage(inkwell::module::Linkage::Private);
+        g.as_pointer_value()
+    });
+    let m_slot = kb.alloca_f32();
+    let l_slot = kb.alloca_f32();
+    kb.for_(begin, end, |r| {
+        let h = kb.div(r, rows);
+        let t = kb.rem(r, rows);
+        let g = kb.div(h, c(heads / groups));
+        let pq = kb.ldi(pos, t);
+        let mut lo = c(0);
+        let mut hi = s_len;
+        if mask.causal {
+            hi = kb.min(hi, kb.add(pq, c(1)));
+        }
+        if let Some(w) = mask.window {
+            lo = kb.max(lo, kb.sub(pq, c(w - 1)));
+            if !mask.causal {
+                hi = kb.min(hi, kb.add(pq, c(w)));
+            }
+        }
+        let row = kb.mul(r, c(hd));
+        let kb0 = kb.mul(g, kstride);
+        let vb0 = kb.mul(g, vstride);
+        kb.for_(c(0), c(hd), |i| kb.st(out, kb.add(row, i), kb.fc(0.0)));
+        kb.store(m_slot, kb.fc(f64::NEG_INFINITY));
+        kb.store(l_slot, kb.fc(0.0));
+        let slope = slopes.map(|s| kb.ld(s, h));
+        kb.for_(lo, hi, |s| {
+            let krow = kb.add(kb0, kb.mul(s, c(hd)));
+            let dot = kb.sum(c(0), c(hd), |i| kb.fmul(kb.ld(q, kb.add(row, i)), kb.ld(k, kb.add(krow, i))));
+            let mut score = kb.fmul(dot, kb.fc(scale));
+            if let Some(sl) = slope {
+                let dist = kb.i_to_f64(kb.sub(pq, s));
+                score = kb.fsub(score, kb.fmul(sl, kb.to_f32(dist)));
+            }
+            let m = kb.load_f32(m_slot);
+            let m_new = kb.fmax(m, score);
+            let corr = kb.intrinsic("llvm.exp", &[kb.fsub(m, m_new)]);
+            let e = kb.intrinsic("llvm.exp", &[kb.fsub(score, m_new)]);
+            kb.store(l_slot, kb.fadd(kb.fmul(kb.load_f32(l_slot), corr), e));
+            kb.store(m_slot, m_new);
+            let vrow = kb.add(vb0, kb.mul(s, c(hd)));
+            kb.for_(c(0), c(hd), |i| {
+                let at = kb.add(row, i);
+                let acc = kb.fadd(kb.fmul(kb.ld(out, at), corr), kb.fmul(e, kb.ld(v, kb.add(vrow, i))));
+                kb.st(out, at, acc);
+            });
+        });
+        let inv = kb.fdiv(kb.fc(1.0), kb.load_f32(l_slot));
+        kb.for_(c(0), c(hd), |i| {
+            let at = kb.add(row, i);
+            kb.st(out, at, kb.fmul(kb.ld(out, at), inv));
+        });
+    });
+}

@@ -1,0 +1,520 @@
+//! The LLVM backend: prefill and decode graphs → one LLVM module → an object file.
+//!
+//! Each graph becomes an exported function `tfc__<graph>(arena, cache, tokens, types, T,
+//! P, weights, out, pool)` that runs the graph's nodes in order, each as a call of
+//! `tfc__parallel_for(pool, kernel, args, tasks)`; the kernels are in `kernels.rs`. Every
+//! intermediate value lives at a fixed offset of one scratch arena, planned here with
+//! buffer reuse after a value's last use. Keys and values go to the KV cache
+//! (`[layer][k, v][kv_heads][max_seq][head_dim]` f32) right after they are computed, and
+//! decode's attention reads the cache in place. Model constants (`tfc__vocab`, …) are
+//! globals that the C half of the library (`tfc_runtime::abi::SUPPORT_C`) reads.
+
+mod kb;
+mod kernels;
+
+use std::collections::HashMap;
+
+use inkwell::context::Context;
+use inkwell::module::{Linkage, Module};
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine};
+use inkwell::values::{FunctionValue, IntValue, PointerValue};
+use inkwell::OptimizationLevel;
+
+use kb::Kb;
+pub use kernels::Kernel;
+use kernels::{UnaryOp, BLOCK};
+
+use crate::ir::{CacheKind, DType, Dim, Graph, InputKind, NodeId, Op, SymBinding};
+use crate::Compiled;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LlvmError {
+    #[error("the LLVM backend does not support {0} yet")]
+    Unsupported(String),
+    #[error("LLVM: {0}")]
+    Llvm(String),
+}
+
+/// The graphs a library holds, compiled from one spec.
+pub struct Graphs<'a> {
+    pub prefill: &'a Graph,
+    pub prefill_all: &'a Graph,
+    pub decode: Option<&'a Graph>,
+}
+
+/// Where the weights go: index `i` is bound as `weights[i]`.
+#[derive(Clone, Debug, Default)]
+pub struct WeightTable {
+    pub names: Vec<(String, Vec<usize>, DType)>,
+    index: HashMap<String, usize>,
+}
+
+impl WeightTable {
+    pub fn of(graphs: &[&Graph]) -> WeightTable {
+        let mut t = WeightTable::default();
+        for g in graphs {
+            for id in g.topo_order().unwrap_or_default() {
+                if let Op::Weight { name, .. } = g.op(id) {
+                    if !t.index.contains_key(name) {
+                        let ty = g.ty(id);
+                        let shape = ty.shape.iter().map(|d| d.as_fixed().unwrap_or(0)).collect();
+                        t.index.insert(name.clone(), t.names.len());
+                        t.names.push((name.clone(), shape, ty.dtype));
+                    }
+                }
+            }
+        }
+        t
+    }
+}
+
+/// Facts the module records as globals and the manifest repeats.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub max_seq: usize,
+    pub vocab: usize,
+    pub out_width: usize,
+    pub arena_bytes: u64,
+    pub cache_bytes: u64,
+    /// Per (layer, kind): offset in floats into the cache and `(kv_heads, head_dim)`.
+    pub cache: HashMap<(u32, CacheKind), (u64, usize, usize)>,
+    pub type_rows: usize,
+}
+
+/// Builds the module for a compiled spec.
+pub fn build<'ctx>(
+    cx: &'ctx Context,
+    c: &Compiled,
+    g: &Graphs,
+    weights: &WeightTable,
+) -> Result<(Module<'ctx>, Layout), LlvmError> {
+    for (name, _, dtype) in &weights.names {
+        if *dtype != DType::F32 {
+            return Err(LlvmError::Unsupported(format!("{dtype} weights (`{name}`); compile an f32 spec")));
+        }
+    }
+    let m = cx.create_module(&c.spec.name);
+    let max_seq = c.spec.sizes.max_seq;
+    let layout = layout(c, g)?;
+    let mut kernels: HashMap<String, FunctionValue> = HashMap::new();
+    let mut arena = 0;
+    let mut graphs =
+        vec![("prefill", Some(g.prefill)), ("prefill_all", Some(g.prefill_all)), ("decode", g.decode)];
+    for (name, graph) in graphs.drain(..) {
+        let used = emit_graph(cx, &m, name, graph, weights, &layout, max_seq, &mut kernels)?;
+        arena = arena.max(used);
+    }
+    let layout = Layout { arena_bytes: arena, ..layout };
+    globals(cx, &m, &layout, weights, g.decode.is_some());
+    m.verify().map_err(|e| LlvmError::Llvm(format!("bug: invalid module: {e}")))?;
+    Ok((m, layout))
+}
+
+fn layout(c: &Compiled, g: &Graphs) -> Result<Layout, LlvmError> {
+    let max_seq = c.spec.sizes.max_seq;
+    let mut cache = HashMap::new();
+    let mut off = 0u64;
+    for (name, id) in &g.prefill.outputs {
+        if let Some(rest) = name.strip_prefix("cache.") {
+            let (kind, layer) = rest.split_once('.').unwrap();
+            let kind = if kind == "k" { CacheKind::K } else { CacheKind::V };
+            let layer: u32 = layer.parse().unwrap();
+            let ty = g.prefill.ty(*id);
+            let (groups, hd) = (ty.shape[0].as_fixed().unwrap(), ty.shape[2].as_fixed().unwrap());
+            cache.insert((layer, kind), (off, groups, hd));
+            off += (groups * max_seq * hd) as u64;
+        }
+    }
+    let main = g.prefill.outputs.first().map(|(_, id)| g.prefill.ty(*id)).unwrap();
+    let out_width = main.shape[1].as_fixed().unwrap();
+    let mut type_rows = 0;
+    for id in g.prefill.node_ids() {
+        if let Op::Gather { .. } = g.prefill.op(id) {
+            let ops = g.prefill.operands(id);
+            if matches!(g.prefill.op(ops[1]), Op::Input(InputKind::TokenTypes)) {
+                type_rows = g.prefill.ty(ops[0]).shape[0].as_fixed().unwrap();
+            }
+        }
+    }
+    Ok(Layout {
+        max_seq,
+        vocab: c.spec.sizes.vocab,
+        out_width,
+        arena_bytes: 0,
+        cache_bytes: off * 4,
+        cache,
+        type_rows,
+    })
+}
+
+fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &WeightTable, has_decode: bool) {
+    let i64t = cx.i64_type();
+    let scalar = |name: &str, v: u64| {
+        let g = m.add_global(i64t, None, name);
+        g.set_initializer(&i64t.const_int(v, false));
+        g.set_constant(true);
+    };
+    scalar("tfc__n_weights", w.names.len() as u64);
+    scalar("tfc__arena_bytes", l.arena_bytes);
+    scalar("tfc__cache_bytes", l.cache_bytes);
+    scalar("tfc__max_seq", l.max_seq as u64);
+    scalar("tfc__vocab", l.vocab as u64);
+    scalar("tfc__out_width", l.out_width as u64);
+    scalar("tfc__has_decode", has_decode as u64);
+    scalar("tfc__type_rows", l.type_rows as u64);
+    let sizes: Vec<_> = w
+        .names
+        .iter()
+        .map(|(_, s, _)| i64t.const_int(s.iter().product::<usize>() as u64 * 4, false))
+        .collect();
+    let arr = i64t.const_array(&sizes);
+    let g = m.add_global(arr.get_type(), None, "tfc__weight_bytes");
+    g.set_initializer(&arr);
+    g.set_constant(true);
+}
+
+/// Where a node's value lives while a graph runs.
+#[derive(Clone, Copy, Debug)]
+enum Loc {
+    Arena(u64),
+    Weight(usize),
+    Tokens,
+    Types,
+    /// A cache region; `P + T` (or `P`) valid rows per head, `max_seq` rows of stride.
+    Cache(u32, CacheKind),
+}
+
+/// Assigns arena offsets in schedule order, reusing a block once its value is dead.
+fn plan(
+    g: &Graph,
+    order: &[NodeId],
+    weights: &WeightTable,
+    max_seq: usize,
+) -> Result<(HashMap<NodeId, Loc>, u64), LlvmError> {
+    let bind = SymBinding { t: max_seq, p: max_seq.saturating_sub(1) };
+    let mut last_use: HashMap<NodeId, usize> = HashMap::new();
+    for (i, &n) in order.iter().enumerate() {
+        for o in g.operands(n) {
+            last_use.insert(o, i);
+        }
+    }
+    for (_, n) in &g.outputs {
+        last_use.insert(*n, usize::MAX);
+    }
+    let mut loc = HashMap::new();
+    let mut free: Vec<(u64, u64)> = Vec::new();
+    let mut top = 0u64;
+    for (i, &n) in order.iter().enumerate() {
+        let l = match g.op(n) {
+            Op::Weight { name, .. } => Loc::Weight(weights.index[name]),
+            Op::Input(InputKind::Tokens) => Loc::Tokens,
+            Op::Input(InputKind::TokenTypes) => Loc::Types,
+            Op::Input(InputKind::Cache { layer, kind }) => Loc::Cache(*layer, *kind),
+            Op::Concat { .. } => match g.op(g.operands(n)[0]) {
+                Op::Input(InputKind::Cache { layer, kind }) => Loc::Cache(*layer, *kind),
+                _ => return Err(LlvmError::Unsupported("concatenation other than the KV cache".into())),
+            },
+            Op::Softmax | Op::Mask(_) | Op::Alibi | Op::HeadMatMul { .. } => {
+                return Err(LlvmError::Unsupported("unfused attention (run the fusion pass)".into()))
+            }
+            _ => {
+                let bytes = (g.ty(n).eval(bind).iter().product::<usize>() as u64 * 4).div_ceil(64) * 64;
+                let slot =
+                    free.iter().enumerate().filter(|(_, (_, s))| *s >= bytes).min_by_key(|(_, (_, s))| *s);
+                match slot.map(|(j, _)| j) {
+                    Some(j) => Loc::Arena(free.swap_remove(j).0),
+                    None => {
+                        top += bytes;
+                        Loc::Arena(top - bytes)
+                    }
+                }
+            }
+        };
+        loc.insert(n, l);
+        // Free operands whose last use is this node (after allocating its result, so a
+        // kernel never writes over its own input).
+        let mut ops = g.operands(n);
+        ops.dedup();
+        for o in ops {
+            if last_use.get(&o) == Some(&i) {
+                if let Some(Loc::Arena(off)) = loc.get(&o) {
+                    let bytes = (g.ty(o).eval(bind).iter().product::<usize>() as u64 * 4).div_ceil(64) * 64;
+                    free.push((*off, bytes));
+                }
+            }
+        }
+    }
+    Ok((loc, top))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn emit_graph<'ctx>(
+    cx: &'ctx Context,
+    m: &Module<'ctx>,
+    name: &str,
+    g: Option<&Graph>,
+    weights: &WeightTable,
+    layout: &Layout,
+    max_seq: usize,
+    kernels: &mut HashMap<String, FunctionValue<'ctx>>,
+) -> Result<u64, LlvmError> {
+    let ptr = cx.ptr_type(inkwell::AddressSpace::default());
+    let i64t = cx.i64_type();
+    let fty = cx.void_type().fn_type(
+        &[
+            ptr.into(),
+            ptr.into(),
+            ptr.into(),
+            ptr.into(),
+            i64t.into(),
+            i64t.into(),
+            ptr.into(),
+            ptr.into(),
+            ptr.into(),
+        ],
+        false,
+    );
+    let f = m.add_function(&format!("tfc__{name}"), fty, Some(Linkage::External));
+    let kb = Kb::new(cx, m, f);
+    let Some(g) = g else {
+        // An encoder has no decode graph; the C half never calls this.
+        kb.ret();
+        return Ok(0);
+    };
+    let param = |i: u32| f.get_nth_param(i).unwrap();
+    let (arena, cache, tokens, types) = (
+        param(0).into_pointer_value(),
+        param(1).into_pointer_value(),
+        param(2).into_pointer_value(),
+        param(3).into_pointer_value(),
+    );
+    let (t, p) = (param(4).into_int_value(), param(5).into_int_value());
+    let (wts, out, pool) =
+        (param(6).into_pointer_value(), param(7).into_pointer_value(), param(8).into_pointer_value());
+    let order = g.topo_order().map_err(|_| LlvmError::Llvm("bug: cyclic graph".into()))?;
+    let (loc, arena_bytes) = plan(g, &order, weights, max_seq)?;
+    let args = kb.b.build_array_alloca(i64t, kb.c(16), "args").unwrap();
+    let pf_ty = cx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into()], false);
+    let pfor = m
+        .get_function("tfc__parallel_for")
+        .unwrap_or_else(|| m.add_function("tfc__parallel_for", pf_ty, None));
+
+    let dim = |d: Dim| -> IntValue<'ctx> {
+        let mut v = kb.c(d.c as i64);
+        if d.t > 0 {
+            v = kb.add(v, kb.mul(t, kb.c(d.t as i64)));
+        }
+        if d.p > 0 {
+            v = kb.add(v, kb.mul(p, kb.c(d.p as i64)));
+        }
+        v
+    };
+    let cache_ptr = |layer: u32, kind: CacheKind| -> PointerValue<'ctx> {
+        let (off, _, _) = layout.cache[&(layer, kind)];
+        kb.gep(kb.f32t(), cache, kb.c(off as i64))
+    };
+    let at = |n: NodeId| -> PointerValue<'ctx> {
+        match loc[&n] {
+            Loc::Arena(off) => kb.gep(cx.i8_type(), arena, kb.c(off as i64)),
+            Loc::Weight(i) => {
+                let slot = kb.gep(ptr, wts, kb.c(i as i64));
+                kb.b.build_load(ptr, slot, "").unwrap().into_pointer_value()
+            }
+            Loc::Tokens => tokens,
+            Loc::Types => types,
+            Loc::Cache(l, k) => cache_ptr(l, k),
+        }
+    };
+    let mut call = |kernel: Kernel, vals: Vec<IntValue<'ctx>>, tasks: IntValue<'ctx>| {
+        let sym = kernel.symbol();
+        let kf = *kernels.entry(sym).or_insert_with(|| kernels::emit(cx, m, &kernel));
+        for (i, v) in vals.iter().enumerate() {
+            kb.st64(args, i as i64, *v);
+        }
+        let kp = kf.as_global_value().as_pointer_value();
+        kb.b.build_call(pfor, &[pool.into(), kp.into(), args.into(), tasks.into()], "").unwrap();
+    };
+    let rows_of = |n: NodeId| -> IntValue<'ctx> {
+        let ty = g.ty(n);
+        ty.shape[..ty.rank() - 1].iter().fold(kb.c(1), |acc, &d| kb.mul(acc, dim(d)))
+    };
+    let fixed = |d: Dim| d.as_fixed().unwrap_or(0);
+    let cache_outputs: HashMap<NodeId, Vec<(u32, CacheKind)>> = {
+        let mut mm: HashMap<NodeId, Vec<(u32, CacheKind)>> = HashMap::new();
+        for (oname, id) in &g.outputs {
+            if let Some(rest) = oname.strip_prefix("cache.") {
+                let (k, l) = rest.split_once('.').unwrap();
+                let kind = if k == "k" { CacheKind::K } else { CacheKind::V };
+                mm.entry(*id).or_default().push((l.parse().unwrap(), kind));
+            }
+        }
+        mm
+    };
+
+    for &n in &order {
+        let ops = g.operands(n);
+        let ty = g.ty(n).clone();
+        let o = |i: usize| kb.int_of(at(ops[i]));
+        let me = || kb.int_of(at(n));
+        let width = fixed(*ty.shape.last().unwrap());
+        match g.op(n) {
+            Op::Weight { .. } | Op::Input(_) | Op::Concat { .. } => {}
+            Op::Positions => call(Kernel::Positions, vec![me(), t, p], kb.c(1)),
+            Op::Gather { offset } => {
+                call(Kernel::Gather { d: width, offset: *offset }, vec![o(0), o(1), me()], rows_of(n))
+            }
+            Op::Sinusoidal { dim: d, base } => {
+                call(Kernel::Sinusoidal { dim: *d, base: *base }, vec![o(0), me()], rows_of(n))
+            }
+            Op::Add | Op::Mul => {
+                let k = Kernel::Binary { mul: *g.op(n) == Op::Mul, width };
+                call(k, vec![o(0), o(1), me()], rows_of(n))
+            }
+            Op::Scale(s) => {
+                call(Kernel::Unary { op: UnaryOp::Scale(*s), width }, vec![o(0), me()], rows_of(n))
+            }
+            Op::Activation(a) => {
+                call(Kernel::Unary { op: UnaryOp::Act(*a), width }, vec![o(0), me()], rows_of(n))
+            }
+            Op::LayerNorm { eps } => {
+                let bias = ops.len() == 3;
+                let mut v = vec![o(0), o(1)];
+                if bias {
+                    v.push(o(2));
+                }
+                v.push(me());
+                call(Kernel::LayerNorm { d: width, eps: *eps, bias }, v, rows_of(n))
+            }
+            Op::RmsNorm { eps, unit_offset } => {
+                let k = Kernel::RmsNorm { d: width, eps: *eps, unit_offset: *unit_offset };
+                call(k, vec![o(0), o(1), me()], rows_of(n))
+            }
+            Op::Linear { transposed, bias } => {
+                let inn = fixed(*g.ty(ops[0]).shape.last().unwrap());
+                let mut v = vec![o(0), o(1)];
+                if *bias {
+                    v.push(o(2));
+                }
+                v.push(me());
+                v.push(rows_of(n));
+                let k = Kernel::Linear { inn, out: width, transposed: *transposed, bias: *bias };
+                call(k, v, kb.c(width.div_ceil(BLOCK) as i64))
+            }
+            Op::SplitQkv { layout: l, part, heads, kv_heads, head_dim } => {
+                let k = Kernel::SplitQkv {
+                    layout: *l,
+                    part: *part,
+                    heads: *heads,
+                    kv_heads: *kv_heads,
+                    head_dim: *head_dim,
+                };
+                call(k, vec![o(0), me()], rows_of(n))
+            }
+            Op::SplitHeads { heads } => {
+                let rows = rows_of(ops[0]);
+                call(Kernel::SplitHeads { heads: *heads, head_dim: width }, vec![o(0), me(), rows], rows)
+            }
+            Op::MergeHeads => {
+                let src = g.ty(ops[0]);
+                let (h, hd) = (fixed(src.shape[0]), fixed(src.shape[2]));
+                let rows = rows_of(n);
+                call(Kernel::MergeHeads { heads: h, head_dim: hd }, vec![o(0), me(), rows], rows)
+            }
+            Op::Rope(r) => {
+                let h = fixed(ty.shape[0]);
+                let k = Kernel::Rope {
+                    head_dim: width,
+                    rotary_dim: r.rotary_dim,
+                    theta: r.theta,
+                    interleaved: r.interleaved,
+                };
+                call(k, vec![o(0), o(1), me(), dim(ty.shape[1])], kb.c(h as i64))
+            }
+            Op::Attention { scale, mask, alibi } => {
+                let (h, hd) = (fixed(ty.shape[0]), width);
+                let kty = g.ty(ops[1]);
+                let groups = fixed(kty.shape[0]);
+                let s_len = dim(kty.shape[1]);
+                // Keys in the cache have max_seq rows per head; others are dense.
+                let stride = |i: usize| match loc[&ops[i]] {
+                    Loc::Cache(..) => kb.c((max_seq * hd) as i64),
+                    _ => kb.mul(s_len, kb.c(hd as i64)),
+                };
+                let rows = dim(ty.shape[1]);
+                let k = Kernel::Attention {
+                    heads: h,
+                    groups,
+                    head_dim: hd,
+                    scale: *scale,
+                    mask: *mask,
+                    alibi: *alibi,
+                };
+                let v = vec![o(0), o(1), o(2), o(3), me(), rows, s_len, stride(1), stride(2)];
+                call(k, v, kb.mul(kb.c(h as i64), rows))
+            }
+            Op::LastRow => {
+                let rows = rows_of(ops[0]);
+                call(Kernel::LastRow { width }, vec![o(0), me(), rows], kb.c(1))
+            }
+            op => {
+                return Err(LlvmError::Unsupported(format!(
+                    "`{}` in a {} graph",
+                    op.mnemonic(),
+                    g.phase.name()
+                )))
+            }
+        }
+        if let Some(targets) = cache_outputs.get(&n) {
+            for &(layer, kind) in targets {
+                let groups = fixed(ty.shape[0]);
+                let k = Kernel::CacheStore { head_dim: width, max_seq };
+                let dst = kb.int_of(cache_ptr(layer, kind));
+                call(k, vec![me(), dst, dim(ty.shape[1]), p], kb.c(groups as i64));
+            }
+        }
+    }
+    // The main output (the first one) goes to the caller's buffer.
+    let (_, main) = g.outputs[0];
+    let bytes = kb.mul(rows_of(main), kb.c((fixed(*g.ty(main).shape.last().unwrap()) * 4) as i64));
+    kb.b.build_memcpy(out, 4, at(main), 4, bytes).map_err(|e| LlvmError::Llvm(e.to_string()))?;
+    kb.ret();
+    Ok(arena_bytes)
+}
+
+/// The host's target machine (or `cpu`'s), position-independent for a shared library.
+pub fn target_machine(cpu: Option<&str>) -> Result<TargetMachine, LlvmError> {
+    Target::initialize_native(&InitializationConfig::default()).map_err(LlvmError::Llvm)?;
+    let triple = TargetMachine::get_default_triple();
+    let target = Target::from_triple(&triple).map_err(|e| LlvmError::Llvm(e.to_string()))?;
+    let (cpu, features) = match cpu {
+        None | Some("native") => (
+            TargetMachine::get_host_cpu_name().to_string(),
+            TargetMachine::get_host_cpu_features().to_string(),
+        ),
+        Some(c) => (c.to_string(), String::new()),
+    };
+    target
+        .create_target_machine(
+            &triple,
+            &cpu,
+            &features,
+            OptimizationLevel::Aggressive,
+            RelocMode::PIC,
+            CodeModel::Default,
+        )
+        .ok_or_else(|| LlvmError::Llvm(format!("cannot create a target machine for cpu `{cpu}`")))
+}
+
+/// Runs `default<O3>` and returns the object code.
+pub fn optimize_and_emit(m: &Module, tm: &TargetMachine) -> Result<Vec<u8>, LlvmError> {
+    m.set_triple(&tm.get_triple());
+    m.set_data_layout(&tm.get_target_data().get_data_layout());
+    optimize(m, tm)?;
+    let buf = tm.write_to_memory_buffer(m, FileType::Object).map_err(|e| LlvmError::Llvm(e.to_string()))?;
+    Ok(buf.as_slice().to_vec())
+}
+
+pub fn optimize(m: &Module, tm: &TargetMachine) -> Result<(), LlvmError> {
+    m.run_passes("default<O3>", tm, PassBuilderOptions::create()).map_err(|e| LlvmError::Llvm(e.to_string()))
+}

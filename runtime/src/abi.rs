@@ -1,0 +1,74 @@
+//! The one definition of the ABI between a compiled model library and its users: the C
+//! header, the model-independent C half of every library (argument checks, cache
+//! bookkeeping, the thread pool), and the manifest written beside it. The compiler
+//! embeds these; it never defines the ABI itself.
+
+use serde::{Deserialize, Serialize};
+
+/// The C header (`<name>.h` in an artifact).
+pub const HEADER: &str = include_str!("abi/tfc.h");
+/// Compiled into every library beside the generated object.
+pub const SUPPORT_C: &str = include_str!("abi/support.c");
+pub const ABI_VERSION: i32 = 1;
+
+pub const OK: i32 = 0;
+
+/// The message for a status code, as `tfc_status_string` gives it.
+pub fn status_message(s: i32) -> &'static str {
+    match s {
+        0 => "ok",
+        1 => "a required pointer argument is NULL",
+        2 => "a count, index or size is out of range",
+        3 => "the tokens do not fit in the model's max_seq positions",
+        4 => "a token id is outside the vocabulary (or a token type outside its table)",
+        5 => "not every weight has been bound",
+        6 => "prefill needs an empty cache: call reset first",
+        7 => "the model has bidirectional attention and no decode step",
+        8 => "out of memory",
+        _ => "unknown status",
+    }
+}
+
+/// `manifest.json`: everything a loader needs to know about a library.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub name: String,
+    pub abi_version: i32,
+    pub backend: String,
+    pub target_cpu: String,
+    /// The library file, relative to the manifest.
+    pub library: String,
+    pub vocab: usize,
+    pub max_seq: usize,
+    /// `logits` (width = vocab) or `hidden` (width = d_model, an encoder).
+    pub output: String,
+    pub output_width: usize,
+    pub has_decode: bool,
+    pub kv_cache: KvCache,
+    /// In binding order: weight `i` is bound with `tfc_bind_weight(ctx, i, …)`.
+    pub weights: Vec<WeightInfo>,
+    /// FNV-1a 64 of the spec text, hex.
+    pub spec_hash: String,
+    pub spec: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct KvCache {
+    pub layout: String,
+    pub bytes_per_token: usize,
+    pub bytes: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WeightInfo {
+    /// The checkpoint tensor name.
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+}
+
+/// FNV-1a, 64 bits: a stable hash for naming a spec.
+pub fn fnv1a(text: &str) -> String {
+    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    format!("{h:016x}")
+}

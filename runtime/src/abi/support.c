@@ -1,0 +1,262 @@
+/* The model-independent half of a tfc library: the C ABI's checks and bookkeeping and
+   the thread pool. The generated half provides the tfc__* symbols declared below. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "tfc.h"
+
+typedef void (*tfc_task)(const int64_t *args, int64_t begin, int64_t end);
+typedef void (*tfc_graph)(void *arena, float *cache, const int32_t *tokens, const int32_t *types,
+                          int64_t t, int64_t p, const void *const *weights, float *out, void *pool);
+
+extern const int64_t tfc__n_weights, tfc__arena_bytes, tfc__cache_bytes, tfc__max_seq, tfc__vocab,
+    tfc__out_width, tfc__has_decode, tfc__type_rows;
+extern const int64_t tfc__weight_bytes[];
+void tfc__prefill(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t, const void *const *,
+                  float *, void *);
+void tfc__prefill_all(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t,
+                      const void *const *, float *, void *);
+void tfc__decode(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t, const void *const *,
+                 float *, void *);
+
+/* ---- thread pool: workers wait for a generation number to change, run their share of
+   [0, n), and count themselves done. The caller runs share 0. ---- */
+typedef struct {
+    pthread_t *threads;
+    int32_t n;
+    pthread_mutex_t mu;
+    pthread_cond_t wake, done;
+    int64_t generation;
+    int32_t pending;
+    int32_t stop;
+    tfc_task fn;
+    const int64_t *args;
+    int64_t total;
+} pool_t;
+
+typedef struct {
+    pool_t *pool;
+    int32_t index;
+} worker_t;
+
+static void share(int64_t total, int32_t n, int32_t i, int64_t *b, int64_t *e) {
+    *b = total * i / n;
+    *e = total * (i + 1) / n;
+}
+
+static void *worker_main(void *p) {
+    worker_t *w = p;
+    pool_t *pool = w->pool;
+    int64_t seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&pool->mu);
+        while (pool->generation == seen && !pool->stop) pthread_cond_wait(&pool->wake, &pool->mu);
+        if (pool->stop) {
+            pthread_mutex_unlock(&pool->mu);
+            free(w);
+            return NULL;
+        }
+        seen = pool->generation;
+        tfc_task fn = pool->fn;
+        const int64_t *args = pool->args;
+        int64_t total = pool->total;
+        pthread_mutex_unlock(&pool->mu);
+        int64_t b, e;
+        share(total, pool->n, w->index, &b, &e);
+        if (b < e) fn(args, b, e);
+        pthread_mutex_lock(&pool->mu);
+        if (--pool->pending == 0) pthread_cond_signal(&pool->done);
+        pthread_mutex_unlock(&pool->mu);
+    }
+}
+
+void tfc__parallel_for(void *p, tfc_task fn, const int64_t *args, int64_t total) {
+    pool_t *pool = p;
+    if (total <= 0) return;
+    if (pool->n <= 1 || total == 1) {
+        fn(args, 0, total);
+        return;
+    }
+    pthread_mutex_lock(&pool->mu);
+    pool->fn = fn;
+    pool->args = args;
+    pool->total = total;
+    pool->pending = pool->n - 1;
+    pool->generation++;
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->mu);
+    int64_t b, e;
+    share(total, pool->n, 0, &b, &e);
+    if (b < e) fn(args, b, e);
+    pthread_mutex_lock(&pool->mu);
+    while (pool->pending > 0) pthread_cond_wait(&pool->done, &pool->mu);
+    pthread_mutex_unlock(&pool->mu);
+}
+
+static pool_t *pool_create(int32_t n) {
+    pool_t *pool = calloc(1, sizeof *pool);
+    if (!pool) return NULL;
+    pool->n = n;
+    pthread_mutex_init(&pool->mu, NULL);
+    pthread_cond_init(&pool->wake, NULL);
+    pthread_cond_init(&pool->done, NULL);
+    pool->threads = calloc((size_t)n, sizeof(pthread_t));
+    if (!pool->threads) {
+        free(pool);
+        return NULL;
+    }
+    for (int32_t i = 1; i < n; i++) {
+        worker_t *w = malloc(sizeof *w);
+        if (!w) {
+            pool->n = i;
+            break;
+        }
+        w->pool = pool;
+        w->index = i;
+        if (pthread_create(&pool->threads[i], NULL, worker_main, w) != 0) {
+            free(w);
+            pool->n = i;
+            break;
+        }
+    }
+    return pool;
+}
+
+static void pool_destroy(pool_t *pool) {
+    pthread_mutex_lock(&pool->mu);
+    pool->stop = 1;
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->mu);
+    for (int32_t i = 1; i < pool->n; i++) pthread_join(pool->threads[i], NULL);
+    pthread_cond_destroy(&pool->wake);
+    pthread_cond_destroy(&pool->done);
+    pthread_mutex_destroy(&pool->mu);
+    free(pool->threads);
+    free(pool);
+}
+
+/* ---- the ABI ---- */
+struct tfc_ctx {
+    void *arena;
+    float *cache;
+    const void **weights;
+    int32_t *zeros; /* token types when none are given */
+    int64_t unbound;
+    int64_t pos;
+    pool_t *pool;
+};
+
+int32_t tfc_abi_version(void) { return TFC_ABI_VERSION; }
+int32_t tfc_vocab(void) { return (int32_t)tfc__vocab; }
+int32_t tfc_max_seq(void) { return (int32_t)tfc__max_seq; }
+int32_t tfc_output_width(void) { return (int32_t)tfc__out_width; }
+int32_t tfc_has_decode(void) { return (int32_t)tfc__has_decode; }
+int32_t tfc_weight_count(void) { return (int32_t)tfc__n_weights; }
+int64_t tfc_weight_bytes(int32_t index) {
+    return index < 0 || index >= tfc__n_weights ? -1 : tfc__weight_bytes[index];
+}
+
+tfc_ctx *tfc_create(int32_t n_threads) {
+    if (n_threads <= 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        n_threads = n > 0 ? (int32_t)n : 1;
+    }
+    tfc_ctx *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->arena = aligned_alloc(64, ((size_t)tfc__arena_bytes + 63) / 64 * 64 + 64);
+    c->cache = aligned_alloc(64, ((size_t)tfc__cache_bytes + 63) / 64 * 64 + 64);
+    c->weights = calloc((size_t)tfc__n_weights + 1, sizeof(void *));
+    c->zeros = calloc((size_t)tfc__max_seq + 1, sizeof(int32_t));
+    c->pool = pool_create(n_threads);
+    c->unbound = tfc__n_weights;
+    if (!c->arena || !c->cache || !c->weights || !c->zeros || !c->pool) {
+        if (c->pool) pool_destroy(c->pool);
+        free(c->arena);
+        free(c->cache);
+        free(c->weights);
+        free(c->zeros);
+        free(c);
+        return NULL;
+    }
+    return c;
+}
+
+void tfc_destroy(tfc_ctx *c) {
+    if (!c) return;
+    pool_destroy(c->pool);
+    free(c->arena);
+    free(c->cache);
+    free(c->weights);
+    free(c->zeros);
+    free(c);
+}
+
+int32_t tfc_bind_weight(tfc_ctx *c, int32_t index, const void *data, uint64_t nbytes) {
+    if (!c || !data) return TFC_ERR_NULL;
+    if (index < 0 || index >= tfc__n_weights) return TFC_ERR_ARG;
+    if (nbytes != (uint64_t)tfc__weight_bytes[index] || ((uintptr_t)data & 3) != 0) return TFC_ERR_ARG;
+    if (!c->weights[index]) c->unbound--;
+    c->weights[index] = data;
+    return TFC_OK;
+}
+
+static int32_t check_tokens(const int32_t *tokens, const int32_t *types, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= tfc__vocab) return TFC_ERR_TOKEN;
+        if (types && (types[i] < 0 || types[i] >= (tfc__type_rows > 0 ? tfc__type_rows : 1))) return TFC_ERR_TOKEN;
+    }
+    return TFC_OK;
+}
+
+int32_t tfc_prefill(tfc_ctx *c, const int32_t *tokens, const int32_t *types, int32_t n, int32_t all_rows,
+                    float *out) {
+    if (!c || !tokens || !out) return TFC_ERR_NULL;
+    if (n <= 0) return TFC_ERR_ARG;
+    if (c->unbound > 0) return TFC_ERR_UNBOUND;
+    if (c->pos != 0) return TFC_ERR_NOT_EMPTY;
+    if (n > tfc__max_seq) return TFC_ERR_CONTEXT_FULL;
+    int32_t s = check_tokens(tokens, types, n);
+    if (s != TFC_OK) return s;
+    (all_rows ? tfc__prefill_all : tfc__prefill)(c->arena, c->cache, tokens, types ? types : c->zeros, n, 0,
+                                                  c->weights, out, c->pool);
+    c->pos = tfc__has_decode ? n : 0;
+    return TFC_OK;
+}
+
+int32_t tfc_decode(tfc_ctx *c, int32_t token, float *out) {
+    if (!c || !out) return TFC_ERR_NULL;
+    if (!tfc__has_decode) return TFC_ERR_NO_DECODE;
+    if (c->unbound > 0) return TFC_ERR_UNBOUND;
+    if (c->pos + 1 > tfc__max_seq) return TFC_ERR_CONTEXT_FULL;
+    int32_t s = check_tokens(&token, NULL, 1);
+    if (s != TFC_OK) return s;
+    tfc__decode(c->arena, c->cache, &token, c->zeros, 1, c->pos, c->weights, out, c->pool);
+    c->pos += 1;
+    return TFC_OK;
+}
+
+int32_t tfc_reset(tfc_ctx *c) {
+    if (!c) return TFC_ERR_NULL;
+    c->pos = 0;
+    return TFC_OK;
+}
+
+int32_t tfc_position(const tfc_ctx *c) { return c ? (int32_t)c->pos : -1; }
+
+const char *tfc_status_string(int32_t s) {
+    switch (s) {
+    case TFC_OK: return "ok";
+    case TFC_ERR_NULL: return "a required pointer argument is NULL";
+    case TFC_ERR_ARG: return "a count, index or size is out of range";
+    case TFC_ERR_CONTEXT_FULL: return "the tokens do not fit in the model's max_seq positions";
+    case TFC_ERR_TOKEN: return "a token id is outside the vocabulary (or a token type outside its table)";
+    case TFC_ERR_UNBOUND: return "not every weight has been bound";
+    case TFC_ERR_NOT_EMPTY: return "prefill needs an empty cache: call tfc_reset first";
+    case TFC_ERR_NO_DECODE: return "the model has bidirectional attention and no decode step";
+    case TFC_ERR_ALLOC: return "out of memory";
+    default: return "unknown status";
+    }
+}

@@ -1,0 +1,63 @@
+/* The C ABI of a tfc-compiled model library. One library holds one model. */
+#ifndef TFC_MODEL_H
+#define TFC_MODEL_H
+#include <stdint.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TFC_ABI_VERSION 1
+
+/* Status codes: every entry point that can fail returns one. */
+enum {
+    TFC_OK = 0,
+    TFC_ERR_NULL = 1,          /* a required pointer argument is NULL */
+    TFC_ERR_ARG = 2,           /* a count, index or size is out of range */
+    TFC_ERR_CONTEXT_FULL = 3,  /* the tokens do not fit in max_seq positions */
+    TFC_ERR_TOKEN = 4,         /* a token (or token type) id is outside its table */
+    TFC_ERR_UNBOUND = 5,       /* not every weight has been bound */
+    TFC_ERR_NOT_EMPTY = 6,     /* prefill needs an empty cache: call tfc_reset first */
+    TFC_ERR_NO_DECODE = 7,     /* the model has bidirectional attention: no decode step */
+    TFC_ERR_ALLOC = 8          /* out of memory */
+};
+
+typedef struct tfc_ctx tfc_ctx;
+
+int32_t tfc_abi_version(void);
+/* Model facts (also in the manifest). */
+int32_t tfc_vocab(void);
+int32_t tfc_max_seq(void);
+/* Width of one output row: the vocabulary (logits) or d_model (an encoder's hidden state). */
+int32_t tfc_output_width(void);
+int32_t tfc_has_decode(void);
+int32_t tfc_weight_count(void);
+/* Bytes weight `index` must have (f32, the manifest's shape). -1 for a bad index. */
+int64_t tfc_weight_bytes(int32_t index);
+
+/* A context owns the KV cache, scratch memory and a pool of n_threads threads
+   (0: one per core). NULL when out of memory. */
+tfc_ctx *tfc_create(int32_t n_threads);
+void tfc_destroy(tfc_ctx *ctx);
+
+/* Binds weight `index` to memory the caller owns and keeps alive (e.g. an mmap'd
+   safetensors file): `nbytes` f32 values in the manifest's layout, 4-byte aligned.
+   Nothing is copied. */
+int32_t tfc_bind_weight(tfc_ctx *ctx, int32_t index, const void *data, uint64_t nbytes);
+
+/* Runs `n` tokens at positions 0..n (the cache must be empty) and fills the cache.
+   `token_types` may be NULL (all zero). `out` receives the last row (all_rows = 0) or
+   all n rows (all_rows != 0) of tfc_output_width() floats each. */
+int32_t tfc_prefill(tfc_ctx *ctx, const int32_t *tokens, const int32_t *token_types, int32_t n,
+                    int32_t all_rows, float *out);
+/* Runs one token at the next position against the cache; `out` receives one row. */
+int32_t tfc_decode(tfc_ctx *ctx, int32_t token, float *out);
+/* Empties the cache. */
+int32_t tfc_reset(tfc_ctx *ctx);
+/* Positions held in the cache; -1 for a NULL context. */
+int32_t tfc_position(const tfc_ctx *ctx);
+const char *tfc_status_string(int32_t status);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
