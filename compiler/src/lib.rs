@@ -20,15 +20,16 @@ pub const STAGES: &[&str] = &["lowered", "model", "prefill", "decode"];
 
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Prefill returns the logits of every position, not only the last.
-    pub all_logits: bool,
+    /// Prefill returns the main output (logits or hidden state) of every position, not
+    /// only the last.
+    pub all_rows: bool,
     /// Run the verifier after every pass (always on in tests; cheap).
     pub verify: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { all_logits: false, verify: true }
+        Options { all_rows: false, verify: true }
     }
 }
 
@@ -75,7 +76,7 @@ pub fn compile(
     let (spec, lowered) = front::compile_spec(file, source).map_err(CompileError::Spec)?;
     let mut model = lowered.clone();
     run_passes(&mut model, &passes::model_passes(), opts.verify, dump)?;
-    let phases = Split { all_logits: opts.all_logits }.run(&model)?;
+    let phases = Split { all_rows: opts.all_rows }.run(&model)?;
     let (mut prefill, mut decode) = (phases.prefill, phases.decode);
     let mut graphs: Vec<&mut Graph> = vec![&mut prefill];
     graphs.extend(decode.as_mut());

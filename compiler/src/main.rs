@@ -40,7 +40,7 @@ enum Command {
         dump_after: Option<String>,
         /// Prefill returns the logits of every position, not only the last.
         #[arg(long)]
-        all_logits: bool,
+        all_rows: bool,
     },
     /// Compile a spec to a shared library with a C header and a manifest.
     Compile {
@@ -150,10 +150,10 @@ fn dispatch(cmd: Command) -> Result<()> {
                 decode.unwrap_or_else(|| "no decode (bidirectional attention)".into())
             );
         }
-        Command::Ir { spec, stage, dump_after, all_logits } => {
+        Command::Ir { spec, stage, dump_after, all_rows } => {
             let source =
                 std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
-            let opts = Options { all_logits, ..Options::default() };
+            let opts = Options { all_rows, ..Options::default() };
             let mut out = String::new();
             let c = tfc::compile(&spec.display().to_string(), &source, &opts, &mut |pass, g| {
                 if dump_after.as_deref() == Some(pass) {
@@ -224,7 +224,7 @@ fn dispatch(cmd: Command) -> Result<()> {
             backend: Backend::Interp,
             seed,
         } => {
-            let opts = Options { all_logits: logits.is_some(), ..Options::default() };
+            let opts = Options { all_rows: logits.is_some(), ..Options::default() };
             let c = compile(&spec, &opts)?;
             let checkpoint = match &weights {
                 Some(dir) => Some(tfc_runtime::Checkpoint::open(dir)?),

@@ -11,10 +11,11 @@ use tfc_runtime::{argmax, Checkpoint, Model, Session, WeightData};
 
 use crate::common::*;
 
-/// Compiles a spec into a fresh folder under the target directory.
-pub fn build(spec: &std::path::Path) -> PathBuf {
+/// Compiles a spec into a fresh folder under the target directory, one per test (`tag`)
+/// so that tests running at once never replace a library another has loaded.
+pub fn build(spec: &std::path::Path, tag: &str) -> PathBuf {
     let stem = spec.file_stem().unwrap().to_string_lossy().to_string();
-    let dir = root().join("target/test-libs").join(&stem);
+    let dir = root().join("target/test-libs").join(tag).join(&stem);
     let _ = std::fs::remove_dir_all(&dir);
     let source = std::fs::read_to_string(spec).unwrap();
     compile_library(&spec.display().to_string(), &source, &dir, &LibOptions::default())
@@ -25,7 +26,7 @@ pub fn build(spec: &std::path::Path) -> PathBuf {
 fn check(arch: &str) {
     let spec = root().join("specs/tiny").join(format!("{arch}.tfs"));
     let fx = root().join("tests/fixtures/hf").join(arch);
-    let model = Model::load(build(&spec)).unwrap();
+    let model = Model::load(build(&spec, "fixtures")).unwrap();
     let ck = Arc::new(Checkpoint::open(&fx).unwrap());
     let mut s = Session::new(&model, WeightData::Checkpoint(ck.clone()), 2).unwrap();
     let fixture: serde_json::Value =
@@ -85,3 +86,67 @@ macro_rules! backend_tests {
 }
 
 backend_tests!(bert, bloom, gemma, gpt2, gpt_neox, llama, mistral, opt_postln, phi, qwen2);
+
+/// Seeded random weights from the interpreter's binder, in the library's order.
+fn random_weights(model: &Model, graphs: &[&tfc::ir::Graph]) -> (Weights, WeightData) {
+    let w = Weights::bind(graphs, &WeightSource::Random { seed: 11 }).unwrap();
+    let bufs = model.manifest().weights.iter().map(|m| w.get(&m.name).unwrap().data.clone()).collect();
+    (w, WeightData::Owned(bufs))
+}
+
+#[test]
+fn library_prefill_and_decode_equal_the_interpreter_on_every_small_spec() {
+    let mut specs = specs_in(&root().join("tests/specs/valid"));
+    specs.push(root().join("specs/tiny/gpt_neox.tfs"));
+    for spec in specs {
+        let c = compile(&spec, &Options::default());
+        let model = Model::load(build(&spec, "random")).unwrap();
+        let (w, data) = random_weights(&model, &[&c.model]);
+        let mut s = Session::new(&model, data, 2).unwrap();
+        let tokens: Vec<i32> = (0..9).map(|i| (i * 7 + 3) % c.spec.sizes.vocab as i32).collect();
+        let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
+        let mut full = run(&c.model, &w, &inputs).unwrap();
+        let full = full.remove("logits").or_else(|| full.remove("hidden")).unwrap();
+        let name = spec.file_name().unwrap().to_string_lossy().to_string();
+        let all = s.prefill(&tokens, None, true).unwrap();
+        assert_close(&format!("{name}: all rows"), &all, &full.data, 1e-5);
+        if c.decode.is_none() {
+            continue;
+        }
+        for split in [1, 5] {
+            s.reset();
+            let last = s.prefill(&tokens[..split], None, false).unwrap();
+            assert_close(&format!("{name}: prefill {split}"), &last, full.row(split - 1), 1e-5);
+            for (i, &t) in tokens.iter().enumerate().skip(split) {
+                let row = s.decode(t).unwrap();
+                assert_close(&format!("{name}: decode at {i} after {split}"), &row, full.row(i), 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_calls_through_the_abi_are_errors() {
+    let spec = root().join("specs/tiny/gpt2.tfs");
+    let model = Model::load(build(&spec, "abi")).unwrap();
+    let c = compile(&spec, &Options::default());
+    let (_, data) = random_weights(&model, &[&c.model]);
+    let mut s = Session::new(&model, data, 1).unwrap();
+    let err = |r: Result<Vec<f32>, tfc_runtime::RuntimeError>| r.unwrap_err().to_string();
+    assert!(err(s.prefill(&[], None, false)).contains("out of range"));
+    assert!(err(s.prefill(&[384], None, false)).contains("outside the vocabulary"));
+    assert!(err(s.prefill(&vec![1; 65], None, false)).contains("max_seq"));
+    assert!(err(s.decode(-1)).contains("outside the vocabulary"));
+    s.prefill(&vec![1; 63], None, false).unwrap();
+    assert!(err(s.prefill(&[1], None, false)).contains("empty cache"));
+    s.decode(1).unwrap();
+    assert!(err(s.decode(1)).contains("max_seq"));
+    assert_eq!(s.position(), 64);
+    // Weights of the wrong size are refused by the session before the library sees them.
+    let short = WeightData::Owned(model.manifest().weights.iter().map(|_| vec![0.0; 3]).collect());
+    assert!(Session::new(&model, short, 1).err().unwrap().to_string().contains("has 3 values"));
+    // A checkpoint of another architecture names the missing tensor.
+    let ck = Arc::new(Checkpoint::open(root().join("tests/fixtures/hf/llama")).unwrap());
+    let e = Session::new(&model, WeightData::Checkpoint(ck), 1).err().unwrap().to_string();
+    assert!(e.contains("no tensor `transformer.wte.weight`"), "{e}");
+}

@@ -40,10 +40,11 @@ fn check(arch: &str) {
         assert_eq!(got.shape, want.shape);
         assert_close(&format!("{arch} hidden"), &got.data, &want.data, TOL);
         let mut s = Session::new(&c, &w);
+        let last = s.prefill(&prompt, &[]).unwrap();
         assert_close(
-            &format!("{arch} prefill hidden"),
-            &s.prefill(&prompt, &[]).unwrap().data,
-            &want.data,
+            &format!("{arch} prefill hidden, last row"),
+            &last.data,
+            &want.data[(prompt.len() - 1) * want.shape[1]..],
             TOL,
         );
         return;

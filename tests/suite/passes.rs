@@ -10,8 +10,8 @@ fn count(g: &Graph, f: impl Fn(&Op) -> bool) -> usize {
     g.node_ids().into_iter().filter(|&n| f(g.op(n))).count()
 }
 
-fn gpt2(all_logits: bool) -> tfc::Compiled {
-    compile(&root().join("specs/tiny/gpt2.tfs"), &Options { all_logits, verify: true })
+fn gpt2(all_rows: bool) -> tfc::Compiled {
+    compile(&root().join("specs/tiny/gpt2.tfs"), &Options { all_rows, verify: true })
 }
 
 #[test]

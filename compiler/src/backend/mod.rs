@@ -68,7 +68,7 @@ pub struct LibGraphs {
 
 pub fn lib_graphs(file: &str, source: &str) -> Result<LibGraphs, crate::CompileError> {
     let compiled = crate::compile(file, source, &Options::default(), &mut |_, _| {})?;
-    let all = crate::compile(file, source, &Options { all_logits: true, verify: true }, &mut |_, _| {})?;
+    let all = crate::compile(file, source, &Options { all_rows: true, verify: true }, &mut |_, _| {})?;
     Ok(LibGraphs { compiled, prefill_all: all.prefill })
 }
 

@@ -2,8 +2,8 @@
 //!
 //! - **prefill** runs `T` tokens at positions `0..T` and additionally returns, for every
 //!   layer `L`, the keys and values its attention read: `cache.k.L` and `cache.v.L`, each
-//!   `[kv_heads, T, head_dim]`. Logits are those of the last position (`last_row`)
-//!   unless all positions are asked for.
+//!   `[kv_heads, T, head_dim]`. The main output (logits, or the hidden state) is that of
+//!   the last position (`last_row`) unless all positions are asked for.
 //! - **decode** runs one token at position `P`: every attention reads
 //!   `concat(input cache.k.L [kv_heads, P, head_dim], k_new)` along the sequence axis,
 //!   and the graph returns the new rows `cache.k.L`/`cache.v.L` `[kv_heads, 1, head_dim]`
@@ -18,8 +18,8 @@ use super::{Pass, PassError, ShapeInfer};
 use crate::ir::{CacheKind, Dim, Graph, InputKind, Node, NodeId, Op, Phase, TensorType};
 
 pub struct Split {
-    /// Keep the logits of every position in prefill, not just the last.
-    pub all_logits: bool,
+    /// Keep the main output of every position in prefill, not just the last.
+    pub all_rows: bool,
 }
 
 pub struct Phases {
@@ -54,15 +54,13 @@ impl Split {
                 prefill.outputs.push((format!("cache.v.{layer}"), ops[2]));
             }
         }
-        if !self.all_logits {
-            if let Some(i) = prefill.outputs.iter().position(|(name, _)| name == "logits") {
-                let logits = prefill.outputs[i].1;
-                let node = prefill.node(logits).clone();
-                let last = prefill.add(
-                    Node { op: Op::LastRow, ty: None, layer: node.layer, origin: node.origin },
-                    &[logits],
-                );
-                prefill.outputs[i].1 = last;
+        if !self.all_rows {
+            // The main output (logits, or an encoder's hidden state) of the last position.
+            if let Some((_, main)) = prefill.outputs.first().cloned() {
+                let node = prefill.node(main).clone();
+                let last = prefill
+                    .add(Node { op: Op::LastRow, ty: None, layer: node.layer, origin: node.origin }, &[main]);
+                prefill.outputs[0].1 = last;
             }
         }
         ShapeInfer.run(&mut prefill)?;
