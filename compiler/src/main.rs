@@ -1,13 +1,15 @@
-//! The `tfc` command: subcommands only; the work is in the library.
+//! The `tfc` command: subcommands only; the work is in the library (and, for running
+//! models, in `run.rs`).
+
+mod run;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
-use tfc::interp::{argmax, Session, Tensor, WeightSource, Weights};
 use tfc::{CompileError, Compiled, Options};
 
 const STAGES: [&str; 6] = ["lowered", "model", "prefill", "decode", "llvm", "llvm-opt"];
@@ -38,9 +40,12 @@ enum Command {
         /// Instead of a stage, print the graph after each run of this pass.
         #[arg(long, value_name = "PASS", value_parser = clap::builder::PossibleValuesParser::new(tfc::passes::PASS_NAMES))]
         dump_after: Option<String>,
-        /// Prefill returns the logits of every position, not only the last.
+        /// Prefill returns the main output of every position, not only the last.
         #[arg(long)]
         all_rows: bool,
+        /// For the llvm stages: the CPU to generate code for (`native` or an LLVM CPU).
+        #[arg(long, default_value = "native")]
+        target_cpu: String,
     },
     /// Compile a spec to a shared library with a C header and a manifest.
     Compile {
@@ -70,40 +75,10 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
-    /// Run a model: prefill the tokens, then generate greedily.
-    Run {
-        /// The spec file (`.tfs`).
-        spec: PathBuf,
-        /// A safetensors checkpoint: a folder with `model.safetensors` (or shards), or a
-        /// file. Without it, random weights from `--seed`.
-        #[arg(long)]
-        weights: Option<PathBuf>,
-        /// The prompt's token ids, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
-        tokens: Vec<i64>,
-        /// Token type (segment) ids for encoders, comma-separated; zeros by default.
-        #[arg(long, value_delimiter = ',')]
-        token_types: Vec<i64>,
-        /// How many tokens to generate after the prompt (greedy).
-        #[arg(long, default_value_t = 0)]
-        generate: usize,
-        /// Write the logits of every computed position (or an encoder's hidden states):
-        /// safetensors, or JSON when the name ends in `.json`.
-        #[arg(long, value_name = "FILE")]
-        logits: Option<PathBuf>,
-        /// Which implementation runs the model.
-        #[arg(long, value_enum, default_value_t = Backend::Interp)]
-        backend: Backend,
-        /// Seed for random weights.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Backend {
-    /// The reference interpreter.
-    Interp,
+    /// Run a model: prefill the prompt, then generate.
+    Run(run::RunArgs),
+    /// Measure a compiled model: prefill latency and decode speed.
+    Bench(run::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -150,9 +125,15 @@ fn dispatch(cmd: Command) -> Result<()> {
                 decode.unwrap_or_else(|| "no decode (bidirectional attention)".into())
             );
         }
-        Command::Ir { spec, stage, dump_after, all_rows } => {
+        Command::Ir { spec, stage, dump_after, all_rows, target_cpu } => {
             let source =
                 std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
+            if stage.starts_with("llvm") && dump_after.is_none() {
+                let file = spec.display().to_string();
+                let opts = tfc::backend::LibOptions { target_cpu: Some(target_cpu) };
+                print!("{}", tfc::backend::llvm_ir(&file, &source, stage == "llvm-opt", &opts)?);
+                return Ok(());
+            }
             let opts = Options { all_rows, ..Options::default() };
             let mut out = String::new();
             let c = tfc::compile(&spec.display().to_string(), &source, &opts, &mut |pass, g| {
@@ -214,71 +195,8 @@ fn dispatch(cmd: Command) -> Result<()> {
                 None => print!("{spec}"),
             }
         }
-        Command::Run {
-            spec,
-            weights,
-            tokens,
-            token_types,
-            generate,
-            logits,
-            backend: Backend::Interp,
-            seed,
-        } => {
-            let opts = Options { all_rows: logits.is_some(), ..Options::default() };
-            let c = compile(&spec, &opts)?;
-            let checkpoint = match &weights {
-                Some(dir) => Some(tfc_runtime::Checkpoint::open(dir)?),
-                None => None,
-            };
-            let source = match &checkpoint {
-                Some(ck) => WeightSource::Checkpoint(ck),
-                None => WeightSource::Random { seed },
-            };
-            let mut graphs = vec![&c.prefill];
-            graphs.extend(c.decode.as_ref());
-            let w = Weights::bind(&graphs, &source)?;
-            let mut session = Session::new(&c, &w);
-            let first = session.prefill(&tokens, &token_types)?;
-            let mut rows: Vec<Tensor> = vec![first];
-            let mut generated = Vec::new();
-            if generate > 0 {
-                if c.decode.is_none() {
-                    bail!("`{}` has bidirectional attention and cannot generate", c.spec.name);
-                }
-                for _ in 0..generate {
-                    let last = rows.last().unwrap();
-                    let next = argmax(last.row(last.shape[0] - 1)) as i64;
-                    generated.push(next);
-                    if generated.len() == generate {
-                        break;
-                    }
-                    rows.push(session.decode(next)?);
-                }
-            }
-            let ids: Vec<String> = generated.iter().map(|t| t.to_string()).collect();
-            println!("{}", ids.join(","));
-            if let Some(path) = logits {
-                let name = if c.decode.is_some() { "logits" } else { "hidden" };
-                write_rows(&path, name, &rows)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Writes stacked rows as one `[n, width]` tensor.
-fn write_rows(path: &Path, name: &str, rows: &[Tensor]) -> Result<()> {
-    let width = rows[0].shape[1];
-    let data: Vec<f32> = rows.iter().flat_map(|r| r.data.iter().copied()).collect();
-    let n = data.len() / width;
-    if path.extension().is_some_and(|e| e == "json") {
-        let nested: Vec<&[f32]> = data.chunks(width).collect();
-        let json = serde_json::json!({ name: nested });
-        std::fs::write(path, serde_json::to_string(&json)?)?;
-    } else {
-        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, width], &bytes)?;
-        safetensors::serialize_to_file([(name, view)], None, path)?;
+        Command::Run(args) => run::run(args)?,
+        Command::Bench(args) => run::bench(args)?,
     }
     Ok(())
 }

@@ -150,3 +150,67 @@ fn bad_calls_through_the_abi_are_errors() {
     let e = Session::new(&model, WeightData::Checkpoint(ck), 1).err().unwrap().to_string();
     assert!(e.contains("no tensor `transformer.wte.weight`"), "{e}");
 }
+
+#[test]
+fn llvm_ir_before_and_after_optimisation() {
+    let spec = root().join("tests/specs/valid/alibi_hidden.tfs");
+    let source = std::fs::read_to_string(&spec).unwrap();
+    let opts = LibOptions { target_cpu: Some("x86-64-v4".into()) };
+    for (stage, optimized) in [("llvm", false), ("llvm-opt", true)] {
+        let ir = tfc::backend::llvm_ir("alibi_hidden.tfs", &source, optimized, &opts).unwrap();
+        insta::assert_snapshot!(format!("alibi_hidden@{stage}"), ir);
+    }
+}
+
+#[test]
+fn optimised_kernels_use_512_bit_vectors() {
+    let source = std::fs::read_to_string(root().join("specs/tiny/gpt2.tfs")).unwrap();
+    let opts = LibOptions { target_cpu: Some("x86-64-v4".into()) };
+    let ir = tfc::backend::llvm_ir("gpt2.tfs", &source, true, &opts).unwrap();
+    let wide = ir.matches("<16 x float>").count();
+    assert!(wide > 50, "only {wide} uses of <16 x float> in the optimised IR");
+    assert!(ir.contains("\"prefer-vector-width\"=\"512\""));
+}
+
+#[test]
+fn a_library_for_a_baseline_cpu_computes_the_same() {
+    let spec = root().join("specs/tiny/gpt2.tfs");
+    let source = std::fs::read_to_string(&spec).unwrap();
+    let dir = root().join("target/test-libs/baseline/gpt2");
+    let _ = std::fs::remove_dir_all(&dir);
+    compile_library("gpt2.tfs", &source, &dir, &LibOptions { target_cpu: Some("x86-64".into()) }).unwrap();
+    let model = Model::load(&dir).unwrap();
+    assert_eq!(model.manifest().target_cpu, "x86-64");
+    let ck = Arc::new(Checkpoint::open(root().join("tests/fixtures/hf/gpt2")).unwrap());
+    let mut s = Session::new(&model, WeightData::Checkpoint(ck), 2).unwrap();
+    let want = read_tensor(&root().join("tests/fixtures/hf/gpt2/expected.safetensors"), "logits");
+    let rows = s.prefill(&[188, 354, 68, 81, 173, 71, 249, 323, 49, 60, 366, 134], None, true).unwrap();
+    assert_close("baseline x86-64 library", &rows, &want.data, 1e-4);
+}
+
+#[test]
+fn the_c_example_generates_with_the_header_and_library() {
+    let dir = build(&root().join("specs/tiny/llama.tfs"), "c-example");
+    let exe = dir.join("generate");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let out = std::process::Command::new(&cc)
+        .args(["-O2", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(&dir)
+        .arg("-include")
+        .arg(dir.join("llama.h"))
+        .arg(root().join("examples/c/generate.c"))
+        .arg("-L")
+        .arg(&dir)
+        .args(["-lllama", &format!("-Wl,-rpath,{}", dir.display()), "-o"])
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = std::process::Command::new(&exe)
+        .arg(root().join("tests/fixtures/hf/llama/model.safetensors"))
+        .args(["12", "188", "354", "68", "81", "173", "71", "249", "323", "49", "60", "366", "134"])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "54,11,247,269,207,311,54,54,54,54,54,54");
+}

@@ -12,7 +12,8 @@ pub mod weights;
 use std::collections::HashMap;
 
 pub use ops::alibi_slopes;
-pub use session::{argmax, Session};
+pub use session::Session;
+pub use tfc_runtime::argmax;
 pub use weights::{WeightSource, Weights};
 
 use crate::ir::{CacheKind, Graph, InputKind, NodeId, Op, SymBinding};

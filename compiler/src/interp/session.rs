@@ -101,14 +101,3 @@ fn main_output(mut out: HashMap<String, Tensor>) -> Result<Tensor, InterpError> 
         .or_else(|| out.remove("hidden"))
         .ok_or_else(|| InterpError::Bug("the graph has neither `logits` nor `hidden`".into()))
 }
-
-/// The index of the largest value of a row (the first on ties).
-pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
-}

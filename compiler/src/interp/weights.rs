@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use tfc_runtime::{Checkpoint, CheckpointError};
+use tfc_runtime::{Checkpoint, CheckpointError, SplitMix64};
 
 use super::Tensor;
 use crate::ir::{DType, Graph, Op, WeightRole};
@@ -85,25 +85,6 @@ fn round_to(data: &mut [f32], dtype: DType) {
     }
 }
 
-/// SplitMix64: a tiny generator whose output never changes between versions, so random
-/// weights from a seed are the same everywhere.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-}
-
 fn random(name: &str, role: WeightRole, shape: &[usize], seed: u64) -> Vec<f32> {
     let n: usize = shape.iter().product();
     match role {
@@ -114,7 +95,7 @@ fn random(name: &str, role: WeightRole, shape: &[usize], seed: u64) -> Vec<f32> 
             let h = name
                 .bytes()
                 .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-            let mut rng = SplitMix(seed ^ h);
+            let mut rng = SplitMix64(seed ^ h);
             (0..n)
                 .map(|_| {
                     // Box–Muller.

@@ -15,6 +15,7 @@ typedef void (*tfc_graph)(void *arena, float *cache, const int32_t *tokens, cons
 extern const int64_t tfc__n_weights, tfc__arena_bytes, tfc__cache_bytes, tfc__max_seq, tfc__vocab,
     tfc__out_width, tfc__has_decode, tfc__type_rows;
 extern const int64_t tfc__weight_bytes[];
+extern const char *const tfc__weight_names[];
 void tfc__prefill(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t, const void *const *,
                   float *, void *);
 void tfc__prefill_all(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t,
@@ -73,7 +74,8 @@ static void *worker_main(void *p) {
     }
 }
 
-void tfc__parallel_for(void *p, tfc_task fn, const int64_t *args, int64_t total) {
+__attribute__((visibility("hidden"))) void tfc__parallel_for(void *p, tfc_task fn, const int64_t *args,
+                                                       int64_t total) {
     pool_t *pool = p;
     if (total <= 0) return;
     if (pool->n <= 1 || total == 1) {
@@ -155,6 +157,9 @@ int32_t tfc_max_seq(void) { return (int32_t)tfc__max_seq; }
 int32_t tfc_output_width(void) { return (int32_t)tfc__out_width; }
 int32_t tfc_has_decode(void) { return (int32_t)tfc__has_decode; }
 int32_t tfc_weight_count(void) { return (int32_t)tfc__n_weights; }
+const char *tfc_weight_name(int32_t index) {
+    return index < 0 || index >= tfc__n_weights ? NULL : tfc__weight_names[index];
+}
 int64_t tfc_weight_bytes(int32_t index) {
     return index < 0 || index >= tfc__n_weights ? -1 : tfc__weight_bytes[index];
 }

@@ -31,6 +31,8 @@ int32_t tfc_max_seq(void);
 int32_t tfc_output_width(void);
 int32_t tfc_has_decode(void);
 int32_t tfc_weight_count(void);
+/* The checkpoint tensor name of weight `index`; NULL for a bad index. */
+const char *tfc_weight_name(int32_t index);
 /* Bytes weight `index` must have (f32, the manifest's shape). -1 for a bad index. */
 int64_t tfc_weight_bytes(int32_t index);
 

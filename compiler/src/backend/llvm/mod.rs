@@ -19,6 +19,7 @@ use inkwell::module::{Linkage, Module};
 use inkwell::passes::PassBuilderOptions;
 use inkwell::targets::{CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine};
 use inkwell::values::{FunctionValue, IntValue, PointerValue};
+use inkwell::GlobalVisibility;
 use inkwell::OptimizationLevel;
 
 use kb::Kb;
@@ -154,6 +155,7 @@ fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &WeightTabl
         let g = m.add_global(i64t, None, name);
         g.set_initializer(&i64t.const_int(v, false));
         g.set_constant(true);
+        g.set_visibility(GlobalVisibility::Hidden);
     };
     scalar("tfc__n_weights", w.names.len() as u64);
     scalar("tfc__arena_bytes", l.arena_bytes);
@@ -172,6 +174,26 @@ fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &WeightTabl
     let g = m.add_global(arr.get_type(), None, "tfc__weight_bytes");
     g.set_initializer(&arr);
     g.set_constant(true);
+    g.set_visibility(GlobalVisibility::Hidden);
+    let names: Vec<_> = w
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _, _))| {
+            let s = cx.const_string(n.as_bytes(), true);
+            let g = m.add_global(s.get_type(), None, &format!("tfc__weight_name.{i}"));
+            g.set_initializer(&s);
+            g.set_constant(true);
+            g.set_linkage(Linkage::Private);
+            g.as_pointer_value()
+        })
+        .collect();
+    let ptr = cx.ptr_type(inkwell::AddressSpace::default());
+    let arr = ptr.const_array(&names);
+    let g = m.add_global(arr.get_type(), None, "tfc__weight_names");
+    g.set_initializer(&arr);
+    g.set_constant(true);
+    g.set_visibility(GlobalVisibility::Hidden);
 }
 
 /// Where a node's value lives while a graph runs.
@@ -276,6 +298,8 @@ fn emit_graph<'ctx>(
         false,
     );
     let f = m.add_function(&format!("tfc__{name}"), fty, Some(Linkage::External));
+    // Internal to the library: only the C half's `tfc_*` entry points are exported.
+    f.as_global_value().set_visibility(GlobalVisibility::Hidden);
     let kb = Kb::new(cx, m, f);
     let Some(g) = g else {
         // An encoder has no decode graph; the C half never calls this.

@@ -1,0 +1,353 @@
+//! `tfc run` and `tfc bench`: running a spec with the reference interpreter or as a
+//! compiled library through the runtime crate.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+
+use tfc::backend::{compile_library, LibOptions};
+use tfc::interp::{self, WeightSource, Weights};
+use tfc::Options;
+use tfc_runtime::{Checkpoint, Model, Sampler, WeightData};
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+pub enum Backend {
+    /// Native code from the LLVM backend, run through the runtime crate.
+    Llvm,
+    /// The reference interpreter.
+    Interp,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The spec file (`.tfs`).
+    spec: PathBuf,
+    /// A safetensors checkpoint: a folder with `model.safetensors` (or shards) and
+    /// optionally `tokenizer.json`, or a file. Without it, random weights from `--seed`.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// The prompt's token ids, comma-separated.
+    #[arg(long, value_delimiter = ',', num_args = 1.., required_unless_present = "prompt", conflicts_with = "prompt")]
+    tokens: Vec<i32>,
+    /// The prompt as text, tokenised with the checkpoint folder's `tokenizer.json`;
+    /// the generated text is printed as it is produced.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Token type (segment) ids for encoders, comma-separated; zeros by default.
+    #[arg(long, value_delimiter = ',')]
+    token_types: Vec<i32>,
+    /// How many tokens to generate after the prompt.
+    #[arg(long, default_value_t = 0)]
+    generate: usize,
+    /// Write the output rows of every computed position (logits, or an encoder's hidden
+    /// states): safetensors, or JSON when the name ends in `.json`.
+    #[arg(long, value_name = "FILE")]
+    logits: Option<PathBuf>,
+    /// Which implementation runs the model.
+    #[arg(long, value_enum, default_value_t = Backend::Llvm)]
+    backend: Backend,
+    /// Sampling temperature; 0 (the default) is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample only among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample only among the most likely tokens whose probability reaches p.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed for random weights and for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Threads for the compiled library (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// The CPU the library is compiled for (`native` or an LLVM CPU name).
+    #[arg(long, default_value = "native")]
+    target_cpu: String,
+}
+
+/// One model being run, whatever runs it.
+enum Engine<'a> {
+    Interp(interp::Session<'a>),
+    Lib(tfc_runtime::Session<'a>),
+}
+
+impl Engine<'_> {
+    /// Output rows of the prompt (the last, or all).
+    fn prefill(&mut self, tokens: &[i32], types: &[i32], all: bool) -> Result<Vec<Vec<f32>>> {
+        Ok(match self {
+            Engine::Interp(s) => {
+                let t: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
+                let ty: Vec<i64> = types.iter().map(|&x| x as i64).collect();
+                let out = s.prefill(&t, &ty)?;
+                out.data.chunks(out.shape[1]).map(<[f32]>::to_vec).collect()
+            }
+            Engine::Lib(s) => {
+                let out = s.prefill(tokens, (!types.is_empty()).then_some(types), all)?;
+                let rows = if all { tokens.len() } else { 1 };
+                out.chunks(out.len() / rows).map(<[f32]>::to_vec).collect()
+            }
+        })
+    }
+
+    fn decode(&mut self, token: i32) -> Result<Vec<f32>> {
+        Ok(match self {
+            Engine::Interp(s) => s.decode(token as i64)?.data,
+            Engine::Lib(s) => s.decode(token)?,
+        })
+    }
+}
+
+/// Compiles a spec into the user's cache (once per spec text and CPU) and loads it.
+fn load_library(spec: &Path, source: &str, cpu: &str) -> Result<Model> {
+    let hash = tfc_runtime::abi::fnv1a(&format!("{cpu}\n{}\n{source}", env!("CARGO_PKG_VERSION")));
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join("tfc").join(hash);
+    if !dir.join("manifest.json").is_file() {
+        let opts = LibOptions { target_cpu: Some(cpu.to_string()) };
+        compile_library(&spec.display().to_string(), source, &dir, &opts)?;
+    }
+    Ok(Model::load(&dir)?)
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let source =
+        std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read {}", a.spec.display()))?;
+    let file = a.spec.display().to_string();
+    let c = tfc::compile(
+        &file,
+        &source,
+        &Options { all_rows: a.logits.is_some(), verify: true },
+        &mut |_, _| {},
+    )?;
+    let checkpoint = match &a.weights {
+        Some(dir) => Some(Arc::new(Checkpoint::open(dir)?)),
+        None => None,
+    };
+    let tokenizer = match &a.prompt {
+        Some(_) => {
+            let dir = a
+                .weights
+                .as_ref()
+                .filter(|w| w.is_dir())
+                .context("--prompt needs --weights DIR with a tokenizer.json")?;
+            let path = dir.join("tokenizer.json");
+            let t = tokenizers::Tokenizer::from_file(&path)
+                .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?;
+            Some(t)
+        }
+        None => None,
+    };
+    let tokens: Vec<i32> = match (&a.prompt, &tokenizer) {
+        (Some(text), Some(t)) => {
+            let enc = t
+                .encode(text.as_str(), true)
+                .map_err(|e| anyhow::anyhow!("cannot tokenise the prompt: {e}"))?;
+            enc.get_ids().iter().map(|&i| i as i32).collect()
+        }
+        _ => a.tokens.clone(),
+    };
+    if a.generate > 0 && c.decode.is_none() {
+        bail!("`{}` has bidirectional attention and cannot generate", c.spec.name);
+    }
+    let mut graphs = vec![&c.prefill];
+    graphs.extend(c.decode.as_ref());
+    let interp_weights;
+    let model;
+    let mut engine = match a.backend {
+        Backend::Interp => {
+            let source = match &checkpoint {
+                Some(ck) => WeightSource::Checkpoint(ck),
+                None => WeightSource::Random { seed: a.seed },
+            };
+            interp_weights = Weights::bind(&graphs, &source)?;
+            Engine::Interp(interp::Session::new(&c, &interp_weights))
+        }
+        Backend::Llvm => {
+            model = load_library(&a.spec, &source, &a.target_cpu)?;
+            let data = match &checkpoint {
+                Some(ck) => WeightData::Checkpoint(ck.clone()),
+                None => {
+                    let w = Weights::bind(&graphs, &WeightSource::Random { seed: a.seed })?;
+                    let bufs: Result<Vec<Vec<f32>>, _> = model
+                        .manifest()
+                        .weights
+                        .iter()
+                        .map(|m| w.get(&m.name).map(|t| t.data.clone()))
+                        .collect();
+                    WeightData::Owned(bufs?)
+                }
+            };
+            Engine::Lib(tfc_runtime::Session::new(&model, data, a.threads)?)
+        }
+    };
+    let mut rows = engine.prefill(&tokens, &a.token_types, a.logits.is_some())?;
+    let mut sampler = if a.temperature > 0.0 {
+        Sampler::sample(a.temperature, a.top_k, a.top_p, a.seed)
+    } else {
+        Sampler::Greedy
+    };
+    let mut generated: Vec<i32> = Vec::new();
+    let mut shown = String::new();
+    for _ in 0..a.generate {
+        let next = sampler.next(rows.last().unwrap()) as i32;
+        generated.push(next);
+        if let Some(t) = &tokenizer {
+            let ids: Vec<u32> = generated.iter().map(|&i| i as u32).collect();
+            let text = t.decode(&ids, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
+            if let Some(new) = text.strip_prefix(shown.as_str()) {
+                print!("{new}");
+                std::io::stdout().flush()?;
+            }
+            shown = text;
+        }
+        if generated.len() < a.generate {
+            rows.push(engine.decode(next)?);
+        }
+    }
+    if tokenizer.is_some() {
+        println!();
+    }
+    let ids: Vec<String> = generated.iter().map(|t| t.to_string()).collect();
+    println!("{}", ids.join(","));
+    if let Some(path) = &a.logits {
+        let name = &c.prefill.outputs[0].0;
+        write_rows(path, name, &rows)?;
+    }
+    Ok(())
+}
+
+/// Writes rows as one `[n, width]` tensor.
+fn write_rows(path: &Path, name: &str, rows: &[Vec<f32>]) -> Result<()> {
+    let width = rows[0].len();
+    let data: Vec<f32> = rows.iter().flatten().copied().collect();
+    if path.extension().is_some_and(|e| e == "json") {
+        let json = serde_json::json!({ name: rows });
+        std::fs::write(path, serde_json::to_string(&json)?)?;
+    } else {
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![rows.len(), width], &bytes)?;
+        safetensors::serialize_to_file([(name, view)], None, path)?;
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The spec file (`.tfs`).
+    spec: PathBuf,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    prompt: usize,
+    /// Tokens decoded after the prompt.
+    #[arg(long, default_value_t = 64)]
+    decode: usize,
+    /// Measured repetitions (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// The CPU the library is compiled for.
+    #[arg(long, default_value = "native")]
+    target_cpu: String,
+}
+
+/// Median, min and max of a sample.
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let source =
+        std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read {}", a.spec.display()))?;
+    let t0 = Instant::now();
+    let dir = tempdir()?;
+    let opts = LibOptions { target_cpu: Some(a.target_cpu.clone()) };
+    compile_library(&a.spec.display().to_string(), &source, &dir, &opts)?;
+    let compile_s = t0.elapsed().as_secs_f64();
+    let model = Model::load(&dir)?;
+    let m = model.manifest().clone();
+    if !m.has_decode {
+        bail!("`{}` has no decode step to measure", m.name);
+    }
+    if a.prompt + a.decode > m.max_seq {
+        bail!("{} + {} positions exceed max_seq {}", a.prompt, a.decode, m.max_seq);
+    }
+    // Random weights: the speed does not depend on the values.
+    let c = tfc::compile(&a.spec.display().to_string(), &source, &Options::default(), &mut |_, _| {})?;
+    let w = Weights::bind(&[&c.prefill], &WeightSource::Random { seed: 1 })?;
+    let bufs: Result<Vec<Vec<f32>>, _> =
+        m.weights.iter().map(|x| w.get(&x.name).map(|t| t.data.clone())).collect();
+    let mut s = tfc_runtime::Session::new(&model, WeightData::Owned(bufs?), a.threads)?;
+    let tokens: Vec<i32> = (0..a.prompt).map(|i| (i * 31 % m.vocab) as i32).collect();
+    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    for run in 0..=a.runs {
+        s.reset();
+        let t = Instant::now();
+        let logits = s.prefill(&tokens, None, false)?;
+        let p = t.elapsed().as_secs_f64();
+        let mut next = tfc_runtime::argmax(&logits) as i32;
+        let t = Instant::now();
+        for _ in 0..a.decode {
+            next = tfc_runtime::argmax(&s.decode(next)?) as i32;
+        }
+        let d = t.elapsed().as_secs_f64();
+        if run > 0 {
+            pre.push(p * 1e3);
+            dec.push(a.decode as f64 / d);
+        }
+    }
+    let weight_bytes: usize = m.weights.iter().map(|x| x.shape.iter().product::<usize>() * 4).sum();
+    let (pm, pmin, pmax) = stats(pre);
+    let (dm, dmin, dmax) = stats(dec);
+    // Weights are read once per decode step; the KV cache grows from the prompt on.
+    let gbs = dm * weight_bytes as f64 / 1e9;
+    let flops = 2.0 * weight_bytes as f64 / 4.0 * a.prompt as f64;
+    let gflops = flops / (pm / 1e3) / 1e9;
+    if a.json {
+        let j = serde_json::json!({
+            "model": m.name, "prompt": a.prompt, "decode": a.decode, "runs": a.runs,
+            "compile_s": compile_s,
+            "prefill_ms": {"median": pm, "min": pmin, "max": pmax},
+            "decode_tok_s": {"median": dm, "min": dmin, "max": dmax},
+            "decode_weight_gb_s": gbs, "prefill_gflop_s": gflops, "weight_bytes": weight_bytes,
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!(
+            "{}: {:.1} MB of f32 weights, compiled in {compile_s:.2} s, {} runs",
+            m.name,
+            weight_bytes as f64 / 1e6,
+            a.runs
+        );
+        println!(
+            "prefill {} tokens: {pm:.2} ms (min {pmin:.2}, max {pmax:.2}), ~{gflops:.1} GFLOP/s in matmuls",
+            a.prompt
+        );
+        println!(
+            "decode {} tokens:  {dm:.2} tok/s (min {dmin:.2}, max {dmax:.2}), {gbs:.2} GB/s of weights",
+            a.decode
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("tfc-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
