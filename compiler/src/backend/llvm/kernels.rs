@@ -274,30 +274,28 @@ fn body<'ctx>(
             let n = if part == QkvPart::Q { heads } else { kv_heads };
             let width = (heads + 2 * kv_heads) * head_dim;
             let g = heads / kv_heads;
-            let col = |j: usize| -> usize {
-                match layout {
-                    QkvLayout::Concat => match part {
-                        QkvPart::Q => j * head_dim,
-                        QkvPart::K => (heads + j) * head_dim,
-                        QkvPart::V => (heads + kv_heads + j) * head_dim,
-                    },
-                    QkvLayout::Grouped => {
-                        let group = (g + 2) * head_dim;
-                        match part {
-                            QkvPart::Q => (j / g) * group + (j % g) * head_dim,
-                            QkvPart::K => j * group + g * head_dim,
-                            QkvPart::V => j * group + (g + 1) * head_dim,
-                        }
+            let group = (g + 2) * head_dim;
+            // The column where head `j` of this part starts, as a runtime expression (one
+            // loop over heads rather than one unrolled copy per head).
+            let col = |j: IntValue<'ctx>| -> IntValue<'ctx> {
+                match (layout, part) {
+                    (QkvLayout::Concat, QkvPart::Q) => kb.mul(j, c(head_dim)),
+                    (QkvLayout::Concat, QkvPart::K) => kb.mul(kb.add(j, c(heads)), c(head_dim)),
+                    (QkvLayout::Concat, QkvPart::V) => kb.mul(kb.add(j, c(heads + kv_heads)), c(head_dim)),
+                    (QkvLayout::Grouped, QkvPart::Q) => {
+                        kb.add(kb.mul(kb.div(j, c(g)), c(group)), kb.mul(kb.rem(j, c(g)), c(head_dim)))
                     }
+                    (QkvLayout::Grouped, QkvPart::K) => kb.add(kb.mul(j, c(group)), c(g * head_dim)),
+                    (QkvLayout::Grouped, QkvPart::V) => kb.add(kb.mul(j, c(group)), c((g + 1) * head_dim)),
                 }
             };
             kb.for_(begin, end, |t| {
                 let src = kb.mul(t, c(width));
                 let dst = kb.mul(t, c(n * head_dim));
-                for j in 0..n {
-                    let (s, d) = (kb.add(src, c(col(j))), kb.add(dst, c(j * head_dim)));
+                kb.for_(c(0), c(n), |j| {
+                    let (s, d) = (kb.add(src, col(j)), kb.add(dst, kb.mul(j, c(head_dim))));
                     kb.for_(c(0), c(head_dim), |i| kb.st(out, kb.add(d, i), kb.ld(x, kb.add(s, i))));
-                }
+                });
             });
         }
         Kernel::SplitHeads { heads, head_dim } => {

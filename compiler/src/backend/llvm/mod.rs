@@ -300,6 +300,12 @@ fn emit_graph<'ctx>(
     let f = m.add_function(&format!("tfc__{name}"), fty, Some(Linkage::External));
     // Internal to the library: only the C half's `tfc_*` entry points are exported.
     f.as_global_value().set_visibility(GlobalVisibility::Hidden);
+    // A graph function is a straight sequence of kernel calls: optimising it for size
+    // keeps the vectorisers from spending seconds on its argument stores.
+    for attr in ["optsize", "minsize"] {
+        let kind = inkwell::attributes::Attribute::get_named_enum_kind_id(attr);
+        f.add_attribute(inkwell::attributes::AttributeLoc::Function, cx.create_enum_attribute(kind, 0));
+    }
     let kb = Kb::new(cx, m, f);
     let Some(g) = g else {
         // An encoder has no decode graph; the C half never calls this.
