@@ -16,8 +16,9 @@ use crate::ir::*;
 
 #[derive(Clone, Copy, Debug)]
 enum Val {
-    /// Integer ids (`tokens`, `positions`, `token_types`).
-    Ids(NodeId),
+    /// Integer ids (`tokens`, `positions`, `token_types`), with the largest id + 1 they can
+    /// hold (`None` for token types, which are checked at run time against their table).
+    Ids(NodeId, Option<usize>),
     /// A `[T, d_model]` activation.
     Hidden(NodeId),
     /// `[T, vocab]` logits.
@@ -28,7 +29,7 @@ enum Val {
 impl Val {
     fn describe(&self) -> &'static str {
         match self {
-            Val::Ids(_) => "integer ids",
+            Val::Ids(..) => "integer ids",
             Val::Hidden(_) => "an activation",
             Val::Logits(_) => "logits",
             Val::Scalar(_) => "a number",
@@ -181,11 +182,14 @@ impl Lowerer<'_> {
             Expr::Number(v, _) => Some(Val::Scalar(*v)),
             Expr::Var(id) => self.var(id, env),
             Expr::Binary(a, op, b, span) => {
-                let (a, b) = (self.expr(a, s, env)?, self.expr(b, s, env)?);
+                // Both sides are checked, so that each reports its errors.
+                let (a, b) = (self.expr(a, s, env), self.expr(b, s, env));
+                let (a, b) = (a?, b?);
                 self.binary(a, *op, b, span)
             }
             Expr::Call(f, args, span) => {
-                let args: Vec<Val> = args.iter().map(|a| self.expr(a, s, env)).collect::<Option<_>>()?;
+                let args: Vec<Option<Val>> = args.iter().map(|a| self.expr(a, s, env)).collect();
+                let args: Vec<Val> = args.into_iter().collect::<Option<_>>()?;
                 self.call(f, &args, s, span)
             }
         }
@@ -218,7 +222,12 @@ impl Lowerer<'_> {
         };
         match input {
             Some(name) if self.section == SectionKind::Embed => {
-                Some(Val::Ids(if name == "positions" { self.positions("") } else { self.input(name) }))
+                let sz = &self.spec.sizes;
+                Some(match name {
+                    "positions" => Val::Ids(self.positions(""), Some(sz.max_seq)),
+                    "tokens" => Val::Ids(self.input(name), Some(sz.vocab)),
+                    _ => Val::Ids(self.input(name), None),
+                })
             }
             Some(name) => {
                 self.error(
@@ -342,11 +351,23 @@ impl Lowerer<'_> {
             None
         };
         match (&c.kind, arg) {
-            (Kind::Embedding { weight, rows, offset }, Val::Ids(ids)) => {
+            (Kind::Embedding { weight, rows, offset }, Val::Ids(ids, bound)) => {
+                // Every id the input can hold must have a row: nothing reads out of bounds.
+                if let Some(n) = bound.filter(|n| n + offset > *rows) {
+                    self.error(
+                        Diagnostic::error(
+                            Code::Sizes,
+                            format!("`{}` has {rows} rows, too few for {n} ids at offset {offset}", f.name),
+                        )
+                        .label(span.clone(), format!("ids here run up to {}", n - 1 + offset))
+                        .note("give the embedding `rows` ≥ the number of ids (vocab or max_seq) + offset"),
+                    );
+                    return None;
+                }
                 let table = self.weight(weight, &[*rows, sz.d_model], WeightRole::Embedding, origin);
                 Some(Val::Hidden(self.node(Op::Gather { offset: *offset }, &[table, ids], origin)))
             }
-            (Kind::Sinusoidal { base }, Val::Ids(ids)) => {
+            (Kind::Sinusoidal { base }, Val::Ids(ids, _)) => {
                 if sz.d_model % 2 != 0 {
                     self.error(
                         Diagnostic::error(

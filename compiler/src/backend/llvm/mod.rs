@@ -133,8 +133,12 @@ fn layout(c: &Compiled, g: &Graphs) -> Result<Layout, LlvmError> {
     for id in g.prefill.node_ids() {
         if let Op::Gather { .. } = g.prefill.op(id) {
             let ops = g.prefill.operands(id);
-            if matches!(g.prefill.op(ops[1]), Op::Input(InputKind::TokenTypes)) {
-                type_rows = g.prefill.ty(ops[0]).shape[0].as_fixed().unwrap();
+            if let (Op::Gather { offset }, Op::Input(InputKind::TokenTypes)) =
+                (g.prefill.op(id), g.prefill.op(ops[1]))
+            {
+                // Type ids are checked against this at run time: id + offset must be a row.
+                let rows = g.prefill.ty(ops[0]).shape[0].as_fixed().unwrap();
+                type_rows = rows.saturating_sub(*offset);
             }
         }
     }
