@@ -3,12 +3,17 @@
 
 use inkwell::builder::Builder;
 use inkwell::context::Context;
+use inkwell::intrinsics::Intrinsic;
 use inkwell::module::Module;
-use inkwell::types::{BasicMetadataTypeEnum, FloatType, IntType, PointerType};
+use inkwell::types::{BasicMetadataTypeEnum, FloatType, IntType, PointerType, VectorType};
 use inkwell::values::{
-    BasicMetadataValueEnum, BasicValueEnum, FloatValue, FunctionValue, InstructionValue, IntValue,
-    PointerValue,
+    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue, InstructionValue,
+    IntValue, PointerValue, VectorValue,
 };
+
+/// Lanes of the explicit vectors (`<16 x float>`: one AVX-512 register; LLVM splits it
+/// on narrower targets).
+pub const VW: usize = 16;
 use inkwell::{FloatPredicate, IntPredicate};
 
 pub struct Kb<'a, 'ctx> {
@@ -172,6 +177,63 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         let f = intr.get_declaration(self.m, &[ty.into()]).expect("bug: intrinsic declaration");
         let args: Vec<BasicMetadataValueEnum> = args.iter().map(|a| (*a).into()).collect();
         ok(self.b.build_call(f, &args, "")).try_as_basic_value().basic().unwrap().into_float_value()
+    }
+
+    /// `<16 x float>` loaded from `base + idx` (elements; no alignment assumed beyond 4).
+    pub fn ldv(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> VectorValue<'ctx> {
+        let p = self.gep(self.f32t(), base, idx);
+        let v = ok(self.b.build_load(self.vt(), p, ""));
+        let _ = v.as_instruction_value().unwrap().set_alignment(4);
+        v.into_vector_value()
+    }
+    pub fn stv(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, v: VectorValue<'ctx>) {
+        let p = self.gep(self.f32t(), base, idx);
+        let st = ok(self.b.build_store(p, v));
+        let _ = st.set_alignment(4);
+    }
+    pub fn vt(&self) -> VectorType<'ctx> {
+        self.f32t().vec_type(VW as u32)
+    }
+    pub fn vzero(&self) -> VectorValue<'ctx> {
+        self.vt().const_zero()
+    }
+    /// A vector with every lane `x`.
+    pub fn splat(&self, x: FloatValue<'ctx>) -> VectorValue<'ctx> {
+        let one = ok(self.b.build_insert_element(self.vt().get_undef(), x, self.c(0), ""));
+        let mask = self.cx.i32_type().vec_type(VW as u32).const_zero();
+        ok(self.b.build_shuffle_vector(one, self.vt().get_undef(), mask, ""))
+    }
+    /// `a·b + c`, lane-wise, fused.
+    pub fn vfma(
+        &self,
+        a: VectorValue<'ctx>,
+        b: VectorValue<'ctx>,
+        c: VectorValue<'ctx>,
+    ) -> VectorValue<'ctx> {
+        let f = Intrinsic::find("llvm.fma").unwrap().get_declaration(self.m, &[self.vt().into()]).unwrap();
+        ok(self.b.build_call(f, &[a.into(), b.into(), c.into()], ""))
+            .try_as_basic_value()
+            .basic()
+            .unwrap()
+            .into_vector_value()
+    }
+    /// The sum of a vector's lanes (in any order).
+    pub fn vsum(&self, v: VectorValue<'ctx>) -> FloatValue<'ctx> {
+        let f = Intrinsic::find("llvm.vector.reduce.fadd")
+            .unwrap()
+            .get_declaration(self.m, &[self.vt().into()])
+            .unwrap();
+        let r = ok(self.b.build_call(f, &[self.fc(0.0).into(), v.into()], ""));
+        let flags =
+            inkwell::values::FastMathFlags::AllowReassoc | inkwell::values::FastMathFlags::AllowContract;
+        let _ = r
+            .try_as_basic_value()
+            .basic()
+            .unwrap()
+            .as_instruction_value()
+            .unwrap()
+            .set_fast_math_flags(flags);
+        r.try_as_basic_value().basic().unwrap().into_float_value()
     }
 
     /// Calls an external C function `double name(double)`.

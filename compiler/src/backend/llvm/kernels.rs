@@ -7,7 +7,7 @@ use inkwell::attributes::AttributeLoc;
 use inkwell::module::Linkage;
 use inkwell::values::{FloatValue, FunctionValue, IntValue, PointerValue};
 
-use super::kb::Kb;
+use super::kb::{Kb, VW};
 use crate::interp::alibi_slopes;
 use crate::ir::{Act, AttnMask, QkvLayout, QkvPart};
 
@@ -55,6 +55,104 @@ pub enum UnaryOp {
 /// Output columns per linear task: a block of weight rows that stays in cache while
 /// every activation row passes over it.
 pub const BLOCK: usize = 64;
+/// Activation rows per register tile of the linear kernels.
+const ROWS: usize = 4;
+
+/// Whether a linear map gets the register-tiled kernel: the vectors must tile the weight
+/// rows exactly (`[in, out]`: `out` by 64-column blocks; `[out, in]`: `in` by 16).
+fn tiled(inn: usize, out: usize, transposed: bool) -> bool {
+    if transposed {
+        out % BLOCK == 0
+    } else {
+        inn % VW == 0
+    }
+}
+
+struct Lin<'ctx> {
+    x: PointerValue<'ctx>,
+    w: PointerValue<'ctx>,
+    b: Option<PointerValue<'ctx>>,
+    out: PointerValue<'ctx>,
+    inn: usize,
+    n_out: usize,
+}
+
+/// `W [in, out]`: an `rn × 64` output tile in `rn · 4` vector registers; each step over
+/// `in` loads four weight vectors once and uses them for every row of the tile.
+fn lin_t_tile<'ctx>(kb: &Kb<'_, 'ctx>, l: &Lin<'ctx>, t0: IntValue<'ctx>, rn: usize, o0: IntValue<'ctx>) {
+    let c = |v: usize| kb.c(v as i64);
+    let nv = BLOCK / VW;
+    let init: Vec<_> = (0..rn * nv)
+        .map(|k| match l.b {
+            Some(b) => kb.ldv(b, kb.add(o0, c((k % nv) * VW))).into(),
+            None => kb.vzero().into(),
+        })
+        .collect();
+    let acc = kb.fold(c(0), c(l.inn), &init, |i, acc| {
+        let wrow = kb.add(kb.mul(i, c(l.n_out)), o0);
+        let wv: Vec<_> = (0..nv).map(|j| kb.ldv(l.w, kb.add(wrow, c(j * VW)))).collect();
+        let mut next = Vec::with_capacity(acc.len());
+        for r in 0..rn {
+            let xs = kb.splat(kb.ld(l.x, kb.add(kb.mul(kb.add(t0, c(r)), c(l.inn)), i)));
+            for (j, wv) in wv.iter().enumerate() {
+                next.push(kb.vfma(xs, *wv, acc[r * nv + j].into_vector_value()).into());
+            }
+        }
+        next
+    });
+    for r in 0..rn {
+        let yrow = kb.add(kb.mul(kb.add(t0, c(r)), c(l.n_out)), o0);
+        for j in 0..nv {
+            kb.stv(l.out, kb.add(yrow, c(j * VW)), acc[r * nv + j].into_vector_value());
+        }
+    }
+}
+
+/// `W [out, in]`: outputs `o0..o1` for rows `t0..t0 + rn`, four outputs at a time, each a
+/// vectorised dot product over `in` whose weight vectors are shared by the tile's rows.
+fn lin_n_block<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx>,
+    t0: IntValue<'ctx>,
+    rn: usize,
+    o0: IntValue<'ctx>,
+    o1: IntValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    const OUTS: usize = 4;
+    let span = kb.sub(o1, o0);
+    let full = kb.add(o0, kb.mul(kb.div(span, c(OUTS)), c(OUTS)));
+    let tile = |oo: IntValue<'ctx>, on: usize| {
+        let init: Vec<_> = (0..rn * on).map(|_| kb.vzero().into()).collect();
+        let steps = c(l.inn / VW);
+        let acc = kb.fold(c(0), steps, &init, |s, acc| {
+            let i = kb.mul(s, c(VW));
+            let wv: Vec<_> =
+                (0..on).map(|j| kb.ldv(l.w, kb.add(kb.mul(kb.add(oo, c(j)), c(l.inn)), i))).collect();
+            let mut next = Vec::with_capacity(acc.len());
+            for r in 0..rn {
+                let xv = kb.ldv(l.x, kb.add(kb.mul(kb.add(t0, c(r)), c(l.inn)), i));
+                for (j, wv) in wv.iter().enumerate() {
+                    next.push(kb.vfma(xv, *wv, acc[r * on + j].into_vector_value()).into());
+                }
+            }
+            next
+        });
+        for r in 0..rn {
+            for j in 0..on {
+                let o = kb.add(oo, c(j));
+                let mut v = kb.vsum(acc[r * on + j].into_vector_value());
+                if let Some(b) = l.b {
+                    v = kb.fadd(v, kb.ld(b, o));
+                }
+                kb.st(l.out, kb.add(kb.mul(kb.add(t0, c(r)), c(l.n_out)), o), v);
+            }
+        }
+    };
+    let groups = kb.div(span, c(OUTS));
+    kb.for_(c(0), groups, |g| tile(kb.add(o0, kb.mul(g, c(OUTS))), OUTS));
+    kb.for_(full, o1, |o| tile(o, 1));
+}
 
 impl Kernel {
     /// A name that is unique per distinct kernel, usable as a symbol.
@@ -229,6 +327,26 @@ fn body<'ctx>(
                     let g = if unit_offset { kb.fadd(g, kb.fc(1.0)) } else { g };
                     kb.st(out, kb.add(base, j), kb.fmul(kb.fmul(kb.ld(x, kb.add(base, j)), inv), g));
                 });
+            });
+        }
+        Kernel::Linear { inn, out: n_out, transposed, bias } if tiled(inn, n_out, transposed) => {
+            let (x, w) = (p(0), p(1));
+            let (b, out, rows) = if bias { (Some(p(2)), p(3), a(4)) } else { (None, p(2), a(3)) };
+            let l = Lin { x, w, b, out, inn, n_out };
+            kb.for_(begin, end, |blk| {
+                let o0 = kb.mul(blk, c(BLOCK));
+                let o1 = kb.min(kb.add(o0, c(BLOCK)), c(n_out));
+                // Rows in tiles of ROWS, then the rest one by one.
+                let full = kb.mul(kb.div(rows, c(ROWS)), c(ROWS));
+                let step = |t0: IntValue<'ctx>, rn: usize| {
+                    if transposed {
+                        lin_t_tile(kb, &l, t0, rn, o0);
+                    } else {
+                        lin_n_block(kb, &l, t0, rn, o0, o1);
+                    }
+                };
+                kb.for_(c(0), kb.div(full, c(ROWS)), |tt| step(kb.mul(tt, c(ROWS)), ROWS));
+                kb.for_(full, rows, |t| step(t, 1));
             });
         }
         Kernel::Linear { inn, out: n_out, transposed, bias } => {
