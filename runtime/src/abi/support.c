@@ -23,16 +23,20 @@ void tfc__prefill_all(void *, float *, const int32_t *, const int32_t *, int64_t
 void tfc__decode(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t, const void *const *,
                  float *, void *);
 
-/* ---- thread pool: workers wait for a generation number to change, run their share of
-   [0, n), and count themselves done. The caller runs share 0. ---- */
+/* ---- thread pool. A kernel call publishes (fn, args, total), bumps `generation` and
+   runs share 0 itself; workers spin briefly on `generation` (a decode step is ~100 short
+   calls, too short to sleep between) and only then sleep on a condition variable; the
+   caller spins until `pending` reaches zero. ---- */
+#define TFC_SPIN 4000
+
 typedef struct {
     pthread_t *threads;
     int32_t n;
     pthread_mutex_t mu;
-    pthread_cond_t wake, done;
-    int64_t generation;
-    int32_t pending;
-    int32_t stop;
+    pthread_cond_t wake;
+    _Atomic int64_t generation;
+    _Atomic int32_t pending;
+    _Atomic int32_t stop;
     tfc_task fn;
     const int64_t *args;
     int64_t total;
@@ -42,6 +46,12 @@ typedef struct {
     pool_t *pool;
     int32_t index;
 } worker_t;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
 
 static void share(int64_t total, int32_t n, int32_t i, int64_t *b, int64_t *e) {
     *b = total * i / n;
@@ -53,24 +63,26 @@ static void *worker_main(void *p) {
     pool_t *pool = w->pool;
     int64_t seen = 0;
     for (;;) {
-        pthread_mutex_lock(&pool->mu);
-        while (pool->generation == seen && !pool->stop) pthread_cond_wait(&pool->wake, &pool->mu);
-        if (pool->stop) {
+        int64_t g = atomic_load_explicit(&pool->generation, memory_order_acquire);
+        for (int i = 0; g == seen && i < TFC_SPIN; i++) {
+            cpu_relax();
+            g = atomic_load_explicit(&pool->generation, memory_order_acquire);
+        }
+        if (g == seen) {
+            pthread_mutex_lock(&pool->mu);
+            while ((g = atomic_load(&pool->generation)) == seen && !atomic_load(&pool->stop))
+                pthread_cond_wait(&pool->wake, &pool->mu);
             pthread_mutex_unlock(&pool->mu);
+        }
+        if (atomic_load(&pool->stop)) {
             free(w);
             return NULL;
         }
-        seen = pool->generation;
-        tfc_task fn = pool->fn;
-        const int64_t *args = pool->args;
-        int64_t total = pool->total;
-        pthread_mutex_unlock(&pool->mu);
+        seen = g;
         int64_t b, e;
-        share(total, pool->n, w->index, &b, &e);
-        if (b < e) fn(args, b, e);
-        pthread_mutex_lock(&pool->mu);
-        if (--pool->pending == 0) pthread_cond_signal(&pool->done);
-        pthread_mutex_unlock(&pool->mu);
+        share(pool->total, pool->n, w->index, &b, &e);
+        if (b < e) pool->fn(pool->args, b, e);
+        atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_acq_rel);
     }
 }
 
@@ -82,20 +94,18 @@ __attribute__((visibility("hidden"))) void tfc__parallel_for(void *p, tfc_task f
         fn(args, 0, total);
         return;
     }
-    pthread_mutex_lock(&pool->mu);
     pool->fn = fn;
     pool->args = args;
     pool->total = total;
-    pool->pending = pool->n - 1;
-    pool->generation++;
+    atomic_store_explicit(&pool->pending, pool->n - 1, memory_order_relaxed);
+    pthread_mutex_lock(&pool->mu);
+    atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mu);
     int64_t b, e;
     share(total, pool->n, 0, &b, &e);
     if (b < e) fn(args, b, e);
-    pthread_mutex_lock(&pool->mu);
-    while (pool->pending > 0) pthread_cond_wait(&pool->done, &pool->mu);
-    pthread_mutex_unlock(&pool->mu);
+    while (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) cpu_relax();
 }
 
 static pool_t *pool_create(int32_t n) {
@@ -104,7 +114,6 @@ static pool_t *pool_create(int32_t n) {
     pool->n = n;
     pthread_mutex_init(&pool->mu, NULL);
     pthread_cond_init(&pool->wake, NULL);
-    pthread_cond_init(&pool->done, NULL);
     pool->threads = calloc((size_t)n, sizeof(pthread_t));
     if (!pool->threads) {
         free(pool);
@@ -129,12 +138,12 @@ static pool_t *pool_create(int32_t n) {
 
 static void pool_destroy(pool_t *pool) {
     pthread_mutex_lock(&pool->mu);
-    pool->stop = 1;
+    atomic_store(&pool->stop, 1);
+    atomic_fetch_add(&pool->generation, 1);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mu);
     for (int32_t i = 1; i < pool->n; i++) pthread_join(pool->threads[i], NULL);
     pthread_cond_destroy(&pool->wake);
-    pthread_cond_destroy(&pool->done);
     pthread_mutex_destroy(&pool->mu);
     free(pool->threads);
     free(pool);
