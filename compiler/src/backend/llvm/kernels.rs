@@ -28,8 +28,9 @@ pub enum Kernel {
     LayerNorm { d: usize, eps: f64, bias: bool },
     /// args: x, w, out; tasks: rows.
     RmsNorm { d: usize, eps: f64, unit_offset: bool },
-    /// args: x, w, [b], out, rows; tasks: column blocks of `BLOCK`.
-    Linear { inn: usize, out: usize, transposed: bool, bias: bool },
+    /// args: x, w, [b], out, rows, then one pointer per `Add`/`Mul` of the epilogue;
+    /// tasks: column blocks of `BLOCK`.
+    Linear { inn: usize, out: usize, transposed: bool, bias: bool, epi: Vec<Epi> },
     /// args: x, out; tasks: rows.
     SplitQkv { layout: QkvLayout, part: QkvPart, heads: usize, kv_heads: usize, head_dim: usize },
     /// args: x, out, rows; tasks: rows.
@@ -44,6 +45,27 @@ pub enum Kernel {
     LastRow { width: usize },
     /// args: src, cache, rows(T), P; tasks: groups. Writes `src [G, T, hd]` at `P..P+T`.
     CacheStore { head_dim: usize, max_seq: usize },
+}
+
+/// An elementwise op fused into a linear map's output, applied while the tile is in cache.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Epi {
+    Act(Act),
+    Scale(f64),
+    /// Adds (or multiplies by) the same element of another tensor of the output's shape.
+    Add,
+    Mul,
+}
+
+impl Epi {
+    fn symbol(&self) -> String {
+        match self {
+            Epi::Act(a) => a.name().into(),
+            Epi::Scale(s) => format!("scale{:016x}", s.to_bits()),
+            Epi::Add => "add".into(),
+            Epi::Mul => "mul".into(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -68,18 +90,56 @@ fn tiled(inn: usize, out: usize, transposed: bool) -> bool {
     }
 }
 
-struct Lin<'ctx> {
+struct Lin<'ctx, 'e> {
     x: PointerValue<'ctx>,
     w: PointerValue<'ctx>,
     b: Option<PointerValue<'ctx>>,
     out: PointerValue<'ctx>,
     inn: usize,
     n_out: usize,
+    epi: &'e [Epi],
+    /// The other operand of each `Add`/`Mul` in `epi`, in order.
+    others: Vec<PointerValue<'ctx>>,
+}
+
+/// Applies the fused elementwise ops to row `t`, columns `o0..o1` of the output.
+fn epilogue<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    t: IntValue<'ctx>,
+    o0: IntValue<'ctx>,
+    o1: IntValue<'ctx>,
+) {
+    if l.epi.is_empty() {
+        return;
+    }
+    let row = kb.mul(t, kb.c(l.n_out as i64));
+    kb.for_(o0, o1, |o| {
+        let at = kb.add(row, o);
+        let mut v = kb.ld(l.out, at);
+        let mut k = 0;
+        for e in l.epi {
+            v = match e {
+                Epi::Act(a) => unary(kb, UnaryOp::Act(*a), v),
+                Epi::Scale(s) => unary(kb, UnaryOp::Scale(*s), v),
+                Epi::Add | Epi::Mul => {
+                    let y = kb.ld(l.others[k], at);
+                    k += 1;
+                    if *e == Epi::Add {
+                        kb.fadd(v, y)
+                    } else {
+                        kb.fmul(v, y)
+                    }
+                }
+            };
+        }
+        kb.st(l.out, at, v);
+    });
 }
 
 /// `W [in, out]`: an `rn × 64` output tile in `rn · 4` vector registers; each step over
 /// `in` loads four weight vectors once and uses them for every row of the tile.
-fn lin_t_tile<'ctx>(kb: &Kb<'_, 'ctx>, l: &Lin<'ctx>, t0: IntValue<'ctx>, rn: usize, o0: IntValue<'ctx>) {
+fn lin_t_tile<'ctx>(kb: &Kb<'_, 'ctx>, l: &Lin<'ctx, '_>, t0: IntValue<'ctx>, rn: usize, o0: IntValue<'ctx>) {
     let c = |v: usize| kb.c(v as i64);
     let nv = BLOCK / VW;
     let init: Vec<_> = (0..rn * nv)
@@ -112,7 +172,7 @@ fn lin_t_tile<'ctx>(kb: &Kb<'_, 'ctx>, l: &Lin<'ctx>, t0: IntValue<'ctx>, rn: us
 /// vectorised dot product over `in` whose weight vectors are shared by the tile's rows.
 fn lin_n_block<'ctx>(
     kb: &Kb<'_, 'ctx>,
-    l: &Lin<'ctx>,
+    l: &Lin<'ctx, '_>,
     t0: IntValue<'ctx>,
     rn: usize,
     o0: IntValue<'ctx>,
@@ -171,12 +231,10 @@ impl Kernel {
             Kernel::RmsNorm { d, eps, unit_offset } => {
                 format!("rmsnorm_{d}_{:016x}_{}", eps.to_bits(), *unit_offset as u8)
             }
-            Kernel::Linear { inn, out, transposed, bias } => {
-                format!(
-                    "linear_{inn}x{out}{}{}",
-                    if *transposed { "_t" } else { "" },
-                    if *bias { "_b" } else { "" }
-                )
+            Kernel::Linear { inn, out, transposed, bias, epi } => {
+                let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
+                let (t, b) = (if *transposed { "_t" } else { "" }, if *bias { "_b" } else { "" });
+                format!("linear_{inn}x{out}{t}{b}{epi}")
             }
             Kernel::SplitQkv { layout, part, heads, kv_heads, head_dim } => {
                 format!("split_qkv_{}_{part:?}_{heads}_{kv_heads}_{head_dim}", layout.name())
@@ -329,10 +387,14 @@ fn body<'ctx>(
                 });
             });
         }
-        Kernel::Linear { inn, out: n_out, transposed, bias } if tiled(inn, n_out, transposed) => {
+        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi } if tiled(inn, n_out, transposed) => {
             let (x, w) = (p(0), p(1));
             let (b, out, rows) = if bias { (Some(p(2)), p(3), a(4)) } else { (None, p(2), a(3)) };
-            let l = Lin { x, w, b, out, inn, n_out };
+            let first = if bias { 5 } else { 4 };
+            let others: Vec<_> = (0..epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count())
+                .map(|k| p(first + k as i64))
+                .collect();
+            let l = Lin { x, w, b, out, inn, n_out, epi, others };
             kb.for_(begin, end, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
                 let o1 = kb.min(kb.add(o0, c(BLOCK)), c(n_out));
@@ -344,14 +406,21 @@ fn body<'ctx>(
                     } else {
                         lin_n_block(kb, &l, t0, rn, o0, o1);
                     }
+                    // The fused elementwise ops, on the tile while it is in cache.
+                    kb.for_(c(0), c(rn), |r| epilogue(kb, &l, kb.add(t0, r), o0, o1));
                 };
                 kb.for_(c(0), kb.div(full, c(ROWS)), |tt| step(kb.mul(tt, c(ROWS)), ROWS));
                 kb.for_(full, rows, |t| step(t, 1));
             });
         }
-        Kernel::Linear { inn, out: n_out, transposed, bias } => {
+        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi } => {
             let (x, w) = (p(0), p(1));
             let (b, out, rows) = if bias { (Some(p(2)), p(3), a(4)) } else { (None, p(2), a(3)) };
+            let first = if bias { 5 } else { 4 };
+            let others: Vec<_> = (0..epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count())
+                .map(|k| p(first + k as i64))
+                .collect();
+            let l = Lin { x, w, b, out, inn, n_out, epi, others };
             kb.for_(begin, end, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
                 let o1 = kb.min(kb.add(o0, c(BLOCK)), c(n_out));
@@ -384,6 +453,7 @@ fn body<'ctx>(
                             kb.st(out, kb.add(yrow, o), kb.fadd(dot, init(o)));
                         });
                     }
+                    epilogue(kb, &l, t, o0, o1);
                 });
             });
         }

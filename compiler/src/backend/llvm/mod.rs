@@ -24,7 +24,7 @@ use inkwell::OptimizationLevel;
 
 use kb::Kb;
 pub use kernels::Kernel;
-use kernels::{UnaryOp, BLOCK};
+use kernels::{Epi, UnaryOp, BLOCK};
 
 use crate::ir::{CacheKind, DType, Dim, Graph, InputKind, NodeId, Op, SymBinding};
 use crate::Compiled;
@@ -211,10 +211,63 @@ enum Loc {
     Cache(u32, CacheKind),
 }
 
+/// A linear map's fused epilogue (each op with the other operand of an `Add`/`Mul`) and
+/// the last node of the chain, whose value the fused kernel writes.
+type Chain = (Vec<(Epi, Option<NodeId>)>, NodeId);
+
+/// Elementwise ops fused into the linear map that produces their input.
+struct Fusion {
+    chains: HashMap<NodeId, Chain>,
+    /// Every node computed inside some linear kernel, mapped to that linear map.
+    absorbed: HashMap<NodeId, NodeId>,
+}
+
+/// A chain continues while the current value has exactly one use, that use is an
+/// activation, a scaling, or an add/multiply whose other operand is computed before the
+/// linear map (so it is ready when the fused kernel runs).
+fn fusion(g: &Graph, order: &[NodeId]) -> Fusion {
+    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let mut f = Fusion { chains: HashMap::new(), absorbed: HashMap::new() };
+    for &l in order {
+        if !matches!(g.op(l), Op::Linear { .. }) {
+            continue;
+        }
+        let (mut cur, mut epi) = (l, Vec::new());
+        loop {
+            let users = g.users(cur);
+            if users.len() != 1 || g.use_count(cur) != 1 {
+                break;
+            }
+            let u = users[0];
+            let step = match g.op(u) {
+                Op::Activation(a) => (Epi::Act(*a), None),
+                Op::Scale(c) => (Epi::Scale(*c), None),
+                Op::Add | Op::Mul => {
+                    let ops = g.operands(u);
+                    let other = if ops[0] == cur { ops[1] } else { ops[0] };
+                    if other == cur || pos[&other] > pos[&l] {
+                        break;
+                    }
+                    (if *g.op(u) == Op::Add { Epi::Add } else { Epi::Mul }, Some(other))
+                }
+                _ => break,
+            };
+            epi.push(step);
+            f.absorbed.insert(u, l);
+            cur = u;
+        }
+        if !epi.is_empty() {
+            f.chains.insert(l, (epi, cur));
+        }
+    }
+    f
+}
+
 /// Assigns arena offsets in schedule order, reusing a block once its value is dead.
 fn plan(
     g: &Graph,
     order: &[NodeId],
+    fusion: &Fusion,
     weights: &WeightTable,
     max_seq: usize,
 ) -> Result<(HashMap<NodeId, Loc>, u64), LlvmError> {
@@ -233,6 +286,8 @@ fn plan(
     let mut top = 0u64;
     for (i, &n) in order.iter().enumerate() {
         let l = match g.op(n) {
+            // Computed by the fused linear kernel, into the linear map's block.
+            _ if fusion.absorbed.contains_key(&n) => loc[&fusion.absorbed[&n]],
             Op::Weight { name, .. } => Loc::Weight(weights.index[name]),
             Op::Input(InputKind::Tokens) => Loc::Tokens,
             Op::Input(InputKind::TokenTypes) => Loc::Types,
@@ -245,6 +300,7 @@ fn plan(
                 return Err(LlvmError::Unsupported("unfused attention (run the fusion pass)".into()))
             }
             _ => {
+                // A fused linear map writes its chain's last value: same shape, one block.
                 let bytes = (g.ty(n).eval(bind).iter().product::<usize>() as u64 * 4).div_ceil(64) * 64;
                 let slot =
                     free.iter().enumerate().filter(|(_, (_, s))| *s >= bytes).min_by_key(|(_, (_, s))| *s);
@@ -263,7 +319,10 @@ fn plan(
         let mut ops = g.operands(n);
         ops.dedup();
         for o in ops {
-            if last_use.get(&o) == Some(&i) {
+            // The block of a fused chain belongs to its last value; the inner ones never free it.
+            let interior = fusion.chains.contains_key(&o)
+                || fusion.absorbed.get(&o).is_some_and(|l| fusion.chains[l].1 != o);
+            if last_use.get(&o) == Some(&i) && !interior {
                 if let Some(Loc::Arena(off)) = loc.get(&o) {
                     let bytes = (g.ty(o).eval(bind).iter().product::<usize>() as u64 * 4).div_ceil(64) * 64;
                     free.push((*off, bytes));
@@ -327,7 +386,8 @@ fn emit_graph<'ctx>(
     let (wts, out, pool) =
         (param(6).into_pointer_value(), param(7).into_pointer_value(), param(8).into_pointer_value());
     let order = g.topo_order().map_err(|_| LlvmError::Llvm("bug: cyclic graph".into()))?;
-    let (loc, arena_bytes) = plan(g, &order, weights, max_seq)?;
+    let fused = fusion(g, &order);
+    let (loc, arena_bytes) = plan(g, &order, &fused, weights, max_seq)?;
     let args = kb.b.build_array_alloca(i64t, kb.c(16), "args").unwrap();
     let pf_ty = cx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into()], false);
     let pfor = m
@@ -393,6 +453,7 @@ fn emit_graph<'ctx>(
         let me = || kb.int_of(at(n));
         let width = fixed(*ty.shape.last().unwrap());
         match g.op(n) {
+            _ if fused.absorbed.contains_key(&n) => {}
             Op::Weight { .. } | Op::Input(_) | Op::Concat { .. } => {}
             Op::Positions => call(Kernel::Positions, vec![me(), t, p], kb.c(1)),
             Op::Gather { offset } => {
@@ -432,7 +493,16 @@ fn emit_graph<'ctx>(
                 }
                 v.push(me());
                 v.push(rows_of(n));
-                let k = Kernel::Linear { inn, out: width, transposed: *transposed, bias: *bias };
+                let mut epi = Vec::new();
+                if let Some((chain, _)) = fused.chains.get(&n) {
+                    for (e, other) in chain {
+                        epi.push(*e);
+                        if let Some(other) = other {
+                            v.push(kb.int_of(at(*other)));
+                        }
+                    }
+                }
+                let k = Kernel::Linear { inn, out: width, transposed: *transposed, bias: *bias, epi };
                 call(k, v, kb.c(width.div_ceil(BLOCK) as i64))
             }
             Op::SplitQkv { layout: l, part, heads, kv_heads, head_dim } => {
