@@ -102,6 +102,25 @@ struct Lin<'ctx, 'e> {
     others: Vec<PointerValue<'ctx>>,
 }
 
+impl<'ctx, 'e> Lin<'ctx, 'e> {
+    /// Reads the argument block: x, w, [b], out, rows, then the epilogue's other operands.
+    fn from_args(
+        a: ArgI<'ctx, '_>,
+        p: ArgP<'ctx, '_>,
+        inn: usize,
+        n_out: usize,
+        bias: bool,
+        epi: &'e [Epi],
+    ) -> (Self, IntValue<'ctx>) {
+        let (x, w) = (p(0), p(1));
+        let (b, out, rows) = if bias { (Some(p(2)), p(3), a(4)) } else { (None, p(2), a(3)) };
+        let first = if bias { 5 } else { 4 };
+        let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
+        let others = (0..n_others).map(|k| p(first + k as i64)).collect();
+        (Lin { x, w, b, out, inn, n_out, epi, others }, rows)
+    }
+}
+
 /// Applies the fused elementwise ops to row `t`, columns `o0..o1` of the output.
 fn epilogue<'ctx>(
     kb: &Kb<'_, 'ctx>,
@@ -388,13 +407,7 @@ fn body<'ctx>(
             });
         }
         Kernel::Linear { inn, out: n_out, transposed, bias, ref epi } if tiled(inn, n_out, transposed) => {
-            let (x, w) = (p(0), p(1));
-            let (b, out, rows) = if bias { (Some(p(2)), p(3), a(4)) } else { (None, p(2), a(3)) };
-            let first = if bias { 5 } else { 4 };
-            let others: Vec<_> = (0..epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count())
-                .map(|k| p(first + k as i64))
-                .collect();
-            let l = Lin { x, w, b, out, inn, n_out, epi, others };
+            let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi);
             kb.for_(begin, end, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
                 let o1 = kb.min(kb.add(o0, c(BLOCK)), c(n_out));
@@ -414,13 +427,8 @@ fn body<'ctx>(
             });
         }
         Kernel::Linear { inn, out: n_out, transposed, bias, ref epi } => {
-            let (x, w) = (p(0), p(1));
-            let (b, out, rows) = if bias { (Some(p(2)), p(3), a(4)) } else { (None, p(2), a(3)) };
-            let first = if bias { 5 } else { 4 };
-            let others: Vec<_> = (0..epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count())
-                .map(|k| p(first + k as i64))
-                .collect();
-            let l = Lin { x, w, b, out, inn, n_out, epi, others };
+            let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi);
+            let (x, w, b, out) = (l.x, l.w, l.b, l.out);
             kb.for_(begin, end, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
                 let o1 = kb.min(kb.add(o0, c(BLOCK)), c(n_out));
