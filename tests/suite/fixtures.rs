@@ -104,3 +104,35 @@ fn a_checkpoint_that_does_not_fit_is_a_clear_error() {
     let e = Checkpoint::open(root().join("tests/fixtures")).err().unwrap().to_string();
     assert!(e.contains("holds no `model.safetensors`"), "{e}");
 }
+
+#[test]
+fn a_sharded_checkpoint_reads_like_one_file() {
+    // Split the llama fixture into two shards with an index, as large checkpoints come.
+    let src = root().join("tests/fixtures/hf/llama/model.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let dir = root().join("target/test-shards/llama");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
+        let views: Vec<(String, safetensors::tensor::TensorView)> =
+            part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, &dir.join(file)).unwrap();
+        for n in part {
+            map.insert(n.clone(), file.into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let sharded = Checkpoint::open(&dir).unwrap();
+    let whole = Checkpoint::open(src).unwrap();
+    assert_eq!(sharded.names(), whole.names());
+    for n in whole.names() {
+        let shape: Vec<usize> = st.tensor(n).unwrap().shape().to_vec();
+        assert_eq!(sharded.get(n, &shape).unwrap(), whole.get(n, &shape).unwrap(), "{n}");
+    }
+}

@@ -76,3 +76,18 @@ fn import_err_free(arch: &str, edit: impl FnOnce(&mut serde_json::Map<String, se
     edit(c.as_object_mut().unwrap());
     import(&c.to_string()).unwrap()
 }
+
+#[test]
+fn older_bloom_configs_with_training_switches_import() {
+    let spec = import_err_free("bloom", |c| {
+        let d = c.remove("hidden_size").unwrap();
+        c.insert("n_embed".into(), d);
+        for k in ["masked_softmax_fusion", "bias_dropout_fusion", "skip_bias_add", "skip_bias_add_qkv"] {
+            c.insert(k.into(), true.into());
+        }
+        c.insert("offset_alibi".into(), 100.into());
+        c.insert("n_inner".into(), serde_json::Value::Null);
+    });
+    let want = std::fs::read_to_string(root().join("specs/tiny/bloom.tfs")).unwrap();
+    assert_eq!(spec, want);
+}

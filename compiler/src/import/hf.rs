@@ -488,7 +488,27 @@ fn gpt_neox(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
 }
 
 fn bloom(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
-    let d = c.usize("hidden_size")?;
+    // Older BLOOM configs call the width `n_embed`.
+    let d = match c.opt_usize("n_embed")? {
+        Some(d) => d,
+        None => c.usize("hidden_size")?,
+    };
+    c.opt_usize("hidden_size")?;
+    // Megatron training switches that inference does not see.
+    for key in [
+        "masked_softmax_fusion",
+        "bias_dropout_fusion",
+        "skip_bias_add",
+        "skip_bias_add_qkv",
+        "attention_softmax_in_fp32",
+    ] {
+        c.get(key);
+    }
+    // Unused by transformers' BLOOM (ALiBi is computed from the positions alone).
+    c.get("offset_alibi");
+    if c.opt_usize("n_inner")?.is_some_and(|f| f != 4 * d) {
+        return Err(c.unsupported("n_inner", "BLOOM's MLP is always 4 × hidden_size wide"));
+    }
     g.size("vocab", c.usize("vocab_size")?);
     g.size("d_model", d);
     g.size("layers", c.usize("n_layer")?);
