@@ -8,5 +8,6 @@ mod equivalence;
 mod fixtures;
 mod import;
 mod passes;
+mod robustness;
 mod stages;
 mod toolchain;

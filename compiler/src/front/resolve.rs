@@ -122,6 +122,12 @@ fn sizes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> (Option<Sizes>, DType
     let vocab = required(&mut f, "vocab", diags);
     let d_model = required(&mut f, "d_model", diags);
     let layers = required(&mut f, "layers", diags);
+    if let Some(l) = layers.filter(|&l| l > 4096) {
+        diags.push(
+            Diagnostic::error(Code::BadValue, format!("{l} layers are more than tfc supports (4096)"))
+                .label(f.span_of("layers"), "too many layers"),
+        );
+    }
     let heads = required(&mut f, "heads", diags);
     let max_seq = required(&mut f, "max_seq", diags);
     let kv_heads = f.positive("kv_heads", diags);
@@ -161,6 +167,7 @@ fn sizes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> (Option<Sizes>, DType
             ok = false;
         }
     }
+    let layers = layers.filter(|&l| l <= 4096);
     let (
         Some(vocab),
         Some(d_model),
@@ -627,11 +634,13 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A whole number in `1..=LIMIT`: sizes beyond it would only exhaust memory.
     fn positive(&mut self, key: &str, diags: &mut Vec<Diagnostic>) -> Option<usize> {
+        const LIMIT: i64 = 1 << 30;
         match self.take(key).map(|v| (v, &v.kind)) {
-            Some((_, ValueKind::Integer(i))) if *i > 0 => Some(*i as usize),
+            Some((_, ValueKind::Integer(i))) if *i > 0 && *i <= LIMIT => Some(*i as usize),
             Some((v, _)) => {
-                diags.push(bad(v, &format!("a whole number ≥ 1 for `{key}`")));
+                diags.push(bad(v, &format!("a whole number from 1 to 2^30 for `{key}`")));
                 None
             }
             None => None,
