@@ -111,8 +111,15 @@ fn load_library(spec: &Path, source: &str, cpu: &str) -> Result<Model> {
         .unwrap_or_else(std::env::temp_dir);
     let dir = base.join("tfc").join(hash);
     if !dir.join("manifest.json").is_file() {
+        // Build beside it and rename into place, so that a concurrent or interrupted run
+        // never sees half a library.
+        let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
         let opts = LibOptions { target_cpu: Some(cpu.to_string()) };
-        compile_library(&spec.display().to_string(), source, &dir, &opts)?;
+        compile_library(&spec.display().to_string(), source, &tmp, &opts)?;
+        if std::fs::rename(&tmp, &dir).is_err() {
+            // Another run finished first; use its library.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
     }
     Ok(Model::load(&dir)?)
 }
