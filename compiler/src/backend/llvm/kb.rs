@@ -217,6 +217,10 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
             .unwrap()
             .into_vector_value()
     }
+    pub fn vadd(&self, a: VectorValue<'ctx>, b: VectorValue<'ctx>) -> VectorValue<'ctx> {
+        ok(self.b.build_float_add(a, b, ""))
+    }
+
     /// The sum of a vector's lanes (in any order).
     pub fn vsum(&self, v: VectorValue<'ctx>) -> FloatValue<'ctx> {
         let f = Intrinsic::find("llvm.vector.reduce.fadd")

@@ -43,6 +43,12 @@ pub enum Kernel {
     Attention { heads: usize, groups: usize, head_dim: usize, scale: f64, mask: AttnMask, alibi: bool },
     /// args: x, out, rows; tasks: 1. Copies the last of `rows` rows.
     LastRow { width: usize },
+    /// One row times `W [in, out]`, split over `in`: args x, w, partials `[chunks, out]`;
+    /// tasks: chunks. Each task streams a contiguous band of weight rows.
+    GemvPartial { inn: usize, out: usize, chunks: usize },
+    /// Sums the partials into the output row, adds the bias, applies the epilogue:
+    /// args partials, [b], out, then the epilogue's other operands; tasks: column blocks.
+    GemvReduce { out: usize, chunks: usize, bias: bool, epi: Vec<Epi> },
     /// args: src, cache, rows(T), P; tasks: groups. Writes `src [G, T, hd]` at `P..P+T`.
     CacheStore { head_dim: usize, max_seq: usize },
 }
@@ -271,6 +277,11 @@ impl Kernel {
                 *alibi as u8
             ),
             Kernel::LastRow { width } => format!("last_row_{width}"),
+            Kernel::GemvPartial { inn, out, chunks } => format!("gemv_partial_{inn}x{out}_{chunks}"),
+            Kernel::GemvReduce { out, chunks, bias, epi } => {
+                let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
+                format!("gemv_reduce_{out}_{chunks}{}{epi}", if *bias { "_b" } else { "" })
+            }
             Kernel::CacheStore { head_dim, max_seq } => format!("cache_store_{head_dim}_{max_seq}"),
         }
     }
@@ -538,6 +549,49 @@ fn body<'ctx>(
         }
         Kernel::Attention { heads, groups, head_dim, scale, mask, alibi } => {
             attention(kb, heads, groups, head_dim, scale, mask, alibi, a, p, begin, end)
+        }
+        Kernel::GemvPartial { inn, out: n_out, chunks } => {
+            let (x, w, part) = (p(0), p(1), p(2));
+            kb.for_(begin, end, |ch| {
+                let i0 = kb.div(kb.mul(ch, c(inn)), c(chunks));
+                let i1 = kb.div(kb.mul(kb.add(ch, c(1)), c(inn)), c(chunks));
+                let prow = kb.mul(ch, c(n_out));
+                kb.for_(c(0), c(n_out / VW), |v| kb.stv(part, kb.add(prow, kb.mul(v, c(VW))), kb.vzero()));
+                kb.for_(i0, i1, |i| {
+                    let xs = kb.splat(kb.ld(x, i));
+                    let wrow = kb.mul(i, c(n_out));
+                    kb.for_(c(0), c(n_out / VW), |v| {
+                        let o = kb.mul(v, c(VW));
+                        let at = kb.add(prow, o);
+                        let acc = kb.vfma(xs, kb.ldv(w, kb.add(wrow, o)), kb.ldv(part, at));
+                        kb.stv(part, at, acc);
+                    });
+                });
+            });
+        }
+        Kernel::GemvReduce { out: n_out, chunks, bias, ref epi } => {
+            let part = p(0);
+            let (b, out) = if bias { (Some(p(1)), p(2)) } else { (None, p(1)) };
+            let first = if bias { 3 } else { 2 };
+            let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
+            let others = (0..n_others).map(|k| p(first + k as i64)).collect();
+            let l = Lin { x: part, w: part, b, out, inn: 0, n_out, epi, others };
+            kb.for_(begin, end, |blk| {
+                let o0 = kb.mul(blk, c(BLOCK));
+                kb.for_(c(0), c(BLOCK / VW), |v| {
+                    let o = kb.add(o0, kb.mul(v, c(VW)));
+                    let init = match b {
+                        Some(b) => kb.ldv(b, o),
+                        None => kb.vzero(),
+                    };
+                    let sum = kb.fold(c(0), c(chunks), &[init.into()], |ch, acc| {
+                        let pv = kb.ldv(part, kb.add(kb.mul(ch, c(n_out)), o));
+                        vec![kb.vadd(acc[0].into_vector_value(), pv).into()]
+                    });
+                    kb.stv(out, o, sum[0].into_vector_value());
+                });
+                epilogue(kb, &l, c(0), o0, kb.add(o0, c(BLOCK)));
+            });
         }
         Kernel::LastRow { width } => {
             let (x, out, rows) = (p(0), p(1), a(2));

@@ -263,6 +263,17 @@ fn fusion(g: &Graph, order: &[NodeId]) -> Fusion {
     f
 }
 
+/// Chunks of the input dimension for a one-row `x · W [in, out]`, and `out`: such a product
+/// is split over `in` so that each task streams a contiguous band of weight rows (the
+/// column blocks of the tiled kernel would each walk the whole matrix at a large stride).
+fn split_k(g: &Graph, n: NodeId) -> Option<(usize, usize)> {
+    let Op::Linear { transposed: true, .. } = g.op(n) else { return None };
+    let ty = g.ty(n);
+    let (rows, out) = (ty.shape[0].as_fixed()?, ty.shape[1].as_fixed()?);
+    let inn = g.ty(g.operands(n)[0]).shape[1].as_fixed()?;
+    (rows == 1 && out % BLOCK == 0 && inn >= 64).then_some((8, out))
+}
+
 /// Assigns arena offsets in schedule order, reusing a block once its value is dead.
 fn plan(
     g: &Graph,
@@ -301,7 +312,10 @@ fn plan(
             }
             _ => {
                 // A fused linear map writes its chain's last value: same shape, one block.
-                let bytes = (g.ty(n).eval(bind).iter().product::<usize>() as u64 * 4).div_ceil(64) * 64;
+                // A split-K GEMV keeps its partial sums after its output row.
+                let extra = split_k(g, n).map_or(0, |(chunks, out)| chunks * out) as u64 * 4;
+                let bytes =
+                    (g.ty(n).eval(bind).iter().product::<usize>() as u64 * 4 + extra).div_ceil(64) * 64;
                 let slot =
                     free.iter().enumerate().filter(|(_, (_, s))| *s >= bytes).min_by_key(|(_, (_, s))| *s);
                 match slot.map(|(j, _)| j) {
@@ -324,7 +338,10 @@ fn plan(
                 || fusion.absorbed.get(&o).is_some_and(|l| fusion.chains[l].1 != o);
             if last_use.get(&o) == Some(&i) && !interior {
                 if let Some(Loc::Arena(off)) = loc.get(&o) {
-                    let bytes = (g.ty(o).eval(bind).iter().product::<usize>() as u64 * 4).div_ceil(64) * 64;
+                    let owner = fusion.absorbed.get(&o).copied().unwrap_or(o);
+                    let extra = split_k(g, owner).map_or(0, |(chunks, out)| chunks * out) as u64 * 4;
+                    let bytes =
+                        (g.ty(o).eval(bind).iter().product::<usize>() as u64 * 4 + extra).div_ceil(64) * 64;
                     free.push((*off, bytes));
                 }
             }
@@ -502,8 +519,23 @@ fn emit_graph<'ctx>(
                         }
                     }
                 }
-                let k = Kernel::Linear { inn, out: width, transposed: *transposed, bias: *bias, epi };
-                call(k, v, kb.c(width.div_ceil(BLOCK) as i64))
+                if let Some((chunks, _)) = split_k(g, n) {
+                    // Partials live right after the output row in the node's block.
+                    let part = kb.int_of(kb.gep(kb.f32t(), at(n), kb.c(width as i64)));
+                    let k = Kernel::GemvPartial { inn, out: width, chunks };
+                    call(k, vec![o(0), o(1), part], kb.c(chunks as i64));
+                    let mut r = vec![part];
+                    if *bias {
+                        r.push(o(2));
+                    }
+                    r.push(me());
+                    r.extend(v.into_iter().skip(if *bias { 5 } else { 4 }));
+                    let k = Kernel::GemvReduce { out: width, chunks, bias: *bias, epi };
+                    call(k, r, kb.c((width / BLOCK) as i64));
+                } else {
+                    let k = Kernel::Linear { inn, out: width, transposed: *transposed, bias: *bias, epi };
+                    call(k, v, kb.c(width.div_ceil(BLOCK) as i64));
+                }
             }
             Op::SplitQkv { layout: l, part, heads, kv_heads, head_dim } => {
                 let k = Kernel::SplitQkv {
