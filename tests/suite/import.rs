@@ -23,38 +23,49 @@ fn fixture_configs_import_to_the_shipped_specs() {
     }
 }
 
-fn import_err(arch: &str, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+type Edit<'a> = &'a dyn Fn(&mut serde_json::Map<String, serde_json::Value>);
+
+/// Imports a fixture's config after an edit.
+fn import_edited(arch: &str, edit: Edit) -> Result<String, tfc::import::hf::ImportError> {
     let mut c = config(arch);
     edit(c.as_object_mut().unwrap());
-    import(&c.to_string()).unwrap_err().to_string()
+    import(&c.to_string())
+}
+
+fn import_err(arch: &str, edit: Edit) -> String {
+    import_edited(arch, edit).unwrap_err().to_string()
+}
+
+fn import_err_free(arch: &str, edit: Edit) -> String {
+    import_edited(arch, edit).unwrap()
 }
 
 #[test]
 fn what_cannot_be_imported_faithfully_is_an_error() {
-    let e = import_err("llama", |c| {
+    let e = import_err("llama", &|c| {
         c.insert("model_type".into(), "mamba".into());
     });
     assert!(e.contains("model_type `mamba` is not supported"), "{e}");
-    let e = import_err("gpt2", |c| {
+    let e = import_err("gpt2", &|c| {
         c.insert("scale_attn_by_inverse_layer_idx".into(), true.into());
     });
     assert!(e.contains("`scale_attn_by_inverse_layer_idx` = true"), "{e}");
-    let e = import_err("llama", |c| {
+    let e = import_err("llama", &|c| {
         c.insert(
             "rope_parameters".into(),
             serde_json::json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
         );
     });
     assert!(e.contains("rope_parameters"), "{e}");
-    let e = import_err("llama", |c| {
+    let e = import_err("llama", &|c| {
         c.insert("hidden_act".into(), "mish".into());
     });
     assert!(e.contains("`hidden_act` = \"mish\""), "{e}");
-    let e = import_err("mistral", |c| {
+    let e = import_err("mistral", &|c| {
         c.insert("frobnicate".into(), 3.into());
     });
     assert!(e.contains("`frobnicate` = 3") && e.contains("does not know"), "{e}");
-    let e = import_err("phi", |c| {
+    let e = import_err("phi", &|c| {
         c.remove("hidden_size");
     });
     assert!(e.contains("`hidden_size` is missing"), "{e}");
@@ -63,23 +74,17 @@ fn what_cannot_be_imported_faithfully_is_an_error() {
 
 #[test]
 fn a_post_layernorm_opt_and_a_pre_layernorm_opt_differ() {
-    let pre = import_err_free("opt_postln", |c| {
+    let pre = import_err_free("opt_postln", &|c| {
         c.insert("do_layer_norm_before".into(), true.into());
     });
     assert!(pre.contains("x = x + attn(attn_norm(x))") && pre.contains("final_norm: layernorm"));
-    let post = import_err_free("opt_postln", |_| {});
+    let post = import_err_free("opt_postln", &|_| {});
     assert!(post.contains("x = attn_norm(x + attn(x))") && !post.contains("final_norm"));
-}
-
-fn import_err_free(arch: &str, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
-    let mut c = config(arch);
-    edit(c.as_object_mut().unwrap());
-    import(&c.to_string()).unwrap()
 }
 
 #[test]
 fn older_bloom_configs_with_training_switches_import() {
-    let spec = import_err_free("bloom", |c| {
+    let spec = import_err_free("bloom", &|c| {
         let d = c.remove("hidden_size").unwrap();
         c.insert("n_embed".into(), d);
         for k in ["masked_softmax_fusion", "bias_dropout_fusion", "skip_bias_add", "skip_bias_add_qkv"] {
