@@ -317,12 +317,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             dec.push(a.decode as f64 / d);
         }
     }
-    let weight_bytes: usize = m.weights.iter().map(|x| x.shape.iter().product::<usize>() * 4).sum();
+    let weight_bytes: usize = m
+        .weights
+        .iter()
+        .map(|x| x.shape.iter().product::<usize>() * if x.dtype == "bf16" { 2 } else { 4 })
+        .sum();
     let (pm, pmin, pmax) = stats(pre);
     let (dm, dmin, dmax) = stats(dec);
     // Weights are read once per decode step; the KV cache grows from the prompt on.
     let gbs = dm * weight_bytes as f64 / 1e9;
-    let flops = 2.0 * weight_bytes as f64 / 4.0 * a.prompt as f64;
+    let params: usize = m.weights.iter().map(|x| x.shape.iter().product::<usize>()).sum();
+    let flops = 2.0 * params as f64 * a.prompt as f64;
     let gflops = flops / (pm / 1e3) / 1e9;
     if a.json {
         let j = serde_json::json!({
@@ -335,8 +340,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
         println!(
-            "{}: {:.1} MB of f32 weights, compiled in {compile_s:.2} s, {} runs",
+            "{}: {:.1} M parameters, {:.1} MB of weights, compiled in {compile_s:.2} s, {} runs",
             m.name,
+            params as f64 / 1e6,
             weight_bytes as f64 / 1e6,
             a.runs
         );

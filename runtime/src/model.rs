@@ -115,7 +115,22 @@ pub struct Session<'m> {
     ctx: Ctx,
     /// Keeps bound memory alive for as long as the context can read it.
     _data: WeightData,
-    _converted: Vec<Vec<f32>>,
+    _converted: Vec<Converted>,
+}
+
+/// A weight converted to the library's dtype, owned by the session.
+enum Converted {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl Converted {
+    fn bytes(&self) -> (*const c_void, usize) {
+        match self {
+            Converted::F32(v) => (v.as_ptr() as *const c_void, v.len() * 4),
+            Converted::Bf16(v) => (v.as_ptr() as *const c_void, v.len() * 2),
+        }
+    }
 }
 
 fn check(call: &'static str, status: i32) -> Result<(), RuntimeError> {
@@ -136,20 +151,33 @@ impl<'m> Session<'m> {
             return Err(RuntimeError::Alloc);
         }
         let mut s = Session { model, ctx, _data: WeightData::Owned(vec![]), _converted: vec![] };
-        let mut converted = Vec::new();
+        // Weights whose stored form differs from the library's are converted once and kept.
+        let mut converted: Vec<Converted> = Vec::new();
         let mut ptrs: Vec<(*const c_void, usize)> = Vec::new();
         for (i, w) in model.manifest.weights.iter().enumerate() {
             let n: usize = w.shape.iter().product();
-            match &data {
+            let bf16 = match w.dtype.as_str() {
+                "f32" => false,
+                "bf16" => true,
+                other => {
+                    return Err(RuntimeError::Manifest {
+                        path: "manifest.json".into(),
+                        message: format!(
+                            "weight `{}` has dtype {other}; this runtime binds f32 and bf16",
+                            w.name
+                        ),
+                    })
+                }
+            };
+            let (want, align) = if bf16 { (Dtype::BF16, 2) } else { (Dtype::F32, 4) };
+            let values: Vec<f32> = match &data {
                 WeightData::Checkpoint(ck) => {
                     let (dtype, bytes) = ck.raw(&w.name, &w.shape)?;
-                    if dtype == Dtype::F32 && (bytes.as_ptr() as usize) % 4 == 0 {
+                    if dtype == want && (bytes.as_ptr() as usize) % align == 0 {
                         ptrs.push((bytes.as_ptr() as *const c_void, bytes.len()));
-                    } else {
-                        let v = ck.get(&w.name, &w.shape)?;
-                        ptrs.push((v.as_ptr() as *const c_void, v.len() * 4));
-                        converted.push(v);
+                        continue;
                     }
+                    ck.get(&w.name, &w.shape)?
                 }
                 WeightData::Owned(bufs) => {
                     let b = bufs.get(i).ok_or(RuntimeError::Mismatch {
@@ -163,9 +191,20 @@ impl<'m> Session<'m> {
                             expected: n,
                         });
                     }
-                    ptrs.push((b.as_ptr() as *const c_void, b.len() * 4));
+                    if !bf16 {
+                        ptrs.push((b.as_ptr() as *const c_void, b.len() * 4));
+                        continue;
+                    }
+                    b.clone()
                 }
-            }
+            };
+            let c = if bf16 {
+                Converted::Bf16(values.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect())
+            } else {
+                Converted::F32(values)
+            };
+            ptrs.push(c.bytes());
+            converted.push(c);
         }
         for (i, (p, n)) in ptrs.into_iter().enumerate() {
             // SAFETY: `p` points to `n` bytes that `s` keeps alive (moved below; the heap

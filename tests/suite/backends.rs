@@ -214,3 +214,26 @@ fn the_c_example_generates_with_the_header_and_library() {
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "54,11,247,269,207,311,54,54,54,54,54,54");
 }
+
+#[test]
+fn bf16_weights_match_the_interpreter_and_stay_close_to_f32() {
+    // The interpreter rounds weights to the spec's dtype exactly as the runtime does.
+    let spec = root().join("tests/specs/valid/llama_bf16.tfs");
+    let fx = root().join("tests/fixtures/hf/llama");
+    let model = Model::load(build(&spec, "bf16")).unwrap();
+    assert!(model.manifest().weights.iter().all(|w| w.dtype == "bf16" || w.shape.len() == 1));
+    let ck = Arc::new(Checkpoint::open(&fx).unwrap());
+    let mut s = Session::new(&model, WeightData::Checkpoint(ck.clone()), 2).unwrap();
+    let prompt = [188, 354, 68, 81, 173, 71, 249, 323, 49, 60, 366, 134];
+    let rows = s.prefill(&prompt, None, true).unwrap();
+    let c = compile(&spec, &Options::default());
+    let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
+    let tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let interp =
+        run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap().remove("logits").unwrap();
+    assert_close("bf16 library vs bf16 interpreter", &rows, &interp.data, 1e-4);
+    // Against transformers in f32: the rounding of the weights, not an error of the code.
+    let f32_logits = read_tensor(&fx.join("expected.safetensors"), "logits");
+    let d = max_diff(&rows, &f32_logits.data);
+    assert!(d > 1e-4 && d < 5e-2, "bf16 vs f32 logits: max |difference| {d:e}");
+}

@@ -211,7 +211,7 @@ void tfc_destroy(tfc_ctx *c) {
 int32_t tfc_bind_weight(tfc_ctx *c, int32_t index, const void *data, uint64_t nbytes) {
     if (!c || !data) return TFC_ERR_NULL;
     if (index < 0 || index >= tfc__n_weights) return TFC_ERR_ARG;
-    if (nbytes != (uint64_t)tfc__weight_bytes[index] || ((uintptr_t)data & 3) != 0) return TFC_ERR_ARG;
+    if (nbytes != (uint64_t)tfc__weight_bytes[index] || ((uintptr_t)data & 1) != 0) return TFC_ERR_ARG;
     if (!c->weights[index]) c->unbound--;
     c->weights[index] = data;
     return TFC_OK;

@@ -33,7 +33,7 @@ int32_t tfc_has_decode(void);
 int32_t tfc_weight_count(void);
 /* The checkpoint tensor name of weight `index`; NULL for a bad index. */
 const char *tfc_weight_name(int32_t index);
-/* Bytes weight `index` must have (f32, the manifest's shape). -1 for a bad index. */
+/* Bytes weight `index` must have (the manifest's shape and dtype). -1 for a bad index. */
 int64_t tfc_weight_bytes(int32_t index);
 
 /* A context owns the KV cache, scratch memory and a pool of n_threads threads
@@ -42,8 +42,8 @@ tfc_ctx *tfc_create(int32_t n_threads);
 void tfc_destroy(tfc_ctx *ctx);
 
 /* Binds weight `index` to memory the caller owns and keeps alive (e.g. an mmap'd
-   safetensors file): `nbytes` f32 values in the manifest's layout, 4-byte aligned.
-   Nothing is copied. */
+   safetensors file): tfc_weight_bytes(index) bytes in the manifest's layout and dtype
+   (f32, 4-byte aligned, or bf16, 2-byte aligned). Nothing is copied. */
 int32_t tfc_bind_weight(tfc_ctx *ctx, int32_t index, const void *data, uint64_t nbytes);
 
 /* Runs `n` tokens at positions 0..n (the cache must be empty) and fills the cache.

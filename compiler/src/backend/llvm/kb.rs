@@ -191,6 +191,32 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         let st = ok(self.b.build_store(p, v));
         let _ = st.set_alignment(4);
     }
+    /// A weight element as `f32`: stored as `f32`, or as `bf16` (the high half of an `f32`).
+    pub fn ldw(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, bf16: bool) -> FloatValue<'ctx> {
+        if !bf16 {
+            return self.ld(base, idx);
+        }
+        let i16t = self.cx.i16_type();
+        let p = self.gep(i16t, base, idx);
+        let h = ok(self.b.build_load(i16t, p, "")).into_int_value();
+        let w = ok(self.b.build_int_z_extend(h, self.cx.i32_type(), ""));
+        let w = ok(self.b.build_left_shift(w, self.cx.i32_type().const_int(16, false), ""));
+        ok(self.b.build_bit_cast(w, self.f32t(), "")).into_float_value()
+    }
+    /// `VW` weight elements as `<VW x float>`, from `f32` or `bf16` storage.
+    pub fn ldvw(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, bf16: bool) -> VectorValue<'ctx> {
+        if !bf16 {
+            return self.ldv(base, idx);
+        }
+        let (i16v, i32v) = (self.cx.i16_type().vec_type(VW as u32), self.cx.i32_type().vec_type(VW as u32));
+        let p = self.gep(self.cx.i16_type(), base, idx);
+        let h = ok(self.b.build_load(i16v, p, ""));
+        let _ = h.as_instruction_value().unwrap().set_alignment(2);
+        let w = ok(self.b.build_int_z_extend(h.into_vector_value(), i32v, ""));
+        let sixteen = VectorType::const_vector(&[self.cx.i32_type().const_int(16, false); VW]);
+        let w = ok(self.b.build_left_shift(w, sixteen, ""));
+        ok(self.b.build_bit_cast(w, self.vt(), "")).into_vector_value()
+    }
     pub fn vt(&self) -> VectorType<'ctx> {
         self.f32t().vec_type(VW as u32)
     }

@@ -70,6 +70,12 @@ impl WeightTable {
     }
 }
 
+/// Bytes of a weight as the library reads it.
+pub fn weight_bytes(shape: &[usize], dtype: DType) -> usize {
+    let elem = if dtype == DType::BF16 { 2 } else { 4 };
+    shape.iter().product::<usize>() * elem
+}
+
 /// Facts the module records as globals and the manifest repeats.
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -91,8 +97,8 @@ pub fn build<'ctx>(
     weights: &WeightTable,
 ) -> Result<(Module<'ctx>, Layout), LlvmError> {
     for (name, _, dtype) in &weights.names {
-        if *dtype != DType::F32 {
-            return Err(LlvmError::Unsupported(format!("{dtype} weights (`{name}`); compile an f32 spec")));
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(LlvmError::Unsupported(format!("{dtype} weights (`{name}`); use f32 or bf16")));
         }
     }
     let m = cx.create_module(&c.spec.name);
@@ -169,11 +175,8 @@ fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &WeightTabl
     scalar("tfc__out_width", l.out_width as u64);
     scalar("tfc__has_decode", has_decode as u64);
     scalar("tfc__type_rows", l.type_rows as u64);
-    let sizes: Vec<_> = w
-        .names
-        .iter()
-        .map(|(_, s, _)| i64t.const_int(s.iter().product::<usize>() as u64 * 4, false))
-        .collect();
+    let sizes: Vec<_> =
+        w.names.iter().map(|(_, s, d)| i64t.const_int(weight_bytes(s, *d) as u64, false)).collect();
     let arr = i64t.const_array(&sizes);
     let g = m.add_global(arr.get_type(), None, "tfc__weight_bytes");
     g.set_initializer(&arr);
@@ -474,7 +477,8 @@ fn emit_graph<'ctx>(
             Op::Weight { .. } | Op::Input(_) | Op::Concat { .. } => {}
             Op::Positions => call(Kernel::Positions, vec![me(), t, p], kb.c(1)),
             Op::Gather { offset } => {
-                call(Kernel::Gather { d: width, offset: *offset }, vec![o(0), o(1), me()], rows_of(n))
+                let bf16 = g.ty(ops[0]).dtype == DType::BF16;
+                call(Kernel::Gather { d: width, offset: *offset, bf16 }, vec![o(0), o(1), me()], rows_of(n))
             }
             Op::Sinusoidal { dim: d, base } => {
                 call(Kernel::Sinusoidal { dim: *d, base: *base }, vec![o(0), me()], rows_of(n))
@@ -504,6 +508,7 @@ fn emit_graph<'ctx>(
             }
             Op::Linear { transposed, bias } => {
                 let inn = fixed(*g.ty(ops[0]).shape.last().unwrap());
+                let bf16 = g.ty(ops[1]).dtype == DType::BF16;
                 let mut v = vec![o(0), o(1)];
                 if *bias {
                     v.push(o(2));
@@ -522,7 +527,7 @@ fn emit_graph<'ctx>(
                 if let Some((chunks, _)) = split_k(g, n) {
                     // Partials live right after the output row in the node's block.
                     let part = kb.int_of(kb.gep(kb.f32t(), at(n), kb.c(width as i64)));
-                    let k = Kernel::GemvPartial { inn, out: width, chunks };
+                    let k = Kernel::GemvPartial { inn, out: width, chunks, bf16 };
                     call(k, vec![o(0), o(1), part], kb.c(chunks as i64));
                     let mut r = vec![part];
                     if *bias {
@@ -533,7 +538,8 @@ fn emit_graph<'ctx>(
                     let k = Kernel::GemvReduce { out: width, chunks, bias: *bias, epi };
                     call(k, r, kb.c((width / BLOCK) as i64));
                 } else {
-                    let k = Kernel::Linear { inn, out: width, transposed: *transposed, bias: *bias, epi };
+                    let (transposed, bias) = (*transposed, *bias);
+                    let k = Kernel::Linear { inn, out: width, transposed, bias, epi, bf16 };
                     call(k, v, kb.c(width.div_ceil(BLOCK) as i64));
                 }
             }
