@@ -188,24 +188,43 @@ fn a_library_for_a_baseline_cpu_computes_the_same() {
     assert_close("baseline x86-64 library", &rows, &want.data, 1e-4);
 }
 
-#[test]
-fn the_c_example_generates_with_the_header_and_library() {
-    let dir = build(&root().join("specs/tiny/llama.tfs"), "c-example");
-    let exe = dir.join("generate");
+/// Builds a C program against a library's header and links it to the library.
+fn build_c(dir: &std::path::Path, name: &str, source: &std::path::Path) -> PathBuf {
+    let exe = dir.join(source.file_stem().unwrap());
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let out = std::process::Command::new(&cc)
         .args(["-O2", "-Wall", "-Wextra", "-Werror", "-I"])
-        .arg(&dir)
+        .arg(dir)
         .arg("-include")
-        .arg(dir.join("llama.h"))
-        .arg(root().join("examples/c/generate.c"))
+        .arg(dir.join(format!("{name}.h")))
+        .arg(source)
         .arg("-L")
-        .arg(&dir)
-        .args(["-lllama", &format!("-Wl,-rpath,{}", dir.display()), "-o"])
+        .arg(dir)
+        .args([format!("-l{name}"), format!("-Wl,-rpath,{}", dir.display()), "-o".into()])
         .arg(&exe)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    exe
+}
+
+#[test]
+fn misuse_of_the_c_abi_gets_status_codes() {
+    for spec in ["specs/tiny/gpt2.tfs", "specs/tiny/bert.tfs"] {
+        let spec = root().join(spec);
+        let dir = build(&spec, "abi-c");
+        let name = spec.file_stem().unwrap().to_string_lossy().to_string();
+        let exe = build_c(&dir, &name, &root().join("tests/c/abi_checks.c"));
+        let run = std::process::Command::new(&exe).output().unwrap();
+        assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
+        assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "ok");
+    }
+}
+
+#[test]
+fn the_c_example_generates_with_the_header_and_library() {
+    let dir = build(&root().join("specs/tiny/llama.tfs"), "c-example");
+    let exe = build_c(&dir, "llama", &root().join("examples/c/generate.c"));
     let run = std::process::Command::new(&exe)
         .arg(root().join("tests/fixtures/hf/llama/model.safetensors"))
         .args(["12", "188", "354", "68", "81", "173", "71", "249", "323", "49", "60", "366", "134"])

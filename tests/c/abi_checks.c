@@ -1,0 +1,74 @@
+/* Misuse of the C ABI gets status codes, never a crash. Built against a library's header
+   by tests/suite/backends.rs; prints "ok" and exits 0 when every check holds. */
+#include <stdio.h>
+#include <stdlib.h>
+
+static int failures = 0;
+#define EXPECT(what, got, want)                                                              \
+    do {                                                                                     \
+        long long g_ = (long long)(got), w_ = (long long)(want);                             \
+        if (g_ != w_) {                                                                      \
+            fprintf(stderr, "%s: got %lld, want %lld\n", what, g_, w_);                      \
+            failures++;                                                                      \
+        }                                                                                    \
+    } while (0)
+
+int main(void) {
+    EXPECT("abi version", tfc_abi_version(), TFC_ABI_VERSION);
+    EXPECT("position of NULL", tfc_position(NULL), -1);
+    EXPECT("reset NULL", tfc_reset(NULL), TFC_ERR_NULL);
+    tfc_destroy(NULL);
+    EXPECT("weight name out of range", tfc_weight_name(tfc_weight_count()) == NULL, 1);
+    EXPECT("weight bytes out of range", tfc_weight_bytes(-1), -1);
+
+    tfc_ctx *ctx = tfc_create(2);
+    if (!ctx) return 1;
+    float *out = calloc((size_t)tfc_output_width() * 4, sizeof(float));
+    int32_t tokens[4] = {1, 2, 3, 4};
+    EXPECT("prefill before binding", tfc_prefill(ctx, tokens, NULL, 4, 0, out), TFC_ERR_UNBOUND);
+    EXPECT("decode before binding", tfc_decode(ctx, 1, out), tfc_has_decode() ? TFC_ERR_UNBOUND : TFC_ERR_NO_DECODE);
+
+    int64_t n = tfc_weight_count();
+    void **bufs = calloc((size_t)n, sizeof(void *));
+    for (int32_t i = 0; i < n; i++) {
+        int64_t bytes = tfc_weight_bytes(i);
+        bufs[i] = calloc((size_t)bytes + 4, 1);
+        EXPECT("bind NULL", tfc_bind_weight(ctx, i, NULL, (uint64_t)bytes), TFC_ERR_NULL);
+        EXPECT("bind wrong size", tfc_bind_weight(ctx, i, bufs[i], (uint64_t)bytes + 4), TFC_ERR_ARG);
+        EXPECT("bind misaligned", tfc_bind_weight(ctx, i, (char *)bufs[i] + 1, (uint64_t)bytes), TFC_ERR_ARG);
+        EXPECT("bind", tfc_bind_weight(ctx, i, bufs[i], (uint64_t)bytes), TFC_OK);
+    }
+    EXPECT("bind index out of range", tfc_bind_weight(ctx, (int32_t)n, bufs[0], 4), TFC_ERR_ARG);
+    EXPECT("bind NULL context", tfc_bind_weight(NULL, 0, bufs[0], 4), TFC_ERR_NULL);
+
+    EXPECT("prefill NULL tokens", tfc_prefill(ctx, NULL, NULL, 4, 0, out), TFC_ERR_NULL);
+    EXPECT("prefill NULL out", tfc_prefill(ctx, tokens, NULL, 4, 0, NULL), TFC_ERR_NULL);
+    EXPECT("prefill n = 0", tfc_prefill(ctx, tokens, NULL, 0, 0, out), TFC_ERR_ARG);
+    EXPECT("prefill n < 0", tfc_prefill(ctx, tokens, NULL, -3, 0, out), TFC_ERR_ARG);
+    EXPECT("prefill past max_seq", tfc_prefill(ctx, tokens, NULL, tfc_max_seq() + 1, 0, out), TFC_ERR_CONTEXT_FULL);
+    int32_t bad[4] = {1, tfc_vocab(), 3, 4};
+    EXPECT("prefill bad token", tfc_prefill(ctx, bad, NULL, 4, 0, out), TFC_ERR_TOKEN);
+    int32_t types[4] = {0, 0, 99999, 0};
+    EXPECT("prefill bad token type", tfc_prefill(ctx, tokens, types, 4, 0, out), TFC_ERR_TOKEN);
+    EXPECT("prefill", tfc_prefill(ctx, tokens, NULL, 4, 1, out), TFC_OK);
+    if (tfc_has_decode()) {
+        EXPECT("position after prefill", tfc_position(ctx), 4);
+        EXPECT("prefill on a full cache", tfc_prefill(ctx, tokens, NULL, 4, 0, out), TFC_ERR_NOT_EMPTY);
+        EXPECT("decode bad token", tfc_decode(ctx, -1, out), TFC_ERR_TOKEN);
+        EXPECT("decode NULL out", tfc_decode(ctx, 1, NULL), TFC_ERR_NULL);
+        EXPECT("decode", tfc_decode(ctx, 1, out), TFC_OK);
+        EXPECT("position after decode", tfc_position(ctx), 5);
+        EXPECT("reset", tfc_reset(ctx), TFC_OK);
+        EXPECT("position after reset", tfc_position(ctx), 0);
+    } else {
+        EXPECT("decode on an encoder", tfc_decode(ctx, 1, out), TFC_ERR_NO_DECODE);
+    }
+    EXPECT("status string", tfc_status_string(12345)[0] != 0, 1);
+    tfc_destroy(ctx);
+    for (int32_t i = 0; i < n; i++) free(bufs[i]);
+    free(bufs);
+    free(out);
+    if (failures) return 1;
+    printf("ok\n");
+    return 0;
+}
