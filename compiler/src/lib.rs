@@ -25,11 +25,13 @@ pub struct Options {
     pub all_rows: bool,
     /// Run the verifier after every pass (always on in tests; cheap).
     pub verify: bool,
+    /// Store weight matrices in this type instead of the spec's `dtype`.
+    pub weight_dtype: Option<ir::DType>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { all_rows: false, verify: true }
+        Options { all_rows: false, verify: true, weight_dtype: None }
     }
 }
 
@@ -73,7 +75,7 @@ pub fn compile(
     opts: &Options,
     dump: &mut dyn FnMut(&str, &Graph),
 ) -> Result<Compiled, CompileError> {
-    let (spec, lowered) = front::compile_spec(file, source).map_err(CompileError::Spec)?;
+    let (spec, lowered) = front::compile_spec(file, source, opts.weight_dtype).map_err(CompileError::Spec)?;
     let mut model = lowered.clone();
     run_passes(&mut model, &passes::model_passes(), opts.verify, dump)?;
     let phases = Split { all_rows: opts.all_rows }.run(&model)?;

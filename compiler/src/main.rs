@@ -58,6 +58,10 @@ enum Command {
         /// such as `x86-64-v3` or `sapphirerapids`.
         #[arg(long, default_value = "native")]
         target_cpu: String,
+        /// Store weight matrices as this type instead of the spec's `dtype` (an f32
+        /// checkpoint is converted once when it is bound).
+        #[arg(long, value_enum)]
+        dtype: Option<run::WeightDType>,
     },
     /// Draw the architecture as Graphviz DOT (or SVG when the output ends in `.svg`).
     Graph {
@@ -130,7 +134,7 @@ fn dispatch(cmd: Command) -> Result<()> {
                 std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
             if stage.starts_with("llvm") && dump_after.is_none() {
                 let file = spec.display().to_string();
-                let opts = tfc::backend::LibOptions { target_cpu: Some(target_cpu) };
+                let opts = tfc::backend::LibOptions { target_cpu: Some(target_cpu), weight_dtype: None };
                 print!("{}", tfc::backend::llvm_ir(&file, &source, stage == "llvm-opt", &opts)?);
                 return Ok(());
             }
@@ -151,10 +155,13 @@ fn dispatch(cmd: Command) -> Result<()> {
             }
             print!("{out}");
         }
-        Command::Compile { spec, output, target_cpu } => {
+        Command::Compile { spec, output, target_cpu, dtype } => {
             let source =
                 std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
-            let opts = tfc::backend::LibOptions { target_cpu: Some(target_cpu) };
+            let opts = tfc::backend::LibOptions {
+                target_cpu: Some(target_cpu),
+                weight_dtype: dtype.map(Into::into),
+            };
             let a = tfc::backend::compile_library(&spec.display().to_string(), &source, &output, &opts)?;
             println!("{}\n{}\n{}", a.library.display(), a.header.display(), a.manifest.display());
         }

@@ -22,6 +22,22 @@ pub enum Backend {
     Interp,
 }
 
+/// Storage types for weight matrices that the compiled library reads.
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+pub enum WeightDType {
+    F32,
+    Bf16,
+}
+
+impl From<WeightDType> for tfc::ir::DType {
+    fn from(d: WeightDType) -> Self {
+        match d {
+            WeightDType::F32 => tfc::ir::DType::F32,
+            WeightDType::Bf16 => tfc::ir::DType::BF16,
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct RunArgs {
     /// The spec file (`.tfs`).
@@ -68,6 +84,9 @@ pub struct RunArgs {
     /// The CPU the library is compiled for (`native` or an LLVM CPU name).
     #[arg(long, default_value = "native")]
     target_cpu: String,
+    /// Store weight matrices as this type instead of the spec's `dtype`.
+    #[arg(long, value_enum)]
+    dtype: Option<WeightDType>,
 }
 
 /// One model being run, whatever runs it.
@@ -103,8 +122,9 @@ impl Engine<'_> {
 }
 
 /// Compiles a spec into the user's cache (once per spec text and CPU) and loads it.
-fn load_library(spec: &Path, source: &str, cpu: &str) -> Result<Model> {
-    let hash = tfc_runtime::abi::fnv1a(&format!("{cpu}\n{}\n{source}", env!("CARGO_PKG_VERSION")));
+fn load_library(spec: &Path, source: &str, cpu: &str, dtype: Option<WeightDType>) -> Result<Model> {
+    let dt = dtype.map(|d| tfc::ir::DType::from(d).name()).unwrap_or("spec");
+    let hash = tfc_runtime::abi::fnv1a(&format!("{cpu}\n{dt}\n{}\n{source}", env!("CARGO_PKG_VERSION")));
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -114,7 +134,7 @@ fn load_library(spec: &Path, source: &str, cpu: &str) -> Result<Model> {
         // Build beside it and rename into place, so that a concurrent or interrupted run
         // never sees half a library.
         let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-        let opts = LibOptions { target_cpu: Some(cpu.to_string()) };
+        let opts = LibOptions { target_cpu: Some(cpu.to_string()), weight_dtype: dtype.map(Into::into) };
         compile_library(&spec.display().to_string(), source, &tmp, &opts)?;
         if std::fs::rename(&tmp, &dir).is_err() {
             // Another run finished first; use its library.
@@ -131,7 +151,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let c = tfc::compile(
         &file,
         &source,
-        &Options { all_rows: a.logits.is_some(), verify: true },
+        &Options { all_rows: a.logits.is_some(), weight_dtype: a.dtype.map(Into::into), verify: true },
         &mut |_, _| {},
     )?;
     let checkpoint = match &a.weights {
@@ -178,7 +198,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             Engine::Interp(interp::Session::new(&c, &interp_weights))
         }
         Backend::Llvm => {
-            model = load_library(&a.spec, &source, &a.target_cpu)?;
+            model = load_library(&a.spec, &source, &a.target_cpu, a.dtype)?;
             let data = match &checkpoint {
                 Some(ck) => WeightData::Checkpoint(ck.clone()),
                 None => {
@@ -269,6 +289,9 @@ pub struct BenchArgs {
     /// The CPU the library is compiled for.
     #[arg(long, default_value = "native")]
     target_cpu: String,
+    /// Store weight matrices as this type instead of the spec's `dtype`.
+    #[arg(long, value_enum)]
+    dtype: Option<WeightDType>,
 }
 
 /// Median, min and max of a sample.
@@ -282,7 +305,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read {}", a.spec.display()))?;
     let t0 = Instant::now();
     let dir = tempdir()?;
-    let opts = LibOptions { target_cpu: Some(a.target_cpu.clone()) };
+    let opts = LibOptions { target_cpu: Some(a.target_cpu.clone()), weight_dtype: a.dtype.map(Into::into) };
     compile_library(&a.spec.display().to_string(), &source, &dir, &opts)?;
     let compile_s = t0.elapsed().as_secs_f64();
     let model = Model::load(&dir)?;
@@ -294,7 +317,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bail!("{} + {} positions exceed max_seq {}", a.prompt, a.decode, m.max_seq);
     }
     // Random weights: the speed does not depend on the values.
-    let c = tfc::compile(&a.spec.display().to_string(), &source, &Options::default(), &mut |_, _| {})?;
+    let copts = Options { weight_dtype: a.dtype.map(Into::into), ..Options::default() };
+    let c = tfc::compile(&a.spec.display().to_string(), &source, &copts, &mut |_, _| {})?;
     let w = Weights::bind(&[&c.prefill], &WeightSource::Random { seed: 1 })?;
     let bufs: Result<Vec<Vec<f32>>, _> =
         m.weights.iter().map(|x| w.get(&x.name).map(|t| t.data.clone())).collect();

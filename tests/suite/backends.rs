@@ -155,7 +155,7 @@ fn bad_calls_through_the_abi_are_errors() {
 fn llvm_ir_before_and_after_optimisation() {
     let spec = root().join("tests/specs/valid/alibi_hidden.tfs");
     let source = std::fs::read_to_string(&spec).unwrap();
-    let opts = LibOptions { target_cpu: Some("x86-64-v4".into()) };
+    let opts = LibOptions { target_cpu: Some("x86-64-v4".into()), ..Default::default() };
     for (stage, optimized) in [("llvm", false), ("llvm-opt", true)] {
         let ir = tfc::backend::llvm_ir("alibi_hidden.tfs", &source, optimized, &opts).unwrap();
         insta::assert_snapshot!(format!("alibi_hidden@{stage}"), ir);
@@ -165,7 +165,7 @@ fn llvm_ir_before_and_after_optimisation() {
 #[test]
 fn optimised_kernels_use_512_bit_vectors() {
     let source = std::fs::read_to_string(root().join("specs/tiny/gpt2.tfs")).unwrap();
-    let opts = LibOptions { target_cpu: Some("x86-64-v4".into()) };
+    let opts = LibOptions { target_cpu: Some("x86-64-v4".into()), ..Default::default() };
     let ir = tfc::backend::llvm_ir("gpt2.tfs", &source, true, &opts).unwrap();
     let wide = ir.matches("<16 x float>").count();
     assert!(wide > 50, "only {wide} uses of <16 x float> in the optimised IR");
@@ -178,7 +178,13 @@ fn a_library_for_a_baseline_cpu_computes_the_same() {
     let source = std::fs::read_to_string(&spec).unwrap();
     let dir = root().join("target/test-libs/baseline/gpt2");
     let _ = std::fs::remove_dir_all(&dir);
-    compile_library("gpt2.tfs", &source, &dir, &LibOptions { target_cpu: Some("x86-64".into()) }).unwrap();
+    compile_library(
+        "gpt2.tfs",
+        &source,
+        &dir,
+        &LibOptions { target_cpu: Some("x86-64".into()), ..Default::default() },
+    )
+    .unwrap();
     let model = Model::load(&dir).unwrap();
     assert_eq!(model.manifest().target_cpu, "x86-64");
     let ck = Arc::new(Checkpoint::open(root().join("tests/fixtures/hf/gpt2")).unwrap());

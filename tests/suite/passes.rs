@@ -11,7 +11,7 @@ fn count(g: &Graph, f: impl Fn(&Op) -> bool) -> usize {
 }
 
 fn gpt2(all_rows: bool) -> tfc::Compiled {
-    compile(&root().join("specs/tiny/gpt2.tfs"), &Options { all_rows, verify: true })
+    compile(&root().join("specs/tiny/gpt2.tfs"), &Options { all_rows, ..Options::default() })
 }
 
 #[test]
@@ -82,4 +82,19 @@ fn the_verifier_rejects_a_wrong_type() {
     g.node_mut(add).ty.as_mut().unwrap().shape[1] = Dim::fixed(65);
     let e = verify(&g).unwrap_err().to_string();
     assert!(e.starts_with("bug:") && e.contains("(add)") && e.contains("the rule gives [T, 64] f32"), "{e}");
+}
+
+#[test]
+fn a_weight_dtype_override_changes_only_the_weight_matrices() {
+    let opts = Options { weight_dtype: Some(tfc::ir::DType::BF16), ..Options::default() };
+    let c = compile(&root().join("specs/tiny/gpt2.tfs"), &opts);
+    for n in c.model.node_ids() {
+        if let Op::Weight { role, .. } = c.model.op(n) {
+            let want = match role {
+                tfc::ir::WeightRole::Matrix | tfc::ir::WeightRole::Embedding => tfc::ir::DType::BF16,
+                _ => tfc::ir::DType::F32,
+            };
+            assert_eq!(c.model.ty(n).dtype, want);
+        }
+    }
 }

@@ -58,6 +58,8 @@ pub struct Artifact {
 pub struct LibOptions {
     /// `None` or `native`: the host CPU with its features; otherwise an LLVM CPU name.
     pub target_cpu: Option<String>,
+    /// Store weight matrices in this type instead of the spec's `dtype`.
+    pub weight_dtype: Option<crate::ir::DType>,
 }
 
 /// The three graphs a library holds, from one spec.
@@ -66,9 +68,10 @@ pub struct LibGraphs {
     pub prefill_all: crate::ir::Graph,
 }
 
-pub fn lib_graphs(file: &str, source: &str) -> Result<LibGraphs, crate::CompileError> {
-    let compiled = crate::compile(file, source, &Options::default(), &mut |_, _| {})?;
-    let all = crate::compile(file, source, &Options { all_rows: true, verify: true }, &mut |_, _| {})?;
+pub fn lib_graphs(file: &str, source: &str, lib: &LibOptions) -> Result<LibGraphs, crate::CompileError> {
+    let opts = Options { weight_dtype: lib.weight_dtype, ..Options::default() };
+    let compiled = crate::compile(file, source, &opts, &mut |_, _| {})?;
+    let all = crate::compile(file, source, &Options { all_rows: true, ..opts.clone() }, &mut |_, _| {})?;
     Ok(LibGraphs { compiled, prefill_all: all.prefill })
 }
 
@@ -90,7 +93,7 @@ impl LibGraphs {
 
 /// The LLVM IR of a spec's library, before (`optimized = false`) or after `default<O3>`.
 pub fn llvm_ir(file: &str, source: &str, optimized: bool, opts: &LibOptions) -> Result<String, BackendError> {
-    let lg = lib_graphs(file, source)?;
+    let lg = lib_graphs(file, source, opts)?;
     let cx = inkwell::context::Context::create();
     let (m, _) = llvm::build(&cx, &lg.compiled, &lg.graphs(), &lg.weight_table())?;
     let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
@@ -109,7 +112,7 @@ pub fn compile_library(
     out_dir: &Path,
     opts: &LibOptions,
 ) -> Result<Artifact, BackendError> {
-    let lg = lib_graphs(file, source)?;
+    let lg = lib_graphs(file, source, opts)?;
     let c = &lg.compiled;
     let weights = lg.weight_table();
     let cx = inkwell::context::Context::create();

@@ -13,17 +13,25 @@ pub mod spec;
 pub use diag::{Code, Diagnostic, Diagnostics};
 pub use spec::Spec;
 
-use crate::ir::Graph;
+use crate::ir::{DType, Graph};
 
 /// Parses and checks a spec, and lowers it to the model graph.
-pub fn compile_spec(file: &str, source: &str) -> Result<(Spec, Graph), Diagnostics> {
+/// `weight_dtype` overrides the spec's `dtype` (the storage type of weight matrices).
+pub fn compile_spec(
+    file: &str,
+    source: &str,
+    weight_dtype: Option<DType>,
+) -> Result<(Spec, Graph), Diagnostics> {
     let fail = |list| Diagnostics { file: file.to_string(), source: source.to_string(), list };
     let ast = parse::parse(source).map_err(|d| fail(vec![d]))?;
     let mut diags = Vec::new();
     let spec = resolve::resolve(&ast, &mut diags);
-    let Some(spec) = spec else {
+    let Some(mut spec) = spec else {
         return Err(fail(diags));
     };
+    if let Some(d) = weight_dtype {
+        spec.dtype = d;
+    }
     match lower::lower(&spec, &mut diags) {
         Some(g) if diags.is_empty() => Ok((spec, g)),
         _ => Err(fail(diags)),
