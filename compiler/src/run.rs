@@ -292,6 +292,89 @@ pub struct BenchArgs {
     /// Store weight matrices as this type instead of the spec's `dtype`.
     #[arg(long, value_enum)]
     dtype: Option<WeightDType>,
+    /// Also measure how cost grows: prefill latency for prompts of 32 to 1024 tokens and
+    /// decode speed at contexts of 128, 512 and 1024 (as far as max_seq allows).
+    #[arg(long)]
+    sweep: bool,
+    /// With --sweep: draw the two curves as an SVG file.
+    #[arg(long, value_name = "FILE.svg", requires = "sweep")]
+    plot: Option<PathBuf>,
+}
+
+/// Prefill times (ms) of `prompt` tokens and decode speeds (tok/s) of `decode` tokens after
+/// them, one of each per run after a warm-up.
+fn measure(
+    s: &mut tfc_runtime::Session,
+    vocab: usize,
+    prompt: usize,
+    decode: usize,
+    runs: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let tokens: Vec<i32> = (0..prompt).map(|i| (i * 31 % vocab) as i32).collect();
+    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    for run in 0..=runs {
+        s.reset();
+        let t = Instant::now();
+        let logits = s.prefill(&tokens, None, false)?;
+        let p = t.elapsed().as_secs_f64();
+        let mut next = tfc_runtime::argmax(&logits) as i32;
+        let t = Instant::now();
+        for _ in 0..decode {
+            next = tfc_runtime::argmax(&s.decode(next)?) as i32;
+        }
+        let d = t.elapsed().as_secs_f64();
+        if run > 0 {
+            pre.push(p * 1e3);
+            dec.push(decode as f64 / d);
+        }
+    }
+    Ok((pre, dec))
+}
+
+/// A two-panel SVG line chart: prefill ms against prompt length, decode tok/s against context.
+fn plot(path: &Path, title: &str, prefill: &[(usize, f64)], decode: &[(usize, f64)]) -> Result<()> {
+    let panel = |x0: f64, pts: &[(usize, f64)], xl: &str, yl: &str| -> String {
+        let (w, h) = (360.0, 240.0);
+        let xmax = pts.iter().map(|p| p.0).max().unwrap_or(1) as f64;
+        let ymax = pts.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.1;
+        let xy = |p: &(usize, f64)| (x0 + 50.0 + p.0 as f64 / xmax * (w - 60.0), 45.0 + h - p.1 / ymax * h);
+        let line: Vec<String> = pts.iter().map(&xy).map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+        let marks: String = pts
+            .iter()
+            .map(|p| {
+                let (x, y) = xy(p);
+                format!(
+                    "<circle cx='{x:.1}' cy='{y:.1}' r='3'/><text x='{x:.1}' y='{:.1}' font-size='9' \
+                     text-anchor='middle'>{:.1}</text><text x='{x:.1}' y='{:.1}' font-size='9' \
+                     text-anchor='middle'>{}</text>",
+                    y - 6.0,
+                    p.1,
+                    45.0 + h + 12.0,
+                    p.0
+                )
+            })
+            .collect();
+        format!(
+            "<polyline fill='none' stroke='black' points='{}'/>{marks}\
+             <line x1='{a}' y1='{b}' x2='{c}' y2='{b}' stroke='gray'/><line x1='{a}' y1='45' x2='{a}' y2='{b}' stroke='gray'/>\
+             <text x='{mx}' y='{ty}' font-size='11' text-anchor='middle'>{xl}</text>\
+             <text x='{lx}' y='36' font-size='11'>{yl}</text>",
+            line.join(" "),
+            a = x0 + 50.0,
+            b = 45.0 + h,
+            c = x0 + w - 10.0,
+            mx = x0 + w / 2.0,
+            ty = 45.0 + h + 30.0,
+            lx = x0 + 50.0,
+        )
+    };
+    let svg = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='760' height='330' font-family='sans-serif'>\
+         <rect width='100%' height='100%' fill='white'/><text x='10' y='14' font-size='12'>{title}</text>{}{}</svg>\n",
+        panel(0.0, prefill, "prompt tokens", "prefill ms"),
+        panel(380.0, decode, "context (tokens in the cache)", "decode tok/s"),
+    );
+    std::fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Median, min and max of a sample.
@@ -323,24 +406,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let bufs: Result<Vec<Vec<f32>>, _> =
         m.weights.iter().map(|x| w.get(&x.name).map(|t| t.data.clone())).collect();
     let mut s = tfc_runtime::Session::new(&model, WeightData::Owned(bufs?), a.threads)?;
-    let tokens: Vec<i32> = (0..a.prompt).map(|i| (i * 31 % m.vocab) as i32).collect();
-    let (mut pre, mut dec) = (Vec::new(), Vec::new());
-    for run in 0..=a.runs {
-        s.reset();
-        let t = Instant::now();
-        let logits = s.prefill(&tokens, None, false)?;
-        let p = t.elapsed().as_secs_f64();
-        let mut next = tfc_runtime::argmax(&logits) as i32;
-        let t = Instant::now();
-        for _ in 0..a.decode {
-            next = tfc_runtime::argmax(&s.decode(next)?) as i32;
-        }
-        let d = t.elapsed().as_secs_f64();
-        if run > 0 {
-            pre.push(p * 1e3);
-            dec.push(a.decode as f64 / d);
-        }
-    }
+    let (pre, dec) = measure(&mut s, m.vocab, a.prompt, a.decode, a.runs)?;
     let weight_bytes: usize = m
         .weights
         .iter()
@@ -378,6 +444,44 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             "decode {} tokens:  {dm:.2} tok/s (min {dmin:.2}, max {dmax:.2}), {gbs:.2} GB/s of weights",
             a.decode
         );
+    }
+    if a.sweep {
+        let mut prefill = Vec::new();
+        let mut decode = Vec::new();
+        for len in [32, 64, 128, 256, 512, 1024].into_iter().filter(|&l| l <= m.max_seq) {
+            prefill.push((len, stats(measure(&mut s, m.vocab, len, 0, a.runs)?.0)));
+        }
+        // 16 decoded tokens after a prompt that fills the cache to the context.
+        for ctx in [128, 512, 1024]
+            .into_iter()
+            .map(|c: usize| c.min(m.max_seq.saturating_sub(16)))
+            .filter(|&c| c > 0)
+        {
+            if decode.iter().any(|(c, _)| *c == ctx) {
+                continue;
+            }
+            decode.push((ctx, stats(measure(&mut s, m.vocab, ctx, 16, a.runs)?.1)));
+        }
+        println!("\nhow cost grows (median (min–max) of {} runs):", a.runs);
+        println!("| prompt tokens | prefill ms |");
+        println!("| --- | --- |");
+        for (l, (med, lo, hi)) in &prefill {
+            println!("| {l} | {med:.2} ({lo:.2}–{hi:.2}) |");
+        }
+        println!("| context | decode tok/s |");
+        println!("| --- | --- |");
+        for (c, (med, lo, hi)) in &decode {
+            println!("| {c} | {med:.2} ({lo:.2}–{hi:.2}) |");
+        }
+        if let Some(path) = &a.plot {
+            let pts = |v: &[(usize, (f64, f64, f64))]| v.iter().map(|(x, s)| (*x, s.0)).collect::<Vec<_>>();
+            plot(
+                path,
+                &format!("{}: prefill latency and decode speed", m.name),
+                &pts(&prefill),
+                &pts(&decode),
+            )?;
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
