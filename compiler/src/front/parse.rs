@@ -11,8 +11,6 @@ use super::diag::{Code, Diagnostic};
 struct SpecParser;
 
 pub fn parse(src: &str) -> Result<File, Diagnostic> {
-    // Detailed errors also list the punctuation the parser expected, not only rules.
-    pest::set_error_detail(true);
     let mut pairs = SpecParser::parse(Rule::file, src).map_err(syntax_error)?;
     let file = pairs.next().unwrap();
     let mut out = File::default();
@@ -115,7 +113,7 @@ fn number(s: &str) -> ValueKind {
 fn expr(p: Pair<Rule>) -> Expr {
     match p.as_rule() {
         Rule::expr | Rule::term => {
-            let mut it = p.into_inner();
+            let mut it = p.into_inner().filter(|q| q.as_rule() != Rule::close);
             let mut acc = expr(it.next().unwrap());
             while let Some(op) = it.next() {
                 let rhs = expr(it.next().unwrap());
@@ -134,7 +132,8 @@ fn expr(p: Pair<Rule>) -> Expr {
             let sp = span(&p);
             let mut it = p.into_inner();
             let f = ident_of(it.next().unwrap());
-            Expr::Call(f, it.map(expr).collect(), sp)
+            let args = it.filter(|q| !matches!(q.as_rule(), Rule::close | Rule::comma)).map(expr).collect();
+            Expr::Call(f, args, sp)
         }
         Rule::number => {
             let sp = span(&p);
@@ -183,6 +182,8 @@ fn rule_name(r: Rule) -> &'static str {
         Rule::value | Rule::object | Rule::list => "a value",
         Rule::expr | Rule::term | Rule::call => "an expression",
         Rule::add_op | Rule::mul_op => "an operator",
+        Rule::close => "`)`",
+        Rule::comma => "`,`",
         Rule::boolean => "`true` or `false`",
         Rule::ident => "a name",
         Rule::number => "a number",
