@@ -38,7 +38,7 @@ enum Command {
         #[arg(long, default_value = "model", value_parser = clap::builder::PossibleValuesParser::new(STAGES))]
         stage: String,
         /// Instead of a stage, print the graph after each run of this pass.
-        #[arg(long, value_name = "PASS", value_parser = clap::builder::PossibleValuesParser::new(tfc::passes::PASS_NAMES))]
+        #[arg(long, value_name = "PASS", value_parser = clap::builder::PossibleValuesParser::new(tfc::passes::pass_names()))]
         dump_after: Option<String>,
         /// Prefill returns the main output of every position, not only the last.
         #[arg(long)]

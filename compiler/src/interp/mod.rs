@@ -31,11 +31,6 @@ impl Tensor {
         Tensor { shape, data }
     }
 
-    pub fn zeros(shape: Vec<usize>) -> Self {
-        let n = shape.iter().product();
-        Tensor { shape, data: vec![0.0; n] }
-    }
-
     /// Row `i` of a 2-D tensor.
     pub fn row(&self, i: usize) -> &[f32] {
         let w = self.shape[1];

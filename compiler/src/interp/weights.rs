@@ -70,11 +70,6 @@ impl Weights {
     pub fn get(&self, name: &str) -> Result<&Tensor, WeightError> {
         self.map.get(name).ok_or_else(|| WeightError::Unbound(name.to_string()))
     }
-
-    /// Every bound tensor, by checkpoint name.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
-        self.map.iter()
-    }
 }
 
 fn round_to(data: &mut [f32], dtype: DType) {

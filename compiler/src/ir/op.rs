@@ -314,12 +314,6 @@ impl Op {
         }
     }
 
-    /// Whether two ops compute the same function of the same operands (for CSE).
-    pub fn same_as(&self, other: &Op) -> bool {
-        // Float attributes compare by bits so that CSE is reflexive even for NaN.
-        self == other
-    }
-
     /// The result type from the operand types, or a message saying what does not fit.
     pub fn infer(&self, ins: &[&TensorType]) -> Result<TensorType, String> {
         let want_rank = |i: usize, r: usize| -> Result<(), String> {

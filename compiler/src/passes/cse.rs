@@ -20,12 +20,12 @@ impl Pass for Cse {
 
     fn run(&self, g: &mut Graph) -> Result<(), PassError> {
         let order = g.topo_order().map_err(|n| PassError::bug(g, n, "the graph has a cycle"))?;
-        // Candidates by (mnemonic, operands); the op itself is compared exactly.
+        // Candidates by (mnemonic, operands); the op and its attributes are compared exactly.
         let mut seen: HashMap<(&'static str, Vec<NodeId>), Vec<NodeId>> = HashMap::new();
         for id in order {
             let key = (g.op(id).mnemonic(), g.operands(id));
             let twin = seen.get(&key).and_then(|cands| {
-                cands.iter().copied().find(|&c| g.op(c).same_as(g.op(id)) && g.node(c).ty == g.node(id).ty)
+                cands.iter().copied().find(|&c| g.op(c) == g.op(id) && g.node(c).ty == g.node(id).ty)
             });
             match twin {
                 Some(t) => {

@@ -72,8 +72,17 @@ pub fn phase_passes(phase: Phase) -> Vec<Box<dyn Pass>> {
     v
 }
 
-/// Every pass name `--dump-after` accepts.
-pub const PASS_NAMES: &[&str] = &["shape_infer", "cse", "dce", "fuse_attention", "split", "narrow_last_row"];
+/// Every pass name `--dump-after` accepts, read off the pipeline itself.
+pub fn pass_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = model_passes().iter().map(|p| p.name()).collect();
+    names.push(Split::NAME);
+    for phase in [Phase::Prefill, Phase::Decode] {
+        names.extend(phase_passes(phase).iter().map(|p| p.name()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(*n));
+    names
+}
 
 /// Runs passes over a graph, verifying after each when asked and reporting each
 /// intermediate graph to `dump`.
