@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 use tfc::{CompileError, Compiled, Options};
 
-const STAGES: [&str; 6] = ["lowered", "model", "prefill", "decode", "llvm", "llvm-opt"];
+const STAGES: [&str; 8] = ["lowered", "model", "prefill", "decode", "mlir", "mlir-llvm", "llvm", "llvm-opt"];
 
 #[derive(Parser)]
 #[command(name = "tfc", version, about = "A compiler for transformer architectures", long_about = None)]
@@ -33,8 +33,9 @@ enum Command {
         /// The spec file (`.tfs`).
         spec: PathBuf,
         /// Which stage: lowered (before any pass), model (after the model passes),
-        /// prefill or decode (after the split and their own passes), llvm (the LLVM IR
-        /// of the library) or llvm-opt (after `default<O3>`).
+        /// prefill or decode (after the split and their own passes), mlir (the library as
+        /// `linalg` on tensors), mlir-llvm (lowered to the LLVM dialect), llvm (the LLVM
+        /// IR of the library, from `--backend`) or llvm-opt (after `default<O3>`).
         #[arg(long, default_value = "model", value_parser = clap::builder::PossibleValuesParser::new(STAGES))]
         stage: String,
         /// Instead of a stage, print the graph after each run of this pass.
@@ -46,6 +47,9 @@ enum Command {
         /// For the llvm stages: the CPU to generate code for (`native` or an LLVM CPU).
         #[arg(long, default_value = "native")]
         target_cpu: String,
+        /// For the llvm stages: which backend builds the module.
+        #[arg(long, value_enum, default_value_t = tfc::backend::Backend::Llvm)]
+        backend: tfc::backend::Backend,
     },
     /// Compile a spec to a shared library with a C header and a manifest.
     Compile {
@@ -62,6 +66,10 @@ enum Command {
         /// checkpoint is converted once when it is bound).
         #[arg(long, value_enum)]
         dtype: Option<run::WeightDType>,
+        /// The code generator: `llvm` (hand-written kernels) or `mlir` (linalg through
+        /// MLIR's passes); the library and its ABI are the same.
+        #[arg(long, value_enum, default_value_t = tfc::backend::Backend::Llvm)]
+        backend: tfc::backend::Backend,
     },
     /// Draw the architecture as Graphviz DOT (or SVG when the output ends in `.svg`).
     Graph {
@@ -129,13 +137,17 @@ fn dispatch(cmd: Command) -> Result<()> {
                 decode.unwrap_or_else(|| "no decode (bidirectional attention)".into())
             );
         }
-        Command::Ir { spec, stage, dump_after, all_rows, target_cpu } => {
+        Command::Ir { spec, stage, dump_after, all_rows, target_cpu, backend } => {
             let source =
                 std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
+            let file = spec.display().to_string();
+            let opts = tfc::backend::LibOptions { backend, target_cpu: Some(target_cpu), weight_dtype: None };
             if stage.starts_with("llvm") && dump_after.is_none() {
-                let file = spec.display().to_string();
-                let opts = tfc::backend::LibOptions { target_cpu: Some(target_cpu), weight_dtype: None };
                 print!("{}", tfc::backend::llvm_ir(&file, &source, stage == "llvm-opt", &opts)?);
+                return Ok(());
+            }
+            if stage.starts_with("mlir") && dump_after.is_none() {
+                print!("{}", tfc::backend::mlir_ir(&file, &source, &stage, &opts)?);
                 return Ok(());
             }
             let opts = Options { all_rows, ..Options::default() };
@@ -155,10 +167,11 @@ fn dispatch(cmd: Command) -> Result<()> {
             }
             print!("{out}");
         }
-        Command::Compile { spec, output, target_cpu, dtype } => {
+        Command::Compile { spec, output, target_cpu, dtype, backend } => {
             let source =
                 std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
             let opts = tfc::backend::LibOptions {
+                backend,
                 target_cpu: Some(target_cpu),
                 weight_dtype: dtype.map(Into::into),
             };

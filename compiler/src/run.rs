@@ -18,6 +18,8 @@ use tfc_runtime::{Checkpoint, Model, Sampler, WeightData};
 pub enum Backend {
     /// Native code from the LLVM backend, run through the runtime crate.
     Llvm,
+    /// Native code from the MLIR backend (linalg), run through the runtime crate.
+    Mlir,
     /// The reference interpreter.
     Interp,
 }
@@ -122,9 +124,25 @@ impl Engine<'_> {
 }
 
 /// Compiles a spec into the user's cache (once per spec text and CPU) and loads it.
-fn load_library(spec: &Path, source: &str, cpu: &str, dtype: Option<WeightDType>) -> Result<Model> {
+impl Backend {
+    fn codegen(self) -> tfc::backend::Backend {
+        match self {
+            Backend::Mlir => tfc::backend::Backend::Mlir,
+            _ => tfc::backend::Backend::Llvm,
+        }
+    }
+}
+
+fn load_library(
+    spec: &Path,
+    source: &str,
+    cpu: &str,
+    dtype: Option<WeightDType>,
+    backend: tfc::backend::Backend,
+) -> Result<Model> {
     let dt = dtype.map(|d| tfc::ir::DType::from(d).name()).unwrap_or("spec");
-    let hash = tfc_runtime::abi::fnv1a(&format!("{cpu}\n{dt}\n{}\n{source}", env!("CARGO_PKG_VERSION")));
+    let key = format!("{cpu}\n{dt}\n{}\n{}\n{source}", backend.name(), env!("CARGO_PKG_VERSION"));
+    let hash = tfc_runtime::abi::fnv1a(&key);
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -134,7 +152,8 @@ fn load_library(spec: &Path, source: &str, cpu: &str, dtype: Option<WeightDType>
         // Build beside it and rename into place, so that a concurrent or interrupted run
         // never sees half a library.
         let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-        let opts = LibOptions { target_cpu: Some(cpu.to_string()), weight_dtype: dtype.map(Into::into) };
+        let opts =
+            LibOptions { backend, target_cpu: Some(cpu.to_string()), weight_dtype: dtype.map(Into::into) };
         compile_library(&spec.display().to_string(), source, &tmp, &opts)?;
         if std::fs::rename(&tmp, &dir).is_err() {
             // Another run finished first; use its library.
@@ -197,8 +216,8 @@ pub fn run(a: RunArgs) -> Result<()> {
             interp_weights = Weights::bind(&graphs, &source)?;
             Engine::Interp(interp::Session::new(&c, &interp_weights))
         }
-        Backend::Llvm => {
-            model = load_library(&a.spec, &source, &a.target_cpu, a.dtype)?;
+        Backend::Llvm | Backend::Mlir => {
+            model = load_library(&a.spec, &source, &a.target_cpu, a.dtype, a.backend.codegen())?;
             let data = match &checkpoint {
                 Some(ck) => WeightData::Checkpoint(ck.clone()),
                 None => {
@@ -388,7 +407,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read {}", a.spec.display()))?;
     let t0 = Instant::now();
     let dir = tempdir()?;
-    let opts = LibOptions { target_cpu: Some(a.target_cpu.clone()), weight_dtype: a.dtype.map(Into::into) };
+    let opts = LibOptions {
+        target_cpu: Some(a.target_cpu.clone()),
+        weight_dtype: a.dtype.map(Into::into),
+        ..Default::default()
+    };
     compile_library(&a.spec.display().to_string(), &source, &dir, &opts)?;
     let compile_s = t0.elapsed().as_secs_f64();
     let model = Model::load(&dir)?;

@@ -1,10 +1,11 @@
-//! The compiled library (LLVM backend, through the runtime crate and the C ABI) against
-//! the reference interpreter and the Hugging Face fixtures, on all ten architectures.
+//! The compiled library (from either backend, through the runtime crate and the C ABI)
+//! against the reference interpreter and the Hugging Face fixtures, on all ten
+//! architectures.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tfc::backend::{compile_library, LibOptions};
+use tfc::backend::{compile_library, Backend, LibOptions};
 use tfc::interp::{run, Inputs, WeightSource, Weights};
 use tfc::Options;
 use tfc_runtime::{argmax, Checkpoint, Model, Session, WeightData};
@@ -14,19 +15,28 @@ use crate::common::*;
 /// Compiles a spec into a fresh folder under the target directory, one per test (`tag`)
 /// so that tests running at once never replace a library another has loaded.
 pub fn build(spec: &std::path::Path, tag: &str) -> PathBuf {
+    build_with(spec, tag, Backend::Llvm)
+}
+
+pub fn build_with(spec: &std::path::Path, tag: &str, backend: Backend) -> PathBuf {
     let stem = spec.file_stem().unwrap().to_string_lossy().to_string();
-    let dir = root().join("target/test-libs").join(tag).join(&stem);
+    let dir = root().join("target/test-libs").join(format!("{tag}-{}", backend.name())).join(&stem);
     let _ = std::fs::remove_dir_all(&dir);
     let source = std::fs::read_to_string(spec).unwrap();
-    compile_library(&spec.display().to_string(), &source, &dir, &LibOptions::default())
-        .unwrap_or_else(|e| panic!("{}: {e}", spec.display()));
+    compile_library(
+        &spec.display().to_string(),
+        &source,
+        &dir,
+        &LibOptions { backend, ..Default::default() },
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", spec.display()));
     dir
 }
 
-fn check(arch: &str) {
+fn check(arch: &str, backend: Backend) {
     let spec = root().join("specs/tiny").join(format!("{arch}.tfs"));
     let fx = root().join("tests/fixtures/hf").join(arch);
-    let model = Model::load(build(&spec, "fixtures")).unwrap();
+    let model = Model::load(build_with(&spec, "fixtures", backend)).unwrap();
     let ck = Arc::new(Checkpoint::open(&fx).unwrap());
     let mut s = Session::new(&model, WeightData::Checkpoint(ck.clone()), 2).unwrap();
     let fixture: serde_json::Value =
@@ -82,10 +92,18 @@ fn check(arch: &str) {
 }
 
 macro_rules! backend_tests {
-    ($($arch:ident),*) => { $( #[test] fn $arch() { check(stringify!($arch)); } )* };
+    ($backend:ident: $($arch:ident),*) => { $( #[test] fn $arch() { check(stringify!($arch), Backend::$backend); } )* };
 }
 
-backend_tests!(bert, bloom, gemma, gpt2, gpt_neox, llama, mistral, opt_postln, phi, qwen2);
+mod llvm {
+    use super::*;
+    backend_tests!(Llvm: bert, bloom, gemma, gpt2, gpt_neox, llama, mistral, opt_postln, phi, qwen2);
+}
+
+mod mlir {
+    use super::*;
+    backend_tests!(Mlir: bert, bloom, gemma, gpt2, gpt_neox, llama, mistral, opt_postln, phi, qwen2);
+}
 
 /// Seeded random weights from the interpreter's binder, in the library's order.
 fn random_weights(model: &Model, graphs: &[&tfc::ir::Graph]) -> (Weights, WeightData) {
@@ -96,11 +114,20 @@ fn random_weights(model: &Model, graphs: &[&tfc::ir::Graph]) -> (Weights, Weight
 
 #[test]
 fn library_prefill_and_decode_equal_the_interpreter_on_every_small_spec() {
+    prefill_and_decode_equal_the_interpreter(Backend::Llvm);
+}
+
+#[test]
+fn mlir_library_prefill_and_decode_equal_the_interpreter_on_every_small_spec() {
+    prefill_and_decode_equal_the_interpreter(Backend::Mlir);
+}
+
+fn prefill_and_decode_equal_the_interpreter(backend: Backend) {
     let mut specs = specs_in(&root().join("tests/specs/valid"));
     specs.push(root().join("specs/tiny/gpt_neox.tfs"));
     for spec in specs {
         let c = compile(&spec, &Options::default());
-        let model = Model::load(build(&spec, "random")).unwrap();
+        let model = Model::load(build_with(&spec, "random", backend)).unwrap();
         let (w, data) = random_weights(&model, &[&c.model]);
         let mut s = Session::new(&model, data, 2).unwrap();
         let tokens: Vec<i32> = (0..9).map(|i| (i * 7 + 3) % c.spec.sizes.vocab as i32).collect();

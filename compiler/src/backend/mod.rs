@@ -6,6 +6,7 @@
 //! `manifest.json`.
 
 pub mod llvm;
+pub mod mlir;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,6 +40,8 @@ pub enum BackendError {
     #[error(transparent)]
     Llvm(#[from] llvm::LlvmError),
     #[error(transparent)]
+    Mlir(#[from] mlir::MlirError),
+    #[error(transparent)]
     Compile(#[from] crate::CompileError),
     #[error("cannot write {path}: {message}")]
     Io { path: PathBuf, message: String },
@@ -54,8 +57,28 @@ pub struct Artifact {
     pub manifest: PathBuf,
 }
 
+/// Which code generator builds the CPU library.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// Kernels written with inkwell (`backend/llvm`).
+    #[default]
+    Llvm,
+    /// `linalg` on tensors through MLIR's passes (`backend/mlir`).
+    Mlir,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Llvm => "llvm",
+            Backend::Mlir => "mlir",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct LibOptions {
+    pub backend: Backend,
     /// `None` or `native`: the host CPU with its features; otherwise an LLVM CPU name.
     pub target_cpu: Option<String>,
     /// Store weight matrices in this type instead of the spec's `dtype`.
@@ -91,11 +114,66 @@ impl LibGraphs {
     }
 }
 
+/// The library's LLVM module from the chosen backend, with its layout.
+fn build<'ctx>(
+    cx: &'ctx inkwell::context::Context,
+    lg: &LibGraphs,
+    weights: &llvm::WeightTable,
+    backend: Backend,
+) -> Result<(inkwell::module::Module<'ctx>, llvm::Layout), BackendError> {
+    match backend {
+        Backend::Llvm => Ok(llvm::build(cx, &lg.compiled, &lg.graphs(), weights)?),
+        Backend::Mlir => {
+            let layout = llvm::layout(&lg.compiled, &lg.graphs())?;
+            let ml = mlir::Mlir::new();
+            let m = mlir_cpu(&ml, lg, weights, &layout, true)?;
+            let lm = ml.to_llvm(&m, cx)?;
+            for name in ["prefill", "prefill_all", "decode"] {
+                if let Some(f) = lm.get_function(&format!("tfc__{name}")) {
+                    f.as_global_value().set_visibility(inkwell::GlobalVisibility::Hidden);
+                }
+            }
+            llvm::globals(cx, &lm, &layout, weights, lg.compiled.decode.is_some());
+            lm.verify().map_err(|e| llvm::LlvmError::Llvm(format!("bug: invalid module from MLIR: {e}")))?;
+            Ok((lm, layout))
+        }
+    }
+}
+
+/// The CPU module in MLIR: as emitted (`lower = false`) or in the LLVM dialect.
+fn mlir_cpu<'c>(
+    ml: &'c mlir::Mlir,
+    lg: &LibGraphs,
+    weights: &llvm::WeightTable,
+    layout: &llvm::Layout,
+    lower: bool,
+) -> Result<melior::ir::Module<'c>, BackendError> {
+    let text = mlir::linalg::module(&lg.graphs(), weights, layout)?;
+    if std::env::var_os("TFC_DUMP_MLIR").is_some() {
+        let _ = std::fs::write("/tmp/tfc_dump.mlir", &text);
+    }
+    let mut m = ml.parse(&text)?;
+    if lower {
+        ml.lower_cpu(&mut m)?;
+    }
+    Ok(m)
+}
+
+/// The MLIR of a spec's CPU library: `mlir` (linalg on tensors) or `mlir-llvm` (lowered).
+pub fn mlir_ir(file: &str, source: &str, stage: &str, opts: &LibOptions) -> Result<String, BackendError> {
+    let lg = lib_graphs(file, source, opts)?;
+    let weights = lg.weight_table();
+    let layout = llvm::layout(&lg.compiled, &lg.graphs())?;
+    let ml = mlir::Mlir::new();
+    let m = mlir_cpu(&ml, &lg, &weights, &layout, stage == "mlir-llvm")?;
+    Ok(m.as_operation().to_string())
+}
+
 /// The LLVM IR of a spec's library, before (`optimized = false`) or after `default<O3>`.
 pub fn llvm_ir(file: &str, source: &str, optimized: bool, opts: &LibOptions) -> Result<String, BackendError> {
     let lg = lib_graphs(file, source, opts)?;
     let cx = inkwell::context::Context::create();
-    let (m, _) = llvm::build(&cx, &lg.compiled, &lg.graphs(), &lg.weight_table())?;
+    let (m, _) = build(&cx, &lg, &lg.weight_table(), opts.backend)?;
     let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
     m.set_triple(&tm.get_triple());
     m.set_data_layout(&tm.get_target_data().get_data_layout());
@@ -116,7 +194,7 @@ pub fn compile_library(
     let c = &lg.compiled;
     let weights = lg.weight_table();
     let cx = inkwell::context::Context::create();
-    let (m, layout) = llvm::build(&cx, c, &lg.graphs(), &weights)?;
+    let (m, layout) = build(&cx, &lg, &weights, opts.backend)?;
     let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
     let object = llvm::optimize_and_emit(&m, &tm)?;
 
@@ -137,7 +215,7 @@ pub fn compile_library(
     let library = out_dir.join(format!("lib{name}.so"));
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let result = Command::new(&cc)
-        .args(["-O2", "-fPIC", "-shared", "-std=c11", "-pthread", "-o"])
+        .args(["-O2", "-fPIC", "-shared", "-std=c11", "-pthread", "-Wl,-z,defs", "-o"])
         .arg(&library)
         .arg(&support)
         .arg(&obj)
@@ -158,7 +236,7 @@ pub fn compile_library(
     let manifest = Manifest {
         name: name.clone(),
         abi_version: abi::ABI_VERSION,
-        backend: "llvm".into(),
+        backend: opts.backend.name().into(),
         target_cpu: cpu,
         library: format!("lib{name}.so"),
         vocab: layout.vocab,

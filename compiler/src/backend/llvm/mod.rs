@@ -52,6 +52,11 @@ pub struct WeightTable {
 }
 
 impl WeightTable {
+    /// The slot of a weight the table holds.
+    pub fn slot(&self, name: &str) -> usize {
+        self.index[name]
+    }
+
     pub fn of(graphs: &[&Graph]) -> WeightTable {
         let mut t = WeightTable::default();
         for g in graphs {
@@ -118,7 +123,7 @@ pub fn build<'ctx>(
     Ok((m, layout))
 }
 
-fn layout(c: &Compiled, g: &Graphs) -> Result<Layout, LlvmError> {
+pub fn layout(c: &Compiled, g: &Graphs) -> Result<Layout, LlvmError> {
     let max_seq = c.spec.sizes.max_seq;
     let mut cache = HashMap::new();
     let mut off = 0u64;
@@ -159,7 +164,7 @@ fn layout(c: &Compiled, g: &Graphs) -> Result<Layout, LlvmError> {
     })
 }
 
-fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &WeightTable, has_decode: bool) {
+pub fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &WeightTable, has_decode: bool) {
     let i64t = cx.i64_type();
     let scalar = |name: &str, v: u64| {
         let g = m.add_global(i64t, None, name);

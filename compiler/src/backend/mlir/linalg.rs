@@ -1,0 +1,871 @@
+//! Prefill and decode graphs → `func` + `linalg` on tensors (the `mlir` stage).
+//!
+//! Each graph becomes `func.func @tfc__<graph>` with the LLVM backend's signature
+//! `(arena, cache, tokens, types, T, P, weights, out, pool)`, so the library's C half
+//! calls it the same way. Raw pointers become memrefs through a descriptor built in the
+//! `llvm` dialect, memrefs become tensors with `bufferization.to_tensor`, and every op is
+//! a `linalg.generic` (or a reshape) on tensors; results leave through
+//! `linalg.copy` into the output buffer and the KV cache.
+//! The fused attention node is its own sequence: scores, scale/ALiBi/mask, a softmax in
+//! three reductions, and the weighted sum of values, with grouped heads as an affine
+//! `floordiv` in the key and value maps.
+
+use std::collections::HashMap;
+
+use super::text::{elem, id_map, map, Text};
+use super::MlirError;
+use crate::backend::llvm::{Graphs, Layout, WeightTable};
+use crate::interp::alibi_slopes;
+use crate::ir::{Act, CacheKind, DType, Dim, Graph, InputKind, NodeId, Op, QkvLayout, QkvPart, TensorType};
+
+/// The whole module: one function per graph.
+pub fn module(g: &Graphs, weights: &WeightTable, layout: &Layout) -> Result<String, MlirError> {
+    let mut t = Text::default();
+    t.open("module attributes {transform.with_named_sequence} {");
+    for (name, graph) in
+        [("prefill", Some(g.prefill)), ("prefill_all", Some(g.prefill_all)), ("decode", g.decode)]
+    {
+        Func::emit(&mut t, name, graph, weights, layout)?;
+    }
+    for l in super::CPU_TRANSFORM.lines() {
+        t.line(l);
+    }
+    t.close("}");
+    Ok(t.out)
+}
+
+struct Func<'a> {
+    t: &'a mut Text,
+    g: &'a Graph,
+    weights: &'a WeightTable,
+    layout: &'a Layout,
+    /// Index values of the symbols `T` and `P`, and of every dimension computed so far.
+    dims: HashMap<Dim, String>,
+    vals: HashMap<NodeId, String>,
+    /// `memref<G x max_seq x hd>` views of each cache region.
+    cache_views: HashMap<(u32, CacheKind), String>,
+}
+
+const SIG: &str = "%arena: !llvm.ptr, %cache: !llvm.ptr, %tokens: !llvm.ptr, %types: !llvm.ptr, \
+                   %T: i64, %P: i64, %weights: !llvm.ptr, %out: !llvm.ptr, %pool: !llvm.ptr";
+
+fn tensor(shape: &[Dim], el: &str) -> String {
+    let mut s = String::from("tensor<");
+    for d in shape {
+        match d.as_fixed() {
+            Some(n) => s += &format!("{n}x"),
+            None => s += "?x",
+        }
+    }
+    s + el + ">"
+}
+
+fn ttype(ty: &TensorType) -> String {
+    tensor(&ty.shape, elem(ty.dtype))
+}
+
+fn memref_of(ty: &str) -> String {
+    ty.replacen("tensor<", "memref<", 1)
+}
+
+fn unsupported(what: String) -> MlirError {
+    MlirError::Unsupported(what)
+}
+
+impl<'a> Func<'a> {
+    fn emit(
+        t: &mut Text,
+        name: &str,
+        g: Option<&Graph>,
+        weights: &WeightTable,
+        layout: &Layout,
+    ) -> Result<(), MlirError> {
+        t.open(format!("func.func @tfc__{name}({SIG}) {{"));
+        if let Some(g) = g {
+            let mut f = Func {
+                t,
+                g,
+                weights,
+                layout,
+                dims: HashMap::new(),
+                vals: HashMap::new(),
+                cache_views: HashMap::new(),
+            };
+            f.body()?;
+        }
+        t.line("return");
+        t.close("}");
+        Ok(())
+    }
+
+    fn body(&mut self) -> Result<(), MlirError> {
+        let ti = self.t.op("arith.index_cast %T : i64 to index");
+        let pi = self.t.op("arith.index_cast %P : i64 to index");
+        self.dims.insert(Dim::T, ti);
+        self.dims.insert(Dim::P, pi);
+        let g = self.g;
+        let order = g.topo_order().map_err(|_| MlirError::Mlir("bug: cyclic graph".into()))?;
+        let mut cache_out: HashMap<NodeId, Vec<(u32, CacheKind)>> = HashMap::new();
+        for (name, id) in &g.outputs {
+            if let Some(rest) = name.strip_prefix("cache.") {
+                let (k, l) = rest.split_once('.').unwrap();
+                let kind = if k == "k" { CacheKind::K } else { CacheKind::V };
+                cache_out.entry(*id).or_default().push((l.parse().unwrap(), kind));
+            }
+        }
+        for &n in &order {
+            let v = self.node(n)?;
+            if let Some(v) = v {
+                self.vals.insert(n, v);
+            }
+            for &(layer, kind) in cache_out.get(&n).into_iter().flatten() {
+                self.store_cache(n, layer, kind);
+            }
+        }
+        // The main output goes to the caller's buffer.
+        let (_, main) = g.outputs[0];
+        let ty = ttype(g.ty(main));
+        let shape = g.ty(main).shape.clone();
+        let view = self.view("%out", &shape, "f32");
+        let v = self.vals[&main].clone();
+        self.copy_out(&v, &ty, &view, &memref_of(&ty));
+        Ok(())
+    }
+
+    /// Writes a tensor into a buffer the caller owns. A `linalg.copy` between buffers
+    /// rather than `materialize_in_destination`, whose `memref.copy` of a strided
+    /// destination would need MLIR's C runner library.
+    fn copy_out(&mut self, v: &str, ty: &str, dst: &str, dst_ty: &str) {
+        let m = self.t.op(format!("bufferization.to_buffer {v} read_only : {ty} to {}", memref_of(ty)));
+        self.t.line(format!("linalg.copy ins({m} : {}) outs({dst} : {dst_ty})", memref_of(ty)));
+    }
+
+    /// The index value of a dimension.
+    fn dim(&mut self, d: Dim) -> String {
+        if let Some(v) = self.dims.get(&d) {
+            return v.clone();
+        }
+        let mut v = self.t.index(d.c as i64);
+        for (k, sym) in [(d.t, Dim::T), (d.p, Dim::P)] {
+            if k > 0 {
+                let s = self.dims[&sym].clone();
+                let term = if k == 1 {
+                    s
+                } else {
+                    let kc = self.t.index(k as i64);
+                    self.t.bin("muli", &s, &kc, "index")
+                };
+                v = self.t.bin("addi", &v, &term, "index");
+            }
+        }
+        self.dims.insert(d, v.clone());
+        v
+    }
+
+    /// `tensor.empty` of a shape, naming its dynamic sizes.
+    fn empty(&mut self, shape: &[Dim], el: &str) -> String {
+        let dynamic: Vec<String> =
+            shape.iter().filter(|d| d.as_fixed().is_none()).map(|&d| self.dim(d)).collect();
+        self.t.op(format!("tensor.empty({}) : {}", dynamic.join(", "), tensor(shape, el)))
+    }
+
+    fn filled(&mut self, shape: &[Dim], value: f32) -> String {
+        let e = self.empty(shape, "f32");
+        let c = self.t.f32(value);
+        let ty = tensor(shape, "f32");
+        self.t.op(format!("linalg.fill ins({c} : f32) outs({e} : {ty}) -> {ty}"))
+    }
+
+    /// A row-major memref over a raw pointer, as a descriptor cast to the memref type.
+    fn memref_view(&mut self, ptr: &str, shape: &[Dim], strides: &[usize], el: &str) -> String {
+        let n = shape.len();
+        let st = format!("!llvm.struct<(ptr, ptr, i64, array<{n} x i64>, array<{n} x i64>)>");
+        let mut d = self.t.op(format!("llvm.mlir.poison : {st}"));
+        d = self.t.op(format!("llvm.insertvalue {ptr}, {d}[0] : {st}"));
+        d = self.t.op(format!("llvm.insertvalue {ptr}, {d}[1] : {st}"));
+        let zero = self.t.int(0, "i64");
+        d = self.t.op(format!("llvm.insertvalue {zero}, {d}[2] : {st}"));
+        for (i, (&sz, &stride)) in shape.iter().zip(strides).enumerate() {
+            let s = match sz.as_fixed() {
+                Some(c) => self.t.int(c as i64, "i64"),
+                None => {
+                    let ix = self.dim(sz);
+                    self.t.op(format!("arith.index_cast {ix} : index to i64"))
+                }
+            };
+            d = self.t.op(format!("llvm.insertvalue {s}, {d}[3, {i}] : {st}"));
+            let k = self.t.int(stride as i64, "i64");
+            d = self.t.op(format!("llvm.insertvalue {k}, {d}[4, {i}] : {st}"));
+        }
+        let mt = memref_of(&tensor(shape, el));
+        self.t.op(format!("builtin.unrealized_conversion_cast {d} : {st} to {mt}"))
+    }
+
+    fn view(&mut self, ptr: &str, shape: &[Dim], el: &str) -> String {
+        let mut strides = vec![1usize; shape.len()];
+        for i in (0..shape.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * shape[i + 1].as_fixed().unwrap_or(1);
+        }
+        self.memref_view(ptr, shape, &strides, el)
+    }
+
+    /// A buffer as a tensor the graph only reads.
+    fn read(&mut self, ptr: &str, shape: &[Dim], el: &str) -> String {
+        let m = self.view(ptr, shape, el);
+        let ty = tensor(shape, el);
+        self.t.op(format!("bufferization.to_tensor {m} restrict : {} to {ty}", memref_of(&ty)))
+    }
+
+    fn cache_view(&mut self, layer: u32, kind: CacheKind) -> (String, usize, usize) {
+        let (off, groups, hd) = self.layout.cache[&(layer, kind)];
+        let ms = self.layout.max_seq;
+        if let Some(v) = self.cache_views.get(&(layer, kind)) {
+            return (v.clone(), groups, hd);
+        }
+        let p = self.t.op(format!("llvm.getelementptr %cache[{off}] : (!llvm.ptr) -> !llvm.ptr, f32"));
+        let v = self.view(&p, &[Dim::fixed(groups), Dim::fixed(ms), Dim::fixed(hd)], "f32");
+        self.cache_views.insert((layer, kind), v.clone());
+        (v, groups, hd)
+    }
+
+    /// A subview of a cache region: rows `start..start+rows` of every head.
+    fn cache_rows(&mut self, layer: u32, kind: CacheKind, start: &str, rows: Dim) -> (String, String) {
+        let (full, groups, hd) = self.cache_view(layer, kind);
+        let ms = self.layout.max_seq;
+        let r = self.dim(rows);
+        let sub_ty = format!("memref<{groups}x?x{hd}xf32, strided<[{}, {hd}, 1], offset: ?>>", ms * hd);
+        let v = self.t.op(format!(
+            "memref.subview {full}[0, {start}, 0] [{groups}, {r}, {hd}] [1, 1, 1] : memref<{groups}x{ms}x{hd}xf32> to {sub_ty}"
+        ));
+        (v, sub_ty)
+    }
+
+    fn store_cache(&mut self, n: NodeId, layer: u32, kind: CacheKind) {
+        let ty = self.g.ty(n).clone();
+        let p = self.dims[&Dim::P].clone();
+        let (sub, sub_ty) = self.cache_rows(layer, kind, &p, ty.shape[1]);
+        let v = self.vals[&n].clone();
+        self.copy_out(&v, &ttype(&ty), &sub, &sub_ty);
+    }
+
+    /// A `linalg.generic`. `ins` are (value, type, map); the body gets the block
+    /// arguments (inputs, then the output element) and returns the yielded value.
+    fn generic(
+        &mut self,
+        ins: &[(String, String, String)],
+        out: (String, String, String),
+        iters: &[&str],
+        body: impl FnOnce(&mut Text, &[String]) -> String,
+    ) -> String {
+        let maps: Vec<&str> = ins.iter().map(|i| i.2.as_str()).chain([out.2.as_str()]).collect();
+        let iters: Vec<String> = iters.iter().map(|i| format!("\"{i}\"")).collect();
+        let ins_v: Vec<&str> = ins.iter().map(|i| i.0.as_str()).collect();
+        let ins_t: Vec<&str> = ins.iter().map(|i| i.1.as_str()).collect();
+        let r = self.t.fresh();
+        let ins_part = if ins.is_empty() {
+            String::new()
+        } else {
+            format!(" ins({} : {})", ins_v.join(", "), ins_t.join(", "))
+        };
+        self.t.open(format!(
+            "{r} = linalg.generic {{indexing_maps = [{}], iterator_types = [{}]}}{ins_part} outs({} : {}) {{",
+            maps.join(", "),
+            iters.join(", "),
+            out.0,
+            out.1
+        ));
+        let args: Vec<String> = (0..=ins.len()).map(|_| self.t.fresh()).collect();
+        let elems: Vec<String> =
+            ins.iter().map(|i| i.1.clone()).chain([out.1.clone()]).map(|t| elem_of(&t)).collect();
+        let params: Vec<String> = args.iter().zip(&elems).map(|(a, e)| format!("{a}: {e}")).collect();
+        self.t.line(format!("^bb0({}):", params.join(", ")));
+        let y = body(self.t, &args);
+        let yt = elems.last().unwrap().clone();
+        self.t.line(format!("linalg.yield {y} : {yt}"));
+        self.t.close(format!("}} -> {}", out.1));
+        r
+    }
+
+    fn val(&self, n: NodeId) -> (String, String) {
+        (self.vals[&n].clone(), ttype(self.g.ty(n)))
+    }
+
+    fn node(&mut self, n: NodeId) -> Result<Option<String>, MlirError> {
+        let g = self.g;
+        let ty = g.ty(n).clone();
+        let ops = g.operands(n);
+        let rank = ty.rank();
+        let out_t = ttype(&ty);
+        let ident = id_map(rank);
+        let par = vec!["parallel"; rank];
+        let v = match g.op(n) {
+            Op::Weight { name, .. } => {
+                let i = self.weights.slot(name);
+                let slot = self
+                    .t
+                    .op(format!("llvm.getelementptr %weights[{i}] : (!llvm.ptr) -> !llvm.ptr, !llvm.ptr"));
+                let p = self.t.op(format!("llvm.load {slot} : !llvm.ptr -> !llvm.ptr"));
+                self.read(&p, &ty.shape, elem(ty.dtype))
+            }
+            Op::Input(InputKind::Tokens) => self.read("%tokens", &ty.shape, "i32"),
+            Op::Input(InputKind::TokenTypes) => self.read("%types", &ty.shape, "i32"),
+            // The cache is read only through the concatenation that extends it.
+            Op::Input(InputKind::Cache { .. }) => return Ok(None),
+            Op::Concat { .. } => {
+                let Op::Input(InputKind::Cache { layer, kind }) = *g.op(ops[0]) else {
+                    return Err(unsupported("concatenation other than the KV cache".into()));
+                };
+                let zero = self.t.index(0);
+                let (sub, sub_ty) = self.cache_rows(layer, kind, &zero, ty.shape[1]);
+                self.t.op(format!("bufferization.to_tensor {sub} restrict : {sub_ty} to {out_t}"))
+            }
+            Op::Positions => {
+                let e = self.empty(&ty.shape, "i32");
+                let p = self.dims[&Dim::P].clone();
+                self.generic(&[], (e, out_t, ident), &par, |t, _| {
+                    let i = t.op("linalg.index 0 : index");
+                    let s = t.bin("addi", &p, &i, "index");
+                    t.op(format!("arith.index_cast {s} : index to i32"))
+                })
+            }
+            Op::Gather { offset } => {
+                let (table, table_t) = self.val(ops[0]);
+                let (ids, ids_t) = self.val(ops[1]);
+                let e = self.empty(&ty.shape, "f32");
+                let bf16 = g.ty(ops[0]).dtype == DType::BF16;
+                let off = *offset as i64;
+                self.generic(&[(ids, ids_t, map(2, &["d0".into()]))], (e, out_t, ident), &par, |t, a| {
+                    let id = t.op(format!("arith.index_cast {} : i32 to index", a[0]));
+                    let o = t.index(off);
+                    let row = t.bin("addi", &id, &o, "index");
+                    let j = t.op("linalg.index 1 : index");
+                    let x = t.op(format!("tensor.extract {table}[{row}, {j}] : {table_t}"));
+                    if bf16 {
+                        t.op(format!("arith.extf {x} : bf16 to f32"))
+                    } else {
+                        x
+                    }
+                })
+            }
+            Op::Sinusoidal { dim, base } => {
+                let (pos, pos_t) = self.val(ops[0]);
+                let e = self.empty(&ty.shape, "f32");
+                let (dim, base) = (*dim, *base);
+                self.generic(&[(pos, pos_t, map(2, &["d0".into()]))], (e, out_t, ident), &par, |t, a| {
+                    // angle = p / base^(2i/dim) for the pair i = j/2; sin at even j, cos at odd.
+                    let j = t.op("linalg.index 1 : index");
+                    let two = t.index(2);
+                    let i = t.bin("divui", &j, &two, "index");
+                    let odd = t.bin("remui", &j, &two, "index");
+                    let i64v = t.op(format!("arith.index_cast {i} : index to i64"));
+                    let fi = t.op(format!("arith.sitofp {i64v} : i64 to f64"));
+                    let c = t.f64(2.0 / dim as f64);
+                    let ex = t.bin("mulf", &fi, &c, "f64");
+                    let b = t.f64(base);
+                    let den = t.op(format!("math.powf {b}, {ex} : f64"));
+                    let pf = t.op(format!("arith.sitofp {} : i32 to f64", a[0]));
+                    let angle = t.bin("divf", &pf, &den, "f64");
+                    let s = t.op(format!("math.sin {angle} : f64"));
+                    let co = t.op(format!("math.cos {angle} : f64"));
+                    let zero = t.index(0);
+                    let is_odd = t.op(format!("arith.cmpi ne, {odd}, {zero} : index"));
+                    let r = t.op(format!("arith.select {is_odd}, {co}, {s} : f64"));
+                    t.op(format!("arith.truncf {r} : f64 to f32"))
+                })
+            }
+            Op::Add | Op::Mul => {
+                let (a, at) = self.val(ops[0]);
+                let (b, bt) = self.val(ops[1]);
+                let e = self.empty(&ty.shape, "f32");
+                let op = if *g.op(n) == Op::Add { "addf" } else { "mulf" };
+                self.generic(
+                    &[(a, at, ident.clone()), (b, bt, ident.clone())],
+                    (e, out_t, ident),
+                    &par,
+                    |t, x| t.bin(op, &x[0], &x[1], "f32"),
+                )
+            }
+            Op::Scale(s) => {
+                let (a, at) = self.val(ops[0]);
+                let e = self.empty(&ty.shape, "f32");
+                let s = *s;
+                self.generic(&[(a, at, ident.clone())], (e, out_t, ident), &par, |t, x| {
+                    // In f64, as the reference scales.
+                    let w = t.op(format!("arith.extf {} : f32 to f64", x[0]));
+                    let c = t.f64(s);
+                    let m = t.bin("mulf", &w, &c, "f64");
+                    t.op(format!("arith.truncf {m} : f64 to f32"))
+                })
+            }
+            Op::Activation(act) => {
+                let (a, at) = self.val(ops[0]);
+                let e = self.empty(&ty.shape, "f32");
+                let act = *act;
+                self.generic(&[(a, at, ident.clone())], (e, out_t, ident), &par, |t, x| {
+                    activation(t, act, &x[0])
+                })
+            }
+            Op::LayerNorm { eps } => self.norm(n, Norm::Layer { eps: *eps, bias: ops.len() == 3 })?,
+            Op::RmsNorm { eps, unit_offset } => {
+                self.norm(n, Norm::Rms { eps: *eps, unit_offset: *unit_offset })?
+            }
+            Op::Linear { transposed, bias } => self.linear(n, *transposed, *bias),
+            Op::SplitQkv { layout, part, heads, kv_heads, head_dim } => {
+                let (x, xt) = self.val(ops[0]);
+                let e = self.empty(&ty.shape, "f32");
+                let (layout, part, h, kv, hd) = (*layout, *part, *heads, *kv_heads, *head_dim);
+                self.generic(&[], (e, out_t, ident), &par, |t, _| {
+                    let r = t.op("linalg.index 0 : index");
+                    let j = t.op("linalg.index 1 : index");
+                    let hdc = t.index(hd as i64);
+                    let head = t.bin("divui", &j, &hdc, "index");
+                    let within = t.bin("remui", &j, &hdc, "index");
+                    // The column where head `head` of this part starts (interp::split_qkv).
+                    let start = match layout {
+                        QkvLayout::Concat => {
+                            let base = match part {
+                                QkvPart::Q => 0,
+                                QkvPart::K => h,
+                                QkvPart::V => h + kv,
+                            };
+                            let b = t.index(base as i64);
+                            let hh = t.bin("addi", &head, &b, "index");
+                            t.bin("muli", &hh, &hdc, "index")
+                        }
+                        QkvLayout::Grouped => {
+                            let gr = h / kv;
+                            let group = t.index(((gr + 2) * hd) as i64);
+                            match part {
+                                QkvPart::Q => {
+                                    let grc = t.index(gr as i64);
+                                    let gi = t.bin("divui", &head, &grc, "index");
+                                    let gj = t.bin("remui", &head, &grc, "index");
+                                    let a = t.bin("muli", &gi, &group, "index");
+                                    let b = t.bin("muli", &gj, &hdc, "index");
+                                    t.bin("addi", &a, &b, "index")
+                                }
+                                QkvPart::K | QkvPart::V => {
+                                    let k = if part == QkvPart::K { gr } else { gr + 1 };
+                                    let a = t.bin("muli", &head, &group, "index");
+                                    let b = t.index((k * hd) as i64);
+                                    t.bin("addi", &a, &b, "index")
+                                }
+                            }
+                        }
+                    };
+                    let col = t.bin("addi", &start, &within, "index");
+                    t.op(format!("tensor.extract {x}[{r}, {col}] : {xt}"))
+                })
+            }
+            Op::SplitHeads { heads } => {
+                let (x, xt) = self.val(ops[0]);
+                let hd = ty.shape[2].as_fixed().unwrap();
+                let rows = g.ty(ops[0]).shape[0];
+                let r = self.dim(rows);
+                let sh = [rows, Dim::fixed(*heads), Dim::fixed(hd)];
+                let et = tensor(&sh, "f32");
+                let rs = match rows.as_fixed() {
+                    Some(c) => c.to_string(),
+                    None => r,
+                };
+                let x3 = self.t.op(format!(
+                    "tensor.expand_shape {x} [[0], [1, 2]] output_shape [{rs}, {heads}, {hd}] : {xt} into {et}"
+                ));
+                let e = self.empty(&ty.shape, "f32");
+                let m = map(3, &["d1".into(), "d0".into(), "d2".into()]);
+                self.generic(&[(x3, et, m)], (e, out_t, ident), &par, |_, a| a[0].clone())
+            }
+            Op::MergeHeads => {
+                let (x, xt) = self.val(ops[0]);
+                let src = g.ty(ops[0]).shape.clone();
+                let sh = [src[1], src[0], src[2]];
+                let e = self.empty(&sh, "f32");
+                let et = tensor(&sh, "f32");
+                let m = map(3, &["d1".into(), "d0".into(), "d2".into()]);
+                let y = self.generic(&[(x, xt, m)], (e, et.clone(), id_map(3)), &["parallel"; 3], |_, a| {
+                    a[0].clone()
+                });
+                self.t.op(format!("tensor.collapse_shape {y} [[0], [1, 2]] : {et} into {out_t}"))
+            }
+            Op::Rope(r) => {
+                let (x, xt) = self.val(ops[0]);
+                let (pos, pos_t) = self.val(ops[1]);
+                let e = self.empty(&ty.shape, "f32");
+                let r = *r;
+                let ins = [(x.clone(), xt.clone(), ident.clone()), (pos, pos_t, map(3, &["d1".into()]))];
+                self.generic(&ins, (e, out_t, ident), &par, |t, a| rope(t, &r, &x, &xt, &a[0], &a[1]))
+            }
+            Op::Attention { scale, mask, alibi } => self.attention(n, *scale, mask, *alibi),
+            Op::LastRow => {
+                let (x, xt) = self.val(ops[0]);
+                let rows = g.ty(ops[0]).shape[0];
+                let r = self.dim(rows);
+                let one = self.t.index(1);
+                let last = self.t.bin("subi", &r, &one, "index");
+                let w = ty.shape[1].as_fixed().unwrap();
+                self.t.op(format!("tensor.extract_slice {x}[{last}, 0] [1, {w}] [1, 1] : {xt} to {out_t}"))
+            }
+            op @ (Op::HeadMatMul { .. } | Op::Softmax | Op::Mask(_) | Op::Alibi) => {
+                return Err(unsupported(format!(
+                    "unfused attention (`{}`; run the fusion pass)",
+                    op.mnemonic()
+                )))
+            }
+        };
+        Ok(Some(v))
+    }
+
+    fn norm(&mut self, n: NodeId, kind: Norm) -> Result<String, MlirError> {
+        let g = self.g;
+        let ty = g.ty(n).clone();
+        let ops = g.operands(n);
+        let rank = ty.rank();
+        let d = ty.shape[rank - 1].as_fixed().unwrap();
+        let (x, xt) = self.val(ops[0]);
+        let (gain, gt) = self.val(ops[1]);
+        let lead = &ty.shape[..rank - 1];
+        let ident = id_map(rank);
+        let red_map = map(rank, &(0..rank - 1).map(|i| format!("d{i}")).collect::<Vec<_>>());
+        let last_map = map(rank, &[format!("d{}", rank - 1)]);
+        let mut red_iters = vec!["parallel"; rank];
+        red_iters[rank - 1] = "reduction";
+        let lead_t = tensor(lead, "f32");
+        let inv_d = 1.0 / d as f32;
+        // Layer norm subtracts the mean first; both then reduce squares to a scale.
+        let centred_mean = match kind {
+            Norm::Layer { .. } => {
+                let z = self.filled(lead, 0.0);
+                let sum = self.generic(
+                    &[(x.clone(), xt.clone(), ident.clone())],
+                    (z, lead_t.clone(), red_map.clone()),
+                    &red_iters,
+                    |t, a| t.bin("addf", &a[1], &a[0], "f32"),
+                );
+                Some(sum)
+            }
+            Norm::Rms { .. } => None,
+        };
+        let z = self.filled(lead, 0.0);
+        let mut ins = vec![(x.clone(), xt.clone(), ident.clone())];
+        if let Some(s) = &centred_mean {
+            ins.push((s.clone(), lead_t.clone(), red_map.clone()));
+        }
+        let sq = self.generic(&ins, (z, lead_t.clone(), red_map.clone()), &red_iters, |t, a| {
+            let v = if a.len() == 3 {
+                let k = t.f32(inv_d);
+                let mean = t.bin("mulf", &a[1], &k, "f32");
+                t.bin("subf", &a[0], &mean, "f32")
+            } else {
+                a[0].clone()
+            };
+            let s = t.bin("mulf", &v, &v, "f32");
+            t.bin("addf", &a[a.len() - 1], &s, "f32")
+        });
+        let e = self.empty(&ty.shape, "f32");
+        let mut ins =
+            vec![(x, xt, ident.clone()), (sq, lead_t.clone(), red_map.clone()), (gain, gt, last_map.clone())];
+        let bias = match kind {
+            Norm::Layer { bias: true, .. } => Some(self.val(ops[2])),
+            _ => None,
+        };
+        if let Some(s) = &centred_mean {
+            ins.push((s.clone(), lead_t, red_map));
+        }
+        if let Some((b, bt)) = bias.clone() {
+            ins.push((b, bt, last_map));
+        }
+        let (eps, unit) = match kind {
+            Norm::Layer { eps, .. } => (eps, false),
+            Norm::Rms { eps, unit_offset } => (eps, unit_offset),
+        };
+        let layer = centred_mean.is_some();
+        let has_bias = bias.is_some();
+        let out = self.generic(&ins, (e, ttype(&ty), ident), &vec!["parallel"; rank], |t, a| {
+            let k = t.f32(inv_d);
+            let mut v = a[0].clone();
+            if layer {
+                let mean = t.bin("mulf", &a[3], &k, "f32");
+                v = t.bin("subf", &v, &mean, "f32");
+            }
+            let var = t.bin("mulf", &a[1], &k, "f32");
+            let e = t.f32(eps as f32);
+            let ve = t.bin("addf", &var, &e, "f32");
+            let r = t.op(format!("math.rsqrt {ve} : f32"));
+            v = t.bin("mulf", &v, &r, "f32");
+            let mut gw = a[2].clone();
+            if unit {
+                let one = t.f32(1.0);
+                gw = t.bin("addf", &gw, &one, "f32");
+            }
+            v = t.bin("mulf", &v, &gw, "f32");
+            if has_bias {
+                v = t.bin("addf", &v, &a[if layer { 4 } else { 3 }], "f32");
+            }
+            v
+        });
+        Ok(out)
+    }
+
+    fn linear(&mut self, n: NodeId, transposed: bool, bias: bool) -> String {
+        let g = self.g;
+        let ty = g.ty(n).clone();
+        let ops = g.operands(n);
+        let (x, xt) = self.val(ops[0]);
+        let (w, wt) = self.val(ops[1]);
+        let out_t = ttype(&ty);
+        let init = if bias {
+            let (b, bt) = self.val(ops[2]);
+            let e = self.empty(&ty.shape, "f32");
+            let m = map(2, &["d1".into()]);
+            self.generic(&[(b, bt, m)], (e, out_t.clone(), id_map(2)), &["parallel"; 2], |_, a| a[0].clone())
+        } else {
+            self.filled(&ty.shape, 0.0)
+        };
+        // A named contraction (the maps transpose `W` as stored); a bf16 weight is
+        // widened by the op's own cast.
+        let wmap = if transposed {
+            "affine_map<(d0, d1, d2) -> (d2, d1)>"
+        } else {
+            "affine_map<(d0, d1, d2) -> (d1, d2)>"
+        };
+        self.t.op(format!(
+            "linalg.matmul indexing_maps = [affine_map<(d0, d1, d2) -> (d0, d2)>, {wmap}, \
+             affine_map<(d0, d1, d2) -> (d0, d1)>] ins({x}, {w} : {xt}, {wt}) outs({init} : {out_t}) -> {out_t}"
+        ))
+    }
+
+    fn attention(&mut self, n: NodeId, scale: f64, mask: &crate::ir::AttnMask, alibi: bool) -> String {
+        let g = self.g;
+        let ty = g.ty(n).clone();
+        let ops = g.operands(n);
+        let (q, qt) = self.val(ops[0]);
+        let (k, kt) = self.val(ops[1]);
+        let (v, vt) = self.val(ops[2]);
+        let (pos, pos_t) = self.val(ops[3]);
+        let heads = ty.shape[0].as_fixed().unwrap();
+        let groups = g.ty(ops[1]).shape[0].as_fixed().unwrap();
+        let per = heads / groups;
+        let (rows, s_len) = (ty.shape[1], g.ty(ops[1]).shape[1]);
+        let sc_shape = [ty.shape[0], rows, s_len];
+        let sc_t = tensor(&sc_shape, "f32");
+        let row_shape = [ty.shape[0], rows];
+        let row_t = tensor(&row_shape, "f32");
+        let kv = |a: &str, b: &str| map(4, &[format!("d0 floordiv {per}"), a.into(), b.into()]);
+        let red4 = ["parallel", "parallel", "parallel", "reduction"];
+        // scores[h, t, s] = Σ_d q[h, t, d] · k[h / per, s, d]
+        let z = self.filled(&sc_shape, 0.0);
+        let ins = [(q, qt, map(4, &["d0".into(), "d1".into(), "d3".into()])), (k, kt, kv("d2", "d3"))];
+        let scores = self.generic(
+            &ins,
+            (z, sc_t.clone(), map(4, &["d0".into(), "d1".into(), "d2".into()])),
+            &red4,
+            |t, a| {
+                let p = t.bin("mulf", &a[0], &a[1], "f32");
+                t.bin("addf", &a[2], &p, "f32")
+            },
+        );
+        // Scale, ALiBi and the mask, as interp::attention orders them.
+        let e = self.empty(&sc_shape, "f32");
+        let mut ins = vec![(scores, sc_t.clone(), id_map(3)), (pos, pos_t, map(3, &["d1".into()]))];
+        if alibi {
+            let slopes: Vec<String> = alibi_slopes(heads).iter().map(|s| format!("{s:.17e}")).collect();
+            let st = format!("tensor<{heads}xf64>");
+            let c = self.t.op(format!("arith.constant dense<[{}]> : {st}", slopes.join(", ")));
+            ins.push((c, st, map(3, &["d0".into()])));
+        }
+        let m = *mask;
+        let logits = self.generic(&ins, (e, sc_t.clone(), id_map(3)), &["parallel"; 3], |t, a| {
+            let x = t.op(format!("arith.extf {} : f32 to f64", a[0]));
+            let c = t.f64(scale);
+            let xs = t.bin("mulf", &x, &c, "f64");
+            let mut val = t.op(format!("arith.truncf {xs} : f64 to f32"));
+            let s = t.op("linalg.index 2 : index");
+            let s64 = t.op(format!("arith.index_cast {s} : index to i64"));
+            let p64 = t.op(format!("arith.extsi {} : i32 to i64", a[1]));
+            let dist = t.bin("subi", &p64, &s64, "i64");
+            if alibi {
+                let df = t.op(format!("arith.sitofp {dist} : i64 to f64"));
+                let b = t.bin("mulf", &a[2], &df, "f64");
+                let bf = t.op(format!("arith.truncf {b} : f64 to f32"));
+                val = t.bin("subf", &val, &bf, "f32");
+            }
+            let mut vis = t.int(1, "i1");
+            if m.causal {
+                let zero = t.int(0, "i64");
+                vis = t.op(format!("arith.cmpi sge, {dist}, {zero} : i64"));
+            }
+            if let Some(w) = m.window {
+                let zero = t.int(0, "i64");
+                let neg = t.bin("subi", &zero, &dist, "i64");
+                let ad = t.op(format!("arith.maxsi {dist}, {neg} : i64"));
+                let wc = t.int(w as i64, "i64");
+                let inw = t.op(format!("arith.cmpi slt, {ad}, {wc} : i64"));
+                vis = t.bin("andi", &vis, &inw, "i1");
+            }
+            let ninf = t.f32(f32::NEG_INFINITY);
+            t.op(format!("arith.select {vis}, {val}, {ninf} : f32"))
+        });
+        // Softmax over keys: max, exp(x - max), sum, divide.
+        let row_map = map(3, &["d0".into(), "d1".into()]);
+        let red3 = ["parallel", "parallel", "reduction"];
+        let mx0 = self.filled(&row_shape, f32::NEG_INFINITY);
+        let mx = self.generic(
+            &[(logits.clone(), sc_t.clone(), id_map(3))],
+            (mx0, row_t.clone(), row_map.clone()),
+            &red3,
+            |t, a| t.op(format!("arith.maximumf {}, {} : f32", a[1], a[0])),
+        );
+        let e = self.empty(&sc_shape, "f32");
+        let ex = self.generic(
+            &[(logits, sc_t.clone(), id_map(3)), (mx, row_t.clone(), row_map.clone())],
+            (e, sc_t.clone(), id_map(3)),
+            &["parallel"; 3],
+            |t, a| {
+                let d = t.bin("subf", &a[0], &a[1], "f32");
+                t.op(format!("math.exp {d} : f32"))
+            },
+        );
+        let s0 = self.filled(&row_shape, 0.0);
+        let sum = self.generic(
+            &[(ex.clone(), sc_t.clone(), id_map(3))],
+            (s0, row_t.clone(), row_map.clone()),
+            &red3,
+            |t, a| t.bin("addf", &a[1], &a[0], "f32"),
+        );
+        let e = self.empty(&sc_shape, "f32");
+        let probs = self.generic(
+            &[(ex, sc_t.clone(), id_map(3)), (sum, row_t, row_map)],
+            (e, sc_t.clone(), id_map(3)),
+            &["parallel"; 3],
+            |t, a| t.bin("divf", &a[0], &a[1], "f32"),
+        );
+        // out[h, t, d] = Σ_s p[h, t, s] · v[h / per, s, d]
+        let z = self.filled(&ty.shape, 0.0);
+        let ins = [(probs, sc_t, map(4, &["d0".into(), "d1".into(), "d3".into()])), (v, vt, kv("d3", "d2"))];
+        self.generic(
+            &ins,
+            (z, ttype(&ty), map(4, &["d0".into(), "d1".into(), "d2".into()])),
+            &red4,
+            |t, a| {
+                let p = t.bin("mulf", &a[0], &a[1], "f32");
+                t.bin("addf", &a[2], &p, "f32")
+            },
+        )
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Norm {
+    Layer { eps: f64, bias: bool },
+    Rms { eps: f64, unit_offset: bool },
+}
+
+fn elem_of(tensor_type: &str) -> String {
+    let inner = tensor_type.trim_start_matches("tensor<").trim_end_matches('>');
+    inner.rsplit('x').next().unwrap_or(inner).to_string()
+}
+
+/// An activation of an `f32` value, in the forms the reference uses.
+pub fn activation(t: &mut Text, act: Act, x: &str) -> String {
+    match act {
+        Act::Relu => {
+            let z = t.f32(0.0);
+            t.op(format!("arith.maximumf {x}, {z} : f32"))
+        }
+        Act::Gelu => {
+            // 0.5·x·(1 + erf(x/√2)), in f64 like the reference.
+            let w = t.op(format!("arith.extf {x} : f32 to f64"));
+            let c = t.f64(std::f64::consts::FRAC_1_SQRT_2);
+            let a = t.bin("mulf", &w, &c, "f64");
+            let e = t.op(format!("math.erf {a} : f64"));
+            let one = t.f64(1.0);
+            let s = t.bin("addf", &e, &one, "f64");
+            let half = t.f64(0.5);
+            let hw = t.bin("mulf", &w, &half, "f64");
+            let r = t.bin("mulf", &hw, &s, "f64");
+            t.op(format!("arith.truncf {r} : f64 to f32"))
+        }
+        Act::GeluTanh => {
+            // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+            let w = t.op(format!("arith.extf {x} : f32 to f64"));
+            let x2 = t.bin("mulf", &w, &w, "f64");
+            let x3 = t.bin("mulf", &x2, &w, "f64");
+            let k = t.f64(0.044715);
+            let kx3 = t.bin("mulf", &x3, &k, "f64");
+            let inner = t.bin("addf", &w, &kx3, "f64");
+            let c = t.f64((2.0 / std::f64::consts::PI).sqrt());
+            let a = t.bin("mulf", &inner, &c, "f64");
+            let th = t.op(format!("math.tanh {a} : f64"));
+            let one = t.f64(1.0);
+            let s = t.bin("addf", &th, &one, "f64");
+            let half = t.f64(0.5);
+            let hw = t.bin("mulf", &w, &half, "f64");
+            let r = t.bin("mulf", &hw, &s, "f64");
+            t.op(format!("arith.truncf {r} : f64 to f32"))
+        }
+        Act::Silu => {
+            // x / (1 + exp(-x))
+            let w = t.op(format!("arith.extf {x} : f32 to f64"));
+            let n = t.op(format!("arith.negf {w} : f64"));
+            let e = t.op(format!("math.exp {n} : f64"));
+            let one = t.f64(1.0);
+            let d = t.bin("addf", &e, &one, "f64");
+            let r = t.bin("divf", &w, &d, "f64");
+            t.op(format!("arith.truncf {r} : f64 to f32"))
+        }
+    }
+}
+
+/// One element of a rotary embedding; `x` is the whole input for reading the partner.
+fn rope(t: &mut Text, r: &crate::ir::Rope, x: &str, xt: &str, own: &str, pos: &str) -> String {
+    let h = t.op("linalg.index 0 : index");
+    let row = t.op("linalg.index 1 : index");
+    let i = t.op("linalg.index 2 : index");
+    let rd = t.index(r.rotary_dim as i64);
+    let rotates = t.op(format!("arith.cmpi ult, {i}, {rd} : index"));
+    // Pair (k, partner, sign): interleaved pairs (2k, 2k+1), else halves (k, k + rd/2).
+    let (k, partner, first) = if r.interleaved {
+        let two = t.index(2);
+        let k = t.bin("divui", &i, &two, "index");
+        let odd = t.bin("remui", &i, &two, "index");
+        let zero = t.index(0);
+        let first = t.op(format!("arith.cmpi eq, {odd}, {zero} : index"));
+        let one = t.index(1);
+        let up = t.bin("addi", &i, &one, "index");
+        let down = t.bin("subi", &i, &one, "index");
+        let partner = t.op(format!("arith.select {first}, {up}, {down} : index"));
+        (k, partner, first)
+    } else {
+        let half = t.index((r.rotary_dim / 2) as i64);
+        let first = t.op(format!("arith.cmpi ult, {i}, {half} : index"));
+        let k = t.bin("remui", &i, &half, "index");
+        let up = t.bin("addi", &i, &half, "index");
+        let down = t.bin("subi", &i, &half, "index");
+        let partner = t.op(format!("arith.select {first}, {up}, {down} : index"));
+        (k, partner, first)
+    };
+    // Outside the rotated dims the partner index is not used; keep it in bounds.
+    let safe = t.op(format!("arith.select {rotates}, {partner}, {i} : index"));
+    let other = t.op(format!("tensor.extract {x}[{h}, {row}, {safe}] : {xt}"));
+    let k64 = t.op(format!("arith.index_cast {k} : index to i64"));
+    let kf = t.op(format!("arith.sitofp {k64} : i64 to f64"));
+    let c = t.f64(2.0 / r.rotary_dim as f64);
+    let ex = t.bin("mulf", &kf, &c, "f64");
+    let th = t.f64(r.theta);
+    let pw = t.op(format!("math.powf {th}, {ex} : f64"));
+    let one = t.f64(1.0);
+    let freq = t.bin("divf", &one, &pw, "f64");
+    let pf = t.op(format!("arith.sitofp {pos} : i32 to f64"));
+    let angle = t.bin("mulf", &pf, &freq, "f64");
+    let cos = t.op(format!("math.cos {angle} : f64"));
+    let sin = t.op(format!("math.sin {angle} : f64"));
+    let a = t.op(format!("arith.extf {own} : f32 to f64"));
+    let b = t.op(format!("arith.extf {other} : f32 to f64"));
+    let ac = t.bin("mulf", &a, &cos, "f64");
+    let bs = t.bin("mulf", &b, &sin, "f64");
+    let lo = t.bin("subf", &ac, &bs, "f64");
+    let hi = t.bin("addf", &ac, &bs, "f64");
+    let v = t.op(format!("arith.select {first}, {lo}, {hi} : f64"));
+    let vf = t.op(format!("arith.truncf {v} : f64 to f32"));
+    t.op(format!("arith.select {rotates}, {vf}, {own} : f32"))
+}

@@ -1,0 +1,188 @@
+//! The MLIR backend: the same graphs through MLIR's own lowering.
+//!
+//! - CPU (`linalg.rs`): the graphs as `func` + `linalg` on tensors; MLIR bufferizes, tiles
+//!   and vectorises the contractions (a transform-dialect script), lowers to the LLVM
+//!   dialect, and `mlirTranslateModuleToLLVMIR` hands the result to the LLVM backend's
+//!   object emission and linking, so the library and its ABI are the same.
+//! - GPU (`gpu.rs`): the graphs as a sequence of `gpu.func` kernels and a dispatch list,
+//!   compiled to PTX (NVVM) or SPIR-V (Vulkan).
+//!
+//! MLIR is driven through melior: text is parsed into a module, pass pipelines are
+//! parsed from their textual form, and diagnostics are collected into the error.
+
+pub mod linalg;
+mod text;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use melior::dialect::DialectRegistry;
+use melior::ir::Module;
+use melior::pass::PassManager;
+use melior::Context;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MlirError {
+    #[error("the MLIR backend does not support {0} yet")]
+    Unsupported(String),
+    #[error("MLIR: {0}")]
+    Mlir(String),
+}
+
+/// The CPU lowering, part one: fuse elementwise producers into their consumers, turn the
+/// tensors into buffers, and run `CPU_TRANSFORM`, which tiles and vectorises the
+/// contractions.
+pub const CPU_BUFFERIZE: &str = "builtin.module(\
+    canonicalize, cse, \
+    linalg-fuse-elementwise-ops, \
+    one-shot-bufferize{bufferize-function-boundaries=false}, \
+    func.func(buffer-hoisting), \
+    transform-interpreter)";
+
+/// Part two, after the transform script is removed: masks become selects, buffers are
+/// freed after their last use (this must not see `vector.mask` regions), the rest becomes
+/// loops, and everything the LLVM dialect.
+pub const CPU_TO_LLVM: &str = "builtin.module(\
+    func.func(lower-vector-mask), \
+    buffer-deallocation-pipeline, \
+    canonicalize, \
+    convert-linalg-to-loops, \
+    convert-vector-to-scf, \
+    lower-affine, \
+    convert-scf-to-cf, \
+    expand-strided-metadata, \
+    lower-affine, \
+    convert-vector-to-llvm, \
+    finalize-memref-to-llvm, \
+    convert-math-to-llvm, \
+    convert-math-to-libm, \
+    convert-arith-to-llvm, \
+    convert-index-to-llvm, \
+    convert-cf-to-llvm, \
+    convert-ub-to-llvm, \
+    convert-func-to-llvm, \
+    reconcile-unrealized-casts)";
+
+/// A context with every dialect, pass and LLVM translation registered, collecting
+/// diagnostics.
+pub struct Mlir {
+    pub context: Context,
+    diags: Rc<RefCell<Vec<String>>>,
+}
+
+impl Mlir {
+    pub fn new() -> Mlir {
+        let context = Context::new();
+        let registry = DialectRegistry::new();
+        melior::utility::register_all_dialects(&registry);
+        context.append_dialect_registry(&registry);
+        context.load_all_available_dialects();
+        melior::utility::register_all_llvm_translations(&context);
+        melior::utility::register_all_passes();
+        let diags = Rc::new(RefCell::new(Vec::new()));
+        let sink = diags.clone();
+        context.attach_diagnostic_handler(move |d| {
+            sink.borrow_mut().push(format!("{}: {d}", d.location()));
+            true
+        });
+        Mlir { context, diags }
+    }
+
+    fn error(&self, what: &str) -> MlirError {
+        let d: Vec<String> = self.diags.borrow_mut().drain(..).collect();
+        MlirError::Mlir(format!("bug: {what}:\n{}", d.join("\n")))
+    }
+
+    pub fn parse(&self, source: &str) -> Result<Module<'_>, MlirError> {
+        Module::parse(&self.context, source).ok_or_else(|| self.error("the emitted MLIR does not parse"))
+    }
+
+    pub fn run(&self, module: &mut Module, pipeline: &str) -> Result<(), MlirError> {
+        let pm = PassManager::new(&self.context);
+        melior::utility::parse_pass_pipeline(pm.as_operation_pass_manager(), pipeline)
+            .map_err(|e| MlirError::Mlir(format!("bug: pass pipeline: {e}")))?;
+        pm.run(module).map_err(|_| self.error("a lowering pass failed"))
+    }
+
+    /// Lowers the `linalg` module of `linalg::module` to the LLVM dialect.
+    pub fn lower_cpu(&self, module: &mut Module) -> Result<(), MlirError> {
+        self.run(module, CPU_BUFFERIZE)?;
+        strip_transforms(module);
+        self.run(module, CPU_TO_LLVM)
+    }
+
+    /// Translates a module in the LLVM dialect into an LLVM module of `cx`.
+    pub fn to_llvm<'ctx>(
+        &self,
+        module: &Module,
+        cx: &'ctx inkwell::context::Context,
+    ) -> Result<inkwell::module::Module<'ctx>, MlirError> {
+        // SAFETY: both sides are the one LLVM linked into this binary; the module is
+        // created in `cx`, which outlives the returned wrapper.
+        unsafe {
+            let raw = mlir_sys::mlirTranslateModuleToLLVMIR(
+                module.as_operation().to_raw(),
+                cx.raw() as mlir_sys::LLVMContextRef,
+            );
+            if raw.is_null() {
+                return Err(self.error("translation to LLVM IR failed"));
+            }
+            Ok(inkwell::module::Module::new(raw as inkwell::llvm_sys::prelude::LLVMModuleRef))
+        }
+    }
+}
+
+/// Removes the transform script once it has run; nothing after it knows its ops.
+fn strip_transforms(module: &mut Module) {
+    // SAFETY: walks the module's own block; each removed op is owned by us, then destroyed.
+    unsafe {
+        let block = module.body().to_raw();
+        let mut op = mlir_sys::mlirBlockGetFirstOperation(block);
+        while !op.ptr.is_null() {
+            let next = mlir_sys::mlirOperationGetNextInBlock(op);
+            let name = mlir_sys::mlirIdentifierStr(mlir_sys::mlirOperationGetName(op));
+            let name = std::slice::from_raw_parts(name.data as *const u8, name.length);
+            if name.starts_with(b"transform.") {
+                mlir_sys::mlirOperationRemoveFromParent(op);
+                mlir_sys::mlirOperationDestroy(op);
+            }
+            op = next;
+        }
+    }
+}
+
+impl Default for Mlir {
+    fn default() -> Self {
+        Mlir::new()
+    }
+}
+
+/// The transform script that tiles and vectorises every contraction: the linear maps'
+/// `[rows, out, in]` products in `8 × 32 × 16` tiles with masked vectors (the row count is
+/// only known at run time), which LLVM then lowers to FMA on full registers.
+pub const CPU_TRANSFORM: &str = r#"transform.named_sequence @__transform_main(%root: !transform.any_op {transform.readonly}) {
+    %mm = transform.structured.match ops{["linalg.matmul"]} in %root
+      : (!transform.any_op) -> !transform.any_op
+    transform.foreach %mm : !transform.any_op {
+    ^bb0(%op: !transform.any_op):
+      %tiled, %loops:3 = transform.structured.tile_using_for %op tile_sizes [8, 32, 16]
+        : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op, !transform.any_op)
+      transform.structured.vectorize %tiled vector_sizes [8, 32, 16] : !transform.any_op
+    }
+    %f = transform.structured.match ops{["func.func"]} in %root : (!transform.any_op) -> !transform.any_op
+    transform.apply_patterns to %f {
+      transform.apply_patterns.vector.reduction_to_contract
+      transform.apply_patterns.vector.transfer_permutation_patterns
+      transform.apply_patterns.vector.lower_masked_transfers
+      transform.apply_patterns.vector.lower_contraction lowering_strategy = "outerproduct"
+      transform.apply_patterns.vector.lower_multi_reduction lowering_strategy = "innerparallel"
+      transform.apply_patterns.vector.lower_outerproduct
+      transform.apply_patterns.vector.lower_transfer max_transfer_rank = 1
+      transform.apply_patterns.vector.lower_transpose
+      transform.apply_patterns.vector.lower_shape_cast
+      transform.apply_patterns.vector.lower_broadcast
+      transform.apply_patterns.vector.lower_masks
+      transform.apply_patterns.vector.cast_away_vector_leading_one_dim
+    } : !transform.any_op
+    transform.yield
+  }"#;
