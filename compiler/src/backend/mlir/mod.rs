@@ -158,16 +158,16 @@ impl Default for Mlir {
 }
 
 /// The transform script that tiles and vectorises every contraction: the linear maps'
-/// `[rows, out, in]` products in `8 × 32 × 16` tiles with masked vectors (the row count is
+/// `[rows, out, in]` products in `1 × 16 × 16` tiles with masked vectors (the row count is
 /// only known at run time), which LLVM then lowers to FMA on full registers.
 pub const CPU_TRANSFORM: &str = r#"transform.named_sequence @__transform_main(%root: !transform.any_op {transform.readonly}) {
     %mm = transform.structured.match ops{["linalg.matmul"]} in %root
       : (!transform.any_op) -> !transform.any_op
     transform.foreach %mm : !transform.any_op {
     ^bb0(%op: !transform.any_op):
-      %tiled, %loops:3 = transform.structured.tile_using_for %op tile_sizes [8, 32, 16]
+      %tiled, %loops:3 = transform.structured.tile_using_for %op tile_sizes [1, 16, 16]
         : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op, !transform.any_op)
-      transform.structured.vectorize %tiled vector_sizes [8, 32, 16] : !transform.any_op
+      transform.structured.vectorize %tiled vector_sizes [1, 16, 16] : !transform.any_op
     }
     %f = transform.structured.match ops{["func.func"]} in %root : (!transform.any_op) -> !transform.any_op
     transform.apply_patterns to %f {
