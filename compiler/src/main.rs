@@ -12,7 +12,19 @@ use clap::{Parser, Subcommand};
 
 use tfc::{CompileError, Compiled, Options};
 
-const STAGES: [&str; 8] = ["lowered", "model", "prefill", "decode", "mlir", "mlir-llvm", "llvm", "llvm-opt"];
+const STAGES: [&str; 11] = [
+    "lowered",
+    "model",
+    "prefill",
+    "decode",
+    "mlir",
+    "mlir-llvm",
+    "llvm",
+    "llvm-opt",
+    "gpu",
+    "gpu-lowered",
+    "ptx",
+];
 
 #[derive(Parser)]
 #[command(name = "tfc", version, about = "A compiler for transformer architectures", long_about = None)]
@@ -35,7 +47,9 @@ enum Command {
         /// Which stage: lowered (before any pass), model (after the model passes),
         /// prefill or decode (after the split and their own passes), mlir (the library as
         /// `linalg` on tensors), mlir-llvm (lowered to the LLVM dialect), llvm (the LLVM
-        /// IR of the library, from `--backend`) or llvm-opt (after `default<O3>`).
+        /// IR of the library, from `--backend`), llvm-opt (after `default<O3>`), gpu (the
+        /// kernels for `--target vulkan|cuda` in the gpu dialect), gpu-lowered (in the
+        /// spirv or nvvm dialects) or ptx.
         #[arg(long, default_value = "model", value_parser = clap::builder::PossibleValuesParser::new(STAGES))]
         stage: String,
         /// Instead of a stage, print the graph after each run of this pass.
@@ -50,6 +64,9 @@ enum Command {
         /// For the llvm stages: which backend builds the module.
         #[arg(long, value_enum, default_value_t = tfc::backend::Backend::Llvm)]
         backend: tfc::backend::Backend,
+        /// For the gpu stages: the device (`vulkan` or `cuda`).
+        #[arg(long, value_enum, default_value_t = tfc::backend::Target::Vulkan)]
+        target: tfc::backend::Target,
     },
     /// Compile a spec to a shared library with a C header and a manifest.
     Compile {
@@ -70,6 +87,10 @@ enum Command {
         /// MLIR's passes); the library and its ABI are the same.
         #[arg(long, value_enum, default_value_t = tfc::backend::Backend::Llvm)]
         backend: tfc::backend::Backend,
+        /// `cpu` (a shared library), `vulkan` (SPIR-V) or `cuda` (PTX); the GPU targets
+        /// write the kernels and `gpu.json`, which the runtime runs.
+        #[arg(long, value_enum, default_value_t = tfc::backend::Target::Cpu)]
+        target: tfc::backend::Target,
     },
     /// Draw the architecture as Graphviz DOT (or SVG when the output ends in `.svg`).
     Graph {
@@ -137,13 +158,23 @@ fn dispatch(cmd: Command) -> Result<()> {
                 decode.unwrap_or_else(|| "no decode (bidirectional attention)".into())
             );
         }
-        Command::Ir { spec, stage, dump_after, all_rows, target_cpu, backend } => {
+        Command::Ir { spec, stage, dump_after, all_rows, target_cpu, backend, target } => {
             let source =
                 std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
             let file = spec.display().to_string();
             let opts = tfc::backend::LibOptions { backend, target_cpu: Some(target_cpu), weight_dtype: None };
             if stage.starts_with("llvm") && dump_after.is_none() {
                 print!("{}", tfc::backend::llvm_ir(&file, &source, stage == "llvm-opt", &opts)?);
+                return Ok(());
+            }
+            if (stage.starts_with("gpu") || stage == "ptx") && dump_after.is_none() {
+                let target = if stage == "ptx" { tfc::backend::Target::Cuda } else { target };
+                let b = tfc::backend::gpu_build(&file, &source, target, &opts)?;
+                match stage.as_str() {
+                    "gpu" => print!("{}", b.kernels),
+                    "gpu-lowered" => print!("{}", b.lowered),
+                    _ => print!("{}", String::from_utf8_lossy(&b.binary)),
+                }
                 return Ok(());
             }
             if stage.starts_with("mlir") && dump_after.is_none() {
@@ -167,7 +198,7 @@ fn dispatch(cmd: Command) -> Result<()> {
             }
             print!("{out}");
         }
-        Command::Compile { spec, output, target_cpu, dtype, backend } => {
+        Command::Compile { spec, output, target_cpu, dtype, backend, target } => {
             let source =
                 std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
             let opts = tfc::backend::LibOptions {
@@ -175,6 +206,14 @@ fn dispatch(cmd: Command) -> Result<()> {
                 target_cpu: Some(target_cpu),
                 weight_dtype: dtype.map(Into::into),
             };
+            if target != tfc::backend::Target::Cpu {
+                let files =
+                    tfc::backend::compile_gpu(&spec.display().to_string(), &source, &output, target, &opts)?;
+                for f in files {
+                    println!("{}", f.display());
+                }
+                return Ok(());
+            }
             let a = tfc::backend::compile_library(&spec.display().to_string(), &source, &output, &opts)?;
             println!("{}\n{}\n{}", a.library.display(), a.header.display(), a.manifest.display());
         }

@@ -5,6 +5,7 @@
 
 pub mod abi;
 pub mod checkpoint;
+pub mod gpu;
 pub mod model;
 pub mod sampling;
 

@@ -169,6 +169,92 @@ pub fn mlir_ir(file: &str, source: &str, stage: &str, opts: &LibOptions) -> Resu
     Ok(m.as_operation().to_string())
 }
 
+/// Which device a build is for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    /// A shared library for this CPU (or `--target-cpu`).
+    #[default]
+    Cpu,
+    /// SPIR-V compute shaders and a dispatch list, run by the runtime through Vulkan.
+    Vulkan,
+    /// PTX and a dispatch list, run by the runtime through the CUDA driver.
+    Cuda,
+}
+
+impl Target {
+    fn gpu(self) -> Option<mlir::gpu::Target> {
+        match self {
+            Target::Cpu => None,
+            Target::Vulkan => Some(mlir::gpu::Target::Vulkan),
+            Target::Cuda => Some(mlir::gpu::Target::Cuda),
+        }
+    }
+}
+
+/// A GPU build: the kernels at each step and the program that runs them.
+pub struct GpuBuild {
+    /// The kernels in the `gpu` dialect.
+    pub kernels: String,
+    /// The kernels lowered for the target (`spirv` or `llvm`/`nvvm` dialects).
+    pub lowered: String,
+    /// SPIR-V words or PTX text.
+    pub binary: Vec<u8>,
+    pub program: tfc_runtime::gpu::program::Program,
+}
+
+/// Compiles a spec's graphs to GPU kernels for `target` (`vulkan` or `cuda`).
+pub fn gpu_build(
+    file: &str,
+    source: &str,
+    target: Target,
+    opts: &LibOptions,
+) -> Result<GpuBuild, BackendError> {
+    let Some(t) = target.gpu() else {
+        return Err(mlir::MlirError::Unsupported("a GPU build for the CPU target".into()).into());
+    };
+    // Kernels read f32 weights; a bf16 checkpoint is widened (exactly) when uploaded.
+    let lg =
+        lib_graphs(file, source, &LibOptions { weight_dtype: Some(crate::ir::DType::F32), ..opts.clone() })?;
+    let weights = lg.weight_table();
+    let layout = llvm::layout(&lg.compiled, &lg.graphs())?;
+    let m = mlir::gpu::module(&lg.compiled.spec.name, &lg.graphs(), &weights, &layout, t)?;
+    if std::env::var_os("TFC_DUMP_MLIR").is_some() {
+        let _ = std::fs::write("/tmp/tfc_dump_gpu.mlir", &m.mlir);
+    }
+    let ml = mlir::Mlir::new();
+    let (lowered, binary) = ml.compile_gpu(&m.mlir, t)?;
+    let mut program = m.program;
+    program.weights = weights
+        .names
+        .iter()
+        .map(|(n, s, d)| WeightInfo { name: n.clone(), shape: s.clone(), dtype: d.name().into() })
+        .collect();
+    program.spec_hash = abi::fnv1a(source);
+    Ok(GpuBuild { kernels: m.mlir, lowered, binary, program })
+}
+
+/// Writes a GPU build: `<name>.spv` or `<name>.ptx`, and `gpu.json`.
+pub fn compile_gpu(
+    file: &str,
+    source: &str,
+    out_dir: &Path,
+    target: Target,
+    opts: &LibOptions,
+) -> Result<Vec<PathBuf>, BackendError> {
+    let b = gpu_build(file, source, target, opts)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: std::io::Error| BackendError::Io { path, message: e.to_string() }
+    };
+    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    let bin = out_dir.join(&b.program.binary);
+    std::fs::write(&bin, &b.binary).map_err(io(&bin))?;
+    let prog = out_dir.join(tfc_runtime::gpu::program::PROGRAM_FILE);
+    let text = serde_json::to_string_pretty(&b.program).expect("a program serialises");
+    std::fs::write(&prog, text).map_err(io(&prog))?;
+    Ok(vec![bin, prog])
+}
+
 /// The LLVM IR of a spec's library, before (`optimized = false`) or after `default<O3>`.
 pub fn llvm_ir(file: &str, source: &str, optimized: bool, opts: &LibOptions) -> Result<String, BackendError> {
     let lg = lib_graphs(file, source, opts)?;

@@ -210,7 +210,7 @@ pub fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &Weight
 
 /// Where a node's value lives while a graph runs.
 #[derive(Clone, Copy, Debug)]
-enum Loc {
+pub enum Loc {
     Arena(u64),
     Weight(usize),
     Tokens,
@@ -280,6 +280,16 @@ fn split_k(g: &Graph, n: NodeId) -> Option<(usize, usize)> {
     let (rows, out) = (ty.shape[0].as_fixed()?, ty.shape[1].as_fixed()?);
     let inn = g.ty(g.operands(n)[0]).shape[1].as_fixed()?;
     (rows == 1 && out % BLOCK == 0 && inn >= 64).then_some((8, out))
+}
+
+/// The arena plan of a graph whose every node is computed on its own (no fused chains).
+pub fn plan_unfused(
+    g: &Graph,
+    order: &[NodeId],
+    weights: &WeightTable,
+    max_seq: usize,
+) -> Result<(HashMap<NodeId, Loc>, u64), LlvmError> {
+    plan(g, order, &Fusion { chains: HashMap::new(), absorbed: HashMap::new() }, weights, max_seq)
 }
 
 /// Assigns arena offsets in schedule order, reusing a block once its value is dead.

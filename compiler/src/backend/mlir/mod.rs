@@ -10,6 +10,7 @@
 //! MLIR is driven through melior: text is parsed into a module, pass pipelines are
 //! parsed from their textual form, and diagnostics are collected into the error.
 
+pub mod gpu;
 pub mod linalg;
 mod text;
 
@@ -111,6 +112,29 @@ impl Mlir {
         self.run(module, CPU_TO_LLVM)
     }
 
+    /// Compiles the kernels of `gpu::module` for a target: the lowered kernel module as
+    /// text (the `spirv` dialect, or the `llvm`/`nvvm` dialects) and the binary (a SPIR-V
+    /// module, or PTX text).
+    pub fn compile_gpu(&self, source: &str, target: gpu::Target) -> Result<(String, Vec<u8>), MlirError> {
+        let mut m = self.parse(source)?;
+        let lowered = match target {
+            gpu::Target::Vulkan => {
+                self.run(&mut m, SPIRV_PIPELINE)?;
+                nest_spirv_module(&mut m)?;
+                let text = m.as_operation().to_string();
+                self.run(&mut m, "builtin.module(gpu-module-to-binary{format=bin})")?;
+                text
+            }
+            gpu::Target::Cuda => {
+                self.run(&mut m, NVVM_PIPELINE)?;
+                let text = m.as_operation().to_string();
+                self.run(&mut m, "builtin.module(gpu-module-to-binary{format=isa})")?;
+                text
+            }
+        };
+        Ok((lowered, binary_object(&m)?))
+    }
+
     /// Translates a module in the LLVM dialect into an LLVM module of `cx`.
     pub fn to_llvm<'ctx>(
         &self,
@@ -132,6 +156,77 @@ impl Mlir {
     }
 }
 
+/// Kernels → SPIR-V for Vulkan 1.3 (lavapipe and every desktop driver take it).
+pub const SPIRV_PIPELINE: &str = "builtin.module(\
+    spirv-attach-target{ver=v1.3 caps=Shader}, \
+    gpu.module(convert-math-to-spirv), \
+    convert-gpu-to-spirv, \
+    spirv.module(spirv-lower-abi-attrs, spirv-update-vce, canonicalize))";
+
+/// Kernels → NVVM for sm_80 (PTX that ptxas and the driver also take for sm_90).
+pub const NVVM_PIPELINE: &str = "builtin.module(\
+    nvvm-attach-target{chip=sm_80 features=+ptx70 O=3}, \
+    gpu.module(convert-scf-to-cf, convert-math-to-llvm, convert-gpu-to-nvvm, canonicalize, reconcile-unrealized-casts))";
+
+/// `convert-gpu-to-spirv` leaves the `spirv.module` beside its `gpu.module`;
+/// `gpu-module-to-binary` serialises it only from inside.
+fn nest_spirv_module(module: &mut Module) -> Result<(), MlirError> {
+    // SAFETY: ops of the module's own block are moved between blocks of the same module.
+    unsafe {
+        let block = module.body().to_raw();
+        let (mut spv, mut gpu) = (None, None);
+        let mut op = mlir_sys::mlirBlockGetFirstOperation(block);
+        while !op.ptr.is_null() {
+            match op_name(op).as_str() {
+                "spirv.module" => spv = Some(op),
+                "gpu.module" => gpu = Some(op),
+                _ => {}
+            }
+            op = mlir_sys::mlirOperationGetNextInBlock(op);
+        }
+        let (Some(spv), Some(gpu)) = (spv, gpu) else {
+            return Err(MlirError::Mlir("bug: no spirv.module beside the gpu.module".into()));
+        };
+        mlir_sys::mlirOperationRemoveFromParent(spv);
+        let region = mlir_sys::mlirOperationGetRegion(gpu, 0);
+        let inner = mlir_sys::mlirRegionGetFirstBlock(region);
+        mlir_sys::mlirBlockAppendOwnedOperation(inner, spv);
+    }
+    Ok(())
+}
+
+/// The bytes of the first object of the module's `gpu.binary`.
+fn binary_object(module: &Module) -> Result<Vec<u8>, MlirError> {
+    // SAFETY: reads attributes of ops owned by the module; the bytes are copied out.
+    unsafe {
+        let mut op = mlir_sys::mlirBlockGetFirstOperation(module.body().to_raw());
+        while !op.ptr.is_null() {
+            if op_name(op) == "gpu.binary" {
+                let name = mlir_sys::mlirStringRefCreateFromCString(c"objects".as_ptr());
+                let objects = mlir_sys::mlirOperationGetAttributeByName(op, name);
+                if objects.ptr.is_null() || mlir_sys::mlirArrayAttrGetNumElements(objects) == 0 {
+                    break;
+                }
+                let obj = mlir_sys::mlirArrayAttrGetElement(objects, 0);
+                let s = mlir_sys::mlirGPUObjectAttrGetObject(obj);
+                return Ok(std::slice::from_raw_parts(s.data as *const u8, s.length).to_vec());
+            }
+            op = mlir_sys::mlirOperationGetNextInBlock(op);
+        }
+    }
+    Err(MlirError::Mlir("bug: no gpu.binary object after serialisation".into()))
+}
+
+/// # Safety
+/// `op` must be a live operation.
+unsafe fn op_name(op: mlir_sys::MlirOperation) -> String {
+    // SAFETY: the caller passes a live op; its name is an interned identifier.
+    unsafe {
+        let s = mlir_sys::mlirIdentifierStr(mlir_sys::mlirOperationGetName(op));
+        String::from_utf8_lossy(std::slice::from_raw_parts(s.data as *const u8, s.length)).into_owned()
+    }
+}
+
 /// Removes the transform script once it has run; nothing after it knows its ops.
 fn strip_transforms(module: &mut Module) {
     // SAFETY: walks the module's own block; each removed op is owned by us, then destroyed.
@@ -140,9 +235,7 @@ fn strip_transforms(module: &mut Module) {
         let mut op = mlir_sys::mlirBlockGetFirstOperation(block);
         while !op.ptr.is_null() {
             let next = mlir_sys::mlirOperationGetNextInBlock(op);
-            let name = mlir_sys::mlirIdentifierStr(mlir_sys::mlirOperationGetName(op));
-            let name = std::slice::from_raw_parts(name.data as *const u8, name.length);
-            if name.starts_with(b"transform.") {
+            if op_name(op).starts_with("transform.") {
                 mlir_sys::mlirOperationRemoveFromParent(op);
                 mlir_sys::mlirOperationDestroy(op);
             }

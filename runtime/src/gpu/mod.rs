@@ -1,0 +1,3 @@
+//! GPU builds of a model: the program format and the device paths that run it.
+
+pub mod program;
