@@ -32,6 +32,8 @@ pub enum RuntimeError {
     Call { call: &'static str, message: &'static str },
     #[error("the library could not allocate its context (out of memory)")]
     Alloc,
+    #[error("{0}")]
+    Gpu(String),
 }
 
 type Ctx = *mut c_void;

@@ -6,6 +6,7 @@ mod common;
 mod diagnostics;
 mod equivalence;
 mod fixtures;
+mod gpu;
 mod import;
 mod passes;
 mod robustness;

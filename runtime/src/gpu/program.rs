@@ -20,6 +20,8 @@ pub struct Program {
     pub vocab: usize,
     pub max_seq: usize,
     pub output_width: usize,
+    /// Token-type ids must be below this (0: the model takes none).
+    pub type_rows: usize,
     pub arena_bytes: u64,
     pub cache_bytes: u64,
     pub weights: Vec<WeightInfo>,

@@ -91,6 +91,7 @@ pub fn module(
         vocab: layout.vocab,
         max_seq: layout.max_seq,
         output_width: layout.out_width,
+        type_rows: layout.type_rows,
         arena_bytes: arena,
         cache_bytes: layout.cache_bytes,
         weights: Vec::new(),
@@ -1277,7 +1278,7 @@ fn attention(
         // Every thread: the chunk's max, the new running max, and the rescaling.
         let lo = k.c(0);
         let bcc = k.c(BLOCK as i64);
-        let cm = k.for_(&lo, &bcc, &one, &[m.clone()], |k, i, acc| {
+        let cm = k.for_(&lo, &bcc, &one, std::slice::from_ref(&m), |k, i, acc| {
             let x = k.sh_ld(&sc, BLOCK, i);
             vec![k.t.op(format!("arith.maximumf {}, {x} : f32", acc[0]))]
         });

@@ -1,0 +1,171 @@
+//! The GPU targets without a GPU: every fixture architecture compiled to SPIR-V and run
+//! through the runtime's Vulkan path on lavapipe (Mesa's CPU implementation), against the
+//! interpreter and transformers; every SPIR-V module checked by `spirv-val` and every
+//! PTX by `ptxas` for sm_80 and sm_90. `scripts/setup.sh` installs lavapipe, the
+//! SPIR-V tools and ptxas; without them these tests fail and say what is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use tfc::backend::{compile_gpu, gpu_build, LibOptions, Target};
+use tfc::interp::{run, Inputs, WeightSource, Weights};
+use tfc::Options;
+use tfc_runtime::gpu::{GpuModel, GpuSession};
+use tfc_runtime::{argmax, Checkpoint, WeightData};
+
+use crate::common::*;
+
+fn build(spec: &Path, tag: &str, target: Target) -> PathBuf {
+    let stem = spec.file_stem().unwrap().to_string_lossy().to_string();
+    let dir = root().join("target/test-libs").join(format!("{tag}-{}", target_name(target))).join(&stem);
+    let _ = std::fs::remove_dir_all(&dir);
+    let source = std::fs::read_to_string(spec).unwrap();
+    compile_gpu(&spec.display().to_string(), &source, &dir, target, &LibOptions::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", spec.display()));
+    dir
+}
+
+fn target_name(t: Target) -> &'static str {
+    match t {
+        Target::Cpu => "cpu",
+        Target::Vulkan => "vulkan",
+        Target::Cuda => "cuda",
+    }
+}
+
+/// A fixture through Vulkan: all prompt rows against transformers and the interpreter,
+/// then prefill + decode through the device's KV cache, token for token.
+fn check(arch: &str) {
+    let spec = root().join("specs/tiny").join(format!("{arch}.tfs"));
+    let fx = root().join("tests/fixtures/hf").join(arch);
+    let dir = build(&spec, "fixtures", Target::Vulkan);
+    let spv = dir.join(format!("{}.spv", spec_name(&spec)));
+    validate_spirv(&spv);
+    let model = GpuModel::load(&dir).unwrap();
+    let ck = Arc::new(Checkpoint::open(&fx).unwrap());
+    let mut s = GpuSession::new(&model, WeightData::Checkpoint(ck.clone()))
+        .unwrap_or_else(|e| panic!("{arch}: {e} (is mesa-vulkan-drivers installed?)"));
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("fixture.json")).unwrap()).unwrap();
+    let ids = |k: &str| -> Vec<i32> {
+        fixture[k]
+            .as_array()
+            .map(|a| a.iter().map(|v| v.as_i64().unwrap() as i32).collect())
+            .unwrap_or_default()
+    };
+    let (prompt, greedy) = (ids("prompt"), ids("greedy"));
+    let expected = fx.join("expected.safetensors");
+    let rows = s.prefill(&prompt, None, true).unwrap();
+    let c = compile(&spec, &Options::default());
+    let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
+    let tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let mut interp = run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap();
+    let interp = interp.remove("logits").or_else(|| interp.remove("hidden")).unwrap();
+    assert_close(&format!("{arch}: vulkan vs interpreter"), &rows, &interp.data, 1e-4);
+    if greedy.is_empty() {
+        let want = read_tensor(&expected, "last_hidden_state");
+        assert_close(&format!("{arch}: vulkan vs transformers"), &rows, &want.data, 1e-4);
+        assert!(s.decode(1).is_err(), "an encoder has no decode step");
+        return;
+    }
+    let want = read_tensor(&expected, "full_logits");
+    let vocab = want.shape[1];
+    assert_close(&format!("{arch}: vulkan vs transformers"), &rows, &want.data[..prompt.len() * vocab], 1e-4);
+    s.reset().unwrap();
+    let mut logits = s.prefill(&prompt, None, false).unwrap();
+    let mut generated = Vec::new();
+    for step in 0..greedy.len() {
+        let pos = prompt.len() - 1 + step;
+        assert_close(
+            &format!("{arch}: vulkan cached logits at {pos}"),
+            &logits,
+            &want.data[pos * vocab..(pos + 1) * vocab],
+            1e-4,
+        );
+        let next = argmax(&logits) as i32;
+        generated.push(next);
+        if step + 1 < greedy.len() {
+            logits = s.decode(next).unwrap();
+        }
+    }
+    assert_eq!(generated, greedy, "{arch}: greedy continuation through Vulkan");
+}
+
+fn spec_name(spec: &Path) -> String {
+    let c = compile(spec, &Options::default());
+    c.spec.name
+}
+
+fn validate_spirv(spv: &Path) {
+    let out = Command::new("spirv-val")
+        .args(["--target-env", "vulkan1.3"])
+        .arg(spv)
+        .output()
+        .expect("spirv-val runs (apt install spirv-tools; scripts/setup.sh does)");
+    assert!(out.status.success(), "{}: spirv-val: {}", spv.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+macro_rules! vulkan_tests {
+    ($($arch:ident),*) => { $( #[test] fn $arch() { check(stringify!($arch)); } )* };
+}
+
+mod vulkan {
+    use super::*;
+    vulkan_tests!(bert, bloom, gemma, gpt2, gpt_neox, llama, mistral, opt_postln, phi, qwen2);
+}
+
+/// `ptxas` from the `nvidia-cuda-nvcc-cu12` wheel that `scripts/setup.sh` installs.
+fn ptxas() -> PathBuf {
+    if let Some(p) = std::env::var_os("TFC_PTXAS") {
+        return PathBuf::from(p);
+    }
+    let venv = root().join("target/ptxas-venv");
+    let found = walk(&venv).into_iter().find(|p| p.ends_with("cuda_nvcc/bin/ptxas"));
+    found.unwrap_or_else(|| panic!("no ptxas under {} (run scripts/setup.sh)", venv.display()))
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_fixture_compiles_to_ptx_that_ptxas_accepts_for_sm80_and_sm90() {
+    let ptxas = ptxas();
+    let tmp = root().join("target/test-libs/ptx");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut specs = specs_in(&root().join("specs/tiny"));
+    specs.extend(specs_in(&root().join("tests/specs/valid")));
+    for spec in specs {
+        let source = std::fs::read_to_string(&spec).unwrap();
+        let b = gpu_build(&spec.display().to_string(), &source, Target::Cuda, &LibOptions::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", spec.display()));
+        let ptx = tmp.join(format!("{}.ptx", b.program.name));
+        std::fs::write(&ptx, &b.binary).unwrap();
+        for arch in ["sm_80", "sm_90"] {
+            let out = Command::new(&ptxas)
+                .args(["--gpu-name", arch, "-o"])
+                .arg(tmp.join(format!("{}.{arch}.cubin", b.program.name)))
+                .arg(&ptx)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: ptxas {arch}: {}",
+                spec.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
