@@ -68,6 +68,10 @@ pub struct RunArgs {
     /// Which implementation runs the model.
     #[arg(long, value_enum, default_value_t = Backend::Llvm)]
     backend: Backend,
+    /// Where compiled code runs: `cpu` (a shared library from `--backend`), or the MLIR
+    /// backend's GPU kernels through `vulkan` or `cuda` (where a driver exists).
+    #[arg(long, value_enum, default_value_t = tfc::backend::Target::Cpu)]
+    target: tfc::backend::Target,
     /// Sampling temperature; 0 (the default) is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -95,6 +99,7 @@ pub struct RunArgs {
 enum Engine<'a> {
     Interp(interp::Session<'a>),
     Lib(tfc_runtime::Session<'a>),
+    Gpu(tfc_runtime::gpu::GpuSession<'a>),
 }
 
 impl Engine<'_> {
@@ -112,6 +117,11 @@ impl Engine<'_> {
                 let rows = if all { tokens.len() } else { 1 };
                 out.chunks(out.len() / rows).map(<[f32]>::to_vec).collect()
             }
+            Engine::Gpu(s) => {
+                let out = s.prefill(tokens, (!types.is_empty()).then_some(types), all)?;
+                let rows = if all { tokens.len() } else { 1 };
+                out.chunks(out.len() / rows).map(<[f32]>::to_vec).collect()
+            }
         })
     }
 
@@ -119,6 +129,7 @@ impl Engine<'_> {
         Ok(match self {
             Engine::Interp(s) => s.decode(token as i64)?.data,
             Engine::Lib(s) => s.decode(token)?,
+            Engine::Gpu(s) => s.decode(token)?,
         })
     }
 }
@@ -133,6 +144,29 @@ impl Backend {
     }
 }
 
+/// Builds the GPU kernels of a spec into the user's cache (once per spec text and
+/// target) and loads them.
+fn load_gpu(spec: &Path, source: &str, target: tfc::backend::Target) -> Result<tfc_runtime::gpu::GpuModel> {
+    let key = format!("{target:?}\n{}\n{source}", env!("CARGO_PKG_VERSION"));
+    let dir = cache_dir().join(tfc_runtime::abi::fnv1a(&key));
+    if !dir.join(tfc_runtime::gpu::program::PROGRAM_FILE).is_file() {
+        let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+        tfc::backend::compile_gpu(&spec.display().to_string(), source, &tmp, target, &LibOptions::default())?;
+        if std::fs::rename(&tmp, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    Ok(tfc_runtime::gpu::GpuModel::load(&dir)?)
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("tfc")
+}
+
 fn load_library(
     spec: &Path,
     source: &str,
@@ -142,12 +176,7 @@ fn load_library(
 ) -> Result<Model> {
     let dt = dtype.map(|d| tfc::ir::DType::from(d).name()).unwrap_or("spec");
     let key = format!("{cpu}\n{dt}\n{}\n{}\n{source}", backend.name(), env!("CARGO_PKG_VERSION"));
-    let hash = tfc_runtime::abi::fnv1a(&key);
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join("tfc").join(hash);
+    let dir = cache_dir().join(tfc_runtime::abi::fnv1a(&key));
     if !dir.join("manifest.json").is_file() {
         // Build beside it and rename into place, so that a concurrent or interrupted run
         // never sees half a library.
@@ -207,7 +236,27 @@ pub fn run(a: RunArgs) -> Result<()> {
     graphs.extend(c.decode.as_ref());
     let interp_weights;
     let model;
+    let gpu_model;
+    let random = |names: Vec<String>| -> Result<WeightData> {
+        let w = Weights::bind(&graphs, &WeightSource::Random { seed: a.seed })?;
+        let bufs: Result<Vec<Vec<f32>>, _> = names.iter().map(|n| w.get(n).map(|t| t.data.clone())).collect();
+        Ok(WeightData::Owned(bufs?))
+    };
+    if a.target != tfc::backend::Target::Cpu && a.backend == Backend::Interp {
+        bail!("--target {:?} runs compiled kernels; it does not combine with --backend interp", a.target);
+    }
     let mut engine = match a.backend {
+        _ if a.target != tfc::backend::Target::Cpu => {
+            if a.dtype.is_some() {
+                bail!("--dtype applies to CPU libraries; GPU kernels read f32 weights");
+            }
+            gpu_model = load_gpu(&a.spec, &source, a.target)?;
+            let data = match &checkpoint {
+                Some(ck) => WeightData::Checkpoint(ck.clone()),
+                None => random(gpu_model.program().weights.iter().map(|w| w.name.clone()).collect())?,
+            };
+            Engine::Gpu(tfc_runtime::gpu::GpuSession::new(&gpu_model, data)?)
+        }
         Backend::Interp => {
             let source = match &checkpoint {
                 Some(ck) => WeightSource::Checkpoint(ck),
@@ -220,16 +269,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             model = load_library(&a.spec, &source, &a.target_cpu, a.dtype, a.backend.codegen())?;
             let data = match &checkpoint {
                 Some(ck) => WeightData::Checkpoint(ck.clone()),
-                None => {
-                    let w = Weights::bind(&graphs, &WeightSource::Random { seed: a.seed })?;
-                    let bufs: Result<Vec<Vec<f32>>, _> = model
-                        .manifest()
-                        .weights
-                        .iter()
-                        .map(|m| w.get(&m.name).map(|t| t.data.clone()))
-                        .collect();
-                    WeightData::Owned(bufs?)
-                }
+                None => random(model.manifest().weights.iter().map(|w| w.name.clone()).collect())?,
             };
             Engine::Lib(tfc_runtime::Session::new(&model, data, a.threads)?)
         }

@@ -169,3 +169,109 @@ fn every_fixture_compiles_to_ptx_that_ptxas_accepts_for_sm80_and_sm90() {
         }
     }
 }
+
+/// Seeded random weights in the program's order, and the interpreter's binding of them.
+fn random_weights(model: &GpuModel, graphs: &[&tfc::ir::Graph]) -> (Weights, WeightData) {
+    let w = Weights::bind(graphs, &WeightSource::Random { seed: 11 }).unwrap();
+    let bufs = model.program().weights.iter().map(|m| w.get(&m.name).unwrap().data.clone()).collect();
+    (w, WeightData::Owned(bufs))
+}
+
+/// Sinusoidal and ALiBi positions, sliding windows, grouped QKV, Conv1D weights, bf16
+/// storage: prefill + decode through Vulkan equal one interpreter pass at every split.
+#[test]
+fn vulkan_prefill_and_decode_equal_the_interpreter_on_every_small_spec() {
+    for spec in specs_in(&root().join("tests/specs/valid")) {
+        let c = compile(&spec, &Options::default());
+        let model = GpuModel::load(build(&spec, "random", Target::Vulkan)).unwrap();
+        let (w, data) = random_weights(&model, &[&c.model]);
+        let mut s = GpuSession::new(&model, data).unwrap();
+        let tokens: Vec<i32> = (0..9).map(|i| (i * 7 + 3) % c.spec.sizes.vocab as i32).collect();
+        let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
+        let mut full = run(&c.model, &w, &inputs).unwrap();
+        let full = full.remove("logits").or_else(|| full.remove("hidden")).unwrap();
+        let name = spec.file_name().unwrap().to_string_lossy().to_string();
+        let all = s.prefill(&tokens, None, true).unwrap();
+        assert_close(&format!("{name}: vulkan, all rows"), &all, &full.data, 1e-5);
+        if c.decode.is_none() {
+            continue;
+        }
+        for split in [1, 5] {
+            s.reset().unwrap();
+            let last = s.prefill(&tokens[..split], None, false).unwrap();
+            assert_close(&format!("{name}: vulkan prefill {split}"), &last, full.row(split - 1), 1e-5);
+            for (i, &t) in tokens.iter().enumerate().skip(split) {
+                let row = s.decode(t).unwrap();
+                assert_close(&format!("{name}: vulkan decode at {i} after {split}"), &row, full.row(i), 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_calls_on_the_gpu_are_errors() {
+    let spec = root().join("specs/tiny/gpt2.tfs");
+    let c = compile(&spec, &Options::default());
+    let model = GpuModel::load(build(&spec, "abi", Target::Vulkan)).unwrap();
+    let (_, data) = random_weights(&model, &[&c.model]);
+    let mut s = GpuSession::new(&model, data).unwrap();
+    let err = |r: Result<Vec<f32>, tfc_runtime::RuntimeError>| r.unwrap_err().to_string();
+    assert!(err(s.decode(1)).contains("prefill first"));
+    assert!(err(s.prefill(&[], None, false)).contains("out of range"));
+    assert!(err(s.prefill(&[384], None, false)).contains("outside the vocabulary"));
+    assert!(err(s.prefill(&vec![1; 65], None, false)).contains("max_seq"));
+    assert!(err(s.prefill(&[1, 2], Some(&[0]), false)).contains("one token type per token"));
+    s.prefill(&vec![1; 63], None, false).unwrap();
+    assert!(err(s.prefill(&[1], None, false)).contains("reset first"));
+    assert!(err(s.decode(-1)).contains("outside the vocabulary"));
+    s.decode(1).unwrap();
+    assert!(err(s.decode(1)).contains("max_seq"));
+    assert_eq!(s.position(), 64);
+    let short = WeightData::Owned(model.program().weights.iter().map(|_| vec![0.0; 3]).collect());
+    let e = GpuSession::new(&model, short).err().unwrap().to_string();
+    assert!(e.contains("has 3 values"), "{e}");
+    let ck = Arc::new(Checkpoint::open(root().join("tests/fixtures/hf/llama")).unwrap());
+    let e = GpuSession::new(&model, WeightData::Checkpoint(ck)).err().unwrap().to_string();
+    assert!(e.contains("no tensor `transformer.wte.weight`"), "{e}");
+    drop(s);
+}
+
+/// Where a CUDA driver exists the PTX runs and matches the interpreter; here (no GPU) the
+/// session says plainly that there is no driver.
+#[test]
+fn the_cuda_path_runs_or_says_there_is_no_driver() {
+    let spec = root().join("specs/tiny/llama.tfs");
+    let c = compile(&spec, &Options::default());
+    let model = GpuModel::load(build(&spec, "cuda", Target::Cuda)).unwrap();
+    let (w, data) = random_weights(&model, &[&c.model]);
+    let session = GpuSession::new(&model, data);
+    match session {
+        Err(e) => assert!(e.to_string().contains("no CUDA driver"), "{e}"),
+        Ok(mut s) => {
+            let tokens = [3, 1, 4, 1, 5];
+            let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
+            let mut full = run(&c.model, &w, &inputs).unwrap();
+            let full = full.remove("logits").unwrap();
+            let all = s.prefill(&tokens, None, true).unwrap();
+            assert_close("llama: cuda, all rows", &all, &full.data, 1e-5);
+        }
+    };
+}
+
+/// The MLIR at each step for a small spec: linalg on tensors (CPU), the gpu kernels,
+/// the same kernels in the spirv dialect (the SPIR-V disassembly) and in the nvvm
+/// dialect, and the PTX.
+#[test]
+fn mlir_stages() {
+    let spec = root().join("tests/specs/valid/alibi_hidden.tfs");
+    let source = std::fs::read_to_string(&spec).unwrap();
+    let opts = LibOptions::default();
+    let cpu = tfc::backend::mlir_ir("alibi_hidden.tfs", &source, "mlir", &opts).unwrap();
+    insta::assert_snapshot!("alibi_hidden@mlir", cpu);
+    let v = gpu_build("alibi_hidden.tfs", &source, Target::Vulkan, &opts).unwrap();
+    insta::assert_snapshot!("alibi_hidden@gpu", v.kernels);
+    insta::assert_snapshot!("alibi_hidden@spirv", v.lowered);
+    let c = gpu_build("alibi_hidden.tfs", &source, Target::Cuda, &opts).unwrap();
+    insta::assert_snapshot!("alibi_hidden@nvvm", c.lowered);
+    insta::assert_snapshot!("alibi_hidden@ptx", String::from_utf8(c.binary).unwrap());
+}

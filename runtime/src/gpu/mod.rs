@@ -4,6 +4,7 @@
 //! prefill and decode by replaying the program's dispatch lists. Arguments are checked
 //! here, as the C half checks them for a CPU library, so kernels only see valid input.
 
+pub mod cuda;
 pub mod program;
 pub mod vulkan;
 
@@ -87,6 +88,7 @@ impl<'m> GpuSession<'m> {
         let tables: Vec<Vec<f32>> = p.tables.iter().map(|t| t.values()).collect();
         let device: Box<dyn Device> = match p.target.as_str() {
             "vulkan" => Box::new(vulkan::Vulkan::new(p, &model.binary, &weights, &tables)?),
+            "cuda" => Box::new(cuda::Cuda::new(p, &model.binary, &weights, &tables)?),
 
             other => {
                 return Err(RuntimeError::Gpu(format!("unknown GPU target `{other}` in {}", PROGRAM_FILE)))
