@@ -348,6 +348,9 @@ pub struct BenchArgs {
     /// The CPU the library is compiled for.
     #[arg(long, default_value = "native")]
     target_cpu: String,
+    /// The code generator of the library.
+    #[arg(long, value_enum, default_value_t = tfc::backend::Backend::Llvm)]
+    backend: tfc::backend::Backend,
     /// Store weight matrices as this type instead of the spec's `dtype`.
     #[arg(long, value_enum)]
     dtype: Option<WeightDType>,
@@ -448,9 +451,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let t0 = Instant::now();
     let dir = tempdir()?;
     let opts = LibOptions {
+        backend: a.backend,
         target_cpu: Some(a.target_cpu.clone()),
         weight_dtype: a.dtype.map(Into::into),
-        ..Default::default()
     };
     compile_library(&a.spec.display().to_string(), &source, &dir, &opts)?;
     let compile_s = t0.elapsed().as_secs_f64();

@@ -663,15 +663,16 @@ pub fn target_machine(cpu: Option<&str>) -> Result<TargetMachine, LlvmError> {
         .ok_or_else(|| LlvmError::Llvm(format!("cannot create a target machine for cpu `{cpu}`")))
 }
 
-/// Runs `default<O3>` and returns the object code.
-pub fn optimize_and_emit(m: &Module, tm: &TargetMachine) -> Result<Vec<u8>, LlvmError> {
+/// Runs an optimisation pipeline (`default<O3>` for this backend's modules) and returns
+/// the object code.
+pub fn optimize_and_emit(m: &Module, tm: &TargetMachine, passes: &str) -> Result<Vec<u8>, LlvmError> {
     m.set_triple(&tm.get_triple());
     m.set_data_layout(&tm.get_target_data().get_data_layout());
-    optimize(m, tm)?;
+    m.run_passes(passes, tm, PassBuilderOptions::create()).map_err(|e| LlvmError::Llvm(e.to_string()))?;
     let buf = tm.write_to_memory_buffer(m, FileType::Object).map_err(|e| LlvmError::Llvm(e.to_string()))?;
     Ok(buf.as_slice().to_vec())
 }
 
-pub fn optimize(m: &Module, tm: &TargetMachine) -> Result<(), LlvmError> {
-    m.run_passes("default<O3>", tm, PassBuilderOptions::create()).map_err(|e| LlvmError::Llvm(e.to_string()))
+pub fn optimize(m: &Module, tm: &TargetMachine, passes: &str) -> Result<(), LlvmError> {
+    m.run_passes(passes, tm, PassBuilderOptions::create()).map_err(|e| LlvmError::Llvm(e.to_string()))
 }

@@ -250,23 +250,34 @@ impl Default for Mlir {
     }
 }
 
-/// The transform script that tiles and vectorises every contraction: the linear maps'
-/// `[rows, out, in]` products in `1 × 16 × 16` tiles with masked vectors (the row count is
-/// only known at run time), which LLVM then lowers to FMA on full registers.
+/// The transform script that tiles and vectorises every linear map (`[rows, out, in]`
+/// contractions) into one-row, one-input, 16-output steps: `acc[16] += x[k] · w[k, 16]`
+/// for weights stored `[in, out]` (after interchanging the loops to `(row, in, out)`),
+/// and 16-wide dot products for `[out, in]`. Larger tiles make MLIR's n-D vector lowering
+/// scalarise transposes and broadcasts into thousands of ops per tile.
 pub const CPU_TRANSFORM: &str = r#"transform.named_sequence @__transform_main(%root: !transform.any_op {transform.readonly}) {
+    %tr = transform.structured.match ops{["linalg.matmul"]} attributes {indexing_maps = [affine_map<(d0, d1, d2) -> (d0, d2)>, affine_map<(d0, d1, d2) -> (d2, d1)>, affine_map<(d0, d1, d2) -> (d0, d1)>]} in %root
+      : (!transform.any_op) -> !transform.any_op
+    transform.foreach %tr : !transform.any_op {
+    ^bb0(%op: !transform.any_op):
+      %g = transform.structured.generalize %op : (!transform.any_op) -> !transform.any_op
+      %i = transform.structured.interchange %g iterator_interchange = [0, 2, 1] : (!transform.any_op) -> !transform.any_op
+      %tiled, %loops:3 = transform.structured.tile_using_for %i tile_sizes [1, 1, 16]
+        : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op, !transform.any_op)
+      transform.structured.vectorize %tiled vector_sizes [1, 1, 16] : !transform.any_op
+    }
     %mm = transform.structured.match ops{["linalg.matmul"]} in %root
       : (!transform.any_op) -> !transform.any_op
     transform.foreach %mm : !transform.any_op {
     ^bb0(%op: !transform.any_op):
-      %tiled, %loops:3 = transform.structured.tile_using_for %op tile_sizes [1, 16, 16]
+      %tiled, %loops:3 = transform.structured.tile_using_for %op tile_sizes [1, 1, 16]
         : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op, !transform.any_op)
-      transform.structured.vectorize %tiled vector_sizes [1, 16, 16] : !transform.any_op
+      transform.structured.vectorize %tiled vector_sizes [1, 1, 16] : !transform.any_op
     }
     %f = transform.structured.match ops{["func.func"]} in %root : (!transform.any_op) -> !transform.any_op
     transform.apply_patterns to %f {
-      transform.apply_patterns.vector.reduction_to_contract
-      transform.apply_patterns.vector.transfer_permutation_patterns
       transform.apply_patterns.vector.lower_masked_transfers
+      transform.apply_patterns.vector.transfer_permutation_patterns
       transform.apply_patterns.vector.lower_contraction lowering_strategy = "outerproduct"
       transform.apply_patterns.vector.lower_multi_reduction lowering_strategy = "innerparallel"
       transform.apply_patterns.vector.lower_outerproduct
