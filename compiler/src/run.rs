@@ -29,6 +29,8 @@ pub enum Backend {
 pub enum WeightDType {
     F32,
     Bf16,
+    /// int8 with one f32 scale per 32 weights (matrices whose rows are a multiple of 32).
+    Q8,
 }
 
 impl From<WeightDType> for tfc::ir::DType {
@@ -36,6 +38,7 @@ impl From<WeightDType> for tfc::ir::DType {
         match d {
             WeightDType::F32 => tfc::ir::DType::F32,
             WeightDType::Bf16 => tfc::ir::DType::BF16,
+            WeightDType::Q8 => tfc::ir::DType::Q8,
         }
     }
 }
@@ -147,7 +150,7 @@ impl Backend {
 /// Builds the GPU kernels of a spec into the user's cache (once per spec text and
 /// target) and loads them.
 fn load_gpu(spec: &Path, source: &str, target: tfc::backend::Target) -> Result<tfc_runtime::gpu::GpuModel> {
-    let key = format!("{target:?}\n{}\n{source}", env!("CARGO_PKG_VERSION"));
+    let key = format!("{target:?}\n{}\n{source}", build_id());
     let dir = cache_dir().join(tfc_runtime::abi::fnv1a(&key));
     if !dir.join(tfc_runtime::gpu::program::PROGRAM_FILE).is_file() {
         let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
@@ -157,6 +160,19 @@ fn load_gpu(spec: &Path, source: &str, target: tfc::backend::Target) -> Result<t
         }
     }
     Ok(tfc_runtime::gpu::GpuModel::load(&dir)?)
+}
+
+/// Which compiler built a cached library: the version and this executable's size and
+/// modification time, so a rebuilt `tfc` never reuses what an older one compiled.
+fn build_id() -> String {
+    let meta = std::env::current_exe().and_then(std::fs::metadata);
+    let stamp = meta
+        .map(|m| {
+            let t = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            format!("{}:{}", m.len(), t.map_or(0, |d| d.as_nanos()))
+        })
+        .unwrap_or_default();
+    format!("{} {stamp}", env!("CARGO_PKG_VERSION"))
 }
 
 fn cache_dir() -> PathBuf {
@@ -175,7 +191,7 @@ fn load_library(
     backend: tfc::backend::Backend,
 ) -> Result<Model> {
     let dt = dtype.map(|d| tfc::ir::DType::from(d).name()).unwrap_or("spec");
-    let key = format!("{cpu}\n{dt}\n{}\n{}\n{source}", backend.name(), env!("CARGO_PKG_VERSION"));
+    let key = format!("{cpu}\n{dt}\n{}\n{}\n{source}", backend.name(), build_id());
     let dir = cache_dir().join(tfc_runtime::abi::fnv1a(&key));
     if !dir.join("manifest.json").is_file() {
         // Build beside it and rename into place, so that a concurrent or interrupted run

@@ -7,6 +7,7 @@ pub mod abi;
 pub mod checkpoint;
 pub mod gpu;
 pub mod model;
+pub mod quant;
 pub mod sampling;
 
 pub use checkpoint::{Checkpoint, CheckpointError};

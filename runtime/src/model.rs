@@ -124,6 +124,8 @@ pub struct Session<'m> {
 enum Converted {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
+    /// q8: values, padding, scales (`crate::quant`).
+    Bytes(Vec<u8>),
 }
 
 impl Converted {
@@ -131,6 +133,7 @@ impl Converted {
         match self {
             Converted::F32(v) => (v.as_ptr() as *const c_void, v.len() * 4),
             Converted::Bf16(v) => (v.as_ptr() as *const c_void, v.len() * 2),
+            Converted::Bytes(v) => (v.as_ptr() as *const c_void, v.len()),
         }
     }
 }
@@ -158,24 +161,31 @@ impl<'m> Session<'m> {
         let mut ptrs: Vec<(*const c_void, usize)> = Vec::new();
         for (i, w) in model.manifest.weights.iter().enumerate() {
             let n: usize = w.shape.iter().product();
-            let bf16 = match w.dtype.as_str() {
-                "f32" => false,
-                "bf16" => true,
+            // The stored form the library reads; q8 is always made here from the values.
+            let (want, align) = match w.dtype.as_str() {
+                "f32" => (Some(Dtype::F32), 4),
+                "bf16" => (Some(Dtype::BF16), 2),
+                "q8" => (None, 1),
                 other => {
                     return Err(RuntimeError::Manifest {
                         path: "manifest.json".into(),
                         message: format!(
-                            "weight `{}` has dtype {other}; this runtime binds f32 and bf16",
+                            "weight `{}` has dtype {other}; this runtime binds f32, bf16 and q8",
                             w.name
                         ),
                     })
                 }
             };
-            let (want, align) = if bf16 { (Dtype::BF16, 2) } else { (Dtype::F32, 4) };
+            if w.dtype == "q8" && n % crate::quant::Q8_BLOCK != 0 {
+                return Err(RuntimeError::Manifest {
+                    path: "manifest.json".into(),
+                    message: format!("q8 weight `{}` has {n} values, not a multiple of 32", w.name),
+                });
+            }
             let values: Vec<f32> = match &data {
                 WeightData::Checkpoint(ck) => {
                     let (dtype, bytes) = ck.raw(&w.name, &w.shape)?;
-                    if dtype == want && (bytes.as_ptr() as usize) % align == 0 {
+                    if Some(dtype) == want && (bytes.as_ptr() as usize) % align == 0 {
                         ptrs.push((bytes.as_ptr() as *const c_void, bytes.len()));
                         continue;
                     }
@@ -193,17 +203,19 @@ impl<'m> Session<'m> {
                             expected: n,
                         });
                     }
-                    if !bf16 {
+                    if want == Some(Dtype::F32) {
                         ptrs.push((b.as_ptr() as *const c_void, b.len() * 4));
                         continue;
                     }
                     b.clone()
                 }
             };
-            let c = if bf16 {
-                Converted::Bf16(values.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect())
-            } else {
-                Converted::F32(values)
+            let c = match w.dtype.as_str() {
+                "bf16" => {
+                    Converted::Bf16(values.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect())
+                }
+                "q8" => Converted::Bytes(crate::quant::quantize_q8(&values)),
+                _ => Converted::F32(values),
             };
             ptrs.push(c.bytes());
             converted.push(c);

@@ -289,3 +289,77 @@ fn bf16_weights_match_the_interpreter_and_stay_close_to_f32() {
     let d = max_diff(&rows, &f32_logits.data);
     assert!(d > 1e-4 && d < 5e-2, "bf16 vs f32 logits: max |difference| {d:e}");
 }
+
+/// The two backends against each other, on the same seeded weights: every row of the
+/// prompt and every decode step.
+#[test]
+fn llvm_and_mlir_libraries_agree() {
+    for arch in ["gpt2", "qwen2"] {
+        let spec = root().join("specs/tiny").join(format!("{arch}.tfs"));
+        let c = compile(&spec, &Options::default());
+        let llvm = Model::load(build_with(&spec, "cross", Backend::Llvm)).unwrap();
+        let mlir = Model::load(build_with(&spec, "cross", Backend::Mlir)).unwrap();
+        let (_, a) = random_weights(&llvm, &[&c.model]);
+        let (_, b) = random_weights(&mlir, &[&c.model]);
+        let (mut a, mut b) = (Session::new(&llvm, a, 2).unwrap(), Session::new(&mlir, b, 2).unwrap());
+        let tokens: Vec<i32> = (0..7).map(|i| (i * 11 + 5) % c.spec.sizes.vocab as i32).collect();
+        let (ra, rb) = (a.prefill(&tokens, None, true).unwrap(), b.prefill(&tokens, None, true).unwrap());
+        assert_close(&format!("{arch}: llvm vs mlir, all rows"), &ra, &rb, 1e-5);
+        a.reset();
+        b.reset();
+        a.prefill(&tokens[..3], None, false).unwrap();
+        b.prefill(&tokens[..3], None, false).unwrap();
+        for &t in &tokens[3..] {
+            assert_close(
+                &format!("{arch}: llvm vs mlir, decode"),
+                &a.decode(t).unwrap(),
+                &b.decode(t).unwrap(),
+                1e-5,
+            );
+        }
+    }
+}
+
+/// int8 weights (`--dtype q8`) on every causal fixture: the library computes exactly what
+/// the interpreter computes with q8-rounded weights (prompt and cached decode), and stays
+/// near transformers' f32 logits.
+#[test]
+fn q8_weights_match_the_interpreter_and_stay_close_to_f32() {
+    let q8 = Some(tfc::ir::DType::Q8);
+    for arch in ["gpt2", "llama", "gpt_neox", "phi"] {
+        let spec = root().join("specs/tiny").join(format!("{arch}.tfs"));
+        let fx = root().join("tests/fixtures/hf").join(arch);
+        let dir = root().join("target/test-libs/q8").join(arch);
+        let _ = std::fs::remove_dir_all(&dir);
+        let source = std::fs::read_to_string(&spec).unwrap();
+        compile_library(arch, &source, &dir, &LibOptions { weight_dtype: q8, ..Default::default() }).unwrap();
+        let model = Model::load(&dir).unwrap();
+        assert!(model.manifest().weights.iter().any(|w| w.dtype == "q8"), "{arch}: no q8 weight");
+        let ck = Arc::new(Checkpoint::open(&fx).unwrap());
+        let mut s = Session::new(&model, WeightData::Checkpoint(ck.clone()), 2).unwrap();
+        let prompt = [188, 354, 68, 81, 173, 71, 249, 323, 49, 60, 366, 134];
+        let rows = s.prefill(&prompt, None, true).unwrap();
+        let c = compile(&spec, &Options { weight_dtype: q8, ..Options::default() });
+        let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
+        let tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        let interp =
+            run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap().remove("logits").unwrap();
+        assert_close(&format!("{arch}: q8 library vs q8 interpreter"), &rows, &interp.data, 1e-4);
+        let vocab = interp.shape[1];
+        s.reset();
+        s.prefill(&prompt[..5], None, false).unwrap();
+        for (i, &t) in prompt.iter().enumerate().skip(5) {
+            let row = s.decode(t).unwrap();
+            assert_close(
+                &format!("{arch}: q8 decode at {i}"),
+                &row,
+                &interp.data[i * vocab..(i + 1) * vocab],
+                1e-4,
+            );
+        }
+        let f32_logits = read_tensor(&fx.join("expected.safetensors"), "full_logits");
+        let d = max_diff(&rows, &f32_logits.data[..rows.len()]);
+        eprintln!("{arch}: q8 vs transformers f32 logits: max |difference| {d:e}");
+        assert!(d > 1e-4 && d < 0.25, "{arch}: q8 vs f32 logits: max |difference| {d:e}");
+    }
+}

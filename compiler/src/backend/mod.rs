@@ -223,6 +223,10 @@ pub fn gpu_build(
         return Err(mlir::MlirError::Unsupported("a GPU build for the CPU target".into()).into());
     };
     // Kernels read f32 weights; a bf16 checkpoint is widened (exactly) when uploaded.
+    let declared = crate::compile(file, source, &Options::default(), &mut |_, _| {})?.spec.dtype;
+    if opts.weight_dtype.unwrap_or(declared) == crate::ir::DType::Q8 {
+        return Err(mlir::MlirError::Unsupported("q8 weights on a GPU target; use f32 or bf16".into()).into());
+    }
     let lg =
         lib_graphs(file, source, &LibOptions { weight_dtype: Some(crate::ir::DType::F32), ..opts.clone() })?;
     let weights = lg.weight_table();

@@ -171,8 +171,14 @@ impl Lowerer<'_> {
 
     fn weight(&mut self, name: &Template, shape: &[usize], role: WeightRole, origin: &str) -> NodeId {
         let name = instantiate(name, self.layer);
-        let dtype =
-            if role == WeightRole::Bias || role == WeightRole::Gain { DType::F32 } else { self.spec.dtype };
+        let dtype = match (role, self.spec.dtype) {
+            (WeightRole::Bias | WeightRole::Gain, _) => DType::F32,
+            // q8 blocks run along the contiguous last dimension and never cross a row.
+            (_, DType::Q8) if shape.last().is_none_or(|d| d % tfc_runtime::quant::Q8_BLOCK != 0) => {
+                DType::F32
+            }
+            (_, d) => d,
+        };
         let layer = self.layer;
         self.leaf(Op::Weight { name, role }, TensorType::fixed(shape, dtype), origin, layer)
     }

@@ -76,6 +76,7 @@ fn round_to(data: &mut [f32], dtype: DType) {
     match dtype {
         DType::BF16 => data.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
         DType::F16 => data.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        DType::Q8 => tfc_runtime::quant::q8_roundtrip(data),
         DType::F32 | DType::I32 => {}
     }
 }

@@ -81,6 +81,8 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// Weight-only int8 in blocks of 32 with one `f32` scale each (`tfc_runtime::quant`).
+    Q8,
     I32,
 }
 
@@ -90,6 +92,7 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::Q8 => "q8",
             DType::I32 => "i32",
         }
     }
@@ -99,6 +102,7 @@ impl DType {
             "f32" => DType::F32,
             "f16" => DType::F16,
             "bf16" => DType::BF16,
+            "q8" => DType::Q8,
             "i32" => DType::I32,
             _ => return None,
         })

@@ -14,6 +14,41 @@ use inkwell::values::{
 /// Lanes of the explicit vectors (`<16 x float>`: one AVX-512 register; LLVM splits it
 /// on narrower targets).
 pub const VW: usize = 16;
+
+use tfc_runtime::quant::{q8_scales_at, Q8_BLOCK};
+
+/// How a weight tensor is stored, as the kernels read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WFmt {
+    F32,
+    Bf16,
+    /// int8 values, then one `f32` scale per block of 32 from byte `scales` on.
+    Q8 {
+        scales: usize,
+    },
+}
+
+impl WFmt {
+    pub fn of(ty: &crate::ir::TensorType) -> WFmt {
+        match ty.dtype {
+            crate::ir::DType::BF16 => WFmt::Bf16,
+            crate::ir::DType::Q8 => {
+                let n: usize = ty.shape.iter().map(|d| d.as_fixed().unwrap_or(0)).product();
+                WFmt::Q8 { scales: q8_scales_at(n) }
+            }
+            _ => WFmt::F32,
+        }
+    }
+
+    /// A kernel-name suffix; kernels are shared by name, so it says all a kernel bakes in.
+    pub fn suffix(self) -> String {
+        match self {
+            WFmt::F32 => String::new(),
+            WFmt::Bf16 => "_bf16".into(),
+            WFmt::Q8 { scales } => format!("_q8s{scales}"),
+        }
+    }
+}
 use inkwell::{FloatPredicate, IntPredicate};
 
 pub struct Kb<'a, 'ctx> {
@@ -191,31 +226,57 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         let st = ok(self.b.build_store(p, v));
         let _ = st.set_alignment(4);
     }
-    /// A weight element as `f32`: stored as `f32`, or as `bf16` (the high half of an `f32`).
-    pub fn ldw(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, bf16: bool) -> FloatValue<'ctx> {
-        if !bf16 {
-            return self.ld(base, idx);
+    /// A weight element as `f32`, from its storage format.
+    pub fn ldw(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, wf: WFmt) -> FloatValue<'ctx> {
+        match wf {
+            WFmt::F32 => self.ld(base, idx),
+            WFmt::Bf16 => {
+                let i16t = self.cx.i16_type();
+                let p = self.gep(i16t, base, idx);
+                let h = ok(self.b.build_load(i16t, p, "")).into_int_value();
+                let w = ok(self.b.build_int_z_extend(h, self.cx.i32_type(), ""));
+                let w = ok(self.b.build_left_shift(w, self.cx.i32_type().const_int(16, false), ""));
+                ok(self.b.build_bit_cast(w, self.f32t(), "")).into_float_value()
+            }
+            WFmt::Q8 { scales } => {
+                let i8t = self.cx.i8_type();
+                let q = ok(self.b.build_load(i8t, self.gep(i8t, base, idx), "")).into_int_value();
+                let qf = ok(self.b.build_signed_int_to_float(q, self.f32t(), ""));
+                self.fmul(qf, self.q8_scale(base, idx, scales))
+            }
         }
-        let i16t = self.cx.i16_type();
-        let p = self.gep(i16t, base, idx);
-        let h = ok(self.b.build_load(i16t, p, "")).into_int_value();
-        let w = ok(self.b.build_int_z_extend(h, self.cx.i32_type(), ""));
-        let w = ok(self.b.build_left_shift(w, self.cx.i32_type().const_int(16, false), ""));
-        ok(self.b.build_bit_cast(w, self.f32t(), "")).into_float_value()
     }
-    /// `VW` weight elements as `<VW x float>`, from `f32` or `bf16` storage.
-    pub fn ldvw(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, bf16: bool) -> VectorValue<'ctx> {
-        if !bf16 {
-            return self.ldv(base, idx);
+    /// The scale of the q8 block holding element `idx`.
+    fn q8_scale(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, scales: usize) -> FloatValue<'ctx> {
+        let sp = self.gep(self.cx.i8_type(), base, self.c(scales as i64));
+        let block = ok(self.b.build_right_shift(idx, self.c(Q8_BLOCK.trailing_zeros() as i64), false, ""));
+        self.ld(sp, block)
+    }
+    /// `VW` weight elements as `<VW x float>`, from their storage format. For q8, `idx`
+    /// is a multiple of `VW`, so the lanes share one block's scale.
+    pub fn ldvw(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, wf: WFmt) -> VectorValue<'ctx> {
+        match wf {
+            WFmt::F32 => self.ldv(base, idx),
+            WFmt::Bf16 => {
+                let (i16v, i32v) =
+                    (self.cx.i16_type().vec_type(VW as u32), self.cx.i32_type().vec_type(VW as u32));
+                let p = self.gep(self.cx.i16_type(), base, idx);
+                let h = ok(self.b.build_load(i16v, p, ""));
+                let _ = h.as_instruction_value().unwrap().set_alignment(2);
+                let w = ok(self.b.build_int_z_extend(h.into_vector_value(), i32v, ""));
+                let sixteen = VectorType::const_vector(&[self.cx.i32_type().const_int(16, false); VW]);
+                let w = ok(self.b.build_left_shift(w, sixteen, ""));
+                ok(self.b.build_bit_cast(w, self.vt(), "")).into_vector_value()
+            }
+            WFmt::Q8 { scales } => {
+                let i8v = self.cx.i8_type().vec_type(VW as u32);
+                let q = ok(self.b.build_load(i8v, self.gep(self.cx.i8_type(), base, idx), ""));
+                let _ = q.as_instruction_value().unwrap().set_alignment(1);
+                let qf = ok(self.b.build_signed_int_to_float(q.into_vector_value(), self.vt(), ""));
+                let s = self.splat(self.q8_scale(base, idx, scales));
+                ok(self.b.build_float_mul(qf, s, ""))
+            }
         }
-        let (i16v, i32v) = (self.cx.i16_type().vec_type(VW as u32), self.cx.i32_type().vec_type(VW as u32));
-        let p = self.gep(self.cx.i16_type(), base, idx);
-        let h = ok(self.b.build_load(i16v, p, ""));
-        let _ = h.as_instruction_value().unwrap().set_alignment(2);
-        let w = ok(self.b.build_int_z_extend(h.into_vector_value(), i32v, ""));
-        let sixteen = VectorType::const_vector(&[self.cx.i32_type().const_int(16, false); VW]);
-        let w = ok(self.b.build_left_shift(w, sixteen, ""));
-        ok(self.b.build_bit_cast(w, self.vt(), "")).into_vector_value()
     }
     pub fn vt(&self) -> VectorType<'ctx> {
         self.f32t().vec_type(VW as u32)

@@ -7,7 +7,7 @@ use inkwell::attributes::AttributeLoc;
 use inkwell::module::Linkage;
 use inkwell::values::{FloatValue, FunctionValue, IntValue, PointerValue};
 
-use super::kb::{Kb, VW};
+use super::kb::{Kb, WFmt, VW};
 use crate::interp::alibi_slopes;
 use crate::ir::{Act, AttnMask, QkvLayout, QkvPart};
 
@@ -17,7 +17,7 @@ pub enum Kernel {
     /// args: out(i32); tasks: 1. `out[t] = P + t`. Needs T, P.
     Positions,
     /// args: table, ids(i32), out; tasks: T rows.
-    Gather { d: usize, offset: usize, bf16: bool },
+    Gather { d: usize, offset: usize, wf: WFmt },
     /// args: pos(i32), out; tasks: T rows.
     Sinusoidal { dim: usize, base: f64 },
     /// args: a, b, out; tasks: rows.
@@ -30,7 +30,7 @@ pub enum Kernel {
     RmsNorm { d: usize, eps: f64, unit_offset: bool },
     /// args: x, w, [b], out, rows, then one pointer per `Add`/`Mul` of the epilogue;
     /// tasks: column blocks of `BLOCK`.
-    Linear { inn: usize, out: usize, transposed: bool, bias: bool, epi: Vec<Epi>, bf16: bool },
+    Linear { inn: usize, out: usize, transposed: bool, bias: bool, epi: Vec<Epi>, wf: WFmt },
     /// args: x, out; tasks: rows.
     SplitQkv { layout: QkvLayout, part: QkvPart, heads: usize, kv_heads: usize, head_dim: usize },
     /// args: x, out, rows; tasks: rows.
@@ -45,7 +45,7 @@ pub enum Kernel {
     LastRow { width: usize },
     /// One row times `W [in, out]`, split over `in`: args x, w, partials `[chunks, out]`;
     /// tasks: chunks. Each task streams a contiguous band of weight rows.
-    GemvPartial { inn: usize, out: usize, chunks: usize, bf16: bool },
+    GemvPartial { inn: usize, out: usize, chunks: usize, wf: WFmt },
     /// Sums the partials into the output row, adds the bias, applies the epilogue:
     /// args partials, [b], out, then the epilogue's other operands; tasks: column blocks.
     GemvReduce { out: usize, chunks: usize, bias: bool, epi: Vec<Epi> },
@@ -106,8 +106,8 @@ struct Lin<'ctx, 'e> {
     epi: &'e [Epi],
     /// The other operand of each `Add`/`Mul` in `epi`, in order.
     others: Vec<PointerValue<'ctx>>,
-    /// The weights are stored as `bf16`.
-    bf16: bool,
+    /// How the weights are stored.
+    wf: WFmt,
 }
 
 impl<'ctx, 'e> Lin<'ctx, 'e> {
@@ -119,14 +119,14 @@ impl<'ctx, 'e> Lin<'ctx, 'e> {
         n_out: usize,
         bias: bool,
         epi: &'e [Epi],
-        bf16: bool,
+        wf: WFmt,
     ) -> (Self, IntValue<'ctx>) {
         let (x, w) = (p(0), p(1));
         let (b, out, rows) = if bias { (Some(p(2)), p(3), a(4)) } else { (None, p(2), a(3)) };
         let first = if bias { 5 } else { 4 };
         let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
         let others = (0..n_others).map(|k| p(first + k as i64)).collect();
-        (Lin { x, w, b, out, inn, n_out, epi, others, bf16 }, rows)
+        (Lin { x, w, b, out, inn, n_out, epi, others, wf }, rows)
     }
 }
 
@@ -178,7 +178,7 @@ fn lin_t_tile<'ctx>(kb: &Kb<'_, 'ctx>, l: &Lin<'ctx, '_>, t0: IntValue<'ctx>, rn
         .collect();
     let acc = kb.fold(c(0), c(l.inn), &init, |i, acc| {
         let wrow = kb.add(kb.mul(i, c(l.n_out)), o0);
-        let wv: Vec<_> = (0..nv).map(|j| kb.ldvw(l.w, kb.add(wrow, c(j * VW)), l.bf16)).collect();
+        let wv: Vec<_> = (0..nv).map(|j| kb.ldvw(l.w, kb.add(wrow, c(j * VW)), l.wf)).collect();
         let mut next = Vec::with_capacity(acc.len());
         for r in 0..rn {
             let xs = kb.splat(kb.ld(l.x, kb.add(kb.mul(kb.add(t0, c(r)), c(l.inn)), i)));
@@ -215,9 +215,8 @@ fn lin_n_block<'ctx>(
         let steps = c(l.inn / VW);
         let acc = kb.fold(c(0), steps, &init, |s, acc| {
             let i = kb.mul(s, c(VW));
-            let wv: Vec<_> = (0..on)
-                .map(|j| kb.ldvw(l.w, kb.add(kb.mul(kb.add(oo, c(j)), c(l.inn)), i), l.bf16))
-                .collect();
+            let wv: Vec<_> =
+                (0..on).map(|j| kb.ldvw(l.w, kb.add(kb.mul(kb.add(oo, c(j)), c(l.inn)), i), l.wf)).collect();
             let mut next = Vec::with_capacity(acc.len());
             for r in 0..rn {
                 let xv = kb.ldv(l.x, kb.add(kb.mul(kb.add(t0, c(r)), c(l.inn)), i));
@@ -249,7 +248,7 @@ impl Kernel {
         let h = crate::ir::num;
         match self {
             Kernel::Positions => "positions".into(),
-            Kernel::Gather { d, offset, bf16 } => format!("gather_d{d}_o{offset}{}", bf(*bf16)),
+            Kernel::Gather { d, offset, wf } => format!("gather_d{d}_o{offset}{}", wf.suffix()),
             Kernel::Sinusoidal { dim, base } => format!("sinusoidal_{dim}_{}", h(*base).replace('.', "p")),
             Kernel::Binary { mul, width } => format!("{}_{width}", if *mul { "mul" } else { "add" }),
             Kernel::Unary { op: UnaryOp::Scale(s), width } => format!("scale_{width}_{:016x}", s.to_bits()),
@@ -260,10 +259,10 @@ impl Kernel {
             Kernel::RmsNorm { d, eps, unit_offset } => {
                 format!("rmsnorm_{d}_{:016x}_{}", eps.to_bits(), *unit_offset as u8)
             }
-            Kernel::Linear { inn, out, transposed, bias, epi, bf16 } => {
+            Kernel::Linear { inn, out, transposed, bias, epi, wf } => {
                 let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
                 let (t, b) = (if *transposed { "_t" } else { "" }, if *bias { "_b" } else { "" });
-                format!("linear_{inn}x{out}{t}{b}{epi}{}", bf(*bf16))
+                format!("linear_{inn}x{out}{t}{b}{epi}{}", wf.suffix())
             }
             Kernel::SplitQkv { layout, part, heads, kv_heads, head_dim } => {
                 format!("split_qkv_{}_{part:?}_{heads}_{kv_heads}_{head_dim}", layout.name())
@@ -281,8 +280,8 @@ impl Kernel {
                 *alibi as u8
             ),
             Kernel::LastRow { width } => format!("last_row_{width}"),
-            Kernel::GemvPartial { inn, out, chunks, bf16 } => {
-                format!("gemv_partial_{inn}x{out}_{chunks}{}", bf(*bf16))
+            Kernel::GemvPartial { inn, out, chunks, wf } => {
+                format!("gemv_partial_{inn}x{out}_{chunks}{}", wf.suffix())
             }
             Kernel::GemvReduce { out, chunks, bias, epi } => {
                 let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
@@ -290,14 +289,6 @@ impl Kernel {
             }
             Kernel::CacheStore { head_dim, max_seq } => format!("cache_store_{head_dim}_{max_seq}"),
         }
-    }
-}
-
-fn bf(bf16: bool) -> &'static str {
-    if bf16 {
-        "_bf16"
-    } else {
-        ""
     }
 }
 
@@ -345,12 +336,12 @@ fn body<'ctx>(
             let (out, t, pp) = (p(0), a(1), a(2));
             kb.for_(c(0), t, |i| kb.sti(out, i, kb.add(pp, i)));
         }
-        Kernel::Gather { d, offset, bf16 } => {
+        Kernel::Gather { d, offset, wf } => {
             let (table, ids, out) = (p(0), p(1), p(2));
             kb.for_(begin, end, |t| {
                 let row = kb.add(kb.ldi(ids, t), c(offset));
                 let (src, dst) = (kb.mul(row, c(d)), kb.mul(t, c(d)));
-                kb.for_(c(0), c(d), |j| kb.st(out, kb.add(dst, j), kb.ldw(table, kb.add(src, j), bf16)));
+                kb.for_(c(0), c(d), |j| kb.st(out, kb.add(dst, j), kb.ldw(table, kb.add(src, j), wf)));
             });
         }
         Kernel::Sinusoidal { dim, base } => {
@@ -431,10 +422,10 @@ fn body<'ctx>(
                 });
             });
         }
-        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, bf16 }
+        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf }
             if tiled(inn, n_out, transposed) =>
         {
-            let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, bf16);
+            let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
             kb.for_(begin, end, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
                 let o1 = kb.min(kb.add(o0, c(BLOCK)), c(n_out));
@@ -453,8 +444,8 @@ fn body<'ctx>(
                 kb.for_(full, rows, |t| step(t, 1));
             });
         }
-        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, bf16 } => {
-            let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, bf16);
+        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf } => {
+            let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
             let (x, w, b, out) = (l.x, l.w, l.b, l.out);
             kb.for_(begin, end, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
@@ -475,7 +466,7 @@ fn body<'ctx>(
                             kb.for_(o0, o1, |o| {
                                 let at = kb.add(yrow, o);
                                 let v =
-                                    kb.fadd(kb.ld(out, at), kb.fmul(xv, kb.ldw(w, kb.add(wrow, o), l.bf16)));
+                                    kb.fadd(kb.ld(out, at), kb.fmul(xv, kb.ldw(w, kb.add(wrow, o), l.wf)));
                                 kb.st(out, at, v);
                             });
                         });
@@ -484,7 +475,7 @@ fn body<'ctx>(
                         kb.for_(o0, o1, |o| {
                             let wrow = kb.mul(o, c(inn));
                             let dot = kb.sum(c(0), c(inn), |i| {
-                                kb.fmul(kb.ld(x, kb.add(xrow, i)), kb.ldw(w, kb.add(wrow, i), l.bf16))
+                                kb.fmul(kb.ld(x, kb.add(xrow, i)), kb.ldw(w, kb.add(wrow, i), l.wf))
                             });
                             kb.st(out, kb.add(yrow, o), kb.fadd(dot, init(o)));
                         });
@@ -567,7 +558,7 @@ fn body<'ctx>(
         Kernel::Attention { heads, groups, head_dim, scale, mask, alibi } => {
             attention(kb, heads, groups, head_dim, scale, mask, alibi, a, p, begin, end)
         }
-        Kernel::GemvPartial { inn, out: n_out, chunks, bf16 } => {
+        Kernel::GemvPartial { inn, out: n_out, chunks, wf } => {
             let (x, w, part) = (p(0), p(1), p(2));
             kb.for_(begin, end, |ch| {
                 let i0 = kb.div(kb.mul(ch, c(inn)), c(chunks));
@@ -580,7 +571,7 @@ fn body<'ctx>(
                     kb.for_(c(0), c(n_out / VW), |v| {
                         let o = kb.mul(v, c(VW));
                         let at = kb.add(prow, o);
-                        let acc = kb.vfma(xs, kb.ldvw(w, kb.add(wrow, o), bf16), kb.ldv(part, at));
+                        let acc = kb.vfma(xs, kb.ldvw(w, kb.add(wrow, o), wf), kb.ldv(part, at));
                         kb.stv(part, at, acc);
                     });
                 });
@@ -592,7 +583,7 @@ fn body<'ctx>(
             let first = if bias { 3 } else { 2 };
             let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
             let others = (0..n_others).map(|k| p(first + k as i64)).collect();
-            let l = Lin { x: part, w: part, b, out, inn: 0, n_out, epi, others, bf16: false };
+            let l = Lin { x: part, w: part, b, out, inn: 0, n_out, epi, others, wf: WFmt::F32 };
             kb.for_(begin, end, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
                 kb.for_(c(0), c(BLOCK / VW), |v| {

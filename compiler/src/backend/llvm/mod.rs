@@ -22,7 +22,7 @@ use inkwell::values::{FunctionValue, IntValue, PointerValue};
 use inkwell::GlobalVisibility;
 use inkwell::OptimizationLevel;
 
-use kb::Kb;
+use kb::{Kb, WFmt};
 pub use kernels::Kernel;
 use kernels::{Epi, UnaryOp, BLOCK};
 
@@ -77,8 +77,12 @@ impl WeightTable {
 
 /// Bytes of a weight as the library reads it.
 pub fn weight_bytes(shape: &[usize], dtype: DType) -> usize {
-    let elem = if dtype == DType::BF16 { 2 } else { 4 };
-    shape.iter().product::<usize>() * elem
+    let n = shape.iter().product::<usize>();
+    match dtype {
+        DType::BF16 | DType::F16 => n * 2,
+        DType::Q8 => tfc_runtime::quant::q8_bytes(n),
+        DType::F32 | DType::I32 => n * 4,
+    }
 }
 
 /// Facts the module records as globals and the manifest repeats.
@@ -102,8 +106,8 @@ pub fn build<'ctx>(
     weights: &WeightTable,
 ) -> Result<(Module<'ctx>, Layout), LlvmError> {
     for (name, _, dtype) in &weights.names {
-        if !matches!(dtype, DType::F32 | DType::BF16) {
-            return Err(LlvmError::Unsupported(format!("{dtype} weights (`{name}`); use f32 or bf16")));
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::Q8) {
+            return Err(LlvmError::Unsupported(format!("{dtype} weights (`{name}`); use f32, bf16 or q8")));
         }
     }
     let m = cx.create_module(&c.spec.name);
@@ -492,8 +496,8 @@ fn emit_graph<'ctx>(
             Op::Weight { .. } | Op::Input(_) | Op::Concat { .. } => {}
             Op::Positions => call(Kernel::Positions, vec![me(), t, p], kb.c(1)),
             Op::Gather { offset } => {
-                let bf16 = g.ty(ops[0]).dtype == DType::BF16;
-                call(Kernel::Gather { d: width, offset: *offset, bf16 }, vec![o(0), o(1), me()], rows_of(n))
+                let wf = WFmt::of(g.ty(ops[0]));
+                call(Kernel::Gather { d: width, offset: *offset, wf }, vec![o(0), o(1), me()], rows_of(n))
             }
             Op::Sinusoidal { dim: d, base } => {
                 call(Kernel::Sinusoidal { dim: *d, base: *base }, vec![o(0), me()], rows_of(n))
@@ -523,7 +527,7 @@ fn emit_graph<'ctx>(
             }
             Op::Linear { transposed, bias } => {
                 let inn = fixed(*g.ty(ops[0]).shape.last().unwrap());
-                let bf16 = g.ty(ops[1]).dtype == DType::BF16;
+                let wf = WFmt::of(g.ty(ops[1]));
                 let mut v = vec![o(0), o(1)];
                 if *bias {
                     v.push(o(2));
@@ -542,7 +546,7 @@ fn emit_graph<'ctx>(
                 if let Some((chunks, _)) = split_k(g, n) {
                     // Partials live right after the output row in the node's block.
                     let part = kb.int_of(kb.gep(kb.f32t(), at(n), kb.c(width as i64)));
-                    let k = Kernel::GemvPartial { inn, out: width, chunks, bf16 };
+                    let k = Kernel::GemvPartial { inn, out: width, chunks, wf };
                     call(k, vec![o(0), o(1), part], kb.c(chunks as i64));
                     let mut r = vec![part];
                     if *bias {
@@ -554,7 +558,7 @@ fn emit_graph<'ctx>(
                     call(k, r, kb.c((width / BLOCK) as i64));
                 } else {
                     let (transposed, bias) = (*transposed, *bias);
-                    let k = Kernel::Linear { inn, out: width, transposed, bias, epi, bf16 };
+                    let k = Kernel::Linear { inn, out: width, transposed, bias, epi, wf };
                     call(k, v, kb.c(width.div_ceil(BLOCK) as i64));
                 }
             }

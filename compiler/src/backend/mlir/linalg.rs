@@ -20,6 +20,11 @@ use crate::ir::{Act, CacheKind, DType, Dim, Graph, InputKind, NodeId, Op, QkvLay
 
 /// The whole module: one function per graph.
 pub fn module(g: &Graphs, weights: &WeightTable, layout: &Layout) -> Result<String, MlirError> {
+    for (name, _, dtype) in &weights.names {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(unsupported(format!("{dtype} weights (`{name}`); use f32 or bf16")));
+        }
+    }
     let mut t = Text::default();
     t.open("module attributes {transform.with_named_sequence} {");
     for (name, graph) in
