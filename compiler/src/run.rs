@@ -492,7 +492,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let weight_bytes: usize = m
         .weights
         .iter()
-        .map(|x| x.shape.iter().product::<usize>() * if x.dtype == "bf16" { 2 } else { 4 })
+        .map(|x| {
+            let dtype = tfc::ir::DType::parse(&x.dtype).unwrap_or(tfc::ir::DType::F32);
+            tfc::backend::llvm::weight_bytes(&x.shape, dtype)
+        })
         .sum();
     let (pm, pmin, pmax) = stats(pre);
     let (dm, dmin, dmax) = stats(dec);
