@@ -275,3 +275,23 @@ fn mlir_stages() {
     insta::assert_snapshot!("alibi_hidden@nvvm", c.lowered);
     insta::assert_snapshot!("alibi_hidden@ptx", String::from_utf8(c.binary).unwrap());
 }
+
+/// A bf16 spec on the GPU: the runtime rounds an f32 checkpoint to bf16 before the f32
+/// kernels read it, so Vulkan computes what the bf16 interpreter computes.
+#[test]
+fn bf16_weights_on_vulkan_match_the_bf16_interpreter() {
+    let spec = root().join("tests/specs/valid/llama_bf16.tfs");
+    let fx = root().join("tests/fixtures/hf/llama");
+    let model = GpuModel::load(build(&spec, "bf16", Target::Vulkan)).unwrap();
+    assert!(model.program().weights.iter().any(|w| w.dtype == "bf16"));
+    let ck = Arc::new(Checkpoint::open(&fx).unwrap());
+    let mut s = GpuSession::new(&model, WeightData::Checkpoint(ck.clone())).unwrap();
+    let prompt = [188, 354, 68, 81, 173, 71, 249, 323, 49, 60, 366, 134];
+    let rows = s.prefill(&prompt, None, true).unwrap();
+    let c = compile(&spec, &Options::default());
+    let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
+    let tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let interp =
+        run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap().remove("logits").unwrap();
+    assert_close("bf16 on vulkan vs bf16 interpreter", &rows, &interp.data, 1e-4);
+}

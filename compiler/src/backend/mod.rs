@@ -222,7 +222,8 @@ pub fn gpu_build(
     let Some(t) = target.gpu() else {
         return Err(mlir::MlirError::Unsupported("a GPU build for the CPU target".into()).into());
     };
-    // Kernels read f32 weights; a bf16 checkpoint is widened (exactly) when uploaded.
+    // Kernels read f32 weights; bf16 and f16 weights are rounded, then widened exactly,
+    // when the runtime uploads them.
     let declared = crate::compile(file, source, &Options::default(), &mut |_, _| {})?.spec.dtype;
     if opts.weight_dtype.unwrap_or(declared) == crate::ir::DType::Q8 {
         return Err(mlir::MlirError::Unsupported("q8 weights on a GPU target; use f32 or bf16".into()).into());
@@ -238,10 +239,16 @@ pub fn gpu_build(
     let ml = mlir::Mlir::new();
     let (lowered, binary) = ml.compile_gpu(&m.mlir, t)?;
     let mut program = m.program;
+    // Each weight keeps its declared storage type in the program: the runtime rounds the
+    // values to it before widening, so the kernels compute what the spec says.
+    let declared = lib_graphs(file, source, opts)?.weight_table();
     program.weights = weights
         .names
         .iter()
-        .map(|(n, s, d)| WeightInfo { name: n.clone(), shape: s.clone(), dtype: d.name().into() })
+        .map(|(n, s, _)| {
+            let d = declared.names.iter().find(|w| &w.0 == n).map_or(crate::ir::DType::F32, |w| w.2);
+            WeightInfo { name: n.clone(), shape: s.clone(), dtype: d.name().into() }
+        })
         .collect();
     program.spec_hash = abi::fnv1a(source);
     Ok(GpuBuild { kernels: m.mlir, lowered, binary, program })

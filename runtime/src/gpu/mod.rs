@@ -83,6 +83,19 @@ impl<'m> GpuSession<'m> {
             if values.len() != expected {
                 return Err(RuntimeError::WeightSize { name: w.name.clone(), found: values.len(), expected });
             }
+            let mut values = values;
+            // The declared storage type, as the kernels' f32 weights must hold it.
+            match w.dtype.as_str() {
+                "f32" => {}
+                "bf16" => values.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+                "f16" => values.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+                other => {
+                    return Err(RuntimeError::Gpu(format!(
+                        "weight `{}` has dtype {other}; GPU programs take f32, bf16 and f16",
+                        w.name
+                    )))
+                }
+            }
             weights.push(values);
         }
         let tables: Vec<Vec<f32>> = p.tables.iter().map(|t| t.values()).collect();
