@@ -499,8 +499,28 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .sum();
     let (pm, pmin, pmax) = stats(pre);
     let (dm, dmin, dmax) = stats(dec);
-    // Weights are read once per decode step; the KV cache grows from the prompt on.
-    let gbs = dm * weight_bytes as f64 / 1e9;
+    // A decode step reads every matrix of a linear map once (an embedding table only
+    // for its gathered row, unless it is also the unembedding); the KV cache grows from
+    // the prompt on and is not counted.
+    let decode = c.decode.as_ref().expect("checked above: the model has a decode step");
+    let mut read = std::collections::HashSet::new();
+    for n in decode.node_ids() {
+        if let tfc::ir::Op::Linear { .. } = decode.op(n) {
+            if let tfc::ir::Op::Weight { name, .. } = decode.op(decode.operands(n)[1]) {
+                read.insert(name.clone());
+            }
+        }
+    }
+    let read_bytes: usize = m
+        .weights
+        .iter()
+        .filter(|x| read.contains(&x.name))
+        .map(|x| {
+            let dtype = tfc::ir::DType::parse(&x.dtype).unwrap_or(tfc::ir::DType::F32);
+            tfc::backend::llvm::weight_bytes(&x.shape, dtype)
+        })
+        .sum();
+    let gbs = dm * read_bytes as f64 / 1e9;
     let params: usize = m.weights.iter().map(|x| x.shape.iter().product::<usize>()).sum();
     let flops = 2.0 * params as f64 * a.prompt as f64;
     let gflops = flops / (pm / 1e3) / 1e9;
@@ -510,7 +530,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             "compile_s": compile_s,
             "prefill_ms": {"median": pm, "min": pmin, "max": pmax},
             "decode_tok_s": {"median": dm, "min": dmin, "max": dmax},
-            "decode_weight_gb_s": gbs, "prefill_gflop_s": gflops, "weight_bytes": weight_bytes,
+            "decode_weight_gb_s": gbs, "decode_bytes_per_token": read_bytes, "prefill_gflop_s": gflops, "weight_bytes": weight_bytes,
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
