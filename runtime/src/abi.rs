@@ -11,6 +11,45 @@ pub const HEADER: &str = include_str!("abi/tfc.h");
 pub const SUPPORT_C: &str = include_str!("abi/support.c");
 pub const ABI_VERSION: i32 = 1;
 
+/// CPU features a library may require of the CPU it runs on; `support.c` tests each
+/// with `__builtin_cpu_supports` (the names are GCC's and LLVM's alike). A library built
+/// with any of them also carries a baseline x86-64 copy of its graph functions.
+pub const CPU_FEATURES: &[&str] = &[
+    "sse3",
+    "ssse3",
+    "sse4.1",
+    "sse4.2",
+    "popcnt",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "bmi",
+    "bmi2",
+    "lzcnt",
+    "movbe",
+    "avx512f",
+    "avx512vl",
+    "avx512bw",
+    "avx512dq",
+    "avx512cd",
+    "avx512vnni",
+    "avx512bf16",
+    "avx512fp16",
+    "avx512vbmi",
+    "avx512vbmi2",
+    "avx512ifma",
+    "avx512bitalg",
+    "avx512vpopcntdq",
+    "avxvnni",
+    "gfni",
+    "vpclmulqdq",
+    "vaes",
+    "amx-tile",
+    "amx-int8",
+    "amx-bf16",
+];
+
 pub const OK: i32 = 0;
 
 /// The message for a status code, as `tfc_status_string` gives it.

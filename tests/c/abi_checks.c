@@ -2,6 +2,7 @@
    by tests/suite/backends.rs; prints "ok" and exits 0 when every check holds. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static int failures = 0;
 #define EXPECT(what, got, want)                                                              \
@@ -64,6 +65,8 @@ int main(void) {
         EXPECT("decode on an encoder", tfc_decode(ctx, 1, out), TFC_ERR_NO_DECODE);
     }
     EXPECT("status string", tfc_status_string(12345)[0] != 0, 1);
+    const char *cpu = getenv("TFC_CPU");
+    EXPECT("fallback code forced by TFC_CPU=baseline", tfc_uses_fallback(), cpu && strcmp(cpu, "baseline") == 0);
     tfc_destroy(ctx);
     for (int32_t i = 0; i < n; i++) free(bufs[i]);
     free(bufs);

@@ -251,6 +251,10 @@ fn misuse_of_the_c_abi_gets_status_codes() {
         let run = std::process::Command::new(&exe).output().unwrap();
         assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
         assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "ok");
+        // The same through the baseline x86-64 copy of the code.
+        let run = std::process::Command::new(&exe).env("TFC_CPU", "baseline").output().unwrap();
+        assert!(run.status.success(), "{name}, baseline: {}", String::from_utf8_lossy(&run.stderr));
+        assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "ok");
     }
 }
 
@@ -259,6 +263,15 @@ fn the_c_example_generates_with_the_header_and_library() {
     let dir = build(&root().join("specs/tiny/llama.tfs"), "c-example");
     let exe = build_c(&dir, "llama", &root().join("examples/c/generate.c"));
     let run = std::process::Command::new(&exe)
+        .arg(root().join("tests/fixtures/hf/llama/model.safetensors"))
+        .args(["12", "188", "354", "68", "81", "173", "71", "249", "323", "49", "60", "366", "134"])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "54,11,247,269,207,311,54,54,54,54,54,54");
+    // A CPU without the build machine's features gets the baseline copy: the same tokens.
+    let run = std::process::Command::new(&exe)
+        .env("TFC_CPU", "baseline")
         .arg(root().join("tests/fixtures/hf/llama/model.safetensors"))
         .args(["12", "188", "354", "68", "81", "173", "71", "249", "323", "49", "60", "366", "134"])
         .output()

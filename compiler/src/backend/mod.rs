@@ -290,6 +290,42 @@ pub fn llvm_ir(file: &str, source: &str, optimized: bool, opts: &LibOptions) -> 
     Ok(m.print_to_string().to_string())
 }
 
+/// The features of `tm` that the library must find on the CPU it runs on (those the C
+/// half can test; see `abi::CPU_FEATURES`), comma-separated.
+fn required_features(tm: &inkwell::targets::TargetMachine) -> String {
+    let all = tm.get_feature_string().to_string_lossy().to_string();
+    let on: Vec<&str> = all.split(',').filter_map(|f| f.strip_prefix('+')).collect();
+    abi::CPU_FEATURES.iter().filter(|f| on.contains(f)).copied().collect::<Vec<_>>().join(",")
+}
+
+/// A copy of the module for the fallback CPU: its graph functions renamed
+/// `tfc__<graph>__fallback`, its data left to the main module.
+fn fallback_module<'ctx>(
+    m: &inkwell::module::Module<'ctx>,
+) -> Result<inkwell::module::Module<'ctx>, BackendError> {
+    let fm = m.clone();
+    for g in ["prefill", "prefill_all", "decode"] {
+        if let Some(f) = fm.get_function(&format!("tfc__{g}")) {
+            f.as_global_value().set_name(&format!("tfc__{g}__fallback"));
+        }
+    }
+    let mut data = Vec::new();
+    let mut g = fm.get_first_global();
+    while let Some(v) = g {
+        g = v.get_next_global();
+        if v.get_initializer().is_some() && v.get_linkage() != inkwell::module::Linkage::Private {
+            data.push(v);
+        }
+    }
+    for v in data {
+        // The graph functions never read the model constants; the main object defines them.
+        v.set_initializer(&v.get_initializer().unwrap().get_type().const_zero());
+        v.set_linkage(inkwell::module::Linkage::Internal);
+    }
+    fm.verify().map_err(|e| llvm::LlvmError::Llvm(format!("bug: invalid fallback module: {e}")))?;
+    Ok(fm)
+}
+
 /// Compiles a spec to `out_dir/lib<name>.so`, `<name>.h` and `manifest.json`.
 pub fn compile_library(
     file: &str,
@@ -303,7 +339,17 @@ pub fn compile_library(
     let cx = inkwell::context::Context::create();
     let (m, layout) = build(&cx, &lg, &weights, opts.backend)?;
     let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
+    // The same graphs for baseline x86-64, chosen at load time when the CPU lacks a
+    // feature the main code uses: a library never dies with an illegal instruction.
+    let features = required_features(&tm);
+    let fallback = if features.is_empty() { None } else { Some(fallback_module(&m)?) };
+    llvm::cpu_features_global(&cx, &m, &features);
     let object = llvm::optimize_and_emit(&m, &tm, opts.backend.llvm_passes())?;
+    let fallback_object = match &fallback {
+        // O2: the fallback is for correctness on older CPUs; it should not double the build.
+        Some(fm) => Some(llvm::optimize_and_emit(fm, &llvm::target_machine(Some("x86-64"))?, "default<O2>")?),
+        None => None,
+    };
 
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -316,6 +362,10 @@ pub fn compile_library(
     let (obj, support, header) =
         (work.join("model.o"), work.join("support.c"), out_dir.join(format!("{name}.h")));
     std::fs::write(&obj, &object).map_err(io(&obj))?;
+    let fallback_obj = work.join("fallback.o");
+    if let Some(o) = &fallback_object {
+        std::fs::write(&fallback_obj, o).map_err(io(&fallback_obj))?;
+    }
     std::fs::write(&support, abi::SUPPORT_C).map_err(io(&support))?;
     std::fs::write(&header, abi::HEADER).map_err(io(&header))?;
     std::fs::write(work.join("tfc.h"), abi::HEADER).map_err(io(&work))?;
@@ -326,6 +376,8 @@ pub fn compile_library(
         .arg(&library)
         .arg(&support)
         .arg(&obj)
+        .args(fallback_object.as_ref().map(|_| &fallback_obj))
+        .arg(if fallback_object.is_some() { "-DTFC_FALLBACK" } else { "-UTFC_FALLBACK" })
         .arg("-lm")
         .output()
         .map_err(|e| BackendError::Link { cc: cc.clone(), lib: library.clone(), stderr: e.to_string() })?;

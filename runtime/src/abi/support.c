@@ -23,6 +23,60 @@ void tfc__prefill_all(void *, float *, const int32_t *, const int32_t *, int64_t
 void tfc__decode(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t, const void *const *,
                  float *, void *);
 
+/* ---- which code runs. A library built for a CPU with features beyond baseline x86-64
+   also carries a baseline copy of its graph functions (`tfc__<graph>__fallback`) and
+   lists the features the main copy needs; the first context created checks them and
+   picks a copy, so the library never executes an instruction the CPU lacks. The
+   environment variable TFC_CPU=baseline forces the fallback (for testing it). ---- */
+static tfc_graph run_prefill = tfc__prefill, run_prefill_all = tfc__prefill_all, run_decode = tfc__decode;
+#ifdef TFC_FALLBACK
+extern const char tfc__cpu_features[];
+void tfc__prefill__fallback(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t,
+                            const void *const *, float *, void *);
+void tfc__prefill_all__fallback(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t,
+                                const void *const *, float *, void *);
+void tfc__decode__fallback(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t,
+                           const void *const *, float *, void *);
+
+static int cpu_has(const char *f, size_t n) {
+#define TFC_HAS(name) \
+    if (n == sizeof(name) - 1 && memcmp(f, name, n) == 0) return __builtin_cpu_supports(name);
+    TFC_HAS("sse3") TFC_HAS("ssse3") TFC_HAS("sse4.1") TFC_HAS("sse4.2") TFC_HAS("popcnt") TFC_HAS("avx")
+    TFC_HAS("avx2") TFC_HAS("fma") TFC_HAS("f16c") TFC_HAS("bmi") TFC_HAS("bmi2") TFC_HAS("lzcnt")
+    TFC_HAS("movbe") TFC_HAS("avx512f") TFC_HAS("avx512vl") TFC_HAS("avx512bw") TFC_HAS("avx512dq")
+    TFC_HAS("avx512cd") TFC_HAS("avx512vnni") TFC_HAS("avx512bf16") TFC_HAS("avx512fp16")
+    TFC_HAS("avx512vbmi") TFC_HAS("avx512vbmi2") TFC_HAS("avx512ifma") TFC_HAS("avx512bitalg")
+    TFC_HAS("avx512vpopcntdq") TFC_HAS("avxvnni") TFC_HAS("gfni") TFC_HAS("vpclmulqdq") TFC_HAS("vaes")
+    TFC_HAS("amx-tile") TFC_HAS("amx-int8") TFC_HAS("amx-bf16")
+#undef TFC_HAS
+    return 0; /* a feature this file cannot test: assume it is missing */
+}
+
+static void choose_code(void) {
+    __builtin_cpu_init();
+    const char *force = getenv("TFC_CPU");
+    int ok = !(force && strcmp(force, "baseline") == 0);
+    for (const char *f = tfc__cpu_features; ok && *f;) {
+        size_t n = strcspn(f, ",");
+        ok = cpu_has(f, n);
+        f += n + (f[n] == ',');
+    }
+    if (!ok) {
+        run_prefill = tfc__prefill__fallback;
+        run_prefill_all = tfc__prefill_all__fallback;
+        run_decode = tfc__decode__fallback;
+    }
+}
+#else
+static void choose_code(void) {}
+#endif
+static pthread_once_t chosen = PTHREAD_ONCE_INIT;
+
+int32_t tfc_uses_fallback(void) {
+    pthread_once(&chosen, choose_code);
+    return run_decode != tfc__decode;
+}
+
 /* ---- thread pool. A kernel call publishes (fn, args, total), bumps `generation` and
    runs share 0 itself; workers spin briefly on `generation` (a decode step is ~100 short
    calls, too short to sleep between) and only then sleep on a condition variable; the
@@ -174,6 +228,7 @@ int64_t tfc_weight_bytes(int32_t index) {
 }
 
 tfc_ctx *tfc_create(int32_t n_threads) {
+    pthread_once(&chosen, choose_code);
     if (n_threads <= 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         n_threads = n > 0 ? (int32_t)n : 1;
@@ -234,7 +289,7 @@ int32_t tfc_prefill(tfc_ctx *c, const int32_t *tokens, const int32_t *types, int
     if (n > tfc__max_seq) return TFC_ERR_CONTEXT_FULL;
     int32_t s = check_tokens(tokens, types, n);
     if (s != TFC_OK) return s;
-    (all_rows ? tfc__prefill_all : tfc__prefill)(c->arena, c->cache, tokens, types ? types : c->zeros, n, 0,
+    (all_rows ? run_prefill_all : run_prefill)(c->arena, c->cache, tokens, types ? types : c->zeros, n, 0,
                                                   c->weights, out, c->pool);
     c->pos = tfc__has_decode ? n : 0;
     return TFC_OK;
@@ -247,7 +302,7 @@ int32_t tfc_decode(tfc_ctx *c, int32_t token, float *out) {
     if (c->pos + 1 > tfc__max_seq) return TFC_ERR_CONTEXT_FULL;
     int32_t s = check_tokens(&token, NULL, 1);
     if (s != TFC_OK) return s;
-    tfc__decode(c->arena, c->cache, &token, c->zeros, 1, c->pos, c->weights, out, c->pool);
+    run_decode(c->arena, c->cache, &token, c->zeros, 1, c->pos, c->weights, out, c->pool);
     c->pos += 1;
     return TFC_OK;
 }

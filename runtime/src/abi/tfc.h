@@ -35,6 +35,9 @@ int32_t tfc_weight_count(void);
 const char *tfc_weight_name(int32_t index);
 /* Bytes weight `index` must have (the manifest's shape and dtype). -1 for a bad index. */
 int64_t tfc_weight_bytes(int32_t index);
+/* 1 when this CPU runs the library's baseline x86-64 copy of its code because it lacks a
+   feature of the CPU the library was built for (or TFC_CPU=baseline is set), else 0. */
+int32_t tfc_uses_fallback(void);
 
 /* A context owns the KV cache, scratch memory and a pool of n_threads threads
    (0: one per core). NULL when out of memory. */

@@ -643,6 +643,16 @@ fn emit_graph<'ctx>(
     Ok(arena_bytes)
 }
 
+/// `tfc__cpu_features`: the CPU features the main code needs, which the C half checks
+/// before it chooses between the main and the fallback graph functions.
+pub fn cpu_features_global<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, features: &str) {
+    let s = cx.const_string(features.as_bytes(), true);
+    let g = m.add_global(s.get_type(), None, "tfc__cpu_features");
+    g.set_initializer(&s);
+    g.set_constant(true);
+    g.set_visibility(GlobalVisibility::Hidden);
+}
+
 /// The host's target machine (or `cpu`'s), position-independent for a shared library.
 pub fn target_machine(cpu: Option<&str>) -> Result<TargetMachine, LlvmError> {
     Target::initialize_native(&InitializationConfig::default()).map_err(LlvmError::Llvm)?;
