@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tfc::backend::{compile_library, Backend, LibOptions};
 use tfc::interp::{run, Inputs, WeightSource, Weights};
 use tfc::Options;
-use tfc_runtime::{argmax, Checkpoint, Model, Session, WeightData};
+use tfc_runtime::{Checkpoint, Model, Session, WeightData};
 
 use crate::common::*;
 
@@ -38,57 +38,8 @@ fn check(arch: &str, backend: Backend) {
     let fx = root().join("tests/fixtures/hf").join(arch);
     let model = Model::load(build_with(&spec, "fixtures", backend)).unwrap();
     let ck = Arc::new(Checkpoint::open(&fx).unwrap());
-    let mut s = Session::new(&model, WeightData::Checkpoint(ck.clone()), 2).unwrap();
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fx.join("fixture.json")).unwrap()).unwrap();
-    let ids = |k: &str| -> Vec<i32> {
-        fixture[k]
-            .as_array()
-            .map(|a| a.iter().map(|v| v.as_i64().unwrap() as i32).collect())
-            .unwrap_or_default()
-    };
-    let (prompt, greedy) = (ids("prompt"), ids("greedy"));
-    let expected = fx.join("expected.safetensors");
-
-    // All rows of the prompt against transformers and against the interpreter.
-    let rows = s.prefill(&prompt, None, true).unwrap();
-    let c = compile(&spec, &Options::default());
-    let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
-    let tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-    let mut interp = run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap();
-    let interp = interp.remove("logits").or_else(|| interp.remove("hidden")).unwrap();
-    assert_close(&format!("{arch}: library vs interpreter"), &rows, &interp.data, 1e-4);
-    if greedy.is_empty() {
-        let want = read_tensor(&expected, "last_hidden_state");
-        assert_close(&format!("{arch}: library vs transformers"), &rows, &want.data, 1e-4);
-        assert!(s.decode(1).is_err(), "an encoder has no decode step");
-        return;
-    }
-    let want = read_tensor(&expected, "full_logits");
-    let vocab = want.shape[1];
-    assert_close(
-        &format!("{arch}: prompt logits vs transformers"),
-        &rows,
-        &want.data[..prompt.len() * vocab],
-        1e-4,
-    );
-
-    // Prefill + decode through the library's cache: the same rows, the same tokens.
-    s.reset();
-    let mut logits = s.prefill(&prompt, None, false).unwrap();
-    let mut generated = Vec::new();
-    for step in 0..greedy.len() {
-        let pos = prompt.len() - 1 + step;
-        let what = format!("{arch}: cached logits at position {pos}");
-        assert_close(&what, &logits, &want.data[pos * vocab..(pos + 1) * vocab], 1e-4);
-        let next = argmax(&logits) as i32;
-        generated.push(next);
-        if step + 1 < greedy.len() {
-            logits = s.decode(next).unwrap();
-        }
-    }
-    assert_eq!(generated, greedy, "{arch}: greedy continuation through the library");
-    assert_eq!(s.position(), prompt.len() + greedy.len() - 1);
+    let mut s = Session::new(&model, WeightData::Checkpoint(ck), 2).unwrap();
+    check_fixture(arch, &format!("the {} library", backend.name()), &mut s);
 }
 
 macro_rules! backend_tests {
@@ -130,25 +81,8 @@ fn prefill_and_decode_equal_the_interpreter(backend: Backend) {
         let model = Model::load(build_with(&spec, "random", backend)).unwrap();
         let (w, data) = random_weights(&model, &[&c.model]);
         let mut s = Session::new(&model, data, 2).unwrap();
-        let tokens: Vec<i32> = (0..9).map(|i| (i * 7 + 3) % c.spec.sizes.vocab as i32).collect();
-        let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
-        let mut full = run(&c.model, &w, &inputs).unwrap();
-        let full = full.remove("logits").or_else(|| full.remove("hidden")).unwrap();
-        let name = spec.file_name().unwrap().to_string_lossy().to_string();
-        let all = s.prefill(&tokens, None, true).unwrap();
-        assert_close(&format!("{name}: all rows"), &all, &full.data, 1e-5);
-        if c.decode.is_none() {
-            continue;
-        }
-        for split in [1, 5] {
-            s.reset();
-            let last = s.prefill(&tokens[..split], None, false).unwrap();
-            assert_close(&format!("{name}: prefill {split}"), &last, full.row(split - 1), 1e-5);
-            for (i, &t) in tokens.iter().enumerate().skip(split) {
-                let row = s.decode(t).unwrap();
-                assert_close(&format!("{name}: decode at {i} after {split}"), &row, full.row(i), 1e-5);
-            }
-        }
+        let name = format!("{} ({} library)", spec.file_name().unwrap().to_string_lossy(), backend.name());
+        check_splits(&name, &c, &w, &mut s);
     }
 }
 

@@ -49,3 +49,118 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     let d = max_diff(got, want);
     assert!(d <= tol, "{what}: max |difference| {d:e} exceeds {tol:e}");
 }
+
+/// What the fixture check needs of a compiled model, on the CPU or a GPU.
+pub trait Engine {
+    fn prefill(&mut self, tokens: &[i32], all_rows: bool) -> Vec<f32>;
+    fn decode(&mut self, token: i32) -> Result<Vec<f32>, String>;
+    fn reset(&mut self);
+    fn position(&self) -> usize;
+}
+
+impl Engine for tfc_runtime::Session<'_> {
+    fn prefill(&mut self, tokens: &[i32], all_rows: bool) -> Vec<f32> {
+        tfc_runtime::Session::prefill(self, tokens, None, all_rows).unwrap()
+    }
+    fn decode(&mut self, token: i32) -> Result<Vec<f32>, String> {
+        tfc_runtime::Session::decode(self, token).map_err(|e| e.to_string())
+    }
+    fn reset(&mut self) {
+        tfc_runtime::Session::reset(self)
+    }
+    fn position(&self) -> usize {
+        tfc_runtime::Session::position(self)
+    }
+}
+
+impl Engine for tfc_runtime::gpu::GpuSession<'_> {
+    fn prefill(&mut self, tokens: &[i32], all_rows: bool) -> Vec<f32> {
+        tfc_runtime::gpu::GpuSession::prefill(self, tokens, None, all_rows).unwrap()
+    }
+    fn decode(&mut self, token: i32) -> Result<Vec<f32>, String> {
+        tfc_runtime::gpu::GpuSession::decode(self, token).map_err(|e| e.to_string())
+    }
+    fn reset(&mut self) {
+        tfc_runtime::gpu::GpuSession::reset(self).unwrap()
+    }
+    fn position(&self) -> usize {
+        tfc_runtime::gpu::GpuSession::position(self)
+    }
+}
+
+/// One fixture architecture through a compiled model (`what` names it in failures): every
+/// prompt row against transformers and the interpreter, then prefill + decode through the
+/// model's own KV cache, logits and greedy tokens as transformers generated them.
+pub fn check_fixture(arch: &str, what: &str, e: &mut dyn Engine) {
+    use tfc::interp::{run, Inputs, WeightSource, Weights};
+    let spec = root().join("specs/tiny").join(format!("{arch}.tfs"));
+    let fx = root().join("tests/fixtures/hf").join(arch);
+    let ck = tfc_runtime::Checkpoint::open(&fx).unwrap();
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("fixture.json")).unwrap()).unwrap();
+    let ids = |k: &str| -> Vec<i32> {
+        fixture[k]
+            .as_array()
+            .map(|a| a.iter().map(|v| v.as_i64().unwrap() as i32).collect())
+            .unwrap_or_default()
+    };
+    let (prompt, greedy) = (ids("prompt"), ids("greedy"));
+    let expected = fx.join("expected.safetensors");
+    let rows = e.prefill(&prompt, true);
+    let c = compile(&spec, &Options::default());
+    let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
+    let tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let mut interp = run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap();
+    let interp = interp.remove("logits").or_else(|| interp.remove("hidden")).unwrap();
+    assert_close(&format!("{arch}: {what} vs interpreter"), &rows, &interp.data, 1e-4);
+    if greedy.is_empty() {
+        let want = read_tensor(&expected, "last_hidden_state");
+        assert_close(&format!("{arch}: {what} vs transformers"), &rows, &want.data, 1e-4);
+        assert!(e.decode(1).is_err(), "an encoder has no decode step");
+        return;
+    }
+    let want = read_tensor(&expected, "full_logits");
+    let vocab = want.shape[1];
+    let prompt_logits = &want.data[..prompt.len() * vocab];
+    assert_close(&format!("{arch}: {what}, prompt logits vs transformers"), &rows, prompt_logits, 1e-4);
+    e.reset();
+    let mut logits = e.prefill(&prompt, false);
+    let mut generated = Vec::new();
+    for step in 0..greedy.len() {
+        let pos = prompt.len() - 1 + step;
+        let at = format!("{arch}: {what}, cached logits at position {pos}");
+        assert_close(&at, &logits, &want.data[pos * vocab..(pos + 1) * vocab], 1e-4);
+        let next = tfc_runtime::argmax(&logits) as i32;
+        generated.push(next);
+        if step + 1 < greedy.len() {
+            logits = e.decode(next).unwrap();
+        }
+    }
+    assert_eq!(generated, greedy, "{arch}: greedy continuation through {what}");
+    assert_eq!(e.position(), prompt.len() + greedy.len() - 1, "{arch}: {what} cache position");
+}
+
+/// Prefill + decode through a compiled model against one interpreter pass over nine
+/// tokens: all rows at once, then prefills of 1 and 5 tokens each followed by decode
+/// steps, every row within 1e-5.
+pub fn check_splits(name: &str, c: &Compiled, w: &tfc::interp::Weights, e: &mut dyn Engine) {
+    use tfc::interp::{run, Inputs};
+    let tokens: Vec<i32> = (0..9).map(|i| (i * 7 + 3) % c.spec.sizes.vocab as i32).collect();
+    let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
+    let mut full = run(&c.model, w, &inputs).unwrap();
+    let full = full.remove("logits").or_else(|| full.remove("hidden")).unwrap();
+    let all = e.prefill(&tokens, true);
+    assert_close(&format!("{name}: all rows"), &all, &full.data, 1e-5);
+    if c.decode.is_none() {
+        return;
+    }
+    for split in [1, 5] {
+        e.reset();
+        let last = e.prefill(&tokens[..split], false);
+        assert_close(&format!("{name}: prefill {split}"), &last, full.row(split - 1), 1e-5);
+        for (i, &t) in tokens.iter().enumerate().skip(split) {
+            let row = e.decode(t).unwrap();
+            assert_close(&format!("{name}: decode at {i} after {split}"), &row, full.row(i), 1e-5);
+        }
+    }
+}

@@ -12,7 +12,7 @@ use tfc::backend::{compile_gpu, gpu_build, LibOptions, Target};
 use tfc::interp::{run, Inputs, WeightSource, Weights};
 use tfc::Options;
 use tfc_runtime::gpu::{GpuModel, GpuSession};
-use tfc_runtime::{argmax, Checkpoint, WeightData};
+use tfc_runtime::{Checkpoint, WeightData};
 
 use crate::common::*;
 
@@ -34,62 +34,17 @@ fn target_name(t: Target) -> &'static str {
     }
 }
 
-/// A fixture through Vulkan: all prompt rows against transformers and the interpreter,
-/// then prefill + decode through the device's KV cache, token for token.
+/// A fixture through Vulkan (see `check_fixture`), after `spirv-val` on its module.
 fn check(arch: &str) {
     let spec = root().join("specs/tiny").join(format!("{arch}.tfs"));
     let fx = root().join("tests/fixtures/hf").join(arch);
     let dir = build(&spec, "fixtures", Target::Vulkan);
-    let spv = dir.join(format!("{}.spv", spec_name(&spec)));
-    validate_spirv(&spv);
+    validate_spirv(&dir.join(format!("{}.spv", spec_name(&spec))));
     let model = GpuModel::load(&dir).unwrap();
     let ck = Arc::new(Checkpoint::open(&fx).unwrap());
-    let mut s = GpuSession::new(&model, WeightData::Checkpoint(ck.clone()))
+    let mut s = GpuSession::new(&model, WeightData::Checkpoint(ck))
         .unwrap_or_else(|e| panic!("{arch}: {e} (is mesa-vulkan-drivers installed?)"));
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fx.join("fixture.json")).unwrap()).unwrap();
-    let ids = |k: &str| -> Vec<i32> {
-        fixture[k]
-            .as_array()
-            .map(|a| a.iter().map(|v| v.as_i64().unwrap() as i32).collect())
-            .unwrap_or_default()
-    };
-    let (prompt, greedy) = (ids("prompt"), ids("greedy"));
-    let expected = fx.join("expected.safetensors");
-    let rows = s.prefill(&prompt, None, true).unwrap();
-    let c = compile(&spec, &Options::default());
-    let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
-    let tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-    let mut interp = run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap();
-    let interp = interp.remove("logits").or_else(|| interp.remove("hidden")).unwrap();
-    assert_close(&format!("{arch}: vulkan vs interpreter"), &rows, &interp.data, 1e-4);
-    if greedy.is_empty() {
-        let want = read_tensor(&expected, "last_hidden_state");
-        assert_close(&format!("{arch}: vulkan vs transformers"), &rows, &want.data, 1e-4);
-        assert!(s.decode(1).is_err(), "an encoder has no decode step");
-        return;
-    }
-    let want = read_tensor(&expected, "full_logits");
-    let vocab = want.shape[1];
-    assert_close(&format!("{arch}: vulkan vs transformers"), &rows, &want.data[..prompt.len() * vocab], 1e-4);
-    s.reset().unwrap();
-    let mut logits = s.prefill(&prompt, None, false).unwrap();
-    let mut generated = Vec::new();
-    for step in 0..greedy.len() {
-        let pos = prompt.len() - 1 + step;
-        assert_close(
-            &format!("{arch}: vulkan cached logits at {pos}"),
-            &logits,
-            &want.data[pos * vocab..(pos + 1) * vocab],
-            1e-4,
-        );
-        let next = argmax(&logits) as i32;
-        generated.push(next);
-        if step + 1 < greedy.len() {
-            logits = s.decode(next).unwrap();
-        }
-    }
-    assert_eq!(generated, greedy, "{arch}: greedy continuation through Vulkan");
+    check_fixture(arch, "Vulkan", &mut s);
 }
 
 fn spec_name(spec: &Path) -> String {
@@ -186,25 +141,8 @@ fn vulkan_prefill_and_decode_equal_the_interpreter_on_every_small_spec() {
         let model = GpuModel::load(build(&spec, "random", Target::Vulkan)).unwrap();
         let (w, data) = random_weights(&model, &[&c.model]);
         let mut s = GpuSession::new(&model, data).unwrap();
-        let tokens: Vec<i32> = (0..9).map(|i| (i * 7 + 3) % c.spec.sizes.vocab as i32).collect();
-        let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
-        let mut full = run(&c.model, &w, &inputs).unwrap();
-        let full = full.remove("logits").or_else(|| full.remove("hidden")).unwrap();
-        let name = spec.file_name().unwrap().to_string_lossy().to_string();
-        let all = s.prefill(&tokens, None, true).unwrap();
-        assert_close(&format!("{name}: vulkan, all rows"), &all, &full.data, 1e-5);
-        if c.decode.is_none() {
-            continue;
-        }
-        for split in [1, 5] {
-            s.reset().unwrap();
-            let last = s.prefill(&tokens[..split], None, false).unwrap();
-            assert_close(&format!("{name}: vulkan prefill {split}"), &last, full.row(split - 1), 1e-5);
-            for (i, &t) in tokens.iter().enumerate().skip(split) {
-                let row = s.decode(t).unwrap();
-                assert_close(&format!("{name}: vulkan decode at {i} after {split}"), &row, full.row(i), 1e-5);
-            }
-        }
+        let name = format!("{} (Vulkan)", spec.file_name().unwrap().to_string_lossy());
+        check_splits(&name, &c, &w, &mut s);
     }
 }
 

@@ -63,6 +63,22 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// The nodes whose values go to the KV cache (outputs named `cache.{k,v}.{layer}`),
+    /// each with the cache regions it fills.
+    pub fn cache_outputs(&self) -> HashMap<NodeId, Vec<(u32, super::op::CacheKind)>> {
+        let mut map: HashMap<NodeId, Vec<(u32, super::op::CacheKind)>> = HashMap::new();
+        for (name, id) in &self.outputs {
+            let Some((kind, layer)) = name.strip_prefix("cache.").and_then(|r| r.split_once('.')) else {
+                continue;
+            };
+            let kind = if kind == "k" { super::op::CacheKind::K } else { super::op::CacheKind::V };
+            if let Ok(layer) = layer.parse() {
+                map.entry(*id).or_default().push((layer, kind));
+            }
+        }
+        map
+    }
+
     pub fn new(name: impl Into<String>, phase: Phase) -> Self {
         Graph { name: name.into(), phase, outputs: Vec::new(), g: StableDiGraph::new() }
     }

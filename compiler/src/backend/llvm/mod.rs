@@ -473,17 +473,7 @@ fn emit_graph<'ctx>(
         ty.shape[..ty.rank() - 1].iter().fold(kb.c(1), |acc, &d| kb.mul(acc, dim(d)))
     };
     let fixed = |d: Dim| d.as_fixed().unwrap_or(0);
-    let cache_outputs: HashMap<NodeId, Vec<(u32, CacheKind)>> = {
-        let mut mm: HashMap<NodeId, Vec<(u32, CacheKind)>> = HashMap::new();
-        for (oname, id) in &g.outputs {
-            if let Some(rest) = oname.strip_prefix("cache.") {
-                let (k, l) = rest.split_once('.').unwrap();
-                let kind = if k == "k" { CacheKind::K } else { CacheKind::V };
-                mm.entry(*id).or_default().push((l.parse().unwrap(), kind));
-            }
-        }
-        mm
-    };
+    let cache_outputs = g.cache_outputs();
 
     for &n in &order {
         let ops = g.operands(n);

@@ -124,80 +124,35 @@ struct Emitter {
 #[derive(Debug)]
 enum Kern {
     Positions,
-    Gather {
-        d: usize,
-        offset: usize,
-    },
-    Table {
-        d: usize,
-    },
-    Binary {
-        mul: bool,
-        w: usize,
-    },
-    Unary {
-        op: Unary,
-        w: usize,
-    },
-    Norm {
-        d: usize,
-        eps: f64,
-        layer: bool,
-        bias: bool,
-        unit: bool,
-    },
-    Linear {
-        inn: usize,
-        out: usize,
-        transposed: bool,
-        bias: bool,
-        rows: Dim,
-    },
-    SplitQkv {
-        layout: QkvLayout,
-        part: QkvPart,
-        h: usize,
-        kv: usize,
-        hd: usize,
-    },
-    SplitHeads {
-        h: usize,
-        hd: usize,
-        rows: Dim,
-    },
-    MergeHeads {
-        h: usize,
-        hd: usize,
-        rows: Dim,
-    },
-    Rope {
-        hd: usize,
-        rd: usize,
-        interleaved: bool,
-        rows: Dim,
-        max_seq: usize,
-    },
-    Attention {
-        h: usize,
-        g: usize,
-        hd: usize,
-        scale: f64,
-        causal: bool,
-        window: Option<usize>,
-        alibi: bool,
-        rows: Dim,
-        s: Dim,
-        stride: Option<usize>,
-    },
-    LastRow {
-        w: usize,
-        rows: Dim,
-    },
-    CacheStore {
-        hd: usize,
-        max_seq: usize,
-        rows: Dim,
-    },
+    Gather { d: usize, offset: usize },
+    Table { d: usize },
+    Binary { mul: bool, w: usize },
+    Unary { op: Unary, w: usize },
+    Norm { d: usize, eps: f64, layer: bool, bias: bool, unit: bool },
+    Linear { inn: usize, out: usize, transposed: bool, bias: bool, rows: Dim },
+    SplitQkv { layout: QkvLayout, part: QkvPart, h: usize, kv: usize, hd: usize },
+    SplitHeads { h: usize, hd: usize, rows: Dim },
+    MergeHeads { h: usize, hd: usize, rows: Dim },
+    Rope { hd: usize, rd: usize, interleaved: bool, rows: Dim, max_seq: usize },
+    Attention(Attn),
+    LastRow { w: usize, rows: Dim },
+    CacheStore { hd: usize, max_seq: usize, rows: Dim },
+}
+
+/// A fused attention kernel's sizes and options.
+#[derive(Debug, Clone, Copy)]
+struct Attn {
+    h: usize,
+    g: usize,
+    hd: usize,
+    scale: f64,
+    causal: bool,
+    window: Option<usize>,
+    alibi: bool,
+    /// Query rows, keys, and the key/value head stride when they are in the cache.
+    rows: Dim,
+    s: Dim,
+    stride: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -226,14 +181,7 @@ impl Emitter {
                 Loc::Cache(l, k) => Arg::Cache(cache_off(l, k)),
             }
         };
-        let mut cache_out: HashMap<NodeId, Vec<(u32, CacheKind)>> = HashMap::new();
-        for (name, id) in &g.outputs {
-            if let Some(rest) = name.strip_prefix("cache.") {
-                let (k, l) = rest.split_once('.').unwrap();
-                let kind = if k == "k" { CacheKind::K } else { CacheKind::V };
-                cache_out.entry(*id).or_default().push((l.parse().unwrap(), kind));
-            }
-        }
+        let cache_out = g.cache_outputs();
         let mut ds = Vec::new();
         let one = Dim::fixed(1);
         for &n in &order {
@@ -330,7 +278,7 @@ impl Emitter {
                     let h = fixed(ty.shape[0]);
                     let kty = g.ty(ops[1]);
                     let in_cache = matches!(loc[&ops[1]], Loc::Cache(..));
-                    let k = Kern::Attention {
+                    let k = Kern::Attention(Attn {
                         h,
                         g: fixed(kty.shape[0]),
                         hd: width,
@@ -341,7 +289,7 @@ impl Emitter {
                         rows: ty.shape[1],
                         s: kty.shape[1],
                         stride: in_cache.then_some(layout.max_seq * width),
-                    };
+                    });
                     (k, [mul(ty.shape[1], h), one], ins(&[0, 1, 2, 3]))
                 }
                 Op::LastRow => (Kern::LastRow { w: width, rows: rows_of(ops[0]) }, [one, one], ins(&[0])),
@@ -428,7 +376,7 @@ fn kern_name(k: &Kern) -> &'static str {
         Kern::SplitHeads { .. } => "split_heads",
         Kern::MergeHeads { .. } => "merge_heads",
         Kern::Rope { .. } => "rope",
-        Kern::Attention { .. } => "attention",
+        Kern::Attention(_) => "attention",
         Kern::LastRow { .. } => "last_row",
         Kern::CacheStore { .. } => "cache_store",
     }
@@ -740,7 +688,7 @@ fn kernel_text(target: Target, name: &str, k: &Kern) -> (Vec<ArgKind>, String) {
         Kern::Norm { bias, .. } => vec![F32; if *bias { 3 } else { 2 }],
         Kern::Linear { bias, .. } => vec![F32; if *bias { 3 } else { 2 }],
         Kern::Rope { .. } => vec![F32, I32, F32],
-        Kern::Attention { .. } => vec![F32, F32, F32, I32],
+        Kern::Attention(_) => vec![F32, F32, F32, I32],
         Kern::LastRow { .. } => vec![F32],
         Kern::CacheStore { .. } => vec![F32],
     };
@@ -1130,9 +1078,7 @@ fn body(k: &mut K, kern: &Kern) {
                 k.st(&v, 3, &own_i);
             });
         }
-        Kern::Attention { h, g, hd, scale, causal, window, alibi, rows, s, stride } => {
-            attention(k, h, g, hd, scale, causal, window, alibi, rows, s, stride);
-        }
+        Kern::Attention(a) => attention(k, &a),
         Kern::LastRow { w, rows } => {
             let n = k.dim(rows);
             let one = k.c(1);
@@ -1169,20 +1115,8 @@ fn body(k: &mut K, kern: &Kern) {
 }
 
 /// Online softmax attention for one (head, query row) per workgroup, 64 keys at a time.
-#[allow(clippy::too_many_arguments)]
-fn attention(
-    k: &mut K,
-    h: usize,
-    g: usize,
-    hd: usize,
-    scale: f64,
-    causal: bool,
-    window: Option<usize>,
-    alibi: bool,
-    rows: Dim,
-    s: Dim,
-    stride: Option<usize>,
-) {
+fn attention(k: &mut K, a: &Attn) {
+    let Attn { h, g, hd, scale, causal, window, alibi, rows, s, stride } = *a;
     let row = "%bx".to_string();
     let sc = k.shared(BLOCK);
     let acc_sh = k.shared(hd.max(1));

@@ -110,14 +110,7 @@ impl<'a> Func<'a> {
         self.dims.insert(Dim::P, pi);
         let g = self.g;
         let order = g.topo_order().map_err(|_| MlirError::Mlir("bug: cyclic graph".into()))?;
-        let mut cache_out: HashMap<NodeId, Vec<(u32, CacheKind)>> = HashMap::new();
-        for (name, id) in &g.outputs {
-            if let Some(rest) = name.strip_prefix("cache.") {
-                let (k, l) = rest.split_once('.').unwrap();
-                let kind = if k == "k" { CacheKind::K } else { CacheKind::V };
-                cache_out.entry(*id).or_default().push((l.parse().unwrap(), kind));
-            }
-        }
+        let cache_out = g.cache_outputs();
         for &n in &order {
             let v = self.node(n)?;
             if let Some(v) = v {

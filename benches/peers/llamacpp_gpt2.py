@@ -1,0 +1,130 @@
+"""llama.cpp (through llama-cpp-python) on the same GPT-2-small-shaped model tfc bench
+measures: random weights written straight to a GGUF file (F32, F16 or Q8_0 matrices, as
+convert_hf_to_gguf.py would lay them out), batch 1, the given number of threads; prefill
+latency for a prompt, then decode tokens/s with the KV cache.
+
+No tokenizer is involved (token ids go in directly), so the GGUF carries a placeholder
+vocabulary: the 256 byte-level symbols GPT-2's BPE starts from, then numbered tokens.
+Prints one JSON object. Used by benches/gpt2_small.sh; needs llama-cpp-python, gguf, numpy.
+"""
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import gguf
+import numpy as np
+
+
+def byte_symbols():
+    """GPT-2's byte → printable-character table (bytes_to_unicode)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def write_gguf(path, dtype, vocab=50257, d=768, layers=12, heads=12, ff=3072, ctx=1024, seed=0):
+    rng = np.random.default_rng(seed)
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+    w = gguf.GGUFWriter(path, "gpt2")
+    w.add_context_length(ctx)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ff)
+    w.add_block_count(layers)
+    w.add_head_count(heads)
+    w.add_layer_norm_eps(1e-5)
+    w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7}[dtype])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    tokens = byte_symbols() + [f"<t{i}>" for i in range(256, vocab)]
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.NORMAL] * vocab)
+    w.add_token_merges([])
+    w.add_bos_token_id(vocab - 1)
+    w.add_eos_token_id(vocab - 1)
+
+    def matrix(name, rows, cols):
+        data = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, data)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, data.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+    def vector(name, n, value):
+        w.add_tensor(name, np.full(n, value, dtype=np.float32))
+
+    matrix("token_embd.weight", vocab, d)
+    matrix("position_embd.weight", ctx, d)
+    for i in range(layers):
+        vector(f"blk.{i}.attn_norm.weight", d, 1.0)
+        vector(f"blk.{i}.attn_norm.bias", d, 0.0)
+        matrix(f"blk.{i}.attn_qkv.weight", 3 * d, d)
+        vector(f"blk.{i}.attn_qkv.bias", 3 * d, 0.0)
+        matrix(f"blk.{i}.attn_output.weight", d, d)
+        vector(f"blk.{i}.attn_output.bias", d, 0.0)
+        vector(f"blk.{i}.ffn_norm.weight", d, 1.0)
+        vector(f"blk.{i}.ffn_norm.bias", d, 0.0)
+        matrix(f"blk.{i}.ffn_up.weight", ff, d)
+        vector(f"blk.{i}.ffn_up.bias", ff, 0.0)
+        matrix(f"blk.{i}.ffn_down.weight", d, ff)
+        vector(f"blk.{i}.ffn_down.bias", d, 0.0)
+    vector("output_norm.weight", d, 1.0)
+    vector("output_norm.bias", d, 0.0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    import llama_cpp
+    from llama_cpp import Llama
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"gpt2-{a.dtype}.gguf")
+        write_gguf(path, a.dtype)
+        kwargs = dict(model_path=path, n_ctx=a.prompt + a.decode + 8, n_batch=a.prompt, n_ubatch=a.prompt,
+                      n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
+        llm = Llama(**kwargs)
+        tokens = [(i * 31) % 50257 for i in range(a.prompt)]
+        pre, dec = [], []
+        for run in range(a.runs + 1):
+            llm.reset()
+            llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+            t = time.perf_counter()
+            llm.eval(tokens)
+            p = time.perf_counter() - t
+            t = time.perf_counter()
+            for i in range(a.decode):
+                llm.eval([(i * 17 + 5) % 50257])
+            d = time.perf_counter() - t
+            if run > 0:
+                pre.append(p * 1e3)
+                dec.append(a.decode / d)
+        print(json.dumps({
+            "peer": f"llama.cpp {a.dtype.upper()} (llama-cpp-python {llama_cpp.__version__})",
+            "prefill_ms": {"median": statistics.median(pre), "min": min(pre), "max": max(pre)},
+            "decode_tok_s": {"median": statistics.median(dec), "min": min(dec), "max": max(dec)},
+        }))
+
+
+if __name__ == "__main__":
+    main()
