@@ -44,11 +44,11 @@ def write_gguf(path, dtype, vocab=50257, d=768, layers=12, heads=12, ff=3072, ct
     w.add_layer_norm_eps(1e-5)
     w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7}[dtype])
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
+    w.add_tokenizer_pre("gpt-2")
     tokens = byte_symbols() + [f"<t{i}>" for i in range(256, vocab)]
     w.add_token_list(tokens)
     w.add_token_types([gguf.TokenType.NORMAL] * vocab)
-    w.add_token_merges([])
+    w.add_token_merges(["Ġ t"])  # one rule: the loader wants the list to exist
     w.add_bos_token_id(vocab - 1)
     w.add_eos_token_id(vocab - 1)
 
@@ -102,7 +102,7 @@ def main():
         path = os.path.join(tmp, f"gpt2-{a.dtype}.gguf")
         write_gguf(path, a.dtype)
         kwargs = dict(model_path=path, n_ctx=a.prompt + a.decode + 8, n_batch=a.prompt, n_ubatch=a.prompt,
-                      n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
+                      n_threads=a.threads, n_threads_batch=a.threads, verbose=bool(os.environ.get("VERBOSE")))
         llm = Llama(**kwargs)
         tokens = [(i * 31) % 50257 for i in range(a.prompt)]
         pre, dec = [], []

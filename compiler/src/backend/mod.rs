@@ -326,6 +326,16 @@ fn fallback_module<'ctx>(
     Ok(fm)
 }
 
+/// The fallback object: bitcode of `fallback_module` for plain x86-64, at `O2` (it is for
+/// correctness on older CPUs and should not double the build).
+fn emit_fallback(bitcode: &[u8]) -> Result<Vec<u8>, BackendError> {
+    let cx = inkwell::context::Context::create();
+    let buf = inkwell::memory_buffer::MemoryBuffer::create_from_memory_range_copy(bitcode, "fallback");
+    let m = inkwell::module::Module::parse_bitcode_from_buffer(&buf, &cx)
+        .map_err(|e| llvm::LlvmError::Llvm(format!("bug: fallback bitcode: {e}")))?;
+    Ok(llvm::optimize_and_emit(&m, &llvm::target_machine(Some("x86-64"))?, "default<O2>")?)
+}
+
 /// Compiles a spec to `out_dir/lib<name>.so`, `<name>.h` and `manifest.json`.
 pub fn compile_library(
     file: &str,
@@ -341,15 +351,22 @@ pub fn compile_library(
     let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
     // The same graphs for baseline x86-64, chosen at load time when the CPU lacks a
     // feature the main code uses: a library never dies with an illegal instruction.
+    // It is optimised and emitted on a second thread (in its own LLVM context, from
+    // bitcode), beside the main code, so it costs little wall time.
     let features = required_features(&tm);
-    let fallback = if features.is_empty() { None } else { Some(fallback_module(&m)?) };
-    llvm::cpu_features_global(&cx, &m, &features);
-    let object = llvm::optimize_and_emit(&m, &tm, opts.backend.llvm_passes())?;
-    let fallback_object = match &fallback {
-        // O2: the fallback is for correctness on older CPUs; it should not double the build.
-        Some(fm) => Some(llvm::optimize_and_emit(fm, &llvm::target_machine(Some("x86-64"))?, "default<O2>")?),
-        None => None,
+    let fallback_bitcode = if features.is_empty() {
+        None
+    } else {
+        Some(fallback_module(&m)?.write_bitcode_to_memory().as_slice().to_vec())
     };
+    llvm::cpu_features_global(&cx, &m, &features);
+    let (object, fallback_object) = std::thread::scope(|scope| {
+        let fallback = fallback_bitcode.map(|bc| scope.spawn(move || emit_fallback(&bc)));
+        let object = llvm::optimize_and_emit(&m, &tm, opts.backend.llvm_passes());
+        let fallback = fallback.map(|h| h.join().expect("the fallback build does not panic")).transpose();
+        (object, fallback)
+    });
+    let (object, fallback_object) = (object?, fallback_object?);
 
     let io = |path: &Path| {
         let path = path.to_path_buf();
