@@ -6,3 +6,15 @@ fn llvm_and_mlir_22_are_linked() {
     assert!(t.starts_with("LLVM 22."), "{t}");
     assert!(t.contains("MLIR with"), "{t}");
 }
+
+/// Emitted MLIR that does not parse is a compiler bug; the error quotes MLIR's diagnostic
+/// and the offending line.
+#[test]
+fn unparsable_mlir_is_reported_with_its_line() {
+    let ml = tfc::backend::mlir::Mlir::new();
+    let text = "module {\n  func.func @f() {\n    %0 = arith.constant 1 : i32\n    %1 = arith.addi %0, %9 : i32\n    return\n  }\n}\n";
+    let e = ml.parse(text).err().expect("undefined value").to_string();
+    assert!(e.starts_with("MLIR: bug: the emitted MLIR does not parse"), "{e}");
+    assert!(e.contains("%1 = arith.addi %0, %9 : i32"), "{e}");
+    assert!(e.contains("use of undeclared SSA value"), "{e}");
+}

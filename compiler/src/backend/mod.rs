@@ -159,9 +159,6 @@ fn mlir_cpu<'c>(
     lower: bool,
 ) -> Result<melior::ir::Module<'c>, BackendError> {
     let text = mlir::linalg::module(&lg.graphs(), weights, layout)?;
-    if std::env::var_os("TFC_DUMP_MLIR").is_some() {
-        let _ = std::fs::write("/tmp/tfc_dump.mlir", &text);
-    }
     let mut m = ml.parse(&text)?;
     if lower {
         ml.lower_cpu(&mut m)?;
@@ -233,9 +230,6 @@ pub fn gpu_build(
     let weights = lg.weight_table();
     let layout = llvm::layout(&lg.compiled, &lg.graphs())?;
     let m = mlir::gpu::module(&lg.compiled.spec.name, &lg.graphs(), &weights, &layout, t)?;
-    if std::env::var_os("TFC_DUMP_MLIR").is_some() {
-        let _ = std::fs::write("/tmp/tfc_dump_gpu.mlir", &m.mlir);
-    }
     let ml = mlir::Mlir::new();
     let (lowered, binary) = ml.compile_gpu(&m.mlir, t)?;
     let mut program = m.program;

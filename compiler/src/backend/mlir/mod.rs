@@ -89,13 +89,26 @@ impl Mlir {
         Mlir { context, diags }
     }
 
+    /// A compiler bug at `what`, with the diagnostics MLIR reported (and then forgets).
     fn error(&self, what: &str) -> MlirError {
         let d: Vec<String> = self.diags.borrow_mut().drain(..).collect();
         MlirError::Mlir(format!("bug: {what}:\n{}", d.join("\n")))
     }
 
+    /// Parses emitted text; a failure is a compiler bug, reported with the lines MLIR
+    /// points at.
     pub fn parse(&self, source: &str) -> Result<Module<'_>, MlirError> {
-        Module::parse(&self.context, source).ok_or_else(|| self.error("the emitted MLIR does not parse"))
+        Module::parse(&self.context, source).ok_or_else(|| {
+            let lines: Vec<&str> = source.lines().collect();
+            let mut quoted = String::new();
+            for d in self.diags.borrow().iter() {
+                let at = d.split("\"-\":").nth(1).and_then(|r| r.split(':').next()?.parse::<usize>().ok());
+                if let Some(line) = at.and_then(|n| lines.get(n.wrapping_sub(1))) {
+                    quoted.push_str(&format!("\n  {}", line.trim()));
+                }
+            }
+            self.error(&format!("the emitted MLIR does not parse{quoted}"))
+        })
     }
 
     pub fn run(&self, module: &mut Module, pipeline: &str) -> Result<(), MlirError> {
