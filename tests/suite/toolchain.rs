@@ -13,7 +13,8 @@ fn llvm_and_mlir_22_are_linked() {
 fn unparsable_mlir_is_reported_with_its_line() {
     let ml = tfc::backend::mlir::Mlir::new();
     let text = "module {\n  func.func @f() {\n    %0 = arith.constant 1 : i32\n    %1 = arith.addi %0, %9 : i32\n    return\n  }\n}\n";
-    let e = ml.parse(text).err().expect("undefined value").to_string();
+    let Err(e) = ml.parse(text) else { panic!("a use of an undefined value parsed") };
+    let e = e.to_string();
     assert!(e.starts_with("MLIR: bug: the emitted MLIR does not parse"), "{e}");
     assert!(e.contains("%1 = arith.addi %0, %9 : i32"), "{e}");
     assert!(e.contains("use of undeclared SSA value"), "{e}");
