@@ -124,19 +124,67 @@ struct Emitter {
 #[derive(Debug)]
 enum Kern {
     Positions,
-    Gather { d: usize, offset: usize },
-    Table { d: usize },
-    Binary { mul: bool, w: usize },
-    Unary { op: Unary, w: usize },
-    Norm { d: usize, eps: f64, layer: bool, bias: bool, unit: bool },
-    Linear { inn: usize, out: usize, transposed: bool, bias: bool, rows: Dim },
-    SplitQkv { layout: QkvLayout, part: QkvPart, h: usize, kv: usize, hd: usize },
-    SplitHeads { h: usize, hd: usize, rows: Dim },
-    MergeHeads { h: usize, hd: usize, rows: Dim },
-    Rope { hd: usize, rd: usize, interleaved: bool, rows: Dim, max_seq: usize },
+    /// `out[r] = table[ids[r] + offset]` (embeddings, and host tables by position).
+    Gather {
+        d: usize,
+        offset: usize,
+    },
+    Binary {
+        mul: bool,
+        w: usize,
+    },
+    Unary {
+        op: Unary,
+        w: usize,
+    },
+    Norm {
+        d: usize,
+        eps: f64,
+        layer: bool,
+        bias: bool,
+        unit: bool,
+    },
+    Linear {
+        inn: usize,
+        out: usize,
+        transposed: bool,
+        bias: bool,
+        rows: Dim,
+    },
+    SplitQkv {
+        layout: QkvLayout,
+        part: QkvPart,
+        h: usize,
+        kv: usize,
+        hd: usize,
+    },
+    SplitHeads {
+        h: usize,
+        hd: usize,
+        rows: Dim,
+    },
+    MergeHeads {
+        h: usize,
+        hd: usize,
+        rows: Dim,
+    },
+    Rope {
+        hd: usize,
+        rd: usize,
+        interleaved: bool,
+        rows: Dim,
+        max_seq: usize,
+    },
     Attention(Attn),
-    LastRow { w: usize, rows: Dim },
-    CacheStore { hd: usize, max_seq: usize, rows: Dim },
+    LastRow {
+        w: usize,
+        rows: Dim,
+    },
+    CacheStore {
+        hd: usize,
+        max_seq: usize,
+        rows: Dim,
+    },
 }
 
 /// A fused attention kernel's sizes and options.
@@ -210,9 +258,14 @@ impl Emitter {
                     (Kern::Gather { d: width, offset: *offset }, [ty.shape[0], one], ins(&[0, 1]))
                 }
                 Op::Sinusoidal { dim, base } => {
+                    // A row of the host's table, by position: a gather.
                     let ti =
                         self.table(Table::Sinusoidal { rows: layout.max_seq + 1, dim: *dim, base: *base });
-                    (Kern::Table { d: *dim }, [ty.shape[0], one], vec![Arg::Table(ti), arg(ops[0])])
+                    (
+                        Kern::Gather { d: *dim, offset: 0 },
+                        [ty.shape[0], one],
+                        vec![Arg::Table(ti), arg(ops[0])],
+                    )
                 }
                 Op::Add | Op::Mul => {
                     (Kern::Binary { mul: *g.op(n) == Op::Mul, w: width }, [rows_of(n), one], ins(&[0, 1]))
@@ -364,7 +417,6 @@ fn kern_name(k: &Kern) -> &'static str {
     match k {
         Kern::Positions => "positions",
         Kern::Gather { .. } => "gather",
-        Kern::Table { .. } => "table_rows",
         Kern::Binary { mul: true, .. } => "mul",
         Kern::Binary { .. } => "add",
         Kern::Unary { op: Unary::Scale(_), .. } => "scale",
@@ -680,7 +732,6 @@ fn kernel_text(target: Target, name: &str, k: &Kern) -> (Vec<ArgKind>, String) {
     let inputs: Vec<ArgKind> = match k {
         Kern::Positions => vec![],
         Kern::Gather { .. } => vec![F32, I32],
-        Kern::Table { .. } => vec![F32, I32],
         Kern::Binary { .. } => vec![F32, F32],
         Kern::Unary { .. } | Kern::SplitQkv { .. } | Kern::SplitHeads { .. } | Kern::MergeHeads { .. } => {
             vec![F32]
@@ -768,20 +819,6 @@ fn body(k: &mut K, kern: &Kern) {
             let r = k.ix("addi", &id, &off);
             let dc = k.c(d as i64);
             let src = k.ix("muli", &r, &dc);
-            let dst = k.ix("muli", &row, &dc);
-            k.threads(d, |k, j| {
-                let s = k.ix("addi", &src, j);
-                let v = k.ld(0, &s);
-                let o = k.ix("addi", &dst, j);
-                k.st(&v, 2, &o);
-            });
-        }
-        Kern::Table { d } => {
-            // out[row] = table[pos[row]]
-            let p = k.ld(1, &row);
-            let p = k.t.op(format!("arith.index_cast {p} : i32 to index"));
-            let dc = k.c(d as i64);
-            let src = k.ix("muli", &p, &dc);
             let dst = k.ix("muli", &row, &dc);
             k.threads(d, |k, j| {
                 let s = k.ix("addi", &src, j);
