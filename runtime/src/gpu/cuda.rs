@@ -148,11 +148,7 @@ impl Device for Cuda {
         self.upload(self.dims, &[t as i32, p as i32, 0, 0])?;
         let (t, p) = (t as u64, p as u64);
         for d in &g.dispatches {
-            let gx = d.grid[0].eval(t, p).div_ceil(d.per_group[0]);
-            let gy = d.grid[1].eval(t, p).div_ceil(d.per_group[1]);
-            if gx == 0 || gy == 0 {
-                continue;
-            }
+            let Some([gx, gy]) = d.groups(t, p).map_err(RuntimeError::Gpu)? else { continue };
             let f = *self
                 .functions
                 .get(d.kernel)
@@ -172,14 +168,7 @@ impl Device for Cuda {
             // SAFETY: the parameters match the kernel's descriptor-expanded signature
             // (the program lists its arguments), and point into live device buffers.
             unsafe {
-                result::launch_kernel(
-                    f,
-                    (gx as u32, gy as u32, 1),
-                    (64, 1, 1),
-                    0,
-                    std::ptr::null_mut(),
-                    &mut params,
-                )
+                result::launch_kernel(f, (gx, gy, 1), (64, 1, 1), 0, std::ptr::null_mut(), &mut params)
             }
             .map_err(err("launch a kernel"))?;
         }

@@ -79,6 +79,19 @@ pub struct Dispatch {
     pub args: Vec<Arg>,
 }
 
+impl Dispatch {
+    /// Workgroups in x and y for `t` new tokens after `p` cached ones (`None`: no work),
+    /// or an error when a grid exceeds what one launch can take.
+    pub fn groups(&self, t: u64, p: u64) -> Result<Option<[u32; 2]>, String> {
+        let mut g = [0u32; 2];
+        for (i, n) in g.iter_mut().enumerate() {
+            let want = self.grid[i].eval(t, p).div_ceil(self.per_group[i].max(1));
+            *n = u32::try_from(want).map_err(|_| format!("a dispatch of {want} workgroups is too large"))?;
+        }
+        Ok((g[0] > 0 && g[1] > 0).then_some(g))
+    }
+}
+
 /// A buffer argument: which buffer, from which byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -408,11 +408,7 @@ impl Device for Vulkan {
                 .dst_access_mask(vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE);
             for (disp, set) in g.dispatches.iter().zip(&sets) {
                 let k = &self.kernels[disp.kernel];
-                let gx = disp.grid[0].eval(t, p).div_ceil(disp.per_group[0]);
-                let gy = disp.grid[1].eval(t, p).div_ceil(disp.per_group[1]);
-                if gx == 0 || gy == 0 {
-                    continue;
-                }
+                let Some([gx, gy]) = disp.groups(t, p).map_err(RuntimeError::Gpu)? else { continue };
                 d.cmd_bind_pipeline(self.cmd, vk::PipelineBindPoint::COMPUTE, k.pipeline);
                 d.cmd_bind_descriptor_sets(
                     self.cmd,
@@ -422,7 +418,7 @@ impl Device for Vulkan {
                     &[*set],
                     &[],
                 );
-                d.cmd_dispatch(self.cmd, gx as u32, gy as u32, 1);
+                d.cmd_dispatch(self.cmd, gx, gy, 1);
                 d.cmd_pipeline_barrier(
                     self.cmd,
                     vk::PipelineStageFlags::COMPUTE_SHADER,
