@@ -176,6 +176,12 @@ pub fn mlir_ir(file: &str, source: &str, stage: &str, opts: &LibOptions) -> Resu
     Ok(m.as_operation().to_string())
 }
 
+/// An I/O error at `path`, for `map_err`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackendError {
+    let path = path.to_path_buf();
+    move |e| BackendError::Io { path, message: e.to_string() }
+}
+
 /// Which device a build is for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
@@ -219,11 +225,12 @@ pub fn gpu_build(
     let Some(t) = target.gpu() else {
         return Err(mlir::MlirError::Unsupported("a GPU build for the CPU target".into()).into());
     };
-    // Kernels read f32 weights; bf16 and f16 weights are rounded, then widened exactly,
-    // when the runtime uploads them.
-    let declared = crate::compile(file, source, &Options::default(), &mut |_, _| {})?.spec.dtype;
-    if opts.weight_dtype.unwrap_or(declared) == crate::ir::DType::Q8 {
-        return Err(mlir::MlirError::Unsupported("q8 weights on a GPU target; use f32 or bf16".into()).into());
+    // Kernels read f32 weights; bf16 and f16 weights are rounded to their declared type,
+    // then widened exactly, when the runtime uploads them.
+    let declared = lib_graphs(file, source, opts)?.weight_table();
+    if let Some((name, ..)) = declared.names.iter().find(|w| w.2 == crate::ir::DType::Q8) {
+        let what = format!("q8 weights on a GPU target (`{name}`; use f32 or bf16)");
+        return Err(mlir::MlirError::Unsupported(what).into());
     }
     let lg =
         lib_graphs(file, source, &LibOptions { weight_dtype: Some(crate::ir::DType::F32), ..opts.clone() })?;
@@ -233,9 +240,7 @@ pub fn gpu_build(
     let ml = mlir::Mlir::new();
     let (lowered, binary) = ml.compile_gpu(&m.mlir, t)?;
     let mut program = m.program;
-    // Each weight keeps its declared storage type in the program: the runtime rounds the
-    // values to it before widening, so the kernels compute what the spec says.
-    let declared = lib_graphs(file, source, opts)?.weight_table();
+    // Each weight keeps its declared storage type in the program.
     program.weights = weights
         .names
         .iter()
@@ -257,10 +262,6 @@ pub fn compile_gpu(
     opts: &LibOptions,
 ) -> Result<Vec<PathBuf>, BackendError> {
     let b = gpu_build(file, source, target, opts)?;
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |e: std::io::Error| BackendError::Io { path, message: e.to_string() }
-    };
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let bin = out_dir.join(&b.program.binary);
     std::fs::write(&bin, &b.binary).map_err(io(&bin))?;
@@ -362,10 +363,6 @@ pub fn compile_library(
     });
     let (object, fallback_object) = (object?, fallback_object?);
 
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |e: std::io::Error| BackendError::Io { path, message: e.to_string() }
-    };
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let name = &c.spec.name;
     let work = out_dir.join(format!(".{name}.build"));
