@@ -29,8 +29,8 @@ pub enum Kernel {
     /// args: x, w, out; tasks: rows.
     RmsNorm { d: usize, eps: f64, unit_offset: bool },
     /// args: x, w, [b], out, rows, then one pointer per `Add`/`Mul` of the epilogue;
-    /// tasks: column blocks of `BLOCK`.
-    Linear { inn: usize, out: usize, transposed: bool, bias: bool, epi: Vec<Epi>, wf: WFmt },
+    /// tasks: column blocks of `BLOCK`. `packed`: the GEMM of many rows (see `packs`).
+    Linear { inn: usize, out: usize, transposed: bool, bias: bool, epi: Vec<Epi>, wf: WFmt, packed: bool },
     /// args: x, out; tasks: rows.
     SplitQkv { layout: QkvLayout, part: QkvPart, heads: usize, kv_heads: usize, head_dim: usize },
     /// args: x, out, rows; tasks: rows.
@@ -85,6 +85,22 @@ pub enum UnaryOp {
 pub const BLOCK: usize = 64;
 /// Activation rows per register tile of the linear kernels.
 const ROWS: usize = 4;
+/// Weight rows (the `in` dimension) of a column block packed at a time by the packed
+/// GEMM: `KC × BLOCK` f32 is 32 KB, which stays in L1 while every row tile passes over it.
+const KC: usize = 128;
+/// Activation rows per register tile of the packed GEMM: `MR × 4` accumulators, four
+/// weight vectors and a broadcast use 29 of the 32 vector registers.
+const MR: usize = 6;
+
+/// Whether a linear map of `rows` rows (`None`: known only at run time) gets the packed
+/// GEMM: each column block of the weights is converted to f32 and packed `KC` rows at a
+/// time into a contiguous L1-resident panel, whatever its layout or storage type, and
+/// the activation rows pass over it in register tiles of `MR`. The packing is paid once
+/// per block and shared by every row, so it is for prefill's many rows, not for
+/// decode's one.
+pub fn packs(rows: Option<usize>, out: usize) -> bool {
+    out % BLOCK == 0 && rows.is_none_or(|r| r >= MR)
+}
 
 /// Whether a linear map gets the register-tiled kernel: the vectors must tile the weight
 /// rows exactly (`[in, out]`: `out` by 64-column blocks; `[out, in]`: `in` by 16).
@@ -242,6 +258,79 @@ fn lin_n_block<'ctx>(
     kb.for_(full, o1, |o| tile(o, 1));
 }
 
+/// The packed GEMM for the column block `o0..o0 + BLOCK` of every row (`packs`): the
+/// block starts as the bias, each `KC`-row slice of the weights is packed into `panel`
+/// as f32 `[KC, BLOCK]` and added in `MR × BLOCK` register tiles, then the epilogue runs.
+fn lin_packed<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    rows: IntValue<'ctx>,
+    o0: IntValue<'ctx>,
+    panel: PointerValue<'ctx>,
+    transposed: bool,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let nv = BLOCK / VW;
+    let (inn, n_out) = (l.inn, l.n_out);
+    kb.for_(c(0), rows, |t| {
+        let yrow = kb.add(kb.mul(t, c(n_out)), o0);
+        for j in 0..nv {
+            let init = match l.b {
+                Some(b) => kb.ldv(b, kb.add(o0, c(j * VW))),
+                None => kb.vzero(),
+            };
+            kb.stv(l.out, kb.add(yrow, c(j * VW)), init);
+        }
+    });
+    let full = kb.mul(kb.div(rows, c(MR)), c(MR));
+    kb.for_(c(0), c(inn.div_ceil(KC)), |kblk| {
+        let k0 = kb.mul(kblk, c(KC));
+        let kn = kb.min(c(KC), kb.sub(c(inn), k0));
+        if transposed {
+            // W [in, out]: each weight row's block is contiguous.
+            kb.for_(c(0), kn, |kk| {
+                let src = kb.add(kb.mul(kb.add(k0, kk), c(n_out)), o0);
+                for j in 0..nv {
+                    let v = kb.ldvw(l.w, kb.add(src, c(j * VW)), l.wf);
+                    kb.stv(panel, kb.add(kb.mul(kk, c(BLOCK)), c(j * VW)), v);
+                }
+            });
+        } else {
+            // W [out, in]: a transpose, each output's slice read contiguously.
+            kb.for_(c(0), c(BLOCK), |j| {
+                let src = kb.add(kb.mul(kb.add(o0, j), c(inn)), k0);
+                kb.for_(c(0), kn, |kk| {
+                    kb.st(panel, kb.add(kb.mul(kk, c(BLOCK)), j), kb.ldw(l.w, kb.add(src, kk), l.wf))
+                });
+            });
+        }
+        let tile = |t0: IntValue<'ctx>, rn: usize| {
+            let yrow = |r: usize| kb.add(kb.mul(kb.add(t0, c(r)), c(n_out)), o0);
+            let init: Vec<_> =
+                (0..rn * nv).map(|k| kb.ldv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW))).into()).collect();
+            let acc = kb.fold(c(0), kn, &init, |kk, acc| {
+                let wv: Vec<_> =
+                    (0..nv).map(|j| kb.ldv(panel, kb.add(kb.mul(kk, c(BLOCK)), c(j * VW)))).collect();
+                let i = kb.add(k0, kk);
+                let mut next = Vec::with_capacity(acc.len());
+                for r in 0..rn {
+                    let xs = kb.splat(kb.ld(l.x, kb.add(kb.mul(kb.add(t0, c(r)), c(inn)), i)));
+                    for (j, wv) in wv.iter().enumerate() {
+                        next.push(kb.vfma(xs, *wv, acc[r * nv + j].into_vector_value()).into());
+                    }
+                }
+                next
+            });
+            for (k, v) in acc.iter().enumerate() {
+                kb.stv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW)), v.into_vector_value());
+            }
+        };
+        kb.for_(c(0), kb.div(full, c(MR)), |tt| tile(kb.mul(tt, c(MR)), MR));
+        kb.for_(full, rows, |t| tile(t, 1));
+    });
+    kb.for_(c(0), rows, |t| epilogue(kb, l, t, o0, kb.add(o0, c(BLOCK))));
+}
+
 impl Kernel {
     /// A name that is unique per distinct kernel, usable as a symbol.
     pub fn symbol(&self) -> String {
@@ -259,10 +348,11 @@ impl Kernel {
             Kernel::RmsNorm { d, eps, unit_offset } => {
                 format!("rmsnorm_{d}_{:016x}_{}", eps.to_bits(), *unit_offset as u8)
             }
-            Kernel::Linear { inn, out, transposed, bias, epi, wf } => {
+            Kernel::Linear { inn, out, transposed, bias, epi, wf, packed } => {
                 let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
                 let (t, b) = (if *transposed { "_t" } else { "" }, if *bias { "_b" } else { "" });
-                format!("linear_{inn}x{out}{t}{b}{epi}{}", wf.suffix())
+                let p = if *packed { "_p" } else { "" };
+                format!("linear_{inn}x{out}{t}{b}{p}{epi}{}", wf.suffix())
             }
             Kernel::SplitQkv { layout, part, heads, kv_heads, head_dim } => {
                 format!("split_qkv_{}_{part:?}_{heads}_{kv_heads}_{head_dim}", layout.name())
@@ -422,7 +512,12 @@ fn body<'ctx>(
                 });
             });
         }
-        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf }
+        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, packed: true } => {
+            let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
+            let panel = kb.alloca_f32s(KC * BLOCK);
+            kb.for_(begin, end, |blk| lin_packed(kb, &l, rows, kb.mul(blk, c(BLOCK)), panel, transposed));
+        }
+        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, .. }
             if tiled(inn, n_out, transposed) =>
         {
             let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
@@ -444,7 +539,7 @@ fn body<'ctx>(
                 kb.for_(full, rows, |t| step(t, 1));
             });
         }
-        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf } => {
+        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, .. } => {
             let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
             let (x, w, b, out) = (l.x, l.w, l.b, l.out);
             kb.for_(begin, end, |blk| {
@@ -624,14 +719,16 @@ fn unary<'ctx>(kb: &Kb<'_, 'ctx>, op: UnaryOp, x: FloatValue<'ctx>) -> FloatValu
         UnaryOp::Scale(s) => kb.to_f32(kb.fmul(kb.to_f64(x), kb.dc(s))),
         UnaryOp::Act(Act::Relu) => kb.fmax(x, kb.fc(0.0)),
         UnaryOp::Act(Act::Silu) => {
-            let e = kb.intrinsic("llvm.exp", &[kb.fsub(kb.fc(0.0), x)]);
+            let e = kb.exp_f32(kb.fsub(kb.fc(0.0), x));
             kb.fdiv(x, kb.fadd(kb.fc(1.0), e))
         }
         UnaryOp::Act(Act::GeluTanh) => {
             let k = (2.0 / std::f64::consts::PI).sqrt();
             let x3 = kb.fmul(kb.fmul(x, x), x);
             let inner = kb.fmul(kb.fc(k), kb.fadd(x, kb.fmul(kb.fc(0.044715), x3)));
-            let t = kb.intrinsic("llvm.tanh", &[inner]);
+            // tanh(y) = 1 - 2 / (e^(2y) + 1): exact limits ±1, absolute error ~1e-7.
+            let e = kb.exp_f32(kb.fadd(inner, inner));
+            let t = kb.fsub(kb.fc(1.0), kb.fdiv(kb.fc(2.0), kb.fadd(e, kb.fc(1.0))));
             kb.fmul(kb.fmul(kb.fc(0.5), x), kb.fadd(kb.fc(1.0), t))
         }
         UnaryOp::Act(Act::Gelu) => {
@@ -705,8 +802,8 @@ fn attention<'ctx>(
             }
             let m = kb.load_f32(m_slot);
             let m_new = kb.fmax(m, score);
-            let corr = kb.intrinsic("llvm.exp", &[kb.fsub(m, m_new)]);
-            let e = kb.intrinsic("llvm.exp", &[kb.fsub(score, m_new)]);
+            let corr = kb.exp_f32(kb.fsub(m, m_new));
+            let e = kb.exp_f32(kb.fsub(score, m_new));
             kb.store(l_slot, kb.fadd(kb.fmul(kb.load_f32(l_slot), corr), e));
             kb.store(m_slot, m_new);
             let vrow = kb.add(vb0, kb.mul(s, c(hd)));

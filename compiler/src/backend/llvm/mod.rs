@@ -548,7 +548,10 @@ fn emit_graph<'ctx>(
                     call(k, r, kb.c((width / BLOCK) as i64));
                 } else {
                     let (transposed, bias) = (*transposed, *bias);
-                    let k = Kernel::Linear { inn, out: width, transposed, bias, epi, wf };
+                    let ty = g.ty(n);
+                    let rows = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
+                    let packed = kernels::packs(rows, width);
+                    let k = Kernel::Linear { inn, out: width, transposed, bias, epi, wf, packed };
                     call(k, v, kb.c(width.div_ceil(BLOCK) as i64));
                 }
             }
