@@ -402,9 +402,11 @@ fn emit_graph<'ctx>(
     let f = m.add_function(&format!("tfc__{name}"), fty, Some(Linkage::External));
     // Internal to the library: only the C half's `tfc_*` entry points are exported.
     f.as_global_value().set_visibility(GlobalVisibility::Hidden);
-    // A graph function is a straight sequence of kernel calls: optimising it for size
-    // keeps the vectorisers from spending seconds on its argument stores.
-    for attr in ["optsize", "minsize"] {
+    // A graph function is one straight block of kernel calls and argument stores, run
+    // once per step: nothing in it is worth optimising, and the SLP vectoriser's
+    // scheduling is quadratic in a block's length (over half of GPT-2 small's compile
+    // time went there), so it is not optimised at all.
+    for attr in ["optnone", "noinline"] {
         let kind = inkwell::attributes::Attribute::get_named_enum_kind_id(attr);
         f.add_attribute(inkwell::attributes::AttributeLoc::Function, cx.create_enum_attribute(kind, 0));
     }
