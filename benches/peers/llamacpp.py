@@ -1,11 +1,12 @@
-"""llama.cpp (through llama-cpp-python) on the same GPT-2-small-shaped model tfc bench
-measures: random weights written straight to a GGUF file (F32, F16 or Q8_0 matrices, as
-convert_hf_to_gguf.py would lay them out), batch 1, the given number of threads; prefill
-latency for a prompt, then decode tokens/s with the KV cache.
+"""llama.cpp (through llama-cpp-python) on the benchmark shapes tfc bench measures, W1
+(GPT-2 small) and W2 (LLaMA-style 0.85B): random weights written straight to a GGUF file
+(F32, F16 or Q8_0 matrices, as convert_hf_to_gguf.py would lay them out), batch 1, the
+given number of threads; prefill latency for a prompt, then decode tokens/s with the KV
+cache.
 
 No tokenizer is involved (token ids go in directly), so the GGUF carries a placeholder
 vocabulary: the 256 byte-level symbols GPT-2's BPE starts from, then numbered tokens.
-Prints one JSON object. Used by benches/gpt2_small.sh; needs llama-cpp-python, gguf, numpy.
+Prints one JSON object. Used by benches/peers.sh; needs llama-cpp-python, gguf, numpy.
 """
 import argparse
 import json
@@ -31,17 +32,32 @@ def byte_symbols():
     return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
-def write_gguf(path, dtype, vocab=50257, d=768, layers=12, heads=12, ff=3072, ctx=1024, seed=0):
+SHAPES = {
+    # name: (arch, d, layers, heads, kv_heads, ffn, vocab)
+    "w1": ("gpt2", 768, 12, 12, 12, 3072, 50257),
+    "w2": ("llama", 2048, 16, 32, 8, 5632, 32000),
+}
+
+
+def write_gguf(path, dtype, shape, ctx=1024, seed=0):
+    arch, d, layers, heads, kv, ff, vocab = SHAPES[shape]
+    hd = d // heads
     rng = np.random.default_rng(seed)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
-    w = gguf.GGUFWriter(path, "gpt2")
+    w = gguf.GGUFWriter(path, arch)
     w.add_context_length(ctx)
     w.add_embedding_length(d)
     w.add_feed_forward_length(ff)
     w.add_block_count(layers)
     w.add_head_count(heads)
-    w.add_layer_norm_eps(1e-5)
+    if arch == "gpt2":
+        w.add_layer_norm_eps(1e-5)
+    else:
+        w.add_head_count_kv(kv)
+        w.add_layer_norm_rms_eps(1e-5)
+        w.add_rope_dimension_count(hd)
+        w.add_rope_freq_base(10000.0)
     w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7}[dtype])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
@@ -64,23 +80,38 @@ def write_gguf(path, dtype, vocab=50257, d=768, layers=12, heads=12, ff=3072, ct
     def vector(name, n, value):
         w.add_tensor(name, np.full(n, value, dtype=np.float32))
 
+    def norm(name):
+        vector(f"{name}.weight", d, 1.0)
+        if arch == "gpt2":
+            vector(f"{name}.bias", d, 0.0)
+
     matrix("token_embd.weight", vocab, d)
-    matrix("position_embd.weight", ctx, d)
+    if arch == "gpt2":
+        matrix("position_embd.weight", ctx, d)
     for i in range(layers):
-        vector(f"blk.{i}.attn_norm.weight", d, 1.0)
-        vector(f"blk.{i}.attn_norm.bias", d, 0.0)
-        matrix(f"blk.{i}.attn_qkv.weight", 3 * d, d)
-        vector(f"blk.{i}.attn_qkv.bias", 3 * d, 0.0)
-        matrix(f"blk.{i}.attn_output.weight", d, d)
-        vector(f"blk.{i}.attn_output.bias", d, 0.0)
-        vector(f"blk.{i}.ffn_norm.weight", d, 1.0)
-        vector(f"blk.{i}.ffn_norm.bias", d, 0.0)
-        matrix(f"blk.{i}.ffn_up.weight", ff, d)
-        vector(f"blk.{i}.ffn_up.bias", ff, 0.0)
-        matrix(f"blk.{i}.ffn_down.weight", d, ff)
-        vector(f"blk.{i}.ffn_down.bias", d, 0.0)
-    vector("output_norm.weight", d, 1.0)
-    vector("output_norm.bias", d, 0.0)
+        b = f"blk.{i}"
+        norm(f"{b}.attn_norm")
+        norm(f"{b}.ffn_norm")
+        if arch == "gpt2":
+            matrix(f"{b}.attn_qkv.weight", 3 * d, d)
+            vector(f"{b}.attn_qkv.bias", 3 * d, 0.0)
+            matrix(f"{b}.attn_output.weight", d, d)
+            vector(f"{b}.attn_output.bias", d, 0.0)
+            matrix(f"{b}.ffn_up.weight", ff, d)
+            vector(f"{b}.ffn_up.bias", ff, 0.0)
+            matrix(f"{b}.ffn_down.weight", d, ff)
+            vector(f"{b}.ffn_down.bias", d, 0.0)
+        else:
+            matrix(f"{b}.attn_q.weight", d, d)
+            matrix(f"{b}.attn_k.weight", kv * hd, d)
+            matrix(f"{b}.attn_v.weight", kv * hd, d)
+            matrix(f"{b}.attn_output.weight", d, d)
+            matrix(f"{b}.ffn_gate.weight", ff, d)
+            matrix(f"{b}.ffn_up.weight", ff, d)
+            matrix(f"{b}.ffn_down.weight", d, ff)
+    norm("output_norm")
+    if arch == "llama":
+        matrix("output.weight", vocab, d)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -89,6 +120,7 @@ def write_gguf(path, dtype, vocab=50257, d=768, layers=12, heads=12, ff=3072, ct
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=SHAPES, default="w1")
     ap.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=64)
@@ -99,12 +131,13 @@ def main():
     from llama_cpp import Llama
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, f"gpt2-{a.dtype}.gguf")
-        write_gguf(path, a.dtype)
+        path = os.path.join(tmp, f"{a.shape}-{a.dtype}.gguf")
+        write_gguf(path, a.dtype, a.shape)
+        vocab = SHAPES[a.shape][-1]
         kwargs = dict(model_path=path, n_ctx=a.prompt + a.decode + 8, n_batch=a.prompt, n_ubatch=a.prompt,
                       n_threads=a.threads, n_threads_batch=a.threads, verbose=bool(os.environ.get("VERBOSE")))
         llm = Llama(**kwargs)
-        tokens = [(i * 31) % 50257 for i in range(a.prompt)]
+        tokens = [(i * 31) % vocab for i in range(a.prompt)]
         pre, dec = [], []
         for run in range(a.runs + 1):
             llm.reset()
@@ -114,7 +147,7 @@ def main():
             p = time.perf_counter() - t
             t = time.perf_counter()
             for i in range(a.decode):
-                llm.eval([(i * 17 + 5) % 50257])
+                llm.eval([(i * 17 + 5) % vocab])
             d = time.perf_counter() - t
             if run > 0:
                 pre.append(p * 1e3)

@@ -1,0 +1,164 @@
+"""ONNX Runtime on the benchmark shapes: W1 (GPT-2 small) and W2 (LLaMA-style 0.85B).
+
+The model is a plain PyTorch decoder with the KV cache as explicit inputs and outputs
+(`past_k`, `past_v`: [layers, kv_heads, past, head_dim] → `present_k`, `present_v` with
+the new rows appended), exported once to ONNX and run by ONNX Runtime's CPU provider.
+Random weights (the speed does not depend on them), batch 1, fp32, the given number of
+threads: prefill latency for a prompt, then decode tokens/s through the cache. Prints
+one JSON object. Used by benches/peers.sh; needs torch, onnx, onnxscript, onnxruntime.
+"""
+import argparse
+import warnings
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+SHAPES = {
+    # name: (d, layers, heads, kv_heads, ffn, vocab, arch)
+    "w1": (768, 12, 12, 12, 3072, 50257, "gpt2"),
+    "w2": (2048, 16, 32, 8, 5632, 32000, "llama"),
+}
+
+
+class RmsNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5) * self.weight
+
+
+class Decoder(nn.Module):
+    def __init__(self, d, layers, heads, kv_heads, ffn, vocab, arch):
+        super().__init__()
+        self.h, self.kv, self.hd, self.arch = heads, kv_heads, d // heads, arch
+        gpt2 = arch == "gpt2"
+        norm = (lambda: nn.LayerNorm(d)) if gpt2 else (lambda: RmsNorm(d))
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(1024, d) if gpt2 else None
+        self.layers = nn.ModuleList()
+        for _ in range(layers):
+            m = nn.Module()
+            m.n1, m.n2 = norm(), norm()
+            m.qkv = nn.Linear(d, (heads + 2 * kv_heads) * self.hd, bias=gpt2)
+            m.o = nn.Linear(d, d, bias=gpt2)
+            if gpt2:
+                m.up, m.down = nn.Linear(d, ffn), nn.Linear(ffn, d)
+            else:
+                m.gate_up = nn.Linear(d, 2 * ffn, bias=False)
+                m.down = nn.Linear(ffn, d, bias=False)
+            self.layers.append(m)
+        self.norm = norm()
+        self.head = nn.Linear(d, vocab, bias=False)
+        for p in self.parameters():
+            nn.init.normal_(p, std=0.02)
+
+    def rope(self, x, pos):
+        half = self.hd // 2
+        inv = 10000.0 ** (-torch.arange(half, dtype=torch.float32) / half)
+        ang = pos[:, None].float() * inv[None, :]
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    def forward(self, ids, past_k, past_v):
+        t, p = ids.shape[1], past_k.shape[2]
+        pos = torch.arange(t) + p
+        x = self.emb(ids[0])
+        if self.pos is not None:
+            x = x + self.pos(pos)
+        keys = torch.arange(p + t)
+        mask = torch.where(keys[None, :] <= pos[:, None], 0.0, float("-inf"))
+        new_k, new_v = [], []
+        for i, m in enumerate(self.layers):
+            y = m.qkv(m.n1(x))
+            q, k, v = y.split([self.h * self.hd, self.kv * self.hd, self.kv * self.hd], -1)
+            q = q.view(t, self.h, self.hd).transpose(0, 1)
+            k = k.view(t, self.kv, self.hd).transpose(0, 1)
+            v = v.view(t, self.kv, self.hd).transpose(0, 1)
+            if self.arch == "llama":
+                q, k = self.rope(q, pos), self.rope(k, pos)
+            k = torch.cat([past_k[i], k], 1)
+            v = torch.cat([past_v[i], v], 1)
+            new_k.append(k)
+            new_v.append(v)
+            g = self.h // self.kv
+            kk = k.repeat_interleave(g, 0) if g > 1 else k
+            vv = v.repeat_interleave(g, 0) if g > 1 else v
+            s = q @ kk.transpose(1, 2) / math.sqrt(self.hd) + mask
+            a = (s.softmax(-1) @ vv).transpose(0, 1).reshape(t, -1)
+            x = x + m.o(a)
+            hn = m.n2(x)
+            if self.arch == "gpt2":
+                x = x + m.down(nn.functional.gelu(m.up(hn), approximate="tanh"))
+            else:
+                gate, up = m.gate_up(hn).chunk(2, -1)
+                x = x + m.down(nn.functional.silu(gate) * up)
+        logits = self.head(self.norm(x[-1:]))
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=SHAPES, default="w1")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    import onnxruntime as ort
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+    torch.manual_seed(0)
+    d, layers, heads, kv, ffn, vocab, arch = SHAPES[a.shape]
+    model = Decoder(d, layers, heads, kv, ffn, vocab, arch).eval()
+    hd = d // heads
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        ex = (torch.zeros(1, 4, dtype=torch.int64), torch.zeros(layers, kv, 3, hd), torch.zeros(layers, kv, 3, hd))
+        with torch.no_grad():
+            torch.onnx.export(
+                model, ex, path, dynamo=False, input_names=["ids", "past_k", "past_v"],
+                output_names=["logits", "present_k", "present_v"],
+                dynamic_axes={"ids": {1: "t"}, "past_k": {2: "p"}, "past_v": {2: "p"},
+                              "present_k": {2: "s"}, "present_v": {2: "s"}},
+                external_data=True,
+            )
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = a.threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    tokens = np.array([[(i * 31) % vocab for i in range(a.prompt)]], dtype=np.int64)
+    empty = np.zeros((layers, kv, 0, hd), dtype=np.float32)
+    pre, dec = [], []
+    for run in range(a.runs + 1):
+        t = time.perf_counter()
+        logits, pk, pv = sess.run(None, {"ids": tokens, "past_k": empty, "past_v": empty})
+        p = time.perf_counter() - t
+        nxt = np.array([[int(logits[-1].argmax())]], dtype=np.int64)
+        t = time.perf_counter()
+        for _ in range(a.decode):
+            logits, pk, pv = sess.run(None, {"ids": nxt, "past_k": pk, "past_v": pv})
+            nxt = np.array([[int(logits[-1].argmax())]], dtype=np.int64)
+        dt = time.perf_counter() - t
+        if run > 0:
+            pre.append(p * 1e3)
+            dec.append(a.decode / dt)
+    print(json.dumps({
+        "peer": f"ONNX Runtime {ort.__version__}",
+        "prefill_ms": {"median": statistics.median(pre), "min": min(pre), "max": max(pre)},
+        "decode_tok_s": {"median": statistics.median(dec), "min": min(dec), "max": max(dec)},
+    }))
+
+
+if __name__ == "__main__":
+    main()
