@@ -10,6 +10,7 @@ use inkwell::values::{FloatValue, FunctionValue, IntValue, PointerValue};
 use super::kb::{Kb, WFmt, VW};
 use crate::interp::alibi_slopes;
 use crate::ir::{Act, AttnMask, QkvLayout, QkvPart};
+use tfc_runtime::quant::Q8_BLOCK;
 
 /// What a kernel computes; its argument block layout is given per variant.
 #[derive(Clone, Debug, PartialEq)]
@@ -212,8 +213,9 @@ fn lin_t_tile<'ctx>(kb: &Kb<'_, 'ctx>, l: &Lin<'ctx, '_>, t0: IntValue<'ctx>, rn
     }
 }
 
-/// `W [out, in]`: outputs `o0..o1` for rows `t0..t0 + rn`, four outputs at a time, each a
-/// vectorised dot product over `in` whose weight vectors are shared by the tile's rows.
+/// `W [out, in]`: outputs `o0..o1` for rows `t0..t0 + rn`, four outputs at a time (one for
+/// a single row), each a vectorised dot product over `in` whose weight vectors are shared
+/// by the tile's rows.
 fn lin_n_block<'ctx>(
     kb: &Kb<'_, 'ctx>,
     l: &Lin<'ctx, '_>,
@@ -223,16 +225,46 @@ fn lin_n_block<'ctx>(
     o1: IntValue<'ctx>,
 ) {
     let c = |v: usize| kb.c(v as i64);
-    const OUTS: usize = 4;
+    // Several rows share each weight vector across a group of four outputs; a single row
+    // (decode) reads one output's weights at a time, so the whole block is one forward
+    // stream: four interleaved short streams (a 2 KB row of int8) left the prefetcher
+    // behind, and W2's q8 decode ran at 17 GB/s instead of 26.
+    let outs = if rn == 1 { 1 } else { 4 };
     let span = kb.sub(o1, o0);
-    let full = kb.add(o0, kb.mul(kb.div(span, c(OUTS)), c(OUTS)));
+    let full = kb.add(o0, kb.mul(kb.div(span, c(outs)), c(outs)));
     let tile = |oo: IntValue<'ctx>, on: usize| {
+        let finish = |acc: Vec<_>| n_block_store(kb, l, t0, rn, oo, on, &acc);
         let init: Vec<_> = (0..rn * on).map(|_| kb.vzero().into()).collect();
+        let at = |j: usize, i: IntValue<'ctx>| kb.add(kb.mul(kb.add(oo, c(j)), c(l.inn)), i);
+        if let WFmt::Q8 { scales } = l.wf {
+            // Per block of 32 (whole blocks: a q8 row is a multiple of 32), the products
+            // with the integer values are summed first and scaled once.
+            let acc = kb.fold(c(0), c(l.inn / Q8_BLOCK), &init, |s, acc| {
+                let i = kb.mul(s, c(Q8_BLOCK));
+                let w: Vec<_> = (0..on)
+                    .map(|j| {
+                        let lo = kb.ldvq(l.w, at(j, i));
+                        let hi = kb.ldvq(l.w, kb.add(at(j, i), c(VW)));
+                        (lo, hi, kb.splat(kb.q8_scale(l.w, at(j, i), scales)))
+                    })
+                    .collect();
+                let mut next = Vec::with_capacity(acc.len());
+                for r in 0..rn {
+                    let xrow = kb.add(kb.mul(kb.add(t0, c(r)), c(l.inn)), i);
+                    let (x0, x1) = (kb.ldv(l.x, xrow), kb.ldv(l.x, kb.add(xrow, c(VW))));
+                    for (j, (lo, hi, sc)) in w.iter().enumerate() {
+                        let p = kb.vfma(x1, *hi, kb.vmul(x0, *lo));
+                        next.push(kb.vfma(p, *sc, acc[r * on + j].into_vector_value()).into());
+                    }
+                }
+                next
+            });
+            return finish(acc);
+        }
         let steps = c(l.inn / VW);
         let acc = kb.fold(c(0), steps, &init, |s, acc| {
             let i = kb.mul(s, c(VW));
-            let wv: Vec<_> =
-                (0..on).map(|j| kb.ldvw(l.w, kb.add(kb.mul(kb.add(oo, c(j)), c(l.inn)), i), l.wf)).collect();
+            let wv: Vec<_> = (0..on).map(|j| kb.ldvw(l.w, at(j, i), l.wf)).collect();
             let mut next = Vec::with_capacity(acc.len());
             for r in 0..rn {
                 let xv = kb.ldv(l.x, kb.add(kb.mul(kb.add(t0, c(r)), c(l.inn)), i));
@@ -242,20 +274,36 @@ fn lin_n_block<'ctx>(
             }
             next
         });
-        for r in 0..rn {
-            for j in 0..on {
-                let o = kb.add(oo, c(j));
-                let mut v = kb.vsum(acc[r * on + j].into_vector_value());
-                if let Some(b) = l.b {
-                    v = kb.fadd(v, kb.ld(b, o));
-                }
-                kb.st(l.out, kb.add(kb.mul(kb.add(t0, c(r)), c(l.n_out)), o), v);
-            }
-        }
+        finish(acc)
     };
-    let groups = kb.div(span, c(OUTS));
-    kb.for_(c(0), groups, |g| tile(kb.add(o0, kb.mul(g, c(OUTS))), OUTS));
-    kb.for_(full, o1, |o| tile(o, 1));
+    let groups = kb.div(span, c(outs));
+    kb.for_(c(0), groups, |g| tile(kb.add(o0, kb.mul(g, c(outs))), outs));
+    if outs > 1 {
+        kb.for_(full, o1, |o| tile(o, 1));
+    }
+}
+
+/// Stores the dot products of an `rn × on` tile of `lin_n_block` (plus the bias).
+fn n_block_store<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    t0: IntValue<'ctx>,
+    rn: usize,
+    oo: IntValue<'ctx>,
+    on: usize,
+    acc: &[inkwell::values::BasicValueEnum<'ctx>],
+) {
+    let c = |v: usize| kb.c(v as i64);
+    for r in 0..rn {
+        for j in 0..on {
+            let o = kb.add(oo, c(j));
+            let mut v = kb.vsum(acc[r * on + j].into_vector_value());
+            if let Some(b) = l.b {
+                v = kb.fadd(v, kb.ld(b, o));
+            }
+            kb.st(l.out, kb.add(kb.mul(kb.add(t0, c(r)), c(l.n_out)), o), v);
+        }
+    }
 }
 
 /// The packed GEMM for the column block `o0..o0 + BLOCK` of every row (`packs`): the
@@ -788,18 +836,56 @@ fn attention<'ctx>(
         let row = kb.mul(r, c(hd));
         let kb0 = kb.mul(g, kstride);
         let vb0 = kb.mul(g, vstride);
+        let slope = slopes.map(|s| kb.ld(s, h));
+        let score_of = |dot: FloatValue<'ctx>, s: IntValue<'ctx>| {
+            let score = kb.fmul(dot, kb.fc(scale));
+            match slope {
+                Some(sl) => kb.fsub(score, kb.fmul(sl, kb.to_f32(kb.i_to_f64(kb.sub(pq, s))))),
+                None => score,
+            }
+        };
+        if hd % VW == 0 {
+            // The query row, the running max and sum and the output row stay in registers
+            // for the whole pass over the keys.
+            let nv = hd / VW;
+            let qv: Vec<_> = (0..nv).map(|j| kb.ldv(q, kb.add(row, c(j * VW)))).collect();
+            let mut init: Vec<inkwell::values::BasicValueEnum<'ctx>> =
+                vec![kb.fc(f64::NEG_INFINITY).into(), kb.fc(0.0).into()];
+            init.extend((0..nv).map(|_| inkwell::values::BasicValueEnum::from(kb.vzero())));
+            let fin = kb.fold(lo, hi, &init, |s, st| {
+                let (m, l) = (st[0].into_float_value(), st[1].into_float_value());
+                let krow = kb.add(kb0, kb.mul(s, c(hd)));
+                let mut d = kb.vmul(qv[0], kb.ldv(k, krow));
+                for (j, qj) in qv.iter().enumerate().skip(1) {
+                    d = kb.vfma(*qj, kb.ldv(k, kb.add(krow, c(j * VW))), d);
+                }
+                let score = score_of(kb.vsum(d), s);
+                let m_new = kb.fmax(m, score);
+                let corr = kb.exp_f32(kb.fsub(m, m_new));
+                let e = kb.exp_f32(kb.fsub(score, m_new));
+                let mut next: Vec<inkwell::values::BasicValueEnum<'ctx>> =
+                    vec![m_new.into(), kb.fadd(kb.fmul(l, corr), e).into()];
+                let (cv, ev) = (kb.splat(corr), kb.splat(e));
+                let vrow = kb.add(vb0, kb.mul(s, c(hd)));
+                for j in 0..nv {
+                    let acc = kb.vmul(st[2 + j].into_vector_value(), cv);
+                    next.push(kb.vfma(ev, kb.ldv(v, kb.add(vrow, c(j * VW))), acc).into());
+                }
+                next
+            });
+            let inv = kb.splat(kb.fdiv(kb.fc(1.0), fin[1].into_float_value()));
+            for j in 0..nv {
+                kb.stv(out, kb.add(row, c(j * VW)), kb.vmul(fin[2 + j].into_vector_value(), inv));
+            }
+            return;
+        }
         kb.for_(c(0), c(hd), |i| kb.st(out, kb.add(row, i), kb.fc(0.0)));
         kb.store(m_slot, kb.fc(f64::NEG_INFINITY));
         kb.store(l_slot, kb.fc(0.0));
-        let slope = slopes.map(|s| kb.ld(s, h));
         kb.for_(lo, hi, |s| {
             let krow = kb.add(kb0, kb.mul(s, c(hd)));
             let dot = kb.sum(c(0), c(hd), |i| kb.fmul(kb.ld(q, kb.add(row, i)), kb.ld(k, kb.add(krow, i))));
-            let mut score = kb.fmul(dot, kb.fc(scale));
-            if let Some(sl) = slope {
-                let dist = kb.i_to_f64(kb.sub(pq, s));
-                score = kb.fsub(score, kb.fmul(sl, kb.to_f32(dist)));
-            }
+            let score = score_of(dot, s);
             let m = kb.load_f32(m_slot);
             let m_new = kb.fmax(m, score);
             let corr = kb.exp_f32(kb.fsub(m, m_new));
