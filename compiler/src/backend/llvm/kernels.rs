@@ -787,6 +787,21 @@ fn unary<'ctx>(kb: &Kb<'_, 'ctx>, op: UnaryOp, x: FloatValue<'ctx>) -> FloatValu
     }
 }
 
+/// One key of an online softmax: from the running max `m` and sum `l` and the key's
+/// `score`, the new max and sum, the factor `corr` that rescales what was accumulated so
+/// far, and the key's weight `e`.
+fn softmax_step<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    m: FloatValue<'ctx>,
+    l: FloatValue<'ctx>,
+    score: FloatValue<'ctx>,
+) -> (FloatValue<'ctx>, FloatValue<'ctx>, FloatValue<'ctx>, FloatValue<'ctx>) {
+    let m_new = kb.fmax(m, score);
+    let corr = kb.exp_f32(kb.fsub(m, m_new));
+    let e = kb.exp_f32(kb.fsub(score, m_new));
+    (m_new, kb.fadd(kb.fmul(l, corr), e), corr, e)
+}
+
 /// One task per (head, query row): an online softmax over the visible keys, reading the
 /// keys and values in place (the KV cache in decode) and never forming the score row.
 #[allow(clippy::too_many_arguments)]
@@ -859,12 +874,8 @@ fn attention<'ctx>(
                 for (j, qj) in qv.iter().enumerate().skip(1) {
                     d = kb.vfma(*qj, kb.ldv(k, kb.add(krow, c(j * VW))), d);
                 }
-                let score = score_of(kb.vsum(d), s);
-                let m_new = kb.fmax(m, score);
-                let corr = kb.exp_f32(kb.fsub(m, m_new));
-                let e = kb.exp_f32(kb.fsub(score, m_new));
-                let mut next: Vec<inkwell::values::BasicValueEnum<'ctx>> =
-                    vec![m_new.into(), kb.fadd(kb.fmul(l, corr), e).into()];
+                let (m_new, l_new, corr, e) = softmax_step(kb, m, l, score_of(kb.vsum(d), s));
+                let mut next: Vec<inkwell::values::BasicValueEnum<'ctx>> = vec![m_new.into(), l_new.into()];
                 let (cv, ev) = (kb.splat(corr), kb.splat(e));
                 let vrow = kb.add(vb0, kb.mul(s, c(hd)));
                 for j in 0..nv {
@@ -885,12 +896,9 @@ fn attention<'ctx>(
         kb.for_(lo, hi, |s| {
             let krow = kb.add(kb0, kb.mul(s, c(hd)));
             let dot = kb.sum(c(0), c(hd), |i| kb.fmul(kb.ld(q, kb.add(row, i)), kb.ld(k, kb.add(krow, i))));
-            let score = score_of(dot, s);
-            let m = kb.load_f32(m_slot);
-            let m_new = kb.fmax(m, score);
-            let corr = kb.exp_f32(kb.fsub(m, m_new));
-            let e = kb.exp_f32(kb.fsub(score, m_new));
-            kb.store(l_slot, kb.fadd(kb.fmul(kb.load_f32(l_slot), corr), e));
+            let (m, l) = (kb.load_f32(m_slot), kb.load_f32(l_slot));
+            let (m_new, l_new, corr, e) = softmax_step(kb, m, l, score_of(dot, s));
+            kb.store(l_slot, l_new);
             kb.store(m_slot, m_new);
             let vrow = kb.add(vb0, kb.mul(s, c(hd)));
             kb.for_(c(0), c(hd), |i| {
