@@ -8,15 +8,13 @@ No tokenizer is involved (token ids go in directly), so the GGUF carries a place
 vocabulary: the 256 byte-level symbols GPT-2's BPE starts from, then numbered tokens.
 Prints one JSON object. Used by benches/peers.sh; needs llama-cpp-python, gguf, numpy.
 """
-import argparse
-import json
 import os
-import statistics
 import tempfile
-import time
 
 import gguf
 import numpy as np
+
+from common import measure, parser, report
 
 
 def byte_symbols():
@@ -119,13 +117,8 @@ def write_gguf(path, dtype, shape, ctx=1024, seed=0):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=SHAPES, default="w1")
+    ap = parser(SHAPES)
     ap.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32")
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--decode", type=int, default=64)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     import llama_cpp
     from llama_cpp import Llama
@@ -138,25 +131,13 @@ def main():
                       n_threads=a.threads, n_threads_batch=a.threads, verbose=bool(os.environ.get("VERBOSE")))
         llm = Llama(**kwargs)
         tokens = [(i * 31) % vocab for i in range(a.prompt)]
-        pre, dec = [], []
-        for run in range(a.runs + 1):
+
+        def reset():
             llm.reset()
             llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
-            t = time.perf_counter()
-            llm.eval(tokens)
-            p = time.perf_counter() - t
-            t = time.perf_counter()
-            for i in range(a.decode):
-                llm.eval([(i * 17 + 5) % vocab])
-            d = time.perf_counter() - t
-            if run > 0:
-                pre.append(p * 1e3)
-                dec.append(a.decode / d)
-        print(json.dumps({
-            "peer": f"llama.cpp {a.dtype.upper()} (llama-cpp-python {llama_cpp.__version__})",
-            "prefill_ms": {"median": statistics.median(pre), "min": min(pre), "max": max(pre)},
-            "decode_tok_s": {"median": statistics.median(dec), "min": min(dec), "max": max(dec)},
-        }))
+
+        pre, dec = measure(a, lambda: llm.eval(tokens), lambda _, i: llm.eval([(i * 17 + 5) % vocab]), reset)
+        report(f"llama.cpp {a.dtype.upper()} (llama-cpp-python {llama_cpp.__version__})", pre, dec)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,16 @@ Random weights (the speed does not depend on them), batch 1, fp32, the given num
 threads: prefill latency for a prompt, then decode tokens/s through the cache. Prints
 one JSON object. Used by benches/peers.sh; needs torch, onnx, onnxscript, onnxruntime.
 """
-import argparse
-import warnings
-import json
 import math
 import os
-import statistics
 import tempfile
-import time
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
+
+from common import measure, parser, report
 
 SHAPES = {
     # name: (d, layers, heads, kv_heads, ffn, vocab, arch)
@@ -107,13 +105,7 @@ class Decoder(nn.Module):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=SHAPES, default="w1")
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--decode", type=int, default=64)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
+    a = parser(SHAPES).parse_args()
     import onnxruntime as ort
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -139,25 +131,13 @@ def main():
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     tokens = np.array([[(i * 31) % vocab for i in range(a.prompt)]], dtype=np.int64)
     empty = np.zeros((layers, kv, 0, hd), dtype=np.float32)
-    pre, dec = [], []
-    for run in range(a.runs + 1):
-        t = time.perf_counter()
-        logits, pk, pv = sess.run(None, {"ids": tokens, "past_k": empty, "past_v": empty})
-        p = time.perf_counter() - t
-        nxt = np.array([[int(logits[-1].argmax())]], dtype=np.int64)
-        t = time.perf_counter()
-        for _ in range(a.decode):
-            logits, pk, pv = sess.run(None, {"ids": nxt, "past_k": pk, "past_v": pv})
-            nxt = np.array([[int(logits[-1].argmax())]], dtype=np.int64)
-        dt = time.perf_counter() - t
-        if run > 0:
-            pre.append(p * 1e3)
-            dec.append(a.decode / dt)
-    print(json.dumps({
-        "peer": f"ONNX Runtime {ort.__version__}",
-        "prefill_ms": {"median": statistics.median(pre), "min": min(pre), "max": max(pre)},
-        "decode_tok_s": {"median": statistics.median(dec), "min": min(dec), "max": max(dec)},
-    }))
+
+    def run(ids, pk, pv):
+        logits, pk, pv = sess.run(None, {"ids": ids, "past_k": pk, "past_v": pv})
+        return np.array([[int(logits[-1].argmax())]], dtype=np.int64), pk, pv
+
+    pre, dec = measure(a, lambda: run(tokens, empty, empty), lambda st, _: run(*st))
+    report(f"ONNX Runtime {ort.__version__}", pre, dec)
 
 
 if __name__ == "__main__":
