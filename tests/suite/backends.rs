@@ -196,22 +196,21 @@ fn misuse_of_the_c_abi_gets_status_codes() {
 fn the_c_example_generates_with_the_header_and_library() {
     let dir = build(&root().join("specs/tiny/llama.tfs"), "c-example");
     let exe = build_c(&dir, "llama", &root().join("examples/c/generate.c"));
-    let run = std::process::Command::new(&exe)
-        .arg(root().join("tests/fixtures/hf/llama/model.safetensors"))
-        .args(["12", "188", "354", "68", "81", "173", "71", "249", "323", "49", "60", "366", "134"])
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "54,11,247,269,207,311,54,54,54,54,54,54");
     // A CPU without the build machine's features gets the baseline copy: the same tokens.
-    let run = std::process::Command::new(&exe)
-        .env("TFC_CPU", "baseline")
-        .arg(root().join("tests/fixtures/hf/llama/model.safetensors"))
-        .args(["12", "188", "354", "68", "81", "173", "71", "249", "323", "49", "60", "366", "134"])
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "54,11,247,269,207,311,54,54,54,54,54,54");
+    for cpu in ["native", "baseline"] {
+        let run = std::process::Command::new(&exe)
+            .env("TFC_CPU", cpu)
+            .arg(root().join("tests/fixtures/hf/llama/model.safetensors"))
+            .args(["12", "188", "354", "68", "81", "173", "71", "249", "323", "49", "60", "366", "134"])
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{cpu}: {}", String::from_utf8_lossy(&run.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&run.stdout).trim(),
+            "54,11,247,269,207,311,54,54,54,54,54,54",
+            "{cpu}"
+        );
+    }
 }
 
 #[test]
