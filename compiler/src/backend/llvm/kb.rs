@@ -253,7 +253,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         }
     }
     /// The scale of the q8 block holding element `idx`.
-    pub fn q8_scale(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, scales: usize) -> FloatValue<'ctx> {
+    fn q8_scale(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, scales: usize) -> FloatValue<'ctx> {
         let sp = self.gep(self.cx.i8_type(), base, self.c(scales as i64));
         let block = ok(self.b.build_right_shift(idx, self.c(Q8_BLOCK.trailing_zeros() as i64), false, ""));
         self.ld(sp, block)
@@ -283,13 +283,6 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
                 ok(self.b.build_float_mul(qf, s, ""))
             }
         }
-    }
-    /// `VW` int8 values of a q8 weight as `<VW x float>`, unscaled.
-    pub fn ldvq(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> VectorValue<'ctx> {
-        let i8v = self.cx.i8_type().vec_type(VW as u32);
-        let q = ok(self.b.build_load(i8v, self.gep(self.cx.i8_type(), base, idx), ""));
-        let _ = q.as_instruction_value().unwrap().set_alignment(1);
-        ok(self.b.build_signed_int_to_float(q.into_vector_value(), self.vt(), ""))
     }
     pub fn vmul(&self, a: VectorValue<'ctx>, b: VectorValue<'ctx>) -> VectorValue<'ctx> {
         ok(self.b.build_float_mul(a, b, ""))

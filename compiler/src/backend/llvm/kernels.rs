@@ -10,7 +10,6 @@ use inkwell::values::{FloatValue, FunctionValue, IntValue, PointerValue};
 use super::kb::{Kb, WFmt, VW};
 use crate::interp::alibi_slopes;
 use crate::ir::{Act, AttnMask, QkvLayout, QkvPart};
-use tfc_runtime::quant::Q8_BLOCK;
 
 /// What a kernel computes; its argument block layout is given per variant.
 #[derive(Clone, Debug, PartialEq)]
@@ -98,19 +97,16 @@ const MR: usize = 6;
 /// time into a contiguous L1-resident panel, whatever its layout or storage type, and
 /// the activation rows pass over it in register tiles of `MR`. The packing is paid once
 /// per block and shared by every row, so it is for prefill's many rows, not for
-/// decode's one.
-pub fn packs(rows: Option<usize>, out: usize) -> bool {
-    out % BLOCK == 0 && rows.is_none_or(|r| r >= MR)
+/// decode's one. `[in, out]` weights are packed for any row count: their one-row products
+/// (decode) are split over `in` instead (`GemvPartial`), whenever `in` is 64 or more.
+pub fn packs(rows: Option<usize>, out: usize, transposed: bool) -> bool {
+    out % BLOCK == 0 && (transposed || rows.is_none_or(|r| r >= MR))
 }
 
-/// Whether a linear map gets the register-tiled kernel: the vectors must tile the weight
-/// rows exactly (`[in, out]`: `out` by 64-column blocks; `[out, in]`: `in` by 16).
-fn tiled(inn: usize, out: usize, transposed: bool) -> bool {
-    if transposed {
-        out % BLOCK == 0
-    } else {
-        inn % VW == 0
-    }
+/// Whether an unpacked linear map gets the vectorised dot products of `lin_n_block`:
+/// `[out, in]` weights whose rows the vectors tile exactly (`in` by 16).
+fn tiled(inn: usize, transposed: bool) -> bool {
+    !transposed && inn % VW == 0
 }
 
 struct Lin<'ctx, 'e> {
@@ -182,37 +178,6 @@ fn epilogue<'ctx>(
     });
 }
 
-/// `W [in, out]`: an `rn × 64` output tile in `rn · 4` vector registers; each step over
-/// `in` loads four weight vectors once and uses them for every row of the tile.
-fn lin_t_tile<'ctx>(kb: &Kb<'_, 'ctx>, l: &Lin<'ctx, '_>, t0: IntValue<'ctx>, rn: usize, o0: IntValue<'ctx>) {
-    let c = |v: usize| kb.c(v as i64);
-    let nv = BLOCK / VW;
-    let init: Vec<_> = (0..rn * nv)
-        .map(|k| match l.b {
-            Some(b) => kb.ldv(b, kb.add(o0, c((k % nv) * VW))).into(),
-            None => kb.vzero().into(),
-        })
-        .collect();
-    let acc = kb.fold(c(0), c(l.inn), &init, |i, acc| {
-        let wrow = kb.add(kb.mul(i, c(l.n_out)), o0);
-        let wv: Vec<_> = (0..nv).map(|j| kb.ldvw(l.w, kb.add(wrow, c(j * VW)), l.wf)).collect();
-        let mut next = Vec::with_capacity(acc.len());
-        for r in 0..rn {
-            let xs = kb.splat(kb.ld(l.x, kb.add(kb.mul(kb.add(t0, c(r)), c(l.inn)), i)));
-            for (j, wv) in wv.iter().enumerate() {
-                next.push(kb.vfma(xs, *wv, acc[r * nv + j].into_vector_value()).into());
-            }
-        }
-        next
-    });
-    for r in 0..rn {
-        let yrow = kb.add(kb.mul(kb.add(t0, c(r)), c(l.n_out)), o0);
-        for j in 0..nv {
-            kb.stv(l.out, kb.add(yrow, c(j * VW)), acc[r * nv + j].into_vector_value());
-        }
-    }
-}
-
 /// `W [out, in]`: outputs `o0..o1` for rows `t0..t0 + rn`, four outputs at a time (one for
 /// a single row), each a vectorised dot product over `in` whose weight vectors are shared
 /// by the tile's rows.
@@ -233,38 +198,12 @@ fn lin_n_block<'ctx>(
     let span = kb.sub(o1, o0);
     let full = kb.add(o0, kb.mul(kb.div(span, c(outs)), c(outs)));
     let tile = |oo: IntValue<'ctx>, on: usize| {
-        let finish = |acc: Vec<_>| n_block_store(kb, l, t0, rn, oo, on, &acc);
         let init: Vec<_> = (0..rn * on).map(|_| kb.vzero().into()).collect();
-        let at = |j: usize, i: IntValue<'ctx>| kb.add(kb.mul(kb.add(oo, c(j)), c(l.inn)), i);
-        if let WFmt::Q8 { scales } = l.wf {
-            // Per block of 32 (whole blocks: a q8 row is a multiple of 32), the products
-            // with the integer values are summed first and scaled once.
-            let acc = kb.fold(c(0), c(l.inn / Q8_BLOCK), &init, |s, acc| {
-                let i = kb.mul(s, c(Q8_BLOCK));
-                let w: Vec<_> = (0..on)
-                    .map(|j| {
-                        let lo = kb.ldvq(l.w, at(j, i));
-                        let hi = kb.ldvq(l.w, kb.add(at(j, i), c(VW)));
-                        (lo, hi, kb.splat(kb.q8_scale(l.w, at(j, i), scales)))
-                    })
-                    .collect();
-                let mut next = Vec::with_capacity(acc.len());
-                for r in 0..rn {
-                    let xrow = kb.add(kb.mul(kb.add(t0, c(r)), c(l.inn)), i);
-                    let (x0, x1) = (kb.ldv(l.x, xrow), kb.ldv(l.x, kb.add(xrow, c(VW))));
-                    for (j, (lo, hi, sc)) in w.iter().enumerate() {
-                        let p = kb.vfma(x1, *hi, kb.vmul(x0, *lo));
-                        next.push(kb.vfma(p, *sc, acc[r * on + j].into_vector_value()).into());
-                    }
-                }
-                next
-            });
-            return finish(acc);
-        }
         let steps = c(l.inn / VW);
         let acc = kb.fold(c(0), steps, &init, |s, acc| {
             let i = kb.mul(s, c(VW));
-            let wv: Vec<_> = (0..on).map(|j| kb.ldvw(l.w, at(j, i), l.wf)).collect();
+            let wv: Vec<_> =
+                (0..on).map(|j| kb.ldvw(l.w, kb.add(kb.mul(kb.add(oo, c(j)), c(l.inn)), i), l.wf)).collect();
             let mut next = Vec::with_capacity(acc.len());
             for r in 0..rn {
                 let xv = kb.ldv(l.x, kb.add(kb.mul(kb.add(t0, c(r)), c(l.inn)), i));
@@ -274,35 +213,21 @@ fn lin_n_block<'ctx>(
             }
             next
         });
-        finish(acc)
+        for r in 0..rn {
+            for j in 0..on {
+                let o = kb.add(oo, c(j));
+                let mut v = kb.vsum(acc[r * on + j].into_vector_value());
+                if let Some(b) = l.b {
+                    v = kb.fadd(v, kb.ld(b, o));
+                }
+                kb.st(l.out, kb.add(kb.mul(kb.add(t0, c(r)), c(l.n_out)), o), v);
+            }
+        }
     };
     let groups = kb.div(span, c(outs));
     kb.for_(c(0), groups, |g| tile(kb.add(o0, kb.mul(g, c(outs))), outs));
     if outs > 1 {
         kb.for_(full, o1, |o| tile(o, 1));
-    }
-}
-
-/// Stores the dot products of an `rn × on` tile of `lin_n_block` (plus the bias).
-fn n_block_store<'ctx>(
-    kb: &Kb<'_, 'ctx>,
-    l: &Lin<'ctx, '_>,
-    t0: IntValue<'ctx>,
-    rn: usize,
-    oo: IntValue<'ctx>,
-    on: usize,
-    acc: &[inkwell::values::BasicValueEnum<'ctx>],
-) {
-    let c = |v: usize| kb.c(v as i64);
-    for r in 0..rn {
-        for j in 0..on {
-            let o = kb.add(oo, c(j));
-            let mut v = kb.vsum(acc[r * on + j].into_vector_value());
-            if let Some(b) = l.b {
-                v = kb.fadd(v, kb.ld(b, o));
-            }
-            kb.st(l.out, kb.add(kb.mul(kb.add(t0, c(r)), c(l.n_out)), o), v);
-        }
     }
 }
 
@@ -565,9 +490,7 @@ fn body<'ctx>(
             let panel = kb.alloca_f32s(KC * BLOCK);
             kb.for_(begin, end, |blk| lin_packed(kb, &l, rows, kb.mul(blk, c(BLOCK)), panel, transposed));
         }
-        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, .. }
-            if tiled(inn, n_out, transposed) =>
-        {
+        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, .. } if tiled(inn, transposed) => {
             let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
             kb.for_(begin, end, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
@@ -575,11 +498,7 @@ fn body<'ctx>(
                 // Rows in tiles of ROWS, then the rest one by one.
                 let full = kb.mul(kb.div(rows, c(ROWS)), c(ROWS));
                 let step = |t0: IntValue<'ctx>, rn: usize| {
-                    if transposed {
-                        lin_t_tile(kb, &l, t0, rn, o0);
-                    } else {
-                        lin_n_block(kb, &l, t0, rn, o0, o1);
-                    }
+                    lin_n_block(kb, &l, t0, rn, o0, o1);
                     // The fused elementwise ops, on the tile while it is in cache.
                     kb.for_(c(0), c(rn), |r| epilogue(kb, &l, kb.add(t0, r), o0, o1));
                 };

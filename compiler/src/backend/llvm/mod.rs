@@ -552,7 +552,7 @@ fn emit_graph<'ctx>(
                     let (transposed, bias) = (*transposed, *bias);
                     let ty = g.ty(n);
                     let rows = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
-                    let packed = kernels::packs(rows, width);
+                    let packed = kernels::packs(rows, width, transposed);
                     let k = Kernel::Linear { inn, out: width, transposed, bias, epi, wf, packed };
                     call(k, v, kb.c(width.div_ceil(BLOCK) as i64));
                 }
