@@ -78,9 +78,11 @@ int32_t tfc_uses_fallback(void) {
 }
 
 /* ---- thread pool. A kernel call publishes (fn, args, total), bumps `generation` and
-   runs share 0 itself; workers spin briefly on `generation` (a decode step is ~100 short
-   calls, too short to sleep between) and only then sleep on a condition variable; the
-   caller spins until `pending` reaches zero. ---- */
+   takes part itself; workers spin briefly on `generation` (a decode step is ~100 short
+   calls, too short to sleep between) and only then sleep on a condition variable. Every
+   participant claims `grain` tasks at a time from `next` until none are left, so a
+   thread that streams memory faster (or started sooner) takes more of them instead of
+   waiting for the other; the caller spins until `pending` reaches zero. ---- */
 #define TFC_SPIN 4000
 
 typedef struct {
@@ -91,15 +93,11 @@ typedef struct {
     _Atomic int64_t generation;
     _Atomic int32_t pending;
     _Atomic int32_t stop;
+    _Atomic int64_t next;
     tfc_task fn;
     const int64_t *args;
-    int64_t total;
+    int64_t total, grain;
 } pool_t;
-
-typedef struct {
-    pool_t *pool;
-    int32_t index;
-} worker_t;
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -107,14 +105,17 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static void share(int64_t total, int32_t n, int32_t i, int64_t *b, int64_t *e) {
-    *b = total * i / n;
-    *e = total * (i + 1) / n;
+static void run_claims(pool_t *pool) {
+    const int64_t total = pool->total, grain = pool->grain;
+    for (;;) {
+        int64_t b = atomic_fetch_add_explicit(&pool->next, grain, memory_order_relaxed);
+        if (b >= total) return;
+        pool->fn(pool->args, b, b + grain < total ? b + grain : total);
+    }
 }
 
 static void *worker_main(void *p) {
-    worker_t *w = p;
-    pool_t *pool = w->pool;
+    pool_t *pool = p;
     int64_t seen = 0;
     for (;;) {
         int64_t g = atomic_load_explicit(&pool->generation, memory_order_acquire);
@@ -128,14 +129,9 @@ static void *worker_main(void *p) {
                 pthread_cond_wait(&pool->wake, &pool->mu);
             pthread_mutex_unlock(&pool->mu);
         }
-        if (atomic_load(&pool->stop)) {
-            free(w);
-            return NULL;
-        }
+        if (atomic_load(&pool->stop)) return NULL;
         seen = g;
-        int64_t b, e;
-        share(pool->total, pool->n, w->index, &b, &e);
-        if (b < e) pool->fn(pool->args, b, e);
+        run_claims(pool);
         atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_acq_rel);
     }
 }
@@ -151,14 +147,16 @@ __attribute__((visibility("hidden"))) void tfc__parallel_for(void *p, tfc_task f
     pool->fn = fn;
     pool->args = args;
     pool->total = total;
+    /* About eight claims per thread: few enough that claiming costs nothing, enough that
+       the last one leaves the others little to wait for. */
+    pool->grain = (total + 8 * pool->n - 1) / (8 * pool->n);
+    atomic_store_explicit(&pool->next, 0, memory_order_relaxed);
     atomic_store_explicit(&pool->pending, pool->n - 1, memory_order_relaxed);
     pthread_mutex_lock(&pool->mu);
     atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mu);
-    int64_t b, e;
-    share(total, pool->n, 0, &b, &e);
-    if (b < e) fn(args, b, e);
+    run_claims(pool);
     while (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) cpu_relax();
 }
 
@@ -174,15 +172,7 @@ static pool_t *pool_create(int32_t n) {
         return NULL;
     }
     for (int32_t i = 1; i < n; i++) {
-        worker_t *w = malloc(sizeof *w);
-        if (!w) {
-            pool->n = i;
-            break;
-        }
-        w->pool = pool;
-        w->index = i;
-        if (pthread_create(&pool->threads[i], NULL, worker_main, w) != 0) {
-            free(w);
+        if (pthread_create(&pool->threads[i], NULL, worker_main, pool) != 0) {
             pool->n = i;
             break;
         }
