@@ -40,6 +40,15 @@ impl WFmt {
         }
     }
 
+    /// Bytes per element (a q8 tensor's scales come on top).
+    pub fn elem_bytes(self) -> usize {
+        match self {
+            WFmt::F32 => 4,
+            WFmt::Bf16 => 2,
+            WFmt::Q8 { .. } => 1,
+        }
+    }
+
     /// A kernel-name suffix; kernels are shared by name, so it says all a kernel bakes in.
     pub fn suffix(self) -> String {
         match self {
@@ -253,7 +262,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         }
     }
     /// The scale of the q8 block holding element `idx`.
-    fn q8_scale(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, scales: usize) -> FloatValue<'ctx> {
+    pub fn q8_scale(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, scales: usize) -> FloatValue<'ctx> {
         let sp = self.gep(self.cx.i8_type(), base, self.c(scales as i64));
         let block = ok(self.b.build_right_shift(idx, self.c(Q8_BLOCK.trailing_zeros() as i64), false, ""));
         self.ld(sp, block)
@@ -275,14 +284,85 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
                 ok(self.b.build_bit_cast(w, self.vt(), "")).into_vector_value()
             }
             WFmt::Q8 { scales } => {
-                let i8v = self.cx.i8_type().vec_type(VW as u32);
-                let q = ok(self.b.build_load(i8v, self.gep(self.cx.i8_type(), base, idx), ""));
-                let _ = q.as_instruction_value().unwrap().set_alignment(1);
-                let qf = ok(self.b.build_signed_int_to_float(q.into_vector_value(), self.vt(), ""));
                 let s = self.splat(self.q8_scale(base, idx, scales));
-                ok(self.b.build_float_mul(qf, s, ""))
+                ok(self.b.build_float_mul(self.ldv_q8_raw(base, idx), s, ""))
             }
         }
+    }
+    /// 32 `bf16` weights from element `idx` on as two `<VW x float>`: the even elements
+    /// (0, 2, …, 30) and the odd ones. One 64-byte load and two integer ops, against two
+    /// widening loads and two shifts for the same 32 in order: a bf16 is the high half
+    /// of an f32, so an even element is its 32-bit lane shifted up and an odd one is the
+    /// lane with its low half cleared.
+    pub fn ld_bf16_pairs(
+        &self,
+        base: PointerValue<'ctx>,
+        idx: IntValue<'ctx>,
+    ) -> (VectorValue<'ctx>, VectorValue<'ctx>) {
+        let i32t = self.cx.i32_type();
+        let i32v = i32t.vec_type(VW as u32);
+        let p = self.gep(self.cx.i16_type(), base, idx);
+        let w = ok(self.b.build_load(i32v, p, ""));
+        let _ = w.as_instruction_value().unwrap().set_alignment(2);
+        let w = w.into_vector_value();
+        let sixteen = VectorType::const_vector(&[i32t.const_int(16, false); VW]);
+        let high = VectorType::const_vector(&[i32t.const_int(0xffff_0000, false); VW]);
+        let even = ok(self.b.build_left_shift(w, sixteen, ""));
+        let odd = ok(self.b.build_and(w, high, ""));
+        let f = |v| ok(self.b.build_bit_cast(v, self.vt(), "")).into_vector_value();
+        (f(even), f(odd))
+    }
+    /// Lanes `lanes` of the concatenation `a ++ b` (indices below `VW` pick from `a`).
+    pub fn shuffle(&self, a: VectorValue<'ctx>, b: VectorValue<'ctx>, lanes: &[u32]) -> VectorValue<'ctx> {
+        let i32t = self.cx.i32_type();
+        let mask: Vec<_> = lanes.iter().map(|&l| i32t.const_int(l as u64, false)).collect();
+        ok(self.b.build_shuffle_vector(a, b, VectorType::const_vector(&mask), ""))
+    }
+    /// The transpose of a `VW × VW` block held as `VW` row vectors: `log2 VW` stages, each
+    /// swapping one bit of the row index with the same bit of the lane index, one
+    /// two-input shuffle per row.
+    pub fn transpose(&self, rows: Vec<VectorValue<'ctx>>) -> Vec<VectorValue<'ctx>> {
+        let n = VW as u32;
+        let mut m = rows;
+        let mut bit = 1u32;
+        while bit < n {
+            m = (0..n)
+                .map(|r| {
+                    // Row r takes, at each lane c, the element whose row and lane have bit
+                    // `bit` exchanged with c's and r's.
+                    let (lo, hi) = (m[(r & !bit) as usize], m[(r | bit) as usize]);
+                    let lanes: Vec<u32> = (0..n)
+                        .map(|c| match (r & bit != 0, c & bit != 0) {
+                            (false, false) => c,
+                            (false, true) => n + (c ^ bit),
+                            (true, false) => c | bit,
+                            (true, true) => n + c,
+                        })
+                        .collect();
+                    self.shuffle(lo, hi, &lanes)
+                })
+                .collect();
+            bit <<= 1;
+        }
+        m
+    }
+    /// Hints that the cache line at `base + bytes` will be read soon (never faults).
+    pub fn prefetch(&self, base: PointerValue<'ctx>, bytes: IntValue<'ctx>) {
+        // A plain (not in-bounds) GEP: the address may lie past the end of the tensor.
+        // SAFETY: the pointer is only handed to a prefetch, which never dereferences it.
+        let p = unsafe { ok(self.b.build_gep(self.cx.i8_type(), base, &[bytes], "")) };
+        let f =
+            Intrinsic::find("llvm.prefetch").unwrap().get_declaration(self.m, &[self.ptrt().into()]).unwrap();
+        let i32t = self.cx.i32_type();
+        let (read, keep, data) = (i32t.const_zero(), i32t.const_int(3, false), i32t.const_int(1, false));
+        ok(self.b.build_call(f, &[p.into(), read.into(), keep.into(), data.into()], ""));
+    }
+    /// `VW` int8 weights from element `idx` on as `<VW x float>`, unscaled.
+    pub fn ldv_q8_raw(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> VectorValue<'ctx> {
+        let i8v = self.cx.i8_type().vec_type(VW as u32);
+        let q = ok(self.b.build_load(i8v, self.gep(self.cx.i8_type(), base, idx), ""));
+        let _ = q.as_instruction_value().unwrap().set_alignment(1);
+        ok(self.b.build_signed_int_to_float(q.into_vector_value(), self.vt(), ""))
     }
     pub fn vmul(&self, a: VectorValue<'ctx>, b: VectorValue<'ctx>) -> VectorValue<'ctx> {
         ok(self.b.build_float_mul(a, b, ""))

@@ -5,7 +5,8 @@
 
 use inkwell::attributes::AttributeLoc;
 use inkwell::module::Linkage;
-use inkwell::values::{FloatValue, FunctionValue, IntValue, PointerValue};
+use inkwell::values::{FloatValue, FunctionValue, IntValue, PointerValue, VectorValue};
+use tfc_runtime::quant::Q8_BLOCK;
 
 use super::kb::{Kb, WFmt, VW};
 use crate::interp::alibi_slopes;
@@ -48,7 +49,8 @@ pub enum Kernel {
     GemvPartial { inn: usize, out: usize, chunks: usize, wf: WFmt },
     /// Sums the partials into the output row, adds the bias, applies the epilogue:
     /// args partials, [b], out, then the epilogue's other operands; tasks: column blocks.
-    GemvReduce { out: usize, chunks: usize, bias: bool, epi: Vec<Epi> },
+    /// `pairs`: the partials come from bf16 weights, each group of 32 as even then odd.
+    GemvReduce { out: usize, chunks: usize, bias: bool, epi: Vec<Epi>, pairs: bool },
     /// args: src, cache, rows(T), P; tasks: groups. Writes `src [G, T, hd]` at `P..P+T`.
     CacheStore { head_dim: usize, max_seq: usize },
 }
@@ -178,9 +180,9 @@ fn epilogue<'ctx>(
     });
 }
 
-/// `W [out, in]`: outputs `o0..o1` for rows `t0..t0 + rn`, four outputs at a time (one for
-/// a single row), each a vectorised dot product over `in` whose weight vectors are shared
-/// by the tile's rows.
+/// `W [out, in]`: outputs `o0..o1` for rows `t0..t0 + rn`, four outputs at a time, each
+/// a vectorised dot product over `in` whose weight vectors are shared by the tile's rows.
+/// A single row (decode) takes `lin_dot_row`.
 fn lin_n_block<'ctx>(
     kb: &Kb<'_, 'ctx>,
     l: &Lin<'ctx, '_>,
@@ -188,13 +190,13 @@ fn lin_n_block<'ctx>(
     rn: usize,
     o0: IntValue<'ctx>,
     o1: IntValue<'ctx>,
+    xp: Option<PointerValue<'ctx>>,
 ) {
+    if rn == 1 {
+        return lin_dot_row(kb, l, t0, o0, o1, xp);
+    }
     let c = |v: usize| kb.c(v as i64);
-    // Several rows share each weight vector across a group of four outputs; a single row
-    // (decode) reads one output's weights at a time, so the whole block is one forward
-    // stream: four interleaved short streams (a 2 KB row of int8) left the prefetcher
-    // behind, and W2's q8 decode ran at 17 GB/s instead of 26.
-    let outs = if rn == 1 { 1 } else { 4 };
+    let outs = 4;
     let span = kb.sub(o1, o0);
     let full = kb.add(o0, kb.mul(kb.div(span, c(outs)), c(outs)));
     let tile = |oo: IntValue<'ctx>, on: usize| {
@@ -226,9 +228,117 @@ fn lin_n_block<'ctx>(
     };
     let groups = kb.div(span, c(outs));
     kb.for_(c(0), groups, |g| tile(kb.add(o0, kb.mul(g, c(outs))), outs));
-    if outs > 1 {
-        kb.for_(full, o1, |o| tile(o, 1));
+    kb.for_(full, o1, |o| tile(o, 1));
+}
+
+/// Bytes ahead of the weight being read that a streaming kernel prefetches. With only
+/// the hardware prefetcher, how much of a stream is in flight is bounded by the
+/// out-of-order window, so formats that take more instructions per byte (bf16, q8)
+/// streamed at half the f32 rate; 4 KB ahead lets every format reach the memory's rate.
+const PREFETCH: usize = 4096;
+
+/// Elements of a one-row dot product per step: four vectors, so four accumulators hide
+/// the FMA latency, and a whole number of cache lines and of q8 blocks.
+const DOT: usize = 4 * VW;
+
+/// `x` of one row, with each group of 32 elements reordered as its 16 even elements then
+/// its 16 odd ones, so it lines up with `Kb::ld_bf16_pairs` (the part of `in` that
+/// `lin_dot_row` steps over; the rest is read in order).
+fn permute_pairs<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    x: PointerValue<'ctx>,
+    xrow: IntValue<'ctx>,
+    n: usize,
+    xp: PointerValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let even: Vec<u32> = (0..VW as u32).map(|k| 2 * k).collect();
+    let odd: Vec<u32> = (0..VW as u32).map(|k| 2 * k + 1).collect();
+    kb.for_(c(0), c(n / (2 * VW)), |g| {
+        let i = kb.mul(g, c(2 * VW));
+        let (a, b) = (kb.ldv(x, kb.add(xrow, i)), kb.ldv(x, kb.add(xrow, kb.add(i, c(VW)))));
+        kb.stv(xp, i, kb.shuffle(a, b, &even));
+        kb.stv(xp, kb.add(i, c(VW)), kb.shuffle(a, b, &odd));
+    });
+}
+
+/// One row times `W [out, in]`, outputs `o0..o1`: one output's dot product at a time, so
+/// the block of weight rows is a single forward stream, prefetched `PREFETCH` ahead.
+/// (Four outputs' interleaved short streams left the prefetcher behind.) bf16 weights are
+/// read 32 at a time as even and odd lanes against `xp`, the row permuted to match.
+fn lin_dot_row<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    t: IntValue<'ctx>,
+    o0: IntValue<'ctx>,
+    o1: IntValue<'ctx>,
+    xp: Option<PointerValue<'ctx>>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let (inn, steps) = (l.inn, l.inn / DOT);
+    let xrow = kb.mul(t, c(inn));
+    if let Some(xp) = xp {
+        permute_pairs(kb, l.x, xrow, steps * DOT, xp);
     }
+    let esize = l.wf.elem_bytes();
+    kb.for_(o0, o1, |o| {
+        let wrow = kb.mul(o, c(inn));
+        let init: Vec<_> = (0..4).map(|_| kb.vzero().into()).collect();
+        let acc = kb.fold(c(0), c(steps), &init, |s, acc| {
+            let i = kb.mul(s, c(DOT));
+            let wi = kb.add(wrow, i);
+            let bytes = kb.mul(wi, c(esize));
+            for line in 0..(DOT * esize).div_ceil(64) {
+                kb.prefetch(l.w, kb.add(bytes, c(PREFETCH + 64 * line)));
+            }
+            let a = |j: usize| acc[j].into_vector_value();
+            let xv = |j: usize| kb.ldv(l.x, kb.add(xrow, kb.add(i, c(j * VW))));
+            let next: Vec<VectorValue<'ctx>> = match (l.wf, xp) {
+                (WFmt::Bf16, Some(xp)) => {
+                    let xv = |j: usize| kb.ldv(xp, kb.add(i, c(j * VW)));
+                    let (e0, d0) = kb.ld_bf16_pairs(l.w, wi);
+                    let (e1, d1) = kb.ld_bf16_pairs(l.w, kb.add(wi, c(2 * VW)));
+                    vec![
+                        kb.vfma(xv(0), e0, a(0)),
+                        kb.vfma(xv(1), d0, a(1)),
+                        kb.vfma(xv(2), e1, a(2)),
+                        kb.vfma(xv(3), d1, a(3)),
+                    ]
+                }
+                (WFmt::Q8 { scales }, _) => {
+                    // Two blocks of 32: each block's products are summed, then scaled once.
+                    kb.prefetch(l.w, kb.add(c(scales + PREFETCH / 8), kb.mul(kb.div(wi, c(Q8_BLOCK)), c(4))));
+                    let mut next = vec![a(2), a(3)];
+                    for b in 0..2 {
+                        let at = kb.add(wi, c(b * 2 * VW));
+                        let p0 = kb.vmul(xv(2 * b), kb.ldv_q8_raw(l.w, at));
+                        let blk = kb.vfma(xv(2 * b + 1), kb.ldv_q8_raw(l.w, kb.add(at, c(VW))), p0);
+                        next.insert(b, kb.vfma(blk, kb.splat(kb.q8_scale(l.w, at, scales)), a(b)));
+                    }
+                    next
+                }
+                _ => {
+                    (0..4).map(|j| kb.vfma(xv(j), kb.ldvw(l.w, kb.add(wi, c(j * VW)), l.wf), a(j))).collect()
+                }
+            };
+            next.into_iter().map(Into::into).collect()
+        });
+        let mut sum = kb.vadd(
+            kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()),
+            kb.vadd(acc[2].into_vector_value(), acc[3].into_vector_value()),
+        );
+        // The rest of `in` (a multiple of VW), one vector at a time.
+        for j in 0..(inn % DOT) / VW {
+            let i = c(steps * DOT + j * VW);
+            let xv = kb.ldv(l.x, kb.add(xrow, i));
+            sum = kb.vfma(xv, kb.ldvw(l.w, kb.add(wrow, i), l.wf), sum);
+        }
+        let mut v = kb.vsum(sum);
+        if let Some(b) = l.b {
+            v = kb.fadd(v, kb.ld(b, o));
+        }
+        kb.st(l.out, kb.add(kb.mul(t, c(l.n_out)), o), v);
+    });
 }
 
 /// The packed GEMM for the column block `o0..o0 + BLOCK` of every row (`packs`): the
@@ -269,10 +379,29 @@ fn lin_packed<'ctx>(
                 }
             });
         } else {
-            // W [out, in]: a transpose, each output's slice read contiguously.
+            // W [out, in]: a transpose, in VW × VW blocks through registers (VW outputs'
+            // slices of VW inputs in, VW panel rows out), then the rest of `kn` one by one.
+            let kv = kb.mul(kb.div(kn, c(VW)), c(VW));
+            for jb in 0..nv {
+                kb.for_(c(0), kb.div(kn, c(VW)), |s| {
+                    let kk = kb.mul(s, c(VW));
+                    let rows = (0..VW)
+                        .map(|r| {
+                            kb.ldvw(
+                                l.w,
+                                kb.add(kb.mul(kb.add(o0, c(jb * VW + r)), c(inn)), kb.add(k0, kk)),
+                                l.wf,
+                            )
+                        })
+                        .collect();
+                    for (r, v) in kb.transpose(rows).into_iter().enumerate() {
+                        kb.stv(panel, kb.add(kb.mul(kb.add(kk, c(r)), c(BLOCK)), c(jb * VW)), v);
+                    }
+                });
+            }
             kb.for_(c(0), c(BLOCK), |j| {
                 let src = kb.add(kb.mul(kb.add(o0, j), c(inn)), k0);
-                kb.for_(c(0), kn, |kk| {
+                kb.for_(kv, kn, |kk| {
                     kb.st(panel, kb.add(kb.mul(kk, c(BLOCK)), j), kb.ldw(l.w, kb.add(src, kk), l.wf))
                 });
             });
@@ -346,9 +475,10 @@ impl Kernel {
             Kernel::GemvPartial { inn, out, chunks, wf } => {
                 format!("gemv_partial_{inn}x{out}_{chunks}{}", wf.suffix())
             }
-            Kernel::GemvReduce { out, chunks, bias, epi } => {
+            Kernel::GemvReduce { out, chunks, bias, epi, pairs } => {
                 let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
-                format!("gemv_reduce_{out}_{chunks}{}{epi}", if *bias { "_b" } else { "" })
+                let p = if *pairs { "_pairs" } else { "" };
+                format!("gemv_reduce_{out}_{chunks}{}{p}{epi}", if *bias { "_b" } else { "" })
             }
             Kernel::CacheStore { head_dim, max_seq } => format!("cache_store_{head_dim}_{max_seq}"),
         }
@@ -492,13 +622,15 @@ fn body<'ctx>(
         }
         Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, .. } if tiled(inn, transposed) => {
             let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
+            // A one-row product of bf16 weights reads them as even and odd lanes.
+            let xp = (wf == WFmt::Bf16 && inn >= DOT).then(|| kb.alloca_f32s(inn / DOT * DOT));
             kb.for_(begin, end, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
                 let o1 = kb.min(kb.add(o0, c(BLOCK)), c(n_out));
                 // Rows in tiles of ROWS, then the rest one by one.
                 let full = kb.mul(kb.div(rows, c(ROWS)), c(ROWS));
                 let step = |t0: IntValue<'ctx>, rn: usize| {
-                    lin_n_block(kb, &l, t0, rn, o0, o1);
+                    lin_n_block(kb, &l, t0, rn, o0, o1, xp);
                     // The fused elementwise ops, on the tile while it is in cache.
                     kb.for_(c(0), c(rn), |r| epilogue(kb, &l, kb.add(t0, r), o0, o1));
                 };
@@ -621,45 +753,45 @@ fn body<'ctx>(
             attention(kb, heads, groups, head_dim, scale, mask, alibi, a, p, begin, end)
         }
         Kernel::GemvPartial { inn, out: n_out, chunks, wf } => {
-            let (x, w, part) = (p(0), p(1), p(2));
-            kb.for_(begin, end, |ch| {
-                let i0 = kb.div(kb.mul(ch, c(inn)), c(chunks));
-                let i1 = kb.div(kb.mul(kb.add(ch, c(1)), c(inn)), c(chunks));
-                let prow = kb.mul(ch, c(n_out));
-                kb.for_(c(0), c(n_out / VW), |v| kb.stv(part, kb.add(prow, kb.mul(v, c(VW))), kb.vzero()));
-                kb.for_(i0, i1, |i| {
-                    let xs = kb.splat(kb.ld(x, i));
-                    let wrow = kb.mul(i, c(n_out));
-                    kb.for_(c(0), c(n_out / VW), |v| {
-                        let o = kb.mul(v, c(VW));
-                        let at = kb.add(prow, o);
-                        let acc = kb.vfma(xs, kb.ldvw(w, kb.add(wrow, o), wf), kb.ldv(part, at));
-                        kb.stv(part, at, acc);
-                    });
-                });
-            });
+            gemv_partial(kb, inn, n_out, chunks, wf, p, begin, end)
         }
-        Kernel::GemvReduce { out: n_out, chunks, bias, ref epi } => {
+        Kernel::GemvReduce { out: n_out, chunks, bias, ref epi, pairs } => {
             let part = p(0);
             let (b, out) = if bias { (Some(p(1)), p(2)) } else { (None, p(1)) };
             let first = if bias { 3 } else { 2 };
             let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
             let others = (0..n_others).map(|k| p(first + k as i64)).collect();
             let l = Lin { x: part, w: part, b, out, inn: 0, n_out, epi, others, wf: WFmt::F32 };
+            let sum_at = |o: IntValue<'ctx>| {
+                let sum = kb.fold(c(0), c(chunks), &[kb.vzero().into()], |ch, acc| {
+                    let pv = kb.ldv(part, kb.add(kb.mul(ch, c(n_out)), o));
+                    vec![kb.vadd(acc[0].into_vector_value(), pv).into()]
+                });
+                sum[0].into_vector_value()
+            };
+            let bias_at = |o: IntValue<'ctx>, v: VectorValue<'ctx>| match b {
+                Some(b) => kb.vadd(v, kb.ldv(b, o)),
+                None => v,
+            };
             kb.for_(begin, end, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
-                kb.for_(c(0), c(BLOCK / VW), |v| {
-                    let o = kb.add(o0, kb.mul(v, c(VW)));
-                    let init = match b {
-                        Some(b) => kb.ldv(b, o),
-                        None => kb.vzero(),
-                    };
-                    let sum = kb.fold(c(0), c(chunks), &[init.into()], |ch, acc| {
-                        let pv = kb.ldv(part, kb.add(kb.mul(ch, c(n_out)), o));
-                        vec![kb.vadd(acc[0].into_vector_value(), pv).into()]
+                if pairs {
+                    // Each group of 32 partials holds its even outputs, then its odd ones.
+                    let lo: Vec<u32> = (0..VW as u32 / 2).flat_map(|k| [k, k + VW as u32]).collect();
+                    let hi: Vec<u32> = lo.iter().map(|k| k + VW as u32 / 2).collect();
+                    kb.for_(c(0), c(BLOCK / (2 * VW)), |g| {
+                        let o = kb.add(o0, kb.mul(g, c(2 * VW)));
+                        let (even, odd) = (sum_at(o), sum_at(kb.add(o, c(VW))));
+                        kb.stv(out, o, bias_at(o, kb.shuffle(even, odd, &lo)));
+                        let o2 = kb.add(o, c(VW));
+                        kb.stv(out, o2, bias_at(o2, kb.shuffle(even, odd, &hi)));
                     });
-                    kb.stv(out, o, sum[0].into_vector_value());
-                });
+                } else {
+                    kb.for_(c(0), c(BLOCK / VW), |v| {
+                        let o = kb.add(o0, kb.mul(v, c(VW)));
+                        kb.stv(out, o, bias_at(o, sum_at(o)));
+                    });
+                }
                 epilogue(kb, &l, c(0), o0, kb.add(o0, c(BLOCK)));
             });
         }
@@ -679,6 +811,86 @@ fn body<'ctx>(
             });
         }
     }
+}
+
+/// Input rows per pass of `gemv_partial` over its partial sums: each partial vector is
+/// loaded and stored once per `GEMV_ROWS` weight rows.
+const GEMV_ROWS: usize = 4;
+
+/// One row times `W [in, out]`, split over `in` into `chunks` bands (`GemvPartial`): task
+/// `ch` adds rows `i0..i1` of `W`, scaled by `x[i]`, into its partial row. The band is
+/// one contiguous stream, read `GEMV_ROWS` rows at a time and prefetched that many rows
+/// ahead. bf16 rows are read as even and odd lanes, so each group of 32 partials holds
+/// its even outputs and then its odd ones (`GemvReduce { pairs }` puts them back).
+#[allow(clippy::too_many_arguments)]
+fn gemv_partial<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    inn: usize,
+    n_out: usize,
+    chunks: usize,
+    wf: WFmt,
+    p: ArgP<'ctx, '_>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let (x, w, part) = (p(0), p(1), p(2));
+    let esize = wf.elem_bytes();
+    kb.for_(begin, end, |ch| {
+        let i0 = kb.div(kb.mul(ch, c(inn)), c(chunks));
+        let i1 = kb.div(kb.mul(kb.add(ch, c(1)), c(inn)), c(chunks));
+        let prow = kb.mul(ch, c(n_out));
+        kb.for_(c(0), c(n_out / VW), |v| kb.stv(part, kb.add(prow, kb.mul(v, c(VW))), kb.vzero()));
+        let rows = |i: IntValue<'ctx>, u: usize| {
+            let xs: Vec<_> = (0..u).map(|r| kb.ld(x, kb.add(i, c(r)))).collect();
+            // 64 outputs a step (`out` is a multiple of BLOCK): whole cache lines, whole q8 blocks.
+            kb.for_(c(0), c(n_out / BLOCK), |v| {
+                let o = kb.mul(v, c(BLOCK));
+                let at = |j: usize| kb.add(prow, kb.add(o, c(j * VW)));
+                let mut acc: Vec<_> = (0..BLOCK / VW).map(|j| kb.ldv(part, at(j))).collect();
+                for (r, &xr) in xs.iter().enumerate() {
+                    let wi = kb.add(kb.mul(kb.add(i, c(r)), c(n_out)), o);
+                    let ahead = kb.mul(kb.add(wi, c(GEMV_ROWS * n_out)), c(esize));
+                    for line in 0..(BLOCK * esize).div_ceil(64) {
+                        kb.prefetch(w, kb.add(ahead, c(64 * line)));
+                    }
+                    match wf {
+                        WFmt::Bf16 => {
+                            let xv = kb.splat(xr);
+                            for g in 0..BLOCK / (2 * VW) {
+                                let (even, odd) = kb.ld_bf16_pairs(w, kb.add(wi, c(g * 2 * VW)));
+                                acc[2 * g] = kb.vfma(xv, even, acc[2 * g]);
+                                acc[2 * g + 1] = kb.vfma(xv, odd, acc[2 * g + 1]);
+                            }
+                        }
+                        WFmt::Q8 { scales } => {
+                            // x times each block's scale once, against the raw values.
+                            for blk in 0..BLOCK / Q8_BLOCK {
+                                let at = kb.add(wi, c(blk * Q8_BLOCK));
+                                let xv = kb.splat(kb.fmul(xr, kb.q8_scale(w, at, scales)));
+                                for j in 0..Q8_BLOCK / VW {
+                                    let k = blk * Q8_BLOCK / VW + j;
+                                    acc[k] = kb.vfma(xv, kb.ldv_q8_raw(w, kb.add(at, c(j * VW))), acc[k]);
+                                }
+                            }
+                        }
+                        WFmt::F32 => {
+                            let xv = kb.splat(xr);
+                            for (j, a) in acc.iter_mut().enumerate() {
+                                *a = kb.vfma(xv, kb.ldv(w, kb.add(wi, c(j * VW))), *a);
+                            }
+                        }
+                    }
+                }
+                for (j, a) in acc.into_iter().enumerate() {
+                    kb.stv(part, at(j), a);
+                }
+            });
+        };
+        let n = kb.div(kb.sub(i1, i0), c(GEMV_ROWS));
+        kb.for_(c(0), n, |s| rows(kb.add(i0, kb.mul(s, c(GEMV_ROWS))), GEMV_ROWS));
+        kb.for_(kb.add(i0, kb.mul(n, c(GEMV_ROWS))), i1, |i| rows(i, 1));
+    });
 }
 
 fn unary<'ctx>(kb: &Kb<'_, 'ctx>, op: UnaryOp, x: FloatValue<'ctx>) -> FloatValue<'ctx> {

@@ -546,7 +546,8 @@ fn emit_graph<'ctx>(
                     }
                     r.push(me());
                     r.extend(v.into_iter().skip(if *bias { 5 } else { 4 }));
-                    let k = Kernel::GemvReduce { out: width, chunks, bias: *bias, epi };
+                    let k =
+                        Kernel::GemvReduce { out: width, chunks, bias: *bias, epi, pairs: wf == WFmt::Bf16 };
                     call(k, r, kb.c((width / BLOCK) as i64));
                 } else {
                     let (transposed, bias) = (*transposed, *bias);
