@@ -5,10 +5,10 @@ use inkwell::builder::Builder;
 use inkwell::context::Context;
 use inkwell::intrinsics::Intrinsic;
 use inkwell::module::Module;
-use inkwell::types::{BasicMetadataTypeEnum, FloatType, IntType, PointerType, VectorType};
+use inkwell::types::{BasicMetadataTypeEnum, BasicTypeEnum, FloatType, IntType, PointerType, VectorType};
 use inkwell::values::{
-    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue, InstructionValue,
-    IntValue, PointerValue, VectorValue,
+    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatMathValue, FloatValue, FunctionValue,
+    InstructionValue, IntMathValue, IntValue, PointerValue, VectorValue,
 };
 
 /// Lanes of the explicit vectors (`<16 x float>`: one AVX-512 register; LLVM splits it
@@ -416,6 +416,58 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         r.try_as_basic_value().basic().unwrap().into_float_value()
     }
 
+    /// The lane sums of `VW` vectors, as one vector (lane `j` is the sum of `vs[j]`): a
+    /// transpose-and-add tree, `log2 VW` levels that each pair vectors holding `g` partial
+    /// sums per vector of the input into ones holding `g / 2` per input, three ops a pair
+    /// (45 in all, against about 9 for each horizontal sum on its own).
+    pub fn lane_sums(&self, vs: Vec<VectorValue<'ctx>>) -> VectorValue<'ctx> {
+        assert_eq!(vs.len(), VW, "bug: lane_sums takes one vector per lane");
+        let mut level = vs;
+        let mut g = VW as u32;
+        while level.len() > 1 {
+            // Each vector holds VW / g inputs, g lanes each; a pair's result holds the
+            // first vector's inputs then the second's, g / 2 lanes each.
+            let half = |second: bool| -> Vec<u32> {
+                (0..2)
+                    .flat_map(|src| {
+                        (0..VW as u32 / g).flat_map(move |k| {
+                            let start = src * VW as u32 + k * g + if second { g / 2 } else { 0 };
+                            start..start + g / 2
+                        })
+                    })
+                    .collect()
+            };
+            let (lo, hi) = (half(false), half(true));
+            level = level
+                .chunks(2)
+                .map(|p| self.vadd(self.shuffle(p[0], p[1], &lo), self.shuffle(p[0], p[1], &hi)))
+                .collect();
+            g /= 2;
+        }
+        level[0]
+    }
+    /// The largest lane.
+    pub fn vmax(&self, v: VectorValue<'ctx>) -> FloatValue<'ctx> {
+        let f = Intrinsic::find("llvm.vector.reduce.fmax")
+            .unwrap()
+            .get_declaration(self.m, &[self.vt().into()])
+            .unwrap();
+        ok(self.b.build_call(f, &[v.into()], "")).try_as_basic_value().basic().unwrap().into_float_value()
+    }
+    pub fn vsub(&self, a: VectorValue<'ctx>, b: VectorValue<'ctx>) -> VectorValue<'ctx> {
+        ok(self.b.build_float_sub(a, b, ""))
+    }
+    /// Lane `j` of `v`.
+    pub fn lane(&self, v: VectorValue<'ctx>, j: usize) -> FloatValue<'ctx> {
+        ok(self.b.build_extract_element(v, self.cx.i32_type().const_int(j as u64, false), ""))
+            .into_float_value()
+    }
+    /// `<0, 1, …, VW - 1>` as floats.
+    pub fn iota(&self) -> VectorValue<'ctx> {
+        let lanes: Vec<_> = (0..VW).map(|j| self.fc(j as f64)).collect();
+        VectorType::const_vector(&lanes)
+    }
+
     /// `e^x` in `f32` from arithmetic alone (no call), so loops over it vectorise:
     /// `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2` (Cody–Waite, two-part `ln 2`), `e^r` by its
     /// Taylor polynomial to degree 7 (truncation below 6e-9 relative), and `2^n` as two
@@ -423,44 +475,48 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     /// Within 1 ulp of the exact value (0.91 at worst over 2·10⁶ points of [-103, 88.7]);
     /// `±∞` and NaN come out as IEEE `exp` gives them.
     pub fn exp_f32(&self, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
-        let (f32t, i32t) = (self.f32t(), self.cx.i32_type());
-        let lt = |a, b| ok(self.b.build_float_compare(FloatPredicate::OLT, a, b, ""));
-        let sel = |c, a: FloatValue<'ctx>, b: FloatValue<'ctx>| {
-            ok(self.b.build_select(c, a, b, "")).into_float_value()
+        self.exp(x)
+    }
+    /// `exp_f32` lane by lane.
+    pub fn vexp(&self, x: VectorValue<'ctx>) -> VectorValue<'ctx> {
+        self.exp(x)
+    }
+    fn exp<V: F32s<'ctx>>(&self, x: V) -> V {
+        let lt = |a: V, b: V| ok(self.b.build_float_compare(FloatPredicate::OLT, a, b, ""));
+        let sel = |c, a: V, b: V| V::of(ok(self.b.build_select(c, a, b, "")));
+        let k = |v: f64| V::k(self, v);
+        let call = |name: &str, args: &[V]| {
+            let f = Intrinsic::find(name).unwrap().get_declaration(self.m, &[V::ty(self)]).unwrap();
+            let args: Vec<BasicMetadataValueEnum> =
+                args.iter().map(|a| a.as_basic_value_enum().into()).collect();
+            V::of(ok(self.b.build_call(f, &args, "")).try_as_basic_value().basic().unwrap())
         };
+        let fma = |a: V, b: V, c: V| call("llvm.fma", &[a, b, c]);
         // Beyond these, e^x is 0 or ∞ in f32; NaN fails both compares and stays NaN.
-        let (lo, hi) = (self.fc(-104.0), self.fc(89.0));
+        let (lo, hi) = (k(-104.0), k(89.0));
         let xc = sel(lt(x, lo), lo, sel(lt(hi, x), hi, x));
-        let n = self.intrinsic("llvm.rint", &[self.fmul(xc, self.fc(std::f64::consts::LOG2_E))]);
-        let fma = |a: FloatValue<'ctx>, b: FloatValue<'ctx>, c: FloatValue<'ctx>| self.fma(a, b, c);
+        let n = call("llvm.rint", &[ok(self.b.build_float_mul(xc, k(std::f64::consts::LOG2_E), ""))]);
         // ln 2 = LN2_HI + LN2_LO with LN2_HI exact in 16 bits, so n·LN2_HI is exact.
         let neg_n = ok(self.b.build_float_neg(n, ""));
-        let r = fma(neg_n, self.fc(0.693_145_751_953_125), xc);
-        let r = fma(neg_n, self.fc(1.428_606_765_330_187e-6), r);
-        let mut p = self.fc(1.0 / 5040.0);
-        for k in (0..7).rev() {
-            let coef = 1.0 / (1..=k).map(|i| i as f64).product::<f64>();
-            p = fma(p, r, self.fc(coef));
+        let r = fma(neg_n, k(0.693_145_751_953_125), xc);
+        let r = fma(neg_n, k(1.428_606_765_330_187e-6), r);
+        let mut p = k(1.0 / 5040.0);
+        for j in (0..7).rev() {
+            let coef = 1.0 / (1..=j).map(|i| i as f64).product::<f64>();
+            p = fma(p, r, k(coef));
         }
         // 2^n = 2^h · 2^(n-h), each factor's exponent inside [-75, 64].
-        let ni = ok(self.b.build_float_to_signed_int(n, i32t, ""));
-        let h = ok(self.b.build_right_shift(ni, i32t.const_int(1, false), true, ""));
-        let pow2 = |e: IntValue<'ctx>| {
-            let biased = ok(self.b.build_int_add(e, i32t.const_int(127, false), ""));
-            let bits = ok(self.b.build_left_shift(biased, i32t.const_int(23, false), ""));
-            ok(self.b.build_bit_cast(bits, f32t, "")).into_float_value()
+        let ni = V::to_i32(self, n);
+        let h = ok(self.b.build_right_shift(ni, V::ki(self, 1), true, ""));
+        let pow2 = |e: V::I| {
+            let biased = ok(self.b.build_int_add(e, V::ki(self, 127), ""));
+            let bits = ok(self.b.build_left_shift(biased, V::ki(self, 23), ""));
+            V::of(ok(self.b.build_bit_cast(bits, V::ty(self), "")))
         };
         let rest = ok(self.b.build_int_sub(ni, h, ""));
         // The clamp's upper end already overflows to ∞, so x = +∞ gives ∞.
         ok(self.b.build_float_mul(ok(self.b.build_float_mul(p, pow2(h), "")), pow2(rest), ""))
     }
-    /// `a·b + c` in `f32`, rounded once.
-    pub fn fma(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>, c: FloatValue<'ctx>) -> FloatValue<'ctx> {
-        let f = Intrinsic::find("llvm.fma").unwrap().get_declaration(self.m, &[self.f32t().into()]).unwrap();
-        let r = ok(self.b.build_call(f, &[a.into(), b.into(), c.into()], ""));
-        r.try_as_basic_value().basic().unwrap().into_float_value()
-    }
-
     /// Calls an external C function `double name(double)`.
     pub fn libm(&self, name: &str, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
         let f = self.m.get_function(name).unwrap_or_else(|| {
@@ -536,5 +592,55 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
 
     pub fn ret(&self) {
         ok(self.b.build_return(None));
+    }
+}
+
+/// What the lane-generic routines (`Kb::exp`) compute on: one `f32`, or `<VW x float>`.
+pub trait F32s<'ctx>: FloatMathValue<'ctx> + BasicValue<'ctx> + Copy {
+    /// `i32` lanes of the same shape.
+    type I: IntMathValue<'ctx> + BasicValue<'ctx> + Copy;
+    /// `v` in every lane.
+    fn k(kb: &Kb<'_, 'ctx>, v: f64) -> Self;
+    fn ki(kb: &Kb<'_, 'ctx>, v: u64) -> Self::I;
+    fn ty(kb: &Kb<'_, 'ctx>) -> BasicTypeEnum<'ctx>;
+    fn to_i32(kb: &Kb<'_, 'ctx>, x: Self) -> Self::I;
+    fn of(v: BasicValueEnum<'ctx>) -> Self;
+}
+
+impl<'ctx> F32s<'ctx> for FloatValue<'ctx> {
+    type I = IntValue<'ctx>;
+    fn k(kb: &Kb<'_, 'ctx>, v: f64) -> Self {
+        kb.fc(v)
+    }
+    fn ki(kb: &Kb<'_, 'ctx>, v: u64) -> IntValue<'ctx> {
+        kb.cx.i32_type().const_int(v, false)
+    }
+    fn ty(kb: &Kb<'_, 'ctx>) -> BasicTypeEnum<'ctx> {
+        kb.f32t().into()
+    }
+    fn to_i32(kb: &Kb<'_, 'ctx>, x: Self) -> IntValue<'ctx> {
+        ok(kb.b.build_float_to_signed_int(x, kb.cx.i32_type(), ""))
+    }
+    fn of(v: BasicValueEnum<'ctx>) -> Self {
+        v.into_float_value()
+    }
+}
+
+impl<'ctx> F32s<'ctx> for VectorValue<'ctx> {
+    type I = VectorValue<'ctx>;
+    fn k(kb: &Kb<'_, 'ctx>, v: f64) -> Self {
+        VectorType::const_vector(&[kb.fc(v); VW])
+    }
+    fn ki(kb: &Kb<'_, 'ctx>, v: u64) -> VectorValue<'ctx> {
+        VectorType::const_vector(&[kb.cx.i32_type().const_int(v, false); VW])
+    }
+    fn ty(kb: &Kb<'_, 'ctx>) -> BasicTypeEnum<'ctx> {
+        kb.vt().into()
+    }
+    fn to_i32(kb: &Kb<'_, 'ctx>, x: Self) -> VectorValue<'ctx> {
+        ok(kb.b.build_float_to_signed_int(x, kb.cx.i32_type().vec_type(VW as u32), ""))
+    }
+    fn of(v: BasicValueEnum<'ctx>) -> Self {
+        v.into_vector_value()
     }
 }

@@ -992,32 +992,75 @@ fn attention<'ctx>(
         };
         if hd % VW == 0 {
             // The query row, the running max and sum and the output row stay in registers
-            // for the whole pass over the keys.
+            // for the whole pass over the keys: blocks of VW keys first (one vector exp and
+            // one rescaling a block, the weighted values split over two accumulator sets
+            // when registers allow, so consecutive keys do not wait on each other), then
+            // the last keys one at a time.
+            type Bv<'c> = inkwell::values::BasicValueEnum<'c>;
             let nv = hd / VW;
+            let sets = if nv <= 4 { 2 } else { 1 };
             let qv: Vec<_> = (0..nv).map(|j| kb.ldv(q, kb.add(row, c(j * VW)))).collect();
-            let mut init: Vec<inkwell::values::BasicValueEnum<'ctx>> =
-                vec![kb.fc(f64::NEG_INFINITY).into(), kb.fc(0.0).into()];
-            init.extend((0..nv).map(|_| inkwell::values::BasicValueEnum::from(kb.vzero())));
-            let fin = kb.fold(lo, hi, &init, |s, st| {
-                let (m, l) = (st[0].into_float_value(), st[1].into_float_value());
+            let dot = |s: IntValue<'ctx>| {
                 let krow = kb.add(kb0, kb.mul(s, c(hd)));
                 let mut d = kb.vmul(qv[0], kb.ldv(k, krow));
                 for (j, qj) in qv.iter().enumerate().skip(1) {
                     d = kb.vfma(*qj, kb.ldv(k, kb.add(krow, c(j * VW))), d);
                 }
-                let (m_new, l_new, corr, e) = softmax_step(kb, m, l, score_of(kb.vsum(d), s));
-                let mut next: Vec<inkwell::values::BasicValueEnum<'ctx>> = vec![m_new.into(), l_new.into()];
+                d
+            };
+            let acc_of = |st: &[Bv<'ctx>]| -> Vec<VectorValue<'ctx>> {
+                st[2..].iter().map(|v| v.into_vector_value()).collect()
+            };
+            let mut init: Vec<Bv<'ctx>> = vec![kb.fc(f64::NEG_INFINITY).into(), kb.fc(0.0).into()];
+            init.extend((0..nv * sets).map(|_| Bv::from(kb.vzero())));
+            let blocks = kb.div(kb.max(kb.sub(hi, lo), c(0)), c(VW));
+            let st = kb.fold(c(0), blocks, &init, |b, st| {
+                let s0 = kb.add(lo, kb.mul(b, c(VW)));
+                let (m, l) = (st[0].into_float_value(), st[1].into_float_value());
+                let dots = (0..VW).map(|j| dot(kb.add(s0, c(j)))).collect();
+                let mut sv = kb.vmul(kb.lane_sums(dots), kb.splat(kb.fc(scale)));
+                if let Some(sl) = slope {
+                    let rel = kb.vsub(kb.splat(kb.to_f32(kb.i_to_f64(kb.sub(pq, s0)))), kb.iota());
+                    sv = kb.vsub(sv, kb.vmul(kb.splat(sl), rel));
+                }
+                let m_new = kb.fmax(m, kb.vmax(sv));
+                let corr = kb.exp_f32(kb.fsub(m, m_new));
+                let e = kb.vexp(kb.vsub(sv, kb.splat(m_new)));
+                let l_new = kb.fadd(kb.fmul(l, corr), kb.vsum(e));
+                let cv = kb.splat(corr);
+                let mut acc: Vec<_> = acc_of(st).into_iter().map(|a| kb.vmul(a, cv)).collect();
+                for j in 0..VW {
+                    let (ej, set) = (kb.splat(kb.lane(e, j)), j % sets);
+                    let vrow = kb.add(vb0, kb.mul(kb.add(s0, c(j)), c(hd)));
+                    for i in 0..nv {
+                        let a = &mut acc[set * nv + i];
+                        *a = kb.vfma(ej, kb.ldv(v, kb.add(vrow, c(i * VW))), *a);
+                    }
+                }
+                let mut next: Vec<Bv<'ctx>> = vec![m_new.into(), l_new.into()];
+                next.extend(acc.into_iter().map(Bv::from));
+                next
+            });
+            let mid = kb.add(lo, kb.mul(blocks, c(VW)));
+            let fin = kb.fold(mid, hi, &st, |s, st| {
+                let (m, l) = (st[0].into_float_value(), st[1].into_float_value());
+                let (m_new, l_new, corr, e) = softmax_step(kb, m, l, score_of(kb.vsum(dot(s)), s));
                 let (cv, ev) = (kb.splat(corr), kb.splat(e));
                 let vrow = kb.add(vb0, kb.mul(s, c(hd)));
-                for j in 0..nv {
-                    let acc = kb.vmul(st[2 + j].into_vector_value(), cv);
-                    next.push(kb.vfma(ev, kb.ldv(v, kb.add(vrow, c(j * VW))), acc).into());
+                let mut next: Vec<Bv<'ctx>> = vec![m_new.into(), l_new.into()];
+                let acc = acc_of(st);
+                for (i, a) in acc.iter().enumerate().take(nv) {
+                    next.push(kb.vfma(ev, kb.ldv(v, kb.add(vrow, c(i * VW))), kb.vmul(*a, cv)).into());
                 }
+                // The other set only needs the rescaling.
+                next.extend(acc[nv..].iter().map(|a| Bv::from(kb.vmul(*a, cv))));
                 next
             });
             let inv = kb.splat(kb.fdiv(kb.fc(1.0), fin[1].into_float_value()));
-            for j in 0..nv {
-                kb.stv(out, kb.add(row, c(j * VW)), kb.vmul(fin[2 + j].into_vector_value(), inv));
+            let acc = acc_of(&fin);
+            for i in 0..nv {
+                let sum = (1..sets).fold(acc[i], |s, k| kb.vadd(s, acc[k * nv + i]));
+                kb.stv(out, kb.add(row, c(i * VW)), kb.vmul(sum, inv));
             }
             return;
         }
