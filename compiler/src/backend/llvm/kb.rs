@@ -126,6 +126,13 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         ok(self.b.build_select(gt, a, b, "")).into_int_value()
     }
 
+    pub fn icmp_ge(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        ok(self.b.build_int_compare(IntPredicate::SGE, a, b, ""))
+    }
+    pub fn select(&self, cond: IntValue<'ctx>, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        ok(self.b.build_select(cond, a, b, "")).into_int_value()
+    }
+
     /// Marks a float instruction reassociable and contractible, so reductions vectorise.
     fn fast(&self, v: FloatValue<'ctx>) -> FloatValue<'ctx> {
         if let Some(i) = v.as_instruction() {
@@ -346,15 +353,25 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         }
         m
     }
-    /// Hints that the cache line at `base + bytes` will be read soon (never faults).
+    /// Hints that the cache line at `base + bytes` will be read soon (never faults), into
+    /// L1 (for a stream read right away).
     pub fn prefetch(&self, base: PointerValue<'ctx>, bytes: IntValue<'ctx>) {
+        self.prefetch_to(base, bytes, 3)
+    }
+    /// Likewise into L2 only (for data read after what fills L1 now).
+    pub fn prefetch_l2(&self, base: PointerValue<'ctx>, bytes: IntValue<'ctx>) {
+        self.prefetch_to(base, bytes, 2)
+    }
+    /// `locality` as `llvm.prefetch` takes it: 3 is every level (x86's T0), 2 L2 and out (T1).
+    fn prefetch_to(&self, base: PointerValue<'ctx>, bytes: IntValue<'ctx>, locality: u64) {
         // A plain (not in-bounds) GEP: the address may lie past the end of the tensor.
         // SAFETY: the pointer is only handed to a prefetch, which never dereferences it.
         let p = unsafe { ok(self.b.build_gep(self.cx.i8_type(), base, &[bytes], "")) };
         let f =
             Intrinsic::find("llvm.prefetch").unwrap().get_declaration(self.m, &[self.ptrt().into()]).unwrap();
         let i32t = self.cx.i32_type();
-        let (read, keep, data) = (i32t.const_zero(), i32t.const_int(3, false), i32t.const_int(1, false));
+        let (read, keep, data) =
+            (i32t.const_zero(), i32t.const_int(locality, false), i32t.const_int(1, false));
         ok(self.b.build_call(f, &[p.into(), read.into(), keep.into(), data.into()], ""));
     }
     /// `VW` int8 weights from element `idx` on as `<VW x float>`, unscaled.

@@ -93,6 +93,8 @@ const KC: usize = 128;
 /// Activation rows per register tile of the packed GEMM: `MR × 4` accumulators, four
 /// weight vectors and a broadcast use 29 of the 32 vector registers.
 const MR: usize = 6;
+/// k-steps of the packed GEMM's row tiles per prefetched line of the next panel.
+const SPREAD: usize = 4;
 
 /// Whether a linear map of `rows` rows (`None`: known only at run time) gets the packed
 /// GEMM: each column block of the weights is converted to f32 and packed `KC` rows at a
@@ -406,11 +408,38 @@ fn lin_packed<'ctx>(
                 });
             });
         }
+        // The weights the next panel is packed from (the next slice of this column block,
+        // or after the last one the first slice of the next block, which this task
+        // usually takes next), prefetched into L2 while the row tiles run: packing
+        // otherwise waits on memory, since each of its rows is in another page and the
+        // hardware prefetcher does not follow it. Line `n` of its `lines` is fetched at
+        // step `n · SPREAD` of the tiles' k-loops, so a few at a time are in flight.
+        let esize = l.wf.elem_bytes();
+        let lines = KC * BLOCK * esize / 64;
+        let last = kb.icmp_ge(kb.add(k0, c(KC)), c(inn));
+        let nk0 = kb.select(last, c(0), kb.add(k0, c(KC)));
+        let no0 = kb.select(last, kb.add(o0, c(BLOCK)), o0);
+        let prefetch_next = |step: IntValue<'ctx>| {
+            let n = kb.min(kb.div(step, c(SPREAD)), c(lines - 1));
+            let elem = if transposed {
+                // KC rows of `esize` lines.
+                kb.add(kb.mul(kb.add(nk0, kb.div(n, c(esize))), c(n_out)), no0)
+            } else {
+                // BLOCK rows of `2 esize` lines.
+                let row = kb.add(no0, kb.div(n, c(2 * esize)));
+                kb.add(kb.mul(row, c(inn)), nk0)
+            };
+            let line = kb.rem(n, c(if transposed { esize } else { 2 * esize }));
+            kb.prefetch_l2(l.w, kb.add(kb.mul(elem, c(esize)), kb.mul(line, c(64))));
+        };
         let tile = |t0: IntValue<'ctx>, rn: usize| {
             let yrow = |r: usize| kb.add(kb.mul(kb.add(t0, c(r)), c(n_out)), o0);
             let init: Vec<_> =
                 (0..rn * nv).map(|k| kb.ldv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW))).into()).collect();
             let acc = kb.fold(c(0), kn, &init, |kk, acc| {
+                if rn == MR {
+                    prefetch_next(kb.add(kb.mul(kb.div(t0, c(MR)), c(KC)), kk));
+                }
                 let wv: Vec<_> =
                     (0..nv).map(|j| kb.ldv(panel, kb.add(kb.mul(kk, c(BLOCK)), c(j * VW)))).collect();
                 let i = kb.add(k0, kk);
