@@ -123,6 +123,20 @@ def main():
     import llama_cpp
     from llama_cpp import Llama
 
+    # No "extra" buffer types (llama-bench's --repack 0): with them, weights are repacked
+    # for AMX where the CPU has it, and Q8_0 then dies with an illegal instruction.
+    # `Llama` reads its defaults from the inner module.
+    import llama_cpp.llama_cpp as c_api
+
+    defaults = c_api.llama_model_default_params
+
+    def without_repacking():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    c_api.llama_model_default_params = without_repacking
+
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{a.shape}-{a.dtype}.gguf")
         write_gguf(path, a.dtype, a.shape)
