@@ -117,6 +117,13 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     pub fn rem(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
         ok(self.b.build_int_signed_rem(a, b, ""))
     }
+    /// `a / b` for non-negative operands (a shift for a power of two, with no sign fix-up).
+    pub fn udiv(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        ok(self.b.build_int_unsigned_div(a, b, ""))
+    }
+    pub fn urem(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        ok(self.b.build_int_unsigned_rem(a, b, ""))
+    }
     pub fn min(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
         let lt = ok(self.b.build_int_compare(IntPredicate::SLT, a, b, ""));
         ok(self.b.build_select(lt, a, b, "")).into_int_value()

@@ -267,7 +267,8 @@ fn permute_pairs<'ctx>(
 /// One row times `W [out, in]`, outputs `o0..o1`: one output's dot product at a time, so
 /// the block of weight rows is a single forward stream, prefetched `PREFETCH` ahead.
 /// (Four outputs' interleaved short streams left the prefetcher behind.) bf16 weights are
-/// read 32 at a time as even and odd lanes against `xp`, the row permuted to match.
+/// read 32 at a time as even and odd lanes against `xp`, row `t` already permuted to match
+/// (`permute_pairs`).
 fn lin_dot_row<'ctx>(
     kb: &Kb<'_, 'ctx>,
     l: &Lin<'ctx, '_>,
@@ -279,9 +280,6 @@ fn lin_dot_row<'ctx>(
     let c = |v: usize| kb.c(v as i64);
     let (inn, steps) = (l.inn, l.inn / DOT);
     let xrow = kb.mul(t, c(inn));
-    if let Some(xp) = xp {
-        permute_pairs(kb, l.x, xrow, steps * DOT, xp);
-    }
     let esize = l.wf.elem_bytes();
     kb.for_(o0, o1, |o| {
         let wrow = kb.mul(o, c(inn));
@@ -310,14 +308,14 @@ fn lin_dot_row<'ctx>(
                 (WFmt::Q8 { scales }, _) => {
                     // Two blocks of 32: each block's products are summed, then scaled once.
                     kb.prefetch(l.w, kb.add(c(scales + PREFETCH / 8), kb.mul(kb.div(wi, c(Q8_BLOCK)), c(4))));
-                    let mut next = vec![a(2), a(3)];
-                    for b in 0..2 {
+                    let block = |b: usize| {
                         let at = kb.add(wi, c(b * 2 * VW));
                         let p0 = kb.vmul(xv(2 * b), kb.ldv_q8_raw(l.w, at));
                         let blk = kb.vfma(xv(2 * b + 1), kb.ldv_q8_raw(l.w, kb.add(at, c(VW))), p0);
-                        next.insert(b, kb.vfma(blk, kb.splat(kb.q8_scale(l.w, at, scales)), a(b)));
-                    }
-                    next
+                        kb.vfma(blk, kb.splat(kb.q8_scale(l.w, at, scales)), a(b))
+                    };
+                    // Accumulators 2 and 3 stay zero: one per block is enough.
+                    vec![block(0), block(1), a(2), a(3)]
                 }
                 _ => {
                     (0..4).map(|j| kb.vfma(xv(j), kb.ldvw(l.w, kb.add(wi, c(j * VW)), l.wf), a(j))).collect()
@@ -420,16 +418,18 @@ fn lin_packed<'ctx>(
         let nk0 = kb.select(last, c(0), kb.add(k0, c(KC)));
         let no0 = kb.select(last, kb.add(o0, c(BLOCK)), o0);
         let prefetch_next = |step: IntValue<'ctx>| {
-            let n = kb.min(kb.div(step, c(SPREAD)), c(lines - 1));
+            // Every operand is non-negative and every divisor a power of two, so unsigned
+            // division keeps this to shifts and masks in the tiles' k-loops.
+            let n = kb.min(kb.udiv(step, c(SPREAD)), c(lines - 1));
+            let row_lines = if transposed { esize } else { 2 * esize };
+            let (r, line) = (kb.udiv(n, c(row_lines)), kb.urem(n, c(row_lines)));
             let elem = if transposed {
                 // KC rows of `esize` lines.
-                kb.add(kb.mul(kb.add(nk0, kb.div(n, c(esize))), c(n_out)), no0)
+                kb.add(kb.mul(kb.add(nk0, r), c(n_out)), no0)
             } else {
                 // BLOCK rows of `2 esize` lines.
-                let row = kb.add(no0, kb.div(n, c(2 * esize)));
-                kb.add(kb.mul(row, c(inn)), nk0)
+                kb.add(kb.mul(kb.add(no0, r), c(inn)), nk0)
             };
-            let line = kb.rem(n, c(if transposed { esize } else { 2 * esize }));
             kb.prefetch_l2(l.w, kb.add(kb.mul(elem, c(esize)), kb.mul(line, c(64))));
         };
         let tile = |t0: IntValue<'ctx>, rn: usize| {
@@ -438,7 +438,7 @@ fn lin_packed<'ctx>(
                 (0..rn * nv).map(|k| kb.ldv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW))).into()).collect();
             let acc = kb.fold(c(0), kn, &init, |kk, acc| {
                 if rn == MR {
-                    prefetch_next(kb.add(kb.mul(kb.div(t0, c(MR)), c(KC)), kk));
+                    prefetch_next(kb.add(kb.mul(kb.udiv(t0, c(MR)), c(KC)), kk));
                 }
                 let wv: Vec<_> =
                     (0..nv).map(|j| kb.ldv(panel, kb.add(kb.mul(kk, c(BLOCK)), c(j * VW)))).collect();
@@ -653,18 +653,24 @@ fn body<'ctx>(
             let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
             // A one-row product of bf16 weights reads them as even and odd lanes.
             let xp = (wf == WFmt::Bf16 && inn >= DOT).then(|| kb.alloca_f32s(inn / DOT * DOT));
-            kb.for_(begin, end, |blk| {
-                let o0 = kb.mul(blk, c(BLOCK));
-                let o1 = kb.min(kb.add(o0, c(BLOCK)), c(n_out));
-                // Rows in tiles of ROWS, then the rest one by one.
-                let full = kb.mul(kb.div(rows, c(ROWS)), c(ROWS));
-                let step = |t0: IntValue<'ctx>, rn: usize| {
+            // Rows in tiles of ROWS, then the rest one by one (decode's one row), each
+            // permuted once for all of the task's blocks.
+            let full = kb.mul(kb.div(rows, c(ROWS)), c(ROWS));
+            let blocks = |t0: IntValue<'ctx>, rn: usize| {
+                kb.for_(begin, end, |blk| {
+                    let o0 = kb.mul(blk, c(BLOCK));
+                    let o1 = kb.min(kb.add(o0, c(BLOCK)), c(n_out));
                     lin_n_block(kb, &l, t0, rn, o0, o1, xp);
                     // The fused elementwise ops, on the tile while it is in cache.
                     kb.for_(c(0), c(rn), |r| epilogue(kb, &l, kb.add(t0, r), o0, o1));
-                };
-                kb.for_(c(0), kb.div(full, c(ROWS)), |tt| step(kb.mul(tt, c(ROWS)), ROWS));
-                kb.for_(full, rows, |t| step(t, 1));
+                });
+            };
+            kb.for_(c(0), kb.div(full, c(ROWS)), |tt| blocks(kb.mul(tt, c(ROWS)), ROWS));
+            kb.for_(full, rows, |t| {
+                if let Some(xp) = xp {
+                    permute_pairs(kb, l.x, kb.mul(t, c(inn)), inn / DOT * DOT, xp);
+                }
+                blocks(t, 1)
             });
         }
         Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, .. } => {
