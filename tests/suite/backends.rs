@@ -236,6 +236,44 @@ fn bf16_weights_match_the_interpreter_and_stay_close_to_f32() {
     assert!(d > 1e-4 && d < 5e-2, "bf16 vs f32 logits: max |difference| {d:e}");
 }
 
+/// A bf16 library on each code path a CPU may give it: AMX tiles (where the CPU has them),
+/// the AVX-512 GEMM (`TFC_AMX=0`) and the baseline x86-64 copy (`TFC_CPU=baseline`), each
+/// against the interpreter. In child processes, since a library reads these once.
+#[test]
+fn bf16_gemm_paths_equal_the_interpreter() {
+    for (var, value) in [("TFC_AMX", "1"), ("TFC_AMX", "0"), ("TFC_CPU", "baseline")] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "backends::bf16_gemm_paths_child", "--ignored", "--test-threads=1"])
+            .env(var, value)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{var}={value}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("1 passed"), "{var}={value}: the child ran no test: {stdout}");
+    }
+}
+
+#[test]
+#[ignore = "run by bf16_gemm_paths_equal_the_interpreter, in a child process per code path"]
+fn bf16_gemm_paths_child() {
+    // `[in, out]` and `[out, in]` weights; 9 rows (one padded block of 32), then 45 (two).
+    for name in ["conv1d_bf16", "llama_bf16"] {
+        let spec = root().join(format!("tests/specs/valid/{name}.tfs"));
+        let c = compile(&spec, &Options::default());
+        let model = Model::load(build_with(&spec, "paths", Backend::Llvm)).unwrap();
+        let (w, data) = random_weights(&model, &[&c.model]);
+        let mut s = Session::new(&model, data, 2).unwrap();
+        check_splits(name, &c, &w, &mut s);
+        let n = 45.min(c.spec.sizes.max_seq);
+        let tokens: Vec<i32> = (0..n as i32).map(|i| (i * 5 + 1) % c.spec.sizes.vocab as i32).collect();
+        s.reset();
+        let rows = s.prefill(&tokens, None, true).unwrap();
+        let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
+        let want = run(&c.model, &w, &inputs).unwrap().remove("logits").unwrap();
+        assert_close(&format!("{name}: {n} rows"), &rows, &want.data, 1e-5);
+    }
+}
+
 /// The two backends against each other, on the same seeded weights: every row of the
 /// prompt and every decode step.
 #[test]

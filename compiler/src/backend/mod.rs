@@ -130,9 +130,10 @@ fn build<'ctx>(
     lg: &LibGraphs,
     weights: &llvm::WeightTable,
     backend: Backend,
+    tm: &inkwell::targets::TargetMachine,
 ) -> Result<(inkwell::module::Module<'ctx>, llvm::Layout), BackendError> {
     match backend {
-        Backend::Llvm => Ok(llvm::build(cx, &lg.compiled, &lg.graphs(), weights)?),
+        Backend::Llvm => Ok(llvm::build(cx, &lg.compiled, &lg.graphs(), weights, llvm::has_amx(tm))?),
         Backend::Mlir => {
             let layout = llvm::layout(&lg.compiled, &lg.graphs())?;
             let ml = mlir::Mlir::new();
@@ -275,8 +276,8 @@ pub fn compile_gpu(
 pub fn llvm_ir(file: &str, source: &str, optimized: bool, opts: &LibOptions) -> Result<String, BackendError> {
     let lg = lib_graphs(file, source, opts)?;
     let cx = inkwell::context::Context::create();
-    let (m, _) = build(&cx, &lg, &lg.weight_table(), opts.backend)?;
     let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
+    let (m, _) = build(&cx, &lg, &lg.weight_table(), opts.backend, &tm)?;
     m.set_triple(&tm.get_triple());
     m.set_data_layout(&tm.get_target_data().get_data_layout());
     if optimized {
@@ -294,11 +295,12 @@ fn required_features(tm: &inkwell::targets::TargetMachine) -> String {
 }
 
 /// A copy of the module for the fallback CPU: its graph functions renamed
-/// `tfc__<graph>__fallback`, its data left to the main module.
+/// `tfc__<graph>__fallback`, its data left to the main module, no tile code.
 fn fallback_module<'ctx>(
     m: &inkwell::module::Module<'ctx>,
 ) -> Result<inkwell::module::Module<'ctx>, BackendError> {
     let fm = m.clone();
+    llvm::strip_amx(&fm);
     for g in ["prefill", "prefill_all", "decode"] {
         if let Some(f) = fm.get_function(&format!("tfc__{g}")) {
             f.as_global_value().set_name(&format!("tfc__{g}__fallback"));
@@ -342,8 +344,8 @@ pub fn compile_library(
     let c = &lg.compiled;
     let weights = lg.weight_table();
     let cx = inkwell::context::Context::create();
-    let (m, layout) = build(&cx, &lg, &weights, opts.backend)?;
     let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
+    let (m, layout) = build(&cx, &lg, &weights, opts.backend, &tm)?;
     // The same graphs for baseline x86-64, chosen at load time when the CPU lacks a
     // feature the main code uses: a library never dies with an illegal instruction.
     // It is optimised and emitted on a second thread (in its own LLVM context, from

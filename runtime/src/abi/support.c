@@ -5,6 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#endif
 
 #include "tfc.h"
 
@@ -22,6 +25,21 @@ void tfc__prefill_all(void *, float *, const int32_t *, const int32_t *, int64_t
                       const void *const *, float *, void *);
 void tfc__decode(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t, const void *const *,
                  float *, void *);
+
+/* ---- AMX. Kernels that use tiles do so only when this is nonzero: the CPU has AMX-BF16
+   and Linux has granted the process the tile state (ARCH_REQ_XCOMP_PERM for
+   XFEATURE_XTILEDATA); otherwise they take their AVX-512 path. TFC_AMX=0 turns them off
+   (for testing that path). ---- */
+__attribute__((visibility("hidden"))) int32_t tfc__amx_ok = 0;
+
+static void enable_amx(void) {
+#if defined(__linux__) && defined(__x86_64__)
+    const char *want = getenv("TFC_AMX");
+    if (want && strcmp(want, "0") == 0) return;
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return;
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0) tfc__amx_ok = 1;
+#endif
+}
 
 /* ---- which code runs. A library built for a CPU with features beyond baseline x86-64
    also carries a baseline copy of its graph functions (`tfc__<graph>__fallback`) and
@@ -54,6 +72,7 @@ static int cpu_has(const char *f, size_t n) {
 
 static void choose_code(void) {
     __builtin_cpu_init();
+    enable_amx();
     const char *force = getenv("TFC_CPU");
     int ok = !(force && strcmp(force, "baseline") == 0);
     for (const char *f = tfc__cpu_features; ok && *f;) {
@@ -68,7 +87,10 @@ static void choose_code(void) {
     }
 }
 #else
-static void choose_code(void) {}
+static void choose_code(void) {
+    __builtin_cpu_init();
+    enable_amx();
+}
 #endif
 static pthread_once_t chosen = PTHREAD_ONCE_INIT;
 

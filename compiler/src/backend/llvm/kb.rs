@@ -541,6 +541,22 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         // The clamp's upper end already overflows to ∞, so x = +∞ gives ∞.
         ok(self.b.build_float_mul(ok(self.b.build_float_mul(p, pow2(h), "")), pow2(rest), ""))
     }
+    /// `x` rounded to the nearest `bf16` (ties to even), as `f32`: `half::bf16::from_f32`
+    /// exactly, NaN kept quiet. The operand of a bf16 linear map (see `ir::op`).
+    pub fn round_bf16<V: F32s<'ctx>>(&self, x: V) -> V {
+        let b = &self.b;
+        let ki = |v: u64| V::ki(self, v);
+        let bits = V::of_i(ok(b.build_bit_cast(x, V::ity(self), "")));
+        let lsb = ok(b.build_and(ok(b.build_right_shift(bits, ki(16), false, "")), ki(1), ""));
+        let up = ok(b.build_int_add(ok(b.build_int_add(bits, ki(0x7fff), "")), lsb, ""));
+        let high = ki(0xffff_0000);
+        let rounded = ok(b.build_and(up, high, ""));
+        let mag = ok(b.build_and(bits, ki(0x7fff_ffff), ""));
+        let nan = ok(b.build_int_compare(IntPredicate::UGT, mag, ki(0x7f80_0000), ""));
+        let quiet = ok(b.build_and(ok(b.build_or(bits, ki(0x0040_0000), "")), high, ""));
+        let r = ok(b.build_select(nan, quiet, rounded, ""));
+        V::of(ok(b.build_bit_cast(r, V::ty(self), "")))
+    }
     /// Calls an external C function `double name(double)`.
     pub fn libm(&self, name: &str, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
         let f = self.m.get_function(name).unwrap_or_else(|| {
@@ -629,6 +645,9 @@ pub trait F32s<'ctx>: FloatMathValue<'ctx> + BasicValue<'ctx> + Copy {
     fn ty(kb: &Kb<'_, 'ctx>) -> BasicTypeEnum<'ctx>;
     fn to_i32(kb: &Kb<'_, 'ctx>, x: Self) -> Self::I;
     fn of(v: BasicValueEnum<'ctx>) -> Self;
+    /// The type of `Self::I`, and a value of it.
+    fn ity(kb: &Kb<'_, 'ctx>) -> BasicTypeEnum<'ctx>;
+    fn of_i(v: BasicValueEnum<'ctx>) -> Self::I;
 }
 
 impl<'ctx> F32s<'ctx> for FloatValue<'ctx> {
@@ -648,6 +667,12 @@ impl<'ctx> F32s<'ctx> for FloatValue<'ctx> {
     fn of(v: BasicValueEnum<'ctx>) -> Self {
         v.into_float_value()
     }
+    fn ity(kb: &Kb<'_, 'ctx>) -> BasicTypeEnum<'ctx> {
+        kb.cx.i32_type().into()
+    }
+    fn of_i(v: BasicValueEnum<'ctx>) -> IntValue<'ctx> {
+        v.into_int_value()
+    }
 }
 
 impl<'ctx> F32s<'ctx> for VectorValue<'ctx> {
@@ -665,6 +690,12 @@ impl<'ctx> F32s<'ctx> for VectorValue<'ctx> {
         ok(kb.b.build_float_to_signed_int(x, kb.cx.i32_type().vec_type(VW as u32), ""))
     }
     fn of(v: BasicValueEnum<'ctx>) -> Self {
+        v.into_vector_value()
+    }
+    fn ity(kb: &Kb<'_, 'ctx>) -> BasicTypeEnum<'ctx> {
+        kb.cx.i32_type().vec_type(VW as u32).into()
+    }
+    fn of_i(v: BasicValueEnum<'ctx>) -> VectorValue<'ctx> {
         v.into_vector_value()
     }
 }

@@ -29,9 +29,23 @@ pub enum Kernel {
     LayerNorm { d: usize, eps: f64, bias: bool },
     /// args: x, w, out; tasks: rows.
     RmsNorm { d: usize, eps: f64, unit_offset: bool },
-    /// args: x, w, [b], out, rows, then one pointer per `Add`/`Mul` of the epilogue;
-    /// tasks: column blocks of `BLOCK`. `packed`: the GEMM of many rows (see `packs`).
-    Linear { inn: usize, out: usize, transposed: bool, bias: bool, epi: Vec<Epi>, wf: WFmt, packed: bool },
+    /// args: x, w, [b], out, rows, then one pointer per `Add`/`Mul` of the epilogue, then
+    /// with `amx` the packed activations; tasks: column blocks of `BLOCK`. `packed`: the
+    /// GEMM of many rows (see `packs`); `amx`: on AMX tiles when the CPU allows (bf16
+    /// weights, see `amx`), else the packed GEMM.
+    Linear {
+        inn: usize,
+        out: usize,
+        transposed: bool,
+        bias: bool,
+        epi: Vec<Epi>,
+        wf: WFmt,
+        packed: bool,
+        amx: bool,
+    },
+    /// args: x, packed, rows; tasks: the rows padded to `amx::MB`. The activations of an
+    /// `amx` linear map, split into bf16 parts in the tiles' layout (`amx::pack_x`).
+    AmxPack { inn: usize, transposed: bool },
     /// args: x, out; tasks: rows.
     SplitQkv { layout: QkvLayout, part: QkvPart, heads: usize, kv_heads: usize, head_dim: usize },
     /// args: x, out, rows; tasks: rows.
@@ -479,11 +493,15 @@ impl Kernel {
             Kernel::RmsNorm { d, eps, unit_offset } => {
                 format!("rmsnorm_{d}_{:016x}_{}", eps.to_bits(), *unit_offset as u8)
             }
-            Kernel::Linear { inn, out, transposed, bias, epi, wf, packed } => {
+            Kernel::Linear { inn, out, transposed, bias, epi, wf, packed, amx } => {
                 let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
                 let (t, b) = (if *transposed { "_t" } else { "" }, if *bias { "_b" } else { "" });
                 let p = if *packed { "_p" } else { "" };
-                format!("linear_{inn}x{out}{t}{b}{p}{epi}{}", wf.suffix())
+                let a = if *amx { "_amx" } else { "" };
+                format!("linear_{inn}x{out}{t}{b}{p}{a}{epi}{}", wf.suffix())
+            }
+            Kernel::AmxPack { inn, transposed } => {
+                format!("amx_pack_{inn}{}", if *transposed { "_t" } else { "" })
             }
             Kernel::SplitQkv { layout, part, heads, kv_heads, head_dim } => {
                 format!("split_qkv_{}_{part:?}_{heads}_{kv_heads}_{head_dim}", layout.name())
@@ -644,10 +662,55 @@ fn body<'ctx>(
                 });
             });
         }
-        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, packed: true } => {
+        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, packed: true, amx } => {
             let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
             let panel = kb.alloca_f32s(KC * BLOCK);
-            kb.for_(begin, end, |blk| lin_packed(kb, &l, rows, kb.mul(blk, c(BLOCK)), panel, transposed));
+            let packed = |kb: &Kb<'_, 'ctx>| {
+                kb.for_(begin, end, |blk| lin_packed(kb, &l, rows, kb.mul(blk, c(BLOCK)), panel, transposed));
+            };
+            if !amx {
+                return packed(kb);
+            }
+            let tiles = super::amx::gemm_fn(
+                kb.cx,
+                kb.m,
+                &format!("tfc_k_{}_tiles", k.symbol()),
+                inn,
+                n_out,
+                transposed,
+                bias,
+            );
+            let xp = p((if bias { 5 } else { 4 }) + l.others.len() as i64);
+            let mut args: Vec<inkwell::values::BasicMetadataValueEnum> = vec![xp.into(), l.w.into()];
+            if let Some(b) = l.b {
+                args.push(b.into());
+            }
+            args.extend::<[inkwell::values::BasicMetadataValueEnum; 4]>([
+                l.out.into(),
+                rows.into(),
+                begin.into(),
+                end.into(),
+            ]);
+            let done = kb.b.build_call(tiles, &args, "").unwrap().try_as_basic_value().basic().unwrap();
+            let (on, off, join) = (
+                kb.cx.append_basic_block(kb.f, "amx"),
+                kb.cx.append_basic_block(kb.f, "avx"),
+                kb.cx.append_basic_block(kb.f, "join"),
+            );
+            kb.b.build_conditional_branch(done.into_int_value(), on, off).unwrap();
+            kb.b.position_at_end(on);
+            kb.for_(begin, end, |blk| {
+                let o0 = kb.mul(blk, c(BLOCK));
+                kb.for_(c(0), rows, |t| epilogue(kb, &l, t, o0, kb.add(o0, c(BLOCK))));
+            });
+            kb.b.build_unconditional_branch(join).unwrap();
+            kb.b.position_at_end(off);
+            packed(kb);
+            kb.b.build_unconditional_branch(join).unwrap();
+            kb.b.position_at_end(join);
+        }
+        Kernel::AmxPack { inn, transposed } => {
+            super::amx::pack_x(kb, inn, transposed, (p(0), p(1), a(2)), begin, end)
         }
         Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, .. } if tiled(inn, transposed) => {
             let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);

@@ -9,6 +9,7 @@
 //! decode's attention reads the cache in place. Model constants (`tfc__vocab`, …) are
 //! globals that the C half of the library (`tfc_runtime::abi::SUPPORT_C`) reads.
 
+mod amx;
 mod kb;
 mod kernels;
 
@@ -98,12 +99,14 @@ pub struct Layout {
     pub type_rows: usize,
 }
 
-/// Builds the module for a compiled spec.
+/// Builds the module for a compiled spec; with `amx`, for a target with AMX-BF16 (whose
+/// bf16 GEMMs then run on tiles; `strip_amx` makes a copy without them).
 pub fn build<'ctx>(
     cx: &'ctx Context,
     c: &Compiled,
     g: &Graphs,
     weights: &WeightTable,
+    amx: bool,
 ) -> Result<(Module<'ctx>, Layout), LlvmError> {
     for (name, _, dtype) in &weights.names {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::Q8) {
@@ -118,13 +121,25 @@ pub fn build<'ctx>(
     let mut graphs =
         vec![("prefill", Some(g.prefill)), ("prefill_all", Some(g.prefill_all)), ("decode", g.decode)];
     for (name, graph) in graphs.drain(..) {
-        let used = emit_graph(cx, &m, name, graph, weights, &layout, max_seq, &mut kernels)?;
+        let used = emit_graph(cx, &m, name, graph, weights, &layout, max_seq, amx, &mut kernels)?;
         arena = arena.max(used);
     }
     let layout = Layout { arena_bytes: arena, ..layout };
     globals(cx, &m, &layout, weights, g.decode.is_some());
     m.verify().map_err(|e| LlvmError::Llvm(format!("bug: invalid module: {e}")))?;
     Ok((m, layout))
+}
+
+/// Whether `tm` executes AMX-BF16 tiles.
+pub fn has_amx(tm: &TargetMachine) -> bool {
+    let f = tm.get_feature_string().to_string_lossy().to_string();
+    let on: Vec<&str> = f.split(',').collect();
+    on.contains(&"+amx-tile") && on.contains(&"+amx-bf16")
+}
+
+/// Replaces the functions of `m` that execute tile instructions (see `amx::strip`).
+pub fn strip_amx(m: &Module) {
+    amx::strip(m)
 }
 
 pub fn layout(c: &Compiled, g: &Graphs) -> Result<Layout, LlvmError> {
@@ -286,6 +301,43 @@ fn split_k(g: &Graph, n: NodeId) -> Option<(usize, usize)> {
     (rows == 1 && out % BLOCK == 0 && inn >= 64).then_some((8, out))
 }
 
+/// Whether linear map `n` runs on AMX tiles (on a target with them): bf16 weights, many
+/// rows (not decode's one), and sizes the tile kernel takes.
+fn amx_linear(g: &Graph, n: NodeId, amx: bool) -> bool {
+    let Op::Linear { transposed, .. } = g.op(n) else { return false };
+    let ops = g.operands(n);
+    if !amx || split_k(g, n).is_some() || WFmt::of(g.ty(ops[1])) != WFmt::Bf16 {
+        return false;
+    }
+    let ty = g.ty(n);
+    let (Some(out), Some(inn)) = (ty.shape[ty.rank() - 1].as_fixed(), g.ty(ops[0]).shape[1].as_fixed())
+    else {
+        return false;
+    };
+    let rows: Option<usize> = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
+    rows.is_none_or(|r| r >= amx::MB / 2)
+        && kernels::packs(rows, out, *transposed)
+        && amx::fits(inn, out, *transposed)
+}
+
+/// Bytes a node's arena block holds after its value: a split-K GEMV's partial sums, or an
+/// AMX linear map's packed activations (at 64-byte alignment).
+fn extra_bytes(g: &Graph, n: NodeId, amx: bool, bind: SymBinding) -> u64 {
+    if let Some((chunks, out)) = split_k(g, n) {
+        return (chunks * out * 4) as u64;
+    }
+    if amx_linear(g, n, amx) {
+        let x = g.ty(g.operands(n)[0]).eval(bind);
+        return amx::packed_bytes(x[0], x[1]) as u64 + 64;
+    }
+    0
+}
+
+/// Where an AMX linear map's packed activations start in its block, in bytes.
+fn amx_offset(g: &Graph, n: NodeId, bind: SymBinding) -> u64 {
+    (g.ty(n).eval(bind).iter().product::<usize>() as u64 * 4).div_ceil(64) * 64
+}
+
 /// The arena plan of a graph whose every node is computed on its own (no fused chains).
 pub fn plan_unfused(
     g: &Graph,
@@ -293,7 +345,7 @@ pub fn plan_unfused(
     weights: &WeightTable,
     max_seq: usize,
 ) -> Result<(HashMap<NodeId, Loc>, u64), LlvmError> {
-    plan(g, order, &Fusion { chains: HashMap::new(), absorbed: HashMap::new() }, weights, max_seq)
+    plan(g, order, &Fusion { chains: HashMap::new(), absorbed: HashMap::new() }, weights, max_seq, false)
 }
 
 /// Assigns arena offsets in schedule order, reusing a block once its value is dead.
@@ -303,6 +355,7 @@ fn plan(
     fusion: &Fusion,
     weights: &WeightTable,
     max_seq: usize,
+    amx: bool,
 ) -> Result<(HashMap<NodeId, Loc>, u64), LlvmError> {
     let bind = SymBinding { t: max_seq, p: max_seq.saturating_sub(1) };
     let mut last_use: HashMap<NodeId, usize> = HashMap::new();
@@ -335,7 +388,7 @@ fn plan(
             _ => {
                 // A fused linear map writes its chain's last value: same shape, one block.
                 // A split-K GEMV keeps its partial sums after its output row.
-                let extra = split_k(g, n).map_or(0, |(chunks, out)| chunks * out) as u64 * 4;
+                let extra = extra_bytes(g, n, amx, bind);
                 let bytes =
                     (g.ty(n).eval(bind).iter().product::<usize>() as u64 * 4 + extra).div_ceil(64) * 64;
                 let slot =
@@ -361,7 +414,7 @@ fn plan(
             if last_use.get(&o) == Some(&i) && !interior {
                 if let Some(Loc::Arena(off)) = loc.get(&o) {
                     let owner = fusion.absorbed.get(&o).copied().unwrap_or(o);
-                    let extra = split_k(g, owner).map_or(0, |(chunks, out)| chunks * out) as u64 * 4;
+                    let extra = extra_bytes(g, owner, amx, bind);
                     let bytes =
                         (g.ty(o).eval(bind).iter().product::<usize>() as u64 * 4 + extra).div_ceil(64) * 64;
                     free.push((*off, bytes));
@@ -381,6 +434,7 @@ fn emit_graph<'ctx>(
     weights: &WeightTable,
     layout: &Layout,
     max_seq: usize,
+    amx: bool,
     kernels: &mut HashMap<String, FunctionValue<'ctx>>,
 ) -> Result<u64, LlvmError> {
     let ptr = cx.ptr_type(inkwell::AddressSpace::default());
@@ -428,7 +482,8 @@ fn emit_graph<'ctx>(
         (param(6).into_pointer_value(), param(7).into_pointer_value(), param(8).into_pointer_value());
     let order = g.topo_order().map_err(|_| LlvmError::Llvm("bug: cyclic graph".into()))?;
     let fused = fusion(g, &order);
-    let (loc, arena_bytes) = plan(g, &order, &fused, weights, max_seq)?;
+    let (loc, arena_bytes) = plan(g, &order, &fused, weights, max_seq, amx)?;
+    let bind = SymBinding { t: max_seq, p: max_seq.saturating_sub(1) };
     let args = kb.b.build_array_alloca(i64t, kb.c(16), "args").unwrap();
     let pf_ty = cx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into()], false);
     let pfor = m
@@ -554,7 +609,15 @@ fn emit_graph<'ctx>(
                     let ty = g.ty(n);
                     let rows = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
                     let packed = kernels::packs(rows, width, transposed);
-                    let k = Kernel::Linear { inn, out: width, transposed, bias, epi, wf, packed };
+                    let amx = amx_linear(g, n, amx);
+                    if amx {
+                        // The activations, split into bf16 parts, after the output.
+                        let xp = kb.int_of(kb.gep(cx.i8_type(), at(n), kb.c(amx_offset(g, n, bind) as i64)));
+                        let padded = amx::padded(&kb, rows_of(n));
+                        call(Kernel::AmxPack { inn, transposed }, vec![o(0), xp, rows_of(n)], padded);
+                        v.push(xp);
+                    }
+                    let k = Kernel::Linear { inn, out: width, transposed, bias, epi, wf, packed, amx };
                     call(k, v, kb.c(width.div_ceil(BLOCK) as i64));
                 }
             }

@@ -1,0 +1,515 @@
+//! The AMX-BF16 GEMM of bf16 linear maps over many rows (prefill).
+//!
+//! `tdpbf16ps` multiplies a 16 × 32 bf16 tile by a 32 × 16 one into a 16 × 16 f32 tile,
+//! the second operand in VNNI layout (row `p` holds the pairs `k = 2p, 2p + 1` of every
+//! column). The products stay those of bf16 weights and f32 activations, as in every
+//! other engine: each activation is split once per linear map (`pack_x`) into three bf16
+//! parts whose sum is exactly the f32 value (8 significant bits each; only parts below
+//! 2⁻¹²⁶, which the tiles read as zero, are lost), and each weight tile is multiplied by
+//! all three. A bf16 × bf16 product is exact in f32, so this is the f32 product summed
+//! in another order, at three times the tile work of rounding the activations. Weights
+//! are read as stored:
+//! - `W [out, in]` rows are already the first operand of `Cᵀ = W · Xᵀ`, loaded straight
+//!   from the weights with the row stride; `Xᵀ` is packed as VNNI pairs `[in/2][M][2]`.
+//!   Each `Cᵀ` tile is transposed through registers on its way out.
+//! - `W [in, out]` is the second operand of `C = X · W`: each task packs its 32-column
+//!   slice into VNNI pairs on the stack (`in · 64` bytes, hence `MAX_PANEL_IN`); `X` is
+//!   row-major bf16.
+//!
+//! Rows are padded to a multiple of 32 with zeros, so every tile has its full shape and
+//! the tile configuration is constant. A 32 × 32 output block is four accumulator tiles,
+//! with two tiles of each operand: eight tiles, all AMX has.
+//!
+//! The tile intrinsics take LLVM's `x86_amx` type, which inkwell cannot name; they are
+//! wrapped in small always-inlined functions on `<256 x i32>` (the pattern clang emits),
+//! parsed from text. Everything that touches a tile is marked `"tfc-amx"`: the baseline
+//! fallback copy of a library replaces those functions (`strip`), and at run time they
+//! do nothing unless the C half found AMX usable (`tfc__amx_ok`, set once the kernel has
+//! granted the process the tile state); the linear kernel then takes the AVX-512 GEMM.
+
+use inkwell::attributes::AttributeLoc;
+use inkwell::context::Context;
+use inkwell::module::{Linkage, Module};
+use inkwell::values::{
+    BasicMetadataValueEnum, BasicValue, FunctionValue, IntValue, PointerValue, VectorValue,
+};
+use inkwell::GlobalVisibility;
+
+use super::kb::{Kb, VW};
+
+/// The marker attribute of functions that execute tile instructions.
+pub const ATTR: &str = "tfc-amx";
+/// Rows of the padded activation block, and of an output block.
+pub const MB: usize = 32;
+/// `in` of an `[in, out]` weight whose 32-column panel (`in · 64` bytes) is packed on the
+/// stack; larger ones take the AVX-512 GEMM.
+pub const MAX_PANEL_IN: usize = 4096;
+
+/// Whether a bf16 linear map of `inn` inputs and `out` outputs gets the AMX GEMM.
+pub fn fits(inn: usize, out: usize, transposed: bool) -> bool {
+    inn % 32 == 0 && out % 64 == 0 && (!transposed || inn <= MAX_PANEL_IN)
+}
+
+/// The bf16 parts an activation is split into.
+const PARTS: usize = 3;
+
+/// Bytes of the packed activations for `rows` rows of `inn` inputs.
+pub fn packed_bytes(rows: usize, inn: usize) -> usize {
+    PARTS * rows.div_ceil(MB) * MB * inn * 2
+}
+
+const WRAPPERS: &str = r#"
+declare x86_amx @llvm.x86.tileloadd64.internal(i16, i16, ptr, i64)
+declare x86_amx @llvm.x86.tdpbf16ps.internal(i16, i16, i16, x86_amx, x86_amx, x86_amx)
+declare void @llvm.x86.tilestored64.internal(i16, i16, ptr, i64, x86_amx)
+declare x86_amx @llvm.x86.tilezero.internal(i16, i16)
+declare <256 x i32> @llvm.x86.cast.tile.to.vector.v256i32(x86_amx)
+declare x86_amx @llvm.x86.cast.vector.to.tile.v256i32(<256 x i32>)
+
+define <256 x i32> @tfc_amx.load(ptr %p, i64 %stride) #0 {
+  %t = call x86_amx @llvm.x86.tileloadd64.internal(i16 16, i16 64, ptr %p, i64 %stride)
+  %v = call <256 x i32> @llvm.x86.cast.tile.to.vector.v256i32(x86_amx %t)
+  ret <256 x i32> %v
+}
+define <256 x i32> @tfc_amx.zero() #0 {
+  %t = call x86_amx @llvm.x86.tilezero.internal(i16 16, i16 64)
+  %v = call <256 x i32> @llvm.x86.cast.tile.to.vector.v256i32(x86_amx %t)
+  ret <256 x i32> %v
+}
+define <256 x i32> @tfc_amx.dp(<256 x i32> %c, <256 x i32> %a, <256 x i32> %b) #0 {
+  %tc = call x86_amx @llvm.x86.cast.vector.to.tile.v256i32(<256 x i32> %c)
+  %ta = call x86_amx @llvm.x86.cast.vector.to.tile.v256i32(<256 x i32> %a)
+  %tb = call x86_amx @llvm.x86.cast.vector.to.tile.v256i32(<256 x i32> %b)
+  %r = call x86_amx @llvm.x86.tdpbf16ps.internal(i16 16, i16 64, i16 64, x86_amx %tc, x86_amx %ta, x86_amx %tb)
+  %v = call <256 x i32> @llvm.x86.cast.tile.to.vector.v256i32(x86_amx %r)
+  ret <256 x i32> %v
+}
+define void @tfc_amx.store(ptr %p, i64 %stride, <256 x i32> %c) #0 {
+  %t = call x86_amx @llvm.x86.cast.vector.to.tile.v256i32(<256 x i32> %c)
+  call void @llvm.x86.tilestored64.internal(i16 16, i16 64, ptr %p, i64 %stride, x86_amx %t)
+  ret void
+}
+attributes #0 = { alwaysinline nounwind "tfc-amx" }
+"#;
+
+/// The tile wrappers, linked into `m` on first use.
+fn wrapper<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, name: &str) -> FunctionValue<'ctx> {
+    if let Some(f) = m.get_function(name) {
+        return f;
+    }
+    let buf = inkwell::memory_buffer::MemoryBuffer::create_from_memory_range_copy(WRAPPERS.as_bytes(), "amx");
+    let w = cx.create_module_from_ir(buf).expect("the AMX wrappers parse");
+    m.link_in_module(w).expect("the AMX wrappers link");
+    // External in the text, since the linker drops internal definitions nothing uses yet.
+    for n in ["tfc_amx.load", "tfc_amx.zero", "tfc_amx.dp", "tfc_amx.store"] {
+        m.get_function(n).expect("the AMX wrappers define it").set_linkage(Linkage::Internal);
+    }
+    m.get_function(name).expect("the AMX wrappers define it")
+}
+
+/// Marks `f` as executing tile instructions.
+pub fn mark(cx: &Context, f: FunctionValue) {
+    f.add_attribute(AttributeLoc::Function, cx.create_string_attribute(ATTR, ""));
+}
+
+/// Whether the C half found AMX usable: `tfc__amx_ok != 0`.
+fn enabled<'ctx>(kb: &Kb<'_, 'ctx>) -> IntValue<'ctx> {
+    let i32t = kb.cx.i32_type();
+    let g = kb.m.get_global("tfc__amx_ok").unwrap_or_else(|| {
+        let g = kb.m.add_global(i32t, None, "tfc__amx_ok");
+        g.set_linkage(Linkage::External);
+        g.set_visibility(GlobalVisibility::Hidden);
+        g
+    });
+    let v = kb.b.build_load(i32t, g.as_pointer_value(), "").unwrap().into_int_value();
+    kb.b.build_int_compare(inkwell::IntPredicate::NE, v, i32t.const_zero(), "").unwrap()
+}
+
+struct Tiles<'a, 'b, 'ctx> {
+    kb: &'a Kb<'b, 'ctx>,
+    load: FunctionValue<'ctx>,
+    zero: FunctionValue<'ctx>,
+    dp: FunctionValue<'ctx>,
+    store: FunctionValue<'ctx>,
+}
+
+impl<'a, 'b, 'ctx> Tiles<'a, 'b, 'ctx> {
+    fn new(kb: &'a Kb<'b, 'ctx>) -> Self {
+        let w = |n: &str| wrapper(kb.cx, kb.m, n);
+        Tiles {
+            kb,
+            load: w("tfc_amx.load"),
+            zero: w("tfc_amx.zero"),
+            dp: w("tfc_amx.dp"),
+            store: w("tfc_amx.store"),
+        }
+    }
+    fn call(
+        &self,
+        f: FunctionValue<'ctx>,
+        args: &[BasicMetadataValueEnum<'ctx>],
+    ) -> Option<VectorValue<'ctx>> {
+        let r = self.kb.b.build_call(f, args, "").unwrap();
+        r.try_as_basic_value().basic().map(|v| v.into_vector_value())
+    }
+    /// The tile at byte `off` of `base`, rows `stride` bytes apart.
+    fn load(&self, base: PointerValue<'ctx>, off: IntValue<'ctx>, stride: i64) -> VectorValue<'ctx> {
+        let p = self.kb.gep(self.kb.cx.i8_type(), base, off);
+        self.call(self.load, &[p.into(), self.kb.c(stride).into()]).unwrap()
+    }
+    fn zero(&self) -> VectorValue<'ctx> {
+        self.call(self.zero, &[]).unwrap()
+    }
+    fn dp(&self, c: VectorValue<'ctx>, a: VectorValue<'ctx>, b: VectorValue<'ctx>) -> VectorValue<'ctx> {
+        self.call(self.dp, &[c.into(), a.into(), b.into()]).unwrap()
+    }
+    fn store(&self, p: PointerValue<'ctx>, stride: i64, c: VectorValue<'ctx>) {
+        self.call(self.store, &[p.into(), self.kb.c(stride).into(), c.into()]);
+    }
+}
+
+/// `rows` rounded up to the padded block.
+pub fn padded<'ctx>(kb: &Kb<'_, 'ctx>, rows: IntValue<'ctx>) -> IntValue<'ctx> {
+    kb.mul(kb.udiv(kb.add(rows, kb.c(MB as i64 - 1)), kb.c(MB as i64)), kb.c(MB as i64))
+}
+
+/// 32 elements of `x` from `idx` as bf16 pairs, one vector per part: lane `j` holds the
+/// part of elements `2j` (low half) and `2j + 1` (high half). Parts: `hi` the nearest
+/// bf16, `mid` the nearest bf16 to the rest, `lo` what is left, exact in bf16.
+fn pairs<'ctx>(kb: &Kb<'_, 'ctx>, x: PointerValue<'ctx>, idx: IntValue<'ctx>) -> [VectorValue<'ctx>; PARTS] {
+    let i32v = kb.cx.i32_type().vec_type(VW as u32);
+    let split = |v: VectorValue<'ctx>| {
+        let hi = kb.round_bf16(v);
+        let r = kb.vsub(v, hi);
+        let mid = kb.round_bf16(r);
+        [hi, mid, kb.vsub(r, mid)]
+    };
+    let a = split(kb.ldv(x, idx));
+    let b = split(kb.ldv(x, kb.add(idx, kb.c(VW as i64))));
+    let even: Vec<u32> = (0..VW as u32).map(|k| 2 * k).collect();
+    let odd: Vec<u32> = (0..VW as u32).map(|k| 2 * k + 1).collect();
+    let bits = |v| kb.b.build_bit_cast(v, i32v, "").unwrap().into_vector_value();
+    let k = |v: u64| inkwell::types::VectorType::const_vector(&[kb.cx.i32_type().const_int(v, false); VW]);
+    std::array::from_fn(|q| {
+        let (e, o) = (bits(kb.shuffle(a[q], b[q], &even)), bits(kb.shuffle(a[q], b[q], &odd)));
+        let lo = kb.b.build_right_shift(e, k(16), false, "").unwrap();
+        let hi = kb.b.build_and(o, k(0xffff_0000), "").unwrap();
+        kb.b.build_or(lo, hi, "").unwrap()
+    })
+}
+
+/// The body of the packing kernel: args x, packed, rows; tasks: the padded rows. Row `m`
+/// of `x` split into its bf16 parts, each part into `[in/2][M'][2]` (for `W [out, in]`)
+/// or `[M'][in]` (for `W [in, out]`), `M'` the padded row count, one part after the
+/// other; padding rows are zero.
+pub fn pack_x<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    inn: usize,
+    transposed: bool,
+    args: (PointerValue<'ctx>, PointerValue<'ctx>, IntValue<'ctx>),
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    mark(kb.cx, kb.f);
+    let (x, xp, rows) = args;
+    let c = |v: usize| kb.c(v as i64);
+    let on = enabled(kb);
+    let body = kb.cx.append_basic_block(kb.f, "amx");
+    let done = kb.cx.append_basic_block(kb.f, "off");
+    kb.b.build_conditional_branch(on, body, done).unwrap();
+    kb.b.position_at_end(body);
+    let mp = padded(kb, rows);
+    let i32t = kb.cx.i32_type();
+    let i32v = i32t.vec_type(VW as u32);
+    let part_len = kb.mul(mp, c(inn / 2));
+    kb.for_(begin, end, |m| {
+        let live = kb.b.build_int_compare(inkwell::IntPredicate::SLT, m, rows, "").unwrap();
+        // A padding row reads row 0 (any valid row) and stores zeros.
+        let src = kb.b.build_select(live, m, c(0), "").unwrap().into_int_value();
+        kb.for_(c(0), c(inn / 32), |g| {
+            let parts = pairs(kb, x, kb.add(kb.mul(src, c(inn)), kb.mul(g, c(32))));
+            for (q, v) in parts.into_iter().enumerate() {
+                let v = kb.b.build_select(live, v, i32v.const_zero(), "").unwrap().into_vector_value();
+                let base = kb.gep(i32t, xp, kb.mul(part_len, c(q)));
+                let (mt, mr) = (kb.udiv(m, c(16)), kb.urem(m, c(16)));
+                if transposed {
+                    // Tile (m / 16, g), row m % 16.
+                    let tile = kb.add(kb.mul(mt, c(inn / 32)), g);
+                    let p = kb.gep(i32t, base, kb.add(kb.mul(tile, c(256)), kb.mul(mr, c(16))));
+                    kb.b.build_store(p, v).unwrap().set_alignment(4).unwrap();
+                } else {
+                    // Tile (g, m / 16), rows j (the pairs), column m % 16.
+                    let tile = kb.add(kb.mul(g, kb.udiv(mp, c(16))), mt);
+                    let at = kb.add(kb.mul(tile, c(256)), mr);
+                    for j in 0..VW {
+                        let lane =
+                            kb.b.build_extract_element(v, i32t.const_int(j as u64, false), "").unwrap();
+                        let p = kb.gep(i32t, base, kb.add(at, c(16 * j)));
+                        kb.b.build_store(p, lane).unwrap();
+                    }
+                }
+            }
+        });
+    });
+    kb.b.build_unconditional_branch(done).unwrap();
+    kb.b.position_at_end(done);
+}
+
+/// What the AMX GEMM of one linear map needs.
+pub struct Gemm<'ctx> {
+    pub x: PointerValue<'ctx>,
+    pub w: PointerValue<'ctx>,
+    pub b: Option<PointerValue<'ctx>>,
+    pub out: PointerValue<'ctx>,
+    pub rows: IntValue<'ctx>,
+    pub inn: usize,
+    pub n_out: usize,
+    pub transposed: bool,
+}
+
+/// Emits `i1 name(args…)` computing column blocks `begin..end` (of `BLOCK` = 64) of
+/// `out = x · W + b` from the packed `x`, without the epilogue; it returns false, having
+/// done nothing, when AMX is not enabled. The caller passes the kernel's own arguments.
+pub fn gemm_fn<'ctx>(
+    cx: &'ctx Context,
+    m: &Module<'ctx>,
+    name: &str,
+    inn: usize,
+    n_out: usize,
+    transposed: bool,
+    bias: bool,
+) -> FunctionValue<'ctx> {
+    if let Some(f) = m.get_function(name) {
+        return f;
+    }
+    let ptr = cx.ptr_type(inkwell::AddressSpace::default());
+    let i64t = cx.i64_type();
+    let mut params: Vec<inkwell::types::BasicMetadataTypeEnum> = vec![ptr.into(), ptr.into()];
+    if bias {
+        params.push(ptr.into());
+    }
+    params.extend::<[inkwell::types::BasicMetadataTypeEnum; 4]>([
+        ptr.into(),
+        i64t.into(),
+        i64t.into(),
+        i64t.into(),
+    ]);
+    let f = m.add_function(name, cx.bool_type().fn_type(&params, false), Some(Linkage::Internal));
+    mark(cx, f);
+    f.add_attribute(AttributeLoc::Function, cx.create_string_attribute("prefer-vector-width", "512"));
+    let kb = Kb::new(cx, m, f);
+    let pv = |i: u32| f.get_nth_param(i).unwrap();
+    let mut i = 0;
+    let mut next = || {
+        i += 1;
+        pv(i - 1)
+    };
+    let (x, w) = (next().into_pointer_value(), next().into_pointer_value());
+    let b = bias.then(|| next().into_pointer_value());
+    let out = next().into_pointer_value();
+    let (rows, begin, end) = (next().into_int_value(), next().into_int_value(), next().into_int_value());
+    let g = Gemm { x, w, b, out, rows, inn, n_out, transposed };
+    let on = enabled(&kb);
+    let (run, off) = (cx.append_basic_block(f, "amx"), cx.append_basic_block(f, "off"));
+    kb.b.build_conditional_branch(on, run, off).unwrap();
+    kb.b.position_at_end(off);
+    kb.b.build_return(Some(&cx.bool_type().const_zero())).unwrap();
+    kb.b.position_at_end(run);
+    gemm(&kb, &g, begin, end);
+    kb.b.build_return(Some(&cx.bool_type().const_all_ones())).unwrap();
+    f
+}
+
+/// Rows `r0..r0 + 16` (those below `rows`), columns `col..col + 16` of the output from the
+/// f32 tile at `tile` (its transpose with `transpose`), plus the bias.
+fn write_tile<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    g: &Gemm<'ctx>,
+    tile: PointerValue<'ctx>,
+    transpose: bool,
+    r0: IntValue<'ctx>,
+    col: IntValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    if transpose {
+        let rows: Vec<_> = (0..VW).map(|r| kb.ldv(tile, c(r * VW))).collect();
+        for (r, v) in kb.transpose(rows).into_iter().enumerate() {
+            kb.stv(tile, c(r * VW), v);
+        }
+    }
+    let live = kb.min(c(16), kb.max(c(0), kb.sub(g.rows, r0)));
+    kb.for_(c(0), live, |r| {
+        let mut v = kb.ldv(tile, kb.mul(r, c(VW)));
+        if let Some(b) = g.b {
+            v = kb.vadd(v, kb.ldv(b, col));
+        }
+        kb.stv(g.out, kb.add(kb.mul(kb.add(r0, r), c(g.n_out)), col), v);
+    });
+}
+
+/// `W [out, in]`: `Cᵀ = W · Xᵀ` for the task's 64 weight rows against 16 activation rows
+/// at a time: the three parts' activation tiles stay in registers while each of the four
+/// weight tiles passes over them, so the packed activations are read once per task.
+fn gemm_rows<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: IntValue<'ctx>) {
+    let c = |v: usize| kb.c(v as i64);
+    let t = &Tiles::new(kb);
+    let inn = g.inn;
+    let mp = padded(kb, g.rows);
+    let scratch = kb.alloca_f32s(4 * 256);
+    let part = kb.mul(kb.mul(mp, c(inn)), c(2));
+    let mtiles = kb.udiv(mp, c(16));
+    kb.for_(begin, end, |blk| {
+        let n0 = kb.mul(blk, c(64));
+        kb.for_(c(0), mtiles, |mt| {
+            let init: Vec<_> = (0..4).map(|_| t.zero().into()).collect();
+            let acc = kb.fold(c(0), c(inn / 32), &init, |k, acc| {
+                let xs: Vec<_> = (0..PARTS)
+                    .map(|q| {
+                        let at = kb.mul(kb.add(kb.mul(k, mtiles), mt), c(1024));
+                        t.load(g.x, kb.add(at, kb.mul(part, c(q))), 64)
+                    })
+                    .collect();
+                (0..4)
+                    .map(|i| {
+                        let r = kb.add(n0, c(16 * i));
+                        let w = t.load(
+                            g.w,
+                            kb.mul(kb.add(kb.mul(r, c(inn)), kb.mul(k, c(32))), c(2)),
+                            inn as i64 * 2,
+                        );
+                        xs.iter().fold(acc[i].into_vector_value(), |a, x| t.dp(a, w, *x)).into()
+                    })
+                    .collect()
+            });
+            for (i, a) in acc.iter().enumerate() {
+                let tile = kb.gep(kb.f32t(), scratch, c(i * 256));
+                t.store(tile, 64, a.into_vector_value());
+                write_tile(kb, g, tile, true, kb.mul(mt, c(16)), kb.add(n0, c(16 * i)));
+            }
+        });
+    });
+}
+
+/// `W [in, out]`: `C = X · W` for each 32-column half of the task, its weights packed into
+/// VNNI pairs, in 32 × 32 blocks.
+fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: IntValue<'ctx>) {
+    if !g.transposed {
+        return gemm_rows(kb, g, begin, end);
+    }
+    let c = |v: usize| kb.c(v as i64);
+    let t = &Tiles::new(kb);
+    let (inn, n_out) = (g.inn, g.n_out);
+    let mp = padded(kb, g.rows);
+    let i16t = kb.cx.i16_type();
+    let i32t = kb.cx.i32_type();
+    // Four 16 × 16 f32 tiles on their way out.
+    let scratch = kb.alloca_f32s(4 * 256);
+    let panel = kb.b.build_array_alloca(i32t, c(inn / 2 * 32), "panel").unwrap();
+    kb.for_(begin, end, |blk| {
+        for half in 0..2 {
+            let n0 = kb.add(kb.mul(blk, c(64)), c(32 * half));
+            {
+                // W [in, out] rows 2p and 2p + 1, columns n0..n0 + 32, interleaved.
+                let i16v = i16t.vec_type(32);
+                let lanes: Vec<u32> = (0..32).flat_map(|j| [j, 32 + j]).collect();
+                kb.for_(c(0), c(inn / 2), |p| {
+                    let row = |r: IntValue<'ctx>| {
+                        let at = kb.gep(i16t, g.w, kb.add(kb.mul(r, c(n_out)), n0));
+                        let v = kb.b.build_load(i16v, at, "").unwrap();
+                        v.as_instruction_value().unwrap().set_alignment(2).unwrap();
+                        v.into_vector_value()
+                    };
+                    let k0 = kb.mul(p, c(2));
+                    let (r0, r1) = (row(k0), row(kb.add(k0, c(1))));
+                    // Columns 16j.. go to row p % 16 of tile (p / 16, j): each tile contiguous.
+                    for j in 0..2 {
+                        let mask: Vec<_> = lanes[32 * j..32 * j + 32]
+                            .iter()
+                            .map(|&l| i32t.const_int(l as u64, false))
+                            .collect();
+                        let mask = inkwell::types::VectorType::const_vector(&mask);
+                        let v = kb.b.build_shuffle_vector(r0, r1, mask, "").unwrap();
+                        let tile = kb.add(kb.mul(kb.udiv(p, c(16)), c(2)), c(j));
+                        let at = kb.gep(
+                            i32t,
+                            panel,
+                            kb.add(kb.mul(tile, c(256)), kb.mul(kb.urem(p, c(16)), c(16))),
+                        );
+                        kb.b.build_store(at, v).unwrap().set_alignment(4).unwrap();
+                    }
+                });
+            }
+            kb.for_(c(0), kb.udiv(mp, c(MB)), |mb| {
+                let m0 = kb.mul(mb, c(MB));
+                let init: Vec<_> = (0..4).map(|_| t.zero().into()).collect();
+                // Bytes from one part of the packed activations to the next.
+                let part = kb.mul(kb.mul(mp, c(inn)), c(2));
+                let acc = kb.fold(c(0), c(inn / 32), &init, |k, acc| {
+                    let mut acc: Vec<VectorValue<'ctx>> = acc.iter().map(|a| a.into_vector_value()).collect();
+                    // The panel's tiles (pairs 16k.., columns 16j..) are kept while each
+                    // part's activation tiles (rows m0 + 16i..) pass.
+                    let wt: Vec<_> = (0..2)
+                        .map(|j| t.load(panel, kb.mul(kb.add(kb.mul(k, c(2)), c(j)), c(1024)), 64))
+                        .collect();
+                    for q in 0..PARTS {
+                        let xs: Vec<_> = (0..2)
+                            .map(|i| {
+                                let mt = kb.add(kb.udiv(m0, c(16)), c(i));
+                                let at = kb.mul(kb.add(kb.mul(mt, c(inn / 32)), k), c(1024));
+                                t.load(g.x, kb.add(at, kb.mul(part, c(q))), 64)
+                            })
+                            .collect();
+                        for (ij, a) in acc.iter_mut().enumerate() {
+                            *a = t.dp(*a, xs[ij / 2], wt[ij % 2]);
+                        }
+                    }
+                    acc.into_iter().map(Into::into).collect()
+                });
+                for (ij, a) in acc.iter().enumerate() {
+                    t.store(kb.gep(kb.f32t(), scratch, c(ij * 256)), 64, a.into_vector_value());
+                }
+                // Out: tile (i, j) covers rows m0 + 16i.. and columns n0 + 16j...
+                for ij in 0..4 {
+                    let tile = kb.gep(kb.f32t(), scratch, c(ij * 256));
+                    write_tile(
+                        kb,
+                        g,
+                        tile,
+                        false,
+                        kb.add(m0, c(16 * (ij / 2))),
+                        kb.add(n0, c(16 * (ij % 2))),
+                    );
+                }
+            });
+        }
+    });
+}
+
+/// The fallback copy of a module for a CPU that may lack AMX: every function marked
+/// `ATTR` is replaced by one that returns zero (false, or nothing), so the linear kernels
+/// take their AVX-512 path and no tile instruction remains.
+pub fn strip(m: &Module) {
+    let mut marked = Vec::new();
+    let mut f = m.get_first_function();
+    while let Some(fun) = f {
+        f = fun.get_next_function();
+        if fun.get_string_attribute(AttributeLoc::Function, ATTR).is_some() && fun.count_basic_blocks() > 0 {
+            marked.push(fun);
+        }
+    }
+    let cx = m.get_context();
+    for fun in marked {
+        let name = fun.get_name().to_str().unwrap().to_string();
+        let stub = m.add_function(&format!("{name}.stub"), fun.get_type(), Some(Linkage::Internal));
+        let b = cx.create_builder();
+        b.position_at_end(cx.append_basic_block(stub, "entry"));
+        match fun.get_type().get_return_type() {
+            None => b.build_return(None).unwrap(),
+            Some(t) => b.build_return(Some(&t.const_zero())).unwrap(),
+        };
+        fun.replace_all_uses_with(stub);
+        // SAFETY: `fun` has no uses left and is not used afterwards.
+        unsafe { fun.delete() };
+        stub.as_global_value().set_name(&name);
+    }
+}
