@@ -12,9 +12,8 @@
 //! - `W [out, in]` rows are already the first operand of `Cᵀ = W · Xᵀ`, loaded straight
 //!   from the weights with the row stride; `Xᵀ` is packed as VNNI pairs `[in/2][M][2]`.
 //!   Each `Cᵀ` tile is transposed through registers on its way out.
-//! - `W [in, out]` is the second operand of `C = X · W`: each task packs its 32-column
-//!   slice into VNNI pairs on the stack (`in · 64` bytes, hence `MAX_PANEL_IN`); `X` is
-//!   row-major bf16.
+//! - `W [in, out]` is the second operand of `C = X · W`: each task packs its slice of each
+//!   chunk of `in` into VNNI pairs on the stack; `X` is row-major bf16.
 //!
 //! Rows are padded to a multiple of 32 with zeros, so every tile has its full shape and
 //! the tile configuration is constant. A 32 × 32 output block is four accumulator tiles,
@@ -41,13 +40,10 @@ use super::kb::{Kb, VW};
 pub const ATTR: &str = "tfc-amx";
 /// Rows of the padded activation block, and of an output block.
 pub const MB: usize = 32;
-/// `in` of an `[in, out]` weight whose 32-column panel (`in · 64` bytes) is packed on the
-/// stack; larger ones take the AVX-512 GEMM.
-pub const MAX_PANEL_IN: usize = 4096;
 
 /// Whether a bf16 linear map of `inn` inputs and `out` outputs gets the AMX GEMM.
-pub fn fits(inn: usize, out: usize, transposed: bool) -> bool {
-    inn % 32 == 0 && out % 64 == 0 && (!transposed || inn <= MAX_PANEL_IN)
+pub fn fits(inn: usize, out: usize) -> bool {
+    inn % 32 == 0 && out % 64 == 0
 }
 
 /// The bf16 parts an activation is split into.
@@ -198,7 +194,7 @@ fn pairs<'ctx>(kb: &Kb<'_, 'ctx>, x: PointerValue<'ctx>, idx: IntValue<'ctx>) ->
     })
 }
 
-/// The body of the packing kernel: args x, packed, rows; tasks: the padded rows. Row `m`
+/// The body of the packing kernel: args x, packed, rows; tasks: tiles of 16 padded rows. Row `m`
 /// of `x` split into its bf16 parts, each part into `[in/2][M'][2]` (for `W [out, in]`)
 /// or `[M'][in]` (for `W [in, out]`), `M'` the padded row count, one part after the
 /// other; padding rows are zero.
@@ -222,7 +218,8 @@ pub fn pack_x<'ctx>(
     let i32t = kb.cx.i32_type();
     let i32v = i32t.vec_type(VW as u32);
     let part_len = kb.mul(mp, c(inn / 2));
-    kb.for_(begin, end, |m| {
+    // A task is a tile of 16 rows: rows of one tile share its cache lines.
+    kb.for_(kb.mul(begin, c(16)), kb.mul(end, c(16)), |m| {
         let live = kb.b.build_int_compare(inkwell::IntPredicate::SLT, m, rows, "").unwrap();
         // A padding row reads row 0 (any valid row) and stores zeros.
         let src = kb.b.build_select(live, m, c(0), "").unwrap().into_int_value();
@@ -347,141 +344,156 @@ fn write_tile<'ctx>(
     });
 }
 
-/// `W [out, in]`: `Cᵀ = W · Xᵀ` for the task's 64 weight rows against 16 activation rows
-/// at a time: the three parts' activation tiles stay in registers while each of the four
-/// weight tiles passes over them, so the packed activations are read once per task.
-fn gemm_rows<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: IntValue<'ctx>) {
-    let c = |v: usize| kb.c(v as i64);
-    let t = &Tiles::new(kb);
-    let inn = g.inn;
-    let mp = padded(kb, g.rows);
-    let scratch = kb.alloca_f32s(4 * 256);
-    let part = kb.mul(kb.mul(mp, c(inn)), c(2));
-    let mtiles = kb.udiv(mp, c(16));
-    kb.for_(begin, end, |blk| {
-        let n0 = kb.mul(blk, c(64));
-        kb.for_(c(0), mtiles, |mt| {
-            let init: Vec<_> = (0..4).map(|_| t.zero().into()).collect();
-            let acc = kb.fold(c(0), c(inn / 32), &init, |k, acc| {
-                let xs: Vec<_> = (0..PARTS)
-                    .map(|q| {
-                        let at = kb.mul(kb.add(kb.mul(k, mtiles), mt), c(1024));
-                        t.load(g.x, kb.add(at, kb.mul(part, c(q))), 64)
-                    })
-                    .collect();
-                (0..4)
-                    .map(|i| {
-                        let r = kb.add(n0, c(16 * i));
-                        let w = t.load(
-                            g.w,
-                            kb.mul(kb.add(kb.mul(r, c(inn)), kb.mul(k, c(32))), c(2)),
-                            inn as i64 * 2,
-                        );
-                        xs.iter().fold(acc[i].into_vector_value(), |a, x| t.dp(a, w, *x)).into()
-                    })
-                    .collect()
-            });
-            for (i, a) in acc.iter().enumerate() {
-                let tile = kb.gep(kb.f32t(), scratch, c(i * 256));
-                t.store(tile, 64, a.into_vector_value());
-                write_tile(kb, g, tile, true, kb.mul(mt, c(16)), kb.add(n0, c(16 * i)));
-            }
-        });
-    });
+/// `in` per chunk of the GEMM: a chunk's weights for a task (`KC × 64 · groups` bf16,
+/// at most 128 KB) and activations (`M' × KC` in three parts, 192 KB for 128 rows) stay in
+/// L2 while every row tile passes over them, and one row tile's activation tiles (24 KB)
+/// stay in L1 while every group of 64 columns passes over those.
+const KC: usize = 256;
+
+/// Groups of 64 output columns per task: as many as keep eight tasks or more for the
+/// pool (each task reads the packed activations once, so fewer, wider tasks read them
+/// less often), at most four.
+pub fn groups(n_out: usize) -> usize {
+    (n_out / 64 / 8).clamp(1, 4)
 }
 
-/// `W [in, out]`: `C = X · W` for each 32-column half of the task, its weights packed into
-/// VNNI pairs, in 32 × 32 blocks.
+/// Tasks of a linear map's AMX GEMM.
+pub fn tasks(n_out: usize) -> usize {
+    (n_out / 64).div_ceil(groups(n_out))
+}
+
+/// Bytes of the accumulators of a linear map's AMX GEMM for `rows` rows (after the
+/// packed activations): each task keeps its tiles there between chunks of `in`.
+pub fn acc_bytes(rows: usize, n_out: usize) -> usize {
+    rows.div_ceil(MB) * MB * n_out * 4
+}
+
+/// Tasks `begin..end`, each `groups` blocks of 64 output columns, in chunks of `KC`
+/// inputs: per row tile of 16 and group, four accumulator tiles are loaded (or zeroed),
+/// get every part of every k-step of the chunk, and are stored back, so the three part
+/// tiles of a k-step serve the four column tiles. `C = X · W` (`[in, out]`, the task's
+/// slice of the chunk packed into VNNI pairs first) or `Cᵀ = W · Xᵀ` (`[out, in]`, weight
+/// tiles as stored). Then every tile goes to the output, transposed for `Cᵀ`.
 fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: IntValue<'ctx>) {
-    if !g.transposed {
-        return gemm_rows(kb, g, begin, end);
-    }
     let c = |v: usize| kb.c(v as i64);
     let t = &Tiles::new(kb);
-    let (inn, n_out) = (g.inn, g.n_out);
+    let (inn, n_out, gr) = (g.inn, g.n_out, groups(g.n_out));
     let mp = padded(kb, g.rows);
-    let i16t = kb.cx.i16_type();
-    let i32t = kb.cx.i32_type();
-    // Four 16 × 16 f32 tiles on their way out.
-    let scratch = kb.alloca_f32s(4 * 256);
-    let panel = kb.b.build_array_alloca(i32t, c(inn / 2 * 32), "panel").unwrap();
-    kb.for_(begin, end, |blk| {
-        for half in 0..2 {
-            let n0 = kb.add(kb.mul(blk, c(64)), c(32 * half));
-            {
-                // W [in, out] rows 2p and 2p + 1, columns n0..n0 + 32, interleaved.
-                let i16v = i16t.vec_type(32);
-                let lanes: Vec<u32> = (0..32).flat_map(|j| [j, 32 + j]).collect();
-                kb.for_(c(0), c(inn / 2), |p| {
-                    let row = |r: IntValue<'ctx>| {
-                        let at = kb.gep(i16t, g.w, kb.add(kb.mul(r, c(n_out)), n0));
-                        let v = kb.b.build_load(i16v, at, "").unwrap();
+    let mtiles = kb.udiv(mp, c(16));
+    let (i16t, i32t) = (kb.cx.i16_type(), kb.cx.i32_type());
+    // Bytes from one part of the packed activations to the next; the accumulators follow.
+    let part = kb.mul(kb.mul(mp, c(inn)), c(2));
+    let accs = kb.gep(kb.cx.i8_type(), g.x, kb.mul(part, c(PARTS)));
+    let kc = KC.min(inn);
+    let panel = kb.b.build_array_alloca(i32t, c(kc / 2 * 64 * gr), "panel").unwrap();
+    kb.for_(begin, end, |task| {
+        let n0 = kb.mul(task, c(64 * gr));
+        let ngr = kb.min(c(gr), kb.udiv(kb.sub(c(n_out), n0), c(64)));
+        // Tile (group, row tile, j) of this task's accumulators, in bytes.
+        let acc_at = |gi: IntValue<'ctx>, mt: IntValue<'ctx>, j: usize| {
+            let tile = kb.add(kb.mul(kb.add(kb.mul(gi, mtiles), mt), c(4)), c(j));
+            kb.add(kb.mul(kb.mul(n0, mp), c(4)), kb.mul(tile, c(1024)))
+        };
+        kb.for_(c(0), mtiles, |mt| {
+            kb.for_(c(0), ngr, |gi| {
+                for j in 0..4 {
+                    t.store(kb.gep(kb.cx.i8_type(), accs, acc_at(gi, mt, j)), 64, t.zero());
+                }
+            });
+        });
+        kb.for_(c(0), c(inn.div_ceil(kc)), |chunk| {
+            let k0 = kb.mul(chunk, c(kc));
+            let steps = kb.udiv(kb.min(c(kc), kb.sub(c(inn), k0)), c(32));
+            if !g.transposed {
+                // W [out, in]: the task's rows, columns k0.., copied tile by tile: tile
+                // (k, column tile) holds rows 16·jt.. of inputs 32k.., contiguous.
+                let i32v = i32t.vec_type(16);
+                kb.for_(c(0), kb.mul(ngr, c(64)), |r| {
+                    let (jt, rr) = (kb.udiv(r, c(16)), kb.urem(r, c(16)));
+                    let src = kb.add(kb.mul(kb.add(n0, r), c(inn)), k0);
+                    kb.for_(c(0), steps, |k| {
+                        let at = kb.gep(i16t, g.w, kb.add(src, kb.mul(k, c(32))));
+                        let v = kb.b.build_load(i32v, at, "").unwrap();
                         v.as_instruction_value().unwrap().set_alignment(2).unwrap();
-                        v.into_vector_value()
-                    };
-                    let k0 = kb.mul(p, c(2));
-                    let (r0, r1) = (row(k0), row(kb.add(k0, c(1))));
-                    // Columns 16j.. go to row p % 16 of tile (p / 16, j): each tile contiguous.
-                    for j in 0..2 {
-                        let mask: Vec<_> = lanes[32 * j..32 * j + 32]
-                            .iter()
-                            .map(|&l| i32t.const_int(l as u64, false))
-                            .collect();
-                        let mask = inkwell::types::VectorType::const_vector(&mask);
-                        let v = kb.b.build_shuffle_vector(r0, r1, mask, "").unwrap();
-                        let tile = kb.add(kb.mul(kb.udiv(p, c(16)), c(2)), c(j));
+                        let tile = kb.add(kb.mul(k, c(4 * gr)), jt);
+                        let to = kb.gep(i32t, panel, kb.add(kb.mul(tile, c(256)), kb.mul(rr, c(16))));
+                        kb.b.build_store(to, v).unwrap().set_alignment(4).unwrap();
+                    });
+                });
+            } else {
+                // W [in, out] rows k0 + 2p and k0 + 2p + 1, 16 columns at a time, as
+                // tile (p / 16, column tile) row p % 16: each tile contiguous.
+                let i16v = i16t.vec_type(16);
+                let lanes: Vec<_> =
+                    (0..16).flat_map(|j| [j, 16 + j]).map(|l| i32t.const_int(l, false)).collect();
+                let mask = inkwell::types::VectorType::const_vector(&lanes);
+                kb.for_(c(0), kb.mul(steps, c(16)), |p| {
+                    let r = kb.add(k0, kb.mul(p, c(2)));
+                    kb.for_(c(0), kb.mul(ngr, c(4)), |jt| {
+                        let col = kb.add(n0, kb.mul(jt, c(16)));
+                        let row = |r: IntValue<'ctx>| {
+                            let at = kb.gep(i16t, g.w, kb.add(kb.mul(r, c(n_out)), col));
+                            let v = kb.b.build_load(i16v, at, "").unwrap();
+                            v.as_instruction_value().unwrap().set_alignment(2).unwrap();
+                            v.into_vector_value()
+                        };
+                        let v = kb.b.build_shuffle_vector(row(r), row(kb.add(r, c(1))), mask, "").unwrap();
+                        let tile = kb.add(kb.mul(kb.udiv(p, c(16)), c(4 * gr)), jt);
                         let at = kb.gep(
                             i32t,
                             panel,
                             kb.add(kb.mul(tile, c(256)), kb.mul(kb.urem(p, c(16)), c(16))),
                         );
                         kb.b.build_store(at, v).unwrap().set_alignment(4).unwrap();
-                    }
+                    });
                 });
             }
-            kb.for_(c(0), kb.udiv(mp, c(MB)), |mb| {
-                let m0 = kb.mul(mb, c(MB));
-                let init: Vec<_> = (0..4).map(|_| t.zero().into()).collect();
-                // Bytes from one part of the packed activations to the next.
-                let part = kb.mul(kb.mul(mp, c(inn)), c(2));
-                let acc = kb.fold(c(0), c(inn / 32), &init, |k, acc| {
-                    let mut acc: Vec<VectorValue<'ctx>> = acc.iter().map(|a| a.into_vector_value()).collect();
-                    // The panel's tiles (pairs 16k.., columns 16j..) are kept while each
-                    // part's activation tiles (rows m0 + 16i..) pass.
-                    let wt: Vec<_> = (0..2)
-                        .map(|j| t.load(panel, kb.mul(kb.add(kb.mul(k, c(2)), c(j)), c(1024)), 64))
-                        .collect();
-                    for q in 0..PARTS {
-                        let xs: Vec<_> = (0..2)
-                            .map(|i| {
-                                let mt = kb.add(kb.udiv(m0, c(16)), c(i));
-                                let at = kb.mul(kb.add(kb.mul(mt, c(inn / 32)), k), c(1024));
-                                t.load(g.x, kb.add(at, kb.mul(part, c(q))), 64)
+            kb.for_(c(0), mtiles, |mt| {
+                kb.for_(c(0), ngr, |gi| {
+                    let init: Vec<_> = (0..4).map(|j| t.load(accs, acc_at(gi, mt, j), 64).into()).collect();
+                    let acc = kb.fold(c(0), steps, &init, |k, acc| {
+                        let ka = kb.add(kb.udiv(k0, c(32)), k);
+                        let xs: Vec<_> = (0..PARTS)
+                            .map(|q| {
+                                let tile = if g.transposed {
+                                    kb.add(kb.mul(mt, c(inn / 32)), ka)
+                                } else {
+                                    kb.add(kb.mul(ka, mtiles), mt)
+                                };
+                                t.load(g.x, kb.add(kb.mul(tile, c(1024)), kb.mul(part, c(q))), 64)
                             })
                             .collect();
-                        for (ij, a) in acc.iter_mut().enumerate() {
-                            *a = t.dp(*a, xs[ij / 2], wt[ij % 2]);
-                        }
+                        (0..4)
+                            .map(|j| {
+                                let jt = kb.add(kb.mul(gi, c(4)), c(j));
+                                let a = acc[j].into_vector_value();
+                                let tile = kb.add(kb.mul(k, c(4 * gr)), jt);
+                                let w = t.load(panel, kb.mul(tile, c(1024)), 64);
+                                let r = if g.transposed {
+                                    xs.iter().fold(a, |a, x| t.dp(a, *x, w))
+                                } else {
+                                    xs.iter().fold(a, |a, x| t.dp(a, w, *x))
+                                };
+                                r.into()
+                            })
+                            .collect()
+                    });
+                    for (j, a) in acc.iter().enumerate() {
+                        let at = kb.gep(kb.cx.i8_type(), accs, acc_at(gi, mt, j));
+                        t.store(at, 64, a.into_vector_value());
                     }
-                    acc.into_iter().map(Into::into).collect()
                 });
-                for (ij, a) in acc.iter().enumerate() {
-                    t.store(kb.gep(kb.f32t(), scratch, c(ij * 256)), 64, a.into_vector_value());
-                }
-                // Out: tile (i, j) covers rows m0 + 16i.. and columns n0 + 16j...
-                for ij in 0..4 {
-                    let tile = kb.gep(kb.f32t(), scratch, c(ij * 256));
-                    write_tile(
-                        kb,
-                        g,
-                        tile,
-                        false,
-                        kb.add(m0, c(16 * (ij / 2))),
-                        kb.add(n0, c(16 * (ij % 2))),
-                    );
+            });
+        });
+        kb.for_(c(0), mtiles, |mt| {
+            kb.for_(c(0), ngr, |gi| {
+                for j in 0..4 {
+                    let tile = kb.gep(kb.cx.i8_type(), accs, acc_at(gi, mt, j));
+                    let col = kb.add(n0, kb.add(kb.mul(gi, c(64)), c(16 * j)));
+                    write_tile(kb, g, tile, !g.transposed, kb.mul(mt, c(16)), col);
                 }
             });
-        }
+        });
     });
 }
 

@@ -43,7 +43,7 @@ pub enum Kernel {
         packed: bool,
         amx: bool,
     },
-    /// args: x, packed, rows; tasks: the rows padded to `amx::MB`. The activations of an
+    /// args: x, packed, rows; tasks: tiles of 16 of the rows padded to `amx::MB`. The activations of an
     /// `amx` linear map, split into bf16 parts in the tiles' layout (`amx::pack_x`).
     AmxPack { inn: usize, transposed: bool },
     /// args: x, out; tasks: rows.
@@ -665,12 +665,17 @@ fn body<'ctx>(
         Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, packed: true, amx } => {
             let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
             let panel = kb.alloca_f32s(KC * BLOCK);
-            let packed = |kb: &Kb<'_, 'ctx>| {
-                kb.for_(begin, end, |blk| lin_packed(kb, &l, rows, kb.mul(blk, c(BLOCK)), panel, transposed));
-            };
             if !amx {
-                return packed(kb);
+                return kb.for_(begin, end, |blk| {
+                    lin_packed(kb, &l, rows, kb.mul(blk, c(BLOCK)), panel, transposed)
+                });
             }
+            // A task is `amx::groups` blocks (the last one maybe fewer).
+            let gr = super::amx::groups(n_out);
+            let blocks = |task: IntValue<'ctx>, f: &dyn Fn(IntValue<'ctx>)| {
+                let b0 = kb.mul(task, c(gr));
+                kb.for_(b0, kb.min(kb.add(b0, c(gr)), c(n_out / BLOCK)), |blk| f(kb.mul(blk, c(BLOCK))));
+            };
             let tiles = super::amx::gemm_fn(
                 kb.cx,
                 kb.m,
@@ -699,13 +704,12 @@ fn body<'ctx>(
             );
             kb.b.build_conditional_branch(done.into_int_value(), on, off).unwrap();
             kb.b.position_at_end(on);
-            kb.for_(begin, end, |blk| {
-                let o0 = kb.mul(blk, c(BLOCK));
-                kb.for_(c(0), rows, |t| epilogue(kb, &l, t, o0, kb.add(o0, c(BLOCK))));
+            kb.for_(begin, end, |task| {
+                blocks(task, &|o0| kb.for_(c(0), rows, |t| epilogue(kb, &l, t, o0, kb.add(o0, c(BLOCK)))))
             });
             kb.b.build_unconditional_branch(join).unwrap();
             kb.b.position_at_end(off);
-            packed(kb);
+            kb.for_(begin, end, |task| blocks(task, &|o0| lin_packed(kb, &l, rows, o0, panel, transposed)));
             kb.b.build_unconditional_branch(join).unwrap();
             kb.b.position_at_end(join);
         }

@@ -315,9 +315,7 @@ fn amx_linear(g: &Graph, n: NodeId, amx: bool) -> bool {
         return false;
     };
     let rows: Option<usize> = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
-    rows.is_none_or(|r| r >= amx::MB / 2)
-        && kernels::packs(rows, out, *transposed)
-        && amx::fits(inn, out, *transposed)
+    rows.is_none_or(|r| r >= amx::MB / 2) && kernels::packs(rows, out, *transposed) && amx::fits(inn, out)
 }
 
 /// Bytes a node's arena block holds after its value: a split-K GEMV's partial sums, or an
@@ -328,7 +326,8 @@ fn extra_bytes(g: &Graph, n: NodeId, amx: bool, bind: SymBinding) -> u64 {
     }
     if amx_linear(g, n, amx) {
         let x = g.ty(g.operands(n)[0]).eval(bind);
-        return amx::packed_bytes(x[0], x[1]) as u64 + 64;
+        let out = *g.ty(n).eval(bind).last().unwrap();
+        return (amx::packed_bytes(x[0], x[1]) + amx::acc_bytes(x[0], out)) as u64 + 64;
     }
     0
 }
@@ -613,12 +612,13 @@ fn emit_graph<'ctx>(
                     if amx {
                         // The activations, split into bf16 parts, after the output.
                         let xp = kb.int_of(kb.gep(cx.i8_type(), at(n), kb.c(amx_offset(g, n, bind) as i64)));
-                        let padded = amx::padded(&kb, rows_of(n));
-                        call(Kernel::AmxPack { inn, transposed }, vec![o(0), xp, rows_of(n)], padded);
+                        let tiles = kb.udiv(amx::padded(&kb, rows_of(n)), kb.c(16));
+                        call(Kernel::AmxPack { inn, transposed }, vec![o(0), xp, rows_of(n)], tiles);
                         v.push(xp);
                     }
+                    let tasks = if amx { amx::tasks(width) } else { width.div_ceil(BLOCK) };
                     let k = Kernel::Linear { inn, out: width, transposed, bias, epi, wf, packed, amx };
-                    call(k, v, kb.c(width.div_ceil(BLOCK) as i64));
+                    call(k, v, kb.c(tasks as i64));
                 }
             }
             Op::SplitQkv { layout: l, part, heads, kv_heads, head_dim } => {
