@@ -219,30 +219,40 @@ pub fn pack_x<'ctx>(
     let i32v = i32t.vec_type(VW as u32);
     let part_len = kb.mul(mp, c(inn / 2));
     // A task is a tile of 16 rows: rows of one tile share its cache lines.
-    kb.for_(kb.mul(begin, c(16)), kb.mul(end, c(16)), |m| {
-        let live = kb.b.build_int_compare(inkwell::IntPredicate::SLT, m, rows, "").unwrap();
-        // A padding row reads row 0 (any valid row) and stores zeros.
-        let src = kb.b.build_select(live, m, c(0), "").unwrap().into_int_value();
-        kb.for_(c(0), c(inn / 32), |g| {
+    kb.for_(begin, end, |mt| {
+        // Row r of the tile as pairs; a padding row reads row 0 (any valid row), gives zeros.
+        let row = |r: IntValue<'ctx>, g: IntValue<'ctx>| {
+            let m = kb.add(kb.mul(mt, c(16)), r);
+            let live = kb.b.build_int_compare(inkwell::IntPredicate::SLT, m, rows, "").unwrap();
+            let src = kb.b.build_select(live, m, c(0), "").unwrap().into_int_value();
             let parts = pairs(kb, x, kb.add(kb.mul(src, c(inn)), kb.mul(g, c(32))));
-            for (q, v) in parts.into_iter().enumerate() {
-                let v = kb.b.build_select(live, v, i32v.const_zero(), "").unwrap().into_vector_value();
-                let base = kb.gep(i32t, xp, kb.mul(part_len, c(q)));
-                let (mt, mr) = (kb.udiv(m, c(16)), kb.urem(m, c(16)));
-                if transposed {
-                    // Tile (m / 16, g), row m % 16.
-                    let tile = kb.add(kb.mul(mt, c(inn / 32)), g);
-                    let p = kb.gep(i32t, base, kb.add(kb.mul(tile, c(256)), kb.mul(mr, c(16))));
-                    kb.b.build_store(p, v).unwrap().set_alignment(4).unwrap();
-                } else {
-                    // Tile (g, m / 16), rows j (the pairs), column m % 16.
-                    let tile = kb.add(kb.mul(g, kb.udiv(mp, c(16))), mt);
-                    let at = kb.add(kb.mul(tile, c(256)), mr);
-                    for j in 0..VW {
-                        let lane =
-                            kb.b.build_extract_element(v, i32t.const_int(j as u64, false), "").unwrap();
-                        let p = kb.gep(i32t, base, kb.add(at, c(16 * j)));
-                        kb.b.build_store(p, lane).unwrap();
+            parts.map(|v| kb.b.build_select(live, v, i32v.const_zero(), "").unwrap().into_vector_value())
+        };
+        kb.for_(c(0), c(inn / 32), |g| {
+            if transposed {
+                // Tile (mt, g), row r: the row's pairs as they are.
+                let tile = kb.add(kb.mul(mt, c(inn / 32)), g);
+                kb.for_(c(0), c(16), |r| {
+                    for (q, v) in row(r, g).into_iter().enumerate() {
+                        let at =
+                            kb.add(kb.mul(part_len, c(q)), kb.add(kb.mul(tile, c(256)), kb.mul(r, c(16))));
+                        kb.b.build_store(kb.gep(i32t, xp, at), v).unwrap().set_alignment(4).unwrap();
+                    }
+                });
+            } else {
+                // Tile (g, mt): row j holds pair j of the tile's 16 rows, a transpose.
+                let tile = kb.add(kb.mul(g, kb.udiv(mp, c(16))), mt);
+                let vt = kb.vt();
+                for q in 0..PARTS {
+                    let rows: Vec<_> = (0..16)
+                        .map(|r| {
+                            let v = row(c(r), g)[q];
+                            kb.b.build_bit_cast(v, vt, "").unwrap().into_vector_value()
+                        })
+                        .collect();
+                    for (j, v) in kb.transpose(rows).into_iter().enumerate() {
+                        let at = kb.add(kb.mul(part_len, c(q)), kb.add(kb.mul(tile, c(256)), c(16 * j)));
+                        kb.b.build_store(kb.gep(i32t, xp, at), v).unwrap().set_alignment(4).unwrap();
                     }
                 }
             }

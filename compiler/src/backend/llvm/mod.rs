@@ -318,23 +318,9 @@ fn amx_linear(g: &Graph, n: NodeId, amx: bool) -> bool {
     rows.is_none_or(|r| r >= amx::MB / 2) && kernels::packs(rows, out, *transposed) && amx::fits(inn, out)
 }
 
-/// Bytes a node's arena block holds after its value: a split-K GEMV's partial sums, or an
-/// AMX linear map's packed activations (at 64-byte alignment).
-fn extra_bytes(g: &Graph, n: NodeId, amx: bool, bind: SymBinding) -> u64 {
-    if let Some((chunks, out)) = split_k(g, n) {
-        return (chunks * out * 4) as u64;
-    }
-    if amx_linear(g, n, amx) {
-        let x = g.ty(g.operands(n)[0]).eval(bind);
-        let out = *g.ty(n).eval(bind).last().unwrap();
-        return (amx::packed_bytes(x[0], x[1]) + amx::acc_bytes(x[0], out)) as u64 + 64;
-    }
-    0
-}
-
-/// Where an AMX linear map's packed activations start in its block, in bytes.
-fn amx_offset(g: &Graph, n: NodeId, bind: SymBinding) -> u64 {
-    (g.ty(n).eval(bind).iter().product::<usize>() as u64 * 4).div_ceil(64) * 64
+/// Bytes a node's arena block holds after its value: a split-K GEMV's partial sums.
+fn extra_bytes(g: &Graph, n: NodeId) -> u64 {
+    split_k(g, n).map_or(0, |(chunks, out)| (chunks * out * 4) as u64)
 }
 
 /// The arena plan of a graph whose every node is computed on its own (no fused chains).
@@ -344,7 +330,7 @@ pub fn plan_unfused(
     weights: &WeightTable,
     max_seq: usize,
 ) -> Result<(HashMap<NodeId, Loc>, u64), LlvmError> {
-    plan(g, order, &Fusion { chains: HashMap::new(), absorbed: HashMap::new() }, weights, max_seq, false)
+    plan(g, order, &Fusion { chains: HashMap::new(), absorbed: HashMap::new() }, weights, max_seq)
 }
 
 /// Assigns arena offsets in schedule order, reusing a block once its value is dead.
@@ -354,7 +340,6 @@ fn plan(
     fusion: &Fusion,
     weights: &WeightTable,
     max_seq: usize,
-    amx: bool,
 ) -> Result<(HashMap<NodeId, Loc>, u64), LlvmError> {
     let bind = SymBinding { t: max_seq, p: max_seq.saturating_sub(1) };
     let mut last_use: HashMap<NodeId, usize> = HashMap::new();
@@ -387,7 +372,7 @@ fn plan(
             _ => {
                 // A fused linear map writes its chain's last value: same shape, one block.
                 // A split-K GEMV keeps its partial sums after its output row.
-                let extra = extra_bytes(g, n, amx, bind);
+                let extra = extra_bytes(g, n);
                 let bytes =
                     (g.ty(n).eval(bind).iter().product::<usize>() as u64 * 4 + extra).div_ceil(64) * 64;
                 let slot =
@@ -413,7 +398,7 @@ fn plan(
             if last_use.get(&o) == Some(&i) && !interior {
                 if let Some(Loc::Arena(off)) = loc.get(&o) {
                     let owner = fusion.absorbed.get(&o).copied().unwrap_or(o);
-                    let extra = extra_bytes(g, owner, amx, bind);
+                    let extra = extra_bytes(g, owner);
                     let bytes =
                         (g.ty(o).eval(bind).iter().product::<usize>() as u64 * 4 + extra).div_ceil(64) * 64;
                     free.push((*off, bytes));
@@ -481,8 +466,23 @@ fn emit_graph<'ctx>(
         (param(6).into_pointer_value(), param(7).into_pointer_value(), param(8).into_pointer_value());
     let order = g.topo_order().map_err(|_| LlvmError::Llvm("bug: cyclic graph".into()))?;
     let fused = fusion(g, &order);
-    let (loc, arena_bytes) = plan(g, &order, &fused, weights, max_seq, amx)?;
+    let (loc, arena_bytes) = plan(g, &order, &fused, weights, max_seq)?;
+    // The AMX GEMMs' region after the planned values: the packed activations (which
+    // linear maps of the same input share: only packing writes there) and then one
+    // map's accumulators.
     let bind = SymBinding { t: max_seq, p: max_seq.saturating_sub(1) };
+    let amx_at = arena_bytes.div_ceil(64) * 64;
+    let amx_bytes = order
+        .iter()
+        .filter(|&&n| amx_linear(g, n, amx))
+        .map(|&n| {
+            let x = g.ty(g.operands(n)[0]).eval(bind);
+            let out = *g.ty(n).eval(bind).last().unwrap();
+            (amx::packed_bytes(x[0], x[1]) + amx::acc_bytes(x[0], out)) as u64
+        })
+        .max()
+        .unwrap_or(0);
+    let mut packed_input: Option<(NodeId, bool)> = None;
     let args = kb.b.build_array_alloca(i64t, kb.c(16), "args").unwrap();
     let pf_ty = cx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into()], false);
     let pfor = m
@@ -610,10 +610,12 @@ fn emit_graph<'ctx>(
                     let packed = kernels::packs(rows, width, transposed);
                     let amx = amx_linear(g, n, amx);
                     if amx {
-                        // The activations, split into bf16 parts, after the output.
-                        let xp = kb.int_of(kb.gep(cx.i8_type(), at(n), kb.c(amx_offset(g, n, bind) as i64)));
-                        let tiles = kb.udiv(amx::padded(&kb, rows_of(n)), kb.c(16));
-                        call(Kernel::AmxPack { inn, transposed }, vec![o(0), xp, rows_of(n)], tiles);
+                        let xp = kb.int_of(kb.gep(cx.i8_type(), arena, kb.c(amx_at as i64)));
+                        if packed_input != Some((ops[0], transposed)) {
+                            let tiles = kb.udiv(amx::padded(&kb, rows_of(n)), kb.c(16));
+                            call(Kernel::AmxPack { inn, transposed }, vec![o(0), xp, rows_of(n)], tiles);
+                            packed_input = Some((ops[0], transposed));
+                        }
                         v.push(xp);
                     }
                     let tasks = if amx { amx::tasks(width) } else { width.div_ceil(BLOCK) };
@@ -699,7 +701,7 @@ fn emit_graph<'ctx>(
     let bytes = kb.mul(rows_of(main), kb.c((fixed(*g.ty(main).shape.last().unwrap()) * 4) as i64));
     kb.b.build_memcpy(out, 4, at(main), 4, bytes).map_err(|e| LlvmError::Llvm(e.to_string()))?;
     kb.ret();
-    Ok(arena_bytes)
+    Ok(amx_at + amx_bytes)
 }
 
 /// `tfc__cpu_features`: the CPU features the main code needs, which the C half checks
