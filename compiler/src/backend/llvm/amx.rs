@@ -7,17 +7,19 @@
 //! parts whose sum is exactly the f32 value (8 significant bits each; only parts below
 //! 2⁻¹²⁶, which the tiles read as zero, are lost), and each weight tile is multiplied by
 //! all three. A bf16 × bf16 product is exact in f32, so this is the f32 product summed
-//! in another order, at three times the tile work of rounding the activations. Weights
-//! are read as stored:
-//! - `W [out, in]` rows are already the first operand of `Cᵀ = W · Xᵀ`, loaded straight
-//!   from the weights with the row stride; `Xᵀ` is packed as VNNI pairs `[in/2][M][2]`.
-//!   Each `Cᵀ` tile is transposed through registers on its way out.
-//! - `W [in, out]` is the second operand of `C = X · W`: each task packs its slice of each
-//!   chunk of `in` into VNNI pairs on the stack; `X` is row-major bf16.
+//! in another order, at three times the tile work of rounding the activations.
+//!
+//! Every tile operand is contiguous (1 KB; tile rows far apart stalled the loads):
+//! - `W [out, in]`: `Cᵀ = W · Xᵀ`. Each task copies its weight rows, a chunk of `in` at a
+//!   time, into tiles; the activations are packed as VNNI pairs of 16 rows. Each `Cᵀ`
+//!   tile is transposed through registers on its way out.
+//! - `W [in, out]`: `C = X · W`. Each task packs its columns of each chunk into VNNI
+//!   pairs; the activations are packed as tiles of 16 rows × 32 inputs.
 //!
 //! Rows are padded to a multiple of 32 with zeros, so every tile has its full shape and
-//! the tile configuration is constant. A 32 × 32 output block is four accumulator tiles,
-//! with two tiles of each operand: eight tiles, all AMX has.
+//! the tile configuration is constant. Per 16 rows and 64 columns: four accumulator
+//! tiles, the three part tiles of the activations and one weight tile at a time, the
+//! eight tiles AMX has.
 //!
 //! The tile intrinsics take LLVM's `x86_amx` type, which inkwell cannot name; they are
 //! wrapped in small always-inlined functions on `<256 x i32>` (the pattern clang emits),
@@ -148,10 +150,10 @@ impl<'a, 'b, 'ctx> Tiles<'a, 'b, 'ctx> {
         let r = self.kb.b.build_call(f, args, "").unwrap();
         r.try_as_basic_value().basic().map(|v| v.into_vector_value())
     }
-    /// The tile at byte `off` of `base`, rows `stride` bytes apart.
-    fn load(&self, base: PointerValue<'ctx>, off: IntValue<'ctx>, stride: i64) -> VectorValue<'ctx> {
+    /// The contiguous tile at byte `off` of `base`.
+    fn load(&self, base: PointerValue<'ctx>, off: IntValue<'ctx>) -> VectorValue<'ctx> {
         let p = self.kb.gep(self.kb.cx.i8_type(), base, off);
-        self.call(self.load, &[p.into(), self.kb.c(stride).into()]).unwrap()
+        self.call(self.load, &[p.into(), self.kb.c(64).into()]).unwrap()
     }
     fn zero(&self) -> VectorValue<'ctx> {
         self.call(self.zero, &[]).unwrap()
@@ -159,8 +161,9 @@ impl<'a, 'b, 'ctx> Tiles<'a, 'b, 'ctx> {
     fn dp(&self, c: VectorValue<'ctx>, a: VectorValue<'ctx>, b: VectorValue<'ctx>) -> VectorValue<'ctx> {
         self.call(self.dp, &[c.into(), a.into(), b.into()]).unwrap()
     }
-    fn store(&self, p: PointerValue<'ctx>, stride: i64, c: VectorValue<'ctx>) {
-        self.call(self.store, &[p.into(), self.kb.c(stride).into(), c.into()]);
+    /// Stores a tile contiguously at `p`.
+    fn store(&self, p: PointerValue<'ctx>, c: VectorValue<'ctx>) {
+        self.call(self.store, &[p.into(), self.kb.c(64).into(), c.into()]);
     }
 }
 
@@ -194,10 +197,11 @@ fn pairs<'ctx>(kb: &Kb<'_, 'ctx>, x: PointerValue<'ctx>, idx: IntValue<'ctx>) ->
     })
 }
 
-/// The body of the packing kernel: args x, packed, rows; tasks: tiles of 16 padded rows. Row `m`
-/// of `x` split into its bf16 parts, each part into `[in/2][M'][2]` (for `W [out, in]`)
-/// or `[M'][in]` (for `W [in, out]`), `M'` the padded row count, one part after the
-/// other; padding rows are zero.
+/// The body of the packing kernel: args x, packed, rows; tasks: tiles of 16 padded rows.
+/// Each row of `x` split into its bf16 parts, each part in 1 KB tiles, one part after
+/// the other: tile `(in / 32, row tile)` holds 16 VNNI pair rows × 16 rows of `x` (for
+/// `W [out, in]`), tile `(row tile, in / 32)` 16 rows × 32 inputs (for `W [in, out]`).
+/// Padding rows are zero.
 pub fn pack_x<'ctx>(
     kb: &Kb<'_, 'ctx>,
     inn: usize,
@@ -263,20 +267,20 @@ pub fn pack_x<'ctx>(
 }
 
 /// What the AMX GEMM of one linear map needs.
-pub struct Gemm<'ctx> {
-    pub x: PointerValue<'ctx>,
-    pub w: PointerValue<'ctx>,
-    pub b: Option<PointerValue<'ctx>>,
-    pub out: PointerValue<'ctx>,
-    pub rows: IntValue<'ctx>,
-    pub inn: usize,
-    pub n_out: usize,
-    pub transposed: bool,
+struct Gemm<'ctx> {
+    x: PointerValue<'ctx>,
+    w: PointerValue<'ctx>,
+    b: Option<PointerValue<'ctx>>,
+    out: PointerValue<'ctx>,
+    rows: IntValue<'ctx>,
+    inn: usize,
+    n_out: usize,
+    transposed: bool,
 }
 
-/// Emits `i1 name(args…)` computing column blocks `begin..end` (of `BLOCK` = 64) of
-/// `out = x · W + b` from the packed `x`, without the epilogue; it returns false, having
-/// done nothing, when AMX is not enabled. The caller passes the kernel's own arguments.
+/// Emits `i1 name(x, w, [b], out, rows, begin, end)` computing tasks `begin..end` (see
+/// `tasks`) of `out = x · W + b` from the packed `x`, without the epilogue; it returns
+/// false, having done nothing, when AMX is not enabled.
 pub fn gemm_fn<'ctx>(
     cx: &'ctx Context,
     m: &Module<'ctx>,
@@ -379,8 +383,8 @@ pub fn acc_bytes(rows: usize, n_out: usize) -> usize {
 }
 
 /// Tasks `begin..end`, each `groups` blocks of 64 output columns, in chunks of `KC`
-/// inputs: per row tile of 16 and group, four accumulator tiles are loaded (or zeroed),
-/// get every part of every k-step of the chunk, and are stored back, so the three part
+/// inputs: per row tile of 16 and group, four accumulator tiles (zeroed before the first
+/// chunk) are loaded, get every part of every k-step of the chunk, and are stored back, so the three part
 /// tiles of a k-step serve the four column tiles. `C = X · W` (`[in, out]`, the task's
 /// slice of the chunk packed into VNNI pairs first) or `Cᵀ = W · Xᵀ` (`[out, in]`, weight
 /// tiles as stored). Then every tile goes to the output, transposed for `Cᵀ`.
@@ -407,7 +411,7 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
         kb.for_(c(0), mtiles, |mt| {
             kb.for_(c(0), ngr, |gi| {
                 for j in 0..4 {
-                    t.store(kb.gep(kb.cx.i8_type(), accs, acc_at(gi, mt, j)), 64, t.zero());
+                    t.store(kb.gep(kb.cx.i8_type(), accs, acc_at(gi, mt, j)), t.zero());
                 }
             });
         });
@@ -460,7 +464,7 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
             }
             kb.for_(c(0), mtiles, |mt| {
                 kb.for_(c(0), ngr, |gi| {
-                    let init: Vec<_> = (0..4).map(|j| t.load(accs, acc_at(gi, mt, j), 64).into()).collect();
+                    let init: Vec<_> = (0..4).map(|j| t.load(accs, acc_at(gi, mt, j)).into()).collect();
                     let acc = kb.fold(c(0), steps, &init, |k, acc| {
                         let ka = kb.add(kb.udiv(k0, c(32)), k);
                         let xs: Vec<_> = (0..PARTS)
@@ -470,7 +474,7 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
                                 } else {
                                     kb.add(kb.mul(ka, mtiles), mt)
                                 };
-                                t.load(g.x, kb.add(kb.mul(tile, c(1024)), kb.mul(part, c(q))), 64)
+                                t.load(g.x, kb.add(kb.mul(tile, c(1024)), kb.mul(part, c(q))))
                             })
                             .collect();
                         (0..4)
@@ -478,7 +482,7 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
                                 let jt = kb.add(kb.mul(gi, c(4)), c(j));
                                 let a = acc[j].into_vector_value();
                                 let tile = kb.add(kb.mul(k, c(4 * gr)), jt);
-                                let w = t.load(panel, kb.mul(tile, c(1024)), 64);
+                                let w = t.load(panel, kb.mul(tile, c(1024)));
                                 let r = if g.transposed {
                                     xs.iter().fold(a, |a, x| t.dp(a, *x, w))
                                 } else {
@@ -490,7 +494,7 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
                     });
                     for (j, a) in acc.iter().enumerate() {
                         let at = kb.gep(kb.cx.i8_type(), accs, acc_at(gi, mt, j));
-                        t.store(at, 64, a.into_vector_value());
+                        t.store(at, a.into_vector_value());
                     }
                 });
             });
