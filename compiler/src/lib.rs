@@ -27,11 +27,14 @@ pub struct Options {
     pub verify: bool,
     /// Store weight matrices in this type instead of the spec's `dtype`.
     pub weight_dtype: Option<ir::DType>,
+    /// Round the inputs of linear maps to this type (`F32`: not at all) instead of
+    /// following the spec's `activations`.
+    pub activations: Option<ir::DType>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { all_rows: false, verify: true, weight_dtype: None }
+        Options { all_rows: false, verify: true, weight_dtype: None, activations: None }
     }
 }
 
@@ -75,7 +78,8 @@ pub fn compile(
     opts: &Options,
     dump: &mut dyn FnMut(&str, &Graph),
 ) -> Result<Compiled, CompileError> {
-    let (spec, lowered) = front::compile_spec(file, source, opts.weight_dtype).map_err(CompileError::Spec)?;
+    let (spec, lowered) =
+        front::compile_spec(file, source, opts.weight_dtype, opts.activations).map_err(CompileError::Spec)?;
     let mut model = lowered.clone();
     run_passes(&mut model, &passes::model_passes(), opts.verify, dump)?;
     let phases = Split { all_rows: opts.all_rows }.run(&model)?;

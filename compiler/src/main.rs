@@ -67,6 +67,8 @@ enum Command {
         /// For the gpu stages: the device (`vulkan` or `cuda`).
         #[arg(long, value_enum, default_value_t = tfc::backend::Target::Vulkan)]
         target: tfc::backend::Target,
+        #[command(flatten)]
+        precision: run::Precision,
     },
     /// Compile a spec to a shared library with a C header and a manifest.
     Compile {
@@ -79,10 +81,8 @@ enum Command {
         /// such as `x86-64-v3` or `sapphirerapids`.
         #[arg(long, default_value = "native")]
         target_cpu: String,
-        /// Store weight matrices as this type instead of the spec's `dtype` (an f32
-        /// checkpoint is converted once when it is bound).
-        #[arg(long, value_enum)]
-        dtype: Option<run::WeightDType>,
+        #[command(flatten)]
+        precision: run::Precision,
         /// The code generator: `llvm` (hand-written kernels) or `mlir` (linalg through
         /// MLIR's passes); the library and its ABI are the same.
         #[arg(long, value_enum, default_value_t = tfc::backend::Backend::Llvm)]
@@ -158,11 +158,11 @@ fn dispatch(cmd: Command) -> Result<()> {
                 decode.unwrap_or_else(|| "no decode (bidirectional attention)".into())
             );
         }
-        Command::Ir { spec, stage, dump_after, all_rows, target_cpu, backend, target } => {
+        Command::Ir { spec, stage, dump_after, all_rows, target_cpu, backend, target, precision } => {
             let source =
                 std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
             let file = spec.display().to_string();
-            let opts = tfc::backend::LibOptions { backend, target_cpu: Some(target_cpu), weight_dtype: None };
+            let opts = precision.lib(backend, &target_cpu);
             if stage.starts_with("llvm") && dump_after.is_none() {
                 print!("{}", tfc::backend::llvm_ir(&file, &source, stage == "llvm-opt", &opts)?);
                 return Ok(());
@@ -181,7 +181,7 @@ fn dispatch(cmd: Command) -> Result<()> {
                 print!("{}", tfc::backend::mlir_ir(&file, &source, &stage, &opts)?);
                 return Ok(());
             }
-            let opts = Options { all_rows, ..Options::default() };
+            let opts = Options { all_rows, ..precision.options() };
             let mut out = String::new();
             let c = tfc::compile(&spec.display().to_string(), &source, &opts, &mut |pass, g| {
                 if dump_after.as_deref() == Some(pass) {
@@ -198,14 +198,10 @@ fn dispatch(cmd: Command) -> Result<()> {
             }
             print!("{out}");
         }
-        Command::Compile { spec, output, target_cpu, dtype, backend, target } => {
+        Command::Compile { spec, output, target_cpu, precision, backend, target } => {
             let source =
                 std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
-            let opts = tfc::backend::LibOptions {
-                backend,
-                target_cpu: Some(target_cpu),
-                weight_dtype: dtype.map(Into::into),
-            };
+            let opts = precision.lib(backend, &target_cpu);
             if target != tfc::backend::Target::Cpu {
                 let files =
                     tfc::backend::compile_gpu(&spec.display().to_string(), &source, &output, target, &opts)?;

@@ -43,6 +43,55 @@ impl From<WeightDType> for tfc::ir::DType {
     }
 }
 
+/// What linear maps multiply their weights by.
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+pub enum ActDType {
+    /// The f32 activations as they are.
+    F32,
+    /// The activations rounded to bf16 (ties to even).
+    Bf16,
+}
+
+/// The precision overrides of `compile`, `ir`, `run` and `bench`.
+#[derive(Args, Clone, Copy, Default)]
+pub struct Precision {
+    /// Store weight matrices as this type instead of the spec's `dtype` (an f32
+    /// checkpoint is converted once when it is bound).
+    #[arg(long, value_enum)]
+    pub dtype: Option<WeightDType>,
+    /// Round the inputs of linear maps to bf16 or not, instead of following the spec's
+    /// `activations`.
+    #[arg(long, value_enum)]
+    pub activations: Option<ActDType>,
+}
+
+impl Precision {
+    pub fn options(&self) -> Options {
+        let activations = self.activations.map(|a| match a {
+            ActDType::F32 => tfc::ir::DType::F32,
+            ActDType::Bf16 => tfc::ir::DType::BF16,
+        });
+        Options { weight_dtype: self.dtype.map(Into::into), activations, ..Options::default() }
+    }
+
+    pub fn lib(&self, backend: tfc::backend::Backend, target_cpu: &str) -> LibOptions {
+        let o = self.options();
+        LibOptions {
+            backend,
+            target_cpu: Some(target_cpu.to_string()),
+            weight_dtype: o.weight_dtype,
+            activations: o.activations,
+        }
+    }
+
+    /// A key for the library cache.
+    fn key(&self) -> String {
+        let o = self.options();
+        let name = |d: Option<tfc::ir::DType>| d.map_or("spec", |d| d.name());
+        format!("{}/{}", name(o.weight_dtype), name(o.activations))
+    }
+}
+
 #[derive(Args)]
 pub struct RunArgs {
     /// The spec file (`.tfs`).
@@ -93,9 +142,8 @@ pub struct RunArgs {
     /// The CPU the library is compiled for (`native` or an LLVM CPU name).
     #[arg(long, default_value = "native")]
     target_cpu: String,
-    /// Store weight matrices as this type instead of the spec's `dtype`.
-    #[arg(long, value_enum)]
-    dtype: Option<WeightDType>,
+    #[command(flatten)]
+    precision: Precision,
 }
 
 /// One model being run, whatever runs it.
@@ -149,12 +197,18 @@ impl Backend {
 
 /// Builds the GPU kernels of a spec into the user's cache (once per spec text and
 /// target) and loads them.
-fn load_gpu(spec: &Path, source: &str, target: tfc::backend::Target) -> Result<tfc_runtime::gpu::GpuModel> {
-    let key = format!("{target:?}\n{}\n{source}", build_id());
+fn load_gpu(
+    spec: &Path,
+    source: &str,
+    target: tfc::backend::Target,
+    precision: Precision,
+) -> Result<tfc_runtime::gpu::GpuModel> {
+    let key = format!("{target:?}\n{}\n{}\n{source}", precision.key(), build_id());
     let dir = cache_dir().join(tfc_runtime::abi::fnv1a(&key));
     if !dir.join(tfc_runtime::gpu::program::PROGRAM_FILE).is_file() {
         let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-        tfc::backend::compile_gpu(&spec.display().to_string(), source, &tmp, target, &LibOptions::default())?;
+        let opts = precision.lib(tfc::backend::Backend::Mlir, "native");
+        tfc::backend::compile_gpu(&spec.display().to_string(), source, &tmp, target, &opts)?;
         if std::fs::rename(&tmp, &dir).is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
@@ -187,18 +241,16 @@ fn load_library(
     spec: &Path,
     source: &str,
     cpu: &str,
-    dtype: Option<WeightDType>,
+    precision: Precision,
     backend: tfc::backend::Backend,
 ) -> Result<Model> {
-    let dt = dtype.map(|d| tfc::ir::DType::from(d).name()).unwrap_or("spec");
-    let key = format!("{cpu}\n{dt}\n{}\n{}\n{source}", backend.name(), build_id());
+    let key = format!("{cpu}\n{}\n{}\n{}\n{source}", precision.key(), backend.name(), build_id());
     let dir = cache_dir().join(tfc_runtime::abi::fnv1a(&key));
     if !dir.join("manifest.json").is_file() {
         // Build beside it and rename into place, so that a concurrent or interrupted run
         // never sees half a library.
         let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-        let opts =
-            LibOptions { backend, target_cpu: Some(cpu.to_string()), weight_dtype: dtype.map(Into::into) };
+        let opts = precision.lib(backend, cpu);
         compile_library(&spec.display().to_string(), source, &tmp, &opts)?;
         if std::fs::rename(&tmp, &dir).is_err() {
             // Another run finished first; use its library.
@@ -215,7 +267,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let c = tfc::compile(
         &file,
         &source,
-        &Options { all_rows: a.logits.is_some(), weight_dtype: a.dtype.map(Into::into), verify: true },
+        &Options { all_rows: a.logits.is_some(), ..a.precision.options() },
         &mut |_, _| {},
     )?;
     let checkpoint = match &a.weights {
@@ -263,10 +315,10 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let mut engine = match a.backend {
         _ if a.target != tfc::backend::Target::Cpu => {
-            if a.dtype.is_some() {
+            if a.precision.dtype.is_some() {
                 bail!("--dtype applies to CPU libraries; GPU kernels read f32 weights");
             }
-            gpu_model = load_gpu(&a.spec, &source, a.target)?;
+            gpu_model = load_gpu(&a.spec, &source, a.target, a.precision)?;
             let data = match &checkpoint {
                 Some(ck) => WeightData::Checkpoint(ck.clone()),
                 None => random(gpu_model.program().weights.iter().map(|w| w.name.clone()).collect())?,
@@ -282,7 +334,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             Engine::Interp(interp::Session::new(&c, &interp_weights))
         }
         Backend::Llvm | Backend::Mlir => {
-            model = load_library(&a.spec, &source, &a.target_cpu, a.dtype, a.backend.codegen())?;
+            model = load_library(&a.spec, &source, &a.target_cpu, a.precision, a.backend.codegen())?;
             let data = match &checkpoint {
                 Some(ck) => WeightData::Checkpoint(ck.clone()),
                 None => random(model.manifest().weights.iter().map(|w| w.name.clone()).collect())?,
@@ -367,9 +419,8 @@ pub struct BenchArgs {
     /// The code generator of the library.
     #[arg(long, value_enum, default_value_t = tfc::backend::Backend::Llvm)]
     backend: tfc::backend::Backend,
-    /// Store weight matrices as this type instead of the spec's `dtype`.
-    #[arg(long, value_enum)]
-    dtype: Option<WeightDType>,
+    #[command(flatten)]
+    precision: Precision,
     /// Also measure how cost grows: prefill latency for prompts of 32 to 1024 tokens and
     /// decode speed at contexts of 128, 512 and 1024 (as far as max_seq allows).
     #[arg(long)]
@@ -466,11 +517,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read {}", a.spec.display()))?;
     let t0 = Instant::now();
     let dir = tempdir()?;
-    let opts = LibOptions {
-        backend: a.backend,
-        target_cpu: Some(a.target_cpu.clone()),
-        weight_dtype: a.dtype.map(Into::into),
-    };
+    let opts = a.precision.lib(a.backend, &a.target_cpu);
     compile_library(&a.spec.display().to_string(), &source, &dir, &opts)?;
     let compile_s = t0.elapsed().as_secs_f64();
     let model = Model::load(&dir)?;
@@ -482,7 +529,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bail!("{} + {} positions exceed max_seq {}", a.prompt, a.decode, m.max_seq);
     }
     // Random weights: the speed does not depend on the values.
-    let copts = Options { weight_dtype: a.dtype.map(Into::into), ..Options::default() };
+    let copts = a.precision.options();
     let c = tfc::compile(&a.spec.display().to_string(), &source, &copts, &mut |_, _| {})?;
     let w = Weights::bind(&[&c.prefill], &WeightSource::Random { seed: 1 })?;
     let bufs: Result<Vec<Vec<f32>>, _> =

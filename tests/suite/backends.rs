@@ -19,17 +19,16 @@ pub fn build(spec: &std::path::Path, tag: &str) -> PathBuf {
 }
 
 pub fn build_with(spec: &std::path::Path, tag: &str, backend: Backend) -> PathBuf {
+    build_opts(spec, tag, &LibOptions { backend, ..Default::default() })
+}
+
+pub fn build_opts(spec: &std::path::Path, tag: &str, opts: &LibOptions) -> PathBuf {
     let stem = spec.file_stem().unwrap().to_string_lossy().to_string();
-    let dir = root().join("target/test-libs").join(format!("{tag}-{}", backend.name())).join(&stem);
+    let dir = root().join("target/test-libs").join(format!("{tag}-{}", opts.backend.name())).join(&stem);
     let _ = std::fs::remove_dir_all(&dir);
     let source = std::fs::read_to_string(spec).unwrap();
-    compile_library(
-        &spec.display().to_string(),
-        &source,
-        &dir,
-        &LibOptions { backend, ..Default::default() },
-    )
-    .unwrap_or_else(|e| panic!("{}: {e}", spec.display()));
+    compile_library(&spec.display().to_string(), &source, &dir, opts)
+        .unwrap_or_else(|e| panic!("{}: {e}", spec.display()));
     dir
 }
 
@@ -215,25 +214,38 @@ fn the_c_example_generates_with_the_header_and_library() {
 
 #[test]
 fn bf16_weights_match_the_interpreter_and_stay_close_to_f32() {
-    // The interpreter rounds weights to the spec's dtype exactly as the runtime does.
+    // The interpreter rounds weights to the spec's dtype exactly as the runtime does; with
+    // `--activations bf16` both also round every linear map's input.
     let spec = root().join("tests/specs/valid/llama_bf16.tfs");
     let fx = root().join("tests/fixtures/hf/llama");
-    let model = Model::load(build(&spec, "bf16")).unwrap();
-    assert!(model.manifest().weights.iter().all(|w| w.dtype == "bf16" || w.shape.len() == 1));
     let ck = Arc::new(Checkpoint::open(&fx).unwrap());
-    let mut s = Session::new(&model, WeightData::Checkpoint(ck.clone()), 2).unwrap();
     let prompt = [188, 354, 68, 81, 173, 71, 249, 323, 49, 60, 366, 134];
-    let rows = s.prefill(&prompt, None, true).unwrap();
-    let c = compile(&spec, &Options::default());
-    let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
-    let tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-    let interp =
-        run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap().remove("logits").unwrap();
-    assert_close("bf16 library vs bf16 interpreter", &rows, &interp.data, 1e-4);
-    // Against transformers in f32: the rounding of the weights, not an error of the code.
     let f32_logits = read_tensor(&fx.join("expected.safetensors"), "logits");
-    let d = max_diff(&rows, &f32_logits.data);
-    assert!(d > 1e-4 && d < 5e-2, "bf16 vs f32 logits: max |difference| {d:e}");
+    for act in [tfc::ir::DType::F32, tfc::ir::DType::BF16] {
+        let model = Model::load(build_opts(
+            &spec,
+            &format!("bf16-{}", act.name()),
+            &LibOptions { activations: Some(act), ..Default::default() },
+        ))
+        .unwrap();
+        assert!(model.manifest().weights.iter().all(|w| w.dtype == "bf16" || w.shape.len() == 1));
+        let mut s = Session::new(&model, WeightData::Checkpoint(ck.clone()), 2).unwrap();
+        let rows = s.prefill(&prompt, None, true).unwrap();
+        let c = compile(&spec, &Options { activations: Some(act), ..Options::default() });
+        let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
+        let tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        let interp =
+            run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap().remove("logits").unwrap();
+        let what = format!("bf16 library vs bf16 interpreter, {} activations", act.name());
+        assert_close(&what, &rows, &interp.data, tolerance(&c, &interp.data).max(1e-4));
+        // Against transformers in f32: the rounding, not an error of the code.
+        let d = max_diff(&rows, &f32_logits.data);
+        assert!(
+            d > 1e-4 && d < 5e-2,
+            "bf16 vs f32 logits, {} activations: max |difference| {d:e}",
+            act.name()
+        );
+    }
 }
 
 /// A bf16 library on each code path a CPU may give it: AMX tiles (where the CPU has them),
@@ -256,8 +268,9 @@ fn bf16_gemm_paths_equal_the_interpreter() {
 #[test]
 #[ignore = "run by bf16_gemm_paths_equal_the_interpreter, in a child process per code path"]
 fn bf16_gemm_paths_child() {
-    // `[in, out]` and `[out, in]` weights; 9 rows (one padded block of 32), then 45 (two).
-    for name in ["conv1d_bf16", "llama_bf16"] {
+    // `[in, out]` and `[out, in]` weights; 9 rows (one padded block of 32), then 45 (two);
+    // f32 activations (three bf16 parts on AMX) and bf16 ones (one part).
+    for name in ["conv1d_bf16", "llama_bf16", "mixed_bf16_act"] {
         let spec = root().join(format!("tests/specs/valid/{name}.tfs"));
         let c = compile(&spec, &Options::default());
         let model = Model::load(build_with(&spec, "paths", Backend::Llvm)).unwrap();
@@ -270,7 +283,13 @@ fn bf16_gemm_paths_child() {
         let rows = s.prefill(&tokens, None, true).unwrap();
         let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
         let want = run(&c.model, &w, &inputs).unwrap().remove("logits").unwrap();
-        assert_close(&format!("{name}: {n} rows"), &rows, &want.data, 1e-5);
+        assert_close(&format!("{name}: {n} rows"), &rows, &want.data, tolerance(&c, &want.data));
+        if c.spec.activations == tfc::ir::DType::BF16 {
+            let exact =
+                compile(&spec, &Options { activations: Some(tfc::ir::DType::F32), ..Options::default() });
+            let exact = run(&exact.model, &w, &inputs).unwrap().remove("logits").unwrap();
+            assert_rounded(&format!("{name}: {n} rows"), &rows, &want.data, &exact.data);
+        }
     }
 }
 

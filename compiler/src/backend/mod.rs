@@ -93,6 +93,8 @@ pub struct LibOptions {
     pub target_cpu: Option<String>,
     /// Store weight matrices in this type instead of the spec's `dtype`.
     pub weight_dtype: Option<crate::ir::DType>,
+    /// Round linear maps' inputs to this type instead of following the spec's `activations`.
+    pub activations: Option<crate::ir::DType>,
 }
 
 /// The three graphs a library holds, from one spec.
@@ -102,7 +104,7 @@ pub struct LibGraphs {
 }
 
 pub fn lib_graphs(file: &str, source: &str, lib: &LibOptions) -> Result<LibGraphs, crate::CompileError> {
-    let opts = Options { weight_dtype: lib.weight_dtype, ..Options::default() };
+    let opts = Options { weight_dtype: lib.weight_dtype, activations: lib.activations, ..Options::default() };
     let compiled = crate::compile(file, source, &opts, &mut |_, _| {})?;
     let all = crate::compile(file, source, &Options { all_rows: true, ..opts.clone() }, &mut |_, _| {})?;
     Ok(LibGraphs { compiled, prefill_all: all.prefill })

@@ -438,6 +438,7 @@ impl Lowerer<'_> {
                         self.weight(weight, &shape, WeightRole::Matrix, origin)
                     }
                 };
+                let x = self.linear_input(x, origin);
                 let mut ops = vec![x, w];
                 if let Some(b) = bias {
                     ops.push(self.weight(b, &[sz.vocab], WeightRole::Bias, origin));
@@ -451,9 +452,19 @@ impl Lowerer<'_> {
         })
     }
 
+    /// A linear map's input: `x`, rounded to bf16 first under `activations = bf16`.
+    fn linear_input(&mut self, x: NodeId, origin: &str) -> NodeId {
+        if self.spec.activations == DType::BF16 {
+            self.node(Op::RoundBf16, &[x], origin)
+        } else {
+            x
+        }
+    }
+
     fn linear(&mut self, x: NodeId, p: &Proj, inn: usize, out: usize, origin: &str) -> NodeId {
         let shape = if p.transposed { [inn, out] } else { [out, inn] };
         let w = self.weight(&p.weight, &shape, WeightRole::Matrix, origin);
+        let x = self.linear_input(x, origin);
         let mut ops = vec![x, w];
         if let Some(b) = &p.bias {
             ops.push(self.weight(b, &[out], WeightRole::Bias, origin));

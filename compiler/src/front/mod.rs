@@ -16,11 +16,13 @@ pub use spec::Spec;
 use crate::ir::{DType, Graph};
 
 /// Parses and checks a spec, and lowers it to the model graph.
-/// `weight_dtype` overrides the spec's `dtype` (the storage type of weight matrices).
+/// `weight_dtype` overrides the spec's `dtype` (the storage type of weight matrices),
+/// `activations` its `activations`.
 pub fn compile_spec(
     file: &str,
     source: &str,
     weight_dtype: Option<DType>,
+    activations: Option<DType>,
 ) -> Result<(Spec, Graph), Diagnostics> {
     let fail = |list| Diagnostics { file: file.to_string(), source: source.to_string(), list };
     let ast = parse::parse(source).map_err(|d| fail(vec![d]))?;
@@ -31,6 +33,9 @@ pub fn compile_spec(
     };
     if let Some(d) = weight_dtype {
         spec.dtype = d;
+    }
+    if let Some(d) = activations {
+        spec.activations = d;
     }
     match lower::lower(&spec, &mut diags) {
         Some(g) if diags.is_empty() => Ok((spec, g)),

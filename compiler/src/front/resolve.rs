@@ -9,8 +9,18 @@ use super::diag::{Code, Diagnostic};
 use super::spec::*;
 use crate::ir::{Act, DType, QkvLayout};
 
-const SETTINGS: &[&str] =
-    &["vocab", "d_model", "layers", "heads", "kv_heads", "head_dim", "d_ff", "max_seq", "dtype"];
+const SETTINGS: &[&str] = &[
+    "vocab",
+    "d_model",
+    "layers",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "d_ff",
+    "max_seq",
+    "dtype",
+    "activations",
+];
 const KINDS: &[&str] = &["embedding", "sinusoidal", "layernorm", "rmsnorm", "attention", "mlp", "unembed"];
 
 pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
@@ -26,7 +36,7 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
             String::new()
         }
     };
-    let (sizes, dtype) = sizes(file, diags);
+    let (sizes, dtype, activations) = sizes(file, diags);
     for c in &file.components {
         diags.push(
             Diagnostic::error(
@@ -91,7 +101,7 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
     if diags.len() > before {
         return None;
     }
-    Some(Spec { name, sizes: sizes?, dtype, embed: embed?, block: block?, head })
+    Some(Spec { name, sizes: sizes?, dtype, activations, embed: embed?, block: block?, head })
 }
 
 fn file_end(file: &ast::File) -> Span {
@@ -105,7 +115,7 @@ fn file_end(file: &ast::File) -> Span {
     end..end
 }
 
-fn sizes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> (Option<Sizes>, DType) {
+fn sizes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> (Option<Sizes>, DType, DType) {
     let mut f = Fields::new("the settings", &file.settings, SETTINGS);
     let anchor = file.model.as_ref().map(|m| m.span.clone()).unwrap_or(0..0);
     let required = |f: &mut Fields, key: &str, diags: &mut Vec<Diagnostic>| {
@@ -134,6 +144,10 @@ fn sizes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> (Option<Sizes>, DType
     let head_dim = f.positive("head_dim", diags);
     let d_ff = f.positive("d_ff", diags);
     let dtype = match f.choice("dtype", &["f32", "f16", "bf16", "q8"], diags) {
+        Some(s) => DType::parse(&s).unwrap(),
+        None => DType::F32,
+    };
+    let activations = match f.choice("activations", &["f32", "bf16"], diags) {
         Some(s) => DType::parse(&s).unwrap(),
         None => DType::F32,
     };
@@ -179,9 +193,9 @@ fn sizes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> (Option<Sizes>, DType
         true,
     ) = (vocab, d_model, layers, heads, max_seq, kv_heads, head_dim, ok)
     else {
-        return (None, dtype);
+        return (None, dtype, activations);
     };
-    (Some(Sizes { vocab, d_model, layers, heads, kv_heads, head_dim, d_ff, max_seq }), dtype)
+    (Some(Sizes { vocab, d_model, layers, heads, kv_heads, head_dim, d_ff, max_seq }), dtype, activations)
 }
 
 fn section(s: &ast::Section, sizes: Option<&Sizes>, diags: &mut Vec<Diagnostic>) -> Section {

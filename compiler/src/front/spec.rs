@@ -12,6 +12,9 @@ pub struct Spec {
     pub name: String,
     pub sizes: Sizes,
     pub dtype: DType,
+    /// What linear maps multiply their weights by: the f32 activations as they are
+    /// (`F32`), or rounded to bf16 first (`BF16`).
+    pub activations: DType,
     pub embed: Section,
     pub block: Section,
     pub head: Option<Section>,

@@ -134,6 +134,9 @@ pub enum Op {
     Mul,
     Scale(f64),
     Activation(Act),
+    /// Each value rounded to the nearest bfloat16 (ties to even), still `f32`: the input
+    /// of a linear map under `activations = bf16`.
+    RoundBf16,
     /// `(x, gain, [bias])`.
     LayerNorm {
         eps: f64,
@@ -200,6 +203,7 @@ impl Op {
             Op::Sinusoidal { .. }
             | Op::Scale(_)
             | Op::Activation(_)
+            | Op::RoundBf16
             | Op::SplitQkv { .. }
             | Op::SplitHeads { .. }
             | Op::MergeHeads
@@ -238,6 +242,7 @@ impl Op {
             Op::Mul => "mul",
             Op::Scale(_) => "scale",
             Op::Activation(_) => "act",
+            Op::RoundBf16 => "round_bf16",
             Op::LayerNorm { .. } => "layernorm",
             Op::RmsNorm { .. } => "rmsnorm",
             Op::Linear { .. } => "linear",
@@ -368,7 +373,7 @@ impl Op {
                 same(0, 1)?;
                 Ok(ins[0].clone())
             }
-            Op::Scale(_) | Op::Activation(_) | Op::Softmax => {
+            Op::Scale(_) | Op::Activation(_) | Op::RoundBf16 | Op::Softmax => {
                 float(0)?;
                 Ok(ins[0].clone())
             }

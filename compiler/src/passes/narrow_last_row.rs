@@ -1,6 +1,6 @@
 //! Narrowing to the last row: when only the last position's result is returned, row-wise
 //! ops after the last mixing of positions need to run on that row alone. `last_row` moves
-//! up through single-use row-wise ops (norms, linear maps, activations, scaling), so
+//! up through single-use row-wise ops (norms, linear maps, activations, scaling, rounding), so
 //! prefill computes the final norm and the vocabulary projection for one row, not `T`.
 //!
 //! Before: `%80 = layernorm %79, …`, `%81 = linear %80, %1`, `%82 = last_row %81`
@@ -31,6 +31,7 @@ impl Pass for NarrowLastRow {
                         | Op::Linear { .. }
                         | Op::Activation(_)
                         | Op::Scale(_)
+                        | Op::RoundBf16
                 );
                 if !rowwise || g.use_count(x) != 1 {
                     break;

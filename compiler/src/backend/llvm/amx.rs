@@ -48,12 +48,13 @@ pub fn fits(inn: usize, out: usize) -> bool {
     inn % 32 == 0 && out % 64 == 0
 }
 
-/// The bf16 parts an activation is split into.
-const PARTS: usize = 3;
+/// The bf16 parts an f32 activation is split into; an activation already rounded to
+/// bf16 (`activations = bf16`) is one part.
+pub const PARTS: usize = 3;
 
-/// Bytes of the packed activations for `rows` rows of `inn` inputs.
-pub fn packed_bytes(rows: usize, inn: usize) -> usize {
-    PARTS * rows.div_ceil(MB) * MB * inn * 2
+/// Bytes of the packed activations for `rows` rows of `inn` inputs in `parts` parts.
+pub fn packed_bytes(rows: usize, inn: usize, parts: usize) -> usize {
+    parts * rows.div_ceil(MB) * MB * inn * 2
 }
 
 const WRAPPERS: &str = r#"
@@ -174,14 +175,23 @@ pub fn padded<'ctx>(kb: &Kb<'_, 'ctx>, rows: IntValue<'ctx>) -> IntValue<'ctx> {
 
 /// 32 elements of `x` from `idx` as bf16 pairs, one vector per part: lane `j` holds the
 /// part of elements `2j` (low half) and `2j + 1` (high half). Parts: `hi` the nearest
-/// bf16, `mid` the nearest bf16 to the rest, `lo` what is left, exact in bf16.
-fn pairs<'ctx>(kb: &Kb<'_, 'ctx>, x: PointerValue<'ctx>, idx: IntValue<'ctx>) -> [VectorValue<'ctx>; PARTS] {
+/// bf16, `mid` the nearest bf16 to the rest, `lo` what is left, exact in bf16; the first
+/// `parts` of them.
+fn pairs<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    x: PointerValue<'ctx>,
+    idx: IntValue<'ctx>,
+    parts: usize,
+) -> Vec<VectorValue<'ctx>> {
     let i32v = kb.cx.i32_type().vec_type(VW as u32);
     let split = |v: VectorValue<'ctx>| {
         let hi = kb.round_bf16(v);
+        if parts == 1 {
+            return vec![hi];
+        }
         let r = kb.vsub(v, hi);
         let mid = kb.round_bf16(r);
-        [hi, mid, kb.vsub(r, mid)]
+        vec![hi, mid, kb.vsub(r, mid)]
     };
     let a = split(kb.ldv(x, idx));
     let b = split(kb.ldv(x, kb.add(idx, kb.c(VW as i64))));
@@ -189,12 +199,14 @@ fn pairs<'ctx>(kb: &Kb<'_, 'ctx>, x: PointerValue<'ctx>, idx: IntValue<'ctx>) ->
     let odd: Vec<u32> = (0..VW as u32).map(|k| 2 * k + 1).collect();
     let bits = |v| kb.b.build_bit_cast(v, i32v, "").unwrap().into_vector_value();
     let k = |v: u64| inkwell::types::VectorType::const_vector(&[kb.cx.i32_type().const_int(v, false); VW]);
-    std::array::from_fn(|q| {
-        let (e, o) = (bits(kb.shuffle(a[q], b[q], &even)), bits(kb.shuffle(a[q], b[q], &odd)));
-        let lo = kb.b.build_right_shift(e, k(16), false, "").unwrap();
-        let hi = kb.b.build_and(o, k(0xffff_0000), "").unwrap();
-        kb.b.build_or(lo, hi, "").unwrap()
-    })
+    (0..parts)
+        .map(|q| {
+            let (e, o) = (bits(kb.shuffle(a[q], b[q], &even)), bits(kb.shuffle(a[q], b[q], &odd)));
+            let lo = kb.b.build_right_shift(e, k(16), false, "").unwrap();
+            let hi = kb.b.build_and(o, k(0xffff_0000), "").unwrap();
+            kb.b.build_or(lo, hi, "").unwrap()
+        })
+        .collect()
 }
 
 /// The body of the packing kernel: args x, packed, rows; tasks: tiles of 16 padded rows.
@@ -206,6 +218,7 @@ pub fn pack_x<'ctx>(
     kb: &Kb<'_, 'ctx>,
     inn: usize,
     transposed: bool,
+    parts: usize,
     args: (PointerValue<'ctx>, PointerValue<'ctx>, IntValue<'ctx>),
     begin: IntValue<'ctx>,
     end: IntValue<'ctx>,
@@ -229,8 +242,10 @@ pub fn pack_x<'ctx>(
             let m = kb.add(kb.mul(mt, c(16)), r);
             let live = kb.b.build_int_compare(inkwell::IntPredicate::SLT, m, rows, "").unwrap();
             let src = kb.b.build_select(live, m, c(0), "").unwrap().into_int_value();
-            let parts = pairs(kb, x, kb.add(kb.mul(src, c(inn)), kb.mul(g, c(32))));
-            parts.map(|v| kb.b.build_select(live, v, i32v.const_zero(), "").unwrap().into_vector_value())
+            let ps = pairs(kb, x, kb.add(kb.mul(src, c(inn)), kb.mul(g, c(32))), parts);
+            ps.into_iter()
+                .map(|v| kb.b.build_select(live, v, i32v.const_zero(), "").unwrap().into_vector_value())
+                .collect::<Vec<_>>()
         };
         kb.for_(c(0), c(inn / 32), |g| {
             if transposed {
@@ -247,7 +262,7 @@ pub fn pack_x<'ctx>(
                 // Tile (g, mt): row j holds pair j of the tile's 16 rows, a transpose.
                 let tile = kb.add(kb.mul(g, kb.udiv(mp, c(16))), mt);
                 let vt = kb.vt();
-                for q in 0..PARTS {
+                for q in 0..parts {
                     let rows: Vec<_> = (0..16)
                         .map(|r| {
                             let v = row(c(r), g)[q];
@@ -276,20 +291,24 @@ struct Gemm<'ctx> {
     inn: usize,
     n_out: usize,
     transposed: bool,
+    parts: usize,
+}
+
+/// The shape of one linear map's AMX GEMM.
+pub struct Shape {
+    pub inn: usize,
+    pub n_out: usize,
+    pub transposed: bool,
+    pub bias: bool,
+    /// The activation parts (`PARTS`, or 1 for activations rounded to bf16).
+    pub parts: usize,
 }
 
 /// Emits `i1 name(x, w, [b], out, rows, begin, end)` computing tasks `begin..end` (see
 /// `tasks`) of `out = x · W + b` from the packed `x`, without the epilogue; it returns
 /// false, having done nothing, when AMX is not enabled.
-pub fn gemm_fn<'ctx>(
-    cx: &'ctx Context,
-    m: &Module<'ctx>,
-    name: &str,
-    inn: usize,
-    n_out: usize,
-    transposed: bool,
-    bias: bool,
-) -> FunctionValue<'ctx> {
+pub fn gemm_fn<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, name: &str, s: &Shape) -> FunctionValue<'ctx> {
+    let Shape { inn, n_out, transposed, bias, parts } = *s;
     if let Some(f) = m.get_function(name) {
         return f;
     }
@@ -319,7 +338,7 @@ pub fn gemm_fn<'ctx>(
     let b = bias.then(|| next().into_pointer_value());
     let out = next().into_pointer_value();
     let (rows, begin, end) = (next().into_int_value(), next().into_int_value(), next().into_int_value());
-    let g = Gemm { x, w, b, out, rows, inn, n_out, transposed };
+    let g = Gemm { x, w, b, out, rows, inn, n_out, transposed, parts };
     let on = enabled(&kb);
     let (run, off) = (cx.append_basic_block(f, "amx"), cx.append_basic_block(f, "off"));
     kb.b.build_conditional_branch(on, run, off).unwrap();
@@ -397,7 +416,7 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
     let (i16t, i32t) = (kb.cx.i16_type(), kb.cx.i32_type());
     // Bytes from one part of the packed activations to the next; the accumulators follow.
     let part = kb.mul(kb.mul(mp, c(inn)), c(2));
-    let accs = kb.gep(kb.cx.i8_type(), g.x, kb.mul(part, c(PARTS)));
+    let accs = kb.gep(kb.cx.i8_type(), g.x, kb.mul(part, c(g.parts)));
     let kc = KC.min(inn);
     let panel = kb.b.build_array_alloca(i32t, c(kc / 2 * 64 * gr), "panel").unwrap();
     kb.for_(begin, end, |task| {
@@ -467,7 +486,7 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
                     let init: Vec<_> = (0..4).map(|j| t.load(accs, acc_at(gi, mt, j)).into()).collect();
                     let acc = kb.fold(c(0), steps, &init, |k, acc| {
                         let ka = kb.add(kb.udiv(k0, c(32)), k);
-                        let xs: Vec<_> = (0..PARTS)
+                        let xs: Vec<_> = (0..g.parts)
                             .map(|q| {
                                 let tile = if g.transposed {
                                     kb.add(kb.mul(mt, c(inn / 32)), ka)

@@ -41,11 +41,12 @@ pub enum Kernel {
         epi: Vec<Epi>,
         wf: WFmt,
         packed: bool,
-        amx: bool,
+        /// The activation parts of the AMX GEMM (`amx::PARTS`, or 1 for bf16 inputs).
+        amx: Option<usize>,
     },
     /// args: x, packed, rows; tasks: tiles of 16 of the rows padded to `amx::MB`. The activations of an
     /// `amx` linear map, split into bf16 parts in the tiles' layout (`amx::pack_x`).
-    AmxPack { inn: usize, transposed: bool },
+    AmxPack { inn: usize, transposed: bool, parts: usize },
     /// args: x, out; tasks: rows.
     SplitQkv { layout: QkvLayout, part: QkvPart, heads: usize, kv_heads: usize, head_dim: usize },
     /// args: x, out, rows; tasks: rows.
@@ -74,6 +75,7 @@ pub enum Kernel {
 pub enum Epi {
     Act(Act),
     Scale(f64),
+    RoundBf16,
     /// Adds (or multiplies by) the same element of another tensor of the output's shape.
     Add,
     Mul,
@@ -84,6 +86,7 @@ impl Epi {
         match self {
             Epi::Act(a) => a.name().into(),
             Epi::Scale(s) => format!("scale{:016x}", s.to_bits()),
+            Epi::RoundBf16 => "round_bf16".into(),
             Epi::Add => "add".into(),
             Epi::Mul => "mul".into(),
         }
@@ -94,6 +97,7 @@ impl Epi {
 pub enum UnaryOp {
     Scale(f64),
     Act(Act),
+    RoundBf16,
 }
 
 /// Output columns per linear task: a block of weight rows that stays in cache while
@@ -181,6 +185,7 @@ fn epilogue<'ctx>(
             v = match e {
                 Epi::Act(a) => unary(kb, UnaryOp::Act(*a), v),
                 Epi::Scale(s) => unary(kb, UnaryOp::Scale(*s), v),
+                Epi::RoundBf16 => kb.round_bf16(v),
                 Epi::Add | Epi::Mul => {
                     let y = kb.ld(l.others[k], at);
                     k += 1;
@@ -487,6 +492,7 @@ impl Kernel {
             Kernel::Binary { mul, width } => format!("{}_{width}", if *mul { "mul" } else { "add" }),
             Kernel::Unary { op: UnaryOp::Scale(s), width } => format!("scale_{width}_{:016x}", s.to_bits()),
             Kernel::Unary { op: UnaryOp::Act(a), width } => format!("{}_{width}", a.name()),
+            Kernel::Unary { op: UnaryOp::RoundBf16, width } => format!("round_bf16_{width}"),
             Kernel::LayerNorm { d, eps, bias } => {
                 format!("layernorm_{d}_{:016x}_{}", eps.to_bits(), *bias as u8)
             }
@@ -497,11 +503,11 @@ impl Kernel {
                 let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
                 let (t, b) = (if *transposed { "_t" } else { "" }, if *bias { "_b" } else { "" });
                 let p = if *packed { "_p" } else { "" };
-                let a = if *amx { "_amx" } else { "" };
+                let a = amx.map_or(String::new(), |q| format!("_amx{q}"));
                 format!("linear_{inn}x{out}{t}{b}{p}{a}{epi}{}", wf.suffix())
             }
-            Kernel::AmxPack { inn, transposed } => {
-                format!("amx_pack_{inn}{}", if *transposed { "_t" } else { "" })
+            Kernel::AmxPack { inn, transposed, parts } => {
+                format!("amx_pack_{inn}_{parts}{}", if *transposed { "_t" } else { "" })
             }
             Kernel::SplitQkv { layout, part, heads, kv_heads, head_dim } => {
                 format!("split_qkv_{}_{part:?}_{heads}_{kv_heads}_{head_dim}", layout.name())
@@ -665,11 +671,11 @@ fn body<'ctx>(
         Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, packed: true, amx } => {
             let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
             let panel = kb.alloca_f32s(KC * BLOCK);
-            if !amx {
+            let Some(parts) = amx else {
                 return kb.for_(begin, end, |blk| {
                     lin_packed(kb, &l, rows, kb.mul(blk, c(BLOCK)), panel, transposed)
                 });
-            }
+            };
             // A task is `amx::groups` blocks (the last one maybe fewer).
             let gr = super::amx::groups(n_out);
             let blocks = |task: IntValue<'ctx>, f: &dyn Fn(IntValue<'ctx>)| {
@@ -680,10 +686,7 @@ fn body<'ctx>(
                 kb.cx,
                 kb.m,
                 &format!("tfc_k_{}_tiles", k.symbol()),
-                inn,
-                n_out,
-                transposed,
-                bias,
+                &super::amx::Shape { inn, n_out, transposed, bias, parts },
             );
             let xp = p((if bias { 5 } else { 4 }) + l.others.len() as i64);
             let mut args: Vec<inkwell::values::BasicMetadataValueEnum> = vec![xp.into(), l.w.into()];
@@ -713,8 +716,8 @@ fn body<'ctx>(
             kb.b.build_unconditional_branch(join).unwrap();
             kb.b.position_at_end(join);
         }
-        Kernel::AmxPack { inn, transposed } => {
-            super::amx::pack_x(kb, inn, transposed, (p(0), p(1), a(2)), begin, end)
+        Kernel::AmxPack { inn, transposed, parts } => {
+            super::amx::pack_x(kb, inn, transposed, parts, (p(0), p(1), a(2)), begin, end)
         }
         Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, .. } if tiled(inn, transposed) => {
             let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
@@ -998,6 +1001,7 @@ fn gemv_partial<'ctx>(
 fn unary<'ctx>(kb: &Kb<'_, 'ctx>, op: UnaryOp, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
     match op {
         UnaryOp::Scale(s) => kb.to_f32(kb.fmul(kb.to_f64(x), kb.dc(s))),
+        UnaryOp::RoundBf16 => kb.round_bf16(x),
         UnaryOp::Act(Act::Relu) => kb.fmax(x, kb.fc(0.0)),
         UnaryOp::Act(Act::Silu) => {
             let e = kb.exp_f32(kb.fsub(kb.fc(0.0), x));

@@ -269,6 +269,7 @@ fn fusion(g: &Graph, order: &[NodeId]) -> Fusion {
             let step = match g.op(u) {
                 Op::Activation(a) => (Epi::Act(*a), None),
                 Op::Scale(c) => (Epi::Scale(*c), None),
+                Op::RoundBf16 => (Epi::RoundBf16, None),
                 Op::Add | Op::Mul => {
                     let ops = g.operands(u);
                     let other = if ops[0] == cur { ops[1] } else { ops[0] };
@@ -316,6 +317,15 @@ fn amx_linear(g: &Graph, n: NodeId, amx: bool) -> bool {
     };
     let rows: Option<usize> = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
     rows.is_none_or(|r| r >= amx::MB / 2) && kernels::packs(rows, out, *transposed) && amx::fits(inn, out)
+}
+
+/// The bf16 parts the AMX GEMM splits activation `x` into: one if `x` is rounded to bf16.
+fn amx_parts(g: &Graph, x: NodeId) -> usize {
+    if *g.op(x) == Op::RoundBf16 {
+        1
+    } else {
+        amx::PARTS
+    }
 }
 
 /// Bytes a node's arena block holds after its value: a split-K GEMV's partial sums.
@@ -478,7 +488,8 @@ fn emit_graph<'ctx>(
         .map(|&n| {
             let x = g.ty(g.operands(n)[0]).eval(bind);
             let out = *g.ty(n).eval(bind).last().unwrap();
-            (amx::packed_bytes(x[0], x[1]) + amx::acc_bytes(x[0], out)) as u64
+            let parts = amx_parts(g, g.operands(n)[0]);
+            (amx::packed_bytes(x[0], x[1], parts) + amx::acc_bytes(x[0], out)) as u64
         })
         .max()
         .unwrap_or(0);
@@ -558,6 +569,9 @@ fn emit_graph<'ctx>(
             Op::Activation(a) => {
                 call(Kernel::Unary { op: UnaryOp::Act(*a), width }, vec![o(0), me()], rows_of(n))
             }
+            Op::RoundBf16 => {
+                call(Kernel::Unary { op: UnaryOp::RoundBf16, width }, vec![o(0), me()], rows_of(n))
+            }
             Op::LayerNorm { eps } => {
                 let bias = ops.len() == 3;
                 let mut v = vec![o(0), o(1)];
@@ -608,17 +622,18 @@ fn emit_graph<'ctx>(
                     let ty = g.ty(n);
                     let rows = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
                     let packed = kernels::packs(rows, width, transposed);
-                    let amx = amx_linear(g, n, amx);
-                    if amx {
+                    let amx = amx_linear(g, n, amx).then(|| amx_parts(g, ops[0]));
+                    if let Some(parts) = amx {
                         let xp = kb.int_of(kb.gep(cx.i8_type(), arena, kb.c(amx_at as i64)));
                         if packed_input != Some((ops[0], transposed)) {
                             let tiles = kb.udiv(amx::padded(&kb, rows_of(n)), kb.c(16));
-                            call(Kernel::AmxPack { inn, transposed }, vec![o(0), xp, rows_of(n)], tiles);
+                            let k = Kernel::AmxPack { inn, transposed, parts };
+                            call(k, vec![o(0), xp, rows_of(n)], tiles);
                             packed_input = Some((ops[0], transposed));
                         }
                         v.push(xp);
                     }
-                    let tasks = if amx { amx::tasks(width) } else { width.div_ceil(BLOCK) };
+                    let tasks = if amx.is_some() { amx::tasks(width) } else { width.div_ceil(BLOCK) };
                     let k = Kernel::Linear { inn, out: width, transposed, bias, epi, wf, packed, amx };
                     call(k, v, kb.c(tasks as i64));
                 }

@@ -207,6 +207,7 @@ struct Attn {
 enum Unary {
     Scale(f64),
     Act(Act),
+    RoundBf16,
 }
 
 impl Emitter {
@@ -275,6 +276,9 @@ impl Emitter {
                 }
                 Op::Activation(a) => {
                     (Kern::Unary { op: Unary::Act(*a), w: width }, [rows_of(n), one], ins(&[0]))
+                }
+                Op::RoundBf16 => {
+                    (Kern::Unary { op: Unary::RoundBf16, w: width }, [rows_of(n), one], ins(&[0]))
                 }
                 Op::LayerNorm { eps } => {
                     let bias = ops.len() == 3;
@@ -420,6 +424,7 @@ fn kern_name(k: &Kern) -> &'static str {
         Kern::Binary { mul: true, .. } => "mul",
         Kern::Binary { .. } => "add",
         Kern::Unary { op: Unary::Scale(_), .. } => "scale",
+        Kern::Unary { op: Unary::RoundBf16, .. } => "round_bf16",
         Kern::Unary { .. } => "act",
         Kern::Norm { layer: true, .. } => "layernorm",
         Kern::Norm { .. } => "rmsnorm",
@@ -850,6 +855,7 @@ fn body(k: &mut K, kern: &Kern) {
                         k.fl("mulf", &a, &c)
                     }
                     Unary::Act(act) => k.act(act, &a),
+                    Unary::RoundBf16 => super::text::round_bf16(&mut k.t, &a),
                 };
                 k.st(&v, 1, &i);
             });

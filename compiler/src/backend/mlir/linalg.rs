@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use super::text::{elem, id_map, map, Text};
+use super::text::{elem, id_map, map, round_bf16, Text};
 use super::MlirError;
 use crate::backend::llvm::{Graphs, Layout, WeightTable};
 use crate::interp::alibi_slopes;
@@ -402,6 +402,11 @@ impl<'a> Func<'a> {
                 self.generic(&[(a, at, ident.clone())], (e, out_t, ident), &par, |t, x| {
                     activation(t, act, &x[0])
                 })
+            }
+            Op::RoundBf16 => {
+                let (a, at) = self.val(ops[0]);
+                let e = self.empty(&ty.shape, "f32");
+                self.generic(&[(a, at, ident.clone())], (e, out_t, ident), &par, |t, x| round_bf16(t, &x[0]))
             }
             Op::LayerNorm { eps } => self.norm(n, Norm::Layer { eps: *eps, bias: ops.len() == 3 })?,
             Op::RmsNorm { eps, unit_offset } => {

@@ -69,6 +69,26 @@ impl Text {
     }
 }
 
+/// `x: f32` rounded to the nearest bf16 (ties to even), NaN kept quiet, as `f32`: in
+/// integer ops, as `Kb::round_bf16`, since not every target has a bf16 type.
+pub fn round_bf16(t: &mut Text, x: &str) -> String {
+    let bits = t.op(format!("arith.bitcast {x} : f32 to i32"));
+    let mut k = |v: u32| t.int(v as i32 as i64, "i32");
+    let (sixteen, one, half, high, abs, inf, quiet) =
+        (k(16), k(1), k(0x7fff), k(0xffff_0000), k(0x7fff_ffff), k(0x7f80_0000), k(0x0040_0000));
+    let lsb = t.bin("shrui", &bits, &sixteen, "i32");
+    let lsb = t.bin("andi", &lsb, &one, "i32");
+    let up = t.bin("addi", &bits, &half, "i32");
+    let up = t.bin("addi", &up, &lsb, "i32");
+    let rounded = t.bin("andi", &up, &high, "i32");
+    let mag = t.bin("andi", &bits, &abs, "i32");
+    let nan = t.op(format!("arith.cmpi ugt, {mag}, {inf} : i32"));
+    let q = t.bin("ori", &bits, &quiet, "i32");
+    let q = t.bin("andi", &q, &high, "i32");
+    let r = t.op(format!("arith.select {nan}, {q}, {rounded} : i32"));
+    t.op(format!("arith.bitcast {r} : i32 to f32"))
+}
+
 /// `(d0, …, d{n-1})`.
 pub fn dims(n: usize) -> String {
     let v: Vec<String> = (0..n).map(|i| format!("d{i}")).collect();
