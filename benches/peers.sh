@@ -2,7 +2,8 @@
 # tfc against the runtimes a user would otherwise pick, in one run on this machine: W1
 # (GPT-2 small) and W2 (LLaMA-style 0.85B: d 2048, 16 layers, 32 heads / 8 kv heads, ffn
 # 5632, vocab 32000), random weights from a fixed seed, batch 1, a 128-token prompt, then
-# 64 decoded tokens. tfc's compiled library in f32, bf16 and q8; PyTorch eager (f32 and
+# 64 decoded tokens. tfc's compiled library in f32, bf16 (with f32 or, like PyTorch's
+# bf16 models, bf16-rounded activations) and q8; PyTorch eager (f32 and
 # bf16); ONNX Runtime (f32); llama.cpp (F32, F16, Q8_0). Prints one table per shape with
 # the medians (min–max) and the ratios against the peers measured in this same run.
 #
@@ -35,6 +36,7 @@ for shape in $shapes; do
     results=$(
         echo "tfc f32	$(tfc)"
         echo "tfc bf16	$(tfc --dtype bf16)"
+        echo "tfc bf16, bf16 activations	$(tfc --dtype bf16 --activations bf16)"
         echo "tfc q8	$(tfc --dtype q8)"
         for d in f32 bf16; do
             echo "PyTorch $d	$($py benches/peers/pytorch.py --shape $shape --dtype $d "${common[@]}")"
@@ -59,7 +61,9 @@ for key, r in rows.items():
     label = key if key.startswith("tfc") else r["peer"]
     print(f"| {label} | {cell(r, 'prefill_ms', 1)} | {cell(r, 'decode_tok_s', 2)} |")
 pairs = [("tfc f32", "PyTorch f32"), ("tfc f32", "ONNX Runtime f32"), ("tfc f32", "llama.cpp f32"),
-         ("tfc bf16", "PyTorch bf16"), ("tfc bf16", "llama.cpp f16"), ("tfc q8", "llama.cpp q8_0")]
+         ("tfc bf16", "PyTorch bf16"), ("tfc bf16", "llama.cpp f16"),
+         ("tfc bf16, bf16 activations", "PyTorch bf16"), ("tfc bf16, bf16 activations", "llama.cpp f16"),
+         ("tfc q8", "llama.cpp q8_0")]
 print("\n| tfc / peer | prefill speed | decode speed |")
 print("| --- | --- | --- |")
 for a, b in pairs:

@@ -51,10 +51,10 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 }
 
 /// How closely two engines must agree on model `c`'s results `want`: 1e-5, or with
-/// `activations = bf16` a few bf16 steps of the largest value. There a last-bit difference
-/// upstream can round one linear input to the other neighbouring bf16 (a step of 2⁻⁸ of
-/// it), which moves results by far more than 1e-5; `assert_rounded` checks that the
-/// engines do round.
+/// `activations = bf16` two bf16 steps (2⁻⁶) of the largest value. There a last-bit
+/// difference upstream can round one linear input to the other neighbouring bf16 (a step
+/// of up to 2⁻⁷ of it), which moves results by far more than 1e-5; `assert_rounded`
+/// checks that the engines do round.
 pub fn tolerance(c: &Compiled, want: &[f32]) -> f32 {
     if c.spec.activations == tfc::ir::DType::BF16 {
         let top = want.iter().fold(0f32, |m, x| m.max(x.abs()));

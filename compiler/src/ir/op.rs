@@ -6,7 +6,8 @@
 //! - per-head tensors are `[heads, T, head_dim]`;
 //! - linear weights are `[out, in]` (PyTorch) unless `transposed`, then `[in, out]`
 //!   (GPT-2's Conv1D), so a checkpoint is bound without copying;
-//! - weights have the spec's storage dtype, activations are always `f32`.
+//! - weights have the spec's storage dtype, activations are always `f32` (under
+//!   `activations = bf16` a linear map's input is `round_bf16`'d first, still `f32`).
 
 use std::fmt;
 
