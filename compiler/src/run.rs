@@ -428,6 +428,14 @@ pub struct BenchArgs {
     /// With --sweep: draw the two curves as an SVG file.
     #[arg(long, value_name = "FILE.svg", requires = "sweep")]
     plot: Option<PathBuf>,
+    /// The machine's streaming read rate in GB/s (all threads), to report decode's share
+    /// of the bandwidth roofline.
+    #[arg(long, value_name = "GB/S")]
+    peak_gb_s: Option<f64>,
+    /// The machine's matrix-multiply peak in GFLOP/s for the storage type measured (an FMA
+    /// or AMX rate), to report prefill's share of the compute roofline.
+    #[arg(long, value_name = "GFLOP/S")]
+    peak_gflop_s: Option<f64>,
 }
 
 /// Prefill times (ms) of `prompt` tokens and decode speeds (tok/s) of `decode` tokens after
@@ -571,30 +579,38 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let params: usize = m.weights.iter().map(|x| x.shape.iter().product::<usize>()).sum();
     let flops = 2.0 * params as f64 * a.prompt as f64;
     let gflops = flops / (pm / 1e3) / 1e9;
+    let precision = format!("{} weights, {} activations", c.spec.dtype.name(), c.spec.activations.name());
     if a.json {
         let j = serde_json::json!({
             "model": m.name, "prompt": a.prompt, "decode": a.decode, "runs": a.runs,
-            "compile_s": compile_s,
+            "precision": precision, "compile_s": compile_s,
             "prefill_ms": {"median": pm, "min": pmin, "max": pmax},
             "decode_tok_s": {"median": dm, "min": dmin, "max": dmax},
             "decode_weight_gb_s": gbs, "decode_bytes_per_token": read_bytes, "prefill_gflop_s": gflops, "weight_bytes": weight_bytes,
+            "decode_roofline_share": a.peak_gb_s.map(|p| gbs / p),
+            "prefill_roofline_share": a.peak_gflop_s.map(|p| gflops / p),
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
         println!(
-            "{}: {:.1} M parameters, {:.1} MB of weights, compiled in {compile_s:.2} s, {} runs",
+            "{}: {:.1} M parameters, {:.1} MB of weights, {precision}, compiled in {compile_s:.2} s, {} runs",
             m.name,
             params as f64 / 1e6,
             weight_bytes as f64 / 1e6,
             a.runs
         );
+        let share = |x: f64, peak: Option<f64>| {
+            peak.map_or(String::new(), |p| format!(" ({:.0}% of {p})", 100.0 * x / p))
+        };
         println!(
-            "prefill {} tokens: {pm:.2} ms (min {pmin:.2}, max {pmax:.2}), ~{gflops:.1} GFLOP/s in matmuls",
-            a.prompt
+            "prefill {} tokens: {pm:.2} ms (min {pmin:.2}, max {pmax:.2}), ~{gflops:.1} GFLOP/s in matmuls{}",
+            a.prompt,
+            share(gflops, a.peak_gflop_s)
         );
         println!(
-            "decode {} tokens:  {dm:.2} tok/s (min {dmin:.2}, max {dmax:.2}), {gbs:.2} GB/s of weights",
-            a.decode
+            "decode {} tokens:  {dm:.2} tok/s (min {dmin:.2}, max {dmax:.2}), {gbs:.2} GB/s of weights{}",
+            a.decode,
+            share(gbs, a.peak_gb_s)
         );
     }
     if a.sweep {
