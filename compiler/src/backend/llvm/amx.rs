@@ -7,7 +7,8 @@
 //! parts whose sum is exactly the f32 value (8 significant bits each; only parts below
 //! 2⁻¹²⁶, which the tiles read as zero, are lost), and each weight tile is multiplied by
 //! all three. A bf16 × bf16 product is exact in f32, so this is the f32 product summed
-//! in another order, at three times the tile work of rounding the activations.
+//! in another order, at three times the tile work of rounding the activations. An input
+//! that is a `round_bf16` (`activations = bf16`) is bf16 already: one part.
 //!
 //! Every tile operand is contiguous (1 KB; tile rows far apart stalled the loads):
 //! - `W [out, in]`: `Cᵀ = W · Xᵀ`. Each task copies its weight rows, a chunk of `in` at a
@@ -18,8 +19,9 @@
 //!
 //! Rows are padded to a multiple of 32 with zeros, so every tile has its full shape and
 //! the tile configuration is constant. Per 16 rows and 64 columns: four accumulator
-//! tiles, the three part tiles of the activations and one weight tile at a time, the
-//! eight tiles AMX has.
+//! tiles, the part tiles of the activations (three, or one under `activations = bf16`,
+//! whose inputs are bf16 already) and one weight tile at a time, at most the eight tiles
+//! AMX has.
 //!
 //! The tile intrinsics take LLVM's `x86_amx` type, which inkwell cannot name; they are
 //! wrapped in small always-inlined functions on `<256 x i32>` (the pattern clang emits),
@@ -281,20 +283,8 @@ pub fn pack_x<'ctx>(
     kb.b.position_at_end(done);
 }
 
-/// What the AMX GEMM of one linear map needs.
-struct Gemm<'ctx> {
-    x: PointerValue<'ctx>,
-    w: PointerValue<'ctx>,
-    b: Option<PointerValue<'ctx>>,
-    out: PointerValue<'ctx>,
-    rows: IntValue<'ctx>,
-    inn: usize,
-    n_out: usize,
-    transposed: bool,
-    parts: usize,
-}
-
 /// The shape of one linear map's AMX GEMM.
+#[derive(Clone, Copy)]
 pub struct Shape {
     pub inn: usize,
     pub n_out: usize,
@@ -304,11 +294,21 @@ pub struct Shape {
     pub parts: usize,
 }
 
+/// What the AMX GEMM of one linear map needs: its arguments and its shape.
+struct Gemm<'ctx> {
+    x: PointerValue<'ctx>,
+    w: PointerValue<'ctx>,
+    b: Option<PointerValue<'ctx>>,
+    out: PointerValue<'ctx>,
+    rows: IntValue<'ctx>,
+    s: Shape,
+}
+
 /// Emits `i1 name(x, w, [b], out, rows, begin, end)` computing tasks `begin..end` (see
 /// `tasks`) of `out = x · W + b` from the packed `x`, without the epilogue; it returns
 /// false, having done nothing, when AMX is not enabled.
 pub fn gemm_fn<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, name: &str, s: &Shape) -> FunctionValue<'ctx> {
-    let Shape { inn, n_out, transposed, bias, parts } = *s;
+    let bias = s.bias;
     if let Some(f) = m.get_function(name) {
         return f;
     }
@@ -338,7 +338,7 @@ pub fn gemm_fn<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, name: &str, s: &Shape)
     let b = bias.then(|| next().into_pointer_value());
     let out = next().into_pointer_value();
     let (rows, begin, end) = (next().into_int_value(), next().into_int_value(), next().into_int_value());
-    let g = Gemm { x, w, b, out, rows, inn, n_out, transposed, parts };
+    let g = Gemm { x, w, b, out, rows, s: *s };
     let on = enabled(&kb);
     let (run, off) = (cx.append_basic_block(f, "amx"), cx.append_basic_block(f, "off"));
     kb.b.build_conditional_branch(on, run, off).unwrap();
@@ -373,12 +373,12 @@ fn write_tile<'ctx>(
         if let Some(b) = g.b {
             v = kb.vadd(v, kb.ldv(b, col));
         }
-        kb.stv(g.out, kb.add(kb.mul(kb.add(r0, r), c(g.n_out)), col), v);
+        kb.stv(g.out, kb.add(kb.mul(kb.add(r0, r), c(g.s.n_out)), col), v);
     });
 }
 
 /// `in` per chunk of the GEMM: a chunk's weights for a task (`KC × 64 · groups` bf16,
-/// at most 128 KB) and activations (`M' × KC` in three parts, 192 KB for 128 rows) stay in
+/// at most 128 KB) and activations (`M' × KC` in up to three parts, 192 KB for 128 rows) stay in
 /// L2 while every row tile passes over them, and one row tile's activation tiles (24 KB)
 /// stay in L1 while every group of 64 columns passes over those.
 const KC: usize = 256;
@@ -403,20 +403,21 @@ pub fn acc_bytes(rows: usize, n_out: usize) -> usize {
 
 /// Tasks `begin..end`, each `groups` blocks of 64 output columns, in chunks of `KC`
 /// inputs: per row tile of 16 and group, four accumulator tiles (zeroed before the first
-/// chunk) are loaded, get every part of every k-step of the chunk, and are stored back, so the three part
+/// chunk) are loaded, get every part of every k-step of the chunk, and are stored back, so the part
 /// tiles of a k-step serve the four column tiles. `C = X · W` (`[in, out]`, the task's
 /// slice of the chunk packed into VNNI pairs first) or `Cᵀ = W · Xᵀ` (`[out, in]`, weight
 /// tiles as stored). Then every tile goes to the output, transposed for `Cᵀ`.
 fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: IntValue<'ctx>) {
     let c = |v: usize| kb.c(v as i64);
     let t = &Tiles::new(kb);
-    let (inn, n_out, gr) = (g.inn, g.n_out, groups(g.n_out));
+    let Shape { inn, n_out, transposed, parts, .. } = g.s;
+    let gr = groups(n_out);
     let mp = padded(kb, g.rows);
     let mtiles = kb.udiv(mp, c(16));
     let (i16t, i32t) = (kb.cx.i16_type(), kb.cx.i32_type());
     // Bytes from one part of the packed activations to the next; the accumulators follow.
     let part = kb.mul(kb.mul(mp, c(inn)), c(2));
-    let accs = kb.gep(kb.cx.i8_type(), g.x, kb.mul(part, c(g.parts)));
+    let accs = kb.gep(kb.cx.i8_type(), g.x, kb.mul(part, c(parts)));
     let kc = KC.min(inn);
     let panel = kb.b.build_array_alloca(i32t, c(kc / 2 * 64 * gr), "panel").unwrap();
     kb.for_(begin, end, |task| {
@@ -437,7 +438,7 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
         kb.for_(c(0), c(inn.div_ceil(kc)), |chunk| {
             let k0 = kb.mul(chunk, c(kc));
             let steps = kb.udiv(kb.min(c(kc), kb.sub(c(inn), k0)), c(32));
-            if !g.transposed {
+            if !transposed {
                 // W [out, in]: the task's rows, columns k0.., copied tile by tile: tile
                 // (k, column tile) holds rows 16·jt.. of inputs 32k.., contiguous.
                 let i32v = i32t.vec_type(16);
@@ -486,9 +487,9 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
                     let init: Vec<_> = (0..4).map(|j| t.load(accs, acc_at(gi, mt, j)).into()).collect();
                     let acc = kb.fold(c(0), steps, &init, |k, acc| {
                         let ka = kb.add(kb.udiv(k0, c(32)), k);
-                        let xs: Vec<_> = (0..g.parts)
+                        let xs: Vec<_> = (0..parts)
                             .map(|q| {
-                                let tile = if g.transposed {
+                                let tile = if transposed {
                                     kb.add(kb.mul(mt, c(inn / 32)), ka)
                                 } else {
                                     kb.add(kb.mul(ka, mtiles), mt)
@@ -502,7 +503,7 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
                                 let a = acc[j].into_vector_value();
                                 let tile = kb.add(kb.mul(k, c(4 * gr)), jt);
                                 let w = t.load(panel, kb.mul(tile, c(1024)));
-                                let r = if g.transposed {
+                                let r = if transposed {
                                     xs.iter().fold(a, |a, x| t.dp(a, *x, w))
                                 } else {
                                     xs.iter().fold(a, |a, x| t.dp(a, w, *x))
@@ -523,7 +524,7 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
                 for j in 0..4 {
                     let tile = kb.gep(kb.cx.i8_type(), accs, acc_at(gi, mt, j));
                     let col = kb.add(n0, kb.add(kb.mul(gi, c(64)), c(16 * j)));
-                    write_tile(kb, g, tile, !g.transposed, kb.mul(mt, c(16)), col);
+                    write_tile(kb, g, tile, !transposed, kb.mul(mt, c(16)), col);
                 }
             });
         });

@@ -185,7 +185,7 @@ fn epilogue<'ctx>(
             v = match e {
                 Epi::Act(a) => unary(kb, UnaryOp::Act(*a), v),
                 Epi::Scale(s) => unary(kb, UnaryOp::Scale(*s), v),
-                Epi::RoundBf16 => kb.round_bf16(v),
+                Epi::RoundBf16 => unary(kb, UnaryOp::RoundBf16, v),
                 Epi::Add | Epi::Mul => {
                     let y = kb.ld(l.others[k], at);
                     k += 1;
