@@ -104,6 +104,10 @@ pub struct WeightInfo {
     pub name: String,
     pub shape: Vec<usize>,
     pub dtype: String,
+    /// The library copies this weight into its own layout when it is bound, so the
+    /// caller's buffer may be released once `tfc_bind_weight` returns.
+    #[serde(default)]
+    pub repacked: bool,
 }
 
 /// FNV-1a, 64 bits: a stable hash for naming a spec.

@@ -156,9 +156,15 @@ impl<'m> Session<'m> {
             return Err(RuntimeError::Alloc);
         }
         let mut s = Session { model, ctx, _data: WeightData::Owned(vec![]), _converted: vec![] };
-        // Weights whose stored form differs from the library's are converted once and kept.
+        // Weights whose stored form differs from the library's are converted once and kept
+        // while the library reads them; a weight it re-packs into its own copy is not kept.
         let mut converted: Vec<Converted> = Vec::new();
-        let mut ptrs: Vec<(*const c_void, usize)> = Vec::new();
+        let bind = |i: usize, p: *const c_void, n: usize| {
+            // SAFETY: `p` points to `n` bytes that the session keeps alive (the mapping and
+            // the heap buffers of `data` and `converted` do not move when they are moved),
+            // or that the library has copied when the call returns (`repacked`).
+            check("bind weight", unsafe { (model.fns.bind)(ctx, i as i32, p, n as u64) })
+        };
         for (i, w) in model.manifest.weights.iter().enumerate() {
             let n: usize = w.shape.iter().product();
             // The stored form the library reads; q8 is always made here from the values.
@@ -186,7 +192,7 @@ impl<'m> Session<'m> {
                 WeightData::Checkpoint(ck) => {
                     let (dtype, bytes) = ck.raw(&w.name, &w.shape)?;
                     if Some(dtype) == want && (bytes.as_ptr() as usize) % align == 0 {
-                        ptrs.push((bytes.as_ptr() as *const c_void, bytes.len()));
+                        bind(i, bytes.as_ptr() as *const c_void, bytes.len())?;
                         continue;
                     }
                     ck.get(&w.name, &w.shape)?
@@ -204,7 +210,7 @@ impl<'m> Session<'m> {
                         });
                     }
                     if want == Some(Dtype::F32) {
-                        ptrs.push((b.as_ptr() as *const c_void, b.len() * 4));
+                        bind(i, b.as_ptr() as *const c_void, b.len() * 4)?;
                         continue;
                     }
                     b.clone()
@@ -217,13 +223,11 @@ impl<'m> Session<'m> {
                 "q8" => Converted::Bytes(crate::quant::quantize_q8(&values)),
                 _ => Converted::F32(values),
             };
-            ptrs.push(c.bytes());
-            converted.push(c);
-        }
-        for (i, (p, n)) in ptrs.into_iter().enumerate() {
-            // SAFETY: `p` points to `n` bytes that `s` keeps alive (moved below; the heap
-            // buffers and the mapping do not move).
-            check("bind weight", unsafe { (model.fns.bind)(ctx, i as i32, p, n as u64) })?;
+            let (p, bytes) = c.bytes();
+            bind(i, p, bytes)?;
+            if !w.repacked {
+                converted.push(c);
+            }
         }
         s._data = data;
         s._converted = converted;

@@ -21,6 +21,7 @@ int main(void) {
     tfc_destroy(NULL);
     EXPECT("weight name out of range", tfc_weight_name(tfc_weight_count()) == NULL, 1);
     EXPECT("weight bytes out of range", tfc_weight_bytes(-1), -1);
+    EXPECT("weight repacked out of range", tfc_weight_repacked((int32_t)tfc_weight_count()), -1);
 
     tfc_ctx *ctx = tfc_create(2);
     if (!ctx) return 1;
@@ -34,6 +35,8 @@ int main(void) {
     for (int32_t i = 0; i < n; i++) {
         int64_t bytes = tfc_weight_bytes(i);
         bufs[i] = calloc((size_t)bytes + 4, 1);
+        /* Small finite values in every dtype: 2^-7 as bf16, about that as f32 (and q8). */
+        for (int64_t b = 0; b + 1 < bytes; b += 2) memcpy((char *)bufs[i] + b, &(uint16_t){0x3c00}, 2);
         EXPECT("bind NULL", tfc_bind_weight(ctx, i, NULL, (uint64_t)bytes), TFC_ERR_NULL);
         EXPECT("bind wrong size", tfc_bind_weight(ctx, i, bufs[i], (uint64_t)bytes + 4), TFC_ERR_ARG);
         EXPECT("bind misaligned", tfc_bind_weight(ctx, i, (char *)bufs[i] + 1, (uint64_t)bytes), TFC_ERR_ARG);
@@ -52,6 +55,23 @@ int main(void) {
     int32_t types[4] = {0, 0, 99999, 0};
     EXPECT("prefill bad token type", tfc_prefill(ctx, tokens, types, 4, 0, out), TFC_ERR_TOKEN);
     EXPECT("prefill", tfc_prefill(ctx, tokens, NULL, 4, 1, out), TFC_OK);
+    /* A re-packed weight is the library's copy: the caller's buffer may go. */
+    size_t out_bytes = (size_t)tfc_output_width() * 4 * sizeof(float);
+    float *again = malloc(out_bytes);
+    int repacked = 0;
+    for (int32_t i = 0; i < n; i++) {
+        if (tfc_weight_repacked(i) != 1) continue;
+        memset(bufs[i], 0xff, (size_t)tfc_weight_bytes(i));
+        free(bufs[i]);
+        bufs[i] = NULL;
+        repacked++;
+    }
+    EXPECT("reset before the second prefill", tfc_reset(ctx), TFC_OK);
+    EXPECT("prefill after releasing re-packed weights", tfc_prefill(ctx, tokens, NULL, 4, 1, again), TFC_OK);
+    EXPECT("the same rows", memcmp(out, again, out_bytes), 0);
+    const char *want_repacked = getenv("TFC_TEST_REPACKED");
+    if (want_repacked) EXPECT("weights re-packed", repacked, atoi(want_repacked));
+    free(again);
     if (tfc_has_decode()) {
         EXPECT("position after prefill", tfc_position(ctx), 4);
         EXPECT("prefill on a full cache", tfc_prefill(ctx, tokens, NULL, 4, 0, out), TFC_ERR_NOT_EMPTY);

@@ -176,16 +176,28 @@ fn build_c(dir: &std::path::Path, name: &str, source: &std::path::Path) -> PathB
 
 #[test]
 fn misuse_of_the_c_abi_gets_status_codes() {
-    for spec in ["specs/tiny/gpt2.tfs", "specs/tiny/bert.tfs"] {
+    // The bf16 model has weights the library re-packs at bind time, in both orientations;
+    // the manifest and `tfc_weight_repacked` must agree on which.
+    for (spec, repacked) in
+        [("specs/tiny/gpt2.tfs", 0), ("specs/tiny/bert.tfs", 0), ("tests/specs/valid/mixed_bf16_act.tfs", 11)]
+    {
         let spec = root().join(spec);
         let dir = build(&spec, "abi-c");
+        let manifest: tfc_runtime::abi::Manifest =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest.weights.iter().filter(|w| w.repacked).count(), repacked, "{}", spec.display());
         let name = spec.file_stem().unwrap().to_string_lossy().to_string();
         let exe = build_c(&dir, &name, &root().join("tests/c/abi_checks.c"));
-        let run = std::process::Command::new(&exe).output().unwrap();
+        let run =
+            std::process::Command::new(&exe).env("TFC_TEST_REPACKED", repacked.to_string()).output().unwrap();
         assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
         assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "ok");
         // The same through the baseline x86-64 copy of the code.
-        let run = std::process::Command::new(&exe).env("TFC_CPU", "baseline").output().unwrap();
+        let run = std::process::Command::new(&exe)
+            .env("TFC_CPU", "baseline")
+            .env("TFC_TEST_REPACKED", repacked.to_string())
+            .output()
+            .unwrap();
         assert!(run.status.success(), "{name}, baseline: {}", String::from_utf8_lossy(&run.stderr));
         assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "ok");
     }
@@ -291,6 +303,28 @@ fn bf16_gemm_paths_child() {
             assert_rounded(&format!("{name}: {n} rows"), &rows, &want.data, &exact.data);
         }
     }
+}
+
+/// bf16 matrices that only linear maps read are re-packed into tiles when bound; an
+/// embedding table that the unembedding shares (gemma ties them) is also gathered from,
+/// so it stays as stored. Either way the library computes what the interpreter does.
+#[test]
+fn tied_bf16_tables_stay_as_stored_and_the_rest_is_re_packed() {
+    let spec = root().join("specs/tiny/gemma.tfs");
+    let bf16 = Some(tfc::ir::DType::BF16);
+    let c = compile(&spec, &Options { weight_dtype: bf16, ..Options::default() });
+    let model =
+        Model::load(build_opts(&spec, "tied-bf16", &LibOptions { weight_dtype: bf16, ..Default::default() }))
+            .unwrap();
+    for w in &model.manifest().weights {
+        // [out, in] with `out` a multiple of 64 and `in` of 32: q and o [64, 64], down
+        // [64, 160]; not k and v [32, 64] nor gate and up [160, 64], nor the tied table.
+        let fits = ["q_proj", "o_proj", "down_proj"].iter().any(|p| w.name.ends_with(&format!("{p}.weight")));
+        assert_eq!(w.repacked, fits, "{}: {:?} {}", w.name, w.shape, w.dtype);
+    }
+    let (w, data) = random_weights(&model, &[&c.model]);
+    let mut s = Session::new(&model, data, 2).unwrap();
+    check_splits("gemma, bf16 weights", &c, &w, &mut s);
 }
 
 /// The two backends against each other, on the same seeded weights: every row of the

@@ -124,6 +124,20 @@ impl LibGraphs {
         gs.extend(self.compiled.decode.as_ref());
         llvm::WeightTable::of(&gs)
     }
+
+    /// The weight table of a CPU library from `backend`: the LLVM kernels read bf16
+    /// matrices in the tile layout (`llvm::Tiles`), re-packed when they are bound.
+    pub fn library_weights(&self, backend: Backend) -> llvm::WeightTable {
+        let t = self.weight_table();
+        match backend {
+            Backend::Llvm => {
+                let mut gs = vec![&self.compiled.prefill, &self.prefill_all];
+                gs.extend(self.compiled.decode.as_ref());
+                t.tiled(&gs)
+            }
+            Backend::Mlir => t,
+        }
+    }
 }
 
 /// The library's LLVM module from the chosen backend, with its layout.
@@ -249,7 +263,7 @@ pub fn gpu_build(
         .iter()
         .map(|(n, s, _)| {
             let d = declared.names.iter().find(|w| &w.0 == n).map_or(crate::ir::DType::F32, |w| w.2);
-            WeightInfo { name: n.clone(), shape: s.clone(), dtype: d.name().into() }
+            WeightInfo { name: n.clone(), shape: s.clone(), dtype: d.name().into(), repacked: false }
         })
         .collect();
     program.spec_hash = abi::fnv1a(source);
@@ -279,7 +293,7 @@ pub fn llvm_ir(file: &str, source: &str, optimized: bool, opts: &LibOptions) -> 
     let lg = lib_graphs(file, source, opts)?;
     let cx = inkwell::context::Context::create();
     let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
-    let (m, _) = build(&cx, &lg, &lg.weight_table(), opts.backend, &tm)?;
+    let (m, _) = build(&cx, &lg, &lg.library_weights(opts.backend), opts.backend, &tm)?;
     m.set_triple(&tm.get_triple());
     m.set_data_layout(&tm.get_target_data().get_data_layout());
     if optimized {
@@ -344,7 +358,7 @@ pub fn compile_library(
 ) -> Result<Artifact, BackendError> {
     let lg = lib_graphs(file, source, opts)?;
     let c = &lg.compiled;
-    let weights = lg.weight_table();
+    let weights = lg.library_weights(opts.backend);
     let cx = inkwell::context::Context::create();
     let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
     let (m, layout) = build(&cx, &lg, &weights, opts.backend, &tm)?;
@@ -423,7 +437,13 @@ pub fn compile_library(
         weights: weights
             .names
             .iter()
-            .map(|(n, s, d)| WeightInfo { name: n.clone(), shape: s.clone(), dtype: d.name().into() })
+            .enumerate()
+            .map(|(i, (n, s, d))| WeightInfo {
+                name: n.clone(),
+                shape: s.clone(),
+                dtype: d.name().into(),
+                repacked: weights.tiles_of(i).is_some(),
+            })
             .collect(),
         spec_hash: abi::fnv1a(source),
         spec: source.to_string(),

@@ -18,6 +18,8 @@ typedef void (*tfc_graph)(void *arena, float *cache, const int32_t *tokens, cons
 extern const int64_t tfc__n_weights, tfc__arena_bytes, tfc__cache_bytes, tfc__max_seq, tfc__vocab,
     tfc__out_width, tfc__has_decode, tfc__type_rows;
 extern const int64_t tfc__weight_bytes[];
+/* Per weight: out, in, and 1 if stored [in, out]; out = 0 for a weight bound as it is. */
+extern const int64_t tfc__weight_tiles[];
 extern const char *const tfc__weight_names[];
 void tfc__prefill(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t, const void *const *,
                   float *, void *);
@@ -220,6 +222,7 @@ struct tfc_ctx {
     void *arena;
     float *cache;
     const void **weights;
+    void **owned; /* per weight: the library's re-packed copy, or NULL */
     int32_t *zeros; /* token types when none are given */
     int64_t unbound;
     int64_t pos;
@@ -238,6 +241,9 @@ const char *tfc_weight_name(int32_t index) {
 int64_t tfc_weight_bytes(int32_t index) {
     return index < 0 || index >= tfc__n_weights ? -1 : tfc__weight_bytes[index];
 }
+int32_t tfc_weight_repacked(int32_t index) {
+    return index < 0 || index >= tfc__n_weights ? -1 : tfc__weight_tiles[3 * (int64_t)index] != 0;
+}
 
 tfc_ctx *tfc_create(int32_t n_threads) {
     pthread_once(&chosen, choose_code);
@@ -250,14 +256,16 @@ tfc_ctx *tfc_create(int32_t n_threads) {
     c->arena = aligned_alloc(64, ((size_t)tfc__arena_bytes + 63) / 64 * 64 + 64);
     c->cache = aligned_alloc(64, ((size_t)tfc__cache_bytes + 63) / 64 * 64 + 64);
     c->weights = calloc((size_t)tfc__n_weights + 1, sizeof(void *));
+    c->owned = calloc((size_t)tfc__n_weights + 1, sizeof(void *));
     c->zeros = calloc((size_t)tfc__max_seq + 1, sizeof(int32_t));
     c->pool = pool_create(n_threads);
     c->unbound = tfc__n_weights;
-    if (!c->arena || !c->cache || !c->weights || !c->zeros || !c->pool) {
+    if (!c->arena || !c->cache || !c->weights || !c->owned || !c->zeros || !c->pool) {
         if (c->pool) pool_destroy(c->pool);
         free(c->arena);
         free(c->cache);
         free(c->weights);
+        free(c->owned);
         free(c->zeros);
         free(c);
         return NULL;
@@ -271,14 +279,52 @@ void tfc_destroy(tfc_ctx *c) {
     free(c->arena);
     free(c->cache);
     free(c->weights);
+    for (int64_t i = 0; i < tfc__n_weights; i++) free(c->owned[i]);
+    free(c->owned);
     free(c->zeros);
     free(c);
+}
+
+/* ---- re-packing. A bf16 matrix the kernels read in tiles (tfc__weight_tiles) is copied
+   at bind time as W [out, in] (an [in, out] one transposed) in blocks of 16 outputs, each
+   block in/32 tiles of 16 outputs x 32 inputs, row-major: one task per block. ---- */
+typedef struct {
+    const uint16_t *src;
+    uint16_t *dst;
+    int64_t out, inn, transposed;
+} repack_t;
+
+static void repack_blocks(const int64_t *args, int64_t begin, int64_t end) {
+    const repack_t *r = (const repack_t *)(const void *)args;
+    const int64_t inn = r->inn, out = r->out;
+    for (int64_t ob = begin; ob < end; ob++) {
+        uint16_t *d = r->dst + ob * 16 * inn;
+        for (int64_t k = 0; k < inn / 32; k++, d += 16 * 32) {
+            if (!r->transposed) {
+                for (int64_t o = 0; o < 16; o++) memcpy(d + o * 32, r->src + (ob * 16 + o) * inn + k * 32, 64);
+            } else {
+                for (int64_t i = 0; i < 32; i++) {
+                    const uint16_t *s = r->src + (k * 32 + i) * out + ob * 16;
+                    for (int64_t o = 0; o < 16; o++) d[o * 32 + i] = s[o];
+                }
+            }
+        }
+    }
 }
 
 int32_t tfc_bind_weight(tfc_ctx *c, int32_t index, const void *data, uint64_t nbytes) {
     if (!c || !data) return TFC_ERR_NULL;
     if (index < 0 || index >= tfc__n_weights) return TFC_ERR_ARG;
     if (nbytes != (uint64_t)tfc__weight_bytes[index] || ((uintptr_t)data & 1) != 0) return TFC_ERR_ARG;
+    const int64_t *tiles = &tfc__weight_tiles[3 * (int64_t)index];
+    if (tiles[0] != 0) {
+        uint16_t *copy = c->owned[index];
+        if (!copy && !(copy = aligned_alloc(64, ((size_t)nbytes + 63) / 64 * 64))) return TFC_ERR_ALLOC;
+        c->owned[index] = copy;
+        repack_t r = {data, copy, tiles[0], tiles[1], tiles[2]};
+        tfc__parallel_for(c->pool, repack_blocks, (const int64_t *)(const void *)&r, tiles[0] / 16);
+        data = copy;
+    }
     if (!c->weights[index]) c->unbound--;
     c->weights[index] = data;
     return TFC_OK;

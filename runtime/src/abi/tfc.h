@@ -44,9 +44,15 @@ int32_t tfc_uses_fallback(void);
 tfc_ctx *tfc_create(int32_t n_threads);
 void tfc_destroy(tfc_ctx *ctx);
 
-/* Binds weight `index` to memory the caller owns and keeps alive (e.g. an mmap'd
-   safetensors file): tfc_weight_bytes(index) bytes in the manifest's layout and dtype
-   (f32, 4-byte aligned, or bf16, 2-byte aligned). Nothing is copied. */
+/* 1 when binding weight `index` copies it into the library's own layout (a bf16 matrix
+   its kernels read in tiles), 0 when the library reads the caller's memory in place,
+   -1 for a bad index. */
+int32_t tfc_weight_repacked(int32_t index);
+/* Binds weight `index`: tfc_weight_bytes(index) bytes in the manifest's layout and dtype
+   (f32, 4-byte aligned, or bf16, 2-byte aligned). A weight that tfc_weight_repacked says
+   is copied may be released once this returns; any other is read in place, so the
+   caller owns that memory and keeps it alive (e.g. an mmap'd safetensors file) while
+   the context runs. Binding an index again replaces it. */
 int32_t tfc_bind_weight(tfc_ctx *ctx, int32_t index, const void *data, uint64_t nbytes);
 
 /* Runs `n` tokens at positions 0..n (the cache must be empty) and fills the cache.

@@ -11,11 +11,12 @@
 //! that is a `round_bf16` (`activations = bf16`) is bf16 already: one part.
 //!
 //! Every tile operand is contiguous (1 KB; tile rows far apart stalled the loads):
-//! - `W [out, in]`: `Cᵀ = W · Xᵀ`. Each task copies its weight rows, a chunk of `in` at a
-//!   time, into tiles; the activations are packed as VNNI pairs of 16 rows. Each `Cᵀ`
-//!   tile is transposed through registers on its way out.
-//! - `W [in, out]`: `C = X · W`. Each task packs its columns of each chunk into VNNI
-//!   pairs; the activations are packed as tiles of 16 rows × 32 inputs.
+//! - `W [out, in]`: `Cᵀ = W · Xᵀ`. Weights in the tile layout (`super::Tiles`, re-packed
+//!   when bound; `[in, out]` ones arrive transposed) are read in place; others are copied
+//!   by each task, a chunk of `in` at a time, into tiles. The activations are packed as
+//!   VNNI pairs of 16 rows. Each `Cᵀ` tile is transposed through registers on its way out.
+//! - `W [in, out]` as stored: `C = X · W`. Each task packs its columns of each chunk into
+//!   VNNI pairs; the activations are packed as tiles of 16 rows × 32 inputs.
 //!
 //! Rows are padded to a multiple of 32 with zeros, so every tile has its full shape and
 //! the tile configuration is constant. Per 16 rows and 64 columns: four accumulator
@@ -292,6 +293,9 @@ pub struct Shape {
     pub bias: bool,
     /// The activation parts (`PARTS`, or 1 for activations rounded to bf16).
     pub parts: usize,
+    /// The weights are in the tile layout (`super::Tiles`, as `[out, in]`): each weight
+    /// tile is read where it is, with nothing to copy.
+    pub tiles: bool,
 }
 
 /// What the AMX GEMM of one linear map needs: its arguments and its shape.
@@ -410,7 +414,8 @@ pub fn acc_bytes(rows: usize, n_out: usize) -> usize {
 fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: IntValue<'ctx>) {
     let c = |v: usize| kb.c(v as i64);
     let t = &Tiles::new(kb);
-    let Shape { inn, n_out, transposed, parts, .. } = g.s;
+    let Shape { inn, n_out, transposed, parts, tiles, .. } = g.s;
+    assert!(!(tiles && transposed), "tiled weights are read as [out, in]");
     let gr = groups(n_out);
     let mp = padded(kb, g.rows);
     let mtiles = kb.udiv(mp, c(16));
@@ -419,7 +424,7 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
     let part = kb.mul(kb.mul(mp, c(inn)), c(2));
     let accs = kb.gep(kb.cx.i8_type(), g.x, kb.mul(part, c(parts)));
     let kc = KC.min(inn);
-    let panel = kb.b.build_array_alloca(i32t, c(kc / 2 * 64 * gr), "panel").unwrap();
+    let panel = kb.b.build_array_alloca(i32t, c(if tiles { 1 } else { kc / 2 * 64 * gr }), "panel").unwrap();
     kb.for_(begin, end, |task| {
         let n0 = kb.mul(task, c(64 * gr));
         let ngr = kb.min(c(gr), kb.udiv(kb.sub(c(n_out), n0), c(64)));
@@ -438,7 +443,9 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
         kb.for_(c(0), c(inn.div_ceil(kc)), |chunk| {
             let k0 = kb.mul(chunk, c(kc));
             let steps = kb.udiv(kb.min(c(kc), kb.sub(c(inn), k0)), c(32));
-            if !transposed {
+            if tiles {
+                // Read in place below.
+            } else if !transposed {
                 // W [out, in]: the task's rows, columns k0.., copied tile by tile: tile
                 // (k, column tile) holds rows 16·jt.. of inputs 32k.., contiguous.
                 let i32v = i32t.vec_type(16);
@@ -501,8 +508,14 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
                             .map(|j| {
                                 let jt = kb.add(kb.mul(gi, c(4)), c(j));
                                 let a = acc[j].into_vector_value();
-                                let tile = kb.add(kb.mul(k, c(4 * gr)), jt);
-                                let w = t.load(panel, kb.mul(tile, c(1024)));
+                                let w = if tiles {
+                                    // Block n0 / 16 + jt of the weights, tile ka.
+                                    let blk = kb.add(kb.udiv(n0, c(16)), jt);
+                                    t.load(g.w, kb.mul(kb.add(kb.mul(blk, c(inn / 32)), ka), c(1024)))
+                                } else {
+                                    let tile = kb.add(kb.mul(k, c(4 * gr)), jt);
+                                    t.load(panel, kb.mul(tile, c(1024)))
+                                };
                                 let r = if transposed {
                                     xs.iter().fold(a, |a, x| t.dp(a, *x, w))
                                 } else {

@@ -32,7 +32,8 @@ pub enum Kernel {
     /// args: x, w, [b], out, rows, then one pointer per `Add`/`Mul` of the epilogue, then
     /// with `amx` the packed activations; tasks: column blocks of `BLOCK`. `packed`: the
     /// GEMM of many rows (see `packs`); `amx`: on AMX tiles when the CPU allows (bf16
-    /// weights, see `amx`), else the packed GEMM.
+    /// weights, see `amx`), else the packed GEMM. `tiles`: bf16 weights in the tile
+    /// layout (`super::Tiles`, read as `[out, in]`, so never `transposed`).
     Linear {
         inn: usize,
         out: usize,
@@ -40,6 +41,7 @@ pub enum Kernel {
         bias: bool,
         epi: Vec<Epi>,
         wf: WFmt,
+        tiles: bool,
         packed: bool,
         /// The activation parts of the AMX GEMM (`amx::PARTS`, or 1 for bf16 inputs).
         amx: Option<usize>,
@@ -143,25 +145,35 @@ struct Lin<'ctx, 'e> {
     others: Vec<PointerValue<'ctx>>,
     /// How the weights are stored.
     wf: WFmt,
+    /// `[out, in]` in the tile layout (`super::Tiles`), not row-major.
+    tiles: bool,
 }
 
 impl<'ctx, 'e> Lin<'ctx, 'e> {
-    /// Reads the argument block: x, w, [b], out, rows, then the epilogue's other operands.
-    fn from_args(
-        a: ArgI<'ctx, '_>,
-        p: ArgP<'ctx, '_>,
-        inn: usize,
-        n_out: usize,
-        bias: bool,
-        epi: &'e [Epi],
-        wf: WFmt,
-    ) -> (Self, IntValue<'ctx>) {
+    /// Reads the argument block of a `Kernel::Linear`: x, w, [b], out, rows, then the
+    /// epilogue's other operands.
+    fn from_args(a: ArgI<'ctx, '_>, p: ArgP<'ctx, '_>, k: &'e Kernel) -> (Self, IntValue<'ctx>) {
+        let Kernel::Linear { inn, out: n_out, bias, ref epi, wf, tiles, .. } = *k else {
+            unreachable!("the arguments of a linear kernel")
+        };
         let (x, w) = (p(0), p(1));
         let (b, out, rows) = if bias { (Some(p(2)), p(3), a(4)) } else { (None, p(2), a(3)) };
         let first = if bias { 5 } else { 4 };
         let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
         let others = (0..n_others).map(|k| p(first + k as i64)).collect();
-        (Lin { x, w, b, out, inn, n_out, epi, others, wf }, rows)
+        (Lin { x, w, b, out, inn, n_out, epi, others, wf, tiles }, rows)
+    }
+
+    /// The element of `W [out, in]` at output `o`, input `i`: row-major, or in the tile
+    /// layout, where the inputs of one output stay contiguous within each 32.
+    fn widx(&self, kb: &Kb<'_, 'ctx>, o: IntValue<'ctx>, i: IntValue<'ctx>) -> IntValue<'ctx> {
+        if !self.tiles {
+            return kb.add(kb.mul(o, kb.c(self.inn as i64)), i);
+        }
+        let (r, k) = (super::Tiles::ROWS, super::Tiles::COLS);
+        let c = |v: usize| kb.c(v as i64);
+        let tile = kb.add(kb.mul(kb.udiv(o, c(r)), c(self.inn / k)), kb.udiv(i, c(k)));
+        kb.add(kb.mul(tile, c(r * k)), kb.add(kb.mul(kb.urem(o, c(r)), c(k)), kb.urem(i, c(k))))
     }
 }
 
@@ -213,6 +225,9 @@ fn lin_n_block<'ctx>(
     o1: IntValue<'ctx>,
     xp: Option<PointerValue<'ctx>>,
 ) {
+    if rn == 1 && l.tiles {
+        return lin_tile_row(kb, l, t0, o0, o1, xp.expect("tiled weights have a permuted row"));
+    }
     if rn == 1 {
         return lin_dot_row(kb, l, t0, o0, o1, xp);
     }
@@ -225,8 +240,7 @@ fn lin_n_block<'ctx>(
         let steps = c(l.inn / VW);
         let acc = kb.fold(c(0), steps, &init, |s, acc| {
             let i = kb.mul(s, c(VW));
-            let wv: Vec<_> =
-                (0..on).map(|j| kb.ldvw(l.w, kb.add(kb.mul(kb.add(oo, c(j)), c(l.inn)), i), l.wf)).collect();
+            let wv: Vec<_> = (0..on).map(|j| kb.ldvw(l.w, l.widx(kb, kb.add(oo, c(j)), i), l.wf)).collect();
             let mut next = Vec::with_capacity(acc.len());
             for r in 0..rn {
                 let xv = kb.ldv(l.x, kb.add(kb.mul(kb.add(t0, c(r)), c(l.inn)), i));
@@ -360,6 +374,49 @@ fn lin_dot_row<'ctx>(
     });
 }
 
+/// One row times `W [out, in]` in the tile layout (`super::Tiles`), outputs `o0..o1` (whole
+/// blocks of 16): each block is one contiguous stream, prefetched `PREFETCH` ahead, read a
+/// tile at a time into one accumulator per output, as even and odd lanes against `xp`
+/// (row `t`, permuted by `permute_pairs` over all of `in`).
+fn lin_tile_row<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    t: IntValue<'ctx>,
+    o0: IntValue<'ctx>,
+    o1: IntValue<'ctx>,
+    xp: PointerValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let (rows, cols) = (super::Tiles::ROWS, super::Tiles::COLS);
+    let ktiles = l.inn / cols;
+    kb.for_(kb.udiv(o0, c(rows)), kb.udiv(o1, c(rows)), |blk| {
+        let init: Vec<_> = (0..rows).map(|_| kb.vzero().into()).collect();
+        let acc = kb.fold(c(0), c(ktiles), &init, |k, acc| {
+            let tile = kb.mul(kb.add(kb.mul(blk, c(ktiles)), k), c(rows * cols));
+            let bytes = kb.mul(tile, c(2));
+            for line in 0..rows * cols * 2 / 64 {
+                kb.prefetch(l.w, kb.add(bytes, c(PREFETCH + 64 * line)));
+            }
+            let (xe, xo) = (kb.ldv(xp, kb.mul(k, c(cols))), kb.ldv(xp, kb.add(kb.mul(k, c(cols)), c(VW))));
+            (0..rows)
+                .map(|r| {
+                    let (e, d) = kb.ld_bf16_pairs(l.w, kb.add(tile, c(r * cols)));
+                    let a = kb.vfma(xe, e, acc[r].into_vector_value());
+                    kb.vfma(xo, d, a).into()
+                })
+                .collect()
+        });
+        for (r, a) in acc.iter().enumerate() {
+            let o = kb.add(kb.mul(blk, c(rows)), c(r));
+            let mut v = kb.vsum(a.into_vector_value());
+            if let Some(b) = l.b {
+                v = kb.fadd(v, kb.ld(b, o));
+            }
+            kb.st(l.out, kb.add(kb.mul(t, c(l.n_out)), o), v);
+        }
+    });
+}
+
 /// The packed GEMM for the column block `o0..o0 + BLOCK` of every row (`packs`): the
 /// block starts as the bias, each `KC`-row slice of the weights is packed into `panel`
 /// as f32 `[KC, BLOCK]` and added in `MR × BLOCK` register tiles, then the epilogue runs.
@@ -405,13 +462,7 @@ fn lin_packed<'ctx>(
                 kb.for_(c(0), kb.div(kn, c(VW)), |s| {
                     let kk = kb.mul(s, c(VW));
                     let rows = (0..VW)
-                        .map(|r| {
-                            kb.ldvw(
-                                l.w,
-                                kb.add(kb.mul(kb.add(o0, c(jb * VW + r)), c(inn)), kb.add(k0, kk)),
-                                l.wf,
-                            )
-                        })
+                        .map(|r| kb.ldvw(l.w, l.widx(kb, kb.add(o0, c(jb * VW + r)), kb.add(k0, kk)), l.wf))
                         .collect();
                     for (r, v) in kb.transpose(rows).into_iter().enumerate() {
                         kb.stv(panel, kb.add(kb.mul(kb.add(kk, c(r)), c(BLOCK)), c(jb * VW)), v);
@@ -419,9 +470,9 @@ fn lin_packed<'ctx>(
                 });
             }
             kb.for_(c(0), c(BLOCK), |j| {
-                let src = kb.add(kb.mul(kb.add(o0, j), c(inn)), k0);
                 kb.for_(kv, kn, |kk| {
-                    kb.st(panel, kb.add(kb.mul(kk, c(BLOCK)), j), kb.ldw(l.w, kb.add(src, kk), l.wf))
+                    let w = kb.ldw(l.w, l.widx(kb, kb.add(o0, j), kb.add(k0, kk)), l.wf);
+                    kb.st(panel, kb.add(kb.mul(kk, c(BLOCK)), j), w)
                 });
             });
         }
@@ -440,6 +491,16 @@ fn lin_packed<'ctx>(
             // Every operand is non-negative and every divisor a power of two, so unsigned
             // division keeps this to shifts and masks in the tiles' k-loops.
             let n = kb.min(kb.udiv(step, c(SPREAD)), c(lines - 1));
+            if l.tiles {
+                // BLOCK / 16 blocks, each of whose KC / 32 tiles in the slice are contiguous.
+                let (rows, cols) = (super::Tiles::ROWS, super::Tiles::COLS);
+                let per = KC / cols * rows * cols * esize / 64;
+                let (rb, line) = (kb.udiv(n, c(per)), kb.urem(n, c(per)));
+                let blk = kb.add(kb.udiv(no0, c(rows)), rb);
+                let tile = kb.add(kb.mul(blk, c(inn / cols)), kb.udiv(nk0, c(cols)));
+                let at = kb.add(kb.mul(tile, c(rows * cols * esize)), kb.mul(line, c(64)));
+                return kb.prefetch_l2(l.w, at);
+            }
             let row_lines = if transposed { esize } else { 2 * esize };
             let (r, line) = (kb.udiv(n, c(row_lines)), kb.urem(n, c(row_lines)));
             let elem = if transposed {
@@ -499,10 +560,10 @@ impl Kernel {
             Kernel::RmsNorm { d, eps, unit_offset } => {
                 format!("rmsnorm_{d}_{:016x}_{}", eps.to_bits(), *unit_offset as u8)
             }
-            Kernel::Linear { inn, out, transposed, bias, epi, wf, packed, amx } => {
+            Kernel::Linear { inn, out, transposed, bias, epi, wf, tiles, packed, amx } => {
                 let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
                 let (t, b) = (if *transposed { "_t" } else { "" }, if *bias { "_b" } else { "" });
-                let p = if *packed { "_p" } else { "" };
+                let p = format!("{}{}", if *tiles { "_tl" } else { "" }, if *packed { "_p" } else { "" });
                 let a = amx.map_or(String::new(), |q| format!("_amx{q}"));
                 format!("linear_{inn}x{out}{t}{b}{p}{a}{epi}{}", wf.suffix())
             }
@@ -668,8 +729,8 @@ fn body<'ctx>(
                 });
             });
         }
-        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, packed: true, amx } => {
-            let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
+        Kernel::Linear { inn, out: n_out, transposed, bias, tiles, packed: true, amx, .. } => {
+            let (l, rows) = Lin::from_args(a, p, k);
             let panel = kb.alloca_f32s(KC * BLOCK);
             let Some(parts) = amx else {
                 return kb.for_(begin, end, |blk| {
@@ -686,7 +747,7 @@ fn body<'ctx>(
                 kb.cx,
                 kb.m,
                 &format!("tfc_k_{}_tiles", k.symbol()),
-                &super::amx::Shape { inn, n_out, transposed, bias, parts },
+                &super::amx::Shape { inn, n_out, transposed, bias, parts, tiles },
             );
             let xp = p((if bias { 5 } else { 4 }) + l.others.len() as i64);
             let mut args: Vec<inkwell::values::BasicMetadataValueEnum> = vec![xp.into(), l.w.into()];
@@ -719,10 +780,12 @@ fn body<'ctx>(
         Kernel::AmxPack { inn, transposed, parts } => {
             super::amx::pack_x(kb, inn, transposed, parts, (p(0), p(1), a(2)), begin, end)
         }
-        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, .. } if tiled(inn, transposed) => {
-            let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
-            // A one-row product of bf16 weights reads them as even and odd lanes.
-            let xp = (wf == WFmt::Bf16 && inn >= DOT).then(|| kb.alloca_f32s(inn / DOT * DOT));
+        Kernel::Linear { inn, out: n_out, transposed, wf, tiles, .. } if tiled(inn, transposed) => {
+            let (l, rows) = Lin::from_args(a, p, k);
+            // A one-row product of bf16 weights reads them as even and odd lanes: those
+            // in tiles all of them, others those of whole steps of `DOT`.
+            let permuted = if tiles { inn } else { inn / DOT * DOT };
+            let xp = (wf == WFmt::Bf16 && permuted > 0).then(|| kb.alloca_f32s(permuted));
             // Rows in tiles of ROWS, then the rest one by one (decode's one row), each
             // permuted once for all of the task's blocks.
             let full = kb.mul(kb.div(rows, c(ROWS)), c(ROWS));
@@ -738,13 +801,14 @@ fn body<'ctx>(
             kb.for_(c(0), kb.div(full, c(ROWS)), |tt| blocks(kb.mul(tt, c(ROWS)), ROWS));
             kb.for_(full, rows, |t| {
                 if let Some(xp) = xp {
-                    permute_pairs(kb, l.x, kb.mul(t, c(inn)), inn / DOT * DOT, xp);
+                    permute_pairs(kb, l.x, kb.mul(t, c(inn)), permuted, xp);
                 }
                 blocks(t, 1)
             });
         }
-        Kernel::Linear { inn, out: n_out, transposed, bias, ref epi, wf, .. } => {
-            let (l, rows) = Lin::from_args(a, p, inn, n_out, bias, epi, wf);
+        Kernel::Linear { inn, out: n_out, transposed, tiles, .. } => {
+            assert!(!tiles, "tiled weights take the vectorised kernels");
+            let (l, rows) = Lin::from_args(a, p, k);
             let (x, w, b, out) = (l.x, l.w, l.b, l.out);
             kb.for_(begin, end, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
@@ -866,7 +930,7 @@ fn body<'ctx>(
             let first = if bias { 3 } else { 2 };
             let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
             let others = (0..n_others).map(|k| p(first + k as i64)).collect();
-            let l = Lin { x: part, w: part, b, out, inn: 0, n_out, epi, others, wf: WFmt::F32 };
+            let l = Lin { x: part, w: part, b, out, inn: 0, n_out, epi, others, wf: WFmt::F32, tiles: false };
             let sum_at = |o: IntValue<'ctx>| {
                 let sum = kb.fold(c(0), c(chunks), &[kb.vzero().into()], |ch, acc| {
                     let pv = kb.ldv(part, kb.add(kb.mul(ch, c(n_out)), o));

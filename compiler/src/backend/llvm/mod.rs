@@ -50,12 +50,84 @@ pub struct Graphs<'a> {
 pub struct WeightTable {
     pub names: Vec<(String, Vec<usize>, DType)>,
     index: HashMap<String, usize>,
+    /// Per weight, the tile layout the library re-packs it into when it is bound (see
+    /// `Tiles`); `None`: read as stored.
+    pub tiles: Vec<Option<Tiles>>,
+}
+
+/// A bf16 matrix that the library re-packs once, when it is bound, into the layout its
+/// kernels read (`tfc_bind_weight` in `support.c` does it from `tfc__weight_tiles`): as
+/// `W [out, in]` (an `[in, out]` weight transposed), in blocks of 16 outputs, each block
+/// `in / 32` tiles of 16 outputs × 32 inputs, row-major. A tile is one AMX operand, 1 KB
+/// and contiguous, and a block is one contiguous stream for a one-row product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiles {
+    pub out: usize,
+    pub inn: usize,
+    /// Stored as `[in, out]`.
+    pub transposed: bool,
+}
+
+impl Tiles {
+    /// Outputs per block and inputs per tile.
+    pub const ROWS: usize = 16;
+    pub const COLS: usize = 32;
+
+    /// Whether a bf16 linear map of these sizes gets the layout: those the AMX GEMM takes.
+    pub fn fits(inn: usize, out: usize) -> bool {
+        amx::fits(inn, out)
+    }
 }
 
 impl WeightTable {
     /// The slot of a weight the table holds.
     pub fn slot(&self, name: &str) -> usize {
         self.index[name]
+    }
+
+    /// The table with the tile layout for every bf16 weight that only linear maps of the
+    /// sizes `Tiles::fits` read, all in one orientation (so not, say, an embedding table
+    /// tied to the unembedding, which a gather also reads).
+    pub fn tiled(mut self, graphs: &[&Graph]) -> WeightTable {
+        let mut uses: Vec<Option<Option<bool>>> = vec![None; self.names.len()];
+        for g in graphs {
+            for id in g.node_ids() {
+                let Op::Weight { name, .. } = g.op(id) else { continue };
+                let i = self.index[name];
+                for u in g.users(id) {
+                    let ops = g.operands(u);
+                    let this = match g.op(u) {
+                        Op::Linear { transposed, .. } if ops[1] == id && ops[0] != id => Some(*transposed),
+                        _ => None,
+                    };
+                    uses[i] = match uses[i] {
+                        None => Some(this),
+                        Some(t) if t == this => Some(t),
+                        Some(_) => Some(None),
+                    };
+                }
+            }
+        }
+        self.tiles = self
+            .names
+            .iter()
+            .zip(uses)
+            .map(|((_, shape, dtype), u)| {
+                let transposed = u.flatten()?;
+                let (inn, out) = match shape[..] {
+                    [a, b] if transposed => (a, b),
+                    [a, b] => (b, a),
+                    _ => return None,
+                };
+                (*dtype == DType::BF16 && Tiles::fits(inn, out)).then_some(Tiles { out, inn, transposed })
+            })
+            .collect();
+        self
+    }
+
+    /// The tile layout of weight `i`, if it has one.
+    pub fn tiles_of(&self, i: usize) -> Option<Tiles> {
+        self.tiles.get(i).copied().flatten()
     }
 
     pub fn of(graphs: &[&Graph]) -> WeightTable {
@@ -68,6 +140,7 @@ impl WeightTable {
                         let shape = ty.shape.iter().map(|d| d.as_fixed().unwrap_or(0)).collect();
                         t.index.insert(name.clone(), t.names.len());
                         t.names.push((name.clone(), shape, ty.dtype));
+                        t.tiles.push(None);
                     }
                 }
             }
@@ -206,6 +279,20 @@ pub fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &Weight
     g.set_initializer(&arr);
     g.set_constant(true);
     g.set_visibility(GlobalVisibility::Hidden);
+    // Three per weight: `out`, `in` and whether it is stored `[in, out]`; all zero for a
+    // weight bound as it is.
+    let tiles: Vec<_> = (0..w.names.len())
+        .flat_map(|i| match w.tiles_of(i) {
+            Some(t) => [t.out as u64, t.inn as u64, t.transposed as u64],
+            None => [0; 3],
+        })
+        .map(|v| i64t.const_int(v, false))
+        .collect();
+    let arr = i64t.const_array(&tiles);
+    let g = m.add_global(arr.get_type(), None, "tfc__weight_tiles");
+    g.set_initializer(&arr);
+    g.set_constant(true);
+    g.set_visibility(GlobalVisibility::Hidden);
     let names: Vec<_> = w
         .names
         .iter()
@@ -291,11 +378,27 @@ fn fusion(g: &Graph, order: &[NodeId]) -> Fusion {
     f
 }
 
+/// Whether linear map `n` reads its weights in the tile layout (`Tiles`).
+fn reads_tiles(g: &Graph, n: NodeId, weights: &WeightTable) -> bool {
+    match g.op(g.operands(n)[1]) {
+        Op::Weight { name, .. } => weights.tiles_of(weights.slot(name)).is_some(),
+        _ => false,
+    }
+}
+
+/// Whether linear map `n` reads its weights as `[in, out]`: stored so, and not re-packed
+/// into tiles (which are `[out, in]`).
+fn reads_transposed(g: &Graph, n: NodeId, weights: &WeightTable) -> bool {
+    matches!(g.op(n), Op::Linear { transposed: true, .. }) && !reads_tiles(g, n, weights)
+}
+
 /// Chunks of the input dimension for a one-row `x · W [in, out]`, and `out`: such a product
 /// is split over `in` so that each task streams a contiguous band of weight rows (the
 /// column blocks of the tiled kernel would each walk the whole matrix at a large stride).
-fn split_k(g: &Graph, n: NodeId) -> Option<(usize, usize)> {
-    let Op::Linear { transposed: true, .. } = g.op(n) else { return None };
+fn split_k(g: &Graph, n: NodeId, weights: &WeightTable) -> Option<(usize, usize)> {
+    if !reads_transposed(g, n, weights) {
+        return None;
+    }
     let ty = g.ty(n);
     let (rows, out) = (ty.shape[0].as_fixed()?, ty.shape[1].as_fixed()?);
     let inn = g.ty(g.operands(n)[0]).shape[1].as_fixed()?;
@@ -304,10 +407,13 @@ fn split_k(g: &Graph, n: NodeId) -> Option<(usize, usize)> {
 
 /// Whether linear map `n` runs on AMX tiles (on a target with them): bf16 weights, many
 /// rows (not decode's one), and sizes the tile kernel takes.
-fn amx_linear(g: &Graph, n: NodeId, amx: bool) -> bool {
-    let Op::Linear { transposed, .. } = g.op(n) else { return false };
+fn amx_linear(g: &Graph, n: NodeId, amx: bool, weights: &WeightTable) -> bool {
+    if !matches!(g.op(n), Op::Linear { .. }) {
+        return false;
+    }
+    let transposed = reads_transposed(g, n, weights);
     let ops = g.operands(n);
-    if !amx || split_k(g, n).is_some() || WFmt::of(g.ty(ops[1])) != WFmt::Bf16 {
+    if !amx || split_k(g, n, weights).is_some() || WFmt::of(g.ty(ops[1])) != WFmt::Bf16 {
         return false;
     }
     let ty = g.ty(n);
@@ -316,7 +422,7 @@ fn amx_linear(g: &Graph, n: NodeId, amx: bool) -> bool {
         return false;
     };
     let rows: Option<usize> = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
-    rows.is_none_or(|r| r >= amx::MB / 2) && kernels::packs(rows, out, *transposed) && amx::fits(inn, out)
+    rows.is_none_or(|r| r >= amx::MB / 2) && kernels::packs(rows, out, transposed) && amx::fits(inn, out)
 }
 
 /// The bf16 parts the AMX GEMM splits activation `x` into: one if `x` is rounded to bf16.
@@ -329,8 +435,8 @@ fn amx_parts(g: &Graph, x: NodeId) -> usize {
 }
 
 /// Bytes a node's arena block holds after its value: a split-K GEMV's partial sums.
-fn extra_bytes(g: &Graph, n: NodeId) -> u64 {
-    split_k(g, n).map_or(0, |(chunks, out)| (chunks * out * 4) as u64)
+fn extra_bytes(g: &Graph, n: NodeId, weights: &WeightTable) -> u64 {
+    split_k(g, n, weights).map_or(0, |(chunks, out)| (chunks * out * 4) as u64)
 }
 
 /// The arena plan of a graph whose every node is computed on its own (no fused chains).
@@ -382,7 +488,7 @@ fn plan(
             _ => {
                 // A fused linear map writes its chain's last value: same shape, one block.
                 // A split-K GEMV keeps its partial sums after its output row.
-                let extra = extra_bytes(g, n);
+                let extra = extra_bytes(g, n, weights);
                 let bytes =
                     (g.ty(n).eval(bind).iter().product::<usize>() as u64 * 4 + extra).div_ceil(64) * 64;
                 let slot =
@@ -408,7 +514,7 @@ fn plan(
             if last_use.get(&o) == Some(&i) && !interior {
                 if let Some(Loc::Arena(off)) = loc.get(&o) {
                     let owner = fusion.absorbed.get(&o).copied().unwrap_or(o);
-                    let extra = extra_bytes(g, owner);
+                    let extra = extra_bytes(g, owner, weights);
                     let bytes =
                         (g.ty(o).eval(bind).iter().product::<usize>() as u64 * 4 + extra).div_ceil(64) * 64;
                     free.push((*off, bytes));
@@ -484,7 +590,7 @@ fn emit_graph<'ctx>(
     let amx_at = arena_bytes.div_ceil(64) * 64;
     let amx_bytes = order
         .iter()
-        .filter(|&&n| amx_linear(g, n, amx))
+        .filter(|&&n| amx_linear(g, n, amx, weights))
         .map(|&n| {
             let x = g.ty(g.operands(n)[0]).eval(bind);
             let out = *g.ty(n).eval(bind).last().unwrap();
@@ -585,7 +691,7 @@ fn emit_graph<'ctx>(
                 let k = Kernel::RmsNorm { d: width, eps: *eps, unit_offset: *unit_offset };
                 call(k, vec![o(0), o(1), me()], rows_of(n))
             }
-            Op::Linear { transposed, bias } => {
+            Op::Linear { bias, .. } => {
                 let inn = fixed(*g.ty(ops[0]).shape.last().unwrap());
                 let wf = WFmt::of(g.ty(ops[1]));
                 let mut v = vec![o(0), o(1)];
@@ -603,7 +709,7 @@ fn emit_graph<'ctx>(
                         }
                     }
                 }
-                if let Some((chunks, _)) = split_k(g, n) {
+                if let Some((chunks, _)) = split_k(g, n, weights) {
                     // Partials live right after the output row in the node's block.
                     let part = kb.int_of(kb.gep(kb.f32t(), at(n), kb.c(width as i64)));
                     let k = Kernel::GemvPartial { inn, out: width, chunks, wf };
@@ -618,11 +724,12 @@ fn emit_graph<'ctx>(
                         Kernel::GemvReduce { out: width, chunks, bias: *bias, epi, pairs: wf == WFmt::Bf16 };
                     call(k, r, kb.c((width / BLOCK) as i64));
                 } else {
-                    let (transposed, bias) = (*transposed, *bias);
+                    let (transposed, tiles) = (reads_transposed(g, n, weights), reads_tiles(g, n, weights));
+                    let bias = *bias;
                     let ty = g.ty(n);
                     let rows = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
                     let packed = kernels::packs(rows, width, transposed);
-                    let amx = amx_linear(g, n, amx).then(|| amx_parts(g, ops[0]));
+                    let amx = amx_linear(g, n, amx, weights).then(|| amx_parts(g, ops[0]));
                     if let Some(parts) = amx {
                         let xp = kb.int_of(kb.gep(cx.i8_type(), arena, kb.c(amx_at as i64)));
                         if packed_input != Some((ops[0], transposed)) {
@@ -634,7 +741,7 @@ fn emit_graph<'ctx>(
                         v.push(xp);
                     }
                     let tasks = if amx.is_some() { amx::tasks(width) } else { width.div_ceil(BLOCK) };
-                    let k = Kernel::Linear { inn, out: width, transposed, bias, epi, wf, packed, amx };
+                    let k = Kernel::Linear { inn, out: width, transposed, bias, epi, wf, tiles, packed, amx };
                     call(k, v, kb.c(tasks as i64));
                 }
             }
