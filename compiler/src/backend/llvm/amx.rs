@@ -387,6 +387,10 @@ fn write_tile<'ctx>(
 /// stay in L1 while every group of 64 columns passes over those.
 const KC: usize = 256;
 
+/// Lines of the next chunk's weights prefetched per k-step of a chunk (`gemm`): 8 × 256
+/// k-steps of 128 rows and four groups cover a chunk of 256 inputs × 256 columns.
+const PREFETCH_LINES: usize = 8;
+
 /// Groups of 64 output columns per task: as many as keep eight tasks or more for the
 /// pool (each task reads the packed activations once, so fewer, wider tasks read them
 /// less often), at most four.
@@ -489,48 +493,76 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: Int
                     });
                 });
             }
-            kb.for_(c(0), mtiles, |mt| {
-                kb.for_(c(0), ngr, |gi| {
-                    let init: Vec<_> = (0..4).map(|j| t.load(accs, acc_at(gi, mt, j)).into()).collect();
-                    let acc = kb.fold(c(0), steps, &init, |k, acc| {
-                        let ka = kb.add(kb.udiv(k0, c(32)), k);
-                        let xs: Vec<_> = (0..parts)
-                            .map(|q| {
-                                let tile = if transposed {
-                                    kb.add(kb.mul(mt, c(inn / 32)), ka)
-                                } else {
-                                    kb.add(kb.mul(ka, mtiles), mt)
-                                };
-                                t.load(g.x, kb.add(kb.mul(tile, c(1024)), kb.mul(part, c(q))))
-                            })
-                            .collect();
-                        (0..4)
-                            .map(|j| {
-                                let jt = kb.add(kb.mul(gi, c(4)), c(j));
-                                let a = acc[j].into_vector_value();
-                                let w = if tiles {
-                                    // Block n0 / 16 + jt of the weights, tile ka.
-                                    let blk = kb.add(kb.udiv(n0, c(16)), jt);
-                                    t.load(g.w, kb.mul(kb.add(kb.mul(blk, c(inn / 32)), ka), c(1024)))
-                                } else {
-                                    let tile = kb.add(kb.mul(k, c(4 * gr)), jt);
-                                    t.load(panel, kb.mul(tile, c(1024)))
-                                };
-                                let r = if transposed {
-                                    xs.iter().fold(a, |a, x| t.dp(a, *x, w))
-                                } else {
-                                    xs.iter().fold(a, |a, x| t.dp(a, w, *x))
-                                };
-                                r.into()
-                            })
-                            .collect()
-                    });
-                    for (j, a) in acc.iter().enumerate() {
-                        let at = kb.gep(kb.cx.i8_type(), accs, acc_at(gi, mt, j));
-                        t.store(at, a.into_vector_value());
+            // The weights of the task's next chunk (or of the next task's first, which this
+            // thread usually takes next), `PREFETCH_LINES` lines into L2 per k-step of
+            // this one's: the tiles read them in place, and the first row tile would
+            // otherwise wait on memory for each.
+            let last = kb.icmp_ge(kb.add(k0, c(kc)), c(inn));
+            let nk0 = kb.select(last, c(0), kb.add(k0, c(kc)));
+            let nn0 = kb.select(last, kb.add(n0, c(64 * gr)), n0);
+            let per_block = kc / 32 * 16;
+            let prefetch_next = |it: IntValue<'ctx>| {
+                for l in 0..PREFETCH_LINES {
+                    let n = kb.min(kb.add(kb.mul(it, c(PREFETCH_LINES)), c(l)), c(4 * gr * per_block - 1));
+                    let (b, line) = (kb.udiv(n, c(per_block)), kb.urem(n, c(per_block)));
+                    let tile =
+                        kb.add(kb.mul(kb.add(kb.udiv(nn0, c(16)), b), c(inn / 32)), kb.udiv(nk0, c(32)));
+                    kb.prefetch_l2(g.w, kb.add(kb.mul(tile, c(1024)), kb.mul(line, c(64))));
+                }
+            };
+            // One row tile and group of 64 columns over the chunk's k-steps.
+            let step = |mt: IntValue<'ctx>, gi: IntValue<'ctx>| {
+                let init: Vec<_> = (0..4).map(|j| t.load(accs, acc_at(gi, mt, j)).into()).collect();
+                let acc = kb.fold(c(0), steps, &init, |k, acc| {
+                    let ka = kb.add(kb.udiv(k0, c(32)), k);
+                    if tiles {
+                        prefetch_next(kb.add(kb.mul(kb.add(kb.mul(mt, ngr), gi), c(kc / 32)), k));
                     }
+                    let xs: Vec<_> = (0..parts)
+                        .map(|q| {
+                            let tile = if transposed {
+                                kb.add(kb.mul(mt, c(inn / 32)), ka)
+                            } else {
+                                kb.add(kb.mul(ka, mtiles), mt)
+                            };
+                            t.load(g.x, kb.add(kb.mul(tile, c(1024)), kb.mul(part, c(q))))
+                        })
+                        .collect();
+                    (0..4)
+                        .map(|j| {
+                            let jt = kb.add(kb.mul(gi, c(4)), c(j));
+                            let a = acc[j].into_vector_value();
+                            let w = if tiles {
+                                // Block n0 / 16 + jt of the weights, tile ka.
+                                let blk = kb.add(kb.udiv(n0, c(16)), jt);
+                                t.load(g.w, kb.mul(kb.add(kb.mul(blk, c(inn / 32)), ka), c(1024)))
+                            } else {
+                                let tile = kb.add(kb.mul(k, c(4 * gr)), jt);
+                                t.load(panel, kb.mul(tile, c(1024)))
+                            };
+                            let r = if transposed {
+                                xs.iter().fold(a, |a, x| t.dp(a, *x, w))
+                            } else {
+                                xs.iter().fold(a, |a, x| t.dp(a, w, *x))
+                            };
+                            r.into()
+                        })
+                        .collect()
                 });
-            });
+                for (j, a) in acc.iter().enumerate() {
+                    let at = kb.gep(kb.cx.i8_type(), accs, acc_at(gi, mt, j));
+                    t.store(at, a.into_vector_value());
+                }
+            };
+            if parts == 1 {
+                // A group's weight tiles of the chunk (32 KB) stay in L1 while every row
+                // tile passes over them: one activation tile from L2 per four products.
+                kb.for_(c(0), ngr, |gi| kb.for_(c(0), mtiles, |mt| step(mt, gi)));
+            } else {
+                // A row tile's parts (24 KB) stay in L1 while every group passes over
+                // them: one weight tile from L2 per three products.
+                kb.for_(c(0), mtiles, |mt| kb.for_(c(0), ngr, |gi| step(mt, gi)));
+            }
         });
         kb.for_(c(0), mtiles, |mt| {
             kb.for_(c(0), ngr, |gi| {
