@@ -55,8 +55,8 @@ pub enum Kernel {
     SplitHeads { heads: usize, head_dim: usize },
     /// args: x, out, rows; tasks: rows.
     MergeHeads { heads: usize, head_dim: usize },
-    /// args: x, pos(i32), out, rows; tasks: heads.
-    Rope { head_dim: usize, rotary_dim: usize, theta: f64, interleaved: bool },
+    /// args: x, pos(i32), out, rows; tasks: rows.
+    Rope { head_dim: usize, rotary_dim: usize, theta: f64, interleaved: bool, heads: usize },
     /// args: q, k, v, pos(i32), out, rows(T), S, k head stride, v head stride; tasks: H·T.
     Attention { heads: usize, groups: usize, head_dim: usize, scale: f64, mask: AttnMask, alibi: bool },
     /// args: x, out, rows; tasks: 1. Copies the last of `rows` rows.
@@ -575,8 +575,12 @@ impl Kernel {
             }
             Kernel::SplitHeads { heads, head_dim } => format!("split_heads_{heads}_{head_dim}"),
             Kernel::MergeHeads { heads, head_dim } => format!("merge_heads_{heads}_{head_dim}"),
-            Kernel::Rope { head_dim, rotary_dim, theta, interleaved } => {
-                format!("rope_{head_dim}_{rotary_dim}_{:016x}_{}", theta.to_bits(), *interleaved as u8)
+            Kernel::Rope { head_dim, rotary_dim, theta, interleaved, heads } => {
+                format!(
+                    "rope_{heads}_{head_dim}_{rotary_dim}_{:016x}_{}",
+                    theta.to_bits(),
+                    *interleaved as u8
+                )
             }
             Kernel::Attention { heads, groups, head_dim, scale, mask, alibi } => format!(
                 "attention_{heads}_{groups}_{head_dim}_{:016x}_{}_{}_{}",
@@ -896,17 +900,23 @@ fn body<'ctx>(
                 });
             });
         }
-        Kernel::Rope { head_dim, rotary_dim, theta, interleaved } => {
+        Kernel::Rope { head_dim, rotary_dim, theta, interleaved, heads } => {
+            // A task is a position: its angles' sines and cosines are computed once for
+            // every head.
             let (x, pos, out, rows) = (p(0), p(1), p(2), a(3));
-            kb.for_(begin, end, |h| {
-                kb.for_(c(0), rows, |t| {
-                    let base = kb.mul(kb.add(kb.mul(h, rows), t), c(head_dim));
-                    kb.for_(c(0), c(head_dim), |i| kb.st(out, kb.add(base, i), kb.ld(x, kb.add(base, i))));
-                    let pf = kb.i_to_f64(kb.ldi(pos, t));
-                    for i in 0..rotary_dim / 2 {
+            kb.for_(begin, end, |t| {
+                let pf = kb.i_to_f64(kb.ldi(pos, t));
+                let angles: Vec<_> = (0..rotary_dim / 2)
+                    .map(|i| {
                         let inv = 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64);
                         let ang = kb.fmul(pf, kb.dc(inv));
-                        let (s, co) = (kb.intrinsic("llvm.sin", &[ang]), kb.intrinsic("llvm.cos", &[ang]));
+                        (kb.intrinsic("llvm.sin", &[ang]), kb.intrinsic("llvm.cos", &[ang]))
+                    })
+                    .collect();
+                kb.for_(c(0), c(heads), |h| {
+                    let base = kb.mul(kb.add(kb.mul(h, rows), t), c(head_dim));
+                    kb.for_(c(0), c(head_dim), |i| kb.st(out, kb.add(base, i), kb.ld(x, kb.add(base, i))));
+                    for (i, &(s, co)) in angles.iter().enumerate() {
                         let (ia, ib) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + rotary_dim / 2) };
                         let (pa, pb) = (kb.add(base, c(ia)), kb.add(base, c(ib)));
                         let (x1, x2) = (kb.to_f64(kb.ld(x, pa)), kb.to_f64(kb.ld(x, pb)));

@@ -772,8 +772,10 @@ fn emit_graph<'ctx>(
                     rotary_dim: r.rotary_dim,
                     theta: r.theta,
                     interleaved: r.interleaved,
+                    heads: h,
                 };
-                call(k, vec![o(0), o(1), me(), dim(ty.shape[1])], kb.c(h as i64))
+                let rows = dim(ty.shape[1]);
+                call(k, vec![o(0), o(1), me(), rows], rows)
             }
             Op::Attention { scale, mask, alibi } => {
                 let (h, hd) = (fixed(ty.shape[0]), width);
