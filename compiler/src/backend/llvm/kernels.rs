@@ -57,8 +57,17 @@ pub enum Kernel {
     MergeHeads { heads: usize, head_dim: usize },
     /// args: x, pos(i32), out, rows; tasks: rows.
     Rope { head_dim: usize, rotary_dim: usize, theta: f64, interleaved: bool, heads: usize },
-    /// args: q, k, v, pos(i32), out, rows(T), S, k head stride, v head stride; tasks: H·T.
-    Attention { heads: usize, groups: usize, head_dim: usize, scale: f64, mask: AttnMask, alibi: bool },
+    /// args: q, k, v, pos(i32), out, rows(T), S, k head stride, v head stride; tasks: H·T,
+    /// or with `block` (`attention_rows`, query rows known only at run time) H · ⌈T / block⌉.
+    Attention {
+        heads: usize,
+        groups: usize,
+        head_dim: usize,
+        scale: f64,
+        mask: AttnMask,
+        alibi: bool,
+        block: Option<usize>,
+    },
     /// args: x, out, rows; tasks: 1. Copies the last of `rows` rows.
     LastRow { width: usize },
     /// One row times `W [in, out]`, split over `in`: args x, w, partials `[chunks, out]`;
@@ -582,12 +591,13 @@ impl Kernel {
                     *interleaved as u8
                 )
             }
-            Kernel::Attention { heads, groups, head_dim, scale, mask, alibi } => format!(
-                "attention_{heads}_{groups}_{head_dim}_{:016x}_{}_{}_{}",
+            Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block } => format!(
+                "attention_{heads}_{groups}_{head_dim}_{:016x}_{}_{}_{}{}",
                 scale.to_bits(),
                 mask.causal as u8,
                 mask.window.unwrap_or(0),
-                *alibi as u8
+                *alibi as u8,
+                block.map_or(String::new(), |b| format!("_rows{b}"))
             ),
             Kernel::LastRow { width } => format!("last_row_{width}"),
             Kernel::GemvPartial { inn, out, chunks, wf } => {
@@ -928,8 +938,11 @@ fn body<'ctx>(
                 });
             });
         }
-        Kernel::Attention { heads, groups, head_dim, scale, mask, alibi } => {
+        Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block: None } => {
             attention(kb, heads, groups, head_dim, scale, mask, alibi, a, p, begin, end)
+        }
+        Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block: Some(rn) } => {
+            attention_block(kb, (heads, groups, head_dim, rn), scale, mask, alibi, a, p, begin, end)
         }
         Kernel::GemvPartial { inn, out: n_out, chunks, wf } => {
             gemv_partial(kb, inn, n_out, chunks, wf, p, begin, end)
@@ -1111,6 +1124,175 @@ fn softmax_step<'ctx>(
     let corr = kb.exp_f32(kb.fsub(m, m_new));
     let e = kb.exp_f32(kb.fsub(score, m_new));
     (m_new, kb.fadd(kb.fmul(l, corr), e), corr, e)
+}
+
+/// Query rows per task of the blocked attention for heads of `head_dim` (a multiple of
+/// `VW`): as many as keep their output rows in registers beside the values' row (four
+/// for 64; eight spilled and were slower).
+pub fn attention_rows(head_dim: usize) -> Option<usize> {
+    (head_dim % VW == 0).then(|| (VW * VW / head_dim).clamp(1, 8))
+}
+
+/// The visible keys of the query at position `pq`: `lo..hi`.
+fn visible<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    mask: AttnMask,
+    pq: IntValue<'ctx>,
+    s_len: IntValue<'ctx>,
+) -> (IntValue<'ctx>, IntValue<'ctx>) {
+    let c = |v: usize| kb.c(v as i64);
+    let (mut lo, mut hi) = (c(0), s_len);
+    if mask.causal {
+        hi = kb.min(hi, kb.add(pq, c(1)));
+    }
+    if let Some(w) = mask.window {
+        lo = kb.max(lo, kb.sub(pq, c(w - 1)));
+        if !mask.causal {
+            hi = kb.min(hi, kb.add(pq, c(w)));
+        }
+    }
+    (lo, hi)
+}
+
+/// One task per (head, block of `rn` query rows), for prefill's many rows: the rows'
+/// online softmaxes (as in `attention`) advance together over blocks of `VW` keys, so
+/// their dependency chains (the running max, its exponential, the rescaling) overlap
+/// instead of each row waiting on its own, each key and value row is loaded once for
+/// all of them, and the queries stay in registers. The keys are those visible to any row
+/// of the block; a key a row does not see (the causal mask, a window, the ragged end)
+/// gets no weight in it, and a row that sees no key yet keeps its state. (Transposing
+/// each key block once to get the scores without horizontal sums was slower: the
+/// transposes' shuffles all run on one port.)
+#[allow(clippy::too_many_arguments)]
+fn attention_block<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    (heads, groups, hd, rn): (usize, usize, usize, usize),
+    scale: f64,
+    mask: AttnMask,
+    alibi: bool,
+    a: ArgI<'ctx, '_>,
+    p: ArgP<'ctx, '_>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    type Bv<'c> = inkwell::values::BasicValueEnum<'c>;
+    let c = |v: usize| kb.c(v as i64);
+    let (q, k, v, pos, out) = (p(0), p(1), p(2), p(3), p(4));
+    let (rows, s_len, kstride, vstride) = (a(5), a(6), a(7), a(8));
+    let nv = hd / VW;
+    let slopes: Vec<f64> = if alibi { alibi_slopes(heads) } else { vec![] };
+    let slope_table = alibi.then(|| {
+        let vals: Vec<_> = slopes.iter().map(|&s| kb.f32t().const_float(s)).collect();
+        let arr = kb.f32t().const_array(&vals);
+        let g = kb.m.add_global(arr.get_type(), None, "tfc_alibi_slopes");
+        g.set_initializer(&arr);
+        g.set_constant(true);
+        g.set_linkage(inkwell::module::Linkage::Private);
+        g.as_pointer_value()
+    });
+    let eb = kb.alloca_f32s(rn * VW);
+    let i64v = kb.i64t().vec_type(VW as u32);
+    let lanes = inkwell::types::VectorType::const_vector(
+        &(0..VW as u64).map(|j| kb.i64t().const_int(j, false)).collect::<Vec<_>>(),
+    );
+    let isplat = |x: IntValue<'ctx>| {
+        let u = kb.b.build_insert_element(i64v.get_undef(), x, kb.cx.i32_type().const_zero(), "").unwrap();
+        kb.b.build_shuffle_vector(u, i64v.get_undef(), kb.cx.i32_type().vec_type(VW as u32).const_zero(), "")
+            .unwrap()
+    };
+    let nrb = kb.udiv(kb.add(rows, c(rn - 1)), c(rn));
+    kb.for_(begin, end, |task| {
+        let (h, rb) = (kb.udiv(task, nrb), kb.urem(task, nrb));
+        let g = kb.udiv(h, c(heads / groups));
+        let (kb0, vb0) = (kb.mul(g, kstride), kb.mul(g, vstride));
+        // Row r of the block, clamped to the last row (computed, not stored).
+        let t_of = |r: usize| kb.min(kb.add(kb.mul(rb, c(rn)), c(r)), kb.sub(rows, c(1)));
+        let pqs: Vec<_> = (0..rn).map(|r| kb.ldi(pos, t_of(r))).collect();
+        let spans: Vec<_> = pqs.iter().map(|&pq| visible(kb, mask, pq, s_len)).collect();
+        let lo = spans.iter().skip(1).fold(spans[0].0, |m, s| kb.min(m, s.0));
+        let hi = spans.iter().skip(1).fold(spans[0].1, |m, s| kb.max(m, s.1));
+        let last = kb.sub(hi, c(1));
+        let slope = slope_table.map(|s| kb.ld(s, h));
+        let qrow = |r: usize| kb.mul(kb.add(kb.mul(h, rows), t_of(r)), c(hd));
+        let qv: Vec<Vec<_>> =
+            (0..rn).map(|r| (0..nv).map(|i| kb.ldv(q, kb.add(qrow(r), c(i * VW)))).collect()).collect();
+        // Per row: running max, running sum, `nv` output vectors.
+        let mut init: Vec<Bv<'ctx>> = Vec::new();
+        for _ in 0..rn {
+            init.extend([Bv::from(kb.fc(f64::NEG_INFINITY)), kb.fc(0.0).into()]);
+            init.extend((0..nv).map(|_| Bv::from(kb.vzero())));
+        }
+        let blocks = kb.udiv(kb.add(kb.max(kb.sub(hi, lo), c(0)), c(VW - 1)), c(VW));
+        let st = kb.fold(c(0), blocks, &init, |b, st| {
+            let s0 = kb.add(lo, kb.mul(b, c(VW)));
+            // Keys s0..; those past the last visible one repeat it.
+            let key = |j: usize| kb.min(kb.add(s0, c(j)), last);
+            let keys = kb.b.build_int_add(isplat(s0), lanes, "").unwrap();
+            let mut next: Vec<Bv<'ctx>> = Vec::with_capacity(st.len());
+            for r in 0..rn {
+                let at = r * (2 + nv);
+                let (m, l) = (st[at].into_float_value(), st[at + 1].into_float_value());
+                // Scores: each key's products with the query row, summed across lanes.
+                let dots = (0..VW)
+                    .map(|j| {
+                        let krow = kb.add(kb0, kb.mul(key(j), c(hd)));
+                        (1..nv).fold(kb.vmul(qv[r][0], kb.ldv(k, krow)), |d, i| {
+                            kb.vfma(qv[r][i], kb.ldv(k, kb.add(krow, c(i * VW))), d)
+                        })
+                    })
+                    .collect();
+                let mut sv = kb.vmul(kb.lane_sums(dots), kb.splat(kb.fc(scale)));
+                if let Some(sl) = slope {
+                    let rel = kb.vsub(kb.splat(kb.to_f32(kb.i_to_f64(kb.sub(pqs[r], s0)))), kb.iota());
+                    sv = kb.vsub(sv, kb.vmul(kb.splat(sl), rel));
+                }
+                let (rlo, rhi) = spans[r];
+                let ge = kb.b.build_int_compare(inkwell::IntPredicate::SGE, keys, isplat(rlo), "").unwrap();
+                let lt = kb.b.build_int_compare(inkwell::IntPredicate::SLT, keys, isplat(rhi), "").unwrap();
+                let seen = kb.b.build_and(ge, lt, "").unwrap();
+                let ninf = kb.splat(kb.fc(f64::NEG_INFINITY));
+                let masked = kb.b.build_select(seen, sv, ninf, "").unwrap().into_vector_value();
+                let m_new = kb.fmax(m, kb.vmax(masked));
+                // No visible key yet: m stays -inf and nothing changes (no -inf - -inf).
+                let none = kb.b.build_float_compare(inkwell::FloatPredicate::OEQ, m_new, m, "").unwrap();
+                let corr = kb.b.build_select(none, kb.fc(1.0), kb.exp_f32(kb.fsub(m, m_new)), "").unwrap();
+                let corr = corr.into_float_value();
+                let e = kb.vexp(kb.vsub(sv, kb.splat(m_new)));
+                let e = kb.b.build_select(seen, e, kb.vzero(), "").unwrap().into_vector_value();
+                kb.stv(eb, c(r * VW), e);
+                next.extend([Bv::from(m_new), kb.fadd(kb.fmul(l, corr), kb.vsum(e)).into()]);
+                let cv = kb.splat(corr);
+                next.extend((0..nv).map(|i| Bv::from(kb.vmul(st[at + 2 + i].into_vector_value(), cv))));
+            }
+            for j in 0..VW {
+                let vrow = kb.add(vb0, kb.mul(key(j), c(hd)));
+                let vv: Vec<_> = (0..nv).map(|i| kb.ldv(v, kb.add(vrow, c(i * VW)))).collect();
+                for r in 0..rn {
+                    let ej = kb.splat(kb.ld(eb, c(r * VW + j)));
+                    for (i, vi) in vv.iter().enumerate() {
+                        let at = r * (2 + nv) + 2 + i;
+                        next[at] = kb.vfma(ej, *vi, next[at].into_vector_value()).into();
+                    }
+                }
+            }
+            next
+        });
+        for r in 0..rn {
+            let at = r * (2 + nv);
+            let t = kb.add(kb.mul(rb, c(rn)), c(r));
+            let live = kb.b.build_int_compare(inkwell::IntPredicate::SLT, t, rows, "").unwrap();
+            let (store, skip) =
+                (kb.cx.append_basic_block(kb.f, "row"), kb.cx.append_basic_block(kb.f, "next"));
+            kb.b.build_conditional_branch(live, store, skip).unwrap();
+            kb.b.position_at_end(store);
+            let inv = kb.splat(kb.fdiv(kb.fc(1.0), st[at + 1].into_float_value()));
+            for i in 0..nv {
+                kb.stv(out, kb.add(qrow(r), c(i * VW)), kb.vmul(st[at + 2 + i].into_vector_value(), inv));
+            }
+            kb.b.build_unconditional_branch(skip).unwrap();
+            kb.b.position_at_end(skip);
+        }
+    });
 }
 
 /// One task per (head, query row): an online softmax over the visible keys, reading the

@@ -788,6 +788,8 @@ fn emit_graph<'ctx>(
                     _ => kb.mul(s_len, kb.c(hd as i64)),
                 };
                 let rows = dim(ty.shape[1]);
+                // Query rows known only at run time are prefill's many: blocks of them.
+                let block = ty.shape[1].as_fixed().is_none().then(|| kernels::attention_rows(hd)).flatten();
                 let k = Kernel::Attention {
                     heads: h,
                     groups,
@@ -795,9 +797,14 @@ fn emit_graph<'ctx>(
                     scale: *scale,
                     mask: *mask,
                     alibi: *alibi,
+                    block,
+                };
+                let tasks = match block {
+                    Some(b) => kb.udiv(kb.add(rows, kb.c(b as i64 - 1)), kb.c(b as i64)),
+                    None => rows,
                 };
                 let v = vec![o(0), o(1), o(2), o(3), me(), rows, s_len, stride(1), stride(2)];
-                call(k, v, kb.mul(kb.c(h as i64), rows))
+                call(k, v, kb.mul(kb.c(h as i64), tasks))
             }
             Op::LastRow => {
                 let rows = rows_of(ops[0]);
