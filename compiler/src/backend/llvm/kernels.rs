@@ -1133,6 +1133,17 @@ pub fn attention_rows(head_dim: usize) -> Option<usize> {
     (head_dim % VW == 0).then(|| (VW * VW / head_dim).clamp(1, 8))
 }
 
+/// The ALiBi slope of each head, as a constant table.
+fn slope_table<'ctx>(kb: &Kb<'_, 'ctx>, heads: usize) -> PointerValue<'ctx> {
+    let vals: Vec<_> = alibi_slopes(heads).iter().map(|&s| kb.f32t().const_float(s)).collect();
+    let arr = kb.f32t().const_array(&vals);
+    let g = kb.m.add_global(arr.get_type(), None, "tfc_alibi_slopes");
+    g.set_initializer(&arr);
+    g.set_constant(true);
+    g.set_linkage(inkwell::module::Linkage::Private);
+    g.as_pointer_value()
+}
+
 /// The visible keys of the query at position `pq`: `lo..hi`.
 fn visible<'ctx>(
     kb: &Kb<'_, 'ctx>,
@@ -1180,16 +1191,7 @@ fn attention_block<'ctx>(
     let (q, k, v, pos, out) = (p(0), p(1), p(2), p(3), p(4));
     let (rows, s_len, kstride, vstride) = (a(5), a(6), a(7), a(8));
     let nv = hd / VW;
-    let slopes: Vec<f64> = if alibi { alibi_slopes(heads) } else { vec![] };
-    let slope_table = alibi.then(|| {
-        let vals: Vec<_> = slopes.iter().map(|&s| kb.f32t().const_float(s)).collect();
-        let arr = kb.f32t().const_array(&vals);
-        let g = kb.m.add_global(arr.get_type(), None, "tfc_alibi_slopes");
-        g.set_initializer(&arr);
-        g.set_constant(true);
-        g.set_linkage(inkwell::module::Linkage::Private);
-        g.as_pointer_value()
-    });
+    let slopes = alibi.then(|| slope_table(kb, heads));
     let eb = kb.alloca_f32s(rn * VW);
     let i64v = kb.i64t().vec_type(VW as u32);
     let lanes = inkwell::types::VectorType::const_vector(
@@ -1212,7 +1214,7 @@ fn attention_block<'ctx>(
         let lo = spans.iter().skip(1).fold(spans[0].0, |m, s| kb.min(m, s.0));
         let hi = spans.iter().skip(1).fold(spans[0].1, |m, s| kb.max(m, s.1));
         let last = kb.sub(hi, c(1));
-        let slope = slope_table.map(|s| kb.ld(s, h));
+        let slope = slopes.map(|s| kb.ld(s, h));
         let qrow = |r: usize| kb.mul(kb.add(kb.mul(h, rows), t_of(r)), c(hd));
         let qv: Vec<Vec<_>> =
             (0..rn).map(|r| (0..nv).map(|i| kb.ldv(q, kb.add(qrow(r), c(i * VW)))).collect()).collect();
@@ -1314,15 +1316,7 @@ fn attention<'ctx>(
     let c = |v: usize| kb.c(v as i64);
     let (q, k, v, pos, out) = (p(0), p(1), p(2), p(3), p(4));
     let (rows, s_len, kstride, vstride) = (a(5), a(6), a(7), a(8));
-    let slopes = alibi.then(|| {
-        let vals: Vec<_> = alibi_slopes(heads).iter().map(|&s| kb.f32t().const_float(s)).collect();
-        let arr = kb.f32t().const_array(&vals);
-        let g = kb.m.add_global(arr.get_type(), None, "tfc_alibi_slopes");
-        g.set_initializer(&arr);
-        g.set_constant(true);
-        g.set_linkage(inkwell::module::Linkage::Private);
-        g.as_pointer_value()
-    });
+    let slopes = alibi.then(|| slope_table(kb, heads));
     let m_slot = kb.alloca_f32();
     let l_slot = kb.alloca_f32();
     kb.for_(begin, end, |r| {
@@ -1330,17 +1324,7 @@ fn attention<'ctx>(
         let t = kb.rem(r, rows);
         let g = kb.div(h, c(heads / groups));
         let pq = kb.ldi(pos, t);
-        let mut lo = c(0);
-        let mut hi = s_len;
-        if mask.causal {
-            hi = kb.min(hi, kb.add(pq, c(1)));
-        }
-        if let Some(w) = mask.window {
-            lo = kb.max(lo, kb.sub(pq, c(w - 1)));
-            if !mask.causal {
-                hi = kb.min(hi, kb.add(pq, c(w)));
-            }
-        }
+        let (lo, hi) = visible(kb, mask, pq, s_len);
         let row = kb.mul(r, c(hd));
         let kb0 = kb.mul(g, kstride);
         let vb0 = kb.mul(g, vstride);
