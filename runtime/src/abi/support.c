@@ -1,5 +1,6 @@
 /* The model-independent half of a tfc library: the C ABI's checks and bookkeeping and
    the thread pool. The generated half provides the tfc__* symbols declared below. */
+#define _DEFAULT_SOURCE /* syscall(2) under -std=c11 */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
