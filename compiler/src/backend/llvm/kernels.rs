@@ -938,11 +938,31 @@ fn body<'ctx>(
                 });
             });
         }
-        Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block: None } => {
-            attention(kb, heads, groups, head_dim, scale, mask, alibi, a, p, begin, end)
-        }
-        Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block: Some(rn) } => {
-            attention_block(kb, (heads, groups, head_dim, rn), scale, mask, alibi, a, p, begin, end)
+        Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block } => {
+            let (q, k, v, pos, out) = (p(0), p(1), p(2), p(3), p(4));
+            let (rows, s_len, kstride, vstride) = (a(5), a(6), a(7), a(8));
+            let slopes = alibi.then(|| slope_table(kb, heads));
+            let at = Attn {
+                heads,
+                groups,
+                hd: head_dim,
+                scale,
+                mask,
+                q,
+                k,
+                v,
+                pos,
+                out,
+                rows,
+                s_len,
+                kstride,
+                vstride,
+                slopes,
+            };
+            match block {
+                None => attention(kb, &at, begin, end),
+                Some(rn) => attention_block(kb, &at, rn, begin, end),
+            }
         }
         Kernel::GemvPartial { inn, out: n_out, chunks, wf } => {
             gemv_partial(kb, inn, n_out, chunks, wf, p, begin, end)
@@ -1133,6 +1153,28 @@ pub fn attention_rows(head_dim: usize) -> Option<usize> {
     (head_dim % VW == 0).then(|| (VW * VW / head_dim).clamp(1, 8))
 }
 
+/// What both attention kernels read: the op's constants and its argument block (see
+/// `Kernel::Attention`).
+#[derive(Clone, Copy)]
+struct Attn<'ctx> {
+    heads: usize,
+    groups: usize,
+    hd: usize,
+    scale: f64,
+    mask: AttnMask,
+    q: PointerValue<'ctx>,
+    k: PointerValue<'ctx>,
+    v: PointerValue<'ctx>,
+    pos: PointerValue<'ctx>,
+    out: PointerValue<'ctx>,
+    rows: IntValue<'ctx>,
+    s_len: IntValue<'ctx>,
+    kstride: IntValue<'ctx>,
+    vstride: IntValue<'ctx>,
+    /// Each head's ALiBi slope (`slope_table`), with ALiBi.
+    slopes: Option<PointerValue<'ctx>>,
+}
+
 /// The ALiBi slope of each head, as a constant table.
 fn slope_table<'ctx>(kb: &Kb<'_, 'ctx>, heads: usize) -> PointerValue<'ctx> {
     let vals: Vec<_> = alibi_slopes(heads).iter().map(|&s| kb.f32t().const_float(s)).collect();
@@ -1174,24 +1216,18 @@ fn visible<'ctx>(
 /// gets no weight in it, and a row that sees no key yet keeps its state. (Transposing
 /// each key block once to get the scores without horizontal sums was slower: the
 /// transposes' shuffles all run on one port.)
-#[allow(clippy::too_many_arguments)]
 fn attention_block<'ctx>(
     kb: &Kb<'_, 'ctx>,
-    (heads, groups, hd, rn): (usize, usize, usize, usize),
-    scale: f64,
-    mask: AttnMask,
-    alibi: bool,
-    a: ArgI<'ctx, '_>,
-    p: ArgP<'ctx, '_>,
+    at: &Attn<'ctx>,
+    rn: usize,
     begin: IntValue<'ctx>,
     end: IntValue<'ctx>,
 ) {
     type Bv<'c> = inkwell::values::BasicValueEnum<'c>;
     let c = |v: usize| kb.c(v as i64);
-    let (q, k, v, pos, out) = (p(0), p(1), p(2), p(3), p(4));
-    let (rows, s_len, kstride, vstride) = (a(5), a(6), a(7), a(8));
+    let Attn { heads, groups, hd, scale, mask, q, k, v, pos, out, rows, s_len, kstride, vstride, slopes } =
+        *at;
     let nv = hd / VW;
-    let slopes = alibi.then(|| slope_table(kb, heads));
     let eb = kb.alloca_f32s(rn * VW);
     let i64v = kb.i64t().vec_type(VW as u32);
     let lanes = inkwell::types::VectorType::const_vector(
@@ -1299,24 +1335,10 @@ fn attention_block<'ctx>(
 
 /// One task per (head, query row): an online softmax over the visible keys, reading the
 /// keys and values in place (the KV cache in decode) and never forming the score row.
-#[allow(clippy::too_many_arguments)]
-fn attention<'ctx>(
-    kb: &Kb<'_, 'ctx>,
-    heads: usize,
-    groups: usize,
-    hd: usize,
-    scale: f64,
-    mask: AttnMask,
-    alibi: bool,
-    a: ArgI<'ctx, '_>,
-    p: ArgP<'ctx, '_>,
-    begin: IntValue<'ctx>,
-    end: IntValue<'ctx>,
-) {
+fn attention<'ctx>(kb: &Kb<'_, 'ctx>, at: &Attn<'ctx>, begin: IntValue<'ctx>, end: IntValue<'ctx>) {
     let c = |v: usize| kb.c(v as i64);
-    let (q, k, v, pos, out) = (p(0), p(1), p(2), p(3), p(4));
-    let (rows, s_len, kstride, vstride) = (a(5), a(6), a(7), a(8));
-    let slopes = alibi.then(|| slope_table(kb, heads));
+    let Attn { heads, groups, hd, scale, mask, q, k, v, pos, out, rows, s_len, kstride, vstride, slopes } =
+        *at;
     let m_slot = kb.alloca_f32();
     let l_slot = kb.alloca_f32();
     kb.for_(begin, end, |r| {
