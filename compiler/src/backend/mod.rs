@@ -119,23 +119,23 @@ impl LibGraphs {
         }
     }
 
-    pub fn weight_table(&self) -> llvm::WeightTable {
+    /// The graphs in the library's order: prefill, prefill of every row, decode.
+    fn all(&self) -> Vec<&crate::ir::Graph> {
         let mut gs = vec![&self.compiled.prefill, &self.prefill_all];
         gs.extend(self.compiled.decode.as_ref());
-        llvm::WeightTable::of(&gs)
+        gs
+    }
+
+    pub fn weight_table(&self) -> llvm::WeightTable {
+        llvm::WeightTable::of(&self.all())
     }
 
     /// The weight table of a CPU library from `backend`: the LLVM kernels read bf16
     /// matrices in the tile layout (`llvm::Tiles`), re-packed when they are bound.
     pub fn library_weights(&self, backend: Backend) -> llvm::WeightTable {
-        let t = self.weight_table();
         match backend {
-            Backend::Llvm => {
-                let mut gs = vec![&self.compiled.prefill, &self.prefill_all];
-                gs.extend(self.compiled.decode.as_ref());
-                t.tiled(&gs)
-            }
-            Backend::Mlir => t,
+            Backend::Llvm => self.weight_table().tiled(&self.all()),
+            Backend::Mlir => self.weight_table(),
         }
     }
 }
