@@ -313,9 +313,8 @@ fn tied_bf16_tables_stay_as_stored_and_the_rest_is_re_packed() {
     let spec = root().join("specs/tiny/gemma.tfs");
     let bf16 = Some(tfc::ir::DType::BF16);
     let c = compile(&spec, &Options { weight_dtype: bf16, ..Options::default() });
-    let model =
-        Model::load(build_opts(&spec, "tied-bf16", &LibOptions { weight_dtype: bf16, ..Default::default() }))
-            .unwrap();
+    let dir = build_opts(&spec, "tied-bf16", &LibOptions { weight_dtype: bf16, ..Default::default() });
+    let model = Model::load(&dir).unwrap();
     for w in &model.manifest().weights {
         // [out, in] with `out` a multiple of 64 and `in` of 32: q and o [64, 64], down
         // [64, 160]; not k and v [32, 64] nor gate and up [160, 64], nor the tied table.
@@ -325,6 +324,18 @@ fn tied_bf16_tables_stay_as_stored_and_the_rest_is_re_packed() {
     let (w, data) = random_weights(&model, &[&c.model]);
     let mut s = Session::new(&model, data, 2).unwrap();
     check_splits("gemma, bf16 weights", &c, &w, &mut s);
+
+    // A manifest that disagrees with its library about re-packing (a session would free
+    // memory the library reads) does not load.
+    let edited = dir.with_file_name("gemma-edited");
+    let _ = std::fs::remove_dir_all(&edited);
+    std::fs::create_dir_all(&edited).unwrap();
+    std::fs::copy(dir.join("libgemma.so"), edited.join("libgemma.so")).unwrap();
+    let mut manifest = model.manifest().clone();
+    manifest.weights.iter_mut().find(|w| w.name == "model.embed_tokens.weight").unwrap().repacked = true;
+    std::fs::write(edited.join("manifest.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
+    let err = Model::load(&edited).err().expect("a manifest at odds with its library").to_string();
+    assert!(err.contains("`model.embed_tokens.weight` has repacked = true"), "{err}");
 }
 
 /// The two backends against each other, on the same seeded weights: every row of the
