@@ -1,6 +1,7 @@
 //! `tfc run` and `tfc bench`: running a spec with the reference interpreter or as a
 //! compiled library through the runtime crate.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -436,6 +437,12 @@ pub struct BenchArgs {
     /// or AMX rate), to report prefill's share of the compute roofline.
     #[arg(long, value_name = "GFLOP/S")]
     peak_gflop_s: Option<f64>,
+    /// Also measure the library in DIR (`tfc compile` of the same model, by another build
+    /// of tfc or with other options), with the same weights, each run right after the
+    /// main one, and report the ratio of each pair: a comparison that a machine whose
+    /// speed drifts between runs leaves intact.
+    #[arg(long, value_name = "DIR")]
+    against: Option<PathBuf>,
 }
 
 /// Prefill times (ms) of `prompt` tokens and decode speeds (tok/s) of `decode` tokens after
@@ -447,25 +454,63 @@ fn measure(
     decode: usize,
     runs: usize,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    let tokens: Vec<i32> = (0..prompt).map(|i| (i * 31 % vocab) as i32).collect();
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
     for run in 0..=runs {
-        s.reset();
-        let t = Instant::now();
-        let logits = s.prefill(&tokens, None, false)?;
-        let p = t.elapsed().as_secs_f64();
-        let mut next = tfc_runtime::argmax(&logits) as i32;
-        let t = Instant::now();
-        for _ in 0..decode {
-            next = tfc_runtime::argmax(&s.decode(next)?) as i32;
-        }
-        let d = t.elapsed().as_secs_f64();
+        let (p, d) = measure_once(s, vocab, prompt, decode)?;
         if run > 0 {
-            pre.push(p * 1e3);
-            dec.push(decode as f64 / d);
+            pre.push(p);
+            dec.push(d);
         }
     }
     Ok((pre, dec))
+}
+
+/// One run: the prefill time (ms) of `prompt` tokens and the decode speed (tok/s) of
+/// `decode` tokens after them.
+fn measure_once(
+    s: &mut tfc_runtime::Session,
+    vocab: usize,
+    prompt: usize,
+    decode: usize,
+) -> Result<(f64, f64)> {
+    let tokens: Vec<i32> = (0..prompt).map(|i| (i * 31 % vocab) as i32).collect();
+    s.reset();
+    let t = Instant::now();
+    let logits = s.prefill(&tokens, None, false)?;
+    let p = t.elapsed().as_secs_f64();
+    let mut next = tfc_runtime::argmax(&logits) as i32;
+    let t = Instant::now();
+    for _ in 0..decode {
+        next = tfc_runtime::argmax(&s.decode(next)?) as i32;
+    }
+    Ok((p * 1e3, decode as f64 / t.elapsed().as_secs_f64()))
+}
+
+/// Prefill times (ms) and decode speeds (tok/s), one of each per run.
+type Samples = (Vec<f64>, Vec<f64>);
+
+/// Runs `runs` pairs (after a warm-up pair) of the main session `a` and the session `b`
+/// of the `--against` library, each run of `b` right after the one of `a`: the samples
+/// of each.
+fn measure_pairs<'m>(
+    a: &mut tfc_runtime::Session<'m>,
+    b: &mut tfc_runtime::Session<'m>,
+    vocab: usize,
+    prompt: usize,
+    decode: usize,
+    runs: usize,
+) -> Result<(Samples, Samples)> {
+    let (mut sa, mut sb) = (Samples::default(), Samples::default());
+    for run in 0..=runs {
+        for (s, to) in [(&mut *a, &mut sa), (&mut *b, &mut sb)] {
+            let (p, d) = measure_once(s, vocab, prompt, decode)?;
+            if run > 0 {
+                to.0.push(p);
+                to.1.push(d);
+            }
+        }
+    }
+    Ok((sa, sb))
 }
 
 /// A two-panel SVG line chart: prefill ms against prompt length, decode tok/s against context.
@@ -514,6 +559,20 @@ fn plot(path: &Path, title: &str, prefill: &[(usize, f64)], decode: &[(usize, f6
     std::fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// The multiply-adds of a graph's linear maps, as FLOPs, for `t` tokens in one call.
+fn linear_flops(g: &tfc::ir::Graph, t: usize) -> f64 {
+    let b = tfc::ir::SymBinding { t, p: 0 };
+    g.node_ids()
+        .into_iter()
+        .filter(|&n| matches!(g.op(n), tfc::ir::Op::Linear { .. }))
+        .map(|n| {
+            let (x, w) = (g.ty(g.operands(n)[0]), g.ty(g.operands(n)[1]));
+            let weights: usize = w.shape.iter().map(|d| d.eval(b)).product();
+            2.0 * x.shape[0].eval(b) as f64 * weights as f64
+        })
+        .sum()
+}
+
 /// Median, min and max of a sample.
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
@@ -542,8 +601,51 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let w = Weights::bind(&[&c.prefill], &WeightSource::Random { seed: 1 })?;
     let bufs: Result<Vec<Vec<f32>>, _> =
         m.weights.iter().map(|x| w.get(&x.name).map(|t| t.data.clone())).collect();
-    let mut s = tfc_runtime::Session::new(&model, WeightData::Owned(bufs?), a.threads)?;
-    let (pre, dec) = measure(&mut s, m.vocab, a.prompt, a.decode, a.runs)?;
+    let bufs = bufs?;
+    drop(w);
+    // The `--against` library: the same model, so the same weights, bound in its order.
+    let other_model = match &a.against {
+        None => None,
+        Some(d) => Some(
+            Model::load(d).with_context(|| format!("cannot load the --against library {}", d.display()))?,
+        ),
+    };
+    let other = match (&other_model, &a.against) {
+        (Some(o), Some(d)) => {
+            let om = o.manifest();
+            let same = om.weights.len() == m.weights.len()
+                && om
+                    .weights
+                    .iter()
+                    .all(|x| m.weights.iter().any(|y| y.name == x.name && y.shape == x.shape));
+            if !same || om.vocab != m.vocab || om.max_seq < a.prompt + a.decode {
+                bail!(
+                    "the --against library {} is not of this model: its weights, vocabulary or max_seq differ from `{}`",
+                    d.display(),
+                    a.spec.display()
+                );
+            }
+            let by_name: HashMap<&str, &Vec<f32>> =
+                m.weights.iter().map(|x| x.name.as_str()).zip(&bufs).collect();
+            let ob = om.weights.iter().map(|x| by_name[x.name.as_str()].clone()).collect();
+            Some(tfc_runtime::Session::new(o, WeightData::Owned(ob), a.threads)?)
+        }
+        _ => None,
+    };
+    let mut s = tfc_runtime::Session::new(&model, WeightData::Owned(bufs), a.threads)?;
+    let (pre, dec, vs) = match other {
+        None => {
+            let (pre, dec) = measure(&mut s, m.vocab, a.prompt, a.decode, a.runs)?;
+            (pre, dec, None)
+        }
+        Some(mut o) => {
+            let ((pre, dec), (op, od)) = measure_pairs(&mut s, &mut o, m.vocab, a.prompt, a.decode, a.runs)?;
+            // Each pair's ratio, the other library's over this one's.
+            let ratio = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(x, y)| y / x).collect::<Vec<_>>();
+            let r = (ratio(&pre, &op), ratio(&dec, &od));
+            (pre, dec, Some(((op, od), r)))
+        }
+    };
     let weight_bytes: usize = m
         .weights
         .iter()
@@ -577,7 +679,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .sum();
     let gbs = dm * read_bytes as f64 / 1e9;
     let params: usize = m.weights.iter().map(|x| x.shape.iter().product::<usize>()).sum();
-    let flops = 2.0 * params as f64 * a.prompt as f64;
+    let flops = linear_flops(&c.prefill, a.prompt);
     let gflops = flops / (pm / 1e3) / 1e9;
     let precision = format!("{} weights, {} activations", c.spec.dtype.name(), c.spec.activations.name());
     if a.json {
@@ -589,6 +691,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             "decode_weight_gb_s": gbs, "decode_bytes_per_token": read_bytes, "prefill_gflop_s": gflops, "weight_bytes": weight_bytes,
             "decode_roofline_share": a.peak_gb_s.map(|p| gbs / p),
             "prefill_roofline_share": a.peak_gflop_s.map(|p| gflops / p),
+            "prefill_gflop": flops / 1e9,
+            "against": vs.as_ref().map(|((p, d), (rp, rd))| {
+                let (p, d, rp, rd) = (stats(p.clone()), stats(d.clone()), stats(rp.clone()), stats(rd.clone()));
+                serde_json::json!({
+                    "library": a.against.as_ref().map(|d| d.display().to_string()),
+                    "prefill_ms": {"median": p.0, "min": p.1, "max": p.2},
+                    "decode_tok_s": {"median": d.0, "min": d.1, "max": d.2},
+                    "prefill_ms_ratio": {"median": rp.0, "min": rp.1, "max": rp.2},
+                    "decode_tok_s_ratio": {"median": rd.0, "min": rd.1, "max": rd.2},
+                })
+            }),
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
@@ -603,7 +716,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             peak.map_or(String::new(), |p| format!(" ({:.0}% of {p})", 100.0 * x / p))
         };
         println!(
-            "prefill {} tokens: {pm:.2} ms (min {pmin:.2}, max {pmax:.2}), ~{gflops:.1} GFLOP/s in matmuls{}",
+            "prefill {} tokens: {pm:.2} ms (min {pmin:.2}, max {pmax:.2}), ~{gflops:.1} GFLOP/s in linear maps{}",
             a.prompt,
             share(gflops, a.peak_gflop_s)
         );
@@ -612,6 +725,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             a.decode,
             share(gbs, a.peak_gb_s)
         );
+        if let (Some(((p, d), (rp, rd))), Some(dir)) = (vs, &a.against) {
+            let ((p, p0, p1), (d, d0, d1)) = (stats(p), stats(d));
+            let ((rp, rp0, rp1), (rd, rd0, rd1)) = (stats(rp), stats(rd));
+            println!("against {}, each run right after the one above:", dir.display());
+            println!("prefill: {p:.2} ms (min {p0:.2}, max {p1:.2}), ×{rp:.3} per pair (min {rp0:.3}, max {rp1:.3})");
+            println!("decode:  {d:.2} tok/s (min {d0:.2}, max {d1:.2}), ×{rd:.3} per pair (min {rd0:.3}, max {rd1:.3})");
+        }
     }
     if a.sweep {
         let mut prefill = Vec::new();
