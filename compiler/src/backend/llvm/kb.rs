@@ -136,6 +136,12 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     pub fn icmp_ge(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
         ok(self.b.build_int_compare(IntPredicate::SGE, a, b, ""))
     }
+    pub fn icmp_eq(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        ok(self.b.build_int_compare(IntPredicate::EQ, a, b, ""))
+    }
+    pub fn icmp_lt(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        ok(self.b.build_int_compare(IntPredicate::SLT, a, b, ""))
+    }
     pub fn select(&self, cond: IntValue<'ctx>, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
         ok(self.b.build_select(cond, a, b, "")).into_int_value()
     }
@@ -614,6 +620,17 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         ok(self.b.build_unconditional_branch(head));
         self.b.position_at_end(exit);
         cur
+    }
+
+    /// `if cond { body() }`, for side effects only.
+    pub fn if_(&self, cond: IntValue<'ctx>, body: impl FnOnce()) {
+        let then = self.cx.append_basic_block(self.f, "then");
+        let join = self.cx.append_basic_block(self.f, "join");
+        ok(self.b.build_conditional_branch(cond, then, join));
+        self.b.position_at_end(then);
+        body();
+        ok(self.b.build_unconditional_branch(join));
+        self.b.position_at_end(join);
     }
 
     /// `Σ body(i)` over `lo..hi` in `f32`, reassociable so that it vectorises.

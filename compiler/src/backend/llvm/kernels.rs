@@ -119,6 +119,9 @@ const ROWS: usize = 4;
 /// Weight rows (the `in` dimension) of a column block packed at a time by the packed
 /// GEMM: `KC × BLOCK` f32 is 32 KB, which stays in L1 while every row tile passes over it.
 const KC: usize = 128;
+/// Activation rows per chunk of the packed GEMM, whose `KC`-wide slices of `x`
+/// are copied out once for all of a task's column blocks (96 KB).
+const MC: usize = 192;
 /// Activation rows per register tile of the packed GEMM: `MR × 4` accumulators, four
 /// weight vectors and a broadcast use 29 of the 32 vector registers.
 const MR: usize = 6;
@@ -426,129 +429,186 @@ fn lin_tile_row<'ctx>(
     });
 }
 
-/// The packed GEMM for the column block `o0..o0 + BLOCK` of every row (`packs`): the
-/// block starts as the bias, each `KC`-row slice of the weights is packed into `panel`
-/// as f32 `[KC, BLOCK]` and added in `MR × BLOCK` register tiles, then the epilogue runs.
+/// The packed GEMM for the column blocks `b0..b1` (of `BLOCK` outputs) of every row
+/// (`packs`): the blocks start as the bias; then, for each chunk of `MC` rows and each
+/// `KC`-wide slice of `in`, the chunk's slice of `x` is copied into `xs` (rows `KC`
+/// apart, so the row tiles' broadcasts neither alias in L1, as rows of `in` a multiple
+/// of 1 KB floats apart do, nor leave L2 between the blocks), and each block's slice
+/// of the weights is packed into `panel` as f32 `[KC, BLOCK]` and added in
+/// `MR × BLOCK` register tiles; last the epilogue runs.
+#[allow(clippy::too_many_arguments)]
 fn lin_packed<'ctx>(
     kb: &Kb<'_, 'ctx>,
     l: &Lin<'ctx, '_>,
     rows: IntValue<'ctx>,
-    o0: IntValue<'ctx>,
+    b0: IntValue<'ctx>,
+    b1: IntValue<'ctx>,
     panel: PointerValue<'ctx>,
+    xs: PointerValue<'ctx>,
     transposed: bool,
 ) {
     let c = |v: usize| kb.c(v as i64);
     let nv = BLOCK / VW;
     let (inn, n_out) = (l.inn, l.n_out);
-    kb.for_(c(0), rows, |t| {
-        let yrow = kb.add(kb.mul(t, c(n_out)), o0);
-        for j in 0..nv {
-            let init = match l.b {
-                Some(b) => kb.ldv(b, kb.add(o0, c(j * VW))),
-                None => kb.vzero(),
-            };
-            kb.stv(l.out, kb.add(yrow, c(j * VW)), init);
-        }
+    kb.for_(b0, b1, |blk| {
+        let o0 = kb.mul(blk, c(BLOCK));
+        kb.for_(c(0), rows, |t| {
+            let yrow = kb.add(kb.mul(t, c(n_out)), o0);
+            for j in 0..nv {
+                let init = match l.b {
+                    Some(b) => kb.ldv(b, kb.add(o0, c(j * VW))),
+                    None => kb.vzero(),
+                };
+                kb.stv(l.out, kb.add(yrow, c(j * VW)), init);
+            }
+        });
     });
-    let full = kb.mul(kb.div(rows, c(MR)), c(MR));
-    kb.for_(c(0), c(inn.div_ceil(KC)), |kblk| {
-        let k0 = kb.mul(kblk, c(KC));
-        let kn = kb.min(c(KC), kb.sub(c(inn), k0));
-        if transposed {
-            // W [in, out]: each weight row's block is contiguous.
-            kb.for_(c(0), kn, |kk| {
-                let src = kb.add(kb.mul(kb.add(k0, kk), c(n_out)), o0);
-                for j in 0..nv {
-                    let v = kb.ldvw(l.w, kb.add(src, c(j * VW)), l.wf);
-                    kb.stv(panel, kb.add(kb.mul(kk, c(BLOCK)), c(j * VW)), v);
-                }
-            });
-        } else {
-            // W [out, in]: a transpose, in VW × VW blocks through registers (VW outputs'
-            // slices of VW inputs in, VW panel rows out), then the rest of `kn` one by one.
+    let esize = l.wf.elem_bytes();
+    let lines = KC * BLOCK * esize / 64;
+    kb.for_(c(0), kb.div(kb.add(rows, c(MC - 1)), c(MC)), |chunk| {
+        let r0 = kb.mul(chunk, c(MC));
+        let rn = kb.min(c(MC), kb.sub(rows, r0));
+        let full = kb.mul(kb.div(rn, c(MR)), c(MR));
+        kb.for_(c(0), c(inn.div_ceil(KC)), |kblk| {
+            let k0 = kb.mul(kblk, c(KC));
+            let kn = kb.min(c(KC), kb.sub(c(inn), k0));
             let kv = kb.mul(kb.div(kn, c(VW)), c(VW));
-            for jb in 0..nv {
+            kb.for_(c(0), rn, |t| {
+                let (src, dst) = (kb.add(kb.mul(kb.add(r0, t), c(inn)), k0), kb.mul(t, c(KC)));
                 kb.for_(c(0), kb.div(kn, c(VW)), |s| {
-                    let kk = kb.mul(s, c(VW));
-                    let rows = (0..VW)
-                        .map(|r| kb.ldvw(l.w, l.widx(kb, kb.add(o0, c(jb * VW + r)), kb.add(k0, kk)), l.wf))
+                    let at = kb.mul(s, c(VW));
+                    kb.stv(xs, kb.add(dst, at), kb.ldv(l.x, kb.add(src, at)));
+                });
+                kb.for_(kv, kn, |kk| kb.st(xs, kb.add(dst, kk), kb.ld(l.x, kb.add(src, kk))));
+            });
+            kb.for_(b0, b1, |blk| {
+                let o0 = kb.mul(blk, c(BLOCK));
+                pack_panel(kb, l, o0, k0, kn, panel, transposed);
+                // The weights the next panel is packed from (the next block's slice, or
+                // after the last block the first block's next slice, or the block after
+                // these), prefetched into L2 while the row tiles run: packing otherwise
+                // waits on memory, since each of its rows is in another page and the
+                // hardware prefetcher does not follow it. Line `n` of its `lines` is
+                // fetched at step `n · SPREAD` of the tiles' k-loops, so a few at a time
+                // are in flight.
+                let more = kb.icmp_lt(kb.add(blk, c(1)), b1);
+                let deeper = kb.icmp_lt(kb.add(k0, c(KC)), c(inn));
+                let no0 = kb.mul(kb.select(more, kb.add(blk, c(1)), kb.select(deeper, b0, b1)), c(BLOCK));
+                let nk0 = kb.select(more, k0, kb.select(deeper, kb.add(k0, c(KC)), c(0)));
+                let prefetch_next = |step: IntValue<'ctx>| {
+                    // Every operand is non-negative and every divisor a power of two, so
+                    // unsigned division keeps this to shifts and masks in the k-loops.
+                    let n = kb.min(kb.udiv(step, c(SPREAD)), c(lines - 1));
+                    if l.tiles {
+                        // BLOCK / 16 blocks, each of whose KC / 32 tiles in the slice are
+                        // contiguous.
+                        let (rows, cols) = (super::Tiles::ROWS, super::Tiles::COLS);
+                        let per = KC / cols * rows * cols * esize / 64;
+                        let (rb, line) = (kb.udiv(n, c(per)), kb.urem(n, c(per)));
+                        let blk = kb.add(kb.udiv(no0, c(rows)), rb);
+                        let tile = kb.add(kb.mul(blk, c(inn / cols)), kb.udiv(nk0, c(cols)));
+                        let at = kb.add(kb.mul(tile, c(rows * cols * esize)), kb.mul(line, c(64)));
+                        return kb.prefetch_l2(l.w, at);
+                    }
+                    let row_lines = if transposed { esize } else { 2 * esize };
+                    let (r, line) = (kb.udiv(n, c(row_lines)), kb.urem(n, c(row_lines)));
+                    let elem = if transposed {
+                        // KC rows of `esize` lines.
+                        kb.add(kb.mul(kb.add(nk0, r), c(n_out)), no0)
+                    } else {
+                        // BLOCK rows of `2 esize` lines.
+                        kb.add(kb.mul(kb.add(no0, r), c(inn)), nk0)
+                    };
+                    kb.prefetch_l2(l.w, kb.add(kb.mul(elem, c(esize)), kb.mul(line, c(64))));
+                };
+                let tile = |t0: IntValue<'ctx>, rn: usize| {
+                    let yrow = |r: usize| kb.add(kb.mul(kb.add(kb.add(r0, t0), c(r)), c(n_out)), o0);
+                    let init: Vec<_> = (0..rn * nv)
+                        .map(|k| kb.ldv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW))).into())
                         .collect();
-                    for (r, v) in kb.transpose(rows).into_iter().enumerate() {
-                        kb.stv(panel, kb.add(kb.mul(kb.add(kk, c(r)), c(BLOCK)), c(jb * VW)), v);
+                    let acc = kb.fold(c(0), kn, &init, |kk, acc| {
+                        if rn == MR {
+                            let step = kb.add(kb.mul(kb.udiv(t0, c(MR)), c(KC)), kk);
+                            kb.if_(kb.icmp_eq(kb.urem(kk, c(SPREAD)), c(0)), || prefetch_next(step));
+                        }
+                        let wv: Vec<_> =
+                            (0..nv).map(|j| kb.ldv(panel, kb.add(kb.mul(kk, c(BLOCK)), c(j * VW)))).collect();
+                        let mut next = Vec::with_capacity(acc.len());
+                        for r in 0..rn {
+                            let xs = kb.splat(kb.ld(xs, kb.add(kb.mul(kb.add(t0, c(r)), c(KC)), kk)));
+                            for (j, wv) in wv.iter().enumerate() {
+                                next.push(kb.vfma(xs, *wv, acc[r * nv + j].into_vector_value()).into());
+                            }
+                        }
+                        next
+                    });
+                    for (k, v) in acc.iter().enumerate() {
+                        kb.stv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW)), v.into_vector_value());
                     }
-                });
-            }
-            kb.for_(c(0), c(BLOCK), |j| {
-                kb.for_(kv, kn, |kk| {
-                    let w = kb.ldw(l.w, l.widx(kb, kb.add(o0, j), kb.add(k0, kk)), l.wf);
-                    kb.st(panel, kb.add(kb.mul(kk, c(BLOCK)), j), w)
-                });
-            });
-        }
-        // The weights the next panel is packed from (the next slice of this column block,
-        // or after the last one the first slice of the next block, which this task
-        // usually takes next), prefetched into L2 while the row tiles run: packing
-        // otherwise waits on memory, since each of its rows is in another page and the
-        // hardware prefetcher does not follow it. Line `n` of its `lines` is fetched at
-        // step `n · SPREAD` of the tiles' k-loops, so a few at a time are in flight.
-        let esize = l.wf.elem_bytes();
-        let lines = KC * BLOCK * esize / 64;
-        let last = kb.icmp_ge(kb.add(k0, c(KC)), c(inn));
-        let nk0 = kb.select(last, c(0), kb.add(k0, c(KC)));
-        let no0 = kb.select(last, kb.add(o0, c(BLOCK)), o0);
-        let prefetch_next = |step: IntValue<'ctx>| {
-            // Every operand is non-negative and every divisor a power of two, so unsigned
-            // division keeps this to shifts and masks in the tiles' k-loops.
-            let n = kb.min(kb.udiv(step, c(SPREAD)), c(lines - 1));
-            if l.tiles {
-                // BLOCK / 16 blocks, each of whose KC / 32 tiles in the slice are contiguous.
-                let (rows, cols) = (super::Tiles::ROWS, super::Tiles::COLS);
-                let per = KC / cols * rows * cols * esize / 64;
-                let (rb, line) = (kb.udiv(n, c(per)), kb.urem(n, c(per)));
-                let blk = kb.add(kb.udiv(no0, c(rows)), rb);
-                let tile = kb.add(kb.mul(blk, c(inn / cols)), kb.udiv(nk0, c(cols)));
-                let at = kb.add(kb.mul(tile, c(rows * cols * esize)), kb.mul(line, c(64)));
-                return kb.prefetch_l2(l.w, at);
-            }
-            let row_lines = if transposed { esize } else { 2 * esize };
-            let (r, line) = (kb.udiv(n, c(row_lines)), kb.urem(n, c(row_lines)));
-            let elem = if transposed {
-                // KC rows of `esize` lines.
-                kb.add(kb.mul(kb.add(nk0, r), c(n_out)), no0)
-            } else {
-                // BLOCK rows of `2 esize` lines.
-                kb.add(kb.mul(kb.add(no0, r), c(inn)), nk0)
-            };
-            kb.prefetch_l2(l.w, kb.add(kb.mul(elem, c(esize)), kb.mul(line, c(64))));
-        };
-        let tile = |t0: IntValue<'ctx>, rn: usize| {
-            let yrow = |r: usize| kb.add(kb.mul(kb.add(t0, c(r)), c(n_out)), o0);
-            let init: Vec<_> =
-                (0..rn * nv).map(|k| kb.ldv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW))).into()).collect();
-            let acc = kb.fold(c(0), kn, &init, |kk, acc| {
-                if rn == MR {
-                    prefetch_next(kb.add(kb.mul(kb.udiv(t0, c(MR)), c(KC)), kk));
+                };
+                kb.for_(c(0), kb.div(full, c(MR)), |tt| tile(kb.mul(tt, c(MR)), MR));
+                // The last `rn % MR` rows in tiles of three, two and one: a tile of one
+                // row has four accumulators, too few to hide the FMAs' latency.
+                let mut t0 = full;
+                for size in [3, 2, 1] {
+                    let n = kb.div(kb.sub(rn, t0), c(size));
+                    let from = t0;
+                    kb.for_(c(0), n, |i| tile(kb.add(from, kb.mul(i, c(size))), size));
+                    t0 = kb.add(t0, kb.mul(n, c(size)));
                 }
-                let wv: Vec<_> =
-                    (0..nv).map(|j| kb.ldv(panel, kb.add(kb.mul(kk, c(BLOCK)), c(j * VW)))).collect();
-                let i = kb.add(k0, kk);
-                let mut next = Vec::with_capacity(acc.len());
-                for r in 0..rn {
-                    let xs = kb.splat(kb.ld(l.x, kb.add(kb.mul(kb.add(t0, c(r)), c(inn)), i)));
-                    for (j, wv) in wv.iter().enumerate() {
-                        next.push(kb.vfma(xs, *wv, acc[r * nv + j].into_vector_value()).into());
-                    }
-                }
-                next
             });
-            for (k, v) in acc.iter().enumerate() {
-                kb.stv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW)), v.into_vector_value());
-            }
-        };
-        kb.for_(c(0), kb.div(full, c(MR)), |tt| tile(kb.mul(tt, c(MR)), MR));
-        kb.for_(full, rows, |t| tile(t, 1));
+        });
     });
-    kb.for_(c(0), rows, |t| epilogue(kb, l, t, o0, kb.add(o0, c(BLOCK))));
+    kb.for_(b0, b1, |blk| {
+        let o0 = kb.mul(blk, c(BLOCK));
+        kb.for_(c(0), rows, |t| epilogue(kb, l, t, o0, kb.add(o0, c(BLOCK))))
+    });
+}
+
+/// Packs the weights of outputs `o0..o0 + BLOCK`, inputs `k0..k0 + kn` into `panel` as
+/// f32 `[KC, BLOCK]`.
+fn pack_panel<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    o0: IntValue<'ctx>,
+    k0: IntValue<'ctx>,
+    kn: IntValue<'ctx>,
+    panel: PointerValue<'ctx>,
+    transposed: bool,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let nv = BLOCK / VW;
+    if transposed {
+        // W [in, out]: each weight row's block is contiguous.
+        kb.for_(c(0), kn, |kk| {
+            let src = kb.add(kb.mul(kb.add(k0, kk), c(l.n_out)), o0);
+            for j in 0..nv {
+                let v = kb.ldvw(l.w, kb.add(src, c(j * VW)), l.wf);
+                kb.stv(panel, kb.add(kb.mul(kk, c(BLOCK)), c(j * VW)), v);
+            }
+        });
+        return;
+    }
+    // W [out, in]: a transpose, in VW × VW blocks through registers (VW outputs' slices
+    // of VW inputs in, VW panel rows out), then the rest of `kn` one by one.
+    let kv = kb.mul(kb.div(kn, c(VW)), c(VW));
+    for jb in 0..nv {
+        kb.for_(c(0), kb.div(kn, c(VW)), |s| {
+            let kk = kb.mul(s, c(VW));
+            let rows = (0..VW)
+                .map(|r| kb.ldvw(l.w, l.widx(kb, kb.add(o0, c(jb * VW + r)), kb.add(k0, kk)), l.wf))
+                .collect();
+            for (r, v) in kb.transpose(rows).into_iter().enumerate() {
+                kb.stv(panel, kb.add(kb.mul(kb.add(kk, c(r)), c(BLOCK)), c(jb * VW)), v);
+            }
+        });
+    }
+    kb.for_(c(0), c(BLOCK), |j| {
+        kb.for_(kv, kn, |kk| {
+            let w = kb.ldw(l.w, l.widx(kb, kb.add(o0, j), kb.add(k0, kk)), l.wf);
+            kb.st(panel, kb.add(kb.mul(kk, c(BLOCK)), j), w)
+        });
+    });
 }
 
 impl Kernel {
@@ -746,10 +806,9 @@ fn body<'ctx>(
         Kernel::Linear { inn, out: n_out, transposed, bias, tiles, packed: true, amx, .. } => {
             let (l, rows) = Lin::from_args(a, p, k);
             let panel = kb.alloca_f32s(KC * BLOCK);
+            let xs = kb.alloca_f32s(MC * KC);
             let Some(parts) = amx else {
-                return kb.for_(begin, end, |blk| {
-                    lin_packed(kb, &l, rows, kb.mul(blk, c(BLOCK)), panel, transposed)
-                });
+                return lin_packed(kb, &l, rows, begin, end, panel, xs, transposed);
             };
             // A task is `amx::groups` blocks (the last one maybe fewer).
             let gr = super::amx::groups(n_out);
@@ -787,7 +846,19 @@ fn body<'ctx>(
             });
             kb.b.build_unconditional_branch(join).unwrap();
             kb.b.position_at_end(off);
-            kb.for_(begin, end, |task| blocks(task, &|o0| lin_packed(kb, &l, rows, o0, panel, transposed)));
+            kb.for_(begin, end, |task| {
+                let b0 = kb.mul(task, c(gr));
+                lin_packed(
+                    kb,
+                    &l,
+                    rows,
+                    b0,
+                    kb.min(kb.add(b0, c(gr)), c(n_out / BLOCK)),
+                    panel,
+                    xs,
+                    transposed,
+                )
+            });
             kb.b.build_unconditional_branch(join).unwrap();
             kb.b.position_at_end(join);
         }
