@@ -167,6 +167,24 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     pub fn fdiv(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
         ok(self.b.build_float_div(a, b, ""))
     }
+    /// `1 / d` for a finite, nonzero `d` (NaN passes through): the hardware's reciprocal
+    /// estimate refined by one Newton step (the kernels' `reciprocal-estimates`), within
+    /// an ulp or two of the division at a fraction of its cost. For the activations,
+    /// whose own error is larger. `d` must not be infinite: the estimate of `1 / ∞` is
+    /// refined into NaN, which is why the division is marked `ninf`.
+    pub fn recip(&self, d: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        let q = ok(self.b.build_float_div(self.fc(1.0), d, ""));
+        if let Some(i) = q.as_instruction() {
+            use inkwell::values::FastMathFlags as F;
+            let _ = InstructionValue::set_fast_math_flags(i, F::AllowReciprocal | F::NoInfs);
+        }
+        q
+    }
+    /// `min(x, hi)`; NaN gives `hi`.
+    pub fn fmin_c(&self, x: FloatValue<'ctx>, hi: f64) -> FloatValue<'ctx> {
+        let lt = ok(self.b.build_float_compare(FloatPredicate::OLT, x, self.fc(hi), ""));
+        ok(self.b.build_select(lt, x, self.fc(hi), "")).into_float_value()
+    }
     pub fn fmax(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
         let gt = ok(self.b.build_float_compare(FloatPredicate::OGT, a, b, ""));
         ok(self.b.build_select(gt, a, b, "")).into_float_value()

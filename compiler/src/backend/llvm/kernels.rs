@@ -684,6 +684,12 @@ pub fn emit<'ctx>(
     let ty = kb_cx.void_type().fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
     let f = m.add_function(&format!("tfc_k_{}", k.symbol()), ty, Some(Linkage::Internal));
     f.add_attribute(AttributeLoc::Function, kb_cx.create_string_attribute("prefer-vector-width", "512"));
+    // Divisions marked `arcp` and `ninf` (`Kb::recip`) become a reciprocal estimate and
+    // one Newton step; no other division is affected.
+    f.add_attribute(
+        AttributeLoc::Function,
+        kb_cx.create_string_attribute("reciprocal-estimates", "divf:1,vec-divf:1"),
+    );
     f.add_attribute(
         AttributeLoc::Function,
         kb_cx.create_enum_attribute(inkwell::attributes::Attribute::get_named_enum_kind_id("nounwind"), 0),
@@ -1182,16 +1188,19 @@ fn unary<'ctx>(kb: &Kb<'_, 'ctx>, op: UnaryOp, x: FloatValue<'ctx>) -> FloatValu
         UnaryOp::RoundBf16 => kb.round_bf16(x),
         UnaryOp::Act(Act::Relu) => kb.fmax(x, kb.fc(0.0)),
         UnaryOp::Act(Act::Silu) => {
-            let e = kb.exp_f32(kb.fsub(kb.fc(0.0), x));
-            kb.fdiv(x, kb.fadd(kb.fc(1.0), e))
+            // Beyond 80, e^80 ≈ 5.5e34 keeps the reciprocal's operand finite, and the
+            // product is below 2e-35 · |x| either way.
+            let e = kb.exp_f32(kb.fmin_c(kb.fsub(kb.fc(0.0), x), 80.0));
+            kb.fmul(x, kb.recip(kb.fadd(kb.fc(1.0), e)))
         }
         UnaryOp::Act(Act::GeluTanh) => {
             let k = (2.0 / std::f64::consts::PI).sqrt();
             let x3 = kb.fmul(kb.fmul(x, x), x);
             let inner = kb.fmul(kb.fc(k), kb.fadd(x, kb.fmul(kb.fc(0.044715), x3)));
-            // tanh(y) = 1 - 2 / (e^(2y) + 1): exact limits ±1, absolute error ~1e-7.
-            let e = kb.exp_f32(kb.fadd(inner, inner));
-            let t = kb.fsub(kb.fc(1.0), kb.fdiv(kb.fc(2.0), kb.fadd(e, kb.fc(1.0))));
+            // tanh(y) = 1 - 2 / (e^(2y) + 1): exact limits ±1, absolute error ~1e-7. From
+            // 2y = 80 on, tanh is 1 in f32, and e^80 keeps the reciprocal's operand finite.
+            let e = kb.exp_f32(kb.fmin_c(kb.fadd(inner, inner), 80.0));
+            let t = kb.fsub(kb.fc(1.0), kb.fmul(kb.fc(2.0), kb.recip(kb.fadd(e, kb.fc(1.0)))));
             kb.fmul(kb.fmul(kb.fc(0.5), x), kb.fadd(kb.fc(1.0), t))
         }
         UnaryOp::Act(Act::Gelu) => {
