@@ -25,10 +25,11 @@ pub enum Kernel {
     Binary { mul: bool, width: usize },
     /// args: x, out; tasks: rows.
     Unary { op: UnaryOp, width: usize },
-    /// args: x, w, [b], out; tasks: rows.
-    LayerNorm { d: usize, eps: f64, bias: bool },
-    /// args: x, w, out; tasks: rows.
-    RmsNorm { d: usize, eps: f64, unit_offset: bool },
+    /// args: x, w, [b], out; tasks: rows. `round`: the output rounded to bf16 (a fused
+    /// `round_bf16`).
+    LayerNorm { d: usize, eps: f64, bias: bool, round: bool },
+    /// args: x, w, out; tasks: rows. `round` as for `LayerNorm`.
+    RmsNorm { d: usize, eps: f64, unit_offset: bool, round: bool },
     /// args: x, w, [b], out, rows, then one pointer per `Add`/`Mul` of the epilogue, then
     /// with `amx` the packed activations; tasks: column blocks of `BLOCK`. `packed`: the
     /// GEMM of many rows (see `packs`); `amx`: on AMX tiles when the CPU allows (bf16
@@ -53,8 +54,8 @@ pub enum Kernel {
     SplitQkv { layout: QkvLayout, part: QkvPart, heads: usize, kv_heads: usize, head_dim: usize },
     /// args: x, out, rows; tasks: rows.
     SplitHeads { heads: usize, head_dim: usize },
-    /// args: x, out, rows; tasks: rows.
-    MergeHeads { heads: usize, head_dim: usize },
+    /// args: x, out, rows; tasks: rows. `round` as for `LayerNorm`.
+    MergeHeads { heads: usize, head_dim: usize, round: bool },
     /// args: x, pos(i32), out, rows; tasks: rows.
     Rope { head_dim: usize, rotary_dim: usize, theta: f64, interleaved: bool, heads: usize },
     /// args: q, k, v, pos(i32), out, rows(T), S, k head stride, v head stride; tasks: H·T,
@@ -623,11 +624,13 @@ impl Kernel {
             Kernel::Unary { op: UnaryOp::Scale(s), width } => format!("scale_{width}_{:016x}", s.to_bits()),
             Kernel::Unary { op: UnaryOp::Act(a), width } => format!("{}_{width}", a.name()),
             Kernel::Unary { op: UnaryOp::RoundBf16, width } => format!("round_bf16_{width}"),
-            Kernel::LayerNorm { d, eps, bias } => {
-                format!("layernorm_{d}_{:016x}_{}", eps.to_bits(), *bias as u8)
+            Kernel::LayerNorm { d, eps, bias, round } => {
+                let r = if *round { "_round_bf16" } else { "" };
+                format!("layernorm_{d}_{:016x}_{}{r}", eps.to_bits(), *bias as u8)
             }
-            Kernel::RmsNorm { d, eps, unit_offset } => {
-                format!("rmsnorm_{d}_{:016x}_{}", eps.to_bits(), *unit_offset as u8)
+            Kernel::RmsNorm { d, eps, unit_offset, round } => {
+                let r = if *round { "_round_bf16" } else { "" };
+                format!("rmsnorm_{d}_{:016x}_{}{r}", eps.to_bits(), *unit_offset as u8)
             }
             Kernel::Linear { inn, out, transposed, bias, epi, wf, tiles, packed, amx } => {
                 let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
@@ -643,7 +646,9 @@ impl Kernel {
                 format!("split_qkv_{}_{part:?}_{heads}_{kv_heads}_{head_dim}", layout.name())
             }
             Kernel::SplitHeads { heads, head_dim } => format!("split_heads_{heads}_{head_dim}"),
-            Kernel::MergeHeads { heads, head_dim } => format!("merge_heads_{heads}_{head_dim}"),
+            Kernel::MergeHeads { heads, head_dim, round } => {
+                format!("merge_heads_{heads}_{head_dim}{}", if *round { "_round_bf16" } else { "" })
+            }
             Kernel::Rope { head_dim, rotary_dim, theta, interleaved, heads } => {
                 format!(
                     "rope_{heads}_{head_dim}_{rotary_dim}_{:016x}_{}",
@@ -767,7 +772,7 @@ fn body<'ctx>(
                 });
             });
         }
-        Kernel::LayerNorm { d, eps, bias } => {
+        Kernel::LayerNorm { d, eps, bias, round } => {
             let (x, w) = (p(0), p(1));
             let (b, out) = if bias { (Some(p(2)), p(3)) } else { (None, p(2)) };
             kb.for_(begin, end, |r| {
@@ -788,11 +793,11 @@ fn body<'ctx>(
                         Some(b) => kb.fadd(v, kb.ld(b, j)),
                         None => v,
                     };
-                    kb.st(out, kb.add(base, j), v);
+                    kb.st(out, kb.add(base, j), if round { kb.round_bf16(v) } else { v });
                 });
             });
         }
-        Kernel::RmsNorm { d, eps, unit_offset } => {
+        Kernel::RmsNorm { d, eps, unit_offset, round } => {
             let (x, w, out) = (p(0), p(1), p(2));
             kb.for_(begin, end, |r| {
                 let base = kb.mul(r, c(d));
@@ -805,7 +810,8 @@ fn body<'ctx>(
                 kb.for_(c(0), c(d), |j| {
                     let g = kb.ld(w, j);
                     let g = if unit_offset { kb.fadd(g, kb.fc(1.0)) } else { g };
-                    kb.st(out, kb.add(base, j), kb.fmul(kb.fmul(kb.ld(x, kb.add(base, j)), inv), g));
+                    let v = kb.fmul(kb.fmul(kb.ld(x, kb.add(base, j)), inv), g);
+                    kb.st(out, kb.add(base, j), if round { kb.round_bf16(v) } else { v });
                 });
             });
         }
@@ -977,13 +983,16 @@ fn body<'ctx>(
                 });
             });
         }
-        Kernel::MergeHeads { heads, head_dim } => {
+        Kernel::MergeHeads { heads, head_dim, round } => {
             let (x, out, rows) = (p(0), p(1), a(2));
             kb.for_(begin, end, |t| {
                 kb.for_(c(0), c(heads), |h| {
                     let src = kb.mul(kb.add(kb.mul(h, rows), t), c(head_dim));
                     let dst = kb.add(kb.mul(t, c(heads * head_dim)), kb.mul(h, c(head_dim)));
-                    kb.for_(c(0), c(head_dim), |i| kb.st(out, kb.add(dst, i), kb.ld(x, kb.add(src, i))));
+                    kb.for_(c(0), c(head_dim), |i| {
+                        let v = kb.ld(x, kb.add(src, i));
+                        kb.st(out, kb.add(dst, i), if round { kb.round_bf16(v) } else { v })
+                    });
                 });
             });
         }

@@ -325,14 +325,15 @@ pub enum Loc {
     Cache(u32, CacheKind),
 }
 
-/// A linear map's fused epilogue (each op with the other operand of an `Add`/`Mul`) and
-/// the last node of the chain, whose value the fused kernel writes.
+/// A linear map's (or a norm's or head merge's) fused epilogue (each op with the other operand of an
+/// `Add`/`Mul`) and the last node of the chain, whose value the fused kernel writes.
 type Chain = (Vec<(Epi, Option<NodeId>)>, NodeId);
 
-/// Elementwise ops fused into the linear map that produces their input.
+/// Elementwise ops fused into the kernel of the linear map (or norm, or head merge) that
+/// produces their input.
 struct Fusion {
     chains: HashMap<NodeId, Chain>,
-    /// Every node computed inside some linear kernel, mapped to that linear map.
+    /// Every node computed inside another's kernel, mapped to that node.
     absorbed: HashMap<NodeId, NodeId>,
 }
 
@@ -373,6 +374,18 @@ fn fusion(g: &Graph, order: &[NodeId]) -> Fusion {
         }
         if !epi.is_empty() {
             f.chains.insert(l, (epi, cur));
+        }
+    }
+    // A norm or head merge whose one use is a rounding to bf16 (the operand of a bf16
+    // linear map) writes the rounded value itself.
+    for &n in order {
+        if !matches!(g.op(n), Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::MergeHeads) {
+            continue;
+        }
+        let users = g.users(n);
+        if users.len() == 1 && g.use_count(n) == 1 && *g.op(users[0]) == Op::RoundBf16 {
+            f.chains.insert(n, (vec![(Epi::RoundBf16, None)], users[0]));
+            f.absorbed.insert(users[0], n);
         }
     }
     f
@@ -685,10 +698,12 @@ fn emit_graph<'ctx>(
                     v.push(o(2));
                 }
                 v.push(me());
-                call(Kernel::LayerNorm { d: width, eps: *eps, bias }, v, rows_of(n))
+                let round = fused.chains.contains_key(&n);
+                call(Kernel::LayerNorm { d: width, eps: *eps, bias, round }, v, rows_of(n))
             }
             Op::RmsNorm { eps, unit_offset } => {
-                let k = Kernel::RmsNorm { d: width, eps: *eps, unit_offset: *unit_offset };
+                let round = fused.chains.contains_key(&n);
+                let k = Kernel::RmsNorm { d: width, eps: *eps, unit_offset: *unit_offset, round };
                 call(k, vec![o(0), o(1), me()], rows_of(n))
             }
             Op::Linear { bias, .. } => {
@@ -763,7 +778,8 @@ fn emit_graph<'ctx>(
                 let src = g.ty(ops[0]);
                 let (h, hd) = (fixed(src.shape[0]), fixed(src.shape[2]));
                 let rows = rows_of(n);
-                call(Kernel::MergeHeads { heads: h, head_dim: hd }, vec![o(0), me(), rows], rows)
+                let round = fused.chains.contains_key(&n);
+                call(Kernel::MergeHeads { heads: h, head_dim: hd, round }, vec![o(0), me(), rows], rows)
             }
             Op::Rope(r) => {
                 let h = fixed(ty.shape[0]);
