@@ -433,8 +433,8 @@ fn lin_tile_row<'ctx>(
 /// The packed GEMM for the column blocks `b0..b1` (of `BLOCK` outputs) of every row
 /// (`packs`): the blocks start as the bias; then, for each chunk of `MC` rows and each
 /// `KC`-wide slice of `in`, the chunk's slice of `x` is copied into `xs` (rows `KC`
-/// apart, so the row tiles' broadcasts neither alias in L1, as rows of `in` a multiple
-/// of 1 KB floats apart do, nor leave L2 between the blocks), and each block's slice
+/// apart, so the row tiles' broadcasts neither alias in L1, as rows of `x` a multiple
+/// of 4 KB apart do, nor leave L2 between the blocks), and each block's slice
 /// of the weights is packed into `panel` as f32 `[KC, BLOCK]` and added in
 /// `MR × BLOCK` register tiles; last the epilogue runs.
 #[allow(clippy::too_many_arguments)]
