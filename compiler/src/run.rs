@@ -438,9 +438,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "GFLOP/S")]
     peak_gflop_s: Option<f64>,
     /// Also measure the library in DIR (`tfc compile` of the same model, by another build
-    /// of tfc or with other options), with the same weights, each run right after the
-    /// main one, and report the ratio of each pair: a comparison that a machine whose
-    /// speed drifts between runs leaves intact.
+    /// of tfc or with other options), with the same weights, each run next to one of the
+    /// main library (alternately before and after it), and report the ratio of each
+    /// pair: a comparison that a machine whose speed drifts between runs leaves intact.
     #[arg(long, value_name = "DIR")]
     against: Option<PathBuf>,
 }
@@ -490,8 +490,7 @@ fn measure_once(
 type Samples = (Vec<f64>, Vec<f64>);
 
 /// Runs `runs` pairs (after a warm-up pair) of the main session `a` and the session `b`
-/// of the `--against` library, each run of `b` right after the one of `a`: the samples
-/// of each.
+/// of the `--against` library, one right after the other: the samples of each.
 fn measure_pairs<'m>(
     a: &mut tfc_runtime::Session<'m>,
     b: &mut tfc_runtime::Session<'m>,
@@ -502,7 +501,13 @@ fn measure_pairs<'m>(
 ) -> Result<(Samples, Samples)> {
     let (mut sa, mut sb) = (Samples::default(), Samples::default());
     for run in 0..=runs {
-        for (s, to) in [(&mut *a, &mut sa), (&mut *b, &mut sb)] {
+        // Every other pair the other way round, so that going first or second (a warm
+        // cache, a clock that has ramped) favours neither.
+        let mut pair = [(&mut *a, &mut sa), (&mut *b, &mut sb)];
+        if run % 2 == 1 {
+            pair.reverse();
+        }
+        for (s, to) in pair {
             let (p, d) = measure_once(s, vocab, prompt, decode)?;
             if run > 0 {
                 to.0.push(p);
@@ -728,7 +733,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         if let (Some(((p, d), (rp, rd))), Some(dir)) = (vs, &a.against) {
             let ((p, p0, p1), (d, d0, d1)) = (stats(p), stats(d));
             let ((rp, rp0, rp1), (rd, rd0, rd1)) = (stats(rp), stats(rd));
-            println!("against {}, each run right after the one above:", dir.display());
+            println!("against {}, each run next to one of the above:", dir.display());
             println!("prefill: {p:.2} ms (min {p0:.2}, max {p1:.2}), ×{rp:.3} per pair (min {rp0:.3}, max {rp1:.3})");
             println!("decode:  {d:.2} tok/s (min {d0:.2}, max {d1:.2}), ×{rd:.3} per pair (min {rd0:.3}, max {rd1:.3})");
         }
