@@ -611,12 +611,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     // The `--against` library: the same model, so the same weights, bound in its order.
     let other_model = match &a.against {
         None => None,
-        Some(d) => Some(
+        Some(d) => Some((
+            d,
             Model::load(d).with_context(|| format!("cannot load the --against library {}", d.display()))?,
-        ),
+        )),
     };
-    let other = match (&other_model, &a.against) {
-        (Some(o), Some(d)) => {
+    let other = match &other_model {
+        None => None,
+        Some((d, o)) => {
             let om = o.manifest();
             let same = om.weights.len() == m.weights.len()
                 && om
@@ -635,7 +637,6 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             let ob = om.weights.iter().map(|x| by_name[x.name.as_str()].clone()).collect();
             Some(tfc_runtime::Session::new(o, WeightData::Owned(ob), a.threads)?)
         }
-        _ => None,
     };
     let mut s = tfc_runtime::Session::new(&model, WeightData::Owned(bufs), a.threads)?;
     let (pre, dec, vs) = match other {

@@ -229,59 +229,54 @@ pub fn pack_x<'ctx>(
     mark(kb.cx, kb.f);
     let (x, xp, rows) = args;
     let c = |v: usize| kb.c(v as i64);
-    let on = enabled(kb);
-    let body = kb.cx.append_basic_block(kb.f, "amx");
-    let done = kb.cx.append_basic_block(kb.f, "off");
-    kb.b.build_conditional_branch(on, body, done).unwrap();
-    kb.b.position_at_end(body);
-    let mp = padded(kb, rows);
-    let i32t = kb.cx.i32_type();
-    let i32v = i32t.vec_type(VW as u32);
-    let part_len = kb.mul(mp, c(inn / 2));
-    // A task is a tile of 16 rows: rows of one tile share its cache lines.
-    kb.for_(begin, end, |mt| {
-        // Row r of the tile as pairs; a padding row reads row 0 (any valid row), gives zeros.
-        let row = |r: IntValue<'ctx>, g: IntValue<'ctx>| {
-            let m = kb.add(kb.mul(mt, c(16)), r);
-            let live = kb.b.build_int_compare(inkwell::IntPredicate::SLT, m, rows, "").unwrap();
-            let src = kb.b.build_select(live, m, c(0), "").unwrap().into_int_value();
-            let ps = pairs(kb, x, kb.add(kb.mul(src, c(inn)), kb.mul(g, c(32))), parts);
-            ps.into_iter()
-                .map(|v| kb.b.build_select(live, v, i32v.const_zero(), "").unwrap().into_vector_value())
-                .collect::<Vec<_>>()
-        };
-        kb.for_(c(0), c(inn / 32), |g| {
-            if transposed {
-                // Tile (mt, g), row r: the row's pairs as they are.
-                let tile = kb.add(kb.mul(mt, c(inn / 32)), g);
-                kb.for_(c(0), c(16), |r| {
-                    for (q, v) in row(r, g).into_iter().enumerate() {
-                        let at =
-                            kb.add(kb.mul(part_len, c(q)), kb.add(kb.mul(tile, c(256)), kb.mul(r, c(16))));
-                        kb.b.build_store(kb.gep(i32t, xp, at), v).unwrap().set_alignment(4).unwrap();
-                    }
-                });
-            } else {
-                // Tile (g, mt): row j holds pair j of the tile's 16 rows, a transpose.
-                let tile = kb.add(kb.mul(g, kb.udiv(mp, c(16))), mt);
-                let vt = kb.vt();
-                for q in 0..parts {
-                    let rows: Vec<_> = (0..16)
-                        .map(|r| {
-                            let v = row(c(r), g)[q];
-                            kb.b.build_bit_cast(v, vt, "").unwrap().into_vector_value()
-                        })
-                        .collect();
-                    for (j, v) in kb.transpose(rows).into_iter().enumerate() {
-                        let at = kb.add(kb.mul(part_len, c(q)), kb.add(kb.mul(tile, c(256)), c(16 * j)));
-                        kb.b.build_store(kb.gep(i32t, xp, at), v).unwrap().set_alignment(4).unwrap();
+    kb.if_(enabled(kb), || {
+        let mp = padded(kb, rows);
+        let i32t = kb.cx.i32_type();
+        let i32v = i32t.vec_type(VW as u32);
+        let part_len = kb.mul(mp, c(inn / 2));
+        // A task is a tile of 16 rows: rows of one tile share its cache lines.
+        kb.for_(begin, end, |mt| {
+            // Row r of the tile as pairs; a padding row reads row 0 (any valid row), gives zeros.
+            let row = |r: IntValue<'ctx>, g: IntValue<'ctx>| {
+                let m = kb.add(kb.mul(mt, c(16)), r);
+                let live = kb.b.build_int_compare(inkwell::IntPredicate::SLT, m, rows, "").unwrap();
+                let src = kb.b.build_select(live, m, c(0), "").unwrap().into_int_value();
+                let ps = pairs(kb, x, kb.add(kb.mul(src, c(inn)), kb.mul(g, c(32))), parts);
+                ps.into_iter()
+                    .map(|v| kb.b.build_select(live, v, i32v.const_zero(), "").unwrap().into_vector_value())
+                    .collect::<Vec<_>>()
+            };
+            kb.for_(c(0), c(inn / 32), |g| {
+                if transposed {
+                    // Tile (mt, g), row r: the row's pairs as they are.
+                    let tile = kb.add(kb.mul(mt, c(inn / 32)), g);
+                    kb.for_(c(0), c(16), |r| {
+                        for (q, v) in row(r, g).into_iter().enumerate() {
+                            let at = kb
+                                .add(kb.mul(part_len, c(q)), kb.add(kb.mul(tile, c(256)), kb.mul(r, c(16))));
+                            kb.b.build_store(kb.gep(i32t, xp, at), v).unwrap().set_alignment(4).unwrap();
+                        }
+                    });
+                } else {
+                    // Tile (g, mt): row j holds pair j of the tile's 16 rows, a transpose.
+                    let tile = kb.add(kb.mul(g, kb.udiv(mp, c(16))), mt);
+                    let vt = kb.vt();
+                    for q in 0..parts {
+                        let rows: Vec<_> = (0..16)
+                            .map(|r| {
+                                let v = row(c(r), g)[q];
+                                kb.b.build_bit_cast(v, vt, "").unwrap().into_vector_value()
+                            })
+                            .collect();
+                        for (j, v) in kb.transpose(rows).into_iter().enumerate() {
+                            let at = kb.add(kb.mul(part_len, c(q)), kb.add(kb.mul(tile, c(256)), c(16 * j)));
+                            kb.b.build_store(kb.gep(i32t, xp, at), v).unwrap().set_alignment(4).unwrap();
+                        }
                     }
                 }
-            }
+            });
         });
     });
-    kb.b.build_unconditional_branch(done).unwrap();
-    kb.b.position_at_end(done);
 }
 
 /// The shape of one linear map's AMX GEMM.

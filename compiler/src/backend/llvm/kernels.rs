@@ -1407,17 +1407,12 @@ fn attention_block<'ctx>(
         for r in 0..rn {
             let at = r * (2 + nv);
             let t = kb.add(kb.mul(rb, c(rn)), c(r));
-            let live = kb.b.build_int_compare(inkwell::IntPredicate::SLT, t, rows, "").unwrap();
-            let (store, skip) =
-                (kb.cx.append_basic_block(kb.f, "row"), kb.cx.append_basic_block(kb.f, "next"));
-            kb.b.build_conditional_branch(live, store, skip).unwrap();
-            kb.b.position_at_end(store);
-            let inv = kb.splat(kb.fdiv(kb.fc(1.0), st[at + 1].into_float_value()));
-            for i in 0..nv {
-                kb.stv(out, kb.add(qrow(r), c(i * VW)), kb.vmul(st[at + 2 + i].into_vector_value(), inv));
-            }
-            kb.b.build_unconditional_branch(skip).unwrap();
-            kb.b.position_at_end(skip);
+            kb.if_(kb.icmp_lt(t, rows), || {
+                let inv = kb.splat(kb.fdiv(kb.fc(1.0), st[at + 1].into_float_value()));
+                for i in 0..nv {
+                    kb.stv(out, kb.add(qrow(r), c(i * VW)), kb.vmul(st[at + 2 + i].into_vector_value(), inv));
+                }
+            });
         }
     });
 }

@@ -325,8 +325,8 @@ pub enum Loc {
     Cache(u32, CacheKind),
 }
 
-/// A linear map's (or a norm's or head merge's) fused epilogue (each op with the other operand of an
-/// `Add`/`Mul`) and the last node of the chain, whose value the fused kernel writes.
+/// The fused epilogue of a linear map, norm or head merge (each op with the other operand
+/// of an `Add`/`Mul`) and the last node of the chain, whose value the fused kernel writes.
 type Chain = (Vec<(Epi, Option<NodeId>)>, NodeId);
 
 /// Elementwise ops fused into the kernel of the linear map (or norm, or head merge) that
