@@ -7,6 +7,7 @@ pub mod abi;
 pub mod checkpoint;
 pub mod gpu;
 pub mod model;
+mod pages;
 pub mod quant;
 pub mod sampling;
 
