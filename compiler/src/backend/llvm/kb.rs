@@ -427,14 +427,16 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         let mask = self.cx.i32_type().vec_type(VW as u32).const_zero();
         ok(self.b.build_shuffle_vector(one, self.vt().get_undef(), mask, ""))
     }
-    /// `a·b + c`, lane-wise, fused.
+    /// `a·b + c`, lane-wise: fused where the CPU has FMA (`llvm.fmuladd`; `llvm.fma`
+    /// would make a baseline x86-64 build call `fmaf` for every lane).
     pub fn vfma(
         &self,
         a: VectorValue<'ctx>,
         b: VectorValue<'ctx>,
         c: VectorValue<'ctx>,
     ) -> VectorValue<'ctx> {
-        let f = Intrinsic::find("llvm.fma").unwrap().get_declaration(self.m, &[self.vt().into()]).unwrap();
+        let f =
+            Intrinsic::find("llvm.fmuladd").unwrap().get_declaration(self.m, &[self.vt().into()]).unwrap();
         ok(self.b.build_call(f, &[a.into(), b.into(), c.into()], ""))
             .try_as_basic_value()
             .basic()
@@ -539,11 +541,17 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
                 args.iter().map(|a| a.as_basic_value_enum().into()).collect();
             V::of(ok(self.b.build_call(f, &args, "")).try_as_basic_value().basic().unwrap())
         };
-        let fma = |a: V, b: V, c: V| call("llvm.fma", &[a, b, c]);
+        // Fused where the CPU has FMA; a library's baseline x86-64 code has none.
+        let fma = |a: V, b: V, c: V| call("llvm.fmuladd", &[a, b, c]);
         // Beyond these, e^x is 0 or ∞ in f32; NaN fails both compares and stays NaN.
         let (lo, hi) = (k(-104.0), k(89.0));
         let xc = sel(lt(x, lo), lo, sel(lt(hi, x), hi, x));
-        let n = call("llvm.rint", &[ok(self.b.build_float_mul(xc, k(std::f64::consts::LOG2_E), ""))]);
+        // n = rint(x·log2 e), as (v + 1.5·2^23) - 1.5·2^23: exact for |v| < 2^22, as fast
+        // as a round instruction, and without the `rintf` calls that `llvm.rint` becomes
+        // on baseline x86-64 (no SSE4.1). Plain adds: no flag may fold them away.
+        let v = ok(self.b.build_float_mul(xc, k(std::f64::consts::LOG2_E), ""));
+        let magic = k(12_582_912.0);
+        let n = ok(self.b.build_float_sub(ok(self.b.build_float_add(v, magic, "")), magic, ""));
         // ln 2 = LN2_HI + LN2_LO with LN2_HI exact in 16 bits, so n·LN2_HI is exact.
         let neg_n = ok(self.b.build_float_neg(n, ""));
         let r = fma(neg_n, k(0.693_145_751_953_125), xc);
