@@ -77,11 +77,14 @@ impl Backend {
 
     /// LLVM's pipeline for the module. MLIR's module is one large function per graph,
     /// already tiled and vectorised, on which `O3` is slow (GPT-2 small: 35 s in `opt`
-    /// against 8 s for `O2`).
-    fn llvm_passes(self) -> &'static str {
+    /// against 8 s for `O2`). The hand-written kernels are unrolled where it pays as they
+    /// are built (register tiles, the k-steps of a tile); LLVM's unrollers only multiplied
+    /// their loops again: W2's module grew from 33k to 47k lines after `O3` and took 2.5×
+    /// as long to optimise and emit, for no speed we could measure.
+    fn llvm_pipeline(self) -> llvm::Pipeline {
         match self {
-            Backend::Llvm => "default<O3>",
-            Backend::Mlir => "default<O2>",
+            Backend::Llvm => llvm::Pipeline { passes: "default<O3>", unroll: false },
+            Backend::Mlir => llvm::Pipeline { passes: "default<O2>", unroll: true },
         }
     }
 }
@@ -288,7 +291,7 @@ pub fn compile_gpu(
     Ok(vec![bin, prog])
 }
 
-/// The LLVM IR of a spec's library, before (`optimized = false`) or after `default<O3>`.
+/// The LLVM IR of a spec's library, before (`optimized = false`) or after its pipeline.
 pub fn llvm_ir(file: &str, source: &str, optimized: bool, opts: &LibOptions) -> Result<String, BackendError> {
     let lg = lib_graphs(file, source, opts)?;
     let cx = inkwell::context::Context::create();
@@ -297,7 +300,7 @@ pub fn llvm_ir(file: &str, source: &str, optimized: bool, opts: &LibOptions) -> 
     m.set_triple(&tm.get_triple());
     m.set_data_layout(&tm.get_target_data().get_data_layout());
     if optimized {
-        llvm::optimize(&m, &tm, opts.backend.llvm_passes())?;
+        llvm::optimize(&m, &tm, opts.backend.llvm_pipeline())?;
     }
     Ok(m.print_to_string().to_string())
 }
@@ -339,14 +342,16 @@ fn fallback_module<'ctx>(
     Ok(fm)
 }
 
-/// The fallback object: bitcode of `fallback_module` for plain x86-64, at `O2` (it is for
-/// correctness on older CPUs and should not double the build).
+/// The fallback object: bitcode of `fallback_module` for plain x86-64, at `O1` without
+/// unrolling (it is for correctness on older CPUs and should not double the build; on
+/// GPT-2 small it runs as fast as at `O2`, which took 25% longer to build).
 fn emit_fallback(bitcode: &[u8]) -> Result<Vec<u8>, BackendError> {
     let cx = inkwell::context::Context::create();
     let buf = inkwell::memory_buffer::MemoryBuffer::create_from_memory_range_copy(bitcode, "fallback");
     let m = inkwell::module::Module::parse_bitcode_from_buffer(&buf, &cx)
         .map_err(|e| llvm::LlvmError::Llvm(format!("bug: fallback bitcode: {e}")))?;
-    Ok(llvm::optimize_and_emit(&m, &llvm::target_machine(Some("x86-64"))?, "default<O2>")?)
+    let pipeline = llvm::Pipeline { passes: "default<O1>", unroll: false };
+    Ok(llvm::optimize_and_emit(&m, &llvm::target_machine(Some("x86-64"))?, pipeline)?)
 }
 
 /// Compiles a spec to `out_dir/lib<name>.so`, `<name>.h` and `manifest.json`.
@@ -375,7 +380,7 @@ pub fn compile_library(
     llvm::cpu_features_global(&cx, &m, &features);
     let (object, fallback_object) = std::thread::scope(|scope| {
         let fallback = fallback_bitcode.map(|bc| scope.spawn(move || emit_fallback(&bc)));
-        let object = llvm::optimize_and_emit(&m, &tm, opts.backend.llvm_passes());
+        let object = llvm::optimize_and_emit(&m, &tm, opts.backend.llvm_pipeline());
         let fallback = fallback.map(|h| h.join().expect("the fallback build does not panic")).transpose();
         (object, fallback)
     });

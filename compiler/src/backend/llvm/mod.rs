@@ -885,16 +885,24 @@ pub fn target_machine(cpu: Option<&str>) -> Result<TargetMachine, LlvmError> {
         .ok_or_else(|| LlvmError::Llvm(format!("cannot create a target machine for cpu `{cpu}`")))
 }
 
-/// Runs an optimisation pipeline (`default<O3>` for this backend's modules) and returns
-/// the object code.
-pub fn optimize_and_emit(m: &Module, tm: &TargetMachine, passes: &str) -> Result<Vec<u8>, LlvmError> {
-    m.set_triple(&tm.get_triple());
-    m.set_data_layout(&tm.get_target_data().get_data_layout());
-    m.run_passes(passes, tm, PassBuilderOptions::create()).map_err(|e| LlvmError::Llvm(e.to_string()))?;
+/// An LLVM pass pipeline: `default<On>` text, and whether LLVM's loop unrollers run.
+#[derive(Clone, Copy, Debug)]
+pub struct Pipeline {
+    pub passes: &'static str,
+    pub unroll: bool,
+}
+
+/// Runs `pipeline` over `m` and returns the object code.
+pub fn optimize_and_emit(m: &Module, tm: &TargetMachine, pipeline: Pipeline) -> Result<Vec<u8>, LlvmError> {
+    optimize(m, tm, pipeline)?;
     let buf = tm.write_to_memory_buffer(m, FileType::Object).map_err(|e| LlvmError::Llvm(e.to_string()))?;
     Ok(buf.as_slice().to_vec())
 }
 
-pub fn optimize(m: &Module, tm: &TargetMachine, passes: &str) -> Result<(), LlvmError> {
-    m.run_passes(passes, tm, PassBuilderOptions::create()).map_err(|e| LlvmError::Llvm(e.to_string()))
+pub fn optimize(m: &Module, tm: &TargetMachine, pipeline: Pipeline) -> Result<(), LlvmError> {
+    m.set_triple(&tm.get_triple());
+    m.set_data_layout(&tm.get_target_data().get_data_layout());
+    let options = PassBuilderOptions::create();
+    options.set_loop_unrolling(pipeline.unroll);
+    m.run_passes(pipeline.passes, tm, options).map_err(|e| LlvmError::Llvm(e.to_string()))
 }
