@@ -134,7 +134,8 @@ impl LibGraphs {
     }
 
     /// The weight table of a CPU library from `backend`: the LLVM kernels read bf16
-    /// matrices in the tile layout (`llvm::Tiles`), re-packed when they are bound.
+    /// matrices in tiles and f32 ones in panels (`llvm::WeightLayout`), re-packed when
+    /// they are bound.
     pub fn library_weights(&self, backend: Backend) -> llvm::WeightTable {
         match backend {
             Backend::Llvm => self.weight_table().tiled(&self.all()),

@@ -20,7 +20,8 @@ typedef void (*tfc_graph)(void *arena, float *cache, const int32_t *tokens, cons
 extern const int64_t tfc__n_weights, tfc__arena_bytes, tfc__cache_bytes, tfc__max_seq, tfc__vocab,
     tfc__out_width, tfc__has_decode, tfc__type_rows;
 extern const int64_t tfc__weight_bytes[];
-/* Per weight: out, in, and 1 if stored [in, out]; out = 0 for a weight bound as it is. */
+/* Per weight: out, in, 1 if stored [in, out], and the layout (0: bf16 tiles, 1: f32
+   panels); out = 0 for a weight bound as it is. */
 extern const int64_t tfc__weight_tiles[];
 extern const char *const tfc__weight_names[];
 void tfc__prefill(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t, const void *const *,
@@ -244,7 +245,7 @@ int64_t tfc_weight_bytes(int32_t index) {
     return index < 0 || index >= tfc__n_weights ? -1 : tfc__weight_bytes[index];
 }
 int32_t tfc_weight_repacked(int32_t index) {
-    return index < 0 || index >= tfc__n_weights ? -1 : tfc__weight_tiles[3 * (int64_t)index] != 0;
+    return index < 0 || index >= tfc__n_weights ? -1 : tfc__weight_tiles[4 * (int64_t)index] != 0;
 }
 
 /* ---- big buffers: the arena, the KV cache and re-packed weights. Each is its own anonymous
@@ -311,9 +312,11 @@ void tfc_destroy(tfc_ctx *c) {
     free(c);
 }
 
-/* ---- re-packing. A bf16 matrix the kernels read in tiles (tfc__weight_tiles) is copied
-   at bind time as W [out, in] (an [in, out] one transposed) in blocks of 16 outputs, each
-   block in/32 tiles of 16 outputs x 32 inputs, row-major: one task per block. ---- */
+/* ---- re-packing (tfc__weight_tiles), at bind time, one task per block of outputs. A bf16
+   matrix the kernels read in tiles is copied as W [out, in] (an [in, out] one transposed)
+   in blocks of 16 outputs, each block in/32 tiles of 16 outputs x 32 inputs, row-major.
+   An f32 matrix the kernels read in panels is copied in blocks of 64 outputs, each block
+   [in, 64] row-major. ---- */
 typedef struct {
     const uint16_t *src;
     uint16_t *dst;
@@ -338,17 +341,44 @@ static void repack_blocks(const int64_t *args, int64_t begin, int64_t end) {
     }
 }
 
+#define PANEL 64
+static void repack_panels(const int64_t *args, int64_t begin, int64_t end) {
+    const repack_t *r = (const repack_t *)(const void *)args;
+    const float *src = (const float *)(const void *)r->src;
+    float *dst = (float *)(void *)r->dst;
+    const int64_t inn = r->inn, out = r->out;
+    for (int64_t ob = begin; ob < end; ob++) {
+        float *d = dst + ob * PANEL * inn;
+        if (r->transposed) {
+            for (int64_t k = 0; k < inn; k++) memcpy(d + k * PANEL, src + k * out + ob * PANEL, PANEL * 4);
+            continue;
+        }
+        /* W [out, in]: a transpose, 16 inputs of the block's 64 rows at a time. */
+        for (int64_t k0 = 0; k0 < inn; k0 += 16) {
+            const int64_t kn = inn - k0 < 16 ? inn - k0 : 16;
+            for (int64_t o = 0; o < PANEL; o++) {
+                const float *s = src + (ob * PANEL + o) * inn + k0;
+                for (int64_t k = 0; k < kn; k++) d[(k0 + k) * PANEL + o] = s[k];
+            }
+        }
+    }
+}
+
 int32_t tfc_bind_weight(tfc_ctx *c, int32_t index, const void *data, uint64_t nbytes) {
     if (!c || !data) return TFC_ERR_NULL;
     if (index < 0 || index >= tfc__n_weights) return TFC_ERR_ARG;
     if (nbytes != (uint64_t)tfc__weight_bytes[index] || ((uintptr_t)data & 1) != 0) return TFC_ERR_ARG;
-    const int64_t *tiles = &tfc__weight_tiles[3 * (int64_t)index];
+    const int64_t *tiles = &tfc__weight_tiles[4 * (int64_t)index];
     if (tiles[0] != 0) {
+        if (tiles[3] && ((uintptr_t)data & 3) != 0) return TFC_ERR_ARG;
         uint16_t *copy = c->owned[index];
         if (!copy && !(copy = big_alloc((size_t)nbytes))) return TFC_ERR_ALLOC;
         c->owned[index] = copy;
         repack_t r = {data, copy, tiles[0], tiles[1], tiles[2]};
-        tfc__parallel_for(c->pool, repack_blocks, (const int64_t *)(const void *)&r, tiles[0] / 16);
+        if (tiles[3])
+            tfc__parallel_for(c->pool, repack_panels, (const int64_t *)(const void *)&r, tiles[0] / PANEL);
+        else
+            tfc__parallel_for(c->pool, repack_blocks, (const int64_t *)(const void *)&r, tiles[0] / 16);
         data = copy;
     }
     if (!c->weights[index]) c->unbound--;

@@ -45,8 +45,8 @@ tfc_ctx *tfc_create(int32_t n_threads);
 void tfc_destroy(tfc_ctx *ctx);
 
 /* 1 when binding weight `index` copies it into the library's own layout (a bf16 matrix
-   its kernels read in tiles), 0 when the library reads the caller's memory in place,
-   -1 for a bad index. */
+   its kernels read in tiles, an f32 one they read in panels), 0 when the library reads
+   the caller's memory in place, -1 for a bad index. */
 int32_t tfc_weight_repacked(int32_t index);
 /* Binds weight `index`: tfc_weight_bytes(index) bytes in the manifest's layout and dtype
    (f32, 4-byte aligned, or bf16, 2-byte aligned). A weight that tfc_weight_repacked says

@@ -34,7 +34,9 @@ pub enum Kernel {
     /// with `amx` the packed activations; tasks: column blocks of `BLOCK`. `packed`: the
     /// GEMM of many rows (see `packs`); `amx`: on AMX tiles when the CPU allows (bf16
     /// weights, see `amx`), else the packed GEMM. `tiles`: bf16 weights in the tile
-    /// layout (`super::Tiles`, read as `[out, in]`, so never `transposed`).
+    /// layout (`super::Tiles`, read as `[out, in]`, so never `transposed`). `panels`: f32
+    /// weights in the panel layout (`super::WeightLayout::Panels`; always `packed`, never
+    /// `transposed`), which the packed GEMM reads in place.
     Linear {
         inn: usize,
         out: usize,
@@ -43,6 +45,7 @@ pub enum Kernel {
         epi: Vec<Epi>,
         wf: WFmt,
         tiles: bool,
+        panels: bool,
         packed: bool,
         /// The activation parts of the AMX GEMM (`amx::PARTS`, or 1 for bf16 inputs).
         amx: Option<usize>,
@@ -160,13 +163,15 @@ struct Lin<'ctx, 'e> {
     wf: WFmt,
     /// `[out, in]` in the tile layout (`super::Tiles`), not row-major.
     tiles: bool,
+    /// In the panel layout (`super::WeightLayout::Panels`).
+    panels: bool,
 }
 
 impl<'ctx, 'e> Lin<'ctx, 'e> {
     /// Reads the argument block of a `Kernel::Linear`: x, w, [b], out, rows, then the
     /// epilogue's other operands.
     fn from_args(a: ArgI<'ctx, '_>, p: ArgP<'ctx, '_>, k: &'e Kernel) -> (Self, IntValue<'ctx>) {
-        let Kernel::Linear { inn, out: n_out, bias, ref epi, wf, tiles, .. } = *k else {
+        let Kernel::Linear { inn, out: n_out, bias, ref epi, wf, tiles, panels, .. } = *k else {
             unreachable!("the arguments of a linear kernel")
         };
         let (x, w) = (p(0), p(1));
@@ -174,7 +179,7 @@ impl<'ctx, 'e> Lin<'ctx, 'e> {
         let first = if bias { 5 } else { 4 };
         let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
         let others = (0..n_others).map(|k| p(first + k as i64)).collect();
-        (Lin { x, w, b, out, inn, n_out, epi, others, wf, tiles }, rows)
+        (Lin { x, w, b, out, inn, n_out, epi, others, wf, tiles, panels }, rows)
     }
 
     /// The element of `W [out, in]` at output `o`, input `i`: row-major, or in the tile
@@ -484,7 +489,13 @@ fn lin_packed<'ctx>(
             });
             kb.for_(b0, b1, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
-                pack_panel(kb, l, o0, k0, kn, panel, transposed);
+                // The block's slice: its panel in place, or packed from the weights.
+                let panel = if l.panels {
+                    kb.gep(kb.f32t(), l.w, kb.mul(kb.add(kb.mul(blk, c(inn)), k0), c(BLOCK)))
+                } else {
+                    pack_panel(kb, l, o0, k0, kn, panel, transposed);
+                    panel
+                };
                 // The weights the next panel is packed from (the next block's slice, or
                 // after the last block the first block's next slice, or the block after
                 // these), prefetched into L2 while the row tiles run: packing otherwise
@@ -500,6 +511,11 @@ fn lin_packed<'ctx>(
                     // Every operand is non-negative and every divisor a power of two, so
                     // unsigned division keeps this to shifts and masks in the k-loops.
                     let n = kb.min(kb.udiv(step, c(SPREAD)), c(lines - 1));
+                    if l.panels {
+                        // The next slice is contiguous.
+                        let at = kb.mul(kb.add(kb.mul(kb.udiv(no0, c(BLOCK)), c(inn)), nk0), c(BLOCK * 4));
+                        return kb.prefetch_l2(l.w, kb.add(at, kb.mul(n, c(64))));
+                    }
                     if l.tiles {
                         // BLOCK / 16 blocks, each of whose KC / 32 tiles in the slice are
                         // contiguous.
@@ -563,6 +579,38 @@ fn lin_packed<'ctx>(
     kb.for_(b0, b1, |blk| {
         let o0 = kb.mul(blk, c(BLOCK));
         kb.for_(c(0), rows, |t| epilogue(kb, l, t, o0, kb.add(o0, c(BLOCK))))
+    });
+}
+
+/// One row times weights in the panel layout, column blocks `b0..b1`: each block's panel
+/// (`[in, BLOCK]`, contiguous) is one stream, prefetched `PREFETCH` ahead, into one
+/// accumulator per vector of the block.
+fn lin_panel_row<'ctx>(kb: &Kb<'_, 'ctx>, l: &Lin<'ctx, '_>, b0: IntValue<'ctx>, b1: IntValue<'ctx>) {
+    let c = |v: usize| kb.c(v as i64);
+    let nv = BLOCK / VW;
+    kb.for_(b0, b1, |blk| {
+        let o0 = kb.mul(blk, c(BLOCK));
+        let base = kb.mul(blk, c(l.inn * BLOCK));
+        let init: Vec<_> = (0..nv)
+            .map(|j| match l.b {
+                Some(b) => kb.ldv(b, kb.add(o0, c(j * VW))).into(),
+                None => kb.vzero().into(),
+            })
+            .collect();
+        let acc = kb.fold(c(0), c(l.inn), &init, |k, acc| {
+            let at = kb.add(base, kb.mul(k, c(BLOCK)));
+            for line in 0..BLOCK * 4 / 64 {
+                kb.prefetch(l.w, kb.add(kb.mul(at, c(4)), c(PREFETCH + 64 * line)));
+            }
+            let xk = kb.splat(kb.ld(l.x, k));
+            (0..nv)
+                .map(|j| kb.vfma(xk, kb.ldv(l.w, kb.add(at, c(j * VW))), acc[j].into_vector_value()).into())
+                .collect()
+        });
+        for (j, v) in acc.iter().enumerate() {
+            kb.stv(l.out, kb.add(o0, c(j * VW)), v.into_vector_value());
+        }
+        epilogue(kb, l, c(0), o0, kb.add(o0, c(BLOCK)));
     });
 }
 
@@ -632,10 +680,17 @@ impl Kernel {
                 let r = if *round { "_round_bf16" } else { "" };
                 format!("rmsnorm_{d}_{:016x}_{}{r}", eps.to_bits(), *unit_offset as u8)
             }
-            Kernel::Linear { inn, out, transposed, bias, epi, wf, tiles, packed, amx } => {
+            Kernel::Linear { inn, out, transposed, bias, epi, wf, tiles, panels, packed, amx } => {
                 let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
                 let (t, b) = (if *transposed { "_t" } else { "" }, if *bias { "_b" } else { "" });
-                let p = format!("{}{}", if *tiles { "_tl" } else { "" }, if *packed { "_p" } else { "" });
+                let layout = if *tiles {
+                    "_tl"
+                } else if *panels {
+                    "_pn"
+                } else {
+                    ""
+                };
+                let p = format!("{layout}{}", if *packed { "_p" } else { "" });
                 let a = amx.map_or(String::new(), |q| format!("_amx{q}"));
                 format!("linear_{inn}x{out}{t}{b}{p}{a}{epi}{}", wf.suffix())
             }
@@ -815,10 +870,27 @@ fn body<'ctx>(
                 });
             });
         }
-        Kernel::Linear { inn, out: n_out, transposed, bias, tiles, packed: true, amx, .. } => {
+        Kernel::Linear { inn, out: n_out, transposed, bias, tiles, panels, packed: true, amx, .. } => {
             let (l, rows) = Lin::from_args(a, p, k);
             let panel = kb.alloca_f32s(KC * BLOCK);
             let xs = kb.alloca_f32s(MC * KC);
+            if panels {
+                // One row (decode) streams each block's panel from end to end.
+                let (one, many, join) = (
+                    kb.cx.append_basic_block(kb.f, "one"),
+                    kb.cx.append_basic_block(kb.f, "many"),
+                    kb.cx.append_basic_block(kb.f, "join"),
+                );
+                kb.b.build_conditional_branch(kb.icmp_eq(rows, c(1)), one, many).unwrap();
+                kb.b.position_at_end(one);
+                lin_panel_row(kb, &l, begin, end);
+                kb.b.build_unconditional_branch(join).unwrap();
+                kb.b.position_at_end(many);
+                lin_packed(kb, &l, rows, begin, end, panel, xs, transposed);
+                kb.b.build_unconditional_branch(join).unwrap();
+                kb.b.position_at_end(join);
+                return;
+            }
             let Some(parts) = amx else {
                 return lin_packed(kb, &l, rows, begin, end, panel, xs, transposed);
             };
@@ -1059,7 +1131,19 @@ fn body<'ctx>(
             let first = if bias { 3 } else { 2 };
             let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
             let others = (0..n_others).map(|k| p(first + k as i64)).collect();
-            let l = Lin { x: part, w: part, b, out, inn: 0, n_out, epi, others, wf: WFmt::F32, tiles: false };
+            let l = Lin {
+                x: part,
+                w: part,
+                b,
+                out,
+                inn: 0,
+                n_out,
+                epi,
+                others,
+                wf: WFmt::F32,
+                tiles: false,
+                panels: false,
+            };
             let sum_at = |o: IntValue<'ctx>| {
                 let sum = kb.fold(c(0), c(chunks), &[kb.vzero().into()], |ch, acc| {
                     let pv = kb.ldv(part, kb.add(kb.mul(ch, c(n_out)), o));

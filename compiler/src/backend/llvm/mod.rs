@@ -50,23 +50,37 @@ pub struct Graphs<'a> {
 pub struct WeightTable {
     pub names: Vec<(String, Vec<usize>, DType)>,
     index: HashMap<String, usize>,
-    /// Per weight, the tile layout the library re-packs it into when it is bound (see
-    /// `Tiles`); `None`: read as stored.
-    pub tiles: Vec<Option<Tiles>>,
+    /// Per weight, the layout the library re-packs it into when it is bound (see
+    /// `Repack`); `None`: read as stored.
+    pub tiles: Vec<Option<Repack>>,
 }
 
-/// A bf16 matrix that the library re-packs once, when it is bound, into the layout its
-/// kernels read (`tfc_bind_weight` in `support.c` does it from `tfc__weight_tiles`): as
-/// `W [out, in]` (an `[in, out]` weight transposed), in blocks of 16 outputs, each block
-/// `in / 32` tiles of 16 outputs × 32 inputs, row-major. A tile is one AMX operand, 1 KB
-/// and contiguous, and a block is one contiguous stream for a one-row product.
+/// A matrix that the library re-packs once, when it is bound, into the layout its
+/// kernels read (`tfc_bind_weight` in `support.c` does it from `tfc__weight_tiles`),
+/// from `W [out, in]` or, `transposed`, `[in, out]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tiles {
+pub struct Repack {
     pub out: usize,
     pub inn: usize,
     /// Stored as `[in, out]`.
     pub transposed: bool,
+    pub layout: WeightLayout,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// bf16 (`Tiles`): as `W [out, in]` in blocks of 16 outputs, each block `in / 32`
+    /// tiles of 16 outputs × 32 inputs, row-major. A tile is one AMX operand, 1 KB and
+    /// contiguous, and a block is one contiguous stream for a one-row product.
+    Tiles,
+    /// f32 (`Panels`): in blocks of `BLOCK` outputs, each block `[in, BLOCK]` row-major:
+    /// the packed GEMM's panel of every `KC` inputs, contiguous, so it is read in place
+    /// instead of gathered from `in` rows (or `BLOCK` rows) a page apart on every call.
+    Panels,
+}
+
+/// The bf16 tile layout's sizes.
+pub struct Tiles;
 
 impl Tiles {
     /// Outputs per block and inputs per tile.
@@ -79,15 +93,26 @@ impl Tiles {
     }
 }
 
+/// The f32 panel layout.
+pub struct Panels;
+
+impl Panels {
+    /// Whether an f32 linear map of these sizes gets the layout: whole column blocks.
+    pub fn fits(_inn: usize, out: usize) -> bool {
+        out % BLOCK == 0
+    }
+}
+
 impl WeightTable {
     /// The slot of a weight the table holds.
     pub fn slot(&self, name: &str) -> usize {
         self.index[name]
     }
 
-    /// The table with the tile layout for every bf16 weight that only linear maps of the
-    /// sizes `Tiles::fits` read, all in one orientation (so not, say, an embedding table
-    /// tied to the unembedding, which a gather also reads).
+    /// The table with a re-packed layout for every weight that only linear maps read, all
+    /// in one orientation (so not, say, an embedding table tied to the unembedding, which
+    /// a gather also reads): tiles for bf16 weights of the sizes `Tiles::fits`, panels for
+    /// f32 ones of the sizes `Panels::fits`.
     pub fn tiled(mut self, graphs: &[&Graph]) -> WeightTable {
         let mut uses: Vec<Option<Option<bool>>> = vec![None; self.names.len()];
         for g in graphs {
@@ -119,14 +144,19 @@ impl WeightTable {
                     [a, b] => (b, a),
                     _ => return None,
                 };
-                (*dtype == DType::BF16 && Tiles::fits(inn, out)).then_some(Tiles { out, inn, transposed })
+                let layout = match dtype {
+                    DType::BF16 if Tiles::fits(inn, out) => WeightLayout::Tiles,
+                    DType::F32 if Panels::fits(inn, out) => WeightLayout::Panels,
+                    _ => return None,
+                };
+                Some(Repack { out, inn, transposed, layout })
             })
             .collect();
         self
     }
 
-    /// The tile layout of weight `i`, if it has one.
-    pub fn tiles_of(&self, i: usize) -> Option<Tiles> {
+    /// The re-packed layout of weight `i`, if it has one.
+    pub fn tiles_of(&self, i: usize) -> Option<Repack> {
         self.tiles.get(i).copied().flatten()
     }
 
@@ -279,12 +309,14 @@ pub fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &Weight
     g.set_initializer(&arr);
     g.set_constant(true);
     g.set_visibility(GlobalVisibility::Hidden);
-    // Three per weight: `out`, `in` and whether it is stored `[in, out]`; all zero for a
-    // weight bound as it is.
+    // Four per weight: `out`, `in`, whether it is stored `[in, out]` and the layout (0
+    // tiles, 1 panels); all zero for a weight bound as it is.
     let tiles: Vec<_> = (0..w.names.len())
         .flat_map(|i| match w.tiles_of(i) {
-            Some(t) => [t.out as u64, t.inn as u64, t.transposed as u64],
-            None => [0; 3],
+            Some(t) => {
+                [t.out as u64, t.inn as u64, t.transposed as u64, (t.layout == WeightLayout::Panels) as u64]
+            }
+            None => [0; 4],
         })
         .map(|v| i64t.const_int(v, false))
         .collect();
@@ -391,18 +423,22 @@ fn fusion(g: &Graph, order: &[NodeId]) -> Fusion {
     f
 }
 
-/// Whether linear map `n` reads its weights in the tile layout (`Tiles`).
-fn reads_tiles(g: &Graph, n: NodeId, weights: &WeightTable) -> bool {
+/// The layout linear map `n` reads its weights in, if they are re-packed (`Repack`).
+fn reads_layout(g: &Graph, n: NodeId, weights: &WeightTable) -> Option<WeightLayout> {
     match g.op(g.operands(n)[1]) {
-        Op::Weight { name, .. } => weights.tiles_of(weights.slot(name)).is_some(),
-        _ => false,
+        Op::Weight { name, .. } => weights.tiles_of(weights.slot(name)).map(|t| t.layout),
+        _ => None,
     }
 }
 
+fn reads_tiles(g: &Graph, n: NodeId, weights: &WeightTable) -> bool {
+    reads_layout(g, n, weights) == Some(WeightLayout::Tiles)
+}
+
 /// Whether linear map `n` reads its weights as `[in, out]`: stored so, and not re-packed
-/// into tiles (which are `[out, in]`).
+/// (tiles are `[out, in]`, panels neither).
 fn reads_transposed(g: &Graph, n: NodeId, weights: &WeightTable) -> bool {
-    matches!(g.op(n), Op::Linear { transposed: true, .. }) && !reads_tiles(g, n, weights)
+    matches!(g.op(n), Op::Linear { transposed: true, .. }) && reads_layout(g, n, weights).is_none()
 }
 
 /// Chunks of the input dimension for a one-row `x · W [in, out]`, and `out`: such a product
@@ -740,10 +776,12 @@ fn emit_graph<'ctx>(
                     call(k, r, kb.c((width / BLOCK) as i64));
                 } else {
                     let (transposed, tiles) = (reads_transposed(g, n, weights), reads_tiles(g, n, weights));
+                    let panels = reads_layout(g, n, weights) == Some(WeightLayout::Panels);
                     let bias = *bias;
                     let ty = g.ty(n);
                     let rows = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
-                    let packed = kernels::packs(rows, width, transposed);
+                    // Panels need no packing, so the packed GEMM takes every row count.
+                    let packed = panels || kernels::packs(rows, width, transposed);
                     let amx = amx_linear(g, n, amx, weights).then(|| amx_parts(g, ops[0]));
                     if let Some(parts) = amx {
                         let xp = kb.int_of(kb.gep(cx.i8_type(), arena, kb.c(amx_at as i64)));
@@ -756,7 +794,18 @@ fn emit_graph<'ctx>(
                         v.push(xp);
                     }
                     let tasks = if amx.is_some() { amx::tasks(width) } else { width.div_ceil(BLOCK) };
-                    let k = Kernel::Linear { inn, out: width, transposed, bias, epi, wf, tiles, packed, amx };
+                    let k = Kernel::Linear {
+                        inn,
+                        out: width,
+                        transposed,
+                        bias,
+                        epi,
+                        wf,
+                        tiles,
+                        panels,
+                        packed,
+                        amx,
+                    };
                     call(k, v, kb.c(tasks as i64));
                 }
             }
