@@ -138,7 +138,7 @@ impl LibGraphs {
     /// they are bound.
     pub fn library_weights(&self, backend: Backend) -> llvm::WeightTable {
         match backend {
-            Backend::Llvm => self.weight_table().tiled(&self.all()),
+            Backend::Llvm => self.weight_table().repacked(&self.all()),
             Backend::Mlir => self.weight_table(),
         }
     }
@@ -448,7 +448,7 @@ pub fn compile_library(
                 name: n.clone(),
                 shape: s.clone(),
                 dtype: d.name().into(),
-                repacked: weights.tiles_of(i).is_some(),
+                repacked: weights.repack_of(i).is_some(),
             })
             .collect(),
         spec_hash: abi::fnv1a(source),

@@ -649,6 +649,21 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     }
 
     /// `if cond { body() }`, for side effects only.
+    /// Runs `then` where `cond` holds and `otherwise` where it does not.
+    pub fn if_else(&self, cond: IntValue<'ctx>, then: impl FnOnce(), otherwise: impl FnOnce()) {
+        let (yes, no) =
+            (self.cx.append_basic_block(self.f, "then"), self.cx.append_basic_block(self.f, "else"));
+        let join = self.cx.append_basic_block(self.f, "join");
+        ok(self.b.build_conditional_branch(cond, yes, no));
+        self.b.position_at_end(yes);
+        then();
+        ok(self.b.build_unconditional_branch(join));
+        self.b.position_at_end(no);
+        otherwise();
+        ok(self.b.build_unconditional_branch(join));
+        self.b.position_at_end(join);
+    }
+
     pub fn if_(&self, cond: IntValue<'ctx>, body: impl FnOnce()) {
         let then = self.cx.append_basic_block(self.f, "then");
         let join = self.cx.append_basic_block(self.f, "join");

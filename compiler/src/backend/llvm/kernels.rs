@@ -876,20 +876,11 @@ fn body<'ctx>(
             let xs = kb.alloca_f32s(MC * KC);
             if panels {
                 // One row (decode) streams each block's panel from end to end.
-                let (one, many, join) = (
-                    kb.cx.append_basic_block(kb.f, "one"),
-                    kb.cx.append_basic_block(kb.f, "many"),
-                    kb.cx.append_basic_block(kb.f, "join"),
+                return kb.if_else(
+                    kb.icmp_eq(rows, c(1)),
+                    || lin_panel_row(kb, &l, begin, end),
+                    || lin_packed(kb, &l, rows, begin, end, panel, xs, transposed),
                 );
-                kb.b.build_conditional_branch(kb.icmp_eq(rows, c(1)), one, many).unwrap();
-                kb.b.position_at_end(one);
-                lin_panel_row(kb, &l, begin, end);
-                kb.b.build_unconditional_branch(join).unwrap();
-                kb.b.position_at_end(many);
-                lin_packed(kb, &l, rows, begin, end, panel, xs, transposed);
-                kb.b.build_unconditional_branch(join).unwrap();
-                kb.b.position_at_end(join);
-                return;
             }
             let Some(parts) = amx else {
                 return lin_packed(kb, &l, rows, begin, end, panel, xs, transposed);
@@ -918,33 +909,23 @@ fn body<'ctx>(
                 end.into(),
             ]);
             let done = kb.b.build_call(tiles, &args, "").unwrap().try_as_basic_value().basic().unwrap();
-            let (on, off, join) = (
-                kb.cx.append_basic_block(kb.f, "amx"),
-                kb.cx.append_basic_block(kb.f, "avx"),
-                kb.cx.append_basic_block(kb.f, "join"),
+            kb.if_else(
+                done.into_int_value(),
+                || {
+                    kb.for_(begin, end, |task| {
+                        blocks(task, &|o0| {
+                            kb.for_(c(0), rows, |t| epilogue(kb, &l, t, o0, kb.add(o0, c(BLOCK))))
+                        })
+                    })
+                },
+                || {
+                    kb.for_(begin, end, |task| {
+                        let b0 = kb.mul(task, c(gr));
+                        let b1 = kb.min(kb.add(b0, c(gr)), c(n_out / BLOCK));
+                        lin_packed(kb, &l, rows, b0, b1, panel, xs, transposed)
+                    })
+                },
             );
-            kb.b.build_conditional_branch(done.into_int_value(), on, off).unwrap();
-            kb.b.position_at_end(on);
-            kb.for_(begin, end, |task| {
-                blocks(task, &|o0| kb.for_(c(0), rows, |t| epilogue(kb, &l, t, o0, kb.add(o0, c(BLOCK)))))
-            });
-            kb.b.build_unconditional_branch(join).unwrap();
-            kb.b.position_at_end(off);
-            kb.for_(begin, end, |task| {
-                let b0 = kb.mul(task, c(gr));
-                lin_packed(
-                    kb,
-                    &l,
-                    rows,
-                    b0,
-                    kb.min(kb.add(b0, c(gr)), c(n_out / BLOCK)),
-                    panel,
-                    xs,
-                    transposed,
-                )
-            });
-            kb.b.build_unconditional_branch(join).unwrap();
-            kb.b.position_at_end(join);
         }
         Kernel::AmxPack { inn, transposed, parts } => {
             super::amx::pack_x(kb, inn, transposed, parts, (p(0), p(1), a(2)), begin, end)

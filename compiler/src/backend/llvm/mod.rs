@@ -52,7 +52,7 @@ pub struct WeightTable {
     index: HashMap<String, usize>,
     /// Per weight, the layout the library re-packs it into when it is bound (see
     /// `Repack`); `None`: read as stored.
-    pub tiles: Vec<Option<Repack>>,
+    pub repack: Vec<Option<Repack>>,
 }
 
 /// A matrix that the library re-packs once, when it is bound, into the layout its
@@ -97,8 +97,8 @@ impl Tiles {
 pub struct Panels;
 
 impl Panels {
-    /// Whether an f32 linear map of these sizes gets the layout: whole column blocks.
-    pub fn fits(_inn: usize, out: usize) -> bool {
+    /// Whether an f32 linear map with `out` outputs gets the layout: whole column blocks.
+    pub fn fits(out: usize) -> bool {
         out % BLOCK == 0
     }
 }
@@ -113,7 +113,7 @@ impl WeightTable {
     /// in one orientation (so not, say, an embedding table tied to the unembedding, which
     /// a gather also reads): tiles for bf16 weights of the sizes `Tiles::fits`, panels for
     /// f32 ones of the sizes `Panels::fits`.
-    pub fn tiled(mut self, graphs: &[&Graph]) -> WeightTable {
+    pub fn repacked(mut self, graphs: &[&Graph]) -> WeightTable {
         let mut uses: Vec<Option<Option<bool>>> = vec![None; self.names.len()];
         for g in graphs {
             for id in g.node_ids() {
@@ -133,7 +133,7 @@ impl WeightTable {
                 }
             }
         }
-        self.tiles = self
+        self.repack = self
             .names
             .iter()
             .zip(uses)
@@ -146,7 +146,7 @@ impl WeightTable {
                 };
                 let layout = match dtype {
                     DType::BF16 if Tiles::fits(inn, out) => WeightLayout::Tiles,
-                    DType::F32 if Panels::fits(inn, out) => WeightLayout::Panels,
+                    DType::F32 if Panels::fits(out) => WeightLayout::Panels,
                     _ => return None,
                 };
                 Some(Repack { out, inn, transposed, layout })
@@ -156,8 +156,8 @@ impl WeightTable {
     }
 
     /// The re-packed layout of weight `i`, if it has one.
-    pub fn tiles_of(&self, i: usize) -> Option<Repack> {
-        self.tiles.get(i).copied().flatten()
+    pub fn repack_of(&self, i: usize) -> Option<Repack> {
+        self.repack.get(i).copied().flatten()
     }
 
     pub fn of(graphs: &[&Graph]) -> WeightTable {
@@ -170,7 +170,7 @@ impl WeightTable {
                         let shape = ty.shape.iter().map(|d| d.as_fixed().unwrap_or(0)).collect();
                         t.index.insert(name.clone(), t.names.len());
                         t.names.push((name.clone(), shape, ty.dtype));
-                        t.tiles.push(None);
+                        t.repack.push(None);
                     }
                 }
             }
@@ -312,7 +312,7 @@ pub fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &Weight
     // Four per weight: `out`, `in`, whether it is stored `[in, out]` and the layout (0
     // tiles, 1 panels); all zero for a weight bound as it is.
     let tiles: Vec<_> = (0..w.names.len())
-        .flat_map(|i| match w.tiles_of(i) {
+        .flat_map(|i| match w.repack_of(i) {
             Some(t) => {
                 [t.out as u64, t.inn as u64, t.transposed as u64, (t.layout == WeightLayout::Panels) as u64]
             }
@@ -426,7 +426,7 @@ fn fusion(g: &Graph, order: &[NodeId]) -> Fusion {
 /// The layout linear map `n` reads its weights in, if they are re-packed (`Repack`).
 fn reads_layout(g: &Graph, n: NodeId, weights: &WeightTable) -> Option<WeightLayout> {
     match g.op(g.operands(n)[1]) {
-        Op::Weight { name, .. } => weights.tiles_of(weights.slot(name)).map(|t| t.layout),
+        Op::Weight { name, .. } => weights.repack_of(weights.slot(name)).map(|t| t.layout),
         _ => None,
     }
 }
