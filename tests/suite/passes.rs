@@ -1,4 +1,5 @@
-//! Small before/after checks of each pass, on the tiny GPT-2 spec.
+//! Small before/after checks of each pass, on the tiny GPT-2 spec (and LLaMA where it
+//! differs).
 
 use tfc::interp::{run, Inputs, WeightSource, Weights};
 use tfc::ir::{verify, Dim, Graph, InputKind, Op};
@@ -57,21 +58,61 @@ fn split_makes_the_cache_explicit() {
     assert_eq!(all.prefill.ty(all.prefill.output("logits").unwrap()).shape, [Dim::T, Dim::fixed(384)]);
 }
 
+/// Per layer, how many linear maps and attentions of `g` run on all `T` rows.
+fn full_rows(g: &Graph, layer: u32) -> (usize, usize) {
+    let full = |f: &dyn Fn(&Op) -> bool| {
+        let rows = |n| g.ty(n).shape[g.ty(n).rank() - 2];
+        g.node_ids()
+            .into_iter()
+            .filter(|&n| g.node(n).layer == Some(layer) && f(g.op(n)) && rows(n) == Dim::T)
+            .count()
+    };
+    (full(&|op| matches!(op, Op::Linear { .. })), full(&|op| matches!(op, Op::Attention { .. })))
+}
+
+/// Prefill's logits against the last row of the model graph's, which computes every row.
+fn narrowed_logits_match(c: &tfc::Compiled) {
+    let w = Weights::bind(&[&c.prefill, &c.model], &WeightSource::Random { seed: 3 }).unwrap();
+    let inputs = Inputs { tokens: vec![5, 6, 7, 8, 9], ..Inputs::default() };
+    let last = run(&c.prefill, &w, &inputs).unwrap().remove("logits").unwrap();
+    let full = run(&c.model, &w, &inputs).unwrap().remove("logits").unwrap();
+    assert_close("narrowed logits", &last.data, full.row(4), 0.0);
+}
+
 #[test]
-fn narrowing_runs_the_head_on_one_row() {
+fn narrowing_runs_the_head_and_most_of_the_last_layer_on_one_row() {
     let c = gpt2(false);
     let p = &c.prefill;
-    // Only the final norm and the unembedding follow last_row.
-    let lr = p.node_ids().into_iter().find(|&n| *p.op(n) == Op::LastRow).unwrap();
-    let user = p.users(lr)[0];
-    assert!(matches!(p.op(user), Op::LayerNorm { .. }));
-    assert_eq!(p.ty(user).shape[0], Dim::fixed(1));
-    // And the result is unchanged.
-    let w = Weights::bind(&[&c.prefill, &c.model], &WeightSource::Random { seed: 3 }).unwrap();
-    let inputs = Inputs { tokens: vec![5, 6, 7], ..Inputs::default() };
-    let last = run(p, &w, &inputs).unwrap().remove("logits").unwrap();
-    let full = run(&c.model, &w, &inputs).unwrap().remove("logits").unwrap();
-    assert_close("narrowed logits", &last.data, full.row(2), 0.0);
+    // The first layer needs every row; the last one only its fused QKV projection,
+    // whose keys and values go to the cache.
+    assert_eq!(full_rows(p, 0), (4, 1));
+    assert_eq!(full_rows(p, 1), (1, 0));
+    let lm = p.output("logits").unwrap();
+    assert_eq!(p.ty(lm).shape[0], Dim::fixed(1));
+    // The query of the last attention is its last row, at the last position.
+    let at = p
+        .node_ids()
+        .into_iter()
+        .find(|&n| matches!(p.op(n), Op::Attention { .. }) && p.node(n).layer == Some(1));
+    let pos = p.operands(at.unwrap())[3];
+    assert_eq!(*p.op(pos), Op::LastRow);
+    assert_eq!(*p.op(p.operands(pos)[0]), Op::Positions);
+    narrowed_logits_match(&c);
+    // Without narrowing every linear map runs on every row.
+    let all = gpt2(true);
+    assert_eq!(full_rows(&all.prefill, 1), (4, 1));
+}
+
+#[test]
+fn narrowing_keeps_separate_keys_and_values_and_rotates_the_one_query() {
+    // LLaMA: separate q, k, v projections, rotary positions, grouped heads, a gated MLP.
+    let c = compile(&root().join("specs/tiny/llama.tfs"), &Options::default());
+    assert_eq!(full_rows(&c.prefill, 1), (2, 0));
+    let ropes: Vec<_> =
+        c.prefill.node_ids().into_iter().filter(|&n| matches!(c.prefill.op(n), Op::Rope(_))).collect();
+    let one_row = ropes.iter().filter(|&&n| c.prefill.ty(n).shape[1] == Dim::fixed(1)).count();
+    assert_eq!((ropes.len(), one_row), (4, 1));
+    narrowed_logits_match(&c);
 }
 
 #[test]

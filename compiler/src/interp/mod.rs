@@ -150,10 +150,10 @@ pub fn run(g: &Graph, weights: &Weights, inputs: &Inputs) -> Result<HashMap<Stri
             Op::Attention { scale, mask, alibi } => {
                 Value::F(ops::attention(f(0), f(1), f(2), ids(3), *scale, mask, *alibi))
             }
-            Op::LastRow => {
-                let x = f(0);
-                Value::F(Tensor::new(vec![1, x.shape[1]], x.row(x.shape[0] - 1).to_vec()))
-            }
+            Op::LastRow => match &vals[&ops[0]] {
+                Value::I(v) => Value::I(v[v.len() - 1..].to_vec()),
+                Value::F(x) => Value::F(Tensor::new(vec![1, x.shape[1]], x.row(x.shape[0] - 1).to_vec())),
+            },
         };
         if let (Value::F(t), Some(ty)) = (&v, &node.ty) {
             let want = ty.eval(b);

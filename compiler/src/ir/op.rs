@@ -192,7 +192,8 @@ pub enum Op {
         mask: AttnMask,
         alibi: bool,
     },
-    /// The last row: `[T, d] -> [1, d]`.
+    /// The last row: `[T, d] -> [1, d]`, or the last element: `[T] -> [1]` (of the
+    /// positions, for a narrowed query).
     LastRow,
 }
 
@@ -512,10 +513,13 @@ impl Op {
                 }
                 Ok(ins[0].clone())
             }
-            Op::LastRow => {
-                want_rank(0, 2)?;
-                Ok(TensorType::new(vec![Dim::fixed(1), ins[0].shape[1]], ins[0].dtype))
-            }
+            Op::LastRow => match ins[0].rank() {
+                1 => Ok(TensorType::new(vec![Dim::fixed(1)], ins[0].dtype)),
+                _ => {
+                    want_rank(0, 2)?;
+                    Ok(TensorType::new(vec![Dim::fixed(1), ins[0].shape[1]], ins[0].dtype))
+                }
+            },
         }
     }
 }

@@ -651,17 +651,49 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     /// `if cond { body() }`, for side effects only.
     /// Runs `then` where `cond` holds and `otherwise` where it does not.
     pub fn if_else(&self, cond: IntValue<'ctx>, then: impl FnOnce(), otherwise: impl FnOnce()) {
+        self.choose(
+            cond,
+            || {
+                then();
+                vec![]
+            },
+            || {
+                otherwise();
+                vec![]
+            },
+        );
+    }
+
+    /// `if cond { then() } else { otherwise() }` as a branch, for values: each arm
+    /// returns as many values, of the same types, and the join has their phis.
+    pub fn choose(
+        &self,
+        cond: IntValue<'ctx>,
+        then: impl FnOnce() -> Vec<BasicValueEnum<'ctx>>,
+        otherwise: impl FnOnce() -> Vec<BasicValueEnum<'ctx>>,
+    ) -> Vec<BasicValueEnum<'ctx>> {
         let (yes, no) =
             (self.cx.append_basic_block(self.f, "then"), self.cx.append_basic_block(self.f, "else"));
         let join = self.cx.append_basic_block(self.f, "join");
         ok(self.b.build_conditional_branch(cond, yes, no));
         self.b.position_at_end(yes);
-        then();
+        let a = then();
+        let a_end = self.b.get_insert_block().unwrap();
         ok(self.b.build_unconditional_branch(join));
         self.b.position_at_end(no);
-        otherwise();
+        let b = otherwise();
+        let b_end = self.b.get_insert_block().unwrap();
         ok(self.b.build_unconditional_branch(join));
         self.b.position_at_end(join);
+        assert_eq!(a.len(), b.len(), "both arms of a branch give as many values");
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| {
+                let p = ok(self.b.build_phi(x.get_type(), ""));
+                p.add_incoming(&[(x, a_end), (y, b_end)]);
+                p.as_basic_value()
+            })
+            .collect()
     }
 
     pub fn if_(&self, cond: IntValue<'ctx>, body: impl FnOnce()) {

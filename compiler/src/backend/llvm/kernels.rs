@@ -73,7 +73,8 @@ pub enum Kernel {
         block: Option<usize>,
     },
     /// args: x, out, rows; tasks: 1. Copies the last of `rows` rows.
-    LastRow { width: usize },
+    /// The last row of `[rows, width]` f32, or i32 when `int`.
+    LastRow { width: usize, int: bool },
     /// One row times `W [in, out]`, split over `in`: args x, w, partials `[chunks, out]`;
     /// tasks: chunks. Each task streams a contiguous band of weight rows.
     GemvPartial { inn: usize, out: usize, chunks: usize, wf: WFmt },
@@ -436,12 +437,13 @@ fn lin_tile_row<'ctx>(
 }
 
 /// The packed GEMM for the column blocks `b0..b1` (of `BLOCK` outputs) of every row
-/// (`packs`): the blocks start as the bias; then, for each chunk of `MC` rows and each
-/// `KC`-wide slice of `in`, the chunk's slice of `x` is copied into `xs` (rows `KC`
-/// apart, so the row tiles' broadcasts neither alias in L1, as rows of `x` a multiple
-/// of 4 KB apart do, nor leave L2 between the blocks), and each block's slice
-/// of the weights is packed into `panel` as f32 `[KC, BLOCK]` and added in
-/// `MR × BLOCK` register tiles; last the epilogue runs.
+/// (`packs`): for each chunk of `MC` rows and each `KC`-wide slice of `in`, the chunk's
+/// slice of `x` is copied into `xs` (rows `KC` apart, so the row tiles' broadcasts
+/// neither alias in L1, as rows of `x` a multiple of 4 KB apart do, nor leave L2 between
+/// the blocks), and each block's slice of the weights is packed into `panel` as f32
+/// `[KC, BLOCK]` (or read in place) and added in `MR × BLOCK` register tiles, which start
+/// from the bias in the first slice and from the output in the others, so the output is
+/// first written when a tile has a slice's sums; last the epilogue runs.
 #[allow(clippy::too_many_arguments)]
 fn lin_packed<'ctx>(
     kb: &Kb<'_, 'ctx>,
@@ -456,19 +458,6 @@ fn lin_packed<'ctx>(
     let c = |v: usize| kb.c(v as i64);
     let nv = BLOCK / VW;
     let (inn, n_out) = (l.inn, l.n_out);
-    kb.for_(b0, b1, |blk| {
-        let o0 = kb.mul(blk, c(BLOCK));
-        kb.for_(c(0), rows, |t| {
-            let yrow = kb.add(kb.mul(t, c(n_out)), o0);
-            for j in 0..nv {
-                let init = match l.b {
-                    Some(b) => kb.ldv(b, kb.add(o0, c(j * VW))),
-                    None => kb.vzero(),
-                };
-                kb.stv(l.out, kb.add(yrow, c(j * VW)), init);
-            }
-        });
-    });
     let esize = l.wf.elem_bytes();
     let lines = KC * BLOCK * esize / 64;
     kb.for_(c(0), kb.div(kb.add(rows, c(MC - 1)), c(MC)), |chunk| {
@@ -540,9 +529,24 @@ fn lin_packed<'ctx>(
                 };
                 let tile = |t0: IntValue<'ctx>, rn: usize| {
                     let yrow = |r: usize| kb.add(kb.mul(kb.add(kb.add(r0, t0), c(r)), c(n_out)), o0);
-                    let init: Vec<_> = (0..rn * nv)
-                        .map(|k| kb.ldv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW))).into())
-                        .collect();
+                    // The first slice starts from the bias, the others from the sums so far.
+                    let init = kb.choose(
+                        kb.icmp_eq(kblk, c(0)),
+                        || {
+                            let bias: Vec<_> = (0..nv)
+                                .map(|j| match l.b {
+                                    Some(b) => kb.ldv(b, kb.add(o0, c(j * VW))),
+                                    None => kb.vzero(),
+                                })
+                                .collect();
+                            (0..rn * nv).map(|k| bias[k % nv].into()).collect()
+                        },
+                        || {
+                            (0..rn * nv)
+                                .map(|k| kb.ldv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW))).into())
+                                .collect()
+                        },
+                    );
                     let acc = kb.fold(c(0), kn, &init, |kk, acc| {
                         if rn == MR {
                             let step = kb.add(kb.mul(kb.udiv(t0, c(MR)), c(KC)), kk);
@@ -719,7 +723,7 @@ impl Kernel {
                 *alibi as u8,
                 block.map_or(String::new(), |b| format!("_rows{b}"))
             ),
-            Kernel::LastRow { width } => format!("last_row_{width}"),
+            Kernel::LastRow { width, int } => format!("last_row_{width}{}", if *int { "_i32" } else { "" }),
             Kernel::GemvPartial { inn, out, chunks, wf } => {
                 format!("gemv_partial_{inn}x{out}_{chunks}{}", wf.suffix())
             }
@@ -1158,10 +1162,17 @@ fn body<'ctx>(
                 epilogue(kb, &l, c(0), o0, kb.add(o0, c(BLOCK)));
             });
         }
-        Kernel::LastRow { width } => {
+        Kernel::LastRow { width, int } => {
             let (x, out, rows) = (p(0), p(1), a(2));
             let src = kb.mul(kb.sub(rows, c(1)), c(width));
-            kb.for_(c(0), c(width), |i| kb.st(out, i, kb.ld(x, kb.add(src, i))));
+            kb.for_(c(0), c(width), |i| {
+                let at = kb.add(src, i);
+                if int {
+                    kb.sti(out, i, kb.ldi(x, at))
+                } else {
+                    kb.st(out, i, kb.ld(x, at))
+                }
+            });
         }
         Kernel::CacheStore { head_dim, max_seq } => {
             let (src, cache, rows, pp) = (p(0), p(1), a(2), a(3));

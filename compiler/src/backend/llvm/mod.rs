@@ -872,8 +872,12 @@ fn emit_graph<'ctx>(
                 call(k, v, kb.mul(kb.c(h as i64), tasks))
             }
             Op::LastRow => {
-                let rows = rows_of(ops[0]);
-                call(Kernel::LastRow { width }, vec![o(0), me(), rows], kb.c(1))
+                // `[T]` (positions, i32) or `[T, d]`.
+                let src = g.ty(ops[0]);
+                let (rows, width) =
+                    if src.rank() == 1 { (dim(src.shape[0]), 1) } else { (rows_of(ops[0]), width) };
+                let int = src.dtype == DType::I32;
+                call(Kernel::LastRow { width, int }, vec![o(0), me(), rows], kb.c(1))
             }
             op => {
                 return Err(LlvmError::Unsupported(format!(

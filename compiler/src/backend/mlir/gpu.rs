@@ -176,9 +176,11 @@ enum Kern {
         max_seq: usize,
     },
     Attention(Attn),
+    /// The last row of `[rows, w]` f32, or of i32 when `int` (the positions).
     LastRow {
         w: usize,
         rows: Dim,
+        int: bool,
     },
     CacheStore {
         hd: usize,
@@ -349,7 +351,16 @@ impl Emitter {
                     });
                     (k, [mul(ty.shape[1], h), one], ins(&[0, 1, 2, 3]))
                 }
-                Op::LastRow => (Kern::LastRow { w: width, rows: rows_of(ops[0]) }, [one, one], ins(&[0])),
+                Op::LastRow => {
+                    let src = g.ty(ops[0]);
+                    let (w, rows) =
+                        if src.rank() == 1 { (1, src.shape[0]) } else { (width, rows_of(ops[0])) };
+                    (
+                        Kern::LastRow { w, rows, int: src.dtype == crate::ir::DType::I32 },
+                        [one, one],
+                        ins(&[0]),
+                    )
+                }
                 op => {
                     return Err(MlirError::Unsupported(format!(
                         "`{}` in a {} graph on the GPU",
@@ -745,10 +756,10 @@ fn kernel_text(target: Target, name: &str, k: &Kern) -> (Vec<ArgKind>, String) {
         Kern::Linear { bias, .. } => vec![F32; if *bias { 3 } else { 2 }],
         Kern::Rope { .. } => vec![F32, I32, F32],
         Kern::Attention(_) => vec![F32, F32, F32, I32],
-        Kern::LastRow { .. } => vec![F32],
+        Kern::LastRow { int, .. } => vec![if *int { I32 } else { F32 }],
         Kern::CacheStore { .. } => vec![F32],
     };
-    let out_kind = if matches!(k, Kern::Positions) { I32 } else { F32 };
+    let out_kind = if matches!(k, Kern::Positions | Kern::LastRow { int: true, .. }) { I32 } else { F32 };
     let mut kinds = inputs;
     if matches!(k, Kern::CacheStore { .. }) {
         kinds.push(F32); // the cache
@@ -1122,7 +1133,7 @@ fn body(k: &mut K, kern: &Kern) {
             });
         }
         Kern::Attention(a) => attention(k, &a),
-        Kern::LastRow { w, rows } => {
+        Kern::LastRow { w, rows, .. } => {
             let n = k.dim(rows);
             let one = k.c(1);
             let last = k.ix("subi", &n, &one);

@@ -505,8 +505,14 @@ impl<'a> Func<'a> {
                 let r = self.dim(rows);
                 let one = self.t.index(1);
                 let last = self.t.bin("subi", &r, &one, "index");
-                let w = ty.shape[1].as_fixed().unwrap();
-                self.t.op(format!("tensor.extract_slice {x}[{last}, 0] [1, {w}] [1, 1] : {xt} to {out_t}"))
+                if rank == 1 {
+                    // The positions: `[T] -> [1]`.
+                    self.t.op(format!("tensor.extract_slice {x}[{last}] [1] [1] : {xt} to {out_t}"))
+                } else {
+                    let w = ty.shape[1].as_fixed().unwrap();
+                    self.t
+                        .op(format!("tensor.extract_slice {x}[{last}, 0] [1, {w}] [1, 1] : {xt} to {out_t}"))
+                }
             }
             op @ (Op::HeadMatMul { .. } | Op::Softmax | Op::Mask(_) | Op::Alibi) => {
                 return Err(unsupported(format!(
