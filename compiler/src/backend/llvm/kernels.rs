@@ -72,8 +72,8 @@ pub enum Kernel {
         alibi: bool,
         block: Option<usize>,
     },
-    /// args: x, out, rows; tasks: 1. Copies the last of `rows` rows.
-    /// The last row of `[rows, width]` f32, or i32 when `int`.
+    /// args: x, out, rows; tasks: 1. Copies the last of `rows` rows of `[rows, width]`,
+    /// f32 or, when `int`, i32.
     LastRow { width: usize, int: bool },
     /// One row times `W [in, out]`, split over `in`: args x, w, partials `[chunks, out]`;
     /// tasks: chunks. Each task streams a contiguous band of weight rows.
