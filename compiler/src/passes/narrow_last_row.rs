@@ -68,8 +68,10 @@ impl Pass for NarrowLastRow {
         }
         // Each `last_row` of a narrowed node is its copy.
         for &n in &order {
-            if *g.op(n) == Op::LastRow && copy.contains_key(&g.operands(n)[0]) {
-                let c = copy[&g.operands(n)[0]];
+            if *g.op(n) != Op::LastRow {
+                continue;
+            }
+            if let Some(&c) = copy.get(&g.operands(n)[0]) {
                 g.replace_uses(n, c);
                 g.remove(n);
             }

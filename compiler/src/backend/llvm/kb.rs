@@ -648,8 +648,8 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         cur
     }
 
-    /// `if cond { body() }`, for side effects only.
-    /// Runs `then` where `cond` holds and `otherwise` where it does not.
+    /// Runs `then` where `cond` holds and `otherwise` where it does not (`choose`
+    /// without values).
     pub fn if_else(&self, cond: IntValue<'ctx>, then: impl FnOnce(), otherwise: impl FnOnce()) {
         self.choose(
             cond,
@@ -696,6 +696,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
             .collect()
     }
 
+    /// `if cond { body() }`, for side effects only.
     pub fn if_(&self, cond: IntValue<'ctx>, body: impl FnOnce()) {
         let then = self.cx.append_basic_block(self.f, "then");
         let join = self.cx.append_basic_block(self.f, "join");
