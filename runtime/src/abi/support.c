@@ -3,6 +3,7 @@
 #define _DEFAULT_SOURCE /* syscall(2) under -std=c11 */
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -106,25 +107,44 @@ int32_t tfc_uses_fallback(void) {
 
 /* ---- thread pool. A kernel call publishes (fn, args, total), bumps `generation` and
    takes part itself; workers spin briefly on `generation` (a decode step is ~100 short
-   calls, too short to sleep between) and only then sleep on a condition variable. Every
-   participant claims `grain` tasks at a time from `next` until none are left, so a
-   thread that streams memory faster (or started sooner) takes more of them instead of
-   waiting for the other; the caller spins until `pending` reaches zero. ---- */
+   calls, too short to sleep between) and only then sleep on a condition variable. The
+   tasks are dealt out as one contiguous range per participant, which it claims `grain`
+   tasks at a time from the front: a kernel that prefetches its next task's data (the
+   GEMMs do) then fetches what this thread runs next, not what another one does. A
+   participant whose range is done takes `grain` tasks at a time from the back of the
+   others', so a thread that streams memory faster (or started sooner) takes more of
+   them instead of waiting, without taking the task its owner is about to start. The
+   caller spins until `pending` reaches zero. ---- */
 #define TFC_SPIN 4000
 
+/* One participant's tasks: front in the low 32 bits, end in the high ones, so that the
+   owner and a thief claim from either end with one compare-and-swap. A cache line
+   each. */
 typedef struct {
+    _Atomic uint64_t span;
+    char pad[56];
+} range_t;
+
+typedef struct pool_s pool_t;
+typedef struct {
+    pool_t *pool;
+    int32_t id;
+} worker_t;
+
+struct pool_s {
     pthread_t *threads;
+    worker_t *workers;
+    range_t *ranges;
     int32_t n;
     pthread_mutex_t mu;
     pthread_cond_t wake;
     _Atomic int64_t generation;
     _Atomic int32_t pending;
     _Atomic int32_t stop;
-    _Atomic int64_t next;
     tfc_task fn;
     const int64_t *args;
-    int64_t total, grain;
-} pool_t;
+    int64_t base, grain;
+};
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -132,17 +152,44 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static void run_claims(pool_t *pool) {
-    const int64_t total = pool->total, grain = pool->grain;
+static inline uint64_t span_of(int64_t front, int64_t end) {
+    return (uint64_t)end << 32 | (uint64_t)front;
+}
+
+/* Claims up to `grain` tasks of range `r`, from its front (`own`) or its back: false
+   when it has none left. */
+static int claim(range_t *r, int64_t grain, int own, int64_t *b, int64_t *e) {
+    uint64_t s = atomic_load_explicit(&r->span, memory_order_relaxed);
     for (;;) {
-        int64_t b = atomic_fetch_add_explicit(&pool->next, grain, memory_order_relaxed);
-        if (b >= total) return;
-        pool->fn(pool->args, b, b + grain < total ? b + grain : total);
+        int64_t front = (int64_t)(s & 0xffffffffu), end = (int64_t)(s >> 32);
+        if (front >= end) return 0;
+        uint64_t next;
+        if (own) {
+            *b = front;
+            *e = front + grain < end ? front + grain : end;
+            next = span_of(*e, end);
+        } else {
+            *e = end;
+            *b = end - grain > front ? end - grain : front;
+            next = span_of(front, *b);
+        }
+        if (atomic_compare_exchange_weak_explicit(&r->span, &s, next, memory_order_relaxed,
+                                                  memory_order_relaxed))
+            return 1;
+    }
+}
+
+static void run_claims(pool_t *pool, int32_t self) {
+    int64_t b, e;
+    for (int32_t k = 0; k < pool->n; k++) {
+        range_t *r = &pool->ranges[(self + k) % pool->n];
+        while (claim(r, pool->grain, k == 0, &b, &e)) pool->fn(pool->args, pool->base + b, pool->base + e);
     }
 }
 
 static void *worker_main(void *p) {
-    pool_t *pool = p;
+    worker_t *w = p;
+    pool_t *pool = w->pool;
     int64_t seen = 0;
     for (;;) {
         int64_t g = atomic_load_explicit(&pool->generation, memory_order_acquire);
@@ -158,9 +205,29 @@ static void *worker_main(void *p) {
         }
         if (atomic_load(&pool->stop)) return NULL;
         seen = g;
-        run_claims(pool);
+        run_claims(pool, w->id);
         atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_acq_rel);
     }
+}
+
+/* Tasks base .. base + total (total < 2³¹, as the ranges hold 32 bits) on every participant. */
+static void parallel_part(pool_t *pool, tfc_task fn, const int64_t *args, int64_t base, int64_t total) {
+    pool->fn = fn;
+    pool->args = args;
+    pool->base = base;
+    /* About eight claims per thread: few enough that claiming costs nothing, enough that
+       the last one leaves the others little to wait for. */
+    pool->grain = (total + 8 * pool->n - 1) / (8 * pool->n);
+    for (int32_t i = 0; i < pool->n; i++)
+        atomic_store_explicit(&pool->ranges[i].span, span_of(total * i / pool->n, total * (i + 1) / pool->n),
+                              memory_order_relaxed);
+    atomic_store_explicit(&pool->pending, pool->n - 1, memory_order_relaxed);
+    pthread_mutex_lock(&pool->mu);
+    atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->mu);
+    run_claims(pool, 0);
+    while (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) cpu_relax();
 }
 
 __attribute__((visibility("hidden"))) void tfc__parallel_for(void *p, tfc_task fn, const int64_t *args,
@@ -171,20 +238,16 @@ __attribute__((visibility("hidden"))) void tfc__parallel_for(void *p, tfc_task f
         fn(args, 0, total);
         return;
     }
-    pool->fn = fn;
-    pool->args = args;
-    pool->total = total;
-    /* About eight claims per thread: few enough that claiming costs nothing, enough that
-       the last one leaves the others little to wait for. */
-    pool->grain = (total + 8 * pool->n - 1) / (8 * pool->n);
-    atomic_store_explicit(&pool->next, 0, memory_order_relaxed);
-    atomic_store_explicit(&pool->pending, pool->n - 1, memory_order_relaxed);
-    pthread_mutex_lock(&pool->mu);
-    atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
-    pthread_cond_broadcast(&pool->wake);
-    pthread_mutex_unlock(&pool->mu);
-    run_claims(pool);
-    while (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) cpu_relax();
+    const int64_t most = INT32_MAX;
+    for (int64_t base = 0; base < total; base += most)
+        parallel_part(pool, fn, args, base, total - base < most ? total - base : most);
+}
+
+static void pool_free(pool_t *pool) {
+    free(pool->threads);
+    free(pool->workers);
+    free(pool->ranges);
+    free(pool);
 }
 
 static pool_t *pool_create(int32_t n) {
@@ -194,12 +257,15 @@ static pool_t *pool_create(int32_t n) {
     pthread_mutex_init(&pool->mu, NULL);
     pthread_cond_init(&pool->wake, NULL);
     pool->threads = calloc((size_t)n, sizeof(pthread_t));
-    if (!pool->threads) {
-        free(pool);
+    pool->workers = calloc((size_t)n, sizeof(worker_t));
+    pool->ranges = aligned_alloc(64, (size_t)n * sizeof(range_t));
+    if (!pool->threads || !pool->workers || !pool->ranges) {
+        pool_free(pool);
         return NULL;
     }
     for (int32_t i = 1; i < n; i++) {
-        if (pthread_create(&pool->threads[i], NULL, worker_main, pool) != 0) {
+        pool->workers[i] = (worker_t){pool, i};
+        if (pthread_create(&pool->threads[i], NULL, worker_main, &pool->workers[i]) != 0) {
             pool->n = i;
             break;
         }
@@ -216,8 +282,7 @@ static void pool_destroy(pool_t *pool) {
     for (int32_t i = 1; i < pool->n; i++) pthread_join(pool->threads[i], NULL);
     pthread_cond_destroy(&pool->wake);
     pthread_mutex_destroy(&pool->mu);
-    free(pool->threads);
-    free(pool);
+    pool_free(pool);
 }
 
 /* ---- the ABI ---- */
