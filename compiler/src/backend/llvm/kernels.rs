@@ -1055,24 +1055,75 @@ fn body<'ctx>(
         }
         Kernel::Rope { head_dim, rotary_dim, theta, interleaved, heads } => {
             // A task is a position: its angles' sines and cosines are computed once for
-            // every head.
+            // every head, into a table the heads' rotations read eight pairs at a time,
+            // in f64 as the interpreter computes them (no contraction: the same values).
             let (x, pos, out, rows) = (p(0), p(1), p(2), a(3));
+            let half = rotary_dim / 2;
+            let f64t = kb.f64t();
+            let (sins, coss) = (
+                kb.b.build_array_alloca(f64t, c(half), "sin").unwrap(),
+                kb.b.build_array_alloca(f64t, c(half), "cos").unwrap(),
+            );
+            let (f64v, f32v) = (f64t.vec_type(8), kb.f32t().vec_type(8));
+            let ldd = |p: PointerValue<'ctx>, i: IntValue<'ctx>| {
+                kb.b.build_load(f64v, kb.gep(f64t, p, i), "").unwrap().into_vector_value()
+            };
+            let ext = |v: VectorValue<'ctx>| kb.b.build_float_ext(v, f64v, "").unwrap();
+            let trunc = |v: VectorValue<'ctx>| kb.b.build_float_trunc(v, f32v, "").unwrap();
+            let lds = |at: IntValue<'ctx>, n: u32| {
+                let v = kb.b.build_load(kb.f32t().vec_type(n), kb.gep(kb.f32t(), x, at), "").unwrap();
+                inkwell::values::BasicValue::as_instruction_value(&v).unwrap().set_alignment(4).unwrap();
+                v.into_vector_value()
+            };
+            let sts = |at: IntValue<'ctx>, v: VectorValue<'ctx>| {
+                let st = kb.b.build_store(kb.gep(kb.f32t(), out, at), v).unwrap();
+                st.set_alignment(4).unwrap();
+            };
+            // Pairs (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin).
+            let rot = |x1: VectorValue<'ctx>, x2: VectorValue<'ctx>, i: usize| {
+                let (co, si) = (ldd(coss, c(i)), ldd(sins, c(i)));
+                let (x1, x2) = (ext(x1), ext(x2));
+                let ra = kb.vsub(kb.vmul(x1, co), kb.vmul(x2, si));
+                let rb = kb.vadd(kb.vmul(x2, co), kb.vmul(x1, si));
+                (trunc(ra), trunc(rb))
+            };
+            let evens: Vec<u32> = (0..8).map(|j| 2 * j).collect();
+            let odds: Vec<u32> = (0..8).map(|j| 2 * j + 1).collect();
+            let zip: Vec<u32> = (0..8).flat_map(|j| [j, 8 + j]).collect();
             kb.for_(begin, end, |t| {
                 let pf = kb.i_to_f64(kb.ldi(pos, t));
-                let angles: Vec<_> = (0..rotary_dim / 2)
-                    .map(|i| {
-                        let inv = 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64);
-                        let ang = kb.fmul(pf, kb.dc(inv));
-                        (kb.intrinsic("llvm.sin", &[ang]), kb.intrinsic("llvm.cos", &[ang]))
-                    })
-                    .collect();
+                for i in 0..half {
+                    let inv = 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64);
+                    let ang = kb.fmul(pf, kb.dc(inv));
+                    kb.b.build_store(kb.gep(f64t, sins, c(i)), kb.intrinsic("llvm.sin", &[ang])).unwrap();
+                    kb.b.build_store(kb.gep(f64t, coss, c(i)), kb.intrinsic("llvm.cos", &[ang])).unwrap();
+                }
                 kb.for_(c(0), c(heads), |h| {
                     let base = kb.mul(kb.add(kb.mul(h, rows), t), c(head_dim));
-                    kb.for_(c(0), c(head_dim), |i| kb.st(out, kb.add(base, i), kb.ld(x, kb.add(base, i))));
-                    for (i, &(s, co)) in angles.iter().enumerate() {
-                        let (ia, ib) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + rotary_dim / 2) };
-                        let (pa, pb) = (kb.add(base, c(ia)), kb.add(base, c(ib)));
+                    kb.for_(c(rotary_dim), c(head_dim), |i| {
+                        kb.st(out, kb.add(base, i), kb.ld(x, kb.add(base, i)))
+                    });
+                    let at = |i: usize| kb.add(base, c(i));
+                    for i in (0..half / 8 * 8).step_by(8) {
+                        if interleaved {
+                            let v = lds(at(2 * i), 16);
+                            let (x1, x2) = (kb.shuffle(v, v, &evens), kb.shuffle(v, v, &odds));
+                            let (ra, rb) = rot(x1, x2, i);
+                            sts(at(2 * i), kb.shuffle(ra, rb, &zip));
+                        } else {
+                            let (ra, rb) = rot(lds(at(i), 8), lds(at(i + half), 8), i);
+                            sts(at(i), ra);
+                            sts(at(i + half), rb);
+                        }
+                    }
+                    for i in half / 8 * 8..half {
+                        let (ia, ib) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                        let (pa, pb) = (at(ia), at(ib));
                         let (x1, x2) = (kb.to_f64(kb.ld(x, pa)), kb.to_f64(kb.ld(x, pb)));
+                        let (s, co) = (
+                            kb.b.build_load(f64t, kb.gep(f64t, sins, c(i)), "").unwrap().into_float_value(),
+                            kb.b.build_load(f64t, kb.gep(f64t, coss, c(i)), "").unwrap().into_float_value(),
+                        );
                         let ra = kb.fsub(kb.fmul(x1, co), kb.fmul(x2, s));
                         let rb = kb.fadd(kb.fmul(x2, co), kb.fmul(x1, s));
                         kb.st(out, pa, kb.to_f32(ra));
