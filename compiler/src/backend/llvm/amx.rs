@@ -40,6 +40,7 @@ use inkwell::values::{
 use inkwell::GlobalVisibility;
 
 use super::kb::{Kb, VW};
+use super::kernels::{epilogue_v, epilogue_vectorises, Epi};
 
 /// The marker attribute of functions that execute tile instructions.
 pub const ATTR: &str = "tfc-amx";
@@ -294,35 +295,45 @@ pub struct Shape {
 }
 
 /// What the AMX GEMM of one linear map needs: its arguments and its shape.
-struct Gemm<'ctx> {
+struct Gemm<'ctx, 'e> {
     x: PointerValue<'ctx>,
     w: PointerValue<'ctx>,
     b: Option<PointerValue<'ctx>>,
     out: PointerValue<'ctx>,
     rows: IntValue<'ctx>,
     s: Shape,
+    /// The epilogue applied as each tile is written out (`epilogue_v`), and the other
+    /// operand of each of its `Add`/`Mul`s.
+    epi: &'e [Epi],
+    others: Vec<PointerValue<'ctx>>,
 }
 
-/// Emits `i1 name(x, w, [b], out, rows, begin, end)` computing tasks `begin..end` (see
-/// `tasks`) of `out = x · W + b` from the packed `x`, without the epilogue; it returns
-/// false, having done nothing, when AMX is not enabled.
-pub fn gemm_fn<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, name: &str, s: &Shape) -> FunctionValue<'ctx> {
+/// Emits `i1 name(x, w, [b], out, others…, rows, begin, end)` computing tasks
+/// `begin..end` (see `tasks`) of `out = epi(x · W + b)` from the packed `x`, `epi` (which
+/// must vectorise: `epilogue_vectorises`) applied to each tile as it is written out, its
+/// `Add`/`Mul` operands `others`; it returns false, having done nothing, when AMX is not
+/// enabled.
+pub fn gemm_fn<'ctx>(
+    cx: &'ctx Context,
+    m: &Module<'ctx>,
+    name: &str,
+    s: &Shape,
+    epi: &[Epi],
+) -> FunctionValue<'ctx> {
+    assert!(epilogue_vectorises(epi), "the tile write-out applies only vector epilogues");
     let bias = s.bias;
     if let Some(f) = m.get_function(name) {
         return f;
     }
     let ptr = cx.ptr_type(inkwell::AddressSpace::default());
     let i64t = cx.i64_type();
+    let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
     let mut params: Vec<inkwell::types::BasicMetadataTypeEnum> = vec![ptr.into(), ptr.into()];
     if bias {
         params.push(ptr.into());
     }
-    params.extend::<[inkwell::types::BasicMetadataTypeEnum; 4]>([
-        ptr.into(),
-        i64t.into(),
-        i64t.into(),
-        i64t.into(),
-    ]);
+    params.extend((0..1 + n_others).map(|_| inkwell::types::BasicMetadataTypeEnum::from(ptr)));
+    params.extend::<[inkwell::types::BasicMetadataTypeEnum; 3]>([i64t.into(), i64t.into(), i64t.into()]);
     let f = m.add_function(name, cx.bool_type().fn_type(&params, false), Some(Linkage::Internal));
     mark(cx, f);
     f.add_attribute(AttributeLoc::Function, cx.create_string_attribute("prefer-vector-width", "512"));
@@ -336,8 +347,9 @@ pub fn gemm_fn<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, name: &str, s: &Shape)
     let (x, w) = (next().into_pointer_value(), next().into_pointer_value());
     let b = bias.then(|| next().into_pointer_value());
     let out = next().into_pointer_value();
+    let others = (0..n_others).map(|_| next().into_pointer_value()).collect();
     let (rows, begin, end) = (next().into_int_value(), next().into_int_value(), next().into_int_value());
-    let g = Gemm { x, w, b, out, rows, s: *s };
+    let g = Gemm { x, w, b, out, rows, s: *s, epi, others };
     let on = enabled(&kb);
     let (run, off) = (cx.append_basic_block(f, "amx"), cx.append_basic_block(f, "off"));
     kb.b.build_conditional_branch(on, run, off).unwrap();
@@ -350,10 +362,11 @@ pub fn gemm_fn<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, name: &str, s: &Shape)
 }
 
 /// Rows `r0..r0 + 16` (those below `rows`), columns `col..col + 16` of the output from the
-/// f32 tile at `tile` (its transpose with `transpose`), plus the bias.
+/// f32 tile at `tile` (its transpose with `transpose`), plus the bias, through the
+/// epilogue.
 fn write_tile<'ctx>(
     kb: &Kb<'_, 'ctx>,
-    g: &Gemm<'ctx>,
+    g: &Gemm<'ctx, '_>,
     tile: PointerValue<'ctx>,
     transpose: bool,
     r0: IntValue<'ctx>,
@@ -372,7 +385,8 @@ fn write_tile<'ctx>(
         if let Some(b) = g.b {
             v = kb.vadd(v, kb.ldv(b, col));
         }
-        kb.stv(g.out, kb.add(kb.mul(kb.add(r0, r), c(g.s.n_out)), col), v);
+        let at = kb.add(kb.mul(kb.add(r0, r), c(g.s.n_out)), col);
+        kb.stv(g.out, at, epilogue_v(kb, g.epi, &g.others, at, v));
     });
 }
 
@@ -410,7 +424,7 @@ pub fn acc_bytes(rows: usize, n_out: usize) -> usize {
 /// tiles of a k-step serve the four column tiles. `C = X · W` (`[in, out]`, the task's
 /// slice of the chunk packed into VNNI pairs first) or `Cᵀ = W · Xᵀ` (`[out, in]`, weight
 /// tiles as stored). Then every tile goes to the output, transposed for `Cᵀ`.
-fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx>, begin: IntValue<'ctx>, end: IntValue<'ctx>) {
+fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx, '_>, begin: IntValue<'ctx>, end: IntValue<'ctx>) {
     let c = |v: usize| kb.c(v as i64);
     let t = &Tiles::new(kb);
     let Shape { inn, n_out, transposed, parts, tiles, .. } = g.s;

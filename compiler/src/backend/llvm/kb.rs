@@ -147,8 +147,8 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     }
 
     /// Marks a float instruction reassociable and contractible, so reductions vectorise.
-    fn fast(&self, v: FloatValue<'ctx>) -> FloatValue<'ctx> {
-        if let Some(i) = v.as_instruction() {
+    pub fn fast<V: F32s<'ctx>>(&self, v: V) -> V {
+        if let Some(i) = v.as_instruction_value() {
             let flags =
                 inkwell::values::FastMathFlags::AllowReassoc | inkwell::values::FastMathFlags::AllowContract;
             let _ = InstructionValue::set_fast_math_flags(i, flags);
@@ -172,18 +172,18 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     /// an ulp or two of the division at a fraction of its cost. For the activations,
     /// whose own error is larger. `d` must not be infinite: the estimate of `1 / ∞` is
     /// refined into NaN, which is why the division is marked `ninf`.
-    pub fn recip(&self, d: FloatValue<'ctx>) -> FloatValue<'ctx> {
-        let q = ok(self.b.build_float_div(self.fc(1.0), d, ""));
-        if let Some(i) = q.as_instruction() {
+    pub fn recip<V: F32s<'ctx>>(&self, d: V) -> V {
+        let q = ok(self.b.build_float_div(V::k(self, 1.0), d, ""));
+        if let Some(i) = q.as_instruction_value() {
             use inkwell::values::FastMathFlags as F;
             let _ = InstructionValue::set_fast_math_flags(i, F::AllowReciprocal | F::NoInfs);
         }
         q
     }
     /// `min(x, hi)`; NaN gives `hi`.
-    pub fn fmin_c(&self, x: FloatValue<'ctx>, hi: f64) -> FloatValue<'ctx> {
-        let lt = ok(self.b.build_float_compare(FloatPredicate::OLT, x, self.fc(hi), ""));
-        ok(self.b.build_select(lt, x, self.fc(hi), "")).into_float_value()
+    pub fn fmin_c<V: F32s<'ctx>>(&self, x: V, hi: f64) -> V {
+        let lt = ok(self.b.build_float_compare(FloatPredicate::OLT, x, V::k(self, hi), ""));
+        V::of(ok(self.b.build_select(lt, x, V::k(self, hi), "")))
     }
     pub fn fmax(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
         let gt = ok(self.b.build_float_compare(FloatPredicate::OGT, a, b, ""));
@@ -531,7 +531,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     pub fn vexp(&self, x: VectorValue<'ctx>) -> VectorValue<'ctx> {
         self.exp(x)
     }
-    fn exp<V: F32s<'ctx>>(&self, x: V) -> V {
+    pub fn exp<V: F32s<'ctx>>(&self, x: V) -> V {
         let lt = |a: V, b: V| ok(self.b.build_float_compare(FloatPredicate::OLT, a, b, ""));
         let sel = |c, a: V, b: V| V::of(ok(self.b.build_select(c, a, b, "")));
         let k = |v: f64| V::k(self, v);

@@ -6,9 +6,10 @@
 use inkwell::attributes::AttributeLoc;
 use inkwell::module::Linkage;
 use inkwell::values::{FloatValue, FunctionValue, IntValue, PointerValue, VectorValue};
+use inkwell::FloatPredicate;
 use tfc_runtime::quant::Q8_BLOCK;
 
-use super::kb::{Kb, WFmt, VW};
+use super::kb::{F32s, Kb, WFmt, VW};
 use crate::interp::alibi_slopes;
 use crate::ir::{Act, AttnMask, QkvLayout, QkvPart};
 
@@ -895,19 +896,26 @@ fn body<'ctx>(
                 let b0 = kb.mul(task, c(gr));
                 kb.for_(b0, kb.min(kb.add(b0, c(gr)), c(n_out / BLOCK)), |blk| f(kb.mul(blk, c(BLOCK))));
             };
+            // The epilogue goes with each tile as it is written out when it vectorises (all
+            // but exact gelu), else over the output afterwards.
+            let fused = epilogue_vectorises(l.epi);
             let tiles = super::amx::gemm_fn(
                 kb.cx,
                 kb.m,
                 &format!("tfc_k_{}_tiles", k.symbol()),
                 &super::amx::Shape { inn, n_out, transposed, bias, parts, tiles },
+                if fused { l.epi } else { &[] },
             );
             let xp = p((if bias { 5 } else { 4 }) + l.others.len() as i64);
             let mut args: Vec<inkwell::values::BasicMetadataValueEnum> = vec![xp.into(), l.w.into()];
             if let Some(b) = l.b {
                 args.push(b.into());
             }
-            args.extend::<[inkwell::values::BasicMetadataValueEnum; 4]>([
-                l.out.into(),
+            args.push(l.out.into());
+            if fused {
+                args.extend(l.others.iter().map(|&o| inkwell::values::BasicMetadataValueEnum::from(o)));
+            }
+            args.extend::<[inkwell::values::BasicMetadataValueEnum; 3]>([
                 rows.into(),
                 begin.into(),
                 end.into(),
@@ -916,6 +924,9 @@ fn body<'ctx>(
             kb.if_else(
                 done.into_int_value(),
                 || {
+                    if fused {
+                        return;
+                    }
                     kb.for_(begin, end, |task| {
                         blocks(task, &|o0| {
                             kb.for_(c(0), rows, |t| epilogue(kb, &l, t, o0, kb.add(o0, c(BLOCK))))
@@ -1322,29 +1333,85 @@ fn unary<'ctx>(kb: &Kb<'_, 'ctx>, op: UnaryOp, x: FloatValue<'ctx>) -> FloatValu
     match op {
         UnaryOp::Scale(s) => kb.to_f32(kb.fmul(kb.to_f64(x), kb.dc(s))),
         UnaryOp::RoundBf16 => kb.round_bf16(x),
-        UnaryOp::Act(Act::Relu) => kb.fmax(x, kb.fc(0.0)),
-        UnaryOp::Act(Act::Silu) => {
-            // Beyond 80, e^80 ≈ 5.5e34 keeps the reciprocal's operand finite, and the
-            // product is below 2e-35 · |x| either way.
-            let e = kb.exp_f32(kb.fmin_c(kb.fsub(kb.fc(0.0), x), 80.0));
-            kb.fmul(x, kb.recip(kb.fadd(kb.fc(1.0), e)))
-        }
-        UnaryOp::Act(Act::GeluTanh) => {
-            let k = (2.0 / std::f64::consts::PI).sqrt();
-            let x3 = kb.fmul(kb.fmul(x, x), x);
-            let inner = kb.fmul(kb.fc(k), kb.fadd(x, kb.fmul(kb.fc(0.044715), x3)));
-            // tanh(y) = 1 - 2 / (e^(2y) + 1): exact limits ±1, absolute error ~1e-7. From
-            // 2y = 80 on, tanh is 1 in f32, and e^80 keeps the reciprocal's operand finite.
-            let e = kb.exp_f32(kb.fmin_c(kb.fadd(inner, inner), 80.0));
-            let t = kb.fsub(kb.fc(1.0), kb.fmul(kb.fc(2.0), kb.recip(kb.fadd(e, kb.fc(1.0)))));
-            kb.fmul(kb.fmul(kb.fc(0.5), x), kb.fadd(kb.fc(1.0), t))
-        }
         UnaryOp::Act(Act::Gelu) => {
             let xd = kb.to_f64(x);
             let e = kb.libm("erf", kb.fmul(xd, kb.dc(std::f64::consts::FRAC_1_SQRT_2)));
             kb.to_f32(kb.fmul(kb.fmul(kb.dc(0.5), xd), kb.fadd(kb.dc(1.0), e)))
         }
+        UnaryOp::Act(a) => act(kb, a, x),
     }
+}
+
+/// An activation of one value or of each lane of a vector, by the same arithmetic;
+/// `Act::Gelu` (erf in f64, through libm) is `unary`'s alone.
+fn act<'ctx, V: F32s<'ctx>>(kb: &Kb<'_, 'ctx>, a: Act, x: V) -> V {
+    let b = &kb.b;
+    let k = |v: f64| V::k(kb, v);
+    // Reassociable and contractible, as `Kb::fmul` and its kind make them.
+    let mul = |p: V, q: V| kb.fast(b.build_float_mul(p, q, "").unwrap());
+    let add = |p: V, q: V| kb.fast(b.build_float_add(p, q, "").unwrap());
+    let sub = |p: V, q: V| kb.fast(b.build_float_sub(p, q, "").unwrap());
+    let sel = |c, p: V, q: V| V::of(b.build_select(c, p, q, "").unwrap());
+    let (min_c, recip) = (|x: V, hi: f64| kb.fmin_c(x, hi), |d: V| kb.recip(d));
+    match a {
+        Act::Relu => sel(b.build_float_compare(FloatPredicate::OGT, x, k(0.0), "").unwrap(), x, k(0.0)),
+        Act::Silu => {
+            // Beyond 80, e^80 ≈ 5.5e34 keeps the reciprocal's operand finite, and the
+            // product is below 2e-35 · |x| either way.
+            let e = kb.exp(min_c(sub(k(0.0), x), 80.0));
+            mul(x, recip(add(k(1.0), e)))
+        }
+        Act::GeluTanh => {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let x3 = mul(mul(x, x), x);
+            let inner = mul(k(c), add(x, mul(k(0.044715), x3)));
+            // tanh(y) = 1 - 2 / (e^(2y) + 1): exact limits ±1, absolute error ~1e-7. From
+            // 2y = 80 on, tanh is 1 in f32, and e^80 keeps the reciprocal's operand finite.
+            let e = kb.exp(min_c(add(inner, inner), 80.0));
+            let t = sub(k(1.0), mul(k(2.0), recip(add(e, k(1.0)))));
+            mul(mul(k(0.5), x), add(k(1.0), t))
+        }
+        Act::Gelu => unreachable!("exact gelu is scalar (`unary`)"),
+    }
+}
+
+/// Whether `epi` has a vector form (`epilogue_v`): all but exact gelu.
+pub fn epilogue_vectorises(epi: &[Epi]) -> bool {
+    !epi.contains(&Epi::Act(Act::Gelu))
+}
+
+/// `epilogue` on the `VW` outputs from element `at` of the output, `v`: the same
+/// arithmetic lane by lane (see `epilogue_vectorises`).
+pub fn epilogue_v<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    epi: &[Epi],
+    others: &[PointerValue<'ctx>],
+    at: IntValue<'ctx>,
+    mut v: VectorValue<'ctx>,
+) -> VectorValue<'ctx> {
+    let mut k = 0;
+    for e in epi {
+        v = match e {
+            Epi::Act(a) => act(kb, *a, v),
+            Epi::Scale(s) => {
+                let f64v = kb.f64t().vec_type(VW as u32);
+                let wide = kb.b.build_float_ext(v, f64v, "").unwrap();
+                let s = inkwell::types::VectorType::const_vector(&[kb.dc(*s); VW]);
+                kb.b.build_float_trunc(kb.b.build_float_mul(wide, s, "").unwrap(), kb.vt(), "").unwrap()
+            }
+            Epi::RoundBf16 => kb.round_bf16(v),
+            Epi::Add | Epi::Mul => {
+                let y = kb.ldv(others[k], at);
+                k += 1;
+                if *e == Epi::Add {
+                    kb.vadd(v, y)
+                } else {
+                    kb.vmul(v, y)
+                }
+            }
+        };
+    }
+    v
 }
 
 /// One key of an online softmax: from the running max `m` and sum `l` and the key's
