@@ -155,13 +155,13 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         }
         v
     }
-    pub fn fadd(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
+    pub fn fadd<V: F32s<'ctx>>(&self, a: V, b: V) -> V {
         self.fast(ok(self.b.build_float_add(a, b, "")))
     }
-    pub fn fsub(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
+    pub fn fsub<V: F32s<'ctx>>(&self, a: V, b: V) -> V {
         self.fast(ok(self.b.build_float_sub(a, b, "")))
     }
-    pub fn fmul(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
+    pub fn fmul<V: F32s<'ctx>>(&self, a: V, b: V) -> V {
         self.fast(ok(self.b.build_float_mul(a, b, "")))
     }
     pub fn fdiv(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
@@ -185,9 +185,9 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         let lt = ok(self.b.build_float_compare(FloatPredicate::OLT, x, V::k(self, hi), ""));
         V::of(ok(self.b.build_select(lt, x, V::k(self, hi), "")))
     }
-    pub fn fmax(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
+    pub fn fmax<V: F32s<'ctx>>(&self, a: V, b: V) -> V {
         let gt = ok(self.b.build_float_compare(FloatPredicate::OGT, a, b, ""));
-        ok(self.b.build_select(gt, a, b, "")).into_float_value()
+        V::of(ok(self.b.build_select(gt, a, b, "")))
     }
     pub fn to_f64(&self, v: FloatValue<'ctx>) -> FloatValue<'ctx> {
         ok(self.b.build_float_ext(v, self.f64t(), ""))

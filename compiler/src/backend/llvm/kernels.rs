@@ -6,7 +6,6 @@
 use inkwell::attributes::AttributeLoc;
 use inkwell::module::Linkage;
 use inkwell::values::{FloatValue, FunctionValue, IntValue, PointerValue, VectorValue};
-use inkwell::FloatPredicate;
 use tfc_runtime::quant::Q8_BLOCK;
 
 use super::kb::{F32s, Kb, WFmt, VW};
@@ -1345,31 +1344,24 @@ fn unary<'ctx>(kb: &Kb<'_, 'ctx>, op: UnaryOp, x: FloatValue<'ctx>) -> FloatValu
 /// An activation of one value or of each lane of a vector, by the same arithmetic;
 /// `Act::Gelu` (erf in f64, through libm) is `unary`'s alone.
 fn act<'ctx, V: F32s<'ctx>>(kb: &Kb<'_, 'ctx>, a: Act, x: V) -> V {
-    let b = &kb.b;
     let k = |v: f64| V::k(kb, v);
-    // Reassociable and contractible, as `Kb::fmul` and its kind make them.
-    let mul = |p: V, q: V| kb.fast(b.build_float_mul(p, q, "").unwrap());
-    let add = |p: V, q: V| kb.fast(b.build_float_add(p, q, "").unwrap());
-    let sub = |p: V, q: V| kb.fast(b.build_float_sub(p, q, "").unwrap());
-    let sel = |c, p: V, q: V| V::of(b.build_select(c, p, q, "").unwrap());
-    let (min_c, recip) = (|x: V, hi: f64| kb.fmin_c(x, hi), |d: V| kb.recip(d));
     match a {
-        Act::Relu => sel(b.build_float_compare(FloatPredicate::OGT, x, k(0.0), "").unwrap(), x, k(0.0)),
+        Act::Relu => kb.fmax(x, k(0.0)),
         Act::Silu => {
             // Beyond 80, e^80 ≈ 5.5e34 keeps the reciprocal's operand finite, and the
             // product is below 2e-35 · |x| either way.
-            let e = kb.exp(min_c(sub(k(0.0), x), 80.0));
-            mul(x, recip(add(k(1.0), e)))
+            let e = kb.exp(kb.fmin_c(kb.fsub(k(0.0), x), 80.0));
+            kb.fmul(x, kb.recip(kb.fadd(k(1.0), e)))
         }
         Act::GeluTanh => {
             let c = (2.0 / std::f64::consts::PI).sqrt();
-            let x3 = mul(mul(x, x), x);
-            let inner = mul(k(c), add(x, mul(k(0.044715), x3)));
+            let x3 = kb.fmul(kb.fmul(x, x), x);
+            let inner = kb.fmul(k(c), kb.fadd(x, kb.fmul(k(0.044715), x3)));
             // tanh(y) = 1 - 2 / (e^(2y) + 1): exact limits ±1, absolute error ~1e-7. From
             // 2y = 80 on, tanh is 1 in f32, and e^80 keeps the reciprocal's operand finite.
-            let e = kb.exp(min_c(add(inner, inner), 80.0));
-            let t = sub(k(1.0), mul(k(2.0), recip(add(e, k(1.0)))));
-            mul(mul(k(0.5), x), add(k(1.0), t))
+            let e = kb.exp(kb.fmin_c(kb.fadd(inner, inner), 80.0));
+            let t = kb.fsub(k(1.0), kb.fmul(k(2.0), kb.recip(kb.fadd(e, k(1.0)))));
+            kb.fmul(kb.fmul(k(0.5), x), kb.fadd(k(1.0), t))
         }
         Act::Gelu => unreachable!("exact gelu is scalar (`unary`)"),
     }
@@ -1404,9 +1396,9 @@ pub fn epilogue_v<'ctx>(
                 let y = kb.ldv(others[k], at);
                 k += 1;
                 if *e == Epi::Add {
-                    kb.vadd(v, y)
+                    kb.fadd(v, y)
                 } else {
-                    kb.vmul(v, y)
+                    kb.fmul(v, y)
                 }
             }
         };
