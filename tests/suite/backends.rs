@@ -315,7 +315,7 @@ fn bf16_gemm_paths_equal_the_interpreter() {
 fn bf16_gemm_paths_child() {
     // `[in, out]` and `[out, in]` weights; 9 rows (one padded block of 32), then 45 (two);
     // f32 activations (three bf16 parts on AMX) and bf16 ones (one part).
-    for name in ["conv1d_bf16", "llama_bf16", "mixed_bf16_act"] {
+    for name in ["conv1d_bf16", "llama_bf16", "mixed_bf16_act", "gpt2_bf16_act"] {
         let spec = root().join(format!("tests/specs/valid/{name}.tfs"));
         let c = compile(&spec, &Options::default());
         let model = Model::load(build_with(&spec, "paths", Backend::Llvm)).unwrap();

@@ -40,7 +40,7 @@ use inkwell::values::{
 use inkwell::GlobalVisibility;
 
 use super::kb::{Kb, VW};
-use super::kernels::{epilogue_v, epilogue_vectorises, Epi};
+use super::kernels::{epilogue_v, epilogue_vectorises, epilogue_with, Epi};
 
 /// The marker attribute of functions that execute tile instructions.
 pub const ATTR: &str = "tfc-amx";
@@ -280,6 +280,18 @@ pub fn pack_x<'ctx>(
     });
 }
 
+/// How one linear map runs on tiles.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Amx {
+    /// The activation parts (`PARTS`, or 1 for activations rounded to bf16).
+    pub parts: usize,
+    /// The output, which its epilogue rounds to bf16, is written not as f32 rows but as
+    /// the one-part packed activations (`pack_x`) of the `[out, in]` maps that read it,
+    /// which then pack nothing. Only when the tiles run: the AVX-512 fallback writes the
+    /// f32 rows, and the maps reading them take that fallback too.
+    pub to_tiles: bool,
+}
+
 /// The shape of one linear map's AMX GEMM.
 #[derive(Clone, Copy)]
 pub struct Shape {
@@ -292,6 +304,8 @@ pub struct Shape {
     /// The weights are in the tile layout (`super::Tiles`, as `[out, in]`): each weight
     /// tile is read where it is, with nothing to copy.
     pub tiles: bool,
+    /// The output goes packed (`Amx::to_tiles`): `out` is the packed region.
+    pub to_tiles: bool,
 }
 
 /// What the AMX GEMM of one linear map needs: its arguments and its shape.
@@ -321,6 +335,10 @@ pub fn gemm_fn<'ctx>(
     epi: &[Epi],
 ) -> FunctionValue<'ctx> {
     assert!(epilogue_vectorises(epi), "the tile write-out applies only vector epilogues");
+    assert!(
+        !s.to_tiles || epi.last() == Some(&Epi::RoundBf16),
+        "only a value rounded to bf16 is one packed part"
+    );
     let bias = s.bias;
     if let Some(f) = m.get_function(name) {
         return f;
@@ -388,6 +406,81 @@ fn write_tile<'ctx>(
         let at = kb.add(kb.mul(kb.add(r0, r), c(g.s.n_out)), col);
         kb.stv(g.out, at, epilogue_v(kb, g.epi, &g.others, at, v));
     });
+}
+
+/// Rows `16 mt..` and columns `col..col + 16` of the output (`col` a multiple of 16) from
+/// the f32 tile at `tile` as packed activations (`pack_x`, one part, for `[out, in]`
+/// weights) into `g.out`: each column (a tile row of `Cᵀ`, or of the transposed `C`)
+/// through the bias and the epilogue, the other operands of its `Add`/`Mul`s transposed
+/// to match, and columns `2p, 2p + 1` interleaved as pair row `p`, padding rows zero.
+fn write_pairs<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    g: &Gemm<'ctx, '_>,
+    tile: PointerValue<'ctx>,
+    transpose: bool,
+    mt: IntValue<'ctx>,
+    col: IntValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let i32t = kb.cx.i32_type();
+    let i32v = i32t.vec_type(VW as u32);
+    let r0 = kb.mul(mt, c(16));
+    let mut cols: Vec<_> = (0..VW).map(|r| kb.ldv(tile, c(r * VW))).collect();
+    if transpose {
+        cols = kb.transpose(cols);
+    }
+    // Each other operand's 16 × 16 block, transposed; rows past the end read the last.
+    let last = kb.sub(g.rows, c(1));
+    let others: Vec<Vec<_>> = g
+        .others
+        .iter()
+        .map(|&o| {
+            let rows = (0..VW)
+                .map(|r| {
+                    let row = kb.min(kb.add(r0, c(r)), last);
+                    kb.ldv(o, kb.add(kb.mul(row, c(g.s.n_out)), col))
+                })
+                .collect();
+            kb.transpose(rows)
+        })
+        .collect();
+    let lanes: Vec<_> = (0..VW as u64).map(|j| i32t.const_int(j, false)).collect();
+    let live = kb.b.build_int_truncate(kb.sub(g.rows, r0), i32t, "").unwrap();
+    let live = kb.b.build_insert_element(i32v.get_undef(), live, i32t.const_zero(), "").unwrap();
+    let live = kb.b.build_shuffle_vector(live, i32v.get_undef(), i32v.const_zero(), "").unwrap();
+    let mask =
+        kb.b.build_int_compare(
+            inkwell::IntPredicate::SLT,
+            inkwell::types::VectorType::const_vector(&lanes),
+            live,
+            "",
+        )
+        .unwrap();
+    let bits: Vec<_> = cols
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut v)| {
+            let n = kb.add(col, c(i));
+            if let Some(b) = g.b {
+                v = kb.vadd(v, kb.splat(kb.ld(b, n)));
+            }
+            v = epilogue_with(kb, g.epi, v, |k| others[k][i]);
+            let v = kb.b.build_bit_cast(v, i32v, "").unwrap().into_vector_value();
+            kb.b.build_select(mask, v, i32v.const_zero(), "").unwrap().into_vector_value()
+        })
+        .collect();
+    // Tile (col / 32, mt) of the packed activations; pair rows from (col % 32) / 2.
+    let mtiles = kb.udiv(padded(kb, g.rows), c(16));
+    let t = kb.add(kb.mul(kb.udiv(col, c(32)), mtiles), mt);
+    let row0 = kb.udiv(kb.urem(col, c(32)), c(2));
+    let k = |v: u64| inkwell::types::VectorType::const_vector(&[i32t.const_int(v, false); VW]);
+    for p in 0..VW / 2 {
+        let lo = kb.b.build_right_shift(bits[2 * p], k(16), false, "").unwrap();
+        let hi = kb.b.build_and(bits[2 * p + 1], k(0xffff_0000), "").unwrap();
+        let pair = kb.b.build_or(lo, hi, "").unwrap();
+        let at = kb.add(kb.mul(t, c(256)), kb.mul(kb.add(row0, c(p)), c(16)));
+        kb.b.build_store(kb.gep(i32t, g.out, at), pair).unwrap().set_alignment(4).unwrap();
+    }
 }
 
 /// `in` per chunk of the GEMM: a chunk's weights for a task (`KC × 64 · groups` bf16,
@@ -578,7 +671,11 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx, '_>, begin: IntValue<'ctx>, end:
                 for j in 0..4 {
                     let tile = kb.gep(kb.cx.i8_type(), accs, acc_at(gi, mt, j));
                     let col = kb.add(n0, kb.add(kb.mul(gi, c(64)), c(16 * j)));
-                    write_tile(kb, g, tile, !transposed, kb.mul(mt, c(16)), col);
+                    if g.s.to_tiles {
+                        write_pairs(kb, g, tile, transposed, mt, col);
+                    } else {
+                        write_tile(kb, g, tile, !transposed, kb.mul(mt, c(16)), col);
+                    }
                 }
             });
         });

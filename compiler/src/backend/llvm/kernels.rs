@@ -31,7 +31,8 @@ pub enum Kernel {
     /// args: x, w, out; tasks: rows. `round` as for `LayerNorm`.
     RmsNorm { d: usize, eps: f64, unit_offset: bool, round: bool },
     /// args: x, w, [b], out, rows, then one pointer per `Add`/`Mul` of the epilogue, then
-    /// with `amx` the packed activations; tasks: column blocks of `BLOCK`. `packed`: the
+    /// with `amx` the packed activations and, with `amx.to_tiles`, where the output goes
+    /// packed (see `amx::Amx`); tasks: column blocks of `BLOCK`. `packed`: the
     /// GEMM of many rows (see `packs`); `amx`: on AMX tiles when the CPU allows (bf16
     /// weights, see `amx`), else the packed GEMM. `tiles`: bf16 weights in the tile
     /// layout (`super::Tiles`, read as `[out, in]`, so never `transposed`). `panels`: f32
@@ -47,8 +48,8 @@ pub enum Kernel {
         tiles: bool,
         panels: bool,
         packed: bool,
-        /// The activation parts of the AMX GEMM (`amx::PARTS`, or 1 for bf16 inputs).
-        amx: Option<usize>,
+        /// How the AMX GEMM reads its activations and writes its output.
+        amx: Option<super::amx::Amx>,
     },
     /// args: x, packed, rows; tasks: tiles of 16 of the rows padded to `amx::MB`. The activations of an
     /// `amx` linear map, split into bf16 parts in the tiles' layout (`amx::pack_x`).
@@ -695,7 +696,9 @@ impl Kernel {
                     ""
                 };
                 let p = format!("{layout}{}", if *packed { "_p" } else { "" });
-                let a = amx.map_or(String::new(), |q| format!("_amx{q}"));
+                let a = amx.map_or(String::new(), |a| {
+                    format!("_amx{}{}", a.parts, if a.to_tiles { "_packs" } else { "" })
+                });
                 format!("linear_{inn}x{out}{t}{b}{p}{a}{epi}{}", wf.suffix())
             }
             Kernel::AmxPack { inn, transposed, parts } => {
@@ -886,7 +889,7 @@ fn body<'ctx>(
                     || lin_packed(kb, &l, rows, begin, end, panel, xs, transposed),
                 );
             }
-            let Some(parts) = amx else {
+            let Some(super::amx::Amx { parts, to_tiles }) = amx else {
                 return lin_packed(kb, &l, rows, begin, end, panel, xs, transposed);
             };
             // A task is `amx::groups` blocks (the last one maybe fewer).
@@ -902,15 +905,15 @@ fn body<'ctx>(
                 kb.cx,
                 kb.m,
                 &format!("tfc_k_{}_tiles", k.symbol()),
-                &super::amx::Shape { inn, n_out, transposed, bias, parts, tiles },
+                &super::amx::Shape { inn, n_out, transposed, bias, parts, tiles, to_tiles },
                 if fused { l.epi } else { &[] },
             );
-            let xp = p((if bias { 5 } else { 4 }) + l.others.len() as i64);
-            let mut args: Vec<inkwell::values::BasicMetadataValueEnum> = vec![xp.into(), l.w.into()];
+            let xp_at = (if bias { 5 } else { 4 }) + l.others.len() as i64;
+            let mut args: Vec<inkwell::values::BasicMetadataValueEnum> = vec![p(xp_at).into(), l.w.into()];
             if let Some(b) = l.b {
                 args.push(b.into());
             }
-            args.push(l.out.into());
+            args.push(if to_tiles { p(xp_at + 1) } else { l.out }.into());
             if fused {
                 args.extend(l.others.iter().map(|&o| inkwell::values::BasicMetadataValueEnum::from(o)));
             }
@@ -1379,7 +1382,17 @@ pub fn epilogue_v<'ctx>(
     epi: &[Epi],
     others: &[PointerValue<'ctx>],
     at: IntValue<'ctx>,
+    v: VectorValue<'ctx>,
+) -> VectorValue<'ctx> {
+    epilogue_with(kb, epi, v, |k| kb.ldv(others[k], at))
+}
+
+/// `epilogue_v` on `v`, the operands of the `k`-th `Add`/`Mul` from `other(k)`.
+pub fn epilogue_with<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    epi: &[Epi],
     mut v: VectorValue<'ctx>,
+    other: impl Fn(usize) -> VectorValue<'ctx>,
 ) -> VectorValue<'ctx> {
     let mut k = 0;
     for e in epi {
@@ -1393,7 +1406,7 @@ pub fn epilogue_v<'ctx>(
             }
             Epi::RoundBf16 => kb.round_bf16(v),
             Epi::Add | Epi::Mul => {
-                let y = kb.ldv(others[k], at);
+                let y = other(k);
                 k += 1;
                 if *e == Epi::Add {
                     kb.fadd(v, y)

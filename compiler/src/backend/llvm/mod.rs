@@ -483,6 +483,48 @@ fn amx_parts(g: &Graph, x: NodeId) -> usize {
     }
 }
 
+/// The values that AMX linear maps write packed for the maps reading them
+/// (`amx::Amx::to_tiles`), each mapped to the map that computes it: a map on tiles whose
+/// fused epilogue vectorises and ends in a rounding to bf16, every use of whose value is
+/// the input of an `[out, in]` map on tiles. Such values share one region, so each is
+/// written only after the last reader of the one before (and never by one of its readers).
+fn tile_outputs(
+    g: &Graph,
+    order: &[NodeId],
+    fused: &Fusion,
+    amx: bool,
+    weights: &WeightTable,
+) -> HashMap<NodeId, NodeId> {
+    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let cache_outputs = g.cache_outputs();
+    let mut out = HashMap::new();
+    let mut busy_until = None;
+    for (i, &l) in order.iter().enumerate() {
+        let Some((chain, e)) = fused.chains.get(&l) else { continue };
+        let epi: Vec<Epi> = chain.iter().map(|(e, _)| *e).collect();
+        let users = g.users(*e);
+        let eligible = amx_linear(g, l, amx, weights)
+            && epi.last() == Some(&Epi::RoundBf16)
+            && kernels::epilogue_vectorises(&epi)
+            && busy_until.is_none_or(|b| i > b)
+            && !g.outputs.iter().any(|(_, o)| o == e)
+            && !cache_outputs.contains_key(e)
+            && !users.is_empty()
+            && g.use_count(*e) == users.len()
+            && users.iter().all(|&u| {
+                g.operands(u)[0] == *e
+                    && amx_linear(g, u, amx, weights)
+                    && !reads_transposed(g, u, weights)
+                    && amx_parts(g, *e) == 1
+            });
+        if eligible {
+            busy_until = users.iter().map(|u| pos[u]).max();
+            out.insert(*e, l);
+        }
+    }
+    out
+}
+
 /// Bytes a node's arena block holds after its value: a split-K GEMV's partial sums.
 fn extra_bytes(g: &Graph, n: NodeId, weights: &WeightTable) -> u64 {
     split_k(g, n, weights).map_or(0, |(chunks, out)| (chunks * out * 4) as u64)
@@ -648,6 +690,20 @@ fn emit_graph<'ctx>(
         })
         .max()
         .unwrap_or(0);
+    // Values written packed by the map computing them go to a second region, after which
+    // the maps reading them keep their accumulators.
+    let to_tiles = tile_outputs(g, &order, &fused, amx, weights);
+    let tiled_at = amx_at + amx_bytes.div_ceil(64) * 64;
+    let tiled_bytes = order
+        .iter()
+        .filter(|&&n| matches!(g.op(n), Op::Linear { .. }) && to_tiles.contains_key(&g.operands(n)[0]))
+        .map(|&n| {
+            let x = g.ty(g.operands(n)[0]).eval(bind);
+            let out = *g.ty(n).eval(bind).last().unwrap();
+            (amx::packed_bytes(x[0], x[1], 1) + amx::acc_bytes(x[0], out)) as u64
+        })
+        .max()
+        .unwrap_or(0);
     let mut packed_input: Option<(NodeId, bool)> = None;
     let args = kb.b.build_array_alloca(i64t, kb.c(16), "args").unwrap();
     let pf_ty = cx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into()], false);
@@ -782,16 +838,27 @@ fn emit_graph<'ctx>(
                     let rows = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
                     // Panels need no packing, so the packed GEMM takes every row count.
                     let packed = panels || kernels::packs(rows, width, transposed);
-                    let amx = amx_linear(g, n, amx, weights).then(|| amx_parts(g, ops[0]));
-                    if let Some(parts) = amx {
-                        let xp = kb.int_of(kb.gep(cx.i8_type(), arena, kb.c(amx_at as i64)));
-                        if packed_input != Some((ops[0], transposed)) {
-                            let tiles = kb.udiv(amx::padded(&kb, rows_of(n)), kb.c(16));
-                            let k = Kernel::AmxPack { inn, transposed, parts };
-                            call(k, vec![o(0), xp, rows_of(n)], tiles);
-                            packed_input = Some((ops[0], transposed));
+                    let amx = amx_linear(g, n, amx, weights).then(|| amx::Amx {
+                        parts: amx_parts(g, ops[0]),
+                        to_tiles: fused.chains.get(&n).is_some_and(|(_, e)| to_tiles.contains_key(e)),
+                    });
+                    if let Some(a) = amx {
+                        let region = |off: u64| kb.int_of(kb.gep(cx.i8_type(), arena, kb.c(off as i64)));
+                        if to_tiles.contains_key(&ops[0]) {
+                            v.push(region(tiled_at));
+                        } else {
+                            let xp = region(amx_at);
+                            if packed_input != Some((ops[0], transposed)) {
+                                let tiles = kb.udiv(amx::padded(&kb, rows_of(n)), kb.c(16));
+                                let k = Kernel::AmxPack { inn, transposed, parts: a.parts };
+                                call(k, vec![o(0), xp, rows_of(n)], tiles);
+                                packed_input = Some((ops[0], transposed));
+                            }
+                            v.push(xp);
                         }
-                        v.push(xp);
+                        if a.to_tiles {
+                            v.push(region(tiled_at));
+                        }
                     }
                     let tasks = if amx.is_some() { amx::tasks(width) } else { width.div_ceil(BLOCK) };
                     let k = Kernel::Linear {
@@ -901,7 +968,7 @@ fn emit_graph<'ctx>(
     let bytes = kb.mul(rows_of(main), kb.c((fixed(*g.ty(main).shape.last().unwrap()) * 4) as i64));
     kb.b.build_memcpy(out, 4, at(main), 4, bytes).map_err(|e| LlvmError::Llvm(e.to_string()))?;
     kb.ret();
-    Ok(amx_at + amx_bytes)
+    Ok(if tiled_bytes > 0 { tiled_at + tiled_bytes } else { amx_at + amx_bytes })
 }
 
 /// `tfc__cpu_features`: the CPU features the main code needs, which the C half checks
