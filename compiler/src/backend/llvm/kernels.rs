@@ -56,11 +56,11 @@ pub enum Kernel {
     AmxPack { inn: usize, transposed: bool, parts: usize },
     /// args: x, out; tasks: rows.
     SplitQkv { layout: QkvLayout, part: QkvPart, heads: usize, kv_heads: usize, head_dim: usize },
-    /// args: x, out, rows; tasks: rows.
+    /// args: x, out, rows per head of out (the rows, or `max_seq` in the cache); tasks: rows.
     SplitHeads { heads: usize, head_dim: usize },
     /// args: x, out, rows; tasks: rows. `round` as for `LayerNorm`.
     MergeHeads { heads: usize, head_dim: usize, round: bool },
-    /// args: x, pos(i32), out, rows; tasks: rows.
+    /// args: x, pos(i32), out, rows, rows per head of out (as for `SplitHeads`); tasks: rows.
     Rope { head_dim: usize, rotary_dim: usize, theta: f64, interleaved: bool, heads: usize },
     /// args: q, k, v, pos(i32), out, rows(T), S, k head stride, v head stride; tasks: H·T,
     /// or with `block` (`attention_rows`, query rows known only at run time) H · ⌈T / block⌉.
@@ -1070,7 +1070,7 @@ fn body<'ctx>(
             // A task is a position: its angles' sines and cosines are computed once for
             // every head, into a table the heads' rotations read eight pairs at a time,
             // in f64 as the interpreter computes them (no contraction: the same values).
-            let (x, pos, out, rows) = (p(0), p(1), p(2), a(3));
+            let (x, pos, out, rows, out_rows) = (p(0), p(1), p(2), a(3), a(4));
             let half = rotary_dim / 2;
             let f64t = kb.f64t();
             let (sins, coss) = (
@@ -1113,34 +1113,35 @@ fn body<'ctx>(
                 }
                 kb.for_(c(0), c(heads), |h| {
                     let base = kb.mul(kb.add(kb.mul(h, rows), t), c(head_dim));
+                    let obase = kb.mul(kb.add(kb.mul(h, out_rows), t), c(head_dim));
                     kb.for_(c(rotary_dim), c(head_dim), |i| {
-                        kb.st(out, kb.add(base, i), kb.ld(x, kb.add(base, i)))
+                        kb.st(out, kb.add(obase, i), kb.ld(x, kb.add(base, i)))
                     });
                     let at = |i: usize| kb.add(base, c(i));
+                    let oat = |i: usize| kb.add(obase, c(i));
                     for i in (0..half / 8 * 8).step_by(8) {
                         if interleaved {
                             let v = lds(at(2 * i), 16);
                             let (x1, x2) = (kb.shuffle(v, v, &evens), kb.shuffle(v, v, &odds));
                             let (ra, rb) = rot(x1, x2, i);
-                            sts(at(2 * i), kb.shuffle(ra, rb, &zip));
+                            sts(oat(2 * i), kb.shuffle(ra, rb, &zip));
                         } else {
                             let (ra, rb) = rot(lds(at(i), 8), lds(at(i + half), 8), i);
-                            sts(at(i), ra);
-                            sts(at(i + half), rb);
+                            sts(oat(i), ra);
+                            sts(oat(i + half), rb);
                         }
                     }
                     for i in half / 8 * 8..half {
                         let (ia, ib) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
-                        let (pa, pb) = (at(ia), at(ib));
-                        let (x1, x2) = (kb.to_f64(kb.ld(x, pa)), kb.to_f64(kb.ld(x, pb)));
+                        let (x1, x2) = (kb.to_f64(kb.ld(x, at(ia))), kb.to_f64(kb.ld(x, at(ib))));
                         let (s, co) = (
                             kb.b.build_load(f64t, kb.gep(f64t, sins, c(i)), "").unwrap().into_float_value(),
                             kb.b.build_load(f64t, kb.gep(f64t, coss, c(i)), "").unwrap().into_float_value(),
                         );
                         let ra = kb.fsub(kb.fmul(x1, co), kb.fmul(x2, s));
                         let rb = kb.fadd(kb.fmul(x2, co), kb.fmul(x1, s));
-                        kb.st(out, pa, kb.to_f32(ra));
-                        kb.st(out, pb, kb.to_f32(rb));
+                        kb.st(out, oat(ia), kb.to_f32(ra));
+                        kb.st(out, oat(ib), kb.to_f32(rb));
                     }
                 });
             });

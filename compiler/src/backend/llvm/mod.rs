@@ -27,7 +27,7 @@ use kb::{Kb, WFmt};
 pub use kernels::Kernel;
 use kernels::{Epi, UnaryOp, BLOCK};
 
-use crate::ir::{CacheKind, DType, Dim, Graph, InputKind, NodeId, Op, SymBinding};
+use crate::ir::{CacheKind, DType, Dim, Graph, InputKind, NodeId, Op, Phase, SymBinding};
 use crate::Compiled;
 
 #[derive(Debug, thiserror::Error)]
@@ -367,6 +367,9 @@ struct Fusion {
     chains: HashMap<NodeId, Chain>,
     /// Every node computed inside another's kernel, mapped to that node.
     absorbed: HashMap<NodeId, NodeId>,
+    /// Prefill's keys and values that their head split or rotation writes straight into
+    /// the cache region they fill (`in_cache`), so no copy follows.
+    in_cache: HashMap<NodeId, (u32, CacheKind)>,
 }
 
 /// A chain continues while the current value has exactly one use, that use is an
@@ -374,7 +377,7 @@ struct Fusion {
 /// linear map (so it is ready when the fused kernel runs).
 fn fusion(g: &Graph, order: &[NodeId]) -> Fusion {
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let mut f = Fusion { chains: HashMap::new(), absorbed: HashMap::new() };
+    let mut f = Fusion { chains: HashMap::new(), absorbed: HashMap::new(), in_cache: in_cache(g) };
     for &l in order {
         if !matches!(g.op(l), Op::Linear { .. }) {
             continue;
@@ -421,6 +424,27 @@ fn fusion(g: &Graph, order: &[NodeId]) -> Fusion {
         }
     }
     f
+}
+
+/// Prefill's values that fill one cache region each, computed by a head split or a
+/// rotation (kernels that write any head stride) and read only by attention (which reads
+/// any): they live in that region, its `max_seq` rows per head, from row 0 (a prefill
+/// starts an empty cache).
+fn in_cache(g: &Graph) -> HashMap<NodeId, (u32, CacheKind)> {
+    if g.phase != Phase::Prefill {
+        return HashMap::new();
+    }
+    g.cache_outputs()
+        .into_iter()
+        .filter(|(n, targets)| {
+            targets.len() == 1
+                && matches!(g.op(*n), Op::SplitHeads { .. } | Op::Rope(_))
+                && g.users(*n)
+                    .iter()
+                    .all(|&u| matches!(g.op(u), Op::Attention { .. }) && g.operands(u)[0] != *n)
+        })
+        .map(|(n, targets)| (n, targets[0]))
+        .collect()
 }
 
 /// The layout linear map `n` reads its weights in, if they are re-packed (`Repack`).
@@ -537,7 +561,8 @@ pub fn plan_unfused(
     weights: &WeightTable,
     max_seq: usize,
 ) -> Result<(HashMap<NodeId, Loc>, u64), LlvmError> {
-    plan(g, order, &Fusion { chains: HashMap::new(), absorbed: HashMap::new() }, weights, max_seq)
+    let none = Fusion { chains: HashMap::new(), absorbed: HashMap::new(), in_cache: HashMap::new() };
+    plan(g, order, &none, weights, max_seq)
 }
 
 /// Assigns arena offsets in schedule order, reusing a block once its value is dead.
@@ -565,6 +590,10 @@ fn plan(
         let l = match g.op(n) {
             // Computed by the fused linear kernel, into the linear map's block.
             _ if fusion.absorbed.contains_key(&n) => loc[&fusion.absorbed[&n]],
+            _ if fusion.in_cache.contains_key(&n) => {
+                let (layer, kind) = fusion.in_cache[&n];
+                Loc::Cache(layer, kind)
+            }
             Op::Weight { name, .. } => Loc::Weight(weights.index[name]),
             Op::Input(InputKind::Tokens) => Loc::Tokens,
             Op::Input(InputKind::TokenTypes) => Loc::Types,
@@ -752,6 +781,11 @@ fn emit_graph<'ctx>(
     };
     let fixed = |d: Dim| d.as_fixed().unwrap_or(0);
     let cache_outputs = g.cache_outputs();
+    // Rows per head of a value `[heads, rows, d]`: `max_seq` where it lives in the cache.
+    let head_rows = |n: NodeId, rows: IntValue<'ctx>| match loc[&n] {
+        Loc::Cache(..) => kb.c(max_seq as i64),
+        _ => rows,
+    };
 
     for &n in &order {
         let ops = g.operands(n);
@@ -888,7 +922,8 @@ fn emit_graph<'ctx>(
             }
             Op::SplitHeads { heads } => {
                 let rows = rows_of(ops[0]);
-                call(Kernel::SplitHeads { heads: *heads, head_dim: width }, vec![o(0), me(), rows], rows)
+                let k = Kernel::SplitHeads { heads: *heads, head_dim: width };
+                call(k, vec![o(0), me(), head_rows(n, rows)], rows)
             }
             Op::MergeHeads => {
                 let src = g.ty(ops[0]);
@@ -907,7 +942,7 @@ fn emit_graph<'ctx>(
                     heads: h,
                 };
                 let rows = dim(ty.shape[1]);
-                call(k, vec![o(0), o(1), me(), rows], rows)
+                call(k, vec![o(0), o(1), me(), rows, head_rows(n, rows)], rows)
             }
             Op::Attention { scale, mask, alibi } => {
                 let (h, hd) = (fixed(ty.shape[0]), width);
@@ -954,7 +989,7 @@ fn emit_graph<'ctx>(
                 )))
             }
         }
-        if let Some(targets) = cache_outputs.get(&n) {
+        if let Some(targets) = cache_outputs.get(&n).filter(|_| !fused.in_cache.contains_key(&n)) {
             for &(layer, kind) in targets {
                 let groups = fixed(ty.shape[0]);
                 let k = Kernel::CacheStore { head_dim: width, max_seq };
