@@ -299,13 +299,12 @@ pub struct Shape {
     pub n_out: usize,
     pub transposed: bool,
     pub bias: bool,
-    /// The activation parts (`PARTS`, or 1 for activations rounded to bf16).
-    pub parts: usize,
     /// The weights are in the tile layout (`super::Tiles`, as `[out, in]`): each weight
     /// tile is read where it is, with nothing to copy.
     pub tiles: bool,
-    /// The output goes packed (`Amx::to_tiles`): `out` is the packed region.
-    pub to_tiles: bool,
+    /// The activation parts, and whether the output goes packed (then `out` is the
+    /// packed region).
+    pub amx: Amx,
 }
 
 /// What the AMX GEMM of one linear map needs: its arguments and its shape.
@@ -336,7 +335,7 @@ pub fn gemm_fn<'ctx>(
 ) -> FunctionValue<'ctx> {
     assert!(epilogue_vectorises(epi), "the tile write-out applies only vector epilogues");
     assert!(
-        !s.to_tiles || epi.last() == Some(&Epi::RoundBf16),
+        !s.amx.to_tiles || epi.last() == Some(&Epi::RoundBf16),
         "only a value rounded to bf16 is one packed part"
     );
     let bias = s.bias;
@@ -520,7 +519,7 @@ pub fn acc_bytes(rows: usize, n_out: usize) -> usize {
 fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx, '_>, begin: IntValue<'ctx>, end: IntValue<'ctx>) {
     let c = |v: usize| kb.c(v as i64);
     let t = &Tiles::new(kb);
-    let Shape { inn, n_out, transposed, parts, tiles, .. } = g.s;
+    let Shape { inn, n_out, transposed, tiles, amx: Amx { parts, to_tiles }, .. } = g.s;
     assert!(!(tiles && transposed), "tiled weights are read as [out, in]");
     let gr = groups(n_out);
     let mp = padded(kb, g.rows);
@@ -671,7 +670,7 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx, '_>, begin: IntValue<'ctx>, end:
                 for j in 0..4 {
                     let tile = kb.gep(kb.cx.i8_type(), accs, acc_at(gi, mt, j));
                     let col = kb.add(n0, kb.add(kb.mul(gi, c(64)), c(16 * j)));
-                    if g.s.to_tiles {
+                    if to_tiles {
                         write_pairs(kb, g, tile, transposed, mt, col);
                     } else {
                         write_tile(kb, g, tile, !transposed, kb.mul(mt, c(16)), col);

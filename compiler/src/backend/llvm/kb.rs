@@ -523,14 +523,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     /// Taylor polynomial to degree 7 (truncation below 6e-9 relative), and `2^n` as two
     /// exponent-field halves so results down to the subnormals need no special case.
     /// Within 1 ulp of the exact value (0.91 at worst over 2·10⁶ points of [-103, 88.7]);
-    /// `±∞` and NaN come out as IEEE `exp` gives them.
-    pub fn exp_f32(&self, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
-        self.exp(x)
-    }
-    /// `exp_f32` lane by lane.
-    pub fn vexp(&self, x: VectorValue<'ctx>) -> VectorValue<'ctx> {
-        self.exp(x)
-    }
+    /// `±∞` and NaN come out as IEEE `exp` gives them. Of one value, or lane by lane.
     pub fn exp<V: F32s<'ctx>>(&self, x: V) -> V {
         let lt = |a: V, b: V| ok(self.b.build_float_compare(FloatPredicate::OLT, a, b, ""));
         let sel = |c, a: V, b: V| V::of(ok(self.b.build_select(c, a, b, "")));

@@ -889,7 +889,7 @@ fn body<'ctx>(
                     || lin_packed(kb, &l, rows, begin, end, panel, xs, transposed),
                 );
             }
-            let Some(super::amx::Amx { parts, to_tiles }) = amx else {
+            let Some(a) = amx else {
                 return lin_packed(kb, &l, rows, begin, end, panel, xs, transposed);
             };
             // A task is `amx::groups` blocks (the last one maybe fewer).
@@ -905,7 +905,7 @@ fn body<'ctx>(
                 kb.cx,
                 kb.m,
                 &format!("tfc_k_{}_tiles", k.symbol()),
-                &super::amx::Shape { inn, n_out, transposed, bias, parts, tiles, to_tiles },
+                &super::amx::Shape { inn, n_out, transposed, bias, tiles, amx: a },
                 if fused { l.epi } else { &[] },
             );
             let xp_at = (if bias { 5 } else { 4 }) + l.others.len() as i64;
@@ -913,7 +913,7 @@ fn body<'ctx>(
             if let Some(b) = l.b {
                 args.push(b.into());
             }
-            args.push(if to_tiles { p(xp_at + 1) } else { l.out }.into());
+            args.push(if a.to_tiles { p(xp_at + 1) } else { l.out }.into());
             if fused {
                 args.extend(l.others.iter().map(|&o| inkwell::values::BasicMetadataValueEnum::from(o)));
             }
@@ -1430,8 +1430,8 @@ fn softmax_step<'ctx>(
     score: FloatValue<'ctx>,
 ) -> (FloatValue<'ctx>, FloatValue<'ctx>, FloatValue<'ctx>, FloatValue<'ctx>) {
     let m_new = kb.fmax(m, score);
-    let corr = kb.exp_f32(kb.fsub(m, m_new));
-    let e = kb.exp_f32(kb.fsub(score, m_new));
+    let corr = kb.exp(kb.fsub(m, m_new));
+    let e = kb.exp(kb.fsub(score, m_new));
     (m_new, kb.fadd(kb.fmul(l, corr), e), corr, e)
 }
 
@@ -1582,9 +1582,9 @@ fn attention_block<'ctx>(
                 let m_new = kb.fmax(m, kb.vmax(masked));
                 // No visible key yet: m stays -inf and nothing changes (no -inf - -inf).
                 let none = kb.b.build_float_compare(inkwell::FloatPredicate::OEQ, m_new, m, "").unwrap();
-                let corr = kb.b.build_select(none, kb.fc(1.0), kb.exp_f32(kb.fsub(m, m_new)), "").unwrap();
+                let corr = kb.b.build_select(none, kb.fc(1.0), kb.exp(kb.fsub(m, m_new)), "").unwrap();
                 let corr = corr.into_float_value();
-                let e = kb.vexp(kb.vsub(sv, kb.splat(m_new)));
+                let e = kb.exp(kb.vsub(sv, kb.splat(m_new)));
                 let e = kb.b.build_select(seen, e, kb.vzero(), "").unwrap().into_vector_value();
                 kb.stv(eb, c(r * VW), e);
                 next.extend([Bv::from(m_new), kb.fadd(kb.fmul(l, corr), kb.vsum(e)).into()]);
@@ -1691,8 +1691,8 @@ fn attention<'ctx>(kb: &Kb<'_, 'ctx>, at: &Attn<'ctx>, begin: IntValue<'ctx>, en
                     sv = kb.vsub(sv, kb.vmul(kb.splat(sl), rel));
                 }
                 let m_new = kb.fmax(m, kb.vmax(sv));
-                let corr = kb.exp_f32(kb.fsub(m, m_new));
-                let e = kb.vexp(kb.vsub(sv, kb.splat(m_new)));
+                let corr = kb.exp(kb.fsub(m, m_new));
+                let e = kb.exp(kb.vsub(sv, kb.splat(m_new)));
                 let l_new = kb.fadd(kb.fmul(l, corr), kb.vsum(e));
                 let cv = kb.splat(corr);
                 let mut acc: Vec<_> = acc_of(st).into_iter().map(|a| kb.vmul(a, cv)).collect();

@@ -13,7 +13,7 @@ mod amx;
 mod kb;
 mod kernels;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use inkwell::context::Context;
 use inkwell::module::{Linkage, Module};
@@ -508,9 +508,9 @@ fn amx_parts(g: &Graph, x: NodeId) -> usize {
 }
 
 /// The values that AMX linear maps write packed for the maps reading them
-/// (`amx::Amx::to_tiles`), each mapped to the map that computes it: a map on tiles whose
-/// fused epilogue vectorises and ends in a rounding to bf16, every use of whose value is
-/// the input of an `[out, in]` map on tiles. Such values share one region, so each is
+/// (`amx::Amx::to_tiles`): the last of a tile map's fused chain when that chain
+/// vectorises and ends in a rounding to bf16 (so the value is one part), every use of the
+/// value being the input of an `[out, in]` map on tiles. Such values share one region, so each is
 /// written only after the last reader of the one before (and never by one of its readers).
 fn tile_outputs(
     g: &Graph,
@@ -518,10 +518,10 @@ fn tile_outputs(
     fused: &Fusion,
     amx: bool,
     weights: &WeightTable,
-) -> HashMap<NodeId, NodeId> {
+) -> HashSet<NodeId> {
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let cache_outputs = g.cache_outputs();
-    let mut out = HashMap::new();
+    let mut out = HashSet::new();
     let mut busy_until = None;
     for (i, &l) in order.iter().enumerate() {
         let Some((chain, e)) = fused.chains.get(&l) else { continue };
@@ -536,14 +536,11 @@ fn tile_outputs(
             && !users.is_empty()
             && g.use_count(*e) == users.len()
             && users.iter().all(|&u| {
-                g.operands(u)[0] == *e
-                    && amx_linear(g, u, amx, weights)
-                    && !reads_transposed(g, u, weights)
-                    && amx_parts(g, *e) == 1
+                g.operands(u)[0] == *e && amx_linear(g, u, amx, weights) && !reads_transposed(g, u, weights)
             });
         if eligible {
             busy_until = users.iter().map(|u| pos[u]).max();
-            out.insert(*e, l);
+            out.insert(*e);
         }
     }
     out
@@ -725,7 +722,7 @@ fn emit_graph<'ctx>(
     let tiled_at = amx_at + amx_bytes.div_ceil(64) * 64;
     let tiled_bytes = order
         .iter()
-        .filter(|&&n| matches!(g.op(n), Op::Linear { .. }) && to_tiles.contains_key(&g.operands(n)[0]))
+        .filter(|&&n| matches!(g.op(n), Op::Linear { .. }) && to_tiles.contains(&g.operands(n)[0]))
         .map(|&n| {
             let x = g.ty(g.operands(n)[0]).eval(bind);
             let out = *g.ty(n).eval(bind).last().unwrap();
@@ -874,11 +871,11 @@ fn emit_graph<'ctx>(
                     let packed = panels || kernels::packs(rows, width, transposed);
                     let amx = amx_linear(g, n, amx, weights).then(|| amx::Amx {
                         parts: amx_parts(g, ops[0]),
-                        to_tiles: fused.chains.get(&n).is_some_and(|(_, e)| to_tiles.contains_key(e)),
+                        to_tiles: fused.chains.get(&n).is_some_and(|(_, e)| to_tiles.contains(e)),
                     });
                     if let Some(a) = amx {
                         let region = |off: u64| kb.int_of(kb.gep(cx.i8_type(), arena, kb.c(off as i64)));
-                        if to_tiles.contains_key(&ops[0]) {
+                        if to_tiles.contains(&ops[0]) {
                             v.push(region(tiled_at));
                         } else {
                             let xp = region(amx_at);
