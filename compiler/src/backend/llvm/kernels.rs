@@ -5,7 +5,7 @@
 
 use inkwell::attributes::AttributeLoc;
 use inkwell::module::Linkage;
-use inkwell::values::{FloatValue, FunctionValue, IntValue, PointerValue, VectorValue};
+use inkwell::values::{BasicValueEnum, FloatValue, FunctionValue, IntValue, PointerValue, VectorValue};
 use tfc_runtime::quant::Q8_BLOCK;
 
 use super::kb::{F32s, Kb, WFmt, VW};
@@ -548,11 +548,7 @@ fn lin_packed<'ctx>(
                                 .collect()
                         },
                     );
-                    let acc = kb.fold(c(0), kn, &init, |kk, acc| {
-                        if rn == MR {
-                            let step = kb.add(kb.mul(kb.udiv(t0, c(MR)), c(KC)), kk);
-                            kb.if_(kb.icmp_eq(kb.urem(kk, c(SPREAD)), c(0)), || prefetch_next(step));
-                        }
+                    let k_step = |kk: IntValue<'ctx>, acc: &[BasicValueEnum<'ctx>]| {
                         let wv: Vec<_> =
                             (0..nv).map(|j| kb.ldv(panel, kb.add(kb.mul(kk, c(BLOCK)), c(j * VW)))).collect();
                         let mut next = Vec::with_capacity(acc.len());
@@ -563,7 +559,22 @@ fn lin_packed<'ctx>(
                             }
                         }
                         next
-                    });
+                    };
+                    // Full tiles take their k-steps `SPREAD` at a time, unrolled, after one
+                    // line of each prefetch: a test and branch per step would cost more
+                    // than the prefetches themselves.
+                    let (mut k_from, mut acc) = (c(0), init);
+                    if rn == MR {
+                        let groups = kb.udiv(kn, c(SPREAD));
+                        acc = kb.fold(c(0), groups, &acc, |g, acc| {
+                            let kk = kb.mul(g, c(SPREAD));
+                            let step = kb.add(kb.mul(kb.udiv(t0, c(MR)), c(KC)), kk);
+                            prefetch_next(step);
+                            (0..SPREAD).fold(acc.to_vec(), |acc, u| k_step(kb.add(kk, c(u)), &acc))
+                        });
+                        k_from = kb.mul(groups, c(SPREAD));
+                    }
+                    let acc = kb.fold(k_from, kn, &acc, |kk, acc| k_step(kk, acc));
                     for (k, v) in acc.iter().enumerate() {
                         kb.stv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW)), v.into_vector_value());
                     }
