@@ -293,6 +293,30 @@ fn bf16_weights_match_the_interpreter_and_stay_close_to_f32() {
     }
 }
 
+/// The packed f32 GEMM at its edges (`tests/specs/gemm/f32_edges.tfs`): slices of `in`
+/// that end in a partial vector, two chunks of rows, a ragged last row tile; every row of
+/// a long prompt, then a shorter one and decoding after it, against the interpreter.
+#[test]
+fn f32_gemm_edges_equal_the_interpreter() {
+    let spec = root().join("tests/specs/gemm/f32_edges.tfs");
+    let c = compile(&spec, &Options::default());
+    let model = Model::load(build(&spec, "edges")).unwrap();
+    let (w, data) = random_weights(&model, &[&c.model]);
+    let mut s = Session::new(&model, data, 2).unwrap();
+    let tokens: Vec<i32> = (0..203).map(|i| (i * 37 + 5) % c.spec.sizes.vocab as i32).collect();
+    let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
+    let want = run(&c.model, &w, &inputs).unwrap().remove("logits").unwrap();
+    let tol = tolerance(&c, &want.data);
+    let rows = s.prefill(&tokens, None, true).unwrap();
+    assert_close("203 rows", &rows, &want.data, tol);
+    s.reset();
+    let last = s.prefill(&tokens[..199], None, false).unwrap();
+    assert_close("prefill 199", &last, want.row(198), tol);
+    for (i, &t) in tokens.iter().enumerate().skip(199) {
+        assert_close(&format!("decode at {i}"), &s.decode(t).unwrap(), want.row(i), tol);
+    }
+}
+
 /// A bf16 library on each code path a CPU may give it: AMX tiles (where the CPU has them),
 /// the AVX-512 GEMM (`TFC_AMX=0`) and the baseline x86-64 copy (`TFC_CPU=baseline`), each
 /// against the interpreter. In child processes, since a library reads these once.

@@ -37,7 +37,9 @@ pub enum Kernel {
     /// weights, see `amx`), else the packed GEMM. `tiles`: bf16 weights in the tile
     /// layout (`super::Tiles`, read as `[out, in]`, so never `transposed`). `panels`: f32
     /// weights in the panel layout (`super::WeightLayout::Panels`; always `packed`, never
-    /// `transposed`), which the packed GEMM reads in place.
+    /// `transposed`), which the packed GEMM reads in place. `sliced`: the packed GEMM
+    /// (not on AMX) reads its activations as `SliceRows` wrote them, from the argument
+    /// after the epilogue's.
     Linear {
         inn: usize,
         out: usize,
@@ -48,9 +50,13 @@ pub enum Kernel {
         tiles: bool,
         panels: bool,
         packed: bool,
+        sliced: bool,
         /// How the AMX GEMM reads its activations and writes its output.
         amx: Option<super::amx::Amx>,
     },
+    /// args: x, out, rows; tasks: rows. Copies `x [rows, inn]` into the packed GEMM's
+    /// slices (`slice_at`), once for all the column blocks of the linear maps reading it.
+    SliceRows { inn: usize },
     /// args: x, packed, rows; tasks: tiles of 16 of the rows padded to `amx::MB`. The activations of an
     /// `amx` linear map, split into bf16 parts in the tiles' layout (`amx::pack_x`).
     AmxPack { inn: usize, transposed: bool, parts: usize },
@@ -437,14 +443,58 @@ fn lin_tile_row<'ctx>(
     });
 }
 
-/// The packed GEMM for the column blocks `b0..b1` (of `BLOCK` outputs) of every row
+/// Where the packed GEMM's row tiles read the activations: each `KC`-wide slice of `in`
+/// with its rows `KC` apart, so that the tiles' broadcasts neither alias in L1 (as rows
+/// of `x` a multiple of 4 KB apart do) nor leave L2 between the column blocks.
+#[derive(Clone, Copy)]
+enum Xs<'ctx> {
+    /// Copied by each task into this `MC × KC` buffer, a chunk's slice at a time.
+    Copy(PointerValue<'ctx>),
+    /// Every slice of every row, as `SliceRows` wrote them (`slice_at`).
+    Sliced(PointerValue<'ctx>),
+}
+
+/// Element `(t, k)` of `x [rows, inn]` in the layout `SliceRows` writes: slice `k / KC`
+/// holds the rows one after the other, `KC` apart (the last slice too, when `inn` is not
+/// a multiple of `KC`).
+fn slice_at<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    rows: IntValue<'ctx>,
+    slice: IntValue<'ctx>,
+    t: IntValue<'ctx>,
+) -> IntValue<'ctx> {
+    let c = |v: usize| kb.c(v as i64);
+    kb.mul(kb.add(kb.mul(slice, rows), t), c(KC))
+}
+
+/// Bytes of `x [rows, inn]` sliced for the packed GEMM.
+pub fn sliced_bytes(rows: usize, inn: usize) -> usize {
+    rows * inn.div_ceil(KC) * KC * 4
+}
+
+/// Copies the `kn` elements of `src` from `from` on to `dst` from `to` on.
+fn copy_f32s<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    (src, from): (PointerValue<'ctx>, IntValue<'ctx>),
+    (dst, to): (PointerValue<'ctx>, IntValue<'ctx>),
+    kn: IntValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let kv = kb.mul(kb.div(kn, c(VW)), c(VW));
+    kb.for_(c(0), kb.div(kn, c(VW)), |s| {
+        let at = kb.mul(s, c(VW));
+        kb.stv(dst, kb.add(to, at), kb.ldv(src, kb.add(from, at)));
+    });
+    kb.for_(kv, kn, |kk| kb.st(dst, kb.add(to, kk), kb.ld(src, kb.add(from, kk))));
+}
+
+/// The packed GEMM for the column blocks `b0..b1` (of `BLOCK`) outputs of every row
 /// (`packs`): for each chunk of `MC` rows and each `KC`-wide slice of `in`, the chunk's
-/// slice of `x` is copied into `xs` (rows `KC` apart, so the row tiles' broadcasts
-/// neither alias in L1, as rows of `x` a multiple of 4 KB apart do, nor leave L2 between
-/// the blocks), and each block's slice of the weights is packed into `panel` as f32
-/// `[KC, BLOCK]` (or read in place) and added in `MR × BLOCK` register tiles, which start
-/// from the bias in the first slice and from the output in the others, so the output is
-/// first written when a tile has a slice's sums; last the epilogue runs.
+/// slice of `x` (from `xs`), and each block's slice of the weights, packed into `panel`
+/// as f32 `[KC, BLOCK]` (or read in place), are multiplied in `MR × BLOCK` register
+/// tiles, which start from the bias in the first slice and from the output in the
+/// others, so the output is first written when a tile has a slice's sums; last the
+/// epilogue runs.
 #[allow(clippy::too_many_arguments)]
 fn lin_packed<'ctx>(
     kb: &Kb<'_, 'ctx>,
@@ -453,7 +503,7 @@ fn lin_packed<'ctx>(
     b0: IntValue<'ctx>,
     b1: IntValue<'ctx>,
     panel: PointerValue<'ctx>,
-    xs: PointerValue<'ctx>,
+    xs: Xs<'ctx>,
     transposed: bool,
 ) {
     let c = |v: usize| kb.c(v as i64);
@@ -468,15 +518,16 @@ fn lin_packed<'ctx>(
         kb.for_(c(0), c(inn.div_ceil(KC)), |kblk| {
             let k0 = kb.mul(kblk, c(KC));
             let kn = kb.min(c(KC), kb.sub(c(inn), k0));
-            let kv = kb.mul(kb.div(kn, c(VW)), c(VW));
-            kb.for_(c(0), rn, |t| {
-                let (src, dst) = (kb.add(kb.mul(kb.add(r0, t), c(inn)), k0), kb.mul(t, c(KC)));
-                kb.for_(c(0), kb.div(kn, c(VW)), |s| {
-                    let at = kb.mul(s, c(VW));
-                    kb.stv(xs, kb.add(dst, at), kb.ldv(l.x, kb.add(src, at)));
-                });
-                kb.for_(kv, kn, |kk| kb.st(xs, kb.add(dst, kk), kb.ld(l.x, kb.add(src, kk))));
-            });
+            let xs = match xs {
+                Xs::Copy(buf) => {
+                    kb.for_(c(0), rn, |t| {
+                        let src = kb.add(kb.mul(kb.add(r0, t), c(inn)), k0);
+                        copy_f32s(kb, (l.x, src), (buf, kb.mul(t, c(KC))), kn);
+                    });
+                    buf
+                }
+                Xs::Sliced(all) => kb.gep(kb.f32t(), all, slice_at(kb, rows, kblk, r0)),
+            };
             kb.for_(b0, b1, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
                 // The block's slice: its panel in place, or packed from the weights.
@@ -561,8 +612,8 @@ fn lin_packed<'ctx>(
                         next
                     };
                     // Full tiles take their k-steps `SPREAD` at a time, unrolled, after one
-                    // line of each prefetch: a test and branch per step would cost more
-                    // than the prefetches themselves.
+                    // line of the next panel's prefetch: a test and branch per step would
+                    // cost more than the prefetch itself.
                     let (mut k_from, mut acc) = (c(0), init);
                     if rn == MR {
                         let groups = kb.udiv(kn, c(SPREAD));
@@ -696,7 +747,7 @@ impl Kernel {
                 let r = if *round { "_round_bf16" } else { "" };
                 format!("rmsnorm_{d}_{:016x}_{}{r}", eps.to_bits(), *unit_offset as u8)
             }
-            Kernel::Linear { inn, out, transposed, bias, epi, wf, tiles, panels, packed, amx } => {
+            Kernel::Linear { inn, out, transposed, bias, epi, wf, tiles, panels, packed, sliced, amx } => {
                 let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
                 let (t, b) = (if *transposed { "_t" } else { "" }, if *bias { "_b" } else { "" });
                 let layout = if *tiles {
@@ -706,12 +757,14 @@ impl Kernel {
                 } else {
                     ""
                 };
-                let p = format!("{layout}{}", if *packed { "_p" } else { "" });
+                let p =
+                    format!("{layout}{}{}", if *packed { "_p" } else { "" }, if *sliced { "_s" } else { "" });
                 let a = amx.map_or(String::new(), |a| {
                     format!("_amx{}{}", a.parts, if a.to_tiles { "_packs" } else { "" })
                 });
                 format!("linear_{inn}x{out}{t}{b}{p}{a}{epi}{}", wf.suffix())
             }
+            Kernel::SliceRows { inn } => format!("slice_rows_{inn}"),
             Kernel::AmxPack { inn, transposed, parts } => {
                 format!("amx_pack_{inn}_{parts}{}", if *transposed { "_t" } else { "" })
             }
@@ -888,10 +941,22 @@ fn body<'ctx>(
                 });
             });
         }
-        Kernel::Linear { inn, out: n_out, transposed, bias, tiles, panels, packed: true, amx, .. } => {
+        Kernel::Linear {
+            inn,
+            out: n_out,
+            transposed,
+            bias,
+            tiles,
+            panels,
+            packed: true,
+            sliced,
+            amx,
+            ..
+        } => {
             let (l, rows) = Lin::from_args(a, p, k);
             let panel = kb.alloca_f32s(KC * BLOCK);
-            let xs = kb.alloca_f32s(MC * KC);
+            let xs_at = (if bias { 5 } else { 4 }) + l.others.len() as i64;
+            let xs = if sliced { Xs::Sliced(p(xs_at)) } else { Xs::Copy(kb.alloca_f32s(MC * KC)) };
             if panels {
                 // One row (decode) streams each block's panel from end to end.
                 return kb.if_else(
@@ -919,7 +984,7 @@ fn body<'ctx>(
                 &super::amx::Shape { inn, n_out, transposed, bias, tiles, amx: a },
                 if fused { l.epi } else { &[] },
             );
-            let xp_at = (if bias { 5 } else { 4 }) + l.others.len() as i64;
+            let xp_at = xs_at;
             let mut args: Vec<inkwell::values::BasicMetadataValueEnum> = vec![p(xp_at).into(), l.w.into()];
             if let Some(b) = l.b {
                 args.push(b.into());
@@ -954,6 +1019,16 @@ fn body<'ctx>(
                     })
                 },
             );
+        }
+        Kernel::SliceRows { inn } => {
+            let (x, out, rows) = (p(0), p(1), a(2));
+            kb.for_(begin, end, |t| {
+                kb.for_(c(0), c(inn.div_ceil(KC)), |s| {
+                    let k0 = kb.mul(s, c(KC));
+                    let kn = kb.min(c(KC), kb.sub(c(inn), k0));
+                    copy_f32s(kb, (x, kb.add(kb.mul(t, c(inn)), k0)), (out, slice_at(kb, rows, s, t)), kn);
+                });
+            });
         }
         Kernel::AmxPack { inn, transposed, parts } => {
             super::amx::pack_x(kb, inn, transposed, parts, (p(0), p(1), a(2)), begin, end)

@@ -498,6 +498,24 @@ fn amx_linear(g: &Graph, n: NodeId, amx: bool, weights: &WeightTable) -> bool {
     rows.is_none_or(|r| r >= amx::MB / 2) && kernels::packs(rows, out, transposed) && amx::fits(inn, out)
 }
 
+/// Whether linear map `n` reads its activations sliced (`Kernel::SliceRows`): the packed
+/// GEMM, not on AMX, for more than one row.
+fn sliced_linear(g: &Graph, n: NodeId, amx: bool, weights: &WeightTable) -> bool {
+    if !matches!(g.op(n), Op::Linear { .. })
+        || split_k(g, n, weights).is_some()
+        || amx_linear(g, n, amx, weights)
+    {
+        return false;
+    }
+    let ty = g.ty(n);
+    let Some(out) = ty.shape[ty.rank() - 1].as_fixed() else {
+        return false;
+    };
+    let rows: Option<usize> = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
+    let panels = reads_layout(g, n, weights) == Some(WeightLayout::Panels);
+    (panels || kernels::packs(rows, out, reads_transposed(g, n, weights))) && rows != Some(1)
+}
+
 /// The bf16 parts the AMX GEMM splits activation `x` into: one if `x` is rounded to bf16.
 fn amx_parts(g: &Graph, x: NodeId) -> usize {
     if *g.op(x) == Op::RoundBf16 {
@@ -642,6 +660,13 @@ fn plan(
     Ok((loc, top))
 }
 
+/// What the packed GEMMs' region holds of a value.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Packing {
+    Amx { transposed: bool },
+    Slices,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn emit_graph<'ctx>(
     cx: &'ctx Context,
@@ -700,19 +725,26 @@ fn emit_graph<'ctx>(
     let order = g.topo_order().map_err(|_| LlvmError::Llvm("bug: cyclic graph".into()))?;
     let fused = fusion(g, &order);
     let (loc, arena_bytes) = plan(g, &order, &fused, weights, max_seq)?;
-    // The AMX GEMMs' region after the planned values: the packed activations (which
-    // linear maps of the same input share: only packing writes there) and then one
-    // map's accumulators.
+    // The packed GEMMs' region after the planned values: the packed (AMX) or sliced
+    // activations, which linear maps of the same input share (only packing writes
+    // there), and then an AMX map's accumulators.
     let bind = SymBinding { t: max_seq, p: max_seq.saturating_sub(1) };
     let amx_at = arena_bytes.div_ceil(64) * 64;
     let amx_bytes = order
         .iter()
-        .filter(|&&n| amx_linear(g, n, amx, weights))
-        .map(|&n| {
-            let x = g.ty(g.operands(n)[0]).eval(bind);
-            let out = *g.ty(n).eval(bind).last().unwrap();
-            let parts = amx_parts(g, g.operands(n)[0]);
-            (amx::packed_bytes(x[0], x[1], parts) + amx::acc_bytes(x[0], out)) as u64
+        .filter_map(|&n| {
+            let x = || g.ty(g.operands(n)[0]).eval(bind);
+            if amx_linear(g, n, amx, weights) {
+                let x = x();
+                let out = *g.ty(n).eval(bind).last().unwrap();
+                let parts = amx_parts(g, g.operands(n)[0]);
+                Some((amx::packed_bytes(x[0], x[1], parts) + amx::acc_bytes(x[0], out)) as u64)
+            } else if sliced_linear(g, n, amx, weights) {
+                let x = x();
+                Some(kernels::sliced_bytes(x[0], x[1]) as u64)
+            } else {
+                None
+            }
         })
         .max()
         .unwrap_or(0);
@@ -730,7 +762,9 @@ fn emit_graph<'ctx>(
         })
         .max()
         .unwrap_or(0);
-    let mut packed_input: Option<(NodeId, bool)> = None;
+    // The value whose packing (AMX parts of `[in, out]` or `[out, in]` maps, or slices)
+    // the region holds.
+    let mut packed_input: Option<(NodeId, Packing)> = None;
     let args = kb.b.build_array_alloca(i64t, kb.c(16), "args").unwrap();
     let pf_ty = cx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into()], false);
     let pfor = m
@@ -869,6 +903,7 @@ fn emit_graph<'ctx>(
                     let rows = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
                     // Panels need no packing, so the packed GEMM takes every row count.
                     let packed = panels || kernels::packs(rows, width, transposed);
+                    let sliced = sliced_linear(g, n, amx, weights);
                     let amx = amx_linear(g, n, amx, weights).then(|| amx::Amx {
                         parts: amx_parts(g, ops[0]),
                         to_tiles: fused.chains.get(&n).is_some_and(|(_, e)| to_tiles.contains(e)),
@@ -879,17 +914,25 @@ fn emit_graph<'ctx>(
                             v.push(region(tiled_at));
                         } else {
                             let xp = region(amx_at);
-                            if packed_input != Some((ops[0], transposed)) {
+                            if packed_input != Some((ops[0], Packing::Amx { transposed })) {
                                 let tiles = kb.udiv(amx::padded(&kb, rows_of(n)), kb.c(16));
                                 let k = Kernel::AmxPack { inn, transposed, parts: a.parts };
                                 call(k, vec![o(0), xp, rows_of(n)], tiles);
-                                packed_input = Some((ops[0], transposed));
+                                packed_input = Some((ops[0], Packing::Amx { transposed }));
                             }
                             v.push(xp);
                         }
                         if a.to_tiles {
                             v.push(region(tiled_at));
                         }
+                    }
+                    if sliced {
+                        let xs = kb.int_of(kb.gep(cx.i8_type(), arena, kb.c(amx_at as i64)));
+                        if packed_input != Some((ops[0], Packing::Slices)) {
+                            call(Kernel::SliceRows { inn }, vec![o(0), xs, rows_of(n)], rows_of(n));
+                            packed_input = Some((ops[0], Packing::Slices));
+                        }
+                        v.push(xs);
                     }
                     let tasks = if amx.is_some() { amx::tasks(width) } else { width.div_ceil(BLOCK) };
                     let k = Kernel::Linear {
@@ -902,6 +945,7 @@ fn emit_graph<'ctx>(
                         tiles,
                         panels,
                         packed,
+                        sliced,
                         amx,
                     };
                     call(k, v, kb.c(tasks as i64));
