@@ -984,12 +984,11 @@ fn body<'ctx>(
                 &super::amx::Shape { inn, n_out, transposed, bias, tiles, amx: a },
                 if fused { l.epi } else { &[] },
             );
-            let xp_at = xs_at;
-            let mut args: Vec<inkwell::values::BasicMetadataValueEnum> = vec![p(xp_at).into(), l.w.into()];
+            let mut args: Vec<inkwell::values::BasicMetadataValueEnum> = vec![p(xs_at).into(), l.w.into()];
             if let Some(b) = l.b {
                 args.push(b.into());
             }
-            args.push(if a.to_tiles { p(xp_at + 1) } else { l.out }.into());
+            args.push(if a.to_tiles { p(xs_at + 1) } else { l.out }.into());
             if fused {
                 args.extend(l.others.iter().map(|&o| inkwell::values::BasicMetadataValueEnum::from(o)));
             }

@@ -498,22 +498,29 @@ fn amx_linear(g: &Graph, n: NodeId, amx: bool, weights: &WeightTable) -> bool {
     rows.is_none_or(|r| r >= amx::MB / 2) && kernels::packs(rows, out, transposed) && amx::fits(inn, out)
 }
 
+/// The rows of linear map `n` (`None`: known only at run time).
+fn linear_rows(g: &Graph, n: NodeId) -> Option<usize> {
+    let ty = g.ty(n);
+    ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product()
+}
+
+/// Whether linear map `n` (not split over `in`) gets the packed GEMM: panels need no
+/// packing, so it takes every row count; other layouts as `kernels::packs` says.
+fn packed_linear(g: &Graph, n: NodeId, weights: &WeightTable) -> bool {
+    let ty = g.ty(n);
+    let out = ty.shape[ty.rank() - 1].as_fixed();
+    reads_layout(g, n, weights) == Some(WeightLayout::Panels)
+        || out.is_some_and(|out| kernels::packs(linear_rows(g, n), out, reads_transposed(g, n, weights)))
+}
+
 /// Whether linear map `n` reads its activations sliced (`Kernel::SliceRows`): the packed
 /// GEMM, not on AMX, for more than one row.
 fn sliced_linear(g: &Graph, n: NodeId, amx: bool, weights: &WeightTable) -> bool {
-    if !matches!(g.op(n), Op::Linear { .. })
-        || split_k(g, n, weights).is_some()
-        || amx_linear(g, n, amx, weights)
-    {
-        return false;
-    }
-    let ty = g.ty(n);
-    let Some(out) = ty.shape[ty.rank() - 1].as_fixed() else {
-        return false;
-    };
-    let rows: Option<usize> = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
-    let panels = reads_layout(g, n, weights) == Some(WeightLayout::Panels);
-    (panels || kernels::packs(rows, out, reads_transposed(g, n, weights))) && rows != Some(1)
+    matches!(g.op(n), Op::Linear { .. })
+        && split_k(g, n, weights).is_none()
+        && !amx_linear(g, n, amx, weights)
+        && packed_linear(g, n, weights)
+        && linear_rows(g, n) != Some(1)
 }
 
 /// The bf16 parts the AMX GEMM splits activation `x` into: one if `x` is rounded to bf16.
@@ -899,17 +906,14 @@ fn emit_graph<'ctx>(
                     let (transposed, tiles) = (reads_transposed(g, n, weights), reads_tiles(g, n, weights));
                     let panels = reads_layout(g, n, weights) == Some(WeightLayout::Panels);
                     let bias = *bias;
-                    let ty = g.ty(n);
-                    let rows = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
-                    // Panels need no packing, so the packed GEMM takes every row count.
-                    let packed = panels || kernels::packs(rows, width, transposed);
+                    let packed = packed_linear(g, n, weights);
                     let sliced = sliced_linear(g, n, amx, weights);
+                    let region = |off: u64| kb.int_of(kb.gep(cx.i8_type(), arena, kb.c(off as i64)));
                     let amx = amx_linear(g, n, amx, weights).then(|| amx::Amx {
                         parts: amx_parts(g, ops[0]),
                         to_tiles: fused.chains.get(&n).is_some_and(|(_, e)| to_tiles.contains(e)),
                     });
                     if let Some(a) = amx {
-                        let region = |off: u64| kb.int_of(kb.gep(cx.i8_type(), arena, kb.c(off as i64)));
                         if to_tiles.contains(&ops[0]) {
                             v.push(region(tiled_at));
                         } else {
@@ -927,7 +931,7 @@ fn emit_graph<'ctx>(
                         }
                     }
                     if sliced {
-                        let xs = kb.int_of(kb.gep(cx.i8_type(), arena, kb.c(amx_at as i64)));
+                        let xs = region(amx_at);
                         if packed_input != Some((ops[0], Packing::Slices)) {
                             call(Kernel::SliceRows { inn }, vec![o(0), xs, rows_of(n)], rows_of(n));
                             packed_input = Some((ops[0], Packing::Slices));
