@@ -1,30 +1,54 @@
 #!/usr/bin/env bash
 # tfc against the runtimes a user would otherwise pick, in one run on this machine: W1
 # (GPT-2 small) and W2 (LLaMA-style 0.85B: d 2048, 16 layers, 32 heads / 8 kv heads, ffn
-# 5632, vocab 32000), random weights from a fixed seed, batch 1, a 128-token prompt, then
-# 64 decoded tokens. tfc's compiled library in f32, bf16 (with f32 or, like PyTorch's
-# bf16 models, bf16-rounded activations) and q8; PyTorch eager (f32 and
-# bf16); ONNX Runtime (f32); llama.cpp (F32, F16, Q8_0). Prints one table per shape with
-# the medians (min–max) and the ratios against the peers measured in this same run.
+# 5632, vocab 32000), each made from a seed as a Hugging Face checkpoint
+# (peers/checkpoint.py) that every engine runs: tfc's compiled library in f32, bf16 (with
+# f32 or, like PyTorch's bf16 models, bf16-rounded activations) and q8, bound to the
+# checkpoint; PyTorch eager (f32 and bf16) loading it with transformers; ONNX Runtime (f32)
+# with its weights; llama.cpp (F32, F16, Q8_0) on the GGUF files llama.cpp's own
+# convert_hf_to_gguf.py makes of it. Batch 1, the same 128-token prompt, then 64 greedily
+# decoded tokens. Prints one table per shape with the medians (min–max), how many of the
+# 65 generated tokens agree with PyTorch f32's, and the ratios against the peers measured
+# in this same run.
 #
-# SHAPES="w1" (default "w1 w2"), RUNS (default 5), THREADS (default 2). Installs torch,
-# transformers, onnx, onnxruntime and llama-cpp-python (built for this CPU: GGML_NATIVE)
-# into a virtual environment (target/peers-venv) on first use; the llama.cpp build takes
-# several minutes.
+# SHAPES="w1" (default "w1 w2"), RUNS (default 5), THREADS (default 2), SEED (default 0).
+# Installs torch, transformers, onnx, onnxruntime, sentencepiece and llama-cpp-python
+# (LLAMA_CPP_PYTHON, default 0.3.36, built from its source for this CPU: GGML_NATIVE) into
+# a virtual environment (target/peers-venv) on first use; the llama.cpp build takes several
+# minutes. The checkpoints and GGUF files stay in target/peers (W2's take ~9.5 GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-5}
 threads=${THREADS:-2}
 shapes=${SHAPES:-w1 w2}
+seed=${SEED:-0}
+lcp=${LLAMA_CPP_PYTHON:-0.3.36}
 venv=target/peers-venv
-if [ ! -x $venv/bin/python ] ||
-    ! $venv/bin/python -c "import torch, transformers, llama_cpp, gguf, onnx, onnxscript, onnxruntime" 2>/dev/null; then
+work=target/peers
+py=$venv/bin/python
+mkdir -p $work
+if [ ! -x $py ] || ! $py -c "import torch, transformers, gguf, onnx, onnxscript, onnxruntime, sentencepiece, google.protobuf, safetensors" 2>/dev/null; then
     python3 -m venv $venv
-    $venv/bin/pip install -q torch transformers gguf onnx onnxscript onnxruntime
-    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" $venv/bin/pip install -q llama-cpp-python
+    $venv/bin/pip install -q torch transformers gguf onnx onnxscript onnxruntime sentencepiece protobuf safetensors
+fi
+# llama-cpp-python from its source distribution, which also carries llama.cpp's converter
+# and the vocabulary files of its tokenizer tests (the checkpoints' tokenizers).
+sdist=$work/llama_cpp_python-$lcp.tar.gz
+if [ ! -f "$sdist" ]; then
+    $venv/bin/pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$lcp" -d $work
+fi
+if ! $py -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$lcp')" 2>/dev/null; then
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" $venv/bin/pip install -q --force-reinstall --no-deps "$sdist"
+    $venv/bin/pip install -q numpy diskcache jinja2 typing-extensions
+fi
+llama=$work/llama.cpp-$lcp
+if [ ! -f $llama/convert_hf_to_gguf.py ]; then
+    mkdir -p $llama
+    v=llama_cpp_python-$lcp/vendor/llama.cpp
+    tar -xzf "$sdist" -C $llama --strip-components=3 $v/convert_hf_to_gguf.py $v/conversion $v/gguf-py \
+        $v/models/ggml-vocab-gpt-2.gguf $v/models/ggml-vocab-llama-spm.gguf
 fi
 cargo build --release --quiet --bin tfc
-py=$venv/bin/python
 common=(--runs "$runs" --threads "$threads")
 for shape in $shapes; do
     case $shape in
@@ -32,34 +56,59 @@ for shape in $shapes; do
     w2) spec=specs/llama-0.85b.tfs ;;
     *) echo "unknown shape $shape (w1 or w2)" >&2 && exit 2 ;;
     esac
-    tfc() { target/release/tfc bench $spec "${common[@]}" --json "$@" | tr -d "\n"; }
+    ck=$work/$shape-seed$seed
+    (cd benches/peers && ../../$py checkpoint.py --shape $shape --seed "$seed" \
+        --vocab-dir ../../$llama/models --out ../../$ck)
+    for d in f32 f16 q8_0; do
+        gguf=$ck-$d.gguf
+        if [ ! -f "$gguf" ] || [ "$gguf" -ot "$ck/model.safetensors" ]; then
+            $py $llama/convert_hf_to_gguf.py "$ck" --outtype $d --outfile "$gguf.part" >/dev/null 2>&1 ||
+                { echo "convert_hf_to_gguf.py failed on $ck ($d)" >&2; exit 1; }
+            mv "$gguf.part" "$gguf"
+        fi
+    done
+    tfc() { target/release/tfc bench $spec --weights "$ck" "${common[@]}" --json "$@" | tr -d "\n"; }
+    log=$work/$shape.log
+    : >"$log"
+    peer() { (cd benches/peers && ../../$py "$@" --shape $shape "${common[@]}" 2>>"../../$log" | tail -n 1); }
     results=$(
         echo "tfc f32	$(tfc)"
         echo "tfc bf16	$(tfc --dtype bf16)"
         echo "tfc bf16, bf16 activations	$(tfc --dtype bf16 --activations bf16)"
         echo "tfc q8	$(tfc --dtype q8)"
         for d in f32 bf16; do
-            echo "PyTorch $d	$($py benches/peers/pytorch.py --shape $shape --dtype $d "${common[@]}")"
+            echo "PyTorch $d	$(peer pytorch.py --checkpoint "../../$ck" --dtype $d)"
         done
-        echo "ONNX Runtime f32	$($py benches/peers/ort_decoder.py --shape $shape "${common[@]}")"
+        echo "ONNX Runtime f32	$(peer ort_decoder.py --checkpoint "../../$ck")"
         for d in f32 f16 q8_0; do
-            echo "llama.cpp $d	$($py benches/peers/llamacpp.py --shape $shape --dtype $d "${common[@]}")"
+            echo "llama.cpp $d	$(peer llamacpp.py --gguf "../../$ck-$d.gguf" --dtype $d)"
         done
     )
-    python3 - "$results" "$runs" "$shape" "$threads" <<'PY'
+    python3 - "$results" "$runs" "$shape" "$threads" "$log" <<'PY'
 import json, sys
-rows = {k: json.loads(v) for k, v in (line.split("\t", 1) for line in sys.argv[1].splitlines())}
-runs, shape, threads = sys.argv[2], sys.argv[3], sys.argv[4]
+runs, shape, threads, log = sys.argv[2:6]
+rows = {}
+for line in sys.argv[1].splitlines():
+    key, out = line.split("\t", 1)
+    try:
+        rows[key] = json.loads(out)
+    except json.JSONDecodeError:
+        sys.exit(f"{key} printed no result (its errors are in {log}): {out!r}")
 def cell(r, k, digits):
     m = r[k]
     return f"{m['median']:.{digits}f} ({m['min']:.{digits}f}–{m['max']:.{digits}f})"
 name = {"w1": "W1 GPT-2 small", "w2": "W2 LLaMA-style 0.85B"}[shape]
+# How many of the generated tokens agree with PyTorch f32's before the first that does not.
+ref = rows["PyTorch f32"]["tokens"]
+def agree(r):
+    n = next((i for i, (x, y) in enumerate(zip(r["tokens"], ref)) if x != y), min(len(r["tokens"]), len(ref)))
+    return f"{n}/{len(ref)}"
 print(f"\n{name}: batch 1, prompt 128, 64 decoded tokens, {threads} threads, median (min–max) of {runs} runs")
-print("| | prefill (ms) | decode (tok/s) |")
-print("| --- | --- | --- |")
+print("| | prefill (ms) | decode (tok/s) | greedy tokens as PyTorch f32's |")
+print("| --- | --- | --- | --- |")
 for key, r in rows.items():
     label = key if key.startswith("tfc") else r["peer"]
-    print(f"| {label} | {cell(r, 'prefill_ms', 1)} | {cell(r, 'decode_tok_s', 2)} |")
+    print(f"| {label} | {cell(r, 'prefill_ms', 1)} | {cell(r, 'decode_tok_s', 2)} | {agree(r)} |")
 pairs = [("tfc f32", "PyTorch f32"), ("tfc f32", "ONNX Runtime f32"), ("tfc f32", "llama.cpp f32"),
          ("tfc bf16", "PyTorch bf16"), ("tfc bf16", "llama.cpp f16"),
          ("tfc bf16, bf16 activations", "PyTorch bf16"), ("tfc bf16, bf16 activations", "llama.cpp f16"),

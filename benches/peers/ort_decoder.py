@@ -2,11 +2,13 @@
 
 The model is a plain PyTorch decoder with the KV cache as explicit inputs and outputs
 (`past_k`, `past_v`: [layers, kv_heads, past, head_dim] → `present_k`, `present_v` with
-the new rows appended), exported once to ONNX and run by ONNX Runtime's CPU provider.
-Random weights (the speed does not depend on them), batch 1, fp32, the given number of
-threads: prefill latency for a prompt, then decode tokens/s through the cache. Prints
-one JSON object. Used by benches/peers.sh; needs torch, onnx, onnxscript, onnxruntime.
+the new rows appended), given the weights of the shape's Hugging Face checkpoint
+(checkpoint.py), exported once to ONNX and run by ONNX Runtime's CPU provider. Batch 1,
+fp32, the given number of threads: prefill latency for a prompt, then decode tokens/s
+through the cache, greedy. Prints one JSON object. Used by benches/peers.sh; needs torch,
+safetensors, onnx, onnxscript, onnxruntime.
 """
+import json
 import math
 import os
 import tempfile
@@ -14,9 +16,10 @@ import warnings
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from common import measure, parser, report
+from common import measure, parser, prompt, report
 
 SHAPES = {
     # name: (d, layers, heads, kv_heads, ffn, vocab, arch)
@@ -26,20 +29,21 @@ SHAPES = {
 
 
 class RmsNorm(nn.Module):
-    def __init__(self, d):
+    def __init__(self, d, eps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
 
     def forward(self, x):
-        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5) * self.weight
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 class Decoder(nn.Module):
-    def __init__(self, d, layers, heads, kv_heads, ffn, vocab, arch):
+    def __init__(self, d, layers, heads, kv_heads, ffn, vocab, arch, eps, theta):
         super().__init__()
-        self.h, self.kv, self.hd, self.arch = heads, kv_heads, d // heads, arch
+        self.h, self.kv, self.hd, self.arch, self.theta = heads, kv_heads, d // heads, arch, theta
         gpt2 = arch == "gpt2"
-        norm = (lambda: nn.LayerNorm(d)) if gpt2 else (lambda: RmsNorm(d))
+        norm = (lambda: nn.LayerNorm(d, eps=eps)) if gpt2 else (lambda: RmsNorm(d, eps))
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(1024, d) if gpt2 else None
         self.layers = nn.ModuleList()
@@ -56,12 +60,46 @@ class Decoder(nn.Module):
             self.layers.append(m)
         self.norm = norm()
         self.head = nn.Linear(d, vocab, bias=False)
-        for p in self.parameters():
-            nn.init.normal_(p, std=0.02)
+
+    @torch.no_grad()
+    def load(self, w):
+        """Takes the weights of a Hugging Face checkpoint (`GPT2LMHeadModel`, whose Conv1D
+        matrices are stored [in, out], or `LlamaForCausalLM`)."""
+        def put(p, t):
+            assert p.shape == t.shape, (p.shape, t.shape)
+            p.copy_(t)
+
+        if self.arch == "gpt2":
+            put(self.emb.weight, w["transformer.wte.weight"])
+            put(self.pos.weight, w["transformer.wpe.weight"])
+            put(self.head.weight, w["transformer.wte.weight"])  # tied
+            for i, m in enumerate(self.layers):
+                h = f"transformer.h.{i}"
+                for mine, theirs in [(m.n1, "ln_1"), (m.n2, "ln_2")]:
+                    put(mine.weight, w[f"{h}.{theirs}.weight"])
+                    put(mine.bias, w[f"{h}.{theirs}.bias"])
+                for mine, theirs in [(m.qkv, "attn.c_attn"), (m.o, "attn.c_proj"), (m.up, "mlp.c_fc"),
+                                     (m.down, "mlp.c_proj")]:
+                    put(mine.weight, w[f"{h}.{theirs}.weight"].t())
+                    put(mine.bias, w[f"{h}.{theirs}.bias"])
+            put(self.norm.weight, w["transformer.ln_f.weight"])
+            put(self.norm.bias, w["transformer.ln_f.bias"])
+            return
+        put(self.emb.weight, w["model.embed_tokens.weight"])
+        put(self.head.weight, w["lm_head.weight"])
+        for i, m in enumerate(self.layers):
+            h = f"model.layers.{i}"
+            put(m.n1.weight, w[f"{h}.input_layernorm.weight"])
+            put(m.n2.weight, w[f"{h}.post_attention_layernorm.weight"])
+            put(m.qkv.weight, torch.cat([w[f"{h}.self_attn.{x}_proj.weight"] for x in "qkv"]))
+            put(m.o.weight, w[f"{h}.self_attn.o_proj.weight"])
+            put(m.gate_up.weight, torch.cat([w[f"{h}.mlp.{x}_proj.weight"] for x in ["gate", "up"]]))
+            put(m.down.weight, w[f"{h}.mlp.down_proj.weight"])
+        put(self.norm.weight, w["model.norm.weight"])
 
     def rope(self, x, pos):
         half = self.hd // 2
-        inv = 10000.0 ** (-torch.arange(half, dtype=torch.float32) / half)
+        inv = self.theta ** (-torch.arange(half, dtype=torch.float32) / half)
         ang = pos[:, None].float() * inv[None, :]
         cos, sin = torch.cos(ang), torch.sin(ang)
         x1, x2 = x[..., :half], x[..., half:]
@@ -105,14 +143,20 @@ class Decoder(nn.Module):
 
 
 def main():
-    a = parser(SHAPES).parse_args()
+    ap = parser(SHAPES)
+    ap.add_argument("--checkpoint", required=True, help="the shape's Hugging Face checkpoint (checkpoint.py)")
+    a = ap.parse_args()
     import onnxruntime as ort
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-    torch.manual_seed(0)
     d, layers, heads, kv, ffn, vocab, arch = SHAPES[a.shape]
-    model = Decoder(d, layers, heads, kv, ffn, vocab, arch).eval()
+    with open(os.path.join(a.checkpoint, "config.json")) as f:
+        cfg = json.load(f)
+    eps = cfg["layer_norm_epsilon"] if arch == "gpt2" else cfg["rms_norm_eps"]
+    theta = cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)
+    model = Decoder(d, layers, heads, kv, ffn, vocab, arch, eps, theta).eval()
+    model.load(load_file(os.path.join(a.checkpoint, "model.safetensors")))
     hd = d // heads
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
@@ -129,15 +173,18 @@ def main():
         so.intra_op_num_threads = a.threads
         so.inter_op_num_threads = 1
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    tokens = np.array([[(i * 31) % vocab for i in range(a.prompt)]], dtype=np.int64)
+    tokens = np.array([prompt(a, vocab)], dtype=np.int64)
     empty = np.zeros((layers, kv, 0, hd), dtype=np.float32)
 
     def run(ids, pk, pv):
         logits, pk, pv = sess.run(None, {"ids": ids, "past_k": pk, "past_v": pv})
-        return np.array([[int(logits[-1].argmax())]], dtype=np.int64), pk, pv
+        return int(logits[-1].argmax()), (pk, pv)
 
-    pre, dec = measure(a, lambda: run(tokens, empty, empty), lambda st, _: run(*st))
-    report(f"ONNX Runtime {ort.__version__}", pre, dec)
+    def step(tok, cache):
+        return run(np.array([[tok]], dtype=np.int64), *cache)
+
+    pre, dec, out = measure(a, lambda: run(tokens, empty, empty), step)
+    report(f"ONNX Runtime {ort.__version__} f32", pre, dec, out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 //! `tfc run` and `tfc bench`: running a spec with the reference interpreter or as a
 //! compiled library through the runtime crate.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -437,6 +436,10 @@ pub struct BenchArgs {
     /// or AMX rate), to report prefill's share of the compute roofline.
     #[arg(long, value_name = "GFLOP/S")]
     peak_gflop_s: Option<f64>,
+    /// A safetensors checkpoint (a folder or a file) whose weights the libraries bind;
+    /// without it, random weights.
+    #[arg(long)]
+    weights: Option<PathBuf>,
     /// Also measure the library in DIR (`tfc compile` of the same model, by another build
     /// of tfc or with other options), with the same weights, each run next to one of the
     /// main library (alternately before and after it), and report the ratio of each
@@ -446,48 +449,58 @@ pub struct BenchArgs {
 }
 
 /// Prefill times (ms) of `prompt` tokens and decode speeds (tok/s) of `decode` tokens after
-/// them, one of each per run after a warm-up.
+/// them, one of each per run after a warm-up, and the tokens the last run generated.
 fn measure(
     s: &mut tfc_runtime::Session,
     vocab: usize,
     prompt: usize,
     decode: usize,
     runs: usize,
-) -> Result<(Vec<f64>, Vec<f64>)> {
-    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+) -> Result<Samples> {
+    let mut out = Samples::default();
     for run in 0..=runs {
-        let (p, d) = measure_once(s, vocab, prompt, decode)?;
+        let (p, d, tokens) = measure_once(s, vocab, prompt, decode)?;
         if run > 0 {
-            pre.push(p);
-            dec.push(d);
+            out.prefill.push(p);
+            out.decode.push(d);
+            out.tokens = tokens;
         }
     }
-    Ok((pre, dec))
+    Ok(out)
 }
 
-/// One run: the prefill time (ms) of `prompt` tokens and the decode speed (tok/s) of
-/// `decode` tokens after them.
+/// One run: the prefill time (ms) of `prompt` tokens, the decode speed (tok/s) of
+/// `decode` tokens after them, and the tokens generated greedily (the prefill's, then each
+/// decode step's).
 fn measure_once(
     s: &mut tfc_runtime::Session,
     vocab: usize,
     prompt: usize,
     decode: usize,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, Vec<i32>)> {
     let tokens: Vec<i32> = (0..prompt).map(|i| (i * 31 % vocab) as i32).collect();
     s.reset();
     let t = Instant::now();
     let logits = s.prefill(&tokens, None, false)?;
     let p = t.elapsed().as_secs_f64();
-    let mut next = tfc_runtime::argmax(&logits) as i32;
+    let mut generated = Vec::with_capacity(decode + 1);
+    generated.push(tfc_runtime::argmax(&logits) as i32);
     let t = Instant::now();
     for _ in 0..decode {
-        next = tfc_runtime::argmax(&s.decode(next)?) as i32;
+        let next = tfc_runtime::argmax(&s.decode(generated[generated.len() - 1])?) as i32;
+        generated.push(next);
     }
-    Ok((p * 1e3, decode as f64 / t.elapsed().as_secs_f64()))
+    Ok((p * 1e3, decode as f64 / t.elapsed().as_secs_f64(), generated))
 }
 
-/// Prefill times (ms) and decode speeds (tok/s), one of each per run.
-type Samples = (Vec<f64>, Vec<f64>);
+/// Prefill times (ms) and decode speeds (tok/s), one of each per run, and the tokens the
+/// last run generated.
+#[derive(Default)]
+struct Samples {
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+    tokens: Vec<i32>,
+}
 
 /// Runs `runs` pairs (after a warm-up pair) of the main session `a` and the session `b`
 /// of the `--against` library, one right after the other: the samples of each.
@@ -508,10 +521,11 @@ fn measure_pairs<'m>(
             pair.reverse();
         }
         for (s, to) in pair {
-            let (p, d) = measure_once(s, vocab, prompt, decode)?;
+            let (p, d, tokens) = measure_once(s, vocab, prompt, decode)?;
             if run > 0 {
-                to.0.push(p);
-                to.1.push(d);
+                to.prefill.push(p);
+                to.decode.push(d);
+                to.tokens = tokens;
             }
         }
     }
@@ -600,14 +614,26 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.prompt + a.decode > m.max_seq {
         bail!("{} + {} positions exceed max_seq {}", a.prompt, a.decode, m.max_seq);
     }
-    // Random weights: the speed does not depend on the values.
     let copts = a.precision.options();
     let c = tfc::compile(&a.spec.display().to_string(), &source, &copts, &mut |_, _| {})?;
-    let w = Weights::bind(&[&c.prefill], &WeightSource::Random { seed: 1 })?;
-    let bufs: Result<Vec<Vec<f32>>, _> =
-        m.weights.iter().map(|x| w.get(&x.name).map(|t| t.data.clone())).collect();
-    let bufs = bufs?;
-    drop(w);
+    // A checkpoint's weights, or random ones (the speed does not depend on the values),
+    // bound to each library in its manifest's order.
+    enum Source {
+        Checkpoint(Arc<Checkpoint>),
+        Random(Weights),
+    }
+    let weights = match &a.weights {
+        Some(dir) => Source::Checkpoint(Arc::new(Checkpoint::open(dir)?)),
+        None => Source::Random(Weights::bind(&[&c.prefill], &WeightSource::Random { seed: 1 })?),
+    };
+    let data = |names: &mut dyn Iterator<Item = &str>| -> Result<WeightData> {
+        Ok(match &weights {
+            Source::Checkpoint(ck) => WeightData::Checkpoint(ck.clone()),
+            Source::Random(w) => {
+                WeightData::Owned(names.map(|n| w.get(n).map(|t| t.data.clone())).collect::<Result<_, _>>()?)
+            }
+        })
+    };
     // The `--against` library: the same model, so the same weights, bound in its order.
     let other_model = match &a.against {
         None => None,
@@ -632,26 +658,24 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     a.spec.display()
                 );
             }
-            let by_name: HashMap<&str, &Vec<f32>> =
-                m.weights.iter().map(|x| x.name.as_str()).zip(&bufs).collect();
-            let ob = om.weights.iter().map(|x| by_name[x.name.as_str()].clone()).collect();
-            Some(tfc_runtime::Session::new(o, WeightData::Owned(ob), a.threads)?)
+            let ob = data(&mut om.weights.iter().map(|x| x.name.as_str()))?;
+            Some(tfc_runtime::Session::new(o, ob, a.threads)?)
         }
     };
-    let mut s = tfc_runtime::Session::new(&model, WeightData::Owned(bufs), a.threads)?;
-    let (pre, dec, vs) = match other {
-        None => {
-            let (pre, dec) = measure(&mut s, m.vocab, a.prompt, a.decode, a.runs)?;
-            (pre, dec, None)
-        }
+    let mine = data(&mut m.weights.iter().map(|x| x.name.as_str()))?;
+    drop(weights);
+    let mut s = tfc_runtime::Session::new(&model, mine, a.threads)?;
+    let (run, vs) = match other {
+        None => (measure(&mut s, m.vocab, a.prompt, a.decode, a.runs)?, None),
         Some(mut o) => {
-            let ((pre, dec), (op, od)) = measure_pairs(&mut s, &mut o, m.vocab, a.prompt, a.decode, a.runs)?;
+            let (run, other) = measure_pairs(&mut s, &mut o, m.vocab, a.prompt, a.decode, a.runs)?;
             // Each pair's ratio, the other library's over this one's.
             let ratio = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(x, y)| y / x).collect::<Vec<_>>();
-            let r = (ratio(&pre, &op), ratio(&dec, &od));
-            (pre, dec, Some(((op, od), r)))
+            let r = (ratio(&run.prefill, &other.prefill), ratio(&run.decode, &other.decode));
+            (run, Some(((other.prefill, other.decode), r)))
         }
     };
+    let (pre, dec, tokens) = (run.prefill, run.decode, run.tokens);
     let weight_bytes: usize = m
         .weights
         .iter()
@@ -698,6 +722,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             "decode_roofline_share": a.peak_gb_s.map(|p| gbs / p),
             "prefill_roofline_share": a.peak_gflop_s.map(|p| gflops / p),
             "prefill_gflop": flops / 1e9,
+            "tokens": tokens,
             "against": vs.as_ref().map(|((p, d), (rp, rd))| {
                 let (p, d, rp, rd) = (stats(p.clone()), stats(d.clone()), stats(rp.clone()), stats(rd.clone()));
                 serde_json::json!({
@@ -743,7 +768,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
         for len in [32, 64, 128, 256, 512, 1024].into_iter().filter(|&l| l <= m.max_seq) {
-            prefill.push((len, stats(measure(&mut s, m.vocab, len, 0, a.runs)?.0)));
+            prefill.push((len, stats(measure(&mut s, m.vocab, len, 0, a.runs)?.prefill)));
         }
         // 16 decoded tokens after a prompt that fills the cache to the context.
         for ctx in [128, 512, 1024]
@@ -754,7 +779,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             if decode.iter().any(|(c, _)| *c == ctx) {
                 continue;
             }
-            decode.push((ctx, stats(measure(&mut s, m.vocab, ctx, 16, a.runs)?.1)));
+            decode.push((ctx, stats(measure(&mut s, m.vocab, ctx, 16, a.runs)?.decode)));
         }
         println!("\nhow cost grows (median (min–max) of {} runs):", a.runs);
         println!("| prompt tokens | prefill ms |");

@@ -1,0 +1,100 @@
+"""Makes the benchmark shapes as Hugging Face checkpoints from a seed: W1 (GPT-2 small,
+`GPT2LMHeadModel` with transformers' defaults) and W2 (LLaMA-style 0.85B,
+`LlamaForCausalLM`), initialised by transformers under `torch.manual_seed(seed)` and
+saved with `save_pretrained` (config.json, model.safetensors), as a user downloads one.
+
+Each gets its architecture's real tokenizer, so that llama.cpp's `convert_hf_to_gguf.py`
+converts the folder as it is: GPT-2's byte-level BPE (vocab.json, merges.txt) or LLaMA's
+SentencePiece model (tokenizer.model), both rebuilt from the vocabulary files llama.cpp
+ships for its tokenizer tests (`models/ggml-vocab-gpt-2.gguf`,
+`models/ggml-vocab-llama-spm.gguf` in its source tree, given as --vocab-dir). No
+engine tokenises anything in the benchmark; the tokenizer is there for the converter.
+
+Does nothing if the folder already holds the checkpoint of this shape and seed.
+Used by benches/peers.sh; needs torch, transformers, gguf, sentencepiece, protobuf.
+"""
+import argparse
+import json
+import os
+
+import gguf
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+
+
+def config(shape):
+    if shape == "w1":
+        # GPT-2 small; `n_ctx` is what llama.cpp's GPT-2 converter reads as the context.
+        return GPT2Config(n_ctx=1024)
+    return LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=5632, vocab_size=32000,
+                       max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       tie_word_embeddings=False)
+
+
+def model(shape):
+    return (GPT2LMHeadModel if shape == "w1" else LlamaForCausalLM)(config(shape))
+
+
+def field(reader, key):
+    return reader.fields[key].contents()
+
+
+def gpt2_tokenizer(vocab_dir, out):
+    r = gguf.GGUFReader(os.path.join(vocab_dir, "ggml-vocab-gpt-2.gguf"))
+    tokens, merges = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.merges")
+    eos = tokens[field(r, "tokenizer.ggml.eos_token_id")]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ")) for m in merges]
+    tok = GPT2TokenizerFast(vocab=vocab, merges=pairs, unk_token=eos, bos_token=eos, eos_token=eos)
+    tok.save_pretrained(out)
+
+
+def llama_tokenizer(vocab_dir, out):
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    r = gguf.GGUFReader(os.path.join(vocab_dir, "ggml-vocab-llama-spm.gguf"))
+    tokens, scores = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.scores")
+    types = field(r, "tokenizer.ggml.token_type")  # llama.cpp's token types are SentencePiece's
+    m = spm.ModelProto()
+    for t, s, ty in zip(tokens, scores, types):
+        p = m.pieces.add()
+        p.piece, p.score, p.type = t, s, ty
+    ts = m.trainer_spec
+    ts.model_type = spm.TrainerSpec.BPE
+    ts.vocab_size = len(tokens)
+    ts.byte_fallback = True
+    ts.unk_id = field(r, "tokenizer.ggml.unknown_token_id")
+    ts.bos_id = field(r, "tokenizer.ggml.bos_token_id")
+    ts.eos_id = field(r, "tokenizer.ggml.eos_token_id")
+    ts.pad_id = -1
+    ns = m.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = True
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    with open(os.path.join(out, "tokenizer.model"), "wb") as f:
+        f.write(m.SerializeToString())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=["w1", "w2"], required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab-dir", required=True, help="llama.cpp's models/ folder")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    stamp = os.path.join(a.out, "peers-checkpoint.json")
+    want = {"shape": a.shape, "seed": a.seed, "config": config(a.shape).to_diff_dict()}
+    if os.path.exists(stamp) and json.load(open(stamp)) == json.loads(json.dumps(want)):
+        return
+    os.makedirs(a.out, exist_ok=True)
+    torch.manual_seed(a.seed)
+    m = model(a.shape)
+    m.save_pretrained(a.out, safe_serialization=True)
+    (gpt2_tokenizer if a.shape == "w1" else llama_tokenizer)(a.vocab_dir, a.out)
+    json.dump(want, open(stamp, "w"))
+
+
+if __name__ == "__main__":
+    main()
