@@ -338,9 +338,13 @@ fn bf16_gemm_paths_equal_the_interpreter() {
 #[ignore = "run by bf16_gemm_paths_equal_the_interpreter, in a child process per code path"]
 fn bf16_gemm_paths_child() {
     // `[in, out]` and `[out, in]` weights; 9 rows (one padded block of 32), then 45 (two);
-    // f32 activations (three bf16 parts on AMX) and bf16 ones (one part).
-    for name in ["conv1d_bf16", "llama_bf16", "mixed_bf16_act", "gpt2_bf16_act"] {
-        let spec = root().join(format!("tests/specs/valid/{name}.tfs"));
+    // f32 activations (three bf16 parts on AMX) and bf16 ones (one part); tasks of one
+    // column group and of several, the last one short (`gemm/amx_groups`).
+    let valid =
+        ["conv1d_bf16", "llama_bf16", "mixed_bf16_act", "gpt2_bf16_act"].map(|n| format!("valid/{n}"));
+    for path in valid.iter().map(String::as_str).chain(["gemm/amx_groups"]) {
+        let name = path.rsplit('/').next().unwrap();
+        let spec = root().join(format!("tests/specs/{path}.tfs"));
         let c = compile(&spec, &Options::default());
         let model = Model::load(build_with(&spec, "paths", Backend::Llvm)).unwrap();
         let (w, data) = random_weights(&model, &[&c.model]);

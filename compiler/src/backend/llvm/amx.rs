@@ -492,16 +492,22 @@ const KC: usize = 256;
 /// k-steps of 128 rows and four groups cover a chunk of 256 inputs × 256 columns.
 const PREFETCH_LINES: usize = 8;
 
-/// Groups of 64 output columns per task: as many as keep eight tasks or more for the
-/// pool (each task reads the packed activations once, so fewer, wider tasks read them
-/// less often), at most four.
-pub fn groups(n_out: usize) -> usize {
-    (n_out / 64 / 8).clamp(1, 4)
+/// Groups of 64 output columns per task of a map of `inn` inputs packed in `parts`
+/// parts: at most four, and as many as keep sixteen tasks or more for the pool, or eight
+/// where a row's packed activations exceed 8 KB. Each task reads all the packed
+/// activations once, so fewer, wider tasks read them less often; but whoever finishes
+/// first waits for the other's last task, and W1's nine tasks of its 2304-wide map left a
+/// thread idle for much of one: sixteen tasks or more made its bf16-activation prefill
+/// ×1.08–1.10 faster and its three-part one ×1.05, where W2's three-part maps of 2048
+/// columns (12 KB of activations a row) ran ×0.96 slower with sixteen tasks than eight.
+pub fn groups(inn: usize, n_out: usize, parts: usize) -> usize {
+    let tasks = if inn * 2 * parts <= 8192 { 16 } else { 8 };
+    (n_out / 64 / tasks).clamp(1, 4)
 }
 
-/// Tasks of a linear map's AMX GEMM.
-pub fn tasks(n_out: usize) -> usize {
-    (n_out / 64).div_ceil(groups(n_out))
+/// Tasks of a linear map's AMX GEMM (see `groups`).
+pub fn tasks(inn: usize, n_out: usize, parts: usize) -> usize {
+    (n_out / 64).div_ceil(groups(inn, n_out, parts))
 }
 
 /// Bytes of the accumulators of a linear map's AMX GEMM for `rows` rows (after the
@@ -521,7 +527,7 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx, '_>, begin: IntValue<'ctx>, end:
     let t = &Tiles::new(kb);
     let Shape { inn, n_out, transposed, tiles, amx: Amx { parts, to_tiles }, .. } = g.s;
     assert!(!(tiles && transposed), "tiled weights are read as [out, in]");
-    let gr = groups(n_out);
+    let gr = groups(inn, n_out, parts);
     let mp = padded(kb, g.rows);
     let mtiles = kb.udiv(mp, c(16));
     let (i16t, i32t) = (kb.cx.i16_type(), kb.cx.i32_type());

@@ -972,7 +972,7 @@ fn body<'ctx>(
                 return lin_packed(kb, &l, rows, begin, end, panel, xs, transposed);
             };
             // A task is `amx::groups` blocks (the last one maybe fewer).
-            let gr = super::amx::groups(n_out);
+            let gr = super::amx::groups(inn, n_out, a.parts);
             let blocks = |task: IntValue<'ctx>, f: &dyn Fn(IntValue<'ctx>)| {
                 let b0 = kb.mul(task, c(gr));
                 kb.for_(b0, kb.min(kb.add(b0, c(gr)), c(n_out / BLOCK)), |blk| f(kb.mul(blk, c(BLOCK))));

@@ -938,7 +938,7 @@ fn emit_graph<'ctx>(
                         }
                         v.push(xs);
                     }
-                    let tasks = if amx.is_some() { amx::tasks(width) } else { width.div_ceil(BLOCK) };
+                    let tasks = amx.map_or(width.div_ceil(BLOCK), |a| amx::tasks(inn, width, a.parts));
                     let k = Kernel::Linear {
                         inn,
                         out: width,
