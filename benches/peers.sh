@@ -8,8 +8,8 @@
 # with its weights; llama.cpp (F32, F16, Q8_0) on the GGUF files llama.cpp's own
 # convert_hf_to_gguf.py makes of it. Batch 1, the same 128-token prompt, then 64 greedily
 # decoded tokens. Prints one table per shape with the medians (min–max), how many of the
-# 65 generated tokens agree with PyTorch f32's, and the ratios against the peers measured
-# in this same run.
+# 65 generated tokens agree with PyTorch f32's, the ratios against the peers measured in
+# this same run, and what the host streamed and computed before and after (host.c).
 #
 # SHAPES="w1" (default "w1 w2"), RUNS (default 5), THREADS (default 2), SEED (default 0).
 # Installs torch, transformers, onnx, onnxruntime, sentencepiece and llama-cpp-python
@@ -49,6 +49,7 @@ if [ ! -f $llama/convert_hf_to_gguf.py ]; then
         $v/models/ggml-vocab-gpt-2.gguf $v/models/ggml-vocab-llama-spm.gguf
 fi
 cargo build --release --quiet --bin tfc
+cc -O2 -mavx512f -mfma -pthread benches/peers/host.c -o $work/host
 common=(--runs "$runs" --threads "$threads")
 for shape in $shapes; do
     case $shape in
@@ -71,6 +72,7 @@ for shape in $shapes; do
     log=$work/$shape.log
     : >"$log"
     peer() { (cd benches/peers && ../../$py "$@" --shape $shape "${common[@]}" 2>>"../../$log" | tail -n 1); }
+    before=$($work/host "$threads")
     results=$(
         echo "tfc f32	$(tfc)"
         echo "tfc bf16	$(tfc --dtype bf16)"
@@ -84,9 +86,11 @@ for shape in $shapes; do
             echo "llama.cpp $d	$(peer llamacpp.py --gguf "../../$ck-$d.gguf" --dtype $d)"
         done
     )
-    python3 - "$results" "$runs" "$shape" "$threads" "$log" <<'PY'
+    after=$($work/host "$threads")
+    python3 - "$results" "$runs" "$shape" "$threads" "$log" "$before" "$after" <<'PY'
 import json, sys
 runs, shape, threads, log = sys.argv[2:6]
+host = [json.loads(h) for h in sys.argv[6:8]]
 rows = {}
 for line in sys.argv[1].splitlines():
     key, out = line.split("\t", 1)
@@ -121,5 +125,8 @@ for a, b in pairs:
     dec = ra["decode_tok_s"]["median"] / rb["decode_tok_s"]["median"]
     print(f"| {a} / {b} | ×{pre:.2f} | ×{dec:.2f} |")
 print(f"\ntfc compiled {name} in {rows['tfc f32']['compile_s']:.2f} s")
+print("the host, before and after (benches/peers/host.c): streaming reads "
+      f"{host[0]['stream_gb_s']} and {host[1]['stream_gb_s']} GB/s, "
+      f"f32 FMAs {host[0]['fma_gflop_s']} and {host[1]['fma_gflop_s']} GFLOP/s")
 PY
 done
