@@ -12,10 +12,11 @@
 # this same run, and what the host streamed and computed before and after (host.c).
 #
 # SHAPES="w1" (default "w1 w2"), RUNS (default 5), THREADS (default 2), SEED (default 0).
-# Installs torch, transformers, onnx, onnxruntime, sentencepiece and llama-cpp-python
-# (LLAMA_CPP_PYTHON, default 0.3.36, built from its source for this CPU: GGML_NATIVE) into
-# a virtual environment (target/peers-venv) on first use; the llama.cpp build takes several
-# minutes. The checkpoints and GGUF files stay in target/peers (W2's take ~9.5 GB).
+# Installs the versions pinned in peers/requirements.txt (torch, transformers, onnxruntime,
+# ...) and llama-cpp-python (LLAMA_CPP_PYTHON, default 0.3.36, built from its source for
+# this CPU: GGML_NATIVE) into a virtual environment (target/peers-venv); the llama.cpp
+# build, on first use, takes several minutes. The checkpoints and GGUF files stay in
+# target/peers (W2's take ~9.5 GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-5}
@@ -27,10 +28,8 @@ venv=target/peers-venv
 work=target/peers
 py=$venv/bin/python
 mkdir -p $work
-if [ ! -x $py ] || ! $py -c "import torch, transformers, gguf, onnx, onnxscript, onnxruntime, sentencepiece, google.protobuf, safetensors" 2>/dev/null; then
-    python3 -m venv $venv
-    $venv/bin/pip install -q torch transformers gguf onnx onnxscript onnxruntime sentencepiece protobuf safetensors
-fi
+[ -x $py ] || python3 -m venv $venv
+$venv/bin/pip install -q -r benches/peers/requirements.txt
 # llama-cpp-python from its source distribution, which also carries llama.cpp's converter
 # and the vocabulary files of its tokenizer tests (the checkpoints' tokenizers).
 sdist=$work/llama_cpp_python-$lcp.tar.gz
