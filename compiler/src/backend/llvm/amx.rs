@@ -483,9 +483,9 @@ fn write_pairs<'ctx>(
 }
 
 /// `in` per chunk of the GEMM: a chunk's weights for a task (`KC × 64 · groups` bf16,
-/// at most 128 KB) and activations (`M' × KC` in up to three parts, 192 KB for 128 rows) stay in
-/// L2 while every row tile passes over them, and one row tile's activation tiles (24 KB)
-/// stay in L1 while every group of 64 columns passes over those.
+/// at most 128 KB) and activations (`M' × KC` in up to three parts, 192 KB for 128 rows)
+/// stay in L2, and a group's 64 columns of it (32 KB of weights) stay in L1 while every row
+/// tile passes over them.
 const KC: usize = 256;
 
 /// Lines of the next chunk's weights prefetched per k-step of a chunk (`gemm`): 8 × 256
@@ -661,15 +661,12 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx, '_>, begin: IntValue<'ctx>, end:
                     t.store(at, a.into_vector_value());
                 }
             };
-            if parts == 1 {
-                // A group's weight tiles of the chunk (32 KB) stay in L1 while every row
-                // tile passes over them: one activation tile from L2 per four products.
-                kb.for_(c(0), ngr, |gi| kb.for_(c(0), mtiles, |mt| step(mt, gi)));
-            } else {
-                // A row tile's parts (24 KB) stay in L1 while every group passes over
-                // them: one weight tile from L2 per three products.
-                kb.for_(c(0), mtiles, |mt| kb.for_(c(0), ngr, |gi| step(mt, gi)));
-            }
+            // A group's weight tiles of the chunk (32 KB) stay in L1 while every row tile
+            // passes over them: `parts` activation tiles from L2 per four products each.
+            // (With three parts, a row tile's parts staying in L1 while every group passed
+            // over them, one weight tile from L2 per three products, was ×0.955–0.976 as fast
+            // on W2 and even on W1.)
+            kb.for_(c(0), ngr, |gi| kb.for_(c(0), mtiles, |mt| step(mt, gi)));
         });
         kb.for_(c(0), mtiles, |mt| {
             kb.for_(c(0), ngr, |gi| {
