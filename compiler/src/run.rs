@@ -459,11 +459,9 @@ fn measure(
 ) -> Result<Samples> {
     let mut out = Samples::default();
     for run in 0..=runs {
-        let (p, d, tokens) = measure_once(s, vocab, prompt, decode)?;
+        let sample = measure_once(s, vocab, prompt, decode)?;
         if run > 0 {
-            out.prefill.push(p);
-            out.decode.push(d);
-            out.tokens = tokens;
+            out.add(sample);
         }
     }
     Ok(out)
@@ -483,11 +481,12 @@ fn measure_once(
     let t = Instant::now();
     let logits = s.prefill(&tokens, None, false)?;
     let p = t.elapsed().as_secs_f64();
+    let mut next = tfc_runtime::argmax(&logits) as i32;
     let mut generated = Vec::with_capacity(decode + 1);
-    generated.push(tfc_runtime::argmax(&logits) as i32);
+    generated.push(next);
     let t = Instant::now();
     for _ in 0..decode {
-        let next = tfc_runtime::argmax(&s.decode(generated[generated.len() - 1])?) as i32;
+        next = tfc_runtime::argmax(&s.decode(next)?) as i32;
         generated.push(next);
     }
     Ok((p * 1e3, decode as f64 / t.elapsed().as_secs_f64(), generated))
@@ -500,6 +499,15 @@ struct Samples {
     prefill: Vec<f64>,
     decode: Vec<f64>,
     tokens: Vec<i32>,
+}
+
+impl Samples {
+    /// One run's prefill time, decode speed and tokens (`measure_once`).
+    fn add(&mut self, (prefill, decode, tokens): (f64, f64, Vec<i32>)) {
+        self.prefill.push(prefill);
+        self.decode.push(decode);
+        self.tokens = tokens;
+    }
 }
 
 /// Runs `runs` pairs (after a warm-up pair) of the main session `a` and the session `b`
@@ -521,11 +529,9 @@ fn measure_pairs<'m>(
             pair.reverse();
         }
         for (s, to) in pair {
-            let (p, d, tokens) = measure_once(s, vocab, prompt, decode)?;
+            let sample = measure_once(s, vocab, prompt, decode)?;
             if run > 0 {
-                to.prefill.push(p);
-                to.decode.push(d);
-                to.tokens = tokens;
+                to.add(sample);
             }
         }
     }

@@ -523,7 +523,8 @@ pub fn acc_bytes(rows: usize, n_out: usize) -> usize {
 /// the products in flight (a C loop lost ~1.2 ns per product to loading four accumulators
 /// every 32 products), so the first chunk does not load zeros from memory. `C = X · W`
 /// (`[in, out]`, the task's slice of the chunk packed into VNNI pairs first) or
-/// `Cᵀ = W · Xᵀ` (`[out, in]`, weight tiles as stored). Then every tile goes to the output, transposed for `Cᵀ`.
+/// `Cᵀ = W · Xᵀ` (`[out, in]`, weight tiles as stored). Then every tile goes to the
+/// output, transposed for `Cᵀ`.
 fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx, '_>, begin: IntValue<'ctx>, end: IntValue<'ctx>) {
     let c = |v: usize| kb.c(v as i64);
     let t = &Tiles::new(kb);
@@ -662,10 +663,10 @@ fn gemm<'ctx>(kb: &Kb<'_, 'ctx>, g: &Gemm<'ctx, '_>, begin: IntValue<'ctx>, end:
                 }
             };
             // A group's weight tiles of the chunk (32 KB) stay in L1 while every row tile
-            // passes over them: `parts` activation tiles from L2 per four products each.
-            // (With three parts, a row tile's parts staying in L1 while every group passed
-            // over them, one weight tile from L2 per three products, was ×0.955–0.976 as fast
-            // on W2 and even on W1.)
+            // passes over them: each activation tile from L2 serves four products. (With
+            // three parts, keeping a row tile's parts in L1 while every group passed over
+            // them, each weight tile from L2 serving three products, was ×0.955–0.976 as
+            // fast on W2 and even on W1.)
             kb.for_(c(0), ngr, |gi| kb.for_(c(0), mtiles, |mt| step(mt, gi)));
         });
         kb.for_(c(0), mtiles, |mt| {
