@@ -152,6 +152,37 @@ fn llvm_ir_before_and_after_optimisation() {
     }
 }
 
+/// Graph functions are linear to compile: no block holds more than a bounded number of
+/// kernel calls, and every use of a parameter reloads it from its stack slot, so no
+/// register lives across the function (one block of every call, each reading the
+/// parameters, made LLVM's register coalescer quadratic in the layers).
+#[test]
+fn graph_functions_have_short_blocks_and_short_live_ranges() {
+    let src = std::fs::read_to_string(root().join("specs/tiny/llama.tfs")).unwrap();
+    let source = src.replace("layers   = 2", "layers   = 8");
+    let ir = tfc::backend::llvm_ir("llama.tfs", &source, false, &LibOptions::default()).unwrap();
+    for graph in ["prefill", "prefill_all", "decode"] {
+        let head = format!("define hidden void @tfc__{graph}(");
+        let body = &ir[ir.find(&head).unwrap_or_else(|| panic!("no {head}"))..];
+        let body = &body[..body.find("\n}\n").unwrap()];
+        let blocks: Vec<&str> = body.split("\n\n").collect();
+        let calls: Vec<usize> = blocks.iter().map(|b| b.matches("@tfc__parallel_for(").count()).collect();
+        assert!(calls.iter().sum::<usize>() > 8 * 15, "{graph}: {calls:?}");
+        assert!(calls.iter().all(|&c| c <= 32), "{graph}: calls per block {calls:?}");
+        // The parameters %0..%8 appear only in the entry block, stored to their slots.
+        for b in &blocks[1..] {
+            for p in 0..9 {
+                for sep in [",", ")", " "] {
+                    assert!(
+                        !b.contains(&format!(" %{p}{sep}")),
+                        "{graph}: %{p} used past the entry block:\n{b}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn optimised_kernels_use_512_bit_vectors() {
     let source = std::fs::read_to_string(root().join("specs/tiny/gpt2.tfs")).unwrap();

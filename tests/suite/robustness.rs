@@ -43,3 +43,50 @@ fn mutilated_specs_get_diagnostics_not_crashes() {
         }
     }
 }
+
+/// The tiny LLaMA spec with its first residual statement replaced by `stmt`.
+fn llama_with(stmt: &str) -> String {
+    let src = std::fs::read_to_string(root().join("specs/tiny/llama.tfs")).unwrap();
+    let old = "x = x + attn(input_norm(x))";
+    assert!(src.contains(old));
+    src.replace(old, stmt)
+}
+
+#[test]
+fn deep_nesting_is_a_diagnostic_and_long_sums_compile() {
+    // Run on a thread with a small stack: the bound must hold wherever the compiler runs.
+    let worker = std::thread::Builder::new().stack_size(1 << 20);
+    worker
+        .spawn(|| {
+            let open = tfc::front::MAX_NESTING - 3; // `block {`, `attn(` and `input_norm(` count too
+            let at_limit = format!("x = x + attn(input_norm({}x{}))", "(".repeat(open), ")".repeat(open));
+            tfc::compile("limit", &llama_with(&at_limit), &Options::default(), &mut |_, _| {})
+                .unwrap_or_else(|e| panic!("{e}"));
+            for (what, deep) in [
+                (
+                    "parentheses",
+                    format!("x = x + attn(input_norm({}x{}))", "(".repeat(8000), ")".repeat(8000)),
+                ),
+                (
+                    "lists",
+                    format!("x = x + attn(input_norm(x))\n  w = {}{}", "[".repeat(8000), "]".repeat(8000)),
+                ),
+            ] {
+                let Err(tfc::CompileError::Spec(d)) =
+                    tfc::compile(what, &llama_with(&deep), &Options::default(), &mut |_, _| {})
+                else {
+                    panic!("{what}: nested 8000 deep, but no diagnostic");
+                };
+                let text = d.render(false);
+                assert!(text.contains("E0009") && text.contains("nest more than 64 deep"), "{what}: {text}");
+            }
+            // A sum of 20,000 terms is as deep as one term.
+            let sum = format!("x = x + attn(input_norm(x{}))", " + x".repeat(20_000));
+            let c = tfc::compile("sum", &llama_with(&sum), &Options::default(), &mut |_, _| {})
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(c.model.len() > 20_000);
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}

@@ -45,13 +45,16 @@ pub enum Expr {
     Number(f64, Span),
     Var(Ident),
     Call(Ident, Vec<Expr>, Span),
-    Binary(Box<Expr>, BinOp, Box<Expr>, Span),
+    /// Operands of one precedence level applied left to right: `a + b - c` is
+    /// `Chain(a, [(+, b), (-, c)])`. A chain is flat, so a tree's depth is its nesting of
+    /// parentheses and calls (bounded by the parser), never the length of a sum.
+    Chain(Box<Expr>, Vec<(BinOp, Expr)>, Span),
 }
 
 impl Expr {
     pub fn span(&self) -> Span {
         match self {
-            Expr::Number(_, s) | Expr::Call(_, _, s) | Expr::Binary(_, _, _, s) => s.clone(),
+            Expr::Number(_, s) | Expr::Call(_, _, s) | Expr::Chain(_, _, s) => s.clone(),
             Expr::Var(i) => i.span.clone(),
         }
     }

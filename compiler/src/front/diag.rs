@@ -25,6 +25,8 @@ pub enum Code {
     Name,
     /// A section's data flow is incomplete or ill-formed.
     Flow,
+    /// The spec exceeds a limit of the compiler (how deeply brackets nest).
+    Limit,
 }
 
 impl Code {
@@ -38,6 +40,7 @@ impl Code {
             Code::Duplicate => "E0006",
             Code::Name => "E0007",
             Code::Flow => "E0008",
+            Code::Limit => "E0009",
         }
     }
 }

@@ -187,11 +187,18 @@ impl Lowerer<'_> {
         match e {
             Expr::Number(v, _) => Some(Val::Scalar(*v)),
             Expr::Var(id) => self.var(id, env),
-            Expr::Binary(a, op, b, span) => {
-                // Both sides are checked, so that each reports its errors.
-                let (a, b) = (self.expr(a, s, env), self.expr(b, s, env));
-                let (a, b) = (a?, b?);
-                self.binary(a, *op, b, span)
+            Expr::Chain(first, rest, _) => {
+                // Every operand is checked, so that each reports its errors.
+                let mut acc = self.expr(first, s, env);
+                for (op, e) in rest {
+                    let b = self.expr(e, s, env);
+                    let span = first.span().start..e.span().end;
+                    acc = match (acc, b) {
+                        (Some(a), Some(b)) => self.binary(a, *op, b, &span),
+                        _ => None,
+                    };
+                }
+                acc
             }
             Expr::Call(f, args, span) => {
                 let args: Vec<Option<Val>> = args.iter().map(|a| self.expr(a, s, env)).collect();

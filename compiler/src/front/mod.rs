@@ -11,6 +11,7 @@ mod resolve;
 pub mod spec;
 
 pub use diag::{Code, Diagnostic, Diagnostics};
+pub use parse::MAX_NESTING;
 pub use spec::Spec;
 
 use crate::ir::{DType, Graph};

@@ -10,7 +10,13 @@ use super::diag::{Code, Diagnostic};
 #[grammar = "front/grammar.pest"]
 struct SpecParser;
 
+/// How deeply brackets (`(`, `[`, `{`) may nest. The parser and every walk of the tree
+/// recurse once per level, so the bound keeps them within any thread's stack; real specs
+/// nest a few levels.
+pub const MAX_NESTING: usize = 64;
+
 pub fn parse(src: &str) -> Result<File, Diagnostic> {
+    check_nesting(src)?;
     let mut pairs = SpecParser::parse(Rule::file, src).map_err(syntax_error)?;
     let file = pairs.next().unwrap();
     let mut out = File::default();
@@ -113,20 +119,24 @@ fn number(s: &str) -> ValueKind {
 fn expr(p: Pair<Rule>) -> Expr {
     match p.as_rule() {
         Rule::expr | Rule::term => {
+            let sp = span(&p);
             let mut it = p.into_inner().filter(|q| q.as_rule() != Rule::close);
-            let mut acc = expr(it.next().unwrap());
+            let first = expr(it.next().unwrap());
+            let mut rest = Vec::new();
             while let Some(op) = it.next() {
-                let rhs = expr(it.next().unwrap());
                 let op = match op.as_str() {
                     "+" => BinOp::Add,
                     "-" => BinOp::Sub,
                     "*" => BinOp::Mul,
                     _ => BinOp::Div,
                 };
-                let sp = acc.span().start..rhs.span().end;
-                acc = Expr::Binary(Box::new(acc), op, Box::new(rhs), sp);
+                rest.push((op, expr(it.next().unwrap())));
             }
-            acc
+            if rest.is_empty() {
+                first
+            } else {
+                Expr::Chain(Box::new(first), rest, sp)
+            }
         }
         Rule::call => {
             let sp = span(&p);
@@ -143,6 +153,35 @@ fn expr(p: Pair<Rule>) -> Expr {
         Rule::ident => Expr::Var(ident_of(p)),
         r => unreachable!("grammar produced {r:?} in an expression"),
     }
+}
+
+/// Refuses brackets nested deeper than [`MAX_NESTING`], before pest recurses into them.
+/// Brackets inside comments and strings do not count.
+fn check_nesting(src: &str) -> Result<(), Diagnostic> {
+    let (mut depth, mut in_comment, mut in_string) = (0usize, false, false);
+    for (i, c) in src.char_indices() {
+        match c {
+            '\n' => (in_comment, in_string) = (false, false),
+            _ if in_comment => {}
+            '"' => in_string = !in_string,
+            _ if in_string => {}
+            '#' => in_comment = true,
+            '(' | '[' | '{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(Diagnostic::error(
+                        Code::Limit,
+                        format!("brackets nest more than {MAX_NESTING} deep"),
+                    )
+                    .label(i..i + 1, format!("level {depth} opens here"))
+                    .note("name intermediate values with `name = ...` statements instead"));
+                }
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn syntax_error(e: pest::error::Error<Rule>) -> Diagnostic {

@@ -675,6 +675,9 @@ enum Packing {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// Kernel calls per basic block of a graph function (see `emit_graph`).
+const CALLS_PER_BLOCK: usize = 32;
+
 fn emit_graph<'ctx>(
     cx: &'ctx Context,
     m: &Module<'ctx>,
@@ -719,16 +722,29 @@ fn emit_graph<'ctx>(
         kb.ret();
         return Ok(0);
     };
-    let param = |i: u32| f.get_nth_param(i).unwrap();
-    let (arena, cache, tokens, types) = (
-        param(0).into_pointer_value(),
-        param(1).into_pointer_value(),
-        param(2).into_pointer_value(),
-        param(3).into_pointer_value(),
+    // Every use of a parameter reloads it from a stack slot, so that no value lives
+    // across the whole function: the register coalescer scans every instruction of a
+    // register for each copy of it, and a parameter used by every call made the compile
+    // time quadratic in the layers (512 layers took a minute). Nothing is optimised here
+    // (`optnone`), so the loads stay.
+    let slots: Vec<_> = f
+        .get_param_iter()
+        .map(|v| {
+            let slot = kb.b.build_alloca(v.get_type(), "").unwrap();
+            kb.b.build_store(slot, v).unwrap();
+            (slot, v.get_type())
+        })
+        .collect();
+    let reload = |i: usize| kb.b.build_load(slots[i].1, slots[i].0, "").unwrap();
+    let arena = || reload(0).into_pointer_value();
+    let cache = || reload(1).into_pointer_value();
+    let (tokens, types) = (|| reload(2).into_pointer_value(), || reload(3).into_pointer_value());
+    let (t, p) = (|| reload(4).into_int_value(), || reload(5).into_int_value());
+    let (wts, out, pool) = (
+        || reload(6).into_pointer_value(),
+        || reload(7).into_pointer_value(),
+        || reload(8).into_pointer_value(),
     );
-    let (t, p) = (param(4).into_int_value(), param(5).into_int_value());
-    let (wts, out, pool) =
-        (param(6).into_pointer_value(), param(7).into_pointer_value(), param(8).into_pointer_value());
     let order = g.topo_order().map_err(|_| LlvmError::Llvm("bug: cyclic graph".into()))?;
     let fused = fusion(g, &order);
     let (loc, arena_bytes) = plan(g, &order, &fused, weights, max_seq)?;
@@ -781,37 +797,47 @@ fn emit_graph<'ctx>(
     let dim = |d: Dim| -> IntValue<'ctx> {
         let mut v = kb.c(d.c as i64);
         if d.t > 0 {
-            v = kb.add(v, kb.mul(t, kb.c(d.t as i64)));
+            v = kb.add(v, kb.mul(t(), kb.c(d.t as i64)));
         }
         if d.p > 0 {
-            v = kb.add(v, kb.mul(p, kb.c(d.p as i64)));
+            v = kb.add(v, kb.mul(p(), kb.c(d.p as i64)));
         }
         v
     };
     let cache_ptr = |layer: u32, kind: CacheKind| -> PointerValue<'ctx> {
         let (off, _, _) = layout.cache[&(layer, kind)];
-        kb.gep(kb.f32t(), cache, kb.c(off as i64))
+        kb.gep(kb.f32t(), cache(), kb.c(off as i64))
     };
     let at = |n: NodeId| -> PointerValue<'ctx> {
         match loc[&n] {
-            Loc::Arena(off) => kb.gep(cx.i8_type(), arena, kb.c(off as i64)),
+            Loc::Arena(off) => kb.gep(cx.i8_type(), arena(), kb.c(off as i64)),
             Loc::Weight(i) => {
-                let slot = kb.gep(ptr, wts, kb.c(i as i64));
+                let slot = kb.gep(ptr, wts(), kb.c(i as i64));
                 kb.b.build_load(ptr, slot, "").unwrap().into_pointer_value()
             }
-            Loc::Tokens => tokens,
-            Loc::Types => types,
+            Loc::Tokens => tokens(),
+            Loc::Types => types(),
             Loc::Cache(l, k) => cache_ptr(l, k),
         }
     };
+    // Calls go in blocks of at most `CALLS_PER_BLOCK`: the register allocator and
+    // coalescer scan a whole block per live range or copy, so one block of every call
+    // made the compile time quadratic in the layers (512 layers took a minute).
+    let mut calls = 0usize;
     let mut call = |kernel: Kernel, vals: Vec<IntValue<'ctx>>, tasks: IntValue<'ctx>| {
+        if calls > 0 && calls % CALLS_PER_BLOCK == 0 {
+            let next = cx.append_basic_block(f, "calls");
+            kb.b.build_unconditional_branch(next).unwrap();
+            kb.b.position_at_end(next);
+        }
+        calls += 1;
         let sym = kernel.symbol();
         let kf = *kernels.entry(sym).or_insert_with(|| kernels::emit(cx, m, &kernel));
         for (i, v) in vals.iter().enumerate() {
             kb.st64(args, i as i64, *v);
         }
         let kp = kf.as_global_value().as_pointer_value();
-        kb.b.build_call(pfor, &[pool.into(), kp.into(), args.into(), tasks.into()], "").unwrap();
+        kb.b.build_call(pfor, &[pool().into(), kp.into(), args.into(), tasks.into()], "").unwrap();
     };
     let rows_of = |n: NodeId| -> IntValue<'ctx> {
         let ty = g.ty(n);
@@ -834,7 +860,7 @@ fn emit_graph<'ctx>(
         match g.op(n) {
             _ if fused.absorbed.contains_key(&n) => {}
             Op::Weight { .. } | Op::Input(_) | Op::Concat { .. } => {}
-            Op::Positions => call(Kernel::Positions, vec![me(), t, p], kb.c(1)),
+            Op::Positions => call(Kernel::Positions, vec![me(), t(), p()], kb.c(1)),
             Op::Gather { offset } => {
                 let wf = WFmt::of(g.ty(ops[0]));
                 call(Kernel::Gather { d: width, offset: *offset, wf }, vec![o(0), o(1), me()], rows_of(n))
@@ -908,7 +934,7 @@ fn emit_graph<'ctx>(
                     let bias = *bias;
                     let packed = packed_linear(g, n, weights);
                     let sliced = sliced_linear(g, n, amx, weights);
-                    let region = |off: u64| kb.int_of(kb.gep(cx.i8_type(), arena, kb.c(off as i64)));
+                    let region = |off: u64| kb.int_of(kb.gep(cx.i8_type(), arena(), kb.c(off as i64)));
                     let amx = amx_linear(g, n, amx, weights).then(|| amx::Amx {
                         parts: amx_parts(g, ops[0]),
                         to_tiles: fused.chains.get(&n).is_some_and(|(_, e)| to_tiles.contains(e)),
@@ -1039,14 +1065,14 @@ fn emit_graph<'ctx>(
                 let groups = fixed(ty.shape[0]);
                 let k = Kernel::CacheStore { head_dim: width, max_seq };
                 let dst = kb.int_of(cache_ptr(layer, kind));
-                call(k, vec![me(), dst, dim(ty.shape[1]), p], kb.c(groups as i64));
+                call(k, vec![me(), dst, dim(ty.shape[1]), p()], kb.c(groups as i64));
             }
         }
     }
     // The main output (the first one) goes to the caller's buffer.
     let (_, main) = g.outputs[0];
     let bytes = kb.mul(rows_of(main), kb.c((fixed(*g.ty(main).shape.last().unwrap()) * 4) as i64));
-    kb.b.build_memcpy(out, 4, at(main), 4, bytes).map_err(|e| LlvmError::Llvm(e.to_string()))?;
+    kb.b.build_memcpy(out(), 4, at(main), 4, bytes).map_err(|e| LlvmError::Llvm(e.to_string()))?;
     kb.ret();
     Ok(if tiled_bytes > 0 { tiled_at + tiled_bytes } else { amx_at + amx_bytes })
 }
