@@ -246,21 +246,115 @@ fn load_library(
 ) -> Result<Model> {
     let key = format!("{cpu}\n{}\n{}\n{}\n{source}", precision.key(), backend.name(), build_id());
     let dir = cache_dir().join(tfc_runtime::abi::fnv1a(&key));
-    if !dir.join("manifest.json").is_file() {
-        // Build beside it and rename into place, so that a concurrent or interrupted run
-        // never sees half a library.
-        let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-        let opts = precision.lib(backend, cpu);
-        compile_library(&spec.display().to_string(), source, &tmp, &opts)?;
-        if std::fs::rename(&tmp, &dir).is_err() {
-            // Another run finished first; use its library.
-            let _ = std::fs::remove_dir_all(&tmp);
+    // An entry is used only if it loads: the loader checks the library's bytes against the
+    // manifest's hash and the manifest against the library. A damaged entry (truncated,
+    // replaced, half deleted) is moved aside and built again.
+    if dir.exists() {
+        match Model::load(&dir) {
+            Ok(m) => return Ok(m),
+            Err(e) => {
+                eprintln!("tfc: the cached library {} is unusable ({e}); building it again", dir.display());
+                let aside = dir.with_extension(format!("broken{}", std::process::id()));
+                if std::fs::rename(&dir, &aside).is_ok() {
+                    let _ = std::fs::remove_dir_all(&aside);
+                }
+            }
         }
     }
-    Ok(Model::load(&dir)?)
+    // Build beside it and rename into place, so that a concurrent or interrupted run
+    // never sees half a library.
+    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let opts = precision.lib(backend, cpu);
+    compile_library(&spec.display().to_string(), source, &tmp, &opts)?;
+    if std::fs::rename(&tmp, &dir).is_err() {
+        // Another run finished first; use its library.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Model::load(&dir).with_context(|| format!("cannot load the library built in {}", dir.display()))
+}
+
+/// Checks the arguments of `tfc run` that do not need the model, each error with the value.
+fn check_run_args(a: &RunArgs) -> Result<()> {
+    if !a.temperature.is_finite() || a.temperature < 0.0 {
+        bail!("--temperature {}: it must be a finite number ≥ 0 (0 is greedy)", a.temperature);
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p {}: it must be in (0, 1]", a.top_p);
+    }
+    if a.threads > tfc_runtime::abi::MAX_THREADS {
+        bail!(
+            "--threads {}: at most {} (0: one per core; this machine has {})",
+            a.threads,
+            tfc_runtime::abi::MAX_THREADS,
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
+    }
+    Ok(())
+}
+
+/// Checks the prompt against the model before anything runs: ids inside the vocabulary,
+/// and room in the cache for the prompt and every generated token fed back.
+fn check_prompt(a: &RunArgs, spec: &tfc::front::Spec, tokens: &[i32]) -> Result<()> {
+    let (vocab, max_seq) = (spec.sizes.vocab, spec.sizes.max_seq);
+    if tokens.is_empty() {
+        bail!("the prompt has no tokens");
+    }
+    if let Some((at, id)) = tokens.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= vocab) {
+        bail!("token id {id} (prompt position {at}) is outside the vocabulary of {vocab} (ids 0..{vocab})");
+    }
+    if !a.token_types.is_empty() && a.token_types.len() != tokens.len() {
+        bail!(
+            "--token-types has {} ids for {} tokens: one per token is needed",
+            a.token_types.len(),
+            tokens.len()
+        );
+    }
+    // The last generated token is not fed back, so it needs no position.
+    let needed = tokens.len() + a.generate.saturating_sub(1);
+    if needed > max_seq {
+        bail!(
+            "the prompt's {} tokens and --generate {} need {needed} positions, but `{}` has max_seq {max_seq}: \
+             shorten the prompt, generate fewer tokens, or raise max_seq in the spec",
+            tokens.len(),
+            a.generate,
+            spec.name
+        );
+    }
+    Ok(())
+}
+
+/// Where `--logits` goes, made writable before the run (a bad path fails at once, not
+/// after the model has run); removed again if the run fails.
+struct OutFile {
+    path: PathBuf,
+    created: bool,
+    done: bool,
+}
+
+impl OutFile {
+    fn open(path: &Path) -> Result<OutFile> {
+        let created = !path.exists();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("cannot write --logits {}", path.display()))?;
+        Ok(OutFile { path: path.to_path_buf(), created, done: false })
+    }
+}
+
+impl Drop for OutFile {
+    fn drop(&mut self) {
+        if self.created && !self.done {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
+    check_run_args(&a)?;
     let source =
         std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read {}", a.spec.display()))?;
     let file = a.spec.display().to_string();
@@ -300,6 +394,8 @@ pub fn run(a: RunArgs) -> Result<()> {
     if a.generate > 0 && c.decode.is_none() {
         bail!("`{}` has bidirectional attention and cannot generate", c.spec.name);
     }
+    check_prompt(&a, &c.spec, &tokens)?;
+    let mut logits_file = a.logits.as_deref().map(OutFile::open).transpose()?;
     let mut graphs = vec![&c.prefill];
     graphs.extend(c.decode.as_ref());
     let interp_weights;
@@ -371,9 +467,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let ids: Vec<String> = generated.iter().map(|t| t.to_string()).collect();
     println!("{}", ids.join(","));
-    if let Some(path) = &a.logits {
+    if let Some(f) = &mut logits_file {
         let name = &c.prefill.outputs[0].0;
-        write_rows(path, name, &rows)?;
+        write_rows(&f.path, name, &rows)
+            .with_context(|| format!("cannot write --logits {}", f.path.display()))?;
+        f.done = true;
     }
     Ok(())
 }
@@ -605,6 +703,12 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.threads > tfc_runtime::abi::MAX_THREADS {
+        bail!("--threads {}: at most {} (0: one per core)", a.threads, tfc_runtime::abi::MAX_THREADS);
+    }
+    if a.runs == 0 {
+        bail!("--runs 0: at least one measured run is needed");
+    }
     let source =
         std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read {}", a.spec.display()))?;
     let t0 = Instant::now();

@@ -64,6 +64,8 @@ pub fn status_message(s: i32) -> &'static str {
         6 => "prefill needs an empty cache: call reset first",
         7 => "the model has bidirectional attention and no decode step",
         8 => "out of memory",
+        9 => "the context is in use by another thread",
+        10 => "not a live context (destroyed, or never created)",
         _ => "unknown status",
     }
 }
@@ -86,6 +88,11 @@ pub struct Manifest {
     pub kv_cache: KvCache,
     /// In binding order: weight `i` is bound with `tfc_bind_weight(ctx, i, …)`.
     pub weights: Vec<WeightInfo>,
+    /// FNV-1a 64 of the library file's bytes, hex: a loader refuses a library that does
+    /// not match (truncated, or replaced by another). Empty in manifests written before
+    /// it existed, which are not checked.
+    #[serde(default)]
+    pub library_hash: String,
     /// FNV-1a 64 of the spec text, hex.
     pub spec_hash: String,
     pub spec: String,
@@ -110,8 +117,16 @@ pub struct WeightInfo {
     pub repacked: bool,
 }
 
+/// The most threads a context takes (`tfc_create` uses this many for a larger count).
+pub const MAX_THREADS: usize = 256;
+
 /// FNV-1a, 64 bits: a stable hash for naming a spec.
 pub fn fnv1a(text: &str) -> String {
-    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    fnv1a_bytes(text.as_bytes())
+}
+
+/// FNV-1a, 64 bits, of any bytes, as 16 hex digits.
+pub fn fnv1a_bytes(bytes: &[u8]) -> String {
+    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
     format!("{h:016x}")
 }

@@ -3,6 +3,8 @@
 //! A checkpoint is a `.safetensors` file, or a folder holding `model.safetensors` or the
 //! shards listed in `model.safetensors.index.json`. Tensors are read in place from the
 //! mapping; [`Checkpoint::get`] checks the shape a caller expects and converts to `f32`.
+//! A sharded checkpoint follows its index's `weight_map`: each tensor must be in the shard
+//! the index names and in no other.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -17,8 +19,14 @@ pub enum CheckpointError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid safetensors file: {message}")]
     Format { path: PathBuf, message: String },
+    #[error("{path} is not a valid safetensors index: {message}")]
+    Index { path: PathBuf, message: String },
     #[error("{path} holds no `model.safetensors` and no `model.safetensors.index.json`")]
     NoModel { path: PathBuf },
+    #[error("{path} is {what}, where a safetensors file was expected")]
+    NotAFile { path: PathBuf, what: &'static str },
+    #[error("tensor `{name}` is in both {first} and {second}")]
+    Duplicate { name: String, first: PathBuf, second: PathBuf },
     #[error("the checkpoint has no tensor `{name}`{hint}")]
     Missing { name: String, hint: String },
     #[error("tensor `{name}` has shape {found:?}, the model expects {expected:?}")]
@@ -33,33 +41,77 @@ pub struct Checkpoint {
     index: HashMap<String, usize>,
 }
 
+/// What a path that should be a regular file is instead, if it is not one. A FIFO or a
+/// device would block or stream forever when opened and read.
+fn not_a_file(path: &Path) -> Option<&'static str> {
+    match (std::fs::symlink_metadata(path), std::fs::metadata(path)) {
+        (Err(_), _) => None, // does not exist: opening it says so
+        (Ok(_), Err(_)) => Some("a broken symbolic link"),
+        (Ok(_), Ok(m)) if m.is_dir() => Some("a folder"),
+        (Ok(_), Ok(m)) if !m.is_file() => Some("a FIFO, socket or device"),
+        _ => None,
+    }
+}
+
+fn exists(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
+
 impl Checkpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint, CheckpointError> {
         let path = path.as_ref();
-        let files: Vec<PathBuf> = if path.is_dir() {
+        // Each file, and the tensors the index places in it (`None`: a single file).
+        let files: Vec<(PathBuf, Option<Vec<String>>)> = if path.is_dir() {
             let single = path.join("model.safetensors");
             let index = path.join("model.safetensors.index.json");
-            if single.is_file() {
-                vec![single]
-            } else if index.is_file() {
-                shards(&index)?.into_iter().map(|s| path.join(s)).collect()
+            if exists(&single) {
+                vec![(single, None)]
+            } else if exists(&index) {
+                if let Some(what) = not_a_file(&index) {
+                    return Err(CheckpointError::NotAFile { path: index, what });
+                }
+                shards(&index)?.into_iter().map(|(f, names)| (path.join(f), Some(names))).collect()
             } else {
                 return Err(CheckpointError::NoModel { path: path.to_path_buf() });
             }
         } else {
-            vec![path.to_path_buf()]
+            vec![(path.to_path_buf(), None)]
         };
         let mut ck = Checkpoint { files: Vec::new(), index: HashMap::new() };
-        for f in files {
+        for (f, listed) in files {
+            if let Some(what) = not_a_file(&f) {
+                return Err(CheckpointError::NotAFile { path: f, what });
+            }
             let io = |source| CheckpointError::Io { path: f.clone(), source };
             let file = File::open(&f).map_err(io)?;
             // SAFETY: the mapping is read-only; the file is not expected to change while
             // the checkpoint is open (as with any mmap'd model file).
             let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-            let st = SafeTensors::deserialize(&map)
-                .map_err(|e| CheckpointError::Format { path: f.clone(), message: e.to_string() })?;
+            let st = SafeTensors::deserialize(&map).map_err(|e| CheckpointError::Format {
+                path: f.clone(),
+                message: explain(&map).unwrap_or_else(|| e.to_string()),
+            })?;
             for name in st.names() {
+                if let Some(&other) = ck.index.get(name) {
+                    return Err(CheckpointError::Duplicate {
+                        name: name.to_string(),
+                        first: ck.files[other].0.clone(),
+                        second: f.clone(),
+                    });
+                }
                 ck.index.insert(name.to_string(), ck.files.len());
+            }
+            let index_path = || f.parent().unwrap_or(Path::new("")).join("model.safetensors.index.json");
+            for name in listed.iter().flatten() {
+                if st.tensor(name).is_err() {
+                    return Err(CheckpointError::Index {
+                        path: index_path(),
+                        message: format!(
+                            "its weight_map places `{name}` in {}, which does not hold it",
+                            f.display()
+                        ),
+                    });
+                }
             }
             drop(st);
             ck.files.push((f, map));
@@ -140,17 +192,74 @@ fn common_affix(a: &str, b: &str) -> usize {
     pre + suf
 }
 
-fn shards(index: &Path) -> Result<Vec<String>, CheckpointError> {
+/// The shards an index names, each with the tensors its `weight_map` places there.
+fn shards(index: &Path) -> Result<Vec<(String, Vec<String>)>, CheckpointError> {
     let text = std::fs::read_to_string(index)
         .map_err(|source| CheckpointError::Io { path: index.into(), source })?;
-    let bad = |message: String| CheckpointError::Format { path: index.into(), message };
+    let bad = |message: String| CheckpointError::Index { path: index.into(), message };
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| bad("no `weight_map` object".into()))?;
-    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+    let mut files: Vec<(String, Vec<String>)> = Vec::new();
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| bad(format!("`weight_map.{name}` is not a file name")))?;
+        // A shard is a file beside the index, never a path elsewhere.
+        if file.is_empty() || file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(bad(format!("`weight_map.{name}` = {file:?} is not a file name beside the index")));
+        }
+        match files.iter_mut().find(|(f, _)| f == file) {
+            Some((_, names)) => names.push(name.clone()),
+            None => files.push((file.to_string(), vec![name.clone()])),
+        }
+    }
     files.sort();
-    files.dedup();
     Ok(files)
+}
+
+/// Why safetensors rejected a file, naming the tensor where it can: its own errors say
+/// "invalid info" or "incomplete buffer" without one.
+fn explain(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let header = bytes.get(8..usize::try_from(n).ok()?.checked_add(8)?)?;
+    let v: serde_json::Value = serde_json::from_slice(header).ok()?;
+    let data = bytes.len() - 8 - header.len();
+    let mut tensors: Vec<(&String, &serde_json::Value)> =
+        v.as_object()?.iter().filter(|(k, _)| k.as_str() != "__metadata__").collect();
+    let begin = |t: &serde_json::Value| t.pointer("/data_offsets/0").and_then(|x| x.as_u64());
+    tensors.sort_by_key(|(_, t)| begin(t));
+    for (name, t) in tensors {
+        let (Some(dtype), Some(shape), Some(b), Some(e)) = (
+            t.get("dtype").and_then(|d| d.as_str()),
+            t.get("shape").and_then(|s| s.as_array()),
+            begin(t),
+            t.pointer("/data_offsets/1").and_then(|x| x.as_u64()),
+        ) else {
+            return Some(format!("tensor `{name}` lacks a dtype, a shape or two data offsets"));
+        };
+        let bits: u64 = match dtype {
+            "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 8,
+            "U16" | "I16" | "F16" | "BF16" => 16,
+            "U32" | "I32" | "F32" => 32,
+            "U64" | "I64" | "F64" => 64,
+            _ => continue,
+        };
+        let count = shape.iter().try_fold(1u64, |acc, d| acc.checked_mul(d.as_u64()?));
+        let want = count.and_then(|c| c.checked_mul(bits)).map(|b| b / 8);
+        if want != e.checked_sub(b) {
+            let shape: Vec<u64> = shape.iter().filter_map(|d| d.as_u64()).collect();
+            return Some(format!(
+                "tensor `{name}` ({dtype} {shape:?}) needs {} bytes, but its data offsets {b}..{e} hold {}",
+                want.map_or("more than 2^64".into(), |w| w.to_string()),
+                e.saturating_sub(b)
+            ));
+        }
+        if e > data as u64 {
+            return Some(format!(
+                "tensor `{name}` ends at byte {e} of the data, but the file holds {data} bytes of data (truncated?)"
+            ));
+        }
+    }
+    None
 }

@@ -31,6 +31,12 @@ pub enum RuntimeError {
     WeightSize { name: String, found: usize, expected: usize },
     #[error("{call}: {message}")]
     Call { call: &'static str, message: &'static str },
+    #[error("{call}: {message}")]
+    Arg { call: &'static str, message: String },
+    #[error("binding weight {index} `{name}`: {message}")]
+    Bind { index: usize, name: String, message: &'static str },
+    #[error("{step} produced a non-finite output ({value} in row {row}, column {column}): the weights or the inputs hold NaN or infinity, or the values overflowed")]
+    NonFinite { step: String, row: usize, column: usize, value: f32 },
     #[error("the library could not allocate its context (out of memory)")]
     Alloc,
     #[error("cannot allocate memory for weight `{name}`: {message}")]
@@ -56,6 +62,8 @@ struct Fns {
 pub struct Model {
     manifest: Manifest,
     fns: Fns,
+    /// Floats per output row, as the library itself reports them.
+    width: usize,
     // Keeps the code behind `fns` mapped; dropped last.
     _lib: libloading::Library,
 }
@@ -76,9 +84,40 @@ impl Model {
                 expected: abi::ABI_VERSION,
             });
         }
+        let bad = |message: String| RuntimeError::Manifest { path: mpath.clone(), message };
+        // The library is a file beside the manifest, never a path elsewhere.
+        let plain = Path::new(&manifest.library).file_name().is_some_and(|f| f == manifest.library.as_str());
+        if !plain {
+            return Err(bad(format!(
+                "library {:?} is not a file name beside the manifest",
+                manifest.library
+            )));
+        }
         let lpath = dir.join(&manifest.library);
         let lib_err =
             |e: libloading::Error| RuntimeError::Library { path: lpath.clone(), message: e.to_string() };
+        // A truncated or replaced library would be mapped and then fault (SIGBUS) on its
+        // first missing page, so its bytes are checked before it is opened.
+        let meta = std::fs::metadata(&lpath)
+            .map_err(|e| RuntimeError::Library { path: lpath.clone(), message: e.to_string() })?;
+        if !meta.is_file() {
+            return Err(RuntimeError::Library { path: lpath, message: "not a regular file".into() });
+        }
+        if !manifest.library_hash.is_empty() {
+            let bytes = std::fs::read(&lpath)
+                .map_err(|e| RuntimeError::Library { path: lpath.clone(), message: e.to_string() })?;
+            let found = abi::fnv1a_bytes(&bytes);
+            if found != manifest.library_hash {
+                return Err(RuntimeError::Library {
+                    path: lpath,
+                    message: format!(
+                        "its contents (hash {found}, {} bytes) are not the library the manifest describes (hash {}): it was truncated or replaced",
+                        bytes.len(),
+                        manifest.library_hash
+                    ),
+                });
+            }
+        }
         // SAFETY: loading runs the library's initialisers; a tfc library has none beyond libc's.
         let lib = unsafe { libloading::Library::new(&lpath) }.map_err(lib_err)?;
         // SAFETY: the symbol types are those of the ABI header, checked by its version.
@@ -94,37 +133,76 @@ impl Model {
                 position: *lib.get(b"tfc_position\0").map_err(lib_err)?,
             }
         };
+        // The library's own facts, which its code was compiled with: the manifest must
+        // say the same, since a session sizes buffers and binds weights by the manifest.
+        // SAFETY: the symbol types are those of the ABI header; each is a plain query.
+        let facts = unsafe {
+            let query = |name: &[u8]| -> Result<i64, RuntimeError> {
+                let f: unsafe extern "C" fn() -> i32 = *lib.get(name).map_err(lib_err)?;
+                Ok(f() as i64)
+            };
+            [
+                ("vocab", query(b"tfc_vocab\0")?, manifest.vocab as i64),
+                ("max_seq", query(b"tfc_max_seq\0")?, manifest.max_seq as i64),
+                ("output_width", query(b"tfc_output_width\0")?, manifest.output_width as i64),
+                ("has_decode", query(b"tfc_has_decode\0")?, manifest.has_decode as i64),
+            ]
+        };
+        let width = facts[2].1 as usize;
+        for (field, library, listed) in facts {
+            if library != listed {
+                return Err(bad(format!("`{field}` is {listed}, but the library has {library}")));
+            }
+        }
         // SAFETY: a plain query.
         let count = unsafe { (fns.weight_count)() } as usize;
         if count != manifest.weights.len() {
             return Err(RuntimeError::Mismatch { library: count, manifest: manifest.weights.len() });
         }
-        // A session frees its copy of a weight the manifest calls re-packed, so the library
-        // must agree (one built before re-packing has no such call and copies nothing).
-        // SAFETY: the symbol type is that of the ABI header.
-        let repacked: Option<unsafe extern "C" fn(i32) -> i32> =
-            unsafe { lib.get(b"tfc_weight_repacked\0").ok().map(|f| *f) };
+        // SAFETY: the symbol types are those of the ABI header.
+        let (name_of, bytes_of) = unsafe {
+            let n: unsafe extern "C" fn(i32) -> *const std::ffi::c_char =
+                *lib.get(b"tfc_weight_name\0").map_err(lib_err)?;
+            let b: unsafe extern "C" fn(i32) -> i64 = *lib.get(b"tfc_weight_bytes\0").map_err(lib_err)?;
+            (n, b)
+        };
         for (i, w) in manifest.weights.iter().enumerate() {
+            // SAFETY: an index below the library's count gives a NUL-terminated constant.
+            let name = unsafe { std::ffi::CStr::from_ptr(name_of(i as i32)) }.to_string_lossy();
+            if name != w.name {
+                return Err(bad(format!("weight {i} is `{}`, but the library binds `{name}` there", w.name)));
+            }
+            let bytes =
+                stored_bytes(&w.shape, &w.dtype).map_err(|m| bad(format!("weight {i} `{}`: {m}", w.name)))?;
             // SAFETY: a plain query with an index below the library's count.
-            let copies = repacked.is_some_and(|f| unsafe { f(i as i32) } == 1);
-            if copies != w.repacked {
-                return Err(RuntimeError::Manifest {
-                    path: mpath,
-                    message: format!(
-                        "weight `{}` has repacked = {}, but the library {} it",
-                        w.name,
-                        w.repacked,
-                        if copies { "re-packs" } else { "does not re-pack" }
-                    ),
-                });
+            let library = unsafe { bytes_of(i as i32) };
+            if library < 0 || library as u64 != bytes as u64 {
+                return Err(bad(format!(
+                    "weight {i} `{}` ({} {:?}) is {bytes} bytes, but the library expects {library}",
+                    w.name, w.dtype, w.shape
+                )));
             }
         }
-        Ok(Model { manifest, fns, _lib: lib })
+        Ok(Model { manifest, fns, width, _lib: lib })
     }
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
+}
+
+/// Bytes of a weight of `shape` stored as `dtype` (the manifest's names), with checked
+/// arithmetic: an overflow is an error, never a small size.
+fn stored_bytes(shape: &[usize], dtype: &str) -> Result<usize, String> {
+    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("its size overflows")?;
+    let bytes = match dtype {
+        "f32" => n.checked_mul(4),
+        "bf16" | "f16" => n.checked_mul(2),
+        "q8" if n % crate::quant::Q8_BLOCK == 0 => crate::quant::q8_bytes_checked(n),
+        "q8" => return Err(format!("q8 with {n} values, not a multiple of {}", crate::quant::Q8_BLOCK)),
+        other => return Err(format!("dtype {other}; this runtime binds f32, bf16 and q8")),
+    };
+    bytes.ok_or_else(|| "its size overflows".into())
 }
 
 /// Where a session's weights come from.
@@ -172,6 +250,15 @@ impl<'m> Session<'m> {
     /// copied as it is, into 2 MB pages the session owns (`crate::pages`). A checkpoint's
     /// mapping is only read, once.
     pub fn new(model: &'m Model, mut data: WeightData, threads: usize) -> Result<Session<'m>, RuntimeError> {
+        if threads > abi::MAX_THREADS {
+            return Err(RuntimeError::Arg {
+                call: "create",
+                message: format!(
+                    "{threads} threads: a context takes at most {} (0: one per core)",
+                    abi::MAX_THREADS
+                ),
+            });
+        }
         // SAFETY: `tfc_create` has no preconditions.
         let ctx = unsafe { (model.fns.create)(threads as i32) };
         if ctx.is_null() {
@@ -249,16 +336,23 @@ impl<'m> Session<'m> {
                     }
                 }
             };
+            let bind = |p: *const u8, n: usize| {
+                bind(model, ctx, i, p, n).map_err(|message| RuntimeError::Bind {
+                    index: i,
+                    name: w.name.clone(),
+                    message,
+                })
+            };
             let pages = match stored {
                 Stored::Source(b) if w.repacked => {
-                    bind(model, ctx, i, b.as_ptr(), b.len())?;
+                    bind(b.as_ptr(), b.len())?;
                     None
                 }
                 Stored::Source(b) => Some(Pages::copy_of(b).map_err(memory)?),
                 Stored::Made(p) => Some(p),
             };
             if let Some(p) = pages {
-                bind(model, ctx, i, p.as_ptr(), p.len())?;
+                bind(p.as_ptr(), p.len())?;
                 // A re-packed weight was copied by the library, so its buffer can go.
                 if !w.repacked {
                     s._weights.push(p);
@@ -272,39 +366,79 @@ impl<'m> Session<'m> {
     }
 
     /// Runs the prompt (the cache must be empty); returns the last row of the output, or
-    /// every row when `all_rows`.
+    /// every row when `all_rows`. Token ids are checked against the vocabulary, and the
+    /// output for being finite, before they are returned.
     pub fn prefill(
         &mut self,
         tokens: &[i32],
         token_types: Option<&[i32]>,
         all_rows: bool,
     ) -> Result<Vec<f32>, RuntimeError> {
-        let width = self.model.manifest.output_width;
+        let width = self.model.width;
+        let m = &self.model.manifest;
+        let arg = |message: String| RuntimeError::Arg { call: "prefill", message };
         if let Some(t) = token_types {
             if t.len() != tokens.len() {
-                return Err(RuntimeError::Call {
-                    call: "prefill",
-                    message: "one token type per token is needed",
-                });
+                return Err(arg(format!(
+                    "{} token types for {} tokens: one per token is needed",
+                    t.len(),
+                    tokens.len()
+                )));
             }
         }
+        if tokens.is_empty() {
+            return Err(arg("no tokens: a prompt needs at least one".into()));
+        }
+        if tokens.len() > m.max_seq {
+            return Err(arg(format!(
+                "{} tokens do not fit in the model's max_seq of {}",
+                tokens.len(),
+                m.max_seq
+            )));
+        }
+        if let Some((at, &id)) = tokens.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= m.vocab) {
+            return Err(arg(format!(
+                "token id {id} at position {at} is outside the vocabulary (0..{})",
+                m.vocab
+            )));
+        }
         let rows = if all_rows { tokens.len() } else { 1 };
-        let mut out = vec![0f32; rows.max(1) * width];
+        let mut out = vec![0f32; rows * width];
         let types = token_types.map_or(std::ptr::null(), |t| t.as_ptr());
         let n = i32::try_from(tokens.len()).unwrap_or(i32::MAX);
-        // SAFETY: the pointers are valid for `n` elements and `out` for `rows · width`.
+        // SAFETY: the pointers are valid for `n` elements and `out` for `rows · width`,
+        // the width the library itself reports.
         let status = unsafe {
             (self.model.fns.prefill)(self.ctx, tokens.as_ptr(), types, n, all_rows as i32, out.as_mut_ptr())
         };
         check("prefill", status)?;
+        finite(&out, width, || format!("prefill of {} tokens", tokens.len()))?;
         Ok(out)
     }
 
-    /// Runs one token at the next position; returns one output row.
+    /// Runs one token at the next position; returns one output row, checked for being
+    /// finite.
     pub fn decode(&mut self, token: i32) -> Result<Vec<f32>, RuntimeError> {
-        let mut out = vec![0f32; self.model.manifest.output_width];
-        // SAFETY: `out` holds one row.
+        let m = &self.model.manifest;
+        if token < 0 || token as usize >= m.vocab {
+            return Err(RuntimeError::Arg {
+                call: "decode",
+                message: format!("token id {token} is outside the vocabulary (0..{})", m.vocab),
+            });
+        }
+        let position = self.position();
+        if position >= m.max_seq {
+            return Err(RuntimeError::Arg {
+                call: "decode",
+                message: format!(
+                    "the cache holds {position} positions, the model's max_seq: no room for another"
+                ),
+            });
+        }
+        let mut out = vec![0f32; self.model.width];
+        // SAFETY: `out` holds one row of the width the library reports.
         check("decode", unsafe { (self.model.fns.decode)(self.ctx, token, out.as_mut_ptr()) })?;
+        finite(&out, self.model.width, || format!("decode at position {position}"))?;
         Ok(out)
     }
 
@@ -320,11 +454,24 @@ impl<'m> Session<'m> {
     }
 }
 
-/// Binds weight `i` of `ctx` to `n` bytes at `p`.
-fn bind(model: &Model, ctx: Ctx, i: usize, p: *const u8, n: usize) -> Result<(), RuntimeError> {
+/// Binds weight `i` of `ctx` to `n` bytes at `p`; the status message if it fails.
+fn bind(model: &Model, ctx: Ctx, i: usize, p: *const u8, n: usize) -> Result<(), &'static str> {
     // SAFETY: `p` points to `n` bytes that the session keeps alive as long as `ctx` (its
     // `Pages`), or that the library has copied when the call returns (`repacked`).
-    check("bind weight", unsafe { (model.fns.bind)(ctx, i as i32, p as *const c_void, n as u64) })
+    match unsafe { (model.fns.bind)(ctx, i as i32, p as *const c_void, n as u64) } {
+        abi::OK => Ok(()),
+        status => Err(abi::status_message(status)),
+    }
+}
+
+/// The first value of `out` (rows of `width`) that is NaN or infinite, as an error.
+fn finite(out: &[f32], width: usize, step: impl Fn() -> String) -> Result<(), RuntimeError> {
+    match out.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => {
+            Err(RuntimeError::NonFinite { step: step(), row: i / width, column: i % width, value: out[i] })
+        }
+    }
 }
 
 impl Drop for Session<'_> {

@@ -16,6 +16,11 @@ pub fn q8_bytes(n: usize) -> usize {
     q8_scales_at(n) + n / Q8_BLOCK * 4
 }
 
+/// [`q8_bytes`], or `None` where the size overflows.
+pub fn q8_bytes_checked(n: usize) -> Option<usize> {
+    n.div_ceil(64).checked_mul(64)?.checked_add(n / Q8_BLOCK * 4)
+}
+
 fn block_scale(block: &[f32]) -> f32 {
     block.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0
 }

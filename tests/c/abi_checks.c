@@ -1,5 +1,8 @@
 /* Misuse of the C ABI gets status codes, never a crash. Built against a library's header
    by tests/suite/backends.rs; prints "ok" and exits 0 when every check holds. */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +16,87 @@ static int failures = 0;
             failures++;                                                                      \
         }                                                                                    \
     } while (0)
+
+/* ---- threads. `prefill_loop` runs prefills on one context until told to stop (or a
+   bound), counting those that do not give `want`; another thread meanwhile calls into the
+   same context, or runs a context of its own. ---- */
+typedef struct {
+    tfc_ctx *ctx;
+    const int32_t *tokens;
+    const float *want;
+    size_t bytes;
+    atomic_int *stop;
+    atomic_int runs;
+    int wrong, busy;
+} loop_t;
+
+static void *prefill_loop(void *p) {
+    loop_t *l = p;
+    float *got = malloc(l->bytes);
+    for (l->runs = 0; l->runs < 200000 && !atomic_load(l->stop); l->runs++) {
+        int32_t s = tfc_prefill(l->ctx, l->tokens, NULL, 4, 1, got);
+        if (s == TFC_ERR_BUSY) {
+            l->busy++;
+            continue;
+        }
+        if (s != TFC_OK || memcmp(got, l->want, l->bytes) != 0) {
+            if (!l->wrong) fprintf(stderr, "prefill in a thread: status %d (%s)\n", s, tfc_status_string(s));
+            l->wrong++;
+        }
+        if (tfc_reset(l->ctx) == TFC_ERR_BUSY) l->busy++;
+    }
+    free(got);
+    return NULL;
+}
+
+/* Binds every weight of `c` to `bufs`. */
+static void bind_all(tfc_ctx *c, void **bufs) {
+    for (int32_t i = 0; i < tfc_weight_count(); i++)
+        EXPECT("bind", tfc_bind_weight(c, i, bufs[i], (uint64_t)tfc_weight_bytes(i)), TFC_OK);
+}
+
+/* Two contexts in two threads compute what one does alone; of two threads calling into
+   one context at once, the second gets TFC_ERR_BUSY, and the call it met is unharmed. */
+static void thread_checks(void **bufs, const int32_t *tokens, size_t bytes) {
+    atomic_int stop = 0;
+    tfc_ctx *a = tfc_create(1), *b = tfc_create(1);
+    float *want = malloc(bytes);
+    if (!a || !b || !want) {
+        failures++;
+        return;
+    }
+    bind_all(a, bufs);
+    bind_all(b, bufs);
+    EXPECT("prefill alone", tfc_prefill(a, tokens, NULL, 4, 1, want), TFC_OK);
+    EXPECT("reset alone", tfc_reset(a), TFC_OK);
+    loop_t la = {a, tokens, want, bytes, &stop, 0, 0, 0}, lb = {b, tokens, want, bytes, &stop, 0, 0, 0};
+    pthread_t ta, tb;
+    pthread_create(&ta, NULL, prefill_loop, &la);
+    pthread_create(&tb, NULL, prefill_loop, &lb);
+    while (atomic_load(&la.runs) < 50 || atomic_load(&lb.runs) < 50) sched_yield();
+    atomic_store(&stop, 1);
+    pthread_join(ta, NULL);
+    pthread_join(tb, NULL);
+    EXPECT("two contexts at once: wrong results", la.wrong + lb.wrong, 0);
+    EXPECT("two contexts at once: busy", la.busy + lb.busy, 0);
+
+    /* Now this thread calls into `a` while the loop runs on it, until it finds it busy:
+       resets, which leave the loop's next prefill as it would be anyway. */
+    atomic_store(&stop, 0);
+    la = (loop_t){a, tokens, want, bytes, &stop, 0, 0, 0};
+    pthread_create(&ta, NULL, prefill_loop, &la);
+    int refused = 0;
+    for (long i = 0; i < 100000000 && !refused && atomic_load(&la.runs) < 200000; i++)
+        refused = tfc_reset(a) == TFC_ERR_BUSY;
+    atomic_store(&stop, 1);
+    pthread_join(ta, NULL);
+    /* Whichever thread came second was refused: the loop's own calls can be the ones. */
+    EXPECT("a call while another thread's runs is refused", refused || la.busy > 0, 1);
+    EXPECT("the first thread's results stay right", la.wrong, 0);
+    tfc_destroy(a);
+    tfc_destroy(b);
+    free(want);
+}
 
 int main(void) {
     EXPECT("abi version", tfc_abi_version(), TFC_ABI_VERSION);
@@ -87,7 +171,25 @@ int main(void) {
     EXPECT("status string", tfc_status_string(12345)[0] != 0, 1);
     const char *cpu = getenv("TFC_CPU");
     EXPECT("fallback code forced by TFC_CPU=baseline", tfc_uses_fallback(), cpu && strcmp(cpu, "baseline") == 0);
+    /* Contexts in threads (the re-packed buffers are gone: bind them again). */
+    for (int32_t i = 0; i < n; i++) {
+        if (bufs[i]) continue;
+        int64_t bytes = tfc_weight_bytes(i);
+        bufs[i] = calloc((size_t)bytes + 4, 1);
+        for (int64_t b = 0; b + 1 < bytes; b += 2) memcpy((char *)bufs[i] + b, &(uint16_t){0x3c00}, 2);
+    }
+    thread_checks(bufs, tokens, out_bytes);
+
     tfc_destroy(ctx);
+    /* A destroyed context is recognised, not used. */
+    tfc_destroy(ctx);
+    EXPECT("reset after destroy", tfc_reset(ctx), TFC_ERR_CONTEXT);
+    EXPECT("position after destroy", tfc_position(ctx), -1);
+    EXPECT("prefill after destroy", tfc_prefill(ctx, tokens, NULL, 4, 0, out), TFC_ERR_CONTEXT);
+    EXPECT("decode after destroy", tfc_decode(ctx, 1, out), TFC_ERR_CONTEXT);
+    EXPECT("bind after destroy", tfc_bind_weight(ctx, 0, bufs[0], (uint64_t)tfc_weight_bytes(0)), TFC_ERR_CONTEXT);
+    tfc_ctx *never = (tfc_ctx *)(void *)&failures;
+    EXPECT("a pointer that is no context", tfc_reset(never), TFC_ERR_CONTEXT);
     for (int32_t i = 0; i < n; i++) free(bufs[i]);
     free(bufs);
     free(out);

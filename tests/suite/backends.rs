@@ -123,15 +123,22 @@ fn bad_calls_through_the_abi_are_errors() {
     let (_, data) = random_weights(&model, &[&c.model]);
     let mut s = Session::new(&model, data, 1).unwrap();
     let err = |r: Result<Vec<f32>, tfc_runtime::RuntimeError>| r.unwrap_err().to_string();
-    assert!(err(s.prefill(&[], None, false)).contains("out of range"));
-    assert!(err(s.prefill(&[384], None, false)).contains("outside the vocabulary"));
-    assert!(err(s.prefill(&vec![1; 65], None, false)).contains("max_seq"));
-    assert!(err(s.decode(-1)).contains("outside the vocabulary"));
+    // Each error says what was wrong and with which numbers.
+    assert!(err(s.prefill(&[], None, false)).contains("no tokens"));
+    let e = err(s.prefill(&[5, 384], None, false));
+    assert!(e.contains("token id 384 at position 1 is outside the vocabulary (0..384)"), "{e}");
+    let e = err(s.prefill(&vec![1; 65], None, false));
+    assert!(e.contains("65 tokens do not fit in the model's max_seq of 64"), "{e}");
+    assert!(err(s.prefill(&[1, 2], Some(&[0]), false)).contains("1 token types for 2 tokens"));
+    assert!(err(s.decode(-1)).contains("token id -1 is outside the vocabulary (0..384)"));
     s.prefill(&vec![1; 63], None, false).unwrap();
     assert!(err(s.prefill(&[1], None, false)).contains("empty cache"));
     s.decode(1).unwrap();
-    assert!(err(s.decode(1)).contains("max_seq"));
+    let e = err(s.decode(1));
+    assert!(e.contains("the cache holds 64 positions, the model's max_seq"), "{e}");
     assert_eq!(s.position(), 64);
+    let many = Session::new(&model, random_weights(&model, &[&c.model]).1, 10_000).err().unwrap().to_string();
+    assert!(many.contains("10000 threads: a context takes at most 256"), "{many}");
     // Weights of the wrong size are refused by the session before the library sees them.
     let short = WeightData::Owned(model.manifest().weights.iter().map(|_| vec![0.0; 3]).collect());
     assert!(Session::new(&model, short, 1).err().unwrap().to_string().contains("has 3 values"));
@@ -139,6 +146,83 @@ fn bad_calls_through_the_abi_are_errors() {
     let ck = Arc::new(Checkpoint::open(root().join("tests/fixtures/hf/llama")).unwrap());
     let e = Session::new(&model, WeightData::Checkpoint(ck), 1).err().unwrap().to_string();
     assert!(e.contains("no tensor `transformer.wte.weight`"), "{e}");
+}
+
+/// A manifest that disagrees with its library, or a library that is not the one its
+/// manifest describes, is refused at load, naming the field: a session sizes its buffers
+/// and binds weights by the manifest, so a wrong width corrupted the heap and swapped
+/// names bound the wrong weights.
+#[test]
+fn an_edited_manifest_or_a_damaged_library_is_refused_at_load() {
+    let built = build(&root().join("specs/tiny/gpt2.tfs"), "manifest-edits");
+    Model::load(&built).unwrap();
+    let text = std::fs::read_to_string(built.join("manifest.json")).unwrap();
+    let good: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let copy = |tag: &str, edit: &dyn Fn(&mut serde_json::Value)| -> PathBuf {
+        let d = built.parent().unwrap().join(format!("gpt2-{tag}"));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(built.join("libgpt2.so"), d.join("libgpt2.so")).unwrap();
+        let mut m = good.clone();
+        edit(&mut m);
+        std::fs::write(d.join("manifest.json"), m.to_string()).unwrap();
+        d
+    };
+    let refused = |tag: &str, edit: &dyn Fn(&mut serde_json::Value), want: &str| {
+        let e = Model::load(copy(tag, edit)).err().unwrap_or_else(|| panic!("{tag}: loaded")).to_string();
+        assert!(e.contains(want), "{tag}: {e}");
+    };
+    refused("width", &|m| m["output_width"] = 10.into(), "`output_width` is 10, but the library has 384");
+    refused("vocab", &|m| m["vocab"] = 383.into(), "`vocab` is 383, but the library has 384");
+    refused("max_seq", &|m| m["max_seq"] = 4096.into(), "`max_seq` is 4096, but the library has 64");
+    refused("decode", &|m| m["has_decode"] = false.into(), "`has_decode` is 0, but the library has 1");
+    let (n0, n1) = (good["weights"][0]["name"].clone(), good["weights"][1]["name"].clone());
+    refused(
+        "names",
+        &|m| {
+            m["weights"][0]["name"] = n1.clone();
+            m["weights"][1]["name"] = n0.clone();
+        },
+        &format!(
+            "weight 0 is `{}`, but the library binds `{}` there",
+            n1.as_str().unwrap(),
+            n0.as_str().unwrap()
+        ),
+    );
+    refused(
+        "shape",
+        &|m| m["weights"][0]["shape"][0] = 385.into(),
+        "(f32 [385, 64]) is 98560 bytes, but the library expects 98304",
+    );
+    refused("dtype", &|m| m["weights"][0]["dtype"] = "bf16".into(), "but the library expects");
+    refused(
+        "overflow",
+        &|m| m["weights"][0]["shape"] = serde_json::json!([1u64 << 40, 1u64 << 40]),
+        "overflows",
+    );
+    refused(
+        "path",
+        &|m| m["library"] = "../gpt2/libgpt2.so".into(),
+        "is not a file name beside the manifest",
+    );
+
+    // The library truncated, or replaced by another model's, fails its hash before it
+    // is mapped (a truncated one died of SIGBUS).
+    let d = copy("truncated", &|_| {});
+    let lib = std::fs::read(d.join("libgpt2.so")).unwrap();
+    std::fs::write(d.join("libgpt2.so"), &lib[..lib.len() / 2]).unwrap();
+    let e = Model::load(&d).err().unwrap().to_string();
+    assert!(e.contains("truncated or replaced"), "{e}");
+    let other = build(&root().join("specs/tiny/llama.tfs"), "manifest-edits");
+    let d = copy("foreign", &|_| {});
+    std::fs::copy(other.join("libllama.so"), d.join("libgpt2.so")).unwrap();
+    let e = Model::load(&d).err().unwrap().to_string();
+    assert!(e.contains("truncated or replaced"), "{e}");
+    // Without the hash (a manifest from before it existed) the library's own facts
+    // still catch a foreign library.
+    let d = copy("foreign-unhashed", &|m| m["library_hash"] = "".into());
+    std::fs::copy(other.join("libllama.so"), d.join("libgpt2.so")).unwrap();
+    assert!(Model::load(&d).is_err());
 }
 
 #[test]
@@ -220,7 +304,7 @@ fn build_c(dir: &std::path::Path, name: &str, source: &std::path::Path) -> PathB
     let exe = dir.join(source.file_stem().unwrap());
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let out = std::process::Command::new(&cc)
-        .args(["-O2", "-Wall", "-Wextra", "-Werror", "-I"])
+        .args(["-O2", "-pthread", "-Wall", "-Wextra", "-Werror", "-I"])
         .arg(dir)
         .arg("-include")
         .arg(dir.join(format!("{name}.h")))

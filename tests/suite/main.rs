@@ -2,6 +2,7 @@
 //! LLVM and MLIR is large and slow to link).
 
 mod backends;
+mod checkpoint;
 mod common;
 mod diagnostics;
 mod equivalence;

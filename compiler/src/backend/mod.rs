@@ -451,6 +451,7 @@ pub fn compile_library(
                 repacked: weights.repack_of(i).is_some(),
             })
             .collect(),
+        library_hash: abi::fnv1a_bytes(&std::fs::read(&library).map_err(io(&library))?),
         spec_hash: abi::fnv1a(source),
         spec: source.to_string(),
     };

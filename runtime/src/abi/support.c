@@ -301,7 +301,40 @@ struct tfc_ctx {
     int64_t unbound;
     int64_t pos;
     pool_t *pool;
+    tfc_ctx *next_live; /* the registry of live contexts */
+    _Atomic int32_t busy; /* a call is running on this context */
 };
+
+/* ---- misuse that is cheap to detect. Every context is in a registry from tfc_create
+   to tfc_destroy, so a call with a destroyed (or never created) pointer gets
+   TFC_ERR_CONTEXT instead of touching freed memory, and a second tfc_destroy does
+   nothing. A call marks its context busy, so a second thread calling into the same
+   context at once gets TFC_ERR_BUSY instead of racing on its cache and arena. The
+   registry costs one uncontended lock per call, against the microseconds to
+   milliseconds a call runs. (A pointer to a destroyed context whose memory a new context
+   reuses looks live again: the registry cannot tell them apart.) ---- */
+static pthread_mutex_t live_mu = PTHREAD_MUTEX_INITIALIZER;
+static tfc_ctx *live_head = NULL;
+
+static int is_live_locked(const tfc_ctx *c) {
+    for (const tfc_ctx *p = live_head; p; p = p->next_live)
+        if (p == c) return 1;
+    return 0;
+}
+
+/* Starts a call on `c`: TFC_OK (and `c` busy until leave), or why not. */
+static int32_t enter(tfc_ctx *c) {
+    if (!c) return TFC_ERR_NULL;
+    pthread_mutex_lock(&live_mu);
+    int32_t s = !is_live_locked(c) ? TFC_ERR_CONTEXT : atomic_exchange(&c->busy, 1) ? TFC_ERR_BUSY : TFC_OK;
+    pthread_mutex_unlock(&live_mu);
+    return s;
+}
+
+static int32_t leave(tfc_ctx *c, int32_t status) {
+    atomic_store_explicit(&c->busy, 0, memory_order_release);
+    return status;
+}
 
 int32_t tfc_abi_version(void) { return TFC_ABI_VERSION; }
 int32_t tfc_vocab(void) { return (int32_t)tfc__vocab; }
@@ -347,8 +380,9 @@ tfc_ctx *tfc_create(int32_t n_threads) {
     pthread_once(&chosen, choose_code);
     if (n_threads <= 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
-        n_threads = n > 0 ? (int32_t)n : 1;
+        n_threads = n > 0 ? (n < TFC_MAX_THREADS ? (int32_t)n : TFC_MAX_THREADS) : 1;
     }
+    if (n_threads > TFC_MAX_THREADS) n_threads = TFC_MAX_THREADS;
     tfc_ctx *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     c->arena = big_alloc((size_t)tfc__arena_bytes + 64);
@@ -368,11 +402,24 @@ tfc_ctx *tfc_create(int32_t n_threads) {
         free(c);
         return NULL;
     }
+    pthread_mutex_lock(&live_mu);
+    c->next_live = live_head;
+    live_head = c;
+    pthread_mutex_unlock(&live_mu);
     return c;
 }
 
 void tfc_destroy(tfc_ctx *c) {
     if (!c) return;
+    pthread_mutex_lock(&live_mu);
+    tfc_ctx **at = &live_head;
+    while (*at && *at != c) at = &(*at)->next_live;
+    const int found = *at != NULL;
+    if (found) *at = c->next_live;
+    pthread_mutex_unlock(&live_mu);
+    if (!found) return; /* destroyed already, or never created */
+    /* No call can start on it now; one another thread is running still ends first. */
+    while (atomic_load_explicit(&c->busy, memory_order_acquire)) cpu_relax();
     pool_destroy(c->pool);
     big_free(c->arena, (size_t)tfc__arena_bytes + 64);
     big_free(c->cache, (size_t)tfc__cache_bytes + 64);
@@ -435,8 +482,15 @@ static void repack_panels(const int64_t *args, int64_t begin, int64_t end) {
     }
 }
 
+static int32_t bind_weight(tfc_ctx *c, int32_t index, const void *data, uint64_t nbytes);
+
 int32_t tfc_bind_weight(tfc_ctx *c, int32_t index, const void *data, uint64_t nbytes) {
-    if (!c || !data) return TFC_ERR_NULL;
+    int32_t s = enter(c);
+    return s != TFC_OK ? s : leave(c, bind_weight(c, index, data, nbytes));
+}
+
+static int32_t bind_weight(tfc_ctx *c, int32_t index, const void *data, uint64_t nbytes) {
+    if (!data) return TFC_ERR_NULL;
     if (index < 0 || index >= tfc__n_weights) return TFC_ERR_ARG;
     if (nbytes != (uint64_t)tfc__weight_bytes[index] || ((uintptr_t)data & 1) != 0) return TFC_ERR_ARG;
     const int64_t *tiles = &tfc__weight_tiles[4 * (int64_t)index];
@@ -465,9 +519,18 @@ static int32_t check_tokens(const int32_t *tokens, const int32_t *types, int64_t
     return TFC_OK;
 }
 
+static int32_t prefill(tfc_ctx *c, const int32_t *tokens, const int32_t *types, int32_t n, int32_t all_rows,
+                       float *out);
+
 int32_t tfc_prefill(tfc_ctx *c, const int32_t *tokens, const int32_t *types, int32_t n, int32_t all_rows,
                     float *out) {
-    if (!c || !tokens || !out) return TFC_ERR_NULL;
+    int32_t s = enter(c);
+    return s != TFC_OK ? s : leave(c, prefill(c, tokens, types, n, all_rows, out));
+}
+
+static int32_t prefill(tfc_ctx *c, const int32_t *tokens, const int32_t *types, int32_t n, int32_t all_rows,
+                       float *out) {
+    if (!tokens || !out) return TFC_ERR_NULL;
     if (n <= 0) return TFC_ERR_ARG;
     if (c->unbound > 0) return TFC_ERR_UNBOUND;
     if (c->pos != 0) return TFC_ERR_NOT_EMPTY;
@@ -480,8 +543,15 @@ int32_t tfc_prefill(tfc_ctx *c, const int32_t *tokens, const int32_t *types, int
     return TFC_OK;
 }
 
+static int32_t decode(tfc_ctx *c, int32_t token, float *out);
+
 int32_t tfc_decode(tfc_ctx *c, int32_t token, float *out) {
-    if (!c || !out) return TFC_ERR_NULL;
+    int32_t s = enter(c);
+    return s != TFC_OK ? s : leave(c, decode(c, token, out));
+}
+
+static int32_t decode(tfc_ctx *c, int32_t token, float *out) {
+    if (!out) return TFC_ERR_NULL;
     if (!tfc__has_decode) return TFC_ERR_NO_DECODE;
     if (c->unbound > 0) return TFC_ERR_UNBOUND;
     if (c->pos + 1 > tfc__max_seq) return TFC_ERR_CONTEXT_FULL;
@@ -493,12 +563,19 @@ int32_t tfc_decode(tfc_ctx *c, int32_t token, float *out) {
 }
 
 int32_t tfc_reset(tfc_ctx *c) {
-    if (!c) return TFC_ERR_NULL;
+    int32_t s = enter(c);
+    if (s != TFC_OK) return s;
     c->pos = 0;
-    return TFC_OK;
+    return leave(c, TFC_OK);
 }
 
-int32_t tfc_position(const tfc_ctx *c) { return c ? (int32_t)c->pos : -1; }
+int32_t tfc_position(const tfc_ctx *c) {
+    if (!c) return -1;
+    pthread_mutex_lock(&live_mu);
+    const int32_t pos = is_live_locked(c) ? (int32_t)c->pos : -1;
+    pthread_mutex_unlock(&live_mu);
+    return pos;
+}
 
 const char *tfc_status_string(int32_t s) {
     switch (s) {
@@ -511,6 +588,8 @@ const char *tfc_status_string(int32_t s) {
     case TFC_ERR_NOT_EMPTY: return "prefill needs an empty cache: call tfc_reset first";
     case TFC_ERR_NO_DECODE: return "the model has bidirectional attention and no decode step";
     case TFC_ERR_ALLOC: return "out of memory";
+    case TFC_ERR_BUSY: return "the context is in use by another thread";
+    case TFC_ERR_CONTEXT: return "not a live context (destroyed, or never created)";
     default: return "unknown status";
     }
 }

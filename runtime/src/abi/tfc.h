@@ -18,8 +18,13 @@ enum {
     TFC_ERR_UNBOUND = 5,       /* not every weight has been bound */
     TFC_ERR_NOT_EMPTY = 6,     /* prefill needs an empty cache: call tfc_reset first */
     TFC_ERR_NO_DECODE = 7,     /* the model has bidirectional attention: no decode step */
-    TFC_ERR_ALLOC = 8          /* out of memory */
+    TFC_ERR_ALLOC = 8,         /* out of memory */
+    TFC_ERR_BUSY = 9,          /* another thread is in a call on the same context */
+    TFC_ERR_CONTEXT = 10       /* not a live context: destroyed already, or never created */
 };
+
+/* The most threads a context runs (tfc_create takes this many for a larger count). */
+#define TFC_MAX_THREADS 256
 
 typedef struct tfc_ctx tfc_ctx;
 
@@ -40,7 +45,16 @@ int64_t tfc_weight_bytes(int32_t index);
 int32_t tfc_uses_fallback(void);
 
 /* A context owns the KV cache, scratch memory and a pool of n_threads threads
-   (0: one per core). NULL when out of memory. */
+   (0: one per core; at most TFC_MAX_THREADS). NULL when out of memory.
+
+   Threads: the functions without a context may be called from any thread at any time.
+   Different contexts of one library may be used from different threads at once, each
+   computing what it would alone. One context is used by one thread at a time: a call on
+   a context while another thread's call on it runs returns TFC_ERR_BUSY and does
+   nothing. tfc_destroy ends a context; calls with it afterwards return TFC_ERR_CONTEXT
+   (tfc_position returns -1) and a second tfc_destroy does nothing, until a new context
+   happens to get the same address, which no library can tell apart: do not keep a
+   destroyed pointer. */
 tfc_ctx *tfc_create(int32_t n_threads);
 void tfc_destroy(tfc_ctx *ctx);
 
@@ -64,7 +78,7 @@ int32_t tfc_prefill(tfc_ctx *ctx, const int32_t *tokens, const int32_t *token_ty
 int32_t tfc_decode(tfc_ctx *ctx, int32_t token, float *out);
 /* Empties the cache. */
 int32_t tfc_reset(tfc_ctx *ctx);
-/* Positions held in the cache; -1 for a NULL context. */
+/* Positions held in the cache; -1 for a NULL or destroyed context. */
 int32_t tfc_position(const tfc_ctx *ctx);
 const char *tfc_status_string(int32_t status);
 
