@@ -136,6 +136,10 @@ pub struct RunArgs {
     /// Seed for random weights and for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Before running, read every weight the model uses from `--weights` and fail,
+    /// naming each tensor, if any holds NaN or infinity.
+    #[arg(long, requires = "weights")]
+    check_weights: bool,
     /// Threads for the compiled library (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -153,9 +157,37 @@ enum Engine<'a> {
     Gpu(tfc_runtime::gpu::GpuSession<'a>),
 }
 
+/// Fails if a row holds NaN or infinity, naming the step (the library's session checks
+/// its own rows; the interpreter's and the GPU's are checked here).
+fn finite(rows: &[Vec<f32>], step: impl Fn() -> String) -> Result<()> {
+    for (r, row) in rows.iter().enumerate() {
+        if let Some(c) = row.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "{} produced a non-finite output ({} in row {r}, column {c}): the weights or the inputs hold NaN or infinity, or the values overflowed",
+                step(),
+                row[c]
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Engine<'_> {
-    /// Output rows of the prompt (the last, or all).
+    /// Output rows of the prompt (the last, or all), checked to be finite.
     fn prefill(&mut self, tokens: &[i32], types: &[i32], all: bool) -> Result<Vec<Vec<f32>>> {
+        let rows = self.prefill_rows(tokens, types, all)?;
+        finite(&rows, || format!("prefill of {} tokens", tokens.len()))?;
+        Ok(rows)
+    }
+
+    /// One output row, checked to be finite.
+    fn decode(&mut self, token: i32, position: usize) -> Result<Vec<f32>> {
+        let row = self.decode_row(token)?;
+        finite(std::slice::from_ref(&row), || format!("decode at position {position}"))?;
+        Ok(row)
+    }
+
+    fn prefill_rows(&mut self, tokens: &[i32], types: &[i32], all: bool) -> Result<Vec<Vec<f32>>> {
         Ok(match self {
             Engine::Interp(s) => {
                 let t: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
@@ -176,7 +208,7 @@ impl Engine<'_> {
         })
     }
 
-    fn decode(&mut self, token: i32) -> Result<Vec<f32>> {
+    fn decode_row(&mut self, token: i32) -> Result<Vec<f32>> {
         Ok(match self {
             Engine::Interp(s) => s.decode(token as i64)?.data,
             Engine::Lib(s) => s.decode(token)?,
@@ -274,6 +306,32 @@ fn load_library(
     Model::load(&dir).with_context(|| format!("cannot load the library built in {}", dir.display()))
 }
 
+/// Fails, naming every tensor the model reads that holds NaN or infinity.
+fn check_weights(ck: &Checkpoint, c: &tfc::Compiled) -> Result<()> {
+    let mut names: Vec<&str> = [Some(&c.prefill), c.decode.as_ref()]
+        .into_iter()
+        .flatten()
+        .flat_map(|g| {
+            g.node_ids().into_iter().filter_map(move |n| match g.op(n) {
+                tfc::ir::Op::Weight { name, .. } => Some(name.as_str()),
+                _ => None,
+            })
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut bad = Vec::new();
+    for name in names {
+        if let Some((count, first, value)) = ck.non_finite(name)? {
+            bad.push(format!("`{name}`: {count} non-finite values, the first {value} at flat index {first}"));
+        }
+    }
+    if !bad.is_empty() {
+        bail!("the checkpoint holds non-finite weights:\n  {}", bad.join("\n  "));
+    }
+    Ok(())
+}
+
 /// Checks the arguments of `tfc run` that do not need the model, each error with the value.
 fn check_run_args(a: &RunArgs) -> Result<()> {
     if !a.temperature.is_finite() || a.temperature < 0.0 {
@@ -368,6 +426,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         Some(dir) => Some(Arc::new(Checkpoint::open(dir)?)),
         None => None,
     };
+    if let (Some(ck), true) = (&checkpoint, a.check_weights) {
+        check_weights(ck, &c)?;
+    }
     let tokenizer = match &a.prompt {
         Some(_) => {
             let dir = a
@@ -459,7 +520,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             shown = text;
         }
         if generated.len() < a.generate {
-            rows.push(engine.decode(next)?);
+            rows.push(engine.decode(next, tokens.len() + generated.len() - 1)?);
         }
     }
     if tokenizer.is_some() {

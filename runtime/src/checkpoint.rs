@@ -151,6 +151,41 @@ impl Checkpoint {
         Ok((t.dtype(), &map[start..start + t.data().len()]))
     }
 
+    /// How many values of tensor `name` are NaN or infinite, with the first one's index
+    /// and value; `None` when all are finite (integer tensors always are).
+    pub fn non_finite(&self, name: &str) -> Result<Option<(usize, usize, f32)>, CheckpointError> {
+        let Some(&i) = self.index.get(name) else {
+            return Err(CheckpointError::Missing { name: name.to_string(), hint: self.hint(name) });
+        };
+        let (path, map) = &self.files[i];
+        let bad = |e: safetensors::SafeTensorError| CheckpointError::Format {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let st = SafeTensors::deserialize(map).map_err(bad)?;
+        let t = st.tensor(name).map_err(bad)?;
+        let values: Box<dyn Iterator<Item = f32>> = match t.dtype() {
+            Dtype::F32 => {
+                Box::new(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            }
+            Dtype::F16 => {
+                Box::new(t.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()))
+            }
+            Dtype::BF16 => {
+                Box::new(t.data().chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()))
+            }
+            _ => return Ok(None),
+        };
+        let mut found: Option<(usize, usize, f32)> = None;
+        for (k, x) in values.enumerate().filter(|(_, x)| !x.is_finite()) {
+            match &mut found {
+                None => found = Some((1, k, x)),
+                Some((n, _, _)) => *n += 1,
+            }
+        }
+        Ok(found)
+    }
+
     /// The tensor `name` as `f32`, checked against the expected shape.
     pub fn get(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
         let (dtype, bytes) = self.raw(name, expected)?;

@@ -96,3 +96,18 @@ fn older_bloom_configs_with_training_switches_import() {
     let want = std::fs::read_to_string(root().join("specs/tiny/bloom.tfs")).unwrap();
     assert_eq!(spec, want);
 }
+
+#[test]
+fn impossible_configs_are_errors_not_specs() {
+    for (arch, key, value, want) in [
+        ("llama", "num_attention_heads", 5, "kv_heads = 2 does not divide heads = 5"),
+        ("gpt2", "n_head", 5, "E0005"),
+        ("llama", "vocab_size", 0, "vocab"),
+        ("llama", "num_hidden_layers", 0, "layers"),
+    ] {
+        let e = import_err(arch, &|c| {
+            c.insert(key.into(), value.into());
+        });
+        assert!(e.contains("cannot be built") && e.contains(want), "{arch} {key} = {value}: {e}");
+    }
+}

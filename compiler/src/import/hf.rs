@@ -23,6 +23,8 @@ pub enum ImportError {
     Unsupported { model: String, key: String, value: String, why: String },
     #[error("config field `{key}` is missing or not {expected}")]
     Field { key: String, expected: &'static str },
+    #[error("config.json describes a model that cannot be built; the spec written from it fails its checks:\n{report}")]
+    Impossible { report: String },
 }
 
 const SUPPORTED: &str = "bert, bloom, gemma, gpt2, gpt_neox, llama, mistral, opt, phi, qwen2";
@@ -289,7 +291,13 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
         _ => return Err(ImportError::ModelType(model)),
     }
     c.finish()?;
-    Ok(g.text())
+    // Sizes that do not fit together (heads that do not divide the width, kv heads that
+    // do not divide the heads, …) are the front end's to find: the spec must compile.
+    let text = g.text();
+    match crate::front::compile_spec("config.json (imported)", &text, None, None) {
+        Ok(_) => Ok(text),
+        Err(d) => Err(ImportError::Impossible { report: d.render(false) }),
+    }
 }
 
 fn gpt2(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {

@@ -1,0 +1,270 @@
+//! The `tfc` command as a user runs it: arguments are checked before anything runs, each
+//! error with the value it is about, and the library cache survives damage and races.
+//!
+//! This binary only spawns `tfc`; it does not use the compiler library, so it stays small
+//! (the suite of the workspace is in `tests/`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A fresh folder under the target directory.
+fn scratch(name: &str) -> PathBuf {
+    let d = root().join("target/test-cli").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs `tfc` with `args` and a library cache of its own.
+fn tfc(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tfc"))
+        .args(args)
+        .current_dir(root())
+        .env("XDG_CACHE_HOME", cache)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `tfc run` fails with `want` in its message.
+fn refused(cache: &Path, args: &[&str], want: &str) {
+    let o = tfc(cache, args);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+}
+
+#[test]
+fn run_arguments_are_checked_first_with_their_values() {
+    let cache = scratch("args");
+    let spec = "specs/tiny/gpt2.tfs";
+    let run = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["run", spec, "--backend", "interp"].iter().map(|s| s.to_string()).collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let cases: &[(&[&str], &str)] = &[
+        (&["--tokens", "1,2", "--temperature", "nan"], "--temperature NaN: it must be a finite number ≥ 0"),
+        (&["--tokens", "1,2", "--temperature=-1"], "--temperature -1"),
+        (&["--tokens", "1,2", "--top-p", "0"], "--top-p 0: it must be in (0, 1]"),
+        (&["--tokens", "1,2", "--top-p", "1.5"], "--top-p 1.5"),
+        (&["--tokens", "1,2", "--threads", "10000"], "--threads 10000: at most 256"),
+        (&["--tokens", "1,384"], "token id 384 (prompt position 1) is outside the vocabulary of 384"),
+        (&["--tokens", "1,-5"], "token id -5 (prompt position 1)"),
+        (
+            &["--tokens", "1,2", "--generate", "64"],
+            "the prompt's 2 tokens and --generate 64 need 65 positions, but `gpt2` has max_seq 64",
+        ),
+        (&["--tokens", "1,2", "--token-types", "0"], "--token-types has 1 ids for 2 tokens"),
+    ];
+    for (extra, want) in cases {
+        let args = run(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(&cache, &args, want);
+    }
+    // The same limits hold for the library; the cache stays empty since nothing ran.
+    refused(&cache, &["run", spec, "--tokens", "1,2", "--threads", "4294967298"], "--threads 4294967298");
+    assert!(!cache.join("tfc").exists(), "a refused run compiled something");
+    // 63 prompt tokens and 2 generated fit exactly: the last one is never fed back.
+    let tokens = vec!["1"; 63].join(",");
+    let o = tfc(&cache, &["run", spec, "--backend", "interp", "--tokens", &tokens, "--generate", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn logits_to_a_path_that_cannot_be_written_fail_before_the_run() {
+    let cache = scratch("logits");
+    let d = scratch("logits-out");
+    let missing = d.join("no/such/folder/out.json");
+    refused(
+        &cache,
+        &[
+            "run",
+            "specs/tiny/gpt2.tfs",
+            "--backend",
+            "interp",
+            "--tokens",
+            "1",
+            "--logits",
+            missing.to_str().unwrap(),
+        ],
+        &format!("cannot write --logits {}", missing.display()),
+    );
+    // A run that fails later leaves no empty file behind.
+    let out = d.join("out.json");
+    refused(
+        &cache,
+        &[
+            "run",
+            "specs/tiny/gpt2.tfs",
+            "--backend",
+            "interp",
+            "--tokens",
+            "1",
+            "--logits",
+            out.to_str().unwrap(),
+            "--weights",
+            d.to_str().unwrap(),
+        ],
+        "holds no `model.safetensors`",
+    );
+    assert!(!out.exists());
+    let o = tfc(
+        &cache,
+        &[
+            "run",
+            "specs/tiny/gpt2.tfs",
+            "--backend",
+            "interp",
+            "--tokens",
+            "1",
+            "--logits",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::metadata(&out).unwrap().len() > 1000);
+}
+
+/// The one entry of a library cache.
+fn entry(cache: &Path) -> PathBuf {
+    let entries: Vec<PathBuf> =
+        std::fs::read_dir(cache.join("tfc")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "cache entries: {entries:?}");
+    entries.into_iter().next().unwrap()
+}
+
+#[test]
+fn a_damaged_cache_entry_is_rebuilt() {
+    let cache = scratch("damaged");
+    let args = [
+        "run",
+        "specs/tiny/llama.tfs",
+        "--weights",
+        "tests/fixtures/hf/llama",
+        "--tokens",
+        "1,2,3",
+        "--generate",
+        "4",
+    ];
+    let first = tfc(&cache, &args);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let dir = entry(&cache);
+    let lib = dir.join("libllama.so");
+    type Damage<'a> = (&'a str, &'a dyn Fn());
+    let bytes = std::fs::read(&lib).unwrap();
+    let damages: [Damage; 4] = [
+        ("truncated", &|| std::fs::write(&lib, &bytes[..bytes.len() / 3]).unwrap()),
+        ("zeroed", &|| std::fs::write(&lib, vec![0u8; bytes.len()]).unwrap()),
+        ("no manifest", &|| std::fs::remove_file(dir.join("manifest.json")).unwrap()),
+        ("no library", &|| std::fs::remove_file(&lib).unwrap()),
+    ];
+    for (what, damage) in damages {
+        damage();
+        let again = tfc(&cache, &args);
+        assert!(again.status.success(), "{what}: {}", stderr(&again));
+        assert_eq!(stdout(&again), stdout(&first), "{what}");
+        assert!(stderr(&again).contains("building it again"), "{what}: {}", stderr(&again));
+        assert_eq!(entry(&cache), dir, "{what}");
+        // And it is whole again: the next run uses it as it is.
+        let third = tfc(&cache, &args);
+        assert!(!stderr(&third).contains("building it again"), "{what}: {}", stderr(&third));
+    }
+}
+
+#[test]
+fn runs_compiling_into_an_empty_cache_at_once_all_succeed() {
+    let cache = scratch("race");
+    let args = [
+        "run",
+        "specs/tiny/gpt2.tfs",
+        "--weights",
+        "tests/fixtures/hf/gpt2",
+        "--tokens",
+        "1,2,3",
+        "--generate",
+        "3",
+    ];
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_tfc"))
+                .args(args)
+                .current_dir(root())
+                .env("XDG_CACHE_HOME", &cache)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for o in &outs {
+        assert!(o.status.success(), "{}", stderr(o));
+        assert_eq!(stdout(o), stdout(&outs[0]));
+    }
+    // One valid entry, no temporary folders left.
+    let dir = entry(&cache);
+    assert!(dir.join("manifest.json").is_file());
+}
+
+#[test]
+fn import_hf_fails_on_a_config_that_cannot_be_built() {
+    let d = scratch("import");
+    let text = std::fs::read_to_string(root().join("tests/fixtures/hf/llama/config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config["num_attention_heads"] = 5.into();
+    std::fs::write(d.join("config.json"), config.to_string()).unwrap();
+    let o = tfc(&d, &["import-hf", d.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("kv_heads = 2 does not divide heads = 5"), "{}", stderr(&o));
+    assert!(stdout(&o).is_empty());
+}
+
+#[test]
+fn non_finite_weights_stop_the_run_and_are_named() {
+    let cache = scratch("nan-cache");
+    let d = scratch("nan-weights");
+    for f in ["config.json", "tokenizer.json"] {
+        let _ = std::fs::copy(root().join("tests/fixtures/hf/llama").join(f), d.join(f));
+    }
+    // One NaN in a norm gain of the first layer.
+    let mut bytes = std::fs::read(root().join("tests/fixtures/hf/llama/model.safetensors")).unwrap();
+    let name = "model.layers.0.input_layernorm.weight";
+    let at = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), safetensors::Dtype::F32);
+        t.data().as_ptr() as usize - bytes.as_ptr() as usize
+    };
+    bytes[at + 12..at + 16].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(d.join("model.safetensors"), &bytes).unwrap();
+    let w = d.to_str().unwrap();
+    let spec = "specs/tiny/llama.tfs";
+    for backend in ["llvm", "interp"] {
+        refused(
+            &cache,
+            &["run", spec, "--weights", w, "--tokens", "1,2,3", "--generate", "2", "--backend", backend],
+            "prefill of 3 tokens produced a non-finite output (NaN",
+        );
+    }
+    refused(
+        &cache,
+        &["run", spec, "--weights", w, "--tokens", "1,2,3", "--check-weights"],
+        &format!("`{name}`: 1 non-finite values, the first NaN at flat index 3"),
+    );
+    let o = tfc(
+        &cache,
+        &["run", spec, "--weights", "tests/fixtures/hf/llama", "--tokens", "1,2,3", "--check-weights"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
