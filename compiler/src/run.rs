@@ -306,6 +306,23 @@ fn load_library(
     Model::load(&dir).with_context(|| format!("cannot load the library built in {}", dir.display()))
 }
 
+/// Bytes of every weight the graphs read, as f32 (saturating).
+fn f32_weight_bytes(graphs: &[&tfc::ir::Graph]) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    for g in graphs {
+        for n in g.node_ids() {
+            if let tfc::ir::Op::Weight { name, .. } = g.op(n) {
+                if seen.insert(name.clone()) {
+                    let values = g.ty(n).shape.iter().fold(1u64, |a, d| a.saturating_mul(d.c as u64));
+                    total = total.saturating_add(values.saturating_mul(4));
+                }
+            }
+        }
+    }
+    total
+}
+
 /// Fails, naming every tensor the model reads that holds NaN or infinity.
 fn check_weights(ck: &Checkpoint, c: &tfc::Compiled) -> Result<()> {
     let mut names: Vec<&str> = [Some(&c.prefill), c.decode.as_ref()]
@@ -462,6 +479,10 @@ pub fn run(a: RunArgs) -> Result<()> {
     let interp_weights;
     let model;
     let gpu_model;
+    // Memory is checked before weights are made or read: random weights are made in f32
+    // (and copied once), and the interpreter holds f32 copies of any weights.
+    let f32_bytes = f32_weight_bytes(&graphs);
+    let random_bytes = if checkpoint.is_none() { f32_bytes.saturating_mul(2) } else { 0 };
     let random = |names: Vec<String>| -> Result<WeightData> {
         let w = Weights::bind(&graphs, &WeightSource::Random { seed: a.seed })?;
         let bufs: Result<Vec<Vec<f32>>, _> = names.iter().map(|n| w.get(n).map(|t| t.data.clone())).collect();
@@ -483,6 +504,13 @@ pub fn run(a: RunArgs) -> Result<()> {
             Engine::Gpu(tfc_runtime::gpu::GpuSession::new(&gpu_model, data)?)
         }
         Backend::Interp => {
+            let sz = &c.spec.sizes;
+            let cache = [sz.layers, 2, sz.kv_heads, sz.head_dim, sz.max_seq, 4]
+                .iter()
+                .fold(1u64, |a, &x| a.saturating_mul(x as u64));
+            let needs =
+                tfc_runtime::memory::Needs { weights: f32_bytes.max(random_bytes), cache, scratch: 0 };
+            needs.check(&c.spec.name, "f32 in the interpreter", sz.max_seq).map_err(anyhow::Error::msg)?;
             let source = match &checkpoint {
                 Some(ck) => WeightSource::Checkpoint(ck),
                 None => WeightSource::Random { seed: a.seed },
@@ -492,6 +520,11 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
         Backend::Llvm | Backend::Mlir => {
             model = load_library(&a.spec, &source, &a.target_cpu, a.precision, a.backend.codegen())?;
+            let mut needs = model.needs();
+            needs.weights = needs.weights.saturating_add(random_bytes);
+            let what =
+                if checkpoint.is_some() { "as stored in the library" } else { "made in f32, then stored" };
+            needs.check(&c.spec.name, what, c.spec.sizes.max_seq).map_err(anyhow::Error::msg)?;
             let data = match &checkpoint {
                 Some(ck) => WeightData::Checkpoint(ck.clone()),
                 None => random(model.manifest().weights.iter().map(|w| w.name.clone()).collect())?,
@@ -795,7 +828,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let weights = match &a.weights {
         Some(dir) => Source::Checkpoint(Arc::new(Checkpoint::open(dir)?)),
-        None => Source::Random(Weights::bind(&[&c.prefill], &WeightSource::Random { seed: 1 })?),
+        None => {
+            let mut needs = model.needs();
+            needs.weights = needs.weights.saturating_add(f32_weight_bytes(&[&c.prefill]).saturating_mul(2));
+            needs.check(&m.name, "made in f32, then stored", m.max_seq).map_err(anyhow::Error::msg)?;
+            Source::Random(Weights::bind(&[&c.prefill], &WeightSource::Random { seed: 1 })?)
+        }
     };
     let data = |names: &mut dyn Iterator<Item = &str>| -> Result<WeightData> {
         Ok(match &weights {

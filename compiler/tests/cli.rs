@@ -21,10 +21,15 @@ fn scratch(name: &str) -> PathBuf {
 
 /// Runs `tfc` with `args` and a library cache of its own.
 fn tfc(cache: &Path, args: &[&str]) -> Output {
+    tfc_env(cache, args, &[])
+}
+
+fn tfc_env(cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tfc"))
         .args(args)
         .current_dir(root())
         .env("XDG_CACHE_HOME", cache)
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }
@@ -267,4 +272,52 @@ fn non_finite_weights_stop_the_run_and_are_named() {
         &["run", spec, "--weights", "tests/fixtures/hf/llama", "--tokens", "1,2,3", "--check-weights"],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn a_model_larger_than_the_memory_is_refused_with_its_sizes() {
+    let cache = scratch("memory");
+    let d = scratch("memory-specs");
+    let tiny = std::fs::read_to_string(root().join("specs/tiny/llama.tfs")).unwrap();
+    let sized = |vocab: &str, d_model: &str, max_seq: &str| {
+        tiny.replace("vocab    = 384", &format!("vocab    = {vocab}"))
+            .replace("d_model  = 64", &format!("d_model  = {d_model}"))
+            .replace("max_seq  = 64", &format!("max_seq  = {max_seq}"))
+    };
+    // Beyond any machine (2^30 × 2^15 weights, 2^20 positions): refused by the compiler
+    // with the figures, before anything is built.
+    let huge = d.join("huge.tfs");
+    std::fs::write(&huge, sized("1073741824", "32768", "1048576")).unwrap();
+    for cmd in ["check", "run"] {
+        let o = tfc(
+            &cache,
+            &[cmd, huge.to_str().unwrap(), "--tokens", "1"][..if cmd == "check" { 2 } else { 4 }],
+        );
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains("E0009") && e.contains("more than tfc supports (2^50)"), "{cmd}: {e}");
+    }
+    // Possible, but not here: refused before the weights are made, by every engine.
+    let big = d.join("big.tfs");
+    std::fs::write(&big, sized("1048576", "4096", "65536")).unwrap();
+    let limit = [("TFC_MEMORY_LIMIT", "10000000000")];
+    for backend in ["interp", "llvm"] {
+        let o =
+            tfc_env(&cache, &["run", big.to_str().unwrap(), "--tokens", "1", "--backend", backend], &limit);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(
+            e.contains("needs") && e.contains("this process may take 10.0 GB (TFC_MEMORY_LIMIT)"),
+            "{backend}: {e}"
+        );
+        assert!(
+            e.contains("KV cache") && e.contains("× max_seq 65536") && e.contains("Lower max_seq"),
+            "{backend}: {e}"
+        );
+    }
+    // A small model under a smaller limit: the session refuses the context it cannot hold.
+    let o =
+        tfc_env(&cache, &["run", "specs/tiny/gpt2.tfs", "--tokens", "1"], &[("TFC_MEMORY_LIMIT", "100000")]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("this process may take 100.0 kB (TFC_MEMORY_LIMIT)"), "{}", stderr(&o));
 }

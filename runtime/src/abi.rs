@@ -66,6 +66,7 @@ pub fn status_message(s: i32) -> &'static str {
         8 => "out of memory",
         9 => "the context is in use by another thread",
         10 => "not a live context (destroyed, or never created)",
+        11 => "a context needs more memory than this process may take (tfc_context_bytes)",
         _ => "unknown status",
     }
 }

@@ -6,6 +6,7 @@
 pub mod abi;
 pub mod checkpoint;
 pub mod gpu;
+pub mod memory;
 pub mod model;
 mod pages;
 pub mod quant;

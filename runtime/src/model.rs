@@ -39,6 +39,8 @@ pub enum RuntimeError {
     NonFinite { step: String, row: usize, column: usize, value: f32 },
     #[error("the library could not allocate its context (out of memory)")]
     Alloc,
+    #[error("{0}")]
+    TooLarge(String),
     #[error("cannot allocate memory for weight `{name}`: {message}")]
     Memory { name: String, message: String },
     #[error("{0}")]
@@ -64,6 +66,9 @@ pub struct Model {
     fns: Fns,
     /// Floats per output row, as the library itself reports them.
     width: usize,
+    /// Bytes a context allocates (`tfc_context_bytes`; a library built before it existed
+    /// does not say).
+    context_bytes: Option<u64>,
     // Keeps the code behind `fns` mapped; dropped last.
     _lib: libloading::Library,
 }
@@ -183,11 +188,41 @@ impl Model {
                 )));
             }
         }
-        Ok(Model { manifest, fns, width, _lib: lib })
+        // SAFETY: the symbol type is that of the ABI header; a plain query.
+        let context_bytes = unsafe {
+            lib.get::<unsafe extern "C" fn() -> i64>(b"tfc_context_bytes\0")
+                .ok()
+                .map(|f| f())
+                .map(|b| b.max(0) as u64)
+        };
+        Ok(Model { manifest, fns, width, context_bytes, _lib: lib })
     }
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// What a session of this model allocates: its copies of the weights the library
+    /// reads in place, the KV cache, and the rest of the context.
+    pub fn needs(&self) -> crate::memory::Needs {
+        let m = &self.manifest;
+        let weights = m
+            .weights
+            .iter()
+            .filter(|w| !w.repacked)
+            .map(|w| stored_bytes(&w.shape, &w.dtype).map_or(u64::MAX, |b| b as u64))
+            .fold(0u64, u64::saturating_add);
+        let cache = m.kv_cache.bytes as u64;
+        let scratch = self.context_bytes.map_or(0, |c| c.saturating_sub(cache));
+        crate::memory::Needs { weights, cache, scratch }
+    }
+
+    /// The storage types of the weights, for messages: `f32`, `bf16 and f32`, ….
+    fn dtypes(&self) -> String {
+        let mut d: Vec<&str> = self.manifest.weights.iter().map(|w| w.dtype.as_str()).collect();
+        d.sort();
+        d.dedup();
+        d.join(" and ")
     }
 }
 
@@ -259,6 +294,8 @@ impl<'m> Session<'m> {
                 ),
             });
         }
+        let m = &model.manifest;
+        model.needs().check(&m.name, &model.dtypes(), m.max_seq).map_err(RuntimeError::TooLarge)?;
         // SAFETY: `tfc_create` has no preconditions.
         let ctx = unsafe { (model.fns.create)(threads as i32) };
         if ctx.is_null() {

@@ -107,7 +107,18 @@ int main(void) {
     EXPECT("weight bytes out of range", tfc_weight_bytes(-1), -1);
     EXPECT("weight repacked out of range", tfc_weight_repacked((int32_t)tfc_weight_count()), -1);
 
-    tfc_ctx *ctx = tfc_create(2);
+    /* A context larger than the process may take is refused before it is mapped. */
+    tfc_ctx *none = (tfc_ctx *)(void *)&failures;
+    EXPECT("context bytes", tfc_context_bytes() > 0, 1);
+    EXPECT("new context, NULL out", tfc_new_context(1, NULL), TFC_ERR_NULL);
+    setenv("TFC_MEMORY_LIMIT", "4096", 1);
+    EXPECT("new context past the memory limit", tfc_new_context(1, &none), TFC_ERR_MEMORY);
+    EXPECT("it sets no context", none == NULL, 1);
+    EXPECT("create past the memory limit", tfc_create(1) == NULL, 1);
+    unsetenv("TFC_MEMORY_LIMIT");
+
+    tfc_ctx *ctx = NULL;
+    EXPECT("new context", tfc_new_context(2, &ctx), TFC_OK);
     if (!ctx) return 1;
     float *out = calloc((size_t)tfc_output_width() * 4, sizeof(float));
     int32_t tokens[4] = {1, 2, 3, 4};

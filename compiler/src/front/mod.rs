@@ -39,7 +39,45 @@ pub fn compile_spec(
         spec.activations = d;
     }
     match lower::lower(&spec, &mut diags) {
-        Some(g) if diags.is_empty() => Ok((spec, g)),
+        Some(g) if diags.is_empty() => {
+            let at = ast.model.as_ref().map_or(0..0, |m| m.span.clone());
+            match too_large(&spec, &g, at) {
+                None => Ok((spec, g)),
+                Some(d) => Err(fail(vec![d])),
+            }
+        }
         _ => Err(fail(diags)),
     }
+}
+
+/// The most bytes a model's weights, its KV cache, or one step's activations may take:
+/// 1 PiB, past any machine (whether this one has the memory is checked where a model is
+/// run), and far below where the 64-bit byte counts of the backends and the C half could
+/// wrap around into a small allocation.
+pub const MAX_BYTES: u128 = 1 << 50;
+
+/// An error when the model's sizes exceed [`MAX_BYTES`], counted in `u128`.
+fn too_large(spec: &Spec, g: &Graph, at: ast::Span) -> Option<Diagnostic> {
+    let s = &spec.sizes;
+    let n = |x: usize| x as u128;
+    let weights: u128 = g
+        .node_ids()
+        .into_iter()
+        .filter(|&id| matches!(g.op(id), crate::ir::Op::Weight { .. }))
+        .map(|id| g.ty(id).shape.iter().map(|d| n(d.c)).product::<u128>() * 4)
+        .sum();
+    let cache = n(s.layers) * 2 * n(s.kv_heads) * n(s.head_dim) * n(s.max_seq) * 4;
+    // A generous bound on one position's widest values, times every position.
+    let row =
+        n(s.vocab) + n(s.d_model) + n(s.d_ff.unwrap_or(0)) + (n(s.heads) + 2 * n(s.kv_heads)) * n(s.head_dim);
+    let activations = n(s.max_seq) * row * 4;
+    let parts = [("weights (as f32)", weights), ("the KV cache", cache), ("the activations", activations)];
+    let (what, bytes) = parts.into_iter().find(|&(_, b)| b > MAX_BYTES)?;
+    Some(
+        Diagnostic::error(Code::Limit, format!("{what} of this model would take {bytes} bytes, more than tfc supports (2^50)"))
+            .label(at, "this model")
+            .note(format!(
+                "weights {weights} bytes, KV cache {cache} bytes (layers × 2 × kv_heads × head_dim × max_seq × 4), activations up to {activations} bytes"
+            )),
+    )
 }

@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -376,15 +377,102 @@ static void big_free(void *p, size_t bytes) {
     if (p) munmap(p, big_size(bytes ? bytes : 1));
 }
 
+/* ---- memory. What a context maps, and what the process may still take: the least of
+   MemAvailable, the cgroup v2 limits of its cgroup and each parent (memory.max -
+   memory.current), the v1 limit, and TFC_MEMORY_LIMIT. The runtime crate reads the same
+   (runtime/src/memory.rs). Mapped memory is granted lazily, so without this check a
+   context too large for the machine is created and the process is killed when it is
+   used. ---- */
+int64_t tfc_context_bytes(void) {
+    int64_t total = 0;
+    const int64_t parts[] = {big_size((size_t)tfc__arena_bytes + 64), big_size((size_t)tfc__cache_bytes + 64),
+                             (tfc__n_weights + 1) * (int64_t)(2 * sizeof(void *)),
+                             (tfc__max_seq + 1) * (int64_t)sizeof(int32_t)};
+    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
+        if (__builtin_add_overflow(total, parts[i], &total)) return INT64_MAX;
+    for (int64_t i = 0; i < tfc__n_weights; i++)
+        if (tfc__weight_tiles[4 * i] != 0 && __builtin_add_overflow(total, (int64_t)big_size((size_t)tfc__weight_bytes[i]), &total))
+            return INT64_MAX;
+    return total;
+}
+
+static uint64_t read_number(const char *path) {
+    FILE *f = fopen(path, "r");
+    unsigned long long v = UINT64_MAX;
+    if (f) {
+        if (fscanf(f, "%llu", &v) != 1) v = UINT64_MAX; /* "max": no limit */
+        fclose(f);
+    }
+    return v;
+}
+
+static uint64_t least(uint64_t a, uint64_t b) { return a < b ? a : b; }
+
+static uint64_t available_memory(void) {
+    uint64_t room = UINT64_MAX;
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (f) {
+        char line[256];
+        unsigned long long kb;
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1 && kb < UINT64_MAX / 1024) room = least(room, kb * 1024);
+        fclose(f);
+    }
+    f = fopen("/proc/self/cgroup", "r");
+    if (f) {
+        char line[4096];
+        while (fgets(line, sizeof line, f)) {
+            line[strcspn(line, "\n")] = 0;
+            char *c1 = strchr(line, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+            if (!c2) continue;
+            char dir[4352], a[4400], b[4400];
+            if (c2 == c1 + 1) { /* v2: this cgroup and its parents */
+                snprintf(dir, sizeof dir, "/sys/fs/cgroup%s", strcmp(c2 + 1, "/") == 0 ? "" : c2 + 1);
+                for (;;) {
+                    snprintf(a, sizeof a, "%s/memory.max", dir);
+                    snprintf(b, sizeof b, "%s/memory.current", dir);
+                    uint64_t max = read_number(a), cur = read_number(b);
+                    if (max != UINT64_MAX && cur != UINT64_MAX) room = least(room, max > cur ? max - cur : 0);
+                    char *slash = strrchr(dir, '/');
+                    if (!slash || strlen(dir) <= strlen("/sys/fs/cgroup")) break;
+                    *slash = 0;
+                }
+            } else if (strstr(c1, "memory")) { /* v1 */
+                snprintf(dir, sizeof dir, "/sys/fs/cgroup/memory%s", strcmp(c2 + 1, "/") == 0 ? "" : c2 + 1);
+                snprintf(a, sizeof a, "%s/memory.limit_in_bytes", dir);
+                snprintf(b, sizeof b, "%s/memory.usage_in_bytes", dir);
+                uint64_t max = read_number(a), cur = read_number(b);
+                if (max < (1ull << 62) && cur != UINT64_MAX) room = least(room, max > cur ? max - cur : 0);
+            }
+        }
+        fclose(f);
+    }
+    const char *limit = getenv("TFC_MEMORY_LIMIT");
+    if (limit && *limit) {
+        char *end;
+        unsigned long long v = strtoull(limit, &end, 10);
+        if (*end == 0) room = least(room, v);
+    }
+    return room;
+}
+
 tfc_ctx *tfc_create(int32_t n_threads) {
+    tfc_ctx *c = NULL;
+    return tfc_new_context(n_threads, &c) == TFC_OK ? c : NULL;
+}
+
+int32_t tfc_new_context(int32_t n_threads, tfc_ctx **out) {
+    if (!out) return TFC_ERR_NULL;
+    *out = NULL;
     pthread_once(&chosen, choose_code);
+    if ((uint64_t)tfc_context_bytes() > available_memory()) return TFC_ERR_MEMORY;
     if (n_threads <= 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         n_threads = n > 0 ? (n < TFC_MAX_THREADS ? (int32_t)n : TFC_MAX_THREADS) : 1;
     }
     if (n_threads > TFC_MAX_THREADS) n_threads = TFC_MAX_THREADS;
     tfc_ctx *c = calloc(1, sizeof *c);
-    if (!c) return NULL;
+    if (!c) return TFC_ERR_ALLOC;
     c->arena = big_alloc((size_t)tfc__arena_bytes + 64);
     c->cache = big_alloc((size_t)tfc__cache_bytes + 64);
     c->weights = calloc((size_t)tfc__n_weights + 1, sizeof(void *));
@@ -400,13 +488,14 @@ tfc_ctx *tfc_create(int32_t n_threads) {
         free(c->owned);
         free(c->zeros);
         free(c);
-        return NULL;
+        return TFC_ERR_ALLOC;
     }
     pthread_mutex_lock(&live_mu);
     c->next_live = live_head;
     live_head = c;
     pthread_mutex_unlock(&live_mu);
-    return c;
+    *out = c;
+    return TFC_OK;
 }
 
 void tfc_destroy(tfc_ctx *c) {
@@ -590,6 +679,7 @@ const char *tfc_status_string(int32_t s) {
     case TFC_ERR_ALLOC: return "out of memory";
     case TFC_ERR_BUSY: return "the context is in use by another thread";
     case TFC_ERR_CONTEXT: return "not a live context (destroyed, or never created)";
+    case TFC_ERR_MEMORY: return "a context needs more memory than this process may take (tfc_context_bytes)";
     default: return "unknown status";
     }
 }

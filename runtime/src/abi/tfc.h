@@ -20,7 +20,8 @@ enum {
     TFC_ERR_NO_DECODE = 7,     /* the model has bidirectional attention: no decode step */
     TFC_ERR_ALLOC = 8,         /* out of memory */
     TFC_ERR_BUSY = 9,          /* another thread is in a call on the same context */
-    TFC_ERR_CONTEXT = 10       /* not a live context: destroyed already, or never created */
+    TFC_ERR_CONTEXT = 10,      /* not a live context: destroyed already, or never created */
+    TFC_ERR_MEMORY = 11        /* a context needs more memory than the process may take */
 };
 
 /* The most threads a context runs (tfc_create takes this many for a larger count). */
@@ -56,6 +57,17 @@ int32_t tfc_uses_fallback(void);
    happens to get the same address, which no library can tell apart: do not keep a
    destroyed pointer. */
 tfc_ctx *tfc_create(int32_t n_threads);
+/* tfc_create with a status: TFC_OK and *ctx set; TFC_ERR_NULL for a NULL ctx;
+   TFC_ERR_MEMORY when tfc_context_bytes() exceeds what the process may still take (the
+   least of MemAvailable, its cgroup limits and TFC_MEMORY_LIMIT, in bytes, if set): the
+   context is refused before its memory is mapped, where the kernel would otherwise
+   grant it and kill the process when it is used; TFC_ERR_ALLOC when allocation fails.
+   tfc_create returns NULL in both cases. */
+int32_t tfc_new_context(int32_t n_threads, tfc_ctx **ctx);
+/* Bytes one context allocates: the KV cache, the scratch arena and the copies of the
+   weights the library re-packs when they are bound (the caller's weights are not
+   counted). */
+int64_t tfc_context_bytes(void);
 void tfc_destroy(tfc_ctx *ctx);
 
 /* 1 when binding weight `index` copies it into the library's own layout (a bf16 matrix
