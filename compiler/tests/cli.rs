@@ -321,3 +321,93 @@ fn a_model_larger_than_the_memory_is_refused_with_its_sizes() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("this process may take 100.0 kB (TFC_MEMORY_LIMIT)"), "{}", stderr(&o));
 }
+
+/// Builds a C program against a library's header and links it to the library.
+fn build_c(dir: &Path, name: &str, source: &Path, flags: &[&str]) -> PathBuf {
+    let exe = dir.join(source.file_stem().unwrap());
+    let o = Command::new("cc")
+        .args(["-O1", "-g", "-pthread", "-Wall", "-Wextra", "-Werror"])
+        .args(flags)
+        .arg("-I")
+        .arg(dir)
+        .arg("-include")
+        .arg(dir.join(format!("{name}.h")))
+        .arg(source)
+        .arg("-L")
+        .arg(dir)
+        .args([format!("-l{name}"), format!("-Wl,-rpath,{}", dir.display()), "-o".into()])
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    exe
+}
+
+/// The ABI misuse program and the C example, with the C half built under AddressSanitizer
+/// and UBSan (leaks included), then under valgrind where it is installed: no error, no
+/// leak. The generated code is not instrumented; the C half is all that is hand-written.
+#[test]
+fn the_c_half_is_clean_under_sanitizers_and_valgrind() {
+    let cache = scratch("sanitizers-cache");
+    let sanitize = "-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g";
+    let checks = root().join("tests/c/abi_checks.c");
+    let example = root().join("examples/c/generate.c");
+    let weights = root().join("tests/fixtures/hf/llama/model.safetensors");
+    let prompt = ["4", "188", "354", "68", "81"];
+    for (tag, cflags) in [("asan", sanitize), ("plain", "")] {
+        let dir = scratch(&format!("sanitizers-{tag}"));
+        let o = tfc_env(
+            &cache,
+            &["compile", "specs/tiny/llama.tfs", "-o", dir.to_str().unwrap()],
+            &[("TFC_CFLAGS", cflags)],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let flags: Vec<&str> = cflags.split_whitespace().collect();
+        let programs = [build_c(&dir, "llama", &checks, &flags), build_c(&dir, "llama", &example, &flags)];
+        let wrap: Vec<Vec<String>> = match tag {
+            "asan" => vec![vec![]],
+            _ if Command::new("valgrind").arg("--version").output().is_ok() => vec![[
+                "valgrind",
+                "--error-exitcode=99",
+                "--leak-check=full",
+                "--errors-for-leak-kinds=definite,indirect,possible",
+                "--quiet",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()],
+            _ => {
+                eprintln!("valgrind is not installed: the C half is checked under the sanitizers only");
+                vec![]
+            }
+        };
+        for w in wrap {
+            for (exe, args) in [(&programs[0], &[][..]), (&programs[1], &prompt[..])] {
+                let mut cmd = match w.first() {
+                    Some(v) => {
+                        let mut c = Command::new(v);
+                        c.args(&w[1..]).arg(exe);
+                        c
+                    }
+                    None => Command::new(exe),
+                };
+                if exe == &programs[1] {
+                    cmd.arg(&weights);
+                }
+                if !w.is_empty() {
+                    // valgrind's CPU has no AVX-512: the library runs its baseline copy,
+                    // which the misuse program checks was asked for.
+                    cmd.env("TFC_CPU", "baseline");
+                }
+                let o = cmd
+                    .args(args)
+                    .env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=98")
+                    .env("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1:exitcode=97")
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{tag} {}: {:?}\n{}", exe.display(), o.status, stderr(&o));
+                assert!(!stdout(&o).trim().is_empty());
+            }
+        }
+    }
+}

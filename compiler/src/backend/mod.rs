@@ -410,6 +410,8 @@ pub fn compile_library(
         .arg(&obj)
         .args(fallback_object.as_ref().map(|_| &fallback_obj))
         .arg(if fallback_object.is_some() { "-DTFC_FALLBACK" } else { "-UTFC_FALLBACK" })
+        // Extra flags for the C half, e.g. `-fsanitize=address,undefined` to test it.
+        .args(std::env::var("TFC_CFLAGS").unwrap_or_default().split_whitespace())
         .arg("-lm")
         .output()
         .map_err(|e| BackendError::Link { cc: cc.clone(), lib: library.clone(), stderr: e.to_string() })?;
