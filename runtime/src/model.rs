@@ -212,8 +212,10 @@ impl Model {
             .filter(|w| !w.repacked)
             .map(|w| stored_bytes(&w.shape, &w.dtype).map_or(u64::MAX, |b| b as u64))
             .fold(0u64, u64::saturating_add);
-        let cache = m.kv_cache.bytes as u64;
-        let scratch = self.context_bytes.map_or(0, |c| c.saturating_sub(cache));
+        // The library's own count of what a context maps is the truth; the manifest's
+        // cache size only splits it for messages.
+        let cache = (m.kv_cache.bytes as u64).min(self.context_bytes.unwrap_or(u64::MAX));
+        let scratch = self.context_bytes.map_or(0, |c| c - cache);
         crate::memory::Needs { weights, cache, scratch }
     }
 

@@ -7,6 +7,7 @@ mod common;
 mod diagnostics;
 mod equivalence;
 mod fixtures;
+mod fuzz;
 mod gpu;
 mod import;
 mod passes;
