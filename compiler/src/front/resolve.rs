@@ -82,8 +82,12 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
             }
         }
     }
-    if let (Some(head), Some(embed)) = (&head, &embed) {
-        for c in &head.components {
+    // An unembedding may be declared in any section; wherever it is, `tied` must name an
+    // embedding of the `embed` section.
+    if let Some(embed) = &embed {
+        for c in
+            [&block, &head].into_iter().flatten().chain(std::iter::once(embed)).flat_map(|s| &s.components)
+        {
             if let Kind::Unembed { tied: Some(t), .. } = &c.kind {
                 match embed.component(t).map(|e| &e.kind) {
                     Some(Kind::Embedding { .. }) => {}
