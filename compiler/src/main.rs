@@ -107,6 +107,10 @@ enum Command {
         /// Write the spec here instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Also open the folder's checkpoint and check that every tensor the spec reads is
+        /// there, with its shape, and holds no NaN or infinity.
+        #[arg(long)]
+        check_weights: bool,
     },
     /// Run a model: prefill the prompt, then generate.
     Run(run::RunArgs),
@@ -237,12 +241,19 @@ fn dispatch(cmd: Command) -> Result<()> {
                 }
             }
         }
-        Command::ImportHf { dir, output } => {
+        Command::ImportHf { dir, output, check_weights } => {
             let config = if dir.is_dir() { dir.join("config.json") } else { dir.clone() };
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("cannot read {}", config.display()))?;
             let spec = tfc::import::hf::import(&text)
                 .with_context(|| format!("cannot import {}", config.display()))?;
+            if check_weights {
+                let folder = config.parent().unwrap_or(Path::new("."));
+                let ck = tfc_runtime::Checkpoint::open(folder)?;
+                let c = tfc::compile("imported.tfs", &spec, &Options::default(), &mut |_, _| {})?;
+                run::check_weights(&ck, &c)
+                    .with_context(|| format!("the checkpoint in {}", folder.display()))?;
+            }
             match output {
                 Some(p) => {
                     std::fs::write(&p, spec).with_context(|| format!("cannot write {}", p.display()))?

@@ -140,7 +140,7 @@ pub struct RunArgs {
     /// naming each tensor, if any holds NaN or infinity.
     #[arg(long, requires = "weights")]
     check_weights: bool,
-    /// Threads for the compiled library (0: one per core).
+    /// Threads for the compiled library: 1 to 256, or 0 for one per core.
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// The CPU the library is compiled for (`native` or an LLVM CPU name).
@@ -323,28 +323,33 @@ fn f32_weight_bytes(graphs: &[&tfc::ir::Graph]) -> u64 {
     total
 }
 
-/// Fails, naming every tensor the model reads that holds NaN or infinity.
-fn check_weights(ck: &Checkpoint, c: &tfc::Compiled) -> Result<()> {
-    let mut names: Vec<&str> = [Some(&c.prefill), c.decode.as_ref()]
+/// Fails, naming every tensor the model reads that is missing, of another shape, or
+/// holds NaN or infinity.
+pub fn check_weights(ck: &Checkpoint, c: &tfc::Compiled) -> Result<()> {
+    let mut weights: Vec<(&str, Vec<usize>)> = [Some(&c.prefill), c.decode.as_ref()]
         .into_iter()
         .flatten()
         .flat_map(|g| {
             g.node_ids().into_iter().filter_map(move |n| match g.op(n) {
-                tfc::ir::Op::Weight { name, .. } => Some(name.as_str()),
+                tfc::ir::Op::Weight { name, .. } => {
+                    Some((name.as_str(), g.ty(n).shape.iter().map(|d| d.c).collect()))
+                }
                 _ => None,
             })
         })
         .collect();
-    names.sort();
-    names.dedup();
+    weights.sort();
+    weights.dedup();
     let mut bad = Vec::new();
-    for name in names {
-        if let Some((count, first, value)) = ck.non_finite(name)? {
+    for (name, shape) in weights {
+        if let Err(e) = ck.raw(name, &shape) {
+            bad.push(e.to_string());
+        } else if let Some((count, first, value)) = ck.non_finite(name)? {
             bad.push(format!("`{name}`: {count} non-finite values, the first {value} at flat index {first}"));
         }
     }
     if !bad.is_empty() {
-        bail!("the checkpoint holds non-finite weights:\n  {}", bad.join("\n  "));
+        bail!("the checkpoint does not hold the model's weights as they should be:\n  {}", bad.join("\n  "));
     }
     Ok(())
 }
@@ -599,7 +604,7 @@ pub struct BenchArgs {
     /// Measured repetitions (after one warm-up).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// Threads (0: one per core).
+    /// Threads: 1 to 256, or 0 for one per core.
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// Print JSON instead of a table.

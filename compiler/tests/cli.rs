@@ -272,6 +272,10 @@ fn non_finite_weights_stop_the_run_and_are_named() {
         &["run", spec, "--weights", "tests/fixtures/hf/llama", "--tokens", "1,2,3", "--check-weights"],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    // The importer checks the folder's checkpoint the same way when asked.
+    refused(&cache, &["import-hf", w, "--check-weights"], &format!("`{name}`: 1 non-finite values"));
+    let o = tfc(&cache, &["import-hf", "tests/fixtures/hf/llama", "--check-weights"]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]

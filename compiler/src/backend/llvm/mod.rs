@@ -674,10 +674,10 @@ enum Packing {
     Slices,
 }
 
-#[allow(clippy::too_many_arguments)]
 /// Kernel calls per basic block of a graph function (see `emit_graph`).
 const CALLS_PER_BLOCK: usize = 32;
 
+#[allow(clippy::too_many_arguments)]
 fn emit_graph<'ctx>(
     cx: &'ctx Context,
     m: &Module<'ctx>,
