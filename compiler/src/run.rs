@@ -808,6 +808,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.runs == 0 {
         bail!("--runs 0: at least one measured run is needed");
     }
+    if a.prompt == 0 {
+        bail!("--prompt 0: prefill needs at least one token");
+    }
     let source =
         std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read {}", a.spec.display()))?;
     let t0 = Instant::now();

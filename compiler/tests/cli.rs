@@ -80,6 +80,15 @@ fn run_arguments_are_checked_first_with_their_values() {
     // The same limits hold for the library; the cache stays empty since nothing ran.
     refused(&cache, &["run", spec, "--tokens", "1,2", "--threads", "4294967298"], "--threads 4294967298");
     assert!(!cache.join("tfc").exists(), "a refused run compiled something");
+    // A CPU name LLVM does not know made LLVM abort the process.
+    let out = scratch("args-cpu");
+    refused(
+        &cache,
+        &["compile", spec, "--target-cpu", "skylake-avx513", "-o", out.to_str().unwrap()],
+        "target CPU `skylake-avx513` is not one LLVM knows (did you mean `skylake-avx512`?)",
+    );
+    refused(&cache, &["bench", spec, "--prompt", "0"], "--prompt 0: prefill needs at least one token");
+    refused(&cache, &["bench", spec, "--threads", "300"], "--threads 300: at most 256");
     // 63 prompt tokens and 2 generated fit exactly: the last one is never fed back.
     let tokens = vec!["1"; 63].join(",");
     let o = tfc(&cache, &["run", spec, "--backend", "interp", "--tokens", &tokens, "--generate", "2"]);
@@ -90,53 +99,23 @@ fn run_arguments_are_checked_first_with_their_values() {
 fn logits_to_a_path_that_cannot_be_written_fail_before_the_run() {
     let cache = scratch("logits");
     let d = scratch("logits-out");
+    let run = |logits: &Path, extra: &[&str]| -> Output {
+        let mut args = vec!["run", "specs/tiny/gpt2.tfs", "--backend", "interp", "--tokens", "1", "--logits"];
+        args.push(logits.to_str().unwrap());
+        args.extend(extra);
+        tfc(&cache, &args)
+    };
     let missing = d.join("no/such/folder/out.json");
-    refused(
-        &cache,
-        &[
-            "run",
-            "specs/tiny/gpt2.tfs",
-            "--backend",
-            "interp",
-            "--tokens",
-            "1",
-            "--logits",
-            missing.to_str().unwrap(),
-        ],
-        &format!("cannot write --logits {}", missing.display()),
-    );
+    let o = run(&missing, &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains(&format!("cannot write --logits {}", missing.display())), "{}", stderr(&o));
     // A run that fails later leaves no empty file behind.
     let out = d.join("out.json");
-    refused(
-        &cache,
-        &[
-            "run",
-            "specs/tiny/gpt2.tfs",
-            "--backend",
-            "interp",
-            "--tokens",
-            "1",
-            "--logits",
-            out.to_str().unwrap(),
-            "--weights",
-            d.to_str().unwrap(),
-        ],
-        "holds no `model.safetensors`",
-    );
+    let o = run(&out, &["--weights", d.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("holds no `model.safetensors`"), "{}", stderr(&o));
     assert!(!out.exists());
-    let o = tfc(
-        &cache,
-        &[
-            "run",
-            "specs/tiny/gpt2.tfs",
-            "--backend",
-            "interp",
-            "--tokens",
-            "1",
-            "--logits",
-            out.to_str().unwrap(),
-        ],
-    );
+    let o = run(&out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::metadata(&out).unwrap().len() > 1000);
 }

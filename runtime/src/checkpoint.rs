@@ -129,9 +129,8 @@ impl Checkpoint {
         self.index.contains_key(name)
     }
 
-    /// The stored bytes of tensor `name` (in the mapping, not copied) and its dtype,
-    /// checked against the expected shape.
-    pub fn raw(&self, name: &str, expected: &[usize]) -> Result<(Dtype, &[u8]), CheckpointError> {
+    /// Tensor `name` as stored: its dtype, shape and bytes (in the mapping, not copied).
+    fn view(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8]), CheckpointError> {
         let Some(&i) = self.index.get(name) else {
             return Err(CheckpointError::Missing { name: name.to_string(), hint: self.hint(name) });
         };
@@ -142,40 +141,34 @@ impl Checkpoint {
         };
         let st = SafeTensors::deserialize(map).map_err(bad)?;
         let t = st.tensor(name).map_err(bad)?;
-        if t.shape() != expected {
-            let (found, expected) = (t.shape().to_vec(), expected.to_vec());
-            return Err(CheckpointError::Shape { name: name.into(), found, expected });
-        }
         // The view borrows `map`, which lives as long as `self`.
         let start = t.data().as_ptr() as usize - map.as_ptr() as usize;
-        Ok((t.dtype(), &map[start..start + t.data().len()]))
+        Ok((t.dtype(), t.shape().to_vec(), &map[start..start + t.data().len()]))
+    }
+
+    /// The stored bytes of tensor `name` (in the mapping, not copied) and its dtype,
+    /// checked against the expected shape.
+    pub fn raw(&self, name: &str, expected: &[usize]) -> Result<(Dtype, &[u8]), CheckpointError> {
+        let (dtype, found, bytes) = self.view(name)?;
+        if found != expected {
+            return Err(CheckpointError::Shape { name: name.into(), found, expected: expected.to_vec() });
+        }
+        Ok((dtype, bytes))
+    }
+
+    /// The tensor `name` as `f32`, checked against the expected shape.
+    pub fn get(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        let (dtype, bytes) = self.raw(name, expected)?;
+        floats(dtype, bytes)
+            .map(Iterator::collect)
+            .ok_or_else(|| CheckpointError::DType { name: name.into(), dtype: format!("{dtype:?}") })
     }
 
     /// How many values of tensor `name` are NaN or infinite, with the first one's index
     /// and value; `None` when all are finite (integer tensors always are).
     pub fn non_finite(&self, name: &str) -> Result<Option<(usize, usize, f32)>, CheckpointError> {
-        let Some(&i) = self.index.get(name) else {
-            return Err(CheckpointError::Missing { name: name.to_string(), hint: self.hint(name) });
-        };
-        let (path, map) = &self.files[i];
-        let bad = |e: safetensors::SafeTensorError| CheckpointError::Format {
-            path: path.clone(),
-            message: e.to_string(),
-        };
-        let st = SafeTensors::deserialize(map).map_err(bad)?;
-        let t = st.tensor(name).map_err(bad)?;
-        let values: Box<dyn Iterator<Item = f32>> = match t.dtype() {
-            Dtype::F32 => {
-                Box::new(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-            }
-            Dtype::F16 => {
-                Box::new(t.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()))
-            }
-            Dtype::BF16 => {
-                Box::new(t.data().chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()))
-            }
-            _ => return Ok(None),
-        };
+        let (dtype, _, bytes) = self.view(name)?;
+        let Some(values) = floats(dtype, bytes) else { return Ok(None) };
         let mut found: Option<(usize, usize, f32)> = None;
         for (k, x) in values.enumerate().filter(|(_, x)| !x.is_finite()) {
             match &mut found {
@@ -184,23 +177,6 @@ impl Checkpoint {
             }
         }
         Ok(found)
-    }
-
-    /// The tensor `name` as `f32`, checked against the expected shape.
-    pub fn get(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
-        let (dtype, bytes) = self.raw(name, expected)?;
-        Ok(match dtype {
-            Dtype::F32 => {
-                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-            }
-            Dtype::F16 => {
-                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-            }
-            Dtype::BF16 => {
-                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-            }
-            d => return Err(CheckpointError::DType { name: name.into(), dtype: format!("{d:?}") }),
-        })
     }
 
     /// The most similar tensor names, to say what was probably meant.
@@ -219,6 +195,20 @@ impl Checkpoint {
             _ => String::new(),
         }
     }
+}
+
+/// The values of a float tensor's bytes as `f32`; `None` for other dtypes.
+fn floats(dtype: Dtype, bytes: &[u8]) -> Option<Box<dyn Iterator<Item = f32> + '_>> {
+    Some(match dtype {
+        Dtype::F32 => Box::new(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        Dtype::F16 => {
+            Box::new(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()))
+        }
+        Dtype::BF16 => {
+            Box::new(bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()))
+        }
+        _ => return None,
+    })
 }
 
 fn common_affix(a: &str, b: &str) -> usize {

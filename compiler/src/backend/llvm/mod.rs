@@ -36,6 +36,8 @@ pub enum LlvmError {
     Unsupported(String),
     #[error("LLVM: {0}")]
     Llvm(String),
+    #[error("{0}")]
+    Cpu(String),
 }
 
 /// The graphs a library holds, compiled from one spec.
@@ -1087,8 +1089,26 @@ pub fn cpu_features_global<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, features: 
     g.set_visibility(GlobalVisibility::Hidden);
 }
 
+include!(concat!(env!("OUT_DIR"), "/x86_cpus.rs"));
+
+/// Refuses a CPU name LLVM does not know: it would ignore it with a warning and then
+/// abort the process when generating 64-bit code for the featureless CPU.
+fn check_cpu(cpu: &str) -> Result<(), LlvmError> {
+    if X86_CPUS.is_empty() || X86_CPUS.contains(&cpu) {
+        return Ok(());
+    }
+    let near = X86_CPUS.iter().min_by_key(|c| strsim::levenshtein(c, cpu)).copied().unwrap_or("x86-64");
+    Err(LlvmError::Cpu(format!(
+        "target CPU `{cpu}` is not one LLVM knows (did you mean `{near}`?); `native`, `x86-64`, `x86-64-v3`, \
+         `x86-64-v4` or a name from `llc -march=x86-64 -mcpu=help`"
+    )))
+}
+
 /// The host's target machine (or `cpu`'s), position-independent for a shared library.
 pub fn target_machine(cpu: Option<&str>) -> Result<TargetMachine, LlvmError> {
+    if let Some(c) = cpu.filter(|&c| c != "native") {
+        check_cpu(c)?;
+    }
     Target::initialize_native(&InitializationConfig::default()).map_err(LlvmError::Llvm)?;
     let triple = TargetMachine::get_default_triple();
     let target = Target::from_triple(&triple).map_err(|e| LlvmError::Llvm(e.to_string()))?;
