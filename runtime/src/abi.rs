@@ -118,6 +118,13 @@ pub struct WeightInfo {
     pub repacked: bool,
 }
 
+/// A weight's type as a library states it (`tfc_weight_type`) and a loader compares with
+/// the manifest: `f32 [384, 64]`.
+pub fn weight_type(dtype: &str, shape: &[usize]) -> String {
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    format!("{dtype} [{}]", dims.join(", "))
+}
+
 /// The most threads a context takes (`tfc_create` uses this many for a larger count).
 pub const MAX_THREADS: usize = 256;
 

@@ -171,6 +171,10 @@ impl Model {
             let b: unsafe extern "C" fn(i32) -> i64 = *lib.get(b"tfc_weight_bytes\0").map_err(lib_err)?;
             (n, b)
         };
+        // A library built before `tfc_weight_type` existed is checked by sizes alone.
+        // SAFETY: the symbol type is that of the ABI header.
+        let type_of: Option<unsafe extern "C" fn(i32) -> *const std::ffi::c_char> =
+            unsafe { lib.get(b"tfc_weight_type\0").ok().map(|f| *f) };
         for (i, w) in manifest.weights.iter().enumerate() {
             // SAFETY: an index below the library's count gives a NUL-terminated constant.
             let name = unsafe { std::ffi::CStr::from_ptr(name_of(i as i32)) }.to_string_lossy();
@@ -179,6 +183,17 @@ impl Model {
             }
             let bytes =
                 stored_bytes(&w.shape, &w.dtype).map_err(|m| bad(format!("weight {i} `{}`: {m}", w.name)))?;
+            if let Some(type_of) = type_of {
+                // SAFETY: as for the name.
+                let library = unsafe { std::ffi::CStr::from_ptr(type_of(i as i32)) }.to_string_lossy();
+                let listed = abi::weight_type(&w.dtype, &w.shape);
+                if library != listed {
+                    return Err(bad(format!(
+                        "weight {i} `{}` is {listed}, but the library binds {library}",
+                        w.name
+                    )));
+                }
+            }
             // SAFETY: a plain query with an index below the library's count.
             let library = unsafe { bytes_of(i as i32) };
             if library < 0 || library as u64 != bytes as u64 {

@@ -189,12 +189,23 @@ fn an_edited_manifest_or_a_damaged_library_is_refused_at_load() {
             n0.as_str().unwrap()
         ),
     );
+    let wte = "weight 0 `transformer.wte.weight`";
     refused(
         "shape",
         &|m| m["weights"][0]["shape"][0] = 385.into(),
-        "(f32 [385, 64]) is 98560 bytes, but the library expects 98304",
+        &format!("{wte} is f32 [385, 64], but the library binds f32 [384, 64]"),
     );
-    refused("dtype", &|m| m["weights"][0]["dtype"] = "bf16".into(), "but the library expects");
+    // The same number of values in another shape is still another tensor.
+    refused(
+        "transposed",
+        &|m| m["weights"][0]["shape"] = serde_json::json!([64, 384]),
+        &format!("{wte} is f32 [64, 384], but the library binds f32 [384, 64]"),
+    );
+    refused(
+        "dtype",
+        &|m| m["weights"][0]["dtype"] = "bf16".into(),
+        &format!("{wte} is bf16 [384, 64], but the library binds f32 [384, 64]"),
+    );
     refused(
         "overflow",
         &|m| m["weights"][0]["shape"] = serde_json::json!([1u64 << 40, 1u64 << 40]),
@@ -223,6 +234,20 @@ fn an_edited_manifest_or_a_damaged_library_is_refused_at_load() {
     let d = copy("foreign-unhashed", &|m| m["library_hash"] = "".into());
     std::fs::copy(other.join("libllama.so"), d.join("libgpt2.so")).unwrap();
     assert!(Model::load(&d).is_err());
+}
+
+/// The MLIR CPU backend refuses a model it would take tens of minutes to compile, with the
+/// limit and the alternative, instead of running that long.
+#[test]
+fn the_mlir_backend_refuses_more_layers_than_its_limit() {
+    let src = std::fs::read_to_string(root().join("specs/tiny/llama.tfs")).unwrap();
+    let many = tfc::backend::MLIR_MAX_LAYERS + 1;
+    let source = src.replace("layers   = 2", &format!("layers   = {many}"));
+    let dir = root().join("target/test-libs/mlir-layers");
+    let opts = LibOptions { backend: Backend::Mlir, ..Default::default() };
+    let e = compile_library("llama.tfs", &source, &dir, &opts).unwrap_err().to_string();
+    assert!(e.contains(&format!("more than {} layers (`llama` has {many})", many - 1)), "{e}");
+    assert!(e.contains("--backend llvm"), "{e}");
 }
 
 #[test]

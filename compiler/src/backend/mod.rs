@@ -145,6 +145,12 @@ impl LibGraphs {
 }
 
 /// The library's LLVM module from the chosen backend, with its layout.
+/// The most layers the MLIR CPU backend compiles: it writes each graph as one function
+/// with every op's loops inline, and LLVM's optimisation of such a function grows with the
+/// square of its length (tiny LLaMA layers: 16 in 37 s, 32 in 142 s, 64 in 400 s, 128 over
+/// 50 min).
+pub const MLIR_MAX_LAYERS: usize = 32;
+
 fn build<'ctx>(
     cx: &'ctx inkwell::context::Context,
     lg: &LibGraphs,
@@ -155,6 +161,16 @@ fn build<'ctx>(
     match backend {
         Backend::Llvm => Ok(llvm::build(cx, &lg.compiled, &lg.graphs(), weights, llvm::has_amx(tm))?),
         Backend::Mlir => {
+            let layers = lg.compiled.spec.sizes.layers;
+            if layers > MLIR_MAX_LAYERS {
+                return Err(mlir::MlirError::Unsupported(format!(
+                    "more than {MLIR_MAX_LAYERS} layers (`{}` has {layers}): each graph becomes one function, \
+                     whose optimisation takes time quadratic in its length (64 small layers took 400 s); \
+                     the default backend, `--backend llvm`, compiles any number of layers in linear time",
+                    lg.compiled.spec.name
+                ))
+                .into());
+            }
             let layout = llvm::layout(&lg.compiled, &lg.graphs())?;
             let ml = mlir::Mlir::new();
             let m = mlir_cpu(&ml, lg, weights, &layout, true)?;

@@ -25,7 +25,7 @@ extern const int64_t tfc__weight_bytes[];
 /* Per weight: out, in, 1 if stored [in, out], and the layout (0: bf16 tiles, 1: f32
    panels); out = 0 for a weight bound as it is. */
 extern const int64_t tfc__weight_tiles[];
-extern const char *const tfc__weight_names[];
+extern const char *const tfc__weight_name[], *const tfc__weight_type[];
 void tfc__prefill(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t, const void *const *,
                   float *, void *);
 void tfc__prefill_all(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t,
@@ -344,7 +344,10 @@ int32_t tfc_output_width(void) { return (int32_t)tfc__out_width; }
 int32_t tfc_has_decode(void) { return (int32_t)tfc__has_decode; }
 int32_t tfc_weight_count(void) { return (int32_t)tfc__n_weights; }
 const char *tfc_weight_name(int32_t index) {
-    return index < 0 || index >= tfc__n_weights ? NULL : tfc__weight_names[index];
+    return index < 0 || index >= tfc__n_weights ? NULL : tfc__weight_name[index];
+}
+const char *tfc_weight_type(int32_t index) {
+    return index < 0 || index >= tfc__n_weights ? NULL : tfc__weight_type[index];
 }
 int64_t tfc_weight_bytes(int32_t index) {
     return index < 0 || index >= tfc__n_weights ? -1 : tfc__weight_bytes[index];

@@ -39,6 +39,9 @@ int32_t tfc_has_decode(void);
 int32_t tfc_weight_count(void);
 /* The checkpoint tensor name of weight `index`; NULL for a bad index. */
 const char *tfc_weight_name(int32_t index);
+/* The storage type and shape of weight `index`, as the manifest states them, e.g.
+   "f32 [384, 64]" or "bf16 [64, 160]"; NULL for a bad index. */
+const char *tfc_weight_type(int32_t index);
 /* Bytes weight `index` must have (the manifest's shape and dtype). -1 for a bad index. */
 int64_t tfc_weight_bytes(int32_t index);
 /* 1 when this CPU runs the library's baseline x86-64 copy of its code because it lacks a

@@ -327,25 +327,33 @@ pub fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &Weight
     g.set_initializer(&arr);
     g.set_constant(true);
     g.set_visibility(GlobalVisibility::Hidden);
-    let names: Vec<_> = w
-        .names
-        .iter()
-        .enumerate()
-        .map(|(i, (n, _, _))| {
-            let s = cx.const_string(n.as_bytes(), true);
-            let g = m.add_global(s.get_type(), None, &format!("tfc__weight_name.{i}"));
-            g.set_initializer(&s);
-            g.set_constant(true);
-            g.set_linkage(Linkage::Private);
-            g.as_pointer_value()
-        })
-        .collect();
-    let ptr = cx.ptr_type(inkwell::AddressSpace::default());
-    let arr = ptr.const_array(&names);
-    let g = m.add_global(arr.get_type(), None, "tfc__weight_names");
-    g.set_initializer(&arr);
-    g.set_constant(true);
-    g.set_visibility(GlobalVisibility::Hidden);
+    // Per weight, its checkpoint name and its type as `tfc_runtime::abi::weight_type`
+    // writes it, which the runtime compares with the manifest.
+    let strings = |name: &str, values: Vec<String>| {
+        let ptrs: Vec<_> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let s = cx.const_string(v.as_bytes(), true);
+                let g = m.add_global(s.get_type(), None, &format!("{name}.{i}"));
+                g.set_initializer(&s);
+                g.set_constant(true);
+                g.set_linkage(Linkage::Private);
+                g.as_pointer_value()
+            })
+            .collect();
+        let ptr = cx.ptr_type(inkwell::AddressSpace::default());
+        let arr = ptr.const_array(&ptrs);
+        let g = m.add_global(arr.get_type(), None, name);
+        g.set_initializer(&arr);
+        g.set_constant(true);
+        g.set_visibility(GlobalVisibility::Hidden);
+    };
+    strings("tfc__weight_name", w.names.iter().map(|(n, _, _)| n.clone()).collect());
+    strings(
+        "tfc__weight_type",
+        w.names.iter().map(|(_, s, d)| tfc_runtime::abi::weight_type(d.name(), s)).collect(),
+    );
 }
 
 /// Where a node's value lives while a graph runs.
