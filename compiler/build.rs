@@ -21,9 +21,7 @@ fn main() {
         .split("Available CPUs for this target:")
         .nth(1)
         .and_then(|rest| rest.split("Available features").next())
-        .map(|list| {
-            list.lines().filter_map(|l| l.trim().split_whitespace().next()).filter(|w| *w != "-").collect()
-        })
+        .map(|list| list.lines().filter_map(|l| l.split_whitespace().next()).filter(|w| *w != "-").collect())
         .unwrap_or_default();
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("x86_cpus.rs");
     let body: String = cpus.iter().map(|c| format!("    {c:?},\n")).collect();

@@ -175,6 +175,11 @@ impl Model {
         // SAFETY: the symbol type is that of the ABI header.
         let type_of: Option<unsafe extern "C" fn(i32) -> *const std::ffi::c_char> =
             unsafe { lib.get(b"tfc_weight_type\0").ok().map(|f| *f) };
+        // A session frees its copy of a weight the manifest calls re-packed, so the library
+        // must agree (one built before re-packing has no such call and copies nothing).
+        // SAFETY: the symbol type is that of the ABI header.
+        let repacked: Option<unsafe extern "C" fn(i32) -> i32> =
+            unsafe { lib.get(b"tfc_weight_repacked\0").ok().map(|f| *f) };
         for (i, w) in manifest.weights.iter().enumerate() {
             // SAFETY: an index below the library's count gives a NUL-terminated constant.
             let name = unsafe { std::ffi::CStr::from_ptr(name_of(i as i32)) }.to_string_lossy();
@@ -193,6 +198,16 @@ impl Model {
                         w.name
                     )));
                 }
+            }
+            // SAFETY: a plain query with an index below the library's count.
+            let copies = repacked.is_some_and(|f| unsafe { f(i as i32) } == 1);
+            if copies != w.repacked {
+                return Err(bad(format!(
+                    "weight {i} `{}` has repacked = {}, but the library {} it",
+                    w.name,
+                    w.repacked,
+                    if copies { "re-packs" } else { "does not re-pack" }
+                )));
             }
             // SAFETY: a plain query with an index below the library's count.
             let library = unsafe { bytes_of(i as i32) };

@@ -211,6 +211,32 @@ fn an_edited_manifest_or_a_damaged_library_is_refused_at_load() {
         &|m| m["weights"][0]["shape"] = serde_json::json!([1u64 << 40, 1u64 << 40]),
         "overflows",
     );
+    // A session frees its copy of a weight the library re-packs: a flag the library
+    // disagrees with would have it read freed memory.
+    let flip = |i: usize| {
+        let r = good["weights"][i]["repacked"].as_bool().unwrap();
+        (i, r, move |m: &mut serde_json::Value| m["weights"][i]["repacked"] = (!r).into())
+    };
+    let (packed, _, to_plain) =
+        (0..good["weights"].as_array().unwrap().len()).map(flip).find(|f| f.1).unwrap();
+    refused(
+        "repacked",
+        &to_plain,
+        &format!(
+            "weight {packed} `{}` has repacked = false, but the library re-packs it",
+            good["weights"][packed]["name"].as_str().unwrap()
+        ),
+    );
+    let (plain, _, to_packed) =
+        (0..good["weights"].as_array().unwrap().len()).map(flip).find(|f| !f.1).unwrap();
+    refused(
+        "not-repacked",
+        &to_packed,
+        &format!(
+            "weight {plain} `{}` has repacked = true, but the library does not re-pack it",
+            good["weights"][plain]["name"].as_str().unwrap()
+        ),
+    );
     refused(
         "path",
         &|m| m["library"] = "../gpt2/libgpt2.so".into(),
