@@ -351,6 +351,10 @@ fn the_c_half_is_clean_under_sanitizers_and_valgrind() {
             "asan" => vec![vec![]],
             _ if Command::new("valgrind").arg("--version").output().is_ok() => vec![[
                 "valgrind",
+                // Threads take turns fairly: with valgrind's default lock, a thread that
+                // spins (the pool's workers, the misuse program's loops) starved the
+                // others for most of a minute.
+                "--fair-sched=yes",
                 "--error-exitcode=99",
                 "--leak-check=full",
                 "--errors-for-leak-kinds=definite,indirect,possible",
