@@ -137,7 +137,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Before running, read every weight the model uses from `--weights` and fail,
-    /// naming each tensor, if any holds NaN or infinity.
+    /// naming each tensor, if any is missing, of another shape, or holds NaN or infinity.
     #[arg(long, requires = "weights")]
     check_weights: bool,
     /// Threads for the compiled library: 1 to 256, or 0 for one per core.
