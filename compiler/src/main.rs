@@ -123,11 +123,18 @@ fn main() -> ExitCode {
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            match e.downcast_ref::<CompileError>() {
-                Some(CompileError::Spec(d)) => {
-                    eprint!("{}", d.render(std::io::stderr().is_terminal()))
-                }
-                _ => eprintln!("error: {e:#}"),
+            // A spec's diagnostics render the same from every subcommand, wherever in the
+            // chain (a backend's error, a run's) they are.
+            let spec = e.chain().find_map(|c| match c.downcast_ref::<CompileError>() {
+                Some(CompileError::Spec(d)) => Some(d),
+                _ => match c.downcast_ref::<tfc::backend::BackendError>() {
+                    Some(tfc::backend::BackendError::Compile(CompileError::Spec(d))) => Some(d),
+                    _ => None,
+                },
+            });
+            match spec {
+                Some(d) => eprint!("{}", d.render(std::io::stderr().is_terminal())),
+                None => eprintln!("error: {e:#}"),
             }
             ExitCode::FAILURE
         }

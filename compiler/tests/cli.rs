@@ -398,3 +398,29 @@ fn the_c_half_is_clean_under_sanitizers_and_valgrind() {
         }
     }
 }
+
+#[test]
+fn every_subcommand_reports_a_broken_spec_as_check_does() {
+    let cache = scratch("diagnostics");
+    let out = scratch("diagnostics-out");
+    let spec = "tests/specs/invalid/kv_heads.tfs";
+    let check = tfc(&cache, &["check", spec]);
+    assert!(!check.status.success());
+    assert!(stderr(&check).starts_with("error[E0005]"), "{}", stderr(&check));
+    let o = out.to_str().unwrap();
+    for args in [
+        vec!["compile", spec, "-o", o],
+        vec!["compile", spec, "-o", o, "--backend", "mlir"],
+        vec!["compile", spec, "-o", o, "--target", "vulkan"],
+        vec!["ir", spec, "--stage", "llvm"],
+        vec!["ir", spec, "--stage", "mlir"],
+        vec!["ir", spec, "--stage", "gpu"],
+        vec!["run", spec, "--tokens", "1"],
+        vec!["bench", spec],
+        vec!["graph", spec],
+    ] {
+        let got = tfc(&cache, &args);
+        assert!(!got.status.success(), "{args:?}");
+        assert_eq!(stderr(&got), stderr(&check), "{args:?}");
+    }
+}
