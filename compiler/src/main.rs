@@ -258,7 +258,8 @@ fn dispatch(cmd: Command) -> Result<()> {
                 let folder = config.parent().unwrap_or(Path::new("."));
                 let ck = tfc_runtime::Checkpoint::open(folder)?;
                 let c = tfc::compile("imported.tfs", &spec, &Options::default(), &mut |_, _| {})?;
-                run::check_weights(&ck, &c)
+                let graphs: Vec<_> = [Some(&c.prefill), c.decode.as_ref()].into_iter().flatten().collect();
+                run::check_weights(&ck, &graphs)
                     .with_context(|| format!("the checkpoint in {}", folder.display()))?;
             }
             match output {

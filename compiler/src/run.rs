@@ -157,60 +157,36 @@ enum Engine<'a> {
     Gpu(tfc_runtime::gpu::GpuSession<'a>),
 }
 
-/// Fails if a row holds NaN or infinity, naming the step (the library's session checks
-/// its own rows; the interpreter's and the GPU's are checked here).
-fn finite(rows: &[Vec<f32>], step: impl Fn() -> String) -> Result<()> {
-    for (r, row) in rows.iter().enumerate() {
-        if let Some(c) = row.iter().position(|x| !x.is_finite()) {
-            bail!(
-                "{} produced a non-finite output ({} in row {r}, column {c}): the weights or the inputs hold NaN or infinity, or the values overflowed",
-                step(),
-                row[c]
-            );
-        }
-    }
-    Ok(())
-}
-
 impl Engine<'_> {
-    /// Output rows of the prompt (the last, or all), checked to be finite.
+    /// Output rows of the prompt (the last, or all). Every engine's rows are checked to be
+    /// finite (`tfc_runtime::check_finite`): the runtime's sessions check their own.
     fn prefill(&mut self, tokens: &[i32], types: &[i32], all: bool) -> Result<Vec<Vec<f32>>> {
-        let rows = self.prefill_rows(tokens, types, all)?;
-        finite(&rows, || format!("prefill of {} tokens", tokens.len()))?;
-        Ok(rows)
-    }
-
-    /// One output row, checked to be finite.
-    fn decode(&mut self, token: i32, position: usize) -> Result<Vec<f32>> {
-        let row = self.decode_row(token)?;
-        finite(std::slice::from_ref(&row), || format!("decode at position {position}"))?;
-        Ok(row)
-    }
-
-    fn prefill_rows(&mut self, tokens: &[i32], types: &[i32], all: bool) -> Result<Vec<Vec<f32>>> {
-        Ok(match self {
+        let asked = if all { tokens.len() } else { 1 };
+        let (out, rows) = match self {
             Engine::Interp(s) => {
                 let t: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
                 let ty: Vec<i64> = types.iter().map(|&x| x as i64).collect();
                 let out = s.prefill(&t, &ty)?;
-                out.data.chunks(out.shape[1]).map(<[f32]>::to_vec).collect()
+                let rows = out.shape[0];
+                tfc_runtime::check_finite(&out.data, out.shape[1], || {
+                    format!("prefill of {} tokens", tokens.len())
+                })?;
+                (out.data, rows)
             }
-            Engine::Lib(s) => {
-                let out = s.prefill(tokens, (!types.is_empty()).then_some(types), all)?;
-                let rows = if all { tokens.len() } else { 1 };
-                out.chunks(out.len() / rows).map(<[f32]>::to_vec).collect()
-            }
-            Engine::Gpu(s) => {
-                let out = s.prefill(tokens, (!types.is_empty()).then_some(types), all)?;
-                let rows = if all { tokens.len() } else { 1 };
-                out.chunks(out.len() / rows).map(<[f32]>::to_vec).collect()
-            }
-        })
+            Engine::Lib(s) => (s.prefill(tokens, (!types.is_empty()).then_some(types), all)?, asked),
+            Engine::Gpu(s) => (s.prefill(tokens, (!types.is_empty()).then_some(types), all)?, asked),
+        };
+        Ok(out.chunks(out.len() / rows).map(<[f32]>::to_vec).collect())
     }
 
-    fn decode_row(&mut self, token: i32) -> Result<Vec<f32>> {
+    /// One output row at `position`.
+    fn decode(&mut self, token: i32, position: usize) -> Result<Vec<f32>> {
         Ok(match self {
-            Engine::Interp(s) => s.decode(token as i64)?.data,
+            Engine::Interp(s) => {
+                let row = s.decode(token as i64)?.data;
+                tfc_runtime::check_finite(&row, row.len(), || format!("decode at position {position}"))?;
+                row
+            }
             Engine::Lib(s) => s.decode(token)?,
             Engine::Gpu(s) => s.decode(token)?,
         })
@@ -306,29 +282,10 @@ fn load_library(
     Model::load(&dir).with_context(|| format!("cannot load the library built in {}", dir.display()))
 }
 
-/// Bytes of every weight the graphs read, as f32 (saturating).
-fn f32_weight_bytes(graphs: &[&tfc::ir::Graph]) -> u64 {
-    let mut seen = std::collections::HashSet::new();
-    let mut total = 0u64;
-    for g in graphs {
-        for n in g.node_ids() {
-            if let tfc::ir::Op::Weight { name, .. } = g.op(n) {
-                if seen.insert(name.clone()) {
-                    let values = g.ty(n).shape.iter().fold(1u64, |a, d| a.saturating_mul(d.c as u64));
-                    total = total.saturating_add(values.saturating_mul(4));
-                }
-            }
-        }
-    }
-    total
-}
-
-/// Fails, naming every tensor the model reads that is missing, of another shape, or
-/// holds NaN or infinity.
-pub fn check_weights(ck: &Checkpoint, c: &tfc::Compiled) -> Result<()> {
-    let mut weights: Vec<(&str, Vec<usize>)> = [Some(&c.prefill), c.decode.as_ref()]
-        .into_iter()
-        .flatten()
+/// Every weight the graphs read, once, with its shape.
+fn graph_weights<'g>(graphs: &[&'g tfc::ir::Graph]) -> Vec<(&'g str, Vec<usize>)> {
+    let mut weights: Vec<(&str, Vec<usize>)> = graphs
+        .iter()
         .flat_map(|g| {
             g.node_ids().into_iter().filter_map(move |n| match g.op(n) {
                 tfc::ir::Op::Weight { name, .. } => {
@@ -340,8 +297,22 @@ pub fn check_weights(ck: &Checkpoint, c: &tfc::Compiled) -> Result<()> {
         .collect();
     weights.sort();
     weights.dedup();
+    weights
+}
+
+/// Bytes of every weight the graphs read, as f32 (saturating).
+fn f32_weight_bytes(graphs: &[&tfc::ir::Graph]) -> u64 {
+    graph_weights(graphs)
+        .iter()
+        .map(|(_, shape)| shape.iter().fold(4u64, |a, &d| a.saturating_mul(d as u64)))
+        .fold(0, u64::saturating_add)
+}
+
+/// Fails, naming every tensor the graphs read that is missing, of another shape, or
+/// holds NaN or infinity.
+pub fn check_weights(ck: &Checkpoint, graphs: &[&tfc::ir::Graph]) -> Result<()> {
     let mut bad = Vec::new();
-    for (name, shape) in weights {
+    for (name, shape) in graph_weights(graphs) {
         if let Err(e) = ck.raw(name, &shape) {
             bad.push(e.to_string());
         } else if let Some((count, first, value)) = ck.non_finite(name)? {
@@ -362,10 +333,14 @@ fn check_run_args(a: &RunArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p {}: it must be in (0, 1]", a.top_p);
     }
-    if a.threads > tfc_runtime::abi::MAX_THREADS {
+    check_threads(a.threads)
+}
+
+/// `--threads` of `run` and `bench`: at most the ABI's cap, 0 meaning one per core.
+fn check_threads(threads: usize) -> Result<()> {
+    if threads > tfc_runtime::abi::MAX_THREADS {
         bail!(
-            "--threads {}: at most {} (0: one per core; this machine has {})",
-            a.threads,
+            "--threads {threads}: at most {} (0: one per core; this machine has {})",
             tfc_runtime::abi::MAX_THREADS,
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
@@ -448,9 +423,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         Some(dir) => Some(Arc::new(Checkpoint::open(dir)?)),
         None => None,
     };
-    if let (Some(ck), true) = (&checkpoint, a.check_weights) {
-        check_weights(ck, &c)?;
-    }
+
     let tokenizer = match &a.prompt {
         Some(_) => {
             let dir = a
@@ -481,6 +454,9 @@ pub fn run(a: RunArgs) -> Result<()> {
     let mut logits_file = a.logits.as_deref().map(OutFile::open).transpose()?;
     let mut graphs = vec![&c.prefill];
     graphs.extend(c.decode.as_ref());
+    if let (Some(ck), true) = (&checkpoint, a.check_weights) {
+        check_weights(ck, &graphs)?;
+    }
     let interp_weights;
     let model;
     let gpu_model;
@@ -802,9 +778,7 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
-    if a.threads > tfc_runtime::abi::MAX_THREADS {
-        bail!("--threads {}: at most {} (0: one per core)", a.threads, tfc_runtime::abi::MAX_THREADS);
-    }
+    check_threads(a.threads)?;
     if a.runs == 0 {
         bail!("--runs 0: at least one measured run is needed");
     }

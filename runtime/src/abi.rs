@@ -125,6 +125,21 @@ pub fn weight_type(dtype: &str, shape: &[usize]) -> String {
     format!("{dtype} [{}]", dims.join(", "))
 }
 
+/// Bytes of a weight of `shape` stored as `dtype` (the manifest's names), in checked
+/// arithmetic: an overflow is an error, never a small size. The compiler sizes the
+/// library's weights with it too.
+pub fn weight_bytes(shape: &[usize], dtype: &str) -> Result<usize, String> {
+    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("its size overflows")?;
+    let bytes = match dtype {
+        "f32" | "i32" => n.checked_mul(4),
+        "bf16" | "f16" => n.checked_mul(2),
+        "q8" if n % crate::quant::Q8_BLOCK == 0 => crate::quant::q8_bytes_checked(n),
+        "q8" => return Err(format!("q8 with {n} values, not a multiple of {}", crate::quant::Q8_BLOCK)),
+        other => return Err(format!("dtype {other}; this runtime binds f32, bf16 and q8")),
+    };
+    bytes.ok_or_else(|| "its size overflows".into())
+}
+
 /// The most threads a context takes (`tfc_create` uses this many for a larger count).
 pub const MAX_THREADS: usize = 256;
 

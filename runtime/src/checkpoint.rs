@@ -263,13 +263,9 @@ fn explain(bytes: &[u8]) -> Option<String> {
         ) else {
             return Some(format!("tensor `{name}` lacks a dtype, a shape or two data offsets"));
         };
-        let bits: u64 = match dtype {
-            "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 8,
-            "U16" | "I16" | "F16" | "BF16" => 16,
-            "U32" | "I32" | "F32" => 32,
-            "U64" | "I64" | "F64" => 64,
-            _ => continue,
-        };
+        // safetensors' own names and sizes; a dtype it does not know it reports itself.
+        let Ok(known) = serde_json::from_value::<Dtype>(dtype.into()) else { continue };
+        let bits = known.bitsize() as u64;
         let count = shape.iter().try_fold(1u64, |acc, d| acc.checked_mul(d.as_u64()?));
         let want = count.and_then(|c| c.checked_mul(bits)).map(|b| b / 8);
         if want != e.checked_sub(b) {

@@ -13,5 +13,5 @@ pub mod quant;
 pub mod sampling;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
-pub use model::{Model, RuntimeError, Session, WeightData};
+pub use model::{check_finite, Model, RuntimeError, Session, WeightData};
 pub use sampling::{argmax, Sampler, SplitMix64};

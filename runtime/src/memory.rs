@@ -28,65 +28,54 @@ fn mem_available() -> Option<u64> {
     kb.checked_mul(1024)
 }
 
-/// What the cgroups of this process still allow, if any limits them.
-fn cgroup_room() -> Option<(u64, PathBuf)> {
-    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let mut best: Option<(u64, PathBuf)> = None;
-    let mut consider = |room: u64, at: PathBuf| {
-        if best.as_ref().is_none_or(|(b, _)| room < *b) {
-            best = Some((room, at));
-        }
-    };
+/// What each cgroup limit over this process still allows, with the file that sets it.
+fn cgroup_limits() -> Vec<(u64, PathBuf)> {
+    let mut limits = Vec::new();
+    let Ok(text) = std::fs::read_to_string("/proc/self/cgroup") else { return limits };
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let room = |dir: &Path, limit: &str, current: &str| {
+            let (max, cur) = (read_u64(&dir.join(limit))?, read_u64(&dir.join(current))?);
+            Some((max.saturating_sub(cur), dir.join(limit)))
+        };
         if controllers.is_empty() {
             // v2: the process's cgroup and each parent up to the root.
             let mut dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
             loop {
-                if let (Some(max), Some(cur)) =
-                    (read_u64(&dir.join("memory.max")), read_u64(&dir.join("memory.current")))
-                {
-                    consider(max.saturating_sub(cur), dir.join("memory.max"));
-                }
+                limits.extend(room(&dir, "memory.max", "memory.current"));
                 if !dir.pop() || !dir.starts_with("/sys/fs/cgroup") {
                     break;
                 }
             }
         } else if controllers.split(',').any(|c| c == "memory") {
             let dir = Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
-            if let (Some(max), Some(cur)) =
-                (read_u64(&dir.join("memory.limit_in_bytes")), read_u64(&dir.join("memory.usage_in_bytes")))
-            {
-                // v1 says "no limit" with a number near 2^63.
-                if max < 1 << 62 {
-                    consider(max.saturating_sub(cur), dir.join("memory.limit_in_bytes"));
-                }
+            // v1 says "no limit" with a number near 2^63.
+            let limited = read_u64(&dir.join("memory.limit_in_bytes")).is_some_and(|m| m < 1 << 62);
+            if limited {
+                limits.extend(room(&dir, "memory.limit_in_bytes", "memory.usage_in_bytes"));
             }
         }
     }
-    best
+    limits
 }
 
 /// How much memory this process may still take; `None` where nothing can be read (then
 /// nothing is refused).
 pub fn available() -> Option<Available> {
-    let mut best: Option<Available> = None;
-    let mut consider = |bytes: u64, source: String| {
-        if best.as_ref().is_none_or(|b| bytes < b.bytes) {
-            best = Some(Available { bytes, source });
-        }
-    };
-    if let Some(b) = mem_available() {
-        consider(b, "MemAvailable in /proc/meminfo".into());
-    }
-    if let Some((b, at)) = cgroup_room() {
-        consider(b, format!("the cgroup limit {}", at.display()));
-    }
-    if let Some(b) = std::env::var("TFC_MEMORY_LIMIT").ok().and_then(|v| v.trim().parse().ok()) {
-        consider(b, "TFC_MEMORY_LIMIT".into());
-    }
-    best
+    let mut found: Vec<(u64, String)> = Vec::new();
+    found.extend(mem_available().map(|b| (b, "MemAvailable in /proc/meminfo".to_string())));
+    found
+        .extend(cgroup_limits().into_iter().map(|(b, at)| (b, format!("the cgroup limit {}", at.display()))));
+    found.extend(
+        std::env::var("TFC_MEMORY_LIMIT")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .map(|b| (b, "TFC_MEMORY_LIMIT".to_string())),
+    );
+    found.into_iter().min_by_key(|(b, _)| *b).map(|(bytes, source)| Available { bytes, source })
 }
 
 /// Bytes for people: `140.7 TB`, `8.2 kB`, `512 B` (powers of 1000).

@@ -186,8 +186,8 @@ impl Model {
             if name != w.name {
                 return Err(bad(format!("weight {i} is `{}`, but the library binds `{name}` there", w.name)));
             }
-            let bytes =
-                stored_bytes(&w.shape, &w.dtype).map_err(|m| bad(format!("weight {i} `{}`: {m}", w.name)))?;
+            let bytes = abi::weight_bytes(&w.shape, &w.dtype)
+                .map_err(|m| bad(format!("weight {i} `{}`: {m}", w.name)))?;
             if let Some(type_of) = type_of {
                 // SAFETY: as for the name.
                 let library = unsafe { std::ffi::CStr::from_ptr(type_of(i as i32)) }.to_string_lossy();
@@ -240,7 +240,7 @@ impl Model {
             .weights
             .iter()
             .filter(|w| !w.repacked)
-            .map(|w| stored_bytes(&w.shape, &w.dtype).map_or(u64::MAX, |b| b as u64))
+            .map(|w| abi::weight_bytes(&w.shape, &w.dtype).map_or(u64::MAX, |b| b as u64))
             .fold(0u64, u64::saturating_add);
         // The library's own count of what a context maps is the truth; the manifest's
         // cache size only splits it for messages.
@@ -256,20 +256,6 @@ impl Model {
         d.dedup();
         d.join(" and ")
     }
-}
-
-/// Bytes of a weight of `shape` stored as `dtype` (the manifest's names), with checked
-/// arithmetic: an overflow is an error, never a small size.
-fn stored_bytes(shape: &[usize], dtype: &str) -> Result<usize, String> {
-    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("its size overflows")?;
-    let bytes = match dtype {
-        "f32" => n.checked_mul(4),
-        "bf16" | "f16" => n.checked_mul(2),
-        "q8" if n % crate::quant::Q8_BLOCK == 0 => crate::quant::q8_bytes_checked(n),
-        "q8" => return Err(format!("q8 with {n} values, not a multiple of {}", crate::quant::Q8_BLOCK)),
-        other => return Err(format!("dtype {other}; this runtime binds f32, bf16 and q8")),
-    };
-    bytes.ok_or_else(|| "its size overflows".into())
 }
 
 /// Where a session's weights come from.
@@ -481,7 +467,7 @@ impl<'m> Session<'m> {
             (self.model.fns.prefill)(self.ctx, tokens.as_ptr(), types, n, all_rows as i32, out.as_mut_ptr())
         };
         check("prefill", status)?;
-        finite(&out, width, || format!("prefill of {} tokens", tokens.len()))?;
+        check_finite(&out, width, || format!("prefill of {} tokens", tokens.len()))?;
         Ok(out)
     }
 
@@ -507,7 +493,7 @@ impl<'m> Session<'m> {
         let mut out = vec![0f32; self.model.width];
         // SAFETY: `out` holds one row of the width the library reports.
         check("decode", unsafe { (self.model.fns.decode)(self.ctx, token, out.as_mut_ptr()) })?;
-        finite(&out, self.model.width, || format!("decode at position {position}"))?;
+        check_finite(&out, self.model.width, || format!("decode at position {position}"))?;
         Ok(out)
     }
 
@@ -533,8 +519,9 @@ fn bind(model: &Model, ctx: Ctx, i: usize, p: *const u8, n: usize) -> Result<(),
     }
 }
 
-/// The first value of `out` (rows of `width`) that is NaN or infinite, as an error.
-fn finite(out: &[f32], width: usize, step: impl Fn() -> String) -> Result<(), RuntimeError> {
+/// The first value of `out` (rows of `width`) that is NaN or infinite, as an error naming
+/// the `step` that produced it. Every engine's sessions check their output rows with it.
+pub fn check_finite(out: &[f32], width: usize, step: impl Fn() -> String) -> Result<(), RuntimeError> {
     match out.iter().position(|x| !x.is_finite()) {
         None => Ok(()),
         Some(i) => {

@@ -25,7 +25,8 @@ pub enum Code {
     Name,
     /// A section's data flow is incomplete or ill-formed.
     Flow,
-    /// The spec exceeds a limit of the compiler (how deeply brackets nest).
+    /// The spec exceeds a limit of the compiler (how deeply brackets nest, how many bytes
+    /// a model may take).
     Limit,
 }
 

@@ -153,6 +153,8 @@ impl<'m> GpuSession<'m> {
         let g = if all_rows { &p.prefill_all } else { &p.prefill };
         let out = self.device.run(g, tokens.len(), 0, tokens, types.unwrap_or(&zeros))?;
         self.pos = tokens.len();
+        let rows = if all_rows { tokens.len() } else { 1 };
+        crate::check_finite(&out, out.len() / rows, || format!("prefill of {} tokens", tokens.len()))?;
         Ok(out)
     }
 
@@ -166,7 +168,9 @@ impl<'m> GpuSession<'m> {
         }
         self.check_tokens("decode", &[token], None)?;
         let out = self.device.run(g, 1, self.pos, &[token], &[0])?;
+        let position = self.pos;
         self.pos += 1;
+        crate::check_finite(&out, out.len(), || format!("decode at position {position}"))?;
         Ok(out)
     }
 

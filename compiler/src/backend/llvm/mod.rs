@@ -183,12 +183,9 @@ impl WeightTable {
 
 /// Bytes of a weight as the library reads it.
 pub fn weight_bytes(shape: &[usize], dtype: DType) -> usize {
-    let n = shape.iter().product::<usize>();
-    match dtype {
-        DType::BF16 | DType::F16 => n * 2,
-        DType::Q8 => tfc_runtime::quant::q8_bytes(n),
-        DType::F32 | DType::I32 => n * 4,
-    }
+    // The front end bounds every model's bytes (`front::MAX_BYTES`) and stores as q8 only
+    // rows of whole blocks, so this cannot fail.
+    tfc_runtime::abi::weight_bytes(shape, dtype.name()).expect("bug: a weight of the front end's sizes")
 }
 
 /// Facts the module records as globals and the manifest repeats.
