@@ -20,9 +20,9 @@ pub const STAGES: &[&str] = &["lowered", "model", "prefill", "decode"];
 
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Prefill returns the main output (logits or hidden state) of every position, not
-    /// only the last.
-    pub all_rows: bool,
+    /// Which prefill graph the `dump` callback of [`compile`] follows: the one returning
+    /// every position's main output instead of the last one's (both are always built).
+    pub dump_all_rows: bool,
     /// Run the verifier after every pass (always on in tests; cheap).
     pub verify: bool,
     /// Store weight matrices in this type instead of the spec's `dtype`.
@@ -34,32 +34,49 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { all_rows: false, verify: true, weight_dtype: None, activations: None }
+        Options { dump_all_rows: false, verify: true, weight_dtype: None, activations: None }
     }
 }
 
-/// Every stage of one compilation.
+/// Every stage of one compilation: all that a backend needs, so a build runs the
+/// pipeline once and no backend sees the spec's text again.
 #[derive(Clone, Debug)]
 pub struct Compiled {
+    /// The spec file's name and text, as given (the manifest keeps the text and its hash).
+    pub file: String,
+    pub source: String,
     pub spec: Spec,
     /// The graph as lowered from the spec, before any pass (types only on leaves).
     pub lowered: Graph,
     /// The model graph after the model passes.
     pub model: Graph,
+    /// Prefill returning the main output (logits or hidden state) of the last position.
     pub prefill: Graph,
+    /// Prefill returning the main output of every position.
+    pub prefill_all: Graph,
     /// `None` for a model with bidirectional attention.
     pub decode: Option<Graph>,
 }
 
 impl Compiled {
-    pub fn stage(&self, name: &str) -> Option<&Graph> {
+    /// The graph of stage `name` (one of [`STAGES`]); `all_rows` picks the prefill that
+    /// returns every position.
+    pub fn stage(&self, name: &str, all_rows: bool) -> Option<&Graph> {
         match name {
             "lowered" => Some(&self.lowered),
             "model" => Some(&self.model),
+            "prefill" if all_rows => Some(&self.prefill_all),
             "prefill" => Some(&self.prefill),
             "decode" => self.decode.as_ref(),
             _ => None,
         }
+    }
+
+    /// The graphs a library holds, in its order: prefill, prefill of every row, decode.
+    pub fn library_graphs(&self) -> Vec<&Graph> {
+        let mut gs = vec![&self.prefill, &self.prefill_all];
+        gs.extend(self.decode.as_ref());
+        gs
     }
 }
 
@@ -82,11 +99,16 @@ pub fn compile(
         front::compile_spec(file, source, opts.weight_dtype, opts.activations).map_err(CompileError::Spec)?;
     let mut model = lowered.clone();
     run_passes(&mut model, &passes::model_passes(), opts.verify, dump)?;
-    let phases = Split { all_rows: opts.all_rows }.run(&model)?;
+    let phases = Split { all_rows: false }.run(&model)?;
     let (mut prefill, mut decode) = (phases.prefill, phases.decode);
-    let mut graphs: Vec<&mut Graph> = vec![&mut prefill];
-    graphs.extend(decode.as_mut());
-    for g in graphs {
+    let mut prefill_all = Split { all_rows: true }.run(&model)?.prefill;
+    let mut quiet = |_: &str, _: &Graph| {};
+    let (shown, hidden) =
+        if opts.dump_all_rows { (&mut prefill_all, &mut prefill) } else { (&mut prefill, &mut prefill_all) };
+    let mut graphs: Vec<(&mut Graph, bool)> = vec![(shown, true), (hidden, false)];
+    graphs.extend(decode.as_mut().map(|d| (d, true)));
+    for (g, show) in graphs {
+        let dump: &mut dyn FnMut(&str, &Graph) = if show { &mut *dump } else { &mut quiet };
         if opts.verify {
             verify(g).map_err(PassError::from)?;
         }
@@ -94,7 +116,16 @@ pub fn compile(
         run_passes(g, &passes::phase_passes(g.phase), opts.verify, dump)?;
     }
     debug_assert!(model.phase == Phase::Model);
-    Ok(Compiled { spec, lowered, model, prefill, decode })
+    Ok(Compiled {
+        file: file.to_string(),
+        source: source.to_string(),
+        spec,
+        lowered,
+        model,
+        prefill,
+        prefill_all,
+        decode,
+    })
 }
 
 /// Compiles a spec file from disk.

@@ -10,13 +10,15 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use tfc::backend::LibOptions;
 use tfc::{CompileError, Compiled, Options};
 
-const STAGES: [&str; 11] = [
+const STAGES: [&str; 12] = [
     "lowered",
     "model",
     "prefill",
     "decode",
+    "plan",
     "mlir",
     "mlir-llvm",
     "llvm",
@@ -45,7 +47,8 @@ enum Command {
         /// The spec file (`.tfs`).
         spec: PathBuf,
         /// Which stage: lowered (before any pass), model (after the model passes),
-        /// prefill or decode (after the split and their own passes), mlir (the library as
+        /// prefill or decode (after the split and their own passes), plan (the LLVM
+        /// backend's arena offsets, fused chains and linear-map algorithms), mlir (the library as
         /// `linalg` on tensors), mlir-llvm (lowered to the LLVM dialect), llvm (the LLVM
         /// IR of the library, from `--backend`), llvm-opt (after `default<O3>`), gpu (the
         /// kernels for `--target vulkan|cuda` in the gpu dialect), gpu-lowered (in the
@@ -127,10 +130,7 @@ fn main() -> ExitCode {
             // chain (a backend's error, a run's) they are.
             let spec = e.chain().find_map(|c| match c.downcast_ref::<CompileError>() {
                 Some(CompileError::Spec(d)) => Some(d),
-                _ => match c.downcast_ref::<tfc::backend::BackendError>() {
-                    Some(tfc::backend::BackendError::Compile(CompileError::Spec(d))) => Some(d),
-                    _ => None,
-                },
+                _ => None,
             });
             match spec {
                 Some(d) => eprint!("{}", d.render(std::io::stderr().is_terminal())),
@@ -142,7 +142,17 @@ fn main() -> ExitCode {
 }
 
 fn compile(spec: &Path, opts: &Options) -> Result<Compiled> {
-    tfc::compile_file(spec, opts)
+    compile_with(spec, opts, &mut |_, _| {})
+}
+
+/// Compiles a spec file; `dump` sees the graph after every pass.
+fn compile_with(
+    spec: &Path,
+    opts: &Options,
+    dump: &mut dyn FnMut(&str, &tfc::ir::Graph),
+) -> Result<Compiled> {
+    let source = std::fs::read_to_string(spec).with_context(|| format!("cannot read {}", spec.display()))?;
+    Ok(tfc::compile(&spec.display().to_string(), &source, opts, dump)?)
 }
 
 fn dispatch(cmd: Command) -> Result<()> {
@@ -170,58 +180,48 @@ fn dispatch(cmd: Command) -> Result<()> {
             );
         }
         Command::Ir { spec, stage, dump_after, all_rows, target_cpu, backend, target, precision } => {
-            let source =
-                std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
-            let file = spec.display().to_string();
-            let opts = precision.lib(backend, &target_cpu);
-            if stage.starts_with("llvm") && dump_after.is_none() {
-                print!("{}", tfc::backend::llvm_ir(&file, &source, stage == "llvm-opt", &opts)?);
-                return Ok(());
-            }
-            if (stage.starts_with("gpu") || stage == "ptx") && dump_after.is_none() {
-                let target = if stage == "ptx" { tfc::backend::Target::Cuda } else { target };
-                let b = tfc::backend::gpu_build(&file, &source, target, &opts)?;
-                match stage.as_str() {
-                    "gpu" => print!("{}", b.kernels),
-                    "gpu-lowered" => print!("{}", b.lowered),
-                    _ => print!("{}", String::from_utf8_lossy(&b.binary)),
-                }
-                return Ok(());
-            }
-            if stage.starts_with("mlir") && dump_after.is_none() {
-                print!("{}", tfc::backend::mlir_ir(&file, &source, &stage, &opts)?);
-                return Ok(());
-            }
-            let opts = Options { all_rows, ..precision.options() };
+            let opts = Options { dump_all_rows: all_rows, ..precision.options() };
             let mut out = String::new();
-            let c = tfc::compile(&spec.display().to_string(), &source, &opts, &mut |pass, g| {
+            let c = compile_with(&spec, &opts, &mut |pass, g| {
                 if dump_after.as_deref() == Some(pass) {
                     out.push_str(&format!("// after {pass}\n{}", tfc::ir::print(g)));
                 }
             })?;
             if dump_after.is_none() {
-                match c.stage(&stage) {
-                    Some(g) => out = tfc::ir::print(g),
-                    None => {
-                        bail!("`{}` has bidirectional attention, so it has no {stage} graph", c.spec.name)
+                let lib = LibOptions { backend, target_cpu: Some(target_cpu) };
+                out = match stage.as_str() {
+                    "llvm" | "llvm-opt" => tfc::backend::llvm_ir(&c, stage == "llvm-opt", &lib)?,
+                    "gpu" | "gpu-lowered" | "ptx" => {
+                        let target = if stage == "ptx" { tfc::backend::Target::Cuda } else { target };
+                        let b = tfc::backend::gpu_build(&c, target)?;
+                        match stage.as_str() {
+                            "gpu" => b.kernels,
+                            "gpu-lowered" => b.lowered,
+                            _ => String::from_utf8_lossy(&b.binary).into_owned(),
+                        }
                     }
-                }
+                    "mlir" | "mlir-llvm" => tfc::backend::mlir_ir(&c, &stage)?,
+                    "plan" => tfc::backend::plan_ir(&c, &lib)?,
+                    _ => match c.stage(&stage, all_rows) {
+                        Some(g) => tfc::ir::print(g),
+                        None => {
+                            bail!("`{}` has bidirectional attention, so it has no {stage} graph", c.spec.name)
+                        }
+                    },
+                };
             }
             print!("{out}");
         }
         Command::Compile { spec, output, target_cpu, precision, backend, target } => {
-            let source =
-                std::fs::read_to_string(&spec).with_context(|| format!("cannot read {}", spec.display()))?;
-            let opts = precision.lib(backend, &target_cpu);
+            let c = compile(&spec, &precision.options())?;
             if target != tfc::backend::Target::Cpu {
-                let files =
-                    tfc::backend::compile_gpu(&spec.display().to_string(), &source, &output, target, &opts)?;
-                for f in files {
+                for f in tfc::backend::compile_gpu(&c, &output, target)? {
                     println!("{}", f.display());
                 }
                 return Ok(());
             }
-            let a = tfc::backend::compile_library(&spec.display().to_string(), &source, &output, &opts)?;
+            let lib = LibOptions { backend, target_cpu: Some(target_cpu) };
+            let a = tfc::backend::compile_library(&c, &output, &lib)?;
             println!("{}\n{}\n{}", a.library.display(), a.header.display(), a.manifest.display());
         }
         Command::Graph { spec, output } => {

@@ -74,16 +74,6 @@ impl Precision {
         Options { weight_dtype: self.dtype.map(Into::into), activations, ..Options::default() }
     }
 
-    pub fn lib(&self, backend: tfc::backend::Backend, target_cpu: &str) -> LibOptions {
-        let o = self.options();
-        LibOptions {
-            backend,
-            target_cpu: Some(target_cpu.to_string()),
-            weight_dtype: o.weight_dtype,
-            activations: o.activations,
-        }
-    }
-
     /// A key for the library cache.
     fn key(&self) -> String {
         let o = self.options();
@@ -166,7 +156,7 @@ impl Engine<'_> {
             Engine::Interp(s) => {
                 let t: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
                 let ty: Vec<i64> = types.iter().map(|&x| x as i64).collect();
-                let out = s.prefill(&t, &ty)?;
+                let out = s.prefill(&t, &ty, all)?;
                 let rows = out.shape[0];
                 tfc_runtime::check_finite(&out.data, out.shape[1], || {
                     format!("prefill of {} tokens", tokens.len())
@@ -206,17 +196,15 @@ impl Backend {
 /// Builds the GPU kernels of a spec into the user's cache (once per spec text and
 /// target) and loads them.
 fn load_gpu(
-    spec: &Path,
-    source: &str,
+    c: &tfc::Compiled,
     target: tfc::backend::Target,
     precision: Precision,
 ) -> Result<tfc_runtime::gpu::GpuModel> {
-    let key = format!("{target:?}\n{}\n{}\n{source}", precision.key(), build_id());
+    let key = format!("{target:?}\n{}\n{}\n{}", precision.key(), build_id(), c.source);
     let dir = cache_dir().join(tfc_runtime::abi::fnv1a(&key));
     if !dir.join(tfc_runtime::gpu::program::PROGRAM_FILE).is_file() {
         let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-        let opts = precision.lib(tfc::backend::Backend::Mlir, "native");
-        tfc::backend::compile_gpu(&spec.display().to_string(), source, &tmp, target, &opts)?;
+        tfc::backend::compile_gpu(c, &tmp, target)?;
         if std::fs::rename(&tmp, &dir).is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
@@ -246,13 +234,12 @@ fn cache_dir() -> PathBuf {
 }
 
 fn load_library(
-    spec: &Path,
-    source: &str,
+    c: &tfc::Compiled,
     cpu: &str,
     precision: Precision,
     backend: tfc::backend::Backend,
 ) -> Result<Model> {
-    let key = format!("{cpu}\n{}\n{}\n{}\n{source}", precision.key(), backend.name(), build_id());
+    let key = format!("{cpu}\n{}\n{}\n{}\n{}", precision.key(), backend.name(), build_id(), c.source);
     let dir = cache_dir().join(tfc_runtime::abi::fnv1a(&key));
     // An entry is used only if it loads: the loader checks the library's bytes against the
     // manifest's hash and the manifest against the library. A damaged entry (truncated,
@@ -273,8 +260,7 @@ fn load_library(
     // never sees half a library.
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let opts = precision.lib(backend, cpu);
-    compile_library(&spec.display().to_string(), source, &tmp, &opts)?;
+    compile_library(c, &tmp, &LibOptions { backend, target_cpu: Some(cpu.to_string()) })?;
     if std::fs::rename(&tmp, &dir).is_err() {
         // Another run finished first; use its library.
         let _ = std::fs::remove_dir_all(&tmp);
@@ -408,17 +394,15 @@ impl Drop for OutFile {
     }
 }
 
+/// Compiles a spec file with the precision of the command line.
+fn compile(spec: &Path, opts: &Options) -> Result<tfc::Compiled> {
+    let source = std::fs::read_to_string(spec).with_context(|| format!("cannot read {}", spec.display()))?;
+    Ok(tfc::compile(&spec.display().to_string(), &source, opts, &mut |_, _| {})?)
+}
+
 pub fn run(a: RunArgs) -> Result<()> {
     check_run_args(&a)?;
-    let source =
-        std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read {}", a.spec.display()))?;
-    let file = a.spec.display().to_string();
-    let c = tfc::compile(
-        &file,
-        &source,
-        &Options { all_rows: a.logits.is_some(), ..a.precision.options() },
-        &mut |_, _| {},
-    )?;
+    let c = compile(&a.spec, &a.precision.options())?;
     let checkpoint = match &a.weights {
         Some(dir) => Some(Arc::new(Checkpoint::open(dir)?)),
         None => None,
@@ -477,7 +461,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             if a.precision.dtype.is_some() {
                 bail!("--dtype applies to CPU libraries; GPU kernels read f32 weights");
             }
-            gpu_model = load_gpu(&a.spec, &source, a.target, a.precision)?;
+            gpu_model = load_gpu(&c, a.target, a.precision)?;
             let data = match &checkpoint {
                 Some(ck) => WeightData::Checkpoint(ck.clone()),
                 None => random(gpu_model.program().weights.iter().map(|w| w.name.clone()).collect())?,
@@ -500,7 +484,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             Engine::Interp(interp::Session::new(&c, &interp_weights))
         }
         Backend::Llvm | Backend::Mlir => {
-            model = load_library(&a.spec, &source, &a.target_cpu, a.precision, a.backend.codegen())?;
+            model = load_library(&c, &a.target_cpu, a.precision, a.backend.codegen())?;
             let mut needs = model.needs();
             needs.weights = needs.weights.saturating_add(random_bytes);
             let what =
@@ -543,8 +527,8 @@ pub fn run(a: RunArgs) -> Result<()> {
     let ids: Vec<String> = generated.iter().map(|t| t.to_string()).collect();
     println!("{}", ids.join(","));
     if let Some(f) = &mut logits_file {
-        let name = &c.prefill.outputs[0].0;
-        write_rows(&f.path, name, &rows)
+        let name = c.prefill.outputs[0].0.name();
+        write_rows(&f.path, &name, &rows)
             .with_context(|| format!("cannot write --logits {}", f.path.display()))?;
         f.done = true;
     }
@@ -785,12 +769,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.prompt == 0 {
         bail!("--prompt 0: prefill needs at least one token");
     }
-    let source =
-        std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read {}", a.spec.display()))?;
     let t0 = Instant::now();
+    let c = compile(&a.spec, &a.precision.options())?;
     let dir = tempdir()?;
-    let opts = a.precision.lib(a.backend, &a.target_cpu);
-    compile_library(&a.spec.display().to_string(), &source, &dir, &opts)?;
+    compile_library(&c, &dir, &LibOptions { backend: a.backend, target_cpu: Some(a.target_cpu.clone()) })?;
     let compile_s = t0.elapsed().as_secs_f64();
     let model = Model::load(&dir)?;
     let m = model.manifest().clone();
@@ -800,8 +782,6 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.prompt + a.decode > m.max_seq {
         bail!("{} + {} positions exceed max_seq {}", a.prompt, a.decode, m.max_seq);
     }
-    let copts = a.precision.options();
-    let c = tfc::compile(&a.spec.display().to_string(), &source, &copts, &mut |_, _| {})?;
     // A checkpoint's weights, or random ones (the speed does not depend on the values),
     // bound to each library in its manifest's order.
     enum Source {
@@ -872,7 +852,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .iter()
         .map(|x| {
             let dtype = tfc::ir::DType::parse(&x.dtype).unwrap_or(tfc::ir::DType::F32);
-            tfc::backend::llvm::weight_bytes(&x.shape, dtype)
+            tfc::backend::weights::weight_bytes(&x.shape, dtype)
         })
         .sum();
     let (pm, pmin, pmax) = stats(pre);
@@ -895,7 +875,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .filter(|x| read.contains(&x.name))
         .map(|x| {
             let dtype = tfc::ir::DType::parse(&x.dtype).unwrap_or(tfc::ir::DType::F32);
-            tfc::backend::llvm::weight_bytes(&x.shape, dtype)
+            tfc::backend::weights::weight_bytes(&x.shape, dtype)
         })
         .sum();
     let gbs = dm * read_bytes as f64 / 1e9;

@@ -19,15 +19,15 @@ pub fn build(spec: &std::path::Path, tag: &str) -> PathBuf {
 }
 
 pub fn build_with(spec: &std::path::Path, tag: &str, backend: Backend) -> PathBuf {
-    build_opts(spec, tag, &LibOptions { backend, ..Default::default() })
+    build_opts(spec, tag, &Options::default(), &LibOptions { backend, ..Default::default() })
 }
 
-pub fn build_opts(spec: &std::path::Path, tag: &str, opts: &LibOptions) -> PathBuf {
+/// Compiles a spec with `precision` (the weight and activation types) into a library.
+pub fn build_opts(spec: &std::path::Path, tag: &str, precision: &Options, opts: &LibOptions) -> PathBuf {
     let stem = spec.file_stem().unwrap().to_string_lossy().to_string();
     let dir = root().join("target/test-libs").join(format!("{tag}-{}", opts.backend.name())).join(&stem);
     let _ = std::fs::remove_dir_all(&dir);
-    let source = std::fs::read_to_string(spec).unwrap();
-    compile_library(&spec.display().to_string(), &source, &dir, opts)
+    compile_library(&compile(spec, precision), &dir, opts)
         .unwrap_or_else(|e| panic!("{}: {e}", spec.display()));
     dir
 }
@@ -271,7 +271,7 @@ fn the_mlir_backend_refuses_more_layers_than_its_limit() {
     let source = src.replace("layers   = 2", &format!("layers   = {many}"));
     let dir = root().join("target/test-libs/mlir-layers");
     let opts = LibOptions { backend: Backend::Mlir, ..Default::default() };
-    let e = compile_library("llama.tfs", &source, &dir, &opts).unwrap_err().to_string();
+    let e = compile_library(&compile_text("llama.tfs", &source), &dir, &opts).unwrap_err().to_string();
     assert!(e.contains(&format!("more than {} layers (`llama` has {many})", many - 1)), "{e}");
     assert!(e.contains("--backend llvm"), "{e}");
 }
@@ -282,7 +282,7 @@ fn llvm_ir_before_and_after_optimisation() {
     let source = std::fs::read_to_string(&spec).unwrap();
     let opts = LibOptions { target_cpu: Some("x86-64-v4".into()), ..Default::default() };
     for (stage, optimized) in [("llvm", false), ("llvm-opt", true)] {
-        let ir = tfc::backend::llvm_ir("alibi_hidden.tfs", &source, optimized, &opts).unwrap();
+        let ir = tfc::backend::llvm_ir(&compile_text("alibi_hidden.tfs", &source), optimized, &opts).unwrap();
         insta::assert_snapshot!(format!("alibi_hidden@{stage}"), ir);
     }
 }
@@ -295,7 +295,8 @@ fn llvm_ir_before_and_after_optimisation() {
 fn graph_functions_have_short_blocks_and_short_live_ranges() {
     let src = std::fs::read_to_string(root().join("specs/tiny/llama.tfs")).unwrap();
     let source = src.replace("layers   = 2", "layers   = 8");
-    let ir = tfc::backend::llvm_ir("llama.tfs", &source, false, &LibOptions::default()).unwrap();
+    let ir =
+        tfc::backend::llvm_ir(&compile_text("llama.tfs", &source), false, &LibOptions::default()).unwrap();
     for graph in ["prefill", "prefill_all", "decode"] {
         let head = format!("define hidden void @tfc__{graph}(");
         let body = &ir[ir.find(&head).unwrap_or_else(|| panic!("no {head}"))..];
@@ -322,7 +323,7 @@ fn graph_functions_have_short_blocks_and_short_live_ranges() {
 fn optimised_kernels_use_512_bit_vectors() {
     let source = std::fs::read_to_string(root().join("specs/tiny/gpt2.tfs")).unwrap();
     let opts = LibOptions { target_cpu: Some("x86-64-v4".into()), ..Default::default() };
-    let ir = tfc::backend::llvm_ir("gpt2.tfs", &source, true, &opts).unwrap();
+    let ir = tfc::backend::llvm_ir(&compile_text("gpt2.tfs", &source), true, &opts).unwrap();
     let wide = ir.matches("<16 x float>").count();
     assert!(wide > 50, "only {wide} uses of <16 x float> in the optimised IR");
     assert!(ir.contains("\"prefer-vector-width\"=\"512\""));
@@ -335,8 +336,7 @@ fn a_library_for_a_baseline_cpu_computes_the_same() {
     let dir = root().join("target/test-libs/baseline/gpt2");
     let _ = std::fs::remove_dir_all(&dir);
     compile_library(
-        "gpt2.tfs",
-        &source,
+        &compile_text("gpt2.tfs", &source),
         &dir,
         &LibOptions { target_cpu: Some("x86-64".into()), ..Default::default() },
     )
@@ -436,7 +436,8 @@ fn bf16_weights_match_the_interpreter_and_stay_close_to_f32() {
         let model = Model::load(build_opts(
             &spec,
             &format!("bf16-{}", act.name()),
-            &LibOptions { activations: Some(act), ..Default::default() },
+            &Options { activations: Some(act), ..Options::default() },
+            &LibOptions::default(),
         ))
         .unwrap();
         assert!(model.manifest().weights.iter().all(|w| w.dtype == "bf16" || w.shape.len() == 1));
@@ -540,7 +541,12 @@ fn tied_bf16_tables_stay_as_stored_and_the_rest_is_re_packed() {
     let spec = root().join("specs/tiny/gemma.tfs");
     let bf16 = Some(tfc::ir::DType::BF16);
     let c = compile(&spec, &Options { weight_dtype: bf16, ..Options::default() });
-    let dir = build_opts(&spec, "tied-bf16", &LibOptions { weight_dtype: bf16, ..Default::default() });
+    let dir = build_opts(
+        &spec,
+        "tied-bf16",
+        &Options { weight_dtype: bf16, ..Options::default() },
+        &LibOptions::default(),
+    );
     let model = Model::load(&dir).unwrap();
     for w in &model.manifest().weights {
         // [out, in] with `out` a multiple of 64 and `in` of 32: q and o [64, 64], down
@@ -606,8 +612,8 @@ fn q8_weights_match_the_interpreter_and_stay_close_to_f32() {
         let fx = root().join("tests/fixtures/hf").join(arch);
         let dir = root().join("target/test-libs/q8").join(arch);
         let _ = std::fs::remove_dir_all(&dir);
-        let source = std::fs::read_to_string(&spec).unwrap();
-        compile_library(arch, &source, &dir, &LibOptions { weight_dtype: q8, ..Default::default() }).unwrap();
+        let q8_opts = Options { weight_dtype: q8, ..Options::default() };
+        compile_library(&compile(&spec, &q8_opts), &dir, &LibOptions::default()).unwrap();
         let model = Model::load(&dir).unwrap();
         assert!(model.manifest().weights.iter().any(|w| w.dtype == "q8"), "{arch}: no q8 weight");
         let ck = Arc::new(Checkpoint::open(&fx).unwrap());

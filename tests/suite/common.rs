@@ -13,6 +13,11 @@ pub fn compile(path: &Path, opts: &Options) -> Compiled {
     tfc::compile_file(path, opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// Compiles spec text (named `name` in diagnostics) with the default options.
+pub fn compile_text(name: &str, source: &str) -> Compiled {
+    tfc::compile(name, source, &Options::default(), &mut |_, _| {}).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
 /// Every `.tfs` file under `dir`, sorted.
 pub fn specs_in(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -8,9 +8,9 @@ use tfc::Options;
 use crate::common::*;
 
 fn check(spec: &std::path::Path) {
-    let c = compile(spec, &Options { all_rows: true, ..Options::default() });
+    let c = compile(spec, &Options::default());
     let Some(_) = &c.decode else { return };
-    let mut graphs = vec![&c.model, &c.prefill];
+    let mut graphs = vec![&c.model, &c.prefill_all];
     graphs.extend(c.decode.as_ref());
     let w = Weights::bind(&graphs, &WeightSource::Random { seed: 7 }).unwrap();
     let vocab = c.spec.sizes.vocab;
@@ -23,7 +23,7 @@ fn check(spec: &std::path::Path) {
     let tol = tolerance(&c, &full.data);
     for split in [1, 4, 9] {
         let mut s = Session::new(&c, &w);
-        let pre = s.prefill(&tokens[..split], &[]).unwrap();
+        let pre = s.prefill(&tokens[..split], &[], true).unwrap();
         assert_close(&format!("{name}: prefill of {split}"), &pre.data, &full.data[..split * width], tol);
         for (i, &t) in tokens.iter().enumerate().skip(split) {
             let row = s.decode(t).unwrap();
@@ -49,12 +49,12 @@ fn the_cache_is_bounded_by_max_seq() {
     let w =
         Weights::bind(&[&c.prefill, c.decode.as_ref().unwrap()], &WeightSource::Random { seed: 1 }).unwrap();
     let mut s = Session::new(&c, &w);
-    let err = s.prefill(&vec![1; 65], &[]).unwrap_err().to_string();
+    let err = s.prefill(&vec![1; 65], &[], false).unwrap_err().to_string();
     assert!(err.contains("max_seq of 64"), "{err}");
-    s.prefill(&vec![1; 64], &[]).unwrap();
+    s.prefill(&vec![1; 64], &[], false).unwrap();
     let err = s.decode(1).unwrap_err().to_string();
     assert!(err.contains("65 positions exceed"), "{err}");
     s.reset();
-    let err = s.prefill(&[384], &[]).unwrap_err().to_string();
+    let err = s.prefill(&[384], &[], false).unwrap_err().to_string();
     assert!(err.contains("outside the vocabulary"), "{err}");
 }

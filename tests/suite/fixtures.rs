@@ -40,7 +40,7 @@ fn check(arch: &str) {
         assert_eq!(got.shape, want.shape);
         assert_close(&format!("{arch} hidden"), &got.data, &want.data, TOL);
         let mut s = Session::new(&c, &w);
-        let last = s.prefill(&prompt, &[]).unwrap();
+        let last = s.prefill(&prompt, &[], false).unwrap();
         assert_close(
             &format!("{arch} prefill hidden, last row"),
             &last.data,
@@ -64,7 +64,7 @@ fn check(arch: &str) {
     // Prefill + decode through the cache: the same logits row by row, the same tokens.
     let vocab = want_full.shape[1];
     let mut s = Session::new(&c, &w);
-    let mut logits = s.prefill(&prompt, &[]).unwrap();
+    let mut logits = s.prefill(&prompt, &[], false).unwrap();
     let row = |i: usize| &want_full.data[i * vocab..(i + 1) * vocab];
     let mut generated = Vec::new();
     for step in 0..greedy.len() {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use tfc::backend::{compile_gpu, gpu_build, LibOptions, Target};
+use tfc::backend::{compile_gpu, gpu_build, Target};
 use tfc::interp::{run, Inputs, WeightSource, Weights};
 use tfc::Options;
 use tfc_runtime::gpu::{GpuModel, GpuSession};
@@ -20,8 +20,7 @@ fn build(spec: &Path, tag: &str, target: Target) -> PathBuf {
     let stem = spec.file_stem().unwrap().to_string_lossy().to_string();
     let dir = root().join("target/test-libs").join(format!("{tag}-{}", target_name(target))).join(&stem);
     let _ = std::fs::remove_dir_all(&dir);
-    let source = std::fs::read_to_string(spec).unwrap();
-    compile_gpu(&spec.display().to_string(), &source, &dir, target, &LibOptions::default())
+    compile_gpu(&compile(spec, &tfc::Options::default()), &dir, target)
         .unwrap_or_else(|e| panic!("{}: {e}", spec.display()));
     dir
 }
@@ -103,8 +102,7 @@ fn every_fixture_compiles_to_ptx_that_ptxas_accepts_for_sm80_and_sm90() {
     let mut specs = specs_in(&root().join("specs/tiny"));
     specs.extend(specs_in(&root().join("tests/specs/valid")));
     for spec in specs {
-        let source = std::fs::read_to_string(&spec).unwrap();
-        let b = gpu_build(&spec.display().to_string(), &source, Target::Cuda, &LibOptions::default())
+        let b = gpu_build(&compile(&spec, &tfc::Options::default()), Target::Cuda)
             .unwrap_or_else(|e| panic!("{}: {e}", spec.display()));
         let ptx = tmp.join(format!("{}.ptx", b.program.name));
         std::fs::write(&ptx, &b.binary).unwrap();
@@ -203,15 +201,15 @@ fn the_cuda_path_runs_or_says_there_is_no_driver() {
 fn mlir_stages() {
     let spec = root().join("tests/specs/valid/alibi_hidden.tfs");
     let source = std::fs::read_to_string(&spec).unwrap();
-    let opts = LibOptions::default();
-    let cpu = tfc::backend::mlir_ir("alibi_hidden.tfs", &source, "mlir", &opts).unwrap();
+    let c = compile_text("alibi_hidden.tfs", &source);
+    let cpu = tfc::backend::mlir_ir(&c, "mlir").unwrap();
     insta::assert_snapshot!("alibi_hidden@mlir", cpu);
-    let v = gpu_build("alibi_hidden.tfs", &source, Target::Vulkan, &opts).unwrap();
+    let v = gpu_build(&c, Target::Vulkan).unwrap();
     insta::assert_snapshot!("alibi_hidden@gpu", v.kernels);
     insta::assert_snapshot!("alibi_hidden@spirv", v.lowered);
-    let c = gpu_build("alibi_hidden.tfs", &source, Target::Cuda, &opts).unwrap();
-    insta::assert_snapshot!("alibi_hidden@nvvm", c.lowered);
-    insta::assert_snapshot!("alibi_hidden@ptx", String::from_utf8(c.binary).unwrap());
+    let cu = gpu_build(&c, Target::Cuda).unwrap();
+    insta::assert_snapshot!("alibi_hidden@nvvm", cu.lowered);
+    insta::assert_snapshot!("alibi_hidden@ptx", String::from_utf8(cu.binary).unwrap());
 }
 
 /// A bf16 spec on the GPU: the runtime rounds an f32 checkpoint to bf16 before the f32

@@ -11,13 +11,13 @@ fn count(g: &Graph, f: impl Fn(&Op) -> bool) -> usize {
     g.node_ids().into_iter().filter(|&n| f(g.op(n))).count()
 }
 
-fn gpt2(all_rows: bool) -> tfc::Compiled {
-    compile(&root().join("specs/tiny/gpt2.tfs"), &Options { all_rows, ..Options::default() })
+fn gpt2() -> tfc::Compiled {
+    compile(&root().join("specs/tiny/gpt2.tfs"), &Options::default())
 }
 
 #[test]
 fn cse_merges_the_tied_unembedding_with_the_embedding() {
-    let c = gpt2(false);
+    let c = gpt2();
     let wte =
         |g: &Graph| count(g, |op| matches!(op, Op::Weight { name, .. } if name == "transformer.wte.weight"));
     assert_eq!(wte(&c.lowered), 2);
@@ -29,7 +29,7 @@ fn cse_merges_the_tied_unembedding_with_the_embedding() {
 
 #[test]
 fn fusion_replaces_every_attention_chain() {
-    let c = gpt2(false);
+    let c = gpt2();
     let softmax = |g: &Graph| count(g, |op| *op == Op::Softmax);
     let fused = |g: &Graph| count(g, |op| matches!(op, Op::Attention { .. }));
     assert_eq!((softmax(&c.lowered), fused(&c.lowered)), (2, 0));
@@ -39,7 +39,7 @@ fn fusion_replaces_every_attention_chain() {
 
 #[test]
 fn split_makes_the_cache_explicit() {
-    let c = gpt2(false);
+    let c = gpt2();
     let d = c.decode.as_ref().unwrap();
     let caches: Vec<_> = d
         .node_ids()
@@ -54,8 +54,8 @@ fn split_makes_the_cache_explicit() {
     let p = &c.prefill;
     assert_eq!(p.ty(p.output("cache.v.0").unwrap()).shape, [Dim::fixed(4), Dim::T, Dim::fixed(16)]);
     assert_eq!(p.ty(p.output("logits").unwrap()).shape, [Dim::fixed(1), Dim::fixed(384)]);
-    let all = gpt2(true);
-    assert_eq!(all.prefill.ty(all.prefill.output("logits").unwrap()).shape, [Dim::T, Dim::fixed(384)]);
+    let all = &c.prefill_all;
+    assert_eq!(all.ty(all.output("logits").unwrap()).shape, [Dim::T, Dim::fixed(384)]);
 }
 
 /// Per layer, how many linear maps and attentions of `g` run on all `T` rows.
@@ -81,7 +81,7 @@ fn narrowed_logits_match(c: &tfc::Compiled) {
 
 #[test]
 fn narrowing_runs_the_head_and_most_of_the_last_layer_on_one_row() {
-    let c = gpt2(false);
+    let c = gpt2();
     let p = &c.prefill;
     // The first layer needs every row; the last one only its fused QKV projection,
     // whose keys and values go to the cache.
@@ -99,8 +99,7 @@ fn narrowing_runs_the_head_and_most_of_the_last_layer_on_one_row() {
     assert_eq!(*p.op(p.operands(pos)[0]), Op::Positions);
     narrowed_logits_match(&c);
     // Without narrowing every linear map runs on every row.
-    let all = gpt2(true);
-    assert_eq!(full_rows(&all.prefill, 1), (4, 1));
+    assert_eq!(full_rows(&c.prefill_all, 1), (4, 1));
 }
 
 #[test]
@@ -117,7 +116,7 @@ fn narrowing_keeps_separate_keys_and_values_and_rotates_the_one_query() {
 
 #[test]
 fn the_verifier_rejects_a_wrong_type() {
-    let mut g = gpt2(false).model;
+    let mut g = gpt2().model;
     let add = g.node_ids().into_iter().find(|&n| *g.op(n) == Op::Add).unwrap();
     verify(&g).unwrap();
     g.node_mut(add).ty.as_mut().unwrap().shape[1] = Dim::fixed(65);

@@ -13,7 +13,7 @@ fn every_stage_of_every_spec() {
         let c = compile(&path, &Options::default());
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
         for &stage in tfc::STAGES {
-            let text = match c.stage(stage) {
+            let text = match c.stage(stage, false) {
                 Some(g) => tfc::ir::print(g),
                 None => format!("`{}` has bidirectional attention: no {stage} graph\n", c.spec.name),
             };
@@ -58,4 +58,20 @@ fn dump_after_reports_each_pass() {
             "dce:decode"
         ]
     );
+}
+
+/// The LLVM backend's plan of every spec (`tfc ir --stage plan`): arena offsets, fused
+/// chains, the weights' layouts and each linear map's algorithm, for a fixed CPU without
+/// AMX (so the text is the same on every host). One snapshot per spec, so one drift does
+/// not hide the rest.
+#[test]
+fn the_plan_of_every_spec() {
+    let opts = tfc::backend::LibOptions { target_cpu: Some("x86-64-v4".into()), ..Default::default() };
+    let plan = |path: &std::path::Path| {
+        let c = compile(path, &Options::default());
+        let text = tfc::backend::plan_ir(&c, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        insta::assert_snapshot!("plan", text);
+    };
+    insta::glob!("../../specs", "**/*.tfs", |path| plan(path));
+    insta::glob!("../../tests/specs/valid", "**/*.tfs", |path| plan(path));
 }

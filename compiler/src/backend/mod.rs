@@ -5,15 +5,19 @@
 //! C half of the ABI (`tfc_runtime::abi`) into `lib<name>.so`, beside `<name>.h` and
 //! `manifest.json`.
 
+pub mod layout;
 pub mod llvm;
 pub mod mlir;
+pub mod plan;
+pub mod weights;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tfc_runtime::abi::{self, KvCache, Manifest, WeightInfo};
 
-use crate::{Compiled, Options};
+use crate::ir::Output;
+use crate::Compiled;
 
 /// A one-line description of the linked code generators and the host.
 pub fn toolchain() -> String {
@@ -41,8 +45,6 @@ pub enum BackendError {
     Llvm(#[from] llvm::LlvmError),
     #[error(transparent)]
     Mlir(#[from] mlir::MlirError),
-    #[error(transparent)]
-    Compile(#[from] crate::CompileError),
     #[error("cannot write {path}: {message}")]
     Io { path: PathBuf, message: String },
     #[error("linking {lib} with `{cc}` failed:\n{stderr}")]
@@ -94,53 +96,16 @@ pub struct LibOptions {
     pub backend: Backend,
     /// `None` or `native`: the host CPU with its features; otherwise an LLVM CPU name.
     pub target_cpu: Option<String>,
-    /// Store weight matrices in this type instead of the spec's `dtype`.
-    pub weight_dtype: Option<crate::ir::DType>,
-    /// Round linear maps' inputs to this type instead of following the spec's `activations`.
-    pub activations: Option<crate::ir::DType>,
 }
 
-/// The three graphs a library holds, from one spec.
-pub struct LibGraphs {
-    pub compiled: Compiled,
-    pub prefill_all: crate::ir::Graph,
-}
-
-pub fn lib_graphs(file: &str, source: &str, lib: &LibOptions) -> Result<LibGraphs, crate::CompileError> {
-    let opts = Options { weight_dtype: lib.weight_dtype, activations: lib.activations, ..Options::default() };
-    let compiled = crate::compile(file, source, &opts, &mut |_, _| {})?;
-    let all = crate::compile(file, source, &Options { all_rows: true, ..opts.clone() }, &mut |_, _| {})?;
-    Ok(LibGraphs { compiled, prefill_all: all.prefill })
-}
-
-impl LibGraphs {
-    pub fn graphs(&self) -> llvm::Graphs<'_> {
-        llvm::Graphs {
-            prefill: &self.compiled.prefill,
-            prefill_all: &self.prefill_all,
-            decode: self.compiled.decode.as_ref(),
-        }
-    }
-
-    /// The graphs in the library's order: prefill, prefill of every row, decode.
-    fn all(&self) -> Vec<&crate::ir::Graph> {
-        let mut gs = vec![&self.compiled.prefill, &self.prefill_all];
-        gs.extend(self.compiled.decode.as_ref());
-        gs
-    }
-
-    pub fn weight_table(&self) -> llvm::WeightTable {
-        llvm::WeightTable::of(&self.all())
-    }
-
-    /// The weight table of a CPU library from `backend`: the LLVM kernels read bf16
-    /// matrices in tiles and f32 ones in panels (`llvm::WeightLayout`), re-packed when
-    /// they are bound.
-    pub fn library_weights(&self, backend: Backend) -> llvm::WeightTable {
-        match backend {
-            Backend::Llvm => self.weight_table().repacked(&self.all()),
-            Backend::Mlir => self.weight_table(),
-        }
+/// The weight table of a CPU library from `backend`: the LLVM kernels read bf16 matrices
+/// in tiles and f32 ones in panels (`weights::WeightLayout`), re-packed when they are bound.
+pub fn library_weights(c: &Compiled, backend: Backend) -> weights::WeightTable {
+    let graphs = c.library_graphs();
+    let table = weights::WeightTable::of(&graphs);
+    match backend {
+        Backend::Llvm => table.repacked(&graphs),
+        Backend::Mlir => table,
     }
 }
 
@@ -153,34 +118,34 @@ pub const MLIR_MAX_LAYERS: usize = 32;
 
 fn build<'ctx>(
     cx: &'ctx inkwell::context::Context,
-    lg: &LibGraphs,
-    weights: &llvm::WeightTable,
+    c: &Compiled,
+    weights: &weights::WeightTable,
     backend: Backend,
     tm: &inkwell::targets::TargetMachine,
-) -> Result<(inkwell::module::Module<'ctx>, llvm::Layout), BackendError> {
+) -> Result<(inkwell::module::Module<'ctx>, layout::Layout), BackendError> {
     match backend {
-        Backend::Llvm => Ok(llvm::build(cx, &lg.compiled, &lg.graphs(), weights, llvm::has_amx(tm))?),
+        Backend::Llvm => Ok(llvm::build(cx, c, weights, llvm::has_amx(tm))?),
         Backend::Mlir => {
-            let layers = lg.compiled.spec.sizes.layers;
+            let layers = c.spec.sizes.layers;
             if layers > MLIR_MAX_LAYERS {
                 return Err(mlir::MlirError::Unsupported(format!(
                     "more than {MLIR_MAX_LAYERS} layers (`{}` has {layers}): each graph becomes one function, \
                      whose optimisation takes time quadratic in its length (64 small layers took 400 s); \
                      the default backend, `--backend llvm`, compiles any number of layers in linear time",
-                    lg.compiled.spec.name
+                    c.spec.name
                 ))
                 .into());
             }
-            let layout = llvm::layout(&lg.compiled, &lg.graphs())?;
+            let layout = layout::layout(c);
             let ml = mlir::Mlir::new();
-            let m = mlir_cpu(&ml, lg, weights, &layout, true)?;
+            let m = mlir_cpu(&ml, c, weights, &layout, true)?;
             let lm = ml.to_llvm(&m, cx)?;
             for name in ["prefill", "prefill_all", "decode"] {
                 if let Some(f) = lm.get_function(&format!("tfc__{name}")) {
                     f.as_global_value().set_visibility(inkwell::GlobalVisibility::Hidden);
                 }
             }
-            llvm::globals(cx, &lm, &layout, weights, lg.compiled.decode.is_some());
+            llvm::globals(cx, &lm, &layout, weights, c.decode.is_some());
             lm.verify().map_err(|e| llvm::LlvmError::Llvm(format!("bug: invalid module from MLIR: {e}")))?;
             Ok((lm, layout))
         }
@@ -190,12 +155,12 @@ fn build<'ctx>(
 /// The CPU module in MLIR: as emitted (`lower = false`) or in the LLVM dialect.
 fn mlir_cpu<'c>(
     ml: &'c mlir::Mlir,
-    lg: &LibGraphs,
-    weights: &llvm::WeightTable,
-    layout: &llvm::Layout,
+    c: &Compiled,
+    weights: &weights::WeightTable,
+    layout: &layout::Layout,
     lower: bool,
 ) -> Result<melior::ir::Module<'c>, BackendError> {
-    let text = mlir::linalg::module(&lg.graphs(), weights, layout)?;
+    let text = mlir::linalg::module(c, weights, layout)?;
     let mut m = ml.parse(&text)?;
     if lower {
         ml.lower_cpu(&mut m)?;
@@ -204,12 +169,11 @@ fn mlir_cpu<'c>(
 }
 
 /// The MLIR of a spec's CPU library: `mlir` (linalg on tensors) or `mlir-llvm` (lowered).
-pub fn mlir_ir(file: &str, source: &str, stage: &str, opts: &LibOptions) -> Result<String, BackendError> {
-    let lg = lib_graphs(file, source, opts)?;
-    let weights = lg.weight_table();
-    let layout = llvm::layout(&lg.compiled, &lg.graphs())?;
+pub fn mlir_ir(c: &Compiled, stage: &str) -> Result<String, BackendError> {
+    let weights = library_weights(c, Backend::Mlir);
+    let layout = layout::layout(c);
     let ml = mlir::Mlir::new();
-    let m = mlir_cpu(&ml, &lg, &weights, &layout, stage == "mlir-llvm")?;
+    let m = mlir_cpu(&ml, c, &weights, &layout, stage == "mlir-llvm")?;
     Ok(m.as_operation().to_string())
 }
 
@@ -253,52 +217,40 @@ pub struct GpuBuild {
 }
 
 /// Compiles a spec's graphs to GPU kernels for `target` (`vulkan` or `cuda`).
-pub fn gpu_build(
-    file: &str,
-    source: &str,
-    target: Target,
-    opts: &LibOptions,
-) -> Result<GpuBuild, BackendError> {
+pub fn gpu_build(c: &Compiled, target: Target) -> Result<GpuBuild, BackendError> {
     let Some(t) = target.gpu() else {
         return Err(mlir::MlirError::Unsupported("a GPU build for the CPU target".into()).into());
     };
-    // Kernels read f32 weights; bf16 and f16 weights are rounded to their declared type,
-    // then widened exactly, when the runtime uploads them.
-    let declared = lib_graphs(file, source, opts)?.weight_table();
-    if let Some((name, ..)) = declared.names.iter().find(|w| w.2 == crate::ir::DType::Q8) {
+    // The kernels read f32 weights; bf16 and f16 weights keep their declared type in the
+    // program, and the runtime rounds them to it, then widens them exactly, when it
+    // uploads them.
+    let weights = library_weights(c, Backend::Mlir);
+    if let Some((name, ..)) = weights.names.iter().find(|w| w.2 == crate::ir::DType::Q8) {
         let what = format!("q8 weights on a GPU target (`{name}`; use f32 or bf16)");
         return Err(mlir::MlirError::Unsupported(what).into());
     }
-    let lg =
-        lib_graphs(file, source, &LibOptions { weight_dtype: Some(crate::ir::DType::F32), ..opts.clone() })?;
-    let weights = lg.weight_table();
-    let layout = llvm::layout(&lg.compiled, &lg.graphs())?;
-    let m = mlir::gpu::module(&lg.compiled.spec.name, &lg.graphs(), &weights, &layout, t)?;
+    let layout = layout::layout(c);
+    let m = mlir::gpu::module(c, &weights, &layout, t)?;
     let ml = mlir::Mlir::new();
     let (lowered, binary) = ml.compile_gpu(&m.mlir, t)?;
     let mut program = m.program;
-    // Each weight keeps its declared storage type in the program.
     program.weights = weights
         .names
         .iter()
-        .map(|(n, s, _)| {
-            let d = declared.names.iter().find(|w| &w.0 == n).map_or(crate::ir::DType::F32, |w| w.2);
-            WeightInfo { name: n.clone(), shape: s.clone(), dtype: d.name().into(), repacked: false }
+        .map(|(n, s, d)| WeightInfo {
+            name: n.clone(),
+            shape: s.clone(),
+            dtype: d.name().into(),
+            repacked: false,
         })
         .collect();
-    program.spec_hash = abi::fnv1a(source);
+    program.spec_hash = abi::fnv1a(&c.source);
     Ok(GpuBuild { kernels: m.mlir, lowered, binary, program })
 }
 
 /// Writes a GPU build: `<name>.spv` or `<name>.ptx`, and `gpu.json`.
-pub fn compile_gpu(
-    file: &str,
-    source: &str,
-    out_dir: &Path,
-    target: Target,
-    opts: &LibOptions,
-) -> Result<Vec<PathBuf>, BackendError> {
-    let b = gpu_build(file, source, target, opts)?;
+pub fn compile_gpu(c: &Compiled, out_dir: &Path, target: Target) -> Result<Vec<PathBuf>, BackendError> {
+    let b = gpu_build(c, target)?;
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let bin = out_dir.join(&b.program.binary);
     std::fs::write(&bin, &b.binary).map_err(io(&bin))?;
@@ -308,12 +260,19 @@ pub fn compile_gpu(
     Ok(vec![bin, prog])
 }
 
+/// The plan of a spec's library from the LLVM backend (`tfc ir --stage plan`): per graph,
+/// the arena's regions, and per node where its value lives, what is fused into it, and
+/// which algorithm computes each linear map, for the CPU `opts` names.
+pub fn plan_ir(c: &Compiled, opts: &LibOptions) -> Result<String, BackendError> {
+    let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
+    Ok(llvm::plan_text(c, &library_weights(c, Backend::Llvm), llvm::has_amx(&tm))?)
+}
+
 /// The LLVM IR of a spec's library, before (`optimized = false`) or after its pipeline.
-pub fn llvm_ir(file: &str, source: &str, optimized: bool, opts: &LibOptions) -> Result<String, BackendError> {
-    let lg = lib_graphs(file, source, opts)?;
+pub fn llvm_ir(c: &Compiled, optimized: bool, opts: &LibOptions) -> Result<String, BackendError> {
     let cx = inkwell::context::Context::create();
     let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
-    let (m, _) = build(&cx, &lg, &lg.library_weights(opts.backend), opts.backend, &tm)?;
+    let (m, _) = build(&cx, c, &library_weights(c, opts.backend), opts.backend, &tm)?;
     m.set_triple(&tm.get_triple());
     m.set_data_layout(&tm.get_target_data().get_data_layout());
     if optimized {
@@ -372,18 +331,11 @@ fn emit_fallback(bitcode: &[u8]) -> Result<Vec<u8>, BackendError> {
 }
 
 /// Compiles a spec to `out_dir/lib<name>.so`, `<name>.h` and `manifest.json`.
-pub fn compile_library(
-    file: &str,
-    source: &str,
-    out_dir: &Path,
-    opts: &LibOptions,
-) -> Result<Artifact, BackendError> {
-    let lg = lib_graphs(file, source, opts)?;
-    let c = &lg.compiled;
-    let weights = lg.library_weights(opts.backend);
+pub fn compile_library(c: &Compiled, out_dir: &Path, opts: &LibOptions) -> Result<Artifact, BackendError> {
+    let weights = library_weights(c, opts.backend);
     let cx = inkwell::context::Context::create();
     let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
-    let (m, layout) = build(&cx, &lg, &weights, opts.backend, &tm)?;
+    let (m, layout) = build(&cx, c, &weights, opts.backend, &tm)?;
     // The same graphs for baseline x86-64, chosen at load time when the CPU lacks a
     // feature the main code uses: a library never dies with an illegal instruction.
     // It is optimised and emitted on a second thread (in its own LLVM context, from
@@ -450,7 +402,7 @@ pub fn compile_library(
         library: format!("lib{name}.so"),
         vocab: layout.vocab,
         max_seq: layout.max_seq,
-        output: c.prefill.outputs[0].0.clone(),
+        output: Output::Main(c.prefill.main_output().0).name(),
         output_width: layout.out_width,
         has_decode: c.decode.is_some(),
         kv_cache: KvCache {
@@ -470,8 +422,8 @@ pub fn compile_library(
             })
             .collect(),
         library_hash: abi::fnv1a_bytes(&std::fs::read(&library).map_err(io(&library))?),
-        spec_hash: abi::fnv1a(source),
-        spec: source.to_string(),
+        spec_hash: abi::fnv1a(&c.source),
+        spec: c.source.clone(),
     };
     let mpath = out_dir.join("manifest.json");
     let text = serde_json::to_string_pretty(&manifest).expect("a manifest serialises");

@@ -79,8 +79,8 @@ pub fn lower(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Option<Graph> {
         None => Val::Hidden(x),
     };
     match out {
-        Val::Logits(n) => l.g.outputs.push(("logits".into(), n)),
-        Val::Hidden(n) => l.g.outputs.push(("hidden".into(), n)),
+        Val::Logits(n) => l.g.outputs.push((Output::Main(MainOutput::Logits), n)),
+        Val::Hidden(n) => l.g.outputs.push((Output::Main(MainOutput::Hidden), n)),
         other => {
             let kw = spec.head.as_ref().map(|h| h.keyword.clone()).unwrap_or(0..0);
             l.error_at(

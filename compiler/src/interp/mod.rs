@@ -11,7 +11,6 @@ pub mod weights;
 
 use std::collections::HashMap;
 
-pub use ops::alibi_slopes;
 pub use session::Session;
 pub use tfc_runtime::argmax;
 pub use weights::{WeightSource, Weights};
@@ -178,7 +177,7 @@ pub fn run(g: &Graph, weights: &Weights, inputs: &Inputs) -> Result<HashMap<Stri
     for (name, id) in &g.outputs {
         match vals.get(id) {
             Some(Value::F(t)) => {
-                out.insert(name.clone(), t.clone());
+                out.insert(name.name(), t.clone());
             }
             _ => return Err(InterpError::Bug(format!("output {name} is not a float tensor"))),
         }

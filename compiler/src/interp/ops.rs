@@ -2,7 +2,7 @@
 //! with the sizes of their operands and accumulate sums in `f64`.
 
 use super::Tensor;
-use crate::ir::{Act, AttnMask, QkvLayout, QkvPart, Rope};
+use crate::ir::{alibi_slopes, Act, AttnMask, QkvLayout, QkvPart, Rope};
 
 pub fn gather(table: &Tensor, ids: &[i64], offset: usize) -> Result<Tensor, String> {
     let (rows, d) = (table.shape[0], table.shape[1]);
@@ -223,22 +223,6 @@ pub fn head_matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Tensor {
         }
     }
     Tensor::new(vec![h, m, n], out)
-}
-
-/// The ALiBi slopes of Press et al. for `n` heads, as BLOOM and MPT compute them:
-/// a geometric sequence for the largest power of two `≤ n`, then every other slope of
-/// the sequence for twice that many.
-pub fn alibi_slopes(n: usize) -> Vec<f64> {
-    let p2 = 1usize << (usize::BITS - 1 - n.leading_zeros());
-    let seq = |k: usize| -> Vec<f64> {
-        let start = 2f64.powf(-(2f64.powf(-((k as f64).log2() - 3.0))));
-        (1..=k).map(|i| start.powi(i as i32)).collect()
-    };
-    let mut s = seq(p2);
-    if p2 < n {
-        s.extend(seq(2 * p2).into_iter().step_by(2).take(n - p2));
-    }
-    s
 }
 
 pub fn alibi(s: &Tensor, pos: &[i64]) -> Tensor {

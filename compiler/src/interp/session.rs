@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::{run, Inputs, InterpError, Tensor, Weights};
-use crate::ir::CacheKind;
+use crate::ir::{CacheKind, Graph, Output};
 use crate::Compiled;
 
 pub struct Session<'a> {
@@ -40,8 +40,14 @@ impl<'a> Session<'a> {
     }
 
     /// Runs the prefill graph on a prompt (the cache must be empty); returns its main
-    /// output (`logits` or, for an encoder, `hidden`).
-    pub fn prefill(&mut self, tokens: &[i64], token_types: &[i64]) -> Result<Tensor, InterpError> {
+    /// output (`logits` or, for an encoder, `hidden`) of the last position, or with
+    /// `all_rows` of every position.
+    pub fn prefill(
+        &mut self,
+        tokens: &[i64],
+        token_types: &[i64],
+        all_rows: bool,
+    ) -> Result<Tensor, InterpError> {
         if self.pos != 0 {
             return Err(InterpError::Input("prefill needs an empty cache; reset the session first".into()));
         }
@@ -49,15 +55,18 @@ impl<'a> Session<'a> {
         self.check_room(tokens.len())?;
         let inputs =
             Inputs { tokens: tokens.to_vec(), token_types: token_types.to_vec(), cache: HashMap::new() };
-        let mut out = run(&self.compiled.prefill, self.weights, &inputs)?;
-        self.take_cache(&mut out, false);
+        let c = self.compiled;
+        let graph = if all_rows { &c.prefill_all } else { &c.prefill };
+        let mut out = run(graph, self.weights, &inputs)?;
+        self.take_cache(graph, &mut out, false);
         self.pos = tokens.len();
         main_output(out)
     }
 
     /// Runs the decode graph for one token at the next position; returns `[1, vocab]`.
     pub fn decode(&mut self, token: i64) -> Result<Tensor, InterpError> {
-        let graph = self.compiled.decode.as_ref().ok_or_else(|| {
+        let c = self.compiled;
+        let graph = c.decode.as_ref().ok_or_else(|| {
             InterpError::Input("this model has bidirectional attention and no decode step".into())
         })?;
         self.check_vocab(&[token])?;
@@ -67,7 +76,7 @@ impl<'a> Session<'a> {
         let result = run(graph, self.weights, &inputs);
         self.cache = inputs.cache;
         let mut out = result?;
-        self.take_cache(&mut out, true);
+        self.take_cache(graph, &mut out, true);
         self.pos += 1;
         main_output(out)
     }
@@ -77,15 +86,11 @@ impl<'a> Session<'a> {
         self.pos = 0;
     }
 
-    /// Moves `cache.k.L`/`cache.v.L` outputs into the cache, appending when decoding.
-    fn take_cache(&mut self, out: &mut HashMap<String, Tensor>, append: bool) {
-        let names: Vec<String> = out.keys().filter(|k| k.starts_with("cache.")).cloned().collect();
-        for name in names {
-            let t = out.remove(&name).unwrap();
-            let mut parts = name.split('.').skip(1);
-            let kind = if parts.next() == Some("k") { CacheKind::K } else { CacheKind::V };
-            let layer: u32 =
-                parts.next().and_then(|l| l.parse().ok()).expect("cache outputs are named cache.{k,v}.L");
+    /// Moves the cache outputs of `graph` into the cache, appending when decoding.
+    fn take_cache(&mut self, graph: &Graph, out: &mut HashMap<String, Tensor>, append: bool) {
+        for (o, _) in &graph.outputs {
+            let Output::Cache { layer, kind } = *o else { continue };
+            let Some(t) = out.remove(&o.name()) else { continue };
             let entry = self.cache.remove(&(layer, kind));
             let t = match (append, entry) {
                 (true, Some(old)) => super::ops::concat(&old, &t, 1),

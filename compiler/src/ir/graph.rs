@@ -9,7 +9,7 @@ use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 
-use super::op::Op;
+use super::op::{CacheKind, Op};
 use super::shape::TensorType;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -53,30 +53,66 @@ pub struct Node {
     pub origin: String,
 }
 
+/// A result of a graph.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Output {
+    /// The model's result: `logits`, or an encoder's `hidden` state. Always the first.
+    Main(MainOutput),
+    /// The keys or values of one layer, for the KV cache: prefill's `[kv_heads, T,
+    /// head_dim]`, decode's new row `[kv_heads, 1, head_dim]`. Written `cache.k.L`.
+    Cache { layer: u32, kind: CacheKind },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MainOutput {
+    Logits,
+    Hidden,
+}
+
+impl Output {
+    /// The output's name in the text form, the interpreter's results and the manifest.
+    pub fn name(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Output::Main(MainOutput::Logits) => f.write_str("logits"),
+            Output::Main(MainOutput::Hidden) => f.write_str("hidden"),
+            Output::Cache { layer, kind } => write!(f, "cache.{}.{layer}", kind.name()),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Graph {
     pub name: String,
     pub phase: Phase,
-    /// Named results, in order.
-    pub outputs: Vec<(String, NodeId)>,
+    /// The results, in order: the main one first, then any cache outputs.
+    pub outputs: Vec<(Output, NodeId)>,
     g: StableDiGraph<Node, u8>,
 }
 
 impl Graph {
-    /// The nodes whose values go to the KV cache (outputs named `cache.{k,v}.{layer}`),
-    /// each with the cache regions it fills.
-    pub fn cache_outputs(&self) -> HashMap<NodeId, Vec<(u32, super::op::CacheKind)>> {
-        let mut map: HashMap<NodeId, Vec<(u32, super::op::CacheKind)>> = HashMap::new();
-        for (name, id) in &self.outputs {
-            let Some((kind, layer)) = name.strip_prefix("cache.").and_then(|r| r.split_once('.')) else {
-                continue;
-            };
-            let kind = if kind == "k" { super::op::CacheKind::K } else { super::op::CacheKind::V };
-            if let Ok(layer) = layer.parse() {
+    /// The nodes whose values go to the KV cache, each with the cache regions it fills.
+    pub fn cache_outputs(&self) -> HashMap<NodeId, Vec<(u32, CacheKind)>> {
+        let mut map: HashMap<NodeId, Vec<(u32, CacheKind)>> = HashMap::new();
+        for (o, id) in &self.outputs {
+            if let Output::Cache { layer, kind } = *o {
                 map.entry(*id).or_default().push((layer, kind));
             }
         }
         map
+    }
+
+    /// The main output (`logits` or `hidden`) and its node.
+    pub fn main_output(&self) -> (MainOutput, NodeId) {
+        match self.outputs.first() {
+            Some((Output::Main(m), id)) => (*m, *id),
+            _ => panic!("bug: graph `{}` does not start with its main output", self.name),
+        }
     }
 
     pub fn new(name: impl Into<String>, phase: Phase) -> Self {
@@ -226,7 +262,8 @@ impl Graph {
         Ok(order)
     }
 
+    /// The node of the output named `name` (as the text form writes it).
     pub fn output(&self, name: &str) -> Option<NodeId> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+        self.outputs.iter().find(|(o, _)| o.name() == name).map(|(_, id)| *id)
     }
 }

@@ -15,7 +15,9 @@ mod shape;
 mod verify;
 
 pub use display::print;
-pub use graph::{Graph, Node, NodeId, Phase};
-pub use op::{num, Act, AttnMask, CacheKind, InputKind, Op, QkvLayout, QkvPart, Rope, WeightRole};
+pub use graph::{Graph, MainOutput, Node, NodeId, Output, Phase};
+pub use op::{
+    alibi_slopes, num, Act, AttnMask, CacheKind, InputKind, Op, QkvLayout, QkvPart, Rope, WeightRole,
+};
 pub use shape::{DType, Dim, SymBinding, TensorType};
 pub use verify::{verify, VerifyError};

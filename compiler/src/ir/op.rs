@@ -548,3 +548,19 @@ impl fmt::Display for Op {
         write!(f, "{}{}", self.mnemonic(), self.attrs())
     }
 }
+
+/// The ALiBi slopes of Press et al. for `n` heads, as BLOOM and MPT compute them:
+/// a geometric sequence for the largest power of two `≤ n`, then every other slope of
+/// the sequence for twice that many.
+pub fn alibi_slopes(n: usize) -> Vec<f64> {
+    let p2 = 1usize << (usize::BITS - 1 - n.leading_zeros());
+    let seq = |k: usize| -> Vec<f64> {
+        let start = 2f64.powf(-(2f64.powf(-((k as f64).log2() - 3.0))));
+        (1..=k).map(|i| start.powi(i as i32)).collect()
+    };
+    let mut s = seq(p2);
+    if p2 < n {
+        s.extend(seq(2 * p2).into_iter().step_by(2).take(n - p2));
+    }
+    s
+}

@@ -32,9 +32,15 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
     if g.outputs.is_empty() {
         return Err(fail(None, "the graph has no outputs".into()));
     }
-    for (name, id) in &g.outputs {
+    for (i, (name, id)) in g.outputs.iter().enumerate() {
         if !g.contains(*id) {
             return Err(fail(None, format!("output `{name}` names a removed node")));
+        }
+        if matches!(name, super::Output::Main(_)) != (i == 0) {
+            return Err(fail(
+                None,
+                format!("output `{name}` at {i}: the main output comes first, and only it"),
+            ));
         }
     }
     for &id in &order {
@@ -80,7 +86,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
             })
             .collect();
         let want = if attn.iter().all(|&c| c) { 2 * attn.len() } else { 0 };
-        let caches = g.outputs.iter().filter(|(n, _)| n.starts_with("cache.")).count();
+        let caches = g.outputs.iter().filter(|(o, _)| matches!(o, super::Output::Cache { .. })).count();
         if caches != want {
             return Err(fail(
                 None,

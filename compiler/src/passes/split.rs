@@ -15,7 +15,7 @@
 //! graph and its prefill returns no cache.
 
 use super::{Pass, PassError, ShapeInfer};
-use crate::ir::{CacheKind, Dim, Graph, InputKind, Node, NodeId, Op, Phase, TensorType};
+use crate::ir::{CacheKind, Dim, Graph, InputKind, Node, NodeId, Op, Output, Phase, TensorType};
 
 pub struct Split {
     /// Keep the main output of every position in prefill, not just the last.
@@ -50,8 +50,8 @@ impl Split {
         if causal {
             for &(n, layer) in &attns {
                 let ops = prefill.operands(n);
-                prefill.outputs.push((format!("cache.k.{layer}"), ops[1]));
-                prefill.outputs.push((format!("cache.v.{layer}"), ops[2]));
+                prefill.outputs.push((Output::Cache { layer, kind: CacheKind::K }, ops[1]));
+                prefill.outputs.push((Output::Cache { layer, kind: CacheKind::V }, ops[2]));
             }
         }
         if !self.all_rows {
@@ -119,7 +119,7 @@ fn decode(model: &Graph, attns: &[(NodeId, u32)]) -> Graph {
                 &[cache, new],
             );
             g.set_operand(n, slot, all);
-            g.outputs.push((format!("cache.{}.{layer}", kind.name()), new));
+            g.outputs.push((Output::Cache { layer, kind }, new));
         }
     }
     // One token: every `T` becomes 1 (leaf types here; the caller re-infers the rest).

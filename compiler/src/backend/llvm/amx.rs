@@ -11,7 +11,7 @@
 //! that is a `round_bf16` (`activations = bf16`) is bf16 already: one part.
 //!
 //! Every tile operand is contiguous (1 KB; tile rows far apart stalled the loads):
-//! - `W [out, in]`: `Cᵀ = W · Xᵀ`. Weights in the tile layout (`super::Tiles`, re-packed
+//! - `W [out, in]`: `Cᵀ = W · Xᵀ`. Weights in the tile layout (`weights::Tiles`, re-packed
 //!   when bound; `[in, out]` ones arrive transposed) are read in place; others are copied
 //!   by each task, a chunk of `in` at a time, into tiles. The activations are packed as
 //!   VNNI pairs of 16 rows. Each `Cᵀ` tile is transposed through registers on its way out.
@@ -39,17 +39,20 @@ use inkwell::values::{
 };
 use inkwell::GlobalVisibility;
 
+use super::elementwise::{epilogue_v, epilogue_vectorises, epilogue_with};
 use super::kb::{Kb, VW};
-use super::kernels::{epilogue_v, epilogue_vectorises, epilogue_with, Epi};
+use crate::backend::plan::Epi;
+use crate::backend::weights;
 
 /// The marker attribute of functions that execute tile instructions.
 pub const ATTR: &str = "tfc-amx";
 /// Rows of the padded activation block, and of an output block.
 pub const MB: usize = 32;
 
-/// Whether a bf16 linear map of `inn` inputs and `out` outputs gets the AMX GEMM.
+/// Whether a bf16 linear map of `inn` inputs and `out` outputs gets the AMX GEMM: those
+/// whose weights fit the tile layout.
 pub fn fits(inn: usize, out: usize) -> bool {
-    inn % 32 == 0 && out % 64 == 0
+    weights::Tiles::fits(inn, out)
 }
 
 /// The bf16 parts an f32 activation is split into; an activation already rounded to
@@ -299,7 +302,7 @@ pub struct Shape {
     pub n_out: usize,
     pub transposed: bool,
     pub bias: bool,
-    /// The weights are in the tile layout (`super::Tiles`, as `[out, in]`): each weight
+    /// The weights are in the tile layout (`weights::Tiles`, as `[out, in]`): each weight
     /// tile is read where it is, with nothing to copy.
     pub tiles: bool,
     /// The activation parts, and whether the output goes packed (then `out` is the

@@ -8,9 +8,11 @@ use inkwell::module::Linkage;
 use inkwell::values::{BasicValueEnum, FloatValue, FunctionValue, IntValue, PointerValue, VectorValue};
 use tfc_runtime::quant::Q8_BLOCK;
 
-use super::kb::{F32s, Kb, WFmt, VW};
-use crate::interp::alibi_slopes;
-use crate::ir::{Act, AttnMask, QkvLayout, QkvPart};
+use super::elementwise::{act, epilogue_vectorises};
+use super::kb::{Kb, WFmt, VW};
+use crate::backend::plan::Epi;
+use crate::backend::weights::{Tiles, BLOCK};
+use crate::ir::{alibi_slopes, Act, AttnMask, QkvLayout, QkvPart};
 
 /// What a kernel computes; its argument block layout is given per variant.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,8 +37,8 @@ pub enum Kernel {
     /// packed (see `amx::Amx`); tasks: column blocks of `BLOCK`. `packed`: the
     /// GEMM of many rows (see `packs`); `amx`: on AMX tiles when the CPU allows (bf16
     /// weights, see `amx`), else the packed GEMM. `tiles`: bf16 weights in the tile
-    /// layout (`super::Tiles`, read as `[out, in]`, so never `transposed`). `panels`: f32
-    /// weights in the panel layout (`super::WeightLayout::Panels`; always `packed`, never
+    /// layout (`weights::Tiles`, read as `[out, in]`, so never `transposed`). `panels`: f32
+    /// weights in the panel layout (`weights::WeightLayout::Panels`; always `packed`, never
     /// `transposed`), which the packed GEMM reads in place. `sliced`: the packed GEMM
     /// (not on AMX) reads its activations as `SliceRows` wrote them, from the argument
     /// after the epilogue's.
@@ -93,29 +95,6 @@ pub enum Kernel {
     CacheStore { head_dim: usize, max_seq: usize },
 }
 
-/// An elementwise op fused into a linear map's output, applied while the tile is in cache.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Epi {
-    Act(Act),
-    Scale(f64),
-    RoundBf16,
-    /// Adds (or multiplies by) the same element of another tensor of the output's shape.
-    Add,
-    Mul,
-}
-
-impl Epi {
-    fn symbol(&self) -> String {
-        match self {
-            Epi::Act(a) => a.name().into(),
-            Epi::Scale(s) => format!("scale{:016x}", s.to_bits()),
-            Epi::RoundBf16 => "round_bf16".into(),
-            Epi::Add => "add".into(),
-            Epi::Mul => "mul".into(),
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum UnaryOp {
     Scale(f64),
@@ -123,9 +102,6 @@ pub enum UnaryOp {
     RoundBf16,
 }
 
-/// Output columns per linear task: a block of weight rows that stays in cache while
-/// every activation row passes over it.
-pub const BLOCK: usize = 64;
 /// Activation rows per register tile of the linear kernels.
 const ROWS: usize = 4;
 /// Weight rows (the `in` dimension) of a column block packed at a time by the packed
@@ -153,7 +129,7 @@ pub fn packs(rows: Option<usize>, out: usize, transposed: bool) -> bool {
 
 /// Whether an unpacked linear map gets the vectorised dot products of `lin_n_block`:
 /// `[out, in]` weights whose rows the vectors tile exactly (`in` by 16).
-fn tiled(inn: usize, transposed: bool) -> bool {
+pub(super) fn tiled(inn: usize, transposed: bool) -> bool {
     !transposed && inn % VW == 0
 }
 
@@ -169,9 +145,9 @@ struct Lin<'ctx, 'e> {
     others: Vec<PointerValue<'ctx>>,
     /// How the weights are stored.
     wf: WFmt,
-    /// `[out, in]` in the tile layout (`super::Tiles`), not row-major.
+    /// `[out, in]` in the tile layout (`weights::Tiles`), not row-major.
     tiles: bool,
-    /// In the panel layout (`super::WeightLayout::Panels`).
+    /// In the panel layout (`weights::WeightLayout::Panels`).
     panels: bool,
 }
 
@@ -196,7 +172,7 @@ impl<'ctx, 'e> Lin<'ctx, 'e> {
         if !self.tiles {
             return kb.add(kb.mul(o, kb.c(self.inn as i64)), i);
         }
-        let (r, k) = (super::Tiles::ROWS, super::Tiles::COLS);
+        let (r, k) = (Tiles::ROWS, Tiles::COLS);
         let c = |v: usize| kb.c(v as i64);
         let tile = kb.add(kb.mul(kb.udiv(o, c(r)), c(self.inn / k)), kb.udiv(i, c(k)));
         kb.add(kb.mul(tile, c(r * k)), kb.add(kb.mul(kb.urem(o, c(r)), c(k)), kb.urem(i, c(k))))
@@ -403,7 +379,7 @@ fn lin_dot_row<'ctx>(
     });
 }
 
-/// One row times `W [out, in]` in the tile layout (`super::Tiles`), outputs `o0..o1` (whole
+/// One row times `W [out, in]` in the tile layout (`weights::Tiles`), outputs `o0..o1` (whole
 /// blocks of 16): each block is one contiguous stream, prefetched `PREFETCH` ahead, read a
 /// tile at a time into one accumulator per output, as even and odd lanes against `xp`
 /// (row `t`, permuted by `permute_pairs` over all of `in`).
@@ -416,7 +392,7 @@ fn lin_tile_row<'ctx>(
     xp: PointerValue<'ctx>,
 ) {
     let c = |v: usize| kb.c(v as i64);
-    let (rows, cols) = (super::Tiles::ROWS, super::Tiles::COLS);
+    let (rows, cols) = (Tiles::ROWS, Tiles::COLS);
     let ktiles = l.inn / cols;
     kb.for_(kb.udiv(o0, c(rows)), kb.udiv(o1, c(rows)), |blk| {
         let init: Vec<_> = (0..rows).map(|_| kb.vzero().into()).collect();
@@ -563,7 +539,7 @@ fn lin_packed<'ctx>(
                     if l.tiles {
                         // BLOCK / 16 blocks, each of whose KC / 32 tiles in the slice are
                         // contiguous.
-                        let (rows, cols) = (super::Tiles::ROWS, super::Tiles::COLS);
+                        let (rows, cols) = (Tiles::ROWS, Tiles::COLS);
                         let per = KC / cols * rows * cols * esize / 64;
                         let (rb, line) = (kb.udiv(n, c(per)), kb.urem(n, c(per)));
                         let blk = kb.add(kb.udiv(no0, c(rows)), rb);
@@ -1431,81 +1407,6 @@ fn unary<'ctx>(kb: &Kb<'_, 'ctx>, op: UnaryOp, x: FloatValue<'ctx>) -> FloatValu
         }
         UnaryOp::Act(a) => act(kb, a, x),
     }
-}
-
-/// An activation of one value or of each lane of a vector, by the same arithmetic;
-/// `Act::Gelu` (erf in f64, through libm) is `unary`'s alone.
-fn act<'ctx, V: F32s<'ctx>>(kb: &Kb<'_, 'ctx>, a: Act, x: V) -> V {
-    let k = |v: f64| V::k(kb, v);
-    match a {
-        Act::Relu => kb.fmax(x, k(0.0)),
-        Act::Silu => {
-            // Beyond 80, e^80 ≈ 5.5e34 keeps the reciprocal's operand finite, and the
-            // product is below 2e-35 · |x| either way.
-            let e = kb.exp(kb.fmin_c(kb.fsub(k(0.0), x), 80.0));
-            kb.fmul(x, kb.recip(kb.fadd(k(1.0), e)))
-        }
-        Act::GeluTanh => {
-            let c = (2.0 / std::f64::consts::PI).sqrt();
-            let x3 = kb.fmul(kb.fmul(x, x), x);
-            let inner = kb.fmul(k(c), kb.fadd(x, kb.fmul(k(0.044715), x3)));
-            // tanh(y) = 1 - 2 / (e^(2y) + 1): exact limits ±1, absolute error ~1e-7. From
-            // 2y = 80 on, tanh is 1 in f32, and e^80 keeps the reciprocal's operand finite.
-            let e = kb.exp(kb.fmin_c(kb.fadd(inner, inner), 80.0));
-            let t = kb.fsub(k(1.0), kb.fmul(k(2.0), kb.recip(kb.fadd(e, k(1.0)))));
-            kb.fmul(kb.fmul(k(0.5), x), kb.fadd(k(1.0), t))
-        }
-        Act::Gelu => unreachable!("exact gelu is scalar (`unary`)"),
-    }
-}
-
-/// Whether `epi` has a vector form (`epilogue_v`): all but exact gelu.
-pub fn epilogue_vectorises(epi: &[Epi]) -> bool {
-    !epi.contains(&Epi::Act(Act::Gelu))
-}
-
-/// `epilogue` on the `VW` outputs from element `at` of the output, `v`: the same
-/// arithmetic lane by lane (see `epilogue_vectorises`).
-pub fn epilogue_v<'ctx>(
-    kb: &Kb<'_, 'ctx>,
-    epi: &[Epi],
-    others: &[PointerValue<'ctx>],
-    at: IntValue<'ctx>,
-    v: VectorValue<'ctx>,
-) -> VectorValue<'ctx> {
-    epilogue_with(kb, epi, v, |k| kb.ldv(others[k], at))
-}
-
-/// `epilogue_v` on `v`, the operands of the `k`-th `Add`/`Mul` from `other(k)`.
-pub fn epilogue_with<'ctx>(
-    kb: &Kb<'_, 'ctx>,
-    epi: &[Epi],
-    mut v: VectorValue<'ctx>,
-    other: impl Fn(usize) -> VectorValue<'ctx>,
-) -> VectorValue<'ctx> {
-    let mut k = 0;
-    for e in epi {
-        v = match e {
-            Epi::Act(a) => act(kb, *a, v),
-            Epi::Scale(s) => {
-                let f64v = kb.f64t().vec_type(VW as u32);
-                let wide = kb.b.build_float_ext(v, f64v, "").unwrap();
-                let s = inkwell::types::VectorType::const_vector(&[kb.dc(*s); VW]);
-                kb.b.build_float_trunc(kb.b.build_float_mul(wide, s, "").unwrap(), kb.vt(), "").unwrap()
-            }
-            Epi::RoundBf16 => kb.round_bf16(v),
-            Epi::Add | Epi::Mul => {
-                let y = other(k);
-                k += 1;
-                if *e == Epi::Add {
-                    kb.fadd(v, y)
-                } else {
-                    kb.fmul(v, y)
-                }
-            }
-        };
-    }
-    v
 }
 
 /// One key of an online softmax: from the running max `m` and sum `l` and the key's

@@ -10,10 +10,12 @@
 //! globals that the C half of the library (`tfc_runtime::abi::SUPPORT_C`) reads.
 
 mod amx;
+mod elementwise;
 mod kb;
 mod kernels;
+mod select;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use inkwell::context::Context;
 use inkwell::module::{Linkage, Module};
@@ -25,9 +27,13 @@ use inkwell::OptimizationLevel;
 
 use kb::{Kb, WFmt};
 pub use kernels::Kernel;
-use kernels::{Epi, UnaryOp, BLOCK};
+use kernels::UnaryOp;
+use select::{reads_layout, reads_tiles, reads_transposed, GraphPlan, LinearAlgo, Packing};
 
-use crate::ir::{CacheKind, DType, Dim, Graph, InputKind, NodeId, Op, Phase, SymBinding};
+use crate::backend::layout::{layout, Layout};
+use crate::backend::plan::{Loc, PlanError};
+use crate::backend::weights::{weight_bytes, WeightLayout, WeightTable, BLOCK};
+use crate::ir::{CacheKind, DType, Dim, Graph, NodeId, Op};
 use crate::Compiled;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,167 +44,8 @@ pub enum LlvmError {
     Llvm(String),
     #[error("{0}")]
     Cpu(String),
-}
-
-/// The graphs a library holds, compiled from one spec.
-pub struct Graphs<'a> {
-    pub prefill: &'a Graph,
-    pub prefill_all: &'a Graph,
-    pub decode: Option<&'a Graph>,
-}
-
-/// Where the weights go: index `i` is bound as `weights[i]`.
-#[derive(Clone, Debug, Default)]
-pub struct WeightTable {
-    pub names: Vec<(String, Vec<usize>, DType)>,
-    index: HashMap<String, usize>,
-    /// Per weight, the layout the library re-packs it into when it is bound (see
-    /// `Repack`); `None`: read as stored.
-    pub repack: Vec<Option<Repack>>,
-}
-
-/// A matrix that the library re-packs once, when it is bound, into the layout its
-/// kernels read (`tfc_bind_weight` in `support.c` does it from `tfc__weight_tiles`),
-/// from `W [out, in]` or, `transposed`, `[in, out]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Repack {
-    pub out: usize,
-    pub inn: usize,
-    /// Stored as `[in, out]`.
-    pub transposed: bool,
-    pub layout: WeightLayout,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeightLayout {
-    /// bf16 (`Tiles`): as `W [out, in]` in blocks of 16 outputs, each block `in / 32`
-    /// tiles of 16 outputs × 32 inputs, row-major. A tile is one AMX operand, 1 KB and
-    /// contiguous, and a block is one contiguous stream for a one-row product.
-    Tiles,
-    /// f32 (`Panels`): in blocks of `BLOCK` outputs, each block `[in, BLOCK]` row-major:
-    /// the packed GEMM's panel of every `KC` inputs, contiguous, so it is read in place
-    /// instead of gathered from `in` rows (or `BLOCK` rows) a page apart on every call.
-    Panels,
-}
-
-/// The bf16 tile layout's sizes.
-pub struct Tiles;
-
-impl Tiles {
-    /// Outputs per block and inputs per tile.
-    pub const ROWS: usize = 16;
-    pub const COLS: usize = 32;
-
-    /// Whether a bf16 linear map of these sizes gets the layout: those the AMX GEMM takes.
-    pub fn fits(inn: usize, out: usize) -> bool {
-        amx::fits(inn, out)
-    }
-}
-
-/// The f32 panel layout.
-pub struct Panels;
-
-impl Panels {
-    /// Whether an f32 linear map with `out` outputs gets the layout: whole column blocks.
-    pub fn fits(out: usize) -> bool {
-        out % BLOCK == 0
-    }
-}
-
-impl WeightTable {
-    /// The slot of a weight the table holds.
-    pub fn slot(&self, name: &str) -> usize {
-        self.index[name]
-    }
-
-    /// The table with a re-packed layout for every weight that only linear maps read, all
-    /// in one orientation (so not, say, an embedding table tied to the unembedding, which
-    /// a gather also reads): tiles for bf16 weights of the sizes `Tiles::fits`, panels for
-    /// f32 ones of the sizes `Panels::fits`.
-    pub fn repacked(mut self, graphs: &[&Graph]) -> WeightTable {
-        let mut uses: Vec<Option<Option<bool>>> = vec![None; self.names.len()];
-        for g in graphs {
-            for id in g.node_ids() {
-                let Op::Weight { name, .. } = g.op(id) else { continue };
-                let i = self.index[name];
-                for u in g.users(id) {
-                    let ops = g.operands(u);
-                    let this = match g.op(u) {
-                        Op::Linear { transposed, .. } if ops[1] == id && ops[0] != id => Some(*transposed),
-                        _ => None,
-                    };
-                    uses[i] = match uses[i] {
-                        None => Some(this),
-                        Some(t) if t == this => Some(t),
-                        Some(_) => Some(None),
-                    };
-                }
-            }
-        }
-        self.repack = self
-            .names
-            .iter()
-            .zip(uses)
-            .map(|((_, shape, dtype), u)| {
-                let transposed = u.flatten()?;
-                let (inn, out) = match shape[..] {
-                    [a, b] if transposed => (a, b),
-                    [a, b] => (b, a),
-                    _ => return None,
-                };
-                let layout = match dtype {
-                    DType::BF16 if Tiles::fits(inn, out) => WeightLayout::Tiles,
-                    DType::F32 if Panels::fits(out) => WeightLayout::Panels,
-                    _ => return None,
-                };
-                Some(Repack { out, inn, transposed, layout })
-            })
-            .collect();
-        self
-    }
-
-    /// The re-packed layout of weight `i`, if it has one.
-    pub fn repack_of(&self, i: usize) -> Option<Repack> {
-        self.repack.get(i).copied().flatten()
-    }
-
-    pub fn of(graphs: &[&Graph]) -> WeightTable {
-        let mut t = WeightTable::default();
-        for g in graphs {
-            for id in g.topo_order().unwrap_or_default() {
-                if let Op::Weight { name, .. } = g.op(id) {
-                    if !t.index.contains_key(name) {
-                        let ty = g.ty(id);
-                        let shape = ty.shape.iter().map(|d| d.as_fixed().unwrap_or(0)).collect();
-                        t.index.insert(name.clone(), t.names.len());
-                        t.names.push((name.clone(), shape, ty.dtype));
-                        t.repack.push(None);
-                    }
-                }
-            }
-        }
-        t
-    }
-}
-
-/// Bytes of a weight as the library reads it.
-pub fn weight_bytes(shape: &[usize], dtype: DType) -> usize {
-    // The front end bounds every model's bytes (`front::MAX_BYTES`) and stores as q8 only
-    // rows of whole blocks, so this cannot fail.
-    tfc_runtime::abi::weight_bytes(shape, dtype.name()).expect("bug: a weight of the front end's sizes")
-}
-
-/// Facts the module records as globals and the manifest repeats.
-#[derive(Clone, Debug)]
-pub struct Layout {
-    pub max_seq: usize,
-    pub vocab: usize,
-    pub out_width: usize,
-    pub arena_bytes: u64,
-    pub cache_bytes: u64,
-    /// Per (layer, kind): offset in floats into the cache and `(kv_heads, head_dim)`.
-    pub cache: HashMap<(u32, CacheKind), (u64, usize, usize)>,
-    pub type_rows: usize,
+    #[error(transparent)]
+    Plan(#[from] PlanError),
 }
 
 /// Builds the module for a compiled spec; with `amx`, for a target with AMX-BF16 (whose
@@ -206,7 +53,6 @@ pub struct Layout {
 pub fn build<'ctx>(
     cx: &'ctx Context,
     c: &Compiled,
-    g: &Graphs,
     weights: &WeightTable,
     amx: bool,
 ) -> Result<(Module<'ctx>, Layout), LlvmError> {
@@ -217,19 +63,36 @@ pub fn build<'ctx>(
     }
     let m = cx.create_module(&c.spec.name);
     let max_seq = c.spec.sizes.max_seq;
-    let layout = layout(c, g)?;
+    let layout = layout(c);
     let mut kernels: HashMap<String, FunctionValue> = HashMap::new();
     let mut arena = 0;
-    let mut graphs =
-        vec![("prefill", Some(g.prefill)), ("prefill_all", Some(g.prefill_all)), ("decode", g.decode)];
+    let mut graphs = vec![
+        ("prefill", Some(&c.prefill)),
+        ("prefill_all", Some(&c.prefill_all)),
+        ("decode", c.decode.as_ref()),
+    ];
     for (name, graph) in graphs.drain(..) {
         let used = emit_graph(cx, &m, name, graph, weights, &layout, max_seq, amx, &mut kernels)?;
         arena = arena.max(used);
     }
     let layout = Layout { arena_bytes: arena, ..layout };
-    globals(cx, &m, &layout, weights, g.decode.is_some());
+    globals(cx, &m, &layout, weights, c.decode.is_some());
     m.verify().map_err(|e| LlvmError::Llvm(format!("bug: invalid module: {e}")))?;
     Ok((m, layout))
+}
+
+/// The plan of every graph of the library as text (`tfc ir --stage plan`): what `build`
+/// decides before it emits code.
+pub fn plan_text(c: &Compiled, weights: &WeightTable, amx: bool) -> Result<String, LlvmError> {
+    let mut out = String::new();
+    for (name, g) in
+        [("prefill", Some(&c.prefill)), ("prefill_all", Some(&c.prefill_all)), ("decode", c.decode.as_ref())]
+    {
+        let Some(g) = g else { continue };
+        let p = GraphPlan::of(g, weights, c.spec.sizes.max_seq, amx)?;
+        out.push_str(&select::describe(name, g, &p, amx, weights));
+    }
+    Ok(out)
 }
 
 /// Whether `tm` executes AMX-BF16 tiles.
@@ -242,47 +105,6 @@ pub fn has_amx(tm: &TargetMachine) -> bool {
 /// Replaces the functions of `m` that execute tile instructions (see `amx::strip`).
 pub fn strip_amx(m: &Module) {
     amx::strip(m)
-}
-
-pub fn layout(c: &Compiled, g: &Graphs) -> Result<Layout, LlvmError> {
-    let max_seq = c.spec.sizes.max_seq;
-    let mut cache = HashMap::new();
-    let mut off = 0u64;
-    for (name, id) in &g.prefill.outputs {
-        if let Some(rest) = name.strip_prefix("cache.") {
-            let (kind, layer) = rest.split_once('.').unwrap();
-            let kind = if kind == "k" { CacheKind::K } else { CacheKind::V };
-            let layer: u32 = layer.parse().unwrap();
-            let ty = g.prefill.ty(*id);
-            let (groups, hd) = (ty.shape[0].as_fixed().unwrap(), ty.shape[2].as_fixed().unwrap());
-            cache.insert((layer, kind), (off, groups, hd));
-            off += (groups * max_seq * hd) as u64;
-        }
-    }
-    let main = g.prefill.outputs.first().map(|(_, id)| g.prefill.ty(*id)).unwrap();
-    let out_width = main.shape[1].as_fixed().unwrap();
-    let mut type_rows = 0;
-    for id in g.prefill.node_ids() {
-        if let Op::Gather { .. } = g.prefill.op(id) {
-            let ops = g.prefill.operands(id);
-            if let (Op::Gather { offset }, Op::Input(InputKind::TokenTypes)) =
-                (g.prefill.op(id), g.prefill.op(ops[1]))
-            {
-                // Type ids are checked against this at run time: id + offset must be a row.
-                let rows = g.prefill.ty(ops[0]).shape[0].as_fixed().unwrap();
-                type_rows = rows.saturating_sub(*offset);
-            }
-        }
-    }
-    Ok(Layout {
-        max_seq,
-        vocab: c.spec.sizes.vocab,
-        out_width,
-        arena_bytes: 0,
-        cache_bytes: off * 4,
-        cache,
-        type_rows,
-    })
 }
 
 pub fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &WeightTable, has_decode: bool) {
@@ -351,334 +173,6 @@ pub fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &Weight
         "tfc__weight_type",
         w.names.iter().map(|(_, s, d)| tfc_runtime::abi::weight_type(d.name(), s)).collect(),
     );
-}
-
-/// Where a node's value lives while a graph runs.
-#[derive(Clone, Copy, Debug)]
-pub enum Loc {
-    Arena(u64),
-    Weight(usize),
-    Tokens,
-    Types,
-    /// A cache region; `P + T` (or `P`) valid rows per head, `max_seq` rows of stride.
-    Cache(u32, CacheKind),
-}
-
-/// The fused epilogue of a linear map, norm or head merge (each op with the other operand
-/// of an `Add`/`Mul`) and the last node of the chain, whose value the fused kernel writes.
-type Chain = (Vec<(Epi, Option<NodeId>)>, NodeId);
-
-/// Elementwise ops fused into the kernel of the linear map (or norm, or head merge) that
-/// produces their input.
-struct Fusion {
-    chains: HashMap<NodeId, Chain>,
-    /// Every node computed inside another's kernel, mapped to that node.
-    absorbed: HashMap<NodeId, NodeId>,
-    /// Prefill's keys and values that their head split or rotation writes straight into
-    /// the cache region they fill (`in_cache`), so no copy follows.
-    in_cache: HashMap<NodeId, (u32, CacheKind)>,
-}
-
-/// A chain continues while the current value has exactly one use, that use is an
-/// activation, a scaling, or an add/multiply whose other operand is computed before the
-/// linear map (so it is ready when the fused kernel runs).
-fn fusion(g: &Graph, order: &[NodeId]) -> Fusion {
-    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let mut f = Fusion { chains: HashMap::new(), absorbed: HashMap::new(), in_cache: in_cache(g) };
-    for &l in order {
-        if !matches!(g.op(l), Op::Linear { .. }) {
-            continue;
-        }
-        let (mut cur, mut epi) = (l, Vec::new());
-        loop {
-            let users = g.users(cur);
-            if users.len() != 1 || g.use_count(cur) != 1 {
-                break;
-            }
-            let u = users[0];
-            let step = match g.op(u) {
-                Op::Activation(a) => (Epi::Act(*a), None),
-                Op::Scale(c) => (Epi::Scale(*c), None),
-                Op::RoundBf16 => (Epi::RoundBf16, None),
-                Op::Add | Op::Mul => {
-                    let ops = g.operands(u);
-                    let other = if ops[0] == cur { ops[1] } else { ops[0] };
-                    if other == cur || pos[&other] > pos[&l] {
-                        break;
-                    }
-                    (if *g.op(u) == Op::Add { Epi::Add } else { Epi::Mul }, Some(other))
-                }
-                _ => break,
-            };
-            epi.push(step);
-            f.absorbed.insert(u, l);
-            cur = u;
-        }
-        if !epi.is_empty() {
-            f.chains.insert(l, (epi, cur));
-        }
-    }
-    // A norm or head merge whose one use is a rounding to bf16 (the operand of a bf16
-    // linear map) writes the rounded value itself.
-    for &n in order {
-        if !matches!(g.op(n), Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::MergeHeads) {
-            continue;
-        }
-        let users = g.users(n);
-        if users.len() == 1 && g.use_count(n) == 1 && *g.op(users[0]) == Op::RoundBf16 {
-            f.chains.insert(n, (vec![(Epi::RoundBf16, None)], users[0]));
-            f.absorbed.insert(users[0], n);
-        }
-    }
-    f
-}
-
-/// Prefill's values that fill one cache region each, computed by a head split or a
-/// rotation (kernels that write any head stride) and read only by attention (which reads
-/// any): they live in that region, its `max_seq` rows per head, from row 0 (a prefill
-/// starts an empty cache).
-fn in_cache(g: &Graph) -> HashMap<NodeId, (u32, CacheKind)> {
-    if g.phase != Phase::Prefill {
-        return HashMap::new();
-    }
-    g.cache_outputs()
-        .into_iter()
-        .filter(|(n, targets)| {
-            targets.len() == 1
-                && matches!(g.op(*n), Op::SplitHeads { .. } | Op::Rope(_))
-                && g.users(*n)
-                    .iter()
-                    .all(|&u| matches!(g.op(u), Op::Attention { .. }) && g.operands(u)[0] != *n)
-        })
-        .map(|(n, targets)| (n, targets[0]))
-        .collect()
-}
-
-/// The layout linear map `n` reads its weights in, if they are re-packed (`Repack`).
-fn reads_layout(g: &Graph, n: NodeId, weights: &WeightTable) -> Option<WeightLayout> {
-    match g.op(g.operands(n)[1]) {
-        Op::Weight { name, .. } => weights.repack_of(weights.slot(name)).map(|t| t.layout),
-        _ => None,
-    }
-}
-
-fn reads_tiles(g: &Graph, n: NodeId, weights: &WeightTable) -> bool {
-    reads_layout(g, n, weights) == Some(WeightLayout::Tiles)
-}
-
-/// Whether linear map `n` reads its weights as `[in, out]`: stored so, and not re-packed
-/// (tiles are `[out, in]`, panels neither).
-fn reads_transposed(g: &Graph, n: NodeId, weights: &WeightTable) -> bool {
-    matches!(g.op(n), Op::Linear { transposed: true, .. }) && reads_layout(g, n, weights).is_none()
-}
-
-/// Chunks of the input dimension for a one-row `x · W [in, out]`, and `out`: such a product
-/// is split over `in` so that each task streams a contiguous band of weight rows (the
-/// column blocks of the tiled kernel would each walk the whole matrix at a large stride).
-fn split_k(g: &Graph, n: NodeId, weights: &WeightTable) -> Option<(usize, usize)> {
-    if !reads_transposed(g, n, weights) {
-        return None;
-    }
-    let ty = g.ty(n);
-    let (rows, out) = (ty.shape[0].as_fixed()?, ty.shape[1].as_fixed()?);
-    let inn = g.ty(g.operands(n)[0]).shape[1].as_fixed()?;
-    (rows == 1 && out % BLOCK == 0 && inn >= 64).then_some((8, out))
-}
-
-/// Whether linear map `n` runs on AMX tiles (on a target with them): bf16 weights, many
-/// rows (not decode's one), and sizes the tile kernel takes.
-fn amx_linear(g: &Graph, n: NodeId, amx: bool, weights: &WeightTable) -> bool {
-    if !matches!(g.op(n), Op::Linear { .. }) {
-        return false;
-    }
-    let transposed = reads_transposed(g, n, weights);
-    let ops = g.operands(n);
-    if !amx || split_k(g, n, weights).is_some() || WFmt::of(g.ty(ops[1])) != WFmt::Bf16 {
-        return false;
-    }
-    let ty = g.ty(n);
-    let (Some(out), Some(inn)) = (ty.shape[ty.rank() - 1].as_fixed(), g.ty(ops[0]).shape[1].as_fixed())
-    else {
-        return false;
-    };
-    let rows: Option<usize> = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
-    rows.is_none_or(|r| r >= amx::MB / 2) && kernels::packs(rows, out, transposed) && amx::fits(inn, out)
-}
-
-/// The rows of linear map `n` (`None`: known only at run time).
-fn linear_rows(g: &Graph, n: NodeId) -> Option<usize> {
-    let ty = g.ty(n);
-    ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product()
-}
-
-/// Whether linear map `n` (not split over `in`) gets the packed GEMM: panels need no
-/// packing, so it takes every row count; other layouts as `kernels::packs` says.
-fn packed_linear(g: &Graph, n: NodeId, weights: &WeightTable) -> bool {
-    let ty = g.ty(n);
-    let out = ty.shape[ty.rank() - 1].as_fixed();
-    reads_layout(g, n, weights) == Some(WeightLayout::Panels)
-        || out.is_some_and(|out| kernels::packs(linear_rows(g, n), out, reads_transposed(g, n, weights)))
-}
-
-/// Whether linear map `n` reads its activations sliced (`Kernel::SliceRows`): the packed
-/// GEMM, not on AMX, for more than one row.
-fn sliced_linear(g: &Graph, n: NodeId, amx: bool, weights: &WeightTable) -> bool {
-    matches!(g.op(n), Op::Linear { .. })
-        && split_k(g, n, weights).is_none()
-        && !amx_linear(g, n, amx, weights)
-        && packed_linear(g, n, weights)
-        && linear_rows(g, n) != Some(1)
-}
-
-/// The bf16 parts the AMX GEMM splits activation `x` into: one if `x` is rounded to bf16.
-fn amx_parts(g: &Graph, x: NodeId) -> usize {
-    if *g.op(x) == Op::RoundBf16 {
-        1
-    } else {
-        amx::PARTS
-    }
-}
-
-/// The values that AMX linear maps write packed for the maps reading them
-/// (`amx::Amx::to_tiles`): the last of a tile map's fused chain when that chain
-/// vectorises and ends in a rounding to bf16 (so the value is one part), every use of the
-/// value being the input of an `[out, in]` map on tiles. Such values share one region, so each is
-/// written only after the last reader of the one before (and never by one of its readers).
-fn tile_outputs(
-    g: &Graph,
-    order: &[NodeId],
-    fused: &Fusion,
-    amx: bool,
-    weights: &WeightTable,
-) -> HashSet<NodeId> {
-    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let cache_outputs = g.cache_outputs();
-    let mut out = HashSet::new();
-    let mut busy_until = None;
-    for (i, &l) in order.iter().enumerate() {
-        let Some((chain, e)) = fused.chains.get(&l) else { continue };
-        let epi: Vec<Epi> = chain.iter().map(|(e, _)| *e).collect();
-        let users = g.users(*e);
-        let eligible = amx_linear(g, l, amx, weights)
-            && epi.last() == Some(&Epi::RoundBf16)
-            && kernels::epilogue_vectorises(&epi)
-            && busy_until.is_none_or(|b| i > b)
-            && !g.outputs.iter().any(|(_, o)| o == e)
-            && !cache_outputs.contains_key(e)
-            && !users.is_empty()
-            && g.use_count(*e) == users.len()
-            && users.iter().all(|&u| {
-                g.operands(u)[0] == *e && amx_linear(g, u, amx, weights) && !reads_transposed(g, u, weights)
-            });
-        if eligible {
-            busy_until = users.iter().map(|u| pos[u]).max();
-            out.insert(*e);
-        }
-    }
-    out
-}
-
-/// Bytes a node's arena block holds after its value: a split-K GEMV's partial sums.
-fn extra_bytes(g: &Graph, n: NodeId, weights: &WeightTable) -> u64 {
-    split_k(g, n, weights).map_or(0, |(chunks, out)| (chunks * out * 4) as u64)
-}
-
-/// The arena plan of a graph whose every node is computed on its own (no fused chains).
-pub fn plan_unfused(
-    g: &Graph,
-    order: &[NodeId],
-    weights: &WeightTable,
-    max_seq: usize,
-) -> Result<(HashMap<NodeId, Loc>, u64), LlvmError> {
-    let none = Fusion { chains: HashMap::new(), absorbed: HashMap::new(), in_cache: HashMap::new() };
-    plan(g, order, &none, weights, max_seq)
-}
-
-/// Assigns arena offsets in schedule order, reusing a block once its value is dead.
-fn plan(
-    g: &Graph,
-    order: &[NodeId],
-    fusion: &Fusion,
-    weights: &WeightTable,
-    max_seq: usize,
-) -> Result<(HashMap<NodeId, Loc>, u64), LlvmError> {
-    let bind = SymBinding { t: max_seq, p: max_seq.saturating_sub(1) };
-    let mut last_use: HashMap<NodeId, usize> = HashMap::new();
-    for (i, &n) in order.iter().enumerate() {
-        for o in g.operands(n) {
-            last_use.insert(o, i);
-        }
-    }
-    for (_, n) in &g.outputs {
-        last_use.insert(*n, usize::MAX);
-    }
-    let mut loc = HashMap::new();
-    let mut free: Vec<(u64, u64)> = Vec::new();
-    let mut top = 0u64;
-    for (i, &n) in order.iter().enumerate() {
-        let l = match g.op(n) {
-            // Computed by the fused linear kernel, into the linear map's block.
-            _ if fusion.absorbed.contains_key(&n) => loc[&fusion.absorbed[&n]],
-            _ if fusion.in_cache.contains_key(&n) => {
-                let (layer, kind) = fusion.in_cache[&n];
-                Loc::Cache(layer, kind)
-            }
-            Op::Weight { name, .. } => Loc::Weight(weights.index[name]),
-            Op::Input(InputKind::Tokens) => Loc::Tokens,
-            Op::Input(InputKind::TokenTypes) => Loc::Types,
-            Op::Input(InputKind::Cache { layer, kind }) => Loc::Cache(*layer, *kind),
-            Op::Concat { .. } => match g.op(g.operands(n)[0]) {
-                Op::Input(InputKind::Cache { layer, kind }) => Loc::Cache(*layer, *kind),
-                _ => return Err(LlvmError::Unsupported("concatenation other than the KV cache".into())),
-            },
-            Op::Softmax | Op::Mask(_) | Op::Alibi | Op::HeadMatMul { .. } => {
-                return Err(LlvmError::Unsupported("unfused attention (run the fusion pass)".into()))
-            }
-            _ => {
-                // A fused linear map writes its chain's last value: same shape, one block.
-                // A split-K GEMV keeps its partial sums after its output row.
-                let extra = extra_bytes(g, n, weights);
-                let bytes =
-                    (g.ty(n).eval(bind).iter().product::<usize>() as u64 * 4 + extra).div_ceil(64) * 64;
-                let slot =
-                    free.iter().enumerate().filter(|(_, (_, s))| *s >= bytes).min_by_key(|(_, (_, s))| *s);
-                match slot.map(|(j, _)| j) {
-                    Some(j) => Loc::Arena(free.swap_remove(j).0),
-                    None => {
-                        top += bytes;
-                        Loc::Arena(top - bytes)
-                    }
-                }
-            }
-        };
-        loc.insert(n, l);
-        // Free operands whose last use is this node (after allocating its result, so a
-        // kernel never writes over its own input).
-        let mut ops = g.operands(n);
-        ops.dedup();
-        for o in ops {
-            // The block of a fused chain belongs to its last value; the inner ones never free it.
-            let interior = fusion.chains.contains_key(&o)
-                || fusion.absorbed.get(&o).is_some_and(|l| fusion.chains[l].1 != o);
-            if last_use.get(&o) == Some(&i) && !interior {
-                if let Some(Loc::Arena(off)) = loc.get(&o) {
-                    let owner = fusion.absorbed.get(&o).copied().unwrap_or(o);
-                    let extra = extra_bytes(g, owner, weights);
-                    let bytes =
-                        (g.ty(o).eval(bind).iter().product::<usize>() as u64 * 4 + extra).div_ceil(64) * 64;
-                    free.push((*off, bytes));
-                }
-            }
-        }
-    }
-    Ok((loc, top))
-}
-
-/// What the packed GEMMs' region holds of a value.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Packing {
-    Amx { transposed: bool },
-    Slices,
 }
 
 /// Kernel calls per basic block of a graph function (see `emit_graph`).
@@ -752,46 +246,9 @@ fn emit_graph<'ctx>(
         || reload(7).into_pointer_value(),
         || reload(8).into_pointer_value(),
     );
-    let order = g.topo_order().map_err(|_| LlvmError::Llvm("bug: cyclic graph".into()))?;
-    let fused = fusion(g, &order);
-    let (loc, arena_bytes) = plan(g, &order, &fused, weights, max_seq)?;
-    // The packed GEMMs' region after the planned values: the packed (AMX) or sliced
-    // activations, which linear maps of the same input share (only packing writes
-    // there), and then an AMX map's accumulators.
-    let bind = SymBinding { t: max_seq, p: max_seq.saturating_sub(1) };
-    let amx_at = arena_bytes.div_ceil(64) * 64;
-    let amx_bytes = order
-        .iter()
-        .filter_map(|&n| {
-            let x = || g.ty(g.operands(n)[0]).eval(bind);
-            if amx_linear(g, n, amx, weights) {
-                let x = x();
-                let out = *g.ty(n).eval(bind).last().unwrap();
-                let parts = amx_parts(g, g.operands(n)[0]);
-                Some((amx::packed_bytes(x[0], x[1], parts) + amx::acc_bytes(x[0], out)) as u64)
-            } else if sliced_linear(g, n, amx, weights) {
-                let x = x();
-                Some(kernels::sliced_bytes(x[0], x[1]) as u64)
-            } else {
-                None
-            }
-        })
-        .max()
-        .unwrap_or(0);
-    // Values written packed by the map computing them go to a second region, after which
-    // the maps reading them keep their accumulators.
-    let to_tiles = tile_outputs(g, &order, &fused, amx, weights);
-    let tiled_at = amx_at + amx_bytes.div_ceil(64) * 64;
-    let tiled_bytes = order
-        .iter()
-        .filter(|&&n| matches!(g.op(n), Op::Linear { .. }) && to_tiles.contains(&g.operands(n)[0]))
-        .map(|&n| {
-            let x = g.ty(g.operands(n)[0]).eval(bind);
-            let out = *g.ty(n).eval(bind).last().unwrap();
-            (amx::packed_bytes(x[0], x[1], 1) + amx::acc_bytes(x[0], out)) as u64
-        })
-        .max()
-        .unwrap_or(0);
+    let gp = GraphPlan::of(g, weights, max_seq, amx)?;
+    let GraphPlan { order, fused, loc, to_tiles, .. } = &gp;
+    let (amx_at, tiled_at) = (gp.packed_at, gp.tiled_at);
     // The value whose packing (AMX parts of `[in, out]` or `[out, in]` maps, or slices)
     // the region holds.
     let mut packed_input: Option<(NodeId, Packing)> = None;
@@ -858,7 +315,7 @@ fn emit_graph<'ctx>(
         _ => rows,
     };
 
-    for &n in &order {
+    for &n in order {
         let ops = g.operands(n);
         let ty = g.ty(n).clone();
         let o = |i: usize| kb.int_of(at(ops[i]));
@@ -921,7 +378,8 @@ fn emit_graph<'ctx>(
                         }
                     }
                 }
-                if let Some((chunks, _)) = split_k(g, n, weights) {
+                let algo = gp.linear(g, n, amx, weights);
+                if let LinearAlgo::SplitK { chunks } = algo {
                     // Partials live right after the output row in the node's block.
                     let part = kb.int_of(kb.gep(kb.f32t(), at(n), kb.c(width as i64)));
                     let k = Kernel::GemvPartial { inn, out: width, chunks, wf };
@@ -939,13 +397,13 @@ fn emit_graph<'ctx>(
                     let (transposed, tiles) = (reads_transposed(g, n, weights), reads_tiles(g, n, weights));
                     let panels = reads_layout(g, n, weights) == Some(WeightLayout::Panels);
                     let bias = *bias;
-                    let packed = packed_linear(g, n, weights);
-                    let sliced = sliced_linear(g, n, amx, weights);
+                    let packed = matches!(algo, LinearAlgo::Amx(_) | LinearAlgo::Packed { .. });
+                    let sliced = algo == LinearAlgo::Packed { sliced: true };
                     let region = |off: u64| kb.int_of(kb.gep(cx.i8_type(), arena(), kb.c(off as i64)));
-                    let amx = amx_linear(g, n, amx, weights).then(|| amx::Amx {
-                        parts: amx_parts(g, ops[0]),
-                        to_tiles: fused.chains.get(&n).is_some_and(|(_, e)| to_tiles.contains(e)),
-                    });
+                    let amx = match algo {
+                        LinearAlgo::Amx(a) => Some(a),
+                        _ => None,
+                    };
                     if let Some(a) = amx {
                         if to_tiles.contains(&ops[0]) {
                             v.push(region(tiled_at));
@@ -1077,11 +535,11 @@ fn emit_graph<'ctx>(
         }
     }
     // The main output (the first one) goes to the caller's buffer.
-    let (_, main) = g.outputs[0];
+    let (_, main) = g.main_output();
     let bytes = kb.mul(rows_of(main), kb.c((fixed(*g.ty(main).shape.last().unwrap()) * 4) as i64));
     kb.b.build_memcpy(out(), 4, at(main), 4, bytes).map_err(|e| LlvmError::Llvm(e.to_string()))?;
     kb.ret();
-    Ok(if tiled_bytes > 0 { tiled_at + tiled_bytes } else { amx_at + amx_bytes })
+    Ok(gp.arena_bytes())
 }
 
 /// `tfc__cpu_features`: the CPU features the main code needs, which the C half checks

@@ -17,9 +17,11 @@ use tfc_runtime::gpu::program::{Arg, ArgKind, Dispatch, Graph as GpuGraph, Kerne
 
 use super::text::Text;
 use super::MlirError;
-use crate::backend::llvm::{self, Graphs, Layout, Loc, WeightTable};
-use crate::interp::alibi_slopes;
-use crate::ir::{Act, CacheKind, Dim, Graph, NodeId, Op, QkvLayout, QkvPart};
+use crate::backend::layout::Layout;
+use crate::backend::plan::{plan_unfused, Loc};
+use crate::backend::weights::WeightTable;
+use crate::ir::{alibi_slopes, Act, CacheKind, Dim, Graph, NodeId, Op, QkvLayout, QkvPart};
+use crate::Compiled;
 
 pub const BLOCK: usize = 64;
 /// Rows of `x` a linear-map workgroup computes at once.
@@ -53,8 +55,7 @@ pub struct GpuModule {
 }
 
 pub fn module(
-    name: &str,
-    g: &Graphs,
+    c: &Compiled,
     weights: &WeightTable,
     layout: &Layout,
     target: Target,
@@ -66,9 +67,10 @@ pub fn module(
         arena = arena.max(bytes);
         Ok(gg)
     };
-    let prefill = graph(g.prefill)?;
-    let prefill_all = graph(g.prefill_all)?;
-    let decode = g.decode.map(&mut graph).transpose()?;
+    let prefill = graph(&c.prefill)?;
+    let prefill_all = graph(&c.prefill_all)?;
+    let decode = c.decode.as_ref().map(&mut graph).transpose()?;
+    let name = &c.spec.name;
     let mut t = Text::default();
     t.open("module attributes {gpu.container_module} {");
     t.open("gpu.module @kernels {");
@@ -220,7 +222,7 @@ impl Emitter {
         layout: &Layout,
     ) -> Result<(GpuGraph, u64), MlirError> {
         let order = g.topo_order().map_err(|_| MlirError::Mlir("bug: cyclic graph".into()))?;
-        let (loc, bytes) = llvm::plan_unfused(g, &order, weights, layout.max_seq)
+        let (loc, bytes) = plan_unfused(g, &order, weights, layout.max_seq)
             .map_err(|e| MlirError::Unsupported(e.to_string()))?;
         let cache_off = |l: u32, k: CacheKind| layout.cache[&(l, k)].0 * 4;
         let arg = |n: NodeId| -> Arg {
@@ -390,7 +392,7 @@ impl Emitter {
                 });
             }
         }
-        let (_, main) = g.outputs[0];
+        let (_, main) = g.main_output();
         let Loc::Arena(off) = loc[&main] else {
             return Err(MlirError::Mlir("bug: the main output is not in the arena".into()));
         };

@@ -14,12 +14,15 @@ use std::collections::HashMap;
 
 use super::text::{elem, id_map, map, round_bf16, Text};
 use super::MlirError;
-use crate::backend::llvm::{Graphs, Layout, WeightTable};
-use crate::interp::alibi_slopes;
-use crate::ir::{Act, CacheKind, DType, Dim, Graph, InputKind, NodeId, Op, QkvLayout, QkvPart, TensorType};
+use crate::backend::layout::Layout;
+use crate::backend::weights::WeightTable;
+use crate::ir::{
+    alibi_slopes, Act, CacheKind, DType, Dim, Graph, InputKind, NodeId, Op, QkvLayout, QkvPart, TensorType,
+};
+use crate::Compiled;
 
 /// The whole module: one function per graph.
-pub fn module(g: &Graphs, weights: &WeightTable, layout: &Layout) -> Result<String, MlirError> {
+pub fn module(c: &Compiled, weights: &WeightTable, layout: &Layout) -> Result<String, MlirError> {
     for (name, _, dtype) in &weights.names {
         if !matches!(dtype, DType::F32 | DType::BF16) {
             return Err(unsupported(format!("{dtype} weights (`{name}`); use f32 or bf16")));
@@ -28,7 +31,7 @@ pub fn module(g: &Graphs, weights: &WeightTable, layout: &Layout) -> Result<Stri
     let mut t = Text::default();
     t.open("module attributes {transform.with_named_sequence} {");
     for (name, graph) in
-        [("prefill", Some(g.prefill)), ("prefill_all", Some(g.prefill_all)), ("decode", g.decode)]
+        [("prefill", Some(&c.prefill)), ("prefill_all", Some(&c.prefill_all)), ("decode", c.decode.as_ref())]
     {
         Func::emit(&mut t, name, graph, weights, layout)?;
     }
@@ -121,7 +124,7 @@ impl<'a> Func<'a> {
             }
         }
         // The main output goes to the caller's buffer.
-        let (_, main) = g.outputs[0];
+        let (_, main) = g.main_output();
         let ty = ttype(g.ty(main));
         let shape = g.ty(main).shape.clone();
         let view = self.view("%out", &shape, "f32");

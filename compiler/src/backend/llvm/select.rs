@@ -1,0 +1,342 @@
+//! Which of the CPU kernels computes each linear map (`LinearAlgo`): the decisions that
+//! depend on the weights' layout, the row count and AMX, made before any code is emitted.
+
+use std::collections::{HashMap, HashSet};
+
+use super::amx;
+use super::elementwise::epilogue_vectorises;
+use super::kb::WFmt;
+use super::kernels;
+use super::LlvmError;
+use crate::backend::plan::{self, Epi, Fusion, Loc};
+use crate::backend::weights::{WeightLayout, WeightTable, BLOCK};
+use crate::ir::{Graph, NodeId, Op, SymBinding};
+
+/// The layout linear map `n` reads its weights in, if they are re-packed (`Repack`).
+pub(super) fn reads_layout(g: &Graph, n: NodeId, weights: &WeightTable) -> Option<WeightLayout> {
+    match g.op(g.operands(n)[1]) {
+        Op::Weight { name, .. } => weights.repack_of(weights.slot(name)).map(|t| t.layout),
+        _ => None,
+    }
+}
+
+pub(super) fn reads_tiles(g: &Graph, n: NodeId, weights: &WeightTable) -> bool {
+    reads_layout(g, n, weights) == Some(WeightLayout::Tiles)
+}
+
+/// Whether linear map `n` reads its weights as `[in, out]`: stored so, and not re-packed
+/// (tiles are `[out, in]`, panels neither).
+pub(super) fn reads_transposed(g: &Graph, n: NodeId, weights: &WeightTable) -> bool {
+    matches!(g.op(n), Op::Linear { transposed: true, .. }) && reads_layout(g, n, weights).is_none()
+}
+
+/// Chunks of the input dimension for a one-row `x · W [in, out]`, and `out`: such a product
+/// is split over `in` so that each task streams a contiguous band of weight rows (the
+/// column blocks of the tiled kernel would each walk the whole matrix at a large stride).
+pub(super) fn split_k(g: &Graph, n: NodeId, weights: &WeightTable) -> Option<(usize, usize)> {
+    if !reads_transposed(g, n, weights) {
+        return None;
+    }
+    let ty = g.ty(n);
+    let (rows, out) = (ty.shape[0].as_fixed()?, ty.shape[1].as_fixed()?);
+    let inn = g.ty(g.operands(n)[0]).shape[1].as_fixed()?;
+    (rows == 1 && out % BLOCK == 0 && inn >= 64).then_some((8, out))
+}
+
+/// Whether linear map `n` runs on AMX tiles (on a target with them): bf16 weights, many
+/// rows (not decode's one), and sizes the tile kernel takes.
+pub(super) fn amx_linear(g: &Graph, n: NodeId, amx: bool, weights: &WeightTable) -> bool {
+    if !matches!(g.op(n), Op::Linear { .. }) {
+        return false;
+    }
+    let transposed = reads_transposed(g, n, weights);
+    let ops = g.operands(n);
+    if !amx || split_k(g, n, weights).is_some() || WFmt::of(g.ty(ops[1])) != WFmt::Bf16 {
+        return false;
+    }
+    let ty = g.ty(n);
+    let (Some(out), Some(inn)) = (ty.shape[ty.rank() - 1].as_fixed(), g.ty(ops[0]).shape[1].as_fixed())
+    else {
+        return false;
+    };
+    let rows: Option<usize> = ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product();
+    rows.is_none_or(|r| r >= amx::MB / 2) && kernels::packs(rows, out, transposed) && amx::fits(inn, out)
+}
+
+/// The rows of linear map `n` (`None`: known only at run time).
+pub(super) fn linear_rows(g: &Graph, n: NodeId) -> Option<usize> {
+    let ty = g.ty(n);
+    ty.shape[..ty.rank() - 1].iter().map(|d| d.as_fixed()).product()
+}
+
+/// Whether linear map `n` (not split over `in`) gets the packed GEMM: panels need no
+/// packing, so it takes every row count; other layouts as `kernels::packs` says.
+pub(super) fn packed_linear(g: &Graph, n: NodeId, weights: &WeightTable) -> bool {
+    let ty = g.ty(n);
+    let out = ty.shape[ty.rank() - 1].as_fixed();
+    reads_layout(g, n, weights) == Some(WeightLayout::Panels)
+        || out.is_some_and(|out| kernels::packs(linear_rows(g, n), out, reads_transposed(g, n, weights)))
+}
+
+/// Whether linear map `n` reads its activations sliced (`Kernel::SliceRows`): the packed
+/// GEMM, not on AMX, for more than one row.
+pub(super) fn sliced_linear(g: &Graph, n: NodeId, amx: bool, weights: &WeightTable) -> bool {
+    matches!(g.op(n), Op::Linear { .. })
+        && split_k(g, n, weights).is_none()
+        && !amx_linear(g, n, amx, weights)
+        && packed_linear(g, n, weights)
+        && linear_rows(g, n) != Some(1)
+}
+
+/// The bf16 parts the AMX GEMM splits activation `x` into: one if `x` is rounded to bf16.
+pub(super) fn amx_parts(g: &Graph, x: NodeId) -> usize {
+    if *g.op(x) == Op::RoundBf16 {
+        1
+    } else {
+        amx::PARTS
+    }
+}
+
+/// The values that AMX linear maps write packed for the maps reading them
+/// (`amx::Amx::to_tiles`): the last of a tile map's fused chain when that chain
+/// vectorises and ends in a rounding to bf16 (so the value is one part), every use of the
+/// value being the input of an `[out, in]` map on tiles. Such values share one region, so each is
+/// written only after the last reader of the one before (and never by one of its readers).
+pub(super) fn tile_outputs(
+    g: &Graph,
+    order: &[NodeId],
+    fused: &Fusion,
+    amx: bool,
+    weights: &WeightTable,
+) -> HashSet<NodeId> {
+    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let cache_outputs = g.cache_outputs();
+    let mut out = HashSet::new();
+    let mut busy_until = None;
+    for (i, &l) in order.iter().enumerate() {
+        let Some((chain, e)) = fused.chains.get(&l) else { continue };
+        let epi: Vec<Epi> = chain.iter().map(|(e, _)| *e).collect();
+        let users = g.users(*e);
+        let eligible = amx_linear(g, l, amx, weights)
+            && epi.last() == Some(&Epi::RoundBf16)
+            && epilogue_vectorises(&epi)
+            && busy_until.is_none_or(|b| i > b)
+            && !g.outputs.iter().any(|(_, o)| o == e)
+            && !cache_outputs.contains_key(e)
+            && !users.is_empty()
+            && g.use_count(*e) == users.len()
+            && users.iter().all(|&u| {
+                g.operands(u)[0] == *e && amx_linear(g, u, amx, weights) && !reads_transposed(g, u, weights)
+            });
+        if eligible {
+            busy_until = users.iter().map(|u| pos[u]).max();
+            out.insert(*e);
+        }
+    }
+    out
+}
+
+/// Bytes a node's arena block holds after its value: a split-K GEMV's partial sums.
+pub(super) fn extra_bytes(g: &Graph, n: NodeId, weights: &WeightTable) -> u64 {
+    split_k(g, n, weights).map_or(0, |(chunks, out)| (chunks * out * 4) as u64)
+}
+
+/// What the packed GEMMs' region holds of a value.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Packing {
+    Amx { transposed: bool },
+    Slices,
+}
+
+/// How the CPU kernels compute a linear map.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum LinearAlgo {
+    /// One row times `[in, out]` weights, split over `in` into `chunks` bands
+    /// (`GemvPartial`, then `GemvReduce`).
+    SplitK { chunks: usize },
+    /// On AMX tiles where the CPU allows at run time, else the packed GEMM.
+    Amx(amx::Amx),
+    /// The packed GEMM (panels of weights, register tiles of rows); `sliced`: it reads
+    /// the activations as `SliceRows` wrote them, once for every map of that input.
+    Packed { sliced: bool },
+    /// Vectorised dot products with `[out, in]` weight rows.
+    Dots,
+    /// Plain loops.
+    Loops,
+}
+
+impl LinearAlgo {
+    pub(super) fn name(self) -> String {
+        match self {
+            LinearAlgo::SplitK { chunks } => format!("split_k(chunks={chunks})"),
+            LinearAlgo::Amx(a) => {
+                format!("amx(parts={}{})", a.parts, if a.to_tiles { ", writes packed" } else { "" })
+            }
+            LinearAlgo::Packed { sliced: true } => "packed(sliced)".into(),
+            LinearAlgo::Packed { sliced: false } => "packed".into(),
+            LinearAlgo::Dots => "dots".into(),
+            LinearAlgo::Loops => "loops".into(),
+        }
+    }
+}
+
+/// The plan of one graph for the CPU kernels: the schedule, the fused chains, where every
+/// value lives, and the packed GEMMs' regions after the planned values.
+pub(super) struct GraphPlan {
+    pub order: Vec<NodeId>,
+    pub fused: Fusion,
+    pub loc: HashMap<NodeId, Loc>,
+    /// The planned values' bytes.
+    pub values: u64,
+    /// The packed (AMX) or sliced activations, which linear maps of the same input share
+    /// (only packing writes there), and then an AMX map's accumulators.
+    pub packed_at: u64,
+    pub packed_bytes: u64,
+    /// Values an AMX map writes packed for the maps reading it (`tile_outputs`), and the
+    /// region they go to, after which the maps reading them keep their accumulators.
+    pub to_tiles: HashSet<NodeId>,
+    pub tiled_at: u64,
+    pub tiled_bytes: u64,
+}
+
+impl GraphPlan {
+    pub(super) fn of(
+        g: &Graph,
+        weights: &WeightTable,
+        max_seq: usize,
+        amx: bool,
+    ) -> Result<GraphPlan, LlvmError> {
+        let order = g.topo_order().map_err(|_| LlvmError::Llvm("bug: cyclic graph".into()))?;
+        let fused = plan::fusion(g, &order);
+        let (loc, values) =
+            plan::arena(g, &order, &fused, weights, max_seq, &|n| extra_bytes(g, n, weights))?;
+        let bind = SymBinding { t: max_seq, p: max_seq.saturating_sub(1) };
+        let packed_at = values.div_ceil(64) * 64;
+        let packed_bytes = order
+            .iter()
+            .filter_map(|&n| {
+                let x = || g.ty(g.operands(n)[0]).eval(bind);
+                if amx_linear(g, n, amx, weights) {
+                    let x = x();
+                    let out = *g.ty(n).eval(bind).last().unwrap();
+                    let parts = amx_parts(g, g.operands(n)[0]);
+                    Some((amx::packed_bytes(x[0], x[1], parts) + amx::acc_bytes(x[0], out)) as u64)
+                } else if sliced_linear(g, n, amx, weights) {
+                    let x = x();
+                    Some(kernels::sliced_bytes(x[0], x[1]) as u64)
+                } else {
+                    None
+                }
+            })
+            .max()
+            .unwrap_or(0);
+        let to_tiles = tile_outputs(g, &order, &fused, amx, weights);
+        let tiled_at = packed_at + packed_bytes.div_ceil(64) * 64;
+        let tiled_bytes = order
+            .iter()
+            .filter(|&&n| matches!(g.op(n), Op::Linear { .. }) && to_tiles.contains(&g.operands(n)[0]))
+            .map(|&n| {
+                let x = g.ty(g.operands(n)[0]).eval(bind);
+                let out = *g.ty(n).eval(bind).last().unwrap();
+                (amx::packed_bytes(x[0], x[1], 1) + amx::acc_bytes(x[0], out)) as u64
+            })
+            .max()
+            .unwrap_or(0);
+        Ok(GraphPlan { order, fused, loc, values, packed_at, packed_bytes, to_tiles, tiled_at, tiled_bytes })
+    }
+
+    /// The arena bytes the graph needs.
+    pub(super) fn arena_bytes(&self) -> u64 {
+        if self.tiled_bytes > 0 {
+            self.tiled_at + self.tiled_bytes
+        } else {
+            self.packed_at + self.packed_bytes
+        }
+    }
+
+    /// How linear map `n` is computed.
+    pub(super) fn linear(&self, g: &Graph, n: NodeId, amx: bool, weights: &WeightTable) -> LinearAlgo {
+        if let Some((chunks, _)) = split_k(g, n, weights) {
+            return LinearAlgo::SplitK { chunks };
+        }
+        if !packed_linear(g, n, weights) {
+            let inn = g.ty(g.operands(n)[0]).shape.last().and_then(|d| d.as_fixed()).unwrap_or(0);
+            return if kernels::tiled(inn, reads_transposed(g, n, weights)) {
+                LinearAlgo::Dots
+            } else {
+                LinearAlgo::Loops
+            };
+        }
+        if amx_linear(g, n, amx, weights) {
+            let to_tiles = self.fused.chains.get(&n).is_some_and(|(_, e)| self.to_tiles.contains(e));
+            return LinearAlgo::Amx(amx::Amx { parts: amx_parts(g, g.operands(n)[0]), to_tiles });
+        }
+        LinearAlgo::Packed { sliced: sliced_linear(g, n, amx, weights) }
+    }
+}
+
+/// The plan as text (`tfc ir --stage plan`): per graph, the arena's regions, and per node
+/// (numbered as `tfc ir` numbers them) where its value lives, the elementwise ops fused
+/// into it, and for a linear map the weights' layout and the algorithm.
+pub(super) fn describe(name: &str, g: &Graph, p: &GraphPlan, amx: bool, weights: &WeightTable) -> String {
+    use std::fmt::Write;
+    let num: HashMap<NodeId, usize> = p.order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let mut out = String::new();
+    writeln!(
+        out,
+        "plan {name}: arena {} bytes: values {}, packed activations {} at {}, packed outputs {} at {}",
+        p.arena_bytes(),
+        p.values,
+        p.packed_bytes,
+        p.packed_at,
+        p.tiled_bytes,
+        p.tiled_at
+    )
+    .unwrap();
+    for &n in &p.order {
+        let op = g.op(n);
+        if matches!(op, Op::Weight { .. } | Op::Input(_)) {
+            continue;
+        }
+        let mut line = format!("  %{} {}", num[&n], op.mnemonic());
+        if let Some(owner) = p.fused.absorbed.get(&n) {
+            write!(line, ": fused into %{}", num[owner]).unwrap();
+            writeln!(out, "{line}").unwrap();
+            continue;
+        }
+        match p.loc.get(&n) {
+            Some(Loc::Arena(off)) => write!(line, " @arena+{off}").unwrap(),
+            Some(Loc::Cache(layer, kind)) => write!(line, " @cache.{}.{layer}", kind.name()).unwrap(),
+            Some(l) => write!(line, " @{l:?}").unwrap(),
+            None => {}
+        }
+        if let Op::Linear { .. } = op {
+            let layout = match reads_layout(g, n, weights) {
+                Some(WeightLayout::Tiles) => "tiles",
+                Some(WeightLayout::Panels) => "panels",
+                None if reads_transposed(g, n, weights) => "[in, out]",
+                None => "[out, in]",
+            };
+            let w = match g.op(g.operands(n)[1]) {
+                Op::Weight { name, .. } => format!("{name} "),
+                _ => String::new(),
+            };
+            write!(line, ", weights {w}{layout}, {}", p.linear(g, n, amx, weights).name()).unwrap();
+        }
+        if let Some((chain, last)) = p.fused.chains.get(&n) {
+            let steps: Vec<String> = chain
+                .iter()
+                .map(|(e, other)| match other {
+                    Some(o) => format!("{} %{}", e.symbol(), num[o]),
+                    None => e.symbol(),
+                })
+                .collect();
+            write!(line, ", then {} (writes %{})", steps.join(", "), num[last]).unwrap();
+            if p.to_tiles.contains(last) {
+                line.push_str(" packed");
+            }
+        }
+        writeln!(out, "{line}").unwrap();
+    }
+    out
+}
