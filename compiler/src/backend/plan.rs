@@ -8,6 +8,10 @@ use std::collections::HashMap;
 use super::weights::WeightTable;
 use crate::ir::{Act, CacheKind, Graph, InputKind, NodeId, Op, Phase, SymBinding};
 
+/// The most `Add`/`Mul` operands one fused chain reads: each is an argument of the
+/// fused kernel, whose argument block has room for this many beside its own.
+pub const MAX_FUSED_OPERANDS: usize = 8;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error("the backends do not support {0} yet")]
@@ -66,7 +70,8 @@ pub struct Fusion {
 
 /// A chain continues while the current value has exactly one use, that use is an
 /// activation, a scaling, or an add/multiply whose other operand is computed before the
-/// linear map (so it is ready when the fused kernel runs).
+/// linear map (so it is ready when the fused kernel runs), up to `MAX_FUSED_OPERANDS`
+/// such operands.
 pub fn fusion(g: &Graph, order: &[NodeId]) -> Fusion {
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let mut f = Fusion { chains: HashMap::new(), absorbed: HashMap::new(), in_cache: in_cache(g) };
@@ -88,7 +93,8 @@ pub fn fusion(g: &Graph, order: &[NodeId]) -> Fusion {
                 Op::Add | Op::Mul => {
                     let ops = g.operands(u);
                     let other = if ops[0] == cur { ops[1] } else { ops[0] };
-                    if other == cur || pos[&other] > pos[&l] {
+                    let operands = epi.iter().filter(|(_, o): &&(Epi, Option<NodeId>)| o.is_some()).count();
+                    if other == cur || pos[&other] > pos[&l] || operands == MAX_FUSED_OPERANDS {
                         break;
                     }
                     (if *g.op(u) == Op::Add { Epi::Add } else { Epi::Mul }, Some(other))

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use super::amx;
 use super::elementwise::epilogue_vectorises;
 use super::kb::WFmt;
-use super::kernels;
+use super::kernels::{self, LinearAlgo, WeightRead};
 use super::LlvmError;
 use crate::backend::plan::{self, Epi, Fusion, Loc};
 use crate::backend::weights::{WeightLayout, WeightTable, BLOCK};
@@ -18,10 +18,6 @@ pub(super) fn reads_layout(g: &Graph, n: NodeId, weights: &WeightTable) -> Optio
         Op::Weight { name, .. } => weights.repack_of(weights.slot(name)).map(|t| t.layout),
         _ => None,
     }
-}
-
-pub(super) fn reads_tiles(g: &Graph, n: NodeId, weights: &WeightTable) -> bool {
-    reads_layout(g, n, weights) == Some(WeightLayout::Tiles)
 }
 
 /// Whether linear map `n` reads its weights as `[in, out]`: stored so, and not re-packed
@@ -150,33 +146,35 @@ pub(super) enum Packing {
 
 /// How the CPU kernels compute a linear map.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(super) enum LinearAlgo {
+pub(super) enum LinearPlan {
     /// One row times `[in, out]` weights, split over `in` into `chunks` bands
     /// (`GemvPartial`, then `GemvReduce`).
     SplitK { chunks: usize },
-    /// On AMX tiles where the CPU allows at run time, else the packed GEMM.
-    Amx(amx::Amx),
-    /// The packed GEMM (panels of weights, register tiles of rows); `sliced`: it reads
-    /// the activations as `SliceRows` wrote them, once for every map of that input.
-    Packed { sliced: bool },
-    /// Vectorised dot products with `[out, in]` weight rows.
-    Dots,
-    /// Plain loops.
-    Loops,
+    /// One `Kernel::Linear` with this algorithm.
+    Kernel(LinearAlgo),
 }
 
-impl LinearAlgo {
+impl LinearPlan {
     pub(super) fn name(self) -> String {
         match self {
-            LinearAlgo::SplitK { chunks } => format!("split_k(chunks={chunks})"),
-            LinearAlgo::Amx(a) => {
+            LinearPlan::SplitK { chunks } => format!("split_k(chunks={chunks})"),
+            LinearPlan::Kernel(LinearAlgo::Amx(a)) => {
                 format!("amx(parts={}{})", a.parts, if a.to_tiles { ", writes packed" } else { "" })
             }
-            LinearAlgo::Packed { sliced: true } => "packed(sliced)".into(),
-            LinearAlgo::Packed { sliced: false } => "packed".into(),
-            LinearAlgo::Dots => "dots".into(),
-            LinearAlgo::Loops => "loops".into(),
+            LinearPlan::Kernel(LinearAlgo::Packed { sliced: true }) => "packed(sliced)".into(),
+            LinearPlan::Kernel(LinearAlgo::Packed { sliced: false }) => "packed".into(),
+            LinearPlan::Kernel(LinearAlgo::Dots) => "dots".into(),
+            LinearPlan::Kernel(LinearAlgo::Loops) => "loops".into(),
         }
+    }
+}
+
+/// How linear map `n` reads its weights.
+pub(super) fn weight_read(g: &Graph, n: NodeId, weights: &WeightTable) -> WeightRead {
+    match reads_layout(g, n, weights) {
+        Some(WeightLayout::Tiles) => WeightRead::Tiles,
+        Some(WeightLayout::Panels) => WeightRead::Panels,
+        None => WeightRead::Stored { transposed: reads_transposed(g, n, weights) },
     }
 }
 
@@ -255,23 +253,23 @@ impl GraphPlan {
     }
 
     /// How linear map `n` is computed.
-    pub(super) fn linear(&self, g: &Graph, n: NodeId, amx: bool, weights: &WeightTable) -> LinearAlgo {
+    pub(super) fn linear(&self, g: &Graph, n: NodeId, amx: bool, weights: &WeightTable) -> LinearPlan {
         if let Some((chunks, _)) = split_k(g, n, weights) {
-            return LinearAlgo::SplitK { chunks };
+            return LinearPlan::SplitK { chunks };
         }
-        if !packed_linear(g, n, weights) {
+        LinearPlan::Kernel(if !packed_linear(g, n, weights) {
             let inn = g.ty(g.operands(n)[0]).shape.last().and_then(|d| d.as_fixed()).unwrap_or(0);
-            return if kernels::tiled(inn, reads_transposed(g, n, weights)) {
+            if kernels::tiled(inn, reads_transposed(g, n, weights)) {
                 LinearAlgo::Dots
             } else {
                 LinearAlgo::Loops
-            };
-        }
-        if amx_linear(g, n, amx, weights) {
+            }
+        } else if amx_linear(g, n, amx, weights) {
             let to_tiles = self.fused.chains.get(&n).is_some_and(|(_, e)| self.to_tiles.contains(e));
-            return LinearAlgo::Amx(amx::Amx { parts: amx_parts(g, g.operands(n)[0]), to_tiles });
-        }
-        LinearAlgo::Packed { sliced: sliced_linear(g, n, amx, weights) }
+            LinearAlgo::Amx(amx::Amx { parts: amx_parts(g, g.operands(n)[0]), to_tiles })
+        } else {
+            LinearAlgo::Packed { sliced: sliced_linear(g, n, amx, weights) }
+        })
     }
 }
 
@@ -311,11 +309,11 @@ pub(super) fn describe(name: &str, g: &Graph, p: &GraphPlan, amx: bool, weights:
             None => {}
         }
         if let Op::Linear { .. } = op {
-            let layout = match reads_layout(g, n, weights) {
-                Some(WeightLayout::Tiles) => "tiles",
-                Some(WeightLayout::Panels) => "panels",
-                None if reads_transposed(g, n, weights) => "[in, out]",
-                None => "[out, in]",
+            let layout = match weight_read(g, n, weights) {
+                WeightRead::Tiles => "tiles",
+                WeightRead::Panels => "panels",
+                WeightRead::Stored { transposed: true } => "[in, out]",
+                WeightRead::Stored { transposed: false } => "[out, in]",
             };
             let w = match g.op(g.operands(n)[1]) {
                 Op::Weight { name, .. } => format!("{name} "),

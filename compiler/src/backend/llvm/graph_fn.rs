@@ -1,0 +1,484 @@
+//! A graph function: `tfc__<graph>(arena, cache, tokens, types, T, P, weights, out, pool)`
+//! runs the graph's nodes in schedule order, each as one or more calls of
+//! `tfc__parallel_for(pool, kernel, args, tasks)` with the kernel's argument block
+//! (`Kernel::slots`) filled from where the plan put each value (`GraphPlan`).
+
+use std::collections::HashMap;
+
+use inkwell::context::Context;
+use inkwell::module::{Linkage, Module};
+use inkwell::types::BasicTypeEnum;
+use inkwell::values::{FunctionValue, IntValue, PointerValue};
+use inkwell::GlobalVisibility;
+
+use super::kb::{Kb, WFmt};
+use super::kernels::{self, Kernel, LinearAlgo, Slot, UnaryOp, WeightRead, ARG_SLOTS};
+use super::select::{weight_read, GraphPlan, LinearPlan, Packing};
+use super::{amx, LlvmError};
+use crate::backend::layout::Layout;
+use crate::backend::plan::Loc;
+use crate::backend::weights::{WeightTable, BLOCK};
+use crate::ir::{CacheKind, DType, Dim, Graph, NodeId, Op};
+
+/// Kernel calls per basic block of a graph function: the register allocator and
+/// coalescer scan a whole block per live range or copy, so one block of every call made
+/// the compile time quadratic in the layers (512 layers took a minute).
+const CALLS_PER_BLOCK: usize = 32;
+
+/// Emits graph `name` (`None`: an encoder's missing decode, an empty function the C half
+/// never calls) into `m`; returns the arena bytes it needs.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn emit<'ctx>(
+    cx: &'ctx Context,
+    m: &Module<'ctx>,
+    name: &str,
+    g: Option<&Graph>,
+    weights: &WeightTable,
+    layout: &Layout,
+    amx: bool,
+    kernels: &mut HashMap<String, FunctionValue<'ctx>>,
+) -> Result<u64, LlvmError> {
+    let ptr = cx.ptr_type(inkwell::AddressSpace::default());
+    let i64t = cx.i64_type();
+    let params = [ptr, ptr, ptr, ptr].map(Into::into).into_iter().chain([i64t.into(), i64t.into()]);
+    let params: Vec<_> = params.chain([ptr, ptr, ptr].map(Into::into)).collect();
+    let f = m.add_function(
+        &format!("tfc__{name}"),
+        cx.void_type().fn_type(&params, false),
+        Some(Linkage::External),
+    );
+    // Internal to the library: only the C half's `tfc_*` entry points are exported.
+    f.as_global_value().set_visibility(GlobalVisibility::Hidden);
+    // A graph function is one straight block of kernel calls and argument stores, run
+    // once per step: nothing in it is worth optimising, and the SLP vectoriser's
+    // scheduling is quadratic in a block's length (over half of GPT-2 small's compile
+    // time went there), so it is not optimised at all.
+    for attr in ["optnone", "noinline"] {
+        let kind = inkwell::attributes::Attribute::get_named_enum_kind_id(attr);
+        f.add_attribute(inkwell::attributes::AttributeLoc::Function, cx.create_enum_attribute(kind, 0));
+    }
+    let kb = Kb::new(cx, m, f);
+    let Some(g) = g else {
+        kb.ret();
+        return Ok(0);
+    };
+    // Every use of a parameter reloads it from a stack slot, so that no value lives
+    // across the whole function: the register coalescer scans every instruction of a
+    // register for each copy of it, and a parameter used by every call made the compile
+    // time quadratic in the layers (512 layers took a minute). Nothing is optimised here
+    // (`optnone`), so the loads stay.
+    let params = f
+        .get_param_iter()
+        .map(|v| {
+            let slot = kb.b.build_alloca(v.get_type(), "").unwrap();
+            kb.b.build_store(slot, v).unwrap();
+            (slot, v.get_type())
+        })
+        .collect();
+    let gp = GraphPlan::of(g, weights, layout.max_seq, amx)?;
+    let args = kb.b.build_array_alloca(i64t, kb.c(ARG_SLOTS as i64), "args").unwrap();
+    let pf_ty = cx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into()], false);
+    let pfor = m
+        .get_function("tfc__parallel_for")
+        .unwrap_or_else(|| m.add_function("tfc__parallel_for", pf_ty, None));
+    let mut e = GraphFn {
+        kb,
+        g,
+        gp: &gp,
+        weights,
+        layout,
+        amx,
+        kernels,
+        params,
+        args,
+        pfor,
+        calls: 0,
+        packed_input: None,
+        cache_outputs: g.cache_outputs(),
+    };
+    for &n in &gp.order {
+        e.node(n)?;
+    }
+    // The main output (the first one) goes to the caller's buffer.
+    let (_, main) = g.main_output();
+    let width = e.fixed(*g.ty(main).shape.last().unwrap());
+    let bytes = e.kb.mul(e.rows_of(main), e.kb.c((width * 4) as i64));
+    let (out, src) = (e.param(7).into_pointer_value(), e.at(main));
+    e.kb.b.build_memcpy(out, 4, src, 4, bytes).map_err(|err| LlvmError::Llvm(err.to_string()))?;
+    e.kb.ret();
+    Ok(gp.arena_bytes())
+}
+
+struct GraphFn<'a, 'k, 'ctx> {
+    kb: Kb<'a, 'ctx>,
+    g: &'a Graph,
+    gp: &'a GraphPlan,
+    weights: &'a WeightTable,
+    layout: &'a Layout,
+    amx: bool,
+    kernels: &'k mut HashMap<String, FunctionValue<'ctx>>,
+    /// The stack slots of the parameters.
+    params: Vec<(PointerValue<'ctx>, BasicTypeEnum<'ctx>)>,
+    /// The argument block every call fills.
+    args: PointerValue<'ctx>,
+    pfor: FunctionValue<'ctx>,
+    calls: usize,
+    /// The value whose packing (AMX parts of `[in, out]` or `[out, in]` maps, or slices)
+    /// the packed region holds.
+    packed_input: Option<(NodeId, Packing)>,
+    /// The nodes whose values go to the cache, and where.
+    cache_outputs: HashMap<NodeId, Vec<(u32, CacheKind)>>,
+}
+
+impl<'ctx> GraphFn<'_, '_, 'ctx> {
+    fn param(&self, i: usize) -> inkwell::values::BasicValueEnum<'ctx> {
+        self.kb.b.build_load(self.params[i].1, self.params[i].0, "").unwrap()
+    }
+
+    fn arena(&self) -> PointerValue<'ctx> {
+        self.param(0).into_pointer_value()
+    }
+
+    fn t(&self) -> IntValue<'ctx> {
+        self.param(4).into_int_value()
+    }
+
+    fn p(&self) -> IntValue<'ctx> {
+        self.param(5).into_int_value()
+    }
+
+    fn fixed(&self, d: Dim) -> usize {
+        d.as_fixed().unwrap_or(0)
+    }
+
+    /// A dimension's value: `c + t·T + p·P`.
+    fn dim(&self, d: Dim) -> IntValue<'ctx> {
+        let kb = &self.kb;
+        let mut v = kb.c(d.c as i64);
+        if d.t > 0 {
+            v = kb.add(v, kb.mul(self.t(), kb.c(d.t as i64)));
+        }
+        if d.p > 0 {
+            v = kb.add(v, kb.mul(self.p(), kb.c(d.p as i64)));
+        }
+        v
+    }
+
+    fn cache_ptr(&self, layer: u32, kind: CacheKind) -> PointerValue<'ctx> {
+        let (off, _, _) = self.layout.cache[&(layer, kind)];
+        let cache = self.param(1).into_pointer_value();
+        self.kb.gep(self.kb.f32t(), cache, self.kb.c(off as i64))
+    }
+
+    /// Where node `n`'s value is.
+    fn at(&self, n: NodeId) -> PointerValue<'ctx> {
+        let kb = &self.kb;
+        match self.gp.loc[&n] {
+            Loc::Arena(off) => kb.gep(kb.cx.i8_type(), self.arena(), kb.c(off as i64)),
+            Loc::Weight(i) => {
+                let ptr = kb.cx.ptr_type(inkwell::AddressSpace::default());
+                let slot = kb.gep(ptr, self.param(6).into_pointer_value(), kb.c(i as i64));
+                kb.b.build_load(ptr, slot, "").unwrap().into_pointer_value()
+            }
+            Loc::Tokens => self.param(2).into_pointer_value(),
+            Loc::Types => self.param(3).into_pointer_value(),
+            Loc::Cache(l, k) => self.cache_ptr(l, k),
+        }
+    }
+
+    /// Node `n`'s value, as an argument.
+    fn val(&self, n: NodeId) -> IntValue<'ctx> {
+        self.kb.int_of(self.at(n))
+    }
+
+    /// A place in the arena's packed regions.
+    fn region(&self, off: u64) -> IntValue<'ctx> {
+        self.kb.int_of(self.kb.gep(self.kb.cx.i8_type(), self.arena(), self.kb.c(off as i64)))
+    }
+
+    /// The rows of `[…, rows…, d]`: every dimension but the last, multiplied.
+    fn rows_of(&self, n: NodeId) -> IntValue<'ctx> {
+        let ty = self.g.ty(n);
+        ty.shape[..ty.rank() - 1].iter().fold(self.kb.c(1), |acc, &d| self.kb.mul(acc, self.dim(d)))
+    }
+
+    /// Rows per head of a value `[heads, rows, d]`: `max_seq` where it lives in the cache.
+    fn head_rows(&self, n: NodeId, rows: IntValue<'ctx>) -> IntValue<'ctx> {
+        match self.gp.loc[&n] {
+            Loc::Cache(..) => self.kb.c(self.layout.max_seq as i64),
+            _ => rows,
+        }
+    }
+
+    /// Calls `kernel` on `tasks` tasks with its arguments.
+    fn call(&mut self, kernel: Kernel, values: &[(Slot, IntValue<'ctx>)], tasks: IntValue<'ctx>) {
+        if self.calls > 0 && self.calls % CALLS_PER_BLOCK == 0 {
+            let next = self.kb.cx.append_basic_block(self.kb.f, "calls");
+            self.kb.b.build_unconditional_branch(next).unwrap();
+            self.kb.b.position_at_end(next);
+        }
+        self.calls += 1;
+        let (cx, m) = (self.kb.cx, self.kb.m);
+        let kf = *self.kernels.entry(kernel.symbol()).or_insert_with(|| kernels::emit(cx, m, &kernel));
+        for (i, v) in kernel.encode(values).into_iter().enumerate() {
+            self.kb.st64(self.args, i as i64, v);
+        }
+        let kp = kf.as_global_value().as_pointer_value();
+        let pool = self.param(8).into_pointer_value();
+        self.kb
+            .b
+            .build_call(self.pfor, &[pool.into(), kp.into(), self.args.into(), tasks.into()], "")
+            .unwrap();
+    }
+
+    /// Emits node `n`'s kernels, and the copy of its value into the cache if it is one.
+    fn node(&mut self, n: NodeId) -> Result<(), LlvmError> {
+        use Slot::*;
+        let (g, gp) = (self.g, self.gp);
+        if gp.fused.absorbed.contains_key(&n) {
+            return Ok(());
+        }
+        let ops = g.operands(n);
+        let ty = g.ty(n).clone();
+        let o = |e: &Self, i: usize| e.val(ops[i]);
+        let width = self.fixed(*ty.shape.last().unwrap());
+        let round = gp.fused.chains.contains_key(&n);
+        match g.op(n) {
+            Op::Weight { .. } | Op::Input(_) | Op::Concat { .. } => {}
+            Op::Positions => {
+                let v = [(Out, self.val(n)), (T, self.t()), (P, self.p())];
+                self.call(Kernel::Positions, &v, self.kb.c(1))
+            }
+            Op::Gather { offset } => {
+                let k = Kernel::Gather { d: width, offset: *offset, wf: WFmt::of(g.ty(ops[0])) };
+                let v = [(Table, o(self, 0)), (Ids, o(self, 1)), (Out, self.val(n))];
+                self.call(k, &v, self.rows_of(n))
+            }
+            Op::Sinusoidal { dim: d, base } => {
+                let v = [(Pos, o(self, 0)), (Out, self.val(n))];
+                self.call(Kernel::Sinusoidal { dim: *d, base: *base }, &v, self.rows_of(n))
+            }
+            Op::Add | Op::Mul => {
+                let k = Kernel::Binary { mul: *g.op(n) == Op::Mul, width };
+                let v = [(X, o(self, 0)), (Y, o(self, 1)), (Out, self.val(n))];
+                self.call(k, &v, self.rows_of(n))
+            }
+            Op::Scale(_) | Op::Activation(_) | Op::RoundBf16 => {
+                let op = match g.op(n) {
+                    Op::Scale(s) => UnaryOp::Scale(*s),
+                    Op::Activation(a) => UnaryOp::Act(*a),
+                    _ => UnaryOp::RoundBf16,
+                };
+                let v = [(X, o(self, 0)), (Out, self.val(n))];
+                self.call(Kernel::Unary { op, width }, &v, self.rows_of(n))
+            }
+            Op::LayerNorm { eps } => {
+                let bias = ops.len() == 3;
+                let mut v = vec![(X, o(self, 0)), (W, o(self, 1))];
+                if bias {
+                    v.push((Bias, o(self, 2)));
+                }
+                v.push((Out, self.val(n)));
+                self.call(Kernel::LayerNorm { d: width, eps: *eps, bias, round }, &v, self.rows_of(n))
+            }
+            Op::RmsNorm { eps, unit_offset } => {
+                let k = Kernel::RmsNorm { d: width, eps: *eps, unit_offset: *unit_offset, round };
+                let v = [(X, o(self, 0)), (W, o(self, 1)), (Out, self.val(n))];
+                self.call(k, &v, self.rows_of(n))
+            }
+            Op::Linear { bias, .. } => self.linear(n, *bias, width),
+            Op::SplitQkv { layout, part, heads, kv_heads, head_dim } => {
+                let k = Kernel::SplitQkv {
+                    layout: *layout,
+                    part: *part,
+                    heads: *heads,
+                    kv_heads: *kv_heads,
+                    head_dim: *head_dim,
+                };
+                let v = [(X, o(self, 0)), (Out, self.val(n))];
+                self.call(k, &v, self.rows_of(n))
+            }
+            Op::SplitHeads { heads } => {
+                let rows = self.rows_of(ops[0]);
+                let k = Kernel::SplitHeads { heads: *heads, head_dim: width };
+                let v = [(X, o(self, 0)), (Out, self.val(n)), (OutRows, self.head_rows(n, rows))];
+                self.call(k, &v, rows)
+            }
+            Op::MergeHeads => {
+                let src = g.ty(ops[0]);
+                let (heads, head_dim) = (self.fixed(src.shape[0]), self.fixed(src.shape[2]));
+                let rows = self.rows_of(n);
+                let v = [(X, o(self, 0)), (Out, self.val(n)), (Rows, rows)];
+                self.call(Kernel::MergeHeads { heads, head_dim, round }, &v, rows)
+            }
+            Op::Rope(r) => {
+                let k = Kernel::Rope {
+                    head_dim: width,
+                    rotary_dim: r.rotary_dim,
+                    theta: r.theta,
+                    interleaved: r.interleaved,
+                    heads: self.fixed(ty.shape[0]),
+                };
+                let rows = self.dim(ty.shape[1]);
+                let v = [
+                    (X, o(self, 0)),
+                    (Pos, o(self, 1)),
+                    (Out, self.val(n)),
+                    (Rows, rows),
+                    (OutRows, self.head_rows(n, rows)),
+                ];
+                self.call(k, &v, rows)
+            }
+            Op::Attention { scale, mask, alibi } => self.attention(n, *scale, *mask, *alibi),
+            Op::LastRow => {
+                // `[T]` (positions, i32) or `[T, d]`.
+                let src = g.ty(ops[0]);
+                let (rows, width) =
+                    if src.rank() == 1 { (self.dim(src.shape[0]), 1) } else { (self.rows_of(ops[0]), width) };
+                let k = Kernel::LastRow { width, int: src.dtype == DType::I32 };
+                let v = [(X, o(self, 0)), (Out, self.val(n)), (Rows, rows)];
+                self.call(k, &v, self.kb.c(1))
+            }
+            op => {
+                return Err(LlvmError::Unsupported(format!(
+                    "`{}` in a {} graph",
+                    op.mnemonic(),
+                    g.phase.name()
+                )))
+            }
+        }
+        if gp.fused.in_cache.contains_key(&n) {
+            return Ok(());
+        }
+        for (layer, kind) in self.cache_outputs.get(&n).cloned().unwrap_or_default() {
+            let groups = self.fixed(ty.shape[0]);
+            let k = Kernel::CacheStore { head_dim: width, max_seq: self.layout.max_seq };
+            let dst = self.kb.int_of(self.cache_ptr(layer, kind));
+            let v = [(X, self.val(n)), (Cache, dst), (Rows, self.dim(ty.shape[1])), (P, self.p())];
+            self.call(k, &v, self.kb.c(groups as i64));
+        }
+        Ok(())
+    }
+
+    /// A linear map, with the elementwise ops fused into it, by its algorithm.
+    fn linear(&mut self, n: NodeId, bias: bool, width: usize) {
+        use Slot::*;
+        let (g, gp, weights) = (self.g, self.gp, self.weights);
+        let ops = g.operands(n);
+        let inn = self.fixed(*g.ty(ops[0]).shape.last().unwrap());
+        let wf = WFmt::of(g.ty(ops[1]));
+        let mut v = vec![(X, self.val(ops[0])), (W, self.val(ops[1]))];
+        if bias {
+            v.push((Bias, self.val(ops[2])));
+        }
+        v.push((Out, self.val(n)));
+        v.push((Rows, self.rows_of(n)));
+        let mut epi = Vec::new();
+        let mut others = Vec::new();
+        if let Some((chain, _)) = gp.fused.chains.get(&n) {
+            for (e, other) in chain {
+                epi.push(*e);
+                if let Some(other) = other {
+                    others.push((Other(others.len()), self.val(*other)));
+                }
+            }
+        }
+        v.extend(&others);
+        let algo = match gp.linear(g, n, self.amx, weights) {
+            LinearPlan::Kernel(algo) => algo,
+            LinearPlan::SplitK { chunks } => {
+                // Partials live right after the output row in the node's block.
+                let part = self.kb.int_of(self.kb.gep(self.kb.f32t(), self.at(n), self.kb.c(width as i64)));
+                let k = Kernel::GemvPartial { inn, out: width, chunks, wf };
+                let pv = [(X, self.val(ops[0])), (W, self.val(ops[1])), (Partials, part)];
+                self.call(k, &pv, self.kb.c(chunks as i64));
+                let mut r = vec![(Partials, part)];
+                if bias {
+                    r.push((Bias, self.val(ops[2])));
+                }
+                r.push((Out, self.val(n)));
+                r.extend(others);
+                let k = Kernel::GemvReduce { out: width, chunks, bias, epi, pairs: wf == WFmt::Bf16 };
+                self.call(k, &r, self.kb.c((width / BLOCK) as i64));
+                return;
+            }
+        };
+        let read = weight_read(g, n, weights);
+        let transposed = read == WeightRead::Stored { transposed: true };
+        match algo {
+            LinearAlgo::Amx(a) => {
+                if gp.to_tiles.contains(&ops[0]) {
+                    v.push((PackedX, self.region(gp.tiled_at)));
+                } else {
+                    let xp = self.region(gp.packed_at);
+                    if self.packed_input != Some((ops[0], Packing::Amx { transposed })) {
+                        let tiles = self.kb.udiv(amx::padded(&self.kb, self.rows_of(n)), self.kb.c(16));
+                        let k = Kernel::AmxPack { inn, transposed, parts: a.parts };
+                        let pv = [(X, self.val(ops[0])), (Out, xp), (Rows, self.rows_of(n))];
+                        self.call(k, &pv, tiles);
+                        self.packed_input = Some((ops[0], Packing::Amx { transposed }));
+                    }
+                    v.push((PackedX, xp));
+                }
+                if a.to_tiles {
+                    v.push((PackedOut, self.region(gp.tiled_at)));
+                }
+            }
+            LinearAlgo::Packed { sliced: true } => {
+                let xs = self.region(gp.packed_at);
+                if self.packed_input != Some((ops[0], Packing::Slices)) {
+                    let pv = [(X, self.val(ops[0])), (Out, xs), (Rows, self.rows_of(n))];
+                    self.call(Kernel::SliceRows { inn }, &pv, self.rows_of(n));
+                    self.packed_input = Some((ops[0], Packing::Slices));
+                }
+                v.push((PackedX, xs));
+            }
+            _ => {}
+        }
+        let tasks = match algo {
+            LinearAlgo::Amx(a) => amx::tasks(inn, width, a.parts),
+            _ => width.div_ceil(BLOCK),
+        };
+        let k = Kernel::Linear { inn, out: width, bias, epi, wf, read, algo };
+        self.call(k, &v, self.kb.c(tasks as i64));
+    }
+
+    /// Fused attention: by (head, query row), or by (head, block of query rows) where the
+    /// rows are known only at run time (prefill).
+    fn attention(&mut self, n: NodeId, scale: f64, mask: crate::ir::AttnMask, alibi: bool) {
+        use Slot::*;
+        let g = self.g;
+        let ops = g.operands(n);
+        let ty = g.ty(n);
+        let (heads, head_dim) = (self.fixed(ty.shape[0]), self.fixed(*ty.shape.last().unwrap()));
+        let kty = g.ty(ops[1]);
+        let groups = self.fixed(kty.shape[0]);
+        let s_len = self.dim(kty.shape[1]);
+        // Keys in the cache have max_seq rows per head; others are dense.
+        let stride = |e: &Self, i: usize| match e.gp.loc[&ops[i]] {
+            Loc::Cache(..) => e.kb.c((e.layout.max_seq * head_dim) as i64),
+            _ => e.kb.mul(s_len, e.kb.c(head_dim as i64)),
+        };
+        let rows = self.dim(ty.shape[1]);
+        let block = ty.shape[1].as_fixed().is_none().then(|| kernels::attention_rows(head_dim)).flatten();
+        let k = Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block };
+        let kb = &self.kb;
+        let tasks = match block {
+            Some(b) => kb.udiv(kb.add(rows, kb.c(b as i64 - 1)), kb.c(b as i64)),
+            None => rows,
+        };
+        let v = [
+            (Q, self.val(ops[0])),
+            (K, self.val(ops[1])),
+            (V, self.val(ops[2])),
+            (Pos, self.val(ops[3])),
+            (Out, self.val(n)),
+            (Rows, rows),
+            (Keys, s_len),
+            (KStride, stride(self, 1)),
+            (VStride, stride(self, 2)),
+        ];
+        let tasks = self.kb.mul(self.kb.c(heads as i64), tasks);
+        self.call(k, &v, tasks)
+    }
+}

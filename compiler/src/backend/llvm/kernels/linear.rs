@@ -1,0 +1,996 @@
+//! Linear maps: the packed GEMM of many rows (f32 panels, register tiles), the AMX
+//! dispatch, vectorised dot products for one row, plain loops, the split-K GEMV, and
+//! the fused epilogues they apply to each output tile.
+
+use inkwell::values::{BasicValueEnum, IntValue, PointerValue, VectorValue};
+use tfc_runtime::quant::Q8_BLOCK;
+
+use super::rows::unary;
+use super::{Args, Kernel, LinearAlgo, Slot, UnaryOp, WeightRead};
+use crate::backend::llvm::amx;
+use crate::backend::llvm::elementwise::epilogue_vectorises;
+use crate::backend::llvm::kb::{Kb, WFmt, VW};
+use crate::backend::plan::Epi;
+use crate::backend::weights::{Tiles, BLOCK};
+
+/// Activation rows per register tile of the linear kernels.
+pub(crate) const ROWS: usize = 4;
+
+/// Weight rows (the `in` dimension) of a column block packed at a time by the packed
+/// GEMM: `KC × BLOCK` f32 is 32 KB, which stays in L1 while every row tile passes over it.
+pub(crate) const KC: usize = 128;
+
+/// Activation rows per chunk of the packed GEMM, whose `KC`-wide slices of `x`
+/// are copied out once for all of a task's column blocks (96 KB).
+pub(crate) const MC: usize = 192;
+
+/// Activation rows per register tile of the packed GEMM: `MR × 4` accumulators, four
+/// weight vectors and a broadcast use 29 of the 32 vector registers.
+pub(crate) const MR: usize = 6;
+
+/// k-steps of the packed GEMM's row tiles per prefetched line of the next panel.
+pub(crate) const SPREAD: usize = 4;
+
+/// Whether a linear map of `rows` rows (`None`: known only at run time) gets the packed
+/// GEMM: each column block of the weights is converted to f32 and packed `KC` rows at a
+/// time into a contiguous L1-resident panel, whatever its layout or storage type, and
+/// the activation rows pass over it in register tiles of `MR`. The packing is paid once
+/// per block and shared by every row, so it is for prefill's many rows, not for
+/// decode's one. `[in, out]` weights are packed for any row count: their one-row products
+/// (decode) are split over `in` instead (`GemvPartial`), whenever `in` is 64 or more.
+pub(crate) fn packs(rows: Option<usize>, out: usize, transposed: bool) -> bool {
+    out % BLOCK == 0 && (transposed || rows.is_none_or(|r| r >= MR))
+}
+
+/// Whether an unpacked linear map gets the vectorised dot products of `lin_n_block`:
+/// `[out, in]` weights whose rows the vectors tile exactly (`in` by 16).
+pub(crate) fn tiled(inn: usize, transposed: bool) -> bool {
+    !transposed && inn % VW == 0
+}
+
+pub(crate) struct Lin<'ctx, 'e> {
+    x: PointerValue<'ctx>,
+    w: PointerValue<'ctx>,
+    b: Option<PointerValue<'ctx>>,
+    out: PointerValue<'ctx>,
+    inn: usize,
+    n_out: usize,
+    epi: &'e [Epi],
+    /// The other operand of each `Add`/`Mul` in `epi`, in order.
+    others: Vec<PointerValue<'ctx>>,
+    /// How the weights are stored.
+    wf: WFmt,
+    /// `[out, in]` in the tile layout (`weights::Tiles`), not row-major.
+    tiles: bool,
+    /// In the panel layout (`weights::WeightLayout::Panels`).
+    panels: bool,
+}
+
+impl<'ctx, 'e> Lin<'ctx, 'e> {
+    /// Reads the argument block of a `Kernel::Linear`: x, w, [b], out, rows, then the
+    /// epilogue's other operands.
+    fn from_args(args: &Args<'_, '_, 'ctx>, k: &'e Kernel) -> (Self, IntValue<'ctx>) {
+        let Kernel::Linear { inn, out: n_out, ref epi, wf, read, .. } = *k else {
+            unreachable!("the arguments of a linear kernel")
+        };
+        let (tiles, panels) = (read == WeightRead::Tiles, read == WeightRead::Panels);
+        let (x, w) = (args.p(Slot::X), args.p(Slot::W));
+        let (b, out, rows) = (args.opt_p(Slot::Bias), args.p(Slot::Out), args.i(Slot::Rows));
+        let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
+        let others = (0..n_others).map(|k| args.p(Slot::Other(k))).collect();
+        (Lin { x, w, b, out, inn, n_out, epi, others, wf, tiles, panels }, rows)
+    }
+
+    /// The element of `W [out, in]` at output `o`, input `i`: row-major, or in the tile
+    /// layout, where the inputs of one output stay contiguous within each 32.
+    fn widx(&self, kb: &Kb<'_, 'ctx>, o: IntValue<'ctx>, i: IntValue<'ctx>) -> IntValue<'ctx> {
+        if !self.tiles {
+            return kb.add(kb.mul(o, kb.c(self.inn as i64)), i);
+        }
+        let (r, k) = (Tiles::ROWS, Tiles::COLS);
+        let c = |v: usize| kb.c(v as i64);
+        let tile = kb.add(kb.mul(kb.udiv(o, c(r)), c(self.inn / k)), kb.udiv(i, c(k)));
+        kb.add(kb.mul(tile, c(r * k)), kb.add(kb.mul(kb.urem(o, c(r)), c(k)), kb.urem(i, c(k))))
+    }
+}
+
+/// Applies the fused elementwise ops to row `t`, columns `o0..o1` of the output.
+pub(crate) fn epilogue<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    t: IntValue<'ctx>,
+    o0: IntValue<'ctx>,
+    o1: IntValue<'ctx>,
+) {
+    if l.epi.is_empty() {
+        return;
+    }
+    let row = kb.mul(t, kb.c(l.n_out as i64));
+    kb.for_(o0, o1, |o| {
+        let at = kb.add(row, o);
+        let mut v = kb.ld(l.out, at);
+        let mut k = 0;
+        for e in l.epi {
+            v = match e {
+                Epi::Act(a) => unary(kb, UnaryOp::Act(*a), v),
+                Epi::Scale(s) => unary(kb, UnaryOp::Scale(*s), v),
+                Epi::RoundBf16 => unary(kb, UnaryOp::RoundBf16, v),
+                Epi::Add | Epi::Mul => {
+                    let y = kb.ld(l.others[k], at);
+                    k += 1;
+                    if *e == Epi::Add {
+                        kb.fadd(v, y)
+                    } else {
+                        kb.fmul(v, y)
+                    }
+                }
+            };
+        }
+        kb.st(l.out, at, v);
+    });
+}
+
+/// `W [out, in]`: outputs `o0..o1` for rows `t0..t0 + rn`, four outputs at a time, each
+/// a vectorised dot product over `in` whose weight vectors are shared by the tile's rows.
+/// A single row (decode) takes `lin_dot_row`.
+pub(crate) fn lin_n_block<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    t0: IntValue<'ctx>,
+    rn: usize,
+    o0: IntValue<'ctx>,
+    o1: IntValue<'ctx>,
+    xp: Option<PointerValue<'ctx>>,
+) {
+    if rn == 1 && l.tiles {
+        return lin_tile_row(kb, l, t0, o0, o1, xp.expect("tiled weights have a permuted row"));
+    }
+    if rn == 1 {
+        return lin_dot_row(kb, l, t0, o0, o1, xp);
+    }
+    let c = |v: usize| kb.c(v as i64);
+    let outs = 4;
+    let span = kb.sub(o1, o0);
+    let full = kb.add(o0, kb.mul(kb.div(span, c(outs)), c(outs)));
+    let tile = |oo: IntValue<'ctx>, on: usize| {
+        let init: Vec<_> = (0..rn * on).map(|_| kb.vzero().into()).collect();
+        let steps = c(l.inn / VW);
+        let acc = kb.fold(c(0), steps, &init, |s, acc| {
+            let i = kb.mul(s, c(VW));
+            let wv: Vec<_> = (0..on).map(|j| kb.ldvw(l.w, l.widx(kb, kb.add(oo, c(j)), i), l.wf)).collect();
+            let mut next = Vec::with_capacity(acc.len());
+            for r in 0..rn {
+                let xv = kb.ldv(l.x, kb.add(kb.mul(kb.add(t0, c(r)), c(l.inn)), i));
+                for (j, wv) in wv.iter().enumerate() {
+                    next.push(kb.vfma(xv, *wv, acc[r * on + j].into_vector_value()).into());
+                }
+            }
+            next
+        });
+        for r in 0..rn {
+            for j in 0..on {
+                let o = kb.add(oo, c(j));
+                let mut v = kb.vsum(acc[r * on + j].into_vector_value());
+                if let Some(b) = l.b {
+                    v = kb.fadd(v, kb.ld(b, o));
+                }
+                kb.st(l.out, kb.add(kb.mul(kb.add(t0, c(r)), c(l.n_out)), o), v);
+            }
+        }
+    };
+    let groups = kb.div(span, c(outs));
+    kb.for_(c(0), groups, |g| tile(kb.add(o0, kb.mul(g, c(outs))), outs));
+    kb.for_(full, o1, |o| tile(o, 1));
+}
+
+/// Bytes ahead of the weight being read that a streaming kernel prefetches. With only
+/// the hardware prefetcher, how much of a stream is in flight is bounded by the
+/// out-of-order window, so formats that take more instructions per byte (bf16, q8)
+/// streamed at half the f32 rate. 3 KB, not 4: on one Xeon host here a stream
+/// prefetched 4 KB ahead read 25–28 GB/s, and 3, 3.5, 5 or 8 KB ahead 30–34; in A/B
+/// pairs 3 KB decoded W2 f32 ×1.39 and W1 f32 ×1.30 faster than 4 KB (bf16 ×1.04–1.17,
+/// q8 ×1.06) and 0–6% faster than 3.5 KB, and 2 KB is too near for bf16 (W2 ×0.90).
+pub(crate) const PREFETCH: usize = 3072;
+
+/// Elements of a one-row dot product per step: four vectors, so four accumulators hide
+/// the FMA latency, and a whole number of cache lines and of q8 blocks.
+pub(crate) const DOT: usize = 4 * VW;
+
+/// `x` of one row, with each group of 32 elements reordered as its 16 even elements then
+/// its 16 odd ones, so it lines up with `Kb::ld_bf16_pairs` (the part of `in` that
+/// `lin_dot_row` steps over; the rest is read in order).
+pub(crate) fn permute_pairs<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    x: PointerValue<'ctx>,
+    xrow: IntValue<'ctx>,
+    n: usize,
+    xp: PointerValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let even: Vec<u32> = (0..VW as u32).map(|k| 2 * k).collect();
+    let odd: Vec<u32> = (0..VW as u32).map(|k| 2 * k + 1).collect();
+    kb.for_(c(0), c(n / (2 * VW)), |g| {
+        let i = kb.mul(g, c(2 * VW));
+        let (a, b) = (kb.ldv(x, kb.add(xrow, i)), kb.ldv(x, kb.add(xrow, kb.add(i, c(VW)))));
+        kb.stv(xp, i, kb.shuffle(a, b, &even));
+        kb.stv(xp, kb.add(i, c(VW)), kb.shuffle(a, b, &odd));
+    });
+}
+
+/// One row times `W [out, in]`, outputs `o0..o1`: one output's dot product at a time, so
+/// the block of weight rows is a single forward stream, prefetched `PREFETCH` ahead.
+/// (Four outputs' interleaved short streams left the prefetcher behind.) bf16 weights are
+/// read 32 at a time as even and odd lanes against `xp`, row `t` already permuted to match
+/// (`permute_pairs`).
+pub(crate) fn lin_dot_row<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    t: IntValue<'ctx>,
+    o0: IntValue<'ctx>,
+    o1: IntValue<'ctx>,
+    xp: Option<PointerValue<'ctx>>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let (inn, steps) = (l.inn, l.inn / DOT);
+    let xrow = kb.mul(t, c(inn));
+    let esize = l.wf.elem_bytes();
+    kb.for_(o0, o1, |o| {
+        let wrow = kb.mul(o, c(inn));
+        let init: Vec<_> = (0..4).map(|_| kb.vzero().into()).collect();
+        let acc = kb.fold(c(0), c(steps), &init, |s, acc| {
+            let i = kb.mul(s, c(DOT));
+            let wi = kb.add(wrow, i);
+            let bytes = kb.mul(wi, c(esize));
+            for line in 0..(DOT * esize).div_ceil(64) {
+                kb.prefetch(l.w, kb.add(bytes, c(PREFETCH + 64 * line)));
+            }
+            let a = |j: usize| acc[j].into_vector_value();
+            let xv = |j: usize| kb.ldv(l.x, kb.add(xrow, kb.add(i, c(j * VW))));
+            let next: Vec<VectorValue<'ctx>> = match (l.wf, xp) {
+                (WFmt::Bf16, Some(xp)) => {
+                    let xv = |j: usize| kb.ldv(xp, kb.add(i, c(j * VW)));
+                    let (e0, d0) = kb.ld_bf16_pairs(l.w, wi);
+                    let (e1, d1) = kb.ld_bf16_pairs(l.w, kb.add(wi, c(2 * VW)));
+                    vec![
+                        kb.vfma(xv(0), e0, a(0)),
+                        kb.vfma(xv(1), d0, a(1)),
+                        kb.vfma(xv(2), e1, a(2)),
+                        kb.vfma(xv(3), d1, a(3)),
+                    ]
+                }
+                (WFmt::Q8 { scales }, _) => {
+                    // Two blocks of 32: each block's products are summed, then scaled once.
+                    kb.prefetch(l.w, kb.add(c(scales + PREFETCH / 8), kb.mul(kb.div(wi, c(Q8_BLOCK)), c(4))));
+                    let block = |b: usize| {
+                        let at = kb.add(wi, c(b * 2 * VW));
+                        let p0 = kb.vmul(xv(2 * b), kb.ldv_q8_raw(l.w, at));
+                        let blk = kb.vfma(xv(2 * b + 1), kb.ldv_q8_raw(l.w, kb.add(at, c(VW))), p0);
+                        kb.vfma(blk, kb.splat(kb.q8_scale(l.w, at, scales)), a(b))
+                    };
+                    // Accumulators 2 and 3 stay zero: one per block is enough.
+                    vec![block(0), block(1), a(2), a(3)]
+                }
+                _ => {
+                    (0..4).map(|j| kb.vfma(xv(j), kb.ldvw(l.w, kb.add(wi, c(j * VW)), l.wf), a(j))).collect()
+                }
+            };
+            next.into_iter().map(Into::into).collect()
+        });
+        let mut sum = kb.vadd(
+            kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()),
+            kb.vadd(acc[2].into_vector_value(), acc[3].into_vector_value()),
+        );
+        // The rest of `in` (a multiple of VW), one vector at a time.
+        for j in 0..(inn % DOT) / VW {
+            let i = c(steps * DOT + j * VW);
+            let xv = kb.ldv(l.x, kb.add(xrow, i));
+            sum = kb.vfma(xv, kb.ldvw(l.w, kb.add(wrow, i), l.wf), sum);
+        }
+        let mut v = kb.vsum(sum);
+        if let Some(b) = l.b {
+            v = kb.fadd(v, kb.ld(b, o));
+        }
+        kb.st(l.out, kb.add(kb.mul(t, c(l.n_out)), o), v);
+    });
+}
+
+/// One row times `W [out, in]` in the tile layout (`weights::Tiles`), outputs `o0..o1` (whole
+/// blocks of 16): each block is one contiguous stream, prefetched `PREFETCH` ahead, read a
+/// tile at a time into one accumulator per output, as even and odd lanes against `xp`
+/// (row `t`, permuted by `permute_pairs` over all of `in`).
+pub(crate) fn lin_tile_row<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    t: IntValue<'ctx>,
+    o0: IntValue<'ctx>,
+    o1: IntValue<'ctx>,
+    xp: PointerValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let (rows, cols) = (Tiles::ROWS, Tiles::COLS);
+    let ktiles = l.inn / cols;
+    kb.for_(kb.udiv(o0, c(rows)), kb.udiv(o1, c(rows)), |blk| {
+        let init: Vec<_> = (0..rows).map(|_| kb.vzero().into()).collect();
+        let acc = kb.fold(c(0), c(ktiles), &init, |k, acc| {
+            let tile = kb.mul(kb.add(kb.mul(blk, c(ktiles)), k), c(rows * cols));
+            let bytes = kb.mul(tile, c(2));
+            for line in 0..rows * cols * 2 / 64 {
+                kb.prefetch(l.w, kb.add(bytes, c(PREFETCH + 64 * line)));
+            }
+            let (xe, xo) = (kb.ldv(xp, kb.mul(k, c(cols))), kb.ldv(xp, kb.add(kb.mul(k, c(cols)), c(VW))));
+            (0..rows)
+                .map(|r| {
+                    let (e, d) = kb.ld_bf16_pairs(l.w, kb.add(tile, c(r * cols)));
+                    let a = kb.vfma(xe, e, acc[r].into_vector_value());
+                    kb.vfma(xo, d, a).into()
+                })
+                .collect()
+        });
+        for (r, a) in acc.iter().enumerate() {
+            let o = kb.add(kb.mul(blk, c(rows)), c(r));
+            let mut v = kb.vsum(a.into_vector_value());
+            if let Some(b) = l.b {
+                v = kb.fadd(v, kb.ld(b, o));
+            }
+            kb.st(l.out, kb.add(kb.mul(t, c(l.n_out)), o), v);
+        }
+    });
+}
+
+/// Where the packed GEMM's row tiles read the activations: each `KC`-wide slice of `in`
+/// with its rows `KC` apart, so that the tiles' broadcasts neither alias in L1 (as rows
+/// of `x` a multiple of 4 KB apart do) nor leave L2 between the column blocks.
+#[derive(Clone, Copy)]
+pub(crate) enum Xs<'ctx> {
+    /// Copied by each task into this `MC × KC` buffer, a chunk's slice at a time.
+    Copy(PointerValue<'ctx>),
+    /// Every slice of every row, as `SliceRows` wrote them (`slice_at`).
+    Sliced(PointerValue<'ctx>),
+}
+
+/// Element `(t, k)` of `x [rows, inn]` in the layout `SliceRows` writes: slice `k / KC`
+/// holds the rows one after the other, `KC` apart (the last slice too, when `inn` is not
+/// a multiple of `KC`).
+pub(crate) fn slice_at<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    rows: IntValue<'ctx>,
+    slice: IntValue<'ctx>,
+    t: IntValue<'ctx>,
+) -> IntValue<'ctx> {
+    let c = |v: usize| kb.c(v as i64);
+    kb.mul(kb.add(kb.mul(slice, rows), t), c(KC))
+}
+
+/// Bytes of `x [rows, inn]` sliced for the packed GEMM.
+pub(crate) fn sliced_bytes(rows: usize, inn: usize) -> usize {
+    rows * inn.div_ceil(KC) * KC * 4
+}
+
+/// Copies the `kn` elements of `src` from `from` on to `dst` from `to` on.
+pub(crate) fn copy_f32s<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    (src, from): (PointerValue<'ctx>, IntValue<'ctx>),
+    (dst, to): (PointerValue<'ctx>, IntValue<'ctx>),
+    kn: IntValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let kv = kb.mul(kb.div(kn, c(VW)), c(VW));
+    kb.for_(c(0), kb.div(kn, c(VW)), |s| {
+        let at = kb.mul(s, c(VW));
+        kb.stv(dst, kb.add(to, at), kb.ldv(src, kb.add(from, at)));
+    });
+    kb.for_(kv, kn, |kk| kb.st(dst, kb.add(to, kk), kb.ld(src, kb.add(from, kk))));
+}
+
+/// The packed GEMM for the column blocks `b0..b1` (of `BLOCK`) outputs of every row
+/// (`packs`): for each chunk of `MC` rows and each `KC`-wide slice of `in`, the chunk's
+/// slice of `x` (from `xs`), and each block's slice of the weights, packed into `panel`
+/// as f32 `[KC, BLOCK]` (or read in place), are multiplied in `MR × BLOCK` register
+/// tiles, which start from the bias in the first slice and from the output in the
+/// others, so the output is first written when a tile has a slice's sums; last the
+/// epilogue runs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lin_packed<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    rows: IntValue<'ctx>,
+    b0: IntValue<'ctx>,
+    b1: IntValue<'ctx>,
+    panel: PointerValue<'ctx>,
+    xs: Xs<'ctx>,
+    transposed: bool,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let nv = BLOCK / VW;
+    let (inn, n_out) = (l.inn, l.n_out);
+    let esize = l.wf.elem_bytes();
+    let lines = KC * BLOCK * esize / 64;
+    kb.for_(c(0), kb.div(kb.add(rows, c(MC - 1)), c(MC)), |chunk| {
+        let r0 = kb.mul(chunk, c(MC));
+        let rn = kb.min(c(MC), kb.sub(rows, r0));
+        let full = kb.mul(kb.div(rn, c(MR)), c(MR));
+        kb.for_(c(0), c(inn.div_ceil(KC)), |kblk| {
+            let k0 = kb.mul(kblk, c(KC));
+            let kn = kb.min(c(KC), kb.sub(c(inn), k0));
+            let xs = match xs {
+                Xs::Copy(buf) => {
+                    kb.for_(c(0), rn, |t| {
+                        let src = kb.add(kb.mul(kb.add(r0, t), c(inn)), k0);
+                        copy_f32s(kb, (l.x, src), (buf, kb.mul(t, c(KC))), kn);
+                    });
+                    buf
+                }
+                Xs::Sliced(all) => kb.gep(kb.f32t(), all, slice_at(kb, rows, kblk, r0)),
+            };
+            kb.for_(b0, b1, |blk| {
+                let o0 = kb.mul(blk, c(BLOCK));
+                // The block's slice: its panel in place, or packed from the weights.
+                let panel = if l.panels {
+                    kb.gep(kb.f32t(), l.w, kb.mul(kb.add(kb.mul(blk, c(inn)), k0), c(BLOCK)))
+                } else {
+                    pack_panel(kb, l, o0, k0, kn, panel, transposed);
+                    panel
+                };
+                // The weights the next panel is packed from (the next block's slice, or
+                // after the last block the first block's next slice, or the block after
+                // these), prefetched into L2 while the row tiles run: packing otherwise
+                // waits on memory, since each of its rows is in another page and the
+                // hardware prefetcher does not follow it. Line `n` of its `lines` is
+                // fetched at step `n · SPREAD` of the tiles' k-loops, so a few at a time
+                // are in flight.
+                let more = kb.icmp_lt(kb.add(blk, c(1)), b1);
+                let deeper = kb.icmp_lt(kb.add(k0, c(KC)), c(inn));
+                let no0 = kb.mul(kb.select(more, kb.add(blk, c(1)), kb.select(deeper, b0, b1)), c(BLOCK));
+                let nk0 = kb.select(more, k0, kb.select(deeper, kb.add(k0, c(KC)), c(0)));
+                let prefetch_next = |step: IntValue<'ctx>| {
+                    // Every operand is non-negative and every divisor a power of two, so
+                    // unsigned division keeps this to shifts and masks in the k-loops.
+                    let n = kb.min(kb.udiv(step, c(SPREAD)), c(lines - 1));
+                    if l.panels {
+                        // The next slice is contiguous.
+                        let at = kb.mul(kb.add(kb.mul(kb.udiv(no0, c(BLOCK)), c(inn)), nk0), c(BLOCK * 4));
+                        return kb.prefetch_l2(l.w, kb.add(at, kb.mul(n, c(64))));
+                    }
+                    if l.tiles {
+                        // BLOCK / 16 blocks, each of whose KC / 32 tiles in the slice are
+                        // contiguous.
+                        let (rows, cols) = (Tiles::ROWS, Tiles::COLS);
+                        let per = KC / cols * rows * cols * esize / 64;
+                        let (rb, line) = (kb.udiv(n, c(per)), kb.urem(n, c(per)));
+                        let blk = kb.add(kb.udiv(no0, c(rows)), rb);
+                        let tile = kb.add(kb.mul(blk, c(inn / cols)), kb.udiv(nk0, c(cols)));
+                        let at = kb.add(kb.mul(tile, c(rows * cols * esize)), kb.mul(line, c(64)));
+                        return kb.prefetch_l2(l.w, at);
+                    }
+                    let row_lines = if transposed { esize } else { 2 * esize };
+                    let (r, line) = (kb.udiv(n, c(row_lines)), kb.urem(n, c(row_lines)));
+                    let elem = if transposed {
+                        // KC rows of `esize` lines.
+                        kb.add(kb.mul(kb.add(nk0, r), c(n_out)), no0)
+                    } else {
+                        // BLOCK rows of `2 esize` lines.
+                        kb.add(kb.mul(kb.add(no0, r), c(inn)), nk0)
+                    };
+                    kb.prefetch_l2(l.w, kb.add(kb.mul(elem, c(esize)), kb.mul(line, c(64))));
+                };
+                let tile = |t0: IntValue<'ctx>, rn: usize| {
+                    let yrow = |r: usize| kb.add(kb.mul(kb.add(kb.add(r0, t0), c(r)), c(n_out)), o0);
+                    // The first slice starts from the bias, the others from the sums so far.
+                    let init = kb.choose(
+                        kb.icmp_eq(kblk, c(0)),
+                        || {
+                            let bias: Vec<_> = (0..nv)
+                                .map(|j| match l.b {
+                                    Some(b) => kb.ldv(b, kb.add(o0, c(j * VW))),
+                                    None => kb.vzero(),
+                                })
+                                .collect();
+                            (0..rn * nv).map(|k| bias[k % nv].into()).collect()
+                        },
+                        || {
+                            (0..rn * nv)
+                                .map(|k| kb.ldv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW))).into())
+                                .collect()
+                        },
+                    );
+                    let k_step = |kk: IntValue<'ctx>, acc: &[BasicValueEnum<'ctx>]| {
+                        let wv: Vec<_> =
+                            (0..nv).map(|j| kb.ldv(panel, kb.add(kb.mul(kk, c(BLOCK)), c(j * VW)))).collect();
+                        let mut next = Vec::with_capacity(acc.len());
+                        for r in 0..rn {
+                            let xs = kb.splat(kb.ld(xs, kb.add(kb.mul(kb.add(t0, c(r)), c(KC)), kk)));
+                            for (j, wv) in wv.iter().enumerate() {
+                                next.push(kb.vfma(xs, *wv, acc[r * nv + j].into_vector_value()).into());
+                            }
+                        }
+                        next
+                    };
+                    // Full tiles take their k-steps `SPREAD` at a time, unrolled, after one
+                    // line of the next panel's prefetch: a test and branch per step would
+                    // cost more than the prefetch itself.
+                    let (mut k_from, mut acc) = (c(0), init);
+                    if rn == MR {
+                        let groups = kb.udiv(kn, c(SPREAD));
+                        acc = kb.fold(c(0), groups, &acc, |g, acc| {
+                            let kk = kb.mul(g, c(SPREAD));
+                            let step = kb.add(kb.mul(kb.udiv(t0, c(MR)), c(KC)), kk);
+                            prefetch_next(step);
+                            (0..SPREAD).fold(acc.to_vec(), |acc, u| k_step(kb.add(kk, c(u)), &acc))
+                        });
+                        k_from = kb.mul(groups, c(SPREAD));
+                    }
+                    let acc = kb.fold(k_from, kn, &acc, |kk, acc| k_step(kk, acc));
+                    for (k, v) in acc.iter().enumerate() {
+                        kb.stv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW)), v.into_vector_value());
+                    }
+                };
+                kb.for_(c(0), kb.div(full, c(MR)), |tt| tile(kb.mul(tt, c(MR)), MR));
+                // The last `rn % MR` rows in tiles of three, two and one: a tile of one
+                // row has four accumulators, too few to hide the FMAs' latency.
+                let mut t0 = full;
+                for size in [3, 2, 1] {
+                    let n = kb.div(kb.sub(rn, t0), c(size));
+                    let from = t0;
+                    kb.for_(c(0), n, |i| tile(kb.add(from, kb.mul(i, c(size))), size));
+                    t0 = kb.add(t0, kb.mul(n, c(size)));
+                }
+            });
+        });
+    });
+    kb.for_(b0, b1, |blk| {
+        let o0 = kb.mul(blk, c(BLOCK));
+        kb.for_(c(0), rows, |t| epilogue(kb, l, t, o0, kb.add(o0, c(BLOCK))))
+    });
+}
+
+/// One row times weights in the panel layout, column blocks `b0..b1`: each block's panel
+/// (`[in, BLOCK]`, contiguous) is one stream, prefetched `PREFETCH` ahead, into one
+/// accumulator per vector of the block.
+pub(crate) fn lin_panel_row<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    b0: IntValue<'ctx>,
+    b1: IntValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let nv = BLOCK / VW;
+    kb.for_(b0, b1, |blk| {
+        let o0 = kb.mul(blk, c(BLOCK));
+        let base = kb.mul(blk, c(l.inn * BLOCK));
+        let init: Vec<_> = (0..nv)
+            .map(|j| match l.b {
+                Some(b) => kb.ldv(b, kb.add(o0, c(j * VW))).into(),
+                None => kb.vzero().into(),
+            })
+            .collect();
+        let acc = kb.fold(c(0), c(l.inn), &init, |k, acc| {
+            let at = kb.add(base, kb.mul(k, c(BLOCK)));
+            for line in 0..BLOCK * 4 / 64 {
+                kb.prefetch(l.w, kb.add(kb.mul(at, c(4)), c(PREFETCH + 64 * line)));
+            }
+            let xk = kb.splat(kb.ld(l.x, k));
+            (0..nv)
+                .map(|j| kb.vfma(xk, kb.ldv(l.w, kb.add(at, c(j * VW))), acc[j].into_vector_value()).into())
+                .collect()
+        });
+        for (j, v) in acc.iter().enumerate() {
+            kb.stv(l.out, kb.add(o0, c(j * VW)), v.into_vector_value());
+        }
+        epilogue(kb, l, c(0), o0, kb.add(o0, c(BLOCK)));
+    });
+}
+
+/// Packs the weights of outputs `o0..o0 + BLOCK`, inputs `k0..k0 + kn` into `panel` as
+/// f32 `[KC, BLOCK]`.
+pub(crate) fn pack_panel<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    o0: IntValue<'ctx>,
+    k0: IntValue<'ctx>,
+    kn: IntValue<'ctx>,
+    panel: PointerValue<'ctx>,
+    transposed: bool,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let nv = BLOCK / VW;
+    if transposed {
+        // W [in, out]: each weight row's block is contiguous.
+        kb.for_(c(0), kn, |kk| {
+            let src = kb.add(kb.mul(kb.add(k0, kk), c(l.n_out)), o0);
+            for j in 0..nv {
+                let v = kb.ldvw(l.w, kb.add(src, c(j * VW)), l.wf);
+                kb.stv(panel, kb.add(kb.mul(kk, c(BLOCK)), c(j * VW)), v);
+            }
+        });
+        return;
+    }
+    // W [out, in]: a transpose, in VW × VW blocks through registers (VW outputs' slices
+    // of VW inputs in, VW panel rows out), then the rest of `kn` one by one.
+    let kv = kb.mul(kb.div(kn, c(VW)), c(VW));
+    for jb in 0..nv {
+        kb.for_(c(0), kb.div(kn, c(VW)), |s| {
+            let kk = kb.mul(s, c(VW));
+            let rows = (0..VW)
+                .map(|r| kb.ldvw(l.w, l.widx(kb, kb.add(o0, c(jb * VW + r)), kb.add(k0, kk)), l.wf))
+                .collect();
+            for (r, v) in kb.transpose(rows).into_iter().enumerate() {
+                kb.stv(panel, kb.add(kb.mul(kb.add(kk, c(r)), c(BLOCK)), c(jb * VW)), v);
+            }
+        });
+    }
+    kb.for_(c(0), c(BLOCK), |j| {
+        kb.for_(kv, kn, |kk| {
+            let w = kb.ldw(l.w, l.widx(kb, kb.add(o0, j), kb.add(k0, kk)), l.wf);
+            kb.st(panel, kb.add(kb.mul(kk, c(BLOCK)), j), w)
+        });
+    });
+}
+
+pub(crate) fn linear_packed<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let p = |s: Slot| args.p(s);
+    let Kernel::Linear { inn, out: n_out, bias, read, algo, .. } = *k else {
+        unreachable!("a Linear kernel")
+    };
+
+    let (transposed, tiles, panels) = (
+        read == WeightRead::Stored { transposed: true },
+        read == WeightRead::Tiles,
+        read == WeightRead::Panels,
+    );
+    let (sliced, amx) = match algo {
+        LinearAlgo::Amx(a) => (false, Some(a)),
+        _ => (algo == LinearAlgo::Packed { sliced: true }, None),
+    };
+    let (l, rows) = Lin::from_args(args, k);
+    let panel = kb.alloca_f32s(KC * BLOCK);
+    let xs = if sliced { Xs::Sliced(p(PackedX)) } else { Xs::Copy(kb.alloca_f32s(MC * KC)) };
+    if panels {
+        // One row (decode) streams each block's panel from end to end.
+        return kb.if_else(
+            kb.icmp_eq(rows, c(1)),
+            || lin_panel_row(kb, &l, begin, end),
+            || lin_packed(kb, &l, rows, begin, end, panel, xs, transposed),
+        );
+    }
+    let Some(am) = amx else {
+        return lin_packed(kb, &l, rows, begin, end, panel, xs, transposed);
+    };
+    // A task is `amx::groups` blocks (the last one maybe fewer).
+    let gr = amx::groups(inn, n_out, am.parts);
+    let blocks = |task: IntValue<'ctx>, f: &dyn Fn(IntValue<'ctx>)| {
+        let b0 = kb.mul(task, c(gr));
+        kb.for_(b0, kb.min(kb.add(b0, c(gr)), c(n_out / BLOCK)), |blk| f(kb.mul(blk, c(BLOCK))));
+    };
+    // The epilogue goes with each tile as it is written out when it vectorises (all
+    // but exact gelu), else over the output afterwards.
+    let fused = epilogue_vectorises(l.epi);
+    let tiles = amx::gemm_fn(
+        kb.cx,
+        kb.m,
+        &format!("tfc_k_{}_tiles", k.symbol()),
+        &amx::Shape { inn, n_out, transposed, bias, tiles, amx: am },
+        if fused { l.epi } else { &[] },
+    );
+    let mut call: Vec<inkwell::values::BasicMetadataValueEnum> = vec![p(PackedX).into(), l.w.into()];
+    if let Some(b) = l.b {
+        call.push(b.into());
+    }
+    call.push(if am.to_tiles { p(PackedOut) } else { l.out }.into());
+    if fused {
+        call.extend(l.others.iter().map(|&o| inkwell::values::BasicMetadataValueEnum::from(o)));
+    }
+    call.extend::<[inkwell::values::BasicMetadataValueEnum; 3]>([rows.into(), begin.into(), end.into()]);
+    let done = kb.b.build_call(tiles, &call, "").unwrap().try_as_basic_value().basic().unwrap();
+    kb.if_else(
+        done.into_int_value(),
+        || {
+            if fused {
+                return;
+            }
+            kb.for_(begin, end, |task| {
+                blocks(task, &|o0| kb.for_(c(0), rows, |t| epilogue(kb, &l, t, o0, kb.add(o0, c(BLOCK)))))
+            })
+        },
+        || {
+            kb.for_(begin, end, |task| {
+                let b0 = kb.mul(task, c(gr));
+                let b1 = kb.min(kb.add(b0, c(gr)), c(n_out / BLOCK));
+                lin_packed(kb, &l, rows, b0, b1, panel, xs, transposed)
+            })
+        },
+    );
+}
+
+pub(crate) fn slice_rows<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let a = |s: Slot| args.i(s);
+    let p = |s: Slot| args.p(s);
+    let Kernel::SliceRows { inn } = *k else { unreachable!("a SliceRows kernel") };
+
+    let (x, out, rows) = (p(X), p(Out), a(Rows));
+    kb.for_(begin, end, |t| {
+        kb.for_(c(0), c(inn.div_ceil(KC)), |s| {
+            let k0 = kb.mul(s, c(KC));
+            let kn = kb.min(c(KC), kb.sub(c(inn), k0));
+            copy_f32s(kb, (x, kb.add(kb.mul(t, c(inn)), k0)), (out, slice_at(kb, rows, s, t)), kn);
+        });
+    });
+}
+
+pub(crate) fn amx_pack<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let a = |s: Slot| args.i(s);
+    let p = |s: Slot| args.p(s);
+    let Kernel::AmxPack { inn, transposed, parts } = *k else { unreachable!("a AmxPack kernel") };
+
+    amx::pack_x(kb, inn, transposed, parts, (p(X), p(Out), a(Rows)), begin, end)
+}
+
+pub(crate) fn linear_dots<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let Kernel::Linear { inn, out: n_out, wf, read, .. } = *k else { unreachable!("a Linear kernel") };
+
+    debug_assert!(tiled(inn, read == WeightRead::Stored { transposed: true }));
+    let tiles = read == WeightRead::Tiles;
+    let (l, rows) = Lin::from_args(args, k);
+    // A one-row product of bf16 weights reads them as even and odd lanes: those
+    // in tiles all of them, others those of whole steps of `DOT`.
+    let permuted = if tiles { inn } else { inn / DOT * DOT };
+    let xp = (wf == WFmt::Bf16 && permuted > 0).then(|| kb.alloca_f32s(permuted));
+    // Rows in tiles of ROWS, then the rest one by one (decode's one row), each
+    // permuted once for all of the task's blocks.
+    let full = kb.mul(kb.div(rows, c(ROWS)), c(ROWS));
+    let blocks = |t0: IntValue<'ctx>, rn: usize| {
+        kb.for_(begin, end, |blk| {
+            let o0 = kb.mul(blk, c(BLOCK));
+            let o1 = kb.min(kb.add(o0, c(BLOCK)), c(n_out));
+            lin_n_block(kb, &l, t0, rn, o0, o1, xp);
+            // The fused elementwise ops, on the tile while it is in cache.
+            kb.for_(c(0), c(rn), |r| epilogue(kb, &l, kb.add(t0, r), o0, o1));
+        });
+    };
+    kb.for_(c(0), kb.div(full, c(ROWS)), |tt| blocks(kb.mul(tt, c(ROWS)), ROWS));
+    kb.for_(full, rows, |t| {
+        if let Some(xp) = xp {
+            permute_pairs(kb, l.x, kb.mul(t, c(inn)), permuted, xp);
+        }
+        blocks(t, 1)
+    });
+}
+
+pub(crate) fn linear_loops<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let Kernel::Linear { inn, out: n_out, read, .. } = *k else { unreachable!("a Linear kernel") };
+
+    assert!(read != WeightRead::Tiles, "bug: tiled weights take the vectorised kernels");
+    let transposed = read == WeightRead::Stored { transposed: true };
+    let (l, rows) = Lin::from_args(args, k);
+    let (x, w, b, out) = (l.x, l.w, l.b, l.out);
+    kb.for_(begin, end, |blk| {
+        let o0 = kb.mul(blk, c(BLOCK));
+        let o1 = kb.min(kb.add(o0, c(BLOCK)), c(n_out));
+        kb.for_(c(0), rows, |t| {
+            let xrow = kb.mul(t, c(inn));
+            let yrow = kb.mul(t, c(n_out));
+            let init = |o: IntValue<'ctx>| match b {
+                Some(b) => kb.ld(b, o),
+                None => kb.fc(0.0),
+            };
+            if transposed {
+                // W [in, out]: accumulate whole rows of the block, vectorised over o.
+                kb.for_(o0, o1, |o| kb.st(out, kb.add(yrow, o), init(o)));
+                kb.for_(c(0), c(inn), |i| {
+                    let xv = kb.ld(x, kb.add(xrow, i));
+                    let wrow = kb.mul(i, c(n_out));
+                    kb.for_(o0, o1, |o| {
+                        let at = kb.add(yrow, o);
+                        let v = kb.fadd(kb.ld(out, at), kb.fmul(xv, kb.ldw(w, kb.add(wrow, o), l.wf)));
+                        kb.st(out, at, v);
+                    });
+                });
+            } else {
+                // W [out, in]: one dot product per output.
+                kb.for_(o0, o1, |o| {
+                    let wrow = kb.mul(o, c(inn));
+                    let dot = kb.sum(c(0), c(inn), |i| {
+                        kb.fmul(kb.ld(x, kb.add(xrow, i)), kb.ldw(w, kb.add(wrow, i), l.wf))
+                    });
+                    kb.st(out, kb.add(yrow, o), kb.fadd(dot, init(o)));
+                });
+            }
+            epilogue(kb, &l, t, o0, o1);
+        });
+    });
+}
+
+pub(crate) fn gemv_partial_kernel<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    let Kernel::GemvPartial { inn, out: n_out, chunks, wf } = *k else {
+        unreachable!("a GemvPartial kernel")
+    };
+
+    gemv_partial(kb, inn, n_out, chunks, wf, args, begin, end)
+}
+
+pub(crate) fn gemv_reduce<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let p = |s: Slot| args.p(s);
+    let Kernel::GemvReduce { out: n_out, chunks, ref epi, pairs, .. } = *k else {
+        unreachable!("a GemvReduce kernel")
+    };
+
+    let part = p(Partials);
+    let (b, out) = (args.opt_p(Bias), p(Out));
+    let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
+    let others = (0..n_others).map(|k| p(Other(k))).collect();
+    let l = Lin {
+        x: part,
+        w: part,
+        b,
+        out,
+        inn: 0,
+        n_out,
+        epi,
+        others,
+        wf: WFmt::F32,
+        tiles: false,
+        panels: false,
+    };
+    let sum_at = |o: IntValue<'ctx>| {
+        let sum = kb.fold(c(0), c(chunks), &[kb.vzero().into()], |ch, acc| {
+            let pv = kb.ldv(part, kb.add(kb.mul(ch, c(n_out)), o));
+            vec![kb.vadd(acc[0].into_vector_value(), pv).into()]
+        });
+        sum[0].into_vector_value()
+    };
+    let bias_at = |o: IntValue<'ctx>, v: VectorValue<'ctx>| match b {
+        Some(b) => kb.vadd(v, kb.ldv(b, o)),
+        None => v,
+    };
+    kb.for_(begin, end, |blk| {
+        let o0 = kb.mul(blk, c(BLOCK));
+        if pairs {
+            // Each group of 32 partials holds its even outputs, then its odd ones.
+            let lo: Vec<u32> = (0..VW as u32 / 2).flat_map(|k| [k, k + VW as u32]).collect();
+            let hi: Vec<u32> = lo.iter().map(|k| k + VW as u32 / 2).collect();
+            kb.for_(c(0), c(BLOCK / (2 * VW)), |g| {
+                let o = kb.add(o0, kb.mul(g, c(2 * VW)));
+                let (even, odd) = (sum_at(o), sum_at(kb.add(o, c(VW))));
+                kb.stv(out, o, bias_at(o, kb.shuffle(even, odd, &lo)));
+                let o2 = kb.add(o, c(VW));
+                kb.stv(out, o2, bias_at(o2, kb.shuffle(even, odd, &hi)));
+            });
+        } else {
+            kb.for_(c(0), c(BLOCK / VW), |v| {
+                let o = kb.add(o0, kb.mul(v, c(VW)));
+                kb.stv(out, o, bias_at(o, sum_at(o)));
+            });
+        }
+        epilogue(kb, &l, c(0), o0, kb.add(o0, c(BLOCK)));
+    });
+}
+
+/// Input rows per pass of `gemv_partial` over its partial sums: each partial vector is
+/// loaded and stored once per `GEMV_ROWS` weight rows.
+pub(crate) const GEMV_ROWS: usize = 4;
+
+/// One row times `W [in, out]`, split over `in` into `chunks` bands (`GemvPartial`): task
+/// `ch` adds rows `i0..i1` of `W`, scaled by `x[i]`, into its partial row. The band is
+/// one contiguous stream, read `GEMV_ROWS` rows at a time and prefetched that many rows
+/// ahead. bf16 rows are read as even and odd lanes, so each group of 32 partials holds
+/// its even outputs and then its odd ones (`GemvReduce { pairs }` puts them back).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemv_partial<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    inn: usize,
+    n_out: usize,
+    chunks: usize,
+    wf: WFmt,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let (x, w, part) = (args.p(Slot::X), args.p(Slot::W), args.p(Slot::Partials));
+    let esize = wf.elem_bytes();
+    kb.for_(begin, end, |ch| {
+        let i0 = kb.div(kb.mul(ch, c(inn)), c(chunks));
+        let i1 = kb.div(kb.mul(kb.add(ch, c(1)), c(inn)), c(chunks));
+        let prow = kb.mul(ch, c(n_out));
+        kb.for_(c(0), c(n_out / VW), |v| kb.stv(part, kb.add(prow, kb.mul(v, c(VW))), kb.vzero()));
+        let rows = |i: IntValue<'ctx>, u: usize| {
+            let xs: Vec<_> = (0..u).map(|r| kb.ld(x, kb.add(i, c(r)))).collect();
+            // 64 outputs a step (`out` is a multiple of BLOCK): whole cache lines, whole q8 blocks.
+            kb.for_(c(0), c(n_out / BLOCK), |v| {
+                let o = kb.mul(v, c(BLOCK));
+                let at = |j: usize| kb.add(prow, kb.add(o, c(j * VW)));
+                let mut acc: Vec<_> = (0..BLOCK / VW).map(|j| kb.ldv(part, at(j))).collect();
+                for (r, &xr) in xs.iter().enumerate() {
+                    let wi = kb.add(kb.mul(kb.add(i, c(r)), c(n_out)), o);
+                    let ahead = kb.mul(kb.add(wi, c(GEMV_ROWS * n_out)), c(esize));
+                    for line in 0..(BLOCK * esize).div_ceil(64) {
+                        kb.prefetch(w, kb.add(ahead, c(64 * line)));
+                    }
+                    match wf {
+                        WFmt::Bf16 => {
+                            let xv = kb.splat(xr);
+                            for g in 0..BLOCK / (2 * VW) {
+                                let (even, odd) = kb.ld_bf16_pairs(w, kb.add(wi, c(g * 2 * VW)));
+                                acc[2 * g] = kb.vfma(xv, even, acc[2 * g]);
+                                acc[2 * g + 1] = kb.vfma(xv, odd, acc[2 * g + 1]);
+                            }
+                        }
+                        WFmt::Q8 { scales } => {
+                            // x times each block's scale once, against the raw values.
+                            for blk in 0..BLOCK / Q8_BLOCK {
+                                let at = kb.add(wi, c(blk * Q8_BLOCK));
+                                let xv = kb.splat(kb.fmul(xr, kb.q8_scale(w, at, scales)));
+                                for j in 0..Q8_BLOCK / VW {
+                                    let k = blk * Q8_BLOCK / VW + j;
+                                    acc[k] = kb.vfma(xv, kb.ldv_q8_raw(w, kb.add(at, c(j * VW))), acc[k]);
+                                }
+                            }
+                        }
+                        WFmt::F32 => {
+                            let xv = kb.splat(xr);
+                            for (j, a) in acc.iter_mut().enumerate() {
+                                *a = kb.vfma(xv, kb.ldv(w, kb.add(wi, c(j * VW))), *a);
+                            }
+                        }
+                    }
+                }
+                for (j, a) in acc.into_iter().enumerate() {
+                    kb.stv(part, at(j), a);
+                }
+            });
+        };
+        let n = kb.div(kb.sub(i1, i0), c(GEMV_ROWS));
+        kb.for_(c(0), n, |s| rows(kb.add(i0, kb.mul(s, c(GEMV_ROWS))), GEMV_ROWS));
+        kb.for_(kb.add(i0, kb.mul(n, c(GEMV_ROWS))), i1, |i| rows(i, 1));
+    });
+}

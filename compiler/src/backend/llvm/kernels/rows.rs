@@ -1,0 +1,433 @@
+//! Row-wise kernels: gathers, positions, elementwise ops, norms, head splits and merges,
+//! rotary embeddings, the last row, and the copy into the cache.
+
+use inkwell::values::{FloatValue, IntValue, PointerValue, VectorValue};
+
+use super::{Args, Kernel, Slot, UnaryOp};
+use crate::backend::llvm::elementwise::act;
+use crate::backend::llvm::kb::Kb;
+use crate::ir::{Act, QkvLayout, QkvPart};
+
+/// One task: `out[t] = P + t`.
+pub(crate) fn positions<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    _: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    _: IntValue<'ctx>,
+    _: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let a = |s: Slot| args.i(s);
+    let p = |s: Slot| args.p(s);
+
+    // args: out, T, P
+    let (out, t, pp) = (p(Out), a(T), a(P));
+    kb.for_(c(0), t, |i| kb.sti(out, i, kb.add(pp, i)));
+}
+
+pub(crate) fn gather<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let p = |s: Slot| args.p(s);
+    let Kernel::Gather { d, offset, wf } = *k else { unreachable!("a Gather kernel") };
+
+    let (table, ids, out) = (p(Table), p(Ids), p(Out));
+    kb.for_(begin, end, |t| {
+        let row = kb.add(kb.ldi(ids, t), c(offset));
+        let (src, dst) = (kb.mul(row, c(d)), kb.mul(t, c(d)));
+        kb.for_(c(0), c(d), |j| kb.st(out, kb.add(dst, j), kb.ldw(table, kb.add(src, j), wf)));
+    });
+}
+
+pub(crate) fn sinusoidal<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let p = |s: Slot| args.p(s);
+    let Kernel::Sinusoidal { dim, base } = *k else { unreachable!("a Sinusoidal kernel") };
+
+    let (pos, out) = (p(Pos), p(Out));
+    kb.for_(begin, end, |t| {
+        let pf = kb.i_to_f64(kb.ldi(pos, t));
+        for i in 0..dim / 2 {
+            // Unrolled at compile time: the frequencies are constants.
+            let inv = 1.0 / base.powf(2.0 * i as f64 / dim as f64);
+            let ang = kb.fmul(pf, kb.dc(inv));
+            let (s, co) = (kb.intrinsic("llvm.sin", &[ang]), kb.intrinsic("llvm.cos", &[ang]));
+            let at = kb.add(kb.mul(t, c(dim)), c(2 * i));
+            kb.st(out, at, kb.to_f32(s));
+            kb.st(out, kb.add(at, c(1)), kb.to_f32(co));
+        }
+    });
+}
+
+pub(crate) fn binary<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let p = |s: Slot| args.p(s);
+    let Kernel::Binary { mul, width } = *k else { unreachable!("a Binary kernel") };
+
+    let (x, y, out) = (p(X), p(Y), p(Out));
+    kb.for_(begin, end, |r| {
+        let base = kb.mul(r, c(width));
+        kb.for_(c(0), c(width), |j| {
+            let i = kb.add(base, j);
+            let (u, v) = (kb.ld(x, i), kb.ld(y, i));
+            kb.st(out, i, if mul { kb.fmul(u, v) } else { kb.fadd(u, v) });
+        });
+    });
+}
+
+pub(crate) fn unary_rows<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let p = |s: Slot| args.p(s);
+    let Kernel::Unary { op, width } = *k else { unreachable!("a Unary kernel") };
+
+    let (x, out) = (p(X), p(Out));
+    kb.for_(begin, end, |r| {
+        let base = kb.mul(r, c(width));
+        kb.for_(c(0), c(width), |j| {
+            let i = kb.add(base, j);
+            kb.st(out, i, unary(kb, op, kb.ld(x, i)));
+        });
+    });
+}
+
+pub(crate) fn layer_norm<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let p = |s: Slot| args.p(s);
+    let Kernel::LayerNorm { d, eps, round, .. } = *k else { unreachable!("a LayerNorm kernel") };
+
+    let (x, w) = (p(X), p(W));
+    let (b, out) = (args.opt_p(Bias), p(Out));
+    kb.for_(begin, end, |r| {
+        let base = kb.mul(r, c(d));
+        let n = kb.fc(d as f64);
+        let mean = kb.fdiv(kb.sum(c(0), c(d), |j| kb.ld(x, kb.add(base, j))), n);
+        let var = kb.fdiv(
+            kb.sum(c(0), c(d), |j| {
+                let v = kb.fsub(kb.ld(x, kb.add(base, j)), mean);
+                kb.fmul(v, v)
+            }),
+            n,
+        );
+        let inv = kb.fdiv(kb.fc(1.0), kb.intrinsic("llvm.sqrt", &[kb.fadd(var, kb.fc(eps))]));
+        kb.for_(c(0), c(d), |j| {
+            let v = kb.fmul(kb.fmul(kb.fsub(kb.ld(x, kb.add(base, j)), mean), inv), kb.ld(w, j));
+            let v = match b {
+                Some(b) => kb.fadd(v, kb.ld(b, j)),
+                None => v,
+            };
+            kb.st(out, kb.add(base, j), if round { kb.round_bf16(v) } else { v });
+        });
+    });
+}
+
+pub(crate) fn rms_norm<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let p = |s: Slot| args.p(s);
+    let Kernel::RmsNorm { d, eps, unit_offset, round } = *k else { unreachable!("a RmsNorm kernel") };
+
+    let (x, w, out) = (p(X), p(W), p(Out));
+    kb.for_(begin, end, |r| {
+        let base = kb.mul(r, c(d));
+        let ss = kb.sum(c(0), c(d), |j| {
+            let v = kb.ld(x, kb.add(base, j));
+            kb.fmul(v, v)
+        });
+        let ms = kb.fdiv(ss, kb.fc(d as f64));
+        let inv = kb.fdiv(kb.fc(1.0), kb.intrinsic("llvm.sqrt", &[kb.fadd(ms, kb.fc(eps))]));
+        kb.for_(c(0), c(d), |j| {
+            let g = kb.ld(w, j);
+            let g = if unit_offset { kb.fadd(g, kb.fc(1.0)) } else { g };
+            let v = kb.fmul(kb.fmul(kb.ld(x, kb.add(base, j)), inv), g);
+            kb.st(out, kb.add(base, j), if round { kb.round_bf16(v) } else { v });
+        });
+    });
+}
+
+pub(crate) fn split_qkv<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let p = |s: Slot| args.p(s);
+    let Kernel::SplitQkv { layout, part, heads, kv_heads, head_dim } = *k else {
+        unreachable!("a SplitQkv kernel")
+    };
+
+    let (x, out) = (p(X), p(Out));
+    let n = if part == QkvPart::Q { heads } else { kv_heads };
+    let width = (heads + 2 * kv_heads) * head_dim;
+    let g = heads / kv_heads;
+    let group = (g + 2) * head_dim;
+    // The column where head `j` of this part starts, as a runtime expression (one
+    // loop over heads rather than one unrolled copy per head).
+    let col = |j: IntValue<'ctx>| -> IntValue<'ctx> {
+        match (layout, part) {
+            (QkvLayout::Concat, QkvPart::Q) => kb.mul(j, c(head_dim)),
+            (QkvLayout::Concat, QkvPart::K) => kb.mul(kb.add(j, c(heads)), c(head_dim)),
+            (QkvLayout::Concat, QkvPart::V) => kb.mul(kb.add(j, c(heads + kv_heads)), c(head_dim)),
+            (QkvLayout::Grouped, QkvPart::Q) => {
+                kb.add(kb.mul(kb.div(j, c(g)), c(group)), kb.mul(kb.rem(j, c(g)), c(head_dim)))
+            }
+            (QkvLayout::Grouped, QkvPart::K) => kb.add(kb.mul(j, c(group)), c(g * head_dim)),
+            (QkvLayout::Grouped, QkvPart::V) => kb.add(kb.mul(j, c(group)), c((g + 1) * head_dim)),
+        }
+    };
+    kb.for_(begin, end, |t| {
+        let src = kb.mul(t, c(width));
+        let dst = kb.mul(t, c(n * head_dim));
+        kb.for_(c(0), c(n), |j| {
+            let (s, d) = (kb.add(src, col(j)), kb.add(dst, kb.mul(j, c(head_dim))));
+            kb.for_(c(0), c(head_dim), |i| kb.st(out, kb.add(d, i), kb.ld(x, kb.add(s, i))));
+        });
+    });
+}
+
+pub(crate) fn split_heads<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let a = |s: Slot| args.i(s);
+    let p = |s: Slot| args.p(s);
+    let Kernel::SplitHeads { heads, head_dim } = *k else { unreachable!("a SplitHeads kernel") };
+
+    let (x, out, rows) = (p(X), p(Out), a(OutRows));
+    kb.for_(begin, end, |t| {
+        kb.for_(c(0), c(heads), |h| {
+            let src = kb.add(kb.mul(t, c(heads * head_dim)), kb.mul(h, c(head_dim)));
+            let dst = kb.mul(kb.add(kb.mul(h, rows), t), c(head_dim));
+            kb.for_(c(0), c(head_dim), |i| kb.st(out, kb.add(dst, i), kb.ld(x, kb.add(src, i))));
+        });
+    });
+}
+
+pub(crate) fn merge_heads<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let a = |s: Slot| args.i(s);
+    let p = |s: Slot| args.p(s);
+    let Kernel::MergeHeads { heads, head_dim, round } = *k else { unreachable!("a MergeHeads kernel") };
+
+    let (x, out, rows) = (p(X), p(Out), a(Rows));
+    kb.for_(begin, end, |t| {
+        kb.for_(c(0), c(heads), |h| {
+            let src = kb.mul(kb.add(kb.mul(h, rows), t), c(head_dim));
+            let dst = kb.add(kb.mul(t, c(heads * head_dim)), kb.mul(h, c(head_dim)));
+            kb.for_(c(0), c(head_dim), |i| {
+                let v = kb.ld(x, kb.add(src, i));
+                kb.st(out, kb.add(dst, i), if round { kb.round_bf16(v) } else { v })
+            });
+        });
+    });
+}
+
+pub(crate) fn rope<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let a = |s: Slot| args.i(s);
+    let p = |s: Slot| args.p(s);
+    let Kernel::Rope { head_dim, rotary_dim, theta, interleaved, heads } = *k else {
+        unreachable!("a Rope kernel")
+    };
+
+    // A task is a position: its angles' sines and cosines are computed once for
+    // every head, into a table the heads' rotations read eight pairs at a time,
+    // in f64 as the interpreter computes them (no contraction: the same values).
+    let (x, pos, out, rows, out_rows) = (p(X), p(Pos), p(Out), a(Rows), a(OutRows));
+    let half = rotary_dim / 2;
+    let f64t = kb.f64t();
+    let (sins, coss) = (
+        kb.b.build_array_alloca(f64t, c(half), "sin").unwrap(),
+        kb.b.build_array_alloca(f64t, c(half), "cos").unwrap(),
+    );
+    let (f64v, f32v) = (f64t.vec_type(8), kb.f32t().vec_type(8));
+    let ldd = |p: PointerValue<'ctx>, i: IntValue<'ctx>| {
+        kb.b.build_load(f64v, kb.gep(f64t, p, i), "").unwrap().into_vector_value()
+    };
+    let ext = |v: VectorValue<'ctx>| kb.b.build_float_ext(v, f64v, "").unwrap();
+    let trunc = |v: VectorValue<'ctx>| kb.b.build_float_trunc(v, f32v, "").unwrap();
+    let lds = |at: IntValue<'ctx>, n: u32| {
+        let v = kb.b.build_load(kb.f32t().vec_type(n), kb.gep(kb.f32t(), x, at), "").unwrap();
+        inkwell::values::BasicValue::as_instruction_value(&v).unwrap().set_alignment(4).unwrap();
+        v.into_vector_value()
+    };
+    let sts = |at: IntValue<'ctx>, v: VectorValue<'ctx>| {
+        let st = kb.b.build_store(kb.gep(kb.f32t(), out, at), v).unwrap();
+        st.set_alignment(4).unwrap();
+    };
+    // Pairs (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin).
+    let rot = |x1: VectorValue<'ctx>, x2: VectorValue<'ctx>, i: usize| {
+        let (co, si) = (ldd(coss, c(i)), ldd(sins, c(i)));
+        let (x1, x2) = (ext(x1), ext(x2));
+        let ra = kb.vsub(kb.vmul(x1, co), kb.vmul(x2, si));
+        let rb = kb.vadd(kb.vmul(x2, co), kb.vmul(x1, si));
+        (trunc(ra), trunc(rb))
+    };
+    let evens: Vec<u32> = (0..8).map(|j| 2 * j).collect();
+    let odds: Vec<u32> = (0..8).map(|j| 2 * j + 1).collect();
+    let zip: Vec<u32> = (0..8).flat_map(|j| [j, 8 + j]).collect();
+    kb.for_(begin, end, |t| {
+        let pf = kb.i_to_f64(kb.ldi(pos, t));
+        for i in 0..half {
+            let inv = 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64);
+            let ang = kb.fmul(pf, kb.dc(inv));
+            kb.b.build_store(kb.gep(f64t, sins, c(i)), kb.intrinsic("llvm.sin", &[ang])).unwrap();
+            kb.b.build_store(kb.gep(f64t, coss, c(i)), kb.intrinsic("llvm.cos", &[ang])).unwrap();
+        }
+        kb.for_(c(0), c(heads), |h| {
+            let base = kb.mul(kb.add(kb.mul(h, rows), t), c(head_dim));
+            let obase = kb.mul(kb.add(kb.mul(h, out_rows), t), c(head_dim));
+            kb.for_(c(rotary_dim), c(head_dim), |i| kb.st(out, kb.add(obase, i), kb.ld(x, kb.add(base, i))));
+            let at = |i: usize| kb.add(base, c(i));
+            let oat = |i: usize| kb.add(obase, c(i));
+            for i in (0..half / 8 * 8).step_by(8) {
+                if interleaved {
+                    let v = lds(at(2 * i), 16);
+                    let (x1, x2) = (kb.shuffle(v, v, &evens), kb.shuffle(v, v, &odds));
+                    let (ra, rb) = rot(x1, x2, i);
+                    sts(oat(2 * i), kb.shuffle(ra, rb, &zip));
+                } else {
+                    let (ra, rb) = rot(lds(at(i), 8), lds(at(i + half), 8), i);
+                    sts(oat(i), ra);
+                    sts(oat(i + half), rb);
+                }
+            }
+            for i in half / 8 * 8..half {
+                let (ia, ib) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                let (x1, x2) = (kb.to_f64(kb.ld(x, at(ia))), kb.to_f64(kb.ld(x, at(ib))));
+                let (s, co) = (
+                    kb.b.build_load(f64t, kb.gep(f64t, sins, c(i)), "").unwrap().into_float_value(),
+                    kb.b.build_load(f64t, kb.gep(f64t, coss, c(i)), "").unwrap().into_float_value(),
+                );
+                let ra = kb.fsub(kb.fmul(x1, co), kb.fmul(x2, s));
+                let rb = kb.fadd(kb.fmul(x2, co), kb.fmul(x1, s));
+                kb.st(out, oat(ia), kb.to_f32(ra));
+                kb.st(out, oat(ib), kb.to_f32(rb));
+            }
+        });
+    });
+}
+
+/// One task: the last of `rows` rows.
+pub(crate) fn last_row<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    _: IntValue<'ctx>,
+    _: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let a = |s: Slot| args.i(s);
+    let p = |s: Slot| args.p(s);
+    let Kernel::LastRow { width, int } = *k else { unreachable!("a LastRow kernel") };
+
+    let (x, out, rows) = (p(X), p(Out), a(Rows));
+    let src = kb.mul(kb.sub(rows, c(1)), c(width));
+    kb.for_(c(0), c(width), |i| {
+        let at = kb.add(src, i);
+        if int {
+            kb.sti(out, i, kb.ldi(x, at))
+        } else {
+            kb.st(out, i, kb.ld(x, at))
+        }
+    });
+}
+
+pub(crate) fn cache_store<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let a = |s: Slot| args.i(s);
+    let p = |s: Slot| args.p(s);
+    let Kernel::CacheStore { head_dim, max_seq } = *k else { unreachable!("a CacheStore kernel") };
+
+    let (src, cache, rows, pp) = (p(X), p(Cache), a(Rows), a(P));
+    kb.for_(begin, end, |g| {
+        kb.for_(c(0), rows, |t| {
+            let s = kb.mul(kb.add(kb.mul(g, rows), t), c(head_dim));
+            let d = kb.mul(kb.add(kb.mul(g, c(max_seq)), kb.add(pp, t)), c(head_dim));
+            kb.for_(c(0), c(head_dim), |i| kb.st(cache, kb.add(d, i), kb.ld(src, kb.add(s, i))));
+        });
+    });
+}
+
+pub(crate) fn unary<'ctx>(kb: &Kb<'_, 'ctx>, op: UnaryOp, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
+    match op {
+        UnaryOp::Scale(s) => kb.to_f32(kb.fmul(kb.to_f64(x), kb.dc(s))),
+        UnaryOp::RoundBf16 => kb.round_bf16(x),
+        UnaryOp::Act(Act::Gelu) => {
+            let xd = kb.to_f64(x);
+            let e = kb.libm("erf", kb.fmul(xd, kb.dc(std::f64::consts::FRAC_1_SQRT_2)));
+            kb.to_f32(kb.fmul(kb.fmul(kb.dc(0.5), xd), kb.fadd(kb.dc(1.0), e)))
+        }
+        UnaryOp::Act(a) => act(kb, a, x),
+    }
+}
