@@ -1,6 +1,34 @@
 //! The weight table of a library: which slot each checkpoint tensor is bound to, its
 //! shape and storage type, and the layout the library re-packs it into when it is bound.
 //! Shared by every backend (the MLIR ones read every weight as stored).
+//!
+//! ## Why re-pack
+//!
+//! **f32 matrices are re-packed once, at bind time, into panels** (`WeightLayout::Panels`,
+//! `WeightTable::repacked`): every f32 weight that only linear maps read, in one
+//! orientation, with `out` a multiple of 64, is copied by `tfc_bind_weight` into blocks
+//! of 64 outputs, each block `[in, 64]` row-major. A panel is then 32 contiguous KB, read
+//! in place by the GEMM, and a block one stream for decode (`lin_panel_row`, four
+//! accumulators, prefetched 3 KB ahead). Before, the GEMM packed each panel on every call
+//! from 128 (or, `[out, in]`, 64) rows a page apart, transposing `[out, in]` ones 16 × 16
+//! through registers; in A/B pairs the panels made W1's f32 prefill ×1.10 and W2's ×1.19
+//! faster, and decode ×1.09 and ×1.05. Other f32 weights (not whole blocks, or also
+//! gathered from) and q8 ones stay in the checkpoint's layout and are packed in the GEMM.
+//! **bf16 matrices are re-packed once, at bind time, into tiles** (`weights::Tiles`,
+//! `WeightTable::repacked`): every bf16 weight that only linear maps read, in one
+//! orientation, at sizes the AMX GEMM takes (`out` by 64, `in` by 32). `tfc_bind_weight`
+//! copies it (in the pool) from the checkpoint's layout into library-owned memory as
+//! `W [out, in]` (an `[in, out]` weight transposed) in blocks of 16 outputs, each block
+//! `in / 32` row-major tiles of 16 × 32: one AMX operand per 1 KB, read where it is, and
+//! one contiguous stream per block for decode. The globals `tfc__weight_tiles` say which;
+//! the manifest (`repacked`) and `tfc_weight_repacked` tell the caller its buffer may
+//! go, and the runtime drops its converted copy. Packing each chunk of weights into tiles
+//! inside the GEMM had been ~40% of W2's bf16 prefill (reading at ~9 GB/s from 256 row
+//! streams per task, not overlapped with the tiles). An embedding table tied to the
+//! unembedding is also gathered from, so it stays as stored. Every kernel that reads a
+//! bf16 matrix takes both layouts (`Lin::widx`): the AVX-512 GEMM and the few-row dot
+//! products address tiles, decode's one row takes `lin_tile_row` (16 accumulators per
+//! block, one per output).
 
 use std::collections::HashMap;
 

@@ -107,25 +107,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> T
 pub fn split_qkv(x: &Tensor, layout: QkvLayout, part: QkvPart, h: usize, kv: usize, hd: usize) -> Tensor {
     let t = x.shape[0];
     let n = if part == QkvPart::Q { h } else { kv };
-    // Column where head `j` of the requested part starts.
-    let col = |j: usize| -> usize {
-        match layout {
-            QkvLayout::Concat => match part {
-                QkvPart::Q => j * hd,
-                QkvPart::K => (h + j) * hd,
-                QkvPart::V => (h + kv + j) * hd,
-            },
-            QkvLayout::Grouped => {
-                let g = h / kv;
-                let group = (g + 2) * hd;
-                match part {
-                    QkvPart::Q => (j / g) * group + (j % g) * hd,
-                    QkvPart::K => j * group + g * hd,
-                    QkvPart::V => j * group + (g + 1) * hd,
-                }
-            }
-        }
-    };
+    let start = layout.head_start(part, h, kv, hd);
+    let col = |j: usize| start.at(j, hd);
     let mut out = Vec::with_capacity(t * n * hd);
     for r in 0..t {
         let row = x.row(r);
@@ -167,11 +150,11 @@ pub fn rope(x: &Tensor, pos: &[i64], r: &Rope) -> Tensor {
     let (h, t, hd) = (x.shape[0], x.shape[1], x.shape[2]);
     let rd = r.rotary_dim;
     let mut out = x.data.clone();
+    let inv_freqs = r.inv_freqs();
     for j in 0..h {
         for (row, &p) in pos.iter().enumerate().take(t) {
             let base = (j * t + row) * hd;
-            for i in 0..rd / 2 {
-                let freq = 1.0 / r.theta.powf(2.0 * i as f64 / rd as f64);
+            for (i, &freq) in inv_freqs.iter().enumerate() {
                 let (sin, cos) = (p as f64 * freq).sin_cos();
                 let (a, b) = if r.interleaved {
                     (base + 2 * i, base + 2 * i + 1)

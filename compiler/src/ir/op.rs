@@ -58,6 +58,55 @@ pub enum QkvPart {
     V,
 }
 
+/// Where head `j` of one part of a fused QKV projection starts among the projection's
+/// output features: the meaning of `split_qkv`, which every engine evaluates (the
+/// interpreter with numbers, the code generators as index arithmetic).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadStart {
+    /// `(j + first) · head_dim`: the part's heads side by side.
+    Run { first: usize },
+    /// `(j / per_group) · group_width + (j % per_group) · head_dim + offset`: heads in
+    /// groups of `group_width` features, `per_group` of this part in each.
+    Groups { per_group: usize, group_width: usize, offset: usize },
+}
+
+impl QkvLayout {
+    /// Where the heads of `part` start, for `heads` query heads and `kv_heads` key/value
+    /// heads of `head_dim` features.
+    pub fn head_start(self, part: QkvPart, heads: usize, kv_heads: usize, head_dim: usize) -> HeadStart {
+        match self {
+            QkvLayout::Concat => HeadStart::Run {
+                first: match part {
+                    QkvPart::Q => 0,
+                    QkvPart::K => heads,
+                    QkvPart::V => heads + kv_heads,
+                },
+            },
+            QkvLayout::Grouped => {
+                let g = heads / kv_heads;
+                let group_width = (g + 2) * head_dim;
+                match part {
+                    QkvPart::Q => HeadStart::Groups { per_group: g, group_width, offset: 0 },
+                    QkvPart::K => HeadStart::Groups { per_group: 1, group_width, offset: g * head_dim },
+                    QkvPart::V => HeadStart::Groups { per_group: 1, group_width, offset: (g + 1) * head_dim },
+                }
+            }
+        }
+    }
+}
+
+impl HeadStart {
+    /// The first feature of head `j`.
+    pub fn at(self, j: usize, head_dim: usize) -> usize {
+        match self {
+            HeadStart::Run { first } => (j + first) * head_dim,
+            HeadStart::Groups { per_group, group_width, offset } => {
+                (j / per_group) * group_width + (j % per_group) * head_dim + offset
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CacheKind {
     K,
@@ -101,6 +150,16 @@ pub struct Rope {
     pub rotary_dim: usize,
     /// Rotate adjacent pairs `(0,1), (2,3), …` instead of the halves `(i, i + d/2)`.
     pub interleaved: bool,
+}
+
+impl Rope {
+    /// The rotation frequency of each pair `k < rotary_dim / 2`, `theta^(-2k/rotary_dim)`,
+    /// in f64: every engine rotates pair `k` at position `p` by `p · inv_freqs()[k]`.
+    pub fn inv_freqs(&self) -> Vec<f64> {
+        (0..self.rotary_dim / 2)
+            .map(|k| 1.0 / self.theta.powf(2.0 * k as f64 / self.rotary_dim as f64))
+            .collect()
+    }
 }
 
 /// Attention attributes shared by the primitive mask op and the fused node.

@@ -112,14 +112,15 @@ pub enum Arg {
 pub enum Table {
     /// `[rows, dim]`: sin at even, cos at odd features of `p / base^(2i/dim)`.
     Sinusoidal { rows: usize, dim: usize, base: f64 },
-    /// `[rows, rotary_dim/2]` cosines, then as many sines, of `p · theta^(-2k/rotary_dim)`.
-    Rope { rows: usize, rotary_dim: usize, theta: f64 },
+    /// `[rows, inv_freqs.len()]` cosines, then as many sines, of `p · inv_freqs[k]` (the
+    /// rotation frequencies as the compiler defines them, `ir::Rope::inv_freqs`).
+    Rope { rows: usize, inv_freqs: Vec<f64> },
 }
 
 impl Table {
     pub fn values(&self) -> Vec<f32> {
-        match *self {
-            Table::Sinusoidal { rows, dim, base } => {
+        match self {
+            &Table::Sinusoidal { rows, dim, base } => {
                 let mut out = Vec::with_capacity(rows * dim);
                 for p in 0..rows {
                     for i in 0..dim / 2 {
@@ -130,13 +131,11 @@ impl Table {
                 }
                 out
             }
-            Table::Rope { rows, rotary_dim, theta } => {
-                let half = rotary_dim / 2;
-                let mut cos = Vec::with_capacity(rows * half);
-                let mut sin = Vec::with_capacity(rows * half);
-                for p in 0..rows {
-                    for k in 0..half {
-                        let freq = 1.0 / theta.powf(2.0 * k as f64 / rotary_dim as f64);
+            Table::Rope { rows, inv_freqs } => {
+                let mut cos = Vec::with_capacity(rows * inv_freqs.len());
+                let mut sin = Vec::with_capacity(rows * inv_freqs.len());
+                for p in 0..*rows {
+                    for freq in inv_freqs {
                         let (s, c) = (p as f64 * freq).sin_cos();
                         cos.push(c as f32);
                         sin.push(s as f32);

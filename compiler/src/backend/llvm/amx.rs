@@ -30,6 +30,32 @@
 //! fallback copy of a library replaces those functions (`strip`), and at run time they
 //! do nothing unless the C half found AMX usable (`tfc__amx_ok`, set once the kernel has
 //! granted the process the tile state); the linear kernel then takes the AVX-512 GEMM.
+//!
+//! ## Layout and schedule, as measured
+//!
+//! Every tile operand is contiguous (1 KB): with tile rows 4–11 KB apart the loads
+//! stalled (W1's prefill: 137 ms, 85 once the activations were tile-contiguous). The GEMM
+//! runs in chunks of 256 inputs; a task takes up to four 64-column blocks while sixteen
+//! tasks or more remain (eight, where a row's packed activations exceed 8 KB, since each
+//! task reads them all: `amx::groups`; W1's 2304-wide map in nine tasks left one thread
+//! idle for much of one, and sixteen or more made its prefill ×1.06–1.10 faster) and
+//! reads each chunk of its weights as tiles: in place from the
+//! bind-time tiles, or, for a weight left as stored, packed per chunk (a copy for
+//! `[out, in]`, VNNI pairs for `[in, out]`), so a chunk's weights and activations stay in
+//! L2, the activations are read once per task, and accumulators wait between chunks in
+//! an arena region after the planned values (the first chunk starts from zero tiles:
+//! tile stores and loads wait for the products in flight, ~3 ns per product in a C loop
+//! that stored and reloaded four accumulators every 32, so none are zeroed in memory). The packed activations share that region:
+//! only packing writes it, so the linear maps of one input (q, k, v; gate, up) pack it
+//! once. Packing transposes 16-row tiles in registers (one tile per task: rows of one
+//! tile share cache lines, and splitting them between cores made packing a quarter of
+//! W2's prefill). A map on tiles whose epilogue ends in a rounding to bf16, and whose
+//! value only `[out, in]` maps on tiles read (GPT-2's up projection, LLaMA's up times
+//! SiLU of gate), writes that value straight as their packed one-part input
+//! (`amx::Amx::to_tiles`, `select::tile_outputs`): a `Cᵀ` tile's rows `2p, 2p + 1`
+//! interleaved are pair row `p`, so there is no f32 output and no packing pass. It
+//! goes to a second region, written only after the last reader of the one before; with
+//! tiles off, both maps take the AVX-512 GEMM and the f32 rows as before.
 
 use inkwell::attributes::AttributeLoc;
 use inkwell::context::Context;

@@ -17,7 +17,7 @@ use super::MlirError;
 use crate::backend::layout::Layout;
 use crate::backend::weights::WeightTable;
 use crate::ir::{
-    alibi_slopes, Act, CacheKind, DType, Dim, Graph, InputKind, NodeId, Op, QkvLayout, QkvPart, TensorType,
+    alibi_slopes, Act, CacheKind, DType, Dim, Graph, HeadStart, InputKind, NodeId, Op, TensorType,
 };
 use crate::Compiled;
 
@@ -329,177 +329,45 @@ impl<'a> Func<'a> {
                     t.op(format!("arith.index_cast {s} : index to i32"))
                 })
             }
-            Op::Gather { offset } => {
-                let (table, table_t) = self.val(ops[0]);
-                let (ids, ids_t) = self.val(ops[1]);
-                let e = self.empty(&ty.shape, "f32");
-                let bf16 = g.ty(ops[0]).dtype == DType::BF16;
-                let off = *offset as i64;
-                self.generic(&[(ids, ids_t, map(2, &["d0".into()]))], (e, out_t, ident), &par, |t, a| {
-                    let id = t.op(format!("arith.index_cast {} : i32 to index", a[0]));
-                    let o = t.index(off);
-                    let row = t.bin("addi", &id, &o, "index");
-                    let j = t.op("linalg.index 1 : index");
-                    let x = t.op(format!("tensor.extract {table}[{row}, {j}] : {table_t}"));
-                    if bf16 {
-                        t.op(format!("arith.extf {x} : bf16 to f32"))
-                    } else {
-                        x
-                    }
-                })
-            }
-            Op::Sinusoidal { dim, base } => {
-                let (pos, pos_t) = self.val(ops[0]);
-                let e = self.empty(&ty.shape, "f32");
-                let (dim, base) = (*dim, *base);
-                self.generic(&[(pos, pos_t, map(2, &["d0".into()]))], (e, out_t, ident), &par, |t, a| {
-                    // angle = p / base^(2i/dim) for the pair i = j/2; sin at even j, cos at odd.
-                    let j = t.op("linalg.index 1 : index");
-                    let two = t.index(2);
-                    let i = t.bin("divui", &j, &two, "index");
-                    let odd = t.bin("remui", &j, &two, "index");
-                    let i64v = t.op(format!("arith.index_cast {i} : index to i64"));
-                    let fi = t.op(format!("arith.sitofp {i64v} : i64 to f64"));
-                    let c = t.f64(2.0 / dim as f64);
-                    let ex = t.bin("mulf", &fi, &c, "f64");
-                    let b = t.f64(base);
-                    let den = t.op(format!("math.powf {b}, {ex} : f64"));
-                    let pf = t.op(format!("arith.sitofp {} : i32 to f64", a[0]));
-                    let angle = t.bin("divf", &pf, &den, "f64");
-                    let s = t.op(format!("math.sin {angle} : f64"));
-                    let co = t.op(format!("math.cos {angle} : f64"));
-                    let zero = t.index(0);
-                    let is_odd = t.op(format!("arith.cmpi ne, {odd}, {zero} : index"));
-                    let r = t.op(format!("arith.select {is_odd}, {co}, {s} : f64"));
-                    t.op(format!("arith.truncf {r} : f64 to f32"))
-                })
-            }
-            Op::Add | Op::Mul => {
-                let (a, at) = self.val(ops[0]);
-                let (b, bt) = self.val(ops[1]);
-                let e = self.empty(&ty.shape, "f32");
-                let op = if *g.op(n) == Op::Add { "addf" } else { "mulf" };
-                self.generic(
-                    &[(a, at, ident.clone()), (b, bt, ident.clone())],
-                    (e, out_t, ident),
-                    &par,
-                    |t, x| t.bin(op, &x[0], &x[1], "f32"),
-                )
-            }
-            Op::Scale(s) => {
-                let (a, at) = self.val(ops[0]);
-                let e = self.empty(&ty.shape, "f32");
-                let s = *s;
-                self.generic(&[(a, at, ident.clone())], (e, out_t, ident), &par, |t, x| {
-                    // In f64, as the reference scales.
-                    let w = t.op(format!("arith.extf {} : f32 to f64", x[0]));
-                    let c = t.f64(s);
-                    let m = t.bin("mulf", &w, &c, "f64");
-                    t.op(format!("arith.truncf {m} : f64 to f32"))
-                })
-            }
-            Op::Activation(act) => {
-                let (a, at) = self.val(ops[0]);
-                let e = self.empty(&ty.shape, "f32");
-                let act = *act;
-                self.generic(&[(a, at, ident.clone())], (e, out_t, ident), &par, |t, x| {
-                    activation(t, act, &x[0])
-                })
-            }
-            Op::RoundBf16 => {
-                let (a, at) = self.val(ops[0]);
-                let e = self.empty(&ty.shape, "f32");
-                self.generic(&[(a, at, ident.clone())], (e, out_t, ident), &par, |t, x| round_bf16(t, &x[0]))
-            }
+            Op::Gather { .. } => self.gather(n),
+            Op::Sinusoidal { .. } => self.sinusoidal(n),
+            Op::Add | Op::Mul => self.binary(n),
+            Op::Scale(_) => self.scale(n),
+            Op::Activation(_) => self.activation(n),
+            Op::RoundBf16 => self.round_bf16(n),
             Op::LayerNorm { eps } => self.norm(n, Norm::Layer { eps: *eps, bias: ops.len() == 3 })?,
             Op::RmsNorm { eps, unit_offset } => {
                 self.norm(n, Norm::Rms { eps: *eps, unit_offset: *unit_offset })?
             }
             Op::Linear { transposed, bias } => self.linear(n, *transposed, *bias),
-            Op::SplitQkv { layout, part, heads, kv_heads, head_dim } => {
-                let (x, xt) = self.val(ops[0]);
-                let e = self.empty(&ty.shape, "f32");
-                let (layout, part, h, kv, hd) = (*layout, *part, *heads, *kv_heads, *head_dim);
-                self.generic(&[], (e, out_t, ident), &par, |t, _| {
-                    let r = t.op("linalg.index 0 : index");
-                    let j = t.op("linalg.index 1 : index");
-                    let hdc = t.index(hd as i64);
-                    let head = t.bin("divui", &j, &hdc, "index");
-                    let within = t.bin("remui", &j, &hdc, "index");
-                    // The column where head `head` of this part starts (interp::split_qkv).
-                    let start = match layout {
-                        QkvLayout::Concat => {
-                            let base = match part {
-                                QkvPart::Q => 0,
-                                QkvPart::K => h,
-                                QkvPart::V => h + kv,
-                            };
-                            let b = t.index(base as i64);
-                            let hh = t.bin("addi", &head, &b, "index");
-                            t.bin("muli", &hh, &hdc, "index")
-                        }
-                        QkvLayout::Grouped => {
-                            let gr = h / kv;
-                            let group = t.index(((gr + 2) * hd) as i64);
-                            match part {
-                                QkvPart::Q => {
-                                    let grc = t.index(gr as i64);
-                                    let gi = t.bin("divui", &head, &grc, "index");
-                                    let gj = t.bin("remui", &head, &grc, "index");
-                                    let a = t.bin("muli", &gi, &group, "index");
-                                    let b = t.bin("muli", &gj, &hdc, "index");
-                                    t.bin("addi", &a, &b, "index")
-                                }
-                                QkvPart::K | QkvPart::V => {
-                                    let k = if part == QkvPart::K { gr } else { gr + 1 };
-                                    let a = t.bin("muli", &head, &group, "index");
-                                    let b = t.index((k * hd) as i64);
-                                    t.bin("addi", &a, &b, "index")
-                                }
-                            }
-                        }
-                    };
-                    let col = t.bin("addi", &start, &within, "index");
-                    t.op(format!("tensor.extract {x}[{r}, {col}] : {xt}"))
-                })
-            }
-            Op::SplitHeads { heads } => {
-                let (x, xt) = self.val(ops[0]);
-                let hd = ty.shape[2].as_fixed().unwrap();
-                let rows = g.ty(ops[0]).shape[0];
-                let r = self.dim(rows);
-                let sh = [rows, Dim::fixed(*heads), Dim::fixed(hd)];
-                let et = tensor(&sh, "f32");
-                let rs = match rows.as_fixed() {
-                    Some(c) => c.to_string(),
-                    None => r,
-                };
-                let x3 = self.t.op(format!(
-                    "tensor.expand_shape {x} [[0], [1, 2]] output_shape [{rs}, {heads}, {hd}] : {xt} into {et}"
-                ));
-                let e = self.empty(&ty.shape, "f32");
-                let m = map(3, &["d1".into(), "d0".into(), "d2".into()]);
-                self.generic(&[(x3, et, m)], (e, out_t, ident), &par, |_, a| a[0].clone())
-            }
-            Op::MergeHeads => {
-                let (x, xt) = self.val(ops[0]);
-                let src = g.ty(ops[0]).shape.clone();
-                let sh = [src[1], src[0], src[2]];
-                let e = self.empty(&sh, "f32");
-                let et = tensor(&sh, "f32");
-                let m = map(3, &["d1".into(), "d0".into(), "d2".into()]);
-                let y = self.generic(&[(x, xt, m)], (e, et.clone(), id_map(3)), &["parallel"; 3], |_, a| {
-                    a[0].clone()
-                });
-                self.t.op(format!("tensor.collapse_shape {y} [[0], [1, 2]] : {et} into {out_t}"))
-            }
+            Op::SplitQkv { .. } => self.split_qkv(n),
+            Op::SplitHeads { .. } => self.split_heads(n),
+            Op::MergeHeads => self.merge_heads(n),
             Op::Rope(r) => {
                 let (x, xt) = self.val(ops[0]);
                 let (pos, pos_t) = self.val(ops[1]);
                 let e = self.empty(&ty.shape, "f32");
                 let r = *r;
-                let ins = [(x.clone(), xt.clone(), ident.clone()), (pos, pos_t, map(3, &["d1".into()]))];
-                self.generic(&ins, (e, out_t, ident), &par, |t, a| rope(t, &r, &x, &xt, &a[0], &a[1]))
+                // Each feature's rotation frequency (`Rope::inv_freqs` of its pair; 0 past the
+                // rotated features), a constant the generic reads by feature.
+                let (hd, inv) = (ty.shape[2].as_fixed().unwrap(), r.inv_freqs());
+                let half = r.rotary_dim / 2;
+                let freqs: Vec<String> = (0..hd)
+                    .map(|i| match i {
+                        _ if i >= r.rotary_dim => 0.0,
+                        _ if r.interleaved => inv[i / 2],
+                        _ => inv[i % half],
+                    })
+                    .map(|f| format!("{f:.17e}"))
+                    .collect();
+                let ft = format!("tensor<{hd}xf64>");
+                let fc = self.t.op(format!("arith.constant dense<[{}]> : {ft}", freqs.join(", ")));
+                let ins = [
+                    (x.clone(), xt.clone(), ident.clone()),
+                    (pos, pos_t, map(3, &["d1".into()])),
+                    (fc, ft, map(3, &["d2".into()])),
+                ];
+                self.generic(&ins, (e, out_t, ident), &par, |t, a| rope(t, &r, &x, &xt, &a[0], &a[1], &a[2]))
             }
             Op::Attention { scale, mask, alibi } => self.attention(n, *scale, mask, *alibi),
             Op::LastRow => {
@@ -525,6 +393,230 @@ impl<'a> Func<'a> {
             }
         };
         Ok(Some(v))
+    }
+
+    fn gather(&mut self, n: NodeId) -> String {
+        let g = self.g;
+        let ty = g.ty(n).clone();
+        let ops = g.operands(n);
+        let rank = ty.rank();
+        let out_t = ttype(&ty);
+        let ident = id_map(rank);
+        let par = vec!["parallel"; rank];
+        let Op::Gather { offset } = g.op(n) else { unreachable!("gather") };
+        let (table, table_t) = self.val(ops[0]);
+        let (ids, ids_t) = self.val(ops[1]);
+        let e = self.empty(&ty.shape, "f32");
+        let bf16 = g.ty(ops[0]).dtype == DType::BF16;
+        let off = *offset as i64;
+        self.generic(&[(ids, ids_t, map(2, &["d0".into()]))], (e, out_t, ident), &par, |t, a| {
+            let id = t.op(format!("arith.index_cast {} : i32 to index", a[0]));
+            let o = t.index(off);
+            let row = t.bin("addi", &id, &o, "index");
+            let j = t.op("linalg.index 1 : index");
+            let x = t.op(format!("tensor.extract {table}[{row}, {j}] : {table_t}"));
+            if bf16 {
+                t.op(format!("arith.extf {x} : bf16 to f32"))
+            } else {
+                x
+            }
+        })
+    }
+
+    fn sinusoidal(&mut self, n: NodeId) -> String {
+        let g = self.g;
+        let ty = g.ty(n).clone();
+        let ops = g.operands(n);
+        let rank = ty.rank();
+        let out_t = ttype(&ty);
+        let ident = id_map(rank);
+        let par = vec!["parallel"; rank];
+        let Op::Sinusoidal { dim, base } = g.op(n) else { unreachable!("sinusoidal") };
+        let (pos, pos_t) = self.val(ops[0]);
+        let e = self.empty(&ty.shape, "f32");
+        let (dim, base) = (*dim, *base);
+        self.generic(&[(pos, pos_t, map(2, &["d0".into()]))], (e, out_t, ident), &par, |t, a| {
+            // angle = p / base^(2i/dim) for the pair i = j/2; sin at even j, cos at odd.
+            let j = t.op("linalg.index 1 : index");
+            let two = t.index(2);
+            let i = t.bin("divui", &j, &two, "index");
+            let odd = t.bin("remui", &j, &two, "index");
+            let i64v = t.op(format!("arith.index_cast {i} : index to i64"));
+            let fi = t.op(format!("arith.sitofp {i64v} : i64 to f64"));
+            let c = t.f64(2.0 / dim as f64);
+            let ex = t.bin("mulf", &fi, &c, "f64");
+            let b = t.f64(base);
+            let den = t.op(format!("math.powf {b}, {ex} : f64"));
+            let pf = t.op(format!("arith.sitofp {} : i32 to f64", a[0]));
+            let angle = t.bin("divf", &pf, &den, "f64");
+            let s = t.op(format!("math.sin {angle} : f64"));
+            let co = t.op(format!("math.cos {angle} : f64"));
+            let zero = t.index(0);
+            let is_odd = t.op(format!("arith.cmpi ne, {odd}, {zero} : index"));
+            let r = t.op(format!("arith.select {is_odd}, {co}, {s} : f64"));
+            t.op(format!("arith.truncf {r} : f64 to f32"))
+        })
+    }
+
+    fn binary(&mut self, n: NodeId) -> String {
+        let g = self.g;
+        let ty = g.ty(n).clone();
+        let ops = g.operands(n);
+        let rank = ty.rank();
+        let out_t = ttype(&ty);
+        let ident = id_map(rank);
+        let par = vec!["parallel"; rank];
+        let (a, at) = self.val(ops[0]);
+        let (b, bt) = self.val(ops[1]);
+        let e = self.empty(&ty.shape, "f32");
+        let op = if *g.op(n) == Op::Add { "addf" } else { "mulf" };
+        self.generic(&[(a, at, ident.clone()), (b, bt, ident.clone())], (e, out_t, ident), &par, |t, x| {
+            t.bin(op, &x[0], &x[1], "f32")
+        })
+    }
+
+    fn scale(&mut self, n: NodeId) -> String {
+        let g = self.g;
+        let ty = g.ty(n).clone();
+        let ops = g.operands(n);
+        let rank = ty.rank();
+        let out_t = ttype(&ty);
+        let ident = id_map(rank);
+        let par = vec!["parallel"; rank];
+        let Op::Scale(s) = g.op(n) else { unreachable!("scale") };
+        let (a, at) = self.val(ops[0]);
+        let e = self.empty(&ty.shape, "f32");
+        let s = *s;
+        self.generic(&[(a, at, ident.clone())], (e, out_t, ident), &par, |t, x| {
+            // In f64, as the reference scales.
+            let w = t.op(format!("arith.extf {} : f32 to f64", x[0]));
+            let c = t.f64(s);
+            let m = t.bin("mulf", &w, &c, "f64");
+            t.op(format!("arith.truncf {m} : f64 to f32"))
+        })
+    }
+
+    fn activation(&mut self, n: NodeId) -> String {
+        let g = self.g;
+        let ty = g.ty(n).clone();
+        let ops = g.operands(n);
+        let rank = ty.rank();
+        let out_t = ttype(&ty);
+        let ident = id_map(rank);
+        let par = vec!["parallel"; rank];
+        let Op::Activation(act) = g.op(n) else { unreachable!("activation") };
+        let (a, at) = self.val(ops[0]);
+        let e = self.empty(&ty.shape, "f32");
+        let act = *act;
+        self.generic(&[(a, at, ident.clone())], (e, out_t, ident), &par, |t, x| activation(t, act, &x[0]))
+    }
+
+    fn round_bf16(&mut self, n: NodeId) -> String {
+        let g = self.g;
+        let ty = g.ty(n).clone();
+        let ops = g.operands(n);
+        let rank = ty.rank();
+        let out_t = ttype(&ty);
+        let ident = id_map(rank);
+        let par = vec!["parallel"; rank];
+        let (a, at) = self.val(ops[0]);
+        let e = self.empty(&ty.shape, "f32");
+        self.generic(&[(a, at, ident.clone())], (e, out_t, ident), &par, |t, x| round_bf16(t, &x[0]))
+    }
+
+    fn split_qkv(&mut self, n: NodeId) -> String {
+        let g = self.g;
+        let ty = g.ty(n).clone();
+        let ops = g.operands(n);
+        let rank = ty.rank();
+        let out_t = ttype(&ty);
+        let ident = id_map(rank);
+        let par = vec!["parallel"; rank];
+        let Op::SplitQkv { layout, part, heads, kv_heads, head_dim } = g.op(n) else {
+            unreachable!("split_qkv")
+        };
+        let (x, xt) = self.val(ops[0]);
+        let e = self.empty(&ty.shape, "f32");
+        let (layout, part, h, kv, hd) = (*layout, *part, *heads, *kv_heads, *head_dim);
+        self.generic(&[], (e, out_t, ident), &par, |t, _| {
+            let r = t.op("linalg.index 0 : index");
+            let j = t.op("linalg.index 1 : index");
+            let hdc = t.index(hd as i64);
+            let head = t.bin("divui", &j, &hdc, "index");
+            let within = t.bin("remui", &j, &hdc, "index");
+            // The column where head `head` of this part starts (`HeadStart`).
+            let start = match layout.head_start(part, h, kv, hd) {
+                HeadStart::Run { first } => {
+                    let b = t.index(first as i64);
+                    let hh = t.bin("addi", &head, &b, "index");
+                    t.bin("muli", &hh, &hdc, "index")
+                }
+                HeadStart::Groups { per_group, group_width, offset } => {
+                    let gw = t.index(group_width as i64);
+                    let v = if per_group == 1 && offset > 0 {
+                        t.bin("muli", &head, &gw, "index")
+                    } else {
+                        let pg = t.index(per_group as i64);
+                        let gi = t.bin("divui", &head, &pg, "index");
+                        let gj = t.bin("remui", &head, &pg, "index");
+                        let a = t.bin("muli", &gi, &gw, "index");
+                        let b = t.bin("muli", &gj, &hdc, "index");
+                        t.bin("addi", &a, &b, "index")
+                    };
+                    if offset > 0 {
+                        let off = t.index(offset as i64);
+                        t.bin("addi", &v, &off, "index")
+                    } else {
+                        v
+                    }
+                }
+            };
+            let col = t.bin("addi", &start, &within, "index");
+            t.op(format!("tensor.extract {x}[{r}, {col}] : {xt}"))
+        })
+    }
+
+    fn split_heads(&mut self, n: NodeId) -> String {
+        let g = self.g;
+        let ty = g.ty(n).clone();
+        let ops = g.operands(n);
+        let rank = ty.rank();
+        let out_t = ttype(&ty);
+        let ident = id_map(rank);
+        let par = vec!["parallel"; rank];
+        let Op::SplitHeads { heads } = g.op(n) else { unreachable!("split_heads") };
+        let (x, xt) = self.val(ops[0]);
+        let hd = ty.shape[2].as_fixed().unwrap();
+        let rows = g.ty(ops[0]).shape[0];
+        let r = self.dim(rows);
+        let sh = [rows, Dim::fixed(*heads), Dim::fixed(hd)];
+        let et = tensor(&sh, "f32");
+        let rs = match rows.as_fixed() {
+            Some(c) => c.to_string(),
+            None => r,
+        };
+        let x3 = self.t.op(format!(
+            "tensor.expand_shape {x} [[0], [1, 2]] output_shape [{rs}, {heads}, {hd}] : {xt} into {et}"
+        ));
+        let e = self.empty(&ty.shape, "f32");
+        let m = map(3, &["d1".into(), "d0".into(), "d2".into()]);
+        self.generic(&[(x3, et, m)], (e, out_t, ident), &par, |_, a| a[0].clone())
+    }
+
+    fn merge_heads(&mut self, n: NodeId) -> String {
+        let g = self.g;
+        let ty = g.ty(n).clone();
+        let ops = g.operands(n);
+        let out_t = ttype(&ty);
+        let (x, xt) = self.val(ops[0]);
+        let src = g.ty(ops[0]).shape.clone();
+        let sh = [src[1], src[0], src[2]];
+        let e = self.empty(&sh, "f32");
+        let et = tensor(&sh, "f32");
+        let m = map(3, &["d1".into(), "d0".into(), "d2".into()]);
+        let y =
+            self.generic(&[(x, xt, m)], (e, et.clone(), id_map(3)), &["parallel"; 3], |_, a| a[0].clone());
+        self.t.op(format!("tensor.collapse_shape {y} [[0], [1, 2]] : {et} into {out_t}"))
     }
 
     fn norm(&mut self, n: NodeId, kind: Norm) -> Result<String, MlirError> {
@@ -829,16 +921,16 @@ pub fn activation(t: &mut Text, act: Act, x: &str) -> String {
 }
 
 /// One element of a rotary embedding; `x` is the whole input for reading the partner.
-fn rope(t: &mut Text, r: &crate::ir::Rope, x: &str, xt: &str, own: &str, pos: &str) -> String {
+/// `freq`: the feature's rotation frequency.
+fn rope(t: &mut Text, r: &crate::ir::Rope, x: &str, xt: &str, own: &str, pos: &str, freq: &str) -> String {
     let h = t.op("linalg.index 0 : index");
     let row = t.op("linalg.index 1 : index");
     let i = t.op("linalg.index 2 : index");
     let rd = t.index(r.rotary_dim as i64);
     let rotates = t.op(format!("arith.cmpi ult, {i}, {rd} : index"));
-    // Pair (k, partner, sign): interleaved pairs (2k, 2k+1), else halves (k, k + rd/2).
-    let (k, partner, first) = if r.interleaved {
+    // Partner and sign: interleaved pairs (2k, 2k+1), else halves (k, k + rd/2).
+    let (partner, first) = if r.interleaved {
         let two = t.index(2);
-        let k = t.bin("divui", &i, &two, "index");
         let odd = t.bin("remui", &i, &two, "index");
         let zero = t.index(0);
         let first = t.op(format!("arith.cmpi eq, {odd}, {zero} : index"));
@@ -846,29 +938,20 @@ fn rope(t: &mut Text, r: &crate::ir::Rope, x: &str, xt: &str, own: &str, pos: &s
         let up = t.bin("addi", &i, &one, "index");
         let down = t.bin("subi", &i, &one, "index");
         let partner = t.op(format!("arith.select {first}, {up}, {down} : index"));
-        (k, partner, first)
+        (partner, first)
     } else {
         let half = t.index((r.rotary_dim / 2) as i64);
         let first = t.op(format!("arith.cmpi ult, {i}, {half} : index"));
-        let k = t.bin("remui", &i, &half, "index");
         let up = t.bin("addi", &i, &half, "index");
         let down = t.bin("subi", &i, &half, "index");
         let partner = t.op(format!("arith.select {first}, {up}, {down} : index"));
-        (k, partner, first)
+        (partner, first)
     };
     // Outside the rotated dims the partner index is not used; keep it in bounds.
     let safe = t.op(format!("arith.select {rotates}, {partner}, {i} : index"));
     let other = t.op(format!("tensor.extract {x}[{h}, {row}, {safe}] : {xt}"));
-    let k64 = t.op(format!("arith.index_cast {k} : index to i64"));
-    let kf = t.op(format!("arith.sitofp {k64} : i64 to f64"));
-    let c = t.f64(2.0 / r.rotary_dim as f64);
-    let ex = t.bin("mulf", &kf, &c, "f64");
-    let th = t.f64(r.theta);
-    let pw = t.op(format!("math.powf {th}, {ex} : f64"));
-    let one = t.f64(1.0);
-    let freq = t.bin("divf", &one, &pw, "f64");
     let pf = t.op(format!("arith.sitofp {pos} : i32 to f64"));
-    let angle = t.bin("mulf", &pf, &freq, "f64");
+    let angle = t.bin("mulf", &pf, freq, "f64");
     let cos = t.op(format!("math.cos {angle} : f64"));
     let sin = t.op(format!("math.sin {angle} : f64"));
     let a = t.op(format!("arith.extf {own} : f32 to f64"));

@@ -1,5 +1,21 @@
 //! Fused attention: an online softmax over the keys, per (head, query row) in decode and
 //! per (head, block of query rows) in prefill, with masks, windows and ALiBi.
+//!
+//! ## Tuning notes
+//!
+//! The fused attention takes keys 16 at a time: a block's scores come from one
+//! transpose-and-add tree (`Kb::lane_sums`), get one vector `exp` and one rescaling of the
+//! output row, and the weighted values alternate between two accumulator sets; the keys
+//! after the last whole block take the one-key step. With one query row (decode) it
+//! prefetches the next block's keys and values, which it streams once from the cache.
+//! Prefill's query rows, known only at run time, go four at a time (`attention_block`,
+//! for a head dimension of 64): their online softmaxes advance together over the keys
+//! any of them sees, masking per row what it does not, so the four rows' dependency
+//! chains overlap and each key and value row is loaded once for all four (W1's
+//! attention took ~40% less time; transposing each key block instead, to get the scores
+//! without lane sums, was slower, its shuffles all on one port). Its blocks start at the
+//! first key any row sees and end masked, so a query's keys are summed in another order
+//! than decode's; the two agree to ~1e-7, not bit for bit.
 
 use inkwell::values::{FloatValue, IntValue, PointerValue, VectorValue};
 

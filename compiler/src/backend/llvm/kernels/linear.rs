@@ -1,6 +1,40 @@
 //! Linear maps: the packed GEMM of many rows (f32 panels, register tiles), the AMX
 //! dispatch, vectorised dot products for one row, plain loops, the split-K GEMV, and
 //! the fused epilogues they apply to each output tile.
+//!
+//! ## Tuning notes
+//!
+//! **Prefill's linear maps run on panels.** A linear map over many rows
+//! (`kernels::packs`: prefill's `T` rows, any weight layout or storage type, `out` a
+//! multiple of 64) reads each 64-column weight block as `f32` panels of 128 input rows
+//! (32 KB) and runs 6-row × 64-column register tiles (24 accumulators) over them. The
+//! tiles read `x` sliced: each 128-input slice of every row, rows 512 B apart, since rows
+//! of `x` a multiple of 4 KB apart (W2's 2048 inputs) put a tile's six rows into the same
+//! L1 sets and the broadcasts missed. A `slice_rows` kernel writes the slices once per
+//! input (into the region after the planned values, which the maps of one input share,
+//! as for AMX's packed activations), for every task of every map reading them; before,
+//! each task (one to three column blocks) copied the whole of `x` again, slice by slice,
+//! and the copies were 5–13% of the GEMMs (×1.075 for W1's f32 prefill when they went).
+//! The AMX maps' f32 fallback still copies per task. The rows go in chunks of 192; the
+//! rows after the last tile of six go in tiles of three, two and one. While the row
+//! tiles run, the next panel is prefetched into L2, one line every four k-steps, the
+//! k-loop unrolled by four around it (a branch per step cost more than the prefetch).
+//!
+//! One-row products with `[in, out]` weights left as stored (decode) are split over the input dimension
+//! into 8 bands plus a reduction, so every task streams contiguous memory; the column-block
+//! tiling that suits many rows would walk the matrix with a large stride. With `[out, in]`
+//! weights a one-row product takes one output's dot product at a time (four accumulators),
+//! so a task's 64-row block is a single forward stream (interleaving four rows' short
+//! streams left the prefetcher behind: q8 decode ran at half the bandwidth).
+//! Every decode stream is prefetched ahead: 3 KB in the dot products (`kernels::PREFETCH`),
+//! the same columns four rows on in the split `[in, out]` product. Without it, how
+//! much of a stream is in flight is bounded by the out-of-order window, so formats that
+//! take more instructions per byte streamed slower: on the Intel machine bf16 at 11 GB/s
+//! and q8 at 13 against f32's 25 (a microbenchmark), 20–27 with it. bf16 weights are read
+//! 32 at a time and split into even and odd `f32` lanes (a shift and an and:
+//! `Kb::ld_bf16_pairs`) against an `x` permuted to match, or, in the split `[in, out]`
+//! product, into partial sums whose 32-groups hold even then odd outputs
+//! (`GemvReduce { pairs }` restores the order). q8 blocks are summed, then scaled once.
 
 use inkwell::values::{BasicValueEnum, IntValue, PointerValue, VectorValue};
 use tfc_runtime::quant::Q8_BLOCK;

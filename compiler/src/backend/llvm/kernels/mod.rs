@@ -13,7 +13,7 @@ use inkwell::values::{FunctionValue, IntValue, PointerValue};
 
 use super::kb::{Kb, WFmt};
 use crate::backend::plan::Epi;
-use crate::ir::{Act, AttnMask, QkvLayout, QkvPart};
+use crate::ir::{Act, AttnMask, QkvLayout, QkvPart, Rope};
 
 pub(crate) use attention::attention_rows;
 use attention::*;
@@ -57,7 +57,7 @@ pub enum Kernel {
     /// args: x, out, rows; tasks: rows. `round` as for `LayerNorm`.
     MergeHeads { heads: usize, head_dim: usize, round: bool },
     /// args: x, pos(i32), out, rows, rows per head of out (as for `SplitHeads`); tasks: rows.
-    Rope { head_dim: usize, rotary_dim: usize, theta: f64, interleaved: bool, heads: usize },
+    Rope { head_dim: usize, rope: Rope, heads: usize },
     /// args: q, k, v, pos(i32), out, rows(T), S, k head stride, v head stride; tasks: H·T,
     /// or with `block` (`attention_rows`, query rows known only at run time) H · ⌈T / block⌉.
     Attention {
@@ -166,7 +166,7 @@ impl Kernel {
             Kernel::MergeHeads { heads, head_dim, round } => {
                 format!("merge_heads_{heads}_{head_dim}{}", if *round { "_round_bf16" } else { "" })
             }
-            Kernel::Rope { head_dim, rotary_dim, theta, interleaved, heads } => {
+            Kernel::Rope { head_dim, rope: Rope { rotary_dim, theta, interleaved }, heads } => {
                 format!(
                     "rope_{heads}_{head_dim}_{rotary_dim}_{:016x}_{}",
                     theta.to_bits(),

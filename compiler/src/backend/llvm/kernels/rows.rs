@@ -6,7 +6,7 @@ use inkwell::values::{FloatValue, IntValue, PointerValue, VectorValue};
 use super::{Args, Kernel, Slot, UnaryOp};
 use crate::backend::llvm::elementwise::act;
 use crate::backend::llvm::kb::Kb;
-use crate::ir::{Act, QkvLayout, QkvPart};
+use crate::ir::{Act, HeadStart, QkvPart};
 
 /// One task: `out[t] = P + t`.
 pub(crate) fn positions<'ctx>(
@@ -202,20 +202,25 @@ pub(crate) fn split_qkv<'ctx>(
     let (x, out) = (p(X), p(Out));
     let n = if part == QkvPart::Q { heads } else { kv_heads };
     let width = (heads + 2 * kv_heads) * head_dim;
-    let g = heads / kv_heads;
-    let group = (g + 2) * head_dim;
-    // The column where head `j` of this part starts, as a runtime expression (one
-    // loop over heads rather than one unrolled copy per head).
+    // The column where head `j` of this part starts (`HeadStart`), as a runtime
+    // expression (one loop over heads rather than one unrolled copy per head).
     let col = |j: IntValue<'ctx>| -> IntValue<'ctx> {
-        match (layout, part) {
-            (QkvLayout::Concat, QkvPart::Q) => kb.mul(j, c(head_dim)),
-            (QkvLayout::Concat, QkvPart::K) => kb.mul(kb.add(j, c(heads)), c(head_dim)),
-            (QkvLayout::Concat, QkvPart::V) => kb.mul(kb.add(j, c(heads + kv_heads)), c(head_dim)),
-            (QkvLayout::Grouped, QkvPart::Q) => {
-                kb.add(kb.mul(kb.div(j, c(g)), c(group)), kb.mul(kb.rem(j, c(g)), c(head_dim)))
+        match layout.head_start(part, heads, kv_heads, head_dim) {
+            HeadStart::Run { first: 0 } => kb.mul(j, c(head_dim)),
+            HeadStart::Run { first } => kb.mul(kb.add(j, c(first)), c(head_dim)),
+            // One head of this part per group (keys, values): `j · group_width + offset`.
+            HeadStart::Groups { per_group: 1, group_width, offset } if offset > 0 => {
+                kb.add(kb.mul(j, c(group_width)), c(offset))
             }
-            (QkvLayout::Grouped, QkvPart::K) => kb.add(kb.mul(j, c(group)), c(g * head_dim)),
-            (QkvLayout::Grouped, QkvPart::V) => kb.add(kb.mul(j, c(group)), c((g + 1) * head_dim)),
+            HeadStart::Groups { per_group, group_width, offset } => {
+                let outer = kb.mul(kb.div(j, c(per_group)), c(group_width));
+                let v = kb.add(outer, kb.mul(kb.rem(j, c(per_group)), c(head_dim)));
+                if offset > 0 {
+                    kb.add(v, c(offset))
+                } else {
+                    v
+                }
+            }
         }
     };
     kb.for_(begin, end, |t| {
@@ -288,9 +293,8 @@ pub(crate) fn rope<'ctx>(
     let c = |v: usize| kb.c(v as i64);
     let a = |s: Slot| args.i(s);
     let p = |s: Slot| args.p(s);
-    let Kernel::Rope { head_dim, rotary_dim, theta, interleaved, heads } = *k else {
-        unreachable!("a Rope kernel")
-    };
+    let Kernel::Rope { head_dim, rope, heads } = *k else { unreachable!("a Rope kernel") };
+    let (rotary_dim, interleaved, inv_freqs) = (rope.rotary_dim, rope.interleaved, rope.inv_freqs());
 
     // A task is a position: its angles' sines and cosines are computed once for
     // every head, into a table the heads' rotations read eight pairs at a time,
@@ -330,8 +334,7 @@ pub(crate) fn rope<'ctx>(
     let zip: Vec<u32> = (0..8).flat_map(|j| [j, 8 + j]).collect();
     kb.for_(begin, end, |t| {
         let pf = kb.i_to_f64(kb.ldi(pos, t));
-        for i in 0..half {
-            let inv = 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64);
+        for (i, &inv) in inv_freqs.iter().enumerate() {
             let ang = kb.fmul(pf, kb.dc(inv));
             kb.b.build_store(kb.gep(f64t, sins, c(i)), kb.intrinsic("llvm.sin", &[ang])).unwrap();
             kb.b.build_store(kb.gep(f64t, coss, c(i)), kb.intrinsic("llvm.cos", &[ang])).unwrap();
