@@ -37,18 +37,9 @@ pub fn map(a: &Tensor, f: impl Fn(f32) -> f32) -> Tensor {
     Tensor::new(a.shape.clone(), a.data.iter().map(|&x| f(x)).collect())
 }
 
+/// An activation, in f64 (`Act::apply`).
 pub fn activation(a: Act, x: f32) -> f32 {
-    let x = x as f64;
-    let y = match a {
-        Act::Relu => x.max(0.0),
-        Act::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
-        Act::GeluTanh => {
-            let c = (2.0 / std::f64::consts::PI).sqrt();
-            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
-        }
-        Act::Silu => x / (1.0 + (-x).exp()),
-    };
-    y as f32
+    a.apply(&mut crate::ir::F64, x as f64) as f32
 }
 
 /// Applies `f` to each row (the last axis) of `x`.

@@ -30,6 +30,103 @@ impl Act {
     pub fn name(self) -> &'static str {
         Act::ALL.iter().find(|(_, a)| *a == self).map(|(n, _)| *n).unwrap_or("?")
     }
+
+    /// The activation of `x`, written once for every engine: each supplies the
+    /// arithmetic (`Arith`) in its own precision, the interpreter as f64 numbers, the
+    /// code generators as instructions, and so computes this formula in this order.
+    pub fn apply<A: Arith>(self, a: &mut A, x: A::V) -> A::V {
+        match self {
+            Act::Relu => {
+                let zero = a.c(0.0);
+                a.max(x, zero)
+            }
+            // x / (1 + e^(-x))
+            Act::Silu => {
+                let n = a.neg(x.clone());
+                let e = a.exp(n);
+                let one = a.c(1.0);
+                let d = a.add(one, e);
+                a.div(x, d)
+            }
+            // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+            Act::GeluTanh => {
+                let x2 = a.mul(x.clone(), x.clone());
+                let x3 = a.mul(x2, x.clone());
+                let k = a.c(0.044715);
+                let kx3 = a.mul(k, x3);
+                let s = a.add(x.clone(), kx3);
+                let c = a.c((2.0 / std::f64::consts::PI).sqrt());
+                let inner = a.mul(c, s);
+                let t = a.tanh(inner);
+                let half = a.c(0.5);
+                let hx = a.mul(half, x);
+                let one = a.c(1.0);
+                let u = a.add(one, t);
+                a.mul(hx, u)
+            }
+            // 0.5·x·(1 + erf(x/√2)), the exact GELU
+            Act::Gelu => {
+                let r = a.c(std::f64::consts::FRAC_1_SQRT_2);
+                let arg = a.mul(x.clone(), r);
+                let e = a.erf(arg);
+                let half = a.c(0.5);
+                let hx = a.mul(half, x);
+                let one = a.c(1.0);
+                let u = a.add(one, e);
+                a.mul(hx, u)
+            }
+        }
+    }
+}
+
+/// The arithmetic the ops' shared formulas (`Act::apply`) are written in. An engine
+/// implements it over its values (numbers, instructions, MLIR text) and chooses the
+/// precision and the algorithm of each transcendental.
+pub trait Arith {
+    type V: Clone;
+    fn c(&mut self, v: f64) -> Self::V;
+    fn add(&mut self, a: Self::V, b: Self::V) -> Self::V;
+    fn mul(&mut self, a: Self::V, b: Self::V) -> Self::V;
+    fn div(&mut self, a: Self::V, b: Self::V) -> Self::V;
+    fn neg(&mut self, a: Self::V) -> Self::V;
+    fn max(&mut self, a: Self::V, b: Self::V) -> Self::V;
+    fn exp(&mut self, a: Self::V) -> Self::V;
+    fn tanh(&mut self, a: Self::V) -> Self::V;
+    fn erf(&mut self, a: Self::V) -> Self::V;
+}
+
+/// `Arith` on `f64` numbers: what the interpreter computes.
+pub struct F64;
+
+impl Arith for F64 {
+    type V = f64;
+    fn c(&mut self, v: f64) -> f64 {
+        v
+    }
+    fn add(&mut self, a: f64, b: f64) -> f64 {
+        a + b
+    }
+    fn mul(&mut self, a: f64, b: f64) -> f64 {
+        a * b
+    }
+    fn div(&mut self, a: f64, b: f64) -> f64 {
+        a / b
+    }
+    fn neg(&mut self, a: f64) -> f64 {
+        -a
+    }
+    fn max(&mut self, a: f64, b: f64) -> f64 {
+        a.max(b)
+    }
+    fn exp(&mut self, a: f64) -> f64 {
+        a.exp()
+    }
+    fn tanh(&mut self, a: f64) -> f64 {
+        a.tanh()
+    }
+    fn erf(&mut self, a: f64) -> f64 {
+        libm::erf(a)
+    }
 }
 
 /// How a fused QKV projection orders its output features.

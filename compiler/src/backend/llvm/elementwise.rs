@@ -13,35 +13,97 @@
 //! hardware's reciprocal estimate and one Newton step (within an ulp or two), with the
 //! exponent clamped at 80 so that the divisor stays finite, as the estimate needs.
 
-use inkwell::values::{IntValue, PointerValue, VectorValue};
+use std::marker::PhantomData;
+
+use inkwell::values::{FloatValue, IntValue, PointerValue, VectorValue};
 
 use super::kb::{F32s, Kb, VW};
 use crate::backend::plan::Epi;
-use crate::ir::Act;
+use crate::ir::{Act, Arith};
 
-/// An activation of one value or of each lane of a vector, by the same arithmetic;
+/// An activation of one value or of each lane of a vector (`Act::apply` on `F32Ir`);
 /// `Act::Gelu` (erf in f64, through libm) is `unary`'s alone.
 pub(super) fn act<'ctx, V: F32s<'ctx>>(kb: &Kb<'_, 'ctx>, a: Act, x: V) -> V {
-    let k = |v: f64| V::k(kb, v);
-    match a {
-        Act::Relu => kb.fmax(x, k(0.0)),
-        Act::Silu => {
-            // Beyond 80, e^80 ≈ 5.5e34 keeps the reciprocal's operand finite, and the
-            // product is below 2e-35 · |x| either way.
-            let e = kb.exp(kb.fmin_c(kb.fsub(k(0.0), x), 80.0));
-            kb.fmul(x, kb.recip(kb.fadd(k(1.0), e)))
-        }
-        Act::GeluTanh => {
-            let c = (2.0 / std::f64::consts::PI).sqrt();
-            let x3 = kb.fmul(kb.fmul(x, x), x);
-            let inner = kb.fmul(k(c), kb.fadd(x, kb.fmul(k(0.044715), x3)));
-            // tanh(y) = 1 - 2 / (e^(2y) + 1): exact limits ±1, absolute error ~1e-7. From
-            // 2y = 80 on, tanh is 1 in f32, and e^80 keeps the reciprocal's operand finite.
-            let e = kb.exp(kb.fmin_c(kb.fadd(inner, inner), 80.0));
-            let t = kb.fsub(k(1.0), kb.fmul(k(2.0), kb.recip(kb.fadd(e, k(1.0)))));
-            kb.fmul(kb.fmul(k(0.5), x), kb.fadd(k(1.0), t))
-        }
-        Act::Gelu => unreachable!("exact gelu is scalar (`unary`)"),
+    a.apply(&mut F32Ir { kb, _v: PhantomData }, x)
+}
+
+/// `Arith` on the kernels' f32 values, scalars or vectors alike. `exp` is `Kb::exp` with
+/// its argument clamped at 80 (e^80 ≈ 5.5e34 keeps a reciprocal's operand finite, and
+/// whatever it divides is below 2e-35 of itself by then); division is the reciprocal
+/// estimate and one Newton step (`Kb::recip`); `tanh(y) = 1 - 2 / (e^(2y) + 1)`, exact
+/// limits ±1, absolute error ~1e-7 (from 2y = 80 on, tanh is 1 in f32). No `erf`: the
+/// exact GELU is computed in f64 (`F64Ir`).
+pub(super) struct F32Ir<'a, 'b, 'ctx, V> {
+    pub kb: &'a Kb<'b, 'ctx>,
+    pub _v: PhantomData<V>,
+}
+
+impl<'ctx, V: F32s<'ctx>> Arith for F32Ir<'_, '_, 'ctx, V> {
+    type V = V;
+    fn c(&mut self, v: f64) -> V {
+        V::k(self.kb, v)
+    }
+    fn add(&mut self, a: V, b: V) -> V {
+        self.kb.fadd(a, b)
+    }
+    fn mul(&mut self, a: V, b: V) -> V {
+        self.kb.fmul(a, b)
+    }
+    fn div(&mut self, a: V, b: V) -> V {
+        self.kb.fmul(a, self.kb.recip(b))
+    }
+    fn neg(&mut self, a: V) -> V {
+        self.kb.fsub(V::k(self.kb, 0.0), a)
+    }
+    fn max(&mut self, a: V, b: V) -> V {
+        self.kb.fmax(a, b)
+    }
+    fn exp(&mut self, a: V) -> V {
+        self.kb.exp(self.kb.fmin_c(a, 80.0))
+    }
+    fn tanh(&mut self, y: V) -> V {
+        let kb = self.kb;
+        let e = kb.exp(kb.fmin_c(kb.fadd(y, y), 80.0));
+        kb.fsub(V::k(kb, 1.0), kb.fmul(V::k(kb, 2.0), kb.recip(kb.fadd(e, V::k(kb, 1.0)))))
+    }
+    fn erf(&mut self, _: V) -> V {
+        unreachable!("bug: the exact GELU is computed in f64 (`unary`)")
+    }
+}
+
+/// `Arith` on scalar f64 values, the transcendentals through libm: the exact GELU.
+pub(super) struct F64Ir<'a, 'b, 'ctx> {
+    pub kb: &'a Kb<'b, 'ctx>,
+}
+
+impl<'ctx> Arith for F64Ir<'_, '_, 'ctx> {
+    type V = FloatValue<'ctx>;
+    fn c(&mut self, v: f64) -> FloatValue<'ctx> {
+        self.kb.dc(v)
+    }
+    fn add(&mut self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        self.kb.fadd(a, b)
+    }
+    fn mul(&mut self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        self.kb.fmul(a, b)
+    }
+    fn div(&mut self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        self.kb.fdiv(a, b)
+    }
+    fn neg(&mut self, a: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        self.kb.fsub(self.kb.dc(0.0), a)
+    }
+    fn max(&mut self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        self.kb.fmax(a, b)
+    }
+    fn exp(&mut self, a: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        self.kb.libm("exp", a)
+    }
+    fn tanh(&mut self, a: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        self.kb.libm("tanh", a)
+    }
+    fn erf(&mut self, a: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        self.kb.libm("erf", a)
     }
 }
 

@@ -17,7 +17,7 @@ use super::MlirError;
 use crate::backend::layout::Layout;
 use crate::backend::weights::WeightTable;
 use crate::ir::{
-    alibi_slopes, Act, CacheKind, DType, Dim, Graph, HeadStart, InputKind, NodeId, Op, TensorType,
+    alibi_slopes, Act, Arith, CacheKind, DType, Dim, Graph, HeadStart, InputKind, NodeId, Op, TensorType,
 };
 use crate::Compiled;
 
@@ -869,54 +869,44 @@ fn elem_of(tensor_type: &str) -> String {
     inner.rsplit('x').next().unwrap_or(inner).to_string()
 }
 
-/// An activation of an `f32` value, in the forms the reference uses.
+/// An activation of an `f32` value (`Act::apply`), computed in f64 as the reference does.
 pub fn activation(t: &mut Text, act: Act, x: &str) -> String {
-    match act {
-        Act::Relu => {
-            let z = t.f32(0.0);
-            t.op(format!("arith.maximumf {x}, {z} : f32"))
-        }
-        Act::Gelu => {
-            // 0.5·x·(1 + erf(x/√2)), in f64 like the reference.
-            let w = t.op(format!("arith.extf {x} : f32 to f64"));
-            let c = t.f64(std::f64::consts::FRAC_1_SQRT_2);
-            let a = t.bin("mulf", &w, &c, "f64");
-            let e = t.op(format!("math.erf {a} : f64"));
-            let one = t.f64(1.0);
-            let s = t.bin("addf", &e, &one, "f64");
-            let half = t.f64(0.5);
-            let hw = t.bin("mulf", &w, &half, "f64");
-            let r = t.bin("mulf", &hw, &s, "f64");
-            t.op(format!("arith.truncf {r} : f64 to f32"))
-        }
-        Act::GeluTanh => {
-            // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
-            let w = t.op(format!("arith.extf {x} : f32 to f64"));
-            let x2 = t.bin("mulf", &w, &w, "f64");
-            let x3 = t.bin("mulf", &x2, &w, "f64");
-            let k = t.f64(0.044715);
-            let kx3 = t.bin("mulf", &x3, &k, "f64");
-            let inner = t.bin("addf", &w, &kx3, "f64");
-            let c = t.f64((2.0 / std::f64::consts::PI).sqrt());
-            let a = t.bin("mulf", &inner, &c, "f64");
-            let th = t.op(format!("math.tanh {a} : f64"));
-            let one = t.f64(1.0);
-            let s = t.bin("addf", &th, &one, "f64");
-            let half = t.f64(0.5);
-            let hw = t.bin("mulf", &w, &half, "f64");
-            let r = t.bin("mulf", &hw, &s, "f64");
-            t.op(format!("arith.truncf {r} : f64 to f32"))
-        }
-        Act::Silu => {
-            // x / (1 + exp(-x))
-            let w = t.op(format!("arith.extf {x} : f32 to f64"));
-            let n = t.op(format!("arith.negf {w} : f64"));
-            let e = t.op(format!("math.exp {n} : f64"));
-            let one = t.f64(1.0);
-            let d = t.bin("addf", &e, &one, "f64");
-            let r = t.bin("divf", &w, &d, "f64");
-            t.op(format!("arith.truncf {r} : f64 to f32"))
-        }
+    let w = t.op(format!("arith.extf {x} : f32 to f64"));
+    let r = act.apply(&mut F64Text(t), w);
+    t.op(format!("arith.truncf {r} : f64 to f32"))
+}
+
+/// `Arith` as f64 MLIR text.
+struct F64Text<'a>(&'a mut Text);
+
+impl Arith for F64Text<'_> {
+    type V = String;
+    fn c(&mut self, v: f64) -> String {
+        self.0.f64(v)
+    }
+    fn add(&mut self, a: String, b: String) -> String {
+        self.0.bin("addf", &a, &b, "f64")
+    }
+    fn mul(&mut self, a: String, b: String) -> String {
+        self.0.bin("mulf", &a, &b, "f64")
+    }
+    fn div(&mut self, a: String, b: String) -> String {
+        self.0.bin("divf", &a, &b, "f64")
+    }
+    fn neg(&mut self, a: String) -> String {
+        self.0.op(format!("arith.negf {a} : f64"))
+    }
+    fn max(&mut self, a: String, b: String) -> String {
+        self.0.op(format!("arith.maximumf {a}, {b} : f64"))
+    }
+    fn exp(&mut self, a: String) -> String {
+        self.0.op(format!("math.exp {a} : f64"))
+    }
+    fn tanh(&mut self, a: String) -> String {
+        self.0.op(format!("math.tanh {a} : f64"))
+    }
+    fn erf(&mut self, a: String) -> String {
+        self.0.op(format!("math.erf {a} : f64"))
     }
 }
 

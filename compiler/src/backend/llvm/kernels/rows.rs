@@ -4,7 +4,7 @@
 use inkwell::values::{FloatValue, IntValue, PointerValue, VectorValue};
 
 use super::{Args, Kernel, Slot, UnaryOp};
-use crate::backend::llvm::elementwise::act;
+use crate::backend::llvm::elementwise::{act, F64Ir};
 use crate::backend::llvm::kb::Kb;
 use crate::ir::{Act, HeadStart, QkvPart};
 
@@ -426,11 +426,7 @@ pub(crate) fn unary<'ctx>(kb: &Kb<'_, 'ctx>, op: UnaryOp, x: FloatValue<'ctx>) -
     match op {
         UnaryOp::Scale(s) => kb.to_f32(kb.fmul(kb.to_f64(x), kb.dc(s))),
         UnaryOp::RoundBf16 => kb.round_bf16(x),
-        UnaryOp::Act(Act::Gelu) => {
-            let xd = kb.to_f64(x);
-            let e = kb.libm("erf", kb.fmul(xd, kb.dc(std::f64::consts::FRAC_1_SQRT_2)));
-            kb.to_f32(kb.fmul(kb.fmul(kb.dc(0.5), xd), kb.fadd(kb.dc(1.0), e)))
-        }
+        UnaryOp::Act(Act::Gelu) => kb.to_f32(Act::Gelu.apply(&mut F64Ir { kb }, kb.to_f64(x))),
         UnaryOp::Act(a) => act(kb, a, x),
     }
 }

@@ -6,7 +6,7 @@ use tfc_runtime::gpu::program::ArgKind;
 
 use super::{Target, BLOCK};
 use crate::backend::mlir::text::Text;
-use crate::ir::{Act, Dim};
+use crate::ir::{Act, Arith, Dim};
 
 /// A kernel body under construction.
 pub(super) struct K {
@@ -244,45 +244,9 @@ impl K {
         let ny = self.t.op(format!("arith.negf {y} : f32"));
         self.sel(&neg, &ny, &y, "f32")
     }
+    /// An activation (`Act::apply`) in f32, the transcendentals as `exp`, `tanh`, `erf`.
     pub(super) fn act(&mut self, a: Act, x: &str) -> String {
-        match a {
-            Act::Relu => {
-                let z = self.f(0.0);
-                self.t.op(format!("arith.maximumf {x}, {z} : f32"))
-            }
-            Act::Gelu => {
-                let c = self.f(std::f32::consts::FRAC_1_SQRT_2);
-                let a = self.fl("mulf", x, &c);
-                let e = self.erf(&a);
-                let one = self.f(1.0);
-                let s = self.fl("addf", &e, &one);
-                let half = self.f(0.5);
-                let hx = self.fl("mulf", x, &half);
-                self.fl("mulf", &hx, &s)
-            }
-            Act::GeluTanh => {
-                let x2 = self.fl("mulf", x, x);
-                let x3 = self.fl("mulf", &x2, x);
-                let k = self.f(0.044715);
-                let kx3 = self.fl("mulf", &x3, &k);
-                let inner = self.fl("addf", x, &kx3);
-                let c = self.f((2.0 / std::f32::consts::PI).sqrt());
-                let a = self.fl("mulf", &inner, &c);
-                let th = self.tanh(&a);
-                let one = self.f(1.0);
-                let s = self.fl("addf", &th, &one);
-                let half = self.f(0.5);
-                let hx = self.fl("mulf", x, &half);
-                self.fl("mulf", &hx, &s)
-            }
-            Act::Silu => {
-                let n = self.t.op(format!("arith.negf {x} : f32"));
-                let e = self.exp(&n);
-                let one = self.f(1.0);
-                let d = self.fl("addf", &e, &one);
-                self.fl("divf", x, &d)
-            }
-        }
+        a.apply(self, x.to_string())
     }
     /// Sum of a value over the workgroup, the same in every thread.
     pub(super) fn wg_sum(&mut self, v: &str, sh: &str) -> String {
@@ -298,5 +262,37 @@ impl K {
         });
         self.barrier();
         r[0].clone()
+    }
+}
+
+/// `Arith` in f32 kernel text.
+impl Arith for K {
+    type V = String;
+    fn c(&mut self, v: f64) -> String {
+        self.f(v as f32)
+    }
+    fn add(&mut self, a: String, b: String) -> String {
+        self.fl("addf", &a, &b)
+    }
+    fn mul(&mut self, a: String, b: String) -> String {
+        self.fl("mulf", &a, &b)
+    }
+    fn div(&mut self, a: String, b: String) -> String {
+        self.fl("divf", &a, &b)
+    }
+    fn neg(&mut self, a: String) -> String {
+        self.t.op(format!("arith.negf {a} : f32"))
+    }
+    fn max(&mut self, a: String, b: String) -> String {
+        self.t.op(format!("arith.maximumf {a}, {b} : f32"))
+    }
+    fn exp(&mut self, a: String) -> String {
+        K::exp(self, &a)
+    }
+    fn tanh(&mut self, a: String) -> String {
+        K::tanh(self, &a)
+    }
+    fn erf(&mut self, a: String) -> String {
+        K::erf(self, &a)
     }
 }
