@@ -782,29 +782,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.prompt + a.decode > m.max_seq {
         bail!("{} + {} positions exceed max_seq {}", a.prompt, a.decode, m.max_seq);
     }
-    // A checkpoint's weights, or random ones (the speed does not depend on the values),
-    // bound to each library in its manifest's order.
-    enum Source {
-        Checkpoint(Arc<Checkpoint>),
-        Random(Weights),
-    }
-    let weights = match &a.weights {
-        Some(dir) => Source::Checkpoint(Arc::new(Checkpoint::open(dir)?)),
-        None => {
-            let mut needs = model.needs();
-            needs.weights = needs.weights.saturating_add(f32_weight_bytes(&[&c.prefill]).saturating_mul(2));
-            needs.check(&m.name, "made in f32, then stored", m.max_seq).map_err(anyhow::Error::msg)?;
-            Source::Random(Weights::bind(&[&c.prefill], &WeightSource::Random { seed: 1 })?)
-        }
-    };
-    let data = |names: &mut dyn Iterator<Item = &str>| -> Result<WeightData> {
-        Ok(match &weights {
-            Source::Checkpoint(ck) => WeightData::Checkpoint(ck.clone()),
-            Source::Random(w) => {
-                WeightData::Owned(names.map(|n| w.get(n).map(|t| t.data.clone())).collect::<Result<_, _>>()?)
-            }
-        })
-    };
+    let weights = BenchWeights::new(&a, &c, &model)?;
     // The `--against` library: the same model, so the same weights, bound in its order.
     let other_model = match &a.against {
         None => None,
@@ -815,25 +793,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     };
     let other = match &other_model {
         None => None,
-        Some((d, o)) => {
-            let om = o.manifest();
-            let same = om.weights.len() == m.weights.len()
-                && om
-                    .weights
-                    .iter()
-                    .all(|x| m.weights.iter().any(|y| y.name == x.name && y.shape == x.shape));
-            if !same || om.vocab != m.vocab || om.max_seq < a.prompt + a.decode {
-                bail!(
-                    "the --against library {} is not of this model: its weights, vocabulary or max_seq differ from `{}`",
-                    d.display(),
-                    a.spec.display()
-                );
-            }
-            let ob = data(&mut om.weights.iter().map(|x| x.name.as_str()))?;
-            Some(tfc_runtime::Session::new(o, ob, a.threads)?)
-        }
+        Some((d, o)) => Some(against_session(&a, &m, d, o, &weights)?),
     };
-    let mine = data(&mut m.weights.iter().map(|x| x.name.as_str()))?;
+    let mine = weights.data(&mut m.weights.iter().map(|x| x.name.as_str()))?;
     drop(weights);
     let mut s = tfc_runtime::Session::new(&model, mine, a.threads)?;
     let (run, vs) = match other {
@@ -846,15 +808,94 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             (run, Some(((other.prefill, other.decode), r)))
         }
     };
-    let (pre, dec, tokens) = (run.prefill, run.decode, run.tokens);
-    let weight_bytes: usize = m
-        .weights
+    report(&a, &c, &m, compile_s, run, vs)?;
+    if a.sweep {
+        sweep(&a, &m, &mut s)?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The weights a benchmark binds: a checkpoint's, or random ones (the speed does not
+/// depend on the values), bound to each library in its manifest's order.
+enum BenchWeights {
+    Checkpoint(Arc<Checkpoint>),
+    Random(Weights),
+}
+
+impl BenchWeights {
+    fn new(a: &BenchArgs, c: &tfc::Compiled, model: &Model) -> Result<BenchWeights> {
+        Ok(match &a.weights {
+            Some(dir) => BenchWeights::Checkpoint(Arc::new(Checkpoint::open(dir)?)),
+            None => {
+                let m = model.manifest();
+                let mut needs = model.needs();
+                needs.weights =
+                    needs.weights.saturating_add(f32_weight_bytes(&[&c.prefill]).saturating_mul(2));
+                needs.check(&m.name, "made in f32, then stored", m.max_seq).map_err(anyhow::Error::msg)?;
+                BenchWeights::Random(Weights::bind(&[&c.prefill], &WeightSource::Random { seed: 1 })?)
+            }
+        })
+    }
+
+    fn data(&self, names: &mut dyn Iterator<Item = &str>) -> Result<WeightData> {
+        Ok(match self {
+            BenchWeights::Checkpoint(ck) => WeightData::Checkpoint(ck.clone()),
+            BenchWeights::Random(w) => {
+                WeightData::Owned(names.map(|n| w.get(n).map(|t| t.data.clone())).collect::<Result<_, _>>()?)
+            }
+        })
+    }
+}
+
+/// A session of the `--against` library, which must be of the same model.
+fn against_session<'m>(
+    a: &BenchArgs,
+    m: &tfc_runtime::abi::Manifest,
+    dir: &Path,
+    other: &'m Model,
+    weights: &BenchWeights,
+) -> Result<tfc_runtime::Session<'m>> {
+    let om = other.manifest();
+    let same = om.weights.len() == m.weights.len()
+        && om.weights.iter().all(|x| m.weights.iter().any(|y| y.name == x.name && y.shape == x.shape));
+    if !same || om.vocab != m.vocab || om.max_seq < a.prompt + a.decode {
+        bail!(
+            "the --against library {} is not of this model: its weights, vocabulary or max_seq differ from `{}`",
+            dir.display(),
+            a.spec.display()
+        );
+    }
+    let ob = weights.data(&mut om.weights.iter().map(|x| x.name.as_str()))?;
+    Ok(tfc_runtime::Session::new(other, ob, a.threads)?)
+}
+
+/// The bytes of the weights `names` (all of them with `None`) as the library stores them.
+fn stored_bytes(m: &tfc_runtime::abi::Manifest, names: Option<&std::collections::HashSet<String>>) -> usize {
+    m.weights
         .iter()
+        .filter(|x| names.is_none_or(|n| n.contains(&x.name)))
         .map(|x| {
             let dtype = tfc::ir::DType::parse(&x.dtype).unwrap_or(tfc::ir::DType::F32);
             tfc::backend::weights::weight_bytes(&x.shape, dtype)
         })
-        .sum();
+        .sum()
+}
+
+/// Prefill and decode against another library's: its times, then each pair's ratios.
+type Against = ((Vec<f64>, Vec<f64>), (Vec<f64>, Vec<f64>));
+
+/// Prints what a benchmark measured, as text or JSON.
+fn report(
+    a: &BenchArgs,
+    c: &tfc::Compiled,
+    m: &tfc_runtime::abi::Manifest,
+    compile_s: f64,
+    run: Samples,
+    vs: Option<Against>,
+) -> Result<()> {
+    let (pre, dec, tokens) = (run.prefill, run.decode, run.tokens);
+    let weight_bytes = stored_bytes(m, None);
     let (pm, pmin, pmax) = stats(pre);
     let (dm, dmin, dmax) = stats(dec);
     // A decode step reads every matrix of a linear map once (an embedding table only
@@ -869,15 +910,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             }
         }
     }
-    let read_bytes: usize = m
-        .weights
-        .iter()
-        .filter(|x| read.contains(&x.name))
-        .map(|x| {
-            let dtype = tfc::ir::DType::parse(&x.dtype).unwrap_or(tfc::ir::DType::F32);
-            tfc::backend::weights::weight_bytes(&x.shape, dtype)
-        })
-        .sum();
+    let read_bytes = stored_bytes(m, Some(&read));
     let gbs = dm * read_bytes as f64 / 1e9;
     let params: usize = m.weights.iter().map(|x| x.shape.iter().product::<usize>()).sum();
     let flops = linear_flops(&c.prefill, a.prompt);
@@ -906,74 +939,72 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             }),
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
-    } else {
-        println!(
-            "{}: {:.1} M parameters, {:.1} MB of weights, {precision}, compiled in {compile_s:.2} s, {} runs",
-            m.name,
-            params as f64 / 1e6,
-            weight_bytes as f64 / 1e6,
-            a.runs
-        );
-        let share = |x: f64, peak: Option<f64>| {
-            peak.map_or(String::new(), |p| format!(" ({:.0}% of {p})", 100.0 * x / p))
-        };
-        println!(
-            "prefill {} tokens: {pm:.2} ms (min {pmin:.2}, max {pmax:.2}), ~{gflops:.1} GFLOP/s in linear maps{}",
-            a.prompt,
-            share(gflops, a.peak_gflop_s)
-        );
-        println!(
-            "decode {} tokens:  {dm:.2} tok/s (min {dmin:.2}, max {dmax:.2}), {gbs:.2} GB/s of weights{}",
-            a.decode,
-            share(gbs, a.peak_gb_s)
-        );
-        if let (Some(((p, d), (rp, rd))), Some(dir)) = (vs, &a.against) {
-            let ((p, p0, p1), (d, d0, d1)) = (stats(p), stats(d));
-            let ((rp, rp0, rp1), (rd, rd0, rd1)) = (stats(rp), stats(rd));
-            println!("against {}, each run next to one of the above:", dir.display());
-            println!("prefill: {p:.2} ms (min {p0:.2}, max {p1:.2}), ×{rp:.3} per pair (min {rp0:.3}, max {rp1:.3})");
-            println!("decode:  {d:.2} tok/s (min {d0:.2}, max {d1:.2}), ×{rd:.3} per pair (min {rd0:.3}, max {rd1:.3})");
-        }
+        return Ok(());
     }
-    if a.sweep {
-        let mut prefill = Vec::new();
-        let mut decode = Vec::new();
-        for len in [32, 64, 128, 256, 512, 1024].into_iter().filter(|&l| l <= m.max_seq) {
-            prefill.push((len, stats(measure(&mut s, m.vocab, len, 0, a.runs)?.prefill)));
-        }
-        // 16 decoded tokens after a prompt that fills the cache to the context.
-        for ctx in [128, 512, 1024]
-            .into_iter()
-            .map(|c: usize| c.min(m.max_seq.saturating_sub(16)))
-            .filter(|&c| c > 0)
-        {
-            if decode.iter().any(|(c, _)| *c == ctx) {
-                continue;
-            }
-            decode.push((ctx, stats(measure(&mut s, m.vocab, ctx, 16, a.runs)?.decode)));
-        }
-        println!("\nhow cost grows (median (min–max) of {} runs):", a.runs);
-        println!("| prompt tokens | prefill ms |");
-        println!("| --- | --- |");
-        for (l, (med, lo, hi)) in &prefill {
-            println!("| {l} | {med:.2} ({lo:.2}–{hi:.2}) |");
-        }
-        println!("| context | decode tok/s |");
-        println!("| --- | --- |");
-        for (c, (med, lo, hi)) in &decode {
-            println!("| {c} | {med:.2} ({lo:.2}–{hi:.2}) |");
-        }
-        if let Some(path) = &a.plot {
-            let pts = |v: &[(usize, (f64, f64, f64))]| v.iter().map(|(x, s)| (*x, s.0)).collect::<Vec<_>>();
-            plot(
-                path,
-                &format!("{}: prefill latency and decode speed", m.name),
-                &pts(&prefill),
-                &pts(&decode),
-            )?;
-        }
+    println!(
+        "{}: {:.1} M parameters, {:.1} MB of weights, {precision}, compiled in {compile_s:.2} s, {} runs",
+        m.name,
+        params as f64 / 1e6,
+        weight_bytes as f64 / 1e6,
+        a.runs
+    );
+    let share = |x: f64, peak: Option<f64>| {
+        peak.map_or(String::new(), |p| format!(" ({:.0}% of {p})", 100.0 * x / p))
+    };
+    println!(
+        "prefill {} tokens: {pm:.2} ms (min {pmin:.2}, max {pmax:.2}), ~{gflops:.1} GFLOP/s in linear maps{}",
+        a.prompt,
+        share(gflops, a.peak_gflop_s)
+    );
+    println!(
+        "decode {} tokens:  {dm:.2} tok/s (min {dmin:.2}, max {dmax:.2}), {gbs:.2} GB/s of weights{}",
+        a.decode,
+        share(gbs, a.peak_gb_s)
+    );
+    if let (Some(((p, d), (rp, rd))), Some(dir)) = (vs, &a.against) {
+        let ((p, p0, p1), (d, d0, d1)) = (stats(p), stats(d));
+        let ((rp, rp0, rp1), (rd, rd0, rd1)) = (stats(rp), stats(rd));
+        println!("against {}, each run next to one of the above:", dir.display());
+        println!(
+            "prefill: {p:.2} ms (min {p0:.2}, max {p1:.2}), ×{rp:.3} per pair (min {rp0:.3}, max {rp1:.3})"
+        );
+        println!("decode:  {d:.2} tok/s (min {d0:.2}, max {d1:.2}), ×{rd:.3} per pair (min {rd0:.3}, max {rd1:.3})");
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `--sweep`: prefill over growing prompts and decode at growing contexts, as a table
+/// and, with `--plot`, an SVG.
+fn sweep(a: &BenchArgs, m: &tfc_runtime::abi::Manifest, s: &mut tfc_runtime::Session) -> Result<()> {
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for len in [32, 64, 128, 256, 512, 1024].into_iter().filter(|&l| l <= m.max_seq) {
+        prefill.push((len, stats(measure(s, m.vocab, len, 0, a.runs)?.prefill)));
+    }
+    // 16 decoded tokens after a prompt that fills the cache to the context.
+    for ctx in
+        [128, 512, 1024].into_iter().map(|c: usize| c.min(m.max_seq.saturating_sub(16))).filter(|&c| c > 0)
+    {
+        if decode.iter().any(|(c, _)| *c == ctx) {
+            continue;
+        }
+        decode.push((ctx, stats(measure(s, m.vocab, ctx, 16, a.runs)?.decode)));
+    }
+    println!("\nhow cost grows (median (min–max) of {} runs):", a.runs);
+    println!("| prompt tokens | prefill ms |");
+    println!("| --- | --- |");
+    for (l, (med, lo, hi)) in &prefill {
+        println!("| {l} | {med:.2} ({lo:.2}–{hi:.2}) |");
+    }
+    println!("| context | decode tok/s |");
+    println!("| --- | --- |");
+    for (c, (med, lo, hi)) in &decode {
+        println!("| {c} | {med:.2} ({lo:.2}–{hi:.2}) |");
+    }
+    if let Some(path) = &a.plot {
+        let pts = |v: &[(usize, (f64, f64, f64))]| v.iter().map(|(x, s)| (*x, s.0)).collect::<Vec<_>>();
+        plot(path, &format!("{}: prefill latency and decode speed", m.name), &pts(&prefill), &pts(&decode))?;
+    }
     Ok(())
 }
 

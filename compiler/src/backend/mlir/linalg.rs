@@ -42,6 +42,15 @@ pub fn module(c: &Compiled, weights: &WeightTable, layout: &Layout) -> Result<St
     Ok(t.out)
 }
 
+/// A node's type, operands, output tensor type, identity map and parallel iterators.
+struct Local {
+    ty: TensorType,
+    ops: Vec<NodeId>,
+    out_t: String,
+    ident: String,
+    par: Vec<&'static str>,
+}
+
 struct Func<'a> {
     t: &'a mut Text,
     g: &'a Graph,
@@ -291,14 +300,21 @@ impl<'a> Func<'a> {
         (self.vals[&n].clone(), ttype(self.g.ty(n)))
     }
 
-    fn node(&mut self, n: NodeId) -> Result<Option<String>, MlirError> {
-        let g = self.g;
-        let ty = g.ty(n).clone();
-        let ops = g.operands(n);
+    /// What emitting node `n` as one `linalg.generic` over its output needs.
+    fn local(&self, n: NodeId) -> Local {
+        let ty = self.g.ty(n).clone();
         let rank = ty.rank();
-        let out_t = ttype(&ty);
-        let ident = id_map(rank);
-        let par = vec!["parallel"; rank];
+        Local {
+            ops: self.g.operands(n),
+            out_t: ttype(&ty),
+            ident: id_map(rank),
+            par: vec!["parallel"; rank],
+            ty,
+        }
+    }
+
+    fn node(&mut self, n: NodeId) -> Result<Option<String>, MlirError> {
+        let (g, Local { ty, ops, out_t, ident, par }) = (self.g, self.local(n));
         let v = match g.op(n) {
             Op::Weight { name, .. } => {
                 let i = self.weights.slot(name);
@@ -376,7 +392,7 @@ impl<'a> Func<'a> {
                 let r = self.dim(rows);
                 let one = self.t.index(1);
                 let last = self.t.bin("subi", &r, &one, "index");
-                if rank == 1 {
+                if ty.rank() == 1 {
                     // The positions: `[T] -> [1]`.
                     self.t.op(format!("tensor.extract_slice {x}[{last}] [1] [1] : {xt} to {out_t}"))
                 } else {
@@ -396,13 +412,7 @@ impl<'a> Func<'a> {
     }
 
     fn gather(&mut self, n: NodeId) -> String {
-        let g = self.g;
-        let ty = g.ty(n).clone();
-        let ops = g.operands(n);
-        let rank = ty.rank();
-        let out_t = ttype(&ty);
-        let ident = id_map(rank);
-        let par = vec!["parallel"; rank];
+        let (g, Local { ty, ops, out_t, ident, par }) = (self.g, self.local(n));
         let Op::Gather { offset } = g.op(n) else { unreachable!("gather") };
         let (table, table_t) = self.val(ops[0]);
         let (ids, ids_t) = self.val(ops[1]);
@@ -424,13 +434,7 @@ impl<'a> Func<'a> {
     }
 
     fn sinusoidal(&mut self, n: NodeId) -> String {
-        let g = self.g;
-        let ty = g.ty(n).clone();
-        let ops = g.operands(n);
-        let rank = ty.rank();
-        let out_t = ttype(&ty);
-        let ident = id_map(rank);
-        let par = vec!["parallel"; rank];
+        let (g, Local { ty, ops, out_t, ident, par }) = (self.g, self.local(n));
         let Op::Sinusoidal { dim, base } = g.op(n) else { unreachable!("sinusoidal") };
         let (pos, pos_t) = self.val(ops[0]);
         let e = self.empty(&ty.shape, "f32");
@@ -459,13 +463,7 @@ impl<'a> Func<'a> {
     }
 
     fn binary(&mut self, n: NodeId) -> String {
-        let g = self.g;
-        let ty = g.ty(n).clone();
-        let ops = g.operands(n);
-        let rank = ty.rank();
-        let out_t = ttype(&ty);
-        let ident = id_map(rank);
-        let par = vec!["parallel"; rank];
+        let (g, Local { ty, ops, out_t, ident, par }) = (self.g, self.local(n));
         let (a, at) = self.val(ops[0]);
         let (b, bt) = self.val(ops[1]);
         let e = self.empty(&ty.shape, "f32");
@@ -476,13 +474,7 @@ impl<'a> Func<'a> {
     }
 
     fn scale(&mut self, n: NodeId) -> String {
-        let g = self.g;
-        let ty = g.ty(n).clone();
-        let ops = g.operands(n);
-        let rank = ty.rank();
-        let out_t = ttype(&ty);
-        let ident = id_map(rank);
-        let par = vec!["parallel"; rank];
+        let (g, Local { ty, ops, out_t, ident, par }) = (self.g, self.local(n));
         let Op::Scale(s) = g.op(n) else { unreachable!("scale") };
         let (a, at) = self.val(ops[0]);
         let e = self.empty(&ty.shape, "f32");
@@ -497,13 +489,7 @@ impl<'a> Func<'a> {
     }
 
     fn activation(&mut self, n: NodeId) -> String {
-        let g = self.g;
-        let ty = g.ty(n).clone();
-        let ops = g.operands(n);
-        let rank = ty.rank();
-        let out_t = ttype(&ty);
-        let ident = id_map(rank);
-        let par = vec!["parallel"; rank];
+        let (g, Local { ty, ops, out_t, ident, par }) = (self.g, self.local(n));
         let Op::Activation(act) = g.op(n) else { unreachable!("activation") };
         let (a, at) = self.val(ops[0]);
         let e = self.empty(&ty.shape, "f32");
@@ -512,26 +498,14 @@ impl<'a> Func<'a> {
     }
 
     fn round_bf16(&mut self, n: NodeId) -> String {
-        let g = self.g;
-        let ty = g.ty(n).clone();
-        let ops = g.operands(n);
-        let rank = ty.rank();
-        let out_t = ttype(&ty);
-        let ident = id_map(rank);
-        let par = vec!["parallel"; rank];
+        let Local { ty, ops, out_t, ident, par } = self.local(n);
         let (a, at) = self.val(ops[0]);
         let e = self.empty(&ty.shape, "f32");
         self.generic(&[(a, at, ident.clone())], (e, out_t, ident), &par, |t, x| round_bf16(t, &x[0]))
     }
 
     fn split_qkv(&mut self, n: NodeId) -> String {
-        let g = self.g;
-        let ty = g.ty(n).clone();
-        let ops = g.operands(n);
-        let rank = ty.rank();
-        let out_t = ttype(&ty);
-        let ident = id_map(rank);
-        let par = vec!["parallel"; rank];
+        let (g, Local { ty, ops, out_t, ident, par }) = (self.g, self.local(n));
         let Op::SplitQkv { layout, part, heads, kv_heads, head_dim } = g.op(n) else {
             unreachable!("split_qkv")
         };
@@ -577,13 +551,7 @@ impl<'a> Func<'a> {
     }
 
     fn split_heads(&mut self, n: NodeId) -> String {
-        let g = self.g;
-        let ty = g.ty(n).clone();
-        let ops = g.operands(n);
-        let rank = ty.rank();
-        let out_t = ttype(&ty);
-        let ident = id_map(rank);
-        let par = vec!["parallel"; rank];
+        let (g, Local { ty, ops, out_t, ident, par }) = (self.g, self.local(n));
         let Op::SplitHeads { heads } = g.op(n) else { unreachable!("split_heads") };
         let (x, xt) = self.val(ops[0]);
         let hd = ty.shape[2].as_fixed().unwrap();
@@ -604,10 +572,7 @@ impl<'a> Func<'a> {
     }
 
     fn merge_heads(&mut self, n: NodeId) -> String {
-        let g = self.g;
-        let ty = g.ty(n).clone();
-        let ops = g.operands(n);
-        let out_t = ttype(&ty);
+        let (g, Local { ops, out_t, .. }) = (self.g, self.local(n));
         let (x, xt) = self.val(ops[0]);
         let src = g.ty(ops[0]).shape.clone();
         let sh = [src[1], src[0], src[2]];
