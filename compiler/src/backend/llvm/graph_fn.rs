@@ -33,8 +33,11 @@ use crate::ir::{CacheKind, DType, Dim, Graph, NodeId, Op};
 /// the compile time quadratic in the layers (512 layers took a minute).
 const CALLS_PER_BLOCK: usize = 32;
 
+/// The kernels a graph function calls, in order, each with the node it computes.
+pub(super) type CallLog = Vec<(NodeId, String)>;
+
 /// Emits graph `name` (`None`: an encoder's missing decode, an empty function the C half
-/// never calls) into `m`; returns the arena bytes it needs.
+/// never calls) into `m`; returns the arena bytes it needs and the kernels it calls.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn emit<'ctx>(
     cx: &'ctx Context,
@@ -45,7 +48,7 @@ pub(super) fn emit<'ctx>(
     layout: &Layout,
     amx: bool,
     kernels: &mut HashMap<String, FunctionValue<'ctx>>,
-) -> Result<u64, LlvmError> {
+) -> Result<(u64, CallLog), LlvmError> {
     let ptr = cx.ptr_type(inkwell::AddressSpace::default());
     let i64t = cx.i64_type();
     let params = [ptr, ptr, ptr, ptr].map(Into::into).into_iter().chain([i64t.into(), i64t.into()]);
@@ -68,7 +71,7 @@ pub(super) fn emit<'ctx>(
     let kb = Kb::new(cx, m, f);
     let Some(g) = g else {
         kb.ret();
-        return Ok(0);
+        return Ok((0, Vec::new()));
     };
     // Every use of a parameter reloads it from a stack slot, so that no value lives
     // across the whole function: the register coalescer scans every instruction of a
@@ -103,6 +106,8 @@ pub(super) fn emit<'ctx>(
         calls: 0,
         packed_input: None,
         cache_outputs: g.cache_outputs(),
+        node: None,
+        log: Vec::new(),
     };
     for &n in &gp.order {
         e.node(n)?;
@@ -114,7 +119,7 @@ pub(super) fn emit<'ctx>(
     let (out, src) = (e.param(7).into_pointer_value(), e.at(main));
     e.kb.b.build_memcpy(out, 4, src, 4, bytes).map_err(|err| LlvmError::Llvm(err.to_string()))?;
     e.kb.ret();
-    Ok(gp.arena_bytes())
+    Ok((gp.arena_bytes(), e.log))
 }
 
 struct GraphFn<'a, 'k, 'ctx> {
@@ -136,6 +141,9 @@ struct GraphFn<'a, 'k, 'ctx> {
     packed_input: Option<(NodeId, Packing)>,
     /// The nodes whose values go to the cache, and where.
     cache_outputs: HashMap<NodeId, Vec<(u32, CacheKind)>>,
+    /// The node being emitted, and every call so far.
+    node: Option<NodeId>,
+    log: CallLog,
 }
 
 impl<'ctx> GraphFn<'_, '_, 'ctx> {
@@ -226,6 +234,9 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
             self.kb.b.position_at_end(next);
         }
         self.calls += 1;
+        if let Some(n) = self.node {
+            self.log.push((n, kernel.symbol()));
+        }
         let (cx, m) = (self.kb.cx, self.kb.m);
         let kf = *self.kernels.entry(kernel.symbol()).or_insert_with(|| kernels::emit(cx, m, &kernel));
         for (i, v) in kernel.encode(values).into_iter().enumerate() {
@@ -246,6 +257,7 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
         if gp.fused.absorbed.contains_key(&n) {
             return Ok(());
         }
+        self.node = Some(n);
         let ops = g.operands(n);
         let ty = g.ty(n).clone();
         let o = |e: &Self, i: usize| e.val(ops[i]);

@@ -70,7 +70,7 @@ pub fn build<'ctx>(
         ("decode", c.decode.as_ref()),
     ];
     for (name, graph) in graphs.drain(..) {
-        let used = graph_fn::emit(cx, &m, name, graph, weights, &layout, amx, &mut kernels)?;
+        let (used, _) = graph_fn::emit(cx, &m, name, graph, weights, &layout, amx, &mut kernels)?;
         arena = arena.max(used);
     }
     let layout = Layout { arena_bytes: arena, ..layout };
@@ -82,13 +82,18 @@ pub fn build<'ctx>(
 /// The plan of every graph of the library as text (`tfc ir --stage plan`): what `build`
 /// decides before it emits code.
 pub fn plan_text(c: &Compiled, weights: &WeightTable, amx: bool) -> Result<String, LlvmError> {
+    // The kernels each node calls come from emitting the graphs, into a module of their own.
+    let cx = Context::create();
+    let m = cx.create_module(&c.spec.name);
+    let (layout, mut kernels) = (layout(c), HashMap::new());
     let mut out = String::new();
     for (name, g) in
         [("prefill", Some(&c.prefill)), ("prefill_all", Some(&c.prefill_all)), ("decode", c.decode.as_ref())]
     {
         let Some(g) = g else { continue };
         let p = GraphPlan::of(g, weights, c.spec.sizes.max_seq, amx)?;
-        out.push_str(&select::describe(name, g, &p, amx, weights));
+        let (_, calls) = graph_fn::emit(&cx, &m, name, Some(g), weights, &layout, amx, &mut kernels)?;
+        out.push_str(&select::describe(name, g, &p, amx, weights, &calls));
     }
     Ok(out)
 }

@@ -275,8 +275,16 @@ impl GraphPlan {
 
 /// The plan as text (`tfc ir --stage plan`): per graph, the arena's regions, and per node
 /// (numbered as `tfc ir` numbers them) where its value lives, the elementwise ops fused
-/// into it, and for a linear map the weights' layout and the algorithm.
-pub(super) fn describe(name: &str, g: &Graph, p: &GraphPlan, amx: bool, weights: &WeightTable) -> String {
+/// into it, for a linear map the weights' layout and the algorithm, and the kernels its
+/// `calls` (as the graph function calls them) are.
+pub(super) fn describe(
+    name: &str,
+    g: &Graph,
+    p: &GraphPlan,
+    amx: bool,
+    weights: &WeightTable,
+    calls: &[(NodeId, String)],
+) -> String {
     use std::fmt::Write;
     let num: HashMap<NodeId, usize> = p.order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let mut out = String::new();
@@ -333,6 +341,10 @@ pub(super) fn describe(name: &str, g: &Graph, p: &GraphPlan, amx: bool, weights:
             if p.to_tiles.contains(last) {
                 line.push_str(" packed");
             }
+        }
+        let called: Vec<&str> = calls.iter().filter(|(c, _)| *c == n).map(|(_, k)| k.as_str()).collect();
+        if !called.is_empty() {
+            write!(line, "; calls {}", called.join(", ")).unwrap();
         }
         writeln!(out, "{line}").unwrap();
     }
