@@ -75,3 +75,18 @@ fn the_plan_of_every_spec() {
     insta::glob!("../../specs", "**/*.tfs", |path| plan(path));
     insta::glob!("../../tests/specs/valid", "**/*.tfs", |path| plan(path));
 }
+
+/// The plan of the bf16 specs for a CPU with AMX (the choice is data, so it is the same
+/// on every host): which maps run on tiles, with how many activation parts, which write
+/// their output packed for the next, and the packed regions of the arena.
+#[test]
+fn the_amx_plan_of_the_bf16_specs() {
+    let plan = |path: &std::path::Path| {
+        let c = compile(path, &Options::default());
+        let weights = tfc::backend::library_weights(&c, tfc::backend::Backend::Llvm);
+        let text = tfc::backend::llvm::plan_text(&c, &weights, true).unwrap();
+        assert!(text.contains("amx(parts="), "{}: no map on tiles", path.display());
+        insta::assert_snapshot!("amx_plan", text);
+    };
+    insta::glob!("../../tests/specs/valid", "*bf16*.tfs", |path| plan(path));
+}

@@ -124,7 +124,7 @@ fn build<'ctx>(
     tm: &inkwell::targets::TargetMachine,
 ) -> Result<(inkwell::module::Module<'ctx>, layout::Layout), BackendError> {
     match backend {
-        Backend::Llvm => Ok(llvm::build(cx, c, weights, llvm::has_amx(tm))?),
+        Backend::Llvm => Ok(llvm::emit(cx, c, weights, llvm::has_amx(tm))?),
         Backend::Mlir => {
             let layers = c.spec.sizes.layers;
             if layers > MLIR_MAX_LAYERS {
@@ -160,7 +160,7 @@ fn mlir_cpu<'c>(
     layout: &layout::Layout,
     lower: bool,
 ) -> Result<melior::ir::Module<'c>, BackendError> {
-    let text = mlir::linalg::module(c, weights, layout)?;
+    let text = mlir::linalg::emit(c, weights, layout)?;
     let mut m = ml.parse(&text)?;
     if lower {
         ml.lower_cpu(&mut m)?;
@@ -230,7 +230,7 @@ pub fn gpu_build(c: &Compiled, target: Target) -> Result<GpuBuild, BackendError>
         return Err(mlir::MlirError::Unsupported(what).into());
     }
     let layout = layout::layout(c);
-    let m = mlir::gpu::module(c, &weights, &layout, t)?;
+    let m = mlir::gpu::emit(c, &weights, &layout, t)?;
     let ml = mlir::Mlir::new();
     let (lowered, binary) = ml.compile_gpu(&m.mlir, t)?;
     let mut program = m.program;

@@ -47,9 +47,10 @@ pub enum LlvmError {
     Plan(#[from] PlanError),
 }
 
-/// Builds the module for a compiled spec; with `amx`, for a target with AMX-BF16 (whose
-/// bf16 GEMMs then run on tiles; `strip_amx` makes a copy without them).
-pub fn build<'ctx>(
+/// The LLVM backend's entry: the module of a compiled spec's library, and its layout; with
+/// `amx`, for a target with AMX-BF16 (whose bf16 GEMMs then run on tiles; `strip_amx`
+/// makes a copy without them).
+pub fn emit<'ctx>(
     cx: &'ctx Context,
     c: &Compiled,
     weights: &WeightTable,

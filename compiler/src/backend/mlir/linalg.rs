@@ -21,8 +21,9 @@ use crate::ir::{
 };
 use crate::Compiled;
 
-/// The whole module: one function per graph.
-pub fn module(c: &Compiled, weights: &WeightTable, layout: &Layout) -> Result<String, MlirError> {
+/// The linalg backend's entry: the module of a compiled spec's library as MLIR text, one
+/// function per graph.
+pub fn emit(c: &Compiled, weights: &WeightTable, layout: &Layout) -> Result<String, MlirError> {
     for (name, _, dtype) in &weights.names {
         if !matches!(dtype, DType::F32 | DType::BF16) {
             return Err(unsupported(format!("{dtype} weights (`{name}`); use f32 or bf16")));

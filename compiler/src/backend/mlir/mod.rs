@@ -118,14 +118,14 @@ impl Mlir {
         pm.run(module).map_err(|_| self.error("a lowering pass failed"))
     }
 
-    /// Lowers the `linalg` module of `linalg::module` to the LLVM dialect.
+    /// Lowers the `linalg` module of `linalg::emit` to the LLVM dialect.
     pub fn lower_cpu(&self, module: &mut Module) -> Result<(), MlirError> {
         self.run(module, CPU_BUFFERIZE)?;
         strip_transforms(module);
         self.run(module, CPU_TO_LLVM)
     }
 
-    /// Compiles the kernels of `gpu::module` for a target: the lowered kernel module as
+    /// Compiles the kernels of `gpu::emit` for a target: the lowered kernel module as
     /// text (the `spirv` dialect, or the `llvm`/`nvvm` dialects) and the binary (a SPIR-V
     /// module, or PTX text).
     pub fn compile_gpu(&self, source: &str, target: gpu::Target) -> Result<(String, Vec<u8>), MlirError> {

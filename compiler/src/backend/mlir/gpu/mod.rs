@@ -59,7 +59,9 @@ pub struct GpuModule {
     pub program: Program,
 }
 
-pub fn module(
+/// The GPU backend's entry: the kernels of a compiled spec and the program that
+/// dispatches them.
+pub fn emit(
     c: &Compiled,
     weights: &WeightTable,
     layout: &Layout,
