@@ -1,4 +1,4 @@
-//! The reference interpreter against Hugging Face transformers, on the ten fixture
+//! The reference interpreter against Hugging Face transformers, on the twelve fixture
 //! architectures in `tests/fixtures/hf/` (see its README): logits within 1e-4 for one
 //! full forward pass over the prompt and over prompt + continuation, identical greedy
 //! continuations, and prefill + decode through the KV cache against the full pass.
@@ -83,7 +83,20 @@ macro_rules! fixture_tests {
     ($($arch:ident),*) => { $( #[test] fn $arch() { check(stringify!($arch)); } )* };
 }
 
-fixture_tests!(bert, bloom, gemma, gpt2, gpt_neox, llama, mistral, opt_postln, phi, qwen2);
+fixture_tests!(
+    bert,
+    bloom,
+    gemma,
+    gpt2,
+    gpt_neox,
+    llama,
+    llama31,
+    llama_linear,
+    mistral,
+    opt_postln,
+    phi,
+    qwen2
+);
 
 #[test]
 fn a_checkpoint_that_does_not_fit_is_a_clear_error() {

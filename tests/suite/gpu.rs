@@ -66,7 +66,20 @@ macro_rules! vulkan_tests {
 
 mod vulkan {
     use super::*;
-    vulkan_tests!(bert, bloom, gemma, gpt2, gpt_neox, llama, mistral, opt_postln, phi, qwen2);
+    vulkan_tests!(
+        bert,
+        bloom,
+        gemma,
+        gpt2,
+        gpt_neox,
+        llama,
+        llama31,
+        llama_linear,
+        mistral,
+        opt_postln,
+        phi,
+        qwen2
+    );
 }
 
 /// `ptxas` from the `nvidia-cuda-nvcc-cu12` wheel that `scripts/setup.sh` installs.

@@ -5,8 +5,20 @@ use tfc::import::hf::import;
 
 use crate::common::*;
 
-const ARCHS: [&str; 10] =
-    ["bert", "bloom", "gemma", "gpt2", "gpt_neox", "llama", "mistral", "opt_postln", "phi", "qwen2"];
+const ARCHS: [&str; 12] = [
+    "bert",
+    "bloom",
+    "gemma",
+    "gpt2",
+    "gpt_neox",
+    "llama",
+    "llama31",
+    "llama_linear",
+    "mistral",
+    "opt_postln",
+    "phi",
+    "qwen2",
+];
 
 fn config(arch: &str) -> serde_json::Value {
     let text =
@@ -53,7 +65,7 @@ fn what_cannot_be_imported_faithfully_is_an_error() {
     let e = import_err("llama", &|c| {
         c.insert(
             "rope_parameters".into(),
-            serde_json::json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+            serde_json::json!({"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}),
         );
     });
     assert!(e.contains("rope_parameters"), "{e}");

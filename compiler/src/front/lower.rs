@@ -500,8 +500,8 @@ impl Lowerer<'_> {
         let mut k = self.node(Op::SplitHeads { heads: kv }, &[k], origin);
         let v = self.node(Op::SplitHeads { heads: kv }, &[v], origin);
         let pos = self.positions(origin);
-        if let Position::Rope { theta, rotary_dim, interleaved } = a.position {
-            let r = Op::Rope(Rope { theta, rotary_dim, interleaved });
+        if let Position::Rope { theta, rotary_dim, interleaved, scaling } = a.position {
+            let r = Op::Rope(Rope { theta, rotary_dim, interleaved, scaling });
             q = self.node(r.clone(), &[q, pos], origin);
             k = self.node(r, &[k, pos], origin);
         }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use super::ast::{self, Field, Ident, SectionKind, Span, Value, ValueKind};
 use super::diag::{Code, Diagnostic};
 use super::spec::*;
-use crate::ir::{Act, DType, QkvLayout};
+use crate::ir::{Act, DType, QkvLayout, RopeScaling};
 
 const SETTINGS: &[&str] = &[
     "vocab",
@@ -442,6 +442,77 @@ fn attention(
     })))
 }
 
+/// `scaling = linear { factor = 4 }` or `scaling = llama3 { factor = 8, low_freq_factor =
+/// 1, high_freq_factor = 4, original_max_seq = 8192 }` in a `rope { ... }`; `None` (after a
+/// diagnostic) when it is wrong.
+fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScaling> {
+    let Some(v) = r.take("scaling") else {
+        return Some(RopeScaling::None);
+    };
+    let kinds = ["linear", "llama3"];
+    match &v.kind {
+        ValueKind::Ident(s) if s == "none" => Some(RopeScaling::None),
+        ValueKind::Object(kind, fields) if kind.name == "linear" => {
+            let mut s = Fields::new("`linear`", fields, &["factor"]);
+            let factor = s.float_positive("factor", diags);
+            if !s.has("factor") {
+                diags.push(missing_field(kind, "linear", "factor"));
+            }
+            s.finish(diags);
+            Some(RopeScaling::Linear { factor: factor? })
+        }
+        ValueKind::Object(kind, fields) if kind.name == "llama3" => {
+            let keys = ["factor", "low_freq_factor", "high_freq_factor", "original_max_seq"];
+            let mut s = Fields::new("`llama3`", fields, &keys);
+            let factor = s.float_positive("factor", diags);
+            let low = s.float_positive("low_freq_factor", diags);
+            let high = s.float_positive("high_freq_factor", diags);
+            let original = s.positive("original_max_seq", diags);
+            for k in keys.iter().filter(|k| !s.has(k)) {
+                diags.push(missing_field(kind, "llama3", k));
+            }
+            s.finish(diags);
+            let (low_freq_factor, high_freq_factor) = (low?, high?);
+            if low_freq_factor >= high_freq_factor {
+                diags.push(
+                    Diagnostic::error(
+                        Code::BadValue,
+                        format!("low_freq_factor {low_freq_factor} is not below high_freq_factor {high_freq_factor}"),
+                    )
+                    .label(s.span_of("low_freq_factor"), "must be below high_freq_factor")
+                    .note("frequencies between the two wavelengths they set are blended; the range may not be empty"),
+                );
+                return None;
+            }
+            Some(RopeScaling::Llama3 {
+                factor: factor?,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_seq: original?,
+            })
+        }
+        ValueKind::Object(kind, _) => {
+            diags.push(unknown(kind, "rope scaling", &kinds));
+            None
+        }
+        ValueKind::Ident(s) => {
+            let id = Ident { name: s.clone(), span: v.span.clone() };
+            diags.push(unknown(&id, "rope scaling", &kinds));
+            None
+        }
+        _ => {
+            diags.push(bad(v, "a rope scaling: none, linear { factor = … } or llama3 { … }"));
+            None
+        }
+    }
+}
+
+/// A required field of a component-like value that is absent.
+fn missing_field(kind: &Ident, what: &str, key: &str) -> Diagnostic {
+    Diagnostic::error(Code::Missing, format!("`{what}` needs `{key}`"))
+        .label(kind.span.clone(), format!("`{key}` is missing"))
+}
+
 fn position(f: &mut Fields, head_dim: usize, diags: &mut Vec<Diagnostic>) -> Option<Position> {
     let Some(v) = f.get("position").cloned() else {
         return Some(Position::None);
@@ -450,16 +521,21 @@ fn position(f: &mut Fields, head_dim: usize, diags: &mut Vec<Diagnostic>) -> Opt
     match &v.kind {
         ValueKind::Ident(s) if s == "none" => Some(Position::None),
         ValueKind::Ident(s) if s == "alibi" => Some(Position::Alibi),
-        ValueKind::Ident(s) if s == "rope" => {
-            Some(Position::Rope { theta: 10000.0, rotary_dim: head_dim, interleaved: false })
-        }
+        ValueKind::Ident(s) if s == "rope" => Some(Position::Rope {
+            theta: 10000.0,
+            rotary_dim: head_dim,
+            interleaved: false,
+            scaling: RopeScaling::None,
+        }),
         ValueKind::Object(kind, fields) if kind.name == "rope" => {
-            let mut r = Fields::new("`rope`", fields, &["theta", "fraction", "pairs"]);
+            let mut r = Fields::new("`rope`", fields, &["theta", "fraction", "pairs", "scaling"]);
             let theta = r.float_positive("theta", diags).unwrap_or(10000.0);
             let fraction = r.float_positive("fraction", diags).unwrap_or(1.0);
             let interleaved =
                 r.choice("pairs", &["halves", "interleaved"], diags).as_deref() == Some("interleaved");
+            let scaling = rope_scaling(&mut r, diags);
             r.finish(diags);
+            let scaling = scaling?;
             let dims = fraction * head_dim as f64;
             let rotary_dim = dims.round() as usize;
             if head_dim == 0 {
@@ -484,7 +560,7 @@ fn position(f: &mut Fields, head_dim: usize, diags: &mut Vec<Diagnostic>) -> Opt
                 );
                 return None;
             }
-            Some(Position::Rope { theta, rotary_dim, interleaved })
+            Some(Position::Rope { theta, rotary_dim, interleaved, scaling })
         }
         ValueKind::Object(kind, _) => {
             diags.push(unknown(kind, "position scheme", &["none", "alibi", "rope"]));

@@ -78,7 +78,7 @@ pub enum Qkv {
 pub enum Position {
     None,
     Alibi,
-    Rope { theta: f64, rotary_dim: usize, interleaved: bool },
+    Rope { theta: f64, rotary_dim: usize, interleaved: bool, scaling: crate::ir::RopeScaling },
 }
 
 #[derive(Clone, Debug)]

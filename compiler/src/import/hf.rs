@@ -11,6 +11,8 @@ use std::fmt::Write;
 
 use serde_json::{Map, Value};
 
+use crate::ir::RopeScaling;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     #[error("config.json is not valid JSON: {0}")]
@@ -157,47 +159,75 @@ impl<'a> Config<'a> {
     }
 
     /// RoPE settings, from `rope_parameters` (transformers 5) or the older top-level
-    /// `rope_theta`/`rope_scaling`/`partial_rotary_factor`/`rotary_pct`.
-    fn rope(&mut self, default_fraction: f64) -> Result<(f64, f64), ImportError> {
+    /// `rope_theta`/`rope_scaling`/`partial_rotary_factor`/`rotary_pct`: the base, the
+    /// rotated fraction of each head, and the scaling (`default`, `linear` or `llama3`;
+    /// any other `rope_type`, or a key the type does not have, is an error naming it).
+    fn rope(&mut self, default_fraction: f64) -> Result<(f64, f64, RopeScaling), ImportError> {
         let mut theta = self.f64_or("rope_theta", 10000.0)?;
         theta = self.f64_or("rotary_emb_base", theta)?;
         let mut fraction = self.f64_or("partial_rotary_factor", default_fraction)?;
         fraction = self.f64_or("rotary_pct", fraction)?;
-        if let Some(s) = self.get("rope_scaling") {
-            let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|t| t.as_str()).unwrap_or("");
-            if kind != "default" {
-                return Err(self.unsupported("rope_scaling", "only unscaled RoPE is supported"));
-            }
-        }
-        if let Some(p) = self.get("rope_parameters") {
-            let obj = p
-                .as_object()
-                .ok_or(ImportError::Field { key: "rope_parameters".into(), expected: "an object" })?;
-            for (k, v) in obj {
-                match k.as_str() {
-                    "rope_theta" => {
-                        theta = v.as_f64().ok_or(ImportError::Field {
-                            key: "rope_parameters.rope_theta".into(),
-                            expected: "a number",
-                        })?
-                    }
-                    "partial_rotary_factor" => {
-                        fraction = v.as_f64().ok_or(ImportError::Field {
-                            key: "rope_parameters.partial_rotary_factor".into(),
-                            expected: "a number",
-                        })?
-                    }
-                    "rope_type" if v == "default" => {}
-                    _ => {
-                        return Err(self.unsupported(
-                            "rope_parameters",
-                            &format!("`{k}` = {v}: only unscaled RoPE is supported"),
-                        ))
-                    }
+        let mut scaling = RopeScaling::None;
+        for key in ["rope_scaling", "rope_parameters"] {
+            let Some(p) = self.get(key) else { continue };
+            let obj = p.as_object().ok_or(ImportError::Field { key: key.into(), expected: "an object" })?;
+            let num = |k: &str| -> Result<Option<f64>, ImportError> {
+                match obj.get(k).filter(|v| !v.is_null()) {
+                    None => Ok(None),
+                    Some(v) => v
+                        .as_f64()
+                        .map(Some)
+                        .ok_or(ImportError::Field { key: format!("{key}.{k}"), expected: "a number" }),
                 }
+            };
+            let need = |k: &str| -> Result<f64, ImportError> {
+                num(k)?.ok_or(ImportError::Field { key: format!("{key}.{k}"), expected: "a number" })
+            };
+            if let Some(t) = num("rope_theta")? {
+                theta = t;
             }
+            if let Some(f) = num("partial_rotary_factor")? {
+                fraction = f;
+            }
+            let kind = obj
+                .get("rope_type")
+                .or_else(|| obj.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            let own: &[&str] = match kind {
+                "default" => &[],
+                "linear" => &["factor"],
+                "llama3" => {
+                    &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+                }
+                other => {
+                    return Err(self.unsupported(
+                        key,
+                        &format!("rope_type `{other}`: the supported ones are default, linear and llama3"),
+                    ))
+                }
+            };
+            let common = ["rope_type", "type", "rope_theta", "partial_rotary_factor"];
+            if let Some((k, v)) = obj
+                .iter()
+                .find(|(k, v)| !v.is_null() && !own.contains(&k.as_str()) && !common.contains(&k.as_str()))
+            {
+                return Err(
+                    self.unsupported(key, &format!("`{k}` = {v} is not a setting of rope_type `{kind}`"))
+                );
+            }
+            scaling = match kind {
+                "linear" => RopeScaling::Linear { factor: need("factor")? },
+                "llama3" => RopeScaling::Llama3 {
+                    factor: need("factor")?,
+                    low_freq_factor: need("low_freq_factor")?,
+                    high_freq_factor: need("high_freq_factor")?,
+                    original_max_seq: need("original_max_position_embeddings")? as usize,
+                },
+                _ => RopeScaling::None,
+            };
         }
-        Ok((theta, fraction))
+        Ok((theta, fraction, scaling))
     }
 
     fn finish(&self) -> Result<(), ImportError> {
@@ -263,12 +293,22 @@ fn num(x: f64) -> String {
     crate::ir::num(x)
 }
 
-fn rope_text(theta: f64, fraction: f64) -> String {
-    if fraction == 1.0 {
-        format!("rope {{ theta = {} }}", num(theta))
-    } else {
-        format!("rope {{ theta = {}, fraction = {} }}", num(theta), num(fraction))
+fn rope_text(theta: f64, fraction: f64, scaling: RopeScaling) -> String {
+    let mut fields = vec![format!("theta = {}", num(theta))];
+    if fraction != 1.0 {
+        fields.push(format!("fraction = {}", num(fraction)));
     }
+    match scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => fields.push(format!("scaling = linear {{ factor = {} }}", num(factor))),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_seq } => fields.push(format!(
+            "scaling = llama3 {{ factor = {}, low_freq_factor = {}, high_freq_factor = {}, original_max_seq = {original_max_seq} }}",
+            num(factor),
+            num(low_freq_factor),
+            num(high_freq_factor)
+        )),
+    }
+    format!("rope {{ {} }}", fields.join(", "))
 }
 
 /// Writes a spec for the model a `config.json` describes.
@@ -382,7 +422,7 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     } else {
         c.act("hidden_act", "silu")?
     };
-    let (theta, fraction) = c.rope(1.0)?;
+    let (theta, fraction, scaling) = c.rope(1.0)?;
     let attn_bias = c.bool_or("attention_bias", false)?;
     let mlp_bias = c.bool_or("mlp_bias", false)?;
     let tied = c.bool_or("tie_word_embeddings", gemma)?;
@@ -430,7 +470,7 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         norm(&format!("{l}.input_layernorm"), "input_norm"),
         format!("attn: attention {{"),
         format!("  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{bias}"),
-        format!("  position = {}{window}", rope_text(theta, fraction)),
+        format!("  position = {}{window}", rope_text(theta, fraction, scaling)),
         "}".into(),
         norm(&format!("{l}.post_attention_layernorm"), "post_norm"),
         format!("mlp: mlp {{ at = \"{l}.mlp\", gate = \"gate_proj\", up = \"up_proj\", down = \"down_proj\", act = {act}{mlp_bias} }}"),
@@ -462,7 +502,7 @@ fn gpt_neox(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     g.size("max_seq", c.usize("max_position_embeddings")?);
     let eps = num(c.f64_or("layer_norm_eps", 1e-5)?);
     let act = c.act("hidden_act", "gelu")?;
-    let (theta, fraction) = c.rope(0.25)?;
+    let (theta, fraction, scaling) = c.rope(0.25)?;
     let parallel = c.bool_or("use_parallel_residual", true)?;
     let bias = c.bool_or("attention_bias", true)?;
     let tied = c.bool_or("tie_word_embeddings", false)?;
@@ -476,7 +516,7 @@ fn gpt_neox(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         format!("post_norm: layernorm {{ at = \"{l}.post_attention_layernorm\", eps = {eps} }}"),
         "attn: attention {".into(),
         format!("  at = \"{l}.attention\", qkv = \"query_key_value\", qkv_layout = grouped, o = \"dense\"{bias}"),
-        format!("  position = {}", rope_text(theta, fraction)),
+        format!("  position = {}", rope_text(theta, fraction, scaling)),
         "}".into(),
         format!("mlp: mlp {{ at = \"{l}.mlp\", up = \"dense_h_to_4h\", down = \"dense_4h_to_h\", act = {act}, bias = true }}"),
         String::new(),
@@ -634,7 +674,7 @@ fn phi(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     g.size("max_seq", c.usize("max_position_embeddings")?);
     let eps = num(c.f64_or("layer_norm_eps", 1e-5)?);
     let act = c.act("hidden_act", "gelu_new")?;
-    let (theta, fraction) = c.rope(0.5)?;
+    let (theta, fraction, scaling) = c.rope(0.5)?;
     c.expect("qk_layernorm", &[false.into()], "query/key LayerNorm is not supported")?;
     let tied = c.bool_or("tie_word_embeddings", false)?;
     g.embed = vec![
@@ -646,7 +686,7 @@ fn phi(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         format!("norm: layernorm {{ at = \"{l}.input_layernorm\", eps = {eps} }}"),
         "attn: attention {".into(),
         format!("  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"dense\", bias = true"),
-        format!("  position = {}", rope_text(theta, fraction)),
+        format!("  position = {}", rope_text(theta, fraction, scaling)),
         "}".into(),
         format!("mlp: mlp {{ at = \"{l}.mlp\", up = \"fc1\", down = \"fc2\", act = {act}, bias = true }}"),
         String::new(),

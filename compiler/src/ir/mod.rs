@@ -18,7 +18,7 @@ pub use display::print;
 pub use graph::{Graph, MainOutput, Node, NodeId, Output, Phase};
 pub use op::{
     alibi_slopes, num, Act, Arith, AttnMask, CacheKind, HeadStart, InputKind, Op, QkvLayout, QkvPart, Rope,
-    WeightRole, F64,
+    RopeScaling, WeightRole, F64,
 };
 pub use shape::{DType, Dim, SymBinding, TensorType};
 pub use verify::{verify, VerifyError};

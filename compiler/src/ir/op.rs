@@ -247,15 +247,57 @@ pub struct Rope {
     pub rotary_dim: usize,
     /// Rotate adjacent pairs `(0,1), (2,3), …` instead of the halves `(i, i + d/2)`.
     pub interleaved: bool,
+    pub scaling: RopeScaling,
+}
+
+/// How a model stretches its rotary frequencies past the length it was trained on. Only
+/// the frequencies change, the same at every position, so prefill and decode rotate
+/// alike whatever the length.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Every frequency divided by `factor` (positions interpolated).
+    Linear {
+        factor: f64,
+    },
+    /// Llama 3.1: frequencies whose wavelength is longer than `original_max_seq /
+    /// low_freq_factor` divided by `factor`, those shorter than `original_max_seq /
+    /// high_freq_factor` kept, and those between blended smoothly.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_seq: usize,
+    },
 }
 
 impl Rope {
-    /// The rotation frequency of each pair `k < rotary_dim / 2`, `theta^(-2k/rotary_dim)`,
-    /// in f64: every engine rotates pair `k` at position `p` by `p · inv_freqs()[k]`.
+    /// The rotation frequency of each pair `k < rotary_dim / 2`, `theta^(-2k/rotary_dim)`
+    /// scaled by `scaling`, in f64: every engine rotates pair `k` at position `p` by
+    /// `p · inv_freqs()[k]`.
     pub fn inv_freqs(&self) -> Vec<f64> {
-        (0..self.rotary_dim / 2)
-            .map(|k| 1.0 / self.theta.powf(2.0 * k as f64 / self.rotary_dim as f64))
-            .collect()
+        let base =
+            (0..self.rotary_dim / 2).map(|k| 1.0 / self.theta.powf(2.0 * k as f64 / self.rotary_dim as f64));
+        match self.scaling {
+            RopeScaling::None => base.collect(),
+            RopeScaling::Linear { factor } => base.map(|f| f / factor).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_seq } => {
+                let old = original_max_seq as f64;
+                let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+                base.map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+            }
+        }
     }
 }
 
@@ -454,6 +496,17 @@ impl Op {
                 let mut v = vec![format!("theta={}", num(r.theta)), format!("dims={}", r.rotary_dim)];
                 if r.interleaved {
                     v.push("interleaved".into());
+                }
+                match r.scaling {
+                    RopeScaling::None => {}
+                    RopeScaling::Linear { factor } => v.push(format!("linear={}", num(factor))),
+                    RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_seq } => v
+                        .push(format!(
+                            "llama3=({}, {}, {}, {original_max_seq})",
+                            num(factor),
+                            num(low_freq_factor),
+                            num(high_freq_factor)
+                        )),
                 }
                 v
             }

@@ -166,9 +166,22 @@ impl Kernel {
             Kernel::MergeHeads { heads, head_dim, round } => {
                 format!("merge_heads_{heads}_{head_dim}{}", if *round { "_round_bf16" } else { "" })
             }
-            Kernel::Rope { head_dim, rope: Rope { rotary_dim, theta, interleaved }, heads } => {
+            Kernel::Rope {
+                head_dim,
+                rope: rope @ Rope { rotary_dim, theta, interleaved, scaling },
+                heads,
+            } => {
+                // A scaled rope's frequencies are its own: a digest of them tells kernels apart.
+                let scaled = match scaling {
+                    crate::ir::RopeScaling::None => String::new(),
+                    _ => {
+                        let bits: String =
+                            rope.inv_freqs().iter().map(|f| format!("{:016x}", f.to_bits())).collect();
+                        format!("_f{}", tfc_runtime::abi::fnv1a(&bits))
+                    }
+                };
                 format!(
-                    "rope_{heads}_{head_dim}_{rotary_dim}_{:016x}_{}",
+                    "rope_{heads}_{head_dim}_{rotary_dim}_{:016x}_{}{scaled}",
                     theta.to_bits(),
                     *interleaved as u8
                 )
