@@ -1,4 +1,4 @@
-//! The reference interpreter against Hugging Face transformers, on the twelve fixture
+//! The reference interpreter against Hugging Face transformers, on the thirteen fixture
 //! architectures in `tests/fixtures/hf/` (see its README): logits within 1e-4 for one
 //! full forward pass over the prompt and over prompt + continuation, identical greedy
 //! continuations, and prefill + decode through the KV cache against the full pass.
@@ -95,7 +95,8 @@ fixture_tests!(
     mistral,
     opt_postln,
     phi,
-    qwen2
+    qwen2,
+    qwen3
 );
 
 #[test]

@@ -78,7 +78,8 @@ mod vulkan {
         mistral,
         opt_postln,
         phi,
-        qwen2
+        qwen2,
+        qwen3
     );
 }
 

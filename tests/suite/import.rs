@@ -5,7 +5,7 @@ use tfc::import::hf::import;
 
 use crate::common::*;
 
-const ARCHS: [&str; 12] = [
+const ARCHS: [&str; 13] = [
     "bert",
     "bloom",
     "gemma",
@@ -18,6 +18,7 @@ const ARCHS: [&str; 12] = [
     "opt_postln",
     "phi",
     "qwen2",
+    "qwen3",
 ];
 
 fn config(arch: &str) -> serde_json::Value {

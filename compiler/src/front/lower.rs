@@ -479,6 +479,23 @@ impl Lowerer<'_> {
         self.node(Op::Linear { transposed: p.transposed, bias: p.bias.is_some() }, &ops, origin)
     }
 
+    /// A norm over each head of `x [heads, rows, head_dim]`, with the weights at `at`.
+    fn head_norm(&mut self, norm: HeadNorm, at: &str, x: NodeId, hd: usize, origin: &str) -> NodeId {
+        let w = self.weight(&format!("{at}.weight"), &[hd], WeightRole::Gain, origin);
+        match norm {
+            HeadNorm::Rms { eps, unit_offset } => {
+                self.node(Op::RmsNorm { eps, unit_offset }, &[x, w], origin)
+            }
+            HeadNorm::Layer { eps, bias } => {
+                let mut ops = vec![x, w];
+                if bias {
+                    ops.push(self.weight(&format!("{at}.bias"), &[hd], WeightRole::Bias, origin));
+                }
+                self.node(Op::LayerNorm { eps }, &ops, origin)
+            }
+        }
+    }
+
     fn attention(&mut self, a: &Attention, x: NodeId, origin: &str, sz: &Sizes) -> NodeId {
         let (h, kv, hd, d) = (sz.heads, sz.kv_heads, sz.head_dim, sz.d_model);
         let (q, k, v) = match &a.qkv {
@@ -498,6 +515,10 @@ impl Lowerer<'_> {
         };
         let mut q = self.node(Op::SplitHeads { heads: h }, &[q], origin);
         let mut k = self.node(Op::SplitHeads { heads: kv }, &[k], origin);
+        if let Some(n) = &a.qk_norm {
+            q = self.head_norm(n.norm, &n.q, q, hd, origin);
+            k = self.head_norm(n.norm, &n.k, k, hd, origin);
+        }
         let v = self.node(Op::SplitHeads { heads: kv }, &[v], origin);
         let pos = self.positions(origin);
         if let Position::Rope { theta, rotary_dim, interleaved, scaling } = a.position {

@@ -246,6 +246,7 @@ fn component(
             "window",
             "scale",
             "position",
+            "qk_norm",
         ],
         "mlp" => &["at", "up", "gate", "down", "act", "bias", "transposed"],
         "unembed" => &["at", "weight", "tied", "bias", "transposed"],
@@ -432,6 +433,7 @@ fn attention(
     let head_dim = sizes.map(|s| s.head_dim).unwrap_or(0);
     let scale = f.float_positive("scale", diags).unwrap_or(1.0 / (head_dim.max(1) as f64).sqrt());
     let position = position(f, head_dim, diags);
+    let qk_norm = qk_norm(f, name, diags);
     Some(Kind::Attention(Box::new(Attention {
         qkv: qkv?,
         o: o?,
@@ -439,7 +441,42 @@ fn attention(
         window,
         scale,
         position: position?,
+        qk_norm: qk_norm?,
     })))
+}
+
+/// `qk_norm = rmsnorm { q = "q_norm", k = "k_norm", eps = 1e-6, unit_offset = false }` or
+/// `layernorm { q = …, k = …, eps = 1e-5, bias = true }` in an attention: a norm of each
+/// query and key head. `Some(None)` without one; `None` (after a diagnostic) when wrong.
+fn qk_norm(f: &mut Fields, name: &mut NameFn<'_>, diags: &mut Vec<Diagnostic>) -> Option<Option<QkNorm>> {
+    let Some(v) = f.take("qk_norm") else {
+        return Some(None);
+    };
+    let kinds = ["rmsnorm", "layernorm"];
+    let (kind, fields) = match &v.kind {
+        ValueKind::Object(kind, fields) if kinds.contains(&kind.name.as_str()) => (kind, fields),
+        ValueKind::Object(kind, _) => {
+            diags.push(unknown(kind, "q/k norm", &kinds));
+            return None;
+        }
+        _ => {
+            diags.push(bad(v, "a q/k norm: rmsnorm { … } or layernorm { … }"));
+            return None;
+        }
+    };
+    let layer = kind.name == "layernorm";
+    let allowed: &[&str] = if layer { &["q", "k", "eps", "bias"] } else { &["q", "k", "eps", "unit_offset"] };
+    let mut n = Fields::new(&format!("`{}`", kind.name), fields, allowed);
+    let eps = n.float_positive("eps", diags).unwrap_or(if layer { 1e-5 } else { 1e-6 });
+    let norm = if layer {
+        HeadNorm::Layer { eps, bias: n.bool("bias", diags).unwrap_or(true) }
+    } else {
+        HeadNorm::Rms { eps, unit_offset: n.bool("unit_offset", diags).unwrap_or(false) }
+    };
+    let q = name(&mut n, "q", Some("q_norm"), diags);
+    let k = name(&mut n, "k", Some("k_norm"), diags);
+    n.finish(diags);
+    Some(Some(QkNorm { norm, q: q?, k: k? }))
 }
 
 /// `scaling = linear { factor = 4 }` or `scaling = llama3 { factor = 8, low_freq_factor =

@@ -89,6 +89,24 @@ pub struct Attention {
     pub window: Option<usize>,
     pub scale: f64,
     pub position: Position,
+    /// A norm of each query and key head, before the rotation.
+    pub qk_norm: Option<QkNorm>,
+}
+
+/// The per-head norm of queries and keys (Qwen3, Gemma 3, Cohere): the same kind of norm
+/// for both, with weights (and biases) of `[head_dim]` of their own.
+#[derive(Clone, Debug)]
+pub struct QkNorm {
+    pub norm: HeadNorm,
+    /// The checkpoint names of the query's and the key's norm (`….weight`, `….bias`).
+    pub q: String,
+    pub k: String,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum HeadNorm {
+    Rms { eps: f64, unit_offset: bool },
+    Layer { eps: f64, bias: bool },
 }
 
 #[derive(Clone, Debug)]

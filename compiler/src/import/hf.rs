@@ -29,7 +29,7 @@ pub enum ImportError {
     Impossible { report: String },
 }
 
-const SUPPORTED: &str = "bert, bloom, gemma, gpt2, gpt_neox, llama, mistral, opt, phi, qwen2";
+const SUPPORTED: &str = "bert, bloom, gemma, gpt2, gpt_neox, llama, mistral, opt, phi, qwen2, qwen3";
 
 /// Keys that never change what inference computes.
 fn ignorable(key: &str) -> bool {
@@ -322,7 +322,7 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
         .push(format!("Imported from a Hugging Face config.json (model_type `{model}`) by `tfc import-hf`."));
     match model.as_str() {
         "gpt2" => gpt2(&mut c, &mut g)?,
-        "llama" | "mistral" | "qwen2" | "gemma" => llama_like(&mut c, &mut g)?,
+        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" => llama_like(&mut c, &mut g)?,
         "gpt_neox" => gpt_neox(&mut c, &mut g)?,
         "bloom" => bloom(&mut c, &mut g)?,
         "opt" => opt(&mut c, &mut g)?,
@@ -429,7 +429,7 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let mut window = None;
     match model.as_str() {
         "mistral" => window = c.opt_usize("sliding_window")?,
-        "qwen2" => {
+        "qwen2" | "qwen3" => {
             if c.bool_or("use_sliding_window", false)? {
                 return Err(
                     c.unsupported("use_sliding_window", "per-layer sliding windows are not supported")
@@ -454,6 +454,8 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         _ => "",
     };
     let window = window.map(|w| format!(", window = {w}")).unwrap_or_default();
+    // Qwen3 normalises each query and key head (RMSNorm, `q_norm`/`k_norm`) before RoPE.
+    let qk_norm = (model == "qwen3").then(|| format!("  qk_norm = rmsnorm {{ eps = {eps} }}"));
     g.embed = vec!["embed_tokens: embedding { at = \"model.embed_tokens\" }".into()];
     g.embed.push(if gemma {
         "x = embed_tokens(tokens) * sqrt(d_model)".into()
@@ -469,15 +471,20 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     g.block = vec![
         norm(&format!("{l}.input_layernorm"), "input_norm"),
         format!("attn: attention {{"),
-        format!("  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{bias}"),
+        format!(
+            "  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{bias}"
+        ),
         format!("  position = {}{window}", rope_text(theta, fraction, scaling)),
+    ];
+    g.block.extend(qk_norm);
+    g.block.extend([
         "}".into(),
         norm(&format!("{l}.post_attention_layernorm"), "post_norm"),
         format!("mlp: mlp {{ at = \"{l}.mlp\", gate = \"gate_proj\", up = \"up_proj\", down = \"down_proj\", act = {act}{mlp_bias} }}"),
         String::new(),
         "x = x + attn(input_norm(x))".into(),
         "x = x + mlp(post_norm(x))".into(),
-    ];
+    ]);
     g.head = vec![
         norm("model.norm", "norm"),
         unembed(tied, "embed_tokens", "lm_head", false),
