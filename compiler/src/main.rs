@@ -226,7 +226,7 @@ fn dispatch(cmd: Command) -> Result<()> {
         }
         Command::Graph { spec, output } => {
             let c = compile(&spec, &Options::default())?;
-            let dot = tfc::ir::dot::to_dot(&c.model, c.spec.sizes.layers as u32);
+            let dot = c.spec.dot(&c.model);
             match output {
                 None => print!("{dot}"),
                 Some(path) if path.extension().is_some_and(|e| e == "svg") => {

@@ -87,6 +87,10 @@ pub struct Manifest {
     pub output_width: usize,
     pub has_decode: bool,
     pub kv_cache: KvCache,
+    /// The block variant each layer runs (`pattern` in the spec), where the spec names
+    /// several; empty for one block.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_blocks: Vec<String>,
     /// In binding order: weight `i` is bound with `tfc_bind_weight(ctx, i, …)`.
     pub weights: Vec<WeightInfo>,
     /// FNV-1a 64 of the library file's bytes, hex: a loader refuses a library that does

@@ -1,4 +1,4 @@
-//! The reference interpreter against Hugging Face transformers, on the thirteen fixture
+//! The reference interpreter against Hugging Face transformers, on the fourteen fixture
 //! architectures in `tests/fixtures/hf/` (see its README): logits within 1e-4 for one
 //! full forward pass over the prompt and over prompt + continuation, identical greedy
 //! continuations, and prefill + decode through the KV cache against the full pass.
@@ -87,6 +87,7 @@ fixture_tests!(
     bert,
     bloom,
     gemma,
+    gemma3,
     gpt2,
     gpt_neox,
     llama,

@@ -70,6 +70,7 @@ mod vulkan {
         bert,
         bloom,
         gemma,
+        gemma3,
         gpt2,
         gpt_neox,
         llama,

@@ -5,10 +5,11 @@ use tfc::import::hf::import;
 
 use crate::common::*;
 
-const ARCHS: [&str; 13] = [
+const ARCHS: [&str; 14] = [
     "bert",
     "bloom",
     "gemma",
+    "gemma3",
     "gpt2",
     "gpt_neox",
     "llama",

@@ -24,12 +24,9 @@ fn every_stage_of_every_spec() {
 
 #[test]
 fn architecture_drawings() {
-    for name in ["gpt2", "phi", "opt_postln"] {
+    for name in ["gpt2", "phi", "opt_postln", "gemma3"] {
         let c = compile(&root().join(format!("specs/tiny/{name}.tfs")), &Options::default());
-        insta::assert_snapshot!(
-            format!("{name}@dot"),
-            tfc::ir::dot::to_dot(&c.model, c.spec.sizes.layers as u32)
-        );
+        insta::assert_snapshot!(format!("{name}@dot"), c.spec.dot(&c.model));
     }
 }
 

@@ -95,6 +95,8 @@ impl SectionKind {
 pub struct Section {
     pub kind: SectionKind,
     pub keyword: Span,
+    /// A block variant's name (`block local { … }`), which `pattern` refers to.
+    pub name: Option<Ident>,
     pub components: Vec<Component>,
     pub stmts: Vec<Stmt>,
 }

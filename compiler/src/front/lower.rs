@@ -62,11 +62,12 @@ pub fn lower(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Option<Graph> {
     for layer in 0..spec.sizes.layers as u32 {
         l.layer = Some(layer);
         let env = HashMap::from([("x".to_string(), Val::Hidden(x))]);
-        match l.section(&spec.block, SectionKind::Block, env)? {
+        let block = spec.block_of(layer);
+        match l.section(block, SectionKind::Block, env)? {
             Val::Hidden(n) => x = n,
             other => {
                 l.error_at(
-                    &spec.block.keyword,
+                    &block.keyword,
                     format!("a block must leave `x` an activation, it is {}", other.describe()),
                 );
                 return None;
@@ -103,9 +104,9 @@ struct Lowerer<'a> {
 }
 
 impl Lowerer<'_> {
-    /// Errors are reported for the first instance of a block only; the others repeat them.
+    /// Errors are reported for the first instance of each block only; the others repeat them.
     fn reporting(&self) -> bool {
-        self.layer.is_none_or(|l| l == 0)
+        self.layer.is_none_or(|l| self.spec.first_of_its_block(l))
     }
 
     fn error(&mut self, d: Diagnostic) {

@@ -72,9 +72,10 @@ fn section(p: Pair<Rule>) -> Section {
         "block" => SectionKind::Block,
         _ => SectionKind::Head,
     };
-    let mut s = Section { kind, keyword: span(&kw), components: vec![], stmts: vec![] };
+    let mut s = Section { kind, keyword: span(&kw), name: None, components: vec![], stmts: vec![] };
     for item in it {
         match item.as_rule() {
+            Rule::ident => s.name = Some(ident_of(item)),
             Rule::component => s.components.push(component(item)),
             Rule::stmt => {
                 let mut parts = item.into_inner();

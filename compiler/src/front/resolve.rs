@@ -20,6 +20,7 @@ const SETTINGS: &[&str] = &[
     "max_seq",
     "dtype",
     "activations",
+    "pattern",
 ];
 const KINDS: &[&str] = &["embedding", "sinusoidal", "layernorm", "rmsnorm", "attention", "mlp", "unembed"];
 
@@ -48,7 +49,22 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
         );
     }
     let mut sections: [Option<Section>; 3] = [None, None, None];
+    let mut blocks: Vec<(Option<Ident>, Section)> = Vec::new();
     for s in &file.sections {
+        if s.kind == SectionKind::Block {
+            blocks.push((s.name.clone(), section(s, sizes.as_ref(), diags)));
+            continue;
+        }
+        if let Some(n) = &s.name {
+            diags.push(
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!("the `{}` section cannot have a name", s.kind.name()),
+                )
+                .label(n.span.clone(), "only block variants are named")
+                .note("name blocks (`block local { … }`) and list them in `pattern`"),
+            );
+        }
         let slot = &mut sections[s.kind as usize];
         if slot.is_some() {
             diags.push(
@@ -59,8 +75,10 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
         }
         *slot = Some(section(s, sizes.as_ref(), diags));
     }
-    let [embed, block, head] = sections;
+    let [embed, _, head] = sections;
     let end = file_end(file);
+    let layer_blocks = pattern(file, &blocks, sizes.as_ref(), diags);
+    let block = blocks.first().map(|(_, s)| s.clone());
     for (sec, kind) in [(&embed, SectionKind::Embed), (&block, SectionKind::Block)] {
         if sec.is_none() {
             diags.push(
@@ -69,9 +87,9 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
             );
         }
     }
-    if let (Some(sz), Some(b)) = (&sizes, &block) {
+    if let Some(sz) = &sizes {
         if sz.d_ff.is_none() {
-            for c in &b.components {
+            for c in blocks.iter().flat_map(|(_, b)| &b.components) {
                 if matches!(c.kind, Kind::Mlp(_)) {
                     diags.push(
                         Diagnostic::error(Code::Missing, "an `mlp` needs the setting `d_ff`")
@@ -85,8 +103,12 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
     // An unembedding may be declared in any section; wherever it is, `tied` must name an
     // embedding of the `embed` section.
     if let Some(embed) = &embed {
-        for c in
-            [&block, &head].into_iter().flatten().chain(std::iter::once(embed)).flat_map(|s| &s.components)
+        for c in blocks
+            .iter()
+            .map(|(_, b)| b)
+            .chain(head.as_ref())
+            .chain(std::iter::once(embed))
+            .flat_map(|s| &s.components)
         {
             if let Kind::Unembed { tied: Some(t), .. } = &c.kind {
                 match embed.component(t).map(|e| &e.kind) {
@@ -105,7 +127,120 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
     if diags.len() > before {
         return None;
     }
-    Some(Spec { name, sizes: sizes?, dtype, activations, embed: embed?, block: block?, head })
+    block?;
+    let blocks = blocks.into_iter().map(|(n, section)| Block { name: n.map(|n| n.name), section }).collect();
+    Some(Spec {
+        name,
+        sizes: sizes?,
+        dtype,
+        activations,
+        embed: embed?,
+        blocks,
+        layer_blocks: layer_blocks?,
+        head,
+    })
+}
+
+/// Which block each layer runs: one block serves every layer; several, named, follow the
+/// setting `pattern = [a, b, …]`, repeated over the layers.
+fn pattern(
+    file: &ast::File,
+    blocks: &[(Option<Ident>, Section)],
+    sizes: Option<&Sizes>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Vec<usize>> {
+    let layers = sizes.map(|s| s.layers)?;
+    let setting = file.settings.iter().find(|f| f.key.name == "pattern");
+    if blocks.len() > 1 && blocks.iter().all(|(n, _)| n.is_none()) {
+        // Unnamed blocks: a second one is a repeated section, as it always was.
+        for (_, s) in &blocks[1..] {
+            diags.push(
+                Diagnostic::error(Code::Duplicate, "a second `block` section")
+                    .label(s.keyword.clone(), "each section may appear once"),
+            );
+        }
+        return None;
+    }
+    let mut seen: Vec<&Ident> = Vec::new();
+    let mut ok = true;
+    for (n, s) in blocks {
+        match n {
+            Some(n) if seen.iter().any(|m| m.name == n.name) => {
+                diags.push(
+                    Diagnostic::error(Code::Duplicate, format!("a second block named `{}`", n.name))
+                        .label(n.span.clone(), "each block variant needs its own name"),
+                );
+                ok = false;
+            }
+            Some(n) => seen.push(n),
+            None if blocks.len() > 1 => {
+                diags.push(
+                    Diagnostic::error(Code::Missing, "a block without a name beside others")
+                        .label(s.keyword.clone(), "name it: `block NAME { … }`")
+                        .note("with several blocks, `pattern` says which layer runs which, by name"),
+                );
+                ok = false;
+            }
+            None => {}
+        }
+    }
+    let Some(setting) = setting else {
+        if blocks.len() > 1 {
+            diags.push(
+                Diagnostic::error(Code::Missing, "several blocks but no `pattern`")
+                    .label(blocks[1].1.keyword.clone(), "a second block")
+                    .note("add `pattern = [a, b, …]`: the blocks the layers run, repeated over the layers"),
+            );
+            return None;
+        }
+        return ok.then(|| vec![0; layers]);
+    };
+    let ValueKind::List(items) = &setting.value.kind else {
+        diags.push(bad(&setting.value, "a list of block names, such as `[local, global]`"));
+        return None;
+    };
+    let mut order = Vec::new();
+    for it in items {
+        let found = match &it.kind {
+            ValueKind::Ident(s) => blocks.iter().position(|(n, _)| n.as_ref().is_some_and(|n| &n.name == s)),
+            _ => None,
+        };
+        match found {
+            Some(i) => order.push(i),
+            None => {
+                let names: Vec<&str> = seen.iter().map(|n| n.name.as_str()).collect();
+                diags.push(
+                    Diagnostic::error(Code::Name, "`pattern` names no block here")
+                        .label(it.span.clone(), "not the name of a block")
+                        .note(if names.is_empty() {
+                            "name the blocks: `block NAME { … }`".to_string()
+                        } else {
+                            format!("the blocks are: {}", names.join(", "))
+                        }),
+                );
+                ok = false;
+            }
+        }
+    }
+    if items.is_empty() || items.len() > layers {
+        diags.push(
+            Diagnostic::error(
+                Code::Sizes,
+                format!("a pattern of {} blocks for {layers} layers", items.len()),
+            )
+            .label(setting.value.span.clone(), "one to `layers` blocks, repeated over the layers"),
+        );
+        ok = false;
+    }
+    if let Some(i) = (0..blocks.len()).find(|i| !order.contains(i)) {
+        let b = &blocks[i];
+        diags.push(
+            Diagnostic::error(Code::Flow, "a block that no layer runs")
+                .label(b.0.as_ref().map_or(b.1.keyword.clone(), |n| n.span.clone()), "not in `pattern`"),
+        );
+        ok = false;
+    }
+    (ok && !order.is_empty()).then(|| (0..layers).map(|l| order[l % order.len()]).collect())
 }
 
 fn file_end(file: &ast::File) -> Span {

@@ -16,8 +16,41 @@ pub struct Spec {
     /// (`F32`), or rounded to bf16 first (`BF16`).
     pub activations: DType,
     pub embed: Section,
-    pub block: Section,
+    /// The block variants (one, unnamed, unless the spec names several), and which one
+    /// each layer runs (`pattern`, repeated over the layers).
+    pub blocks: Vec<Block>,
+    pub layer_blocks: Vec<usize>,
     pub head: Option<Section>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub name: Option<String>,
+    pub section: Section,
+}
+
+impl Spec {
+    /// The block layer `layer` runs.
+    pub fn block_of(&self, layer: u32) -> &Section {
+        &self.blocks[self.layer_blocks[layer as usize]].section
+    }
+
+    /// Whether `layer` is the first layer that runs its block.
+    pub fn first_of_its_block(&self, layer: u32) -> bool {
+        let b = self.layer_blocks[layer as usize];
+        self.layer_blocks.iter().position(|&x| x == b) == Some(layer as usize)
+    }
+
+    /// The architecture as Graphviz DOT (`ir::dot`), one cluster per block variant.
+    pub fn dot(&self, model: &crate::ir::Graph) -> String {
+        let names: Vec<String> = self.blocks.iter().map(|b| b.name.clone().unwrap_or_default()).collect();
+        crate::ir::dot::to_dot(model, &self.layer_blocks, &names)
+    }
+
+    /// Each layer's block name, where the blocks have names.
+    pub fn layer_names(&self) -> Vec<String> {
+        self.layer_blocks.iter().filter_map(|&b| self.blocks[b].name.clone()).collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -29,7 +29,8 @@ pub enum ImportError {
     Impossible { report: String },
 }
 
-const SUPPORTED: &str = "bert, bloom, gemma, gpt2, gpt_neox, llama, mistral, opt, phi, qwen2, qwen3";
+const SUPPORTED: &str =
+    "bert, bloom, gemma, gemma3_text, gpt2, gpt_neox, llama, mistral, opt, phi, qwen2, qwen3";
 
 /// Keys that never change what inference computes.
 fn ignorable(key: &str) -> bool {
@@ -253,6 +254,8 @@ struct Gen {
     sizes: Vec<(&'static str, String)>,
     embed: Vec<String>,
     block: Vec<String>,
+    /// Named block variants (instead of `block`), and the `pattern` the layers run them in.
+    variants: Vec<(String, Vec<String>)>,
     head: Vec<String>,
 }
 
@@ -271,7 +274,10 @@ impl Gen {
         for (k, v) in &self.sizes {
             writeln!(s, "{k:w$} = {v}").unwrap();
         }
-        for (name, lines) in [("embed", &self.embed), ("block", &self.block), ("head", &self.head)] {
+        let mut sections = vec![("embed".to_string(), &self.embed), ("block".to_string(), &self.block)];
+        sections.extend(self.variants.iter().map(|(n, lines)| (format!("block {n}"), lines)));
+        sections.push(("head".to_string(), &self.head));
+        for (name, lines) in sections {
             if lines.is_empty() {
                 continue;
             }
@@ -323,6 +329,7 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
     match model.as_str() {
         "gpt2" => gpt2(&mut c, &mut g)?,
         "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" => llama_like(&mut c, &mut g)?,
+        "gemma3_text" => gemma3(&mut c, &mut g)?,
         "gpt_neox" => gpt_neox(&mut c, &mut g)?,
         "bloom" => bloom(&mut c, &mut g)?,
         "opt" => opt(&mut c, &mut g)?,
@@ -487,6 +494,131 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     ]);
     g.head = vec![
         norm("model.norm", "norm"),
+        unembed(tied, "embed_tokens", "lm_head", false),
+        "x = lm_head(norm(x))".into(),
+    ];
+    Ok(())
+}
+
+/// Gemma 3 (text): sliding-window and full-attention layers as two block variants, each
+/// with its own RoPE, q/k RMSNorm, norms before and after both sublayers, all RMSNorms
+/// scaling by `1 + weight`.
+fn gemma3(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    let d = c.usize("hidden_size")?;
+    let heads = c.usize("num_attention_heads")?;
+    let layers = c.usize("num_hidden_layers")?;
+    g.size("vocab", c.usize("vocab_size")?);
+    g.size("d_model", d);
+    g.size("layers", layers);
+    g.size("heads", heads);
+    let kv = c.opt_usize("num_key_value_heads")?.unwrap_or(heads);
+    if kv != heads {
+        g.size("kv_heads", kv);
+    }
+    let hd = c.opt_usize("head_dim")?.unwrap_or(d / heads);
+    if hd * heads != d {
+        g.size("head_dim", hd);
+    }
+    g.size("d_ff", c.usize("intermediate_size")?);
+    g.size("max_seq", c.usize("max_position_embeddings")?);
+    let eps = num(c.f64_or("rms_norm_eps", 1e-6)?);
+    let a = c.act("hidden_act", "gelu_pytorch_tanh")?;
+    let act = c.act("hidden_activation", a_name(a))?;
+    for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        if c.get(key).is_some() {
+            return Err(c.unsupported(key, "soft-capping is not supported yet"));
+        }
+    }
+    c.expect("use_bidirectional_attention", &[false.into()], "only causal Gemma is supported")?;
+    let attn_bias = if c.bool_or("attention_bias", false)? { ", bias = true" } else { "" };
+    let scale = c.f64_or("query_pre_attn_scalar", hd as f64)?.powf(-0.5);
+    let scale =
+        if scale == 1.0 / (hd as f64).sqrt() { String::new() } else { format!(", scale = {}", num(scale)) };
+    let window = c.usize("sliding_window")?;
+    // Which layers slide: `layer_types`, or every layer but each `sliding_window_pattern`-th.
+    let every =
+        c.opt_usize("sliding_window_pattern")?.or(c.opt_usize("_sliding_window_pattern")?).unwrap_or(6);
+    let types: Vec<bool> = match c.get("layer_types") {
+        Some(t) => t
+            .as_array()
+            .filter(|a| a.len() == layers)
+            .map(|a| a.iter().map(|t| t.as_str().unwrap_or("")).collect::<Vec<_>>())
+            .filter(|a| a.iter().all(|t| ["sliding_attention", "full_attention"].contains(t)))
+            .ok_or_else(|| {
+                c.unsupported("layer_types", "expected one of sliding_attention, full_attention per layer")
+            })?
+            .into_iter()
+            .map(|t| t == "sliding_attention")
+            .collect(),
+        None => (0..layers).map(|l| (l + 1) % every.max(1) != 0).collect(),
+    };
+    // RoPE per layer type: `rope_parameters` by type (transformers 5), or the older
+    // `rope_theta` (+ `rope_scaling`) of full layers and `rope_local_base_freq` of sliding ones.
+    let (local, global) = match c.get("rope_parameters").and_then(|p| p.as_object()).cloned() {
+        Some(p) if p.contains_key("full_attention") || p.contains_key("sliding_attention") => {
+            let model = c.model.clone();
+            let one = |key: &str| -> Result<String, ImportError> {
+                let params = p.get(key).cloned().unwrap_or_else(|| Value::Object(Map::new()));
+                let m: Map<String, Value> = [("rope_parameters".to_string(), params)].into_iter().collect();
+                let mut sub = Config { model: model.clone(), map: &m, read: HashSet::new() };
+                let (theta, _, scaling) = sub.rope(1.0)?;
+                sub.finish()?;
+                Ok(rope_text(theta, 1.0, scaling))
+            };
+            if let Some(k) = p.keys().find(|k| !["full_attention", "sliding_attention"].contains(&k.as_str()))
+            {
+                return Err(
+                    c.unsupported("rope_parameters", &format!("`{k}`: expected settings per layer type"))
+                );
+            }
+            (one("sliding_attention")?, one("full_attention")?)
+        }
+        _ => {
+            let local = c.f64_or("rope_local_base_freq", 10000.0)?;
+            let (theta, _, scaling) = c.rope(1.0)?;
+            (rope_text(local, 1.0, RopeScaling::None), rope_text(theta, 1.0, scaling))
+        }
+    };
+    let tied = c.bool_or("tie_word_embeddings", true)?;
+    g.embed = vec![
+        "embed_tokens: embedding { at = \"model.embed_tokens\" }".into(),
+        "x = embed_tokens(tokens) * sqrt(d_model)".into(),
+    ];
+    let l = "model.layers.{layer}";
+    let norm = |name: &str, at: &str| {
+        format!("{name}: rmsnorm {{ at = \"{l}.{at}\", eps = {eps}, unit_offset = true }}")
+    };
+    let block = |rope: &str, window: &str| {
+        vec![
+            norm("input_norm", "input_layernorm"),
+            "attn: attention {".into(),
+            format!("  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{attn_bias}{scale}"),
+            format!("  position = {rope}{window}"),
+            format!("  qk_norm = rmsnorm {{ eps = {eps}, unit_offset = true }}"),
+            "}".into(),
+            norm("post_attn_norm", "post_attention_layernorm"),
+            norm("pre_mlp_norm", "pre_feedforward_layernorm"),
+            format!("mlp: mlp {{ at = \"{l}.mlp\", gate = \"gate_proj\", up = \"up_proj\", down = \"down_proj\", act = {act} }}"),
+            norm("post_mlp_norm", "post_feedforward_layernorm"),
+            String::new(),
+            "x = x + post_attn_norm(attn(input_norm(x)))".into(),
+            "x = x + post_mlp_norm(mlp(pre_mlp_norm(x)))".into(),
+        ]
+    };
+    // The shortest prefix of the layer types that repeats over all layers.
+    let period = (1..=layers).find(|&p| (0..layers).all(|i| types[i] == types[i % p])).unwrap_or(layers);
+    let names: Vec<&str> = types[..period].iter().map(|&s| if s { "sliding" } else { "full" }).collect();
+    if types.iter().all(|&s| s) || types.iter().all(|&s| !s) {
+        g.block = if types[0] { block(&local, &format!(", window = {window}")) } else { block(&global, "") };
+    } else {
+        g.size("pattern", format!("[{}]", names.join(", ")));
+        g.variants = vec![
+            ("sliding".into(), block(&local, &format!(", window = {window}"))),
+            ("full".into(), block(&global, "")),
+        ];
+    }
+    g.head = vec![
+        format!("norm: rmsnorm {{ at = \"model.norm\", eps = {eps}, unit_offset = true }}"),
         unembed(tied, "embed_tokens", "lm_head", false),
         "x = lm_head(norm(x))".into(),
     ];

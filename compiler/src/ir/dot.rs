@@ -1,9 +1,9 @@
 //! Graphviz DOT for a whole architecture.
 //!
-//! Transformer blocks repeat, so only the first block is drawn, inside a cluster that says
-//! how many times it repeats; a value that the last block hands to the head is drawn as
-//! coming from the matching node of the first block. Weights are folded into the label of
-//! the op that reads them, which keeps the picture to the data flow.
+//! Transformer blocks repeat, so only the first layer of each block variant is drawn,
+//! inside a cluster that says which layers run it; a value that a later layer hands on is
+//! drawn as coming from the matching node of its variant's first layer. Weights are folded
+//! into the label of the op that reads them, which keeps the picture to the data flow.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -11,7 +11,14 @@ use std::fmt::Write;
 use super::graph::{Graph, NodeId};
 use super::op::Op;
 
-pub fn to_dot(g: &Graph, layers: u32) -> String {
+/// `layer_blocks[l]` is the block variant layer `l` runs, `names` each variant's name.
+pub fn to_dot(g: &Graph, layer_blocks: &[usize], names: &[String]) -> String {
+    let layers = layer_blocks.len() as u32;
+    // The layer drawn for each layer: the first that runs the same block.
+    let rep = |l: u32| -> u32 {
+        let b = layer_blocks.get(l as usize).copied().unwrap_or(0);
+        layer_blocks.iter().position(|&x| x == b).unwrap_or(0) as u32
+    };
     let order = g.topo_order().unwrap_or_else(|_| g.node_ids());
     // Position of each node within its layer, to map layer L's nodes onto layer 0's.
     let mut by_layer: HashMap<u32, Vec<NodeId>> = HashMap::new();
@@ -27,12 +34,15 @@ pub fn to_dot(g: &Graph, layers: u32) -> String {
             continue;
         }
         match n.layer {
-            None | Some(0) => {
+            None => {
+                shown.insert(id, id);
+            }
+            Some(l) if rep(l) == l => {
                 shown.insert(id, id);
             }
             Some(l) => {
                 let k = by_layer[&l].iter().position(|&x| x == id).unwrap();
-                if let Some(&first) = by_layer.get(&0).and_then(|v| v.get(k)) {
+                if let Some(&first) = by_layer.get(&rep(l)).and_then(|v| v.get(k)) {
                     shown.insert(id, first);
                 }
             }
@@ -65,10 +75,30 @@ pub fn to_dot(g: &Graph, layers: u32) -> String {
         }
     };
     body(&mut out, &|l| l.is_none(), "  ");
-    if layers > 0 && by_layer.contains_key(&0) {
-        writeln!(out, "  subgraph cluster_block {{").unwrap();
-        writeln!(out, "    label=\"block × {layers} (layer 0 shown)\"; style=rounded;").unwrap();
-        body(&mut out, &|l| l == Some(0), "    ");
+    let variants = names.len().max(1);
+    let name = |b: usize| names.get(b).map_or("", String::as_str);
+    for b in 0..variants {
+        let runs: Vec<u32> = (0..layers).filter(|&l| layer_blocks[l as usize] == b).collect();
+        let Some(&first) = runs.first() else { continue };
+        if !by_layer.contains_key(&first) {
+            continue;
+        }
+        if variants == 1 {
+            writeln!(out, "  subgraph cluster_block {{").unwrap();
+            writeln!(out, "    label=\"block × {layers} (layer 0 shown)\"; style=rounded;").unwrap();
+        } else {
+            let list: Vec<String> = runs.iter().map(u32::to_string).collect();
+            writeln!(out, "  subgraph cluster_block_{b} {{").unwrap();
+            writeln!(
+                out,
+                "    label=\"block {} × {}: layers {} (layer {first} shown)\"; style=rounded;",
+                name(b),
+                runs.len(),
+                list.join(", ")
+            )
+            .unwrap();
+        }
+        body(&mut out, &|l| l == Some(first), "    ");
         writeln!(out, "  }}").unwrap();
     }
     let mut edges = std::collections::BTreeSet::new();
@@ -79,13 +109,17 @@ pub fn to_dot(g: &Graph, layers: u32) -> String {
         }
         for o in g.operands(id) {
             if let Some(&from) = shown.get(&o) {
-                let repeated = g.node(o).layer.is_some_and(|l| l > 0);
+                let repeated = g.node(o).layer.is_some_and(|l| rep(l) != l);
                 edges.insert((from.index(), to.index(), repeated));
             }
         }
     }
     for (from, to, repeated) in edges {
-        let style = if repeated { " [style=dashed, label=\"from the last block\"]" } else { "" };
+        let style = match (repeated, variants) {
+            (false, _) => "",
+            (true, 1) => " [style=dashed, label=\"from the last block\"]",
+            (true, _) => " [style=dashed, label=\"from a later layer\"]",
+        };
         writeln!(out, "  n{from} -> n{to}{style};").unwrap();
     }
     out.push_str("}\n");
