@@ -1,4 +1,4 @@
-//! The reference interpreter against Hugging Face transformers, on the fourteen fixture
+//! The reference interpreter against Hugging Face transformers, on the nineteen fixture
 //! architectures in `tests/fixtures/hf/` (see its README): logits within 1e-4 for one
 //! full forward pass over the prompt and over prompt + continuation, identical greedy
 //! continuations, and prefill + decode through the KV cache against the full pass.
@@ -90,14 +90,19 @@ fixture_tests!(
     gemma3,
     gpt2,
     gpt_neox,
+    granite,
     llama,
     llama31,
     llama_linear,
     mistral,
+    olmo2,
     opt_postln,
     phi,
     qwen2,
-    qwen3
+    qwen3,
+    stablelm,
+    starcoder2,
+    starcoder2_swa
 );
 
 #[test]

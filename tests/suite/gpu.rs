@@ -73,14 +73,19 @@ mod vulkan {
         gemma3,
         gpt2,
         gpt_neox,
+        granite,
         llama,
         llama31,
         llama_linear,
         mistral,
+        olmo2,
         opt_postln,
         phi,
         qwen2,
-        qwen3
+        qwen3,
+        stablelm,
+        starcoder2,
+        starcoder2_swa
     );
 }
 

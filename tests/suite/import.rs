@@ -5,21 +5,26 @@ use tfc::import::hf::import;
 
 use crate::common::*;
 
-const ARCHS: [&str; 14] = [
+const ARCHS: [&str; 19] = [
     "bert",
     "bloom",
     "gemma",
     "gemma3",
     "gpt2",
     "gpt_neox",
+    "granite",
     "llama",
     "llama31",
     "llama_linear",
     "mistral",
+    "olmo2",
     "opt_postln",
     "phi",
     "qwen2",
     "qwen3",
+    "stablelm",
+    "starcoder2",
+    "starcoder2_swa",
 ];
 
 fn config(arch: &str) -> serde_json::Value {
@@ -83,6 +88,18 @@ fn what_cannot_be_imported_faithfully_is_an_error() {
         c.remove("hidden_size");
     });
     assert!(e.contains("`hidden_size` is missing"), "{e}");
+    let e = import_err("stablelm", &|c| {
+        c.insert("qk_layernorm".into(), true.into());
+    });
+    assert!(e.contains("`qk_layernorm` = true"), "{e}");
+    let e = import_err("gemma3", &|c| {
+        c.insert("final_logit_softcapping".into(), 30.0.into());
+    });
+    assert!(e.contains("`final_logit_softcapping` = 30"), "{e}");
+    let e = import_err("gemma3", &|c| {
+        c.insert("layer_types".into(), serde_json::json!(["sliding_attention", "chunked_attention", "x", "y"]));
+    });
+    assert!(e.contains("`layer_types`"), "{e}");
     assert!(import("[1, 2]").unwrap_err().to_string().contains("not an object"));
 }
 

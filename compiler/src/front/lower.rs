@@ -480,7 +480,8 @@ impl Lowerer<'_> {
         self.node(Op::Linear { transposed: p.transposed, bias: p.bias.is_some() }, &ops, origin)
     }
 
-    /// A norm over each head of `x [heads, rows, head_dim]`, with the weights at `at`.
+    /// A norm over the last axis (`width` wide) of `x`, each head of `[heads, rows,
+    /// head_dim]` or each row of a whole projection, with the weights at `at`.
     fn head_norm(&mut self, norm: HeadNorm, at: &str, x: NodeId, hd: usize, origin: &str) -> NodeId {
         let w = self.weight(&format!("{at}.weight"), &[hd], WeightRole::Gain, origin);
         match norm {
@@ -514,9 +515,14 @@ impl Lowerer<'_> {
                 (part(QkvPart::Q), part(QkvPart::K), part(QkvPart::V))
             }
         };
+        let (mut q, mut k) = (q, k);
+        if let Some(n) = a.qk_norm.as_ref().filter(|n| n.whole) {
+            q = self.head_norm(n.norm, &n.q, q, h * hd, origin);
+            k = self.head_norm(n.norm, &n.k, k, kv * hd, origin);
+        }
         let mut q = self.node(Op::SplitHeads { heads: h }, &[q], origin);
         let mut k = self.node(Op::SplitHeads { heads: kv }, &[k], origin);
-        if let Some(n) = &a.qk_norm {
+        if let Some(n) = a.qk_norm.as_ref().filter(|n| !n.whole) {
             q = self.head_norm(n.norm, &n.q, q, hd, origin);
             k = self.head_norm(n.norm, &n.k, k, hd, origin);
         }

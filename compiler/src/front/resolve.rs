@@ -582,7 +582,7 @@ fn attention(
 
 /// `qk_norm = rmsnorm { q = "q_norm", k = "k_norm", eps = 1e-6, unit_offset = false }` or
 /// `layernorm { q = …, k = …, eps = 1e-5, bias = true }` in an attention: a norm of each
-/// query and key head. `Some(None)` without one; `None` (after a diagnostic) when wrong.
+/// query and key head, or with `over = width` of the whole query and key projections. `Some(None)` without one; `None` (after a diagnostic) when wrong.
 fn qk_norm(f: &mut Fields, name: &mut NameFn<'_>, diags: &mut Vec<Diagnostic>) -> Option<Option<QkNorm>> {
     let Some(v) = f.take("qk_norm") else {
         return Some(None);
@@ -600,7 +600,8 @@ fn qk_norm(f: &mut Fields, name: &mut NameFn<'_>, diags: &mut Vec<Diagnostic>) -
         }
     };
     let layer = kind.name == "layernorm";
-    let allowed: &[&str] = if layer { &["q", "k", "eps", "bias"] } else { &["q", "k", "eps", "unit_offset"] };
+    let allowed: &[&str] =
+        if layer { &["q", "k", "eps", "bias", "over"] } else { &["q", "k", "eps", "unit_offset", "over"] };
     let mut n = Fields::new(&format!("`{}`", kind.name), fields, allowed);
     let eps = n.float_positive("eps", diags).unwrap_or(if layer { 1e-5 } else { 1e-6 });
     let norm = if layer {
@@ -608,10 +609,11 @@ fn qk_norm(f: &mut Fields, name: &mut NameFn<'_>, diags: &mut Vec<Diagnostic>) -
     } else {
         HeadNorm::Rms { eps, unit_offset: n.bool("unit_offset", diags).unwrap_or(false) }
     };
+    let whole = n.choice("over", &["heads", "width"], diags).as_deref() == Some("width");
     let q = name(&mut n, "q", Some("q_norm"), diags);
     let k = name(&mut n, "k", Some("k_norm"), diags);
     n.finish(diags);
-    Some(Some(QkNorm { norm, q: q?, k: k? }))
+    Some(Some(QkNorm { norm, whole, q: q?, k: k? }))
 }
 
 /// `scaling = linear { factor = 4 }` or `scaling = llama3 { factor = 8, low_freq_factor =

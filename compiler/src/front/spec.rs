@@ -131,6 +131,9 @@ pub struct Attention {
 #[derive(Clone, Debug)]
 pub struct QkNorm {
     pub norm: HeadNorm,
+    /// Over each head (weights `[head_dim]`), or over the whole projection (OLMo 2:
+    /// weights `[heads · head_dim]`, before the heads are split).
+    pub whole: bool,
     /// The checkpoint names of the query's and the key's norm (`….weight`, `….bias`).
     pub q: String,
     pub k: String,

@@ -30,7 +30,7 @@ pub enum ImportError {
 }
 
 const SUPPORTED: &str =
-    "bert, bloom, gemma, gemma3_text, gpt2, gpt_neox, llama, mistral, opt, phi, qwen2, qwen3";
+    "bert, bloom, gemma, gemma3_text, gpt2, gpt_neox, granite, llama, mistral, olmo2, opt, phi, qwen2, qwen3, stablelm, starcoder2";
 
 /// Keys that never change what inference computes.
 fn ignorable(key: &str) -> bool {
@@ -328,7 +328,11 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
         .push(format!("Imported from a Hugging Face config.json (model_type `{model}`) by `tfc import-hf`."));
     match model.as_str() {
         "gpt2" => gpt2(&mut c, &mut g)?,
-        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" => llama_like(&mut c, &mut g)?,
+        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "granite" | "olmo2" => {
+            llama_like(&mut c, &mut g)?
+        }
+        "starcoder2" => starcoder2(&mut c, &mut g)?,
+        "stablelm" => stablelm(&mut c, &mut g)?,
         "gemma3_text" => gemma3(&mut c, &mut g)?,
         "gpt_neox" => gpt_neox(&mut c, &mut g)?,
         "bloom" => bloom(&mut c, &mut g)?,
@@ -461,13 +465,34 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         _ => "",
     };
     let window = window.map(|w| format!(", window = {w}")).unwrap_or_default();
-    // Qwen3 normalises each query and key head (RMSNorm, `q_norm`/`k_norm`) before RoPE.
-    let qk_norm = (model == "qwen3").then(|| format!("  qk_norm = rmsnorm {{ eps = {eps} }}"));
+    // Qwen3 normalises each query and key head (RMSNorm, `q_norm`/`k_norm`) before RoPE;
+    // OLMo 2 the whole query and key projections.
+    let qk_norm = match model.as_str() {
+        "qwen3" => Some(format!("  qk_norm = rmsnorm {{ eps = {eps} }}")),
+        "olmo2" => Some(format!("  qk_norm = rmsnorm {{ eps = {eps}, over = width }}")),
+        _ => None,
+    };
+    // Granite's multipliers: of the embedding, of each residual branch, of the attention
+    // scores (the scale itself) and, divided, of the logits.
+    let granite = model == "granite";
+    let mult = |c: &mut Config, key: &str| -> Result<Option<f64>, ImportError> {
+        Ok(if granite { Some(c.f64_or(key, 1.0)?) } else { None }.filter(|&m| m != 1.0))
+    };
+    let (embed_mult, residual_mult) = (mult(c, "embedding_multiplier")?, mult(c, "residual_multiplier")?);
+    let logits_div = mult(c, "logits_scaling")?;
+    let scale = match granite.then(|| c.f64_or("attention_multiplier", 0.0)).transpose()? {
+        Some(m) if m > 0.0 => format!(", scale = {}", num(m)),
+        _ => String::new(),
+    };
+    let branch = |call: &str| match residual_mult {
+        Some(m) => format!("{call} * {}", num(m)),
+        None => call.to_string(),
+    };
     g.embed = vec!["embed_tokens: embedding { at = \"model.embed_tokens\" }".into()];
-    g.embed.push(if gemma {
-        "x = embed_tokens(tokens) * sqrt(d_model)".into()
-    } else {
-        "x = embed_tokens(tokens)".into()
+    g.embed.push(match (gemma, embed_mult) {
+        (true, _) => "x = embed_tokens(tokens) * sqrt(d_model)".into(),
+        (_, Some(m)) => format!("x = embed_tokens(tokens) * {}", num(m)),
+        _ => "x = embed_tokens(tokens)".into(),
     });
     let norm = |at: &str, name: &str| {
         let offset = if gemma { ", unit_offset = true" } else { "" };
@@ -475,28 +500,156 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     };
     let l = "model.layers.{layer}";
     let mlp_bias = if mlp_bias { ", bias = true" } else { "" };
+    // OLMo 2 normalises each sublayer's output instead of its input.
+    let after = model == "olmo2";
+    g.block = if after { vec![] } else { vec![norm(&format!("{l}.input_layernorm"), "input_norm")] };
+    g.block.extend([
+        "attn: attention {".to_string(),
+        format!(
+            "  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{bias}{scale}"
+        ),
+        format!("  position = {}{window}", rope_text(theta, fraction, scaling)),
+    ]);
+    g.block.extend(qk_norm);
+    g.block.extend([
+        "}".into(),
+        norm(&format!("{l}.post_attention_layernorm"), if after { "post_attn_norm" } else { "post_norm" }),
+    ]);
+    if after {
+        g.block.push(norm(&format!("{l}.post_feedforward_layernorm"), "post_mlp_norm"));
+    }
+    g.block.extend([
+        format!("mlp: mlp {{ at = \"{l}.mlp\", gate = \"gate_proj\", up = \"up_proj\", down = \"down_proj\", act = {act}{mlp_bias} }}"),
+        String::new(),
+    ]);
+    if after {
+        g.block.extend(["x = x + post_attn_norm(attn(x))".into(), "x = x + post_mlp_norm(mlp(x))".into()]);
+    } else {
+        g.block.extend([
+            format!("x = x + {}", branch("attn(input_norm(x))")),
+            format!("x = x + {}", branch("mlp(post_norm(x))")),
+        ]);
+    }
+    g.head = vec![
+        norm("model.norm", "norm"),
+        unembed(tied, "embed_tokens", "lm_head", false),
+        match logits_div {
+            Some(d) => format!("x = lm_head(norm(x)) / {}", num(d)),
+            None => "x = lm_head(norm(x))".into(),
+        },
+    ];
+    Ok(())
+}
+
+/// StarCoder2: LayerNorms with biases, biases on every projection, a plain (ungated)
+/// MLP, and an optional sliding window.
+fn starcoder2(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    decoder_sizes(c, g)?;
+    let eps = num(c.f64_or("norm_epsilon", 1e-5)?);
+    let act = c.act("hidden_act", "gelu_pytorch_tanh")?;
+    let (theta, fraction, scaling) = c.rope(1.0)?;
+    let bias = if c.bool_or("use_bias", true)? { ", bias = true" } else { "" };
+    let window = c.opt_usize("sliding_window")?.map(|w| format!(", window = {w}")).unwrap_or_default();
+    for key in ["embedding_dropout", "residual_dropout"] {
+        c.f64_or(key, 0.0)?;
+    }
+    let tied = c.bool_or("tie_word_embeddings", true)?;
+    let l = "model.layers.{layer}";
+    let norm = |name: &str, at: &str| format!("{name}: layernorm {{ at = \"{at}\", eps = {eps} }}");
+    g.embed = vec![
+        "embed_tokens: embedding { at = \"model.embed_tokens\" }".into(),
+        "x = embed_tokens(tokens)".into(),
+    ];
     g.block = vec![
-        norm(&format!("{l}.input_layernorm"), "input_norm"),
-        format!("attn: attention {{"),
+        norm("input_norm", &format!("{l}.input_layernorm")),
+        "attn: attention {".into(),
         format!(
             "  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{bias}"
         ),
         format!("  position = {}{window}", rope_text(theta, fraction, scaling)),
-    ];
-    g.block.extend(qk_norm);
-    g.block.extend([
         "}".into(),
-        norm(&format!("{l}.post_attention_layernorm"), "post_norm"),
-        format!("mlp: mlp {{ at = \"{l}.mlp\", gate = \"gate_proj\", up = \"up_proj\", down = \"down_proj\", act = {act}{mlp_bias} }}"),
+        norm("post_norm", &format!("{l}.post_attention_layernorm")),
+        format!("mlp: mlp {{ at = \"{l}.mlp\", up = \"c_fc\", down = \"c_proj\", act = {act}{bias} }}"),
         String::new(),
         "x = x + attn(input_norm(x))".into(),
         "x = x + mlp(post_norm(x))".into(),
-    ]);
+    ];
     g.head = vec![
-        norm("model.norm", "norm"),
+        norm("norm", "model.norm"),
         unembed(tied, "embed_tokens", "lm_head", false),
         "x = lm_head(norm(x))".into(),
     ];
+    Ok(())
+}
+
+/// StableLM: LayerNorms with biases, partial RoPE, optional q/k/v biases, a gated MLP,
+/// sequential or parallel residuals.
+fn stablelm(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    decoder_sizes(c, g)?;
+    let eps = num(c.f64_or("layer_norm_eps", 1e-5)?);
+    let act = c.act("hidden_act", "silu")?;
+    let (theta, fraction, scaling) = c.rope(0.25)?;
+    let bias = if c.bool_or("use_qkv_bias", false)? { ", bias = [q, k, v]" } else { "" };
+    if c.bool_or("qk_layernorm", false)? {
+        return Err(c.unsupported(
+            "qk_layernorm",
+            "StableLM's per-head LayerNorms (a weight per head) are not supported yet",
+        ));
+    }
+    let parallel = c.bool_or("use_parallel_residual", false)?;
+    c.f64_or("hidden_dropout", 0.0)?;
+    let tied = c.bool_or("tie_word_embeddings", false)?;
+    let l = "model.layers.{layer}";
+    let norm = |name: &str, at: &str| format!("{name}: layernorm {{ at = \"{at}\", eps = {eps} }}");
+    g.embed = vec![
+        "embed_tokens: embedding { at = \"model.embed_tokens\" }".into(),
+        "x = embed_tokens(tokens)".into(),
+    ];
+    g.block = vec![
+        norm("input_norm", &format!("{l}.input_layernorm")),
+        "attn: attention {".into(),
+        format!(
+            "  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{bias}"
+        ),
+        format!("  position = {}", rope_text(theta, fraction, scaling)),
+        "}".into(),
+    ];
+    if !parallel {
+        g.block.push(norm("post_norm", &format!("{l}.post_attention_layernorm")));
+    }
+    g.block.extend([
+        format!("mlp: mlp {{ at = \"{l}.mlp\", gate = \"gate_proj\", up = \"up_proj\", down = \"down_proj\", act = {act} }}"),
+        String::new(),
+    ]);
+    if parallel {
+        g.block.push("x = x + attn(input_norm(x)) + mlp(input_norm(x))".into());
+    } else {
+        g.block.extend(["x = x + attn(input_norm(x))".into(), "x = x + mlp(post_norm(x))".into()]);
+    }
+    g.head = vec![
+        norm("norm", "model.norm"),
+        unembed(tied, "embed_tokens", "lm_head", false),
+        "x = lm_head(norm(x))".into(),
+    ];
+    Ok(())
+}
+
+/// The sizes every decoder config states the same way.
+fn decoder_sizes(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    let d = c.usize("hidden_size")?;
+    let heads = c.usize("num_attention_heads")?;
+    g.size("vocab", c.usize("vocab_size")?);
+    g.size("d_model", d);
+    g.size("layers", c.usize("num_hidden_layers")?);
+    g.size("heads", heads);
+    if let Some(kv) = c.opt_usize("num_key_value_heads")?.filter(|&kv| kv != heads) {
+        g.size("kv_heads", kv);
+    }
+    if let Some(hd) = c.opt_usize("head_dim")?.filter(|&hd| hd * heads != d) {
+        g.size("head_dim", hd);
+    }
+    g.size("d_ff", c.usize("intermediate_size")?);
+    g.size("max_seq", c.usize("max_position_embeddings")?);
     Ok(())
 }
 
