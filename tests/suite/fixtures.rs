@@ -1,4 +1,4 @@
-//! The reference interpreter against Hugging Face transformers, on the nineteen fixture
+//! The reference interpreter against Hugging Face transformers, on the twenty-one fixture
 //! architectures in `tests/fixtures/hf/` (see its README): logits within 1e-4 for one
 //! full forward pass over the prompt and over prompt + continuation, identical greedy
 //! continuations, and prefill + decode through the KV cache against the full pass.
@@ -86,7 +86,9 @@ macro_rules! fixture_tests {
 fixture_tests!(
     bert,
     bloom,
+    cohere,
     gemma,
+    gemma2,
     gemma3,
     gpt2,
     gpt_neox,

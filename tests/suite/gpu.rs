@@ -69,7 +69,9 @@ mod vulkan {
     vulkan_tests!(
         bert,
         bloom,
+        cohere,
         gemma,
+        gemma2,
         gemma3,
         gpt2,
         gpt_neox,

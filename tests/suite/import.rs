@@ -5,10 +5,12 @@ use tfc::import::hf::import;
 
 use crate::common::*;
 
-const ARCHS: [&str; 19] = [
+const ARCHS: [&str; 21] = [
     "bert",
     "bloom",
+    "cohere",
     "gemma",
+    "gemma2",
     "gemma3",
     "gpt2",
     "gpt_neox",
@@ -92,12 +94,15 @@ fn what_cannot_be_imported_faithfully_is_an_error() {
         c.insert("qk_layernorm".into(), true.into());
     });
     assert!(e.contains("`qk_layernorm` = true"), "{e}");
-    let e = import_err("gemma3", &|c| {
-        c.insert("final_logit_softcapping".into(), 30.0.into());
+    let e = import_err("cohere", &|c| {
+        c.insert("use_qk_norm".into(), true.into());
     });
-    assert!(e.contains("`final_logit_softcapping` = 30"), "{e}");
+    assert!(e.contains("`use_qk_norm` = true"), "{e}");
     let e = import_err("gemma3", &|c| {
-        c.insert("layer_types".into(), serde_json::json!(["sliding_attention", "chunked_attention", "x", "y"]));
+        c.insert(
+            "layer_types".into(),
+            serde_json::json!(["sliding_attention", "chunked_attention", "x", "y"]),
+        );
     });
     assert!(e.contains("`layer_types`"), "{e}");
     assert!(import("[1, 2]").unwrap_err().to_string().contains("not an object"));

@@ -432,7 +432,7 @@ impl Lowerer<'_> {
                 Val::Hidden(self.linear(h, &m.down, f, d, origin))
             }
             Kind::Attention(a) => Val::Hidden(self.attention(a, x, origin, sz)),
-            Kind::Unembed { weight, transposed, bias, tied } => {
+            Kind::Unembed { weight, transposed, bias, tied, softcap } => {
                 let w = match tied {
                     Some(t) => match self.spec.embed.component(t).map(|c| &c.kind) {
                         Some(Kind::Embedding { weight, rows, .. }) => {
@@ -452,7 +452,11 @@ impl Lowerer<'_> {
                     ops.push(self.weight(b, &[sz.vocab], WeightRole::Bias, origin));
                 }
                 let op = Op::Linear { transposed: *transposed && tied.is_none(), bias: bias.is_some() };
-                Val::Logits(self.node(op, &ops, origin))
+                let logits = self.node(op, &ops, origin);
+                Val::Logits(match softcap {
+                    Some(cap) => self.softcap(logits, *cap, origin),
+                    None => logits,
+                })
             }
             Kind::Embedding { .. } | Kind::Sinusoidal { .. } => {
                 unreachable!("handled by the caller")
@@ -478,6 +482,13 @@ impl Lowerer<'_> {
             ops.push(self.weight(b, &[out], WeightRole::Bias, origin));
         }
         self.node(Op::Linear { transposed: p.transposed, bias: p.bias.is_some() }, &ops, origin)
+    }
+
+    /// `cap · tanh(x / cap)`.
+    fn softcap(&mut self, x: NodeId, cap: f64, origin: &str) -> NodeId {
+        let x = self.node(Op::Scale(1.0 / cap), &[x], origin);
+        let x = self.node(Op::Activation(Act::Tanh), &[x], origin);
+        self.node(Op::Scale(cap), &[x], origin)
     }
 
     /// A norm over the last axis (`width` wide) of `x`, each head of `[heads, rows,
@@ -535,6 +546,9 @@ impl Lowerer<'_> {
         }
         let mut s = self.node(Op::HeadMatMul { transpose_b: true }, &[q, k], origin);
         s = self.node(Op::Scale(a.scale), &[s], origin);
+        if let Some(cap) = a.softcap {
+            s = self.softcap(s, cap, origin);
+        }
         if matches!(a.position, Position::Alibi) {
             s = self.node(Op::Alibi, &[s, pos], origin);
         }

@@ -382,9 +382,10 @@ fn component(
             "scale",
             "position",
             "qk_norm",
+            "softcap",
         ],
         "mlp" => &["at", "up", "gate", "down", "act", "bias", "transposed"],
-        "unembed" => &["at", "weight", "tied", "bias", "transposed"],
+        "unembed" => &["at", "weight", "tied", "bias", "transposed", "softcap"],
         _ => {
             diags.push(unknown(&c.kind, "component kind", KINDS));
             return None;
@@ -461,6 +462,7 @@ fn component(
             Kind::Mlp(Mlp { up: up?, gate, down: down?, act: act? })
         }
         "unembed" => {
+            let softcap = f.float_positive("softcap", diags);
             let tied = f.ident("tied", diags);
             let transposed = f.bool("transposed", diags).unwrap_or(false);
             let has_bias = f.bool("bias", diags).unwrap_or(false);
@@ -485,7 +487,7 @@ fn component(
                         .label(c.name.span.clone(), "the bias's checkpoint name is `{at}.bias`"),
                 );
             }
-            Kind::Unembed { weight, transposed, bias, tied }
+            Kind::Unembed { weight, transposed, bias, tied, softcap }
         }
         _ => unreachable!(),
     };
@@ -569,7 +571,9 @@ fn attention(
     let scale = f.float_positive("scale", diags).unwrap_or(1.0 / (head_dim.max(1) as f64).sqrt());
     let position = position(f, head_dim, diags);
     let qk_norm = qk_norm(f, name, diags);
+    let softcap = f.float_positive("softcap", diags);
     Some(Kind::Attention(Box::new(Attention {
+        softcap,
         qkv: qkv?,
         o: o?,
         causal,

@@ -124,6 +124,8 @@ pub struct Attention {
     pub position: Position,
     /// A norm of each query and key head, before the rotation.
     pub qk_norm: Option<QkNorm>,
+    /// Scores soft-capped to `cap · tanh(s / cap)` (Gemma 2).
+    pub softcap: Option<f64>,
 }
 
 /// The per-head norm of queries and keys (Qwen3, Gemma 3, Cohere): the same kind of norm
@@ -183,6 +185,8 @@ pub enum Kind {
         transposed: bool,
         bias: Option<Template>,
         tied: Option<String>,
+        /// Logits soft-capped to `cap · tanh(l / cap)` (Gemma 2).
+        softcap: Option<f64>,
     },
 }
 

@@ -30,7 +30,7 @@ pub enum ImportError {
 }
 
 const SUPPORTED: &str =
-    "bert, bloom, gemma, gemma3_text, gpt2, gpt_neox, granite, llama, mistral, olmo2, opt, phi, qwen2, qwen3, stablelm, starcoder2";
+    "bert, bloom, cohere, gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama, mistral, olmo2, opt, phi, qwen2, qwen3, stablelm, starcoder2";
 
 /// Keys that never change what inference computes.
 fn ignorable(key: &str) -> bool {
@@ -333,7 +333,8 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
         }
         "starcoder2" => starcoder2(&mut c, &mut g)?,
         "stablelm" => stablelm(&mut c, &mut g)?,
-        "gemma3_text" => gemma3(&mut c, &mut g)?,
+        "cohere" => cohere(&mut c, &mut g)?,
+        "gemma2" | "gemma3_text" => gemma_local_global(&mut c, &mut g)?,
         "gpt_neox" => gpt_neox(&mut c, &mut g)?,
         "bloom" => bloom(&mut c, &mut g)?,
         "opt" => opt(&mut c, &mut g)?,
@@ -634,6 +635,54 @@ fn stablelm(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     Ok(())
 }
 
+/// Cohere (Command R): one LayerNorm without bias feeding the attention and the MLP in
+/// parallel, interleaved RoPE pairs, scaled logits.
+fn cohere(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    decoder_sizes(c, g)?;
+    let eps = num(c.f64_or("layer_norm_eps", 1e-5)?);
+    let act = c.act("hidden_act", "silu")?;
+    let (theta, fraction, scaling) = c.rope(1.0)?;
+    let rope = rope_text(theta, fraction, scaling);
+    let rope = format!("{}, pairs = interleaved }}", rope.trim_end_matches(" }"));
+    let bias = if c.bool_or("attention_bias", false)? { ", bias = true" } else { "" };
+    if c.bool_or("use_qk_norm", false)? {
+        return Err(c.unsupported(
+            "use_qk_norm",
+            "Cohere's per-head LayerNorms (a weight per head) are not supported yet",
+        ));
+    }
+    let scale = c.f64_or("logit_scale", 1.0)?;
+    let tied = c.bool_or("tie_word_embeddings", true)?;
+    let l = "model.layers.{layer}";
+    let norm =
+        |name: &str, at: &str| format!("{name}: layernorm {{ at = \"{at}\", eps = {eps}, bias = false }}");
+    g.embed = vec![
+        "embed_tokens: embedding { at = \"model.embed_tokens\" }".into(),
+        "x = embed_tokens(tokens)".into(),
+    ];
+    g.block = vec![
+        norm("input_norm", &format!("{l}.input_layernorm")),
+        "attn: attention {".into(),
+        format!("  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{bias}"),
+        format!("  position = {rope}"),
+        "}".into(),
+        format!("mlp: mlp {{ at = \"{l}.mlp\", gate = \"gate_proj\", up = \"up_proj\", down = \"down_proj\", act = {act} }}"),
+        String::new(),
+        "h = input_norm(x)".into(),
+        "x = x + attn(h) + mlp(h)".into(),
+    ];
+    g.head = vec![
+        norm("norm", "model.norm"),
+        unembed(tied, "embed_tokens", "lm_head", false),
+        if scale == 1.0 {
+            "x = lm_head(norm(x))".into()
+        } else {
+            format!("x = lm_head(norm(x)) * {}", num(scale))
+        },
+    ];
+    Ok(())
+}
+
 /// The sizes every decoder config states the same way.
 fn decoder_sizes(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let d = c.usize("hidden_size")?;
@@ -653,10 +702,12 @@ fn decoder_sizes(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     Ok(())
 }
 
-/// Gemma 3 (text): sliding-window and full-attention layers as two block variants, each
-/// with its own RoPE, q/k RMSNorm, norms before and after both sublayers, all RMSNorms
-/// scaling by `1 + weight`.
-fn gemma3(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+/// Gemma 2 and Gemma 3 (text): sliding-window and full-attention layers as two block
+/// variants, norms before and after both sublayers, all RMSNorms scaling by `1 +
+/// weight`. Gemma 2 soft-caps its attention scores and logits; Gemma 3 gives each layer
+/// type its own RoPE and normalises q and k.
+fn gemma_local_global(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    let v3 = c.model == "gemma3_text";
     let d = c.usize("hidden_size")?;
     let heads = c.usize("num_attention_heads")?;
     let layers = c.usize("num_hidden_layers")?;
@@ -677,20 +728,22 @@ fn gemma3(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let eps = num(c.f64_or("rms_norm_eps", 1e-6)?);
     let a = c.act("hidden_act", "gelu_pytorch_tanh")?;
     let act = c.act("hidden_activation", a_name(a))?;
-    for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
-        if c.get(key).is_some() {
-            return Err(c.unsupported(key, "soft-capping is not supported yet"));
-        }
-    }
+    let attn_cap =
+        c.get("attn_logit_softcapping").map(|_| c.f64_or("attn_logit_softcapping", 0.0)).transpose()?;
+    let final_cap =
+        c.get("final_logit_softcapping").map(|_| c.f64_or("final_logit_softcapping", 0.0)).transpose()?;
     c.expect("use_bidirectional_attention", &[false.into()], "only causal Gemma is supported")?;
+    let attn_cap = attn_cap.map(|x| format!(", softcap = {}", num(x))).unwrap_or_default();
     let attn_bias = if c.bool_or("attention_bias", false)? { ", bias = true" } else { "" };
     let scale = c.f64_or("query_pre_attn_scalar", hd as f64)?.powf(-0.5);
     let scale =
         if scale == 1.0 / (hd as f64).sqrt() { String::new() } else { format!(", scale = {}", num(scale)) };
     let window = c.usize("sliding_window")?;
     // Which layers slide: `layer_types`, or every layer but each `sliding_window_pattern`-th.
-    let every =
-        c.opt_usize("sliding_window_pattern")?.or(c.opt_usize("_sliding_window_pattern")?).unwrap_or(6);
+    let every = c
+        .opt_usize("sliding_window_pattern")?
+        .or(c.opt_usize("_sliding_window_pattern")?)
+        .unwrap_or(if v3 { 6 } else { 2 });
     let types: Vec<bool> = match c.get("layer_types") {
         Some(t) => t
             .as_array()
@@ -708,6 +761,11 @@ fn gemma3(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     // RoPE per layer type: `rope_parameters` by type (transformers 5), or the older
     // `rope_theta` (+ `rope_scaling`) of full layers and `rope_local_base_freq` of sliding ones.
     let (local, global) = match c.get("rope_parameters").and_then(|p| p.as_object()).cloned() {
+        _ if !v3 => {
+            let (theta, _, scaling) = c.rope(1.0)?;
+            let r = rope_text(theta, 1.0, scaling);
+            (r.clone(), r)
+        }
         Some(p) if p.contains_key("full_attention") || p.contains_key("sliding_attention") => {
             let model = c.model.clone();
             let one = |key: &str| -> Result<String, ImportError> {
@@ -742,12 +800,16 @@ fn gemma3(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         format!("{name}: rmsnorm {{ at = \"{l}.{at}\", eps = {eps}, unit_offset = true }}")
     };
     let block = |rope: &str, window: &str| {
-        vec![
+        let mut lines = vec![
             norm("input_norm", "input_layernorm"),
             "attn: attention {".into(),
             format!("  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{attn_bias}{scale}"),
-            format!("  position = {rope}{window}"),
-            format!("  qk_norm = rmsnorm {{ eps = {eps}, unit_offset = true }}"),
+            format!("  position = {rope}{window}{attn_cap}"),
+        ];
+        if v3 {
+            lines.push(format!("  qk_norm = rmsnorm {{ eps = {eps}, unit_offset = true }}"));
+        }
+        lines.extend([
             "}".into(),
             norm("post_attn_norm", "post_attention_layernorm"),
             norm("pre_mlp_norm", "pre_feedforward_layernorm"),
@@ -756,7 +818,8 @@ fn gemma3(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
             String::new(),
             "x = x + post_attn_norm(attn(input_norm(x)))".into(),
             "x = x + post_mlp_norm(mlp(pre_mlp_norm(x)))".into(),
-        ]
+        ]);
+        lines
     };
     // The shortest prefix of the layer types that repeats over all layers.
     let period = (1..=layers).find(|&p| (0..layers).all(|i| types[i] == types[i % p])).unwrap_or(layers);
@@ -770,9 +833,14 @@ fn gemma3(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
             ("full".into(), block(&global, "")),
         ];
     }
+    let unembed = unembed(tied, "embed_tokens", "lm_head", false);
+    let unembed = match final_cap {
+        Some(cap) => format!("{}, softcap = {} }}", unembed.trim_end_matches(" }"), num(cap)),
+        None => unembed,
+    };
     g.head = vec![
         format!("norm: rmsnorm {{ at = \"model.norm\", eps = {eps}, unit_offset = true }}"),
-        unembed(tied, "embed_tokens", "lm_head", false),
+        unembed,
         "x = lm_head(norm(x))".into(),
     ];
     Ok(())

@@ -247,6 +247,14 @@ pub fn softmax(s: &Tensor) -> Tensor {
 }
 
 /// The fused attention node: the primitive chain, composed.
+/// `cap · tanh(x / cap)`, rounded to f32 after each step as the unfused ops
+/// (`scale`, `act{tanh}`, `scale`) compute it.
+pub fn soft_cap(x: f32, cap: f64) -> f32 {
+    let x = (x as f64 * (1.0 / cap)) as f32;
+    (activation(Act::Tanh, x) as f64 * cap) as f32
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -255,8 +263,12 @@ pub fn attention(
     scale: f64,
     m: &AttnMask,
     alibi_on: bool,
+    softcap: Option<f64>,
 ) -> Tensor {
     let mut s = map(&head_matmul(q, k, true), |x| (x as f64 * scale) as f32);
+    if let Some(cap) = softcap {
+        s = map(&s, |x| soft_cap(x, cap));
+    }
     if alibi_on {
         s = alibi(&s, pos);
     }

@@ -21,11 +21,18 @@ pub enum Act {
     /// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
     GeluTanh,
     Silu,
+    /// `tanh`, of soft-capping (`cap · tanh(x / cap)`).
+    Tanh,
 }
 
 impl Act {
-    pub const ALL: [(&'static str, Act); 4] =
-        [("relu", Act::Relu), ("gelu", Act::Gelu), ("gelu_tanh", Act::GeluTanh), ("silu", Act::Silu)];
+    pub const ALL: [(&'static str, Act); 5] = [
+        ("relu", Act::Relu),
+        ("gelu", Act::Gelu),
+        ("gelu_tanh", Act::GeluTanh),
+        ("silu", Act::Silu),
+        ("tanh", Act::Tanh),
+    ];
 
     pub fn name(self) -> &'static str {
         Act::ALL.iter().find(|(_, a)| *a == self).map(|(n, _)| *n).unwrap_or("?")
@@ -40,6 +47,7 @@ impl Act {
                 let zero = a.c(0.0);
                 a.max(x, zero)
             }
+            Act::Tanh => a.tanh(x),
             // x / (1 + e^(-x))
             Act::Silu => {
                 let n = a.neg(x.clone());
@@ -389,6 +397,8 @@ pub enum Op {
         scale: f64,
         mask: AttnMask,
         alibi: bool,
+        /// Scores soft-capped to `cap · tanh(s / cap)` after the scale (Gemma 2).
+        softcap: Option<f64>,
     },
     /// The last row: `[T, d] -> [1, d]`, or the last element: `[T] -> [1]` (of the
     /// positions, for a narrowed query).
@@ -513,11 +523,14 @@ impl Op {
             Op::Concat { axis } => vec![format!("axis={axis}")],
             Op::HeadMatMul { transpose_b } if *transpose_b => vec!["transpose_b".into()],
             Op::Mask(m) => mask_attrs(m),
-            Op::Attention { scale, mask, alibi } => {
+            Op::Attention { scale, mask, alibi, softcap } => {
                 let mut v = vec![format!("scale={}", num(*scale))];
                 v.extend(mask_attrs(mask));
                 if *alibi {
                     v.push("alibi".into());
+                }
+                if let Some(c) = softcap {
+                    v.push(format!("softcap={}", num(*c)));
                 }
                 v
             }

@@ -1,9 +1,9 @@
 //! Attention fusion: the primitive chain that lowering builds for every attention
 //!
-//!   s = head_matmul{transpose_b}(q, k) → scale{c} → [alibi(·, pos)] → [mask{m}(·, pos)]
-//!     → softmax → head_matmul(·, v)
+//!   s = head_matmul{transpose_b}(q, k) → scale{c} → [scale{1/cap} → act{tanh} → scale{cap}]
+//!     → [alibi(·, pos)] → [mask{m}(·, pos)] → softmax → head_matmul(·, v)
 //!
-//! becomes one `attention{scale=c, m, alibi}(q, k, v, pos)` node, provided every
+//! becomes one `attention{scale=c, m, alibi, softcap=cap}(q, k, v, pos)` node, provided every
 //! intermediate value has no other use. Backends then emit one kernel (online softmax,
 //! no `T×S` score matrix) and the split pass finds each layer's keys and values as the
 //! node's operands.
@@ -13,7 +13,7 @@
 //! After:  `%30 = attention{scale=0.25, causal} %27, %29, %25, %26`
 
 use super::{Pass, PassError};
-use crate::ir::{AttnMask, DType, Dim, Graph, Node, NodeId, Op, TensorType};
+use crate::ir::{Act, AttnMask, DType, Dim, Graph, Node, NodeId, Op, TensorType};
 
 pub struct FuseAttention;
 
@@ -42,6 +42,7 @@ struct Match {
     scale: f64,
     mask: AttnMask,
     alibi: bool,
+    softcap: Option<f64>,
     /// The intermediate nodes, removed after the rewrite.
     chain: Vec<NodeId>,
 }
@@ -85,6 +86,19 @@ fn match_chain(g: &Graph, pv: NodeId) -> Option<Match> {
         chain.push(cur);
         cur = g.operands(cur)[0];
     }
+    // A soft cap, `scale{c} → act{tanh} → scale{1/c}` read upwards.
+    let mut softcap = None;
+    if let Op::Scale(c) = *g.op(cur) {
+        let t = g.operands(cur)[0];
+        if *g.op(t) == Op::Activation(Act::Tanh) && single(cur) && single(t) {
+            let d = g.operands(t)[0];
+            if matches!(*g.op(d), Op::Scale(r) if (r * c - 1.0).abs() < 1e-12) && single(d) {
+                softcap = Some(c);
+                chain.extend([cur, t, d]);
+                cur = g.operands(d)[0];
+            }
+        }
+    }
     let Op::Scale(scale) = *g.op(cur) else {
         return None;
     };
@@ -100,7 +114,7 @@ fn match_chain(g: &Graph, pv: NodeId) -> Option<Match> {
     let [q, k] = g.operands(qk)[..] else {
         return None;
     };
-    Some(Match { q, k, v, pos, scale, mask, alibi, chain })
+    Some(Match { q, k, v, pos, scale, mask, alibi, softcap, chain })
 }
 
 fn rewrite(g: &mut Graph, pv: NodeId, m: Match) {
@@ -119,7 +133,7 @@ fn rewrite(g: &mut Graph, pv: NodeId, m: Match) {
             &[],
         ),
     };
-    let op = Op::Attention { scale: m.scale, mask: m.mask, alibi: m.alibi };
+    let op = Op::Attention { scale: m.scale, mask: m.mask, alibi: m.alibi, softcap: m.softcap };
     let ty = g.node(pv).ty.clone();
     let fused = g.add(Node { op, ty, layer, origin }, &[m.q, m.k, m.v, pos]);
     g.replace_uses(pv, fused);

@@ -343,7 +343,9 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                 ];
                 self.call(k, &v, rows)
             }
-            Op::Attention { scale, mask, alibi } => self.attention(n, *scale, *mask, *alibi),
+            Op::Attention { scale, mask, alibi, softcap } => {
+                self.attention(n, *scale, *mask, *alibi, *softcap)
+            }
             Op::LastRow => {
                 // `[T]` (positions, i32) or `[T, d]`.
                 let src = g.ty(ops[0]);
@@ -459,7 +461,14 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
 
     /// Fused attention: by (head, query row), or by (head, block of query rows) where the
     /// rows are known only at run time (prefill).
-    fn attention(&mut self, n: NodeId, scale: f64, mask: crate::ir::AttnMask, alibi: bool) {
+    fn attention(
+        &mut self,
+        n: NodeId,
+        scale: f64,
+        mask: crate::ir::AttnMask,
+        alibi: bool,
+        softcap: Option<f64>,
+    ) {
         use Slot::*;
         let g = self.g;
         let ops = g.operands(n);
@@ -475,7 +484,7 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
         };
         let rows = self.dim(ty.shape[1]);
         let block = ty.shape[1].as_fixed().is_none().then(|| kernels::attention_rows(head_dim)).flatten();
-        let k = Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block };
+        let k = Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap };
         let kb = &self.kb;
         let tasks = match block {
             Some(b) => kb.udiv(kb.add(rows, kb.c(b as i64 - 1)), kb.c(b as i64)),

@@ -386,7 +386,9 @@ impl<'a> Func<'a> {
                 ];
                 self.generic(&ins, (e, out_t, ident), &par, |t, a| rope(t, &r, &x, &xt, &a[0], &a[1], &a[2]))
             }
-            Op::Attention { scale, mask, alibi } => self.attention(n, *scale, mask, *alibi),
+            Op::Attention { scale, mask, alibi, softcap } => {
+                self.attention(n, *scale, mask, *alibi, *softcap)
+            }
             Op::LastRow => {
                 let (x, xt) = self.val(ops[0]);
                 let rows = g.ty(ops[0]).shape[0];
@@ -704,7 +706,14 @@ impl<'a> Func<'a> {
         ))
     }
 
-    fn attention(&mut self, n: NodeId, scale: f64, mask: &crate::ir::AttnMask, alibi: bool) -> String {
+    fn attention(
+        &mut self,
+        n: NodeId,
+        scale: f64,
+        mask: &crate::ir::AttnMask,
+        alibi: bool,
+        softcap: Option<f64>,
+    ) -> String {
         let g = self.g;
         let ty = g.ty(n).clone();
         let ops = g.operands(n);
@@ -749,6 +758,18 @@ impl<'a> Func<'a> {
             let c = t.f64(scale);
             let xs = t.bin("mulf", &x, &c, "f64");
             let mut val = t.op(format!("arith.truncf {xs} : f64 to f32"));
+            if let Some(cap) = softcap {
+                // cap · tanh(x / cap), rounded as the unfused scale, tanh, scale ops are.
+                let step = |t: &mut Text, v: &str, k: f64| {
+                    let w = t.op(format!("arith.extf {v} : f32 to f64"));
+                    let c = t.f64(k);
+                    let m = t.bin("mulf", &w, &c, "f64");
+                    t.op(format!("arith.truncf {m} : f64 to f32"))
+                };
+                let inner = step(t, &val, 1.0 / cap);
+                let th = activation(t, Act::Tanh, &inner);
+                val = step(t, &th, cap);
+            }
             let s = t.op("linalg.index 2 : index");
             let s64 = t.op(format!("arith.index_cast {s} : index to i64"));
             let p64 = t.op(format!("arith.extsi {} : i32 to i64", a[1]));

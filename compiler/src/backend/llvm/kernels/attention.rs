@@ -20,8 +20,9 @@
 use inkwell::values::{FloatValue, IntValue, PointerValue, VectorValue};
 
 use super::{Args, Kernel, Slot};
-use crate::backend::llvm::kb::{Kb, VW};
-use crate::ir::{alibi_slopes, AttnMask};
+use crate::backend::llvm::elementwise::F32Ir;
+use crate::backend::llvm::kb::{F32s, Kb, VW};
+use crate::ir::{alibi_slopes, Act, Arith, AttnMask};
 
 pub(crate) fn attention_kernel<'ctx>(
     kb: &Kb<'_, 'ctx>,
@@ -33,7 +34,7 @@ pub(crate) fn attention_kernel<'ctx>(
     use Slot::*;
     let a = |s: Slot| args.i(s);
     let p = |s: Slot| args.p(s);
-    let Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block } = *k else {
+    let Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap } = *k else {
         unreachable!("a Attention kernel")
     };
 
@@ -45,6 +46,7 @@ pub(crate) fn attention_kernel<'ctx>(
         groups,
         hd: head_dim,
         scale,
+        softcap,
         mask,
         q,
         k,
@@ -85,6 +87,17 @@ pub(crate) fn attention_rows(head_dim: usize) -> Option<usize> {
     (head_dim % VW == 0).then(|| (VW * VW / head_dim).clamp(1, 8))
 }
 
+/// `cap · tanh(x / cap)` of scores, scalar or vector (`Act::Tanh` through `F32Ir`); `x`
+/// without a cap.
+fn capped<'ctx, V: F32s<'ctx>>(kb: &Kb<'_, 'ctx>, softcap: Option<f64>, x: V) -> V {
+    let Some(cap) = softcap else { return x };
+    let mut a = F32Ir { kb, _v: std::marker::PhantomData };
+    let (inv, c) = (a.c(1.0 / cap), a.c(cap));
+    let scaled = a.mul(x, inv);
+    let t = Act::Tanh.apply(&mut a, scaled);
+    a.mul(t, c)
+}
+
 /// What both attention kernels read: the op's constants and its argument block (see
 /// `Kernel::Attention`).
 #[derive(Clone, Copy)]
@@ -93,6 +106,8 @@ pub(crate) struct Attn<'ctx> {
     groups: usize,
     hd: usize,
     scale: f64,
+    /// Scores soft-capped to `cap · tanh(s / cap)`.
+    softcap: Option<f64>,
     mask: AttnMask,
     q: PointerValue<'ctx>,
     k: PointerValue<'ctx>,
@@ -157,8 +172,24 @@ pub(crate) fn attention_block<'ctx>(
 ) {
     type Bv<'c> = inkwell::values::BasicValueEnum<'c>;
     let c = |v: usize| kb.c(v as i64);
-    let Attn { heads, groups, hd, scale, mask, q, k, v, pos, out, rows, s_len, kstride, vstride, slopes } =
-        *at;
+    let Attn {
+        heads,
+        groups,
+        hd,
+        scale,
+        softcap,
+        mask,
+        q,
+        k,
+        v,
+        pos,
+        out,
+        rows,
+        s_len,
+        kstride,
+        vstride,
+        slopes,
+    } = *at;
     let nv = hd / VW;
     let eb = kb.alloca_f32s(rn * VW);
     let i64v = kb.i64t().vec_type(VW as u32);
@@ -211,7 +242,7 @@ pub(crate) fn attention_block<'ctx>(
                         })
                     })
                     .collect();
-                let mut sv = kb.vmul(kb.lane_sums(dots), kb.splat(kb.fc(scale)));
+                let mut sv = capped(kb, softcap, kb.vmul(kb.lane_sums(dots), kb.splat(kb.fc(scale))));
                 if let Some(sl) = slope {
                     let rel = kb.vsub(kb.splat(kb.to_f32(kb.i_to_f64(kb.sub(pqs[r], s0)))), kb.iota());
                     sv = kb.vsub(sv, kb.vmul(kb.splat(sl), rel));
@@ -269,8 +300,24 @@ pub(crate) fn attention<'ctx>(
     end: IntValue<'ctx>,
 ) {
     let c = |v: usize| kb.c(v as i64);
-    let Attn { heads, groups, hd, scale, mask, q, k, v, pos, out, rows, s_len, kstride, vstride, slopes } =
-        *at;
+    let Attn {
+        heads,
+        groups,
+        hd,
+        scale,
+        softcap,
+        mask,
+        q,
+        k,
+        v,
+        pos,
+        out,
+        rows,
+        s_len,
+        kstride,
+        vstride,
+        slopes,
+    } = *at;
     let m_slot = kb.alloca_f32();
     let l_slot = kb.alloca_f32();
     kb.for_(begin, end, |r| {
@@ -284,7 +331,7 @@ pub(crate) fn attention<'ctx>(
         let vb0 = kb.mul(g, vstride);
         let slope = slopes.map(|s| kb.ld(s, h));
         let score_of = |dot: FloatValue<'ctx>, s: IntValue<'ctx>| {
-            let score = kb.fmul(dot, kb.fc(scale));
+            let score = capped(kb, softcap, kb.fmul(dot, kb.fc(scale)));
             match slope {
                 Some(sl) => kb.fsub(score, kb.fmul(sl, kb.to_f32(kb.i_to_f64(kb.sub(pq, s))))),
                 None => score,
@@ -333,7 +380,7 @@ pub(crate) fn attention<'ctx>(
                 });
                 let (m, l) = (st[0].into_float_value(), st[1].into_float_value());
                 let dots = (0..VW).map(|j| dot(kb.add(s0, c(j)))).collect();
-                let mut sv = kb.vmul(kb.lane_sums(dots), kb.splat(kb.fc(scale)));
+                let mut sv = capped(kb, softcap, kb.vmul(kb.lane_sums(dots), kb.splat(kb.fc(scale))));
                 if let Some(sl) = slope {
                     let rel = kb.vsub(kb.splat(kb.to_f32(kb.i_to_f64(kb.sub(pq, s0)))), kb.iota());
                     sv = kb.vsub(sv, kb.vmul(kb.splat(sl), rel));

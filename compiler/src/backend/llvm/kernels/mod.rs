@@ -68,6 +68,8 @@ pub enum Kernel {
         mask: AttnMask,
         alibi: bool,
         block: Option<usize>,
+        /// Scores soft-capped to `cap · tanh(s / cap)`.
+        softcap: Option<f64>,
     },
     /// args: x, out, rows; tasks: 1. Copies the last of `rows` rows of `[rows, width]`,
     /// f32 or, when `int`, i32.
@@ -186,13 +188,14 @@ impl Kernel {
                     *interleaved as u8
                 )
             }
-            Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block } => format!(
-                "attention_{heads}_{groups}_{head_dim}_{:016x}_{}_{}_{}{}",
+            Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap } => format!(
+                "attention_{heads}_{groups}_{head_dim}_{:016x}_{}_{}_{}{}{}",
                 scale.to_bits(),
                 mask.causal as u8,
                 mask.window.unwrap_or(0),
                 *alibi as u8,
-                block.map_or(String::new(), |b| format!("_rows{b}"))
+                block.map_or(String::new(), |b| format!("_rows{b}")),
+                softcap.map_or(String::new(), |c| format!("_cap{:016x}", c.to_bits()))
             ),
             Kernel::LastRow { width, int } => format!("last_row_{width}{}", if *int { "_i32" } else { "" }),
             Kernel::GemvPartial { inn, out, chunks, wf } => {

@@ -5,7 +5,7 @@ use tfc_runtime::gpu::program::ArgKind;
 use super::builder::K;
 use super::{Attn, Kern, Target, Unary, BLOCK, LIN_ROWS};
 use crate::backend::mlir::text::Text;
-use crate::ir::{alibi_slopes, HeadStart, QkvPart};
+use crate::ir::{alibi_slopes, Act, HeadStart, QkvPart};
 
 pub(super) fn kernel_text(target: Target, name: &str, k: &Kern) -> (Vec<ArgKind>, String) {
     use ArgKind::{F32, I32};
@@ -490,7 +490,7 @@ pub(super) fn cache_store(k: &mut K, kern: &Kern) {
 
 /// Online softmax attention for one (head, query row) per workgroup, 64 keys at a time.
 pub(super) fn attention(k: &mut K, a: &Attn) {
-    let Attn { h, g, hd, scale, causal, window, alibi, rows, s, stride } = *a;
+    let Attn { h, g, hd, scale, softcap, causal, window, alibi, rows, s, stride } = *a;
     let row = "%bx".to_string();
     let sc = k.shared(BLOCK);
     let acc_sh = k.shared(hd.max(1));
@@ -557,6 +557,14 @@ pub(super) fn attention(k: &mut K, a: &Attn) {
         });
         let scc = k.f(scale as f32);
         let mut v = k.fl("mulf", &dot[0], &scc);
+        if let Some(cap) = softcap {
+            // cap · tanh(v / cap)
+            let inv = k.f((1.0 / cap) as f32);
+            let inner = k.fl("mulf", &v, &inv);
+            let th = k.act(Act::Tanh, &inner);
+            let c = k.f(cap as f32);
+            v = k.fl("mulf", &th, &c);
+        }
         let pk = k.t.op(format!("arith.index_cast {pos} : index to i32"));
         let kk = k.t.op(format!("arith.index_cast {keyc} : index to i32"));
         let dist = k.t.bin("subi", &pk, &kk, "i32");

@@ -220,6 +220,8 @@ struct Attn {
     g: usize,
     hd: usize,
     scale: f64,
+    /// Scores soft-capped to `cap · tanh(s / cap)`.
+    softcap: Option<f64>,
     causal: bool,
     window: Option<usize>,
     alibi: bool,
@@ -380,7 +382,7 @@ impl Emitter {
                 };
                 (k, [mul(ty.shape[1], h), one], vec![arg(ops[0]), arg(ops[1]), Arg::Table(ti)])
             }
-            Op::Attention { scale, mask, alibi } => {
+            Op::Attention { scale, mask, alibi, softcap } => {
                 let h = fixed(ty.shape[0]);
                 let kty = g.ty(ops[1]);
                 let in_cache = matches!(loc[&ops[1]], Loc::Cache(..));
@@ -389,6 +391,7 @@ impl Emitter {
                     g: fixed(kty.shape[0]),
                     hd: width,
                     scale: *scale,
+                    softcap: *softcap,
                     causal: mask.causal,
                     window: mask.window,
                     alibi: *alibi,
