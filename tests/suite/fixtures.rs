@@ -1,4 +1,4 @@
-//! The reference interpreter against Hugging Face transformers, on the twenty-one fixture
+//! The reference interpreter against Hugging Face transformers, on the twenty-three fixture
 //! architectures in `tests/fixtures/hf/` (see its README): logits within 1e-4 for one
 //! full forward pass over the prompt and over prompt + continuation, identical greedy
 //! continuations, and prefill + decode through the KV cache against the full pass.
@@ -87,11 +87,13 @@ fixture_tests!(
     bert,
     bloom,
     cohere,
+    falcon,
     gemma,
     gemma2,
     gemma3,
     gpt2,
     gpt_neox,
+    gptj,
     granite,
     llama,
     llama31,

@@ -5,15 +5,17 @@ use tfc::import::hf::import;
 
 use crate::common::*;
 
-const ARCHS: [&str; 21] = [
+const ARCHS: [&str; 23] = [
     "bert",
     "bloom",
     "cohere",
+    "falcon",
     "gemma",
     "gemma2",
     "gemma3",
     "gpt2",
     "gpt_neox",
+    "gptj",
     "granite",
     "llama",
     "llama31",
@@ -105,6 +107,10 @@ fn what_cannot_be_imported_faithfully_is_an_error() {
         );
     });
     assert!(e.contains("`layer_types`"), "{e}");
+    let e = import_err("falcon", &|c| {
+        c.insert("new_decoder_architecture".into(), true.into());
+    });
+    assert!(e.contains("`new_decoder_architecture` = true"), "{e}");
     assert!(import("[1, 2]").unwrap_err().to_string().contains("not an object"));
 }
 

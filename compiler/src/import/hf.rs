@@ -30,7 +30,7 @@ pub enum ImportError {
 }
 
 const SUPPORTED: &str =
-    "bert, bloom, cohere, gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama, mistral, olmo2, opt, phi, qwen2, qwen3, stablelm, starcoder2";
+    "bert, bloom, cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gptj, granite, llama, mistral, olmo2, opt, phi, qwen2, qwen3, stablelm, starcoder2";
 
 /// Keys that never change what inference computes.
 fn ignorable(key: &str) -> bool {
@@ -334,6 +334,8 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
         "starcoder2" => starcoder2(&mut c, &mut g)?,
         "stablelm" => stablelm(&mut c, &mut g)?,
         "cohere" => cohere(&mut c, &mut g)?,
+        "gptj" => gptj(&mut c, &mut g)?,
+        "falcon" => falcon(&mut c, &mut g)?,
         "gemma2" | "gemma3_text" => gemma_local_global(&mut c, &mut g)?,
         "gpt_neox" => gpt_neox(&mut c, &mut g)?,
         "bloom" => bloom(&mut c, &mut g)?,
@@ -679,6 +681,107 @@ fn cohere(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         } else {
             format!("x = lm_head(norm(x)) * {}", num(scale))
         },
+    ];
+    Ok(())
+}
+
+/// GPT-J: interleaved RoPE on the first `rotary_dim` features of each head, attention
+/// and MLP in parallel from one LayerNorm, a biased unembedding.
+fn gptj(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    let d = c.usize("n_embd")?;
+    let heads = c.usize("n_head")?;
+    g.size("vocab", c.usize("vocab_size")?);
+    g.size("d_model", d);
+    g.size("layers", c.usize("n_layer")?);
+    g.size("heads", heads);
+    g.size("d_ff", c.opt_usize("n_inner")?.unwrap_or(4 * d));
+    g.size("max_seq", c.usize("n_positions")?);
+    let eps = num(c.f64_or("layer_norm_epsilon", 1e-5)?);
+    let act = c.act("activation_function", "gelu_new")?;
+    let hd = d / heads.max(1);
+    let fraction = c.opt_usize("rotary_dim")?.map_or(1.0, |r| r as f64 / hd as f64);
+    let (theta, _, scaling) = c.rope(fraction)?;
+    let rope = rope_text(theta, fraction, scaling);
+    let rope = format!("{}, pairs = interleaved }}", rope.trim_end_matches(" }"));
+    for key in ["attn_pdrop", "embd_pdrop", "resid_pdrop"] {
+        c.f64_or(key, 0.0)?;
+    }
+    let tied = c.bool_or("tie_word_embeddings", false)?;
+    let h = "transformer.h.{layer}";
+    g.embed = vec!["wte: embedding { at = \"transformer.wte\" }".into(), "x = wte(tokens)".into()];
+    g.block = vec![
+        format!("ln_1: layernorm {{ at = \"{h}.ln_1\", eps = {eps} }}"),
+        format!("attn: attention {{ at = \"{h}.attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"out_proj\", position = {rope} }}"),
+        format!("mlp: mlp {{ at = \"{h}.mlp\", up = \"fc_in\", down = \"fc_out\", act = {act}, bias = true }}"),
+        String::new(),
+        "h = ln_1(x)".into(),
+        "x = x + attn(h) + mlp(h)".into(),
+    ];
+    g.head = vec![
+        format!("ln_f: layernorm {{ at = \"transformer.ln_f\", eps = {eps} }}"),
+        unembed(tied, "wte", "lm_head", true),
+        "x = lm_head(ln_f(x))".into(),
+    ];
+    Ok(())
+}
+
+/// Falcon (the original decoder): one fused QKV projection (multi-query: one key/value
+/// head), attention and MLP in parallel from one LayerNorm, RoPE.
+fn falcon(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    let d = c.usize("hidden_size")?;
+    let heads = c.usize("num_attention_heads")?;
+    g.size("vocab", c.usize("vocab_size")?);
+    g.size("d_model", d);
+    g.size("layers", c.usize("num_hidden_layers")?);
+    g.size("heads", heads);
+    if c.bool_or("new_decoder_architecture", false)? {
+        return Err(c.unsupported(
+            "new_decoder_architecture",
+            "Falcon's new decoder (grouped QKV, two norms) is not supported yet",
+        ));
+    }
+    if c.bool_or("alibi", false)? {
+        return Err(c.unsupported("alibi", "Falcon with ALiBi is not supported yet"));
+    }
+    // `num_kv_heads` counts only without `multi_query` (one key/value head).
+    let multi_query = c.bool_or("multi_query", true)?;
+    let stated = c.opt_usize("num_kv_heads")?;
+    let kv = if multi_query { 1 } else { stated.unwrap_or(heads) };
+    if kv != heads {
+        g.size("kv_heads", kv);
+    }
+    g.size("d_ff", c.opt_usize("ffn_hidden_size")?.unwrap_or(4 * d));
+    g.size("max_seq", c.usize("max_position_embeddings")?);
+    let eps = num(c.f64_or("layer_norm_epsilon", 1e-5)?);
+    let act = c.act("activation", "gelu")?;
+    let (theta, fraction, scaling) = c.rope(1.0)?;
+    let bias = if c.bool_or("bias", false)? { ", bias = true" } else { "" };
+    if !c.bool_or("parallel_attn", true)? {
+        return Err(c.unsupported("parallel_attn", "only Falcon's parallel attention and MLP are supported"));
+    }
+    c.f64_or("hidden_dropout", 0.0)?;
+    c.opt_usize("num_ln_in_parallel_attn")?;
+    let tied = c.bool_or("tie_word_embeddings", true)?;
+    let h = "transformer.h.{layer}";
+    g.embed = vec![
+        "word_embeddings: embedding { at = \"transformer.word_embeddings\" }".into(),
+        "x = word_embeddings(tokens)".into(),
+    ];
+    g.block = vec![
+        format!("input_norm: layernorm {{ at = \"{h}.input_layernorm\", eps = {eps} }}"),
+        "attn: attention {".into(),
+        format!("  at = \"{h}.self_attention\", qkv = \"query_key_value\", o = \"dense\"{bias}"),
+        format!("  position = {}", rope_text(theta, fraction, scaling)),
+        "}".into(),
+        format!("mlp: mlp {{ at = \"{h}.mlp\", up = \"dense_h_to_4h\", down = \"dense_4h_to_h\", act = {act}{bias} }}"),
+        String::new(),
+        "h = input_norm(x)".into(),
+        "x = x + attn(h) + mlp(h)".into(),
+    ];
+    g.head = vec![
+        format!("ln_f: layernorm {{ at = \"transformer.ln_f\", eps = {eps} }}"),
+        unembed(tied, "word_embeddings", "lm_head", false),
+        "x = lm_head(ln_f(x))".into(),
     ];
     Ok(())
 }
