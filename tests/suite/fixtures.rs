@@ -1,4 +1,4 @@
-//! The reference interpreter against Hugging Face transformers, on the twenty-three fixture
+//! The reference interpreter against Hugging Face transformers, on the twenty-four fixture
 //! architectures in `tests/fixtures/hf/` (see its README): logits within 1e-4 for one
 //! full forward pass over the prompt and over prompt + continuation, identical greedy
 //! continuations, and prefill + decode through the KV cache against the full pass.
@@ -103,6 +103,7 @@ fixture_tests!(
     opt_postln,
     phi,
     qwen2,
+    qwen2_yarn,
     qwen3,
     stablelm,
     starcoder2,

@@ -86,6 +86,7 @@ mod vulkan {
         opt_postln,
         phi,
         qwen2,
+        qwen2_yarn,
         qwen3,
         stablelm,
         starcoder2,

@@ -5,7 +5,7 @@ use tfc::import::hf::import;
 
 use crate::common::*;
 
-const ARCHS: [&str; 23] = [
+const ARCHS: [&str; 24] = [
     "bert",
     "bloom",
     "cohere",
@@ -25,6 +25,7 @@ const ARCHS: [&str; 23] = [
     "opt_postln",
     "phi",
     "qwen2",
+    "qwen2_yarn",
     "qwen3",
     "stablelm",
     "starcoder2",
@@ -76,7 +77,7 @@ fn what_cannot_be_imported_faithfully_is_an_error() {
     let e = import_err("llama", &|c| {
         c.insert(
             "rope_parameters".into(),
-            serde_json::json!({"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}),
+            serde_json::json!({"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4}),
         );
     });
     assert!(e.contains("rope_parameters"), "{e}");

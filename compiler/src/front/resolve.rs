@@ -627,7 +627,7 @@ fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScali
     let Some(v) = r.take("scaling") else {
         return Some(RopeScaling::None);
     };
-    let kinds = ["linear", "llama3"];
+    let kinds = ["linear", "llama3", "yarn"];
     match &v.kind {
         ValueKind::Ident(s) if s == "none" => Some(RopeScaling::None),
         ValueKind::Object(kind, fields) if kind.name == "linear" => {
@@ -667,6 +667,27 @@ fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScali
                 low_freq_factor,
                 high_freq_factor,
                 original_max_seq: original?,
+            })
+        }
+        ValueKind::Object(kind, fields) if kind.name == "yarn" => {
+            let keys = ["factor", "original_max_seq", "beta_fast", "beta_slow", "attention_factor"];
+            let mut s = Fields::new("`yarn`", fields, &keys);
+            let factor = s.float_positive("factor", diags);
+            let original = s.positive("original_max_seq", diags);
+            let beta_fast = s.float_positive("beta_fast", diags).unwrap_or(32.0);
+            let beta_slow = s.float_positive("beta_slow", diags).unwrap_or(1.0);
+            let attention = s.float_positive("attention_factor", diags);
+            for k in keys[..2].iter().filter(|k| !s.has(k)) {
+                diags.push(missing_field(kind, "yarn", k));
+            }
+            s.finish(diags);
+            let factor = factor?;
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_seq: original?,
+                beta_fast,
+                beta_slow,
+                attention_factor: attention.unwrap_or(RopeScaling::yarn_attention_factor(factor)),
             })
         }
         ValueKind::Object(kind, _) => {

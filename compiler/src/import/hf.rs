@@ -195,19 +195,30 @@ impl<'a> Config<'a> {
                 .or_else(|| obj.get("type"))
                 .and_then(|t| t.as_str())
                 .unwrap_or("default");
-            let own: &[&str] = match kind {
-                "default" => &[],
-                "linear" => &["factor"],
-                "llama3" => {
-                    &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
-                }
-                other => {
-                    return Err(self.unsupported(
+            let own: &[&str] =
+                match kind {
+                    "default" => &[],
+                    "linear" => &["factor"],
+                    "llama3" => {
+                        &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+                    }
+                    "yarn" => &[
+                        "factor",
+                        "original_max_position_embeddings",
+                        "beta_fast",
+                        "beta_slow",
+                        "attention_factor",
+                        "mscale",
+                        "mscale_all_dim",
+                        "truncate",
+                    ],
+                    other => return Err(self.unsupported(
                         key,
-                        &format!("rope_type `{other}`: the supported ones are default, linear and llama3"),
-                    ))
-                }
-            };
+                        &format!(
+                            "rope_type `{other}`: the supported ones are default, linear, llama3 and yarn"
+                        ),
+                    )),
+                };
             let common = ["rope_type", "type", "rope_theta", "partial_rotary_factor"];
             if let Some((k, v)) = obj
                 .iter()
@@ -225,6 +236,33 @@ impl<'a> Config<'a> {
                     high_freq_factor: need("high_freq_factor")?,
                     original_max_seq: need("original_max_position_embeddings")? as usize,
                 },
+                "yarn" => {
+                    if obj.get("truncate").is_some_and(|t| t != &Value::Bool(true)) {
+                        return Err(self.unsupported(key, "YaRN without truncation is not supported"));
+                    }
+                    // As transformers: with an original length, the factor is the ratio of
+                    // the model's length to it.
+                    let original = num("original_max_position_embeddings")?;
+                    let max_seq = self.map.get("max_position_embeddings").and_then(Value::as_f64);
+                    let factor = match (original, max_seq) {
+                        (Some(o), Some(m)) if o > 0.0 => m / o,
+                        _ => need("factor")?,
+                    };
+                    let ms = |m: f64| if factor <= 1.0 { 1.0 } else { 0.1 * m * factor.ln() + 1.0 };
+                    let attention_factor =
+                        match (num("attention_factor")?, num("mscale")?, num("mscale_all_dim")?) {
+                            (Some(a), ..) => a,
+                            (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => ms(m) / ms(all),
+                            _ => RopeScaling::yarn_attention_factor(factor),
+                        };
+                    RopeScaling::Yarn {
+                        factor,
+                        original_max_seq: original.or(max_seq).unwrap_or(0.0) as usize,
+                        beta_fast: num("beta_fast")?.unwrap_or(32.0),
+                        beta_slow: num("beta_slow")?.unwrap_or(1.0),
+                        attention_factor,
+                    }
+                }
                 _ => RopeScaling::None,
             };
         }
@@ -307,6 +345,16 @@ fn rope_text(theta: f64, fraction: f64, scaling: RopeScaling) -> String {
     match scaling {
         RopeScaling::None => {}
         RopeScaling::Linear { factor } => fields.push(format!("scaling = linear {{ factor = {} }}", num(factor))),
+        RopeScaling::Yarn { factor, original_max_seq, beta_fast, beta_slow, attention_factor } => {
+            let mut y = format!("factor = {}, original_max_seq = {original_max_seq}", num(factor));
+            if (beta_fast, beta_slow) != (32.0, 1.0) {
+                y.push_str(&format!(", beta_fast = {}, beta_slow = {}", num(beta_fast), num(beta_slow)));
+            }
+            if attention_factor != RopeScaling::yarn_attention_factor(factor) {
+                y.push_str(&format!(", attention_factor = {}", num(attention_factor)));
+            }
+            fields.push(format!("scaling = yarn {{ {y} }}"))
+        }
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_seq } => fields.push(format!(
             "scaling = llama3 {{ factor = {}, low_freq_factor = {}, high_freq_factor = {}, original_max_seq = {original_max_seq} }}",
             num(factor),

@@ -141,12 +141,13 @@ pub fn rope(x: &Tensor, pos: &[i64], r: &Rope) -> Tensor {
     let (h, t, hd) = (x.shape[0], x.shape[1], x.shape[2]);
     let rd = r.rotary_dim;
     let mut out = x.data.clone();
-    let inv_freqs = r.inv_freqs();
+    let (inv_freqs, magnitude) = (r.inv_freqs(), r.magnitude());
     for j in 0..h {
         for (row, &p) in pos.iter().enumerate().take(t) {
             let base = (j * t + row) * hd;
             for (i, &freq) in inv_freqs.iter().enumerate() {
                 let (sin, cos) = (p as f64 * freq).sin_cos();
+                let (sin, cos) = (sin * magnitude, cos * magnitude);
                 let (a, b) = if r.interleaved {
                     (base + 2 * i, base + 2 * i + 1)
                 } else {

@@ -277,6 +277,28 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_seq: usize,
     },
+    /// YaRN: frequencies blended between interpolated (`/ factor`) and kept, by a ramp over
+    /// the pairs between the `beta_fast` and `beta_slow` rotations in `original_max_seq`
+    /// positions, and the rotation scaled by `attention_factor` (`0.1 ln(factor) + 1`
+    /// unless given).
+    Yarn {
+        factor: f64,
+        original_max_seq: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: f64,
+    },
+}
+
+impl RopeScaling {
+    /// YaRN's default attention factor for `factor`.
+    pub fn yarn_attention_factor(factor: f64) -> f64 {
+        if factor <= 1.0 {
+            1.0
+        } else {
+            0.1 * factor.ln() + 1.0
+        }
+    }
 }
 
 impl Rope {
@@ -287,6 +309,25 @@ impl Rope {
         let base =
             (0..self.rotary_dim / 2).map(|k| 1.0 / self.theta.powf(2.0 * k as f64 / self.rotary_dim as f64));
         match self.scaling {
+            RopeScaling::Yarn { factor, original_max_seq, beta_fast, beta_slow, .. } => {
+                // The pair index that turns `rotations` times in the original length, and
+                // the ramp from it (kept) to the other (interpolated), as transformers
+                // computes them (whole pairs, clamped to the rotated ones).
+                let dim = self.rotary_dim as f64;
+                let at = |rotations: f64| {
+                    dim * (original_max_seq as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * self.theta.ln())
+                };
+                let low = at(beta_fast).floor().max(0.0);
+                let high = at(beta_slow).ceil().min(dim - 1.0);
+                let high = if low == high { high + 0.001 } else { high };
+                base.enumerate()
+                    .map(|(k, f)| {
+                        let keep = 1.0 - ((k as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        f / factor * (1.0 - keep) + f * keep
+                    })
+                    .collect()
+            }
             RopeScaling::None => base.collect(),
             RopeScaling::Linear { factor } => base.map(|f| f / factor).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_seq } => {
@@ -305,6 +346,17 @@ impl Rope {
                 })
                 .collect()
             }
+        }
+    }
+}
+
+impl Rope {
+    /// What the rotation's cosines and sines are multiplied by: YaRN's attention factor,
+    /// else 1.
+    pub fn magnitude(&self) -> f64 {
+        match self.scaling {
+            RopeScaling::Yarn { attention_factor, .. } => attention_factor,
+            _ => 1.0,
         }
     }
 }
@@ -510,6 +562,19 @@ impl Op {
                 match r.scaling {
                     RopeScaling::None => {}
                     RopeScaling::Linear { factor } => v.push(format!("linear={}", num(factor))),
+                    RopeScaling::Yarn {
+                        factor,
+                        original_max_seq,
+                        beta_fast,
+                        beta_slow,
+                        attention_factor,
+                    } => v.push(format!(
+                        "yarn=({}, {original_max_seq}, {}, {}, {})",
+                        num(factor),
+                        num(beta_fast),
+                        num(beta_slow),
+                        num(attention_factor)
+                    )),
                     RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_seq } => v
                         .push(format!(
                             "llama3=({}, {}, {}, {original_max_seq})",

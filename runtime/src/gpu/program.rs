@@ -114,7 +114,17 @@ pub enum Table {
     Sinusoidal { rows: usize, dim: usize, base: f64 },
     /// `[rows, inv_freqs.len()]` cosines, then as many sines, of `p · inv_freqs[k]` (the
     /// rotation frequencies as the compiler defines them, `ir::Rope::inv_freqs`).
-    Rope { rows: usize, inv_freqs: Vec<f64> },
+    Rope {
+        rows: usize,
+        inv_freqs: Vec<f64>,
+        /// What the cosines and sines are multiplied by (YaRN's attention factor).
+        #[serde(default = "one")]
+        magnitude: f64,
+    },
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Table {
@@ -131,12 +141,13 @@ impl Table {
                 }
                 out
             }
-            Table::Rope { rows, inv_freqs } => {
+            Table::Rope { rows, inv_freqs, magnitude } => {
                 let mut cos = Vec::with_capacity(rows * inv_freqs.len());
                 let mut sin = Vec::with_capacity(rows * inv_freqs.len());
                 for p in 0..*rows {
                     for freq in inv_freqs {
                         let (s, c) = (p as f64 * freq).sin_cos();
+                        let (s, c) = (s * magnitude, c * magnitude);
                         cos.push(c as f32);
                         sin.push(s as f32);
                     }

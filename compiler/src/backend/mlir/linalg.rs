@@ -929,8 +929,13 @@ fn rope(t: &mut Text, r: &crate::ir::Rope, x: &str, xt: &str, own: &str, pos: &s
     let other = t.op(format!("tensor.extract {x}[{h}, {row}, {safe}] : {xt}"));
     let pf = t.op(format!("arith.sitofp {pos} : i32 to f64"));
     let angle = t.bin("mulf", &pf, freq, "f64");
-    let cos = t.op(format!("math.cos {angle} : f64"));
-    let sin = t.op(format!("math.sin {angle} : f64"));
+    let mut cos = t.op(format!("math.cos {angle} : f64"));
+    let mut sin = t.op(format!("math.sin {angle} : f64"));
+    if r.magnitude() != 1.0 {
+        let m = t.f64(r.magnitude());
+        cos = t.bin("mulf", &cos, &m, "f64");
+        sin = t.bin("mulf", &sin, &m, "f64");
+    }
     let a = t.op(format!("arith.extf {own} : f32 to f64"));
     let b = t.op(format!("arith.extf {other} : f32 to f64"));
     let ac = t.bin("mulf", &a, &cos, "f64");

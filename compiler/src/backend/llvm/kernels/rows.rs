@@ -336,8 +336,13 @@ pub(crate) fn rope<'ctx>(
         let pf = kb.i_to_f64(kb.ldi(pos, t));
         for (i, &inv) in inv_freqs.iter().enumerate() {
             let ang = kb.fmul(pf, kb.dc(inv));
-            kb.b.build_store(kb.gep(f64t, sins, c(i)), kb.intrinsic("llvm.sin", &[ang])).unwrap();
-            kb.b.build_store(kb.gep(f64t, coss, c(i)), kb.intrinsic("llvm.cos", &[ang])).unwrap();
+            // YaRN scales the rotation (`Rope::magnitude`); 1 leaves it as it is.
+            let scaled = |v| match rope.magnitude() {
+                1.0 => v,
+                m => kb.fmul(v, kb.dc(m)),
+            };
+            kb.b.build_store(kb.gep(f64t, sins, c(i)), scaled(kb.intrinsic("llvm.sin", &[ang]))).unwrap();
+            kb.b.build_store(kb.gep(f64t, coss, c(i)), scaled(kb.intrinsic("llvm.cos", &[ang]))).unwrap();
         }
         kb.for_(c(0), c(heads), |h| {
             let base = kb.mul(kb.add(kb.mul(h, rows), t), c(head_dim));

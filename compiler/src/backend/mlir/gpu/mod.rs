@@ -371,7 +371,11 @@ impl Emitter {
                 )
             }
             Op::Rope(r) => {
-                let ti = self.table(Table::Rope { rows: layout.max_seq, inv_freqs: r.inv_freqs() });
+                let ti = self.table(Table::Rope {
+                    rows: layout.max_seq,
+                    inv_freqs: r.inv_freqs(),
+                    magnitude: r.magnitude(),
+                });
                 let h = fixed(ty.shape[0]);
                 let k = Kern::Rope {
                     hd: width,
