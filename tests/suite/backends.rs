@@ -1,5 +1,5 @@
 //! The compiled library (from either backend, through the runtime crate and the C ABI)
-//! against the reference interpreter and the Hugging Face fixtures, on all twenty-four
+//! against the reference interpreter and the Hugging Face fixtures, on all twenty-five
 //! architectures.
 
 use std::path::PathBuf;
@@ -47,12 +47,12 @@ macro_rules! backend_tests {
 
 mod llvm {
     use super::*;
-    backend_tests!(Llvm: bert, bloom, cohere, falcon, gemma, gemma2, gemma3, gpt2, gpt_neox, gptj, granite, llama, llama31, llama_linear, mistral, olmo2, opt_postln, phi, qwen2, qwen2_yarn, qwen3, stablelm, starcoder2, starcoder2_swa);
+    backend_tests!(Llvm: bert, bloom, cohere, falcon, gemma, gemma2, gemma3, gpt2, gpt_neox, gptj, granite, llama, llama31, llama_linear, mistral, olmo2, opt_postln, phi, qwen2, qwen2_yarn, qwen3, stablelm, starcoder2, starcoder2_swa, xglm);
 }
 
 mod mlir {
     use super::*;
-    backend_tests!(Mlir: bert, bloom, cohere, falcon, gemma, gemma2, gemma3, gpt2, gpt_neox, gptj, granite, llama, llama31, llama_linear, mistral, olmo2, opt_postln, phi, qwen2, qwen2_yarn, qwen3, stablelm, starcoder2, starcoder2_swa);
+    backend_tests!(Mlir: bert, bloom, cohere, falcon, gemma, gemma2, gemma3, gpt2, gpt_neox, gptj, granite, llama, llama31, llama_linear, mistral, olmo2, opt_postln, phi, qwen2, qwen2_yarn, qwen3, stablelm, starcoder2, starcoder2_swa, xglm);
 }
 
 /// Seeded random weights from the interpreter's binder, in the library's order.

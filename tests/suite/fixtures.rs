@@ -1,4 +1,4 @@
-//! The reference interpreter against Hugging Face transformers, on the twenty-four fixture
+//! The reference interpreter against Hugging Face transformers, on the twenty-five fixture
 //! architectures in `tests/fixtures/hf/` (see its README): logits within 1e-4 for one
 //! full forward pass over the prompt and over prompt + continuation, identical greedy
 //! continuations, and prefill + decode through the KV cache against the full pass.
@@ -107,7 +107,8 @@ fixture_tests!(
     qwen3,
     stablelm,
     starcoder2,
-    starcoder2_swa
+    starcoder2_swa,
+    xglm
 );
 
 #[test]

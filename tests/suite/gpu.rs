@@ -90,7 +90,8 @@ mod vulkan {
         qwen3,
         stablelm,
         starcoder2,
-        starcoder2_swa
+        starcoder2_swa,
+        xglm
     );
 }
 

@@ -5,7 +5,7 @@ use tfc::import::hf::import;
 
 use crate::common::*;
 
-const ARCHS: [&str; 24] = [
+const ARCHS: [&str; 25] = [
     "bert",
     "bloom",
     "cohere",
@@ -30,6 +30,7 @@ const ARCHS: [&str; 24] = [
     "stablelm",
     "starcoder2",
     "starcoder2_swa",
+    "xglm",
 ];
 
 fn config(arch: &str) -> serde_json::Value {

@@ -381,7 +381,7 @@ impl Lowerer<'_> {
                 let table = self.weight(weight, &[*rows, sz.d_model], WeightRole::Embedding, origin);
                 Some(Val::Hidden(self.node(Op::Gather { offset: *offset }, &[table, ids], origin)))
             }
-            (Kind::Sinusoidal { base }, Val::Ids(ids, _)) => {
+            (Kind::Sinusoidal { base, fairseq, offset }, Val::Ids(ids, _)) => {
                 if sz.d_model % 2 != 0 {
                     self.error(
                         Diagnostic::error(
@@ -392,7 +392,7 @@ impl Lowerer<'_> {
                     );
                     return None;
                 }
-                let op = Op::Sinusoidal { dim: sz.d_model, base: *base };
+                let op = Op::Sinusoidal { dim: sz.d_model, base: *base, fairseq: *fairseq, offset: *offset };
                 Some(Val::Hidden(self.node(op, &[ids], origin)))
             }
             (Kind::Embedding { .. } | Kind::Sinusoidal { .. }, _) => {

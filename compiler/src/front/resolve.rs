@@ -364,7 +364,7 @@ fn component(
     let kind = c.kind.name.as_str();
     let allowed: &[&str] = match kind {
         "embedding" => &["at", "weight", "rows", "offset"],
-        "sinusoidal" => &["base"],
+        "sinusoidal" => &["base", "style", "offset"],
         "layernorm" => &["at", "eps", "weight", "bias"],
         "rmsnorm" => &["at", "eps", "weight", "unit_offset"],
         "attention" => &[
@@ -416,7 +416,11 @@ fn component(
             }
             Kind::Embedding { weight: weight.unwrap_or_default(), rows: rows.unwrap_or(0), offset }
         }
-        "sinusoidal" => Kind::Sinusoidal { base: f.float_positive("base", diags).unwrap_or(10000.0) },
+        "sinusoidal" => Kind::Sinusoidal {
+            base: f.float_positive("base", diags).unwrap_or(10000.0),
+            fairseq: f.choice("style", &["interleaved", "fairseq"], diags).as_deref() == Some("fairseq"),
+            offset: f.natural("offset", diags).unwrap_or(0),
+        },
         "layernorm" | "rmsnorm" => {
             let eps = f.float_positive("eps", diags).unwrap_or(if kind == "layernorm" { 1e-5 } else { 1e-6 });
             let weight = name(&mut f, "weight", Some("weight"), diags).unwrap_or_default();

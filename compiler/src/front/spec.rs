@@ -165,6 +165,9 @@ pub enum Kind {
     },
     Sinusoidal {
         base: f64,
+        /// fairseq's layout and frequencies (XGLM), of positions `p + offset`.
+        fairseq: bool,
+        offset: usize,
     },
     LayerNorm {
         eps: f64,

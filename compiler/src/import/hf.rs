@@ -30,7 +30,7 @@ pub enum ImportError {
 }
 
 const SUPPORTED: &str =
-    "bert, bloom, cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gptj, granite, llama, mistral, olmo2, opt, phi, qwen2, qwen3, stablelm, starcoder2";
+    "bert, bloom, cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gptj, granite, llama, mistral, olmo2, opt, phi, qwen2, qwen3, stablelm, starcoder2, xglm";
 
 /// Keys that never change what inference computes.
 fn ignorable(key: &str) -> bool {
@@ -195,30 +195,31 @@ impl<'a> Config<'a> {
                 .or_else(|| obj.get("type"))
                 .and_then(|t| t.as_str())
                 .unwrap_or("default");
-            let own: &[&str] =
-                match kind {
-                    "default" => &[],
-                    "linear" => &["factor"],
-                    "llama3" => {
-                        &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
-                    }
-                    "yarn" => &[
-                        "factor",
-                        "original_max_position_embeddings",
-                        "beta_fast",
-                        "beta_slow",
-                        "attention_factor",
-                        "mscale",
-                        "mscale_all_dim",
-                        "truncate",
-                    ],
-                    other => return Err(self.unsupported(
+            let own: &[&str] = match kind {
+                "default" => &[],
+                "linear" => &["factor"],
+                "llama3" => {
+                    &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+                }
+                "yarn" => &[
+                    "factor",
+                    "original_max_position_embeddings",
+                    "beta_fast",
+                    "beta_slow",
+                    "attention_factor",
+                    "mscale",
+                    "mscale_all_dim",
+                    "truncate",
+                ],
+                other => {
+                    return Err(self.unsupported(
                         key,
                         &format!(
                             "rope_type `{other}`: the supported ones are default, linear, llama3 and yarn"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             let common = ["rope_type", "type", "rope_theta", "partial_rotary_factor"];
             if let Some((k, v)) = obj
                 .iter()
@@ -384,6 +385,7 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
         "cohere" => cohere(&mut c, &mut g)?,
         "gptj" => gptj(&mut c, &mut g)?,
         "falcon" => falcon(&mut c, &mut g)?,
+        "xglm" => xglm(&mut c, &mut g)?,
         "gemma2" | "gemma3_text" => gemma_local_global(&mut c, &mut g)?,
         "gpt_neox" => gpt_neox(&mut c, &mut g)?,
         "bloom" => bloom(&mut c, &mut g)?,
@@ -830,6 +832,48 @@ fn falcon(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         format!("ln_f: layernorm {{ at = \"transformer.ln_f\", eps = {eps} }}"),
         unembed(tied, "word_embeddings", "lm_head", false),
         "x = lm_head(ln_f(x))".into(),
+    ];
+    Ok(())
+}
+
+/// XGLM: fairseq's sinusoidal positions (sines then cosines, from position 2), embeddings
+/// scaled by √d_model, pre-LN blocks with biased projections and a GELU MLP.
+fn xglm(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    let d = c.usize("d_model")?;
+    g.size("vocab", c.usize("vocab_size")?);
+    g.size("d_model", d);
+    g.size("layers", c.usize("num_layers")?);
+    g.size("heads", c.usize("attention_heads")?);
+    g.size("d_ff", c.usize("ffn_dim")?);
+    g.size("max_seq", c.usize("max_position_embeddings")?);
+    let act = c.act("activation_function", "gelu")?;
+    c.expect("add_cross_attention", &[false.into()], "only the decoder-only XGLM is supported")?;
+    for key in ["dropout", "attention_dropout", "activation_dropout"] {
+        c.f64_or(key, 0.0)?;
+    }
+    c.opt_usize("decoder_start_token_id")?;
+    let scale = if c.bool_or("scale_embedding", true)? { " * sqrt(d_model)" } else { "" };
+    let tied = c.bool_or("tie_word_embeddings", true)?;
+    let l = "model.layers.{layer}";
+    g.embed = vec![
+        "embed_tokens: embedding { at = \"model.embed_tokens\" }".into(),
+        // fairseq counts positions from `padding_idx + 1` = 2.
+        "embed_positions: sinusoidal { base = 10000, style = fairseq, offset = 2 }".into(),
+        format!("x = embed_tokens(tokens){scale} + embed_positions(positions)"),
+    ];
+    g.block = vec![
+        format!("attn_norm: layernorm {{ at = \"{l}.self_attn_layer_norm\" }}"),
+        format!("attn: attention {{ at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"out_proj\", bias = true }}"),
+        format!("mlp_norm: layernorm {{ at = \"{l}.final_layer_norm\" }}"),
+        format!("mlp: mlp {{ at = \"{l}\", up = \"fc1\", down = \"fc2\", act = {act}, bias = true }}"),
+        String::new(),
+        "x = x + attn(attn_norm(x))".into(),
+        "x = x + mlp(mlp_norm(x))".into(),
+    ];
+    g.head = vec![
+        "norm: layernorm { at = \"model.layer_norm\" }".into(),
+        unembed(tied, "embed_tokens", "lm_head", false),
+        "x = lm_head(norm(x))".into(),
     ];
     Ok(())
 }

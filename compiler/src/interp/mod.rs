@@ -124,7 +124,12 @@ pub fn run(g: &Graph, weights: &Weights, inputs: &Inputs) -> Result<HashMap<Stri
             Op::Gather { offset } => {
                 Value::F(ops::gather(f(0), ids(1), *offset).map_err(InterpError::Input)?)
             }
-            Op::Sinusoidal { dim, base } => Value::F(ops::sinusoidal(ids(0), *dim, *base)),
+            Op::Sinusoidal { dim, base, fairseq: false, offset: 0 } => {
+                Value::F(ops::sinusoidal(ids(0), *dim, *base))
+            }
+            Op::Sinusoidal { dim, base, fairseq, offset } => {
+                Value::F(ops::sinusoid(ids(0), *dim, *base, *fairseq, *offset))
+            }
             Op::Add => Value::F(ops::zip(f(0), f(1), |a, b| a + b)),
             Op::Mul => Value::F(ops::zip(f(0), f(1), |a, b| a * b)),
             Op::Scale(c) => Value::F(ops::map(f(0), |x| (x as f64 * c) as f32)),

@@ -29,6 +29,20 @@ pub fn sinusoidal(pos: &[i64], dim: usize, base: f64) -> Tensor {
     Tensor::new(vec![pos.len(), dim], out)
 }
 
+/// A sinusoidal encoding in any style (`Op::Sinusoidal`), of positions `p + offset`.
+pub fn sinusoid(pos: &[i64], dim: usize, base: f64, fairseq: bool, offset: usize) -> Tensor {
+    let freqs = crate::ir::sinusoid_freqs(dim, base, fairseq);
+    let mut out = Vec::with_capacity(pos.len() * dim);
+    for &p in pos {
+        for j in 0..dim {
+            let (i, cos) = crate::ir::sinusoid_feature(dim, fairseq, j);
+            let angle = (p + offset as i64) as f64 * freqs[i];
+            out.push(if cos { angle.cos() } else { angle.sin() } as f32);
+        }
+    }
+    Tensor::new(vec![pos.len(), dim], out)
+}
+
 pub fn zip(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> Tensor {
     Tensor::new(a.shape.clone(), a.data.iter().zip(&b.data).map(|(&x, &y)| f(x, y)).collect())
 }

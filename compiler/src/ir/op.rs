@@ -383,11 +383,14 @@ pub enum Op {
     Gather {
         offset: usize,
     },
-    /// The sinusoidal encoding of Vaswani et al.: `[T] -> [T, dim]`, sin at even, cos at
-    /// odd features.
+    /// A sinusoidal encoding of positions `[T] -> [T, dim]`: that of Vaswani et al. (sin
+    /// at even, cos at odd features), or with `fairseq` the sines then the cosines, of
+    /// positions `p + offset` (`sinusoid_freqs`, `sinusoid_feature`).
     Sinusoidal {
         dim: usize,
         base: f64,
+        fairseq: bool,
+        offset: usize,
     },
     Add,
     Mul,
@@ -532,8 +535,15 @@ impl Op {
             }
             Op::Weight { name, .. } => vec![format!("{name:?}")],
             Op::Gather { offset } if *offset > 0 => vec![format!("offset={offset}")],
-            Op::Sinusoidal { dim, base } => {
-                vec![format!("dim={dim}"), format!("base={}", num(*base))]
+            Op::Sinusoidal { dim, base, fairseq, offset } => {
+                let mut v = vec![format!("dim={dim}"), format!("base={}", num(*base))];
+                if *fairseq {
+                    v.push("fairseq".into());
+                }
+                if *offset > 0 {
+                    v.push(format!("offset={offset}"));
+                }
+                v
             }
             Op::Scale(s) => vec![num(*s)],
             Op::Activation(a) => vec![a.name().into()],
@@ -850,4 +860,24 @@ pub fn alibi_slopes(n: usize) -> Vec<f64> {
         s.extend(seq(2 * p2).into_iter().step_by(2).take(n - p2));
     }
     s
+}
+
+/// The angle frequency of each of the `dim / 2` sin/cos pairs of a sinusoidal encoding:
+/// `base^(-2i/dim)`, or fairseq's `exp(-i · ln(base) / (dim/2 - 1))`.
+pub fn sinusoid_freqs(dim: usize, base: f64, fairseq: bool) -> Vec<f64> {
+    let half = dim / 2;
+    (0..half)
+        .map(|i| match fairseq {
+            false => 1.0 / base.powf(2.0 * i as f64 / dim as f64),
+            true => (-(i as f64) * base.ln() / (half.max(2) - 1) as f64).exp(),
+        })
+        .collect()
+}
+
+/// Which pair feature `j` of a sinusoidal encoding holds, and whether it is the cosine.
+pub fn sinusoid_feature(dim: usize, fairseq: bool, j: usize) -> (usize, bool) {
+    match fairseq {
+        false => (j / 2, j % 2 == 1),
+        true => (j % (dim / 2), j >= dim / 2),
+    }
 }

@@ -111,7 +111,17 @@ pub enum Arg {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Table {
     /// `[rows, dim]`: sin at even, cos at odd features of `p / base^(2i/dim)`.
-    Sinusoidal { rows: usize, dim: usize, base: f64 },
+    /// With `fairseq`, the sines then the cosines of `(p + offset) · exp(-i · ln(base) /
+    /// (dim/2 - 1))` (the compiler's `ir::sinusoid_freqs`).
+    Sinusoidal {
+        rows: usize,
+        dim: usize,
+        base: f64,
+        #[serde(default)]
+        fairseq: bool,
+        #[serde(default)]
+        offset: usize,
+    },
     /// `[rows, inv_freqs.len()]` cosines, then as many sines, of `p · inv_freqs[k]` (the
     /// rotation frequencies as the compiler defines them, `ir::Rope::inv_freqs`).
     Rope {
@@ -130,7 +140,29 @@ fn one() -> f64 {
 impl Table {
     pub fn values(&self) -> Vec<f32> {
         match self {
-            &Table::Sinusoidal { rows, dim, base } => {
+            &Table::Sinusoidal { rows, dim, base, fairseq: true, offset } => {
+                let half = dim / 2;
+                let freq = |i: usize| (-(i as f64) * base.ln() / (half.max(2) - 1) as f64).exp();
+                let mut out = Vec::with_capacity(rows * dim);
+                for p in 0..rows {
+                    let angle = |i: usize| (p + offset) as f64 * freq(i);
+                    out.extend((0..half).map(|i| angle(i).sin() as f32));
+                    out.extend((0..half).map(|i| angle(i).cos() as f32));
+                }
+                out
+            }
+            &Table::Sinusoidal { rows, dim, base, offset, .. } if offset > 0 => {
+                let mut out = Vec::with_capacity(rows * dim);
+                for p in 0..rows {
+                    for i in 0..dim / 2 {
+                        let angle = (p + offset) as f64 / base.powf(2.0 * i as f64 / dim as f64);
+                        out.push(angle.sin() as f32);
+                        out.push(angle.cos() as f32);
+                    }
+                }
+                out
+            }
+            &Table::Sinusoidal { rows, dim, base, .. } => {
                 let mut out = Vec::with_capacity(rows * dim);
                 for p in 0..rows {
                     for i in 0..dim / 2 {

@@ -274,9 +274,10 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                 let v = [(Table, o(self, 0)), (Ids, o(self, 1)), (Out, self.val(n))];
                 self.call(k, &v, self.rows_of(n))
             }
-            Op::Sinusoidal { dim: d, base } => {
+            Op::Sinusoidal { dim: d, base, fairseq, offset } => {
                 let v = [(Pos, o(self, 0)), (Out, self.val(n))];
-                self.call(Kernel::Sinusoidal { dim: *d, base: *base }, &v, self.rows_of(n))
+                let k = Kernel::Sinusoidal { dim: *d, base: *base, fairseq: *fairseq, offset: *offset };
+                self.call(k, &v, self.rows_of(n))
             }
             Op::Add | Op::Mul => {
                 let k = Kernel::Binary { mul: *g.op(n) == Op::Mul, width };

@@ -438,10 +438,36 @@ impl<'a> Func<'a> {
 
     fn sinusoidal(&mut self, n: NodeId) -> String {
         let (g, Local { ty, ops, out_t, ident, par }) = (self.g, self.local(n));
-        let Op::Sinusoidal { dim, base } = g.op(n) else { unreachable!("sinusoidal") };
+        let Op::Sinusoidal { dim, base, fairseq, offset } = *g.op(n) else { unreachable!("sinusoidal") };
         let (pos, pos_t) = self.val(ops[0]);
         let e = self.empty(&ty.shape, "f32");
-        let (dim, base) = (*dim, *base);
+        if fairseq || offset > 0 {
+            // Each feature's frequency (negated for a cosine) from a constant table.
+            let freqs = crate::ir::sinusoid_freqs(dim, base, fairseq);
+            let table: Vec<String> = (0..dim)
+                .map(|j| {
+                    let (i, cos) = crate::ir::sinusoid_feature(dim, fairseq, j);
+                    format!("{:.17e}", if cos { -freqs[i] } else { freqs[i] })
+                })
+                .collect();
+            let ft = format!("tensor<{dim}xf64>");
+            let fc = self.t.op(format!("arith.constant dense<[{}]> : {ft}", table.join(", ")));
+            let ins = [(pos, pos_t, map(2, &["d0".into()])), (fc, ft, map(2, &["d1".into()]))];
+            return self.generic(&ins, (e, out_t, ident), &par, |t, a| {
+                let p64 = t.op(format!("arith.extsi {} : i32 to i64", a[0]));
+                let off = t.int(offset as i64, "i64");
+                let ps = t.bin("addi", &p64, &off, "i64");
+                let pf = t.op(format!("arith.sitofp {ps} : i64 to f64"));
+                let f = t.op(format!("math.absf {} : f64", a[1]));
+                let angle = t.bin("mulf", &pf, &f, "f64");
+                let s = t.op(format!("math.sin {angle} : f64"));
+                let co = t.op(format!("math.cos {angle} : f64"));
+                let zero = t.f64(0.0);
+                let is_cos = t.op(format!("arith.cmpf olt, {}, {zero} : f64", a[1]));
+                let r = t.op(format!("arith.select {is_cos}, {co}, {s} : f64"));
+                t.op(format!("arith.truncf {r} : f64 to f32"))
+            });
+        }
         self.generic(&[(pos, pos_t, map(2, &["d0".into()]))], (e, out_t, ident), &par, |t, a| {
             // angle = p / base^(2i/dim) for the pair i = j/2; sin at even j, cos at odd.
             let j = t.op("linalg.index 1 : index");

@@ -29,7 +29,7 @@ pub enum Kernel {
     /// args: table, ids(i32), out; tasks: T rows.
     Gather { d: usize, offset: usize, wf: WFmt },
     /// args: pos(i32), out; tasks: T rows.
-    Sinusoidal { dim: usize, base: f64 },
+    Sinusoidal { dim: usize, base: f64, fairseq: bool, offset: usize },
     /// args: a, b, out; tasks: rows.
     Binary { mul: bool, width: usize },
     /// args: x, out; tasks: rows.
@@ -126,7 +126,12 @@ impl Kernel {
         match self {
             Kernel::Positions => "positions".into(),
             Kernel::Gather { d, offset, wf } => format!("gather_d{d}_o{offset}{}", wf.suffix()),
-            Kernel::Sinusoidal { dim, base } => format!("sinusoidal_{dim}_{}", h(*base).replace('.', "p")),
+            Kernel::Sinusoidal { dim, base, fairseq, offset } => format!(
+                "sinusoidal_{dim}_{}{}{}",
+                h(*base).replace('.', "p"),
+                if *fairseq { "_fairseq" } else { "" },
+                if *offset > 0 { format!("_o{offset}") } else { String::new() }
+            ),
             Kernel::Binary { mul, width } => format!("{}_{width}", if *mul { "mul" } else { "add" }),
             Kernel::Unary { op: UnaryOp::Scale(s), width } => format!("scale_{width}_{:016x}", s.to_bits()),
             Kernel::Unary { op: UnaryOp::Act(a), width } => format!("{}_{width}", a.name()),

@@ -56,9 +56,22 @@ pub(crate) fn sinusoidal<'ctx>(
     use Slot::*;
     let c = |v: usize| kb.c(v as i64);
     let p = |s: Slot| args.p(s);
-    let Kernel::Sinusoidal { dim, base } = *k else { unreachable!("a Sinusoidal kernel") };
+    let Kernel::Sinusoidal { dim, base, fairseq, offset } = *k else { unreachable!("a Sinusoidal kernel") };
 
     let (pos, out) = (p(Pos), p(Out));
+    if fairseq || offset > 0 {
+        // Unrolled at compile time over the features, each with its pair's frequency.
+        let freqs = crate::ir::sinusoid_freqs(dim, base, fairseq);
+        return kb.for_(begin, end, |t| {
+            let pf = kb.i_to_f64(kb.add(kb.ldi(pos, t), kb.c(offset as i64)));
+            for j in 0..dim {
+                let (i, cos) = crate::ir::sinusoid_feature(dim, fairseq, j);
+                let ang = kb.fmul(pf, kb.dc(freqs[i]));
+                let v = kb.intrinsic(if cos { "llvm.cos" } else { "llvm.sin" }, &[ang]);
+                kb.st(out, kb.add(kb.mul(t, c(dim)), c(j)), kb.to_f32(v));
+            }
+        });
+    }
     kb.for_(begin, end, |t| {
         let pf = kb.i_to_f64(kb.ldi(pos, t));
         for i in 0..dim / 2 {

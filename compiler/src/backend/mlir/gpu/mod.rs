@@ -325,9 +325,15 @@ impl Emitter {
             Op::Gather { offset } => {
                 (Kern::Gather { d: width, offset: *offset }, [ty.shape[0], one], ins(&[0, 1]))
             }
-            Op::Sinusoidal { dim, base } => {
+            Op::Sinusoidal { dim, base, fairseq, offset } => {
                 // A row of the host's table, by position: a gather.
-                let ti = self.table(Table::Sinusoidal { rows: layout.max_seq + 1, dim: *dim, base: *base });
+                let ti = self.table(Table::Sinusoidal {
+                    rows: layout.max_seq + 1,
+                    dim: *dim,
+                    base: *base,
+                    fairseq: *fairseq,
+                    offset: *offset,
+                });
                 (Kern::Gather { d: *dim, offset: 0 }, [ty.shape[0], one], vec![Arg::Table(ti), arg(ops[0])])
             }
             Op::Add | Op::Mul => {
