@@ -65,6 +65,29 @@ fn import_err_free(arch: &str, edit: Edit) -> String {
     import_edited(arch, edit).unwrap()
 }
 
+/// Published configs carry keys that change nothing the model computes; they import.
+#[test]
+fn harmless_keys_of_published_configs_import() {
+    let plain = import(&config("qwen2").to_string()).unwrap();
+    let edited = import_edited("qwen2", &|c| {
+        c.insert("_name_or_path".into(), "Qwen/Qwen2.5-0.5B".into());
+        c.insert("is_llama_config".into(), true.into());
+        c.insert("use_mrope".into(), false.into());
+        c.insert("auto_map".into(), serde_json::json!({"AutoModel": "x"}));
+    })
+    .unwrap();
+    assert_eq!(plain, edited);
+    let e = import_err("qwen2", &|c| {
+        c.insert("use_mrope".into(), true.into());
+    });
+    assert!(e.contains("`use_mrope` = true"), "{e}");
+    let e = import_edited("llama", &|c| {
+        c.insert("hidden_act".into(), "quick_gelu".into());
+    })
+    .unwrap();
+    assert!(e.contains("act = quick_gelu"), "{e}");
+}
+
 #[test]
 fn what_cannot_be_imported_faithfully_is_an_error() {
     let e = import_err("llama", &|c| {

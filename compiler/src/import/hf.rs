@@ -71,6 +71,10 @@ fn ignorable(key: &str) -> bool {
         "tie_encoder_decoder",
         "bad_words_ids",
         "max_length",
+        "is_llama_config",
+        "_model_name_or_path",
+        "auto_map",
+        "keys_to_ignore_at_inference",
     ];
     KEYS.contains(&key)
         || key.contains("dropout")
@@ -150,10 +154,13 @@ impl<'a> Config<'a> {
             "gelu" => "gelu",
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => "gelu_tanh",
             "silu" | "swish" => "silu",
+            "quick_gelu" => "quick_gelu",
+            "relu2" => "relu2",
+            "tanh" => "tanh",
             _ => {
                 return Err(self.unsupported(
                     key,
-                    "supported activations: relu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, silu",
+                    "supported activations: relu, relu2, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, quick_gelu, silu, swish, tanh",
                 ))
             }
         })
@@ -494,6 +501,7 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     match model.as_str() {
         "mistral" => window = c.opt_usize("sliding_window")?,
         "qwen2" | "qwen3" => {
+            c.expect("use_mrope", &[false.into()], "multimodal RoPE (Qwen2-VL) is not supported")?;
             if c.bool_or("use_sliding_window", false)? {
                 return Err(
                     c.unsupported("use_sliding_window", "per-layer sliding windows are not supported")

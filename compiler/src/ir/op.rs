@@ -23,15 +23,21 @@ pub enum Act {
     Silu,
     /// `tanh`, of soft-capping (`cap · tanh(x / cap)`).
     Tanh,
+    /// `x · sigmoid(1.702 x)` (CLIP's GELU approximation).
+    QuickGelu,
+    /// `relu(x)²` (Nemotron, Primer).
+    Relu2,
 }
 
 impl Act {
-    pub const ALL: [(&'static str, Act); 5] = [
+    pub const ALL: [(&'static str, Act); 7] = [
         ("relu", Act::Relu),
         ("gelu", Act::Gelu),
         ("gelu_tanh", Act::GeluTanh),
         ("silu", Act::Silu),
         ("tanh", Act::Tanh),
+        ("quick_gelu", Act::QuickGelu),
+        ("relu2", Act::Relu2),
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +54,20 @@ impl Act {
                 a.max(x, zero)
             }
             Act::Tanh => a.tanh(x),
+            // x / (1 + e^(-1.702 x))
+            Act::QuickGelu => {
+                let k = a.c(-1.702);
+                let n = a.mul(k, x.clone());
+                let e = a.exp(n);
+                let one = a.c(1.0);
+                let d = a.add(one, e);
+                a.div(x, d)
+            }
+            Act::Relu2 => {
+                let zero = a.c(0.0);
+                let r = a.max(x, zero);
+                a.mul(r.clone(), r)
+            }
             // x / (1 + e^(-x))
             Act::Silu => {
                 let n = a.neg(x.clone());
