@@ -100,13 +100,16 @@ impl<'a> Config<'a> {
         self.opt_usize(key)?.ok_or(ImportError::Field { key: key.into(), expected: "a whole number" })
     }
 
+    /// A whole number up to 2^30, the most any spec size may be (so that products of two
+    /// never overflow); larger ones could not compile anyway.
     fn opt_usize(&mut self, key: &str) -> Result<Option<usize>, ImportError> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
                 .as_u64()
+                .filter(|&x| x <= 1 << 30)
                 .map(|x| Some(x as usize))
-                .ok_or(ImportError::Field { key: key.into(), expected: "a whole number" }),
+                .ok_or(ImportError::Field { key: key.into(), expected: "a whole number up to 2^30" }),
         }
     }
 
@@ -922,7 +925,7 @@ fn gemma_local_global(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     if kv != heads {
         g.size("kv_heads", kv);
     }
-    let hd = c.opt_usize("head_dim")?.unwrap_or(d / heads);
+    let hd = c.opt_usize("head_dim")?.unwrap_or(d / heads.max(1));
     if hd * heads != d {
         g.size("head_dim", hd);
     }
