@@ -9,7 +9,8 @@
 # convert_hf_to_gguf.py makes of it. Batch 1, the same 128-token prompt, then 64 greedily
 # decoded tokens. Prints one table per shape with the medians (min–max), how many of the
 # 65 generated tokens agree with PyTorch f32's, the ratios against the peers measured in
-# this same run, and what the host streamed and computed before and after (host.c).
+# this same run, and what the host streamed and computed before and after (host.c), under
+# a header naming the CPU model, its kernel-relevant features, the date and the commit.
 #
 # SHAPES="w1" (default "w1 w2"), RUNS (default 5), THREADS (default 2), SEED (default 0).
 # Installs the versions pinned in peers/requirements.txt (torch, transformers, onnxruntime,
@@ -50,6 +51,14 @@ fi
 cargo build --release --quiet --bin tfc
 cc -O2 -mavx512f -mfma -pthread benches/peers/host.c -o $work/host
 common=(--runs "$runs" --threads "$threads")
+# Which host the tables below come from: the README keeps one table per host kind.
+model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+flags=$(sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+isa=$(for f in avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_bf16 amx_int8; do
+    if [[ " $flags " == *" $f "* ]]; then printf '%s ' $f; fi
+done)
+echo "host: $model, $(nproc) cores; $isa"
+echo "run: $(date -u +%Y-%m-%d), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 for shape in $shapes; do
     case $shape in
     w1) spec=specs/gpt2-small.tfs ;;
