@@ -47,12 +47,12 @@ macro_rules! backend_tests {
 
 mod llvm {
     use super::*;
-    backend_tests!(Llvm: bert, bloom, cohere, falcon, gemma, gemma2, gemma3, gpt2, gpt_neox, gptj, granite, llama, llama31, llama_linear, mistral, olmo2, opt_postln, phi, qwen2, qwen2_yarn, qwen3, stablelm, starcoder2, starcoder2_swa, xglm);
+    with_fixtures!(backend_tests, Llvm:);
 }
 
 mod mlir {
     use super::*;
-    backend_tests!(Mlir: bert, bloom, cohere, falcon, gemma, gemma2, gemma3, gpt2, gpt_neox, gptj, granite, llama, llama31, llama_linear, mistral, olmo2, opt_postln, phi, qwen2, qwen2_yarn, qwen3, stablelm, starcoder2, starcoder2_swa, xglm);
+    with_fixtures!(backend_tests, Mlir:);
 }
 
 /// Seeded random weights from the interpreter's binder, in the library's order.

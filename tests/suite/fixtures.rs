@@ -83,33 +83,7 @@ macro_rules! fixture_tests {
     ($($arch:ident),*) => { $( #[test] fn $arch() { check(stringify!($arch)); } )* };
 }
 
-fixture_tests!(
-    bert,
-    bloom,
-    cohere,
-    falcon,
-    gemma,
-    gemma2,
-    gemma3,
-    gpt2,
-    gpt_neox,
-    gptj,
-    granite,
-    llama,
-    llama31,
-    llama_linear,
-    mistral,
-    olmo2,
-    opt_postln,
-    phi,
-    qwen2,
-    qwen2_yarn,
-    qwen3,
-    stablelm,
-    starcoder2,
-    starcoder2_swa,
-    xglm
-);
+with_fixtures!(fixture_tests);
 
 #[test]
 fn a_checkpoint_that_does_not_fit_is_a_clear_error() {

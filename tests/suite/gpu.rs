@@ -66,33 +66,7 @@ macro_rules! vulkan_tests {
 
 mod vulkan {
     use super::*;
-    vulkan_tests!(
-        bert,
-        bloom,
-        cohere,
-        falcon,
-        gemma,
-        gemma2,
-        gemma3,
-        gpt2,
-        gpt_neox,
-        gptj,
-        granite,
-        llama,
-        llama31,
-        llama_linear,
-        mistral,
-        olmo2,
-        opt_postln,
-        phi,
-        qwen2,
-        qwen2_yarn,
-        qwen3,
-        stablelm,
-        starcoder2,
-        starcoder2_swa,
-        xglm
-    );
+    with_fixtures!(vulkan_tests);
 }
 
 /// `ptxas` from the `nvidia-cuda-nvcc-cu12` wheel that `scripts/setup.sh` installs.

@@ -5,33 +5,29 @@ use tfc::import::hf::import;
 
 use crate::common::*;
 
-const ARCHS: [&str; 25] = [
-    "bert",
-    "bloom",
-    "cohere",
-    "falcon",
-    "gemma",
-    "gemma2",
-    "gemma3",
-    "gpt2",
-    "gpt_neox",
-    "gptj",
-    "granite",
-    "llama",
-    "llama31",
-    "llama_linear",
-    "mistral",
-    "olmo2",
-    "opt_postln",
-    "phi",
-    "qwen2",
-    "qwen2_yarn",
-    "qwen3",
-    "stablelm",
-    "starcoder2",
-    "starcoder2_swa",
-    "xglm",
-];
+macro_rules! names {
+    ($($arch:ident),*) => { [$(stringify!($arch)),*] };
+}
+
+const ARCHS: &[&str] = &with_fixtures!(names);
+
+#[test]
+fn every_fixture_folder_is_listed() {
+    let dir = root().join("tests/fixtures/hf");
+    let mut folders: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
+    folders.sort();
+    assert_eq!(
+        folders,
+        ARCHS,
+        "the folders of {} and with_fixtures! (tests/suite/main.rs) differ",
+        dir.display()
+    );
+}
 
 fn config(arch: &str) -> serde_json::Value {
     let text =
@@ -41,7 +37,7 @@ fn config(arch: &str) -> serde_json::Value {
 
 #[test]
 fn fixture_configs_import_to_the_shipped_specs() {
-    for arch in ARCHS {
+    for &arch in ARCHS {
         let got = import(&config(arch).to_string()).unwrap();
         let want = std::fs::read_to_string(root().join("specs/tiny").join(format!("{arch}.tfs"))).unwrap();
         assert_eq!(got, want, "{arch}: import-hf output differs from specs/tiny/{arch}.tfs");

@@ -1,6 +1,14 @@
 //! The integration tests of the whole workspace, in one binary (each binary that links
 //! LLVM and MLIR is large and slow to link).
 
+/// `$m!(ARGS… bert, bloom, …)`: every fixture in tests/fixtures/hf, the one list a new
+/// fixture is added to (`import::every_fixture_folder_is_listed` keeps it complete).
+macro_rules! with_fixtures {
+    ($m:ident $(, $($arg:tt)*)?) => {
+        $m! { $($($arg)*)? bert, bloom, cohere, falcon, gemma, gemma2, gemma3, gpt2, gpt_neox, gptj, granite, llama, llama31, llama_linear, mistral, olmo2, opt_postln, phi, qwen2, qwen2_yarn, qwen3, stablelm, starcoder2, starcoder2_swa, xglm}
+    };
+}
+
 mod backends;
 mod checkpoint;
 mod common;
