@@ -30,11 +30,14 @@ pub struct Options {
     /// Round the inputs of linear maps to this type (`F32`: not at all) instead of
     /// following the spec's `activations`.
     pub activations: Option<ir::DType>,
+    /// Compile for this context length instead of the spec's `max_seq`: the KV cache's
+    /// capacity, and what length-dependent choices (longrope's factors) are made for.
+    pub max_seq: Option<usize>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { dump_all_rows: false, verify: true, weight_dtype: None, activations: None }
+        Options { dump_all_rows: false, verify: true, weight_dtype: None, activations: None, max_seq: None }
     }
 }
 
@@ -95,8 +98,7 @@ pub fn compile(
     opts: &Options,
     dump: &mut dyn FnMut(&str, &Graph),
 ) -> Result<Compiled, CompileError> {
-    let (spec, lowered) =
-        front::compile_spec(file, source, opts.weight_dtype, opts.activations).map_err(CompileError::Spec)?;
+    let (spec, lowered) = front::compile_spec(file, source, opts).map_err(CompileError::Spec)?;
     let mut model = lowered.clone();
     run_passes(&mut model, &passes::model_passes(), opts.verify, dump)?;
     let phases = Split { all_rows: false }.run(&model)?;

@@ -63,6 +63,10 @@ pub struct Precision {
     /// `activations`.
     #[arg(long, value_enum)]
     pub activations: Option<ActDType>,
+    /// Compile for this context length instead of the spec's `max_seq` (the KV cache's
+    /// capacity; longrope picks its factors by it).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_seq: Option<u32>,
 }
 
 impl Precision {
@@ -71,14 +75,20 @@ impl Precision {
             ActDType::F32 => tfc::ir::DType::F32,
             ActDType::Bf16 => tfc::ir::DType::BF16,
         });
-        Options { weight_dtype: self.dtype.map(Into::into), activations, ..Options::default() }
+        Options {
+            weight_dtype: self.dtype.map(Into::into),
+            activations,
+            max_seq: self.max_seq.map(|n| n as usize),
+            ..Options::default()
+        }
     }
 
     /// A key for the library cache.
     fn key(&self) -> String {
         let o = self.options();
         let name = |d: Option<tfc::ir::DType>| d.map_or("spec", |d| d.name());
-        format!("{}/{}", name(o.weight_dtype), name(o.activations))
+        let seq = o.max_seq.map_or("spec".into(), |n| n.to_string());
+        format!("{}/{}/{seq}", name(o.weight_dtype), name(o.activations))
     }
 }
 

@@ -5,6 +5,10 @@
 //! mapping; [`Checkpoint::get`] checks the shape a caller expects and converts to `f32`.
 //! A sharded checkpoint follows its index's `weight_map`: each tensor must be in the shard
 //! the index names and in no other.
+//!
+//! A name may end in a row range, `name[a:b]`: rows `a..b` of the tensor's first axis, a
+//! contiguous part of it read in place (a fused projection such as `gate_up_proj` bound
+//! as its two halves, [`row_range`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -33,6 +37,16 @@ pub enum CheckpointError {
     Shape { name: String, found: Vec<usize>, expected: Vec<usize> },
     #[error("tensor `{name}` has dtype {dtype}, only F32, F16 and BF16 are supported")]
     DType { name: String, dtype: String },
+    #[error("`{name}` asks for rows {start}..{end} of a tensor of shape {shape:?}")]
+    Rows { name: String, start: usize, end: usize, shape: Vec<usize> },
+}
+
+/// The tensor and row range a name with a `[a:b]` suffix means; `None` for a plain name
+/// or a suffix that is not two numbers.
+pub fn row_range(name: &str) -> Option<(&str, std::ops::Range<usize>)> {
+    let (base, rest) = name.strip_suffix(']')?.rsplit_once('[')?;
+    let (a, b) = rest.split_once(':')?;
+    Some((base, a.parse().ok()?..b.parse().ok()?))
 }
 
 pub struct Checkpoint {
@@ -126,11 +140,30 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.index.contains_key(row_range(name).map_or(name, |(base, _)| base))
     }
 
-    /// Tensor `name` as stored: its dtype, shape and bytes (in the mapping, not copied).
+    /// Tensor `name` as stored: its dtype, shape and bytes (in the mapping, not copied);
+    /// for `name[a:b]`, those rows of it.
     fn view(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8]), CheckpointError> {
+        let Some((base, rows)) = row_range(name) else { return self.whole(name) };
+        let (dtype, mut shape, bytes) = self.whole(base)?;
+        let bad = || CheckpointError::Rows {
+            name: name.into(),
+            start: rows.start,
+            end: rows.end,
+            shape: shape.clone(),
+        };
+        if shape.is_empty() || rows.start >= rows.end || rows.end > shape[0] {
+            return Err(bad());
+        }
+        let row = bytes.len() / shape[0];
+        shape[0] = rows.len();
+        Ok((dtype, shape, &bytes[rows.start * row..rows.end * row]))
+    }
+
+    /// Tensor `name` as stored, whole.
+    fn whole(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8]), CheckpointError> {
         let Some(&i) = self.index.get(name) else {
             return Err(CheckpointError::Missing { name: name.to_string(), hint: self.hint(name) });
         };

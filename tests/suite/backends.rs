@@ -1,6 +1,6 @@
 //! The compiled library (from either backend, through the runtime crate and the C ABI)
-//! against the reference interpreter and the Hugging Face fixtures, on all twenty-five
-//! architectures.
+//! against the reference interpreter and the Hugging Face fixtures, on every fixture
+//! architecture.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,12 +33,14 @@ pub fn build_opts(spec: &std::path::Path, tag: &str, precision: &Options, opts: 
 }
 
 fn check(arch: &str, backend: Backend) {
-    let spec = root().join("specs/tiny").join(format!("{arch}.tfs"));
-    let fx = root().join("tests/fixtures/hf").join(arch);
-    let model = Model::load(build_with(&spec, "fixtures", backend)).unwrap();
-    let ck = Arc::new(Checkpoint::open(&fx).unwrap());
-    let mut s = Session::new(&model, WeightData::Checkpoint(ck), 2).unwrap();
-    check_fixture(arch, &format!("the {} library", backend.name()), &mut s);
+    let fx = Fixture::load(arch);
+    for r in fx.regimes() {
+        let lib = LibOptions { backend, ..Default::default() };
+        let model = Model::load(build_opts(&fx.spec, r.tag, &r.options, &lib)).unwrap();
+        let ck = Arc::new(Checkpoint::open(&fx.dir).unwrap());
+        let mut s = Session::new(&model, WeightData::Checkpoint(ck), 2).unwrap();
+        check_fixture(&fx, &r, &format!("the {} library", backend.name()), &mut s);
+    }
 }
 
 macro_rules! backend_tests {

@@ -120,3 +120,26 @@ fn a_damaged_header_names_the_tensor() {
     let e = error(&file);
     assert!(e.contains("tensor `second` ends at byte 28") && e.contains("truncated"), "{e}");
 }
+
+#[test]
+fn a_row_range_reads_those_rows_in_place_and_a_bad_one_is_an_error() {
+    let dir = scratch("rows");
+    let file = dir.join("model.safetensors");
+    write(&file, &[("fused.weight", 12)]);
+    let ck = Checkpoint::open(&file).unwrap();
+    assert_eq!(ck.get("fused.weight[3:7]", &[4]).unwrap(), vec![3.0, 4.0, 5.0, 6.0]);
+    assert!(ck.contains("fused.weight[0:1]"));
+    for (name, what) in [
+        ("fused.weight[8:13]", "asks for rows 8..13 of a tensor of shape [12]"),
+        ("fused.weight[5:5]", "asks for rows 5..5"),
+        ("other.weight[0:2]", "has no tensor `other.weight`"),
+    ] {
+        let e = ck.get(name, &[5]).unwrap_err().to_string();
+        assert!(e.contains(what), "{name}: {e}");
+    }
+    // Rows of a matrix: whole rows of it.
+    let fx = Checkpoint::open(root().join("tests/fixtures/hf/phi3")).unwrap();
+    let name = "model.layers.0.mlp.gate_up_proj.weight";
+    let whole = fx.get(name, &[320, 64]).unwrap();
+    assert_eq!(fx.get(&format!("{name}[160:320]"), &[160, 64]).unwrap(), whole[160 * 64..]);
+}

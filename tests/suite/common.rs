@@ -125,56 +125,182 @@ impl Engine for tfc_runtime::gpu::GpuSession<'_> {
     }
 }
 
-/// One fixture architecture through a compiled model (`what` names it in failures): every
-/// prompt row against transformers and the interpreter, then prefill + decode through the
-/// model's own KV cache, logits and greedy tokens as transformers generated them.
-pub fn check_fixture(arch: &str, what: &str, e: &mut dyn Engine) {
+impl Engine for tfc::interp::Session<'_> {
+    fn prefill(&mut self, tokens: &[i32], all_rows: bool) -> Vec<f32> {
+        let tokens: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        tfc::interp::Session::prefill(self, &tokens, &[], all_rows).unwrap().data
+    }
+    fn decode(&mut self, token: i32) -> Result<Vec<f32>, String> {
+        tfc::interp::Session::decode(self, token as i64).map(|t| t.data).map_err(|e| e.to_string())
+    }
+    fn reset(&mut self) {
+        tfc::interp::Session::reset(self)
+    }
+    fn position(&self) -> usize {
+        self.pos
+    }
+}
+
+/// A fixture: its prompt, transformers' greedy continuation and where its outputs are.
+pub struct Fixture {
+    pub arch: String,
+    pub spec: PathBuf,
+    pub dir: PathBuf,
+    pub prompt: Vec<i32>,
+    pub greedy: Vec<i32>,
+    config: serde_json::Value,
+    cached_equals_full: bool,
+}
+
+/// Which of a fixture's rows a model compiled with `options` must reproduce.
+pub struct Regime {
+    pub options: Options,
+    /// Names the build, so that regimes do not share a library folder.
+    pub tag: &'static str,
+    rows: Rows,
+}
+
+enum Rows {
+    /// All of them: the prompt, prompt + continuation in one pass, and the greedy
+    /// continuation through the cache, logits and tokens.
+    All,
+    /// transformers' full pass over prompt + continuation, in one pass and through the
+    /// cache fed the same tokens (not its own cached greedy run, computed another way).
+    Full,
+    /// The prompt, and the greedy tokens transformers generated up to position `n`.
+    Within(usize),
+}
+
+impl Fixture {
+    pub fn load(arch: &str) -> Fixture {
+        let dir = root().join("tests/fixtures/hf").join(arch);
+        let json = |f: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
+        };
+        let (fixture, config) = (json("fixture.json"), json("config.json"));
+        let ids = |k: &str| -> Vec<i32> {
+            fixture[k]
+                .as_array()
+                .map(|a| a.iter().map(|v| v.as_i64().unwrap() as i32).collect())
+                .unwrap_or_default()
+        };
+        Fixture {
+            arch: arch.into(),
+            spec: root().join("specs/tiny").join(format!("{arch}.tfs")),
+            prompt: ids("prompt"),
+            greedy: ids("greedy"),
+            cached_equals_full: fixture["cached_equals_full"].as_bool().unwrap_or(true),
+            config,
+            dir,
+        }
+    }
+
+    /// How the fixture is checked. When transformers' cached decode disagrees with its
+    /// full pass (`cached_equals_full: false`: longrope picks its factors by the current
+    /// length), by two models compiled on either side of the original length, each
+    /// against the rows transformers computed the same way: past it, its full pass over
+    /// prompt + continuation; within it, the prompt and the greedy steps up to it.
+    pub fn regimes(&self) -> Vec<Regime> {
+        if self.cached_equals_full {
+            return vec![Regime { options: Options::default(), tag: "fixtures", rows: Rows::All }];
+        }
+        let original = self.config["original_max_position_embeddings"]
+            .as_u64()
+            .or_else(|| self.config["rope_parameters"]["original_max_position_embeddings"].as_u64())
+            .expect("a fixture whose cached decode differs names its original length")
+            as usize;
+        assert!(
+            original < self.prompt.len() + self.greedy.len(),
+            "{}: the continuation passes it",
+            self.arch
+        );
+        vec![
+            Regime { options: Options::default(), tag: "fixtures", rows: Rows::Full },
+            Regime {
+                options: Options { max_seq: Some(original), ..Options::default() },
+                tag: "fixtures-within",
+                rows: Rows::Within(original),
+            },
+        ]
+    }
+
+    fn expected(&self, name: &str) -> tfc::interp::Tensor {
+        read_tensor(&self.dir.join("expected.safetensors"), name)
+    }
+
+    fn all_tokens(&self) -> Vec<i32> {
+        self.prompt.iter().chain(&self.greedy).copied().collect()
+    }
+}
+
+/// One fixture through a compiled model (`what` names it in failures), on the rows of
+/// `regime`: every prompt row against transformers and the interpreter, then prefill +
+/// decode through the model's own KV cache, logits and greedy tokens as transformers
+/// computed them.
+pub fn check_fixture(fx: &Fixture, regime: &Regime, what: &str, e: &mut dyn Engine) {
     use tfc::interp::{run, Inputs, WeightSource, Weights};
-    let spec = root().join("specs/tiny").join(format!("{arch}.tfs"));
-    let fx = root().join("tests/fixtures/hf").join(arch);
-    let ck = tfc_runtime::Checkpoint::open(&fx).unwrap();
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fx.join("fixture.json")).unwrap()).unwrap();
-    let ids = |k: &str| -> Vec<i32> {
-        fixture[k]
-            .as_array()
-            .map(|a| a.iter().map(|v| v.as_i64().unwrap() as i32).collect())
-            .unwrap_or_default()
-    };
-    let (prompt, greedy) = (ids("prompt"), ids("greedy"));
-    let expected = fx.join("expected.safetensors");
-    let rows = e.prefill(&prompt, true);
-    let c = compile(&spec, &Options::default());
+    let arch = &fx.arch;
+    let (prompt, greedy) = (&fx.prompt, &fx.greedy);
+    let ck = tfc_runtime::Checkpoint::open(&fx.dir).unwrap();
+    let rows = e.prefill(prompt, true);
+    let c = compile(&fx.spec, &regime.options);
     let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
     let tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     let mut interp = run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap();
     let interp = interp.remove("logits").or_else(|| interp.remove("hidden")).unwrap();
     assert_close(&format!("{arch}: {what} vs interpreter"), &rows, &interp.data, 1e-4);
     if greedy.is_empty() {
-        let want = read_tensor(&expected, "last_hidden_state");
+        let want = fx.expected("last_hidden_state");
         assert_close(&format!("{arch}: {what} vs transformers"), &rows, &want.data, 1e-4);
         assert!(e.decode(1).is_err(), "an encoder has no decode step");
         return;
     }
-    let want = read_tensor(&expected, "full_logits");
-    let vocab = want.shape[1];
-    let prompt_logits = &want.data[..prompt.len() * vocab];
-    assert_close(&format!("{arch}: {what}, prompt logits vs transformers"), &rows, prompt_logits, 1e-4);
+    if !matches!(regime.rows, Rows::Full) {
+        let want = fx.expected("logits");
+        assert_close(&format!("{arch}: {what}, prompt logits vs transformers"), &rows, &want.data, 1e-4);
+    }
+    let full = fx.expected("full_logits");
+    let vocab = full.shape[1];
+    let row = |pos: usize| &full.data[pos * vocab..(pos + 1) * vocab];
+    if !matches!(regime.rows, Rows::Within(_)) {
+        e.reset();
+        let all = e.prefill(&fx.all_tokens(), true);
+        assert_close(
+            &format!("{arch}: {what}, prompt + continuation vs transformers"),
+            &all,
+            &full.data,
+            1e-4,
+        );
+    }
     e.reset();
-    let mut logits = e.prefill(&prompt, false);
+    let mut logits = e.prefill(prompt, false);
     let mut generated = Vec::new();
-    for step in 0..greedy.len() {
+    let steps = match regime.rows {
+        Rows::Within(n) => n - prompt.len() + 1,
+        _ => greedy.len(),
+    };
+    for (step, &fed) in greedy.iter().enumerate().take(steps) {
         let pos = prompt.len() - 1 + step;
-        let at = format!("{arch}: {what}, cached logits at position {pos}");
-        assert_close(&at, &logits, &want.data[pos * vocab..(pos + 1) * vocab], 1e-4);
-        let next = tfc_runtime::argmax(&logits) as i32;
-        generated.push(next);
-        if step + 1 < greedy.len() {
-            logits = e.decode(next).unwrap();
+        if !matches!(regime.rows, Rows::Within(_)) {
+            assert_close(
+                &format!("{arch}: {what}, cached logits at position {pos}"),
+                &logits,
+                row(pos),
+                1e-4,
+            );
+        }
+        generated.push(tfc_runtime::argmax(&logits) as i32);
+        if step + 1 < steps {
+            // Fed transformers' tokens: where they are its own greedy ones, the same.
+            logits = e.decode(fed).unwrap();
         }
     }
-    assert_eq!(generated, greedy, "{arch}: greedy continuation through {what}");
-    assert_eq!(e.position(), prompt.len() + greedy.len() - 1, "{arch}: {what} cache position");
+    let want: Vec<i32> = match regime.rows {
+        Rows::Full => (0..steps).map(|s| tfc_runtime::argmax(row(prompt.len() - 1 + s)) as i32).collect(),
+        _ => greedy[..steps].to_vec(),
+    };
+    assert_eq!(generated, want, "{arch}: greedy continuation through {what}");
+    assert_eq!(e.position(), prompt.len() + steps - 1, "{arch}: {what} cache position");
 }
 
 /// Prefill + decode through a compiled model against one interpreter pass over nine

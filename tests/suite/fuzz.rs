@@ -213,7 +213,7 @@ fn fuzz_spec_front_end() {
     let extra = specs_in(&root().join("specs/tiny")).iter().map(|p| std::fs::read(p).unwrap()).collect();
     fuzz("spec", extra, &|input| {
         let text = String::from_utf8_lossy(input);
-        match tfc::front::compile_spec("fuzz.tfs", &text, None, None) {
+        match tfc::front::compile_spec("fuzz.tfs", &text, &Default::default()) {
             Ok(_) => {
                 // A spec the front end accepts goes through every pass too.
                 if let Err(tfc::CompileError::Pass(e)) =
@@ -239,7 +239,7 @@ fn fuzz_import_hf() {
     fuzz("import", extra, &|input| {
         if let Ok(spec) = tfc::import::hf::import(&String::from_utf8_lossy(input)) {
             // What the importer writes always compiles.
-            tfc::front::compile_spec("imported.tfs", &spec, None, None).unwrap();
+            tfc::front::compile_spec("imported.tfs", &spec, &Default::default()).unwrap();
         }
     });
 }

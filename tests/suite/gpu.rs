@@ -17,11 +17,14 @@ use tfc_runtime::{Checkpoint, WeightData};
 use crate::common::*;
 
 fn build(spec: &Path, tag: &str, target: Target) -> PathBuf {
+    build_opts(spec, tag, &tfc::Options::default(), target)
+}
+
+fn build_opts(spec: &Path, tag: &str, opts: &tfc::Options, target: Target) -> PathBuf {
     let stem = spec.file_stem().unwrap().to_string_lossy().to_string();
     let dir = root().join("target/test-libs").join(format!("{tag}-{}", target_name(target))).join(&stem);
     let _ = std::fs::remove_dir_all(&dir);
-    compile_gpu(&compile(spec, &tfc::Options::default()), &dir, target)
-        .unwrap_or_else(|e| panic!("{}: {e}", spec.display()));
+    compile_gpu(&compile(spec, opts), &dir, target).unwrap_or_else(|e| panic!("{}: {e}", spec.display()));
     dir
 }
 
@@ -35,15 +38,16 @@ fn target_name(t: Target) -> &'static str {
 
 /// A fixture through Vulkan (see `check_fixture`), after `spirv-val` on its module.
 fn check(arch: &str) {
-    let spec = root().join("specs/tiny").join(format!("{arch}.tfs"));
-    let fx = root().join("tests/fixtures/hf").join(arch);
-    let dir = build(&spec, "fixtures", Target::Vulkan);
-    validate_spirv(&dir.join(format!("{}.spv", spec_name(&spec))));
-    let model = GpuModel::load(&dir).unwrap();
-    let ck = Arc::new(Checkpoint::open(&fx).unwrap());
-    let mut s = GpuSession::new(&model, WeightData::Checkpoint(ck))
-        .unwrap_or_else(|e| panic!("{arch}: {e} (is mesa-vulkan-drivers installed?)"));
-    check_fixture(arch, "Vulkan", &mut s);
+    let fx = Fixture::load(arch);
+    for r in fx.regimes() {
+        let dir = build_opts(&fx.spec, r.tag, &r.options, Target::Vulkan);
+        validate_spirv(&dir.join(format!("{}.spv", spec_name(&fx.spec))));
+        let model = GpuModel::load(&dir).unwrap();
+        let ck = Arc::new(Checkpoint::open(&fx.dir).unwrap());
+        let mut s = GpuSession::new(&model, WeightData::Checkpoint(ck))
+            .unwrap_or_else(|e| panic!("{arch}: {e} (is mesa-vulkan-drivers installed?)"));
+        check_fixture(&fx, &r, "Vulkan", &mut s);
+    }
 }
 
 fn spec_name(spec: &Path) -> String {

@@ -420,13 +420,25 @@ impl Lowerer<'_> {
             }
             Kind::Mlp(m) => {
                 let f = sz.d_ff.unwrap_or(0);
-                let up = self.linear(x, &m.up, d, f, origin);
-                let pre = match &m.gate {
+                // A fused gate_up is bound as its two halves of rows.
+                let half = |p: &Proj, rows: &str| Proj {
+                    weight: format!("{}[{rows}]", p.weight),
+                    bias: p.bias.as_ref().map(|b| format!("{b}[{rows}]")),
+                    transposed: p.transposed,
+                };
+                let (gate, up) = match (m.gate_up, &m.gate) {
+                    (true, _) => {
+                        (Some(half(&m.up, &format!("0:{f}"))), half(&m.up, &format!("{f}:{}", 2 * f)))
+                    }
+                    (false, g) => (g.clone(), m.up.clone()),
+                };
+                let up = self.linear(x, &up, d, f, origin);
+                let pre = match &gate {
                     Some(g) => self.linear(x, g, d, f, origin),
                     None => up,
                 };
                 let mut h = self.node(Op::Activation(m.act), &[pre], origin);
-                if m.gate.is_some() {
+                if gate.is_some() {
                     h = self.node(Op::Mul, &[h, up], origin);
                 }
                 Val::Hidden(self.linear(h, &m.down, f, d, origin))
@@ -539,8 +551,10 @@ impl Lowerer<'_> {
         }
         let v = self.node(Op::SplitHeads { heads: kv }, &[v], origin);
         let pos = self.positions(origin);
-        if let Position::Rope { theta, rotary_dim, interleaved, scaling } = a.position {
-            let r = Op::Rope(Rope { theta, rotary_dim, interleaved, scaling });
+        if let Position::Rope { theta, rotary_dim, interleaved, scaling } = &a.position {
+            let scaling = scaling.clone().compiled_for(sz.max_seq);
+            let r =
+                Op::Rope(Rope { theta: *theta, rotary_dim: *rotary_dim, interleaved: *interleaved, scaling });
             q = self.node(r.clone(), &[q, pos], origin);
             k = self.node(r, &[k, pos], origin);
         }

@@ -14,17 +14,12 @@ pub use diag::{Code, Diagnostic, Diagnostics};
 pub use parse::MAX_NESTING;
 pub use spec::Spec;
 
-use crate::ir::{DType, Graph};
+use crate::ir::Graph;
 
-/// Parses and checks a spec, and lowers it to the model graph.
-/// `weight_dtype` overrides the spec's `dtype` (the storage type of weight matrices),
-/// `activations` its `activations`.
-pub fn compile_spec(
-    file: &str,
-    source: &str,
-    weight_dtype: Option<DType>,
-    activations: Option<DType>,
-) -> Result<(Spec, Graph), Diagnostics> {
+/// Parses and checks a spec, and lowers it to the model graph. Of `opts`, `weight_dtype`
+/// overrides the spec's `dtype` (the storage type of weight matrices), `activations` its
+/// `activations` and `max_seq` its `max_seq`.
+pub fn compile_spec(file: &str, source: &str, opts: &crate::Options) -> Result<(Spec, Graph), Diagnostics> {
     let fail = |list| Diagnostics { file: file.to_string(), source: source.to_string(), list };
     let ast = parse::parse(source).map_err(|d| fail(vec![d]))?;
     let mut diags = Vec::new();
@@ -32,11 +27,14 @@ pub fn compile_spec(
     let Some(mut spec) = spec else {
         return Err(fail(diags));
     };
-    if let Some(d) = weight_dtype {
+    if let Some(d) = opts.weight_dtype {
         spec.dtype = d;
     }
-    if let Some(d) = activations {
+    if let Some(d) = opts.activations {
         spec.activations = d;
+    }
+    if let Some(n) = opts.max_seq {
+        spec.sizes.max_seq = n;
     }
     match lower::lower(&spec, &mut diags) {
         Some(g) if diags.is_empty() => {

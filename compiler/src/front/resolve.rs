@@ -384,7 +384,7 @@ fn component(
             "qk_norm",
             "softcap",
         ],
-        "mlp" => &["at", "up", "gate", "down", "act", "bias", "transposed"],
+        "mlp" => &["at", "up", "gate", "gate_up", "down", "act", "bias", "transposed"],
         "unembed" => &["at", "weight", "tied", "bias", "transposed", "softcap"],
         _ => {
             diags.push(unknown(&c.kind, "component kind", KINDS));
@@ -448,13 +448,37 @@ fn component(
                     transposed,
                 })
             };
+            let gate_up = proj(&mut f, "gate_up", diags);
             let up = proj(&mut f, "up", diags);
             let gate = proj(&mut f, "gate", diags);
             let down = proj(&mut f, "down", diags);
             let act = f.choice("act", &Act::ALL.map(|(n, _)| n), diags);
-            for (key, v, what) in
-                [("up", up.is_some(), "the up projection"), ("down", down.is_some(), "the down projection")]
-            {
+            let fused = f.has("gate_up");
+            if fused && (f.has("up") || f.has("gate")) {
+                let other = if f.has("up") { "up" } else { "gate" };
+                diags.push(
+                    Diagnostic::error(
+                        Code::BadValue,
+                        format!("`gate_up` and a separate `{other}` projection exclude each other"),
+                    )
+                    .label(f.span_of("gate_up"), "the fused projection")
+                    .label(f.span_of(other), "a separate one"),
+                );
+                return None;
+            }
+            if fused && transposed {
+                diags.push(
+                    Diagnostic::error(Code::BadValue, "a fused `gate_up` cannot be `transposed`")
+                        .label(f.span_of("gate_up"), "split on its rows: stored [2 · d_ff, d_model]")
+                        .label(f.span_of("transposed"), "stored [in, out]"),
+                );
+                return None;
+            }
+            let up = if fused { gate_up } else { up };
+            for (key, v, what) in [
+                ("up", up.is_some() || fused, "the up projection (or a fused `gate_up`)"),
+                ("down", down.is_some(), "the down projection"),
+            ] {
                 if !v && !f.has(key) {
                     diags.push(missing(c, key, what));
                 }
@@ -463,7 +487,7 @@ fn component(
                 diags.push(missing(c, "act", "the activation: relu, gelu, gelu_tanh or silu"));
             }
             let act = Act::ALL.iter().find(|(n, _)| Some(*n) == act.as_deref()).map(|(_, a)| *a);
-            Kind::Mlp(Mlp { up: up?, gate, down: down?, act: act? })
+            Kind::Mlp(Mlp { up: up?, gate, gate_up: fused, down: down?, act: act? })
         }
         "unembed" => {
             let softcap = f.float_positive("softcap", diags);
@@ -624,14 +648,15 @@ fn qk_norm(f: &mut Fields, name: &mut NameFn<'_>, diags: &mut Vec<Diagnostic>) -
     Some(Some(QkNorm { norm, whole, q: q?, k: k? }))
 }
 
-/// `scaling = linear { factor = 4 }` or `scaling = llama3 { factor = 8, low_freq_factor =
-/// 1, high_freq_factor = 4, original_max_seq = 8192 }` in a `rope { ... }`; `None` (after a
-/// diagnostic) when it is wrong.
+/// `scaling = linear { factor = 4 }`, `scaling = llama3 { factor = 8, low_freq_factor =
+/// 1, high_freq_factor = 4, original_max_seq = 8192 }`, `yarn { … }` or `longrope {
+/// short_factor = [...], long_factor = [...], original_max_seq = 4096, factor = 32 }` in a
+/// `rope { ... }`; `None` (after a diagnostic) when it is wrong.
 fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScaling> {
     let Some(v) = r.take("scaling") else {
         return Some(RopeScaling::None);
     };
-    let kinds = ["linear", "llama3", "yarn"];
+    let kinds = ["linear", "llama3", "yarn", "longrope"];
     match &v.kind {
         ValueKind::Ident(s) if s == "none" => Some(RopeScaling::None),
         ValueKind::Object(kind, fields) if kind.name == "linear" => {
@@ -694,6 +719,36 @@ fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScali
                 attention_factor: attention.unwrap_or(RopeScaling::yarn_attention_factor(factor)),
             })
         }
+        ValueKind::Object(kind, fields) if kind.name == "longrope" => {
+            let keys = ["short_factor", "long_factor", "original_max_seq", "factor", "attention_factor"];
+            let mut s = Fields::new("`longrope`", fields, &keys);
+            let short = s.float_list("short_factor", diags);
+            let long = s.float_list("long_factor", diags);
+            let original = s.positive("original_max_seq", diags);
+            let factor = s.float_positive("factor", diags).unwrap_or(1.0);
+            let attention = s.float_positive("attention_factor", diags);
+            for k in keys[..3].iter().filter(|k| !s.has(k)) {
+                diags.push(missing_field(kind, "longrope", k));
+            }
+            s.finish(diags);
+            let original = original?;
+            if original < 2 {
+                diags.push(
+                    Diagnostic::error(Code::BadValue, format!("longrope's original_max_seq is {original}"))
+                        .label(s.span_of("original_max_seq"), "must be at least 2")
+                        .note("the default attention factor divides by ln(original_max_seq)"),
+                );
+                return None;
+            }
+            Some(RopeScaling::Longrope {
+                short_factor: short?,
+                long_factor: long?,
+                original_max_seq: original,
+                attention_factor: attention
+                    .unwrap_or(RopeScaling::longrope_attention_factor(factor, original)),
+                long: false,
+            })
+        }
         ValueKind::Object(kind, _) => {
             diags.push(unknown(kind, "rope scaling", &kinds));
             None
@@ -704,7 +759,10 @@ fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScali
             None
         }
         _ => {
-            diags.push(bad(v, "a rope scaling: none, linear { factor = … } or llama3 { … }"));
+            diags.push(bad(
+                v,
+                "a rope scaling: none, linear { factor = … }, llama3 { … }, yarn { … } or longrope { … }",
+            ));
             None
         }
     }
@@ -762,6 +820,24 @@ fn position(f: &mut Fields, head_dim: usize, diags: &mut Vec<Diagnostic>) -> Opt
                     .note("rotary embeddings rotate pairs of dimensions"),
                 );
                 return None;
+            }
+            if let RopeScaling::Longrope { short_factor, long_factor, .. } = &scaling {
+                let pairs = rotary_dim / 2;
+                if short_factor.len() != pairs || long_factor.len() != pairs {
+                    diags.push(
+                        Diagnostic::error(
+                            Code::Sizes,
+                            format!(
+                                "longrope has {} short and {} long factors for {pairs} rotated pairs",
+                                short_factor.len(),
+                                long_factor.len()
+                            ),
+                        )
+                        .label(r.span_of("scaling"), format!("needs {pairs} of each"))
+                        .note("one factor per rotated pair of dimensions: rotary dimensions / 2"),
+                    );
+                    return None;
+                }
             }
             Some(Position::Rope { theta, rotary_dim, interleaved, scaling })
         }
@@ -957,6 +1033,29 @@ impl<'a> Fields<'a> {
             diags.push(bad(v, &format!("a number > 0 for `{key}`")));
             None
         }
+    }
+
+    /// A list of numbers > 0 for `key`, one diagnostic per wrong item.
+    fn float_list(&mut self, key: &str, diags: &mut Vec<Diagnostic>) -> Option<Vec<f64>> {
+        let v = self.take(key)?;
+        let ValueKind::List(items) = &v.kind else {
+            diags.push(bad(v, &format!("a list of numbers > 0 for `{key}`")));
+            return None;
+        };
+        let mut ok = true;
+        let xs = items
+            .iter()
+            .map(|it| match it.kind {
+                ValueKind::Integer(i) if i > 0 => i as f64,
+                ValueKind::Number(x) if x.is_finite() && x > 0.0 => x,
+                _ => {
+                    diags.push(bad(it, &format!("a number > 0 in `{key}`")));
+                    ok = false;
+                    f64::NAN
+                }
+            })
+            .collect();
+        ok.then_some(xs)
     }
 
     /// Reports every field that is not allowed here.

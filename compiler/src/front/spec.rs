@@ -107,7 +107,7 @@ pub enum Qkv {
     Fused { proj: Proj, layout: QkvLayout },
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Position {
     None,
     Alibi,
@@ -151,6 +151,9 @@ pub enum HeadNorm {
 pub struct Mlp {
     pub up: Proj,
     pub gate: Option<Proj>,
+    /// `up` is one projection to `2 · d_ff` features, the gate's then the up's (Phi-3's
+    /// `gate_up_proj`), bound as its two halves of rows (`name[a:b]`).
+    pub gate_up: bool,
     pub down: Proj,
     pub act: Act,
 }

@@ -30,7 +30,7 @@ pub enum ImportError {
 }
 
 const SUPPORTED: &str =
-    "bert, bloom, cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gptj, granite, llama, mistral, olmo2, opt, phi, qwen2, qwen3, stablelm, starcoder2, xglm";
+    "bert, bloom, cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gptj, granite, llama, mistral, olmo2, opt, phi, phi3, qwen2, qwen3, stablelm, starcoder2, xglm";
 
 /// Keys that never change what inference computes.
 fn ignorable(key: &str) -> bool {
@@ -221,11 +221,18 @@ impl<'a> Config<'a> {
                     "mscale_all_dim",
                     "truncate",
                 ],
+                "longrope" => &[
+                    "short_factor",
+                    "long_factor",
+                    "factor",
+                    "original_max_position_embeddings",
+                    "attention_factor",
+                ],
                 other => {
                     return Err(self.unsupported(
                         key,
                         &format!(
-                            "rope_type `{other}`: the supported ones are default, linear, llama3 and yarn"
+                            "rope_type `{other}`: the supported ones are default, linear, llama3, yarn and longrope"
                         ),
                     ))
                 }
@@ -272,6 +279,37 @@ impl<'a> Config<'a> {
                         beta_fast: num("beta_fast")?.unwrap_or(32.0),
                         beta_slow: num("beta_slow")?.unwrap_or(1.0),
                         attention_factor,
+                    }
+                }
+                "longrope" => {
+                    let list = |k: &str| -> Result<Vec<f64>, ImportError> {
+                        let bad = || ImportError::Field {
+                            key: format!("{key}.{k}"),
+                            expected: "a list of numbers",
+                        };
+                        let items = obj.get(k).and_then(Value::as_array).ok_or_else(bad)?;
+                        items.iter().map(|x| x.as_f64().ok_or_else(bad)).collect()
+                    };
+                    // As transformers: a top-level original length (Phi-3) makes the factor
+                    // the ratio of the model's length to it.
+                    let top = self.get("original_max_position_embeddings").and_then(Value::as_f64);
+                    let max_seq = self.map.get("max_position_embeddings").and_then(Value::as_f64);
+                    let original = top.or(num("original_max_position_embeddings")?).or(max_seq);
+                    let original = original.ok_or(ImportError::Field {
+                        key: "original_max_position_embeddings".into(),
+                        expected: "a number",
+                    })?;
+                    let factor = match (top, max_seq) {
+                        (Some(o), Some(m)) if o > 0.0 => m / o,
+                        _ => num("factor")?.unwrap_or(1.0),
+                    };
+                    RopeScaling::Longrope {
+                        short_factor: list("short_factor")?,
+                        long_factor: list("long_factor")?,
+                        original_max_seq: original as usize,
+                        attention_factor: num("attention_factor")?
+                            .unwrap_or(RopeScaling::longrope_attention_factor(factor, original as usize)),
+                        long: false,
                     }
                 }
                 _ => RopeScaling::None,
@@ -366,6 +404,15 @@ fn rope_text(theta: f64, fraction: f64, scaling: RopeScaling) -> String {
             }
             fields.push(format!("scaling = yarn {{ {y} }}"))
         }
+        RopeScaling::Longrope { short_factor, long_factor, original_max_seq, attention_factor, .. } => {
+            let list = |xs: &[f64]| xs.iter().map(|&x| num(x)).collect::<Vec<_>>().join(", ");
+            fields.push(format!(
+                "scaling = longrope {{\n      short_factor = [{}],\n      long_factor = [{}],\n      original_max_seq = {original_max_seq}, attention_factor = {}\n    }}",
+                list(&short_factor),
+                list(&long_factor),
+                num(attention_factor)
+            ))
+        }
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_seq } => fields.push(format!(
             "scaling = llama3 {{ factor = {}, low_freq_factor = {}, high_freq_factor = {}, original_max_seq = {original_max_seq} }}",
             num(factor),
@@ -387,7 +434,7 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
         .push(format!("Imported from a Hugging Face config.json (model_type `{model}`) by `tfc import-hf`."));
     match model.as_str() {
         "gpt2" => gpt2(&mut c, &mut g)?,
-        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "granite" | "olmo2" => {
+        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "granite" | "olmo2" | "phi3" => {
             llama_like(&mut c, &mut g)?
         }
         "starcoder2" => starcoder2(&mut c, &mut g)?,
@@ -408,7 +455,7 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
     // Sizes that do not fit together (heads that do not divide the width, kv heads that
     // do not divide the heads, …) are the front end's to find: the spec must compile.
     let text = g.text();
-    match crate::front::compile_spec("config.json (imported)", &text, None, None) {
+    match crate::front::compile_spec("config.json (imported)", &text, &Default::default()) {
         Ok(_) => Ok(text),
         Err(d) => Err(ImportError::Impossible { report: d.render(false) }),
     }
@@ -502,7 +549,7 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let tied = c.bool_or("tie_word_embeddings", gemma)?;
     let mut window = None;
     match model.as_str() {
-        "mistral" => window = c.opt_usize("sliding_window")?,
+        "mistral" | "phi3" => window = c.opt_usize("sliding_window")?,
         "qwen2" | "qwen3" => {
             c.expect("use_mrope", &[false.into()], "multimodal RoPE (Qwen2-VL) is not supported")?;
             if c.bool_or("use_sliding_window", false)? {
@@ -567,11 +614,13 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     // OLMo 2 normalises each sublayer's output instead of its input.
     let after = model == "olmo2";
     g.block = if after { vec![] } else { vec![norm(&format!("{l}.input_layernorm"), "input_norm")] };
+    // Phi-3 fuses the query, key and value projections, and the gate and up ones.
+    let phi3 = model == "phi3";
+    let qkv = if phi3 { "qkv = \"qkv_proj\"" } else { "q = \"q_proj\", k = \"k_proj\", v = \"v_proj\"" };
+    let gate_up = if phi3 { "gate_up = \"gate_up_proj\"" } else { "gate = \"gate_proj\", up = \"up_proj\"" };
     g.block.extend([
         "attn: attention {".to_string(),
-        format!(
-            "  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{bias}{scale}"
-        ),
+        format!("  at = \"{l}.self_attn\", {qkv}, o = \"o_proj\"{bias}{scale}"),
         format!("  position = {}{window}", rope_text(theta, fraction, scaling)),
     ]);
     g.block.extend(qk_norm);
@@ -583,7 +632,7 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         g.block.push(norm(&format!("{l}.post_feedforward_layernorm"), "post_mlp_norm"));
     }
     g.block.extend([
-        format!("mlp: mlp {{ at = \"{l}.mlp\", gate = \"gate_proj\", up = \"up_proj\", down = \"down_proj\", act = {act}{mlp_bias} }}"),
+        format!("mlp: mlp {{ at = \"{l}.mlp\", {gate_up}, down = \"down_proj\", act = {act}{mlp_bias} }}"),
         String::new(),
     ]);
     if after {

@@ -268,7 +268,7 @@ pub enum WeightRole {
     Bias,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Rope {
     pub theta: f64,
     /// How many leading dimensions of each head rotate (even).
@@ -281,7 +281,7 @@ pub struct Rope {
 /// How a model stretches its rotary frequencies past the length it was trained on. Only
 /// the frequencies change, the same at every position, so prefill and decode rotate
 /// alike whatever the length.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     None,
     /// Every frequency divided by `factor` (positions interpolated).
@@ -308,9 +308,53 @@ pub enum RopeScaling {
         beta_slow: f64,
         attention_factor: f64,
     },
+    /// LongRoPE (Phi-3): pair `k`'s frequency divided by `long_factor[k]` when the model
+    /// is compiled for more than `original_max_seq` positions (`long`), else by
+    /// `short_factor[k]`, and the rotation scaled by `attention_factor`
+    /// (`sqrt(1 + ln(factor) / ln(original_max_seq))` unless given).
+    ///
+    /// transformers picks the list by the current sequence length, so a sequence that
+    /// grows past `original_max_seq` is rotated with other frequencies than its cached
+    /// keys were. Here the list is chosen once, by the compiled `max_seq`
+    /// ([`RopeScaling::compiled_for`], as llama.cpp does by its context size): prefill
+    /// and decode rotate alike, and equal transformers' full pass over any sequence
+    /// longer than `original_max_seq` (with `long`), or any sequence at all (without).
+    Longrope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_seq: usize,
+        attention_factor: f64,
+        long: bool,
+    },
 }
 
 impl RopeScaling {
+    /// LongRoPE's default attention factor for a model extended `factor` times.
+    pub fn longrope_attention_factor(factor: f64, original_max_seq: usize) -> f64 {
+        if factor <= 1.0 {
+            1.0
+        } else {
+            (1.0 + factor.ln() / (original_max_seq as f64).ln()).sqrt()
+        }
+    }
+
+    /// The scaling of a model compiled for `max_seq` positions: the one place a choice
+    /// that depends on the length (longrope's list) is made.
+    pub fn compiled_for(self, max_seq: usize) -> RopeScaling {
+        match self {
+            RopeScaling::Longrope {
+                short_factor, long_factor, original_max_seq, attention_factor, ..
+            } => RopeScaling::Longrope {
+                short_factor,
+                long_factor,
+                original_max_seq,
+                attention_factor,
+                long: max_seq > original_max_seq,
+            },
+            other => other,
+        }
+    }
+
     /// YaRN's default attention factor for `factor`.
     pub fn yarn_attention_factor(factor: f64) -> f64 {
         if factor <= 1.0 {
@@ -350,6 +394,10 @@ impl Rope {
             }
             RopeScaling::None => base.collect(),
             RopeScaling::Linear { factor } => base.map(|f| f / factor).collect(),
+            RopeScaling::Longrope { ref short_factor, ref long_factor, long, .. } => {
+                let factors = if long { long_factor } else { short_factor };
+                base.zip(factors).map(|(f, s)| f / s).collect()
+            }
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_seq } => {
                 let old = original_max_seq as f64;
                 let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
@@ -375,7 +423,9 @@ impl Rope {
     /// else 1.
     pub fn magnitude(&self) -> f64 {
         match self.scaling {
-            RopeScaling::Yarn { attention_factor, .. } => attention_factor,
+            RopeScaling::Yarn { attention_factor, .. } | RopeScaling::Longrope { attention_factor, .. } => {
+                attention_factor
+            }
             _ => 1.0,
         }
     }
@@ -589,9 +639,16 @@ impl Op {
                 if r.interleaved {
                     v.push("interleaved".into());
                 }
-                match r.scaling {
+                match &r.scaling {
                     RopeScaling::None => {}
-                    RopeScaling::Linear { factor } => v.push(format!("linear={}", num(factor))),
+                    RopeScaling::Longrope { original_max_seq, attention_factor, long, .. } => {
+                        v.push(format!(
+                            "longrope=({}, {original_max_seq}, {})",
+                            if *long { "long" } else { "short" },
+                            num(*attention_factor)
+                        ))
+                    }
+                    RopeScaling::Linear { factor } => v.push(format!("linear={}", num(*factor))),
                     RopeScaling::Yarn {
                         factor,
                         original_max_seq,
@@ -600,17 +657,17 @@ impl Op {
                         attention_factor,
                     } => v.push(format!(
                         "yarn=({}, {original_max_seq}, {}, {}, {})",
-                        num(factor),
-                        num(beta_fast),
-                        num(beta_slow),
-                        num(attention_factor)
+                        num(*factor),
+                        num(*beta_fast),
+                        num(*beta_slow),
+                        num(*attention_factor)
                     )),
                     RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_seq } => v
                         .push(format!(
                             "llama3=({}, {}, {}, {original_max_seq})",
-                            num(factor),
-                            num(low_freq_factor),
-                            num(high_freq_factor)
+                            num(*factor),
+                            num(*low_freq_factor),
+                            num(*high_freq_factor)
                         )),
                 }
                 v

@@ -333,7 +333,7 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                 self.call(Kernel::MergeHeads { heads, head_dim, round }, &v, rows)
             }
             Op::Rope(r) => {
-                let k = Kernel::Rope { head_dim: width, rope: *r, heads: self.fixed(ty.shape[0]) };
+                let k = Kernel::Rope { head_dim: width, rope: r.clone(), heads: self.fixed(ty.shape[0]) };
                 let rows = self.dim(ty.shape[1]);
                 let v = [
                     (X, o(self, 0)),

@@ -364,7 +364,7 @@ impl<'a> Func<'a> {
                 let (x, xt) = self.val(ops[0]);
                 let (pos, pos_t) = self.val(ops[1]);
                 let e = self.empty(&ty.shape, "f32");
-                let r = *r;
+                let r = r.clone();
                 // Each feature's rotation frequency (`Rope::inv_freqs` of its pair; 0 past the
                 // rotated features), a constant the generic reads by feature.
                 let (hd, inv) = (ty.shape[2].as_fixed().unwrap(), r.inv_freqs());

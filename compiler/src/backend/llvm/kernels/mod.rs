@@ -182,8 +182,12 @@ impl Kernel {
                 let scaled = match scaling {
                     crate::ir::RopeScaling::None => String::new(),
                     _ => {
-                        let bits: String =
-                            rope.inv_freqs().iter().map(|f| format!("{:016x}", f.to_bits())).collect();
+                        let bits: String = rope
+                            .inv_freqs()
+                            .iter()
+                            .chain([&rope.magnitude()])
+                            .map(|f| format!("{:016x}", f.to_bits()))
+                            .collect();
                         format!("_f{}", tfc_runtime::abi::fnv1a(&bits))
                     }
                 };

@@ -306,7 +306,7 @@ pub(crate) fn rope<'ctx>(
     let c = |v: usize| kb.c(v as i64);
     let a = |s: Slot| args.i(s);
     let p = |s: Slot| args.p(s);
-    let Kernel::Rope { head_dim, rope, heads } = *k else { unreachable!("a Rope kernel") };
+    let Kernel::Rope { head_dim, ref rope, heads } = *k else { unreachable!("a Rope kernel") };
     let (rotary_dim, interleaved, inv_freqs) = (rope.rotary_dim, rope.interleaved, rope.inv_freqs());
 
     // A task is a position: its angles' sines and cosines are computed once for
