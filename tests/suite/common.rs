@@ -196,26 +196,30 @@ impl Fixture {
     }
 
     /// How the fixture is checked. When transformers' cached decode disagrees with its
-    /// full pass (`cached_equals_full: false`: longrope picks its factors by the current
-    /// length), by two models compiled on either side of the original length, each
-    /// against the rows transformers computed the same way: past it, its full pass over
-    /// prompt + continuation; within it, the prompt and the greedy steps up to it.
+    /// full pass (`cached_equals_full: false`: longrope picks its factors, dynamic NTK its
+    /// base, by the current length), by two models compiled on either side of the
+    /// original length, each against the rows transformers computed the same way: for
+    /// exactly prompt + continuation, its full pass over them; within the original
+    /// length, the prompt and the greedy steps up to it.
     pub fn regimes(&self) -> Vec<Regime> {
         if self.cached_equals_full {
             return vec![Regime { options: Options::default(), tag: "fixtures", rows: Rows::All }];
         }
-        let original = self.config["original_max_position_embeddings"]
+        let c = &self.config;
+        let original = c["original_max_position_embeddings"]
             .as_u64()
-            .or_else(|| self.config["rope_parameters"]["original_max_position_embeddings"].as_u64())
+            .or_else(|| c["rope_parameters"]["original_max_position_embeddings"].as_u64())
+            .or_else(|| c["max_position_embeddings"].as_u64())
             .expect("a fixture whose cached decode differs names its original length")
             as usize;
-        assert!(
-            original < self.prompt.len() + self.greedy.len(),
-            "{}: the continuation passes it",
-            self.arch
-        );
+        let all = self.prompt.len() + self.greedy.len();
+        assert!(original < all, "{}: the continuation passes the original length", self.arch);
         vec![
-            Regime { options: Options::default(), tag: "fixtures", rows: Rows::Full },
+            Regime {
+                options: Options { max_seq: Some(all), ..Options::default() },
+                tag: "fixtures",
+                rows: Rows::Full,
+            },
             Regime {
                 options: Options { max_seq: Some(original), ..Options::default() },
                 tag: "fixtures-within",

@@ -129,9 +129,17 @@ fn what_cannot_be_imported_faithfully_is_an_error() {
     });
     assert!(e.contains("`layer_types`"), "{e}");
     let e = import_err("falcon", &|c| {
-        c.insert("new_decoder_architecture".into(), true.into());
+        c.insert("alibi".into(), true.into());
     });
-    assert!(e.contains("`new_decoder_architecture` = true"), "{e}");
+    assert!(e.contains("`alibi` = true"), "{e}");
+    let e = import_err("qwen2_swa", &|c| {
+        c.insert("layer_types".into(), serde_json::json!(["full_attention"]));
+    });
+    assert!(e.contains("expected 2 entries"), "{e}");
+    let e = import_err("qwen2_swa", &|c| {
+        c.remove("sliding_window");
+    });
+    assert!(e.contains("sliding layers need a `sliding_window`"), "{e}");
     assert!(import("[1, 2]").unwrap_err().to_string().contains("not an object"));
 }
 

@@ -407,12 +407,14 @@ impl Lowerer<'_> {
         let d = sz.d_model;
         Some(match kind {
             Kind::LayerNorm { eps, weight, bias } => {
-                let w = self.weight(weight, &[d], WeightRole::Gain, origin);
-                let mut ops = vec![x, w];
+                let mut ops = vec![x];
+                if let Some(w) = weight {
+                    ops.push(self.weight(w, &[d], WeightRole::Gain, origin));
+                }
                 if let Some(b) = bias {
                     ops.push(self.weight(b, &[d], WeightRole::Bias, origin));
                 }
-                Val::Hidden(self.node(Op::LayerNorm { eps: *eps }, &ops, origin))
+                Val::Hidden(self.node(Op::LayerNorm { eps: *eps, gain: weight.is_some() }, &ops, origin))
             }
             Kind::RmsNorm { eps, weight, unit_offset } => {
                 let w = self.weight(weight, &[d], WeightRole::Gain, origin);
@@ -516,7 +518,7 @@ impl Lowerer<'_> {
                 if bias {
                     ops.push(self.weight(&format!("{at}.bias"), &[hd], WeightRole::Bias, origin));
                 }
-                self.node(Op::LayerNorm { eps }, &ops, origin)
+                self.node(Op::LayerNorm { eps, gain: true }, &ops, origin)
             }
         }
     }

@@ -423,18 +423,23 @@ fn component(
         },
         "layernorm" | "rmsnorm" => {
             let eps = f.float_positive("eps", diags).unwrap_or(if kind == "layernorm" { 1e-5 } else { 1e-6 });
-            let weight = name(&mut f, "weight", Some("weight"), diags).unwrap_or_default();
-            if kind == "layernorm" {
-                let bias = if f.get("bias").is_some_and(|v| matches!(v.kind, ValueKind::Bool(false))) {
-                    f.bool("bias", diags);
+            // A LayerNorm's `weight = false` or `bias = false`: it has none.
+            let mut param = |f: &mut Fields, key: &str| {
+                if kind == "layernorm" && f.get(key).is_some_and(|v| matches!(v.kind, ValueKind::Bool(false)))
+                {
+                    f.bool(key, diags);
                     None
                 } else {
-                    name(&mut f, "bias", Some("bias"), diags)
-                };
+                    Some(name(f, key, Some(key), diags).unwrap_or_default())
+                }
+            };
+            let weight = param(&mut f, "weight");
+            if kind == "layernorm" {
+                let bias = param(&mut f, "bias");
                 Kind::LayerNorm { eps, weight, bias }
             } else {
                 let unit_offset = f.bool("unit_offset", diags).unwrap_or(false);
-                Kind::RmsNorm { eps, weight, unit_offset }
+                Kind::RmsNorm { eps, weight: weight.unwrap_or_default(), unit_offset }
             }
         }
         "attention" => attention(c, &mut f, &mut name, sizes, diags)?,
@@ -656,7 +661,7 @@ fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScali
     let Some(v) = r.take("scaling") else {
         return Some(RopeScaling::None);
     };
-    let kinds = ["linear", "llama3", "yarn", "longrope"];
+    let kinds = ["linear", "dynamic", "llama3", "yarn", "longrope"];
     match &v.kind {
         ValueKind::Ident(s) if s == "none" => Some(RopeScaling::None),
         ValueKind::Object(kind, fields) if kind.name == "linear" => {
@@ -667,6 +672,17 @@ fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScali
             }
             s.finish(diags);
             Some(RopeScaling::Linear { factor: factor? })
+        }
+        ValueKind::Object(kind, fields) if kind.name == "dynamic" => {
+            let keys = ["factor", "original_max_seq"];
+            let mut s = Fields::new("`dynamic`", fields, &keys);
+            let factor = s.float_positive("factor", diags);
+            let original = s.positive("original_max_seq", diags);
+            for k in keys.iter().filter(|k| !s.has(k)) {
+                diags.push(missing_field(kind, "dynamic", k));
+            }
+            s.finish(diags);
+            Some(RopeScaling::Dynamic { factor: factor?, original_max_seq: original?, max_seq: 0 })
         }
         ValueKind::Object(kind, fields) if kind.name == "llama3" => {
             let keys = ["factor", "low_freq_factor", "high_freq_factor", "original_max_seq"];
@@ -761,7 +777,7 @@ fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScali
         _ => {
             diags.push(bad(
                 v,
-                "a rope scaling: none, linear { factor = … }, llama3 { … }, yarn { … } or longrope { … }",
+                "a rope scaling: none, linear { factor = … }, dynamic { … }, llama3 { … }, yarn { … } or longrope { … }",
             ));
             None
         }
@@ -818,6 +834,17 @@ fn position(f: &mut Fields, head_dim: usize, diags: &mut Vec<Diagnostic>) -> Opt
                         "the rotated dimensions must be a positive, even whole number",
                     )
                     .note("rotary embeddings rotate pairs of dimensions"),
+                );
+                return None;
+            }
+            if matches!(scaling, RopeScaling::Dynamic { .. }) && rotary_dim <= 2 {
+                diags.push(
+                    Diagnostic::error(
+                        Code::Sizes,
+                        format!("dynamic rope scaling over {rotary_dim} rotated dimensions"),
+                    )
+                    .label(r.span_of("scaling"), "needs more than 2 rotated dimensions")
+                    .note("the base is raised to the power d / (d - 2)"),
                 );
                 return None;
             }

@@ -172,9 +172,10 @@ pub enum Kind {
         fairseq: bool,
         offset: usize,
     },
+    /// `weight` `None`: no gain (OLMo's non-parametric LayerNorm).
     LayerNorm {
         eps: f64,
-        weight: Template,
+        weight: Option<Template>,
         bias: Option<Template>,
     },
     RmsNorm {

@@ -30,7 +30,7 @@ pub enum ImportError {
 }
 
 const SUPPORTED: &str =
-    "bert, bloom, cohere, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gptj, granite, llama, mistral, olmo2, opt, phi, phi3, qwen2, qwen3, stablelm, starcoder2, xglm";
+    "bert, bloom, cohere, distilbert, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gptj, granite, llama, mistral, olmo, olmo2, opt, phi, phi3, qwen2, qwen3, roberta, stablelm, starcoder2, xglm, xlm-roberta";
 
 /// Keys that never change what inference computes.
 fn ignorable(key: &str) -> bool {
@@ -208,6 +208,7 @@ impl<'a> Config<'a> {
             let own: &[&str] = match kind {
                 "default" => &[],
                 "linear" => &["factor"],
+                "dynamic" => &["factor", "original_max_position_embeddings"],
                 "llama3" => {
                     &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
                 }
@@ -232,7 +233,7 @@ impl<'a> Config<'a> {
                     return Err(self.unsupported(
                         key,
                         &format!(
-                            "rope_type `{other}`: the supported ones are default, linear, llama3, yarn and longrope"
+                            "rope_type `{other}`: the supported ones are default, linear, dynamic, llama3, yarn and longrope"
                         ),
                     ))
                 }
@@ -248,6 +249,14 @@ impl<'a> Config<'a> {
             }
             scaling = match kind {
                 "linear" => RopeScaling::Linear { factor: need("factor")? },
+                // transformers scales past `max_position_embeddings`, the length trained on.
+                "dynamic" => RopeScaling::Dynamic {
+                    factor: need("factor")?,
+                    original_max_seq: num("original_max_position_embeddings")?
+                        .or_else(|| self.map.get("max_position_embeddings").and_then(Value::as_f64))
+                        .unwrap_or(0.0) as usize,
+                    max_seq: 0,
+                },
                 "llama3" => RopeScaling::Llama3 {
                     factor: need("factor")?,
                     low_freq_factor: need("low_freq_factor")?,
@@ -290,8 +299,8 @@ impl<'a> Config<'a> {
                         let items = obj.get(k).and_then(Value::as_array).ok_or_else(bad)?;
                         items.iter().map(|x| x.as_f64().ok_or_else(bad)).collect()
                     };
-                    // As transformers: a top-level original length (Phi-3) makes the factor
-                    // the ratio of the model's length to it.
+                    // As transformers: the factor, unless given, is the ratio of the model's
+                    // length to the original one (Phi-3 states that at the top level).
                     let top = self.get("original_max_position_embeddings").and_then(Value::as_f64);
                     let max_seq = self.map.get("max_position_embeddings").and_then(Value::as_f64);
                     let original = top.or(num("original_max_position_embeddings")?).or(max_seq);
@@ -299,9 +308,10 @@ impl<'a> Config<'a> {
                         key: "original_max_position_embeddings".into(),
                         expected: "a number",
                     })?;
-                    let factor = match (top, max_seq) {
-                        (Some(o), Some(m)) if o > 0.0 => m / o,
-                        _ => num("factor")?.unwrap_or(1.0),
+                    let factor = match (num("factor")?, max_seq) {
+                        (Some(f), _) => f,
+                        (None, Some(m)) if original > 0.0 => m / original,
+                        _ => 1.0,
                     };
                     RopeScaling::Longrope {
                         short_factor: list("short_factor")?,
@@ -316,6 +326,34 @@ impl<'a> Config<'a> {
             };
         }
         Ok((theta, fraction, scaling))
+    }
+
+    /// Which of `layers` layers have sliding-window attention: `layer_types`
+    /// (`sliding_attention` or `full_attention` per layer) when the config has it, else
+    /// `default` of each layer.
+    fn layer_types(
+        &mut self,
+        layers: usize,
+        default: Box<dyn Fn(usize) -> bool + '_>,
+    ) -> Result<Vec<bool>, ImportError> {
+        let Some(t) = self.get("layer_types") else { return Ok((0..layers).map(default).collect()) };
+        t.as_array()
+            .filter(|a| a.len() == layers)
+            .and_then(|a| {
+                a.iter()
+                    .map(|t| match t.as_str() {
+                        Some("sliding_attention") => Some(true),
+                        Some("full_attention") => Some(false),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<bool>>>()
+            })
+            .ok_or_else(|| {
+                self.unsupported(
+                    "layer_types",
+                    &format!("expected {layers} entries, each sliding_attention or full_attention"),
+                )
+            })
     }
 
     fn finish(&self) -> Result<(), ImportError> {
@@ -347,6 +385,20 @@ struct Gen {
 }
 
 impl Gen {
+    /// The block, or, when some layers slide and others do not, a `sliding` and a `full`
+    /// variant and the shortest `pattern` of them that repeats over the layers.
+    fn per_layer_type(&mut self, types: &[bool], sliding: Vec<String>, full: Vec<String>) {
+        if types.iter().all(|&s| s) || types.iter().all(|&s| !s) {
+            self.block = if types.first() == Some(&true) { sliding } else { full };
+            return;
+        }
+        let n = types.len();
+        let period = (1..=n).find(|&p| (0..n).all(|i| types[i] == types[i % p])).unwrap_or(n);
+        let names: Vec<&str> = types[..period].iter().map(|&s| if s { "sliding" } else { "full" }).collect();
+        self.size("pattern", format!("[{}]", names.join(", ")));
+        self.variants = vec![("sliding".into(), sliding), ("full".into(), full)];
+    }
+
     fn size(&mut self, key: &'static str, v: impl ToString) {
         self.sizes.push((key, v.to_string()));
     }
@@ -394,6 +446,10 @@ fn rope_text(theta: f64, fraction: f64, scaling: RopeScaling) -> String {
     match scaling {
         RopeScaling::None => {}
         RopeScaling::Linear { factor } => fields.push(format!("scaling = linear {{ factor = {} }}", num(factor))),
+        RopeScaling::Dynamic { factor, original_max_seq, .. } => fields.push(format!(
+            "scaling = dynamic {{ factor = {}, original_max_seq = {original_max_seq} }}",
+            num(factor)
+        )),
         RopeScaling::Yarn { factor, original_max_seq, beta_fast, beta_slow, attention_factor } => {
             let mut y = format!("factor = {}, original_max_seq = {original_max_seq}", num(factor));
             if (beta_fast, beta_slow) != (32.0, 1.0) {
@@ -429,12 +485,14 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
     let map = v.as_object().ok_or(ImportError::Json("the top level is not an object".into()))?;
     let model = map.get("model_type").and_then(|m| m.as_str()).ok_or(ImportError::NoModelType)?.to_string();
     let mut c = Config { model: model.clone(), map, read: HashSet::new() };
-    let mut g = Gen { name: model.clone(), ..Gen::default() };
+    // The spec's name is an identifier: `xlm-roberta` becomes `xlm_roberta`.
+    let name = model.chars().map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' }).collect();
+    let mut g = Gen { name, ..Gen::default() };
     g.comments
         .push(format!("Imported from a Hugging Face config.json (model_type `{model}`) by `tfc import-hf`."));
     match model.as_str() {
         "gpt2" => gpt2(&mut c, &mut g)?,
-        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "granite" | "olmo2" | "phi3" => {
+        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "granite" | "olmo" | "olmo2" | "phi3" => {
             llama_like(&mut c, &mut g)?
         }
         "starcoder2" => starcoder2(&mut c, &mut g)?,
@@ -448,7 +506,8 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
         "bloom" => bloom(&mut c, &mut g)?,
         "opt" => opt(&mut c, &mut g)?,
         "phi" => phi(&mut c, &mut g)?,
-        "bert" => bert(&mut c, &mut g)?,
+        "bert" | "roberta" | "xlm-roberta" => bert(&mut c, &mut g)?,
+        "distilbert" => distilbert(&mut c, &mut g)?,
         _ => return Err(ImportError::ModelType(model)),
     }
     c.finish()?;
@@ -547,35 +606,41 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let attn_bias = c.bool_or("attention_bias", false)?;
     let mlp_bias = c.bool_or("mlp_bias", false)?;
     let tied = c.bool_or("tie_word_embeddings", gemma)?;
-    let mut window = None;
-    match model.as_str() {
-        "mistral" | "phi3" => window = c.opt_usize("sliding_window")?,
+    let layers = c.usize("num_hidden_layers")?;
+    let window = c.opt_usize("sliding_window")?;
+    // Which layers slide, unless `layer_types` says: Mistral's and Phi-3's window is on
+    // every layer; Qwen's, with `use_sliding_window`, from `max_window_layers` on.
+    let slides: Box<dyn Fn(usize) -> bool> = match model.as_str() {
+        "mistral" | "phi3" => Box::new(move |_| window.is_some()),
         "qwen2" | "qwen3" => {
             c.expect("use_mrope", &[false.into()], "multimodal RoPE (Qwen2-VL) is not supported")?;
-            if c.bool_or("use_sliding_window", false)? {
-                return Err(
-                    c.unsupported("use_sliding_window", "per-layer sliding windows are not supported")
-                );
-            }
-            c.opt_usize("sliding_window")?;
-            c.opt_usize("max_window_layers")?;
+            let on = c.bool_or("use_sliding_window", false)?;
+            let from = c.opt_usize("max_window_layers")?.unwrap_or(0);
+            Box::new(move |l| on && l >= from)
         }
         "gemma" => {
-            c.expect("use_bidirectional_attention", &[false.into()], "only causal Gemma is supported")?
+            c.expect("use_bidirectional_attention", &[false.into()], "only causal Gemma is supported")?;
+            Box::new(|_| false)
         }
-        _ => {}
-    }
-    if let Some(types) = c.get("layer_types") {
-        if types.as_array().is_none_or(|a| a.iter().any(|t| t != "full_attention")) {
-            return Err(c.unsupported("layer_types", "only full attention in every layer is supported"));
+        "olmo" => {
+            c.expect(
+                "clip_qkv",
+                &[Value::Null],
+                "clamping the q/k/v projections (`clip_qkv`) is not supported",
+            )?;
+            Box::new(|_| false)
         }
+        _ => Box::new(|_| false),
+    };
+    let types = c.layer_types(layers, slides)?;
+    if types.contains(&true) && window.is_none() {
+        return Err(c.unsupported("sliding_window", "sliding layers need a `sliding_window` size"));
     }
     let bias = match (model.as_str(), attn_bias) {
         ("qwen2", _) => ", bias = [q, k, v]",
         (_, true) => ", bias = true",
         _ => "",
     };
-    let window = window.map(|w| format!(", window = {w}")).unwrap_or_default();
     // Qwen3 normalises each query and key head (RMSNorm, `q_norm`/`k_norm`) before RoPE;
     // OLMo 2 the whole query and key projections.
     let qk_norm = match model.as_str() {
@@ -605,44 +670,61 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         (_, Some(m)) => format!("x = embed_tokens(tokens) * {}", num(m)),
         _ => "x = embed_tokens(tokens)".into(),
     });
+    // OLMo (1) normalises without parameters: a LayerNorm with no gain and no bias.
+    let olmo = model == "olmo";
     let norm = |at: &str, name: &str| {
         let offset = if gemma { ", unit_offset = true" } else { "" };
-        format!("{name}: rmsnorm {{ at = \"{at}\", eps = {eps}{offset} }}")
+        if olmo {
+            format!("{name}: layernorm {{ at = \"{at}\", eps = 1e-5, weight = false, bias = false }}")
+        } else {
+            format!("{name}: rmsnorm {{ at = \"{at}\", eps = {eps}{offset} }}")
+        }
     };
     let l = "model.layers.{layer}";
     let mlp_bias = if mlp_bias { ", bias = true" } else { "" };
     // OLMo 2 normalises each sublayer's output instead of its input.
     let after = model == "olmo2";
-    g.block = if after { vec![] } else { vec![norm(&format!("{l}.input_layernorm"), "input_norm")] };
     // Phi-3 fuses the query, key and value projections, and the gate and up ones.
     let phi3 = model == "phi3";
     let qkv = if phi3 { "qkv = \"qkv_proj\"" } else { "q = \"q_proj\", k = \"k_proj\", v = \"v_proj\"" };
     let gate_up = if phi3 { "gate_up = \"gate_up_proj\"" } else { "gate = \"gate_proj\", up = \"up_proj\"" };
-    g.block.extend([
-        "attn: attention {".to_string(),
-        format!("  at = \"{l}.self_attn\", {qkv}, o = \"o_proj\"{bias}{scale}"),
-        format!("  position = {}{window}", rope_text(theta, fraction, scaling)),
-    ]);
-    g.block.extend(qk_norm);
-    g.block.extend([
-        "}".into(),
-        norm(&format!("{l}.post_attention_layernorm"), if after { "post_attn_norm" } else { "post_norm" }),
-    ]);
-    if after {
-        g.block.push(norm(&format!("{l}.post_feedforward_layernorm"), "post_mlp_norm"));
-    }
-    g.block.extend([
-        format!("mlp: mlp {{ at = \"{l}.mlp\", {gate_up}, down = \"down_proj\", act = {act}{mlp_bias} }}"),
-        String::new(),
-    ]);
-    if after {
-        g.block.extend(["x = x + post_attn_norm(attn(x))".into(), "x = x + post_mlp_norm(mlp(x))".into()]);
-    } else {
-        g.block.extend([
-            format!("x = x + {}", branch("attn(input_norm(x))")),
-            format!("x = x + {}", branch("mlp(post_norm(x))")),
+    let rope = rope_text(theta, fraction, scaling);
+    let block = |window: Option<usize>| {
+        let window = window.map(|w| format!(", window = {w}")).unwrap_or_default();
+        let mut b = if after { vec![] } else { vec![norm(&format!("{l}.input_layernorm"), "input_norm")] };
+        b.extend([
+            "attn: attention {".to_string(),
+            format!("  at = \"{l}.self_attn\", {qkv}, o = \"o_proj\"{bias}{scale}"),
+            format!("  position = {rope}{window}"),
         ]);
-    }
+        b.extend(qk_norm.clone());
+        b.extend([
+            "}".into(),
+            norm(
+                &format!("{l}.post_attention_layernorm"),
+                if after { "post_attn_norm" } else { "post_norm" },
+            ),
+        ]);
+        if after {
+            b.push(norm(&format!("{l}.post_feedforward_layernorm"), "post_mlp_norm"));
+        }
+        b.extend([
+            format!(
+                "mlp: mlp {{ at = \"{l}.mlp\", {gate_up}, down = \"down_proj\", act = {act}{mlp_bias} }}"
+            ),
+            String::new(),
+        ]);
+        if after {
+            b.extend(["x = x + post_attn_norm(attn(x))".into(), "x = x + post_mlp_norm(mlp(x))".into()]);
+        } else {
+            b.extend([
+                format!("x = x + {}", branch("attn(input_norm(x))")),
+                format!("x = x + {}", branch("mlp(post_norm(x))")),
+            ]);
+        }
+        b
+    };
+    g.per_layer_type(&types, block(window), block(None));
     g.head = vec![
         norm("model.norm", "norm"),
         unembed(tied, "embed_tokens", "lm_head", false),
@@ -844,19 +926,23 @@ fn falcon(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     g.size("d_model", d);
     g.size("layers", c.usize("num_hidden_layers")?);
     g.size("heads", heads);
-    if c.bool_or("new_decoder_architecture", false)? {
-        return Err(c.unsupported(
-            "new_decoder_architecture",
-            "Falcon's new decoder (grouped QKV, two norms) is not supported yet",
-        ));
-    }
+    // The new decoder (Falcon 40B/180B): `num_kv_heads` key/value heads, the fused QKV
+    // grouped per kv head, and (with `num_ln_in_parallel_attn` 2) a norm for each branch.
+    let new = c.bool_or("new_decoder_architecture", false)?;
     if c.bool_or("alibi", false)? {
         return Err(c.unsupported("alibi", "Falcon with ALiBi is not supported yet"));
     }
-    // `num_kv_heads` counts only without `multi_query` (one key/value head).
+    // `num_kv_heads` counts only in the new decoder or without `multi_query` (one
+    // key/value head).
     let multi_query = c.bool_or("multi_query", true)?;
     let stated = c.opt_usize("num_kv_heads")?;
-    let kv = if multi_query { 1 } else { stated.unwrap_or(heads) };
+    let kv = if new {
+        stated.unwrap_or(heads)
+    } else if multi_query {
+        1
+    } else {
+        stated.unwrap_or(heads)
+    };
     if kv != heads {
         g.size("kv_heads", kv);
     }
@@ -866,28 +952,40 @@ fn falcon(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let act = c.act("activation", "gelu")?;
     let (theta, fraction, scaling) = c.rope(1.0)?;
     let bias = if c.bool_or("bias", false)? { ", bias = true" } else { "" };
-    if !c.bool_or("parallel_attn", true)? {
-        return Err(c.unsupported("parallel_attn", "only Falcon's parallel attention and MLP are supported"));
-    }
+    let parallel = c.bool_or("parallel_attn", true)?;
     c.f64_or("hidden_dropout", 0.0)?;
-    c.opt_usize("num_ln_in_parallel_attn")?;
+    let two_norms = c.opt_usize("num_ln_in_parallel_attn")?.unwrap_or(2) == 2 && new;
     let tied = c.bool_or("tie_word_embeddings", true)?;
     let h = "transformer.h.{layer}";
     g.embed = vec![
         "word_embeddings: embedding { at = \"transformer.word_embeddings\" }".into(),
         "x = word_embeddings(tokens)".into(),
     ];
-    g.block = vec![
-        format!("input_norm: layernorm {{ at = \"{h}.input_layernorm\", eps = {eps} }}"),
+    let layout = if new { ", qkv_layout = grouped" } else { "" };
+    let norm = |name: &str, at: &str| format!("{name}: layernorm {{ at = \"{h}.{at}\", eps = {eps} }}");
+    let (norms, flow): (Vec<String>, &[&str]) = if two_norms {
+        (
+            vec![norm("ln_attn", "ln_attn"), norm("ln_mlp", "ln_mlp")],
+            &["x = x + attn(ln_attn(x)) + mlp(ln_mlp(x))"],
+        )
+    } else if parallel {
+        (vec![norm("input_norm", "input_layernorm")], &["h = input_norm(x)", "x = x + attn(h) + mlp(h)"])
+    } else {
+        (
+            vec![norm("input_norm", "input_layernorm"), norm("post_norm", "post_attention_layernorm")],
+            &["x = x + attn(input_norm(x))", "x = x + mlp(post_norm(x))"],
+        )
+    };
+    g.block = norms;
+    g.block.extend([
         "attn: attention {".into(),
-        format!("  at = \"{h}.self_attention\", qkv = \"query_key_value\", o = \"dense\"{bias}"),
+        format!("  at = \"{h}.self_attention\", qkv = \"query_key_value\"{layout}, o = \"dense\"{bias}"),
         format!("  position = {}", rope_text(theta, fraction, scaling)),
         "}".into(),
         format!("mlp: mlp {{ at = \"{h}.mlp\", up = \"dense_h_to_4h\", down = \"dense_4h_to_h\", act = {act}{bias} }}"),
         String::new(),
-        "h = input_norm(x)".into(),
-        "x = x + attn(h) + mlp(h)".into(),
-    ];
+    ]);
+    g.block.extend(flow.iter().map(|s| s.to_string()));
     g.head = vec![
         format!("ln_f: layernorm {{ at = \"transformer.ln_f\", eps = {eps} }}"),
         unembed(tied, "word_embeddings", "lm_head", false),
@@ -999,20 +1097,7 @@ fn gemma_local_global(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         .opt_usize("sliding_window_pattern")?
         .or(c.opt_usize("_sliding_window_pattern")?)
         .unwrap_or(if v3 { 6 } else { 2 });
-    let types: Vec<bool> = match c.get("layer_types") {
-        Some(t) => t
-            .as_array()
-            .filter(|a| a.len() == layers)
-            .map(|a| a.iter().map(|t| t.as_str().unwrap_or("")).collect::<Vec<_>>())
-            .filter(|a| a.iter().all(|t| ["sliding_attention", "full_attention"].contains(t)))
-            .ok_or_else(|| {
-                c.unsupported("layer_types", "expected one of sliding_attention, full_attention per layer")
-            })?
-            .into_iter()
-            .map(|t| t == "sliding_attention")
-            .collect(),
-        None => (0..layers).map(|l| (l + 1) % every.max(1) != 0).collect(),
-    };
+    let types = c.layer_types(layers, Box::new(move |l| (l + 1) % every.max(1) != 0))?;
     // RoPE per layer type: `rope_parameters` by type (transformers 5), or the older
     // `rope_theta` (+ `rope_scaling`) of full layers and `rope_local_base_freq` of sliding ones.
     let (local, global) = match c.get("rope_parameters").and_then(|p| p.as_object()).cloned() {
@@ -1076,18 +1161,7 @@ fn gemma_local_global(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         ]);
         lines
     };
-    // The shortest prefix of the layer types that repeats over all layers.
-    let period = (1..=layers).find(|&p| (0..layers).all(|i| types[i] == types[i % p])).unwrap_or(layers);
-    let names: Vec<&str> = types[..period].iter().map(|&s| if s { "sliding" } else { "full" }).collect();
-    if types.iter().all(|&s| s) || types.iter().all(|&s| !s) {
-        g.block = if types[0] { block(&local, &format!(", window = {window}")) } else { block(&global, "") };
-    } else {
-        g.size("pattern", format!("[{}]", names.join(", ")));
-        g.variants = vec![
-            ("sliding".into(), block(&local, &format!(", window = {window}"))),
-            ("full".into(), block(&global, "")),
-        ];
-    }
+    g.per_layer_type(&types, block(&local, &format!(", window = {window}")), block(&global, ""));
     let unembed = unembed(tied, "embed_tokens", "lm_head", false);
     let unembed = match final_cap {
         Some(cap) => format!("{}, softcap = {} }}", unembed.trim_end_matches(" }"), num(cap)),
@@ -1316,16 +1390,73 @@ fn phi(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     Ok(())
 }
 
-fn bert(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
-    // A bare `BertModel` saves its tensors unprefixed; task models put them under `bert.`.
+/// DistilBERT: BERT's post-LN encoder without token types, under other names.
+fn distilbert(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    let p = encoder_prefix(c, "distilbert");
+    let rows = c.usize("max_position_embeddings")?;
+    g.size("vocab", c.usize("vocab_size")?);
+    g.size("d_model", c.usize("dim")?);
+    g.size("layers", c.usize("n_layers")?);
+    g.size("heads", c.usize("n_heads")?);
+    g.size("d_ff", c.usize("hidden_dim")?);
+    g.size("max_seq", rows);
+    let act = c.act("activation", "gelu")?;
+    // Sinusoidal tables are written into the checkpoint's position embeddings, so a
+    // learned table reads either kind.
+    c.bool_or("sinusoidal_pos_embds", false)?;
+    c.bool_or("tie_word_embeddings", true)?;
+    let eps = "1e-12";
+    g.comments.push("An encoder: bidirectional attention, and its result is the last hidden state.".into());
+    g.embed = vec![
+        format!("word: embedding {{ at = \"{p}embeddings.word_embeddings\" }}"),
+        format!("position: embedding {{ at = \"{p}embeddings.position_embeddings\", rows = {rows} }}"),
+        format!("norm: layernorm {{ at = \"{p}embeddings.LayerNorm\", eps = {eps} }}"),
+        "x = norm(word(tokens) + position(positions))".into(),
+    ];
+    let l = format!("{p}transformer.layer.{{layer}}");
+    g.block = vec![
+        "attn: attention {".into(),
+        format!("  at = \"{l}.attention\", q = \"q_lin\", k = \"k_lin\", v = \"v_lin\", o = \"out_lin\""),
+        "  bias = true, causal = false".into(),
+        "}".into(),
+        format!("attn_norm: layernorm {{ at = \"{l}.sa_layer_norm\", eps = {eps} }}"),
+        format!("mlp: mlp {{ at = \"{l}.ffn\", up = \"lin1\", down = \"lin2\", act = {act}, bias = true }}"),
+        format!("mlp_norm: layernorm {{ at = \"{l}.output_layer_norm\", eps = {eps} }}"),
+        String::new(),
+        "x = attn_norm(x + attn(x))".into(),
+        "x = mlp_norm(x + mlp(x))".into(),
+    ];
+    Ok(())
+}
+
+/// The prefix of an encoder's tensors: none for a bare model (`BertModel`,
+/// `RobertaModel`, …), whose tensors are saved unprefixed, else `base.` (task models put
+/// them under `bert.`, `roberta.`, `distilbert.`).
+fn encoder_prefix(c: &mut Config, base: &str) -> String {
     let bare = c
         .get("architectures")
         .and_then(|a| a.as_array())
         .and_then(|a| a.first())
         .and_then(|a| a.as_str())
-        .is_none_or(|a| a == "BertModel");
-    let p = if bare { "" } else { "bert." };
-    let max_seq = c.usize("max_position_embeddings")?;
+        .is_none_or(|a| a.ends_with("Model"));
+    if bare {
+        String::new()
+    } else {
+        format!("{base}.")
+    }
+}
+
+/// BERT, RoBERTa and XLM-RoBERTa: post-LN encoders. RoBERTa counts positions from
+/// `pad_token_id + 1` (its table has that many rows more than a sequence can use).
+fn bert(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
+    let roberta = c.model != "bert";
+    let p = encoder_prefix(c, if roberta { "roberta" } else { "bert" });
+    let rows = c.usize("max_position_embeddings")?;
+    let offset = if roberta { c.opt_usize("pad_token_id")?.unwrap_or(1) + 1 } else { 0 };
+    let max_seq = rows.checked_sub(offset).filter(|&n| n > 0).ok_or(ImportError::Field {
+        key: "max_position_embeddings".into(),
+        expected: "more positions than pad_token_id + 1",
+    })?;
     g.size("vocab", c.usize("vocab_size")?);
     g.size("d_model", c.usize("hidden_size")?);
     g.size("layers", c.usize("num_hidden_layers")?);
@@ -1346,7 +1477,11 @@ fn bert(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     g.comments.push("An encoder: bidirectional attention, and its result is the last hidden state.".into());
     g.embed = vec![
         format!("word: embedding {{ at = \"{p}embeddings.word_embeddings\" }}"),
-        format!("position: embedding {{ at = \"{p}embeddings.position_embeddings\", rows = {max_seq} }}"),
+        if offset > 0 {
+            format!("position: embedding {{ at = \"{p}embeddings.position_embeddings\", rows = {rows}, offset = {offset} }}")
+        } else {
+            format!("position: embedding {{ at = \"{p}embeddings.position_embeddings\", rows = {rows} }}")
+        },
         format!("token_type: embedding {{ at = \"{p}embeddings.token_type_embeddings\", rows = {types} }}"),
         format!("norm: layernorm {{ at = \"{p}embeddings.LayerNorm\", eps = {eps} }}"),
         "x = norm(word(tokens) + token_type(token_types) + position(positions))".into(),

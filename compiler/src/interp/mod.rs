@@ -135,7 +135,10 @@ pub fn run(g: &Graph, weights: &Weights, inputs: &Inputs) -> Result<HashMap<Stri
             Op::Scale(c) => Value::F(ops::map(f(0), |x| (x as f64 * c) as f32)),
             Op::Activation(a) => Value::F(ops::map(f(0), |x| ops::activation(*a, x))),
             Op::RoundBf16 => Value::F(ops::map(f(0), |x| half::bf16::from_f32(x).to_f32())),
-            Op::LayerNorm { eps } => Value::F(ops::layer_norm(f(0), f(1), ops.get(2).map(|_| f(2)), *eps)),
+            Op::LayerNorm { eps, gain } => {
+                let (w, b) = (gain.then(|| f(1)), ops.get(1 + *gain as usize).map(|_| f(1 + *gain as usize)));
+                Value::F(ops::layer_norm(f(0), w, b, *eps))
+            }
             Op::RmsNorm { eps, unit_offset } => Value::F(ops::rms_norm(f(0), f(1), *eps, *unit_offset)),
             Op::Linear { transposed, bias } => {
                 Value::F(ops::linear(f(0), f(1), if *bias { Some(f(2)) } else { None }, *transposed))

@@ -66,7 +66,7 @@ fn rows(x: &Tensor, mut f: impl FnMut(&[f32], &mut [f32])) -> Tensor {
     Tensor::new(x.shape.clone(), out)
 }
 
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Tensor {
+pub fn layer_norm(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps: f64) -> Tensor {
     rows(x, |src, dst| {
         let n = src.len() as f64;
         let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
@@ -74,7 +74,8 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Tenso
         let inv = 1.0 / (var + eps).sqrt();
         for i in 0..src.len() {
             let shift = b.map_or(0.0, |b| b.data[i] as f64);
-            dst[i] = ((src[i] as f64 - mean) * inv * w.data[i] as f64 + shift) as f32;
+            let gain = w.map_or(1.0, |w| w.data[i] as f64);
+            dst[i] = ((src[i] as f64 - mean) * inv * gain + shift) as f32;
         }
     })
 }

@@ -326,6 +326,20 @@ pub enum RopeScaling {
         attention_factor: f64,
         long: bool,
     },
+    /// Dynamic NTK: for a model compiled for `max_seq` > `original_max_seq` positions, the
+    /// base `theta` becomes `theta · (factor · max_seq / original_max_seq - (factor -
+    /// 1))^(d / (d - 2))` (`d` the rotated dimensions); otherwise nothing changes.
+    ///
+    /// transformers recomputes the base from the current length whenever a sequence
+    /// grows past `original_max_seq`, so its cached keys keep older rotations. Here the
+    /// length is the compiled `max_seq` (set by [`RopeScaling::compiled_for`]): prefill
+    /// and decode rotate alike, equal to transformers' full pass over exactly `max_seq`
+    /// tokens, and to transformers on everything when `max_seq` ≤ `original_max_seq`.
+    Dynamic {
+        factor: f64,
+        original_max_seq: usize,
+        max_seq: usize,
+    },
 }
 
 impl RopeScaling {
@@ -351,6 +365,9 @@ impl RopeScaling {
                 attention_factor,
                 long: max_seq > original_max_seq,
             },
+            RopeScaling::Dynamic { factor, original_max_seq, .. } => {
+                RopeScaling::Dynamic { factor, original_max_seq, max_seq }
+            }
             other => other,
         }
     }
@@ -370,8 +387,15 @@ impl Rope {
     /// scaled by `scaling`, in f64: every engine rotates pair `k` at position `p` by
     /// `p · inv_freqs()[k]`.
     pub fn inv_freqs(&self) -> Vec<f64> {
-        let base =
-            (0..self.rotary_dim / 2).map(|k| 1.0 / self.theta.powf(2.0 * k as f64 / self.rotary_dim as f64));
+        let dim = self.rotary_dim as f64;
+        let theta = match self.scaling {
+            RopeScaling::Dynamic { factor, original_max_seq, max_seq } if max_seq > original_max_seq => {
+                let stretch = factor * max_seq as f64 / original_max_seq as f64 - (factor - 1.0);
+                self.theta * stretch.powf(dim / (dim - 2.0))
+            }
+            _ => self.theta,
+        };
+        let base = (0..self.rotary_dim / 2).map(|k| 1.0 / theta.powf(2.0 * k as f64 / dim));
         match self.scaling {
             RopeScaling::Yarn { factor, original_max_seq, beta_fast, beta_slow, .. } => {
                 // The pair index that turns `rotations` times in the original length, and
@@ -392,7 +416,7 @@ impl Rope {
                     })
                     .collect()
             }
-            RopeScaling::None => base.collect(),
+            RopeScaling::None | RopeScaling::Dynamic { .. } => base.collect(),
             RopeScaling::Linear { factor } => base.map(|f| f / factor).collect(),
             RopeScaling::Longrope { ref short_factor, ref long_factor, long, .. } => {
                 let factors = if long { long_factor } else { short_factor };
@@ -469,9 +493,10 @@ pub enum Op {
     /// Each value rounded to the nearest bfloat16 (ties to even), still `f32`: the input
     /// of a linear map under `activations = bf16`.
     RoundBf16,
-    /// `(x, gain, [bias])`.
+    /// `(x, [gain], [bias])`, the gain there when `gain` (OLMo's LayerNorm has neither).
     LayerNorm {
         eps: f64,
+        gain: bool,
     },
     /// `(x, gain)`; multiplies by `1 + gain` when `unit_offset`.
     RmsNorm {
@@ -553,7 +578,7 @@ impl Op {
             | Op::HeadMatMul { .. }
             | Op::Alibi
             | Op::Mask(_) => 2..=2,
-            Op::LayerNorm { .. } => 2..=3,
+            Op::LayerNorm { gain, .. } => 1 + *gain as usize..=2 + *gain as usize,
             Op::Linear { bias, .. } => {
                 if *bias {
                     3..=3
@@ -617,7 +642,8 @@ impl Op {
             }
             Op::Scale(s) => vec![num(*s)],
             Op::Activation(a) => vec![a.name().into()],
-            Op::LayerNorm { eps } => vec![format!("eps={}", num(*eps))],
+            Op::LayerNorm { eps, gain: true } => vec![format!("eps={}", num(*eps))],
+            Op::LayerNorm { eps, gain: false } => vec![format!("eps={}", num(*eps)), "no_gain".into()],
             Op::RmsNorm { eps, unit_offset } => {
                 let mut v = vec![format!("eps={}", num(*eps))];
                 if *unit_offset {
@@ -641,6 +667,9 @@ impl Op {
                 }
                 match &r.scaling {
                     RopeScaling::None => {}
+                    RopeScaling::Dynamic { factor, original_max_seq, max_seq } => {
+                        v.push(format!("dynamic=({}, {original_max_seq}, {max_seq})", num(*factor)))
+                    }
                     RopeScaling::Longrope { original_max_seq, attention_factor, long, .. } => {
                         v.push(format!(
                             "longrope=({}, {original_max_seq}, {})",

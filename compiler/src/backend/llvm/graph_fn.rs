@@ -293,14 +293,17 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                 let v = [(X, o(self, 0)), (Out, self.val(n))];
                 self.call(Kernel::Unary { op, width }, &v, self.rows_of(n))
             }
-            Op::LayerNorm { eps } => {
-                let bias = ops.len() == 3;
-                let mut v = vec![(X, o(self, 0)), (W, o(self, 1))];
+            Op::LayerNorm { eps, gain } => {
+                let (gain, bias) = (*gain, ops.len() == 2 + *gain as usize);
+                let mut v = vec![(X, o(self, 0))];
+                if gain {
+                    v.push((W, o(self, 1)));
+                }
                 if bias {
-                    v.push((Bias, o(self, 2)));
+                    v.push((Bias, o(self, ops.len() - 1)));
                 }
                 v.push((Out, self.val(n)));
-                self.call(Kernel::LayerNorm { d: width, eps: *eps, bias, round }, &v, self.rows_of(n))
+                self.call(Kernel::LayerNorm { d: width, eps: *eps, gain, bias, round }, &v, self.rows_of(n))
             }
             Op::RmsNorm { eps, unit_offset } => {
                 let k = Kernel::RmsNorm { d: width, eps: *eps, unit_offset: *unit_offset, round };

@@ -352,7 +352,9 @@ impl<'a> Func<'a> {
             Op::Scale(_) => self.scale(n),
             Op::Activation(_) => self.activation(n),
             Op::RoundBf16 => self.round_bf16(n),
-            Op::LayerNorm { eps } => self.norm(n, Norm::Layer { eps: *eps, bias: ops.len() == 3 })?,
+            Op::LayerNorm { eps, gain } => {
+                self.norm(n, Norm::Layer { eps: *eps, gain: *gain, bias: ops.len() == 2 + *gain as usize })?
+            }
             Op::RmsNorm { eps, unit_offset } => {
                 self.norm(n, Norm::Rms { eps: *eps, unit_offset: *unit_offset })?
             }
@@ -620,7 +622,6 @@ impl<'a> Func<'a> {
         let rank = ty.rank();
         let d = ty.shape[rank - 1].as_fixed().unwrap();
         let (x, xt) = self.val(ops[0]);
-        let (gain, gt) = self.val(ops[1]);
         let lead = &ty.shape[..rank - 1];
         let ident = id_map(rank);
         let red_map = map(rank, &(0..rank - 1).map(|i| format!("d{i}")).collect::<Vec<_>>());
@@ -660,29 +661,27 @@ impl<'a> Func<'a> {
             t.bin("addf", &a[a.len() - 1], &s, "f32")
         });
         let e = self.empty(&ty.shape, "f32");
-        let mut ins =
-            vec![(x, xt, ident.clone()), (sq, lead_t.clone(), red_map.clone()), (gain, gt, last_map.clone())];
-        let bias = match kind {
-            Norm::Layer { bias: true, .. } => Some(self.val(ops[2])),
-            _ => None,
+        // The body's operands: x, the sum of squares, then those present of the gain,
+        // the sum (for the mean) and the bias; `at` numbers them.
+        let (eps, unit, gain, bias) = match kind {
+            Norm::Layer { eps, gain, bias } => (eps, false, gain, bias),
+            Norm::Rms { eps, unit_offset } => (eps, unit_offset, true, false),
         };
-        if let Some(s) = &centred_mean {
-            ins.push((s.clone(), lead_t, red_map));
-        }
-        if let Some((b, bt)) = bias.clone() {
-            ins.push((b, bt, last_map));
-        }
-        let (eps, unit) = match kind {
-            Norm::Layer { eps, .. } => (eps, false),
-            Norm::Rms { eps, unit_offset } => (eps, unit_offset),
+        let mut ins = vec![(x, xt, ident.clone()), (sq, lead_t.clone(), red_map.clone())];
+        let at = |ins: &mut Vec<_>, v: Option<(String, String, String)>| {
+            v.map(|v| {
+                ins.push(v);
+                ins.len() - 1
+            })
         };
-        let layer = centred_mean.is_some();
-        let has_bias = bias.is_some();
+        let g_at = at(&mut ins, gain.then(|| self.val(ops[1])).map(|(g, gt)| (g, gt, last_map.clone())));
+        let m_at = at(&mut ins, centred_mean.map(|s| (s, lead_t, red_map)));
+        let b_at = at(&mut ins, bias.then(|| self.val(ops[ops.len() - 1])).map(|(b, bt)| (b, bt, last_map)));
         let out = self.generic(&ins, (e, ttype(&ty), ident), &vec!["parallel"; rank], |t, a| {
             let k = t.f32(inv_d);
             let mut v = a[0].clone();
-            if layer {
-                let mean = t.bin("mulf", &a[3], &k, "f32");
+            if let Some(m) = m_at {
+                let mean = t.bin("mulf", &a[m], &k, "f32");
                 v = t.bin("subf", &v, &mean, "f32");
             }
             let var = t.bin("mulf", &a[1], &k, "f32");
@@ -690,14 +689,16 @@ impl<'a> Func<'a> {
             let ve = t.bin("addf", &var, &e, "f32");
             let r = t.op(format!("math.rsqrt {ve} : f32"));
             v = t.bin("mulf", &v, &r, "f32");
-            let mut gw = a[2].clone();
-            if unit {
-                let one = t.f32(1.0);
-                gw = t.bin("addf", &gw, &one, "f32");
+            if let Some(gi) = g_at {
+                let mut gw = a[gi].clone();
+                if unit {
+                    let one = t.f32(1.0);
+                    gw = t.bin("addf", &gw, &one, "f32");
+                }
+                v = t.bin("mulf", &v, &gw, "f32");
             }
-            v = t.bin("mulf", &v, &gw, "f32");
-            if has_bias {
-                v = t.bin("addf", &v, &a[if layer { 4 } else { 3 }], "f32");
+            if let Some(bi) = b_at {
+                v = t.bin("addf", &v, &a[bi], "f32");
             }
             v
         });
@@ -873,7 +874,7 @@ impl<'a> Func<'a> {
 
 #[derive(Clone, Copy)]
 enum Norm {
-    Layer { eps: f64, bias: bool },
+    Layer { eps: f64, gain: bool, bias: bool },
     Rms { eps: f64, unit_offset: bool },
 }
 

@@ -36,7 +36,7 @@ pub enum Kernel {
     Unary { op: UnaryOp, width: usize },
     /// args: x, w, [b], out; tasks: rows. `round`: the output rounded to bf16 (a fused
     /// `round_bf16`).
-    LayerNorm { d: usize, eps: f64, bias: bool, round: bool },
+    LayerNorm { d: usize, eps: f64, gain: bool, bias: bool, round: bool },
     /// args: x, w, out; tasks: rows. `round` as for `LayerNorm`.
     RmsNorm { d: usize, eps: f64, unit_offset: bool, round: bool },
     /// args: x, w, [b], out, rows, then one pointer per `Add`/`Mul` of the epilogue, then
@@ -136,9 +136,10 @@ impl Kernel {
             Kernel::Unary { op: UnaryOp::Scale(s), width } => format!("scale_{width}_{:016x}", s.to_bits()),
             Kernel::Unary { op: UnaryOp::Act(a), width } => format!("{}_{width}", a.name()),
             Kernel::Unary { op: UnaryOp::RoundBf16, width } => format!("round_bf16_{width}"),
-            Kernel::LayerNorm { d, eps, bias, round } => {
+            Kernel::LayerNorm { d, eps, gain, bias, round } => {
                 let r = if *round { "_round_bf16" } else { "" };
-                format!("layernorm_{d}_{:016x}_{}{r}", eps.to_bits(), *bias as u8)
+                let g = if *gain { "" } else { "_no_gain" };
+                format!("layernorm_{d}_{:016x}_{}{g}{r}", eps.to_bits(), *bias as u8)
             }
             Kernel::RmsNorm { d, eps, unit_offset, round } => {
                 let r = if *round { "_round_bf16" } else { "" };
@@ -278,7 +279,9 @@ impl Kernel {
             Kernel::Sinusoidal { .. } => vec![Pos, Out],
             Kernel::Binary { .. } => vec![X, Y, Out],
             Kernel::Unary { .. } | Kernel::SplitQkv { .. } => vec![X, Out],
-            Kernel::LayerNorm { bias: b, .. } => [vec![X, W], bias(*b), vec![Out]].concat(),
+            Kernel::LayerNorm { gain, bias: b, .. } => {
+                [vec![X], if *gain { vec![W] } else { vec![] }, bias(*b), vec![Out]].concat()
+            }
             Kernel::RmsNorm { .. } => vec![X, W, Out],
             Kernel::Linear { bias: b, epi, algo, .. } => {
                 let mut v = [vec![X, W], bias(*b), vec![Out, Rows]].concat();

@@ -143,7 +143,7 @@ pub(crate) fn layer_norm<'ctx>(
     let p = |s: Slot| args.p(s);
     let Kernel::LayerNorm { d, eps, round, .. } = *k else { unreachable!("a LayerNorm kernel") };
 
-    let (x, w) = (p(X), p(W));
+    let (x, w) = (p(X), args.opt_p(W));
     let (b, out) = (args.opt_p(Bias), p(Out));
     kb.for_(begin, end, |r| {
         let base = kb.mul(r, c(d));
@@ -158,7 +158,11 @@ pub(crate) fn layer_norm<'ctx>(
         );
         let inv = kb.fdiv(kb.fc(1.0), kb.intrinsic("llvm.sqrt", &[kb.fadd(var, kb.fc(eps))]));
         kb.for_(c(0), c(d), |j| {
-            let v = kb.fmul(kb.fmul(kb.fsub(kb.ld(x, kb.add(base, j)), mean), inv), kb.ld(w, j));
+            let v = kb.fmul(kb.fsub(kb.ld(x, kb.add(base, j)), mean), inv);
+            let v = match w {
+                Some(w) => kb.fmul(v, kb.ld(w, j)),
+                None => v,
+            };
             let v = match b {
                 Some(b) => kb.fadd(v, kb.ld(b, j)),
                 None => v,

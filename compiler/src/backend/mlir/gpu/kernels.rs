@@ -16,7 +16,7 @@ pub(super) fn kernel_text(target: Target, name: &str, k: &Kern) -> (Vec<ArgKind>
         Kern::Unary { .. } | Kern::SplitQkv { .. } | Kern::SplitHeads { .. } | Kern::MergeHeads { .. } => {
             vec![F32]
         }
-        Kern::Norm { bias, .. } => vec![F32; if *bias { 3 } else { 2 }],
+        Kern::Norm { gain, bias, .. } => vec![F32; 1 + *gain as usize + *bias as usize],
         Kern::Linear { bias, .. } => vec![F32; if *bias { 3 } else { 2 }],
         Kern::Rope { .. } => vec![F32, I32, F32],
         Kern::Attention(_) => vec![F32, F32, F32, I32],
@@ -167,7 +167,7 @@ pub(super) fn unary(k: &mut K, kern: &Kern) {
 
 pub(super) fn norm(k: &mut K, kern: &Kern) {
     let row = "%bx".to_string();
-    let Kern::Norm { d, eps, layer, bias, unit } = *kern else { unreachable!("a Norm kernel") };
+    let Kern::Norm { d, eps, layer, gain, bias, unit } = *kern else { unreachable!("a Norm kernel") };
 
     let sh = k.shared(BLOCK);
     let dc = k.c(d as i64);
@@ -202,7 +202,7 @@ pub(super) fn norm(k: &mut K, kern: &Kern) {
     let e = k.f(eps as f32);
     let ve = k.fl("addf", &var, &e);
     let r = k.rsqrt(&ve);
-    let out = if bias { 3 } else { 2 };
+    let out = 1 + gain as usize + bias as usize;
     k.threads(d, |k, j| {
         let i = k.ix("addi", &base, j);
         let mut x = k.ld(0, &i);
@@ -210,14 +210,16 @@ pub(super) fn norm(k: &mut K, kern: &Kern) {
             x = k.fl("subf", &x, m);
         }
         x = k.fl("mulf", &x, &r);
-        let mut gw = k.ld(1, j);
-        if unit {
-            let one = k.f(1.0);
-            gw = k.fl("addf", &gw, &one);
+        if gain {
+            let mut gw = k.ld(1, j);
+            if unit {
+                let one = k.f(1.0);
+                gw = k.fl("addf", &gw, &one);
+            }
+            x = k.fl("mulf", &x, &gw);
         }
-        x = k.fl("mulf", &x, &gw);
         if bias {
-            let b = k.ld(2, j);
+            let b = k.ld(1 + gain as usize, j);
             x = k.fl("addf", &x, &b);
         }
         k.st(&x, out, &i);

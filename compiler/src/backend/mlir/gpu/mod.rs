@@ -161,10 +161,12 @@ enum Kern {
         op: Unary,
         w: usize,
     },
+    /// Arguments: x, the gain when `gain`, the bias when `bias`, out.
     Norm {
         d: usize,
         eps: f64,
         layer: bool,
+        gain: bool,
         bias: bool,
         unit: bool,
     },
@@ -342,13 +344,20 @@ impl Emitter {
             Op::Scale(s) => (Kern::Unary { op: Unary::Scale(*s), w: width }, [rows_of(n), one], ins(&[0])),
             Op::Activation(a) => (Kern::Unary { op: Unary::Act(*a), w: width }, [rows_of(n), one], ins(&[0])),
             Op::RoundBf16 => (Kern::Unary { op: Unary::RoundBf16, w: width }, [rows_of(n), one], ins(&[0])),
-            Op::LayerNorm { eps } => {
-                let bias = ops.len() == 3;
-                let k = Kern::Norm { d: width, eps: *eps, layer: true, bias, unit: false };
-                (k, [rows_of(n), one], ins(if bias { &[0, 1, 2] } else { &[0, 1] }))
+            Op::LayerNorm { eps, gain } => {
+                let bias = ops.len() == 2 + *gain as usize;
+                let k = Kern::Norm { d: width, eps: *eps, layer: true, gain: *gain, bias, unit: false };
+                (k, [rows_of(n), one], ins(&(0..ops.len()).collect::<Vec<_>>()))
             }
             Op::RmsNorm { eps, unit_offset } => {
-                let k = Kern::Norm { d: width, eps: *eps, layer: false, bias: false, unit: *unit_offset };
+                let k = Kern::Norm {
+                    d: width,
+                    eps: *eps,
+                    layer: false,
+                    gain: true,
+                    bias: false,
+                    unit: *unit_offset,
+                };
                 (k, [rows_of(n), one], ins(&[0, 1]))
             }
             Op::Linear { transposed, bias } => {
