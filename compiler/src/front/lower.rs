@@ -173,7 +173,7 @@ impl Lowerer<'_> {
     fn weight(&mut self, name: &Template, shape: &[usize], role: WeightRole, origin: &str) -> NodeId {
         let name = instantiate(name, self.layer);
         let dtype = match (role, self.spec.dtype) {
-            (WeightRole::Bias | WeightRole::Gain, _) => DType::F32,
+            (WeightRole::Bias | WeightRole::Gain | WeightRole::Logit, _) => DType::F32,
             // q8 blocks run along the contiguous last dimension and never cross a row.
             (_, DType::Q8) if shape.last().is_none_or(|d| d % tfc_runtime::quant::Q8_BLOCK != 0) => {
                 DType::F32
@@ -571,7 +571,13 @@ impl Lowerer<'_> {
         if a.causal || a.window.is_some() {
             s = self.node(Op::Mask(AttnMask { causal: a.causal, window: a.window }), &[s, pos], origin);
         }
-        let p = self.node(Op::Softmax, &[s], origin);
+        let p = match &a.sinks {
+            Some(name) => {
+                let sinks = self.weight(name, &[h], WeightRole::Logit, origin);
+                self.node(Op::Softmax, &[s, sinks], origin)
+            }
+            None => self.node(Op::Softmax, &[s], origin),
+        };
         let o = self.node(Op::HeadMatMul { transpose_b: false }, &[p, v], origin);
         let o = self.node(Op::MergeHeads, &[o], origin);
         self.linear(o, &a.o, h * hd, d, origin)

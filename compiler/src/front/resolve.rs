@@ -383,6 +383,7 @@ fn component(
             "position",
             "qk_norm",
             "softcap",
+            "sinks",
         ],
         "mlp" => &["at", "up", "gate", "gate_up", "down", "act", "bias", "transposed"],
         "unembed" => &["at", "weight", "tied", "bias", "transposed", "softcap"],
@@ -605,8 +606,10 @@ fn attention(
     let position = position(f, head_dim, diags);
     let qk_norm = qk_norm(f, name, diags);
     let softcap = f.float_positive("softcap", diags);
+    let sinks = name(f, "sinks", None, diags);
     Some(Kind::Attention(Box::new(Attention {
         softcap,
+        sinks,
         qkv: qkv?,
         o: o?,
         causal,

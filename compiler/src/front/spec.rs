@@ -126,6 +126,9 @@ pub struct Attention {
     pub qk_norm: Option<QkNorm>,
     /// Scores soft-capped to `cap · tanh(s / cap)` (Gemma 2).
     pub softcap: Option<f64>,
+    /// The checkpoint name of one learned logit per head that joins every softmax
+    /// (attention sinks, gpt-oss).
+    pub sinks: Option<String>,
 }
 
 /// The per-head norm of queries and keys (Qwen3, Gemma 3, Cohere): the same kind of norm

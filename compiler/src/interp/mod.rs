@@ -153,9 +153,10 @@ pub fn run(g: &Graph, weights: &Weights, inputs: &Inputs) -> Result<HashMap<Stri
             Op::HeadMatMul { transpose_b } => Value::F(ops::head_matmul(f(0), f(1), *transpose_b)),
             Op::Alibi => Value::F(ops::alibi(f(0), ids(1))),
             Op::Mask(m) => Value::F(ops::mask(f(0), ids(1), m)),
-            Op::Softmax => Value::F(ops::softmax(f(0))),
-            Op::Attention { scale, mask, alibi, softcap } => {
-                Value::F(ops::attention(f(0), f(1), f(2), ids(3), *scale, mask, *alibi, *softcap))
+            Op::Softmax => Value::F(ops::softmax(f(0), ops.get(1).map(|_| f(1)))),
+            Op::Attention { scale, mask, alibi, softcap, sinks } => {
+                let sinks = sinks.then(|| f(4));
+                Value::F(ops::attention(f(0), f(1), f(2), ids(3), *scale, mask, *alibi, *softcap, sinks))
             }
             Op::LastRow => match &vals[&ops[0]] {
                 Value::I(v) => Value::I(v[v.len() - 1..].to_vec()),

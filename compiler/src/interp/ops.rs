@@ -248,14 +248,20 @@ pub fn mask(s: &Tensor, pos: &[i64], m: &AttnMask) -> Tensor {
     Tensor::new(s.shape.clone(), out)
 }
 
-pub fn softmax(s: &Tensor) -> Tensor {
+/// Softmax of each row; with `sinks` (one per head of `[H, T, S]` scores), each row's
+/// denominator also counts `exp` of its head's sink.
+pub fn softmax(s: &Tensor, sinks: Option<&Tensor>) -> Tensor {
+    let per_head = if s.shape.len() == 3 { s.shape[1] } else { 1 };
+    let mut row = 0;
     rows(s, |src, dst| {
-        let max = src.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let sink = sinks.map(|t| t.data[row / per_head.max(1)]);
+        row += 1;
+        let max = src.iter().chain(&sink).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         if max == f32::NEG_INFINITY {
             dst.fill(0.0);
             return;
         }
-        let sum: f64 = src.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        let sum: f64 = src.iter().chain(&sink).map(|&v| ((v - max) as f64).exp()).sum();
         for (d, &v) in dst.iter_mut().zip(src) {
             *d = (((v - max) as f64).exp() / sum) as f32;
         }
@@ -280,6 +286,7 @@ pub fn attention(
     m: &AttnMask,
     alibi_on: bool,
     softcap: Option<f64>,
+    sinks: Option<&Tensor>,
 ) -> Tensor {
     let mut s = map(&head_matmul(q, k, true), |x| (x as f64 * scale) as f32);
     if let Some(cap) = softcap {
@@ -289,7 +296,7 @@ pub fn attention(
         s = alibi(&s, pos);
     }
     s = mask(&s, pos, m);
-    head_matmul(&softmax(&s), v, false)
+    head_matmul(&softmax(&s, sinks), v, false)
 }
 
 #[cfg(test)]
@@ -310,6 +317,6 @@ mod tests {
     #[test]
     fn softmax_of_a_masked_row_ignores_masked_entries() {
         let s = Tensor::new(vec![1, 3], vec![1.0, f32::NEG_INFINITY, 1.0]);
-        assert_eq!(softmax(&s).data, vec![0.5, 0.0, 0.5]);
+        assert_eq!(softmax(&s, None).data, vec![0.5, 0.0, 0.5]);
     }
 }

@@ -86,7 +86,9 @@ fn random(name: &str, role: WeightRole, shape: &[usize], seed: u64) -> Vec<f32> 
     match role {
         WeightRole::Gain => vec![1.0; n],
         WeightRole::Bias => vec![0.0; n],
-        WeightRole::Matrix | WeightRole::Embedding => {
+        WeightRole::Matrix | WeightRole::Embedding | WeightRole::Logit => {
+            // Logits at the scale of attention scores, matrices and tables small.
+            let scale = if role == WeightRole::Logit { 1.0 } else { 0.02 };
             // FNV-1a of the name, so each tensor has its own stream.
             let h = name
                 .bytes()
@@ -96,7 +98,7 @@ fn random(name: &str, role: WeightRole, shape: &[usize], seed: u64) -> Vec<f32> 
                 .map(|_| {
                     // Box–Muller.
                     let (u1, u2) = (rng.unit(), rng.unit());
-                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02) as f32
+                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * scale) as f32
                 })
                 .collect()
         }

@@ -266,6 +266,8 @@ pub enum WeightRole {
     Embedding,
     Gain,
     Bias,
+    /// Logits that join a softmax (attention sinks).
+    Logit,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -539,7 +541,9 @@ pub enum Op {
     /// position `s`; with `causal` it is visible from query position `p` if `s <= p`, and
     /// a window further requires `|p - s| < window`.
     Mask(AttnMask),
-    /// Softmax along the last axis.
+    /// Softmax along the last axis of `(scores [H, T, S], [sinks [H]])`: with sinks, each
+    /// head's row also holds that head's sink logit, whose share is dropped (gpt-oss):
+    /// `exp(s_j) / (Σ_k exp(s_k) + exp(sink_h))`.
     Softmax,
     /// Fused attention: `(q [H, T, hd], k [G, S, hd], v [G, S, hd], positions [T])`
     /// `-> [H, T, hd]`, the keys at positions `0..S`.
@@ -549,6 +553,8 @@ pub enum Op {
         alibi: bool,
         /// Scores soft-capped to `cap · tanh(s / cap)` after the scale (Gemma 2).
         softcap: Option<f64>,
+        /// A fifth operand, `sinks [H]`, as for `Softmax`.
+        sinks: bool,
     },
     /// The last row: `[T, d] -> [1, d]`, or the last element: `[T] -> [1]` (of the
     /// positions, for a narrowed query).
@@ -567,8 +573,8 @@ impl Op {
             | Op::SplitQkv { .. }
             | Op::SplitHeads { .. }
             | Op::MergeHeads
-            | Op::Softmax
             | Op::LastRow => 1..=1,
+            Op::Softmax => 1..=2,
             Op::Gather { .. }
             | Op::Add
             | Op::Mul
@@ -586,7 +592,7 @@ impl Op {
                     2..=2
                 }
             }
-            Op::Attention { .. } => 4..=4,
+            Op::Attention { sinks, .. } => 4..=4 + *sinks as usize,
         }
     }
 
@@ -704,7 +710,7 @@ impl Op {
             Op::Concat { axis } => vec![format!("axis={axis}")],
             Op::HeadMatMul { transpose_b } if *transpose_b => vec!["transpose_b".into()],
             Op::Mask(m) => mask_attrs(m),
-            Op::Attention { scale, mask, alibi, softcap } => {
+            Op::Attention { scale, mask, alibi, softcap, sinks } => {
                 let mut v = vec![format!("scale={}", num(*scale))];
                 v.extend(mask_attrs(mask));
                 if *alibi {
@@ -712,6 +718,9 @@ impl Op {
                 }
                 if let Some(c) = softcap {
                     v.push(format!("softcap={}", num(*c)));
+                }
+                if *sinks {
+                    v.push("sinks".into());
                 }
                 v
             }
@@ -778,8 +787,18 @@ impl Op {
                 same(0, 1)?;
                 Ok(ins[0].clone())
             }
-            Op::Scale(_) | Op::Activation(_) | Op::RoundBf16 | Op::Softmax => {
+            Op::Scale(_) | Op::Activation(_) | Op::RoundBf16 => {
                 float(0)?;
+                Ok(ins[0].clone())
+            }
+            Op::Softmax => {
+                float(0)?;
+                if let Some(s) = ins.get(1) {
+                    want_rank(0, 3)?;
+                    if s.shape != [ins[0].shape[0]] {
+                        return Err(format!("sinks must be one per head, [{}], are {s}", ins[0].shape[0]));
+                    }
+                }
                 Ok(ins[0].clone())
             }
             Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
@@ -913,6 +932,11 @@ impl Op {
                 }
                 if ins[3].shape[0] != ins[0].shape[1] {
                     return Err("one position per query row is needed".into());
+                }
+                if let Some(s) = ins.get(4) {
+                    if s.shape != [Dim::fixed(h)] {
+                        return Err(format!("sinks must be [{h}], are {s}"));
+                    }
                 }
                 Ok(ins[0].clone())
             }

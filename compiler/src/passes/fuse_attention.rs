@@ -43,6 +43,7 @@ struct Match {
     mask: AttnMask,
     alibi: bool,
     softcap: Option<f64>,
+    sinks: Option<NodeId>,
     /// The intermediate nodes, removed after the rewrite.
     chain: Vec<NodeId>,
 }
@@ -59,6 +60,7 @@ fn match_chain(g: &Graph, pv: NodeId) -> Option<Match> {
     if *g.op(p) != Op::Softmax || !single(p) {
         return None;
     }
+    let sinks = g.operands(p).get(1).copied();
     let mut chain = vec![p];
     let mut cur = g.operands(p)[0];
     let mut mask = AttnMask { causal: false, window: None };
@@ -114,7 +116,7 @@ fn match_chain(g: &Graph, pv: NodeId) -> Option<Match> {
     let [q, k] = g.operands(qk)[..] else {
         return None;
     };
-    Some(Match { q, k, v, pos, scale, mask, alibi, softcap, chain })
+    Some(Match { q, k, v, pos, scale, mask, alibi, softcap, sinks, chain })
 }
 
 fn rewrite(g: &mut Graph, pv: NodeId, m: Match) {
@@ -133,9 +135,17 @@ fn rewrite(g: &mut Graph, pv: NodeId, m: Match) {
             &[],
         ),
     };
-    let op = Op::Attention { scale: m.scale, mask: m.mask, alibi: m.alibi, softcap: m.softcap };
+    let op = Op::Attention {
+        scale: m.scale,
+        mask: m.mask,
+        alibi: m.alibi,
+        softcap: m.softcap,
+        sinks: m.sinks.is_some(),
+    };
     let ty = g.node(pv).ty.clone();
-    let fused = g.add(Node { op, ty, layer, origin }, &[m.q, m.k, m.v, pos]);
+    let mut operands = vec![m.q, m.k, m.v, pos];
+    operands.extend(m.sinks);
+    let fused = g.add(Node { op, ty, layer, origin }, &operands);
     g.replace_uses(pv, fused);
     g.remove(pv);
     for n in m.chain {

@@ -347,9 +347,7 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                 ];
                 self.call(k, &v, rows)
             }
-            Op::Attention { scale, mask, alibi, softcap } => {
-                self.attention(n, *scale, *mask, *alibi, *softcap)
-            }
+            Op::Attention { .. } => self.attention(n),
             Op::LastRow => {
                 // `[T]` (positions, i32) or `[T, d]`.
                 let src = g.ty(ops[0]);
@@ -465,16 +463,12 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
 
     /// Fused attention: by (head, query row), or by (head, block of query rows) where the
     /// rows are known only at run time (prefill).
-    fn attention(
-        &mut self,
-        n: NodeId,
-        scale: f64,
-        mask: crate::ir::AttnMask,
-        alibi: bool,
-        softcap: Option<f64>,
-    ) {
+    fn attention(&mut self, n: NodeId) {
         use Slot::*;
         let g = self.g;
+        let Op::Attention { scale, mask, alibi, softcap, sinks } = *g.op(n) else {
+            unreachable!("an attention node")
+        };
         let ops = g.operands(n);
         let ty = g.ty(n);
         let (heads, head_dim) = (self.fixed(ty.shape[0]), self.fixed(*ty.shape.last().unwrap()));
@@ -488,13 +482,13 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
         };
         let rows = self.dim(ty.shape[1]);
         let block = ty.shape[1].as_fixed().is_none().then(|| kernels::attention_rows(head_dim)).flatten();
-        let k = Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap };
+        let k = Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap, sinks };
         let kb = &self.kb;
         let tasks = match block {
             Some(b) => kb.udiv(kb.add(rows, kb.c(b as i64 - 1)), kb.c(b as i64)),
             None => rows,
         };
-        let v = [
+        let mut v = vec![
             (Q, self.val(ops[0])),
             (K, self.val(ops[1])),
             (V, self.val(ops[2])),
@@ -505,6 +499,9 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
             (KStride, stride(self, 1)),
             (VStride, stride(self, 2)),
         ];
+        if sinks {
+            v.push((Sinks, self.val(ops[4])));
+        }
         let tasks = self.kb.mul(self.kb.c(heads as i64), tasks);
         self.call(k, &v, tasks)
     }

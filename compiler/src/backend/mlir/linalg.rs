@@ -388,8 +388,8 @@ impl<'a> Func<'a> {
                 ];
                 self.generic(&ins, (e, out_t, ident), &par, |t, a| rope(t, &r, &x, &xt, &a[0], &a[1], &a[2]))
             }
-            Op::Attention { scale, mask, alibi, softcap } => {
-                self.attention(n, *scale, mask, *alibi, *softcap)
+            Op::Attention { scale, mask, alibi, softcap, sinks } => {
+                self.attention(n, *scale, mask, *alibi, *softcap, *sinks)
             }
             Op::LastRow => {
                 let (x, xt) = self.val(ops[0]);
@@ -740,6 +740,7 @@ impl<'a> Func<'a> {
         mask: &crate::ir::AttnMask,
         alibi: bool,
         softcap: Option<f64>,
+        sinks: bool,
     ) -> String {
         let g = self.g;
         let ty = g.ty(n).clone();
@@ -823,10 +824,20 @@ impl<'a> Func<'a> {
             let ninf = t.f32(f32::NEG_INFINITY);
             t.op(format!("arith.select {vis}, {val}, {ninf} : f32"))
         });
-        // Softmax over keys: max, exp(x - max), sum, divide.
+        // Softmax over keys: max, exp(x - max), sum, divide; a head's sink joins the max
+        // and the sum as one more key.
         let row_map = map(3, &["d0".into(), "d1".into()]);
         let red3 = ["parallel", "parallel", "reduction"];
-        let mx0 = self.filled(&row_shape, f32::NEG_INFINITY);
+        let sink = sinks.then(|| self.val(ops[4]));
+        let head_map = map(2, &["d0".into()]);
+        let mx0 = match &sink {
+            Some((s, st)) => {
+                let e = self.empty(&row_shape, "f32");
+                let ins = [(s.clone(), st.clone(), head_map.clone())];
+                self.generic(&ins, (e, row_t.clone(), id_map(2)), &["parallel"; 2], |_, a| a[0].clone())
+            }
+            None => self.filled(&row_shape, f32::NEG_INFINITY),
+        };
         let mx = self.generic(
             &[(logits.clone(), sc_t.clone(), id_map(3))],
             (mx0, row_t.clone(), row_map.clone()),
@@ -835,7 +846,7 @@ impl<'a> Func<'a> {
         );
         let e = self.empty(&sc_shape, "f32");
         let ex = self.generic(
-            &[(logits, sc_t.clone(), id_map(3)), (mx, row_t.clone(), row_map.clone())],
+            &[(logits, sc_t.clone(), id_map(3)), (mx.clone(), row_t.clone(), row_map.clone())],
             (e, sc_t.clone(), id_map(3)),
             &["parallel"; 3],
             |t, a| {
@@ -843,7 +854,17 @@ impl<'a> Func<'a> {
                 t.op(format!("math.exp {d} : f32"))
             },
         );
-        let s0 = self.filled(&row_shape, 0.0);
+        let s0 = match &sink {
+            Some((s, st)) => {
+                let e = self.empty(&row_shape, "f32");
+                let ins = [(s.clone(), st.clone(), head_map), (mx.clone(), row_t.clone(), id_map(2))];
+                self.generic(&ins, (e, row_t.clone(), id_map(2)), &["parallel"; 2], |t, a| {
+                    let d = t.bin("subf", &a[0], &a[1], "f32");
+                    t.op(format!("math.exp {d} : f32"))
+                })
+            }
+            None => self.filled(&row_shape, 0.0),
+        };
         let sum = self.generic(
             &[(ex.clone(), sc_t.clone(), id_map(3))],
             (s0, row_t.clone(), row_map.clone()),

@@ -1,5 +1,6 @@
 //! Fused attention: an online softmax over the keys, per (head, query row) in decode and
-//! per (head, block of query rows) in prefill, with masks, windows and ALiBi.
+//! per (head, block of query rows) in prefill, with masks, windows, ALiBi, soft caps and
+//! sinks (a head's sink starts its softmax as a key of value zero: max = sink, sum = 1).
 //!
 //! ## Tuning notes
 //!
@@ -34,7 +35,7 @@ pub(crate) fn attention_kernel<'ctx>(
     use Slot::*;
     let a = |s: Slot| args.i(s);
     let p = |s: Slot| args.p(s);
-    let Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap } = *k else {
+    let Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap, sinks } = *k else {
         unreachable!("a Attention kernel")
     };
 
@@ -58,6 +59,7 @@ pub(crate) fn attention_kernel<'ctx>(
         kstride,
         vstride,
         slopes,
+        sinks: sinks.then(|| p(Sinks)),
     };
     match block {
         None => attention(kb, &at, begin, end),
@@ -120,6 +122,19 @@ pub(crate) struct Attn<'ctx> {
     vstride: IntValue<'ctx>,
     /// Each head's ALiBi slope (`slope_table`), with ALiBi.
     slopes: Option<PointerValue<'ctx>>,
+    /// Each head's sink logit, with sinks.
+    sinks: Option<PointerValue<'ctx>>,
+}
+
+impl<'ctx> Attn<'ctx> {
+    /// The online softmax's state before the first key, running max and sum: none, or
+    /// head `h`'s sink as a key whose value is zero (`exp(sink - sink) = 1`).
+    fn start(&self, kb: &Kb<'_, 'ctx>, h: IntValue<'ctx>) -> (FloatValue<'ctx>, FloatValue<'ctx>) {
+        match self.sinks {
+            Some(s) => (kb.ld(s, h), kb.fc(1.0)),
+            None => (kb.fc(f64::NEG_INFINITY), kb.fc(0.0)),
+        }
+    }
 }
 
 /// The ALiBi slope of each head, as a constant table.
@@ -189,6 +204,7 @@ pub(crate) fn attention_block<'ctx>(
         kstride,
         vstride,
         slopes,
+        ..
     } = *at;
     let nv = hd / VW;
     let eb = kb.alloca_f32s(rn * VW);
@@ -219,8 +235,9 @@ pub(crate) fn attention_block<'ctx>(
             (0..rn).map(|r| (0..nv).map(|i| kb.ldv(q, kb.add(qrow(r), c(i * VW)))).collect()).collect();
         // Per row: running max, running sum, `nv` output vectors.
         let mut init: Vec<Bv<'ctx>> = Vec::new();
+        let (m0, l0) = at.start(kb, h);
         for _ in 0..rn {
-            init.extend([Bv::from(kb.fc(f64::NEG_INFINITY)), kb.fc(0.0).into()]);
+            init.extend([Bv::from(m0), l0.into()]);
             init.extend((0..nv).map(|_| Bv::from(kb.vzero())));
         }
         let blocks = kb.udiv(kb.add(kb.max(kb.sub(hi, lo), c(0)), c(VW - 1)), c(VW));
@@ -317,6 +334,7 @@ pub(crate) fn attention<'ctx>(
         kstride,
         vstride,
         slopes,
+        ..
     } = *at;
     let m_slot = kb.alloca_f32();
     let l_slot = kb.alloca_f32();
@@ -358,7 +376,8 @@ pub(crate) fn attention<'ctx>(
             let acc_of = |st: &[Bv<'ctx>]| -> Vec<VectorValue<'ctx>> {
                 st[2..].iter().map(|v| v.into_vector_value()).collect()
             };
-            let mut init: Vec<Bv<'ctx>> = vec![kb.fc(f64::NEG_INFINITY).into(), kb.fc(0.0).into()];
+            let (m0, l0) = at.start(kb, h);
+            let mut init: Vec<Bv<'ctx>> = vec![m0.into(), l0.into()];
             init.extend((0..nv * sets).map(|_| Bv::from(kb.vzero())));
             let blocks = kb.div(kb.max(kb.sub(hi, lo), c(0)), c(VW));
             // One query row (decode) streams its keys and values once, from the cache: the
@@ -427,8 +446,9 @@ pub(crate) fn attention<'ctx>(
             return;
         }
         kb.for_(c(0), c(hd), |i| kb.st(out, kb.add(row, i), kb.fc(0.0)));
-        kb.store(m_slot, kb.fc(f64::NEG_INFINITY));
-        kb.store(l_slot, kb.fc(0.0));
+        let (m0, l0) = at.start(kb, h);
+        kb.store(m_slot, m0);
+        kb.store(l_slot, l0);
         kb.for_(lo, hi, |s| {
             let krow = kb.add(kb0, kb.mul(s, c(hd)));
             let dot = kb.sum(c(0), c(hd), |i| kb.fmul(kb.ld(q, kb.add(row, i)), kb.ld(k, kb.add(krow, i))));

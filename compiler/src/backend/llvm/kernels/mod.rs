@@ -58,7 +58,8 @@ pub enum Kernel {
     MergeHeads { heads: usize, head_dim: usize, round: bool },
     /// args: x, pos(i32), out, rows, rows per head of out (as for `SplitHeads`); tasks: rows.
     Rope { head_dim: usize, rope: Rope, heads: usize },
-    /// args: q, k, v, pos(i32), out, rows(T), S, k head stride, v head stride; tasks: H·T,
+    /// args: q, k, v, pos(i32), out, rows(T), S, k head stride, v head stride, [sinks];
+    /// tasks: H·T,
     /// or with `block` (`attention_rows`, query rows known only at run time) H · ⌈T / block⌉.
     Attention {
         heads: usize,
@@ -70,6 +71,8 @@ pub enum Kernel {
         block: Option<usize>,
         /// Scores soft-capped to `cap · tanh(s / cap)`.
         softcap: Option<f64>,
+        /// A last argument: one sink logit per head (`Op::Softmax`).
+        sinks: bool,
     },
     /// args: x, out, rows; tasks: 1. Copies the last of `rows` rows of `[rows, width]`,
     /// f32 or, when `int`, i32.
@@ -198,15 +201,18 @@ impl Kernel {
                     *interleaved as u8
                 )
             }
-            Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap } => format!(
-                "attention_{heads}_{groups}_{head_dim}_{:016x}_{}_{}_{}{}{}",
-                scale.to_bits(),
-                mask.causal as u8,
-                mask.window.unwrap_or(0),
-                *alibi as u8,
-                block.map_or(String::new(), |b| format!("_rows{b}")),
-                softcap.map_or(String::new(), |c| format!("_cap{:016x}", c.to_bits()))
-            ),
+            Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap, sinks } => {
+                format!(
+                    "attention_{heads}_{groups}_{head_dim}_{:016x}_{}_{}_{}{}{}{}",
+                    scale.to_bits(),
+                    mask.causal as u8,
+                    mask.window.unwrap_or(0),
+                    *alibi as u8,
+                    block.map_or(String::new(), |b| format!("_rows{b}")),
+                    softcap.map_or(String::new(), |c| format!("_cap{:016x}", c.to_bits())),
+                    if *sinks { "_sinks" } else { "" }
+                )
+            }
             Kernel::LastRow { width, int } => format!("last_row_{width}{}", if *int { "_i32" } else { "" }),
             Kernel::GemvPartial { inn, out, chunks, wf } => {
                 format!("gemv_partial_{inn}x{out}_{chunks}{}", wf.suffix())
@@ -262,6 +268,8 @@ pub enum Slot {
     VStride,
     /// A split-K GEMV's partial sums.
     Partials,
+    /// Attention's sink logits, one per head.
+    Sinks,
     /// A cache region.
     Cache,
 }
@@ -303,7 +311,11 @@ impl Kernel {
             }
             Kernel::SplitHeads { .. } => vec![X, Out, OutRows],
             Kernel::Rope { .. } => vec![X, Pos, Out, Rows, OutRows],
-            Kernel::Attention { .. } => vec![Q, K, V, Pos, Out, Rows, Keys, KStride, VStride],
+            Kernel::Attention { sinks, .. } => {
+                let mut v = vec![Q, K, V, Pos, Out, Rows, Keys, KStride, VStride];
+                v.extend(sinks.then_some(Sinks));
+                v
+            }
             Kernel::GemvPartial { .. } => vec![X, W, Partials],
             Kernel::GemvReduce { bias: b, epi, .. } => {
                 let mut v = [vec![Partials], bias(*b), vec![Out]].concat();

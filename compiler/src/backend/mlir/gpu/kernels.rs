@@ -19,6 +19,7 @@ pub(super) fn kernel_text(target: Target, name: &str, k: &Kern) -> (Vec<ArgKind>
         Kern::Norm { gain, bias, .. } => vec![F32; 1 + *gain as usize + *bias as usize],
         Kern::Linear { bias, .. } => vec![F32; if *bias { 3 } else { 2 }],
         Kern::Rope { .. } => vec![F32, I32, F32],
+        Kern::Attention(a) if a.sinks => vec![F32, F32, F32, I32, F32],
         Kern::Attention(_) => vec![F32, F32, F32, I32],
         Kern::LastRow { int, .. } => vec![if *int { I32 } else { F32 }],
         Kern::CacheStore { .. } => vec![F32],
@@ -492,7 +493,7 @@ pub(super) fn cache_store(k: &mut K, kern: &Kern) {
 
 /// Online softmax attention for one (head, query row) per workgroup, 64 keys at a time.
 pub(super) fn attention(k: &mut K, a: &Attn) {
-    let Attn { h, g, hd, scale, softcap, causal, window, alibi, rows, s, stride } = *a;
+    let Attn { h, g, hd, scale, softcap, causal, window, alibi, sinks, rows, s, stride } = *a;
     let row = "%bx".to_string();
     let sc = k.shared(BLOCK);
     let acc_sh = k.shared(hd.max(1));
@@ -538,7 +539,10 @@ pub(super) fn attention(k: &mut K, a: &Attn) {
     let zf = k.f(0.0);
     let lo = k.c(0);
     let bc = k.c(BLOCK as i64);
-    let res = k.for_(&lo, &s_len, &bc, &[ninf.clone(), zf.clone()], |k, c0, ml| {
+    // A head's sink starts the softmax as a key of value zero: max = sink, sum = 1.
+    let start = if sinks { vec![k.ld(4, &head), k.f(1.0)] } else { vec![ninf.clone(), zf.clone()] };
+    let out_arg = if sinks { 5 } else { 4 };
+    let res = k.for_(&lo, &s_len, &bc, &start, |k, c0, ml| {
         let (m, l) = (ml[0].clone(), ml[1].clone());
         // Each thread scores one key of the chunk.
         let key = k.ix("addi", c0, "%tid");
@@ -649,6 +653,6 @@ pub(super) fn attention(k: &mut K, a: &Attn) {
         let a = k.sh_ld(&acc_sh, hd, j);
         let v = k.fl("divf", &a, &l);
         let o = k.ix("addi", &qbase, j);
-        k.st(&v, 4, &o);
+        k.st(&v, out_arg, &o);
     });
 }

@@ -227,6 +227,8 @@ struct Attn {
     causal: bool,
     window: Option<usize>,
     alibi: bool,
+    /// A fifth argument: one sink logit per head.
+    sinks: bool,
     /// Query rows, keys, and the key/value head stride when they are in the cache.
     rows: Dim,
     s: Dim,
@@ -401,7 +403,7 @@ impl Emitter {
                 };
                 (k, [mul(ty.shape[1], h), one], vec![arg(ops[0]), arg(ops[1]), Arg::Table(ti)])
             }
-            Op::Attention { scale, mask, alibi, softcap } => {
+            Op::Attention { scale, mask, alibi, softcap, sinks } => {
                 let h = fixed(ty.shape[0]);
                 let kty = g.ty(ops[1]);
                 let in_cache = matches!(loc[&ops[1]], Loc::Cache(..));
@@ -414,11 +416,12 @@ impl Emitter {
                     causal: mask.causal,
                     window: mask.window,
                     alibi: *alibi,
+                    sinks: *sinks,
                     rows: ty.shape[1],
                     s: kty.shape[1],
                     stride: in_cache.then_some(layout.max_seq * width),
                 });
-                (k, [mul(ty.shape[1], h), one], ins(&[0, 1, 2, 3]))
+                (k, [mul(ty.shape[1], h), one], ins(if *sinks { &[0, 1, 2, 3, 4] } else { &[0, 1, 2, 3] }))
             }
             Op::LastRow => {
                 let src = g.ty(ops[0]);
