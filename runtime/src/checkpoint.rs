@@ -8,7 +8,10 @@
 //!
 //! A name may end in a row range, `name[a:b]`: rows `a..b` of the tensor's first axis, a
 //! contiguous part of it read in place (a fused projection such as `gate_up_proj` bound
-//! as its two halves, [`row_range`]).
+//! as its two halves, [`row_range`]). A name `prefix{a..b}suffix` stacks the equally
+//! shaped tensors `prefix{a}suffix`, …, `prefix{b-1}suffix` along a new first axis
+//! (per-head norms stored one tensor per head, [`stacked`]); [`Checkpoint::get`] copies
+//! them into one tensor, [`Checkpoint::raw`] refuses (they are not one stored region).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -39,6 +42,17 @@ pub enum CheckpointError {
     DType { name: String, dtype: String },
     #[error("`{name}` asks for rows {start}..{end} of a tensor of shape {shape:?}")]
     Rows { name: String, start: usize, end: usize, shape: Vec<usize> },
+    #[error("`{name}` stacks several tensors, which are not one stored region")]
+    Stacked { name: String },
+}
+
+/// The names a `prefix{a..b}suffix` name stacks, in order; `None` for any other name.
+pub fn stacked(name: &str) -> Option<Vec<String>> {
+    let (prefix, rest) = name.split_once('{')?;
+    let (range, suffix) = rest.split_once('}')?;
+    let (a, b) = range.split_once("..")?;
+    let (a, b): (usize, usize) = (a.parse().ok()?, b.parse().ok()?);
+    (a < b).then(|| (a..b).map(|i| format!("{prefix}{i}{suffix}")).collect())
 }
 
 /// The tensor and row range a name with a `[a:b]` suffix means; `None` for a plain name
@@ -140,12 +154,18 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, name: &str) -> bool {
+        if let Some(parts) = stacked(name) {
+            return parts.iter().all(|p| self.contains(p));
+        }
         self.index.contains_key(row_range(name).map_or(name, |(base, _)| base))
     }
 
     /// Tensor `name` as stored: its dtype, shape and bytes (in the mapping, not copied);
     /// for `name[a:b]`, those rows of it.
     fn view(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8]), CheckpointError> {
+        if stacked(name).is_some() {
+            return Err(CheckpointError::Stacked { name: name.into() });
+        }
         let Some((base, rows)) = row_range(name) else { return self.whole(name) };
         let (dtype, mut shape, bytes) = self.whole(base)?;
         let bad = || CheckpointError::Rows {
@@ -189,8 +209,20 @@ impl Checkpoint {
         Ok((dtype, bytes))
     }
 
-    /// The tensor `name` as `f32`, checked against the expected shape.
+    /// The tensor `name` as `f32`, checked against the expected shape; a stacked name's
+    /// parts each against `expected` without its first axis, which counts them.
     pub fn get(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        if let Some(parts) = stacked(name) {
+            if expected.first() != Some(&parts.len()) {
+                let found = [vec![parts.len()], expected.get(1..).unwrap_or_default().to_vec()].concat();
+                return Err(CheckpointError::Shape { name: name.into(), found, expected: expected.to_vec() });
+            }
+            let mut all = Vec::with_capacity(expected.iter().product());
+            for p in parts {
+                all.extend(self.get(&p, &expected[1..])?);
+            }
+            return Ok(all);
+        }
         let (dtype, bytes) = self.raw(name, expected)?;
         floats(dtype, bytes)
             .map(Iterator::collect)
@@ -200,6 +232,21 @@ impl Checkpoint {
     /// How many values of tensor `name` are NaN or infinite, with the first one's index
     /// and value; `None` when all are finite (integer tensors always are).
     pub fn non_finite(&self, name: &str) -> Result<Option<(usize, usize, f32)>, CheckpointError> {
+        if let Some(parts) = stacked(name) {
+            // Indices count through the parts in order.
+            let (mut found, mut offset): (Option<(usize, usize, f32)>, usize) = (None, 0);
+            for p in parts {
+                let (_, shape, _) = self.view(&p)?;
+                if let Some((n, k, x)) = self.non_finite(&p)? {
+                    found = Some(match found {
+                        None => (n, offset + k, x),
+                        Some((m, k0, x0)) => (m + n, k0, x0),
+                    });
+                }
+                offset += shape.iter().product::<usize>();
+            }
+            return Ok(found);
+        }
         let (dtype, _, bytes) = self.view(name)?;
         let Some(values) = floats(dtype, bytes) else { return Ok(None) };
         let mut found: Option<(usize, usize, f32)> = None;

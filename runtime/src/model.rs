@@ -367,14 +367,16 @@ impl<'m> Session<'m> {
                 }
             };
             let stored = match &data {
-                WeightData::Checkpoint(ck) => {
-                    let (dtype, bytes) = ck.raw(&w.name, &w.shape)?;
-                    if Some(dtype) == want && (bytes.as_ptr() as usize) % align == 0 {
+                WeightData::Checkpoint(ck) => match ck.raw(&w.name, &w.shape) {
+                    Ok((dtype, bytes)) if Some(dtype) == want && (bytes.as_ptr() as usize) % align == 0 => {
                         Stored::Source(bytes)
-                    } else {
+                    }
+                    // Converted, unaligned or stacked from several tensors: a copy.
+                    Ok(_) | Err(crate::CheckpointError::Stacked { .. }) => {
                         Stored::Made(convert(&ck.get(&w.name, &w.shape)?)?)
                     }
-                }
+                    Err(e) => return Err(e.into()),
+                },
                 WeightData::Owned(bufs) => {
                     let b = &bufs[i];
                     if b.len() != n {

@@ -113,14 +113,10 @@ fn what_cannot_be_imported_faithfully_is_an_error() {
         c.remove("hidden_size");
     });
     assert!(e.contains("`hidden_size` is missing"), "{e}");
-    let e = import_err("stablelm", &|c| {
-        c.insert("qk_layernorm".into(), true.into());
+    let e = import_err("olmo", &|c| {
+        c.insert("clip_qkv".into(), 8.0.into());
     });
-    assert!(e.contains("`qk_layernorm` = true"), "{e}");
-    let e = import_err("cohere", &|c| {
-        c.insert("use_qk_norm".into(), true.into());
-    });
-    assert!(e.contains("`use_qk_norm` = true"), "{e}");
+    assert!(e.contains("`clip_qkv` = 8.0"), "{e}");
     let e = import_err("gemma3", &|c| {
         c.insert(
             "layer_types".into(),

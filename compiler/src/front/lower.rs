@@ -506,9 +506,26 @@ impl Lowerer<'_> {
     }
 
     /// A norm over the last axis (`width` wide) of `x`, each head of `[heads, rows,
-    /// head_dim]` or each row of a whole projection, with the weights at `at`.
-    fn head_norm(&mut self, norm: HeadNorm, at: &str, x: NodeId, hd: usize, origin: &str) -> NodeId {
-        let w = self.weight(&format!("{at}.weight"), &[hd], WeightRole::Gain, origin);
+    /// head_dim]` or each row of a whole projection, with the weights at `at`; with
+    /// `sets`, each of that many heads has its own (`[sets, width]`, stacked from one
+    /// tensor per head when `at` holds `{head}`).
+    fn head_norm(
+        &mut self,
+        norm: HeadNorm,
+        at: &str,
+        x: NodeId,
+        hd: usize,
+        sets: Option<usize>,
+        origin: &str,
+    ) -> NodeId {
+        let shape: Vec<usize> = sets.map_or(vec![hd], |h| vec![h, hd]);
+        let param = |kind: &str| match sets {
+            Some(h) if at.contains("{head}") => {
+                format!("{}.{kind}", at.replace("{head}", &format!("{{0..{h}}}")))
+            }
+            _ => format!("{at}.{kind}"),
+        };
+        let w = self.weight(&param("weight"), &shape, WeightRole::Gain, origin);
         match norm {
             HeadNorm::Rms { eps, unit_offset } => {
                 self.node(Op::RmsNorm { eps, unit_offset }, &[x, w], origin)
@@ -516,7 +533,7 @@ impl Lowerer<'_> {
             HeadNorm::Layer { eps, bias } => {
                 let mut ops = vec![x, w];
                 if bias {
-                    ops.push(self.weight(&format!("{at}.bias"), &[hd], WeightRole::Bias, origin));
+                    ops.push(self.weight(&param("bias"), &shape, WeightRole::Bias, origin));
                 }
                 self.node(Op::LayerNorm { eps, gain: true }, &ops, origin)
             }
@@ -542,14 +559,14 @@ impl Lowerer<'_> {
         };
         let (mut q, mut k) = (q, k);
         if let Some(n) = a.qk_norm.as_ref().filter(|n| n.whole) {
-            q = self.head_norm(n.norm, &n.q, q, h * hd, origin);
-            k = self.head_norm(n.norm, &n.k, k, kv * hd, origin);
+            q = self.head_norm(n.norm, &n.q, q, h * hd, None, origin);
+            k = self.head_norm(n.norm, &n.k, k, kv * hd, None, origin);
         }
         let mut q = self.node(Op::SplitHeads { heads: h }, &[q], origin);
         let mut k = self.node(Op::SplitHeads { heads: kv }, &[k], origin);
         if let Some(n) = a.qk_norm.as_ref().filter(|n| !n.whole) {
-            q = self.head_norm(n.norm, &n.q, q, hd, origin);
-            k = self.head_norm(n.norm, &n.k, k, hd, origin);
+            q = self.head_norm(n.norm, &n.q, q, hd, n.per_head.then_some(h), origin);
+            k = self.head_norm(n.norm, &n.k, k, hd, n.per_head.then_some(kv), origin);
         }
         let v = self.node(Op::SplitHeads { heads: kv }, &[v], origin);
         let pos = self.positions(origin);

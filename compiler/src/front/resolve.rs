@@ -404,7 +404,7 @@ fn component(
             Some(a) => format!("{a}.{n}"),
             None => n,
         };
-        check_template(&full, in_block, span, diags);
+        check_template(&full, in_block, f.per_head_names, span, diags);
         Some(full)
     };
     let result = match kind {
@@ -640,9 +640,13 @@ fn qk_norm(f: &mut Fields, name: &mut NameFn<'_>, diags: &mut Vec<Diagnostic>) -
         }
     };
     let layer = kind.name == "layernorm";
-    let allowed: &[&str] =
-        if layer { &["q", "k", "eps", "bias", "over"] } else { &["q", "k", "eps", "unit_offset", "over"] };
+    let allowed: &[&str] = if layer {
+        &["q", "k", "eps", "bias", "over", "per_head"]
+    } else {
+        &["q", "k", "eps", "unit_offset", "over", "per_head"]
+    };
     let mut n = Fields::new(&format!("`{}`", kind.name), fields, allowed);
+    n.per_head_names = true;
     let eps = n.float_positive("eps", diags).unwrap_or(if layer { 1e-5 } else { 1e-6 });
     let norm = if layer {
         HeadNorm::Layer { eps, bias: n.bool("bias", diags).unwrap_or(true) }
@@ -650,10 +654,34 @@ fn qk_norm(f: &mut Fields, name: &mut NameFn<'_>, diags: &mut Vec<Diagnostic>) -
         HeadNorm::Rms { eps, unit_offset: n.bool("unit_offset", diags).unwrap_or(false) }
     };
     let whole = n.choice("over", &["heads", "width"], diags).as_deref() == Some("width");
+    let per_head_flag = n.bool("per_head", diags).unwrap_or(false);
     let q = name(&mut n, "q", Some("q_norm"), diags);
     let k = name(&mut n, "k", Some("k_norm"), diags);
     n.finish(diags);
-    Some(Some(QkNorm { norm, whole, q: q?, k: k? }))
+    let (q, k) = (q?, k?);
+    // Weights of each head its own: one `[heads, head_dim]` tensor, or one tensor per head
+    // (`{head}` in the names), for both or neither.
+    let (sq, sk) = (q.contains("{head}"), k.contains("{head}"));
+    if sq != sk {
+        diags.push(
+            Diagnostic::error(Code::BadValue, "`{head}` in one of the q/k norm names but not the other")
+                .label(
+                    n.span_of(if sq { "k" } else { "q" }),
+                    "add `{head}` here too, or remove it from the other",
+                ),
+        );
+        return None;
+    }
+    let per_head = per_head_flag || sq;
+    if per_head && whole {
+        diags.push(
+            Diagnostic::error(Code::BadValue, "q/k norm weights per head with `over = width`")
+                .label(n.span_of("over"), "one norm over the whole projection has no heads")
+                .note("`per_head = true` or `{head}` in the names gives each head its own weights"),
+        );
+        return None;
+    }
+    Some(Some(QkNorm { norm, whole, per_head, q, k }))
 }
 
 /// `scaling = linear { factor = 4 }`, `scaling = llama3 { factor = 8, low_freq_factor =
@@ -887,17 +915,20 @@ fn position(f: &mut Fields, head_dim: usize, diags: &mut Vec<Diagnostic>) -> Opt
     }
 }
 
-fn check_template(t: &str, in_block: bool, span: Span, diags: &mut Vec<Diagnostic>) {
+fn check_template(t: &str, in_block: bool, head: bool, span: Span, diags: &mut Vec<Diagnostic>) {
     let mut rest = t;
     while let Some(open) = rest.find('{') {
         let Some(close) = rest[open..].find('}') else {
             break;
         };
         let key = &rest[open + 1..open + close];
-        if key != "layer" {
+        if key == "head" && head {
+        } else if key != "layer" {
+            let only =
+                if head { "`{layer}` and `{head}`" } else { "`{layer}` (and `{head}` in q/k norm names)" };
             diags.push(
                 Diagnostic::error(Code::BadValue, format!("unknown placeholder `{{{key}}}` in `{t}`"))
-                    .label(span.clone(), "the only placeholder is `{layer}`"),
+                    .label(span.clone(), format!("the placeholders are {only}")),
             );
         } else if !in_block {
             diags.push(
@@ -949,11 +980,13 @@ struct Fields<'a> {
     fields: &'a [Field],
     allowed: &'a [&'a str],
     used: HashSet<String>,
+    /// Names here may hold `{head}` (a q/k norm's weights stored one tensor per head).
+    per_head_names: bool,
 }
 
 impl<'a> Fields<'a> {
     fn new(what: &str, fields: &'a [Field], allowed: &'a [&'a str]) -> Self {
-        Fields { what: what.to_string(), fields, allowed, used: HashSet::new() }
+        Fields { what: what.to_string(), fields, allowed, used: HashSet::new(), per_head_names: false }
     }
 
     fn get(&self, key: &str) -> Option<&'a Value> {

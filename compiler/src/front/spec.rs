@@ -139,6 +139,9 @@ pub struct QkNorm {
     /// Over each head (weights `[head_dim]`), or over the whole projection (OLMo 2:
     /// weights `[heads · head_dim]`, before the heads are split).
     pub whole: bool,
+    /// Each head has its own weights: `[heads, head_dim]` (Cohere), or, when the names
+    /// hold `{head}`, one `[head_dim]` tensor per head (StableLM's `norms.{head}`).
+    pub per_head: bool,
     /// The checkpoint names of the query's and the key's norm (`….weight`, `….bias`).
     pub q: String,
     pub k: String,

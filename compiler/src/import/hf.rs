@@ -785,12 +785,11 @@ fn stablelm(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let act = c.act("hidden_act", "silu")?;
     let (theta, fraction, scaling) = c.rope(0.25)?;
     let bias = if c.bool_or("use_qkv_bias", false)? { ", bias = [q, k, v]" } else { "" };
-    if c.bool_or("qk_layernorm", false)? {
-        return Err(c.unsupported(
-            "qk_layernorm",
-            "StableLM's per-head LayerNorms (a weight per head) are not supported yet",
-        ));
-    }
+    // A LayerNorm of each query and key head, each head with its own weights, stored
+    // one tensor per head (`q_layernorm.norms.{head}`).
+    let qk_norm = c.bool_or("qk_layernorm", false)?.then(|| {
+        format!("  qk_norm = layernorm {{ q = \"q_layernorm.norms.{{head}}\", k = \"k_layernorm.norms.{{head}}\", eps = {eps}, bias = false }}")
+    });
     let parallel = c.bool_or("use_parallel_residual", false)?;
     c.f64_or("hidden_dropout", 0.0)?;
     let tied = c.bool_or("tie_word_embeddings", false)?;
@@ -807,8 +806,9 @@ fn stablelm(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
             "  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{bias}"
         ),
         format!("  position = {}", rope_text(theta, fraction, scaling)),
-        "}".into(),
     ];
+    g.block.extend(qk_norm);
+    g.block.push("}".into());
     if !parallel {
         g.block.push(norm("post_norm", &format!("{l}.post_attention_layernorm")));
     }
@@ -839,12 +839,8 @@ fn cohere(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let rope = rope_text(theta, fraction, scaling);
     let rope = format!("{}, pairs = interleaved }}", rope.trim_end_matches(" }"));
     let bias = if c.bool_or("attention_bias", false)? { ", bias = true" } else { "" };
-    if c.bool_or("use_qk_norm", false)? {
-        return Err(c.unsupported(
-            "use_qk_norm",
-            "Cohere's per-head LayerNorms (a weight per head) are not supported yet",
-        ));
-    }
+    // A LayerNorm of each query and key head with a `[heads, head_dim]` weight.
+    let qk_norm = c.bool_or("use_qk_norm", false)?;
     let scale = c.f64_or("logit_scale", 1.0)?;
     let tied = c.bool_or("tie_word_embeddings", true)?;
     let l = "model.layers.{layer}";
@@ -857,14 +853,21 @@ fn cohere(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     g.block = vec![
         norm("input_norm", &format!("{l}.input_layernorm")),
         "attn: attention {".into(),
-        format!("  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{bias}"),
+        format!(
+            "  at = \"{l}.self_attn\", q = \"q_proj\", k = \"k_proj\", v = \"v_proj\", o = \"o_proj\"{bias}"
+        ),
         format!("  position = {rope}"),
+    ];
+    if qk_norm {
+        g.block.push(format!("  qk_norm = layernorm {{ eps = {eps}, bias = false, per_head = true }}"));
+    }
+    g.block.extend([
         "}".into(),
         format!("mlp: mlp {{ at = \"{l}.mlp\", gate = \"gate_proj\", up = \"up_proj\", down = \"down_proj\", act = {act} }}"),
         String::new(),
         "h = input_norm(x)".into(),
         "x = x + attn(h) + mlp(h)".into(),
-    ];
+    ]);
     g.head = vec![
         norm("norm", "model.norm"),
         unembed(tied, "embed_tokens", "lm_head", false),

@@ -66,26 +66,41 @@ fn rows(x: &Tensor, mut f: impl FnMut(&[f32], &mut [f32])) -> Tensor {
     Tensor::new(x.shape.clone(), out)
 }
 
+/// Where row `r`'s parameters start in a norm's gain or bias: 0, or for parameters of
+/// one set per head (`[H, d]` for `x [H, T, d]`) the row's head's.
+fn param_at(x: &Tensor, p: Option<&Tensor>, r: usize) -> usize {
+    match p {
+        Some(p) if p.shape.len() == 2 => (r / x.shape[1].max(1)) * p.shape[1],
+        _ => 0,
+    }
+}
+
 pub fn layer_norm(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps: f64) -> Tensor {
+    let mut r = 0;
     rows(x, |src, dst| {
+        let (wo, bo) = (param_at(x, w, r), param_at(x, b, r));
+        r += 1;
         let n = src.len() as f64;
         let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
         let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
         let inv = 1.0 / (var + eps).sqrt();
         for i in 0..src.len() {
-            let shift = b.map_or(0.0, |b| b.data[i] as f64);
-            let gain = w.map_or(1.0, |w| w.data[i] as f64);
+            let shift = b.map_or(0.0, |b| b.data[bo + i] as f64);
+            let gain = w.map_or(1.0, |w| w.data[wo + i] as f64);
             dst[i] = ((src[i] as f64 - mean) * inv * gain + shift) as f32;
         }
     })
 }
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, unit_offset: bool) -> Tensor {
+    let mut r = 0;
     rows(x, |src, dst| {
+        let wo = param_at(x, Some(w), r);
+        r += 1;
         let ms = src.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / src.len() as f64;
         let inv = 1.0 / (ms + eps).sqrt();
         for i in 0..src.len() {
-            let g = w.data[i] as f64 + if unit_offset { 1.0 } else { 0.0 };
+            let g = w.data[wo + i] as f64 + if unit_offset { 1.0 } else { 0.0 };
             dst[i] = (src[i] as f64 * inv * g) as f32;
         }
     })

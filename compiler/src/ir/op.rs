@@ -496,11 +496,12 @@ pub enum Op {
     /// of a linear map under `activations = bf16`.
     RoundBf16,
     /// `(x, [gain], [bias])`, the gain there when `gain` (OLMo's LayerNorm has neither).
+    /// Parameters are `[d]`, or for `x [H, T, d]` may be `[H, d]`, one set per head.
     LayerNorm {
         eps: f64,
         gain: bool,
     },
-    /// `(x, gain)`; multiplies by `1 + gain` when `unit_offset`.
+    /// `(x, gain)`; multiplies by `1 + gain` when `unit_offset`. The gain as for `LayerNorm`.
     RmsNorm {
         eps: f64,
         unit_offset: bool,
@@ -804,9 +805,11 @@ impl Op {
             Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
                 float(0)?;
                 let d = last(0);
+                // Shared by every row, or, over heads `[H, T, d]`, one set per head.
+                let per_head = (ins[0].rank() == 3).then(|| [ins[0].shape[0], d]);
                 for (i, p) in ins.iter().enumerate().skip(1) {
-                    if p.shape != [d] {
-                        return Err(format!("norm parameter {i} must be [{d}], is {p}"));
+                    if p.shape != [d] && Some(&p.shape[..]) != per_head.as_ref().map(|s| &s[..]) {
+                        return Err(format!("norm parameter {i} must be [{d}] or one per head, is {p}"));
                     }
                 }
                 Ok(ins[0].clone())

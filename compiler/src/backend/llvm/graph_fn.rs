@@ -295,6 +295,7 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
             }
             Op::LayerNorm { eps, gain } => {
                 let (gain, bias) = (*gain, ops.len() == 2 + *gain as usize);
+                let sets = self.norm_sets(n);
                 let mut v = vec![(X, o(self, 0))];
                 if gain {
                     v.push((W, o(self, 1)));
@@ -303,11 +304,19 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                     v.push((Bias, o(self, ops.len() - 1)));
                 }
                 v.push((Out, self.val(n)));
-                self.call(Kernel::LayerNorm { d: width, eps: *eps, gain, bias, round }, &v, self.rows_of(n))
+                if sets > 1 {
+                    v.push((Rows, self.rows_of(n)));
+                }
+                let k = Kernel::LayerNorm { d: width, eps: *eps, gain, bias, round, sets };
+                self.call(k, &v, self.rows_of(n))
             }
             Op::RmsNorm { eps, unit_offset } => {
-                let k = Kernel::RmsNorm { d: width, eps: *eps, unit_offset: *unit_offset, round };
-                let v = [(X, o(self, 0)), (W, o(self, 1)), (Out, self.val(n))];
+                let sets = self.norm_sets(n);
+                let k = Kernel::RmsNorm { d: width, eps: *eps, unit_offset: *unit_offset, round, sets };
+                let mut v = vec![(X, o(self, 0)), (W, o(self, 1)), (Out, self.val(n))];
+                if sets > 1 {
+                    v.push((Rows, self.rows_of(n)));
+                }
                 self.call(k, &v, self.rows_of(n))
             }
             Op::Linear { bias, .. } => self.linear(n, *bias, width),
@@ -463,6 +472,15 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
 
     /// Fused attention: by (head, query row), or by (head, block of query rows) where the
     /// rows are known only at run time (prefill).
+    /// How many sets of parameters norm `n` has: 1, or one per head (`[H, d]`).
+    fn norm_sets(&self, n: NodeId) -> usize {
+        let ops = self.g.operands(n);
+        ops.get(1).map_or(1, |&p| match &self.g.ty(p).shape[..] {
+            [h, _] => self.fixed(*h),
+            _ => 1,
+        })
+    }
+
     fn attention(&mut self, n: NodeId) {
         use Slot::*;
         let g = self.g;

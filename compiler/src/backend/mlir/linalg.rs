@@ -674,9 +674,18 @@ impl<'a> Func<'a> {
                 ins.len() - 1
             })
         };
-        let g_at = at(&mut ins, gain.then(|| self.val(ops[1])).map(|(g, gt)| (g, gt, last_map.clone())));
+        // A parameter is shared by every row, or one set per head (`[H, d]`).
+        let param_map = |p: NodeId| {
+            if g.ty(p).rank() == 2 {
+                map(rank, &["d0".into(), format!("d{}", rank - 1)])
+            } else {
+                last_map.clone()
+            }
+        };
+        let g_at = at(&mut ins, gain.then(|| self.val(ops[1])).map(|(g, gt)| (g, gt, param_map(ops[1]))));
         let m_at = at(&mut ins, centred_mean.map(|s| (s, lead_t, red_map)));
-        let b_at = at(&mut ins, bias.then(|| self.val(ops[ops.len() - 1])).map(|(b, bt)| (b, bt, last_map)));
+        let last = ops[ops.len() - 1];
+        let b_at = at(&mut ins, bias.then(|| self.val(last)).map(|(b, bt)| (b, bt, param_map(last))));
         let out = self.generic(&ins, (e, ttype(&ty), ident), &vec!["parallel"; rank], |t, a| {
             let k = t.f32(inv_d);
             let mut v = a[0].clone();

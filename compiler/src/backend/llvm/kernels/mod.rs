@@ -34,11 +34,12 @@ pub enum Kernel {
     Binary { mul: bool, width: usize },
     /// args: x, out; tasks: rows.
     Unary { op: UnaryOp, width: usize },
-    /// args: x, w, [b], out; tasks: rows. `round`: the output rounded to bf16 (a fused
-    /// `round_bf16`).
-    LayerNorm { d: usize, eps: f64, gain: bool, bias: bool, round: bool },
-    /// args: x, w, out; tasks: rows. `round` as for `LayerNorm`.
-    RmsNorm { d: usize, eps: f64, unit_offset: bool, round: bool },
+    /// args: x, [w], [b], out, [rows]; tasks: rows. `round`: the output rounded to bf16
+    /// (a fused `round_bf16`). `sets`: how many sets of parameters, 1 or one per head of
+    /// `[heads, T, d]` (then `rows` says how many rows there are in all).
+    LayerNorm { d: usize, eps: f64, gain: bool, bias: bool, round: bool, sets: usize },
+    /// args: x, w, out, [rows]; tasks: rows. `round` and `sets` as for `LayerNorm`.
+    RmsNorm { d: usize, eps: f64, unit_offset: bool, round: bool, sets: usize },
     /// args: x, w, [b], out, rows, then one pointer per `Add`/`Mul` of the epilogue, then
     /// the packed activations (AMX, or sliced) and, with `Amx::to_tiles`, where the
     /// output goes packed (`Kernel::slots`); tasks: column blocks of `BLOCK` (AMX: groups
@@ -139,14 +140,16 @@ impl Kernel {
             Kernel::Unary { op: UnaryOp::Scale(s), width } => format!("scale_{width}_{:016x}", s.to_bits()),
             Kernel::Unary { op: UnaryOp::Act(a), width } => format!("{}_{width}", a.name()),
             Kernel::Unary { op: UnaryOp::RoundBf16, width } => format!("round_bf16_{width}"),
-            Kernel::LayerNorm { d, eps, gain, bias, round } => {
+            Kernel::LayerNorm { d, eps, gain, bias, round, sets } => {
                 let r = if *round { "_round_bf16" } else { "" };
                 let g = if *gain { "" } else { "_no_gain" };
-                format!("layernorm_{d}_{:016x}_{}{g}{r}", eps.to_bits(), *bias as u8)
+                let s = if *sets > 1 { format!("_sets{sets}") } else { String::new() };
+                format!("layernorm_{d}_{:016x}_{}{g}{s}{r}", eps.to_bits(), *bias as u8)
             }
-            Kernel::RmsNorm { d, eps, unit_offset, round } => {
+            Kernel::RmsNorm { d, eps, unit_offset, round, sets } => {
                 let r = if *round { "_round_bf16" } else { "" };
-                format!("rmsnorm_{d}_{:016x}_{}{r}", eps.to_bits(), *unit_offset as u8)
+                let s = if *sets > 1 { format!("_sets{sets}") } else { String::new() };
+                format!("rmsnorm_{d}_{:016x}_{}{s}{r}", eps.to_bits(), *unit_offset as u8)
             }
             Kernel::Linear { inn, out, bias, epi, wf, read, algo } => {
                 let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
@@ -287,10 +290,13 @@ impl Kernel {
             Kernel::Sinusoidal { .. } => vec![Pos, Out],
             Kernel::Binary { .. } => vec![X, Y, Out],
             Kernel::Unary { .. } | Kernel::SplitQkv { .. } => vec![X, Out],
-            Kernel::LayerNorm { gain, bias: b, .. } => {
-                [vec![X], if *gain { vec![W] } else { vec![] }, bias(*b), vec![Out]].concat()
+            Kernel::LayerNorm { gain, bias: b, sets, .. } => {
+                let rows = if *sets > 1 { vec![Rows] } else { vec![] };
+                [vec![X], if *gain { vec![W] } else { vec![] }, bias(*b), vec![Out], rows].concat()
             }
-            Kernel::RmsNorm { .. } => vec![X, W, Out],
+            Kernel::RmsNorm { sets, .. } => {
+                [vec![X, W, Out], if *sets > 1 { vec![Rows] } else { vec![] }].concat()
+            }
             Kernel::Linear { bias: b, epi, algo, .. } => {
                 let mut v = [vec![X, W], bias(*b), vec![Out, Rows]].concat();
                 v.extend(others(epi));

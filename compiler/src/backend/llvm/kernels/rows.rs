@@ -141,12 +141,14 @@ pub(crate) fn layer_norm<'ctx>(
     use Slot::*;
     let c = |v: usize| kb.c(v as i64);
     let p = |s: Slot| args.p(s);
-    let Kernel::LayerNorm { d, eps, round, .. } = *k else { unreachable!("a LayerNorm kernel") };
+    let Kernel::LayerNorm { d, eps, round, sets, .. } = *k else { unreachable!("a LayerNorm kernel") };
 
-    let (x, w) = (p(X), args.opt_p(W));
-    let (b, out) = (args.opt_p(Bias), p(Out));
+    let (x, out) = (p(X), p(Out));
     kb.for_(begin, end, |r| {
         let base = kb.mul(r, c(d));
+        let at = param_start(kb, args, sets, r, d);
+        let w = args.opt_p(W).map(|w| kb.gep(kb.f32t(), w, at));
+        let b = args.opt_p(Bias).map(|b| kb.gep(kb.f32t(), b, at));
         let n = kb.fc(d as f64);
         let mean = kb.fdiv(kb.sum(c(0), c(d), |j| kb.ld(x, kb.add(base, j))), n);
         let var = kb.fdiv(
@@ -172,6 +174,22 @@ pub(crate) fn layer_norm<'ctx>(
     });
 }
 
+/// Where row `r`'s norm parameters start: 0 when shared, else its head's (`sets` heads
+/// of `rows / sets` rows each).
+fn param_start<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    args: &Args<'_, '_, 'ctx>,
+    sets: usize,
+    r: IntValue<'ctx>,
+    d: usize,
+) -> IntValue<'ctx> {
+    if sets <= 1 {
+        return kb.c(0);
+    }
+    let per_head = kb.udiv(args.i(Slot::Rows), kb.c(sets as i64));
+    kb.mul(kb.udiv(r, per_head), kb.c(d as i64))
+}
+
 pub(crate) fn rms_norm<'ctx>(
     kb: &Kb<'_, 'ctx>,
     k: &Kernel,
@@ -182,11 +200,12 @@ pub(crate) fn rms_norm<'ctx>(
     use Slot::*;
     let c = |v: usize| kb.c(v as i64);
     let p = |s: Slot| args.p(s);
-    let Kernel::RmsNorm { d, eps, unit_offset, round } = *k else { unreachable!("a RmsNorm kernel") };
+    let Kernel::RmsNorm { d, eps, unit_offset, round, sets } = *k else { unreachable!("a RmsNorm kernel") };
 
-    let (x, w, out) = (p(X), p(W), p(Out));
+    let (x, out) = (p(X), p(Out));
     kb.for_(begin, end, |r| {
         let base = kb.mul(r, c(d));
+        let w = kb.gep(kb.f32t(), p(W), param_start(kb, args, sets, r, d));
         let ss = kb.sum(c(0), c(d), |j| {
             let v = kb.ld(x, kb.add(base, j));
             kb.fmul(v, v)

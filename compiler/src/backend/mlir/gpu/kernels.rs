@@ -168,7 +168,9 @@ pub(super) fn unary(k: &mut K, kern: &Kern) {
 
 pub(super) fn norm(k: &mut K, kern: &Kern) {
     let row = "%bx".to_string();
-    let Kern::Norm { d, eps, layer, gain, bias, unit } = *kern else { unreachable!("a Norm kernel") };
+    let Kern::Norm { d, eps, layer, gain, bias, unit, sets, rows } = *kern else {
+        unreachable!("a Norm kernel")
+    };
 
     let sh = k.shared(BLOCK);
     let dc = k.c(d as i64);
@@ -204,7 +206,21 @@ pub(super) fn norm(k: &mut K, kern: &Kern) {
     let ve = k.fl("addf", &var, &e);
     let r = k.rsqrt(&ve);
     let out = 1 + gain as usize + bias as usize;
+    // Where this row's parameters start: 0, or its head's set.
+    let param = if sets > 1 {
+        let n = k.dim(rows);
+        let sc = k.c(sets as i64);
+        let per = k.ix("divui", &n, &sc);
+        let h = k.ix("divui", &row, &per);
+        Some(k.ix("muli", &h, &dc))
+    } else {
+        None
+    };
     k.threads(d, |k, j| {
+        let pj = match &param {
+            Some(p) => k.ix("addi", p, j),
+            None => j.to_string(),
+        };
         let i = k.ix("addi", &base, j);
         let mut x = k.ld(0, &i);
         if let Some(m) = &mean {
@@ -212,7 +228,7 @@ pub(super) fn norm(k: &mut K, kern: &Kern) {
         }
         x = k.fl("mulf", &x, &r);
         if gain {
-            let mut gw = k.ld(1, j);
+            let mut gw = k.ld(1, &pj);
             if unit {
                 let one = k.f(1.0);
                 gw = k.fl("addf", &gw, &one);
@@ -220,7 +236,7 @@ pub(super) fn norm(k: &mut K, kern: &Kern) {
             x = k.fl("mulf", &x, &gw);
         }
         if bias {
-            let b = k.ld(1 + gain as usize, j);
+            let b = k.ld(1 + gain as usize, &pj);
             x = k.fl("addf", &x, &b);
         }
         k.st(&x, out, &i);

@@ -161,7 +161,8 @@ enum Kern {
         op: Unary,
         w: usize,
     },
-    /// Arguments: x, the gain when `gain`, the bias when `bias`, out.
+    /// Arguments: x, the gain when `gain`, the bias when `bias`, out. `sets` sets of
+    /// parameters: 1, or one per head of the `rows` rows.
     Norm {
         d: usize,
         eps: f64,
@@ -169,6 +170,8 @@ enum Kern {
         gain: bool,
         bias: bool,
         unit: bool,
+        sets: usize,
+        rows: Dim,
     },
     Linear {
         inn: usize,
@@ -321,6 +324,12 @@ impl Emitter {
         let fixed = |d: Dim| d.as_fixed().unwrap_or(0);
         let width = fixed(*ty.shape.last().unwrap());
         let rows_of = |id: NodeId| rows_dim(g, id);
+        // How many sets of parameters a norm has: 1, or one per head (`[H, d]`).
+        // The rows matter only then (and would tell identical kernels apart otherwise).
+        let norm_sets = |id: NodeId| match g.operands(id).get(1).map(|&p| &g.ty(p).shape[..]) {
+            Some([h, _]) => (fixed(*h), rows_dim(g, id)),
+            _ => (1, Dim::fixed(1)),
+        };
         let ins = |ix: &[usize]| -> Vec<Arg> { ix.iter().map(|&i| arg(ops[i])).collect() };
         let mut per_group = [1, 1];
         let (kern, grid, args): (Kern, [Dim; 2], Vec<Arg>) = match g.op(n) {
@@ -348,10 +357,21 @@ impl Emitter {
             Op::RoundBf16 => (Kern::Unary { op: Unary::RoundBf16, w: width }, [rows_of(n), one], ins(&[0])),
             Op::LayerNorm { eps, gain } => {
                 let bias = ops.len() == 2 + *gain as usize;
-                let k = Kern::Norm { d: width, eps: *eps, layer: true, gain: *gain, bias, unit: false };
+                let (sets, rows) = norm_sets(n);
+                let k = Kern::Norm {
+                    d: width,
+                    eps: *eps,
+                    layer: true,
+                    gain: *gain,
+                    bias,
+                    unit: false,
+                    sets,
+                    rows,
+                };
                 (k, [rows_of(n), one], ins(&(0..ops.len()).collect::<Vec<_>>()))
             }
             Op::RmsNorm { eps, unit_offset } => {
+                let (sets, rows) = norm_sets(n);
                 let k = Kern::Norm {
                     d: width,
                     eps: *eps,
@@ -359,6 +379,8 @@ impl Emitter {
                     gain: true,
                     bias: false,
                     unit: *unit_offset,
+                    sets,
+                    rows,
                 };
                 (k, [rows_of(n), one], ins(&[0, 1]))
             }
