@@ -5,7 +5,7 @@
 /// fixture is added to (`import::every_fixture_folder_is_listed` keeps it complete).
 macro_rules! with_fixtures {
     ($m:ident $(, $($arg:tt)*)?) => {
-        $m! { $($($arg)*)? bert, bloom, cohere, cohere_qk, distilbert, falcon, falcon_new, gemma, gemma2, gemma3, gpt2, gpt_neox, gptj, granite, llama, llama31, llama_dynamic, llama_linear, mistral, olmo, olmo2, opt_postln, phi, phi3, qwen2, qwen2_swa, qwen2_yarn, qwen3, roberta, stablelm, stablelm_qk, starcoder2, starcoder2_swa, xglm, xlm_roberta}
+        $m! { $($($arg)*)? bert, bloom, cohere, cohere_qk, distilbert, falcon, falcon_alibi, falcon_new, gemma, gemma2, gemma3, gpt2, gpt_neox, gptj, granite, llama, llama31, llama_dynamic, llama_linear, mistral, olmo, olmo2, opt_postln, phi, phi3, qwen2, qwen2_swa, qwen2_yarn, qwen3, roberta, stablelm, stablelm_qk, starcoder2, starcoder2_swa, xglm, xlm_roberta}
     };
 }
 

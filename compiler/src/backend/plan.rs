@@ -197,7 +197,7 @@ pub fn arena(
                 Op::Input(InputKind::Cache { layer, kind }) => Loc::Cache(*layer, *kind),
                 _ => return Err(PlanError::Unsupported("concatenation other than the KV cache".into())),
             },
-            Op::Softmax | Op::Mask(_) | Op::Alibi | Op::HeadMatMul { .. } => {
+            Op::Softmax | Op::Mask(_) | Op::Alibi { .. } | Op::HeadMatMul { .. } => {
                 return Err(PlanError::Unsupported("unfused attention (run the fusion pass)".into()))
             }
             _ => {

@@ -582,8 +582,9 @@ impl Lowerer<'_> {
         if let Some(cap) = a.softcap {
             s = self.softcap(s, cap, origin);
         }
-        if matches!(a.position, Position::Alibi) {
-            s = self.node(Op::Alibi, &[s, pos], origin);
+        if let Position::Alibi { before_scale } = a.position {
+            let slope_scale = if before_scale { a.scale } else { 1.0 };
+            s = self.node(Op::Alibi { slope_scale }, &[s, pos], origin);
         }
         if a.causal || a.window.is_some() {
             s = self.node(Op::Mask(AttnMask { causal: a.causal, window: a.window }), &[s, pos], origin);

@@ -828,7 +828,13 @@ fn position(f: &mut Fields, head_dim: usize, diags: &mut Vec<Diagnostic>) -> Opt
     f.used.insert("position".into());
     match &v.kind {
         ValueKind::Ident(s) if s == "none" => Some(Position::None),
-        ValueKind::Ident(s) if s == "alibi" => Some(Position::Alibi),
+        ValueKind::Ident(s) if s == "alibi" => Some(Position::Alibi { before_scale: false }),
+        ValueKind::Object(kind, fields) if kind.name == "alibi" => {
+            let mut a = Fields::new("`alibi`", fields, &["before_scale"]);
+            let before_scale = a.bool("before_scale", diags).unwrap_or(false);
+            a.finish(diags);
+            Some(Position::Alibi { before_scale })
+        }
         ValueKind::Ident(s) if s == "rope" => Some(Position::Rope {
             theta: 10000.0,
             rotary_dim: head_dim,

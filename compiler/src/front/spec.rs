@@ -110,8 +110,17 @@ pub enum Qkv {
 #[derive(Clone, Debug)]
 pub enum Position {
     None,
-    Alibi,
-    Rope { theta: f64, rotary_dim: usize, interleaved: bool, scaling: crate::ir::RopeScaling },
+    /// ALiBi; `before_scale`: the bias is added before the scores are scaled, so it is
+    /// scaled with them (Falcon).
+    Alibi {
+        before_scale: bool,
+    },
+    Rope {
+        theta: f64,
+        rotary_dim: usize,
+        interleaved: bool,
+        scaling: crate::ir::RopeScaling,
+    },
 }
 
 #[derive(Clone, Debug)]

@@ -932,9 +932,8 @@ fn falcon(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     // The new decoder (Falcon 40B/180B): `num_kv_heads` key/value heads, the fused QKV
     // grouped per kv head, and (with `num_ln_in_parallel_attn` 2) a norm for each branch.
     let new = c.bool_or("new_decoder_architecture", false)?;
-    if c.bool_or("alibi", false)? {
-        return Err(c.unsupported("alibi", "Falcon with ALiBi is not supported yet"));
-    }
+    // Falcon adds its ALiBi bias before scaling the scores (Falcon-RW).
+    let alibi = c.bool_or("alibi", false)?;
     // `num_kv_heads` counts only in the new decoder or without `multi_query` (one
     // key/value head).
     let multi_query = c.bool_or("multi_query", true)?;
@@ -964,7 +963,9 @@ fn falcon(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         "word_embeddings: embedding { at = \"transformer.word_embeddings\" }".into(),
         "x = word_embeddings(tokens)".into(),
     ];
-    let layout = if new { ", qkv_layout = grouped" } else { "" };
+    // The fused QKV is grouped per key/value head (its query heads, key, value), except
+    // with one key/value head, where that is the same as all queries, then key, value.
+    let layout = if kv > 1 { ", qkv_layout = grouped" } else { "" };
     let norm = |name: &str, at: &str| format!("{name}: layernorm {{ at = \"{h}.{at}\", eps = {eps} }}");
     let (norms, flow): (Vec<String>, &[&str]) = if two_norms {
         (
@@ -983,7 +984,11 @@ fn falcon(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     g.block.extend([
         "attn: attention {".into(),
         format!("  at = \"{h}.self_attention\", qkv = \"query_key_value\"{layout}, o = \"dense\"{bias}"),
-        format!("  position = {}", rope_text(theta, fraction, scaling)),
+        if alibi {
+            "  position = alibi { before_scale = true }".into()
+        } else {
+            format!("  position = {}", rope_text(theta, fraction, scaling))
+        },
         "}".into(),
         format!("mlp: mlp {{ at = \"{h}.mlp\", up = \"dense_h_to_4h\", down = \"dense_4h_to_h\", act = {act}{bias} }}"),
         String::new(),

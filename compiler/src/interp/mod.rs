@@ -151,7 +151,7 @@ pub fn run(g: &Graph, weights: &Weights, inputs: &Inputs) -> Result<HashMap<Stri
             Op::Rope(r) => Value::F(ops::rope(f(0), ids(1), r)),
             Op::Concat { axis } => Value::F(ops::concat(f(0), f(1), *axis)),
             Op::HeadMatMul { transpose_b } => Value::F(ops::head_matmul(f(0), f(1), *transpose_b)),
-            Op::Alibi => Value::F(ops::alibi(f(0), ids(1))),
+            Op::Alibi { slope_scale } => Value::F(ops::alibi(f(0), ids(1), *slope_scale)),
             Op::Mask(m) => Value::F(ops::mask(f(0), ids(1), m)),
             Op::Softmax => Value::F(ops::softmax(f(0), ops.get(1).map(|_| f(1)))),
             Op::Attention { scale, mask, alibi, softcap, sinks } => {

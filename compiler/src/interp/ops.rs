@@ -230,9 +230,9 @@ pub fn head_matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Tensor {
     Tensor::new(vec![h, m, n], out)
 }
 
-pub fn alibi(s: &Tensor, pos: &[i64]) -> Tensor {
+pub fn alibi(s: &Tensor, pos: &[i64], slope_scale: f64) -> Tensor {
     let (h, t, n) = (s.shape[0], s.shape[1], s.shape[2]);
-    let slopes = alibi_slopes(h);
+    let slopes = alibi_slopes(h, slope_scale);
     let mut out = s.data.clone();
     for hh in 0..h {
         for (i, &p) in pos.iter().enumerate().take(t) {
@@ -299,7 +299,7 @@ pub fn attention(
     pos: &[i64],
     scale: f64,
     m: &AttnMask,
-    alibi_on: bool,
+    alibi_scale: Option<f64>,
     softcap: Option<f64>,
     sinks: Option<&Tensor>,
 ) -> Tensor {
@@ -307,8 +307,8 @@ pub fn attention(
     if let Some(cap) = softcap {
         s = map(&s, |x| soft_cap(x, cap));
     }
-    if alibi_on {
-        s = alibi(&s, pos);
+    if let Some(f) = alibi_scale {
+        s = alibi(&s, pos, f);
     }
     s = mask(&s, pos, m);
     head_matmul(&softmax(&s, sinks), v, false)
@@ -320,10 +320,10 @@ mod tests {
 
     #[test]
     fn alibi_slopes_match_the_paper() {
-        let s = alibi_slopes(8);
+        let s = alibi_slopes(8, 1.0);
         assert!((s[0] - 0.5).abs() < 1e-12 && (s[7] - 1.0 / 256.0).abs() < 1e-12);
         // 6 heads: the 4 of a power of two, then the odd ones of the 8-head sequence.
-        let s6 = alibi_slopes(6);
+        let s6 = alibi_slopes(6, 1.0);
         assert_eq!(s6.len(), 6);
         assert!((s6[3] - 2f64.powi(-8)).abs() < 1e-12);
         assert!((s6[4] - 0.5).abs() < 1e-12 && (s6[5] - 0.125).abs() < 1e-12);

@@ -536,8 +536,12 @@ pub enum Op {
     HeadMatMul {
         transpose_b: bool,
     },
-    /// ALiBi bias of `(scores [H, T, S], positions [T])`: `-slope_h · (pos_t - s)`.
-    Alibi,
+    /// ALiBi bias of `(scores [H, T, S], positions [T])`: `-slope_h · (pos_t - s)`, the
+    /// slopes (`alibi_slopes`) times `slope_scale` (1, or Falcon's 1/√head_dim: it adds
+    /// the bias before scaling the scores).
+    Alibi {
+        slope_scale: f64,
+    },
     /// Sets invisible scores to -inf: `(scores [H, T, S], positions [T])`. Key `s` is at
     /// position `s`; with `causal` it is visible from query position `p` if `s <= p`, and
     /// a window further requires `|p - s| < window`.
@@ -551,7 +555,8 @@ pub enum Op {
     Attention {
         scale: f64,
         mask: AttnMask,
-        alibi: bool,
+        /// ALiBi with the slopes times this (`Op::Alibi`).
+        alibi: Option<f64>,
         /// Scores soft-capped to `cap · tanh(s / cap)` after the scale (Gemma 2).
         softcap: Option<f64>,
         /// A fifth operand, `sinks [H]`, as for `Softmax`.
@@ -583,7 +588,7 @@ impl Op {
             | Op::Rope(_)
             | Op::Concat { .. }
             | Op::HeadMatMul { .. }
-            | Op::Alibi
+            | Op::Alibi { .. }
             | Op::Mask(_) => 2..=2,
             Op::LayerNorm { gain, .. } => 1 + *gain as usize..=2 + *gain as usize,
             Op::Linear { bias, .. } => {
@@ -619,7 +624,7 @@ impl Op {
             Op::Rope(_) => "rope",
             Op::Concat { .. } => "concat",
             Op::HeadMatMul { .. } => "head_matmul",
-            Op::Alibi => "alibi",
+            Op::Alibi { .. } => "alibi",
             Op::Mask(_) => "mask",
             Op::Softmax => "softmax",
             Op::Attention { .. } => "attention",
@@ -711,11 +716,16 @@ impl Op {
             Op::Concat { axis } => vec![format!("axis={axis}")],
             Op::HeadMatMul { transpose_b } if *transpose_b => vec!["transpose_b".into()],
             Op::Mask(m) => mask_attrs(m),
+            Op::Alibi { slope_scale } if *slope_scale != 1.0 => {
+                vec![format!("slope_scale={}", num(*slope_scale))]
+            }
             Op::Attention { scale, mask, alibi, softcap, sinks } => {
                 let mut v = vec![format!("scale={}", num(*scale))];
                 v.extend(mask_attrs(mask));
-                if *alibi {
-                    v.push("alibi".into());
+                match alibi {
+                    Some(1.0) => v.push("alibi".into()),
+                    Some(f) => v.push(format!("alibi={}", num(*f))),
+                    None => {}
                 }
                 if let Some(c) = softcap {
                     v.push(format!("softcap={}", num(*c)));
@@ -911,7 +921,7 @@ impl Op {
                 }
                 Ok(TensorType::new(vec![ins[0].shape[0], ins[0].shape[1], n], ins[0].dtype))
             }
-            Op::Alibi | Op::Mask(_) => {
+            Op::Alibi { .. } | Op::Mask(_) => {
                 want_rank(0, 3)?;
                 ids(1)?;
                 if ins[1].shape[0] != ins[0].shape[1] {
@@ -981,8 +991,8 @@ impl fmt::Display for Op {
 
 /// The ALiBi slopes of Press et al. for `n` heads, as BLOOM and MPT compute them:
 /// a geometric sequence for the largest power of two `≤ n`, then every other slope of
-/// the sequence for twice that many.
-pub fn alibi_slopes(n: usize) -> Vec<f64> {
+/// the sequence for twice that many; each times `scale` (`Op::Alibi`'s `slope_scale`).
+pub fn alibi_slopes(n: usize, scale: f64) -> Vec<f64> {
     let p2 = 1usize << (usize::BITS - 1 - n.leading_zeros());
     let seq = |k: usize| -> Vec<f64> {
         let start = 2f64.powf(-(2f64.powf(-((k as f64).log2() - 3.0))));
@@ -992,7 +1002,7 @@ pub fn alibi_slopes(n: usize) -> Vec<f64> {
     if p2 < n {
         s.extend(seq(2 * p2).into_iter().step_by(2).take(n - p2));
     }
-    s
+    s.into_iter().map(|x| x * scale).collect()
 }
 
 /// The angle frequency of each of the `dim / 2` sin/cos pairs of a sinusoidal encoding:

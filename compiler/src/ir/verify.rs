@@ -71,7 +71,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
             (Op::Input(InputKind::Cache { .. }), Phase::Model | Phase::Prefill) => {
                 return Err(fail(Some(id), "only decode graphs read a cache".into()))
             }
-            (Op::Softmax | Op::Mask(_) | Op::Alibi, Phase::Prefill | Phase::Decode) => {
+            (Op::Softmax | Op::Mask(_) | Op::Alibi { .. }, Phase::Prefill | Phase::Decode) => {
                 return Err(fail(Some(id), "attention primitives must be fused before the split".into()))
             }
             _ => {}

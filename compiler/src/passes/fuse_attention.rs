@@ -41,7 +41,7 @@ struct Match {
     pos: Option<NodeId>,
     scale: f64,
     mask: AttnMask,
-    alibi: bool,
+    alibi: Option<f64>,
     softcap: Option<f64>,
     sinks: Option<NodeId>,
     /// The intermediate nodes, removed after the rewrite.
@@ -64,7 +64,7 @@ fn match_chain(g: &Graph, pv: NodeId) -> Option<Match> {
     let mut chain = vec![p];
     let mut cur = g.operands(p)[0];
     let mut mask = AttnMask { causal: false, window: None };
-    let mut alibi = false;
+    let mut alibi = None;
     let mut pos = None;
     if let Op::Mask(m) = g.op(cur) {
         if !single(cur) {
@@ -75,7 +75,7 @@ fn match_chain(g: &Graph, pv: NodeId) -> Option<Match> {
         chain.push(cur);
         cur = g.operands(cur)[0];
     }
-    if *g.op(cur) == Op::Alibi {
+    if let Op::Alibi { slope_scale } = *g.op(cur) {
         if !single(cur) {
             return None;
         }
@@ -84,7 +84,7 @@ fn match_chain(g: &Graph, pv: NodeId) -> Option<Match> {
             return None;
         }
         pos = Some(alibi_pos);
-        alibi = true;
+        alibi = Some(slope_scale);
         chain.push(cur);
         cur = g.operands(cur)[0];
     }

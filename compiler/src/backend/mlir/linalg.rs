@@ -406,7 +406,7 @@ impl<'a> Func<'a> {
                         .op(format!("tensor.extract_slice {x}[{last}, 0] [1, {w}] [1, 1] : {xt} to {out_t}"))
                 }
             }
-            op @ (Op::HeadMatMul { .. } | Op::Softmax | Op::Mask(_) | Op::Alibi) => {
+            op @ (Op::HeadMatMul { .. } | Op::Softmax | Op::Mask(_) | Op::Alibi { .. }) => {
                 return Err(unsupported(format!(
                     "unfused attention (`{}`; run the fusion pass)",
                     op.mnemonic()
@@ -747,7 +747,7 @@ impl<'a> Func<'a> {
         n: NodeId,
         scale: f64,
         mask: &crate::ir::AttnMask,
-        alibi: bool,
+        alibi: Option<f64>,
         softcap: Option<f64>,
         sinks: bool,
     ) -> String {
@@ -783,8 +783,8 @@ impl<'a> Func<'a> {
         // Scale, ALiBi and the mask, as interp::attention orders them.
         let e = self.empty(&sc_shape, "f32");
         let mut ins = vec![(scores, sc_t.clone(), id_map(3)), (pos, pos_t, map(3, &["d1".into()]))];
-        if alibi {
-            let slopes: Vec<String> = alibi_slopes(heads).iter().map(|s| format!("{s:.17e}")).collect();
+        if let Some(f) = alibi {
+            let slopes: Vec<String> = alibi_slopes(heads, f).iter().map(|s| format!("{s:.17e}")).collect();
             let st = format!("tensor<{heads}xf64>");
             let c = self.t.op(format!("arith.constant dense<[{}]> : {st}", slopes.join(", ")));
             ins.push((c, st, map(3, &["d0".into()])));
@@ -811,7 +811,7 @@ impl<'a> Func<'a> {
             let s64 = t.op(format!("arith.index_cast {s} : index to i64"));
             let p64 = t.op(format!("arith.extsi {} : i32 to i64", a[1]));
             let dist = t.bin("subi", &p64, &s64, "i64");
-            if alibi {
+            if alibi.is_some() {
                 let df = t.op(format!("arith.sitofp {dist} : i64 to f64"));
                 let b = t.bin("mulf", &a[2], &df, "f64");
                 let bf = t.op(format!("arith.truncf {b} : f64 to f32"));

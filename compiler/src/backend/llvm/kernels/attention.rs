@@ -41,7 +41,7 @@ pub(crate) fn attention_kernel<'ctx>(
 
     let (q, k, v, pos, out) = (p(Q), p(K), p(V), p(Pos), p(Out));
     let (rows, s_len, kstride, vstride) = (a(Rows), a(Keys), a(KStride), a(VStride));
-    let slopes = alibi.then(|| slope_table(kb, heads));
+    let slopes = alibi.map(|f| slope_table(kb, heads, f));
     let at = Attn {
         heads,
         groups,
@@ -137,9 +137,9 @@ impl<'ctx> Attn<'ctx> {
     }
 }
 
-/// The ALiBi slope of each head, as a constant table.
-pub(crate) fn slope_table<'ctx>(kb: &Kb<'_, 'ctx>, heads: usize) -> PointerValue<'ctx> {
-    let vals: Vec<_> = alibi_slopes(heads).iter().map(|&s| kb.f32t().const_float(s)).collect();
+/// The ALiBi slope of each head (times `scale`), as a constant table.
+pub(crate) fn slope_table<'ctx>(kb: &Kb<'_, 'ctx>, heads: usize, scale: f64) -> PointerValue<'ctx> {
+    let vals: Vec<_> = alibi_slopes(heads, scale).iter().map(|&s| kb.f32t().const_float(s)).collect();
     let arr = kb.f32t().const_array(&vals);
     let g = kb.m.add_global(arr.get_type(), None, "tfc_alibi_slopes");
     g.set_initializer(&arr);

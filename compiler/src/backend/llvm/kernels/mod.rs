@@ -68,7 +68,8 @@ pub enum Kernel {
         head_dim: usize,
         scale: f64,
         mask: AttnMask,
-        alibi: bool,
+        /// ALiBi with the slopes times this.
+        alibi: Option<f64>,
         block: Option<usize>,
         /// Scores soft-capped to `cap · tanh(s / cap)`.
         softcap: Option<f64>,
@@ -210,7 +211,11 @@ impl Kernel {
                     scale.to_bits(),
                     mask.causal as u8,
                     mask.window.unwrap_or(0),
-                    *alibi as u8,
+                    alibi.map_or("0".into(), |f| if f == 1.0 {
+                        "1".into()
+                    } else {
+                        format!("{:016x}", f.to_bits())
+                    }),
                     block.map_or(String::new(), |b| format!("_rows{b}")),
                     softcap.map_or(String::new(), |c| format!("_cap{:016x}", c.to_bits())),
                     if *sinks { "_sinks" } else { "" }

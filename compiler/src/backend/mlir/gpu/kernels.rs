@@ -537,9 +537,9 @@ pub(super) fn attention(k: &mut K, a: &Attn) {
         k.sh_st(&z, &acc_sh, hd, j);
     });
     k.barrier();
-    let slope = if alibi {
+    let slope = if let Some(f) = alibi {
         // The head's slope, chosen among constants.
-        let slopes = alibi_slopes(h);
+        let slopes = alibi_slopes(h, f);
         let mut v = k.f(slopes[0] as f32);
         for (i, sl) in slopes.iter().enumerate().skip(1) {
             let ic = k.c(i as i64);

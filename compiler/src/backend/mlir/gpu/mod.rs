@@ -229,7 +229,8 @@ struct Attn {
     softcap: Option<f64>,
     causal: bool,
     window: Option<usize>,
-    alibi: bool,
+    /// ALiBi with the slopes times this.
+    alibi: Option<f64>,
     /// A fifth argument: one sink logit per head.
     sinks: bool,
     /// Query rows, keys, and the key/value head stride when they are in the cache.
