@@ -115,6 +115,15 @@ enum Command {
         #[arg(long)]
         check_weights: bool,
     },
+    /// Write a spec for the model in a GGUF file (llama.cpp's format), with its tensor
+    /// names: `tfc run FILE.gguf` runs it in one step.
+    ImportGguf {
+        /// The `.gguf` file.
+        file: PathBuf,
+        /// Write the spec here instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Run a model: prefill the prompt, then generate.
     Run(run::RunArgs),
     /// Measure a compiled model: prefill latency and decode speed.
@@ -262,6 +271,15 @@ fn dispatch(cmd: Command) -> Result<()> {
                 run::check_weights(&ck, &graphs)
                     .with_context(|| format!("the checkpoint in {}", folder.display()))?;
             }
+            match output {
+                Some(p) => {
+                    std::fs::write(&p, spec).with_context(|| format!("cannot write {}", p.display()))?
+                }
+                None => print!("{spec}"),
+            }
+        }
+        Command::ImportGguf { file, output } => {
+            let spec = run::import_gguf(&file)?;
             match output {
                 Some(p) => {
                     std::fs::write(&p, spec).with_context(|| format!("cannot write {}", p.display()))?

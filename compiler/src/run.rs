@@ -410,10 +410,27 @@ fn compile(spec: &Path, opts: &Options) -> Result<tfc::Compiled> {
     Ok(tfc::compile(&spec.display().to_string(), &source, opts, &mut |_, _| {})?)
 }
 
+/// The spec of the model in a GGUF file.
+pub fn import_gguf(file: &Path) -> Result<String> {
+    let ck = Checkpoint::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let g = ck.gguf().with_context(|| format!("{} is not a GGUF file", file.display()))?;
+    Ok(tfc::import::gguf::import(g, &file.display().to_string())?)
+}
+
 pub fn run(a: RunArgs) -> Result<()> {
     check_run_args(&a)?;
-    let c = compile(&a.spec, &a.precision.options())?;
-    let checkpoint = match &a.weights {
+    // A GGUF file in place of the spec: its own spec, and its weights unless others are
+    // given.
+    let gguf = tfc_runtime::checkpoint::is_gguf(&a.spec);
+    let c = if gguf {
+        let text = import_gguf(&a.spec)?;
+        let name = format!("{} (imported)", a.spec.display());
+        tfc::compile(&name, &text, &a.precision.options(), &mut |_, _| {})?
+    } else {
+        compile(&a.spec, &a.precision.options())?
+    };
+    let weights = a.weights.clone().or_else(|| gguf.then(|| a.spec.clone()));
+    let checkpoint = match &weights {
         Some(dir) => Some(Arc::new(Checkpoint::open(dir)?)),
         None => None,
     };

@@ -1,4 +1,6 @@
-//! Hugging Face safetensors checkpoints, memory-mapped.
+//! Hugging Face safetensors checkpoints, memory-mapped, and GGUF files (llama.cpp's
+//! format, [`crate::gguf`]; its tensors under their GGUF names, quantised ones read
+//! through [`Checkpoint::get`] as `f32`).
 //!
 //! A checkpoint is a `.safetensors` file, or a folder holding `model.safetensors` or the
 //! shards listed in `model.safetensors.index.json`. Tensors are read in place from the
@@ -44,6 +46,10 @@ pub enum CheckpointError {
     Rows { name: String, start: usize, end: usize, shape: Vec<usize> },
     #[error("`{name}` stacks several tensors, which are not one stored region")]
     Stacked { name: String },
+    #[error("tensor `{name}` is stored {ty}, which is read as f32 values only")]
+    Quantized { name: String, ty: &'static str },
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
 }
 
 /// The names a `prefix{a..b}suffix` name stacks, in order; `None` for any other name.
@@ -67,6 +73,15 @@ pub struct Checkpoint {
     files: Vec<(PathBuf, Mmap)>,
     /// Tensor name -> index into `files`.
     index: HashMap<String, usize>,
+    /// A GGUF file instead of safetensors files.
+    gguf: Option<crate::gguf::Gguf>,
+}
+
+/// Whether `path` is a file that starts as a GGUF file does.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file() && File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
 }
 
 /// What a path that should be a regular file is instead, if it is not one. A FIFO or a
@@ -88,6 +103,10 @@ fn exists(path: &Path) -> bool {
 impl Checkpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint, CheckpointError> {
         let path = path.as_ref();
+        if is_gguf(path) {
+            let g = crate::gguf::Gguf::open(path)?;
+            return Ok(Checkpoint { files: Vec::new(), index: HashMap::new(), gguf: Some(g) });
+        }
         // Each file, and the tensors the index places in it (`None`: a single file).
         let files: Vec<(PathBuf, Option<Vec<String>>)> = if path.is_dir() {
             let single = path.join("model.safetensors");
@@ -105,7 +124,7 @@ impl Checkpoint {
         } else {
             vec![(path.to_path_buf(), None)]
         };
-        let mut ck = Checkpoint { files: Vec::new(), index: HashMap::new() };
+        let mut ck = Checkpoint { files: Vec::new(), index: HashMap::new(), gguf: None };
         for (f, listed) in files {
             if let Some(what) = not_a_file(&f) {
                 return Err(CheckpointError::NotAFile { path: f, what });
@@ -147,7 +166,15 @@ impl Checkpoint {
         Ok(ck)
     }
 
+    /// The GGUF file this checkpoint reads, if it is one (its metadata describes the model).
+    pub fn gguf(&self) -> Option<&crate::gguf::Gguf> {
+        self.gguf.as_ref()
+    }
+
     pub fn names(&self) -> Vec<&str> {
+        if let Some(g) = &self.gguf {
+            return g.tensors.keys().map(String::as_str).collect();
+        }
         let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
         v.sort();
         v
@@ -157,7 +184,11 @@ impl Checkpoint {
         if let Some(parts) = stacked(name) {
             return parts.iter().all(|p| self.contains(p));
         }
-        self.index.contains_key(row_range(name).map_or(name, |(base, _)| base))
+        let base = row_range(name).map_or(name, |(base, _)| base);
+        match &self.gguf {
+            Some(g) => g.tensors.contains_key(base),
+            None => self.index.contains_key(base),
+        }
     }
 
     /// Tensor `name` as stored: its dtype, shape and bytes (in the mapping, not copied);
@@ -184,6 +215,19 @@ impl Checkpoint {
 
     /// Tensor `name` as stored, whole.
     fn whole(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8]), CheckpointError> {
+        if let Some(g) = &self.gguf {
+            use crate::gguf::GgmlType;
+            let Some((t, bytes)) = g.bytes(name) else {
+                return Err(CheckpointError::Missing { name: name.to_string(), hint: self.hint(name) });
+            };
+            let dtype = match t.ty {
+                GgmlType::F32 => Dtype::F32,
+                GgmlType::F16 => Dtype::F16,
+                GgmlType::BF16 => Dtype::BF16,
+                q => return Err(CheckpointError::Quantized { name: name.into(), ty: q.name() }),
+            };
+            return Ok((dtype, t.shape.clone(), bytes));
+        }
         let Some(&i) = self.index.get(name) else {
             return Err(CheckpointError::Missing { name: name.to_string(), hint: self.hint(name) });
         };
@@ -222,6 +266,35 @@ impl Checkpoint {
                 all.extend(self.get(&p, &expected[1..])?);
             }
             return Ok(all);
+        }
+        if let Some(g) = &self.gguf {
+            // Any GGUF type, dequantised; a row range is whole rows of whole blocks.
+            let (base, rows) = row_range(name).map_or((name, None), |(b, r)| (b, Some(r)));
+            let Some((t, mut bytes)) = g.bytes(base) else {
+                return Err(CheckpointError::Missing { name: name.to_string(), hint: self.hint(name) });
+            };
+            let mut shape = t.shape.clone();
+            if let Some(r) = rows {
+                if r.start >= r.end || r.end > shape[0] {
+                    return Err(CheckpointError::Rows {
+                        name: name.into(),
+                        start: r.start,
+                        end: r.end,
+                        shape,
+                    });
+                }
+                let row = bytes.len() / shape[0];
+                bytes = &bytes[r.start * row..r.end * row];
+                shape[0] = r.len();
+            }
+            if shape != expected {
+                return Err(CheckpointError::Shape {
+                    name: name.into(),
+                    found: shape,
+                    expected: expected.to_vec(),
+                });
+            }
+            return Ok(crate::gguf::dequantize(t.ty, bytes, shape.iter().product()));
         }
         let (dtype, bytes) = self.raw(name, expected)?;
         floats(dtype, bytes)
@@ -264,10 +337,10 @@ impl Checkpoint {
         // Only names of the same kind of tensor (`.weight`, `.bias`, …) are candidates.
         let kind = |n: &str| n.rsplit('.').next().map(str::to_string);
         let mut best: Vec<(&str, usize)> = self
-            .index
-            .keys()
+            .names()
+            .into_iter()
             .filter(|k| kind(k) == kind(name))
-            .map(|k| (k.as_str(), common_affix(k, name)))
+            .map(|k| (k, common_affix(k, name)))
             .collect();
         best.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
         match best.first() {

@@ -5,6 +5,7 @@
 
 pub mod abi;
 pub mod checkpoint;
+pub mod gguf;
 pub mod gpu;
 pub mod memory;
 pub mod model;

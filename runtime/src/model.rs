@@ -371,10 +371,12 @@ impl<'m> Session<'m> {
                     Ok((dtype, bytes)) if Some(dtype) == want && (bytes.as_ptr() as usize) % align == 0 => {
                         Stored::Source(bytes)
                     }
-                    // Converted, unaligned or stacked from several tensors: a copy.
-                    Ok(_) | Err(crate::CheckpointError::Stacked { .. }) => {
-                        Stored::Made(convert(&ck.get(&w.name, &w.shape)?)?)
-                    }
+                    // Converted, unaligned, stacked from several tensors or quantised
+                    // in a GGUF file: a copy.
+                    Ok(_)
+                    | Err(
+                        crate::CheckpointError::Stacked { .. } | crate::CheckpointError::Quantized { .. },
+                    ) => Stored::Made(convert(&ck.get(&w.name, &w.shape)?)?),
                     Err(e) => return Err(e.into()),
                 },
                 WeightData::Owned(bufs) => {

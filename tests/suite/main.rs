@@ -16,6 +16,7 @@ mod diagnostics;
 mod equivalence;
 mod fixtures;
 mod fuzz;
+mod gguf;
 mod gpu;
 mod import;
 mod passes;

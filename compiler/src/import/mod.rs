@@ -1,2 +1,3 @@
 //! Importers from other model descriptions.
+pub mod gguf;
 pub mod hf;

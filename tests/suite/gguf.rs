@@ -1,0 +1,100 @@
+//! GGUF files: every block type decoded as gguf-py's reference decodes it, a Llama
+//! checkpoint written as llama.cpp's converter writes it imported and run on the
+//! interpreter and the library against transformers (F32 and Q8_0), and damaged files
+//! refused with the tensor or key named.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tfc::interp::{run, Inputs, WeightSource, Weights};
+use tfc_runtime::{Checkpoint, Model, Session, WeightData};
+
+use crate::backends::build_opts;
+use crate::common::*;
+
+fn dir() -> PathBuf {
+    root().join("tests/fixtures/gguf")
+}
+
+#[test]
+fn every_block_type_decodes_as_the_reference_does() {
+    let ck = Checkpoint::open(dir().join("quants.gguf")).unwrap();
+    let want = dir().join("quants.expected.safetensors");
+    for ty in ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] {
+        let got = ck.get(ty, &[2, 512]).unwrap();
+        let w = read_tensor(&want, ty);
+        let worst =
+            got.iter().zip(&w.data).map(|(a, b)| (a - b).abs() / b.abs().max(1e-3)).fold(0.0, f32::max);
+        assert!(worst <= 1e-6, "{ty}: relative difference {worst:e} from gguf-py");
+        assert!(w.data.iter().any(|&x| x != 0.0), "{ty}: the reference is all zeros");
+    }
+    // A row range of a quantised tensor is whole blocks of it.
+    let rows = ck.get("q4_k[1:2]", &[1, 512]).unwrap();
+    assert_eq!(rows, ck.get("q4_k", &[2, 512]).unwrap()[512..]);
+}
+
+/// The llama fixture's prompt logits from a GGUF file, on the interpreter and the library.
+fn check(file: &str, want: &[f32], tol: f32) {
+    let path = dir().join(file);
+    let ck = Checkpoint::open(&path).unwrap();
+    let spec = tfc::import::gguf::import(ck.gguf().unwrap(), file).unwrap();
+    let c = compile_text(file, &spec);
+    let fx = Fixture::load("llama");
+    let tokens: Vec<i64> = fx.prompt.iter().map(|&t| t as i64).collect();
+    let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
+    let mut out = run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap();
+    assert_close(&format!("{file}: interpreter"), &out.remove("logits").unwrap().data, want, tol);
+    let spec_path = root().join("target/test-gguf").join(file.replace(".gguf", ".tfs"));
+    std::fs::create_dir_all(spec_path.parent().unwrap()).unwrap();
+    std::fs::write(&spec_path, &spec).unwrap();
+    let lib = build_opts(&spec_path, "gguf", &tfc::Options::default(), &Default::default());
+    let model = Model::load(lib).unwrap();
+    let mut s = Session::new(&model, WeightData::Checkpoint(Arc::new(ck)), 2).unwrap();
+    let rows = s.prefill(&fx.prompt, None, true).unwrap();
+    assert_close(&format!("{file}: library"), &rows, want, tol);
+}
+
+#[test]
+fn a_llama_gguf_in_f32_computes_what_transformers_computes_from_the_checkpoint() {
+    let want = read_tensor(&root().join("tests/fixtures/hf/llama/expected.safetensors"), "logits");
+    check("llama_f32.gguf", &want.data, 1e-4);
+}
+
+#[test]
+fn a_llama_gguf_in_q8_0_computes_what_transformers_computes_from_the_gguf() {
+    let want = read_tensor(&dir().join("llama_q8_0.expected.safetensors"), "logits");
+    check("llama_q8_0.gguf", &want.data, 1e-4);
+}
+
+#[test]
+fn damaged_gguf_files_are_errors_that_say_where() {
+    let bytes = std::fs::read(dir().join("llama_q8_0.gguf")).unwrap();
+    let scratch = root().join("target/test-gguf");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let open = |name: &str, b: &[u8]| {
+        let p = scratch.join(name);
+        std::fs::write(&p, b).unwrap();
+        Checkpoint::open(&p).err().map(|e| e.to_string())
+    };
+    let e = open("cut.gguf", &bytes[..bytes.len() - 100]).unwrap();
+    assert!(e.contains("tensor `output.weight`") && e.contains("outside the file"), "{e}");
+    // Cut anywhere in the header: the message says what was being read.
+    for cut in [200, 700, 1200, 1800, 2400] {
+        let e = open("header.gguf", &bytes[..cut]).unwrap();
+        assert!(e.contains("not a valid GGUF file"), "{cut}: {e}");
+        assert!(
+            e.contains("metadata `") || e.contains("tensor ") || e.contains("count claims"),
+            "{cut}: {e}"
+        );
+    }
+    let mut v = bytes.clone();
+    v[4] = 9;
+    assert!(open("version.gguf", &v).unwrap().contains("version 9"));
+    let mut v = bytes.clone();
+    v[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    let e = open("count.gguf", &v).unwrap();
+    assert!(e.contains("tensor count") && e.contains("more than"), "{e}");
+    // A file that is not GGUF is read as safetensors, and says so.
+    let e = open("other.gguf", b"GGML not really").unwrap();
+    assert!(e.contains("not a valid safetensors file"), "{e}");
+}
