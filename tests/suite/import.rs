@@ -124,10 +124,6 @@ fn what_cannot_be_imported_faithfully_is_an_error() {
         );
     });
     assert!(e.contains("`layer_types`"), "{e}");
-    let e = import_err("falcon", &|c| {
-        c.insert("alibi".into(), true.into());
-    });
-    assert!(e.contains("`alibi` = true"), "{e}");
     let e = import_err("qwen2_swa", &|c| {
         c.insert("layer_types".into(), serde_json::json!(["full_attention"]));
     });

@@ -21,5 +21,6 @@ mod gpu;
 mod import;
 mod passes;
 mod robustness;
+mod smollm2;
 mod stages;
 mod toolchain;

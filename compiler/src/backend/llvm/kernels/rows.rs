@@ -143,12 +143,13 @@ pub(crate) fn layer_norm<'ctx>(
     let p = |s: Slot| args.p(s);
     let Kernel::LayerNorm { d, eps, round, sets, .. } = *k else { unreachable!("a LayerNorm kernel") };
 
-    let (x, out) = (p(X), p(Out));
+    let (x, w0) = (p(X), args.opt_p(W));
+    let (b0, out) = (args.opt_p(Bias), p(Out));
+    let rows = (sets > 1).then(|| args.i(Rows));
     kb.for_(begin, end, |r| {
         let base = kb.mul(r, c(d));
-        let at = param_start(kb, args, sets, r, d);
-        let w = args.opt_p(W).map(|w| kb.gep(kb.f32t(), w, at));
-        let b = args.opt_p(Bias).map(|b| kb.gep(kb.f32t(), b, at));
+        let w = w0.map(|w| param_start(kb, w, rows, sets, r, d));
+        let b = b0.map(|b| param_start(kb, b, rows, sets, r, d));
         let n = kb.fc(d as f64);
         let mean = kb.fdiv(kb.sum(c(0), c(d), |j| kb.ld(x, kb.add(base, j))), n);
         let var = kb.fdiv(
@@ -174,20 +175,23 @@ pub(crate) fn layer_norm<'ctx>(
     });
 }
 
-/// Where row `r`'s norm parameters start: 0 when shared, else its head's (`sets` heads
-/// of `rows / sets` rows each).
+/// Row `r`'s norm parameters in `p`: `p` itself when shared, else its head's set (`sets`
+/// heads of `rows / sets` rows each).
 fn param_start<'ctx>(
     kb: &Kb<'_, 'ctx>,
-    args: &Args<'_, '_, 'ctx>,
+    p: PointerValue<'ctx>,
+    rows: Option<IntValue<'ctx>>,
     sets: usize,
     r: IntValue<'ctx>,
     d: usize,
-) -> IntValue<'ctx> {
-    if sets <= 1 {
-        return kb.c(0);
+) -> PointerValue<'ctx> {
+    match rows {
+        Some(rows) if sets > 1 => {
+            let per_head = kb.udiv(rows, kb.c(sets as i64));
+            kb.gep(kb.f32t(), p, kb.mul(kb.udiv(r, per_head), kb.c(d as i64)))
+        }
+        _ => p,
     }
-    let per_head = kb.udiv(args.i(Slot::Rows), kb.c(sets as i64));
-    kb.mul(kb.udiv(r, per_head), kb.c(d as i64))
 }
 
 pub(crate) fn rms_norm<'ctx>(
@@ -202,10 +206,11 @@ pub(crate) fn rms_norm<'ctx>(
     let p = |s: Slot| args.p(s);
     let Kernel::RmsNorm { d, eps, unit_offset, round, sets } = *k else { unreachable!("a RmsNorm kernel") };
 
-    let (x, out) = (p(X), p(Out));
+    let (x, w0, out) = (p(X), p(W), p(Out));
+    let rows = (sets > 1).then(|| args.i(Rows));
     kb.for_(begin, end, |r| {
         let base = kb.mul(r, c(d));
-        let w = kb.gep(kb.f32t(), p(W), param_start(kb, args, sets, r, d));
+        let w = param_start(kb, w0, rows, sets, r, d);
         let ss = kb.sum(c(0), c(d), |j| {
             let v = kb.ld(x, kb.add(base, j));
             kb.fmul(v, v)

