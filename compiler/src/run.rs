@@ -1105,3 +1105,150 @@ fn tempdir() -> Result<PathBuf> {
     std::fs::create_dir_all(&d)?;
     Ok(d)
 }
+
+#[derive(Args)]
+pub struct ChatArgs {
+    /// A GGUF file: its spec, weights, tokenizer and chat template.
+    model: PathBuf,
+    /// The system prompt, the conversation's first message.
+    #[arg(long)]
+    system: Option<String>,
+    /// The most tokens one answer may take.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 (the default) is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample only among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample only among the most likely tokens whose probability reaches p.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Threads for the compiled library: 1 to 256, or 0 for one per core.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// The CPU the library is compiled for (`native` or an LLVM CPU name).
+    #[arg(long, default_value = "native")]
+    target_cpu: String,
+    #[command(flatten)]
+    precision: Precision,
+}
+
+/// A conversation with a GGUF model on standard input: each line is the user's turn,
+/// `/clear` starts over. The KV cache is kept between turns: a turn feeds only the tokens
+/// its rendering adds after what the cache holds (the template's text for the earlier
+/// turns is the same each time), and starts over only when they differ.
+pub fn chat(a: ChatArgs) -> Result<()> {
+    use std::io::{BufRead, IsTerminal};
+    check_threads(a.threads)?;
+    if !a.temperature.is_finite() || a.temperature < 0.0 {
+        bail!("--temperature {}: it must be a finite number ≥ 0 (0 is greedy)", a.temperature);
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p {}: it must be in (0, 1]", a.top_p);
+    }
+    let text = import_gguf(&a.model)?;
+    let name = format!("{} (imported)", a.model.display());
+    let c = tfc::compile(&name, &text, &a.precision.options(), &mut |_, _| {})?;
+    let ck = Arc::new(Checkpoint::open(&a.model)?);
+    let g = ck.gguf().context("not a GGUF file")?;
+    let tok =
+        tfc::text::gguf_tokenizer(g)?.with_context(|| format!("{} holds no tokenizer", a.model.display()))?;
+    let tpl = tfc::text::ChatTemplate::from_gguf(g)
+        .with_context(|| format!("{} holds no chat template", a.model.display()))?;
+    let stop: Vec<usize> = tfc::text::gguf_stop_ids(g).into_iter().map(|i| i as usize).collect();
+    let model = load_library(&c, &a.target_cpu, a.precision, tfc::backend::Backend::Llvm)?;
+    model
+        .needs()
+        .check(&c.spec.name, "as stored in the library", c.spec.sizes.max_seq)
+        .map_err(anyhow::Error::msg)?;
+    let mut s = tfc_runtime::Session::new(&model, WeightData::Checkpoint(ck.clone()), a.threads)?;
+    let max_seq = c.spec.sizes.max_seq;
+    let mut sampler = if a.temperature > 0.0 {
+        Sampler::sample(a.temperature, a.top_k, a.top_p, a.seed)
+    } else {
+        Sampler::Greedy
+    };
+    let start: Vec<(String, String)> = a.system.iter().map(|t| ("system".to_string(), t.clone())).collect();
+    let mut messages = start.clone();
+    // The tokens the cache holds, in order.
+    let mut cached: Vec<u32> = Vec::new();
+    let tty = std::io::stdin().is_terminal();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if tty {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next().transpose()? else { break };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "/clear" {
+            messages = start.clone();
+            cached.clear();
+            s.reset();
+            eprintln!("[cleared]");
+            continue;
+        }
+        messages.push(("user".into(), line.to_string()));
+        let rendered = tpl.render(&messages, true)?;
+        let ids: Vec<u32> = tok
+            .encode(rendered.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("cannot tokenise the conversation: {e}"))?
+            .get_ids()
+            .to_vec();
+        if ids.len() >= max_seq {
+            messages.pop();
+            eprintln!("[the conversation passes {max_seq} tokens (--max-seq); /clear starts over, or compile for more]");
+            continue;
+        }
+        // The answer ends at the end of the turn, `--max-tokens`, or the cache's end.
+        let budget = a.max_tokens.min(max_seq - ids.len());
+        // Feed what the cache does not hold yet: all of it if the cache holds anything else.
+        let same = cached.iter().zip(&ids).take_while(|(x, y)| x == y).count();
+        let mut logits = if same == cached.len() && same > 0 && same < ids.len() {
+            let mut last = Vec::new();
+            for &t in &ids[same..] {
+                last = s.decode(t as i32)?;
+            }
+            last
+        } else {
+            s.reset();
+            let prompt: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+            s.prefill(&prompt, None, false)?
+        };
+        cached = ids;
+        let (mut answer, mut shown, mut stopped) = (Vec::new(), String::new(), false);
+        while answer.len() < budget {
+            let next = sampler.next(&logits);
+            if stop.contains(&next) {
+                stopped = true;
+                break;
+            }
+            answer.push(next as u32);
+            let text = tok.decode(&answer, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
+            if let Some(new) = text.strip_prefix(shown.as_str()) {
+                print!("{new}");
+                std::io::stdout().flush()?;
+            }
+            shown = text;
+            if answer.len() == budget {
+                break;
+            }
+            cached.push(next as u32);
+            logits = s.decode(next as i32)?;
+        }
+        println!();
+        if !stopped {
+            eprintln!("[length: {} tokens]", answer.len());
+        }
+        messages.push(("assistant".into(), shown));
+    }
+    Ok(())
+}

