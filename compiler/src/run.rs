@@ -94,8 +94,8 @@ impl Precision {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// The spec file (`.tfs`), or a GGUF file (imported, and its weights and tokenizer
-    /// used).
+    /// The spec file (`.tfs`), or a GGUF file or a Hugging Face folder (`config.json`,
+    /// safetensors, `tokenizer.json`): imported, and its weights and tokenizer used.
     spec: PathBuf,
     /// A safetensors checkpoint: a folder with `model.safetensors` (or shards) and
     /// optionally `tokenizer.json`, or a file. Without it, random weights from `--seed`.
@@ -453,14 +453,27 @@ pub fn run(a: RunArgs) -> Result<()> {
     // A GGUF file in place of the spec: its own spec, and its weights unless others are
     // given.
     let gguf = tfc_runtime::checkpoint::is_gguf(&a.spec);
-    let c = if gguf {
-        let text = import_gguf(&a.spec)?;
-        let name = format!("{} (imported)", a.spec.display());
-        tfc::compile(&name, &text, &a.precision.options(), &mut |_, _| {})?
+    // A Hugging Face folder in place of the spec: imported from its config.json, its
+    // checkpoint and tokenizer used.
+    let hf = a.spec.is_dir() && a.spec.join("config.json").is_file();
+    let imported = if gguf {
+        Some(import_gguf(&a.spec)?)
+    } else if hf {
+        let config = a.spec.join("config.json");
+        let text =
+            std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
+        Some(tfc::import::hf::import(&text).with_context(|| format!("cannot import {}", config.display()))?)
     } else {
-        compile(&a.spec, &a.precision.options())?
+        None
     };
-    let weights = a.weights.clone().or_else(|| gguf.then(|| a.spec.clone()));
+    let c = match &imported {
+        Some(text) => {
+            let name = format!("{} (imported)", a.spec.display());
+            tfc::compile(&name, text, &a.precision.options(), &mut |_, _| {})?
+        }
+        None => compile(&a.spec, &a.precision.options())?,
+    };
+    let weights = a.weights.clone().or_else(|| (gguf || hf).then(|| a.spec.clone()));
     let checkpoint = match &weights {
         Some(dir) => Some(Arc::new(Checkpoint::open(dir)?)),
         None => None,
@@ -489,9 +502,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     let text = match (&a.prompt, &a.chat) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(q)) => {
-            let tpl = gguf_file
-                .and_then(tfc::text::ChatTemplate::from_gguf)
-                .context("--chat needs a chat template: a GGUF file with `tokenizer.chat_template`")?;
+            let tpl = match gguf_file {
+                Some(g) => tfc::text::ChatTemplate::from_gguf(g),
+                None => weights.as_deref().and_then(tfc::text::ChatTemplate::from_hf_dir),
+            }
+            .context("--chat needs a chat template: a GGUF file's `tokenizer.chat_template`, or a folder's `chat_template.jinja` or `tokenizer_config.json`")?;
             Some(tpl.render(&[("user".to_string(), q.clone())], true)?)
         }
         _ => None,

@@ -173,6 +173,34 @@ impl ChatTemplate {
         })
     }
 
+    /// The template of a Hugging Face folder: `chat_template.jinja`, else
+    /// `tokenizer_config.json`'s `chat_template` (a string, or the one named `default`
+    /// of a list), with that file's `bos_token` and `eos_token`.
+    pub fn from_hf_dir(dir: &std::path::Path) -> Option<ChatTemplate> {
+        let config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let source =
+            std::fs::read_to_string(dir.join("chat_template.jinja")).ok().or_else(|| {
+                match &config["chat_template"] {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Array(a) => a
+                        .iter()
+                        .find(|t| t["name"] == "default")
+                        .and_then(|t| t["template"].as_str())
+                        .map(str::to_string),
+                    _ => None,
+                }
+            })?;
+        // A special token is a string or `{"content": …}`.
+        let token = |k: &str| match &config[k] {
+            serde_json::Value::String(s) => s.clone(),
+            v => v["content"].as_str().unwrap_or("").to_string(),
+        };
+        Some(ChatTemplate { source, bos_token: token("bos_token"), eos_token: token("eos_token") })
+    }
+
     /// The conversation `(role, content)` as the model reads it, ending with the
     /// assistant's turn opened when `add_generation_prompt`.
     pub fn render(

@@ -475,3 +475,34 @@ fn a_real_gguf_model_answers_in_one_command_and_in_a_conversation() {
     assert_ne!(lines[2], lines[1], "{lines:?}");
     assert!(stderr(&o).contains("[cleared]"));
 }
+
+/// A Hugging Face folder runs in one step: imported from its config.json, bound from its
+/// checkpoint, and generating what transformers generated.
+#[test]
+fn a_hugging_face_folder_runs_in_one_step() {
+    let cache = scratch("hf-folder");
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/hf/llama/fixture.json")).unwrap(),
+    )
+    .unwrap();
+    let ids = |k: &str| -> String {
+        fixture[k].as_array().unwrap().iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")
+    };
+    for backend in ["interp", "llvm"] {
+        let o = tfc(
+            &cache,
+            &[
+                "run",
+                "tests/fixtures/hf/llama",
+                "--tokens",
+                &ids("prompt"),
+                "--generate",
+                "12",
+                "--backend",
+                backend,
+            ],
+        );
+        assert!(o.status.success(), "{backend}: {}", stderr(&o));
+        assert_eq!(stdout(&o).trim(), ids("greedy"), "{backend}");
+    }
+}
