@@ -417,6 +417,25 @@ impl Drop for OutFile {
     }
 }
 
+/// Runs one slow step of getting a model ready (importing, compiling, loading, binding)
+/// under a spinner on stderr that says what it is doing and, when it is done, how long it
+/// took; nothing is drawn when stderr is not a terminal.
+fn step<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return f();
+    }
+    let bar = indicatif::ProgressBar::new_spinner().with_message(what.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    let t = Instant::now();
+    let r = f();
+    bar.finish_and_clear();
+    if r.is_ok() {
+        eprintln!("{what}: {:.1} s", t.elapsed().as_secs_f64());
+    }
+    r
+}
+
 /// Compiles a spec file with the precision of the command line.
 fn compile(spec: &Path, opts: &Options) -> Result<tfc::Compiled> {
     let source = std::fs::read_to_string(spec).with_context(|| format!("cannot read {}", spec.display()))?;
@@ -457,7 +476,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     // checkpoint and tokenizer used.
     let hf = a.spec.is_dir() && a.spec.join("config.json").is_file();
     let imported = if gguf {
-        Some(import_gguf(&a.spec)?)
+        Some(step("importing", || import_gguf(&a.spec))?)
     } else if hf {
         let config = a.spec.join("config.json");
         let text =
@@ -466,13 +485,13 @@ pub fn run(a: RunArgs) -> Result<()> {
     } else {
         None
     };
-    let c = match &imported {
+    let c = step("compiling the graphs", || match &imported {
         Some(text) => {
             let name = format!("{} (imported)", a.spec.display());
-            tfc::compile(&name, text, &a.precision.options(), &mut |_, _| {})?
+            Ok(tfc::compile(&name, text, &a.precision.options(), &mut |_, _| {})?)
         }
-        None => compile(&a.spec, &a.precision.options())?,
-    };
+        None => compile(&a.spec, &a.precision.options()),
+    })?;
     let weights = a.weights.clone().or_else(|| (gguf || hf).then(|| a.spec.clone()));
     let checkpoint = match &weights {
         Some(dir) => Some(Arc::new(Checkpoint::open(dir)?)),
@@ -558,7 +577,8 @@ pub fn run(a: RunArgs) -> Result<()> {
             if a.precision.dtype.is_some() {
                 bail!("--dtype applies to CPU libraries; GPU kernels read f32 weights");
             }
-            gpu_model = load_gpu(&c, a.target, a.precision)?;
+            gpu_model =
+                step("compiling and loading the GPU kernels", || load_gpu(&c, a.target, a.precision))?;
             let data = match &checkpoint {
                 Some(ck) => WeightData::Checkpoint(ck.clone()),
                 None => random(gpu_model.program().weights.iter().map(|w| w.name.clone()).collect())?,
@@ -577,11 +597,13 @@ pub fn run(a: RunArgs) -> Result<()> {
                 Some(ck) => WeightSource::Checkpoint(ck),
                 None => WeightSource::Random { seed: a.seed },
             };
-            interp_weights = Weights::bind(&graphs, &source)?;
+            interp_weights = step("binding the weights", || Ok(Weights::bind(&graphs, &source)?))?;
             Engine::Interp(interp::Session::new(&c, &interp_weights))
         }
         Backend::Llvm | Backend::Mlir => {
-            model = load_library(&c, &a.target_cpu, a.precision, a.backend.codegen())?;
+            model = step("compiling and loading the library", || {
+                load_library(&c, &a.target_cpu, a.precision, a.backend.codegen())
+            })?;
             let mut needs = model.needs();
             needs.weights = needs.weights.saturating_add(random_bytes);
             let what =
@@ -591,7 +613,9 @@ pub fn run(a: RunArgs) -> Result<()> {
                 Some(ck) => WeightData::Checkpoint(ck.clone()),
                 None => random(model.manifest().weights.iter().map(|w| w.name.clone()).collect())?,
             };
-            Engine::Lib(tfc_runtime::Session::new(&model, data, a.threads)?)
+            Engine::Lib(step("binding the weights", || {
+                Ok(tfc_runtime::Session::new(&model, data, a.threads)?)
+            })?)
         }
     };
     let mut rows = engine.prefill(&tokens, &a.token_types, a.logits.is_some())?;
@@ -1166,9 +1190,11 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p {}: it must be in (0, 1]", a.top_p);
     }
-    let text = import_gguf(&a.model)?;
+    let text = step("importing", || import_gguf(&a.model))?;
     let name = format!("{} (imported)", a.model.display());
-    let c = tfc::compile(&name, &text, &a.precision.options(), &mut |_, _| {})?;
+    let c = step("compiling the graphs", || {
+        Ok(tfc::compile(&name, &text, &a.precision.options(), &mut |_, _| {})?)
+    })?;
     let ck = Arc::new(Checkpoint::open(&a.model)?);
     let g = ck.gguf().context("not a GGUF file")?;
     let tok =
@@ -1176,12 +1202,16 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     let tpl = tfc::text::ChatTemplate::from_gguf(g)
         .with_context(|| format!("{} holds no chat template", a.model.display()))?;
     let stop: Vec<usize> = tfc::text::gguf_stop_ids(g).into_iter().map(|i| i as usize).collect();
-    let model = load_library(&c, &a.target_cpu, a.precision, tfc::backend::Backend::Llvm)?;
+    let model = step("compiling and loading the library", || {
+        load_library(&c, &a.target_cpu, a.precision, tfc::backend::Backend::Llvm)
+    })?;
     model
         .needs()
         .check(&c.spec.name, "as stored in the library", c.spec.sizes.max_seq)
         .map_err(anyhow::Error::msg)?;
-    let mut s = tfc_runtime::Session::new(&model, WeightData::Checkpoint(ck.clone()), a.threads)?;
+    let mut s = step("binding the weights", || {
+        Ok(tfc_runtime::Session::new(&model, WeightData::Checkpoint(ck.clone()), a.threads)?)
+    })?;
     let max_seq = c.spec.sizes.max_seq;
     let mut sampler = if a.temperature > 0.0 {
         Sampler::sample(a.temperature, a.top_k, a.top_p, a.seed)
