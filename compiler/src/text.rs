@@ -209,6 +209,10 @@ impl ChatTemplate {
         add_generation_prompt: bool,
     ) -> Result<String, TextError> {
         let mut env = minijinja::Environment::new();
+        // As transformers compiles templates: a block tag's line break and leading
+        // blanks are not output.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))

@@ -104,3 +104,46 @@ fn damaged_gguf_files_are_errors_that_say_where() {
     let e = open("other.gguf", b"GGML not really").unwrap();
     assert!(e.contains("not a valid safetensors file"), "{e}");
 }
+
+/// Chat templates of several families render as transformers renders them
+/// (`tests/fixtures/chat_templates/`, made by `make_chat_templates.py`), a template's
+/// own refusal included.
+#[test]
+fn chat_templates_render_as_transformers_renders_them() {
+    let dir = root().join("tests/fixtures/chat_templates");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let conversations: Vec<Vec<(String, String)>> = want["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            c.as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    (m["role"].as_str().unwrap().to_string(), m["content"].as_str().unwrap().to_string())
+                })
+                .collect()
+        })
+        .collect();
+    let templates = want["templates"].as_object().unwrap();
+    assert!(templates.len() >= 8);
+    for (name, t) in templates {
+        let tpl = tfc::text::ChatTemplate {
+            source: std::fs::read_to_string(dir.join(format!("{name}.jinja"))).unwrap(),
+            bos_token: t["bos_token"].as_str().unwrap().to_string(),
+            eos_token: t["eos_token"].as_str().unwrap().to_string(),
+        };
+        for (c, r) in conversations.iter().zip(t["renders"].as_array().unwrap()) {
+            let got = tpl.render(c, true);
+            match r.as_str() {
+                Some(text) => assert_eq!(got.unwrap(), text, "{name}"),
+                None => {
+                    let e = got.unwrap_err().to_string();
+                    assert!(e.contains(r["error"].as_str().unwrap()), "{name}: {e}");
+                }
+            }
+        }
+    }
+}
