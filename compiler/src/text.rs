@@ -97,11 +97,19 @@ pub fn gguf_tokenizer(g: &Gguf) -> Result<Option<Tokenizer>, TextError> {
         .build()
         .map_err(|e| TextError::Gguf(format!("the BPE model: {e}")))?;
     let mut tok = Tokenizer::new(bpe);
+    // How text is split before the merges: GPT-2's pattern (byte-level's own), or the
+    // one the vocabulary was trained with. A kind not listed is refused rather than
+    // split another way.
     let pre = g.meta.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
     let split = match pre {
+        "default" | "gpt-2" | "gpt2" | "smollm" => None,
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" => Some(LLAMA3_SPLIT),
         "qwen2" | "deepseek-r1-qwen" => Some(QWEN2_SPLIT),
-        _ => None,
+        other => {
+            return Err(TextError::Gguf(format!(
+                "pre-tokenizer `{other}` is not supported yet (gpt-2, smollm, llama-bpe and qwen2 are); pass --tokenizer with a tokenizer.json"
+            )))
+        }
     };
     let pre_tok: PreTokenizerWrapper = match split {
         Some(re) => {
