@@ -4,8 +4,10 @@
 //! A GGUF file carries its vocabulary (`tokenizer.ggml.*`) instead of a `tokenizer.json`.
 //! A byte-level BPE vocabulary (`tokenizer.ggml.model = gpt2`) becomes a `tokenizers` BPE
 //! with the merges the file lists, split first by the pattern its `tokenizer.ggml.pre`
-//! names (GPT-2's, Llama 3's, Qwen2's), as transformers' GGUF loader builds it; tokens the
-//! file marks as control are special, user-defined ones are matched whole. Chat templates
+//! names (GPT-2's, Llama 3's, Qwen2's), as transformers' GGUF loader builds it; a
+//! SentencePiece one (`llama`) a BPE with byte fallback whose merges are recovered from
+//! the scores; tokens the file marks as control are special, user-defined ones are
+//! matched whole. Chat templates
 //! (Jinja) render with minijinja, given `messages`, `add_generation_prompt`, `bos_token`
 //! and `eos_token` as transformers gives them.
 
@@ -59,19 +61,98 @@ fn strings<'a>(g: &'a Gguf, key: &str) -> Result<Vec<&'a str>, TextError> {
         .collect()
 }
 
+/// The merges a SentencePiece vocabulary implies, as transformers recovers them from a
+/// GGUF file that lists none: every split of a token into two tokens of the vocabulary,
+/// ordered by the token's score (highest first), then by the lengths of the two parts
+/// (longest first), then as found (token order, then the parts' ids).
+fn spm_merges(tokens: &[&str], scores: &[f64]) -> Vec<(String, String)> {
+    let vocab: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (t, &score) in tokens.iter().zip(scores) {
+        if !seen.insert(*t) {
+            continue;
+        }
+        let mut local: Vec<(&str, &str, f64)> = t
+            .char_indices()
+            .skip(1)
+            .map(|(i, _)| (&t[..i], &t[i..]))
+            .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
+            .map(|(l, r)| (l, r, score))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (vocab[l], vocab[r]));
+        merges.extend(local);
+    }
+    let key = |m: &(&str, &str, f64)| (m.2, m.0.chars().count(), m.1.chars().count());
+    merges.sort_by(|a, b| key(b).partial_cmp(&key(a)).unwrap_or(std::cmp::Ordering::Equal));
+    merges.into_iter().map(|(l, r, _)| (l.to_string(), r.to_string())).collect()
+}
+
+/// A SentencePiece BPE vocabulary (`tokenizer.ggml.model = llama`): merges recovered from
+/// the scores, bytes outside the vocabulary as `<0x..>` tokens, spaces as `▁` with one
+/// put before the text when the file says so (`add_space_prefix`, on by default), as
+/// transformers' Llama tokenizer does.
+fn spm_tokenizer(g: &Gguf, tokens: &[&str]) -> Result<Tokenizer, TextError> {
+    use tokenizers::decoders::{
+        byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as Decoders, strip::Strip,
+    };
+    use tokenizers::normalizers::{Prepend, Replace};
+    let scores: Vec<f64> = g
+        .meta
+        .get("tokenizer.ggml.scores")
+        .and_then(Value::as_array)
+        .ok_or_else(|| TextError::Gguf("no `tokenizer.ggml.scores`".into()))?
+        .iter()
+        .map(|v| v.as_f64().unwrap_or(0.0))
+        .collect();
+    if scores.len() != tokens.len() {
+        return Err(TextError::Gguf(format!("{} scores for {} tokens", scores.len(), tokens.len())));
+    }
+    let vocab: tokenizers::models::bpe::Vocab =
+        tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+    let unk = g.meta.get("tokenizer.ggml.unknown_token_id").and_then(Value::as_u64).unwrap_or(0) as usize;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, spm_merges(tokens, &scores))
+        .byte_fallback(true)
+        .fuse_unk(true)
+        .unk_token(tokens.get(unk).copied().unwrap_or("<unk>").to_string())
+        .build()
+        .map_err(|e| TextError::Gguf(format!("the BPE model: {e}")))?;
+    let mut tok = Tokenizer::new(bpe);
+    let bad = |e: Box<dyn std::error::Error + Send + Sync>| TextError::Gguf(e.to_string());
+    let space = Replace::new(" ", "\u{2581}").map_err(bad)?;
+    let prefix = !matches!(g.meta.get("tokenizer.ggml.add_space_prefix"), Some(Value::Bool(false)));
+    let normalizer: tokenizers::NormalizerWrapper = if prefix {
+        tokenizers::normalizers::Sequence::new(vec![Prepend::new("\u{2581}".into()).into(), space.into()])
+            .into()
+    } else {
+        space.into()
+    };
+    tok.with_normalizer(Some(normalizer));
+    let unspace = tokenizers::decoders::DecoderWrapper::Replace(Replace::new("\u{2581}", " ").map_err(bad)?);
+    let mut steps = vec![unspace, ByteFallback::default().into(), Fuse::default().into()];
+    if prefix {
+        steps.push(Strip::new(' ', 1, 0).into());
+    }
+    tok.with_decoder(Some(Decoders::new(steps)));
+    Ok(tok)
+}
+
 /// The tokenizer a GGUF file describes; `None` when it describes none.
 pub fn gguf_tokenizer(g: &Gguf) -> Result<Option<Tokenizer>, TextError> {
     let Some(model) = g.meta.get("tokenizer.ggml.model").and_then(Value::as_str) else { return Ok(None) };
+    if model == "llama" {
+        let tokens = strings(g, "tokenizer.ggml.tokens")?;
+        let mut tok = spm_tokenizer(g, &tokens)?;
+        add_marked(&mut tok, g, &tokens, |_| true);
+        return Ok(Some(tok));
+    }
     if model != "gpt2" {
         return Err(TextError::Gguf(format!(
-            "tokenizer model `{model}` is not supported yet (byte-level BPE, `gpt2`, is); pass --tokenizer with a tokenizer.json"
+            "tokenizer model `{model}` is not supported yet (byte-level BPE `gpt2` and SentencePiece `llama` are); pass --tokenizer with a tokenizer.json"
         )));
     }
     let tokens = strings(g, "tokenizer.ggml.tokens")?;
-    let types: Vec<i64> = match g.meta.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
-        Some(a) => a.iter().map(|v| v.as_f64().map_or(1, |x| x as i64)).collect(),
-        None => vec![1; tokens.len()],
-    };
     let merges: Vec<(String, String)> = strings(g, "tokenizer.ggml.merges")?
         .into_iter()
         .map(|m| {
@@ -121,18 +202,29 @@ pub fn gguf_tokenizer(g: &Gguf) -> Result<Option<Tokenizer>, TextError> {
     };
     tok.with_pre_tokenizer(Some(pre_tok));
     tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
-    // Control tokens (type 3) are special; user-defined ones (type 4) are matched whole.
+    // In a byte-level vocabulary a control token spelled outside the byte alphabet is a
+    // mislabel (transformers skips it too).
+    add_marked(&mut tok, g, &tokens, |t| t.chars().all(|c| alphabet.contains(&c)));
+    Ok(Some(tok))
+}
+
+/// Control tokens (type 3) as special tokens, user-defined ones (type 4) as tokens matched
+/// whole, those that `keep`.
+fn add_marked(tok: &mut Tokenizer, g: &Gguf, tokens: &[&str], keep: impl Fn(&str) -> bool) {
+    let types: Vec<i64> = match g.meta.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+        Some(a) => a.iter().map(|v| v.as_f64().map_or(1, |x| x as i64)).collect(),
+        None => vec![1; tokens.len()],
+    };
     let added = |ty: i64, special: bool| -> Vec<AddedToken> {
         tokens
             .iter()
             .zip(&types)
-            .filter(|(t, &k)| k == ty && t.chars().all(|c| alphabet.contains(&c)))
+            .filter(|(t, &k)| k == ty && keep(t))
             .map(|(t, _)| AddedToken::from(t.to_string(), special).normalized(false))
             .collect()
     };
     tok.add_special_tokens(&added(3, true));
     tok.add_tokens(&added(4, false));
-    Ok(Some(tok))
 }
 
 /// A token id the file names under `key`, if any.

@@ -154,7 +154,7 @@ fn chat_templates_render_as_transformers_renders_them() {
 #[test]
 fn gguf_vocabularies_tokenise_as_hugging_face_does() {
     let dir = root().join("tests/fixtures/vocab");
-    for (name, differ) in [("gpt-2", 0), ("llama-bpe", 1), ("qwen2", 0)] {
+    for (name, differ) in [("gpt-2", 0), ("llama-bpe", 1), ("qwen2", 0), ("llama-spm", 0), ("phi-3", 0)] {
         let ck = Checkpoint::open(dir.join(format!("ggml-vocab-{name}.gguf"))).unwrap();
         let tok = tfc::text::gguf_tokenizer(ck.gguf().unwrap()).unwrap().unwrap();
         let inp = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.inp"))).unwrap();
@@ -174,4 +174,19 @@ fn gguf_vocabularies_tokenise_as_hugging_face_does() {
         // Llama 3's: one text of Vietnamese with combining marks splits otherwise here.
         assert_eq!(wrong.len(), differ, "{name}: {wrong:?}");
     }
+}
+
+#[test]
+fn a_sentencepiece_gguf_vocabulary_decodes_what_it_encodes() {
+    let ck = Checkpoint::open(root().join("tests/fixtures/vocab/ggml-vocab-llama-spm.gguf")).unwrap();
+    let tok = tfc::text::gguf_tokenizer(ck.gguf().unwrap()).unwrap().unwrap();
+    for text in ["Hello world", "Hello, y'all! How are you 😁 ?我想在apple工作1314151天～", "line\n\ttab"]
+    {
+        let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(tok.decode(&ids, true).unwrap(), text);
+    }
+    // `<s>` is a control token: special, whole, and dropped when decoding.
+    let ids = tok.encode("<s>Hi", false).unwrap().get_ids().to_vec();
+    assert_eq!(ids[0], 1, "{ids:?}");
+    assert_eq!(tok.decode(&ids, true).unwrap(), "Hi");
 }
