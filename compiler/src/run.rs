@@ -123,9 +123,14 @@ pub struct RunArgs {
     /// Token type (segment) ids for encoders, comma-separated; zeros by default.
     #[arg(long, value_delimiter = ',')]
     token_types: Vec<i32>,
-    /// How many tokens to generate after the prompt.
-    #[arg(long, default_value_t = 0)]
+    /// How many tokens to generate after the prompt (with a text prompt: at most that
+    /// many, stopping at the end of the sequence).
+    #[arg(long, visible_alias = "max-tokens", default_value_t = 0)]
     generate: usize,
+    /// With a text prompt, stop when the answer contains this text (which is not
+    /// printed); may be given several times.
+    #[arg(long, value_name = "TEXT")]
+    stop: Vec<String>,
     /// Write the output rows of every computed position (logits, or an encoder's hidden
     /// states): safetensors, or JSON when the name ends in `.json`.
     #[arg(long, value_name = "FILE")]
@@ -442,6 +447,18 @@ fn compile(spec: &Path, opts: &Options) -> Result<tfc::Compiled> {
     Ok(tfc::compile(&spec.display().to_string(), &source, opts, &mut |_, _| {})?)
 }
 
+/// How many bytes at the end of `text` are the start of a stop string (held back until it
+/// is clear whether the stop string follows).
+fn pending_stop(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .flat_map(|s| (1..s.len()).filter(move |&k| s.is_char_boundary(k)).map(move |k| &s[..k]))
+        .filter(|p| text.ends_with(p))
+        .map(str::len)
+        .max()
+        .unwrap_or(0)
+}
+
 /// The end-of-sequence ids of a Hugging Face folder: `generation_config.json`'s
 /// `eos_token_id` (a number or a list), else `config.json`'s.
 fn hf_stop_ids(dir: &Path) -> Vec<i32> {
@@ -637,11 +654,19 @@ pub fn run(a: RunArgs) -> Result<()> {
         if let Some(t) = &tokenizer {
             let ids: Vec<u32> = generated.iter().map(|&i| i as u32).collect();
             let text = t.decode(&ids, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
-            if let Some(new) = text.strip_prefix(shown.as_str()) {
+            // Up to a stop string, and not the end that may yet become one.
+            let cut = a.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+            let upto = cut.unwrap_or_else(|| text.len() - pending_stop(&text, &a.stop));
+            let upto = (0..=upto).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+            if let Some(new) = text[..upto].strip_prefix(shown.as_str()) {
                 print!("{new}");
                 std::io::stdout().flush()?;
+                shown = text[..upto].to_string();
             }
-            shown = text;
+            if cut.is_some() {
+                stopped = true;
+                break;
+            }
         }
         if generated.len() < a.generate {
             rows.push(engine.decode(next, tokens.len() + generated.len() - 1)?);

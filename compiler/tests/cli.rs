@@ -451,6 +451,14 @@ fn a_real_gguf_model_answers_in_one_command_and_in_a_conversation() {
     );
     assert_eq!(stdout(&o), "The capital of\n");
     assert!(stderr(&o).contains("[length: 3 tokens]"), "{}", stderr(&o));
+    // A stop string ends the answer before it.
+    let q = "What is the capital of France?";
+    let o = tfc(
+        &cache,
+        &["run", &gguf, "--chat", q, "--max-seq", "256", "--max-tokens", "64", "--stop", " Paris"],
+    );
+    assert_eq!(stdout(&o), "The capital of France is\n");
+    assert!(stderr(&o).contains("[stop: 6 tokens]"), "{}", stderr(&o));
     let mut child = Command::new(env!("CARGO_BIN_EXE_tfc"))
         .args(["chat", &gguf, "--max-seq", "256"])
         .current_dir(root())
