@@ -33,21 +33,29 @@ fn every_block_type_decodes_as_the_reference_does() {
     assert_eq!(rows, ck.get("q4_k", &[2, 512]).unwrap()[512..]);
 }
 
-/// A fixture's prompt logits from a GGUF file, on the interpreter and the library.
+/// A fixture's prompt logits from a GGUF file, on the interpreter and the library, with
+/// the weight matrices stored as `dtype` (the spec's, f32, unless given).
 fn check(file: &str, arch: &str, want: &[f32], tol: f32) {
+    check_as(file, arch, want, tol, &tfc::Options::default())
+}
+
+fn check_as(file: &str, arch: &str, want: &[f32], tol: f32, opts: &tfc::Options) {
     let path = dir().join(file);
     let ck = Checkpoint::open(&path).unwrap();
     let spec = tfc::import::gguf::import(ck.gguf().unwrap(), file).unwrap();
-    let c = compile_text(file, &spec);
+    let c = tfc::compile(file, &spec, opts, &mut |_, _| {}).unwrap();
     let fx = Fixture::load(arch);
     let tokens: Vec<i64> = fx.prompt.iter().map(|&t| t as i64).collect();
     let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
     let mut out = run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap();
     assert_close(&format!("{file}: interpreter"), &out.remove("logits").unwrap().data, want, tol);
-    let spec_path = root().join("target/test-gguf").join(file.replace(".gguf", ".tfs"));
+    let stem = file.replace(".gguf", &opts.weight_dtype.map_or(String::new(), |d| format!("-{}", d.name())));
+    let spec_path = root().join("target/test-gguf").join(format!("{stem}.tfs"));
     std::fs::create_dir_all(spec_path.parent().unwrap()).unwrap();
     std::fs::write(&spec_path, &spec).unwrap();
-    let lib = build_opts(&spec_path, "gguf", &tfc::Options::default(), &Default::default());
+    // Each storage type in a folder of its own: tests run at once.
+    let tag = opts.weight_dtype.map_or("gguf".to_string(), |d| format!("gguf-{}", d.name()));
+    let lib = build_opts(&spec_path, &tag, opts, &Default::default());
     let model = Model::load(lib).unwrap();
     let mut s = Session::new(&model, WeightData::Checkpoint(Arc::new(ck)), 2).unwrap();
     let rows = s.prefill(&fx.prompt, None, true).unwrap();
@@ -64,6 +72,22 @@ fn a_llama_gguf_in_f32_computes_what_transformers_computes_from_the_checkpoint()
 fn a_llama_gguf_in_q8_0_computes_what_transformers_computes_from_the_gguf() {
     let want = read_tensor(&dir().join("llama_q8_0.expected.safetensors"), "logits");
     check("llama_q8_0.gguf", "llama", &want.data, 1e-4);
+}
+
+/// Q8_0 blocks (one f16 scale per 32 signed bytes, the largest ±127) are the library's
+/// q8 blocks with the scale widened to f32: stored as q8, the weights are the file's,
+/// exactly, and the library still computes what transformers does.
+#[test]
+fn a_q8_0_gguf_runs_on_q8_weights_exactly_as_stored() {
+    let want = read_tensor(&dir().join("llama_q8_0.expected.safetensors"), "logits");
+    let q8 = tfc::Options { weight_dtype: Some(tfc::ir::DType::Q8), ..Default::default() };
+    check_as("llama_q8_0.gguf", "llama", &want.data, 1e-4, &q8);
+    // The conversion loses nothing: each block's values come back as they were.
+    let ck = Checkpoint::open(dir().join("llama_q8_0.gguf")).unwrap();
+    let w = ck.get("blk.0.attn_q.weight", &[64, 64]).unwrap();
+    let mut back = w.clone();
+    tfc_runtime::quant::q8_roundtrip(&mut back);
+    assert_eq!(back, w);
 }
 
 #[test]
