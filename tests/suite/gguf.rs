@@ -90,6 +90,21 @@ fn a_q8_0_gguf_runs_on_q8_weights_exactly_as_stored() {
     assert_eq!(back, w);
 }
 
+/// Phi-3 as llama.cpp's converter writes it (fused `attn_qkv` and `ffn_up`, LongRoPE
+/// factors as tensors): compiled within the original length it computes what
+/// transformers computes from the checkpoint over the prompt (the short factors), and
+/// compiled for the whole 24 tokens what it computes in its full pass (the long ones).
+#[test]
+fn a_phi3_gguf_computes_what_transformers_computes_on_both_sides_of_its_original_length() {
+    let hf = root().join("tests/fixtures/hf/phi3/expected.safetensors");
+    let short = read_tensor(&hf, "logits");
+    let within = tfc::Options { max_seq: Some(16), ..Default::default() };
+    check_as("phi3_f32.gguf", "phi3", &short.data, 1e-4, &within);
+    let full = read_tensor(&hf, "full_logits");
+    let past = tfc::Options { max_seq: Some(24), ..Default::default() };
+    check_as("phi3_f32.gguf", "phi3", &full.data[..short.data.len()], 1e-4, &past);
+}
+
 #[test]
 fn a_qwen2_gguf_in_q8_0_computes_what_transformers_computes_from_the_gguf() {
     let want = read_tensor(&dir().join("qwen2_q8_0.expected.safetensors"), "logits");

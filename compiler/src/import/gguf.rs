@@ -15,7 +15,7 @@ use tfc_runtime::gguf::{Gguf, Value};
 pub enum GgufImportError {
     #[error("{file} has no `general.architecture`")]
     NoArchitecture { file: String },
-    #[error("{file}: architecture `{arch}` is not supported (supported: llama, qwen2, qwen3)")]
+    #[error("{file}: architecture `{arch}` is not supported (supported: llama, phi3, qwen2, qwen3)")]
     Architecture { file: String, arch: String },
     #[error("{file}: metadata `{key}` is missing or not {expected}")]
     Key { file: String, key: String, expected: &'static str },
@@ -81,7 +81,7 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
         .and_then(Value::as_str)
         .ok_or(GgufImportError::NoArchitecture { file: file.into() })?
         .to_string();
-    if !["llama", "qwen2", "qwen3"].contains(&arch.as_str()) {
+    if !["llama", "qwen2", "qwen3", "phi3"].contains(&arch.as_str()) {
         return Err(GgufImportError::Architecture { file: file.into(), arch });
     }
     let m = Meta { g, file: file.into(), arch: arch.clone() };
@@ -99,24 +99,77 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
         .get("token_embd.weight")
         .ok_or_else(|| m.unsupported("no tensor `token_embd.weight`".into()))?;
     let vocab = embd.shape[0];
-    if let Some(rot) = m.size("rope.dimension_count")? {
-        if rot != head_dim {
-            return Err(
-                m.unsupported(format!("rope over {rot} of {head_dim} dimensions is not supported yet"))
-            );
-        }
+    // Rope over the first `rot` dimensions of each head (Phi-4-mini: three quarters).
+    let rot = m.size("rope.dimension_count")?.unwrap_or(head_dim);
+    if rot > head_dim || rot % 2 != 0 {
+        return Err(m.unsupported(format!("rope over {rot} of {head_dim} dimensions")));
     }
+    let fraction = if rot == head_dim {
+        String::new()
+    } else {
+        format!(", fraction = {}", crate::ir::num(rot as f64 / head_dim as f64))
+    };
+    // Phi-3's LongRoPE: one factor per rotated pair for short and for long contexts,
+    // stored as tensors.
+    let longrope = match (g.get("rope_factors_short.weight"), g.get("rope_factors_long.weight")) {
+        (Some(short), Some(long)) => {
+            let original = m.need("rope.scaling.original_context_length")?;
+            // Each factor as the decimal its f32 was written from.
+            let list = |xs: &[f32]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
+            let attn = match m.get("rope.scaling.attn_factor") {
+                Some(v) => {
+                    v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| GgufImportError::Key {
+                        file: file.into(),
+                        key: format!("{arch}.rope.scaling.attn_factor"),
+                        expected: "a number > 0",
+                    })?
+                }
+                None => crate::ir::RopeScaling::longrope_attention_factor(
+                    max_seq as f64 / original as f64,
+                    original,
+                ),
+            };
+            format!(
+                ", scaling = longrope {{\n      short_factor = [{}],\n      long_factor = [{}],\n      original_max_seq = {original}, attention_factor = {}\n    }}",
+                list(&short),
+                list(&long),
+                crate::ir::num(attn)
+            )
+        }
+        (None, None) => String::new(),
+        _ => {
+            return Err(m.unsupported("one of `rope_factors_short` and `rope_factors_long`, not both".into()))
+        }
+    };
     if g.tensors.contains_key("rope_freqs.weight") {
         return Err(m.unsupported(
             "`rope_freqs.weight` (per-pair rope factors, Llama 3.1) is not supported yet".into(),
         ));
     }
-    if let Some(t) = m.get("rope.scaling.type").and_then(Value::as_str).filter(|t| *t != "none") {
+    if let Some(t) = m
+        .get("rope.scaling.type")
+        .and_then(Value::as_str)
+        .filter(|t| *t != "none" && !(!longrope.is_empty() && (*t == "longrope" || *t == "su")))
+    {
         return Err(m.unsupported(format!("rope scaling `{t}` is not supported yet")));
     }
     let has = |n: &str| g.tensors.contains_key(n);
     let bias = if has("blk.0.attn_q.bias") { ", bias = [q, k, v]" } else { "" };
     let pairs = if arch == "llama" { ", pairs = interleaved" } else { "" };
+    // Phi-3 fuses the query, key and value projections, and the gate and up ones
+    // (`ffn_up`, the gate's rows first); a sliding window of 0 means none.
+    let phi3 = arch == "phi3";
+    let qkv = if phi3 { "qkv = \"attn_qkv\"" } else { "q = \"attn_q\", k = \"attn_k\", v = \"attn_v\"" };
+    let ffn = if phi3 { "gate_up = \"ffn_up\"" } else { "gate = \"ffn_gate\", up = \"ffn_up\"" };
+    let window = match m.get("attention.sliding_window").and_then(Value::as_u64) {
+        Some(0) | None if m.get("attention.sliding_window").is_none_or(|v| v.as_u64() == Some(0)) => {
+            String::new()
+        }
+        _ => match m.need("attention.sliding_window")? {
+            w if w < max_seq => format!(", window = {w}"),
+            _ => String::new(),
+        },
+    };
     let e = crate::ir::num(eps);
     let mut s = String::new();
     let name: String = g
@@ -163,11 +216,11 @@ embed {{
 block {{
   attn_norm: rmsnorm {{ at = "blk.{{layer}}.attn_norm", eps = {e} }}
   attn: attention {{
-    at = "blk.{{layer}}", q = "attn_q", k = "attn_k", v = "attn_v", o = "attn_output"{bias}
-    position = rope {{ theta = {theta}{pairs} }}{qk_norm}
+    at = "blk.{{layer}}", {qkv}, o = "attn_output"{bias}
+    position = rope {{ theta = {theta}{fraction}{pairs}{longrope} }}{window}{qk_norm}
   }}
   ffn_norm: rmsnorm {{ at = "blk.{{layer}}.ffn_norm", eps = {e} }}
-  mlp: mlp {{ at = "blk.{{layer}}", gate = "ffn_gate", up = "ffn_up", down = "ffn_down", act = silu }}
+  mlp: mlp {{ at = "blk.{{layer}}", {ffn}, down = "ffn_down", act = silu }}
 
   x = x + attn(attn_norm(x))
   x = x + mlp(ffn_norm(x))
