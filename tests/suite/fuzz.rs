@@ -325,3 +325,22 @@ fn mutations_are_repeatable_and_varied() {
     let distinct: std::collections::HashSet<Vec<u8>> = run(1).into_iter().collect();
     assert!(distinct.len() > 150, "{} distinct of 200", distinct.len());
 }
+
+/// Damaged GGUF files: the reader, every tensor decoded at its own shape, the importer and
+/// the tokenizer give errors, never a panic.
+#[test]
+fn fuzz_gguf_files() {
+    let file = scratch_file("model.gguf");
+    let extra = vec![std::fs::read(root().join("tests/fixtures/gguf/llama_q8_0.gguf")).unwrap()];
+    fuzz("gguf", extra, &|input| {
+        std::fs::write(&file, input).unwrap();
+        let Ok(ck) = Checkpoint::open(&file) else { return };
+        read_all(&ck);
+        let Some(g) = ck.gguf() else { return };
+        for (name, t) in &g.tensors {
+            let _ = ck.get(name, &t.shape);
+        }
+        let _ = tfc::import::gguf::import(g, "fuzz.gguf");
+        let _ = tfc::text::gguf_tokenizer(g);
+    });
+}
