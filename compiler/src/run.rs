@@ -142,15 +142,8 @@ pub struct RunArgs {
     /// backend's GPU kernels through `vulkan` or `cuda` (where a driver exists).
     #[arg(long, value_enum, default_value_t = tfc::backend::Target::Cpu)]
     target: tfc::backend::Target,
-    /// Sampling temperature; 0 (the default) is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample only among the k most likely tokens (0: all).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Sample only among the most likely tokens whose probability reaches p.
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
+    #[command(flatten)]
+    sampling: Sampling,
     /// Seed for random weights and for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -341,13 +334,42 @@ pub fn check_weights(ck: &Checkpoint, graphs: &[&tfc::ir::Graph]) -> Result<()> 
 
 /// Checks the arguments of `tfc run` that do not need the model, each error with the value.
 fn check_run_args(a: &RunArgs) -> Result<()> {
-    if !a.temperature.is_finite() || a.temperature < 0.0 {
-        bail!("--temperature {}: it must be a finite number ≥ 0 (0 is greedy)", a.temperature);
-    }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p {}: it must be in (0, 1]", a.top_p);
-    }
+    a.sampling.check()?;
     check_threads(a.threads)
+}
+
+/// How `run` and `chat` pick each next token.
+#[derive(Args, Clone, Copy)]
+pub struct Sampling {
+    /// Sampling temperature; 0 (the default) is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample only among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample only among the most likely tokens whose probability reaches p.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+}
+
+impl Sampling {
+    fn check(&self) -> Result<()> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            bail!("--temperature {}: it must be a finite number ≥ 0 (0 is greedy)", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p {}: it must be in (0, 1]", self.top_p);
+        }
+        Ok(())
+    }
+
+    fn sampler(&self, seed: u64) -> Sampler {
+        if self.temperature > 0.0 {
+            Sampler::sample(self.temperature, self.top_k, self.top_p, seed)
+        } else {
+            Sampler::Greedy
+        }
+    }
 }
 
 /// `--threads` of `run` and `bench`: at most the ABI's cap, 0 meaning one per core.
@@ -636,11 +658,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
     };
     let mut rows = engine.prefill(&tokens, &a.token_types, a.logits.is_some())?;
-    let mut sampler = if a.temperature > 0.0 {
-        Sampler::sample(a.temperature, a.top_k, a.top_p, a.seed)
-    } else {
-        Sampler::Greedy
-    };
+    let mut sampler = a.sampling.sampler(a.seed);
     let mut generated: Vec<i32> = Vec::new();
     let mut shown = String::new();
     let mut stopped = false;
@@ -1180,15 +1198,8 @@ pub struct ChatArgs {
     /// The most tokens one answer may take.
     #[arg(long, default_value_t = 512)]
     max_tokens: usize,
-    /// Sampling temperature; 0 (the default) is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample only among the k most likely tokens (0: all).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Sample only among the most likely tokens whose probability reaches p.
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
+    #[command(flatten)]
+    sampling: Sampling,
     /// Seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -1209,12 +1220,7 @@ pub struct ChatArgs {
 pub fn chat(a: ChatArgs) -> Result<()> {
     use std::io::{BufRead, IsTerminal};
     check_threads(a.threads)?;
-    if !a.temperature.is_finite() || a.temperature < 0.0 {
-        bail!("--temperature {}: it must be a finite number ≥ 0 (0 is greedy)", a.temperature);
-    }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p {}: it must be in (0, 1]", a.top_p);
-    }
+    a.sampling.check()?;
     let text = step("importing", || import_gguf(&a.model))?;
     let name = format!("{} (imported)", a.model.display());
     let c = step("compiling the graphs", || {
@@ -1238,11 +1244,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         Ok(tfc_runtime::Session::new(&model, WeightData::Checkpoint(ck.clone()), a.threads)?)
     })?;
     let max_seq = c.spec.sizes.max_seq;
-    let mut sampler = if a.temperature > 0.0 {
-        Sampler::sample(a.temperature, a.top_k, a.top_p, a.seed)
-    } else {
-        Sampler::Greedy
-    };
+    let mut sampler = a.sampling.sampler(a.seed);
     let start: Vec<(String, String)> = a.system.iter().map(|t| ("system".to_string(), t.clone())).collect();
     let mut messages = start.clone();
     // The tokens the cache holds, in order.

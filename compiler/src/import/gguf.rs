@@ -162,14 +162,10 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
     let qkv = if phi3 { "qkv = \"attn_qkv\"" } else { "q = \"attn_q\", k = \"attn_k\", v = \"attn_v\"" };
     let ffn = if phi3 { "gate_up = \"ffn_up\"" } else { "gate = \"ffn_gate\", up = \"ffn_up\"" };
     let window = match m.get("attention.sliding_window").and_then(Value::as_u64) {
-        Some(0) | None if m.get("attention.sliding_window").is_none_or(|v| v.as_u64() == Some(0)) => {
-            String::new()
-        }
-        _ => match m.need("attention.sliding_window")? {
-            w if w < max_seq => format!(", window = {w}"),
-            _ => String::new(),
-        },
+        Some(0) => None,
+        _ => m.size("attention.sliding_window")?,
     };
+    let window = window.filter(|&w| w < max_seq).map_or(String::new(), |w| format!(", window = {w}"));
     let e = crate::ir::num(eps);
     let mut s = String::new();
     let name: String = g
