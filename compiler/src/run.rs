@@ -25,12 +25,23 @@ pub enum Backend {
 }
 
 /// Storage types for weight matrices that the compiled library reads.
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
 pub enum WeightDType {
     F32,
     Bf16,
     /// int8 with one f32 scale per 32 weights (matrices whose rows are a multiple of 32).
     Q8,
+    /// ggml's Q4_0: 4-bit, one f16 scale per 32 weights.
+    #[value(name = "q4_0")]
+    Q4_0,
+    /// ggml's Q4_1: 4-bit, an f16 scale and offset per 32 weights.
+    #[value(name = "q4_1")]
+    Q4_1,
+    /// ggml's Q4_K: 4-bit in super-blocks of 256, 6-bit scales and offsets per 32 (rows
+    /// that are not whole super-blocks take q4_0).
+    #[value(name = "q4_k")]
+    Q4_K,
 }
 
 impl From<WeightDType> for tfc::ir::DType {
@@ -39,6 +50,9 @@ impl From<WeightDType> for tfc::ir::DType {
             WeightDType::F32 => tfc::ir::DType::F32,
             WeightDType::Bf16 => tfc::ir::DType::BF16,
             WeightDType::Q8 => tfc::ir::DType::Q8,
+            WeightDType::Q4_0 => tfc::ir::DType::Q4(tfc::ir::Q4::Q4_0),
+            WeightDType::Q4_1 => tfc::ir::DType::Q4(tfc::ir::Q4::Q4_1),
+            WeightDType::Q4_K => tfc::ir::DType::Q4(tfc::ir::Q4::Q4_K),
         }
     }
 }

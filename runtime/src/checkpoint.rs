@@ -253,6 +253,35 @@ impl Checkpoint {
         Ok((dtype, bytes))
     }
 
+    /// The tensor `name` in the 4-bit format `q`, checked against the expected shape: as
+    /// the file stores it where it is a GGUF tensor of that format (for `name[a:b]`, those
+    /// rows, which are whole blocks), else quantised from its values.
+    pub fn quantized(
+        &self,
+        name: &str,
+        expected: &[usize],
+        q: crate::quant::Q4,
+    ) -> Result<std::borrow::Cow<'_, [u8]>, CheckpointError> {
+        if let (Some(g), None) = (&self.gguf, stacked(name)) {
+            let (base, rows) = row_range(name).map_or((name, None), |(b, r)| (b, Some(r)));
+            if let Some((t, bytes)) = g.bytes(base) {
+                let mut shape = t.shape.clone();
+                let bytes = match rows {
+                    Some(r) if r.start < r.end && r.end <= shape[0] => {
+                        let row = bytes.len() / shape[0];
+                        shape[0] = r.len();
+                        &bytes[r.start * row..r.end * row]
+                    }
+                    _ => bytes,
+                };
+                if t.ty == q.ggml() && shape == expected {
+                    return Ok(std::borrow::Cow::Borrowed(bytes));
+                }
+            }
+        }
+        Ok(std::borrow::Cow::Owned(q.quantize(&self.get(name, expected)?)))
+    }
+
     /// The tensor `name` as `f32`, checked against the expected shape; a stacked name's
     /// parts each against `expected` without its first axis, which counts them.
     pub fn get(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {

@@ -330,25 +330,28 @@ impl<'m> Session<'m> {
         }
         for (i, w) in model.manifest.weights.iter().enumerate() {
             let n: usize = w.shape.iter().product();
-            // The stored form the library reads; q8 is always made here from the values.
+            // The stored form the library reads; q8 is always made here from the values,
+            // 4-bit formats taken as a GGUF file stores them or made here.
+            let q4 = crate::quant::Q4::parse(&w.dtype);
             let (want, align) = match w.dtype.as_str() {
                 "f32" => (Some(Dtype::F32), 4),
                 "bf16" => (Some(Dtype::BF16), 2),
                 "q8" => (None, 1),
+                _ if q4.is_some() => (None, 1),
                 other => {
                     return Err(RuntimeError::Manifest {
                         path: "manifest.json".into(),
                         message: format!(
-                            "weight `{}` has dtype {other}; this runtime binds f32, bf16 and q8",
+                            "weight `{}` has dtype {other}; this runtime binds f32, bf16, q8, q4_0, q4_1 and q4_k",
                             w.name
                         ),
                     })
                 }
             };
-            if w.dtype == "q8" && n % crate::quant::Q8_BLOCK != 0 {
+            if let Err(message) = crate::abi::weight_bytes(&w.shape, &w.dtype) {
                 return Err(RuntimeError::Manifest {
                     path: "manifest.json".into(),
-                    message: format!("q8 weight `{}` has {n} values, not a multiple of 32", w.name),
+                    message: format!("weight `{}`: {message}", w.name),
                 });
             }
             let memory =
@@ -363,11 +366,18 @@ impl<'m> Session<'m> {
                         Ok(p)
                     }
                     "q8" => Pages::copy_of(&crate::quant::quantize_q8(values)).map_err(memory),
-                    _ => Pages::copy_of(values).map_err(memory),
+                    _ => match q4 {
+                        Some(q) => Pages::copy_of(&q.quantize(values)).map_err(memory),
+                        None => Pages::copy_of(values).map_err(memory),
+                    },
                 }
             };
-            let stored = match &data {
-                WeightData::Checkpoint(ck) => match ck.raw(&w.name, &w.shape) {
+            let stored = match (&data, q4) {
+                (WeightData::Checkpoint(ck), Some(q)) => match ck.quantized(&w.name, &w.shape, q)? {
+                    std::borrow::Cow::Borrowed(b) => Stored::Source(b),
+                    std::borrow::Cow::Owned(b) => Stored::Made(Pages::copy_of(&b).map_err(memory)?),
+                },
+                (WeightData::Checkpoint(ck), None) => match ck.raw(&w.name, &w.shape) {
                     Ok((dtype, bytes)) if Some(dtype) == want && (bytes.as_ptr() as usize) % align == 0 => {
                         Stored::Source(bytes)
                     }
@@ -379,7 +389,7 @@ impl<'m> Session<'m> {
                     ) => Stored::Made(convert(&ck.get(&w.name, &w.shape)?)?),
                     Err(e) => return Err(e.into()),
                 },
-                WeightData::Owned(bufs) => {
+                (WeightData::Owned(bufs), _) => {
                     let b = &bufs[i];
                     if b.len() != n {
                         return Err(RuntimeError::WeightSize {

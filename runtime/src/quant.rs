@@ -1,8 +1,18 @@
-//! Weight-only int8 quantisation (`q8`): blocks of [`Q8_BLOCK`] consecutive values share
-//! one `f32` scale, `amax / 127`; a value is `round(x / scale)` in `-127..=127`. A tensor
-//! of `n` values is stored as its `n` int8 values, zero padding to a multiple of 64
-//! bytes, then its `n / Q8_BLOCK` scales. The compiler's interpreter rounds weights with
+//! Weight-only quantisation.
+//!
+//! **`q8`**: blocks of [`Q8_BLOCK`] consecutive values share one `f32` scale,
+//! `amax / 127`; a value is `round(x / scale)` in `-127..=127`. A tensor of `n` values is
+//! stored as its `n` int8 values, zero padding to a multiple of 64 bytes, then its
+//! `n / Q8_BLOCK` scales. The compiler's interpreter rounds weights with
 //! [`q8_roundtrip`], so it computes exactly what a q8 kernel reads.
+//!
+//! **4-bit** ([`Q4`]: `q4_0`, `q4_1`, `q4_k`): ggml's block formats, byte for byte, one
+//! block after another along the contiguous last dimension. So a GGUF tensor stored in
+//! one of them is bound as the file holds it, and any other weight is quantised here
+//! ([`Q4::quantize`]). What a kernel reads is [`crate::gguf::dequantize`] of those bytes,
+//! and the interpreter computes with exactly that ([`Q4::roundtrip`]).
+
+use crate::gguf::{dequantize, GgmlType};
 
 pub const Q8_BLOCK: usize = 32;
 
@@ -58,6 +68,147 @@ pub fn q8_roundtrip(values: &mut [f32]) {
     }
 }
 
+/// The 4-bit formats: ggml's `Q4_0` (blocks of 32: an f16 scale `d`, values
+/// `(q - 8) · d`), `Q4_1` (blocks of 32: f16 `d` and `m`, values `q · d + m`) and `Q4_K`
+/// (super-blocks of 256: f16 `d` and `dmin`, eight 6-bit scales and mins packed in 12
+/// bytes, values `q · d·sc - dmin·m` per 32).
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Q4 {
+    Q4_0,
+    Q4_1,
+    Q4_K,
+}
+
+impl Q4 {
+    pub const ALL: [Q4; 3] = [Q4::Q4_0, Q4::Q4_1, Q4::Q4_K];
+
+    /// The manifest's (and the spec's) name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Q4::Q4_0 => "q4_0",
+            Q4::Q4_1 => "q4_1",
+            Q4::Q4_K => "q4_k",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Q4> {
+        Q4::ALL.into_iter().find(|q| q.name() == s)
+    }
+
+    /// The GGUF type whose blocks these are.
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            Q4::Q4_0 => GgmlType::Q4_0,
+            Q4::Q4_1 => GgmlType::Q4_1,
+            Q4::Q4_K => GgmlType::Q4K,
+        }
+    }
+
+    /// Values per block, and bytes per block.
+    pub fn block(self) -> (usize, usize) {
+        self.ggml().block()
+    }
+
+    /// Bytes of `n` values (a multiple of the block), or `None` where the size overflows.
+    pub fn bytes_checked(self, n: usize) -> Option<usize> {
+        let (per, size) = self.block();
+        (n / per).checked_mul(size)
+    }
+
+    /// The stored form of `values` (a multiple of the block long).
+    pub fn quantize(self, values: &[f32]) -> Vec<u8> {
+        let (per, size) = self.block();
+        let mut out = Vec::with_capacity(values.len() / per * size);
+        for block in values.chunks_exact(per) {
+            match self {
+                Q4::Q4_0 => q4_0_block(block, &mut out),
+                Q4::Q4_1 => q4_1_block(block, &mut out),
+                Q4::Q4_K => q4_k_block(block, &mut out),
+            }
+        }
+        out
+    }
+
+    /// Replaces each value by what a kernel reads back from its stored form.
+    pub fn roundtrip(self, values: &mut [f32]) {
+        let back = dequantize(self.ggml(), &self.quantize(values), values.len());
+        values.copy_from_slice(&back);
+    }
+}
+
+fn f16_bytes(x: f32) -> [u8; 2] {
+    half::f16::from_f32(x).to_le_bytes()
+}
+
+/// Nibbles `q[i]` and `q[i + 16]` share byte `i`, as ggml packs a block of 32.
+fn pack_nibbles(q: &[u8], out: &mut Vec<u8>) {
+    let half = q.len() / 2;
+    out.extend((0..half).map(|i| q[i] | (q[i + half] << 4)));
+}
+
+/// ggml's reference `Q4_0`: the value of largest magnitude maps to -8.
+fn q4_0_block(x: &[f32], out: &mut Vec<u8>) {
+    let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out.extend(f16_bytes(d));
+    let q: Vec<u8> = x.iter().map(|&v| ((v * id + 8.5) as i32).clamp(0, 15) as u8).collect();
+    pack_nibbles(&q, out);
+}
+
+/// ggml's reference `Q4_1`: 16 levels from the block's minimum to its maximum.
+fn q4_1_block(x: &[f32], out: &mut Vec<u8>) {
+    let min = x.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out.extend(f16_bytes(d));
+    out.extend(f16_bytes(min));
+    let q: Vec<u8> = x.iter().map(|&v| (((v - min) * id + 0.5) as i32).clamp(0, 15) as u8).collect();
+    pack_nibbles(&q, out);
+}
+
+/// `Q4_K`: each 32 values get the scale and (non-positive) minimum of their range, the
+/// eight scales and mins are rounded to 6 bits against the super-block's `d` and `dmin`,
+/// and each value to the nearest of its 16 levels under those rounded numbers. (ggml
+/// searches for scales that lower the squared error; this is the plain range rule.)
+fn q4_k_block(x: &[f32], out: &mut Vec<u8>) {
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    for (j, sub) in x.chunks_exact(32).enumerate() {
+        let lo = sub.iter().copied().fold(0f32, f32::min);
+        let hi = sub.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        scales[j] = (hi - lo).max(0.0) / 15.0;
+        mins[j] = -lo;
+    }
+    let level = |v: &[f32; 8]| v.iter().fold(0f32, |m, &s| m.max(s)) / 63.0;
+    let (d, dmin) = (half::f16::from_f32(level(&scales)), half::f16::from_f32(level(&mins)));
+    let six = |v: f32, unit: f32| if unit > 0.0 { (v / unit).round().clamp(0.0, 63.0) as u8 } else { 0 };
+    let sc: Vec<u8> = scales.iter().map(|&s| six(s, d.to_f32())).collect();
+    let m: Vec<u8> = mins.iter().map(|&s| six(s, dmin.to_f32())).collect();
+    out.extend(d.to_le_bytes());
+    out.extend(dmin.to_le_bytes());
+    let mut packed = [0u8; 12];
+    for j in 0..4 {
+        packed[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+        packed[j + 4] = m[j] | ((m[j + 4] >> 4) << 6);
+        packed[j + 8] = (sc[j + 4] & 15) | ((m[j + 4] & 15) << 4);
+    }
+    out.extend(packed);
+    let mut q = [0u8; 256];
+    for (j, sub) in x.chunks_exact(32).enumerate() {
+        let (dl, ml) = (d.to_f32() * sc[j] as f32, dmin.to_f32() * m[j] as f32);
+        for (i, &v) in sub.iter().enumerate() {
+            q[32 * j + i] = if dl > 0.0 { ((v + ml) / dl).round().clamp(0.0, 15.0) as u8 } else { 0 };
+        }
+    }
+    // Each 32 bytes hold two sub-blocks: the first's values low, the second's high.
+    for chunk in q.chunks_exact(64) {
+        pack_nibbles(chunk, out);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +226,45 @@ mod tests {
             assert!((x - v[i]).abs() <= s / 2.0 + 1e-9);
         }
         assert_eq!(quantize_q8(&[0.0; 32])[..32], [0u8; 32]);
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::SplitMix64(seed);
+        (0..n).map(|_| (rng.unit() as f32 - 0.3) * 0.1).collect()
+    }
+
+    #[test]
+    fn q4_formats_are_ggml_blocks_within_their_rounding() {
+        for q in Q4::ALL {
+            let v = values(1024, 7);
+            let bytes = q.quantize(&v);
+            let (per, size) = q.block();
+            assert_eq!(bytes.len(), v.len() / per * size);
+            let back = dequantize(q.ggml(), &bytes, v.len());
+            for (blk, (x, y)) in v.chunks(per).zip(back.chunks(per)).enumerate() {
+                let range = x.iter().fold(0f32, |m, &a| m.max(a.abs()));
+                // A level is a 15th of the range (twice that for Q4_K's 6-bit scales).
+                let worst = x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(worst <= range * 2.0 / 15.0, "{q:?} block {blk}: error {worst} of range {range}");
+            }
+            // Quantising what a kernel reads gives it back (the rules are fixed points).
+            let mut again = back.clone();
+            q.roundtrip(&mut again);
+            if q != Q4::Q4_K {
+                assert_eq!(again, back, "{q:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn q4_of_zeros_and_constants() {
+        for q in Q4::ALL {
+            let mut z = vec![0.0; 256];
+            q.roundtrip(&mut z);
+            assert!(z.iter().all(|&x| x == 0.0), "{q:?}");
+            let mut c = vec![0.25; 256];
+            q.roundtrip(&mut c);
+            assert!(c.iter().all(|&x| (x - 0.25).abs() < 0.25 / 15.0), "{q:?}: {:?}", &c[..4]);
+        }
     }
 }

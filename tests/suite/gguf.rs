@@ -33,6 +33,34 @@ fn every_block_type_decodes_as_the_reference_does() {
     assert_eq!(rows, ck.get("q4_k", &[2, 512]).unwrap()[512..]);
 }
 
+/// A 4-bit weight stored in the format the library reads is bound as the file holds it
+/// (whole, or a row range); any other is quantised from its values.
+#[test]
+fn four_bit_tensors_are_bound_as_stored() {
+    use std::borrow::Cow;
+    use tfc_runtime::quant::Q4;
+    let ck = Checkpoint::open(dir().join("quants.gguf")).unwrap();
+    let g = ck.gguf().unwrap();
+    for q in Q4::ALL {
+        let (_, stored) = g.bytes(q.name()).unwrap();
+        let Cow::Borrowed(b) = ck.quantized(q.name(), &[2, 512], q).unwrap() else { panic!("{q:?}: a copy") };
+        assert_eq!(b, stored);
+        let Cow::Borrowed(row) = ck.quantized(&format!("{}[1:2]", q.name()), &[1, 512], q).unwrap() else {
+            panic!("{q:?}: a copy of a row")
+        };
+        assert_eq!(row, &stored[stored.len() / 2..]);
+        // What the interpreter reads back is the file's values.
+        let back = tfc_runtime::gguf::dequantize(q.ggml(), b, 1024);
+        assert_eq!(back, ck.get(q.name(), &[2, 512]).unwrap());
+        // Another type is quantised: its blocks, from the values.
+        let other = ck.quantized("q8_0", &[2, 512], q).unwrap();
+        assert!(matches!(other, Cow::Owned(_)));
+        assert_eq!(*other, q.quantize(&ck.get("q8_0", &[2, 512]).unwrap()));
+        let err = ck.quantized(q.name(), &[512, 2], q).unwrap_err().to_string();
+        assert!(err.contains("shape"), "{err}");
+    }
+}
+
 /// A fixture's prompt logits from a GGUF file, on the interpreter and the library, with
 /// the weight matrices stored as `dtype` (the spec's, f32, unless given).
 fn check(file: &str, arch: &str, want: &[f32], tol: f32) {

@@ -225,8 +225,8 @@ pub fn gpu_build(c: &Compiled, target: Target) -> Result<GpuBuild, BackendError>
     // program, and the runtime rounds them to it, then widens them exactly, when it
     // uploads them.
     let weights = library_weights(c, Backend::Mlir);
-    if let Some((name, ..)) = weights.names.iter().find(|w| w.2 == crate::ir::DType::Q8) {
-        let what = format!("q8 weights on a GPU target (`{name}`; use f32 or bf16)");
+    if let Some((name, _, d)) = weights.names.iter().find(|w| w.2.is_quantized()) {
+        let what = format!("{d} weights on a GPU target (`{name}`; use f32 or bf16)");
         return Err(mlir::MlirError::Unsupported(what).into());
     }
     let layout = layout::layout(c);

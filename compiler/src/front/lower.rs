@@ -174,11 +174,7 @@ impl Lowerer<'_> {
         let name = instantiate(name, self.layer);
         let dtype = match (role, self.spec.dtype) {
             (WeightRole::Bias | WeightRole::Gain | WeightRole::Logit, _) => DType::F32,
-            // q8 blocks run along the contiguous last dimension and never cross a row.
-            (_, DType::Q8) if shape.last().is_none_or(|d| d % tfc_runtime::quant::Q8_BLOCK != 0) => {
-                DType::F32
-            }
-            (_, d) => d,
+            (_, d) => d.for_rows(shape.last().copied().unwrap_or(0)),
         };
         let layer = self.layer;
         self.leaf(Op::Weight { name, role }, TensorType::fixed(shape, dtype), origin, layer)

@@ -282,7 +282,7 @@ fn sizes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> (Option<Sizes>, DType
     let kv_heads = f.positive("kv_heads", diags);
     let head_dim = f.positive("head_dim", diags);
     let d_ff = f.positive("d_ff", diags);
-    let dtype = match f.choice("dtype", &["f32", "f16", "bf16", "q8"], diags) {
+    let dtype = match f.choice("dtype", &["f32", "f16", "bf16", "q8", "q4_0", "q4_1", "q4_k"], diags) {
         Some(s) => DType::parse(&s).unwrap(),
         None => DType::F32,
     };

@@ -74,6 +74,27 @@ impl Meta<'_> {
 }
 
 /// Writes a spec for the model a GGUF file describes (`file` names it in errors).
+/// The weight storage that keeps the file's matrices exactly as they are: the block
+/// format all of them are stored in, where the library reads it (Q8_0 is `q8`'s values
+/// exactly; Q4_0, Q4_1 and Q4_K are bound as stored). `None` (f32, the file's values) for
+/// a file that mixes formats, since one spec-wide `dtype` would re-quantise the rest;
+/// `--dtype` asks for that.
+fn stored_dtype(g: &Gguf) -> Option<&'static str> {
+    use tfc_runtime::gguf::GgmlType;
+    let mut types = g.tensors.values().filter(|t| t.shape.len() == 2).map(|t| t.ty.name());
+    let first = types.next()?;
+    if types.any(|t| t != first) {
+        return None;
+    }
+    Some(match first {
+        n if n == GgmlType::Q8_0.name() => "q8",
+        n if n == GgmlType::Q4_0.name() => "q4_0",
+        n if n == GgmlType::Q4_1.name() => "q4_1",
+        n if n == GgmlType::Q4K.name() => "q4_k",
+        _ => return None,
+    })
+}
+
 pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
     let arch = g
         .meta
@@ -187,6 +208,10 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
         sizes.push(("head_dim", head_dim));
     }
     sizes.extend([("d_ff", ff), ("max_seq", max_seq)]);
+    let mut sizes: Vec<(&str, String)> = sizes.into_iter().map(|(k, v)| (k, v.to_string())).collect();
+    if let Some(d) = stored_dtype(g) {
+        sizes.push(("dtype", d.into()));
+    }
     let w = sizes.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in sizes {
         writeln!(s, "{k:w$} = {v}").unwrap();

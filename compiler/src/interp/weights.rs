@@ -56,11 +56,16 @@ impl Weights {
                     }
                     continue;
                 }
-                let mut data = match source {
-                    WeightSource::Checkpoint(ck) => ck.get(name, &shape)?,
-                    WeightSource::Random { seed } => random(name, *role, &shape, *seed),
+                let n = shape.iter().product();
+                let data = match (source, ty.dtype) {
+                    // What the library binds: the file's blocks where it stores this
+                    // format, else the values quantised.
+                    (WeightSource::Checkpoint(ck), DType::Q4(q)) => {
+                        tfc_runtime::gguf::dequantize(q.ggml(), &ck.quantized(name, &shape, q)?, n)
+                    }
+                    (WeightSource::Checkpoint(ck), d) => round_to(ck.get(name, &shape)?, d),
+                    (WeightSource::Random { seed }, d) => round_to(random(name, *role, &shape, *seed), d),
                 };
-                round_to(&mut data, ty.dtype);
                 w.map.insert(name.clone(), Tensor::new(shape, data));
             }
         }
@@ -72,13 +77,15 @@ impl Weights {
     }
 }
 
-fn round_to(data: &mut [f32], dtype: DType) {
+fn round_to(mut data: Vec<f32>, dtype: DType) -> Vec<f32> {
     match dtype {
         DType::BF16 => data.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
         DType::F16 => data.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
-        DType::Q8 => tfc_runtime::quant::q8_roundtrip(data),
+        DType::Q8 => tfc_runtime::quant::q8_roundtrip(&mut data),
+        DType::Q4(q) => q.roundtrip(&mut data),
         DType::F32 | DType::I32 => {}
     }
+    data
 }
 
 fn random(name: &str, role: WeightRole, shape: &[usize], seed: u64) -> Vec<f32> {

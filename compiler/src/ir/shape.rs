@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+pub use tfc_runtime::quant::Q4;
+
 /// The binding of the symbolic dimensions for one call of a graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SymBinding {
@@ -83,6 +85,8 @@ pub enum DType {
     BF16,
     /// Weight-only int8 in blocks of 32 with one `f32` scale each (`tfc_runtime::quant`).
     Q8,
+    /// Weight-only 4-bit, in ggml's block formats (`tfc_runtime::quant::Q4`).
+    Q4(Q4),
     I32,
 }
 
@@ -93,6 +97,7 @@ impl DType {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             DType::Q8 => "q8",
+            DType::Q4(q) => q.name(),
             DType::I32 => "i32",
         }
     }
@@ -104,12 +109,32 @@ impl DType {
             "bf16" => DType::BF16,
             "q8" => DType::Q8,
             "i32" => DType::I32,
-            _ => return None,
+            q => DType::Q4(Q4::parse(q)?),
         })
     }
 
     pub fn is_float(self) -> bool {
         self != DType::I32
+    }
+
+    /// The storage a weight whose rows (its contiguous last dimension) hold `row` values
+    /// gets when `self` is asked for: quantised blocks never cross a row, so a row that
+    /// is not whole blocks takes `q4_0` for `q4_k` (blocks of 32, not 256), else `f32`.
+    pub fn for_rows(self, row: usize) -> DType {
+        let whole = |per: usize| row % per == 0;
+        match self {
+            DType::Q8 if !whole(tfc_runtime::quant::Q8_BLOCK) => DType::F32,
+            DType::Q4(q) if !whole(q.block().0) => match q {
+                Q4::Q4_K => DType::Q4(Q4::Q4_0).for_rows(row),
+                _ => DType::F32,
+            },
+            d => d,
+        }
+    }
+
+    /// Whether it is one of the weight-only quantised formats (q8, 4-bit).
+    pub fn is_quantized(self) -> bool {
+        matches!(self, DType::Q8 | DType::Q4(_))
     }
 }
 

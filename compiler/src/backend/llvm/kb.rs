@@ -15,7 +15,7 @@ use inkwell::values::{
 /// on narrower targets).
 pub const VW: usize = 16;
 
-use tfc_runtime::quant::{q8_scales_at, Q8_BLOCK};
+use tfc_runtime::quant::{q8_scales_at, Q4, Q8_BLOCK};
 
 /// How a weight tensor is stored, as the kernels read it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -26,6 +26,8 @@ pub enum WFmt {
     Q8 {
         scales: usize,
     },
+    /// ggml's 4-bit blocks, one after another (`tfc_runtime::quant::Q4`).
+    Q4(Q4),
 }
 
 impl WFmt {
@@ -36,16 +38,19 @@ impl WFmt {
                 let n: usize = ty.shape.iter().map(|d| d.as_fixed().unwrap_or(0)).product();
                 WFmt::Q8 { scales: q8_scales_at(n) }
             }
+            crate::ir::DType::Q4(q) => WFmt::Q4(q),
             _ => WFmt::F32,
         }
     }
 
-    /// Bytes per element (a q8 tensor's scales come on top).
-    pub fn elem_bytes(self) -> usize {
+    /// Bytes of `n` elements (a whole number of 4-bit blocks; a q8 tensor's scales come on
+    /// top).
+    pub fn bytes(self, n: usize) -> usize {
         match self {
-            WFmt::F32 => 4,
-            WFmt::Bf16 => 2,
-            WFmt::Q8 { .. } => 1,
+            WFmt::F32 => 4 * n,
+            WFmt::Bf16 => 2 * n,
+            WFmt::Q8 { .. } => n,
+            WFmt::Q4(q) => n.div_ceil(q.block().0) * q.block().1,
         }
     }
 
@@ -55,6 +60,7 @@ impl WFmt {
             WFmt::F32 => String::new(),
             WFmt::Bf16 => "_bf16".into(),
             WFmt::Q8 { scales } => format!("_q8s{scales}"),
+            WFmt::Q4(q) => format!("_{}", q.name()),
         }
     }
 }
@@ -297,7 +303,138 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
                 let qf = ok(self.b.build_signed_int_to_float(q, self.f32t(), ""));
                 self.fmul(qf, self.q8_scale(base, idx, scales))
             }
+            WFmt::Q4(q) => {
+                let (at, shift, scale, offset) = self.q4_element(base, idx, q);
+                let byte = ok(self.b.build_int_z_extend(self.ld_u8(base, at), self.cx.i32_type(), ""));
+                let v = ok(self.b.build_right_shift(byte, shift, false, ""));
+                let v = ok(self.b.build_and(v, self.cx.i32_type().const_int(15, false), ""));
+                let qf = ok(self.b.build_unsigned_int_to_float(v, self.f32t(), ""));
+                self.fadd(self.fmul(qf, scale), offset)
+            }
         }
+    }
+    /// The byte offset of weight element `idx` (for a 4-bit format, of its block).
+    pub fn wbyte(&self, idx: IntValue<'ctx>, wf: WFmt) -> IntValue<'ctx> {
+        match wf {
+            WFmt::Q4(q) => {
+                let (per, size) = q.block();
+                self.mul(self.udiv(idx, self.c(per as i64)), self.c(size as i64))
+            }
+            _ => self.mul(idx, self.c(wf.bytes(1) as i64)),
+        }
+    }
+    /// The byte at `base + at`.
+    pub fn ld_u8(&self, base: PointerValue<'ctx>, at: IntValue<'ctx>) -> IntValue<'ctx> {
+        let i8t = self.cx.i8_type();
+        ok(self.b.build_load(i8t, self.gep(i8t, base, at), "")).into_int_value()
+    }
+    /// The `f16` at byte `base + at`, as `f32`.
+    pub fn ld_f16(&self, base: PointerValue<'ctx>, at: IntValue<'ctx>) -> FloatValue<'ctx> {
+        let h = self.cx.f16_type();
+        let p = self.gep(self.cx.i8_type(), base, at);
+        let v = ok(self.b.build_load(h, p, ""));
+        let _ = v.as_instruction_value().unwrap().set_alignment(1);
+        ok(self.b.build_float_ext(v.into_float_value(), self.f32t(), ""))
+    }
+    /// Where element `idx` of a 4-bit tensor is: the byte holding its nibble, the shift
+    /// that brings the nibble down (an `i32`: 0 or 4), and the `scale` and `offset` of its
+    /// 32 values, `value = nibble · scale + offset`: `Q4_0` `(d, -8d)`, `Q4_1` `(d, m)`,
+    /// `Q4_K` `(d·sc, -dmin·m)`. Each product is exact in `f32` (an f16 times a small
+    /// integer), so the value is rounded once, as `gguf::dequantize` rounds it.
+    pub fn q4_element(
+        &self,
+        base: PointerValue<'ctx>,
+        idx: IntValue<'ctx>,
+        q: Q4,
+    ) -> (IntValue<'ctx>, IntValue<'ctx>, FloatValue<'ctx>, FloatValue<'ctx>) {
+        let c = |v: i64| self.c(v);
+        let i32t = self.cx.i32_type();
+        let (per, size) = q.block();
+        let blk = self.mul(self.udiv(idx, c(per as i64)), c(size as i64));
+        let w = self.urem(idx, c(per as i64));
+        // Which half of a 32-byte (Q4_K) or 16-byte run of nibbles: low or high.
+        let shift = |bit: i64| {
+            let hi = self.urem(self.udiv(w, c(bit)), c(2));
+            ok(self.b.build_int_truncate(self.mul(hi, c(4)), i32t, ""))
+        };
+        let d = self.ld_f16(base, blk);
+        match q {
+            Q4::Q4_0 | Q4::Q4_1 => {
+                let qs = if q == Q4::Q4_0 { 2 } else { 4 };
+                let at = self.add(blk, self.add(c(qs), self.urem(w, c(16))));
+                let offset = if q == Q4::Q4_0 {
+                    self.fmul(d, self.fc(-8.0))
+                } else {
+                    self.ld_f16(base, self.add(blk, c(2)))
+                };
+                (at, shift(16), d, offset)
+            }
+            Q4::Q4_K => {
+                let dmin = self.ld_f16(base, self.add(blk, c(2)));
+                let sub = self.udiv(w, c(32));
+                let (sc, m) = self.q4k_scale_min(base, self.add(blk, c(4)), sub);
+                let at = self.add(
+                    blk,
+                    self.add(c(16), self.add(self.mul(self.udiv(w, c(64)), c(32)), self.urem(w, c(32)))),
+                );
+                let scale = self.fmul(d, sc);
+                let offset = self.fmul(self.fmul(dmin, m), self.fc(-1.0));
+                (at, shift(32), scale, offset)
+            }
+        }
+    }
+    /// The 6-bit scale and min of sub-block `sub` (0..8) of a `Q4_K` super-block, from its
+    /// 12 packed bytes at `base + at`, as `f32`: the first four are the low six bits of
+    /// bytes 0..4 and 4..8; the others take their low four bits from bytes 8..12 and their
+    /// top two from the top bits of bytes 0..8.
+    pub fn q4k_scale_min(
+        &self,
+        base: PointerValue<'ctx>,
+        at: IntValue<'ctx>,
+        sub: IntValue<'ctx>,
+    ) -> (FloatValue<'ctx>, FloatValue<'ctx>) {
+        let c = |v: i64| self.c(v);
+        let byte = |i: IntValue<'ctx>| {
+            ok(self.b.build_int_z_extend(self.ld_u8(base, self.add(at, i)), self.i64t(), ""))
+        };
+        let (y, x, z) = (byte(sub), byte(self.add(sub, c(4))), byte(self.urem(sub, c(4))));
+        let and = |v: IntValue<'ctx>, m: i64| ok(self.b.build_and(v, c(m), ""));
+        let shr = |v: IntValue<'ctx>, s: i64| ok(self.b.build_right_shift(v, c(s), false, ""));
+        let or = |a: IntValue<'ctx>, b: IntValue<'ctx>| ok(self.b.build_or(a, b, ""));
+        let shl4 = |v: IntValue<'ctx>| ok(self.b.build_left_shift(v, c(4), ""));
+        let low = self.icmp_lt(sub, c(4));
+        let sc = self.select(low, and(y, 63), or(and(x, 15), shl4(shr(z, 6))));
+        let m = self.select(low, and(x, 63), or(shr(x, 4), shl4(shr(y, 6))));
+        let f = |v: IntValue<'ctx>| ok(self.b.build_unsigned_int_to_float(v, self.f32t(), ""));
+        (f(sc), f(m))
+    }
+    /// 16 nibbles as `<VW x i32>`: the low (`shift` 0) or high (4) halves of the 16 bytes
+    /// at `base + at`.
+    pub fn ld_nibbles(
+        &self,
+        base: PointerValue<'ctx>,
+        at: IntValue<'ctx>,
+        shift: IntValue<'ctx>,
+    ) -> VectorValue<'ctx> {
+        let i32v = self.cx.i32_type().vec_type(VW as u32);
+        let i8v = self.cx.i8_type().vec_type(VW as u32);
+        let b = ok(self.b.build_load(i8v, self.gep(self.cx.i8_type(), base, at), ""));
+        let _ = b.as_instruction_value().unwrap().set_alignment(1);
+        let w = ok(self.b.build_int_z_extend(b.into_vector_value(), i32v, ""));
+        let sh = ok(self.b.build_insert_element(i32v.get_undef(), shift, self.c(0), ""));
+        let sh = ok(self.b.build_shuffle_vector(sh, i32v.get_undef(), i32v.const_zero(), ""));
+        let w = ok(self.b.build_right_shift(w, sh, false, ""));
+        let fifteen = VectorType::const_vector(&[self.cx.i32_type().const_int(15, false); VW]);
+        ok(self.b.build_and(w, fifteen, ""))
+    }
+    /// 16 nibbles as `<VW x float>` (0..16), as `ld_nibbles` reads them.
+    pub fn ld_nibbles_f(
+        &self,
+        base: PointerValue<'ctx>,
+        at: IntValue<'ctx>,
+        shift: IntValue<'ctx>,
+    ) -> VectorValue<'ctx> {
+        ok(self.b.build_unsigned_int_to_float(self.ld_nibbles(base, at, shift), self.vt(), ""))
     }
     /// The scale of the q8 block holding element `idx`.
     pub fn q8_scale(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, scales: usize) -> FloatValue<'ctx> {
@@ -324,6 +461,12 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
             WFmt::Q8 { scales } => {
                 let s = self.splat(self.q8_scale(base, idx, scales));
                 ok(self.b.build_float_mul(self.ldv_q8_raw(base, idx), s, ""))
+            }
+            WFmt::Q4(q) => {
+                // `idx` a multiple of 16: the 16 share a byte run, a half and a scale.
+                let (at, shift, scale, offset) = self.q4_element(base, idx, q);
+                let v = self.ld_nibbles_f(base, at, shift);
+                self.fadd(self.fmul(v, self.splat(scale)), self.splat(offset))
             }
         }
     }

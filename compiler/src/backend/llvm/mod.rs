@@ -57,8 +57,9 @@ pub fn emit<'ctx>(
     amx: bool,
 ) -> Result<(Module<'ctx>, Layout), LlvmError> {
     for (name, _, dtype) in &weights.names {
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::Q8) {
-            return Err(LlvmError::Unsupported(format!("{dtype} weights (`{name}`); use f32, bf16 or q8")));
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::Q8 | DType::Q4(_)) {
+            let use_ = "use f32, bf16, q8, q4_0, q4_1 or q4_k";
+            return Err(LlvmError::Unsupported(format!("{dtype} weights (`{name}`); {use_}")));
         }
     }
     let m = cx.create_module(&c.spec.name);

@@ -37,7 +37,7 @@
 //! (`GemvReduce { pairs }` restores the order). q8 blocks are summed, then scaled once.
 
 use inkwell::values::{BasicValueEnum, IntValue, PointerValue, VectorValue};
-use tfc_runtime::quant::Q8_BLOCK;
+use tfc_runtime::quant::{Q4, Q8_BLOCK};
 
 use super::rows::unary;
 use super::{Args, Kernel, LinearAlgo, Slot, UnaryOp, WeightRead};
@@ -264,10 +264,13 @@ pub(crate) fn lin_dot_row<'ctx>(
     o1: IntValue<'ctx>,
     xp: Option<PointerValue<'ctx>>,
 ) {
+    if let WFmt::Q4(q) = l.wf {
+        return lin_q4_row(kb, l, t, o0, o1, q);
+    }
     let c = |v: usize| kb.c(v as i64);
     let (inn, steps) = (l.inn, l.inn / DOT);
     let xrow = kb.mul(t, c(inn));
-    let esize = l.wf.elem_bytes();
+    let esize = l.wf.bytes(1);
     kb.for_(o0, o1, |o| {
         let wrow = kb.mul(o, c(inn));
         let init: Vec<_> = (0..4).map(|_| kb.vzero().into()).collect();
@@ -320,6 +323,95 @@ pub(crate) fn lin_dot_row<'ctx>(
             let xv = kb.ldv(l.x, kb.add(xrow, i));
             sum = kb.vfma(xv, kb.ldvw(l.w, kb.add(wrow, i), l.wf), sum);
         }
+        let mut v = kb.vsum(sum);
+        if let Some(b) = l.b {
+            v = kb.fadd(v, kb.ld(b, o));
+        }
+        kb.st(l.out, kb.add(kb.mul(t, c(l.n_out)), o), v);
+    });
+}
+
+/// One row times `W [out, in]` in a 4-bit format, outputs `o0..o1`: one output's row of
+/// blocks at a time, a single forward stream prefetched `PREFETCH` ahead. Each 32 values
+/// are `nibble · scale + offset`, so a block adds `scale · Σ nibble·x` and `offset · Σ x`:
+/// the nibbles are multiplied as they are, and each block's sum scaled once. The `Σ x`
+/// terms go to their own accumulator, as `offset` times the block's `x` folded to 16 lanes.
+pub(crate) fn lin_q4_row<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    t: IntValue<'ctx>,
+    o0: IntValue<'ctx>,
+    o1: IntValue<'ctx>,
+    q: Q4,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let inn = l.inn;
+    let (per, size) = q.block();
+    // Blocks per step: two of 32 where they tile the row (an accumulator each), or one
+    // super-block of eight 32s (two accumulators, alternating).
+    let unit = match q {
+        Q4::Q4_K => 256,
+        _ if inn % 64 == 0 => 64,
+        _ => 32,
+    };
+    let xrow = kb.mul(t, c(inn));
+    let row_bytes = inn / per * size;
+    kb.for_(o0, o1, |o| {
+        let wrow = kb.mul(o, c(row_bytes));
+        let init: Vec<_> = (0..3).map(|_| kb.vzero().into()).collect();
+        let acc = kb.fold(c(0), c(inn / unit), &init, |s, acc| {
+            let i = kb.mul(s, c(unit));
+            let at = kb.add(wrow, kb.mul(s, c(unit / per * size)));
+            for line in 0..(unit / per * size).div_ceil(64) {
+                kb.prefetch(l.w, kb.add(at, c(PREFETCH + 64 * line)));
+            }
+            let mut acc: Vec<VectorValue<'ctx>> = acc.iter().map(|a| a.into_vector_value()).collect();
+            let shift = |s: u64| kb.cx.i32_type().const_int(s, false);
+            // The 32 values from input `k` on, whose first and last 16 nibbles are the
+            // `(byte, shift)` halves `lo` and `hi`, into accumulator `a`.
+            let mut sub32 =
+                |k: usize, lo: (IntValue<'ctx>, u64), hi: (IntValue<'ctx>, u64), scale, offset, a: usize| {
+                    let x0 = kb.ldv(l.x, kb.add(xrow, kb.add(i, c(k))));
+                    let x1 = kb.ldv(l.x, kb.add(xrow, kb.add(i, c(k + VW))));
+                    let p = kb.vmul(kb.ld_nibbles_f(l.w, lo.0, shift(lo.1)), x0);
+                    let p = kb.vfma(kb.ld_nibbles_f(l.w, hi.0, shift(hi.1)), x1, p);
+                    acc[a] = kb.vfma(p, kb.splat(scale), acc[a]);
+                    acc[2] = kb.vfma(kb.splat(offset), kb.vadd(x0, x1), acc[2]);
+                };
+            match q {
+                Q4::Q4_0 | Q4::Q4_1 => {
+                    for b in 0..unit / 32 {
+                        let blk = kb.add(at, c(b * size));
+                        let d = kb.ld_f16(l.w, blk);
+                        let (offset, qs) = if q == Q4::Q4_0 {
+                            (kb.fmul(d, kb.fc(-8.0)), 2)
+                        } else {
+                            (kb.ld_f16(l.w, kb.add(blk, c(2))), 4)
+                        };
+                        // 16 bytes: the first 16 values low, the last 16 high.
+                        let qs = kb.add(blk, c(qs));
+                        sub32(b * 32, (qs, 0), (qs, 4), d, offset, b);
+                    }
+                }
+                Q4::Q4_K => {
+                    let d = kb.ld_f16(l.w, at);
+                    let dmin = kb.ld_f16(l.w, kb.add(at, c(2)));
+                    for j in 0..8 {
+                        let (sc, m) = kb.q4k_scale_min(l.w, kb.add(at, c(4)), c(j));
+                        let (scale, offset) = (kb.fmul(d, sc), kb.fmul(kb.fmul(dmin, m), kb.fc(-1.0)));
+                        // 32 bytes per two sub-blocks: the first's values low, the next's high.
+                        let qs = kb.add(at, c(16 + j / 2 * 32));
+                        let half = 4 * (j as u64 % 2);
+                        sub32(j * 32, (qs, half), (kb.add(qs, c(16)), half), scale, offset, j % 2);
+                    }
+                }
+            }
+            acc.into_iter().map(Into::into).collect()
+        });
+        let sum = kb.vadd(
+            kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()),
+            acc[2].into_vector_value(),
+        );
         let mut v = kb.vsum(sum);
         if let Some(b) = l.b {
             v = kb.fadd(v, kb.ld(b, o));
@@ -437,8 +529,16 @@ pub(crate) fn lin_packed<'ctx>(
     let c = |v: usize| kb.c(v as i64);
     let nv = BLOCK / VW;
     let (inn, n_out) = (l.inn, l.n_out);
-    let esize = l.wf.elem_bytes();
-    let lines = KC * BLOCK * esize / 64;
+    // Bytes per element of the panels (f32) and tiles (bf16).
+    let esize = l.wf.bytes(1);
+    // Cache lines of a weight row's part of a panel as stored: `KC` inputs of each of
+    // `BLOCK` rows, or (`[in, out]`) `BLOCK` outputs of each of `KC` rows.
+    let row_lines = if transposed { l.wf.bytes(BLOCK) } else { l.wf.bytes(KC) }.div_ceil(64);
+    let lines = match (l.panels || l.tiles, transposed) {
+        (true, _) => KC * BLOCK * esize / 64,
+        (false, true) => KC * row_lines,
+        (false, false) => BLOCK * row_lines,
+    };
     kb.for_(c(0), kb.div(kb.add(rows, c(MC - 1)), c(MC)), |chunk| {
         let r0 = kb.mul(chunk, c(MC));
         let rn = kb.min(c(MC), kb.sub(rows, r0));
@@ -496,16 +596,13 @@ pub(crate) fn lin_packed<'ctx>(
                         let at = kb.add(kb.mul(tile, c(rows * cols * esize)), kb.mul(line, c(64)));
                         return kb.prefetch_l2(l.w, at);
                     }
-                    let row_lines = if transposed { esize } else { 2 * esize };
                     let (r, line) = (kb.udiv(n, c(row_lines)), kb.urem(n, c(row_lines)));
                     let elem = if transposed {
-                        // KC rows of `esize` lines.
                         kb.add(kb.mul(kb.add(nk0, r), c(n_out)), no0)
                     } else {
-                        // BLOCK rows of `2 esize` lines.
                         kb.add(kb.mul(kb.add(no0, r), c(inn)), nk0)
                     };
-                    kb.prefetch_l2(l.w, kb.add(kb.mul(elem, c(esize)), kb.mul(line, c(64))));
+                    kb.prefetch_l2(l.w, kb.add(kb.wbyte(elem, l.wf), kb.mul(line, c(64))));
                 };
                 let tile = |t0: IntValue<'ctx>, rn: usize| {
                     let yrow = |r: usize| kb.add(kb.mul(kb.add(kb.add(r0, t0), c(r)), c(n_out)), o0);
@@ -971,7 +1068,7 @@ pub(crate) fn gemv_partial<'ctx>(
 ) {
     let c = |v: usize| kb.c(v as i64);
     let (x, w, part) = (args.p(Slot::X), args.p(Slot::W), args.p(Slot::Partials));
-    let esize = wf.elem_bytes();
+    let block_bytes = wf.bytes(BLOCK);
     kb.for_(begin, end, |ch| {
         let i0 = kb.div(kb.mul(ch, c(inn)), c(chunks));
         let i1 = kb.div(kb.mul(kb.add(ch, c(1)), c(inn)), c(chunks));
@@ -986,8 +1083,8 @@ pub(crate) fn gemv_partial<'ctx>(
                 let mut acc: Vec<_> = (0..BLOCK / VW).map(|j| kb.ldv(part, at(j))).collect();
                 for (r, &xr) in xs.iter().enumerate() {
                     let wi = kb.add(kb.mul(kb.add(i, c(r)), c(n_out)), o);
-                    let ahead = kb.mul(kb.add(wi, c(GEMV_ROWS * n_out)), c(esize));
-                    for line in 0..(BLOCK * esize).div_ceil(64) {
+                    let ahead = kb.wbyte(kb.add(wi, c(GEMV_ROWS * n_out)), wf);
+                    for line in 0..block_bytes.div_ceil(64) {
                         kb.prefetch(w, kb.add(ahead, c(64 * line)));
                     }
                     match wf {
@@ -1010,10 +1107,10 @@ pub(crate) fn gemv_partial<'ctx>(
                                 }
                             }
                         }
-                        WFmt::F32 => {
+                        WFmt::F32 | WFmt::Q4(_) => {
                             let xv = kb.splat(xr);
                             for (j, a) in acc.iter_mut().enumerate() {
-                                *a = kb.vfma(xv, kb.ldv(w, kb.add(wi, c(j * VW))), *a);
+                                *a = kb.vfma(xv, kb.ldvw(w, kb.add(wi, c(j * VW)), wf), *a);
                             }
                         }
                     }
