@@ -15,9 +15,9 @@ from common import measure, parser, prompt, report
 
 
 def main():
-    ap = parser(["w1", "w2"])
+    ap = parser(["w1", "w2", "smollm2"])
     ap.add_argument("--gguf", required=True, help="the shape's checkpoint as converted by convert_hf_to_gguf.py")
-    ap.add_argument("--dtype", choices=["f32", "f16", "q8_0"], required=True, help="the GGUF's matrix type")
+    ap.add_argument("--dtype", choices=["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k"], required=True, help="the GGUF's matrix type")
     a = ap.parse_args()
     import llama_cpp
     from llama_cpp import Llama
