@@ -1204,7 +1204,8 @@ fn tempdir() -> Result<PathBuf> {
 
 #[derive(Args)]
 pub struct ChatArgs {
-    /// A GGUF file: its spec, weights, tokenizer and chat template.
+    /// A GGUF file, or a Hugging Face folder (config.json, safetensors, tokenizer.json and
+    /// a chat template): its spec, weights, tokenizer and chat template.
     model: PathBuf,
     /// The system prompt, the conversation's first message.
     #[arg(long)]
@@ -1227,7 +1228,7 @@ pub struct ChatArgs {
     precision: Precision,
 }
 
-/// A conversation with a GGUF model on standard input: each line is the user's turn,
+/// A conversation with a GGUF model or a Hugging Face folder on standard input: each line is the user's turn,
 /// `/clear` starts over. The KV cache is kept between turns: a turn feeds only the tokens
 /// its rendering adds after what the cache holds (the template's text for the earlier
 /// turns is the same each time), and starts over only when they differ.
@@ -1235,18 +1236,37 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     use std::io::{BufRead, IsTerminal};
     check_threads(a.threads)?;
     a.sampling.check()?;
-    let text = step("importing", || import_gguf(&a.model))?;
+    let hf = a.model.is_dir();
+    let text = step("importing", || {
+        if !hf {
+            return import_gguf(&a.model);
+        }
+        let config = a.model.join("config.json");
+        let text =
+            std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
+        tfc::import::hf::import(&text).with_context(|| format!("cannot import {}", config.display()))
+    })?;
     let name = format!("{} (imported)", a.model.display());
     let c = step("compiling the graphs", || {
         Ok(tfc::compile(&name, &text, &a.precision.options(), &mut |_, _| {})?)
     })?;
     let ck = Arc::new(Checkpoint::open(&a.model)?);
-    let g = ck.gguf().context("not a GGUF file")?;
-    let tok =
-        tfc::text::gguf_tokenizer(g)?.with_context(|| format!("{} holds no tokenizer", a.model.display()))?;
-    let tpl = tfc::text::ChatTemplate::from_gguf(g)
-        .with_context(|| format!("{} holds no chat template", a.model.display()))?;
-    let stop: Vec<usize> = tfc::text::gguf_stop_ids(g).into_iter().map(|i| i as usize).collect();
+    let no_template = || format!("{} holds no chat template", a.model.display());
+    let (tok, tpl, stop) = match ck.gguf() {
+        Some(g) => (
+            tfc::text::gguf_tokenizer(g)?
+                .with_context(|| format!("{} holds no tokenizer", a.model.display()))?,
+            tfc::text::ChatTemplate::from_gguf(g).with_context(no_template)?,
+            tfc::text::gguf_stop_ids(g).into_iter().map(|i| i as usize).collect::<Vec<_>>(),
+        ),
+        None => {
+            let path = a.model.join("tokenizer.json");
+            let tok = tokenizers::Tokenizer::from_file(&path)
+                .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?;
+            let tpl = tfc::text::ChatTemplate::from_hf_dir(&a.model).with_context(no_template)?;
+            (tok, tpl, hf_stop_ids(&a.model).into_iter().map(|i| i as usize).collect())
+        }
+    };
     let model = step("compiling and loading the library", || {
         load_library(&c, &a.target_cpu, a.precision, tfc::backend::Backend::Llvm)
     })?;

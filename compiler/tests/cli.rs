@@ -514,3 +514,55 @@ fn a_hugging_face_folder_runs_in_one_step() {
         assert_eq!(stdout(&o).trim(), ids("greedy"), "{backend}");
     }
 }
+
+/// `tfc chat` on a Hugging Face folder (the `llama` fixture with a word-level
+/// `tokenizer.json` and a `chat_template.jinja` written beside it): its first answer is
+/// the one `tfc run --chat` gives, and `/clear` starts the conversation over, so the same
+/// question after it gets the same answer again.
+#[test]
+fn tfc_chat_runs_a_hugging_face_folder() {
+    let dir = scratch("hf-chat");
+    let fx = root().join("tests/fixtures/hf/llama");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fx.join(f), dir.join(f)).unwrap();
+    }
+    let mut words: Vec<String> =
+        ["<unk>", "<", ">", "user", "assistant", "hello", "there"].map(String::from).to_vec();
+    words.extend((words.len()..384).map(|i| format!("w{i}")));
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        words.iter().enumerate().map(|(i, w)| (w.clone(), i.into())).collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let template = "{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}\
+                    {% if add_generation_prompt %}<assistant>{% endif %}";
+    std::fs::write(dir.join("chat_template.jinja"), template).unwrap();
+    let d = dir.to_str().unwrap();
+    let cache = scratch("hf-chat-cache");
+    let o = tfc(&cache, &["run", d, "--chat", "hello there", "--max-tokens", "6"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let one = stdout(&o).trim_end().to_string();
+    assert!(!one.is_empty(), "{}", stderr(&o));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tfc"))
+        .args(["chat", d, "--max-tokens", "6"])
+        .current_dir(root())
+        .env("XDG_CACHE_HOME", &cache)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"hello there\nhello\n/clear\nhello there\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 3, "{lines:?}\n{}", stderr(&o));
+    assert_eq!(lines[0], one);
+    assert_eq!(lines[2], one, "after /clear");
+    assert!(stderr(&o).contains("[cleared]"));
+}
