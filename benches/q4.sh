@@ -41,10 +41,10 @@ target/release/tfc import-gguf "$src" >$work/smollm2.tfs
 echo "| format | tfc | llama.cpp | tfc / llama.cpp | |"
 echo "| --- | --- | --- | --- | --- |"
 for row in "q4_1 $src" "q4_0 $work/smollm2-q4_0.gguf" "q4_k $work/smollm2-q4_k.gguf"; do
-    set -- $row
+    set -- $row "$(realpath "${row#* }")"
     t=$(target/release/tfc bench $work/smollm2.tfs --weights "$2" --dtype $1 --max-seq 256 \
         --runs "$runs" --threads "$threads" --json | tr -d '\n')
-    l=$(cd benches/peers && ../../$py llamacpp.py --shape smollm2 --gguf "../../$2" --dtype $1 \
+    l=$(cd benches/peers && ../../$py llamacpp.py --shape smollm2 --gguf "$3" --dtype $1 \
         --runs "$runs" --threads "$threads" 2>/dev/null | tail -n 1)
     python3 - "$1" "$t" "$l" <<'PY'
 import json, sys
