@@ -427,14 +427,65 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         let fifteen = VectorType::const_vector(&[self.cx.i32_type().const_int(15, false); VW]);
         ok(self.b.build_and(w, fifteen, ""))
     }
-    /// 16 nibbles as `<VW x float>` (0..16), as `ld_nibbles` reads them.
+    /// 16 nibbles less `bias` as `<VW x float>` (`-bias..16 - bias`), as `ld_nibbles`
+    /// reads them.
     pub fn ld_nibbles_f(
         &self,
         base: PointerValue<'ctx>,
         at: IntValue<'ctx>,
         shift: IntValue<'ctx>,
+        bias: u64,
     ) -> VectorValue<'ctx> {
-        ok(self.b.build_unsigned_int_to_float(self.ld_nibbles(base, at, shift), self.vt(), ""))
+        let mut n = self.ld_nibbles(base, at, shift);
+        if bias != 0 {
+            let b = VectorType::const_vector(&[self.cx.i32_type().const_int(bias, false); VW]);
+            n = ok(self.b.build_int_sub(n, b, ""));
+        }
+        ok(self.b.build_signed_int_to_float(n, self.vt(), ""))
+    }
+    /// The scales and offsets of a `Q4_K` super-block at `base + at`, all eight of each
+    /// at once: lanes `0..8` are `d·sc_j`, lanes `8..16` `-dmin·m_j`. The 16 bytes from
+    /// `at` (`d`, `dmin`, then the 12 packed bytes) are widened to 32-bit lanes, and each
+    /// lane gathers its byte `A` and, for sub-blocks 4 to 7, the byte `B` that holds its top
+    /// two bits (`q4k_scale_min` reads one sub-block the same way):
+    /// `((A >> sa) & ma) | ((B >> 2) & mb)`.
+    pub fn q4k_scales(&self, base: PointerValue<'ctx>, at: IntValue<'ctx>) -> VectorValue<'ctx> {
+        let i32t = self.cx.i32_type();
+        let (i8v, i32v) = (self.cx.i8_type().vec_type(VW as u32), i32t.vec_type(VW as u32));
+        let raw = ok(self.b.build_load(i8v, self.gep(self.cx.i8_type(), base, at), ""));
+        let _ = raw.as_instruction_value().unwrap().set_alignment(1);
+        let bytes = ok(self.b.build_int_z_extend(raw.into_vector_value(), i32v, ""));
+        // Per lane: the bytes A and B (counted from `at`; the packed bytes start at 4) and
+        // A's shift and mask and B's mask.
+        let lane = |l: usize| -> [u64; 5] {
+            let j = (l % 8) as u64;
+            match (l >= 8, j < 4) {
+                (false, true) => [4 + j, 0, 63, 4, 0],
+                (true, true) => [8 + j, 0, 63, 4, 0],
+                (false, false) => [8 + j, 0, 15, j, 0x30],
+                (true, false) => [8 + j, 4, 15, 4 + j, 0x30],
+            }
+        };
+        let field = |k: usize| {
+            VectorType::const_vector(&(0..VW).map(|l| i32t.const_int(lane(l)[k], false)).collect::<Vec<_>>())
+        };
+        let pick = |k: usize| ok(self.b.build_shuffle_vector(bytes, i32v.get_undef(), field(k), ""));
+        let a = ok(self.b.build_right_shift(pick(0), field(1), false, ""));
+        let a = ok(self.b.build_and(a, field(2), ""));
+        let two = VectorType::const_vector(&[i32t.const_int(2, false); VW]);
+        let b = ok(self.b.build_right_shift(pick(3), two, false, ""));
+        let b = ok(self.b.build_and(b, field(4), ""));
+        let v = ok(self.b.build_or(a, b, ""));
+        let v = ok(self.b.build_unsigned_int_to_float(v, self.vt(), ""));
+        let d = self.splat(self.ld_f16(base, at));
+        let dmin = self.splat(self.fmul(self.ld_f16(base, self.add(at, self.c(2))), self.fc(-1.0)));
+        let halves: Vec<u32> = (0..8).chain(VW as u32..VW as u32 + 8).collect();
+        ok(self.b.build_float_mul(v, self.shuffle(d, dmin, &halves), ""))
+    }
+    /// Every lane of `v` set to its lane `j`.
+    pub fn broadcast_lane(&self, v: VectorValue<'ctx>, j: usize) -> VectorValue<'ctx> {
+        let mask = VectorType::const_vector(&[self.cx.i32_type().const_int(j as u64, false); VW]);
+        ok(self.b.build_shuffle_vector(v, self.vt().get_undef(), mask, ""))
     }
     /// The scale of the q8 block holding element `idx`.
     pub fn q8_scale(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, scales: usize) -> FloatValue<'ctx> {
@@ -465,7 +516,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
             WFmt::Q4(q) => {
                 // `idx` a multiple of 16: the 16 share a byte run, a half and a scale.
                 let (at, shift, scale, offset) = self.q4_element(base, idx, q);
-                let v = self.ld_nibbles_f(base, at, shift);
+                let v = self.ld_nibbles_f(base, at, shift, 0);
                 self.fadd(self.fmul(v, self.splat(scale)), self.splat(offset))
             }
         }

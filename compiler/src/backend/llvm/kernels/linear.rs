@@ -265,7 +265,7 @@ pub(crate) fn lin_dot_row<'ctx>(
     xp: Option<PointerValue<'ctx>>,
 ) {
     if let WFmt::Q4(q) = l.wf {
-        return lin_q4_row(kb, l, t, o0, o1, q);
+        return lin_q4_row(kb, l, t, o0, o1, q, xp);
     }
     let c = |v: usize| kb.c(v as i64);
     let (inn, steps) = (l.inn, l.inn / DOT);
@@ -331,11 +331,54 @@ pub(crate) fn lin_dot_row<'ctx>(
     });
 }
 
+/// Floats of `q4_block_sums` for a row of `inn` inputs in format `q`: none for `Q4_0`,
+/// whose offset is a fixed `-8·scale` folded into signed nibbles.
+pub(crate) fn q4_sums(q: Q4, inn: usize) -> usize {
+    match q {
+        Q4::Q4_0 => 0,
+        Q4::Q4_1 => inn / 32,
+        Q4::Q4_K => inn / 256 * VW,
+    }
+}
+
+/// The sums of `x[xrow..xrow + inn]` per 32 values, which every output's offset term
+/// `offset · Σ x` of a 4-bit row shares, into `sums`: one per block for `Q4_1`; for
+/// `Q4_K` a vector per super-block, eight zeros then its eight sums, to meet
+/// `Kb::q4k_scales` lane for lane.
+pub(crate) fn q4_block_sums<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    x: PointerValue<'ctx>,
+    xrow: IntValue<'ctx>,
+    inn: usize,
+    q: Q4,
+    sums: PointerValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let sum32 = |i: IntValue<'ctx>| {
+        let at = kb.add(xrow, i);
+        kb.vsum(kb.vadd(kb.ldv(x, at), kb.ldv(x, kb.add(at, c(VW)))))
+    };
+    match q {
+        Q4::Q4_0 => {}
+        Q4::Q4_1 => kb.for_(c(0), c(inn / 32), |b| kb.st(sums, b, sum32(kb.mul(b, c(32))))),
+        Q4::Q4_K => kb.for_(c(0), c(inn / 256), |s| {
+            let base = kb.mul(s, c(VW));
+            for j in 0..8 {
+                kb.st(sums, kb.add(base, c(j)), kb.fc(0.0));
+                kb.st(sums, kb.add(base, c(8 + j)), sum32(kb.add(kb.mul(s, c(256)), c(32 * j))));
+            }
+        }),
+    }
+}
+
 /// One row times `W [out, in]` in a 4-bit format, outputs `o0..o1`: one output's row of
 /// blocks at a time, a single forward stream prefetched `PREFETCH` ahead. Each 32 values
 /// are `nibble · scale + offset`, so a block adds `scale · Σ nibble·x` and `offset · Σ x`:
-/// the nibbles are multiplied as they are, and each block's sum scaled once. The `Σ x`
-/// terms go to their own accumulator, as `offset` times the block's `x` folded to 16 lanes.
+/// the nibbles are multiplied as they are and each block's sum scaled once, and the
+/// `Σ x` are the row's `sums` (`q4_block_sums`), shared by every output. `Q4_0`'s nibbles
+/// are made signed (`nibble - 8`) instead, so it has no offset term; `Q4_K` unpacks a
+/// super-block's eight scales and offsets at once (`Kb::q4k_scales`) and adds its offset
+/// terms as one product with the sums.
 pub(crate) fn lin_q4_row<'ctx>(
     kb: &Kb<'_, 'ctx>,
     l: &Lin<'ctx, '_>,
@@ -343,6 +386,7 @@ pub(crate) fn lin_q4_row<'ctx>(
     o0: IntValue<'ctx>,
     o1: IntValue<'ctx>,
     q: Q4,
+    sums: Option<PointerValue<'ctx>>,
 ) {
     let c = |v: usize| kb.c(v as i64);
     let inn = l.inn;
@@ -356,63 +400,73 @@ pub(crate) fn lin_q4_row<'ctx>(
     };
     let xrow = kb.mul(t, c(inn));
     let row_bytes = inn / per * size;
+    let sums = || sums.expect("bug: a 4-bit row with offsets reads its block sums");
     kb.for_(o0, o1, |o| {
         let wrow = kb.mul(o, c(row_bytes));
-        let init: Vec<_> = (0..3).map(|_| kb.vzero().into()).collect();
+        // Vector accumulators for the scaled sums (two) and `Q4_K`'s offsets, then a
+        // scalar one per block of a step for `Q4_1`'s offsets.
+        let mut init: Vec<BasicValueEnum<'ctx>> = (0..3).map(|_| kb.vzero().into()).collect();
+        if q == Q4::Q4_1 {
+            init.extend((0..unit / 32).map(|_| BasicValueEnum::from(kb.fc(0.0))));
+        }
         let acc = kb.fold(c(0), c(inn / unit), &init, |s, acc| {
             let i = kb.mul(s, c(unit));
             let at = kb.add(wrow, kb.mul(s, c(unit / per * size)));
             for line in 0..(unit / per * size).div_ceil(64) {
                 kb.prefetch(l.w, kb.add(at, c(PREFETCH + 64 * line)));
             }
-            let mut acc: Vec<VectorValue<'ctx>> = acc.iter().map(|a| a.into_vector_value()).collect();
+            let mut acc = acc.to_vec();
+            let vacc = |acc: &[BasicValueEnum<'ctx>], a: usize| acc[a].into_vector_value();
             let shift = |s: u64| kb.cx.i32_type().const_int(s, false);
-            // The 32 values from input `k` on, whose first and last 16 nibbles are the
-            // `(byte, shift)` halves `lo` and `hi`, into accumulator `a`.
-            let mut sub32 =
-                |k: usize, lo: (IntValue<'ctx>, u64), hi: (IntValue<'ctx>, u64), scale, offset, a: usize| {
-                    let x0 = kb.ldv(l.x, kb.add(xrow, kb.add(i, c(k))));
-                    let x1 = kb.ldv(l.x, kb.add(xrow, kb.add(i, c(k + VW))));
-                    let p = kb.vmul(kb.ld_nibbles_f(l.w, lo.0, shift(lo.1)), x0);
-                    let p = kb.vfma(kb.ld_nibbles_f(l.w, hi.0, shift(hi.1)), x1, p);
-                    acc[a] = kb.vfma(p, kb.splat(scale), acc[a]);
-                    acc[2] = kb.vfma(kb.splat(offset), kb.vadd(x0, x1), acc[2]);
-                };
+            let bias = if q == Q4::Q4_0 { 8 } else { 0 };
+            // `Σ nibble·x` of the 32 values from input `k` on, whose first and last 16
+            // nibbles are the `(byte, shift)` halves `lo` and `hi`.
+            let dot32 = |k: usize, lo: (IntValue<'ctx>, u64), hi: (IntValue<'ctx>, u64)| {
+                let x0 = kb.ldv(l.x, kb.add(xrow, kb.add(i, c(k))));
+                let x1 = kb.ldv(l.x, kb.add(xrow, kb.add(i, c(k + VW))));
+                let p = kb.vmul(kb.ld_nibbles_f(l.w, lo.0, shift(lo.1), bias), x0);
+                kb.vfma(kb.ld_nibbles_f(l.w, hi.0, shift(hi.1), bias), x1, p)
+            };
             match q {
                 Q4::Q4_0 | Q4::Q4_1 => {
                     for b in 0..unit / 32 {
                         let blk = kb.add(at, c(b * size));
                         let d = kb.ld_f16(l.w, blk);
-                        let (offset, qs) = if q == Q4::Q4_0 {
-                            (kb.fmul(d, kb.fc(-8.0)), 2)
-                        } else {
-                            (kb.ld_f16(l.w, kb.add(blk, c(2))), 4)
-                        };
                         // 16 bytes: the first 16 values low, the last 16 high.
-                        let qs = kb.add(blk, c(qs));
-                        sub32(b * 32, (qs, 0), (qs, 4), d, offset, b);
+                        let qs = kb.add(blk, c(if q == Q4::Q4_0 { 2 } else { 4 }));
+                        let p = dot32(b * 32, (qs, 0), (qs, 4));
+                        acc[b] = kb.vfma(p, kb.splat(d), vacc(&acc, b)).into();
+                        if q == Q4::Q4_1 {
+                            let m = kb.ld_f16(l.w, kb.add(blk, c(2)));
+                            let sb = kb.ld(sums(), kb.add(kb.mul(s, c(unit / 32)), c(b)));
+                            let a = acc[3 + b].into_float_value();
+                            acc[3 + b] = kb.fadd(kb.fmul(m, sb), a).into();
+                        }
                     }
                 }
                 Q4::Q4_K => {
-                    let d = kb.ld_f16(l.w, at);
-                    let dmin = kb.ld_f16(l.w, kb.add(at, c(2)));
+                    let scales = kb.q4k_scales(l.w, at);
                     for j in 0..8 {
-                        let (sc, m) = kb.q4k_scale_min(l.w, kb.add(at, c(4)), c(j));
-                        let (scale, offset) = (kb.fmul(d, sc), kb.fmul(kb.fmul(dmin, m), kb.fc(-1.0)));
                         // 32 bytes per two sub-blocks: the first's values low, the next's high.
                         let qs = kb.add(at, c(16 + j / 2 * 32));
                         let half = 4 * (j as u64 % 2);
-                        sub32(j * 32, (qs, half), (kb.add(qs, c(16)), half), scale, offset, j % 2);
+                        let p = dot32(j * 32, (qs, half), (kb.add(qs, c(16)), half));
+                        acc[j % 2] = kb.vfma(p, kb.broadcast_lane(scales, j), vacc(&acc, j % 2)).into();
                     }
+                    let sv = kb.ldv(sums(), kb.mul(s, c(VW)));
+                    acc[2] = kb.vfma(scales, sv, vacc(&acc, 2)).into();
                 }
             }
-            acc.into_iter().map(Into::into).collect()
+            acc
         });
         let sum = kb.vadd(
             kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()),
             acc[2].into_vector_value(),
         );
         let mut v = kb.vsum(sum);
+        for a in &acc[3..] {
+            v = kb.fadd(v, a.into_float_value());
+        }
         if let Some(b) = l.b {
             v = kb.fadd(v, kb.ld(b, o));
         }
@@ -894,9 +948,18 @@ pub(crate) fn linear_dots<'ctx>(
     // A one-row product of bf16 weights reads them as even and odd lanes: those
     // in tiles all of them, others those of whole steps of `DOT`.
     let permuted = if tiles { inn } else { inn / DOT * DOT };
-    let xp = (wf == WFmt::Bf16 && permuted > 0).then(|| kb.alloca_f32s(permuted));
+    // A one-row product of 4-bit weights with offsets reads the sums of `x` per block.
+    let sums = match wf {
+        WFmt::Q4(q) => q4_sums(q, inn),
+        _ => 0,
+    };
+    let xp = match wf {
+        WFmt::Bf16 if permuted > 0 => Some(kb.alloca_f32s(permuted)),
+        WFmt::Q4(_) if sums > 0 => Some(kb.alloca_f32s(sums)),
+        _ => None,
+    };
     // Rows in tiles of ROWS, then the rest one by one (decode's one row), each
-    // permuted once for all of the task's blocks.
+    // prepared once for all of the task's blocks.
     let full = kb.mul(kb.div(rows, c(ROWS)), c(ROWS));
     let blocks = |t0: IntValue<'ctx>, rn: usize| {
         kb.for_(begin, end, |blk| {
@@ -909,8 +972,10 @@ pub(crate) fn linear_dots<'ctx>(
     };
     kb.for_(c(0), kb.div(full, c(ROWS)), |tt| blocks(kb.mul(tt, c(ROWS)), ROWS));
     kb.for_(full, rows, |t| {
-        if let Some(xp) = xp {
-            permute_pairs(kb, l.x, kb.mul(t, c(inn)), permuted, xp);
+        match (wf, xp) {
+            (WFmt::Bf16, Some(xp)) => permute_pairs(kb, l.x, kb.mul(t, c(inn)), permuted, xp),
+            (WFmt::Q4(q), Some(xp)) => q4_block_sums(kb, l.x, kb.mul(t, c(inn)), inn, q, xp),
+            _ => {}
         }
         blocks(t, 1)
     });
