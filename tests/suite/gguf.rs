@@ -96,6 +96,14 @@ fn a_llama_gguf_in_f32_computes_what_transformers_computes_from_the_checkpoint()
     check("llama_f32.gguf", "llama", &want.data, 1e-4);
 }
 
+/// Llama 3.1 as the converter writes it: its rope scaling as a `rope_freqs` factor per
+/// pair (`scaling = per_pair`), which computes what transformers' `llama3` scaling does.
+#[test]
+fn a_llama_3_1_gguf_with_rope_freqs_computes_what_transformers_computes() {
+    let want = read_tensor(&root().join("tests/fixtures/hf/llama31/expected.safetensors"), "logits");
+    check("llama31_f32.gguf", "llama31", &want.data, 1e-4);
+}
+
 #[test]
 fn a_llama_gguf_in_q8_0_computes_what_transformers_computes_from_the_gguf() {
     let want = read_tensor(&dir().join("llama_q8_0.expected.safetensors"), "logits");
@@ -131,6 +139,59 @@ fn a_phi3_gguf_computes_what_transformers_computes_on_both_sides_of_its_original
     let full = read_tensor(&hf, "full_logits");
     let past = tfc::Options { max_seq: Some(24), ..Default::default() };
     check_as("phi3_f32.gguf", "phi3", &full.data[..short.data.len()], 1e-4, &past);
+}
+
+/// The Gemma family as llama.cpp's converter writes it (norm weights stored with Gemma's
+/// `1 +` added; Gemma 2's post-sublayer norms and soft-capping; Gemma 3's query and key
+/// norms, three sliding layers then a full one, their own rope base, linear scaling on
+/// the full layers): each computes what transformers computes from the checkpoint.
+/// Gemma 2's reference is for the config its file describes (`make_gguf.py`: queries
+/// scaled by 1/√head_dim, as llama.cpp runs every Gemma 2 but the 27B).
+#[test]
+fn gemma_ggufs_compute_what_transformers_computes() {
+    for arch in ["gemma", "gemma3"] {
+        let want =
+            read_tensor(&root().join(format!("tests/fixtures/hf/{arch}/expected.safetensors")), "logits");
+        check(&format!("{arch}_f32.gguf"), arch, &want.data, 1e-4);
+    }
+    let want = read_tensor(&dir().join("gemma2_f32.expected.safetensors"), "logits");
+    check("gemma2_f32.gguf", "gemma2", &want.data, 1e-4);
+}
+
+/// What llama.cpp assumes where a Gemma file has no key for it: Gemma 2 alternates
+/// sliding and full layers, Gemma 3 has five sliding layers to each full one (sliding
+/// ones at rope base 10000 unscaled), and the 27B models (46 and 62 layers) scale queries
+/// by 1/√(d_model / heads); a pattern of the wrong length is an error naming the key.
+#[test]
+fn gemma_ggufs_without_a_layer_pattern_take_llama_cpps_defaults() {
+    let spec = |file: &str, edit: &dyn Fn(&mut tfc_runtime::gguf::Gguf)| {
+        let mut g = tfc_runtime::gguf::Gguf::open(dir().join(file)).unwrap();
+        edit(&mut g);
+        tfc::import::gguf::import(&g, file)
+    };
+    use tfc_runtime::gguf::Value;
+    let no_pattern = |layers: u64| {
+        move |g: &mut tfc_runtime::gguf::Gguf| {
+            g.meta.remove("gemma3.attention.sliding_window_pattern");
+            g.meta.insert("gemma3.block_count".into(), Value::Int(layers as i64));
+            g.meta.insert("gemma2.block_count".into(), Value::Int(layers as i64));
+        }
+    };
+    let s = spec("gemma3_f32.gguf", &no_pattern(12)).unwrap();
+    assert!(s.contains("pattern  = [sliding, sliding, sliding, sliding, sliding, full]"), "{s}");
+    assert!(s.contains("position = rope { theta = 10000 }, window = 4"), "{s}");
+    assert!(!s.contains("scale ="), "{s}");
+    let s = spec("gemma3_f32.gguf", &no_pattern(62)).unwrap();
+    assert!(s.contains(&format!("scale = {}", tfc::ir::num(1.0 / 16f64.sqrt()))), "{s}");
+    let s = spec("gemma2_f32.gguf", &no_pattern(4)).unwrap();
+    assert!(s.contains("pattern  = [sliding, full]") && s.contains("softcap = 5"), "{s}");
+    let e = spec("gemma3_f32.gguf", &|g| {
+        g.meta
+            .insert("gemma3.attention.sliding_window_pattern".into(), Value::Array(vec![Value::Bool(true)]));
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("gemma3.attention.sliding_window_pattern"), "{e}");
 }
 
 #[test]

@@ -692,7 +692,7 @@ fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScali
     let Some(v) = r.take("scaling") else {
         return Some(RopeScaling::None);
     };
-    let kinds = ["linear", "dynamic", "llama3", "yarn", "longrope"];
+    let kinds = ["linear", "dynamic", "llama3", "yarn", "longrope", "per_pair"];
     match &v.kind {
         ValueKind::Ident(s) if s == "none" => Some(RopeScaling::None),
         ValueKind::Object(kind, fields) if kind.name == "linear" => {
@@ -766,6 +766,15 @@ fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScali
                 attention_factor: attention.unwrap_or(RopeScaling::yarn_attention_factor(factor)),
             })
         }
+        ValueKind::Object(kind, fields) if kind.name == "per_pair" => {
+            let mut s = Fields::new("`per_pair`", fields, &["factors"]);
+            let factors = s.float_list("factors", diags);
+            if !s.has("factors") {
+                diags.push(missing_field(kind, "per_pair", "factors"));
+            }
+            s.finish(diags);
+            Some(RopeScaling::PerPair { factors: factors? })
+        }
         ValueKind::Object(kind, fields) if kind.name == "longrope" => {
             let keys = ["short_factor", "long_factor", "original_max_seq", "factor", "attention_factor"];
             let mut s = Fields::new("`longrope`", fields, &keys);
@@ -808,7 +817,7 @@ fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScali
         _ => {
             diags.push(bad(
                 v,
-                "a rope scaling: none, linear { factor = … }, dynamic { … }, llama3 { … }, yarn { … } or longrope { … }",
+                "a rope scaling: none, linear { factor = … }, dynamic { … }, llama3 { … }, yarn { … }, longrope { … } or per_pair { factors = [...] }",
             ));
             None
         }
@@ -898,6 +907,20 @@ fn position(f: &mut Fields, head_dim: usize, diags: &mut Vec<Diagnostic>) -> Opt
                             ),
                         )
                         .label(r.span_of("scaling"), format!("needs {pairs} of each"))
+                        .note("one factor per rotated pair of dimensions: rotary dimensions / 2"),
+                    );
+                    return None;
+                }
+            }
+            if let RopeScaling::PerPair { factors } = &scaling {
+                let pairs = rotary_dim / 2;
+                if factors.len() != pairs {
+                    diags.push(
+                        Diagnostic::error(
+                            Code::Sizes,
+                            format!("per_pair has {} factors for {pairs} rotated pairs", factors.len()),
+                        )
+                        .label(r.span_of("scaling"), format!("needs {pairs}"))
                         .note("one factor per rotated pair of dimensions: rotary dimensions / 2"),
                     );
                     return None;

@@ -15,7 +15,7 @@ use tfc_runtime::gguf::{Gguf, Value};
 pub enum GgufImportError {
     #[error("{file} has no `general.architecture`")]
     NoArchitecture { file: String },
-    #[error("{file}: architecture `{arch}` is not supported (supported: llama, phi3, qwen2, qwen3)")]
+    #[error("{file}: architecture `{arch}` is not supported (supported: {SUPPORTED})")]
     Architecture { file: String, arch: String },
     #[error("{file}: metadata `{key}` is missing or not {expected}")]
     Key { file: String, key: String, expected: &'static str },
@@ -95,6 +95,9 @@ fn stored_dtype(g: &Gguf) -> Option<&'static str> {
     })
 }
 
+/// The architectures (`general.architecture`) the importer writes specs for.
+const SUPPORTED: &str = "gemma, gemma2, gemma3, llama, phi3, qwen2, qwen3";
+
 pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
     let arch = g
         .meta
@@ -102,7 +105,7 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
         .and_then(Value::as_str)
         .ok_or(GgufImportError::NoArchitecture { file: file.into() })?
         .to_string();
-    if !["llama", "qwen2", "qwen3", "phi3"].contains(&arch.as_str()) {
+    if !SUPPORTED.split(", ").any(|a| a == arch) {
         return Err(GgufImportError::Architecture { file: file.into(), arch });
     }
     let m = Meta { g, file: file.into(), arch: arch.clone() };
@@ -162,18 +165,36 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
             return Err(m.unsupported("one of `rope_factors_short` and `rope_factors_long`, not both".into()))
         }
     };
-    if g.tensors.contains_key("rope_freqs.weight") {
-        return Err(m.unsupported(
-            "`rope_freqs.weight` (per-pair rope factors, Llama 3.1) is not supported yet".into(),
-        ));
-    }
-    if let Some(t) = m
-        .get("rope.scaling.type")
-        .and_then(Value::as_str)
-        .filter(|t| *t != "none" && !(!longrope.is_empty() && (*t == "longrope" || *t == "su")))
-    {
-        return Err(m.unsupported(format!("rope scaling `{t}` is not supported yet")));
-    }
+    // Llama 3.1's scaling as the converter stores it: a factor per rotated pair.
+    let per_pair = match g.get("rope_freqs.weight") {
+        Some(f) => {
+            if !longrope.is_empty() {
+                return Err(m.unsupported("both `rope_freqs` and LongRoPE factors".into()));
+            }
+            format!(
+                ", scaling = per_pair {{ factors = [{}] }}",
+                f.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+            )
+        }
+        None => String::new(),
+    };
+    // Linear scaling (Gemma 3's global layers) divides every frequency by the factor.
+    let linear = match m.get("rope.scaling.type").and_then(Value::as_str) {
+        None | Some("none") => String::new(),
+        Some("longrope" | "su") if !longrope.is_empty() => String::new(),
+        Some("linear") => match m.get("rope.scaling.factor").or(m.get("rope.scale_linear")) {
+            Some(_) => {
+                let f = m.float("rope.scaling.factor", m.float("rope.scale_linear", 1.0)?)?;
+                if f == 1.0 {
+                    String::new()
+                } else {
+                    format!(", scaling = linear {{ factor = {} }}", crate::ir::num(f))
+                }
+            }
+            None => return Err(m.unsupported("linear rope scaling without `rope.scaling.factor`".into())),
+        },
+        Some(t) => return Err(m.unsupported(format!("rope scaling `{t}` is not supported yet"))),
+    };
     let has = |n: &str| g.tensors.contains_key(n);
     let bias = if has("blk.0.attn_q.bias") { ", bias = [q, k, v]" } else { "" };
     let pairs = if arch == "llama" { ", pairs = interleaved" } else { "" };
@@ -186,7 +207,80 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
         Some(0) => None,
         _ => m.size("attention.sliding_window")?,
     };
-    let window = window.filter(|&w| w < max_seq).map_or(String::new(), |w| format!(", window = {w}"));
+    let window = window.filter(|&w| w < max_seq);
+    // The Gemma family as llama.cpp runs it: the embedding scaled by √d_model, GELU (tanh)
+    // gates, norms whose weights the converter stored with Gemma's `1 +` already added
+    // (so plain RMSNorms here), and from Gemma 2 on a norm after each sublayer as well,
+    // layers that alternate between a sliding window and full attention, and logit
+    // soft-capping.
+    let gemma = arch.starts_with("gemma");
+    let post_norms = arch == "gemma2" || arch == "gemma3";
+    // Which layers slide: `attention.sliding_window_pattern`, a list of booleans or `n`
+    // (every `n`-th layer full), else llama.cpp's default per architecture (every layer
+    // for the others).
+    let sliding: Vec<bool> = match (window, m.get("attention.sliding_window_pattern")) {
+        (None, _) => vec![false; layers],
+        (Some(_), Some(Value::Array(a))) => {
+            let flags: Option<Vec<bool>> =
+                a.iter().map(|v| if let Value::Bool(b) = v { Some(*b) } else { None }).collect();
+            match flags {
+                Some(f) if f.len() == layers => f,
+                _ => {
+                    return Err(GgufImportError::Key {
+                        file: file.into(),
+                        key: format!("{arch}.attention.sliding_window_pattern"),
+                        expected: "a whole number, or one boolean per layer",
+                    })
+                }
+            }
+        }
+        (Some(_), p) => {
+            let n = match p {
+                Some(_) => m.size("attention.sliding_window_pattern")?.unwrap_or(0),
+                None if arch == "gemma2" => 2,
+                None if arch == "gemma3" => 6,
+                None => 0,
+            };
+            (0..layers).map(|l| n == 0 || l % n < n - 1).collect()
+        }
+    };
+    // Sliding layers' rope as llama.cpp sets it: Gemma 3's from `rope.freq_base_swa`
+    // (default 10000) without scaling, Gemma 2's from that key (default the full layers'
+    // base) with the full layers' scaling; others' as full layers'.
+    let global_rope =
+        format!("rope {{ theta = {}{fraction}{pairs}{longrope}{per_pair}{linear} }}", crate::ir::num(theta));
+    let local_rope = match arch.as_str() {
+        "gemma3" | "gemma2" => {
+            let v3 = arch == "gemma3";
+            let base = m.float("rope.freq_base_swa", if v3 { 10000.0 } else { theta })?;
+            let scaling = if v3 { "" } else { linear.as_str() };
+            format!("rope {{ theta = {}{fraction}{pairs}{scaling} }}", crate::ir::num(base))
+        }
+        _ => global_rope.clone(),
+    };
+    let softcap = |key: &str| -> Result<Option<f64>, GgufImportError> {
+        Ok(match m.get(key) {
+            Some(_) => Some(m.float(key, 1.0)?),
+            None => None,
+        })
+    };
+    let attn_cap = match softcap("attn_logit_softcapping")? {
+        Some(c) if arch == "gemma2" => format!(", softcap = {}", crate::ir::num(c)),
+        _ => String::new(),
+    };
+    let final_cap = softcap("final_logit_softcapping")?
+        .filter(|_| post_norms)
+        .map_or(String::new(), |c| format!(", softcap = {}", crate::ir::num(c)));
+    // Gemma 2 and 3 scale queries by 1/√head_dim, but their 27B models by
+    // 1/√(d_model / heads): the file has no key for it, so llama.cpp tells the 27B models
+    // by their layer count (46 and 62), and so does this.
+    let big = (arch == "gemma2" && layers == 46) || (arch == "gemma3" && layers == 62);
+    let scale = if big {
+        format!(", scale = {}", crate::ir::num(1.0 / ((d / heads) as f64).sqrt()))
+    } else {
+        String::new()
+    };
+    let act = if gemma { "gelu_tanh" } else { "silu" };
     let e = crate::ir::num(eps);
     let mut s = String::new();
     let name: String = g
@@ -212,6 +306,16 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
     if let Some(d) = stored_dtype(g) {
         sizes.push(("dtype", d.into()));
     }
+    // One block for all layers, or a `sliding` and a `full` one and the shortest pattern
+    // of them that repeats over the layers.
+    let mixed = sliding.iter().any(|&x| x) && !sliding.iter().all(|&x| x);
+    if mixed {
+        let period =
+            (1..=layers).find(|&p| (0..layers).all(|i| sliding[i] == sliding[i % p])).unwrap_or(layers);
+        let names: Vec<&str> =
+            sliding[..period].iter().map(|&x| if x { "sliding" } else { "full" }).collect();
+        sizes.push(("pattern", format!("[{}]", names.join(", "))));
+    }
     let w = sizes.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in sizes {
         writeln!(s, "{k:w$} = {v}").unwrap();
@@ -222,38 +326,60 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
         String::new()
     };
     let output = if has("output.weight") {
-        "output: unembed { at = \"output\" }"
+        format!("output: unembed {{ at = \"output\"{final_cap} }}")
     } else {
-        "output: unembed { tied = token_embd }"
+        format!("output: unembed {{ tied = token_embd{final_cap} }}")
     };
+    let embed = if gemma { "token_embd(tokens) * sqrt(d_model)" } else { "token_embd(tokens)" };
     write!(
         s,
         r#"
 embed {{
   token_embd: embedding {{ at = "token_embd" }}
-  x = token_embd(tokens)
+  x = {embed}
 }}
-
-block {{
-  attn_norm: rmsnorm {{ at = "blk.{{layer}}.attn_norm", eps = {e} }}
-  attn: attention {{
-    at = "blk.{{layer}}", {qkv}, o = "attn_output"{bias}
-    position = rope {{ theta = {theta}{fraction}{pairs}{longrope} }}{window}{qk_norm}
-  }}
-  ffn_norm: rmsnorm {{ at = "blk.{{layer}}.ffn_norm", eps = {e} }}
-  mlp: mlp {{ at = "blk.{{layer}}", {ffn}, down = "ffn_down", act = silu }}
-
-  x = x + attn(attn_norm(x))
-  x = x + mlp(ffn_norm(x))
-}}
-
+"#
+    )
+    .unwrap();
+    let norm =
+        |name: &str, at: &str| format!("  {name}: rmsnorm {{ at = \"blk.{{layer}}.{at}\", eps = {e} }}\n");
+    let block = |slides: bool| {
+        let (rope, window) = match (slides, window) {
+            (true, Some(w)) => (&local_rope, format!(", window = {w}")),
+            _ => (&global_rope, String::new()),
+        };
+        let mut b = norm("attn_norm", "attn_norm");
+        b += &format!(
+            "  attn: attention {{\n    at = \"blk.{{layer}}\", {qkv}, o = \"attn_output\"{bias}{scale}\n    position = {rope}{window}{attn_cap}{qk_norm}\n  }}\n"
+        );
+        if post_norms {
+            b += &norm("post_attn_norm", "post_attention_norm");
+        }
+        b += &norm("ffn_norm", "ffn_norm");
+        b += &format!("  mlp: mlp {{ at = \"blk.{{layer}}\", {ffn}, down = \"ffn_down\", act = {act} }}\n");
+        if post_norms {
+            b += &norm("post_ffn_norm", "post_ffw_norm");
+            b +=
+                "\n  x = x + post_attn_norm(attn(attn_norm(x)))\n  x = x + post_ffn_norm(mlp(ffn_norm(x)))\n";
+        } else {
+            b += "\n  x = x + attn(attn_norm(x))\n  x = x + mlp(ffn_norm(x))\n";
+        }
+        b
+    };
+    if mixed {
+        write!(s, "\nblock sliding {{\n{}}}\n\nblock full {{\n{}}}\n", block(true), block(false)).unwrap();
+    } else {
+        write!(s, "\nblock {{\n{}}}\n", block(sliding.first() == Some(&true))).unwrap();
+    }
+    write!(
+        s,
+        r#"
 head {{
   output_norm: rmsnorm {{ at = "output_norm", eps = {e} }}
   {output}
   x = output(output_norm(x))
 }}
-"#,
-        theta = crate::ir::num(theta)
+"#
     )
     .unwrap();
     match crate::front::compile_spec(&format!("{file} (imported)"), &s, &Default::default()) {

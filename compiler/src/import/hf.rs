@@ -446,6 +446,10 @@ fn rope_text(theta: f64, fraction: f64, scaling: RopeScaling) -> String {
     match scaling {
         RopeScaling::None => {}
         RopeScaling::Linear { factor } => fields.push(format!("scaling = linear {{ factor = {} }}", num(factor))),
+        RopeScaling::PerPair { factors } => fields.push(format!(
+            "scaling = per_pair {{ factors = [{}] }}",
+            factors.iter().map(|&f| num(f)).collect::<Vec<_>>().join(", ")
+        )),
         RopeScaling::Dynamic { factor, original_max_seq, .. } => fields.push(format!(
             "scaling = dynamic {{ factor = {}, original_max_seq = {original_max_seq} }}",
             num(factor)

@@ -290,6 +290,11 @@ pub enum RopeScaling {
     Linear {
         factor: f64,
     },
+    /// Pair `k`'s frequency divided by `factors[k]`: llama.cpp's `rope_freqs` tensor, in
+    /// which its converter stores Llama 3.1's scaling as computed factors.
+    PerPair {
+        factors: Vec<f64>,
+    },
     /// Llama 3.1: frequencies whose wavelength is longer than `original_max_seq /
     /// low_freq_factor` divided by `factor`, those shorter than `original_max_seq /
     /// high_freq_factor` kept, and those between blended smoothly.
@@ -420,6 +425,7 @@ impl Rope {
             }
             RopeScaling::None | RopeScaling::Dynamic { .. } => base.collect(),
             RopeScaling::Linear { factor } => base.map(|f| f / factor).collect(),
+            RopeScaling::PerPair { ref factors } => base.zip(factors).map(|(f, s)| f / s).collect(),
             RopeScaling::Longrope { ref short_factor, ref long_factor, long, .. } => {
                 let factors = if long { long_factor } else { short_factor };
                 base.zip(factors).map(|(f, s)| f / s).collect()
@@ -690,6 +696,9 @@ impl Op {
                         ))
                     }
                     RopeScaling::Linear { factor } => v.push(format!("linear={}", num(*factor))),
+                    RopeScaling::PerPair { factors } => v.push(format!("per_pair=({})", {
+                        factors.iter().map(|&f| num(f)).collect::<Vec<_>>().join(", ")
+                    })),
                     RopeScaling::Yarn {
                         factor,
                         original_max_seq,
