@@ -17,7 +17,7 @@ use ir::{verify, Graph, Phase};
 use passes::{run_passes, PassError, Split};
 
 /// The stages `tfc ir --stage` prints.
-pub const STAGES: &[&str] = &["lowered", "model", "prefill", "decode"];
+pub const STAGES: &[&str] = &["lowered", "model", "prefill", "decode", "extend"];
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -60,6 +60,10 @@ pub struct Compiled {
     pub prefill_all: Graph,
     /// `None` for a model with bidirectional attention.
     pub decode: Option<Graph>,
+    /// More tokens after the cache (last position, and every position); `None` with
+    /// `decode`.
+    pub extend: Option<Graph>,
+    pub extend_all: Option<Graph>,
 }
 
 impl Compiled {
@@ -72,15 +76,31 @@ impl Compiled {
             "prefill" if all_rows => Some(&self.prefill_all),
             "prefill" => Some(&self.prefill),
             "decode" => self.decode.as_ref(),
+            "extend" if all_rows => self.extend_all.as_ref(),
+            "extend" => self.extend.as_ref(),
             _ => None,
         }
     }
 
-    /// The graphs a library holds, in its order: prefill, prefill of every row, decode.
+    /// The graphs a library holds, in its order: prefill, prefill of every row, decode,
+    /// extend, extend of every row.
     pub fn library_graphs(&self) -> Vec<&Graph> {
         let mut gs = vec![&self.prefill, &self.prefill_all];
         gs.extend(self.decode.as_ref());
+        gs.extend(self.extend.as_ref());
+        gs.extend(self.extend_all.as_ref());
         gs
+    }
+
+    /// Each graph function of a library by name, `None` where the model has no such graph.
+    pub fn named_graphs(&self) -> [(&'static str, Option<&Graph>); 5] {
+        [
+            ("prefill", Some(&self.prefill)),
+            ("prefill_all", Some(&self.prefill_all)),
+            ("decode", self.decode.as_ref()),
+            ("extend", self.extend.as_ref()),
+            ("extend_all", self.extend_all.as_ref()),
+        ]
     }
 }
 
@@ -103,13 +123,16 @@ pub fn compile(
     let mut model = lowered.clone();
     run_passes(&mut model, &passes::model_passes(), opts.verify, dump)?;
     let phases = Split { all_rows: false }.run(&model)?;
-    let (mut prefill, mut decode) = (phases.prefill, phases.decode);
-    let mut prefill_all = Split { all_rows: true }.run(&model)?.prefill;
+    let (mut prefill, mut decode, mut extend) = (phases.prefill, phases.decode, phases.extend);
+    let all = Split { all_rows: true }.run(&model)?;
+    let (mut prefill_all, mut extend_all) = (all.prefill, all.extend);
     let mut quiet = |_: &str, _: &Graph| {};
     let (shown, hidden) =
         if opts.dump_all_rows { (&mut prefill_all, &mut prefill) } else { (&mut prefill, &mut prefill_all) };
     let mut graphs: Vec<(&mut Graph, bool)> = vec![(shown, true), (hidden, false)];
     graphs.extend(decode.as_mut().map(|d| (d, true)));
+    graphs.extend(extend.as_mut().map(|e| (e, false)));
+    graphs.extend(extend_all.as_mut().map(|e| (e, false)));
     for (g, show) in graphs {
         let dump: &mut dyn FnMut(&str, &Graph) = if show { &mut *dump } else { &mut quiet };
         if opts.verify {
@@ -128,6 +151,8 @@ pub fn compile(
         prefill,
         prefill_all,
         decode,
+        extend,
+        extend_all,
     })
 }
 

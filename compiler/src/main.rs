@@ -13,11 +13,12 @@ use clap::{Parser, Subcommand};
 use tfc::backend::LibOptions;
 use tfc::{CompileError, Compiled, Options};
 
-const STAGES: [&str; 12] = [
+const STAGES: [&str; 13] = [
     "lowered",
     "model",
     "prefill",
     "decode",
+    "extend",
     "plan",
     "mlir",
     "mlir-llvm",

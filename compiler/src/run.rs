@@ -1229,9 +1229,10 @@ pub struct ChatArgs {
 }
 
 /// A conversation with a GGUF model or a Hugging Face folder on standard input: each line is the user's turn,
-/// `/clear` starts over. The KV cache is kept between turns: a turn feeds only the tokens
-/// its rendering adds after what the cache holds (the template's text for the earlier
-/// turns is the same each time), and starts over only when they differ.
+/// `/clear` starts over. The KV cache is kept between turns: a turn runs only the tokens
+/// its rendering adds after what the cache holds, in one pass that continues the cache
+/// (`Session::extend`; the template's text for the earlier turns is the same each time),
+/// and starts over only when they differ.
 pub fn chat(a: ChatArgs) -> Result<()> {
     use std::io::{BufRead, IsTerminal};
     check_threads(a.threads)?;
@@ -1319,11 +1320,8 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         // Feed what the cache does not hold yet: all of it if the cache holds anything else.
         let same = cached.iter().zip(&ids).take_while(|(x, y)| x == y).count();
         let mut logits = if same == cached.len() && same > 0 && same < ids.len() {
-            let mut last = Vec::new();
-            for &t in &ids[same..] {
-                last = s.decode(t as i32)?;
-            }
-            last
+            let new: Vec<i32> = ids[same..].iter().map(|&i| i as i32).collect();
+            s.extend(&new, false)?
         } else {
             s.reset();
             let prompt: Vec<i32> = ids.iter().map(|&i| i as i32).collect();

@@ -57,6 +57,9 @@ struct Fns {
     bind: unsafe extern "C" fn(Ctx, i32, *const c_void, u64) -> i32,
     prefill: unsafe extern "C" fn(Ctx, *const i32, *const i32, i32, i32, *mut f32) -> i32,
     decode: unsafe extern "C" fn(Ctx, i32, *mut f32) -> i32,
+    /// `tfc_extend`; a library built before it existed has none, and its cache is
+    /// continued by decode steps.
+    extend: Option<unsafe extern "C" fn(Ctx, *const i32, i32, i32, *mut f32) -> i32>,
     reset: unsafe extern "C" fn(Ctx) -> i32,
     position: unsafe extern "C" fn(Ctx) -> i32,
 }
@@ -134,6 +137,7 @@ impl Model {
                 bind: *lib.get(b"tfc_bind_weight\0").map_err(lib_err)?,
                 prefill: *lib.get(b"tfc_prefill\0").map_err(lib_err)?,
                 decode: *lib.get(b"tfc_decode\0").map_err(lib_err)?,
+                extend: lib.get(b"tfc_extend\0").ok().map(|f| *f),
                 reset: *lib.get(b"tfc_reset\0").map_err(lib_err)?,
                 position: *lib.get(b"tfc_position\0").map_err(lib_err)?,
             }
@@ -508,6 +512,55 @@ impl<'m> Session<'m> {
         // SAFETY: `out` holds one row of the width the library reports.
         check("decode", unsafe { (self.model.fns.decode)(self.ctx, token, out.as_mut_ptr()) })?;
         check_finite(&out, self.model.width, || format!("decode at position {position}"))?;
+        Ok(out)
+    }
+
+    /// Runs `tokens` at the positions after the cache's and adds them to it: the same
+    /// computation as a decode step per token (which it is, for a library without
+    /// `tfc_extend`), in one pass. Returns the last row of the output, or every row when
+    /// `all_rows`, checked for being finite.
+    pub fn extend(&mut self, tokens: &[i32], all_rows: bool) -> Result<Vec<f32>, RuntimeError> {
+        let m = &self.model.manifest;
+        let width = self.model.width;
+        let arg = |message: String| RuntimeError::Arg { call: "extend", message };
+        let position = self.position();
+        if tokens.is_empty() {
+            return Err(arg("no tokens: extending needs at least one".into()));
+        }
+        if tokens.len() > m.max_seq.saturating_sub(position) {
+            return Err(arg(format!(
+                "{} more tokens do not fit after the cache's {position} in the model's max_seq of {}",
+                tokens.len(),
+                m.max_seq
+            )));
+        }
+        if let Some((at, &id)) = tokens.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= m.vocab) {
+            return Err(arg(format!(
+                "token id {id} at position {} is outside the vocabulary (0..{})",
+                position + at,
+                m.vocab
+            )));
+        }
+        let Some(extend) = self.model.fns.extend else {
+            let mut out = Vec::with_capacity(if all_rows { tokens.len() * width } else { width });
+            for &t in tokens {
+                let row = self.decode(t)?;
+                if all_rows || out.is_empty() {
+                    out.extend(row);
+                } else {
+                    out.copy_from_slice(&row);
+                }
+            }
+            return Ok(out);
+        };
+        let rows = if all_rows { tokens.len() } else { 1 };
+        let mut out = vec![0f32; rows * width];
+        let n = i32::try_from(tokens.len()).unwrap_or(i32::MAX);
+        // SAFETY: `tokens` holds `n` ids and `out` `rows · width` floats, the width the
+        // library itself reports.
+        let status = unsafe { extend(self.ctx, tokens.as_ptr(), n, all_rows as i32, out.as_mut_ptr()) };
+        check("extend", status)?;
+        check_finite(&out, width, || format!("extend of {} tokens after position {position}", tokens.len()))?;
         Ok(out)
     }
 

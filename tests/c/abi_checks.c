@@ -130,6 +130,8 @@ int main(void) {
     int32_t tokens[4] = {1, 2, 3, 4};
     EXPECT("prefill before binding", tfc_prefill(ctx, tokens, NULL, 4, 0, out), TFC_ERR_UNBOUND);
     EXPECT("decode before binding", tfc_decode(ctx, 1, out), tfc_has_decode() ? TFC_ERR_UNBOUND : TFC_ERR_NO_DECODE);
+    EXPECT("extend before binding", tfc_extend(ctx, tokens, 4, 0, out),
+           tfc_has_decode() ? TFC_ERR_UNBOUND : TFC_ERR_NO_DECODE);
 
     int64_t n = tfc_weight_count();
     void **bufs = calloc((size_t)n, sizeof(void *));
@@ -180,10 +182,20 @@ int main(void) {
         EXPECT("decode NULL out", tfc_decode(ctx, 1, NULL), TFC_ERR_NULL);
         EXPECT("decode", tfc_decode(ctx, 1, out), TFC_OK);
         EXPECT("position after decode", tfc_position(ctx), 5);
+        EXPECT("extend NULL tokens", tfc_extend(ctx, NULL, 2, 0, out), TFC_ERR_NULL);
+        EXPECT("extend NULL out", tfc_extend(ctx, tokens, 2, 0, NULL), TFC_ERR_NULL);
+        EXPECT("extend n = 0", tfc_extend(ctx, tokens, 0, 0, out), TFC_ERR_ARG);
+        EXPECT("extend n < 0", tfc_extend(ctx, tokens, -1, 0, out), TFC_ERR_ARG);
+        EXPECT("extend bad token", tfc_extend(ctx, bad, 4, 0, out), TFC_ERR_TOKEN);
+        EXPECT("extend past max_seq", tfc_extend(ctx, tokens, tfc_max_seq() - 4, 0, out), TFC_ERR_CONTEXT_FULL);
+        EXPECT("position after refused extends", tfc_position(ctx), 5);
+        EXPECT("extend", tfc_extend(ctx, tokens, 4, 1, out), TFC_OK);
+        EXPECT("position after extend", tfc_position(ctx), 9);
         EXPECT("reset", tfc_reset(ctx), TFC_OK);
         EXPECT("position after reset", tfc_position(ctx), 0);
     } else {
         EXPECT("decode on an encoder", tfc_decode(ctx, 1, out), TFC_ERR_NO_DECODE);
+        EXPECT("extend on an encoder", tfc_extend(ctx, tokens, 2, 0, out), TFC_ERR_NO_DECODE);
     }
     EXPECT("status string", tfc_status_string(12345)[0] != 0, 1);
     const char *cpu = getenv("TFC_CPU");

@@ -133,7 +133,14 @@ fn bad_calls_through_the_abi_are_errors() {
     assert!(e.contains("65 tokens do not fit in the model's max_seq of 64"), "{e}");
     assert!(err(s.prefill(&[1, 2], Some(&[0]), false)).contains("1 token types for 2 tokens"));
     assert!(err(s.decode(-1)).contains("token id -1 is outside the vocabulary (0..384)"));
-    s.prefill(&vec![1; 63], None, false).unwrap();
+    s.prefill(&vec![1; 60], None, false).unwrap();
+    assert!(err(s.extend(&[], false)).contains("no tokens"));
+    let e = err(s.extend(&[1, 384], false));
+    assert!(e.contains("token id 384 at position 61 is outside the vocabulary"), "{e}");
+    let e = err(s.extend(&[1; 5], false));
+    assert!(e.contains("5 more tokens do not fit after the cache's 60 in the model's max_seq of 64"), "{e}");
+    assert_eq!(s.position(), 60, "a refused extend leaves the cache as it was");
+    s.extend(&[1; 3], true).unwrap();
     assert!(err(s.prefill(&[1], None, false)).contains("empty cache"));
     s.decode(1).unwrap();
     let e = err(s.decode(1));

@@ -91,6 +91,8 @@ pub fn assert_rounded(what: &str, got: &[f32], want: &[f32], exact: &[f32]) {
 pub trait Engine {
     fn prefill(&mut self, tokens: &[i32], all_rows: bool) -> Vec<f32>;
     fn decode(&mut self, token: i32) -> Result<Vec<f32>, String>;
+    /// More tokens after the cache: the last row, or every row.
+    fn extend(&mut self, tokens: &[i32], all_rows: bool) -> Vec<f32>;
     fn reset(&mut self);
     fn position(&self) -> usize;
 }
@@ -101,6 +103,9 @@ impl Engine for tfc_runtime::Session<'_> {
     }
     fn decode(&mut self, token: i32) -> Result<Vec<f32>, String> {
         tfc_runtime::Session::decode(self, token).map_err(|e| e.to_string())
+    }
+    fn extend(&mut self, tokens: &[i32], all_rows: bool) -> Vec<f32> {
+        tfc_runtime::Session::extend(self, tokens, all_rows).unwrap()
     }
     fn reset(&mut self) {
         tfc_runtime::Session::reset(self)
@@ -117,6 +122,15 @@ impl Engine for tfc_runtime::gpu::GpuSession<'_> {
     fn decode(&mut self, token: i32) -> Result<Vec<f32>, String> {
         tfc_runtime::gpu::GpuSession::decode(self, token).map_err(|e| e.to_string())
     }
+    /// The GPU runtime has no extend graph: decode steps, the same computation.
+    fn extend(&mut self, tokens: &[i32], all_rows: bool) -> Vec<f32> {
+        let rows: Vec<Vec<f32>> = tokens.iter().map(|&t| self.decode(t).unwrap()).collect();
+        if all_rows {
+            rows.concat()
+        } else {
+            rows.last().unwrap().clone()
+        }
+    }
     fn reset(&mut self) {
         tfc_runtime::gpu::GpuSession::reset(self).unwrap()
     }
@@ -132,6 +146,10 @@ impl Engine for tfc::interp::Session<'_> {
     }
     fn decode(&mut self, token: i32) -> Result<Vec<f32>, String> {
         tfc::interp::Session::decode(self, token as i64).map(|t| t.data).map_err(|e| e.to_string())
+    }
+    fn extend(&mut self, tokens: &[i32], all_rows: bool) -> Vec<f32> {
+        let tokens: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        tfc::interp::Session::extend(self, &tokens, all_rows).unwrap().data
     }
     fn reset(&mut self) {
         tfc::interp::Session::reset(self)
@@ -309,7 +327,8 @@ pub fn check_fixture(fx: &Fixture, regime: &Regime, what: &str, e: &mut dyn Engi
 
 /// Prefill + decode through a compiled model against one interpreter pass over nine
 /// tokens: all rows at once, then prefills of 1 and 5 tokens each followed by decode
-/// steps, every row within 1e-5.
+/// steps, then by one extend of the rest (every row), then a prefill of 2 extended by 4
+/// (the last row) and by 3 (every row); every row within 1e-5.
 pub fn check_splits(name: &str, c: &Compiled, w: &tfc::interp::Weights, e: &mut dyn Engine) {
     use tfc::interp::{run, Inputs};
     let tokens: Vec<i32> = (0..9).map(|i| (i * 7 + 3) % c.spec.sizes.vocab as i32).collect();
@@ -330,5 +349,18 @@ pub fn check_splits(name: &str, c: &Compiled, w: &tfc::interp::Weights, e: &mut 
             let row = e.decode(t).unwrap();
             assert_close(&format!("{name}: decode at {i} after {split}"), &row, full.row(i), tol);
         }
+        e.reset();
+        e.prefill(&tokens[..split], false);
+        let rows = e.extend(&tokens[split..], true);
+        let width = full.data.len() / tokens.len();
+        assert_close(&format!("{name}: extend after {split}"), &rows, &full.data[split * width..], tol);
     }
+    e.reset();
+    e.prefill(&tokens[..2], false);
+    let last = e.extend(&tokens[2..6], false);
+    assert_close(&format!("{name}: extend 2..6, last row"), &last, full.row(5), tol);
+    let width = full.data.len() / tokens.len();
+    let rows = e.extend(&tokens[6..], true);
+    assert_close(&format!("{name}: extend 6..9"), &rows, &full.data[6 * width..], tol);
+    assert_eq!(e.position(), tokens.len(), "{name}: cache position after extending");
 }

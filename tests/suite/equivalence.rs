@@ -1,6 +1,7 @@
 //! The core invariant: running a causal model in parallel over a sequence and running it
 //! one token at a time through the KV cache are the same computation. Checked with
-//! seeded random weights on every small spec, for several prompt/decode splits.
+//! seeded random weights on every small spec, for several prompt/decode splits, and with
+//! the prompt continued from the cache (extend) in chunks.
 
 use tfc::interp::{run, Inputs, Session, WeightSource, Weights};
 use tfc::Options;
@@ -12,6 +13,7 @@ fn check(spec: &std::path::Path) {
     let Some(_) = &c.decode else { return };
     let mut graphs = vec![&c.model, &c.prefill_all];
     graphs.extend(c.decode.as_ref());
+    graphs.extend(c.extend.as_ref());
     let w = Weights::bind(&graphs, &WeightSource::Random { seed: 7 }).unwrap();
     let vocab = c.spec.sizes.vocab;
     let tokens: Vec<i64> = (0..10).map(|i| (i * 37 + 11) % vocab as i64).collect();
@@ -30,6 +32,22 @@ fn check(spec: &std::path::Path) {
             let what = format!("{name}: decode at position {i} after a prefill of {split}");
             assert_close(&what, &row.data, &full.data[i * width..(i + 1) * width], tol);
         }
+        // The rest in chunks of three, each continuing the cache.
+        let mut s = Session::new(&c, &w);
+        s.prefill(&tokens[..split], &[], false).unwrap();
+        let mut at = split;
+        for chunk in tokens[split..].chunks(3) {
+            let rows = s.extend(chunk, true).unwrap();
+            let what =
+                format!("{name}: extend of {} at position {at} after a prefill of {split}", chunk.len());
+            assert_close(&what, &rows.data, &full.data[at * width..(at + chunk.len()) * width], tol);
+            at += chunk.len();
+        }
+        // The last row only.
+        let mut s = Session::new(&c, &w);
+        s.prefill(&tokens[..split], &[], false).unwrap();
+        let last = s.extend(&tokens[split..], false).unwrap();
+        assert_close(&format!("{name}: extend's last row after {split}"), &last.data, full.row(9), tol);
     }
 }
 

@@ -145,7 +145,8 @@ fn build<'ctx>(
                     f.as_global_value().set_visibility(inkwell::GlobalVisibility::Hidden);
                 }
             }
-            llvm::globals(cx, &lm, &layout, weights, c.decode.is_some());
+            // No extend graph: the library continues a cache by decode steps.
+            llvm::globals(cx, &lm, &layout, weights, c.decode.is_some(), false);
             lm.verify().map_err(|e| llvm::LlvmError::Llvm(format!("bug: invalid module from MLIR: {e}")))?;
             Ok((lm, layout))
         }
@@ -296,7 +297,7 @@ fn fallback_module<'ctx>(
 ) -> Result<inkwell::module::Module<'ctx>, BackendError> {
     let fm = m.clone();
     llvm::strip_amx(&fm);
-    for g in ["prefill", "prefill_all", "decode"] {
+    for g in ["prefill", "prefill_all", "decode", "extend", "extend_all"] {
         if let Some(f) = fm.get_function(&format!("tfc__{g}")) {
             f.as_global_value().set_name(&format!("tfc__{g}__fallback"));
         }

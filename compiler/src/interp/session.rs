@@ -81,6 +81,29 @@ impl<'a> Session<'a> {
         main_output(out)
     }
 
+    /// Runs the extend graph for `tokens` at the positions after the cache's; returns the
+    /// main output of the last new position, or with `all_rows` of every one.
+    pub fn extend(&mut self, tokens: &[i64], all_rows: bool) -> Result<Tensor, InterpError> {
+        let c = self.compiled;
+        let graph = if all_rows { c.extend_all.as_ref() } else { c.extend.as_ref() };
+        let graph = graph.ok_or_else(|| {
+            InterpError::Input("this model has bidirectional attention and no cache to extend".into())
+        })?;
+        if tokens.is_empty() {
+            return Err(InterpError::Input("no tokens to extend the cache with".into()));
+        }
+        self.check_vocab(tokens)?;
+        self.check_room(tokens.len())?;
+        let inputs =
+            Inputs { tokens: tokens.to_vec(), token_types: vec![], cache: std::mem::take(&mut self.cache) };
+        let result = run(graph, self.weights, &inputs);
+        self.cache = inputs.cache;
+        let mut out = result?;
+        self.take_cache(graph, &mut out, true);
+        self.pos += tokens.len();
+        main_output(out)
+    }
+
     pub fn reset(&mut self) {
         self.cache.clear();
         self.pos = 0;

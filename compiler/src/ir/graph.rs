@@ -30,6 +30,9 @@ pub enum Phase {
     Prefill,
     /// One token at position `P` against a cache of `P` positions.
     Decode,
+    /// `T` more tokens at positions `P..P + T` against a cache of `P` positions: a prompt
+    /// continued (a conversation's next turn) without running it again.
+    Extend,
 }
 
 impl Phase {
@@ -38,6 +41,7 @@ impl Phase {
             Phase::Model => "model",
             Phase::Prefill => "prefill",
             Phase::Decode => "decode",
+            Phase::Extend => "extend",
         }
     }
 }

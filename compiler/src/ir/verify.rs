@@ -69,11 +69,12 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         }
         match (&node.op, g.phase) {
             (Op::Input(InputKind::Cache { .. }), Phase::Model | Phase::Prefill) => {
-                return Err(fail(Some(id), "only decode graphs read a cache".into()))
+                return Err(fail(Some(id), "only decode and extend graphs read a cache".into()))
             }
-            (Op::Softmax | Op::Mask(_) | Op::Alibi { .. }, Phase::Prefill | Phase::Decode) => {
-                return Err(fail(Some(id), "attention primitives must be fused before the split".into()))
-            }
+            (
+                Op::Softmax | Op::Mask(_) | Op::Alibi { .. },
+                Phase::Prefill | Phase::Decode | Phase::Extend,
+            ) => return Err(fail(Some(id), "attention primitives must be fused before the split".into())),
             _ => {}
         }
     }

@@ -64,7 +64,7 @@ pub fn model_passes() -> Vec<Box<dyn Pass>> {
 /// The passes run on each of the prefill and decode graphs after the split.
 pub fn phase_passes(phase: Phase) -> Vec<Box<dyn Pass>> {
     let mut v: Vec<Box<dyn Pass>> = vec![];
-    if phase == Phase::Prefill {
+    if matches!(phase, Phase::Prefill | Phase::Extend) {
         v.push(Box::new(NarrowLastRow));
     }
     v.push(Box::new(Cse));
@@ -76,7 +76,7 @@ pub fn phase_passes(phase: Phase) -> Vec<Box<dyn Pass>> {
 pub fn pass_names() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = model_passes().iter().map(|p| p.name()).collect();
     names.push(Split::NAME);
-    for phase in [Phase::Prefill, Phase::Decode] {
+    for phase in [Phase::Prefill, Phase::Decode, Phase::Extend] {
         names.extend(phase_passes(phase).iter().map(|p| p.name()));
     }
     let mut seen = std::collections::HashSet::new();

@@ -8,6 +8,10 @@
 //!   `concat(input cache.k.L [kv_heads, P, head_dim], k_new)` along the sequence axis,
 //!   and the graph returns the new rows `cache.k.L`/`cache.v.L` `[kv_heads, 1, head_dim]`
 //!   for the caller to store at position `P`.
+//! - **extend** is decode for `T` tokens at positions `P..P + T` (a prompt continued from
+//!   the cache): the same concatenation, the causal mask by absolute positions, the new
+//!   rows `[kv_heads, T, head_dim]` stored from position `P`; like prefill, the main
+//!   output is the last position's unless all are asked for.
 //!
 //! The cache layout the runtime keeps (and backends index) is, per layer and for K and V
 //! separately, `[kv_heads, max_seq, head_dim]` row-major; the graphs name only the valid
@@ -25,6 +29,7 @@ pub struct Split {
 pub struct Phases {
     pub prefill: Graph,
     pub decode: Option<Graph>,
+    pub extend: Option<Graph>,
 }
 
 impl Split {
@@ -55,24 +60,37 @@ impl Split {
             }
         }
         if !self.all_rows {
-            // The main output (logits, or an encoder's hidden state) of the last position.
-            if let Some((_, main)) = prefill.outputs.first().cloned() {
-                let node = prefill.node(main).clone();
-                let last = prefill
-                    .add(Node { op: Op::LastRow, ty: None, layer: node.layer, origin: node.origin }, &[main]);
-                prefill.outputs[0].1 = last;
-            }
+            last_row(&mut prefill);
         }
         ShapeInfer.run(&mut prefill)?;
-        let decode = match causal {
+        let (decode, extend) = match causal {
             true => {
-                let mut d = decode(model, &attns);
+                let mut d = with_cache(model, &attns, Phase::Decode);
+                // One token: every `T` becomes 1 (leaf types here; inference does the rest).
+                for id in d.node_ids() {
+                    let node = d.node_mut(id);
+                    node.ty = node.ty.as_ref().map(|t| t.with_t(1));
+                }
                 ShapeInfer.run(&mut d)?;
-                Some(d)
+                let mut e = with_cache(model, &attns, Phase::Extend);
+                if !self.all_rows {
+                    last_row(&mut e);
+                }
+                ShapeInfer.run(&mut e)?;
+                (Some(d), Some(e))
             }
-            false => None,
+            false => (None, None),
         };
-        Ok(Phases { prefill, decode })
+        Ok(Phases { prefill, decode, extend })
+    }
+}
+
+/// The main output (logits, or an encoder's hidden state) of the last position only.
+fn last_row(g: &mut Graph) {
+    if let Some((_, main)) = g.outputs.first().cloned() {
+        let node = g.node(main).clone();
+        let last = g.add(Node { op: Op::LastRow, ty: None, layer: node.layer, origin: node.origin }, &[main]);
+        g.outputs[0].1 = last;
     }
 }
 
@@ -90,9 +108,11 @@ fn attentions(g: &Graph) -> Vec<(NodeId, u32)> {
         .collect()
 }
 
-fn decode(model: &Graph, attns: &[(NodeId, u32)]) -> Graph {
+/// The model reading every attention's keys and values after the cache's `P` positions,
+/// and returning the new rows for the caller to store from position `P`.
+fn with_cache(model: &Graph, attns: &[(NodeId, u32)], phase: Phase) -> Graph {
     let mut g = model.clone();
-    g.phase = Phase::Decode;
+    g.phase = phase;
     for &(n, layer) in attns {
         let ops = g.operands(n);
         for (slot, kind) in [(1, CacheKind::K), (2, CacheKind::V)] {
@@ -121,11 +141,6 @@ fn decode(model: &Graph, attns: &[(NodeId, u32)]) -> Graph {
             g.set_operand(n, slot, all);
             g.outputs.push((Output::Cache { layer, kind }, new));
         }
-    }
-    // One token: every `T` becomes 1 (leaf types here; the caller re-infers the rest).
-    for id in g.node_ids() {
-        let node = g.node_mut(id);
-        node.ty = node.ty.as_ref().map(|t| t.with_t(1));
     }
     g
 }

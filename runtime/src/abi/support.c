@@ -20,7 +20,7 @@ typedef void (*tfc_graph)(void *arena, float *cache, const int32_t *tokens, cons
                           int64_t t, int64_t p, const void *const *weights, float *out, void *pool);
 
 extern const int64_t tfc__n_weights, tfc__arena_bytes, tfc__cache_bytes, tfc__max_seq, tfc__vocab,
-    tfc__out_width, tfc__has_decode, tfc__type_rows;
+    tfc__out_width, tfc__has_decode, tfc__has_extend, tfc__type_rows;
 extern const int64_t tfc__weight_bytes[];
 /* Per weight: out, in, 1 if stored [in, out], and the layout (0: bf16 tiles, 1: f32
    panels); out = 0 for a weight bound as it is. */
@@ -32,6 +32,13 @@ void tfc__prefill_all(void *, float *, const int32_t *, const int32_t *, int64_t
                       const void *const *, float *, void *);
 void tfc__decode(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t, const void *const *,
                  float *, void *);
+/* The extend graphs (more tokens after the cache), where the backend compiles them
+   (tfc__has_extend); weak, so a library without them links and continues a cache by
+   decode steps instead. */
+__attribute__((weak)) void tfc__extend(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t,
+                                       const void *const *, float *, void *);
+__attribute__((weak)) void tfc__extend_all(void *, float *, const int32_t *, const int32_t *, int64_t,
+                                           int64_t, const void *const *, float *, void *);
 
 /* ---- AMX. Kernels that use tiles do so only when this is nonzero: the CPU has AMX-BF16
    and Linux has granted the process the tile state (ARCH_REQ_XCOMP_PERM for
@@ -53,7 +60,8 @@ static void enable_amx(void) {
    lists the features the main copy needs; the first context created checks them and
    picks a copy, so the library never executes an instruction the CPU lacks. The
    environment variable TFC_CPU=baseline forces the fallback (for testing it). ---- */
-static tfc_graph run_prefill = tfc__prefill, run_prefill_all = tfc__prefill_all, run_decode = tfc__decode;
+static tfc_graph run_prefill = tfc__prefill, run_prefill_all = tfc__prefill_all, run_decode = tfc__decode,
+                 run_extend = tfc__extend, run_extend_all = tfc__extend_all;
 #ifdef TFC_FALLBACK
 extern const char tfc__cpu_features[];
 void tfc__prefill__fallback(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t,
@@ -62,6 +70,10 @@ void tfc__prefill_all__fallback(void *, float *, const int32_t *, const int32_t 
                                 const void *const *, float *, void *);
 void tfc__decode__fallback(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t,
                            const void *const *, float *, void *);
+__attribute__((weak)) void tfc__extend__fallback(void *, float *, const int32_t *, const int32_t *, int64_t,
+                                                 int64_t, const void *const *, float *, void *);
+__attribute__((weak)) void tfc__extend_all__fallback(void *, float *, const int32_t *, const int32_t *,
+                                                     int64_t, int64_t, const void *const *, float *, void *);
 
 static int cpu_has(const char *f, size_t n) {
 #define TFC_HAS(name) \
@@ -91,6 +103,8 @@ static void choose_code(void) {
         run_prefill = tfc__prefill__fallback;
         run_prefill_all = tfc__prefill_all__fallback;
         run_decode = tfc__decode__fallback;
+        run_extend = tfc__extend__fallback;
+        run_extend_all = tfc__extend_all__fallback;
     }
 }
 #else
@@ -651,6 +665,37 @@ static int32_t decode(tfc_ctx *c, int32_t token, float *out) {
     if (s != TFC_OK) return s;
     run_decode(c->arena, c->cache, &token, c->zeros, 1, c->pos, c->weights, out, c->pool);
     c->pos += 1;
+    return TFC_OK;
+}
+
+static int32_t extend(tfc_ctx *c, const int32_t *tokens, int32_t n, int32_t all_rows, float *out);
+
+int32_t tfc_extend(tfc_ctx *c, const int32_t *tokens, int32_t n, int32_t all_rows, float *out) {
+    int32_t s = enter(c);
+    return s != TFC_OK ? s : leave(c, extend(c, tokens, n, all_rows, out));
+}
+
+static int32_t extend(tfc_ctx *c, const int32_t *tokens, int32_t n, int32_t all_rows, float *out) {
+    if (!tokens || !out) return TFC_ERR_NULL;
+    if (n <= 0) return TFC_ERR_ARG;
+    if (!tfc__has_decode) return TFC_ERR_NO_DECODE;
+    if (c->unbound > 0) return TFC_ERR_UNBOUND;
+    if (n > tfc__max_seq - c->pos) return TFC_ERR_CONTEXT_FULL;
+    int32_t s = check_tokens(tokens, NULL, n);
+    if (s != TFC_OK) return s;
+    tfc_graph run = all_rows ? run_extend_all : run_extend;
+    if (tfc__has_extend && run) {
+        run(c->arena, c->cache, tokens, c->zeros, n, c->pos, c->weights, out, c->pool);
+        c->pos += n;
+        return TFC_OK;
+    }
+    /* No extend graph (the MLIR backend): one decode step per token, the same
+       computation; each row to its place, or every one to the last row's. */
+    for (int32_t i = 0; i < n; i++) {
+        float *row = all_rows ? out + (int64_t)i * tfc__out_width : out;
+        run_decode(c->arena, c->cache, &tokens[i], c->zeros, 1, c->pos, c->weights, row, c->pool);
+        c->pos += 1;
+    }
     return TFC_OK;
 }
 

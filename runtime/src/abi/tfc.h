@@ -91,6 +91,10 @@ int32_t tfc_prefill(tfc_ctx *ctx, const int32_t *tokens, const int32_t *token_ty
                     int32_t all_rows, float *out);
 /* Runs one token at the next position against the cache; `out` receives one row. */
 int32_t tfc_decode(tfc_ctx *ctx, int32_t token, float *out);
+/* Runs `n` more tokens at the next positions against the cache (a prompt continued: the
+   next turn of a conversation) and adds them to it; the same computation as n decode
+   steps, in one pass. `out` receives the last row (all_rows = 0) or all n rows. */
+int32_t tfc_extend(tfc_ctx *ctx, const int32_t *tokens, int32_t n, int32_t all_rows, float *out);
 /* Empties the cache. */
 int32_t tfc_reset(tfc_ctx *ctx);
 /* Positions held in the cache; -1 for a NULL or destroyed context. */

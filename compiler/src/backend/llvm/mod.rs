@@ -66,17 +66,12 @@ pub fn emit<'ctx>(
     let layout = layout(c);
     let mut kernels: HashMap<String, FunctionValue> = HashMap::new();
     let mut arena = 0;
-    let mut graphs = vec![
-        ("prefill", Some(&c.prefill)),
-        ("prefill_all", Some(&c.prefill_all)),
-        ("decode", c.decode.as_ref()),
-    ];
-    for (name, graph) in graphs.drain(..) {
+    for (name, graph) in c.named_graphs() {
         let (used, _) = graph_fn::emit(cx, &m, name, graph, weights, &layout, amx, &mut kernels)?;
         arena = arena.max(used);
     }
     let layout = Layout { arena_bytes: arena, ..layout };
-    globals(cx, &m, &layout, weights, c.decode.is_some());
+    globals(cx, &m, &layout, weights, c.decode.is_some(), c.extend.is_some());
     m.verify().map_err(|e| LlvmError::Llvm(format!("bug: invalid module: {e}")))?;
     Ok((m, layout))
 }
@@ -89,9 +84,7 @@ pub fn plan_text(c: &Compiled, weights: &WeightTable, amx: bool) -> Result<Strin
     let m = cx.create_module(&c.spec.name);
     let (layout, mut kernels) = (layout(c), HashMap::new());
     let mut out = String::new();
-    for (name, g) in
-        [("prefill", Some(&c.prefill)), ("prefill_all", Some(&c.prefill_all)), ("decode", c.decode.as_ref())]
-    {
+    for (name, g) in c.named_graphs() {
         let Some(g) = g else { continue };
         let p = GraphPlan::of(g, weights, c.spec.sizes.max_seq, amx)?;
         let (_, calls) = graph_fn::emit(&cx, &m, name, Some(g), weights, &layout, amx, &mut kernels)?;
@@ -112,7 +105,14 @@ pub fn strip_amx(m: &Module) {
     amx::strip(m)
 }
 
-pub fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &WeightTable, has_decode: bool) {
+pub fn globals<'ctx>(
+    cx: &'ctx Context,
+    m: &Module<'ctx>,
+    l: &Layout,
+    w: &WeightTable,
+    has_decode: bool,
+    has_extend: bool,
+) {
     let i64t = cx.i64_type();
     let scalar = |name: &str, v: u64| {
         let g = m.add_global(i64t, None, name);
@@ -127,6 +127,7 @@ pub fn globals<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, l: &Layout, w: &Weight
     scalar("tfc__vocab", l.vocab as u64);
     scalar("tfc__out_width", l.out_width as u64);
     scalar("tfc__has_decode", has_decode as u64);
+    scalar("tfc__has_extend", has_extend as u64);
     scalar("tfc__type_rows", l.type_rows as u64);
     let sizes: Vec<_> =
         w.names.iter().map(|(_, s, d)| i64t.const_int(weight_bytes(s, *d) as u64, false)).collect();
