@@ -45,6 +45,7 @@ pub fn lower(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Option<Graph> {
         layer: None,
         section: SectionKind::Embed,
         inputs: HashMap::new(),
+        dtype: None,
     };
     let before = l.diags.len();
     let mut x = match l.section(&spec.embed, SectionKind::Embed, HashMap::new()) {
@@ -101,6 +102,9 @@ struct Lowerer<'a> {
     section: SectionKind,
     /// Graph inputs, created on first use.
     inputs: HashMap<&'static str, NodeId>,
+    /// The storage of the weight matrices of the component being lowered, where it
+    /// gives one.
+    dtype: Option<DType>,
 }
 
 impl Lowerer<'_> {
@@ -172,7 +176,7 @@ impl Lowerer<'_> {
 
     fn weight(&mut self, name: &Template, shape: &[usize], role: WeightRole, origin: &str) -> NodeId {
         let name = instantiate(name, self.layer);
-        let dtype = match (role, self.spec.dtype) {
+        let dtype = match (role, self.dtype.unwrap_or(self.spec.dtype)) {
             (WeightRole::Bias | WeightRole::Gain | WeightRole::Logit, _) => DType::F32,
             (_, d) => d.for_rows(shape.last().copied().unwrap_or(0)),
         };
@@ -350,6 +354,11 @@ impl Lowerer<'_> {
         };
         let origin = f.name.as_str();
         let sz = self.spec.sizes.clone();
+        // A tied unembedding reads its embedding's matrix, stored as the embedding says.
+        self.dtype = match &c.kind {
+            Kind::Unembed { tied: Some(t), .. } => self.spec.embed.component(t).and_then(|e| e.dtype),
+            _ => c.dtype,
+        };
         let wants = |l: &mut Self, what: &str| {
             l.error(
                 Diagnostic::error(

@@ -28,7 +28,16 @@ pub fn compile_spec(file: &str, source: &str, opts: &crate::Options) -> Result<(
         return Err(fail(diags));
     };
     if let Some(d) = opts.weight_dtype {
+        // One storage for every matrix: the components' own give way.
         spec.dtype = d;
+        let sections = std::iter::once(&mut spec.embed)
+            .chain(spec.blocks.iter_mut().map(|b| &mut b.section))
+            .chain(spec.head.as_mut());
+        for s in sections {
+            for c in &mut s.components {
+                c.dtype = None;
+            }
+        }
     }
     if let Some(d) = opts.activations {
         spec.activations = d;

@@ -282,7 +282,7 @@ fn sizes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> (Option<Sizes>, DType
     let kv_heads = f.positive("kv_heads", diags);
     let head_dim = f.positive("head_dim", diags);
     let d_ff = f.positive("d_ff", diags);
-    let dtype = match f.choice("dtype", &["f32", "f16", "bf16", "q8", "q4_0", "q4_1", "q4_k"], diags) {
+    let dtype = match f.choice("dtype", STORAGE, diags) {
         Some(s) => DType::parse(&s).unwrap(),
         None => DType::F32,
     };
@@ -337,6 +337,9 @@ fn sizes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> (Option<Sizes>, DType
     (Some(Sizes { vocab, d_model, layers, heads, kv_heads, head_dim, d_ff, max_seq }), dtype, activations)
 }
 
+/// The storage types of weight matrices, for the spec's `dtype` and a component's.
+const STORAGE: &[&str] = &["f32", "f16", "bf16", "q8", "q4_0", "q4_1", "q4_k"];
+
 fn section(s: &ast::Section, sizes: Option<&Sizes>, diags: &mut Vec<Diagnostic>) -> Section {
     let mut seen = HashSet::new();
     let mut components = Vec::new();
@@ -348,8 +351,8 @@ fn section(s: &ast::Section, sizes: Option<&Sizes>, diags: &mut Vec<Diagnostic>)
             );
             continue;
         }
-        if let Some(kind) = component(c, s.kind, sizes, diags) {
-            components.push(Component { name: c.name.clone(), kind });
+        if let Some((kind, dtype)) = component(c, s.kind, sizes, diags) {
+            components.push(Component { name: c.name.clone(), kind, dtype });
         }
     }
     Section { keyword: s.keyword.clone(), components, stmts: s.stmts.clone() }
@@ -360,10 +363,10 @@ fn component(
     section: SectionKind,
     sizes: Option<&Sizes>,
     diags: &mut Vec<Diagnostic>,
-) -> Option<Kind> {
+) -> Option<(Kind, Option<DType>)> {
     let kind = c.kind.name.as_str();
     let allowed: &[&str] = match kind {
-        "embedding" => &["at", "weight", "rows", "offset"],
+        "embedding" => &["at", "weight", "rows", "offset", "dtype"],
         "sinusoidal" => &["base", "style", "offset"],
         "layernorm" => &["at", "eps", "weight", "bias"],
         "rmsnorm" => &["at", "eps", "weight", "unit_offset"],
@@ -384,9 +387,10 @@ fn component(
             "qk_norm",
             "softcap",
             "sinks",
+            "dtype",
         ],
-        "mlp" => &["at", "up", "gate", "gate_up", "down", "act", "bias", "transposed"],
-        "unembed" => &["at", "weight", "tied", "bias", "transposed", "softcap"],
+        "mlp" => &["at", "up", "gate", "gate_up", "down", "act", "bias", "transposed", "dtype"],
+        "unembed" => &["at", "weight", "tied", "bias", "transposed", "softcap", "dtype"],
         _ => {
             diags.push(unknown(&c.kind, "component kind", KINDS));
             return None;
@@ -394,6 +398,17 @@ fn component(
     };
     let before = diags.len();
     let mut f = Fields::new(&format!("`{}: {kind}`", c.name.name), &c.fields, allowed);
+    // The storage of this component's matrices, instead of the spec's `dtype`.
+    let dtype = f.choice("dtype", STORAGE, diags).map(|s| DType::parse(&s).unwrap());
+    if dtype.is_some() && kind == "unembed" && f.has("tied") {
+        diags.push(
+            Diagnostic::error(
+                Code::BadValue,
+                "a tied unembedding reads its embedding's matrix as that stores it",
+            )
+            .label(f.span_of("dtype"), "give the embedding this `dtype` instead"),
+        );
+    }
     let at = f.string("at", diags);
     let in_block = section == SectionKind::Block;
     let mut name = |f: &mut Fields, key: &str, default: Option<&str>, diags: &mut Vec<Diagnostic>| {
@@ -526,7 +541,7 @@ fn component(
         _ => unreachable!(),
     };
     f.finish(diags);
-    (diags.len() == before).then_some(result)
+    (diags.len() == before).then_some((result, dtype))
 }
 
 type NameFn<'a> = dyn FnMut(&mut Fields, &str, Option<&str>, &mut Vec<Diagnostic>) -> Option<String> + 'a;

@@ -82,6 +82,8 @@ impl Section {
 pub struct Component {
     pub name: Ident,
     pub kind: Kind,
+    /// The storage of its weight matrices, where it differs from the spec's `dtype`.
+    pub dtype: Option<DType>,
 }
 
 /// A checkpoint tensor name; `{layer}` stands for the block index.

@@ -74,25 +74,26 @@ impl Meta<'_> {
 }
 
 /// Writes a spec for the model a GGUF file describes (`file` names it in errors).
-/// The weight storage that keeps the file's matrices exactly as they are: the block
-/// format all of them are stored in, where the library reads it (Q8_0 is `q8`'s values
-/// exactly; Q4_0, Q4_1 and Q4_K are bound as stored). `None` (f32, the file's values) for
-/// a file that mixes formats, since one spec-wide `dtype` would re-quantise the rest;
-/// `--dtype` asks for that.
-fn stored_dtype(g: &Gguf) -> Option<&'static str> {
+/// The storage that keeps the matrices whose names start with one of `prefixes` (and
+/// end `.weight`) exactly as the file stores them: the block format all of them share,
+/// where the library reads it (Q8_0 is `q8`'s values exactly; Q4_0, Q4_1 and Q4_K are
+/// bound as stored; BF16 as it is), else `f32` (the file's values, dequantised).
+fn stored(g: &Gguf, matches: &dyn Fn(&str) -> bool) -> &'static str {
     use tfc_runtime::gguf::GgmlType;
-    let mut types = g.tensors.values().filter(|t| t.shape.len() == 2).map(|t| t.ty.name());
-    let first = types.next()?;
+    let mut types =
+        g.tensors.iter().filter(|(n, t)| t.shape.len() == 2 && matches(n)).map(|(_, t)| t.ty.name());
+    let Some(first) = types.next() else { return "f32" };
     if types.any(|t| t != first) {
-        return None;
+        return "f32";
     }
-    Some(match first {
+    match first {
         n if n == GgmlType::Q8_0.name() => "q8",
         n if n == GgmlType::Q4_0.name() => "q4_0",
         n if n == GgmlType::Q4_1.name() => "q4_1",
         n if n == GgmlType::Q4K.name() => "q4_k",
-        _ => return None,
-    })
+        n if n == GgmlType::BF16.name() => "bf16",
+        _ => "f32",
+    }
 }
 
 /// The architectures (`general.architecture`) the importer writes specs for.
@@ -303,8 +304,19 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
     }
     sizes.extend([("d_ff", ff), ("max_seq", max_seq)]);
     let mut sizes: Vec<(&str, String)> = sizes.into_iter().map(|(k, v)| (k, v.to_string())).collect();
-    if let Some(d) = stored_dtype(g) {
-        sizes.push(("dtype", d.into()));
+    // Each component's matrices as the file stores them: the spec's `dtype` is the MLP's
+    // (most of the bytes), and a component stored otherwise says so.
+    let block_part = |n: &str, parts: &[&str]| {
+        n.starts_with("blk.") && parts.iter().any(|p| n.split('.').nth(2) == Some(*p))
+    };
+    let mlp_dtype = stored(g, &|n| block_part(n, &["ffn_gate", "ffn_up", "ffn_down"]));
+    let own = |d: &'static str| if d == mlp_dtype { String::new() } else { format!(", dtype = {d}") };
+    let attn_dtype =
+        own(stored(g, &|n| block_part(n, &["attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output"])));
+    let embd_dtype = own(stored(g, &|n| n == "token_embd.weight"));
+    let output_dtype = own(stored(g, &|n| n == "output.weight"));
+    if mlp_dtype != "f32" {
+        sizes.push(("dtype", mlp_dtype.into()));
     }
     // One block for all layers, or a `sliding` and a `full` one and the shortest pattern
     // of them that repeats over the layers.
@@ -326,7 +338,7 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
         String::new()
     };
     let output = if has("output.weight") {
-        format!("output: unembed {{ at = \"output\"{final_cap} }}")
+        format!("output: unembed {{ at = \"output\"{final_cap}{output_dtype} }}")
     } else {
         format!("output: unembed {{ tied = token_embd{final_cap} }}")
     };
@@ -335,7 +347,7 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
         s,
         r#"
 embed {{
-  token_embd: embedding {{ at = "token_embd" }}
+  token_embd: embedding {{ at = "token_embd"{embd_dtype} }}
   x = {embed}
 }}
 "#
@@ -350,7 +362,7 @@ embed {{
         };
         let mut b = norm("attn_norm", "attn_norm");
         b += &format!(
-            "  attn: attention {{\n    at = \"blk.{{layer}}\", {qkv}, o = \"attn_output\"{bias}{scale}\n    position = {rope}{window}{attn_cap}{qk_norm}\n  }}\n"
+            "  attn: attention {{\n    at = \"blk.{{layer}}\", {qkv}, o = \"attn_output\"{bias}{scale}{attn_dtype}\n    position = {rope}{window}{attn_cap}{qk_norm}\n  }}\n"
         );
         if post_norms {
             b += &norm("post_attn_norm", "post_attention_norm");
