@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use super::weights::WeightTable;
-use crate::ir::{Act, CacheKind, Graph, InputKind, NodeId, Op, Phase, SymBinding};
+use crate::ir::{Act, CacheKind, Graph, InputKind, NodeId, Op, Output, Phase, SymBinding};
 
 /// The most `Add`/`Mul` operands one fused chain reads: each is an argument of the
 /// fused kernel, whose argument block has room for this many beside its own.
@@ -175,8 +175,12 @@ pub fn arena(
             last_use.insert(o, i);
         }
     }
-    for (_, n) in &g.outputs {
-        last_use.insert(*n, usize::MAX);
+    // The main output is copied out at the end; the cache outputs are stored into the
+    // cache as soon as they are computed, so they live only as long as their uses.
+    for (o, n) in &g.outputs {
+        if matches!(o, Output::Main(_)) {
+            last_use.insert(*n, usize::MAX);
+        }
     }
     let mut loc = HashMap::new();
     let mut free: Vec<(u64, u64)> = Vec::new();
