@@ -408,6 +408,13 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         let f = |v: IntValue<'ctx>| ok(self.b.build_unsigned_int_to_float(v, self.f32t(), ""));
         (f(sc), f(m))
     }
+    /// The `VW` bytes at `base + at`, widened to `<VW x i32>`.
+    pub fn ld_bytes(&self, base: PointerValue<'ctx>, at: IntValue<'ctx>) -> VectorValue<'ctx> {
+        let (i8v, i32v) = (self.cx.i8_type().vec_type(VW as u32), self.cx.i32_type().vec_type(VW as u32));
+        let b = ok(self.b.build_load(i8v, self.gep(self.cx.i8_type(), base, at), ""));
+        let _ = b.as_instruction_value().unwrap().set_alignment(1);
+        ok(self.b.build_int_z_extend(b.into_vector_value(), i32v, ""))
+    }
     /// 16 nibbles as `<VW x i32>`: the low (`shift` 0) or high (4) halves of the 16 bytes
     /// at `base + at`.
     pub fn ld_nibbles(
@@ -417,10 +424,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         shift: IntValue<'ctx>,
     ) -> VectorValue<'ctx> {
         let i32v = self.cx.i32_type().vec_type(VW as u32);
-        let i8v = self.cx.i8_type().vec_type(VW as u32);
-        let b = ok(self.b.build_load(i8v, self.gep(self.cx.i8_type(), base, at), ""));
-        let _ = b.as_instruction_value().unwrap().set_alignment(1);
-        let w = ok(self.b.build_int_z_extend(b.into_vector_value(), i32v, ""));
+        let w = self.ld_bytes(base, at);
         let sh = ok(self.b.build_insert_element(i32v.get_undef(), shift, self.c(0), ""));
         let sh = ok(self.b.build_shuffle_vector(sh, i32v.get_undef(), i32v.const_zero(), ""));
         let w = ok(self.b.build_right_shift(w, sh, false, ""));
@@ -451,10 +455,8 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     /// `((A >> sa) & ma) | ((B >> 2) & mb)`.
     pub fn q4k_scales(&self, base: PointerValue<'ctx>, at: IntValue<'ctx>) -> VectorValue<'ctx> {
         let i32t = self.cx.i32_type();
-        let (i8v, i32v) = (self.cx.i8_type().vec_type(VW as u32), i32t.vec_type(VW as u32));
-        let raw = ok(self.b.build_load(i8v, self.gep(self.cx.i8_type(), base, at), ""));
-        let _ = raw.as_instruction_value().unwrap().set_alignment(1);
-        let bytes = ok(self.b.build_int_z_extend(raw.into_vector_value(), i32v, ""));
+        let i32v = i32t.vec_type(VW as u32);
+        let bytes = self.ld_bytes(base, at);
         // Per lane: the bytes A and B (counted from `at`; the packed bytes start at 4) and
         // A's shift and mask and B's mask.
         let lane = |l: usize| -> [u64; 5] {
