@@ -440,12 +440,27 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         shift: IntValue<'ctx>,
         bias: u64,
     ) -> VectorValue<'ctx> {
-        let mut n = self.ld_nibbles(base, at, shift);
-        if bias != 0 {
-            let b = VectorType::const_vector(&[self.cx.i32_type().const_int(bias, false); VW]);
-            n = ok(self.b.build_int_sub(n, b, ""));
+        let n = self.ld_nibbles(base, at, shift);
+        if bias == 0 {
+            return ok(self.b.build_signed_int_to_float(n, self.vt(), ""));
         }
-        ok(self.b.build_signed_int_to_float(n, self.vt(), ""))
+        let table: Vec<f32> = (0..16).map(|k| k as f32 - bias as f32).collect();
+        self.lookup(&table, n)
+    }
+    /// `table[idx[l]]` in every lane `l` (`idx` in `0..16`): one variable permute of a
+    /// constant vector (x86's `vpermps`), the element-wise form LLVM lowers to it, which
+    /// also turns small integers into floats in one instruction where a conversion (and
+    /// any offset) would take more.
+    pub fn lookup(&self, table: &[f32], idx: VectorValue<'ctx>) -> VectorValue<'ctx> {
+        let t = VectorType::const_vector(&table.iter().map(|&v| self.fc(v as f64)).collect::<Vec<_>>());
+        let mut out = self.vt().get_undef();
+        for l in 0..VW {
+            let i = ok(self.b.build_extract_element(idx, self.cx.i32_type().const_int(l as u64, false), ""))
+                .into_int_value();
+            let e = ok(self.b.build_extract_element(t, i, ""));
+            out = ok(self.b.build_insert_element(out, e, self.cx.i32_type().const_int(l as u64, false), ""));
+        }
+        out
     }
     /// The scales and offsets of a `Q4_K` super-block at `base + at`, all eight of each
     /// at once: lanes `0..8` are `d·sc_j`, lanes `8..16` `-dmin·m_j`. The 16 bytes from
