@@ -45,14 +45,7 @@ for shape in $shapes; do
     ck=$work/$shape-seed$seed
     (cd benches/peers && ../../$py checkpoint.py --shape $shape --seed "$seed" \
         --vocab-dir ../../$llama/models --out ../../$ck)
-    for d in f32 f16 q8_0; do
-        gguf=$ck-$d.gguf
-        if [ ! -f "$gguf" ] || [ "$gguf" -ot "$ck/model.safetensors" ]; then
-            $py $llama/convert_hf_to_gguf.py "$ck" --outtype $d --outfile "$gguf.part" >/dev/null 2>&1 ||
-                { echo "convert_hf_to_gguf.py failed on $ck ($d)" >&2; exit 1; }
-            mv "$gguf.part" "$gguf"
-        fi
-    done
+    for d in f32 f16 q8_0; do convert "$ck" $d; done
     tfc() { target/release/tfc bench $spec --weights "$ck" "${common[@]}" --json "$@" | tr -d "\n"; }
     log=$work/$shape.log
     : >"$log"

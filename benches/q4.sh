@@ -27,23 +27,19 @@ echo "host: $model, $(nproc) cores; run $(date -u +%Y-%m-%d), commit $(git rev-p
 # llama.cpp's quantiser (llama_model_quantize): IN OUT FTYPE PURE; ftype 2 is Q4_0, 15 Q4_K_M
 # (pure: Q4_K for every matrix).
 quantise() {
-    [ -f "$2" ] || $py - "$@" <<'PY'
+    [ -f "$2" ] && [ "$2" -nt "$1" ] && return
+    $py - "$@" <<'PY'
 import sys, llama_cpp
 p = llama_cpp.llama_model_quantize_default_params()
 p.ftype, p.pure, p.allow_requantize, p.nthread = int(sys.argv[3]), sys.argv[4] == "1", True, 2
 assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), (sys.argv[2] + ".part").encode(), p) == 0
 PY
-    [ -f "$2" ] || mv "$2.part" "$2"
+    mv "$2.part" "$2"
 }
 quantise "$src" $work/smollm2-q4_0.gguf 2 0
 ck=$work/w2-seed$seed
 (cd benches/peers && ../../$py checkpoint.py --shape w2 --seed "$seed" --vocab-dir ../../$llama/models --out ../../$ck)
-if [ ! -f "$ck-f32.gguf" ] || [ "$ck-f32.gguf" -ot "$ck/model.safetensors" ]; then
-    rm -f $ck-q4_0-pure.gguf $ck-q4_k-pure.gguf
-    $py $llama/convert_hf_to_gguf.py "$ck" --outtype f32 --outfile "$ck-f32.gguf.part" >/dev/null 2>&1 ||
-        { echo "convert_hf_to_gguf.py failed on $ck" >&2; exit 1; }
-    mv "$ck-f32.gguf.part" "$ck-f32.gguf"
-fi
+convert "$ck" f32
 quantise $ck-f32.gguf $ck-q4_0-pure.gguf 2 1
 quantise $ck-f32.gguf $ck-q4_k-pure.gguf 15 1
 echo "| model | format | tfc | llama.cpp | tfc / llama.cpp | tfc reads a step | max logit error: tfc, llama.cpp (top token agrees) |"

@@ -2,7 +2,8 @@
 # environment (target/peers-venv) with the versions pinned in peers/requirements.txt,
 # llama-cpp-python (LLAMA_CPP_PYTHON, default 0.3.36) built from its source for this CPU
 # (GGML_NATIVE; several minutes on first use), and llama.cpp's converter and tokenizer-test
-# vocabularies unpacked from that source. Sets venv, py, work, lcp and llama.
+# vocabularies unpacked from that source. Sets venv, py, work, lcp and llama, and defines
+# `convert CHECKPOINT DTYPE`.
 lcp=${LLAMA_CPP_PYTHON:-0.3.36}
 venv=target/peers-venv
 work=target/peers
@@ -27,3 +28,12 @@ if [ ! -f $llama/convert_hf_to_gguf.py ]; then
     tar -xzf "$sdist" -C $llama --strip-components=3 $v/convert_hf_to_gguf.py $v/conversion $v/gguf-py \
         $v/models/ggml-vocab-gpt-2.gguf $v/models/ggml-vocab-llama-spm.gguf
 fi
+# `convert CK D`: CK-D.gguf, llama.cpp's convert_hf_to_gguf.py of the checkpoint folder CK
+# with matrices in D (f32, f16, q8_0), made again when the checkpoint is newer.
+convert() {
+    local out=$1-$2.gguf
+    [ -f "$out" ] && [ "$out" -nt "$1/model.safetensors" ] && return
+    $py $llama/convert_hf_to_gguf.py "$1" --outtype $2 --outfile "$out.part" >/dev/null 2>&1 ||
+        { echo "convert_hf_to_gguf.py failed on $1 ($2)" >&2; exit 1; }
+    mv "$out.part" "$out"
+}

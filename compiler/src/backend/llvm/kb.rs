@@ -448,17 +448,17 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         self.lookup(&table, n)
     }
     /// `table[idx[l]]` in every lane `l` (`idx` in `0..16`): one variable permute of a
-    /// constant vector (x86's `vpermps`), the element-wise form LLVM lowers to it, which
+    /// constant vector (`vpermps`/`vpermd` on AVX-512), the element-wise form LLVM lowers to it, which
     /// also turns small integers into floats in one instruction where a conversion (and
     /// any offset) would take more.
     pub fn lookup(&self, table: &[f32], idx: VectorValue<'ctx>) -> VectorValue<'ctx> {
         let t = VectorType::const_vector(&table.iter().map(|&v| self.fc(v as f64)).collect::<Vec<_>>());
+        let lane = |l: usize| self.cx.i32_type().const_int(l as u64, false);
         let mut out = self.vt().get_undef();
         for l in 0..VW {
-            let i = ok(self.b.build_extract_element(idx, self.cx.i32_type().const_int(l as u64, false), ""))
-                .into_int_value();
+            let i = ok(self.b.build_extract_element(idx, lane(l), "")).into_int_value();
             let e = ok(self.b.build_extract_element(t, i, ""));
-            out = ok(self.b.build_insert_element(out, e, self.cx.i32_type().const_int(l as u64, false), ""));
+            out = ok(self.b.build_insert_element(out, e, lane(l), ""));
         }
         out
     }
