@@ -108,4 +108,7 @@ pub struct File {
     /// Components declared outside any section.
     pub components: Vec<Component>,
     pub sections: Vec<Section>,
+    /// Each `dtypes { … }` section: its keyword, and its fields (a storage type = a list
+    /// of matrix names).
+    pub dtypes: Vec<(Span, Vec<Field>)>,
 }

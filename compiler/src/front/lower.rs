@@ -46,6 +46,7 @@ pub fn lower(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Option<Graph> {
         section: SectionKind::Embed,
         inputs: HashMap::new(),
         dtype: None,
+        listed: HashMap::new(),
     };
     let before = l.diags.len();
     let mut x = match l.section(&spec.embed, SectionKind::Embed, HashMap::new()) {
@@ -91,6 +92,7 @@ pub fn lower(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Option<Graph> {
             );
         }
     }
+    l.check_listed();
     (l.diags.len() == before).then_some(l.g)
 }
 
@@ -105,9 +107,45 @@ struct Lowerer<'a> {
     /// The storage of the weight matrices of the component being lowered, where it
     /// gives one.
     dtype: Option<DType>,
+    /// The weights named in the `dtypes` section that the model reads, and their roles.
+    listed: HashMap<String, WeightRole>,
 }
 
 impl Lowerer<'_> {
+    /// Each name in the `dtypes` section must be a matrix the model reads.
+    fn check_listed(&mut self) {
+        let read: Vec<String> = self
+            .g
+            .node_ids()
+            .into_iter()
+            .filter_map(|id| match self.g.op(id) {
+                Op::Weight { name, role: WeightRole::Matrix | WeightRole::Embedding } => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        for t in &self.spec.tensor_dtypes {
+            let d = match self.listed.get(&t.name) {
+                Some(WeightRole::Matrix | WeightRole::Embedding) => continue,
+                Some(_) => Diagnostic::error(Code::BadValue, format!("`{}` is not a matrix", t.name))
+                    .label(t.span.clone(), "listed in `dtypes`")
+                    .note("only matrices take a storage type; gains, biases and sink logits stay f32"),
+                None => {
+                    let mut d =
+                        Diagnostic::error(Code::Name, format!("the model reads no weight `{}`", t.name))
+                            .label(t.span.clone(), "listed in `dtypes`");
+                    let near = read.iter().max_by(|a, b| {
+                        strsim::jaro_winkler(a, &t.name).total_cmp(&strsim::jaro_winkler(b, &t.name))
+                    });
+                    if let Some(n) = near.filter(|n| strsim::jaro_winkler(n, &t.name) > 0.8) {
+                        d = d.note(format!("did you mean `{n}`?"));
+                    }
+                    d.note("name a matrix as the checkpoint does, as `tfc ir` and the manifest list them")
+                }
+            };
+            self.diags.push(d);
+        }
+    }
+
     /// Errors are reported for the first instance of each block only; the others repeat them.
     fn reporting(&self) -> bool {
         self.layer.is_none_or(|l| self.spec.first_of_its_block(l))
@@ -176,7 +214,11 @@ impl Lowerer<'_> {
 
     fn weight(&mut self, name: &Template, shape: &[usize], role: WeightRole, origin: &str) -> NodeId {
         let name = instantiate(name, self.layer);
-        let dtype = match (role, self.dtype.unwrap_or(self.spec.dtype)) {
+        let listed = self.spec.tensor_dtypes.iter().find(|t| t.name == name).map(|t| t.dtype);
+        if listed.is_some() {
+            self.listed.insert(name.clone(), role);
+        }
+        let dtype = match (role, listed.or(self.dtype).unwrap_or(self.spec.dtype)) {
             (WeightRole::Bias | WeightRole::Gain | WeightRole::Logit, _) => DType::F32,
             (_, d) => d.for_rows(shape.last().copied().unwrap_or(0)),
         };

@@ -17,7 +17,8 @@ pub use spec::Spec;
 use crate::ir::Graph;
 
 /// Parses and checks a spec, and lowers it to the model graph. Of `opts`, `weight_dtype`
-/// overrides the spec's `dtype` (the storage type of weight matrices), `activations` its
+/// overrides the spec's `dtype` (the storage type of weight matrices; the components' and
+/// the `dtypes` section's give way), `activations` its
 /// `activations` and `max_seq` its `max_seq`.
 pub fn compile_spec(file: &str, source: &str, opts: &crate::Options) -> Result<(Spec, Graph), Diagnostics> {
     let fail = |list| Diagnostics { file: file.to_string(), source: source.to_string(), list };
@@ -30,6 +31,7 @@ pub fn compile_spec(file: &str, source: &str, opts: &crate::Options) -> Result<(
     if let Some(d) = opts.weight_dtype {
         // One storage for every matrix: the components' own give way.
         spec.dtype = d;
+        spec.tensor_dtypes.clear();
         let sections = std::iter::once(&mut spec.embed)
             .chain(spec.blocks.iter_mut().map(|b| &mut b.section))
             .chain(spec.head.as_mut());

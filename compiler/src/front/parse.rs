@@ -29,6 +29,11 @@ pub fn parse(src: &str) -> Result<File, Diagnostic> {
             Rule::setting => out.settings.push(field(item)),
             Rule::component => out.components.push(component(item)),
             Rule::section => out.sections.push(section(item)),
+            Rule::dtypes => {
+                let mut it = item.into_inner();
+                let kw = span(&it.next().unwrap());
+                out.dtypes.push((kw, it.next().map(fields).unwrap_or_default()));
+            }
             Rule::EOI => {}
             r => unreachable!("grammar produced {r:?} at file level"),
         }
@@ -219,6 +224,7 @@ fn rule_name(r: Rule) -> &'static str {
         Rule::component => "`name: kind { ... }`",
         Rule::fields => "`{`",
         Rule::section | Rule::section_kw => "a section (`embed`, `block`, `head`)",
+        Rule::dtypes | Rule::kw_dtypes => "`dtypes { ... }`",
         Rule::value | Rule::object | Rule::list => "a value",
         Rule::expr | Rule::term | Rule::call => "an expression",
         Rule::add_op | Rule::mul_op => "an operator",

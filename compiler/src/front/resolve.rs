@@ -78,6 +78,7 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
     let [embed, _, head] = sections;
     let end = file_end(file);
     let layer_blocks = pattern(file, &blocks, sizes.as_ref(), diags);
+    let tensor_dtypes = tensor_dtypes(file, diags);
     let block = blocks.first().map(|(_, s)| s.clone());
     for (sec, kind) in [(&embed, SectionKind::Embed), (&block, SectionKind::Block)] {
         if sec.is_none() {
@@ -138,7 +139,47 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
         blocks,
         layer_blocks: layer_blocks?,
         head,
+        tensor_dtypes,
     })
+}
+
+/// The `dtypes` section: each field a storage type and the list of matrices (checkpoint
+/// names) stored so, whatever their component's `dtype`. A name may be listed once.
+fn tensor_dtypes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Vec<TensorDtype> {
+    for (kw, _) in file.dtypes.iter().skip(1) {
+        diags.push(
+            Diagnostic::error(Code::Duplicate, "a second `dtypes` section")
+                .label(kw.clone(), "each section may appear once"),
+        );
+    }
+    let mut out: Vec<TensorDtype> = Vec::new();
+    for f in file.dtypes.first().map(|(_, f)| f.as_slice()).unwrap_or_default() {
+        let Some(dtype) = STORAGE.contains(&f.key.name.as_str()).then(|| DType::parse(&f.key.name).unwrap())
+        else {
+            diags.push(unknown_in(&f.key, "storage type", "`dtypes`", STORAGE));
+            continue;
+        };
+        let ValueKind::List(names) = &f.value.kind else {
+            diags.push(bad(&f.value, "a list of matrix names, such as [\"blk.0.ffn_down.weight\"]"));
+            continue;
+        };
+        for v in names {
+            let ValueKind::Str(name) = &v.kind else {
+                diags.push(bad(v, "a matrix name in quotes"));
+                continue;
+            };
+            if let Some(first) = out.iter().find(|t| &t.name == name) {
+                diags.push(
+                    Diagnostic::error(Code::Duplicate, format!("`{name}` is listed twice in `dtypes`"))
+                        .label(v.span.clone(), "listed again here")
+                        .label(first.span.clone(), "first listed here"),
+                );
+                continue;
+            }
+            out.push(TensorDtype { name: name.clone(), dtype, span: v.span.clone() });
+        }
+    }
+    out
 }
 
 /// Which block each layer runs: one block serves every layer; several, named, follow the

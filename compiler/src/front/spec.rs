@@ -21,6 +21,18 @@ pub struct Spec {
     pub blocks: Vec<Block>,
     pub layer_blocks: Vec<usize>,
     pub head: Option<Section>,
+    /// Matrices stored otherwise than their component says (`dtypes { … }`), by
+    /// checkpoint name; `lower` checks that each names a matrix of the model.
+    pub tensor_dtypes: Vec<TensorDtype>,
+}
+
+/// One matrix's storage type, as a `dtypes` section gives it.
+#[derive(Clone, Debug)]
+pub struct TensorDtype {
+    pub name: String,
+    pub dtype: DType,
+    /// The name's string in the spec.
+    pub span: Span,
 }
 
 #[derive(Clone, Debug)]
