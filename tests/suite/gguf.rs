@@ -62,12 +62,12 @@ fn four_bit_tensors_are_bound_as_stored() {
 }
 
 /// A fixture's prompt logits from a GGUF file, on the interpreter and the library, with
-/// the weight matrices stored as `dtype` (the spec's, f32, unless given).
-fn check(file: &str, arch: &str, want: &[f32], tol: f32) {
+/// the weight matrices stored as `dtype` (the spec's, f32, unless given); the library.
+fn check(file: &str, arch: &str, want: &[f32], tol: f32) -> Model {
     check_as(file, arch, want, tol, &tfc::Options::default())
 }
 
-fn check_as(file: &str, arch: &str, want: &[f32], tol: f32, opts: &tfc::Options) {
+fn check_as(file: &str, arch: &str, want: &[f32], tol: f32, opts: &tfc::Options) -> Model {
     let path = dir().join(file);
     let ck = Checkpoint::open(&path).unwrap();
     let spec = tfc::import::gguf::import(ck.gguf().unwrap(), file).unwrap();
@@ -88,6 +88,8 @@ fn check_as(file: &str, arch: &str, want: &[f32], tol: f32, opts: &tfc::Options)
     let mut s = Session::new(&model, WeightData::Checkpoint(Arc::new(ck)), 2).unwrap();
     let rows = s.prefill(&fx.prompt, None, true).unwrap();
     assert_close(&format!("{file}: library"), &rows, want, tol);
+    drop(s);
+    model
 }
 
 #[test]
@@ -102,6 +104,30 @@ fn a_llama_gguf_in_f32_computes_what_transformers_computes_from_the_checkpoint()
 fn a_llama_3_1_gguf_with_rope_freqs_computes_what_transformers_computes() {
     let want = read_tensor(&root().join("tests/fixtures/hf/llama31/expected.safetensors"), "logits");
     check("llama31_f32.gguf", "llama31", &want.data, 1e-4);
+}
+
+/// A file whose matrices mix types, as llama.cpp's Q4_K_M files do: the spec keeps each
+/// as stored (the component's `dtype` the most common, the rest in `dtypes`), a type
+/// the library has no kernel for in f32, and the library computes what transformers
+/// computes from the file.
+#[test]
+fn a_gguf_of_mixed_types_keeps_each_matrix_as_stored() {
+    let want = read_tensor(&dir().join("llama_mixed.expected.safetensors"), "logits");
+    let model = check("llama_mixed.gguf", "llama", &want.data, 1e-4);
+    let dtype = |name: &str| {
+        let w = model.manifest().weights.iter().find(|w| w.name == name);
+        w.unwrap_or_else(|| panic!("no weight {name}")).dtype.clone()
+    };
+    for (name, want) in [
+        ("blk.0.attn_q.weight", "q4_0"),
+        ("blk.0.attn_k.weight", "q4_1"),
+        ("blk.0.ffn_down.weight", "q8"),
+        ("blk.1.attn_v.weight", "f32"),
+        ("blk.1.ffn_down.weight", "q4_0"),
+        ("output.weight", "q4_0"),
+    ] {
+        assert_eq!(dtype(name), want, "{name}");
+    }
 }
 
 #[test]

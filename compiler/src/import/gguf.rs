@@ -73,32 +73,74 @@ impl Meta<'_> {
     }
 }
 
-/// Writes a spec for the model a GGUF file describes (`file` names it in errors).
-/// The storage that keeps the matrices whose names start with one of `prefixes` (and
-/// end `.weight`) exactly as the file stores them: the block format all of them share,
-/// where the library reads it (Q8_0 is `q8`'s values exactly; Q4_0, Q4_1 and Q4_K are
-/// bound as stored; BF16 as it is), else `f32` (the file's values, dequantised).
-fn stored(g: &Gguf, matches: &dyn Fn(&str) -> bool) -> &'static str {
+/// The storage that keeps a matrix exactly as the file stores it: Q8_0 is `q8`'s values
+/// exactly; Q4_0, Q4_1 and Q4_K are bound as stored; BF16 as it is; any other type is
+/// `f32` (the file's values, dequantised).
+fn kept(ty: tfc_runtime::gguf::GgmlType) -> &'static str {
     use tfc_runtime::gguf::GgmlType;
-    let mut types =
-        g.tensors.iter().filter(|(n, t)| t.shape.len() == 2 && matches(n)).map(|(_, t)| t.ty.name());
-    let Some(first) = types.next() else { return "f32" };
-    if types.any(|t| t != first) {
-        return "f32";
-    }
-    match first {
-        n if n == GgmlType::Q8_0.name() => "q8",
-        n if n == GgmlType::Q4_0.name() => "q4_0",
-        n if n == GgmlType::Q4_1.name() => "q4_1",
-        n if n == GgmlType::Q4K.name() => "q4_k",
-        n if n == GgmlType::BF16.name() => "bf16",
+    match ty {
+        GgmlType::Q8_0 => "q8",
+        GgmlType::Q4_0 => "q4_0",
+        GgmlType::Q4_1 => "q4_1",
+        GgmlType::Q4K => "q4_k",
+        GgmlType::BF16 => "bf16",
         _ => "f32",
     }
+}
+
+/// The storage of the matrices whose names match, each kept as the file stores it
+/// (`kept`): the component's `dtype` is the one most of their values take, and the
+/// matrices stored otherwise (llama.cpp's Q4_K_M files keep some layers' `ffn_down` and
+/// `attn_v` in Q6_K) are returned for the `dtypes` section.
+fn stored(g: &Gguf, matches: &dyn Fn(&str) -> bool) -> (&'static str, Vec<(String, &'static str)>) {
+    let matrices: Vec<(&String, &'static str, usize)> = g
+        .tensors
+        .iter()
+        .filter(|(n, t)| t.shape.len() == 2 && matches(n))
+        .map(|(n, t)| (n, kept(t.ty), t.shape.iter().product()))
+        .collect();
+    let mut values: Vec<(&'static str, usize)> = Vec::new();
+    for &(_, d, n) in &matrices {
+        match values.iter_mut().find(|(e, _)| *e == d) {
+            Some((_, total)) => *total += n,
+            None => values.push((d, n)),
+        }
+    }
+    // The most values; of equal counts, the first type seen.
+    let Some(&(main, _)) = values.iter().rev().max_by_key(|(_, n)| *n) else { return ("f32", Vec::new()) };
+    let others =
+        matrices.iter().filter(|(_, d, _)| *d != main).map(|(n, d, _)| (n.to_string(), *d)).collect();
+    (main, others)
+}
+
+/// The `dtypes` section for the matrices stored otherwise than their component (none:
+/// no section), each type's names in layer order.
+fn dtypes_section(mut listed: Vec<(String, &'static str)>) -> String {
+    if listed.is_empty() {
+        return String::new();
+    }
+    let layer = |n: &str| n.strip_prefix("blk.").and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+    listed.sort_by(|(a, _), (b, _)| (layer(a), a).cmp(&(layer(b), b)));
+    let mut types: Vec<&str> = listed.iter().map(|(_, d)| *d).collect();
+    types.sort();
+    types.dedup();
+    let mut s = String::from("\n# Matrices the file stores otherwise than their component.\ndtypes {\n");
+    for d in types {
+        let names: Vec<String> =
+            listed.iter().filter(|(_, e)| *e == d).map(|(n, _)| format!("\"{n}\"")).collect();
+        s += &format!("  {d} = [\n");
+        for line in names.chunks(4) {
+            s += &format!("    {},\n", line.join(", "));
+        }
+        s += "  ]\n";
+    }
+    s + "}\n"
 }
 
 /// The architectures (`general.architecture`) the importer writes specs for.
 const SUPPORTED: &str = "gemma, gemma2, gemma3, llama, phi3, qwen2, qwen3";
 
+/// Writes a spec for the model a GGUF file describes (`file` names it in errors).
 pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
     let arch = g
         .meta
@@ -309,12 +351,18 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
     let block_part = |n: &str, parts: &[&str]| {
         n.starts_with("blk.") && parts.iter().any(|p| n.split('.').nth(2) == Some(*p))
     };
-    let mlp_dtype = stored(g, &|n| block_part(n, &["ffn_gate", "ffn_up", "ffn_down"]));
+    let mut listed = Vec::new();
+    let mut stored = |matches: &dyn Fn(&str) -> bool| {
+        let (main, others) = stored(g, matches);
+        listed.extend(others);
+        main
+    };
+    let mlp_dtype = stored(&|n| block_part(n, &["ffn_gate", "ffn_up", "ffn_down"]));
+    let attn = stored(&|n| block_part(n, &["attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output"]));
+    let embd = stored(&|n| n == "token_embd.weight");
+    let output = stored(&|n| n == "output.weight");
     let own = |d: &'static str| if d == mlp_dtype { String::new() } else { format!(", dtype = {d}") };
-    let attn_dtype =
-        own(stored(g, &|n| block_part(n, &["attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output"])));
-    let embd_dtype = own(stored(g, &|n| n == "token_embd.weight"));
-    let output_dtype = own(stored(g, &|n| n == "output.weight"));
+    let (attn_dtype, embd_dtype, output_dtype) = (own(attn), own(embd), own(output));
     if mlp_dtype != "f32" {
         sizes.push(("dtype", mlp_dtype.into()));
     }
@@ -394,6 +442,7 @@ head {{
 "#
     )
     .unwrap();
+    s += &dtypes_section(listed);
     match crate::front::compile_spec(&format!("{file} (imported)"), &s, &Default::default()) {
         Ok(_) => Ok(s),
         Err(d) => Err(GgufImportError::Impossible { file: file.into(), report: d.render(false) }),
