@@ -7,7 +7,8 @@
 #   it (its width, 576, is not a multiple of 256: llama.cpp stores no Q4_K matrix of it);
 # - W2 (benches/peers.sh: LLaMA-style 0.85B made from a seed, converted by llama.cpp's
 #   convert_hf_to_gguf.py) quantised by llama.cpp's quantiser to pure Q4_0 and pure Q4_K
-#   (every matrix, the embedding and unembedding too).
+#   (every matrix, the embedding and unembedding too), and to its usual Q4_K_M (Q4_K, the
+#   unembedding and some layers' attn_v and ffn_down Q6_K, which tfc reads as f32).
 # Speed: batch 1, a 128-token prompt, 64 greedy tokens, THREADS (default 2), median
 # (min–max) of RUNS (default 5), with the weight bytes tfc reads per decode step and the
 # GB/s that makes. Error: the largest |logit difference| over every position of a
@@ -42,10 +43,11 @@ ck=$work/w2-seed$seed
 convert "$ck" f32
 quantise $ck-f32.gguf $ck-q4_0-pure.gguf 2 1
 quantise $ck-f32.gguf $ck-q4_k-pure.gguf 15 1
+quantise $ck-f32.gguf $ck-q4_k_m.gguf 15 0
 echo "| model | format | tfc | llama.cpp | tfc / llama.cpp | tfc reads a step | max logit error: tfc, llama.cpp (top token agrees) |"
 echo "| --- | --- | --- | --- | --- | --- | --- |"
 for row in "smollm2 q4_1 $src" "smollm2 q4_0 $work/smollm2-q4_0.gguf" \
-    "w2 q4_0 $ck-q4_0-pure.gguf" "w2 q4_k $ck-q4_k-pure.gguf"; do
+    "w2 q4_0 $ck-q4_0-pure.gguf" "w2 q4_k $ck-q4_k-pure.gguf" "w2 q4_k_m $ck-q4_k_m.gguf"; do
     set -- $row
     file=$(realpath "$3")
     spec=$work/$1-$2.tfs
