@@ -42,6 +42,10 @@ pub enum WeightDType {
     /// that are not whole super-blocks take q4_0).
     #[value(name = "q4_k")]
     Q4_K,
+    /// ggml's Q6_K: 6-bit in super-blocks of 256, an int8 scale per 16 (rows that are not
+    /// whole super-blocks take q8).
+    #[value(name = "q6_k")]
+    Q6_K,
 }
 
 impl From<WeightDType> for tfc::ir::DType {
@@ -50,9 +54,10 @@ impl From<WeightDType> for tfc::ir::DType {
             WeightDType::F32 => tfc::ir::DType::F32,
             WeightDType::Bf16 => tfc::ir::DType::BF16,
             WeightDType::Q8 => tfc::ir::DType::Q8,
-            WeightDType::Q4_0 => tfc::ir::DType::Q4(tfc::ir::Q4::Q4_0),
-            WeightDType::Q4_1 => tfc::ir::DType::Q4(tfc::ir::Q4::Q4_1),
-            WeightDType::Q4_K => tfc::ir::DType::Q4(tfc::ir::Q4::Q4_K),
+            WeightDType::Q4_0 => tfc::ir::DType::Quant(tfc::ir::Quant::Q4_0),
+            WeightDType::Q4_1 => tfc::ir::DType::Quant(tfc::ir::Quant::Q4_1),
+            WeightDType::Q4_K => tfc::ir::DType::Quant(tfc::ir::Quant::Q4_K),
+            WeightDType::Q6_K => tfc::ir::DType::Quant(tfc::ir::Quant::Q6_K),
         }
     }
 }

@@ -139,12 +139,14 @@ pub fn weight_bytes(shape: &[usize], dtype: &str) -> Result<usize, String> {
         "bf16" | "f16" => n.checked_mul(2),
         "q8" if n % crate::quant::Q8_BLOCK == 0 => crate::quant::q8_bytes_checked(n),
         "q8" => return Err(format!("q8 with {n} values, not a multiple of {}", crate::quant::Q8_BLOCK)),
-        q => match crate::quant::Q4::parse(q) {
+        q => match crate::quant::Quant::parse(q) {
             Some(q) if n % q.block().0 == 0 => q.bytes_checked(n),
             Some(q) => {
                 return Err(format!("{} with {n} values, not a multiple of {}", q.name(), q.block().0))
             }
-            None => return Err(format!("dtype {q}; this runtime binds f32, bf16, q8, q4_0, q4_1 and q4_k")),
+            None => {
+                return Err(format!("dtype {q}; this runtime binds f32, bf16, q8, q4_0, q4_1, q4_k and q6_k"))
+            }
         },
     };
     bytes.ok_or_else(|| "its size overflows".into())

@@ -253,14 +253,14 @@ impl Checkpoint {
         Ok((dtype, bytes))
     }
 
-    /// The tensor `name` in the 4-bit format `q`, checked against the expected shape: as
+    /// The tensor `name` in the block format `q`, checked against the expected shape: as
     /// the file stores it where it is a GGUF tensor of that format (for `name[a:b]`, those
     /// rows, which are whole blocks), else quantised from its values.
     pub fn quantized(
         &self,
         name: &str,
         expected: &[usize],
-        q: crate::quant::Q4,
+        q: crate::quant::Quant,
     ) -> Result<std::borrow::Cow<'_, [u8]>, CheckpointError> {
         if let (Some(g), None) = (&self.gguf, stacked(name)) {
             let (base, rows) = row_range(name).map_or((name, None), |(b, r)| (b, Some(r)));

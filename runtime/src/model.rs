@@ -336,7 +336,7 @@ impl<'m> Session<'m> {
             let n: usize = w.shape.iter().product();
             // The stored form the library reads; q8 is always made here from the values,
             // 4-bit formats taken as a GGUF file stores them or made here.
-            let q4 = crate::quant::Q4::parse(&w.dtype);
+            let q4 = crate::quant::Quant::parse(&w.dtype);
             let (want, align) = match w.dtype.as_str() {
                 "f32" => (Some(Dtype::F32), 4),
                 "bf16" => (Some(Dtype::BF16), 2),
@@ -346,7 +346,7 @@ impl<'m> Session<'m> {
                     return Err(RuntimeError::Manifest {
                         path: "manifest.json".into(),
                         message: format!(
-                            "weight `{}` has dtype {other}; this runtime binds f32, bf16, q8, q4_0, q4_1 and q4_k",
+                            "weight `{}` has dtype {other}; this runtime binds f32, bf16, q8, q4_0, q4_1, q4_k and q6_k",
                             w.name
                         ),
                     })

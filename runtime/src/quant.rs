@@ -6,11 +6,11 @@
 //! `n / Q8_BLOCK` scales. The compiler's interpreter rounds weights with
 //! [`q8_roundtrip`], so it computes exactly what a q8 kernel reads.
 //!
-//! **4-bit** ([`Q4`]: `q4_0`, `q4_1`, `q4_k`): ggml's block formats, byte for byte, one
-//! block after another along the contiguous last dimension. So a GGUF tensor stored in
+//! **ggml blocks** ([`Quant`]: `q4_0`, `q4_1`, `q4_k`, `q6_k`): ggml's block formats, byte
+//! for byte, one block after another along the contiguous last dimension. So a GGUF tensor stored in
 //! one of them is bound as the file holds it, and any other weight is quantised here
-//! ([`Q4::quantize`]). What a kernel reads is [`crate::gguf::dequantize`] of those bytes,
-//! and the interpreter computes with exactly that ([`Q4::roundtrip`]).
+//! ([`Quant::quantize`]). What a kernel reads is [`crate::gguf::dequantize`] of those bytes,
+//! and the interpreter computes with exactly that ([`Quant::roundtrip`]).
 
 use crate::gguf::{dequantize, GgmlType};
 
@@ -68,40 +68,45 @@ pub fn q8_roundtrip(values: &mut [f32]) {
     }
 }
 
-/// The 4-bit formats: ggml's `Q4_0` (blocks of 32: an f16 scale `d`, values
-/// `(q - 8) · d`), `Q4_1` (blocks of 32: f16 `d` and `m`, values `q · d + m`) and `Q4_K`
+/// ggml's block formats the kernels read: `Q4_0` (blocks of 32: an f16 scale `d`, values
+/// `(q - 8) · d`), `Q4_1` (blocks of 32: f16 `d` and `m`, values `q · d + m`), `Q4_K`
 /// (super-blocks of 256: f16 `d` and `dmin`, eight 6-bit scales and mins packed in 12
-/// bytes, values `q · d·sc - dmin·m` per 32).
+/// bytes, values `q · d·sc - dmin·m` per 32) and `Q6_K` (super-blocks of 256: 6-bit
+/// values as 128 bytes of low nibbles and 64 of high pairs, sixteen int8 scales, f16 `d`;
+/// values `(q - 32) · d·sc` per 16, exact in `f32`: 11 + 7 + 6 significant bits).
 #[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Q4 {
+pub enum Quant {
     Q4_0,
     Q4_1,
     Q4_K,
+    Q6_K,
 }
 
-impl Q4 {
-    pub const ALL: [Q4; 3] = [Q4::Q4_0, Q4::Q4_1, Q4::Q4_K];
+impl Quant {
+    pub const ALL: [Quant; 4] = [Quant::Q4_0, Quant::Q4_1, Quant::Q4_K, Quant::Q6_K];
 
     /// The manifest's (and the spec's) name.
     pub fn name(self) -> &'static str {
         match self {
-            Q4::Q4_0 => "q4_0",
-            Q4::Q4_1 => "q4_1",
-            Q4::Q4_K => "q4_k",
+            Quant::Q4_0 => "q4_0",
+            Quant::Q4_1 => "q4_1",
+            Quant::Q4_K => "q4_k",
+            Quant::Q6_K => "q6_k",
         }
     }
 
-    pub fn parse(s: &str) -> Option<Q4> {
-        Q4::ALL.into_iter().find(|q| q.name() == s)
+    pub fn parse(s: &str) -> Option<Quant> {
+        Quant::ALL.into_iter().find(|q| q.name() == s)
     }
 
     /// The GGUF type whose blocks these are.
     pub fn ggml(self) -> GgmlType {
         match self {
-            Q4::Q4_0 => GgmlType::Q4_0,
-            Q4::Q4_1 => GgmlType::Q4_1,
-            Q4::Q4_K => GgmlType::Q4K,
+            Quant::Q4_0 => GgmlType::Q4_0,
+            Quant::Q4_1 => GgmlType::Q4_1,
+            Quant::Q4_K => GgmlType::Q4K,
+            Quant::Q6_K => GgmlType::Q6K,
         }
     }
 
@@ -122,9 +127,10 @@ impl Q4 {
         let mut out = Vec::with_capacity(values.len() / per * size);
         for block in values.chunks_exact(per) {
             match self {
-                Q4::Q4_0 => q4_0_block(block, &mut out),
-                Q4::Q4_1 => q4_1_block(block, &mut out),
-                Q4::Q4_K => q4_k_block(block, &mut out),
+                Quant::Q4_0 => q4_0_block(block, &mut out),
+                Quant::Q4_1 => q4_1_block(block, &mut out),
+                Quant::Q4_K => q4_k_block(block, &mut out),
+                Quant::Q6_K => q6_k_block(block, &mut out),
             }
         }
         out
@@ -209,6 +215,45 @@ fn q4_k_block(x: &[f32], out: &mut Vec<u8>) {
     }
 }
 
+/// `Q6_K` as ggml's reference lays it out, with its scales chosen more simply: each 16
+/// values' scale maps the one of largest magnitude to -32; `d` maps the scale of largest
+/// magnitude to -128 (an int8 scale, as ggml's); the values are rounded to the scales as
+/// stored.
+fn q6_k_block(x: &[f32], out: &mut Vec<u8>) {
+    let signed_max = |v: &[f32]| v.iter().fold(0f32, |m, &a| if a.abs() > m.abs() { a } else { m });
+    let scales: Vec<f32> = x.chunks_exact(16).map(|g| signed_max(g) / -32.0).collect();
+    let d = half::f16::from_f32(signed_max(&scales) / -128.0);
+    let sc: Vec<i8> = scales
+        .iter()
+        .map(|&s| if d.to_f32() != 0.0 { (s / d.to_f32()).round().clamp(-128.0, 127.0) as i8 } else { 0 })
+        .collect();
+    let mut q = [32u8; 256];
+    for (j, g) in x.chunks_exact(16).enumerate() {
+        let step = d.to_f32() * sc[j] as f32;
+        if step != 0.0 {
+            for (i, &v) in g.iter().enumerate() {
+                q[16 * j + i] = ((v / step).round().clamp(-32.0, 31.0) + 32.0) as u8;
+            }
+        }
+    }
+    // Per 128 values: byte `l` of the low nibbles holds values `l` and `l + 64`, byte
+    // `l + 32` values `l + 32` and `l + 96`; byte `l` of the high pairs holds the top two
+    // bits of values `l`, `l + 32`, `l + 64`, `l + 96`.
+    let (mut ql, mut qh) = (Vec::with_capacity(128), Vec::with_capacity(64));
+    for h in q.chunks_exact(128) {
+        ql.extend((0..32).map(|l| (h[l] & 15) | (h[l + 64] & 15) << 4));
+        ql.extend((0..32).map(|l| (h[l + 32] & 15) | (h[l + 96] & 15) << 4));
+        qh.extend(
+            (0..32)
+                .map(|l| h[l] >> 4 | (h[l + 32] >> 4) << 2 | (h[l + 64] >> 4) << 4 | (h[l + 96] >> 4) << 6),
+        );
+    }
+    out.extend(ql);
+    out.extend(qh);
+    out.extend(sc.iter().map(|&s| s as u8));
+    out.extend(d.to_le_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,8 +279,8 @@ mod tests {
     }
 
     #[test]
-    fn q4_formats_are_ggml_blocks_within_their_rounding() {
-        for q in Q4::ALL {
+    fn block_formats_are_ggml_blocks_within_their_rounding() {
+        for q in Quant::ALL {
             let v = values(1024, 7);
             let bytes = q.quantize(&v);
             let (per, size) = q.block();
@@ -243,22 +288,24 @@ mod tests {
             let back = dequantize(q.ggml(), &bytes, v.len());
             for (blk, (x, y)) in v.chunks(per).zip(back.chunks(per)).enumerate() {
                 let range = x.iter().fold(0f32, |m, &a| m.max(a.abs()));
-                // A level is a 15th of the range (twice that for Q4_K's 6-bit scales).
+                // A level is a 15th of the range (twice that for Q4_K's 6-bit scales); Q6_K's
+                // a 32nd of each 16's largest magnitude, its int8 scales rounded.
                 let worst = x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(worst <= range * 2.0 / 15.0, "{q:?} block {blk}: error {worst} of range {range}");
+                let bound = if q == Quant::Q6_K { range / 32.0 } else { range * 2.0 / 15.0 };
+                assert!(worst <= bound, "{q:?} block {blk}: error {worst} of range {range}");
             }
             // Quantising what a kernel reads gives it back (the rules are fixed points).
             let mut again = back.clone();
             q.roundtrip(&mut again);
-            if q != Q4::Q4_K {
+            if q != Quant::Q4_K {
                 assert_eq!(again, back, "{q:?}");
             }
         }
     }
 
     #[test]
-    fn q4_of_zeros_and_constants() {
-        for q in Q4::ALL {
+    fn block_formats_of_zeros_and_constants() {
+        for q in Quant::ALL {
             let mut z = vec![0.0; 256];
             q.roundtrip(&mut z);
             assert!(z.iter().all(|&x| x == 0.0), "{q:?}");

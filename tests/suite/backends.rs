@@ -654,23 +654,24 @@ fn q8_weights_match_the_interpreter_and_stay_close_to_f32() {
     }
 }
 
-/// 4-bit weights (`--dtype q4_0|q4_1|q4_k`, ggml's blocks) on `[out, in]` rows of whole
+/// ggml block weights (`--dtype q4_0|q4_1|q4_k|q6_k`) on `[out, in]` rows of whole
 /// super-blocks and of an odd number of 32s (`gemm/q4_rows`), and on `[in, out]` ones
 /// partly not whole blocks (`gemm/f32_edges`, which then stay f32): the library computes
 /// what the interpreter computes with the weights its blocks hold, for a long prompt (the
 /// packed GEMM), and at every split of prefill and decode (the one-row products).
 #[test]
 fn q4_weights_equal_the_interpreter() {
-    use tfc::ir::{DType, Q4};
-    for q in Q4::ALL {
+    use tfc::ir::{DType, Quant};
+    for q in Quant::ALL {
         for path in ["gemm/q4_rows", "gemm/f32_edges"] {
             let spec = root().join(format!("tests/specs/{path}.tfs"));
-            let opts = Options { weight_dtype: Some(DType::Q4(q)), ..Options::default() };
+            let opts = Options { weight_dtype: Some(DType::Quant(q)), ..Options::default() };
             let c = compile(&spec, &opts);
             let model = Model::load(build_opts(&spec, q.name(), &opts, &LibOptions::default())).unwrap();
             let dtypes: Vec<&str> = model.manifest().weights.iter().map(|w| w.dtype.as_str()).collect();
-            assert!(dtypes.contains(&q.name()) || (q == Q4::Q4_K && path.contains("edges")), "{dtypes:?}");
-            assert!(dtypes.iter().any(|d| d.starts_with("q4")), "{path}: no 4-bit weight: {dtypes:?}");
+            let super_blocks = matches!(q, Quant::Q4_K | Quant::Q6_K);
+            assert!(dtypes.contains(&q.name()) || (super_blocks && path.contains("edges")), "{dtypes:?}");
+            assert!(dtypes.iter().any(|d| d.starts_with('q')), "{path}: no quantised weight: {dtypes:?}");
             let (w, data) = random_weights(&model, &[&c.model]);
             let mut s = Session::new(&model, data, 2).unwrap();
             let name = format!("{path}, {}", q.name());

@@ -33,15 +33,15 @@ fn every_block_type_decodes_as_the_reference_does() {
     assert_eq!(rows, ck.get("q4_k", &[2, 512]).unwrap()[512..]);
 }
 
-/// A 4-bit weight stored in the format the library reads is bound as the file holds it
-/// (whole, or a row range); any other is quantised from its values.
+/// A weight stored in a block format the library reads (Q4_0, Q4_1, Q4_K, Q6_K) is bound
+/// as the file holds it (whole, or a row range); any other is quantised from its values.
 #[test]
-fn four_bit_tensors_are_bound_as_stored() {
+fn block_tensors_are_bound_as_stored() {
     use std::borrow::Cow;
-    use tfc_runtime::quant::Q4;
+    use tfc_runtime::quant::Quant;
     let ck = Checkpoint::open(dir().join("quants.gguf")).unwrap();
     let g = ck.gguf().unwrap();
-    for q in Q4::ALL {
+    for q in Quant::ALL {
         let (_, stored) = g.bytes(q.name()).unwrap();
         let Cow::Borrowed(b) = ck.quantized(q.name(), &[2, 512], q).unwrap() else { panic!("{q:?}: a copy") };
         assert_eq!(b, stored);

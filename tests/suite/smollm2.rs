@@ -70,7 +70,7 @@ fn the_library_answers_as_transformers_does() {
 /// greedy answer as transformers.
 #[test]
 fn the_library_on_4_bit_weights_answers_as_transformers_does() {
-    answer_as_transformers(Some(tfc::ir::DType::Q4(tfc::ir::Q4::Q4_1)), None);
+    answer_as_transformers(Some(tfc::ir::DType::Quant(tfc::ir::Quant::Q4_1)), None);
 }
 
 /// Prompt logits within `tol` (where given) of transformers' f32 of the dequantised file, and the same

@@ -74,7 +74,7 @@ impl Meta<'_> {
 }
 
 /// The storage that keeps a matrix exactly as the file stores it: Q8_0 is `q8`'s values
-/// exactly; Q4_0, Q4_1 and Q4_K are bound as stored; BF16 as it is; any other type is
+/// exactly; Q4_0, Q4_1, Q4_K and Q6_K are bound as stored; BF16 as it is; any other type is
 /// `f32` (the file's values, dequantised).
 fn kept(ty: tfc_runtime::gguf::GgmlType) -> &'static str {
     use tfc_runtime::gguf::GgmlType;
@@ -83,6 +83,7 @@ fn kept(ty: tfc_runtime::gguf::GgmlType) -> &'static str {
         GgmlType::Q4_0 => "q4_0",
         GgmlType::Q4_1 => "q4_1",
         GgmlType::Q4K => "q4_k",
+        GgmlType::Q6K => "q6_k",
         GgmlType::BF16 => "bf16",
         _ => "f32",
     }
@@ -90,8 +91,8 @@ fn kept(ty: tfc_runtime::gguf::GgmlType) -> &'static str {
 
 /// The storage of the matrices whose names match, each kept as the file stores it
 /// (`kept`): the component's `dtype` is the one most of their values take, and the
-/// matrices stored otherwise (llama.cpp's Q4_K_M files keep some layers' `ffn_down` and
-/// `attn_v` in Q6_K) are returned for the `dtypes` section.
+/// matrices stored otherwise (llama.cpp's Q4_K_M files keep the unembedding and some
+/// layers' `ffn_down` and `attn_v` in Q6_K) are returned for the `dtypes` section.
 fn stored(g: &Gguf, matches: &dyn Fn(&str) -> bool) -> (&'static str, Vec<(String, &'static str)>) {
     let matrices: Vec<(&String, &'static str, usize)> = g
         .tensors

@@ -60,7 +60,7 @@ impl Weights {
                 let data = match (source, ty.dtype) {
                     // What the library binds: the file's blocks where it stores this
                     // format, else the values quantised.
-                    (WeightSource::Checkpoint(ck), DType::Q4(q)) => {
+                    (WeightSource::Checkpoint(ck), DType::Quant(q)) => {
                         tfc_runtime::gguf::dequantize(q.ggml(), &ck.quantized(name, &shape, q)?, n)
                     }
                     (WeightSource::Checkpoint(ck), d) => round_to(ck.get(name, &shape)?, d),
@@ -82,7 +82,7 @@ fn round_to(mut data: Vec<f32>, dtype: DType) -> Vec<f32> {
         DType::BF16 => data.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
         DType::F16 => data.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
         DType::Q8 => tfc_runtime::quant::q8_roundtrip(&mut data),
-        DType::Q4(q) => q.roundtrip(&mut data),
+        DType::Quant(q) => q.roundtrip(&mut data),
         DType::F32 | DType::I32 => {}
     }
     data

@@ -20,5 +20,5 @@ pub use op::{
     alibi_slopes, num, sinusoid_feature, sinusoid_freqs, Act, Arith, AttnMask, CacheKind, HeadStart,
     InputKind, Op, QkvLayout, QkvPart, Rope, RopeScaling, WeightRole, F64,
 };
-pub use shape::{DType, Dim, SymBinding, TensorType, Q4};
+pub use shape::{DType, Dim, Quant, SymBinding, TensorType};
 pub use verify::{verify, VerifyError};

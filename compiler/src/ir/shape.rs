@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-pub use tfc_runtime::quant::Q4;
+pub use tfc_runtime::quant::Quant;
 
 /// The binding of the symbolic dimensions for one call of a graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,8 +85,8 @@ pub enum DType {
     BF16,
     /// Weight-only int8 in blocks of 32 with one `f32` scale each (`tfc_runtime::quant`).
     Q8,
-    /// Weight-only 4-bit, in ggml's block formats (`tfc_runtime::quant::Q4`).
-    Q4(Q4),
+    /// Weight-only 4- or 6-bit, in ggml's block formats (`tfc_runtime::quant::Quant`).
+    Quant(Quant),
     I32,
 }
 
@@ -97,7 +97,7 @@ impl DType {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             DType::Q8 => "q8",
-            DType::Q4(q) => q.name(),
+            DType::Quant(q) => q.name(),
             DType::I32 => "i32",
         }
     }
@@ -109,7 +109,7 @@ impl DType {
             "bf16" => DType::BF16,
             "q8" => DType::Q8,
             "i32" => DType::I32,
-            q => DType::Q4(Q4::parse(q)?),
+            q => DType::Quant(Quant::parse(q)?),
         })
     }
 
@@ -119,22 +119,24 @@ impl DType {
 
     /// The storage a weight whose rows (its contiguous last dimension) hold `row` values
     /// gets when `self` is asked for: quantised blocks never cross a row, so a row that
-    /// is not whole blocks takes `q4_0` for `q4_k` (blocks of 32, not 256), else `f32`.
+    /// is not whole blocks takes `q4_0` for `q4_k` and `q8` for `q6_k` (blocks of 32, not
+    /// 256), else `f32`.
     pub fn for_rows(self, row: usize) -> DType {
         let whole = |per: usize| row % per == 0;
         match self {
             DType::Q8 if !whole(tfc_runtime::quant::Q8_BLOCK) => DType::F32,
-            DType::Q4(q) if !whole(q.block().0) => match q {
-                Q4::Q4_K => DType::Q4(Q4::Q4_0).for_rows(row),
+            DType::Quant(q) if !whole(q.block().0) => match q {
+                Quant::Q4_K => DType::Quant(Quant::Q4_0).for_rows(row),
+                Quant::Q6_K => DType::Q8.for_rows(row),
                 _ => DType::F32,
             },
             d => d,
         }
     }
 
-    /// Whether it is one of the weight-only quantised formats (q8, 4-bit).
+    /// Whether it is one of the weight-only quantised formats (q8, ggml blocks).
     pub fn is_quantized(self) -> bool {
-        matches!(self, DType::Q8 | DType::Q4(_))
+        matches!(self, DType::Q8 | DType::Quant(_))
     }
 }
 

@@ -15,7 +15,7 @@ use inkwell::values::{
 /// on narrower targets).
 pub const VW: usize = 16;
 
-use tfc_runtime::quant::{q8_scales_at, Q4, Q8_BLOCK};
+use tfc_runtime::quant::{q8_scales_at, Quant, Q8_BLOCK};
 
 /// How a weight tensor is stored, as the kernels read it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -26,8 +26,8 @@ pub enum WFmt {
     Q8 {
         scales: usize,
     },
-    /// ggml's 4-bit blocks, one after another (`tfc_runtime::quant::Q4`).
-    Q4(Q4),
+    /// ggml's blocks, one after another (`tfc_runtime::quant::Quant`).
+    Quant(Quant),
 }
 
 impl WFmt {
@@ -38,19 +38,19 @@ impl WFmt {
                 let n: usize = ty.shape.iter().map(|d| d.as_fixed().unwrap_or(0)).product();
                 WFmt::Q8 { scales: q8_scales_at(n) }
             }
-            crate::ir::DType::Q4(q) => WFmt::Q4(q),
+            crate::ir::DType::Quant(q) => WFmt::Quant(q),
             _ => WFmt::F32,
         }
     }
 
-    /// Bytes of `n` elements (a whole number of 4-bit blocks; a q8 tensor's scales come on
+    /// Bytes of `n` elements (a whole number of ggml blocks; a q8 tensor's scales come on
     /// top).
     pub fn bytes(self, n: usize) -> usize {
         match self {
             WFmt::F32 => 4 * n,
             WFmt::Bf16 => 2 * n,
             WFmt::Q8 { .. } => n,
-            WFmt::Q4(q) => n.div_ceil(q.block().0) * q.block().1,
+            WFmt::Quant(q) => n.div_ceil(q.block().0) * q.block().1,
         }
     }
 
@@ -60,7 +60,7 @@ impl WFmt {
             WFmt::F32 => String::new(),
             WFmt::Bf16 => "_bf16".into(),
             WFmt::Q8 { scales } => format!("_q8s{scales}"),
-            WFmt::Q4(q) => format!("_{}", q.name()),
+            WFmt::Quant(q) => format!("_{}", q.name()),
         }
     }
 }
@@ -303,7 +303,14 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
                 let qf = ok(self.b.build_signed_int_to_float(q, self.f32t(), ""));
                 self.fmul(qf, self.q8_scale(base, idx, scales))
             }
-            WFmt::Q4(q) => {
+            WFmt::Quant(Quant::Q6_K) => {
+                let (lo, hi, scale) = self.q6k_element(base, idx);
+                let i32t = self.cx.i32_type();
+                let byte = |at| ok(self.b.build_int_z_extend(self.ld_u8(base, at), i32t, ""));
+                let q = self.q6_value(byte(lo.0), lo.1, byte(hi.0), hi.1, |v| i32t.const_int(v, false));
+                self.fmul(ok(self.b.build_signed_int_to_float(q, self.f32t(), "")), scale)
+            }
+            WFmt::Quant(q) => {
                 let (at, shift, scale, offset) = self.q4_element(base, idx, q);
                 let byte = ok(self.b.build_int_z_extend(self.ld_u8(base, at), self.cx.i32_type(), ""));
                 let v = ok(self.b.build_right_shift(byte, shift, false, ""));
@@ -313,10 +320,10 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
             }
         }
     }
-    /// The byte offset of weight element `idx` (for a 4-bit format, of its block).
+    /// The byte offset of weight element `idx` (for a block format, of its block).
     pub fn wbyte(&self, idx: IntValue<'ctx>, wf: WFmt) -> IntValue<'ctx> {
         match wf {
-            WFmt::Q4(q) => {
+            WFmt::Quant(q) => {
                 let (per, size) = q.block();
                 self.mul(self.udiv(idx, self.c(per as i64)), self.c(size as i64))
             }
@@ -336,7 +343,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         let _ = v.as_instruction_value().unwrap().set_alignment(1);
         ok(self.b.build_float_ext(v.into_float_value(), self.f32t(), ""))
     }
-    /// Where element `idx` of a 4-bit tensor is: the byte holding its nibble, the shift
+    /// Where element `idx` of a 4-bit (`Q4_*`) tensor is: the byte holding its nibble, the shift
     /// that brings the nibble down (an `i32`: 0 or 4), and the `scale` and `offset` of its
     /// 32 values, `value = nibble · scale + offset`: `Q4_0` `(d, -8d)`, `Q4_1` `(d, m)`,
     /// `Q4_K` `(d·sc, -dmin·m)`. Each product is exact in `f32` (an f16 times a small
@@ -345,7 +352,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         &self,
         base: PointerValue<'ctx>,
         idx: IntValue<'ctx>,
-        q: Q4,
+        q: Quant,
     ) -> (IntValue<'ctx>, IntValue<'ctx>, FloatValue<'ctx>, FloatValue<'ctx>) {
         let c = |v: i64| self.c(v);
         let i32t = self.cx.i32_type();
@@ -359,17 +366,18 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         };
         let d = self.ld_f16(base, blk);
         match q {
-            Q4::Q4_0 | Q4::Q4_1 => {
-                let qs = if q == Q4::Q4_0 { 2 } else { 4 };
+            Quant::Q4_0 | Quant::Q4_1 => {
+                let qs = if q == Quant::Q4_0 { 2 } else { 4 };
                 let at = self.add(blk, self.add(c(qs), self.urem(w, c(16))));
-                let offset = if q == Q4::Q4_0 {
+                let offset = if q == Quant::Q4_0 {
                     self.fmul(d, self.fc(-8.0))
                 } else {
                     self.ld_f16(base, self.add(blk, c(2)))
                 };
                 (at, shift(16), d, offset)
             }
-            Q4::Q4_K => {
+            Quant::Q6_K => unreachable!("bug: Q6_K elements are found by q6k_element"),
+            Quant::Q4_K => {
                 let dmin = self.ld_f16(base, self.add(blk, c(2)));
                 let sub = self.udiv(w, c(32));
                 let (sc, m) = self.q4k_scale_min(base, self.add(blk, c(4)), sub);
@@ -382,6 +390,63 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
                 (at, shift(32), scale, offset)
             }
         }
+    }
+    /// Where element `idx` of a `Q6_K` tensor is: the byte and shift (an `i32`) of its low
+    /// nibble, the byte and shift of its top two bits, and its scale `d·sc` (exact in
+    /// `f32`; the value is `(q - 32)·d·sc`, exact too). Element `128h + 32g + l` of a
+    /// super-block has its low nibble in byte `64h + 32(g mod 2) + l` (the high nibble for
+    /// `g ≥ 2`), its top bits in byte `128 + 32h + l` (bits `2g`, `2g + 1`), its int8 scale
+    /// in byte `192 + e / 16` and `d` in bytes 208..210; so 16 elements from a multiple of
+    /// 16 share their shifts and scale and read 16 consecutive bytes of each kind.
+    #[allow(clippy::type_complexity)]
+    pub fn q6k_element(
+        &self,
+        base: PointerValue<'ctx>,
+        idx: IntValue<'ctx>,
+    ) -> ((IntValue<'ctx>, IntValue<'ctx>), (IntValue<'ctx>, IntValue<'ctx>), FloatValue<'ctx>) {
+        let c = |v: i64| self.c(v);
+        let (per, size) = Quant::Q6_K.block();
+        let blk = self.mul(self.udiv(idx, c(per as i64)), c(size as i64));
+        let e = self.urem(idx, c(per as i64));
+        let (h, g, l) = (self.udiv(e, c(128)), self.urem(self.udiv(e, c(32)), c(4)), self.urem(e, c(32)));
+        let lo_at =
+            self.add(blk, self.add(self.mul(h, c(64)), self.add(self.mul(self.urem(g, c(2)), c(32)), l)));
+        let hi_at = self.add(blk, self.add(c(128), self.add(self.mul(h, c(32)), l)));
+        let i32t = self.cx.i32_type();
+        let shift = |v: IntValue<'ctx>| ok(self.b.build_int_truncate(v, i32t, ""));
+        let lo_shift = shift(self.mul(self.udiv(g, c(2)), c(4)));
+        let hi_shift = shift(self.mul(g, c(2)));
+        let sc = ok(self.b.build_int_truncate(
+            self.ld_u8(base, self.add(blk, self.add(c(192), self.udiv(e, c(16))))),
+            self.cx.i8_type(),
+            "",
+        ));
+        let sc = ok(self.b.build_signed_int_to_float(sc, self.f32t(), ""));
+        let scale = self.fmul(self.ld_f16(base, self.add(blk, c(208))), sc);
+        ((lo_at, lo_shift), (hi_at, hi_shift), scale)
+    }
+    /// `q - 32` of `Q6_K` values from their low-nibble bytes `lo` and top-bit bytes `hi`
+    /// (widened to `i32`, scalar or vector) and the shifts `q6k_element` gives; `k` makes
+    /// a constant of their type.
+    pub fn q6_value<V: IntMathValue<'ctx>>(
+        &self,
+        lo: V,
+        lo_shift: V,
+        hi: V,
+        hi_shift: V,
+        k: impl Fn(u64) -> V,
+    ) -> V {
+        let b = &self.b;
+        let low = ok(b.build_and(ok(b.build_right_shift(lo, lo_shift, false, "")), k(15), ""));
+        let top = ok(b.build_and(ok(b.build_right_shift(hi, hi_shift, false, "")), k(3), ""));
+        let q = ok(b.build_or(low, ok(b.build_left_shift(top, k(4), "")), ""));
+        ok(b.build_int_sub(q, k(32), ""))
+    }
+    /// An `i32` in every lane of a `<VW x i32>`.
+    pub fn isplat(&self, s: IntValue<'ctx>) -> VectorValue<'ctx> {
+        let i32v = self.cx.i32_type().vec_type(VW as u32);
+        let one = ok(self.b.build_insert_element(i32v.get_undef(), s, self.c(0), ""));
+        ok(self.b.build_shuffle_vector(one, i32v.get_undef(), i32v.const_zero(), ""))
     }
     /// The 6-bit scale and min of sub-block `sub` (0..8) of a `Q4_K` super-block, from its
     /// 12 packed bytes at `base + at`, as `f32`: the first four are the low six bits of
@@ -410,10 +475,23 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     }
     /// The `VW` bytes at `base + at`, widened to `<VW x i32>`.
     pub fn ld_bytes(&self, base: PointerValue<'ctx>, at: IntValue<'ctx>) -> VectorValue<'ctx> {
+        self.ld_bytes_as(base, at, false)
+    }
+    /// The same, widened as unsigned bytes or as `signed` ones.
+    pub fn ld_bytes_as(
+        &self,
+        base: PointerValue<'ctx>,
+        at: IntValue<'ctx>,
+        signed: bool,
+    ) -> VectorValue<'ctx> {
         let (i8v, i32v) = (self.cx.i8_type().vec_type(VW as u32), self.cx.i32_type().vec_type(VW as u32));
-        let b = ok(self.b.build_load(i8v, self.gep(self.cx.i8_type(), base, at), ""));
+        let b = ok(self.b.build_load(i8v, self.gep(self.cx.i8_type(), base, at), "")).into_vector_value();
         let _ = b.as_instruction_value().unwrap().set_alignment(1);
-        ok(self.b.build_int_z_extend(b.into_vector_value(), i32v, ""))
+        if signed {
+            ok(self.b.build_int_s_extend(b, i32v, ""))
+        } else {
+            ok(self.b.build_int_z_extend(b, i32v, ""))
+        }
     }
     /// 16 nibbles as `<VW x i32>`: the low (`shift` 0) or high (4) halves of the 16 bytes
     /// at `base + at`.
@@ -423,11 +501,8 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         at: IntValue<'ctx>,
         shift: IntValue<'ctx>,
     ) -> VectorValue<'ctx> {
-        let i32v = self.cx.i32_type().vec_type(VW as u32);
         let w = self.ld_bytes(base, at);
-        let sh = ok(self.b.build_insert_element(i32v.get_undef(), shift, self.c(0), ""));
-        let sh = ok(self.b.build_shuffle_vector(sh, i32v.get_undef(), i32v.const_zero(), ""));
-        let w = ok(self.b.build_right_shift(w, sh, false, ""));
+        let w = ok(self.b.build_right_shift(w, self.isplat(shift), false, ""));
         let fifteen = VectorType::const_vector(&[self.cx.i32_type().const_int(15, false); VW]);
         ok(self.b.build_and(w, fifteen, ""))
     }
@@ -530,7 +605,16 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
                 let s = self.splat(self.q8_scale(base, idx, scales));
                 ok(self.b.build_float_mul(self.ldv_q8_raw(base, idx), s, ""))
             }
-            WFmt::Q4(q) => {
+            WFmt::Quant(Quant::Q6_K) => {
+                // `idx` a multiple of 16: the 16 share their byte runs, shifts and scale.
+                let (lo, hi, scale) = self.q6k_element(base, idx);
+                let k = |v: u64| VectorType::const_vector(&[self.cx.i32_type().const_int(v, false); VW]);
+                let (ls, hs) = (self.isplat(lo.1), self.isplat(hi.1));
+                let q = self.q6_value(self.ld_bytes(base, lo.0), ls, self.ld_bytes(base, hi.0), hs, k);
+                let v = ok(self.b.build_signed_int_to_float(q, self.vt(), ""));
+                ok(self.b.build_float_mul(v, self.splat(scale), ""))
+            }
+            WFmt::Quant(q) => {
                 // `idx` a multiple of 16: the 16 share a byte run, a half and a scale.
                 let (at, shift, scale, offset) = self.q4_element(base, idx, q);
                 let v = self.ld_nibbles_f(base, at, shift, 0);

@@ -57,8 +57,8 @@ pub fn emit<'ctx>(
     amx: bool,
 ) -> Result<(Module<'ctx>, Layout), LlvmError> {
     for (name, _, dtype) in &weights.names {
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::Q8 | DType::Q4(_)) {
-            let use_ = "use f32, bf16, q8, q4_0, q4_1 or q4_k";
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::Q8 | DType::Quant(_)) {
+            let use_ = "use f32, bf16, q8, q4_0, q4_1, q4_k or q6_k";
             return Err(LlvmError::Unsupported(format!("{dtype} weights (`{name}`); {use_}")));
         }
     }

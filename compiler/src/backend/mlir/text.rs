@@ -112,7 +112,7 @@ pub fn elem(dtype: crate::ir::DType) -> &'static str {
         crate::ir::DType::BF16 => "bf16",
         crate::ir::DType::F16 => "f16",
         // Never reached: the MLIR backends reject quantised weights first.
-        crate::ir::DType::Q8 | crate::ir::DType::Q4(_) => "i8",
+        crate::ir::DType::Q8 | crate::ir::DType::Quant(_) => "i8",
         crate::ir::DType::I32 => "i32",
     }
 }

@@ -37,7 +37,7 @@
 //! (`GemvReduce { pairs }` restores the order). q8 blocks are summed, then scaled once.
 
 use inkwell::values::{BasicValueEnum, IntValue, PointerValue, VectorValue};
-use tfc_runtime::quant::{Q4, Q8_BLOCK};
+use tfc_runtime::quant::{Quant, Q8_BLOCK};
 
 use super::rows::unary;
 use super::{Args, Kernel, LinearAlgo, Slot, UnaryOp, WeightRead};
@@ -264,8 +264,10 @@ pub(crate) fn lin_dot_row<'ctx>(
     o1: IntValue<'ctx>,
     xp: Option<PointerValue<'ctx>>,
 ) {
-    if let WFmt::Q4(q) = l.wf {
-        return lin_q4_row(kb, l, t, o0, o1, q, xp);
+    match l.wf {
+        WFmt::Quant(Quant::Q6_K) => return lin_q6k_row(kb, l, t, o0, o1),
+        WFmt::Quant(q) => return lin_q4_row(kb, l, t, o0, o1, q, xp),
+        _ => {}
     }
     let c = |v: usize| kb.c(v as i64);
     let (inn, steps) = (l.inn, l.inn / DOT);
@@ -333,11 +335,11 @@ pub(crate) fn lin_dot_row<'ctx>(
 
 /// Floats of `q4_block_sums` for a row of `inn` inputs in format `q`: none for `Q4_0`,
 /// whose offset is a fixed `-8·scale` folded into signed nibbles.
-pub(crate) fn q4_sums(q: Q4, inn: usize) -> usize {
+pub(crate) fn q4_sums(q: Quant, inn: usize) -> usize {
     match q {
-        Q4::Q4_0 => 0,
-        Q4::Q4_1 => inn / 32,
-        Q4::Q4_K => inn / 256 * VW,
+        Quant::Q4_0 | Quant::Q6_K => 0,
+        Quant::Q4_1 => inn / 32,
+        Quant::Q4_K => inn / 256 * VW,
     }
 }
 
@@ -350,7 +352,7 @@ pub(crate) fn q4_block_sums<'ctx>(
     x: PointerValue<'ctx>,
     xrow: IntValue<'ctx>,
     inn: usize,
-    q: Q4,
+    q: Quant,
     sums: PointerValue<'ctx>,
 ) {
     let c = |v: usize| kb.c(v as i64);
@@ -359,9 +361,9 @@ pub(crate) fn q4_block_sums<'ctx>(
         kb.vsum(kb.vadd(kb.ldv(x, at), kb.ldv(x, kb.add(at, c(VW)))))
     };
     match q {
-        Q4::Q4_0 => {}
-        Q4::Q4_1 => kb.for_(c(0), c(inn / 32), |b| kb.st(sums, b, sum32(kb.mul(b, c(32))))),
-        Q4::Q4_K => kb.for_(c(0), c(inn / 256), |s| {
+        Quant::Q4_0 | Quant::Q6_K => {}
+        Quant::Q4_1 => kb.for_(c(0), c(inn / 32), |b| kb.st(sums, b, sum32(kb.mul(b, c(32))))),
+        Quant::Q4_K => kb.for_(c(0), c(inn / 256), |s| {
             let base = kb.mul(s, c(VW));
             for j in 0..8 {
                 kb.st(sums, kb.add(base, c(j)), kb.fc(0.0));
@@ -385,7 +387,7 @@ pub(crate) fn lin_q4_row<'ctx>(
     t: IntValue<'ctx>,
     o0: IntValue<'ctx>,
     o1: IntValue<'ctx>,
-    q: Q4,
+    q: Quant,
     sums: Option<PointerValue<'ctx>>,
 ) {
     let c = |v: usize| kb.c(v as i64);
@@ -394,7 +396,7 @@ pub(crate) fn lin_q4_row<'ctx>(
     // Blocks per step: two of 32 where they tile the row (an accumulator each), or one
     // super-block of eight 32s (two accumulators, alternating).
     let unit = match q {
-        Q4::Q4_K => 256,
+        Quant::Q4_K => 256,
         _ if inn % 64 == 0 => 64,
         _ => 32,
     };
@@ -406,7 +408,7 @@ pub(crate) fn lin_q4_row<'ctx>(
         // Vector accumulators for the scaled sums (two) and `Q4_K`'s offsets, then a
         // scalar one per block of a step for `Q4_1`'s offsets.
         let mut init: Vec<BasicValueEnum<'ctx>> = (0..3).map(|_| kb.vzero().into()).collect();
-        if q == Q4::Q4_1 {
+        if q == Quant::Q4_1 {
             init.extend((0..unit / 32).map(|_| BasicValueEnum::from(kb.fc(0.0))));
         }
         let acc = kb.fold(c(0), c(inn / unit), &init, |s, acc| {
@@ -418,7 +420,7 @@ pub(crate) fn lin_q4_row<'ctx>(
             let mut acc = acc.to_vec();
             let vacc = |acc: &[BasicValueEnum<'ctx>], a: usize| acc[a].into_vector_value();
             let shift = |s: u64| kb.cx.i32_type().const_int(s, false);
-            let bias = if q == Q4::Q4_0 { 8 } else { 0 };
+            let bias = if q == Quant::Q4_0 { 8 } else { 0 };
             // `Σ nibble·x` of the 32 values from input `k` on, whose first and last 16
             // nibbles are the `(byte, shift)` halves `lo` and `hi`.
             let dot32 = |k: usize, lo: (IntValue<'ctx>, u64), hi: (IntValue<'ctx>, u64)| {
@@ -428,15 +430,15 @@ pub(crate) fn lin_q4_row<'ctx>(
                 kb.vfma(kb.ld_nibbles_f(l.w, hi.0, shift(hi.1), bias), x1, p)
             };
             match q {
-                Q4::Q4_0 | Q4::Q4_1 => {
+                Quant::Q4_0 | Quant::Q4_1 => {
                     for b in 0..unit / 32 {
                         let blk = kb.add(at, c(b * size));
                         let d = kb.ld_f16(l.w, blk);
                         // 16 bytes: the first 16 values low, the last 16 high.
-                        let qs = kb.add(blk, c(if q == Q4::Q4_0 { 2 } else { 4 }));
+                        let qs = kb.add(blk, c(if q == Quant::Q4_0 { 2 } else { 4 }));
                         let p = dot32(b * 32, (qs, 0), (qs, 4));
                         acc[b] = kb.vfma(p, kb.splat(d), vacc(&acc, b)).into();
-                        if q == Q4::Q4_1 {
+                        if q == Quant::Q4_1 {
                             let m = kb.ld_f16(l.w, kb.add(blk, c(2)));
                             let sb = kb.ld(sums(), kb.add(kb.mul(s, c(unit / 32)), c(b)));
                             let a = acc[3 + b].into_float_value();
@@ -444,7 +446,8 @@ pub(crate) fn lin_q4_row<'ctx>(
                         }
                     }
                 }
-                Q4::Q4_K => {
+                Quant::Q6_K => unreachable!("bug: Q6_K rows take lin_q6k_row"),
+                Quant::Q4_K => {
                     let scales = kb.q4k_scales(l.w, at);
                     for j in 0..8 {
                         // 32 bytes per two sub-blocks: the first's values low, the next's high.
@@ -467,6 +470,57 @@ pub(crate) fn lin_q4_row<'ctx>(
         for a in &acc[3..] {
             v = kb.fadd(v, a.into_float_value());
         }
+        if let Some(b) = l.b {
+            v = kb.fadd(v, kb.ld(b, o));
+        }
+        kb.st(l.out, kb.add(kb.mul(t, c(l.n_out)), o), v);
+    });
+}
+
+/// One row times `W [out, in]` in `Q6_K`, outputs `o0..o1`: one output's row of
+/// super-blocks at a time, a single forward stream prefetched `PREFETCH` ahead. Each 16
+/// values share a scale: they are read as one vector (`Kb::q6k_element`'s byte runs),
+/// times `x`, and the product scaled once; the sixteen scales of a super-block are read
+/// as one vector of int8 and broadcast lane by lane.
+pub(crate) fn lin_q6k_row<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    t: IntValue<'ctx>,
+    o0: IntValue<'ctx>,
+    o1: IntValue<'ctx>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let inn = l.inn;
+    let (per, size) = Quant::Q6_K.block();
+    let xrow = kb.mul(t, c(inn));
+    let i32t = kb.cx.i32_type();
+    let k = |v: u64| inkwell::types::VectorType::const_vector(&[i32t.const_int(v, false); VW]);
+    kb.for_(o0, o1, |o| {
+        let wrow = kb.mul(o, c(inn / per * size));
+        let init: Vec<BasicValueEnum<'ctx>> = (0..2).map(|_| kb.vzero().into()).collect();
+        let acc = kb.fold(c(0), c(inn / per), &init, |s, acc| {
+            let at = kb.add(wrow, kb.mul(s, c(size)));
+            for line in 0..size.div_ceil(64) {
+                kb.prefetch(l.w, kb.add(at, c(PREFETCH + 64 * line)));
+            }
+            // The sixteen `d·sc`, sign-extended from their bytes.
+            let sc = kb.ld_bytes_as(l.w, kb.add(at, c(192)), true);
+            let sc = kb.b.build_signed_int_to_float(sc, kb.vt(), "").unwrap();
+            let scales = kb.vmul(sc, kb.splat(kb.ld_f16(l.w, kb.add(at, c(208)))));
+            let mut acc = acc.to_vec();
+            for v in 0..per / VW {
+                let (h, g, off) = (v / 8, v % 8 / 2, VW * (v % 2));
+                let lo = kb.ld_bytes(l.w, kb.add(at, c(64 * h + 32 * (g % 2) + off)));
+                let hi = kb.ld_bytes(l.w, kb.add(at, c(128 + 32 * h + off)));
+                let q = kb.q6_value(lo, k(4 * (g as u64 / 2)), hi, k(2 * g as u64), k);
+                let w = kb.b.build_signed_int_to_float(q, kb.vt(), "").unwrap();
+                let x = kb.ldv(l.x, kb.add(xrow, kb.add(kb.mul(s, c(per)), c(VW * v))));
+                let p = kb.vmul(w, x);
+                acc[v % 2] = kb.vfma(p, kb.broadcast_lane(scales, v), acc[v % 2].into_vector_value()).into();
+            }
+            acc
+        });
+        let mut v = kb.vsum(kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()));
         if let Some(b) = l.b {
             v = kb.fadd(v, kb.ld(b, o));
         }
@@ -950,12 +1004,12 @@ pub(crate) fn linear_dots<'ctx>(
     let permuted = if tiles { inn } else { inn / DOT * DOT };
     // A one-row product of 4-bit weights with offsets reads the sums of `x` per block.
     let sums = match wf {
-        WFmt::Q4(q) => q4_sums(q, inn),
+        WFmt::Quant(q) => q4_sums(q, inn),
         _ => 0,
     };
     let xp = match wf {
         WFmt::Bf16 if permuted > 0 => Some(kb.alloca_f32s(permuted)),
-        WFmt::Q4(_) if sums > 0 => Some(kb.alloca_f32s(sums)),
+        WFmt::Quant(_) if sums > 0 => Some(kb.alloca_f32s(sums)),
         _ => None,
     };
     // Rows in tiles of ROWS, then the rest one by one (decode's one row), each
@@ -974,7 +1028,7 @@ pub(crate) fn linear_dots<'ctx>(
     kb.for_(full, rows, |t| {
         match (wf, xp) {
             (WFmt::Bf16, Some(xp)) => permute_pairs(kb, l.x, kb.mul(t, c(inn)), permuted, xp),
-            (WFmt::Q4(q), Some(xp)) => q4_block_sums(kb, l.x, kb.mul(t, c(inn)), inn, q, xp),
+            (WFmt::Quant(q), Some(xp)) => q4_block_sums(kb, l.x, kb.mul(t, c(inn)), inn, q, xp),
             _ => {}
         }
         blocks(t, 1)
@@ -1172,7 +1226,7 @@ pub(crate) fn gemv_partial<'ctx>(
                                 }
                             }
                         }
-                        WFmt::F32 | WFmt::Q4(_) => {
+                        WFmt::F32 | WFmt::Quant(_) => {
                             let xv = kb.splat(xr);
                             for (j, a) in acc.iter_mut().enumerate() {
                                 *a = kb.vfma(xv, kb.ldvw(w, kb.add(wi, c(j * VW)), wf), *a);
