@@ -7,8 +7,8 @@
 #   it (its width, 576, is not a multiple of 256: llama.cpp stores no Q4_K matrix of it);
 # - W2 (benches/peers.sh: LLaMA-style 0.85B made from a seed, converted by llama.cpp's
 #   convert_hf_to_gguf.py) quantised by llama.cpp's quantiser to pure Q4_0 and pure Q4_K
-#   (every matrix, the embedding and unembedding too), and to its usual Q4_K_M (Q4_K, the
-#   unembedding and some layers' attn_v and ffn_down Q6_K, which tfc reads as f32).
+#   (every matrix, the embedding and unembedding too), and to its usual Q4_K_M (Q4_K; the
+#   unembedding and some layers' attn_v and ffn_down Q6_K).
 # Speed: batch 1, a 128-token prompt, 64 greedy tokens, THREADS (default 2), median
 # (min–max) of RUNS (default 5), with the weight bytes tfc reads per decode step and the
 # GB/s that makes. Error: the largest |logit difference| over every position of a
