@@ -46,6 +46,10 @@ pub enum WeightDType {
     /// whole super-blocks take q8).
     #[value(name = "q6_k")]
     Q6_K,
+    /// ggml's Q8_0: int8 with one f16 scale per 32 weights (matrices whose rows are a
+    /// multiple of 32).
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 impl From<WeightDType> for tfc::ir::DType {
@@ -58,6 +62,7 @@ impl From<WeightDType> for tfc::ir::DType {
             WeightDType::Q4_1 => tfc::ir::DType::Quant(tfc::ir::Quant::Q4_1),
             WeightDType::Q4_K => tfc::ir::DType::Quant(tfc::ir::Quant::Q4_K),
             WeightDType::Q6_K => tfc::ir::DType::Quant(tfc::ir::Quant::Q6_K),
+            WeightDType::Q8_0 => tfc::ir::DType::Quant(tfc::ir::Quant::Q8_0),
         }
     }
 }

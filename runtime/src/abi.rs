@@ -145,7 +145,9 @@ pub fn weight_bytes(shape: &[usize], dtype: &str) -> Result<usize, String> {
                 return Err(format!("{} with {n} values, not a multiple of {}", q.name(), q.block().0))
             }
             None => {
-                return Err(format!("dtype {q}; this runtime binds f32, bf16, q8, q4_0, q4_1, q4_k and q6_k"))
+                return Err(format!(
+                    "dtype {q}; this runtime binds f32, bf16, q8, q8_0, q4_0, q4_1, q4_k and q6_k"
+                ))
             }
         },
     };

@@ -6,7 +6,7 @@
 //! `n / Q8_BLOCK` scales. The compiler's interpreter rounds weights with
 //! [`q8_roundtrip`], so it computes exactly what a q8 kernel reads.
 //!
-//! **ggml blocks** ([`Quant`]: `q4_0`, `q4_1`, `q4_k`, `q6_k`): ggml's block formats, byte
+//! **ggml blocks** ([`Quant`]: `q4_0`, `q4_1`, `q4_k`, `q6_k`, `q8_0`): ggml's block formats, byte
 //! for byte, one block after another along the contiguous last dimension. So a GGUF tensor stored in
 //! one of them is bound as the file holds it, and any other weight is quantised here
 //! ([`Quant::quantize`]). What a kernel reads is [`crate::gguf::dequantize`] of those bytes,
@@ -73,7 +73,9 @@ pub fn q8_roundtrip(values: &mut [f32]) {
 /// (super-blocks of 256: f16 `d` and `dmin`, eight 6-bit scales and mins packed in 12
 /// bytes, values `q · d·sc - dmin·m` per 32) and `Q6_K` (super-blocks of 256: 6-bit
 /// values as 128 bytes of low nibbles and 64 of high pairs, sixteen int8 scales, f16 `d`;
-/// values `(q - 32) · d·sc` per 16, exact in `f32`: 11 + 7 + 6 significant bits).
+/// values `(q - 32) · d·sc` per 16, exact in `f32`: 11 + 7 + 6 significant bits) and
+/// `Q8_0` (blocks of 32: f16 `d`, 32 int8 values `q · d`; the format of `q8` with an f16
+/// scale, so a GGUF file's Q8_0 tensors are bound in place).
 #[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Quant {
@@ -81,10 +83,11 @@ pub enum Quant {
     Q4_1,
     Q4_K,
     Q6_K,
+    Q8_0,
 }
 
 impl Quant {
-    pub const ALL: [Quant; 4] = [Quant::Q4_0, Quant::Q4_1, Quant::Q4_K, Quant::Q6_K];
+    pub const ALL: [Quant; 5] = [Quant::Q4_0, Quant::Q4_1, Quant::Q4_K, Quant::Q6_K, Quant::Q8_0];
 
     /// The manifest's (and the spec's) name.
     pub fn name(self) -> &'static str {
@@ -93,6 +96,7 @@ impl Quant {
             Quant::Q4_1 => "q4_1",
             Quant::Q4_K => "q4_k",
             Quant::Q6_K => "q6_k",
+            Quant::Q8_0 => "q8_0",
         }
     }
 
@@ -107,6 +111,7 @@ impl Quant {
             Quant::Q4_1 => GgmlType::Q4_1,
             Quant::Q4_K => GgmlType::Q4K,
             Quant::Q6_K => GgmlType::Q6K,
+            Quant::Q8_0 => GgmlType::Q8_0,
         }
     }
 
@@ -131,6 +136,7 @@ impl Quant {
                 Quant::Q4_1 => q4_1_block(block, &mut out),
                 Quant::Q4_K => q4_k_block(block, &mut out),
                 Quant::Q6_K => q6_k_block(block, &mut out),
+                Quant::Q8_0 => q8_0_block(block, &mut out),
             }
         }
         out
@@ -215,6 +221,15 @@ fn q4_k_block(x: &[f32], out: &mut Vec<u8>) {
     }
 }
 
+/// `Q8_0`: the value of largest magnitude maps to ±127, each value rounded to the scale as
+/// stored (so quantising what a kernel reads gives it back).
+fn q8_0_block(x: &[f32], out: &mut Vec<u8>) {
+    let d = half::f16::from_f32(x.iter().fold(0f32, |m, &v| m.max(v.abs())) / 127.0);
+    out.extend(d.to_le_bytes());
+    let d = d.to_f32();
+    out.extend(x.iter().map(|&v| if d > 0.0 { (v / d).round().clamp(-127.0, 127.0) as i8 as u8 } else { 0 }));
+}
+
 /// `Q6_K` as ggml's reference lays it out, with its scales chosen more simply: each 16
 /// values' scale maps the one of largest magnitude to -32; `d` maps the scale of largest
 /// magnitude to -128 (an int8 scale, as ggml's); the values are rounded to the scales as
@@ -291,7 +306,11 @@ mod tests {
                 // A level is a 15th of the range (twice that for Q4_K's 6-bit scales); Q6_K's
                 // a 32nd of each 16's largest magnitude, its int8 scales rounded.
                 let worst = x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                let bound = if q == Quant::Q6_K { range / 32.0 } else { range * 2.0 / 15.0 };
+                let bound = match q {
+                    Quant::Q6_K => range / 32.0,
+                    Quant::Q8_0 => range / 127.0,
+                    _ => range * 2.0 / 15.0,
+                };
                 assert!(worst <= bound, "{q:?} block {blk}: error {worst} of range {range}");
             }
             // Quantising what a kernel reads gives it back (the rules are fixed points).

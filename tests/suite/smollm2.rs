@@ -57,7 +57,7 @@ fn the_gguf_tokenizer_and_chat_template_give_transformers_tokens() {
 }
 
 /// As imported, the file's matrices are stored as the file stores them (Q4_1, and the
-/// Q8_0 embedding as q8: `dtype = q8` on the component), so the library computes with
+/// Q8_0 embedding: `dtype = q8_0` on the component), so the library computes with
 /// transformers' weights exactly and its logits are within 2e-4.
 #[test]
 fn the_library_answers_as_transformers_does() {
@@ -88,7 +88,7 @@ fn answer_as_transformers(dtype: Option<tfc::ir::DType>, tol: Option<f32>) {
     let stored: Vec<&str> = model.manifest().weights.iter().map(|w| w.dtype.as_str()).collect();
     match dtype {
         Some(d) => assert!(stored.contains(&d.name())),
-        None => assert!(stored.contains(&"q4_1") && stored.contains(&"q8"), "{stored:?}"),
+        None => assert!(stored.contains(&"q4_1") && stored.contains(&"q8_0"), "{stored:?}"),
     }
     let ck2 = ck.clone();
     let mut s = Session::new(&model, WeightData::Checkpoint(ck), 2).unwrap();

@@ -73,13 +73,13 @@ impl Meta<'_> {
     }
 }
 
-/// The storage that keeps a matrix exactly as the file stores it: Q8_0 is `q8`'s values
-/// exactly; Q4_0, Q4_1, Q4_K and Q6_K are bound as stored; BF16 as it is; any other type is
+/// The storage that keeps a matrix exactly as the file stores it: Q8_0, Q4_0, Q4_1, Q4_K
+/// and Q6_K are bound as stored; BF16 as it is; any other type is
 /// `f32` (the file's values, dequantised).
 fn kept(ty: tfc_runtime::gguf::GgmlType) -> &'static str {
     use tfc_runtime::gguf::GgmlType;
     match ty {
-        GgmlType::Q8_0 => "q8",
+        GgmlType::Q8_0 => "q8_0",
         GgmlType::Q4_0 => "q4_0",
         GgmlType::Q4_1 => "q4_1",
         GgmlType::Q4K => "q4_k",

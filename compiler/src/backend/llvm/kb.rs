@@ -303,6 +303,11 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
                 let qf = ok(self.b.build_signed_int_to_float(q, self.f32t(), ""));
                 self.fmul(qf, self.q8_scale(base, idx, scales))
             }
+            WFmt::Quant(Quant::Q8_0) => {
+                let (at, d) = self.q8_0_element(base, idx);
+                let q = ok(self.b.build_signed_int_to_float(self.ld_u8(base, at), self.f32t(), ""));
+                self.fmul(q, d)
+            }
             WFmt::Quant(Quant::Q6_K) => {
                 let (lo, hi, scale) = self.q6k_element(base, idx);
                 let i32t = self.cx.i32_type();
@@ -376,7 +381,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
                 };
                 (at, shift(16), d, offset)
             }
-            Quant::Q6_K => unreachable!("bug: Q6_K elements are found by q6k_element"),
+            Quant::Q6_K | Quant::Q8_0 => unreachable!("bug: {q:?} elements are found by their own function"),
             Quant::Q4_K => {
                 let dmin = self.ld_f16(base, self.add(blk, c(2)));
                 let sub = self.udiv(w, c(32));
@@ -441,6 +446,17 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         let top = ok(b.build_and(ok(b.build_right_shift(hi, hi_shift, false, "")), k(3), ""));
         let q = ok(b.build_or(low, ok(b.build_left_shift(top, k(4), "")), ""));
         ok(b.build_int_sub(q, k(32), ""))
+    }
+    /// Where element `idx` of a `Q8_0` tensor is (its signed byte) and its block's scale.
+    pub fn q8_0_element(
+        &self,
+        base: PointerValue<'ctx>,
+        idx: IntValue<'ctx>,
+    ) -> (IntValue<'ctx>, FloatValue<'ctx>) {
+        let c = |v: i64| self.c(v);
+        let (per, size) = Quant::Q8_0.block();
+        let blk = self.mul(self.udiv(idx, c(per as i64)), c(size as i64));
+        (self.add(blk, self.add(c(2), self.urem(idx, c(per as i64)))), self.ld_f16(base, blk))
     }
     /// An `i32` in every lane of a `<VW x i32>`.
     pub fn isplat(&self, s: IntValue<'ctx>) -> VectorValue<'ctx> {
@@ -604,6 +620,12 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
             WFmt::Q8 { scales } => {
                 let s = self.splat(self.q8_scale(base, idx, scales));
                 ok(self.b.build_float_mul(self.ldv_q8_raw(base, idx), s, ""))
+            }
+            WFmt::Quant(Quant::Q8_0) => {
+                // `idx` a multiple of 16: the 16 are consecutive bytes of one block.
+                let (at, d) = self.q8_0_element(base, idx);
+                let q = ok(self.b.build_signed_int_to_float(self.ld_bytes_as(base, at, true), self.vt(), ""));
+                ok(self.b.build_float_mul(q, self.splat(d), ""))
             }
             WFmt::Quant(Quant::Q6_K) => {
                 // `idx` a multiple of 16: the 16 share their byte runs, shifts and scale.

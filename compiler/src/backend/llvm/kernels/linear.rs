@@ -337,7 +337,7 @@ pub(crate) fn lin_dot_row<'ctx>(
 /// whose offset is a fixed `-8·scale` folded into signed nibbles.
 pub(crate) fn q4_sums(q: Quant, inn: usize) -> usize {
     match q {
-        Quant::Q4_0 | Quant::Q6_K => 0,
+        Quant::Q4_0 | Quant::Q6_K | Quant::Q8_0 => 0,
         Quant::Q4_1 => inn / 32,
         Quant::Q4_K => inn / 256 * VW,
     }
@@ -361,7 +361,7 @@ pub(crate) fn q4_block_sums<'ctx>(
         kb.vsum(kb.vadd(kb.ldv(x, at), kb.ldv(x, kb.add(at, c(VW)))))
     };
     match q {
-        Quant::Q4_0 | Quant::Q6_K => {}
+        Quant::Q4_0 | Quant::Q6_K | Quant::Q8_0 => {}
         Quant::Q4_1 => kb.for_(c(0), c(inn / 32), |b| kb.st(sums, b, sum32(kb.mul(b, c(32))))),
         Quant::Q4_K => kb.for_(c(0), c(inn / 256), |s| {
             let base = kb.mul(s, c(VW));
@@ -430,6 +430,19 @@ pub(crate) fn lin_q4_row<'ctx>(
                 kb.vfma(kb.ld_nibbles_f(l.w, hi.0, shift(hi.1), bias), x1, p)
             };
             match q {
+                Quant::Q8_0 => {
+                    for b in 0..unit / 32 {
+                        // The block's scale, then its 32 signed bytes.
+                        let blk = kb.add(at, c(b * size));
+                        let byte = |k: usize| {
+                            let q = kb.ld_bytes_as(l.w, kb.add(blk, c(2 + k)), true);
+                            kb.b.build_signed_int_to_float(q, kb.vt(), "").unwrap()
+                        };
+                        let x = |k: usize| kb.ldv(l.x, kb.add(xrow, kb.add(i, c(32 * b + k))));
+                        let p = kb.vfma(byte(VW), x(VW), kb.vmul(byte(0), x(0)));
+                        acc[b] = kb.vfma(p, kb.splat(kb.ld_f16(l.w, blk)), vacc(&acc, b)).into();
+                    }
+                }
                 Quant::Q4_0 | Quant::Q4_1 => {
                     for b in 0..unit / 32 {
                         let blk = kb.add(at, c(b * size));
