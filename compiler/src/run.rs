@@ -44,6 +44,16 @@ pub enum WeightDType {
     Q4_K,
     /// ggml's Q6_K: 6-bit in super-blocks of 256, an int8 scale per 16 (rows that are not
     /// whole super-blocks take q8).
+    /// ggml's Q5_0: 5-bit, one f16 scale per 32 weights.
+    #[value(name = "q5_0")]
+    Q5_0,
+    /// ggml's Q5_1: 5-bit, an f16 scale and offset per 32 weights.
+    #[value(name = "q5_1")]
+    Q5_1,
+    /// ggml's Q5_K: 5-bit in super-blocks of 256, 6-bit scales and offsets per 32 (rows
+    /// that are not whole super-blocks take q5_0).
+    #[value(name = "q5_k")]
+    Q5_K,
     #[value(name = "q6_k")]
     Q6_K,
     /// ggml's Q8_0: int8 with one f16 scale per 32 weights (matrices whose rows are a
@@ -61,6 +71,9 @@ impl From<WeightDType> for tfc::ir::DType {
             WeightDType::Q4_0 => tfc::ir::DType::Quant(tfc::ir::Quant::Q4_0),
             WeightDType::Q4_1 => tfc::ir::DType::Quant(tfc::ir::Quant::Q4_1),
             WeightDType::Q4_K => tfc::ir::DType::Quant(tfc::ir::Quant::Q4_K),
+            WeightDType::Q5_0 => tfc::ir::DType::Quant(tfc::ir::Quant::Q5_0),
+            WeightDType::Q5_1 => tfc::ir::DType::Quant(tfc::ir::Quant::Q5_1),
+            WeightDType::Q5_K => tfc::ir::DType::Quant(tfc::ir::Quant::Q5_K),
             WeightDType::Q6_K => tfc::ir::DType::Quant(tfc::ir::Quant::Q6_K),
             WeightDType::Q8_0 => tfc::ir::DType::Quant(tfc::ir::Quant::Q8_0),
         }
@@ -628,7 +641,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let f32_bytes = f32_weight_bytes(&graphs);
     let random_bytes = if checkpoint.is_none() { f32_bytes.saturating_mul(2) } else { 0 };
     let random = |names: Vec<String>| -> Result<WeightData> {
-        let w = Weights::bind(&graphs, &WeightSource::Random { seed: a.seed })?;
+        let w = Weights::bind(&graphs, &WeightSource::RandomF32 { seed: a.seed })?;
         let bufs: Result<Vec<Vec<f32>>, _> = names.iter().map(|n| w.get(n).map(|t| t.data.clone())).collect();
         Ok(WeightData::Owned(bufs?))
     };
@@ -1031,7 +1044,7 @@ impl BenchWeights {
                 needs.weights =
                     needs.weights.saturating_add(f32_weight_bytes(&[&c.prefill]).saturating_mul(2));
                 needs.check(&m.name, "made in f32, then stored", m.max_seq).map_err(anyhow::Error::msg)?;
-                BenchWeights::Random(Weights::bind(&[&c.prefill], &WeightSource::Random { seed: 1 })?)
+                BenchWeights::Random(Weights::bind(&[&c.prefill], &WeightSource::RandomF32 { seed: 1 })?)
             }
         })
     }

@@ -6,7 +6,8 @@
 //! `n / Q8_BLOCK` scales. The compiler's interpreter rounds weights with
 //! [`q8_roundtrip`], so it computes exactly what a q8 kernel reads.
 //!
-//! **ggml blocks** ([`Quant`]: `q4_0`, `q4_1`, `q4_k`, `q6_k`, `q8_0`): ggml's block formats, byte
+//! **ggml blocks** ([`Quant`]: `q4_0`, `q4_1`, `q4_k`, `q5_0`, `q5_1`, `q5_k`, `q6_k`,
+//! `q8_0`): ggml's block formats, byte
 //! for byte, one block after another along the contiguous last dimension. So a GGUF tensor stored in
 //! one of them is bound as the file holds it, and any other weight is quantised here
 //! ([`Quant::quantize`]). What a kernel reads is [`crate::gguf::dequantize`] of those bytes,
@@ -71,7 +72,9 @@ pub fn q8_roundtrip(values: &mut [f32]) {
 /// ggml's block formats the kernels read: `Q4_0` (blocks of 32: an f16 scale `d`, values
 /// `(q - 8) · d`), `Q4_1` (blocks of 32: f16 `d` and `m`, values `q · d + m`), `Q4_K`
 /// (super-blocks of 256: f16 `d` and `dmin`, eight 6-bit scales and mins packed in 12
-/// bytes, values `q · d·sc - dmin·m` per 32) and `Q6_K` (super-blocks of 256: 6-bit
+/// bytes, values `q · d·sc - dmin·m` per 32), `Q5_0`, `Q5_1` and `Q5_K` (the same with a
+/// fifth bit per value kept apart: `(q - 16) · d`, `q · d + m`, `q · d·sc - dmin·m`),
+/// `Q6_K` (super-blocks of 256: 6-bit
 /// values as 128 bytes of low nibbles and 64 of high pairs, sixteen int8 scales, f16 `d`;
 /// values `(q - 32) · d·sc` per 16, exact in `f32`: 11 + 7 + 6 significant bits) and
 /// `Q8_0` (blocks of 32: f16 `d`, 32 int8 values `q · d`; the format of `q8` with an f16
@@ -84,10 +87,22 @@ pub enum Quant {
     Q4_K,
     Q6_K,
     Q8_0,
+    Q5_0,
+    Q5_1,
+    Q5_K,
 }
 
 impl Quant {
-    pub const ALL: [Quant; 5] = [Quant::Q4_0, Quant::Q4_1, Quant::Q4_K, Quant::Q6_K, Quant::Q8_0];
+    pub const ALL: [Quant; 8] = [
+        Quant::Q4_0,
+        Quant::Q4_1,
+        Quant::Q4_K,
+        Quant::Q5_0,
+        Quant::Q5_1,
+        Quant::Q5_K,
+        Quant::Q6_K,
+        Quant::Q8_0,
+    ];
 
     /// The manifest's (and the spec's) name.
     pub fn name(self) -> &'static str {
@@ -97,6 +112,9 @@ impl Quant {
             Quant::Q4_K => "q4_k",
             Quant::Q6_K => "q6_k",
             Quant::Q8_0 => "q8_0",
+            Quant::Q5_0 => "q5_0",
+            Quant::Q5_1 => "q5_1",
+            Quant::Q5_K => "q5_k",
         }
     }
 
@@ -112,7 +130,15 @@ impl Quant {
             Quant::Q4_K => GgmlType::Q4K,
             Quant::Q6_K => GgmlType::Q6K,
             Quant::Q8_0 => GgmlType::Q8_0,
+            Quant::Q5_0 => GgmlType::Q5_0,
+            Quant::Q5_1 => GgmlType::Q5_1,
+            Quant::Q5_K => GgmlType::Q5K,
         }
+    }
+
+    /// Whether each value has a fifth bit apart from its nibble (`Q5_*`).
+    pub fn fifth_bit(self) -> bool {
+        matches!(self, Quant::Q5_0 | Quant::Q5_1 | Quant::Q5_K)
     }
 
     /// Values per block, and bytes per block.
@@ -134,7 +160,10 @@ impl Quant {
             match self {
                 Quant::Q4_0 => q4_0_block(block, &mut out),
                 Quant::Q4_1 => q4_1_block(block, &mut out),
-                Quant::Q4_K => q4_k_block(block, &mut out),
+                Quant::Q4_K => qk_block(block, &mut out, 4),
+                Quant::Q5_K => qk_block(block, &mut out, 5),
+                Quant::Q5_0 => q5_block(block, &mut out, false),
+                Quant::Q5_1 => q5_block(block, &mut out, true),
                 Quant::Q6_K => q6_k_block(block, &mut out),
                 Quant::Q8_0 => q8_0_block(block, &mut out),
             }
@@ -181,17 +210,20 @@ fn q4_1_block(x: &[f32], out: &mut Vec<u8>) {
     pack_nibbles(&q, out);
 }
 
-/// `Q4_K`: each 32 values get the scale and (non-positive) minimum of their range, the
-/// eight scales and mins are rounded to 6 bits against the super-block's `d` and `dmin`,
-/// and each value to the nearest of its 16 levels under those rounded numbers. (ggml
-/// searches for scales that lower the squared error; this is the plain range rule.)
-fn q4_k_block(x: &[f32], out: &mut Vec<u8>) {
+/// `Q4_K` (`bits` 4) and `Q5_K` (5): each 32 values get the scale and (non-positive)
+/// minimum of their range, the eight scales and mins are rounded to 6 bits against the
+/// super-block's `d` and `dmin`, and each value to the nearest of its levels under those
+/// rounded numbers. (ggml searches for scales that lower the squared error; this is the
+/// plain range rule.) `Q5_K` keeps each value's fifth bit in 32 bytes before the nibbles:
+/// bit `j` of byte `l` for value `l` of sub-block `j`.
+fn qk_block(x: &[f32], out: &mut Vec<u8>, bits: u32) {
+    let top = ((1 << bits) - 1) as f32;
     let mut scales = [0f32; 8];
     let mut mins = [0f32; 8];
     for (j, sub) in x.chunks_exact(32).enumerate() {
         let lo = sub.iter().copied().fold(0f32, f32::min);
         let hi = sub.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        scales[j] = (hi - lo).max(0.0) / 15.0;
+        scales[j] = (hi - lo).max(0.0) / top;
         mins[j] = -lo;
     }
     let level = |v: &[f32; 8]| v.iter().fold(0f32, |m, &s| m.max(s)) / 63.0;
@@ -212,13 +244,42 @@ fn q4_k_block(x: &[f32], out: &mut Vec<u8>) {
     for (j, sub) in x.chunks_exact(32).enumerate() {
         let (dl, ml) = (d.to_f32() * sc[j] as f32, dmin.to_f32() * m[j] as f32);
         for (i, &v) in sub.iter().enumerate() {
-            q[32 * j + i] = if dl > 0.0 { ((v + ml) / dl).round().clamp(0.0, 15.0) as u8 } else { 0 };
+            q[32 * j + i] = if dl > 0.0 { ((v + ml) / dl).round().clamp(0.0, top) as u8 } else { 0 };
         }
+    }
+    if bits == 5 {
+        out.extend((0..32).map(|l| (0..8).fold(0u8, |h, j| h | (q[32 * j + l] >> 4) << j)));
     }
     // Each 32 bytes hold two sub-blocks: the first's values low, the second's high.
     for chunk in q.chunks_exact(64) {
-        pack_nibbles(chunk, out);
+        let low: Vec<u8> = chunk.iter().map(|v| v & 15).collect();
+        pack_nibbles(&low, out);
     }
+}
+
+/// ggml's reference `Q5_0` (`one` false: the value of largest magnitude maps to -16) and
+/// `Q5_1` (32 levels from the block's minimum to its maximum): the low nibbles packed as
+/// in `Q4_0`, the fifth bits in a little-endian `u32` before them, bit `j` for value `j`.
+fn q5_block(x: &[f32], out: &mut Vec<u8>, one: bool) {
+    let q: Vec<u8> = if one {
+        let min = x.iter().copied().fold(f32::INFINITY, f32::min);
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let d = (max - min) / 31.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(f16_bytes(d));
+        out.extend(f16_bytes(min));
+        x.iter().map(|&v| (((v - min) * id + 0.5) as i32).clamp(0, 31) as u8).collect()
+    } else {
+        let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let d = max / -16.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(f16_bytes(d));
+        x.iter().map(|&v| ((v * id + 16.5) as i32).clamp(0, 31) as u8).collect()
+    };
+    let qh = q.iter().enumerate().fold(0u32, |h, (j, &v)| h | u32::from(v >> 4) << j);
+    out.extend(qh.to_le_bytes());
+    let low: Vec<u8> = q.iter().map(|v| v & 15).collect();
+    pack_nibbles(&low, out);
 }
 
 /// `Q8_0`: the value of largest magnitude maps to ±127, each value rounded to the scale as
@@ -307,6 +368,8 @@ mod tests {
                 // a 32nd of each 16's largest magnitude, its int8 scales rounded.
                 let worst = x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                 let bound = match q {
+                    Quant::Q5_0 | Quant::Q5_1 => range / 15.0,
+                    Quant::Q5_K => range / 7.0,
                     Quant::Q6_K => range / 32.0,
                     Quant::Q8_0 => range / 127.0,
                     _ => range * 2.0 / 15.0,
@@ -316,7 +379,7 @@ mod tests {
             // Quantising what a kernel reads gives it back (the rules are fixed points).
             let mut again = back.clone();
             q.roundtrip(&mut again);
-            if q != Quant::Q4_K {
+            if !matches!(q, Quant::Q4_K | Quant::Q5_K) {
                 assert_eq!(again, back, "{q:?}");
             }
         }

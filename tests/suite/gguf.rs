@@ -123,7 +123,8 @@ fn a_gguf_of_mixed_types_keeps_each_matrix_as_stored() {
         ("blk.0.attn_q.weight", "q4_0"),
         ("blk.0.attn_k.weight", "q4_1"),
         ("blk.0.ffn_down.weight", "q8_0"),
-        ("blk.1.attn_v.weight", "f32"),
+        ("blk.1.attn_v.weight", "q5_0"),
+        ("blk.1.ffn_gate.weight", "f32"),
         ("blk.1.ffn_down.weight", "q4_0"),
         ("output.weight", "q4_0"),
     ] {

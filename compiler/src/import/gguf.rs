@@ -73,8 +73,8 @@ impl Meta<'_> {
     }
 }
 
-/// The storage that keeps a matrix exactly as the file stores it: Q8_0, Q4_0, Q4_1, Q4_K
-/// and Q6_K are bound as stored; BF16 as it is; any other type is
+/// The storage that keeps a matrix exactly as the file stores it: Q8_0, Q4_0, Q4_1, Q4_K,
+/// Q5_0, Q5_1, Q5_K and Q6_K are bound as stored; BF16 as it is; any other type is
 /// `f32` (the file's values, dequantised).
 fn kept(ty: tfc_runtime::gguf::GgmlType) -> &'static str {
     use tfc_runtime::gguf::GgmlType;
@@ -83,6 +83,9 @@ fn kept(ty: tfc_runtime::gguf::GgmlType) -> &'static str {
         GgmlType::Q4_0 => "q4_0",
         GgmlType::Q4_1 => "q4_1",
         GgmlType::Q4K => "q4_k",
+        GgmlType::Q5_0 => "q5_0",
+        GgmlType::Q5_1 => "q5_1",
+        GgmlType::Q5K => "q5_k",
         GgmlType::Q6K => "q6_k",
         GgmlType::BF16 => "bf16",
         _ => "f32",

@@ -22,8 +22,16 @@ pub enum WeightError {
 
 pub enum WeightSource<'a> {
     Checkpoint(&'a Checkpoint),
-    /// Deterministic random weights: matrices and tables ~ N(0, 0.02²), gains 1, biases 0.
+    /// Deterministic random weights: matrices and tables ~ N(0, 0.02²), gains 1, biases 0,
+    /// rounded to each weight's storage type as the library stores it.
     Random {
+        seed: u64,
+    },
+    /// The same values before that rounding: what a library is given to store (and round)
+    /// itself, so it computes what the interpreter computes from `Random`. (Rounding a
+    /// rounded value again need not give it back: `q4_k`'s and `q5_k`'s scales are fitted
+    /// to the values' range, which rounding moves.)
+    RandomF32 {
         seed: u64,
     },
 }
@@ -65,6 +73,7 @@ impl Weights {
                     }
                     (WeightSource::Checkpoint(ck), d) => round_to(ck.get(name, &shape)?, d),
                     (WeightSource::Random { seed }, d) => round_to(random(name, *role, &shape, *seed), d),
+                    (WeightSource::RandomF32 { seed }, _) => random(name, *role, &shape, *seed),
                 };
                 w.map.insert(name.clone(), Tensor::new(shape, data));
             }

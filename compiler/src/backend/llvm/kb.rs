@@ -17,6 +17,20 @@ pub const VW: usize = 16;
 
 use tfc_runtime::quant::{q8_scales_at, Quant, Q8_BLOCK};
 
+/// The byte at which a block of `q` (a 4- or 5-bit format) has its nibbles: after its
+/// scale (and offset, or packed scales), and any fifth bits.
+pub fn nibbles_at(q: Quant) -> usize {
+    match q {
+        Quant::Q4_0 => 2,
+        Quant::Q4_1 => 4,
+        Quant::Q5_0 => 6,
+        Quant::Q5_1 => 8,
+        Quant::Q4_K => 16,
+        Quant::Q5_K => 48,
+        Quant::Q6_K | Quant::Q8_0 => unreachable!("bug: {q:?} has no nibbles"),
+    }
+}
+
 /// How a weight tensor is stored, as the kernels read it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WFmt {
@@ -319,7 +333,10 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
                 let (at, shift, scale, offset) = self.q4_element(base, idx, q);
                 let byte = ok(self.b.build_int_z_extend(self.ld_u8(base, at), self.cx.i32_type(), ""));
                 let v = ok(self.b.build_right_shift(byte, shift, false, ""));
-                let v = ok(self.b.build_and(v, self.cx.i32_type().const_int(15, false), ""));
+                let mut v = ok(self.b.build_and(v, self.cx.i32_type().const_int(15, false), ""));
+                if q.fifth_bit() {
+                    v = ok(self.b.build_or(v, self.q5_high_one(base, idx, q), ""));
+                }
                 let qf = ok(self.b.build_unsigned_int_to_float(v, self.f32t(), ""));
                 self.fadd(self.fmul(qf, scale), offset)
             }
@@ -370,31 +387,81 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
             ok(self.b.build_int_truncate(self.mul(hi, c(4)), i32t, ""))
         };
         let d = self.ld_f16(base, blk);
+        let qs = c(nibbles_at(q) as i64);
         match q {
-            Quant::Q4_0 | Quant::Q4_1 => {
-                let qs = if q == Quant::Q4_0 { 2 } else { 4 };
-                let at = self.add(blk, self.add(c(qs), self.urem(w, c(16))));
-                let offset = if q == Quant::Q4_0 {
-                    self.fmul(d, self.fc(-8.0))
-                } else {
-                    self.ld_f16(base, self.add(blk, c(2)))
+            Quant::Q4_0 | Quant::Q4_1 | Quant::Q5_0 | Quant::Q5_1 => {
+                let at = self.add(blk, self.add(qs, self.urem(w, c(16))));
+                let offset = match q {
+                    Quant::Q4_0 => self.fmul(d, self.fc(-8.0)),
+                    Quant::Q5_0 => self.fmul(d, self.fc(-16.0)),
+                    _ => self.ld_f16(base, self.add(blk, c(2))),
                 };
                 (at, shift(16), d, offset)
             }
             Quant::Q6_K | Quant::Q8_0 => unreachable!("bug: {q:?} elements are found by their own function"),
-            Quant::Q4_K => {
+            Quant::Q4_K | Quant::Q5_K => {
                 let dmin = self.ld_f16(base, self.add(blk, c(2)));
                 let sub = self.udiv(w, c(32));
                 let (sc, m) = self.q4k_scale_min(base, self.add(blk, c(4)), sub);
                 let at = self.add(
                     blk,
-                    self.add(c(16), self.add(self.mul(self.udiv(w, c(64)), c(32)), self.urem(w, c(32)))),
+                    self.add(qs, self.add(self.mul(self.udiv(w, c(64)), c(32)), self.urem(w, c(32)))),
                 );
                 let scale = self.fmul(d, sc);
                 let offset = self.fmul(self.fmul(dmin, m), self.fc(-1.0));
                 (at, shift(32), scale, offset)
             }
         }
+    }
+    /// The fifth bits (0 or 16, as `<VW x i32>`) of the 16 elements from `idx` (a multiple
+    /// of 16) of a `Q5_*` tensor: `Q5_0` and `Q5_1` keep a block's 32 in one little-endian
+    /// `u32` before its nibbles, bit `k` for value `k`; `Q5_K` keeps 32 bytes after its
+    /// scales, bit `j` of byte `l` for value `l` of sub-block `j`.
+    pub fn q5_high(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, q: Quant) -> VectorValue<'ctx> {
+        let c = |v: i64| self.c(v);
+        let i32t = self.cx.i32_type();
+        let (per, size) = q.block();
+        let blk = self.mul(self.udiv(idx, c(per as i64)), c(size as i64));
+        let w = self.urem(idx, c(per as i64));
+        let narrow = |v: IntValue<'ctx>| ok(self.b.build_int_truncate(v, i32t, ""));
+        let (bits, shifts) = match q {
+            Quant::Q5_K => {
+                let bytes = self.ld_bytes(base, self.add(blk, self.add(c(16), self.urem(w, c(32)))));
+                (bytes, self.isplat(narrow(self.udiv(w, c(32)))))
+            }
+            _ => {
+                let at = self.add(blk, c(nibbles_at(q) as i64 - 4));
+                let word = ok(self.b.build_load(i32t, self.gep(self.cx.i8_type(), base, at), ""));
+                let _ = word.as_instruction_value().unwrap().set_alignment(1);
+                let lanes = VectorType::const_vector(
+                    &(0..VW as u64).map(|l| i32t.const_int(l, false)).collect::<Vec<_>>(),
+                );
+                (
+                    self.isplat(word.into_int_value()),
+                    ok(self.b.build_int_add(self.isplat(narrow(w)), lanes, "")),
+                )
+            }
+        };
+        let k = |v: u64| VectorType::const_vector(&[i32t.const_int(v, false); VW]);
+        let bit = ok(self.b.build_and(ok(self.b.build_right_shift(bits, shifts, false, "")), k(1), ""));
+        ok(self.b.build_left_shift(bit, k(4), ""))
+    }
+    /// The fifth bit (0 or 16, an `i32`) of element `idx` of a `Q5_*` tensor, as `q5_high`
+    /// finds it.
+    pub fn q5_high_one(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, q: Quant) -> IntValue<'ctx> {
+        let c = |v: i64| self.c(v);
+        let (per, size) = q.block();
+        let blk = self.mul(self.udiv(idx, c(per as i64)), c(size as i64));
+        let w = self.urem(idx, c(per as i64));
+        let (at, bit) = match q {
+            Quant::Q5_K => (self.add(blk, self.add(c(16), self.urem(w, c(32)))), self.udiv(w, c(32))),
+            _ => {
+                (self.add(blk, self.add(c(nibbles_at(q) as i64 - 4), self.udiv(w, c(8)))), self.urem(w, c(8)))
+            }
+        };
+        let byte = ok(self.b.build_int_z_extend(self.ld_u8(base, at), self.i64t(), ""));
+        let v = ok(self.b.build_and(ok(self.b.build_right_shift(byte, bit, false, "")), c(1), ""));
+        ok(self.b.build_int_truncate(self.mul(v, c(16)), self.cx.i32_type(), ""))
     }
     /// Where element `idx` of a `Q6_K` tensor is: the byte and shift (an `i32`) of its low
     /// nibble, the byte and shift of its top two bits, and its scale `d·sc` (exact in
@@ -639,7 +706,13 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
             WFmt::Quant(q) => {
                 // `idx` a multiple of 16: the 16 share a byte run, a half and a scale.
                 let (at, shift, scale, offset) = self.q4_element(base, idx, q);
-                let v = self.ld_nibbles_f(base, at, shift, 0);
+                let v = if q.fifth_bit() {
+                    let n =
+                        ok(self.b.build_or(self.ld_nibbles(base, at, shift), self.q5_high(base, idx, q), ""));
+                    ok(self.b.build_unsigned_int_to_float(n, self.vt(), ""))
+                } else {
+                    self.ld_nibbles_f(base, at, shift, 0)
+                };
                 self.fadd(self.fmul(v, self.splat(scale)), self.splat(offset))
             }
         }

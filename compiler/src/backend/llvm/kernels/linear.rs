@@ -43,7 +43,7 @@ use super::rows::unary;
 use super::{Args, Kernel, LinearAlgo, Slot, UnaryOp, WeightRead};
 use crate::backend::llvm::amx;
 use crate::backend::llvm::elementwise::epilogue_vectorises;
-use crate::backend::llvm::kb::{Kb, WFmt, VW};
+use crate::backend::llvm::kb::{nibbles_at, Kb, WFmt, VW};
 use crate::backend::plan::Epi;
 use crate::backend::weights::{Tiles, BLOCK};
 
@@ -337,9 +337,9 @@ pub(crate) fn lin_dot_row<'ctx>(
 /// whose offset is a fixed `-8·scale` folded into signed nibbles.
 pub(crate) fn q4_sums(q: Quant, inn: usize) -> usize {
     match q {
-        Quant::Q4_0 | Quant::Q6_K | Quant::Q8_0 => 0,
-        Quant::Q4_1 => inn / 32,
-        Quant::Q4_K => inn / 256 * VW,
+        Quant::Q4_0 | Quant::Q5_0 | Quant::Q6_K | Quant::Q8_0 => 0,
+        Quant::Q4_1 | Quant::Q5_1 => inn / 32,
+        Quant::Q4_K | Quant::Q5_K => inn / 256 * VW,
     }
 }
 
@@ -361,9 +361,9 @@ pub(crate) fn q4_block_sums<'ctx>(
         kb.vsum(kb.vadd(kb.ldv(x, at), kb.ldv(x, kb.add(at, c(VW)))))
     };
     match q {
-        Quant::Q4_0 | Quant::Q6_K | Quant::Q8_0 => {}
-        Quant::Q4_1 => kb.for_(c(0), c(inn / 32), |b| kb.st(sums, b, sum32(kb.mul(b, c(32))))),
-        Quant::Q4_K => kb.for_(c(0), c(inn / 256), |s| {
+        Quant::Q4_0 | Quant::Q5_0 | Quant::Q6_K | Quant::Q8_0 => {}
+        Quant::Q4_1 | Quant::Q5_1 => kb.for_(c(0), c(inn / 32), |b| kb.st(sums, b, sum32(kb.mul(b, c(32))))),
+        Quant::Q4_K | Quant::Q5_K => kb.for_(c(0), c(inn / 256), |s| {
             let base = kb.mul(s, c(VW));
             for j in 0..8 {
                 kb.st(sums, kb.add(base, c(j)), kb.fc(0.0));
@@ -396,7 +396,7 @@ pub(crate) fn lin_q4_row<'ctx>(
     // Blocks per step: two of 32 where they tile the row (an accumulator each), or one
     // super-block of eight 32s (two accumulators, alternating).
     let unit = match q {
-        Quant::Q4_K => 256,
+        Quant::Q4_K | Quant::Q5_K => 256,
         _ if inn % 64 == 0 => 64,
         _ => 32,
     };
@@ -408,7 +408,8 @@ pub(crate) fn lin_q4_row<'ctx>(
         // Vector accumulators for the scaled sums (two) and `Q4_K`'s offsets, then a
         // scalar one per block of a step for `Q4_1`'s offsets.
         let mut init: Vec<BasicValueEnum<'ctx>> = (0..3).map(|_| kb.vzero().into()).collect();
-        if q == Quant::Q4_1 {
+        let offsets = matches!(q, Quant::Q4_1 | Quant::Q5_1);
+        if offsets {
             init.extend((0..unit / 32).map(|_| BasicValueEnum::from(kb.fc(0.0))));
         }
         let acc = kb.fold(c(0), c(inn / unit), &init, |s, acc| {
@@ -423,11 +424,28 @@ pub(crate) fn lin_q4_row<'ctx>(
             let bias = if q == Quant::Q4_0 { 8 } else { 0 };
             // `Σ nibble·x` of the 32 values from input `k` on, whose first and last 16
             // nibbles are the `(byte, shift)` halves `lo` and `hi`.
+            // `Q5_*` add each half's fifth bits (`Kb::q5_high`, for the element at
+            // `k` and `k + 16` of the row) and `Q5_0` subtracts 16.
             let dot32 = |k: usize, lo: (IntValue<'ctx>, u64), hi: (IntValue<'ctx>, u64)| {
                 let x0 = kb.ldv(l.x, kb.add(xrow, kb.add(i, c(k))));
                 let x1 = kb.ldv(l.x, kb.add(xrow, kb.add(i, c(k + VW))));
-                let p = kb.vmul(kb.ld_nibbles_f(l.w, lo.0, shift(lo.1), bias), x0);
-                kb.vfma(kb.ld_nibbles_f(l.w, hi.0, shift(hi.1), bias), x1, p)
+                let w = |(at, s): (IntValue<'ctx>, u64), k: usize| {
+                    if !q.fifth_bit() {
+                        return kb.ld_nibbles_f(l.w, at, shift(s), bias);
+                    }
+                    let elem = kb.add(kb.mul(o, c(inn)), kb.add(i, c(k)));
+                    let n =
+                        kb.b.build_or(kb.ld_nibbles(l.w, at, shift(s)), kb.q5_high(l.w, elem, q), "")
+                            .unwrap();
+                    let n = if q == Quant::Q5_0 {
+                        kb.b.build_int_sub(n, kb.isplat(kb.cx.i32_type().const_int(16, false)), "").unwrap()
+                    } else {
+                        n
+                    };
+                    kb.b.build_signed_int_to_float(n, kb.vt(), "").unwrap()
+                };
+                let p = kb.vmul(w(lo, k), x0);
+                kb.vfma(w(hi, k + VW), x1, p)
             };
             match q {
                 Quant::Q8_0 => {
@@ -443,15 +461,15 @@ pub(crate) fn lin_q4_row<'ctx>(
                         acc[b] = kb.vfma(p, kb.splat(kb.ld_f16(l.w, blk)), vacc(&acc, b)).into();
                     }
                 }
-                Quant::Q4_0 | Quant::Q4_1 => {
+                Quant::Q4_0 | Quant::Q4_1 | Quant::Q5_0 | Quant::Q5_1 => {
                     for b in 0..unit / 32 {
                         let blk = kb.add(at, c(b * size));
                         let d = kb.ld_f16(l.w, blk);
                         // 16 bytes: the first 16 values low, the last 16 high.
-                        let qs = kb.add(blk, c(if q == Quant::Q4_0 { 2 } else { 4 }));
+                        let qs = kb.add(blk, c(nibbles_at(q)));
                         let p = dot32(b * 32, (qs, 0), (qs, 4));
                         acc[b] = kb.vfma(p, kb.splat(d), vacc(&acc, b)).into();
-                        if q == Quant::Q4_1 {
+                        if offsets {
                             let m = kb.ld_f16(l.w, kb.add(blk, c(2)));
                             let sb = kb.ld(sums(), kb.add(kb.mul(s, c(unit / 32)), c(b)));
                             let a = acc[3 + b].into_float_value();
@@ -460,11 +478,11 @@ pub(crate) fn lin_q4_row<'ctx>(
                     }
                 }
                 Quant::Q6_K => unreachable!("bug: Q6_K rows take lin_q6k_row"),
-                Quant::Q4_K => {
+                Quant::Q4_K | Quant::Q5_K => {
                     let scales = kb.q4k_scales(l.w, at);
                     for j in 0..8 {
                         // 32 bytes per two sub-blocks: the first's values low, the next's high.
-                        let qs = kb.add(at, c(16 + j / 2 * 32));
+                        let qs = kb.add(at, c(nibbles_at(q) + j / 2 * 32));
                         let half = 4 * (j as u64 % 2);
                         let p = dot32(j * 32, (qs, half), (kb.add(qs, c(16)), half));
                         acc[j % 2] = kb.vfma(p, kb.broadcast_lane(scales, j), vacc(&acc, j % 2)).into();
