@@ -345,10 +345,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     /// The byte offset of weight element `idx` (for a block format, of its block).
     pub fn wbyte(&self, idx: IntValue<'ctx>, wf: WFmt) -> IntValue<'ctx> {
         match wf {
-            WFmt::Quant(q) => {
-                let (per, size) = q.block();
-                self.mul(self.udiv(idx, self.c(per as i64)), self.c(size as i64))
-            }
+            WFmt::Quant(q) => self.block_at(idx, q).0,
             _ => self.mul(idx, self.c(wf.bytes(1) as i64)),
         }
     }
@@ -378,9 +375,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     ) -> (IntValue<'ctx>, IntValue<'ctx>, FloatValue<'ctx>, FloatValue<'ctx>) {
         let c = |v: i64| self.c(v);
         let i32t = self.cx.i32_type();
-        let (per, size) = q.block();
-        let blk = self.mul(self.udiv(idx, c(per as i64)), c(size as i64));
-        let w = self.urem(idx, c(per as i64));
+        let (blk, w) = self.block_at(idx, q);
         // Which half of a 32-byte (Q4_K) or 16-byte run of nibbles: low or high.
         let shift = |bit: i64| {
             let hi = self.urem(self.udiv(w, c(bit)), c(2));
@@ -420,9 +415,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     pub fn q5_high(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, q: Quant) -> VectorValue<'ctx> {
         let c = |v: i64| self.c(v);
         let i32t = self.cx.i32_type();
-        let (per, size) = q.block();
-        let blk = self.mul(self.udiv(idx, c(per as i64)), c(size as i64));
-        let w = self.urem(idx, c(per as i64));
+        let (blk, w) = self.block_at(idx, q);
         let narrow = |v: IntValue<'ctx>| ok(self.b.build_int_truncate(v, i32t, ""));
         let (bits, shifts) = match q {
             Quant::Q5_K => {
@@ -450,9 +443,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     /// finds it.
     pub fn q5_high_one(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, q: Quant) -> IntValue<'ctx> {
         let c = |v: i64| self.c(v);
-        let (per, size) = q.block();
-        let blk = self.mul(self.udiv(idx, c(per as i64)), c(size as i64));
-        let w = self.urem(idx, c(per as i64));
+        let (blk, w) = self.block_at(idx, q);
         let (at, bit) = match q {
             Quant::Q5_K => (self.add(blk, self.add(c(16), self.urem(w, c(32)))), self.udiv(w, c(32))),
             _ => {
@@ -477,9 +468,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         idx: IntValue<'ctx>,
     ) -> ((IntValue<'ctx>, IntValue<'ctx>), (IntValue<'ctx>, IntValue<'ctx>), FloatValue<'ctx>) {
         let c = |v: i64| self.c(v);
-        let (per, size) = Quant::Q6_K.block();
-        let blk = self.mul(self.udiv(idx, c(per as i64)), c(size as i64));
-        let e = self.urem(idx, c(per as i64));
+        let (blk, e) = self.block_at(idx, Quant::Q6_K);
         let (h, g, l) = (self.udiv(e, c(128)), self.urem(self.udiv(e, c(32)), c(4)), self.urem(e, c(32)));
         let lo_at =
             self.add(blk, self.add(self.mul(h, c(64)), self.add(self.mul(self.urem(g, c(2)), c(32)), l)));
@@ -488,11 +477,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         let shift = |v: IntValue<'ctx>| ok(self.b.build_int_truncate(v, i32t, ""));
         let lo_shift = shift(self.mul(self.udiv(g, c(2)), c(4)));
         let hi_shift = shift(self.mul(g, c(2)));
-        let sc = ok(self.b.build_int_truncate(
-            self.ld_u8(base, self.add(blk, self.add(c(192), self.udiv(e, c(16))))),
-            self.cx.i8_type(),
-            "",
-        ));
+        let sc = self.ld_u8(base, self.add(blk, self.add(c(192), self.udiv(e, c(16)))));
         let sc = ok(self.b.build_signed_int_to_float(sc, self.f32t(), ""));
         let scale = self.fmul(self.ld_f16(base, self.add(blk, c(208))), sc);
         ((lo_at, lo_shift), (hi_at, hi_shift), scale)
@@ -520,10 +505,15 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         base: PointerValue<'ctx>,
         idx: IntValue<'ctx>,
     ) -> (IntValue<'ctx>, FloatValue<'ctx>) {
-        let c = |v: i64| self.c(v);
-        let (per, size) = Quant::Q8_0.block();
-        let blk = self.mul(self.udiv(idx, c(per as i64)), c(size as i64));
-        (self.add(blk, self.add(c(2), self.urem(idx, c(per as i64)))), self.ld_f16(base, blk))
+        let (blk, w) = self.block_at(idx, Quant::Q8_0);
+        (self.add(blk, self.add(self.c(2), w)), self.ld_f16(base, blk))
+    }
+    /// The byte offset of the block of `q` that holds element `idx`, and the element's
+    /// place in it.
+    pub fn block_at(&self, idx: IntValue<'ctx>, q: Quant) -> (IntValue<'ctx>, IntValue<'ctx>) {
+        let (per, size) = q.block();
+        let blk = self.mul(self.udiv(idx, self.c(per as i64)), self.c(size as i64));
+        (blk, self.urem(idx, self.c(per as i64)))
     }
     /// An `i32` in every lane of a `<VW x i32>`.
     pub fn isplat(&self, s: IntValue<'ctx>) -> VectorValue<'ctx> {

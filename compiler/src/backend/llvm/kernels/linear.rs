@@ -333,8 +333,9 @@ pub(crate) fn lin_dot_row<'ctx>(
     });
 }
 
-/// Floats of `q4_block_sums` for a row of `inn` inputs in format `q`: none for `Q4_0`,
-/// whose offset is a fixed `-8·scale` folded into signed nibbles.
+/// Floats of `q4_block_sums` for a row of `inn` inputs in format `q`: none for the
+/// formats without an offset (`Q4_0` and `Q5_0` fold their fixed `-8·scale` and
+/// `-16·scale` into signed values; `Q6_K` and `Q8_0` have none).
 pub(crate) fn q4_sums(q: Quant, inn: usize) -> usize {
     match q {
         Quant::Q4_0 | Quant::Q5_0 | Quant::Q6_K | Quant::Q8_0 => 0,
@@ -373,14 +374,15 @@ pub(crate) fn q4_block_sums<'ctx>(
     }
 }
 
-/// One row times `W [out, in]` in a 4-bit format, outputs `o0..o1`: one output's row of
-/// blocks at a time, a single forward stream prefetched `PREFETCH` ahead. Each 32 values
-/// are `nibble · scale + offset`, so a block adds `scale · Σ nibble·x` and `offset · Σ x`:
-/// the nibbles are multiplied as they are and each block's sum scaled once, and the
-/// `Σ x` are the row's `sums` (`q4_block_sums`), shared by every output. `Q4_0`'s nibbles
-/// are made signed (`nibble - 8`) instead, so it has no offset term; `Q4_K` unpacks a
-/// super-block's eight scales and offsets at once (`Kb::q4k_scales`) and adds its offset
-/// terms as one product with the sums.
+/// One row times `W [out, in]` in a 4- or 5-bit format or `Q8_0`, outputs `o0..o1`: one
+/// output's row of blocks at a time, a single forward stream prefetched `PREFETCH` ahead.
+/// Each 32 values are `q · scale + offset`, so a block adds `scale · Σ q·x` and
+/// `offset · Σ x`: the values are multiplied as they are and each block's sum scaled
+/// once, and the `Σ x` are the row's `sums` (`q4_block_sums`), shared by every output.
+/// `Q4_0`'s and `Q5_0`'s values are made signed (`q - 8`, `q - 16`) instead, so they have
+/// no offset term, nor has `Q8_0`; the K formats unpack a super-block's eight scales and
+/// offsets at once (`Kb::q4k_scales`) and add their offset terms as one product with the
+/// sums. A `Q5_*` value is its nibble and its fifth bit (`Kb::q5_high`).
 pub(crate) fn lin_q4_row<'ctx>(
     kb: &Kb<'_, 'ctx>,
     l: &Lin<'ctx, '_>,
@@ -402,11 +404,11 @@ pub(crate) fn lin_q4_row<'ctx>(
     };
     let xrow = kb.mul(t, c(inn));
     let row_bytes = inn / per * size;
-    let sums = || sums.expect("bug: a 4-bit row with offsets reads its block sums");
+    let sums = || sums.expect("bug: a block row with offsets reads its block sums");
     kb.for_(o0, o1, |o| {
         let wrow = kb.mul(o, c(row_bytes));
-        // Vector accumulators for the scaled sums (two) and `Q4_K`'s offsets, then a
-        // scalar one per block of a step for `Q4_1`'s offsets.
+        // Vector accumulators for the scaled sums (two) and the K formats' offsets, then a
+        // scalar one per block of a step for `Q4_1`'s and `Q5_1`'s offsets.
         let mut init: Vec<BasicValueEnum<'ctx>> = (0..3).map(|_| kb.vzero().into()).collect();
         let offsets = matches!(q, Quant::Q4_1 | Quant::Q5_1);
         if offsets {
@@ -1033,7 +1035,7 @@ pub(crate) fn linear_dots<'ctx>(
     // A one-row product of bf16 weights reads them as even and odd lanes: those
     // in tiles all of them, others those of whole steps of `DOT`.
     let permuted = if tiles { inn } else { inn / DOT * DOT };
-    // A one-row product of 4-bit weights with offsets reads the sums of `x` per block.
+    // A one-row product of block weights with offsets reads the sums of `x` per block.
     let sums = match wf {
         WFmt::Quant(q) => q4_sums(q, inn),
         _ => 0,
