@@ -474,12 +474,21 @@ fn bf16_weights_match_the_interpreter_and_stay_close_to_f32() {
 
 /// The packed f32 GEMM at its edges (`tests/specs/gemm/f32_edges.tfs`): slices of `in`
 /// that end in a partial vector, two chunks of rows, a ragged last row tile; every row of
-/// a long prompt, then a shorter one and decoding after it, against the interpreter.
+/// a long prompt, then a shorter one and decoding after it, against the interpreter. On
+/// this CPU, and built for x86-64-v3 (AVX2: 16 vector registers, so register tiles one
+/// vector wide, `Kb::vector_registers`).
 #[test]
 fn f32_gemm_edges_equal_the_interpreter() {
+    for cpu in [None, Some("x86-64-v3")] {
+        f32_gemm_edges(cpu);
+    }
+}
+
+fn f32_gemm_edges(cpu: Option<&str>) {
     let spec = root().join("tests/specs/gemm/f32_edges.tfs");
     let c = compile(&spec, &Options::default());
-    let model = Model::load(build(&spec, "edges")).unwrap();
+    let lib = LibOptions { target_cpu: cpu.map(Into::into), ..Default::default() };
+    let model = Model::load(build_opts(&spec, cpu.unwrap_or("edges"), &Options::default(), &lib)).unwrap();
     let (w, data) = random_weights(&model, &[&c.model]);
     let mut s = Session::new(&model, data, 2).unwrap();
     let tokens: Vec<i32> = (0..203).map(|i| (i * 37 + 5) % c.spec.sizes.vocab as i32).collect();

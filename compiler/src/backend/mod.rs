@@ -124,7 +124,7 @@ fn build<'ctx>(
     tm: &inkwell::targets::TargetMachine,
 ) -> Result<(inkwell::module::Module<'ctx>, layout::Layout), BackendError> {
     match backend {
-        Backend::Llvm => Ok(llvm::emit(cx, c, weights, llvm::has_amx(tm))?),
+        Backend::Llvm => Ok(llvm::emit(cx, c, weights, llvm::has_amx(tm), llvm::vector_registers(tm))?),
         Backend::Mlir => {
             let layers = c.spec.sizes.layers;
             if layers > MLIR_MAX_LAYERS {

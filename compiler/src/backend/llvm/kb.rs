@@ -31,6 +31,17 @@ pub fn nibbles_at(q: Quant) -> usize {
     }
 }
 
+/// The global that tells the kernels of a module how many vector registers its CPU has.
+const VECTOR_REGISTERS: &str = "tfc__vector_registers";
+
+/// Records in `m` that its CPU has `n` vector registers (`Kb::vector_registers`).
+pub fn set_vector_registers<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, n: usize) {
+    let g = m.add_global(cx.i32_type(), None, VECTOR_REGISTERS);
+    g.set_initializer(&cx.i32_type().const_int(n as u64, false));
+    g.set_constant(true);
+    g.set_linkage(inkwell::module::Linkage::Internal);
+}
+
 /// How a weight tensor is stored, as the kernels read it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WFmt {
@@ -99,6 +110,12 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         Kb { cx, m, b, f }
     }
 
+    /// How many vector registers this module's CPU has (`set_vector_registers`; 32, as
+    /// with AVX-512, where a module does not say).
+    pub fn vector_registers(&self) -> usize {
+        let n = self.m.get_global(VECTOR_REGISTERS).and_then(|g| g.get_initializer());
+        n.and_then(|v| v.into_int_value().get_zero_extended_constant()).map_or(32, |n| n as usize)
+    }
     pub fn i64t(&self) -> IntType<'ctx> {
         self.cx.i64_type()
     }

@@ -55,6 +55,7 @@ pub fn emit<'ctx>(
     c: &Compiled,
     weights: &WeightTable,
     amx: bool,
+    registers: usize,
 ) -> Result<(Module<'ctx>, Layout), LlvmError> {
     for (name, _, dtype) in &weights.names {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::Q8 | DType::Quant(_)) {
@@ -63,6 +64,7 @@ pub fn emit<'ctx>(
         }
     }
     let m = cx.create_module(&c.spec.name);
+    kb::set_vector_registers(cx, &m, registers);
     let layout = layout(c);
     let mut kernels: HashMap<String, FunctionValue> = HashMap::new();
     let mut arena = 0;
@@ -98,6 +100,41 @@ pub fn has_amx(tm: &TargetMachine) -> bool {
     let f = tm.get_feature_string().to_string_lossy().to_string();
     let on: Vec<&str> = f.split(',').collect();
     on.contains(&"+amx-tile") && on.contains(&"+amx-bf16")
+}
+
+/// CPUs LLVM knows by name that have AVX-512 (a named CPU's features are implied, not
+/// listed in the target machine's feature string).
+const AVX512_CPUS: &[&str] = &[
+    "x86-64-v4",
+    "skylake-avx512",
+    "cascadelake",
+    "cooperlake",
+    "cannonlake",
+    "icelake-client",
+    "icelake-server",
+    "rocketlake",
+    "tigerlake",
+    "sapphirerapids",
+    "emeraldrapids",
+    "graniterapids",
+    "graniterapids-d",
+    "diamondrapids",
+    "znver4",
+    "znver5",
+    "knl",
+    "knm",
+];
+
+/// How many vector registers `tm`'s code has: 32 with AVX-512, else 16 (AVX2 and older),
+/// which the register tiles of the kernels are sized by (`Kb::vector_registers`).
+pub fn vector_registers(tm: &TargetMachine) -> usize {
+    let features = tm.get_feature_string().to_string_lossy().to_string();
+    let cpu = tm.get_cpu().to_string_lossy().to_string();
+    if features.split(',').any(|f| f == "+avx512f") || AVX512_CPUS.contains(&cpu.as_str()) {
+        32
+    } else {
+        16
+    }
 }
 
 /// Replaces the functions of `m` that execute tile instructions (see `amx::strip`).

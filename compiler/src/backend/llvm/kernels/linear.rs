@@ -669,6 +669,11 @@ pub(crate) fn lin_packed<'ctx>(
 ) {
     let c = |v: usize| kb.c(v as i64);
     let nv = BLOCK / VW;
+    // Vectors of a register tile's row: the whole block's `nv` where the CPU has 32
+    // vector registers (`MR × 4` accumulators); one (two AVX2 registers) where it has 16,
+    // so that `MR × 2` accumulators, a column's two halves and a broadcast fit, and the
+    // block's columns are then taken a vector at a time.
+    let tv = if kb.vector_registers() >= 32 { nv } else { 1 };
     let (inn, n_out) = (l.inn, l.n_out);
     // Bytes per element of the panels (f32) and tiles (bf16).
     let esize = l.wf.bytes(1);
@@ -745,34 +750,32 @@ pub(crate) fn lin_packed<'ctx>(
                     };
                     kb.prefetch_l2(l.w, kb.add(kb.wbyte(elem, l.wf), kb.mul(line, c(64))));
                 };
-                let tile = |t0: IntValue<'ctx>, rn: usize| {
+                // Rows `t0..t0 + rn` of the chunk times the block's vectors `v0..v0 + tv`.
+                let tile = |t0: IntValue<'ctx>, rn: usize, v0: usize| {
                     let yrow = |r: usize| kb.add(kb.mul(kb.add(kb.add(r0, t0), c(r)), c(n_out)), o0);
+                    let col = |k: usize| c((v0 + k % tv) * VW);
                     // The first slice starts from the bias, the others from the sums so far.
                     let init = kb.choose(
                         kb.icmp_eq(kblk, c(0)),
                         || {
-                            let bias: Vec<_> = (0..nv)
+                            let bias: Vec<_> = (0..tv)
                                 .map(|j| match l.b {
-                                    Some(b) => kb.ldv(b, kb.add(o0, c(j * VW))),
+                                    Some(b) => kb.ldv(b, kb.add(o0, col(j))),
                                     None => kb.vzero(),
                                 })
                                 .collect();
-                            (0..rn * nv).map(|k| bias[k % nv].into()).collect()
+                            (0..rn * tv).map(|k| bias[k % tv].into()).collect()
                         },
-                        || {
-                            (0..rn * nv)
-                                .map(|k| kb.ldv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW))).into())
-                                .collect()
-                        },
+                        || (0..rn * tv).map(|k| kb.ldv(l.out, kb.add(yrow(k / tv), col(k))).into()).collect(),
                     );
                     let k_step = |kk: IntValue<'ctx>, acc: &[BasicValueEnum<'ctx>]| {
                         let wv: Vec<_> =
-                            (0..nv).map(|j| kb.ldv(panel, kb.add(kb.mul(kk, c(BLOCK)), c(j * VW)))).collect();
+                            (0..tv).map(|j| kb.ldv(panel, kb.add(kb.mul(kk, c(BLOCK)), col(j)))).collect();
                         let mut next = Vec::with_capacity(acc.len());
                         for r in 0..rn {
                             let xs = kb.splat(kb.ld(xs, kb.add(kb.mul(kb.add(t0, c(r)), c(KC)), kk)));
                             for (j, wv) in wv.iter().enumerate() {
-                                next.push(kb.vfma(xs, *wv, acc[r * nv + j].into_vector_value()).into());
+                                next.push(kb.vfma(xs, *wv, acc[r * tv + j].into_vector_value()).into());
                             }
                         }
                         next
@@ -785,25 +788,32 @@ pub(crate) fn lin_packed<'ctx>(
                         let groups = kb.udiv(kn, c(SPREAD));
                         acc = kb.fold(c(0), groups, &acc, |g, acc| {
                             let kk = kb.mul(g, c(SPREAD));
-                            let step = kb.add(kb.mul(kb.udiv(t0, c(MR)), c(KC)), kk);
-                            prefetch_next(step);
+                            if v0 == 0 {
+                                let step = kb.add(kb.mul(kb.udiv(t0, c(MR)), c(KC)), kk);
+                                prefetch_next(step);
+                            }
                             (0..SPREAD).fold(acc.to_vec(), |acc, u| k_step(kb.add(kk, c(u)), &acc))
                         });
                         k_from = kb.mul(groups, c(SPREAD));
                     }
                     let acc = kb.fold(k_from, kn, &acc, |kk, acc| k_step(kk, acc));
                     for (k, v) in acc.iter().enumerate() {
-                        kb.stv(l.out, kb.add(yrow(k / nv), c((k % nv) * VW)), v.into_vector_value());
+                        kb.stv(l.out, kb.add(yrow(k / tv), col(k)), v.into_vector_value());
                     }
                 };
-                kb.for_(c(0), kb.div(full, c(MR)), |tt| tile(kb.mul(tt, c(MR)), MR));
+                let tiles = |t0: IntValue<'ctx>, rn: usize| {
+                    for v0 in (0..nv).step_by(tv) {
+                        tile(t0, rn, v0);
+                    }
+                };
+                kb.for_(c(0), kb.div(full, c(MR)), |tt| tiles(kb.mul(tt, c(MR)), MR));
                 // The last `rn % MR` rows in tiles of three, two and one: a tile of one
                 // row has four accumulators, too few to hide the FMAs' latency.
                 let mut t0 = full;
                 for size in [3, 2, 1] {
                     let n = kb.div(kb.sub(rn, t0), c(size));
                     let from = t0;
-                    kb.for_(c(0), n, |i| tile(kb.add(from, kb.mul(i, c(size))), size));
+                    kb.for_(c(0), n, |i| tiles(kb.add(from, kb.mul(i, c(size))), size));
                     t0 = kb.add(t0, kb.mul(n, c(size)));
                 }
             });
