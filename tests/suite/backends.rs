@@ -666,27 +666,32 @@ fn q8_weights_match_the_interpreter_and_stay_close_to_f32() {
     }
 }
 
-/// ggml block weights (`--dtype q4_0|q4_1|q4_k|q6_k`) on `[out, in]` rows of whole
-/// super-blocks and of an odd number of 32s (`gemm/q4_rows`), and on `[in, out]` ones
-/// partly not whole blocks (`gemm/f32_edges`, which then stay f32): the library computes
-/// what the interpreter computes with the weights its blocks hold, for a long prompt (the
-/// packed GEMM), and at every split of prefill and decode (the one-row products).
+/// ggml block weights (`--dtype q4_0|q4_1|q4_k|q5_0|q5_1|q5_k|q6_k|q8_0`) on `[out, in]`
+/// rows of whole super-blocks and of an odd number of 32s (`gemm/q4_rows`), and on
+/// `[in, out]` ones partly not whole blocks (`gemm/f32_edges`, which then stay f32): the
+/// library computes what the interpreter computes with the weights its blocks hold, for a
+/// long prompt (the packed GEMM), and at every split of prefill and decode (the one-row
+/// products). `q4_0` also built for x86-64-v3, whose nibbles take another path (no
+/// 16-lane permute without AVX-512).
 #[test]
 fn block_weights_equal_the_interpreter() {
     use tfc::ir::{DType, Quant};
-    for q in Quant::ALL {
+    let builds = Quant::ALL.map(|q| (q, None)).into_iter().chain([(Quant::Q4_0, Some("x86-64-v3"))]);
+    for (q, cpu) in builds {
         for path in ["gemm/q4_rows", "gemm/f32_edges"] {
             let spec = root().join(format!("tests/specs/{path}.tfs"));
             let opts = Options { weight_dtype: Some(DType::Quant(q)), ..Options::default() };
             let c = compile(&spec, &opts);
-            let model = Model::load(build_opts(&spec, q.name(), &opts, &LibOptions::default())).unwrap();
+            let lib = LibOptions { target_cpu: cpu.map(Into::into), ..Default::default() };
+            let tag = format!("{}{}", q.name(), cpu.map_or(String::new(), |c| format!("-{c}")));
+            let model = Model::load(build_opts(&spec, &tag, &opts, &lib)).unwrap();
             let dtypes: Vec<&str> = model.manifest().weights.iter().map(|w| w.dtype.as_str()).collect();
             let super_blocks = matches!(q, Quant::Q4_K | Quant::Q5_K | Quant::Q6_K);
             assert!(dtypes.contains(&q.name()) || (super_blocks && path.contains("edges")), "{dtypes:?}");
             assert!(dtypes.iter().any(|d| d.starts_with('q')), "{path}: no quantised weight: {dtypes:?}");
             let (w, data) = random_weights(&model, &[&c.model]);
             let mut s = Session::new(&model, data, 2).unwrap();
-            let name = format!("{path}, {}", q.name());
+            let name = format!("{path}, {tag}");
             check_splits(&name, &c, &w, &mut s);
             let tokens: Vec<i32> = (0..40).map(|i| (i * 37 + 5) % c.spec.sizes.vocab as i32).collect();
             let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };

@@ -7,7 +7,8 @@
 //! **Prefill's linear maps run on panels.** A linear map over many rows
 //! (`kernels::packs`: prefill's `T` rows, any weight layout or storage type, `out` a
 //! multiple of 64) reads each 64-column weight block as `f32` panels of 128 input rows
-//! (32 KB) and runs 6-row × 64-column register tiles (24 accumulators) over them. The
+//! (32 KB) and runs 6-row × 64-column register tiles (24 accumulators) over them (6 × 16
+//! columns at a time where the CPU has 16 vector registers, as AVX2 has). The
 //! tiles read `x` sliced: each 128-input slice of every row, rows 512 B apart, since rows
 //! of `x` a multiple of 4 KB apart (W2's 2048 inputs) put a tile's six rows into the same
 //! L1 sets and the broadcasts missed. A `slice_rows` kernel writes the slices once per
