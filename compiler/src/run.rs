@@ -44,6 +44,14 @@ pub enum WeightDType {
     Q4_K,
     /// ggml's Q6_K: 6-bit in super-blocks of 256, an int8 scale per 16 (rows that are not
     /// whole super-blocks take q8).
+    /// ggml's Q2_K: 2-bit in super-blocks of 256, 4-bit scales and offsets per 16 (rows
+    /// that are not whole super-blocks take q4_0).
+    #[value(name = "q2_k")]
+    Q2_K,
+    /// ggml's Q3_K: 3-bit in super-blocks of 256, 6-bit scales per 16 (rows that are not
+    /// whole super-blocks take q4_0).
+    #[value(name = "q3_k")]
+    Q3_K,
     /// ggml's Q5_0: 5-bit, one f16 scale per 32 weights.
     #[value(name = "q5_0")]
     Q5_0,
@@ -71,6 +79,8 @@ impl From<WeightDType> for tfc::ir::DType {
             WeightDType::Q4_0 => tfc::ir::DType::Quant(tfc::ir::Quant::Q4_0),
             WeightDType::Q4_1 => tfc::ir::DType::Quant(tfc::ir::Quant::Q4_1),
             WeightDType::Q4_K => tfc::ir::DType::Quant(tfc::ir::Quant::Q4_K),
+            WeightDType::Q2_K => tfc::ir::DType::Quant(tfc::ir::Quant::Q2_K),
+            WeightDType::Q3_K => tfc::ir::DType::Quant(tfc::ir::Quant::Q3_K),
             WeightDType::Q5_0 => tfc::ir::DType::Quant(tfc::ir::Quant::Q5_0),
             WeightDType::Q5_1 => tfc::ir::DType::Quant(tfc::ir::Quant::Q5_1),
             WeightDType::Q5_K => tfc::ir::DType::Quant(tfc::ir::Quant::Q5_K),

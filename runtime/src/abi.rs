@@ -146,7 +146,7 @@ pub fn weight_bytes(shape: &[usize], dtype: &str) -> Result<usize, String> {
             }
             None => {
                 return Err(format!(
-                    "dtype {q}; this runtime binds f32, bf16, q8 and the ggml blocks q8_0, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k and q6_k"
+                    "dtype {q}; this runtime binds f32, bf16, q8 and the ggml blocks q8_0, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k and q6_k"
                 ))
             }
         },

@@ -346,7 +346,7 @@ impl<'m> Session<'m> {
                     return Err(RuntimeError::Manifest {
                         path: "manifest.json".into(),
                         message: format!(
-                            "weight `{}` has dtype {other}; this runtime binds f32, bf16, q8 and the ggml blocks q8_0, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k and q6_k",
+                            "weight `{}` has dtype {other}; this runtime binds f32, bf16, q8 and the ggml blocks q8_0, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k and q6_k",
                             w.name
                         ),
                     })

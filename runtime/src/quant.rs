@@ -90,10 +90,14 @@ pub enum Quant {
     Q5_0,
     Q5_1,
     Q5_K,
+    Q2_K,
+    Q3_K,
 }
 
 impl Quant {
-    pub const ALL: [Quant; 8] = [
+    pub const ALL: [Quant; 10] = [
+        Quant::Q2_K,
+        Quant::Q3_K,
         Quant::Q4_0,
         Quant::Q4_1,
         Quant::Q4_K,
@@ -115,6 +119,8 @@ impl Quant {
             Quant::Q5_0 => "q5_0",
             Quant::Q5_1 => "q5_1",
             Quant::Q5_K => "q5_k",
+            Quant::Q2_K => "q2_k",
+            Quant::Q3_K => "q3_k",
         }
     }
 
@@ -133,6 +139,8 @@ impl Quant {
             Quant::Q5_0 => GgmlType::Q5_0,
             Quant::Q5_1 => GgmlType::Q5_1,
             Quant::Q5_K => GgmlType::Q5K,
+            Quant::Q2_K => GgmlType::Q2K,
+            Quant::Q3_K => GgmlType::Q3K,
         }
     }
 
@@ -164,6 +172,8 @@ impl Quant {
                 Quant::Q5_K => qk_block(block, &mut out, 5),
                 Quant::Q5_0 => q5_block(block, &mut out, false),
                 Quant::Q5_1 => q5_block(block, &mut out, true),
+                Quant::Q2_K => q2_k_block(block, &mut out),
+                Quant::Q3_K => q3_k_block(block, &mut out),
                 Quant::Q6_K => q6_k_block(block, &mut out),
                 Quant::Q8_0 => q8_0_block(block, &mut out),
             }
@@ -282,6 +292,85 @@ fn q5_block(x: &[f32], out: &mut Vec<u8>, one: bool) {
     pack_nibbles(&low, out);
 }
 
+/// The 2-bit fields `q[..]` of 128 values as Q2_K and Q3_K store them: byte `l` of 32
+/// holds values `l`, `l + 32`, `l + 64`, `l + 96` from its low bits up.
+fn pack_pairs(q: &[u8], out: &mut Vec<u8>) {
+    out.extend((0..32).map(|l| (0..4).fold(0u8, |b, j| b | (q[l + 32 * j] & 3) << (2 * j))));
+}
+
+/// `Q2_K`: each 16 values get the scale and (non-positive) minimum of their range, rounded
+/// to 4 bits against the super-block's `d` and `dmin`, and each value the nearest of its 4
+/// levels under those. (ggml searches for scales that lower the squared error; this is
+/// the plain range rule, as for `Q4_K`.)
+fn q2_k_block(x: &[f32], out: &mut Vec<u8>) {
+    let mut scales = [0f32; 16];
+    let mut mins = [0f32; 16];
+    for (j, g) in x.chunks_exact(16).enumerate() {
+        let lo = g.iter().copied().fold(0f32, f32::min);
+        let hi = g.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        scales[j] = (hi - lo).max(0.0) / 3.0;
+        mins[j] = -lo;
+    }
+    let level = |v: &[f32; 16]| v.iter().fold(0f32, |m, &s| m.max(s)) / 15.0;
+    let (d, dmin) = (half::f16::from_f32(level(&scales)), half::f16::from_f32(level(&mins)));
+    let four = |v: f32, unit: f32| if unit > 0.0 { (v / unit).round().clamp(0.0, 15.0) as u8 } else { 0 };
+    let sc: Vec<u8> = scales.iter().map(|&s| four(s, d.to_f32())).collect();
+    let m: Vec<u8> = mins.iter().map(|&s| four(s, dmin.to_f32())).collect();
+    out.extend(sc.iter().zip(&m).map(|(s, m)| s | m << 4));
+    let mut q = [0u8; 256];
+    for (j, g) in x.chunks_exact(16).enumerate() {
+        let (dl, ml) = (d.to_f32() * sc[j] as f32, dmin.to_f32() * m[j] as f32);
+        for (i, &v) in g.iter().enumerate() {
+            q[16 * j + i] = if dl > 0.0 { ((v + ml) / dl).round().clamp(0.0, 3.0) as u8 } else { 0 };
+        }
+    }
+    for h in q.chunks_exact(128) {
+        pack_pairs(h, out);
+    }
+    out.extend(d.to_le_bytes());
+    out.extend(dmin.to_le_bytes());
+}
+
+/// `Q3_K`: each 16 values' scale maps the one of largest magnitude to -4; `d` maps the
+/// scale of largest magnitude to -32 (6-bit scales stored offset by 32); the values are
+/// rounded to the scales as stored, `-4..=3`, kept as a low 2-bit field and a high bit
+/// that is set for the values `0..=3`.
+fn q3_k_block(x: &[f32], out: &mut Vec<u8>) {
+    let signed_max = |v: &[f32]| v.iter().fold(0f32, |m, &a| if a.abs() > m.abs() { a } else { m });
+    let scales: Vec<f32> = x.chunks_exact(16).map(|g| signed_max(g) / -4.0).collect();
+    let d = half::f16::from_f32(signed_max(&scales) / -32.0);
+    let sc: Vec<i32> = scales
+        .iter()
+        .map(|&s| if d.to_f32() != 0.0 { (s / d.to_f32()).round().clamp(-32.0, 31.0) as i32 } else { 0 })
+        .collect();
+    let mut q = [4u8; 256];
+    for (j, g) in x.chunks_exact(16).enumerate() {
+        let step = d.to_f32() * sc[j] as f32;
+        if step != 0.0 {
+            for (i, &v) in g.iter().enumerate() {
+                q[16 * j + i] = ((v / step).round().clamp(-4.0, 3.0) + 4.0) as u8;
+            }
+        }
+    }
+    // The high bits: bit `4n + j` of byte `k` for value `128n + 32j + k`.
+    out.extend((0..32).map(|k| (0..8).fold(0u8, |h, b| h | (q[32 * b + k] >> 2) << b)));
+    for h in q.chunks_exact(128) {
+        pack_pairs(h, out);
+    }
+    let s: Vec<u8> = sc.iter().map(|&s| (s + 32) as u8).collect();
+    let mut packed = [0u8; 12];
+    for i in 0..16 {
+        if i < 8 {
+            packed[i] |= s[i] & 15;
+        } else {
+            packed[i - 8] |= (s[i] & 15) << 4;
+        }
+        packed[8 + i % 4] |= (s[i] >> 4) << (2 * (i / 4));
+    }
+    out.extend(packed);
+    out.extend(d.to_le_bytes());
+}
+
 /// `Q8_0`: the value of largest magnitude maps to ±127, each value rounded to the scale as
 /// stored (so quantising what a kernel reads gives it back).
 fn q8_0_block(x: &[f32], out: &mut Vec<u8>) {
@@ -368,6 +457,8 @@ mod tests {
                 // a 32nd of each 16's largest magnitude, its int8 scales rounded.
                 let worst = x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                 let bound = match q {
+                    Quant::Q2_K => range / 2.0,
+                    Quant::Q3_K => range / 6.0,
                     Quant::Q5_0 | Quant::Q5_1 => range / 15.0,
                     Quant::Q5_K => range / 7.0,
                     Quant::Q6_K => range / 32.0,
@@ -379,7 +470,7 @@ mod tests {
             // Quantising what a kernel reads gives it back (the rules are fixed points).
             let mut again = back.clone();
             q.roundtrip(&mut again);
-            if !matches!(q, Quant::Q4_K | Quant::Q5_K) {
+            if !matches!(q, Quant::Q2_K | Quant::Q3_K | Quant::Q4_K | Quant::Q5_K) {
                 assert_eq!(again, back, "{q:?}");
             }
         }

@@ -686,7 +686,8 @@ fn block_weights_equal_the_interpreter() {
             let tag = format!("{}{}", q.name(), cpu.map_or(String::new(), |c| format!("-{c}")));
             let model = Model::load(build_opts(&spec, &tag, &opts, &lib)).unwrap();
             let dtypes: Vec<&str> = model.manifest().weights.iter().map(|w| w.dtype.as_str()).collect();
-            let super_blocks = matches!(q, Quant::Q4_K | Quant::Q5_K | Quant::Q6_K);
+            let super_blocks =
+                matches!(q, Quant::Q2_K | Quant::Q3_K | Quant::Q4_K | Quant::Q5_K | Quant::Q6_K);
             assert!(dtypes.contains(&q.name()) || (super_blocks && path.contains("edges")), "{dtypes:?}");
             assert!(dtypes.iter().any(|d| d.starts_with('q')), "{path}: no quantised weight: {dtypes:?}");
             let (w, data) = random_weights(&model, &[&c.model]);

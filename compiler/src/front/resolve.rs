@@ -379,8 +379,10 @@ fn sizes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> (Option<Sizes>, DType
 }
 
 /// The storage types of weight matrices, for the spec's `dtype` and a component's.
-const STORAGE: &[&str] =
-    &["f32", "f16", "bf16", "q8", "q8_0", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k"];
+const STORAGE: &[&str] = &[
+    "f32", "f16", "bf16", "q8", "q8_0", "q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k",
+    "q6_k",
+];
 
 fn section(s: &ast::Section, sizes: Option<&Sizes>, diags: &mut Vec<Diagnostic>) -> Section {
     let mut seen = HashSet::new();

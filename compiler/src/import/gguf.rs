@@ -73,9 +73,9 @@ impl Meta<'_> {
     }
 }
 
-/// The storage that keeps a matrix exactly as the file stores it: Q8_0, Q4_0, Q4_1, Q4_K,
-/// Q5_0, Q5_1, Q5_K and Q6_K are bound as stored; BF16 as it is; any other type is
-/// `f32` (the file's values, dequantised).
+/// The storage that keeps a matrix exactly as the file stores it: ggml's block types
+/// (Q8_0, Q2_K–Q6_K, Q4_0, Q4_1, Q5_0, Q5_1) are bound as stored; BF16 as it is; F16 is
+/// `f32` (its values, exactly).
 fn kept(ty: tfc_runtime::gguf::GgmlType) -> &'static str {
     use tfc_runtime::gguf::GgmlType;
     match ty {
@@ -83,6 +83,8 @@ fn kept(ty: tfc_runtime::gguf::GgmlType) -> &'static str {
         GgmlType::Q4_0 => "q4_0",
         GgmlType::Q4_1 => "q4_1",
         GgmlType::Q4K => "q4_k",
+        GgmlType::Q2K => "q2_k",
+        GgmlType::Q3K => "q3_k",
         GgmlType::Q5_0 => "q5_0",
         GgmlType::Q5_1 => "q5_1",
         GgmlType::Q5K => "q5_k",

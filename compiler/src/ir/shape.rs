@@ -119,14 +119,14 @@ impl DType {
 
     /// The storage a weight whose rows (its contiguous last dimension) hold `row` values
     /// gets when `self` is asked for: quantised blocks never cross a row, so a row that
-    /// is not whole blocks takes `q4_0` for `q4_k`, `q5_0` for `q5_k` and `q8` for `q6_k`
-    /// (blocks of 32, not 256), else `f32`.
+    /// is not whole blocks takes `q4_0` for `q2_k`, `q3_k` and `q4_k`, `q5_0` for `q5_k`
+    /// and `q8` for `q6_k` (blocks of 32, not 256), else `f32`.
     pub fn for_rows(self, row: usize) -> DType {
         let whole = |per: usize| row % per == 0;
         match self {
             DType::Q8 if !whole(tfc_runtime::quant::Q8_BLOCK) => DType::F32,
             DType::Quant(q) if !whole(q.block().0) => match q {
-                Quant::Q4_K => DType::Quant(Quant::Q4_0).for_rows(row),
+                Quant::Q2_K | Quant::Q3_K | Quant::Q4_K => DType::Quant(Quant::Q4_0).for_rows(row),
                 Quant::Q5_K => DType::Quant(Quant::Q5_0).for_rows(row),
                 Quant::Q6_K => DType::Q8.for_rows(row),
                 _ => DType::F32,

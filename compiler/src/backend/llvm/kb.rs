@@ -27,7 +27,7 @@ pub fn nibbles_at(q: Quant) -> usize {
         Quant::Q5_1 => 8,
         Quant::Q4_K => 16,
         Quant::Q5_K => 48,
-        Quant::Q6_K | Quant::Q8_0 => unreachable!("bug: {q:?} has no nibbles"),
+        Quant::Q2_K | Quant::Q3_K | Quant::Q6_K | Quant::Q8_0 => unreachable!("bug: {q:?} has no nibbles"),
     }
 }
 
@@ -339,6 +339,14 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
                 let q = ok(self.b.build_signed_int_to_float(self.ld_u8(base, at), self.f32t(), ""));
                 self.fmul(q, d)
             }
+            WFmt::Quant(q @ (Quant::Q2_K | Quant::Q3_K)) => {
+                let i32t = self.cx.i32_type();
+                let byte = |at| ok(self.b.build_int_z_extend(self.ld_u8(base, at), i32t, ""));
+                let (v, scale, offset) =
+                    self.q23k_value(base, idx, q, byte, |v| i32t.const_int(v, false), |s| s);
+                let v = ok(self.b.build_signed_int_to_float(v, self.f32t(), ""));
+                self.fadd(self.fmul(v, scale), offset)
+            }
             WFmt::Quant(Quant::Q6_K) => {
                 let (lo, hi, scale) = self.q6k_element(base, idx);
                 let i32t = self.cx.i32_type();
@@ -410,7 +418,9 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
                 };
                 (at, shift(16), d, offset)
             }
-            Quant::Q6_K | Quant::Q8_0 => unreachable!("bug: {q:?} elements are found by their own function"),
+            Quant::Q2_K | Quant::Q3_K | Quant::Q6_K | Quant::Q8_0 => {
+                unreachable!("bug: {q:?} elements are found by their own function")
+            }
             Quant::Q4_K | Quant::Q5_K => {
                 let dmin = self.ld_f16(base, self.add(blk, c(2)));
                 let sub = self.udiv(w, c(32));
@@ -470,6 +480,87 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         let byte = ok(self.b.build_int_z_extend(self.ld_u8(base, at), self.i64t(), ""));
         let v = ok(self.b.build_and(ok(self.b.build_right_shift(byte, bit, false, "")), c(1), ""));
         ok(self.b.build_int_truncate(self.mul(v, c(16)), self.cx.i32_type(), ""))
+    }
+    /// The value of element `idx` of a `Q2_K` or `Q3_K` tensor as `q · scale + offset`: `q`
+    /// from its bytes (`byte` reads the byte at an offset, or the 16 from it, widened to
+    /// `i32`; `k` makes a constant of that type, `splat` one from an `i32`), with its 16
+    /// values' scale and offset.
+    /// Element `128n + 32j + k` has its two low bits at bits `2j` of byte `32n + k` of the
+    /// 2-bit fields, and its scale is that of its 16 (`e / 16`). `Q2_K`: fields from byte
+    /// 16, a 4-bit scale and min per 16 in bytes 0..16, `d`, `dmin` at 80; `q · d·sc -
+    /// dmin·m`. `Q3_K`: a high bit per value (bit `4n + j` of byte `k`) that, clear,
+    /// subtracts 4; fields from byte 32; sixteen 6-bit scales less 32 in bytes 96..108 (the
+    /// low four bits of scale `i` in byte `i mod 8`, high nibble for `i ≥ 8`, the top two at
+    /// bits `2⌊i/4⌋` of byte `8 + i mod 4`); `d` at 108; `(q - 4·(1 - h)) · d·sc`.
+    pub fn q23k_value<V: IntMathValue<'ctx> + Copy>(
+        &self,
+        base: PointerValue<'ctx>,
+        idx: IntValue<'ctx>,
+        q: Quant,
+        byte: impl Fn(IntValue<'ctx>) -> V,
+        k: impl Fn(u64) -> V,
+        splat: impl Fn(IntValue<'ctx>) -> V,
+    ) -> (V, FloatValue<'ctx>, FloatValue<'ctx>) {
+        let c = |v: i64| self.c(v);
+        let b = &self.b;
+        let (blk, e) = self.block_at(idx, q);
+        let (n, j, l) = (self.udiv(e, c(128)), self.urem(self.udiv(e, c(32)), c(4)), self.urem(e, c(32)));
+        let group = self.udiv(e, c(16));
+        let fields = if q == Quant::Q2_K { 16 } else { 32 };
+        let low_at = self.add(blk, self.add(c(fields), self.add(self.mul(n, c(32)), l)));
+        let i32t = self.cx.i32_type();
+        // A field of the bytes at `at`: shifted (the lanes share the shift) and masked.
+        let field = |at: IntValue<'ctx>, shift: IntValue<'ctx>, mask: u64| {
+            let shift = splat(ok(b.build_int_truncate(shift, i32t, "")));
+            ok(b.build_and(ok(b.build_right_shift(byte(at), shift, false, "")), k(mask), ""))
+        };
+        let low = field(low_at, self.mul(j, c(2)), 3);
+        let float = |v: IntValue<'ctx>| ok(b.build_unsigned_int_to_float(v, self.f32t(), ""));
+        if q == Quant::Q2_K {
+            let sc = self.zext64(self.ld_u8(base, self.add(blk, group)));
+            let (s, m) =
+                (float(ok(b.build_and(sc, c(15), ""))), float(ok(b.build_right_shift(sc, c(4), false, ""))));
+            let scale = self.fmul(self.ld_f16(base, self.add(blk, c(80))), s);
+            let offset = self.fmul(self.fmul(self.ld_f16(base, self.add(blk, c(82))), m), self.fc(-1.0));
+            return (low, scale, offset);
+        }
+        let high = field(self.add(blk, l), self.add(self.mul(n, c(4)), j), 1);
+        // `q - 4 + 4h`.
+        let v = ok(b.build_int_add(
+            ok(b.build_int_sub(low, k(4), "")),
+            ok(b.build_left_shift(high, k(2), "")),
+            "",
+        ));
+        let lo4 = self.add(blk, self.add(c(96), self.urem(group, c(8))));
+        let lo4 = ok(b.build_and(
+            ok(b.build_right_shift(
+                self.zext64(self.ld_u8(base, lo4)),
+                self.mul(self.udiv(group, c(8)), c(4)),
+                false,
+                "",
+            )),
+            c(15),
+            "",
+        ));
+        let hi2 = self.add(blk, self.add(c(104), self.urem(group, c(4))));
+        let hi2 = ok(b.build_and(
+            ok(b.build_right_shift(
+                self.zext64(self.ld_u8(base, hi2)),
+                self.mul(self.udiv(group, c(4)), c(2)),
+                false,
+                "",
+            )),
+            c(3),
+            "",
+        ));
+        let sc = self.sub(ok(b.build_or(lo4, ok(b.build_left_shift(hi2, c(4), "")), "")), c(32));
+        let sc = ok(b.build_signed_int_to_float(sc, self.f32t(), ""));
+        let scale = self.fmul(self.ld_f16(base, self.add(blk, c(108))), sc);
+        (v, scale, self.fc(0.0))
+    }
+    /// A byte widened to `i64`.
+    pub fn zext64(&self, v: IntValue<'ctx>) -> IntValue<'ctx> {
+        ok(self.b.build_int_z_extend(v, self.i64t(), ""))
     }
     /// Where element `idx` of a `Q6_K` tensor is: the byte and shift (an `i32`) of its low
     /// nibble, the byte and shift of its top two bits, and its scale `d·sc` (exact in
@@ -701,6 +792,14 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
             WFmt::Q8 { scales } => {
                 let s = self.splat(self.q8_scale(base, idx, scales));
                 ok(self.b.build_float_mul(self.ldv_q8_raw(base, idx), s, ""))
+            }
+            WFmt::Quant(q @ (Quant::Q2_K | Quant::Q3_K)) => {
+                // `idx` a multiple of 16: the 16 share a scale, shifts and byte runs.
+                let k = |v: u64| VectorType::const_vector(&[self.cx.i32_type().const_int(v, false); VW]);
+                let (v, scale, offset) =
+                    self.q23k_value(base, idx, q, |at| self.ld_bytes(base, at), k, |s| self.isplat(s));
+                let v = ok(self.b.build_signed_int_to_float(v, self.vt(), ""));
+                self.fadd(self.fmul(v, self.splat(scale)), self.splat(offset))
             }
             WFmt::Quant(Quant::Q8_0) => {
                 // `idx` a multiple of 16: the 16 are consecutive bytes of one block.

@@ -59,7 +59,7 @@ pub fn emit<'ctx>(
 ) -> Result<(Module<'ctx>, Layout), LlvmError> {
     for (name, _, dtype) in &weights.names {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::Q8 | DType::Quant(_)) {
-            let use_ = "use f32, bf16, q8, q8_0, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k or q6_k";
+            let use_ = "use f32, bf16, q8, or a ggml block type (q8_0, q2_k–q6_k, q4_0, q4_1, q5_0, q5_1)";
             return Err(LlvmError::Unsupported(format!("{dtype} weights (`{name}`); {use_}")));
         }
     }

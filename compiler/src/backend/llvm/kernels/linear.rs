@@ -267,6 +267,7 @@ pub(crate) fn lin_dot_row<'ctx>(
 ) {
     match l.wf {
         WFmt::Quant(Quant::Q6_K) => return lin_q6k_row(kb, l, t, o0, o1),
+        WFmt::Quant(q @ (Quant::Q2_K | Quant::Q3_K)) => return lin_groups_row(kb, l, t, o0, o1, q),
         WFmt::Quant(q) => return lin_q4_row(kb, l, t, o0, o1, q, xp),
         _ => {}
     }
@@ -339,7 +340,7 @@ pub(crate) fn lin_dot_row<'ctx>(
 /// `-16·scale` into signed values; `Q6_K` and `Q8_0` have none).
 pub(crate) fn q4_sums(q: Quant, inn: usize) -> usize {
     match q {
-        Quant::Q4_0 | Quant::Q5_0 | Quant::Q6_K | Quant::Q8_0 => 0,
+        Quant::Q4_0 | Quant::Q5_0 | Quant::Q6_K | Quant::Q8_0 | Quant::Q2_K | Quant::Q3_K => 0,
         Quant::Q4_1 | Quant::Q5_1 => inn / 32,
         Quant::Q4_K | Quant::Q5_K => inn / 256 * VW,
     }
@@ -363,7 +364,7 @@ pub(crate) fn q4_block_sums<'ctx>(
         kb.vsum(kb.vadd(kb.ldv(x, at), kb.ldv(x, kb.add(at, c(VW)))))
     };
     match q {
-        Quant::Q4_0 | Quant::Q5_0 | Quant::Q6_K | Quant::Q8_0 => {}
+        Quant::Q4_0 | Quant::Q5_0 | Quant::Q6_K | Quant::Q8_0 | Quant::Q2_K | Quant::Q3_K => {}
         Quant::Q4_1 | Quant::Q5_1 => kb.for_(c(0), c(inn / 32), |b| kb.st(sums, b, sum32(kb.mul(b, c(32))))),
         Quant::Q4_K | Quant::Q5_K => kb.for_(c(0), c(inn / 256), |s| {
             let base = kb.mul(s, c(VW));
@@ -480,7 +481,9 @@ pub(crate) fn lin_q4_row<'ctx>(
                         }
                     }
                 }
-                Quant::Q6_K => unreachable!("bug: Q6_K rows take lin_q6k_row"),
+                Quant::Q2_K | Quant::Q3_K | Quant::Q6_K => {
+                    unreachable!("bug: {q:?} rows take their own kernel")
+                }
                 Quant::Q4_K | Quant::Q5_K => {
                     let scales = kb.q4k_scales(l.w, at);
                     for j in 0..8 {
@@ -551,6 +554,46 @@ pub(crate) fn lin_q6k_row<'ctx>(
                 let x = kb.ldv(l.x, kb.add(xrow, kb.add(kb.mul(s, c(per)), c(VW * v))));
                 let p = kb.vmul(w, x);
                 acc[v % 2] = kb.vfma(p, kb.broadcast_lane(scales, v), acc[v % 2].into_vector_value()).into();
+            }
+            acc
+        });
+        let mut v = kb.vsum(kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()));
+        if let Some(b) = l.b {
+            v = kb.fadd(v, kb.ld(b, o));
+        }
+        kb.st(l.out, kb.add(kb.mul(t, c(l.n_out)), o), v);
+    });
+}
+
+/// One row times `W [out, in]` in a format whose 16 values share a scale (`Q2_K`,
+/// `Q3_K`), outputs `o0..o1`: one output's row of super-blocks at a time, a single forward
+/// stream prefetched `PREFETCH` ahead, each 16 values read as one vector (`Kb::ldvw`).
+pub(crate) fn lin_groups_row<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    t: IntValue<'ctx>,
+    o0: IntValue<'ctx>,
+    o1: IntValue<'ctx>,
+    q: Quant,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let inn = l.inn;
+    let (per, size) = q.block();
+    let xrow = kb.mul(t, c(inn));
+    kb.for_(o0, o1, |o| {
+        let wrow = kb.mul(o, c(inn / per * size));
+        let init: Vec<BasicValueEnum<'ctx>> = (0..2).map(|_| kb.vzero().into()).collect();
+        let acc = kb.fold(c(0), c(inn / per), &init, |s, acc| {
+            let at = kb.add(wrow, kb.mul(s, c(size)));
+            for line in 0..size.div_ceil(64) {
+                kb.prefetch(l.w, kb.add(at, c(PREFETCH + 64 * line)));
+            }
+            let mut acc = acc.to_vec();
+            for v in 0..per / VW {
+                let i = kb.add(kb.mul(s, c(per)), c(VW * v));
+                let w = kb.ldvw(l.w, kb.add(kb.mul(o, c(inn)), i), l.wf);
+                let x = kb.ldv(l.x, kb.add(xrow, i));
+                acc[v % 2] = kb.vfma(w, x, acc[v % 2].into_vector_value()).into();
             }
             acc
         });
