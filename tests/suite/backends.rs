@@ -50,6 +50,7 @@ macro_rules! backend_tests {
 mod llvm {
     use super::*;
     with_fixtures!(backend_tests, Llvm:);
+    with_moe_fixtures!(backend_tests, Llvm:);
 }
 
 mod mlir {

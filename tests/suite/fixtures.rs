@@ -27,6 +27,7 @@ macro_rules! fixture_tests {
 }
 
 with_fixtures!(fixture_tests);
+with_moe_fixtures!(fixture_tests);
 
 #[test]
 fn a_checkpoint_that_does_not_fit_is_a_clear_error() {

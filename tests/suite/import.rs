@@ -9,7 +9,15 @@ macro_rules! names {
     ($($arch:ident),*) => { [$(stringify!($arch)),*] };
 }
 
-const ARCHS: &[&str] = &with_fixtures!(names);
+const DENSE: &[&str] = &with_fixtures!(names);
+const MOE: &[&str] = &with_moe_fixtures!(names);
+
+/// Every fixture, in order.
+fn archs() -> Vec<&'static str> {
+    let mut all: Vec<&str> = DENSE.iter().chain(MOE).copied().collect();
+    all.sort();
+    all
+}
 
 #[test]
 fn every_fixture_folder_is_listed() {
@@ -23,7 +31,7 @@ fn every_fixture_folder_is_listed() {
     folders.sort();
     assert_eq!(
         folders,
-        ARCHS,
+        archs(),
         "the folders of {} and with_fixtures! (tests/suite/main.rs) differ",
         dir.display()
     );
@@ -37,7 +45,7 @@ fn config(arch: &str) -> serde_json::Value {
 
 #[test]
 fn fixture_configs_import_to_the_shipped_specs() {
-    for &arch in ARCHS {
+    for arch in archs() {
         let got = import(&config(arch).to_string()).unwrap();
         let want = std::fs::read_to_string(root().join("specs/tiny").join(format!("{arch}.tfs"))).unwrap();
         assert_eq!(got, want, "{arch}: import-hf output differs from specs/tiny/{arch}.tfs");

@@ -9,6 +9,14 @@ macro_rules! with_fixtures {
     };
 }
 
+/// The fixtures with a mixture of experts: the interpreter and the LLVM backend run them;
+/// the MLIR backends refuse them with an error naming the op.
+macro_rules! with_moe_fixtures {
+    ($m:ident $(, $($arg:tt)*)?) => {
+        $m! { $($($arg)*)? granitemoe, mixtral, olmoe, qwen2_moe, qwen3_moe }
+    };
+}
+
 mod backends;
 mod checkpoint;
 mod common;

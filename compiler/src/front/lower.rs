@@ -220,6 +220,9 @@ impl Lowerer<'_> {
         }
         let dtype = match (role, listed.or(self.dtype).unwrap_or(self.spec.dtype)) {
             (WeightRole::Bias | WeightRole::Gain | WeightRole::Logit, _) => DType::F32,
+            // A q8 tensor keeps its scales after all of its values, so an expert's
+            // slice of one would not be a q8 matrix: experts take q8_0's blocks.
+            (_, DType::Q8) if shape.len() == 3 => DType::Quant(Quant::Q8_0).for_rows(shape[2]),
             (_, d) => d.for_rows(shape.last().copied().unwrap_or(0)),
         };
         let layer = self.layer;
@@ -467,31 +470,8 @@ impl Lowerer<'_> {
                 let w = self.weight(weight, &[d], WeightRole::Gain, origin);
                 Val::Hidden(self.node(Op::RmsNorm { eps: *eps, unit_offset: *unit_offset }, &[x, w], origin))
             }
-            Kind::Mlp(m) => {
-                let f = sz.d_ff.unwrap_or(0);
-                // A fused gate_up is bound as its two halves of rows.
-                let half = |p: &Proj, rows: &str| Proj {
-                    weight: format!("{}[{rows}]", p.weight),
-                    bias: p.bias.as_ref().map(|b| format!("{b}[{rows}]")),
-                    transposed: p.transposed,
-                };
-                let (gate, up) = match (m.gate_up, &m.gate) {
-                    (true, _) => {
-                        (Some(half(&m.up, &format!("0:{f}"))), half(&m.up, &format!("{f}:{}", 2 * f)))
-                    }
-                    (false, g) => (g.clone(), m.up.clone()),
-                };
-                let up = self.linear(x, &up, d, f, origin);
-                let pre = match &gate {
-                    Some(g) => self.linear(x, g, d, f, origin),
-                    None => up,
-                };
-                let mut h = self.node(Op::Activation(m.act), &[pre], origin);
-                if gate.is_some() {
-                    h = self.node(Op::Mul, &[h, up], origin);
-                }
-                Val::Hidden(self.linear(h, &m.down, f, d, origin))
-            }
+            Kind::Mlp(m) => Val::Hidden(self.mlp(x, m, sz, origin)),
+            Kind::Moe(m) => Val::Hidden(self.moe(x, m, sz, origin)),
             Kind::Attention(a) => Val::Hidden(self.attention(a, x, origin, sz)),
             Kind::Unembed { weight, transposed, bias, tied, softcap } => {
                 let w = match tied {
@@ -523,6 +503,70 @@ impl Lowerer<'_> {
                 unreachable!("handled by the caller")
             }
         })
+    }
+
+    /// An MLP: `down(act(gate(x)) · up(x))`, or `down(act(up(x)))` without a gate.
+    fn mlp(&mut self, x: NodeId, m: &Mlp, sz: &Sizes, origin: &str) -> NodeId {
+        let d = sz.d_model;
+        let f = m.d_ff.or(sz.d_ff).unwrap_or(0);
+        // A fused gate_up is bound as its two halves of rows.
+        let half = |p: &Proj, rows: &str| Proj {
+            weight: format!("{}[{rows}]", p.weight),
+            bias: p.bias.as_ref().map(|b| format!("{b}[{rows}]")),
+            transposed: p.transposed,
+        };
+        let (gate, up) = match (m.gate_up, &m.gate) {
+            (true, _) => (Some(half(&m.up, &format!("0:{f}"))), half(&m.up, &format!("{f}:{}", 2 * f))),
+            (false, g) => (g.clone(), m.up.clone()),
+        };
+        let up = self.linear(x, &up, d, f, origin);
+        let pre = match &gate {
+            Some(g) => self.linear(x, g, d, f, origin),
+            None => up,
+        };
+        let mut h = self.node(Op::Activation(m.act), &[pre], origin);
+        if gate.is_some() {
+            h = self.node(Op::Mul, &[h, up], origin);
+        }
+        self.linear(h, &m.down, f, d, origin)
+    }
+
+    /// A mixture of experts: the router's logits, the routing, the experts, and the
+    /// shared expert (scaled by its gate) added.
+    fn moe(&mut self, x: NodeId, m: &Moe, sz: &Sizes, origin: &str) -> NodeId {
+        let (d, e, f) = (sz.d_model, m.route.experts, m.hidden.or(sz.d_ff).unwrap_or(0));
+        let plain = |w: &str| Proj { weight: w.to_string(), bias: None, transposed: false };
+        let logits = self.linear(x, &plain(&m.router), d, e, origin);
+        let route = self.node(Op::Route(m.route), &[logits], origin);
+        let rows = if m.gate_up { 2 * f } else { f };
+        let up = self.weight(&m.up, &[e, rows, d], WeightRole::Matrix, origin);
+        let down = self.weight(&m.down, &[e, d, f], WeightRole::Matrix, origin);
+        let gate = match (&m.gate, m.gate_up) {
+            (_, true) => Some(up),
+            (Some(g), false) => Some(self.weight(g, &[e, f, d], WeightRole::Matrix, origin)),
+            (None, false) => None,
+        };
+        let op = Op::Experts(Experts {
+            experts: e,
+            hidden: f,
+            act: m.act,
+            up_at: if m.gate_up { f } else { 0 },
+            gate_at: gate.map(|_| 0),
+        });
+        let xin = self.linear_input(x, origin);
+        let mut ops = vec![xin, route, up, down];
+        ops.extend(gate);
+        let mut y = self.node(op, &ops, origin);
+        if let Some(s) = &m.shared {
+            let mut out = self.mlp(x, &s.mlp, sz, origin);
+            if let Some(g) = &s.gate {
+                let g = self.linear(x, &plain(g), d, 1, origin);
+                let g = self.node(Op::Activation(Act::Sigmoid), &[g], origin);
+                out = self.node(Op::RowScale, &[out, g], origin);
+            }
+            y = self.node(Op::Add, &[y, out], origin);
+        }
+        y
     }
 
     /// A linear map's input: `x`, rounded to bf16 first under `activations = bf16`.

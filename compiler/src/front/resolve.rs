@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use super::ast::{self, Field, Ident, SectionKind, Span, Value, ValueKind};
 use super::diag::{Code, Diagnostic};
 use super::spec::*;
-use crate::ir::{Act, DType, QkvLayout, RopeScaling};
+use crate::ir::{Act, DType, QkvLayout, RopeScaling, Route, Scoring};
 
 const SETTINGS: &[&str] = &[
     "vocab",
@@ -22,7 +22,8 @@ const SETTINGS: &[&str] = &[
     "activations",
     "pattern",
 ];
-const KINDS: &[&str] = &["embedding", "sinusoidal", "layernorm", "rmsnorm", "attention", "mlp", "unembed"];
+const KINDS: &[&str] =
+    &["embedding", "sinusoidal", "layernorm", "rmsnorm", "attention", "mlp", "moe", "unembed"];
 
 pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
     let before = diags.len();
@@ -91,7 +92,14 @@ pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
     if let Some(sz) = &sizes {
         if sz.d_ff.is_none() {
             for c in blocks.iter().flat_map(|(_, b)| &b.components) {
-                if matches!(c.kind, Kind::Mlp(_)) {
+                let own = match &c.kind {
+                    Kind::Mlp(m) => m.d_ff.is_some(),
+                    Kind::Moe(m) => {
+                        m.hidden.is_some() && m.shared.as_ref().is_none_or(|s| s.mlp.d_ff.is_some())
+                    }
+                    _ => true,
+                };
+                if !own {
                     diags.push(
                         Diagnostic::error(Code::Missing, "an `mlp` needs the setting `d_ff`")
                             .label(c.name.span.clone(), "this MLP has no hidden size")
@@ -433,7 +441,27 @@ fn component(
             "sinks",
             "dtype",
         ],
-        "mlp" => &["at", "up", "gate", "gate_up", "down", "act", "bias", "transposed", "dtype"],
+        "mlp" => &["at", "up", "gate", "gate_up", "down", "act", "bias", "transposed", "d_ff", "dtype"],
+        "moe" => &[
+            "at",
+            "router",
+            "experts",
+            "top_k",
+            "scoring",
+            "normalize",
+            "scale",
+            "d_expert",
+            "expert",
+            "up",
+            "gate",
+            "gate_up",
+            "down",
+            "act",
+            "shared",
+            "d_shared",
+            "shared_gate",
+            "dtype",
+        ],
         "unembed" => &["at", "weight", "tied", "bias", "transposed", "softcap", "dtype"],
         _ => {
             diags.push(unknown(&c.kind, "component kind", KINDS));
@@ -463,7 +491,7 @@ fn component(
             Some(a) => format!("{a}.{n}"),
             None => n,
         };
-        check_template(&full, in_block, f.per_head_names, span, diags);
+        check_template(&full, in_block, f.placeholder, span, diags);
         Some(full)
     };
     let result = match kind {
@@ -552,8 +580,10 @@ fn component(
                 diags.push(missing(c, "act", "the activation: relu, gelu, gelu_tanh or silu"));
             }
             let act = Act::ALL.iter().find(|(n, _)| Some(*n) == act.as_deref()).map(|(_, a)| *a);
-            Kind::Mlp(Mlp { up: up?, gate, gate_up: fused, down: down?, act: act? })
+            let d_ff = f.positive("d_ff", diags);
+            Kind::Mlp(Mlp { up: up?, gate, gate_up: fused, down: down?, act: act?, d_ff })
         }
+        "moe" => moe(c, &mut f, at.as_deref(), in_block, diags)?,
         "unembed" => {
             let softcap = f.float_positive("softcap", diags);
             let tied = f.ident("tied", diags);
@@ -586,6 +616,152 @@ fn component(
     };
     f.finish(diags);
     (diags.len() == before).then_some((result, dtype))
+}
+
+/// A mixture of experts (`moe`): the router, the experts' projections (3-D tensors, or
+/// one per expert where the `expert` prefix holds `{expert}`), the shared expert.
+fn moe(
+    c: &ast::Component,
+    f: &mut Fields,
+    at: Option<&str>,
+    in_block: bool,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Kind> {
+    let before = diags.len();
+    let join = |n: &str| match at {
+        Some(a) => format!("{a}.{n}"),
+        None => n.to_string(),
+    };
+    let experts = f.positive("experts", diags);
+    let top_k = f.positive("top_k", diags);
+    let scoring = f.choice("scoring", &Scoring::ALL.map(|(n, _)| n), diags);
+    let scoring =
+        Scoring::ALL.iter().find(|(n, _)| Some(*n) == scoring.as_deref()).map_or(Scoring::Softmax, |s| s.1);
+    let normalize = f.bool("normalize", diags).unwrap_or(false);
+    let scale = f.float_positive("scale", diags).unwrap_or(1.0);
+    let hidden = f.positive("d_expert", diags);
+    let d_shared = f.positive("d_shared", diags);
+    let act = f.choice("act", &Act::ALL.map(|(n, _)| n), diags);
+    let act = Act::ALL.iter().find(|(n, _)| Some(*n) == act.as_deref()).map(|(_, a)| *a);
+    let expert = f.string("expert", diags);
+    if let Some(e) = &expert {
+        if e.matches("{expert}").count() != 1 {
+            diags.push(
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!("the `expert` prefix `{e}` must hold `{{expert}}` once"),
+                )
+                .label(f.span_of("expert"), "each expert's tensors are named with its index here"),
+            );
+        }
+    }
+    let router = f.string("router", diags).unwrap_or_else(|| "gate".into());
+    let router = join(&router);
+    check_template(&router, in_block, None, f.span_of("router"), diags);
+    // An expert projection: under the `expert` prefix, stacked over the experts, or one
+    // 3-D tensor.
+    let proj = |f: &mut Fields, key: &str, diags: &mut Vec<Diagnostic>| {
+        let leaf = f.string(key, diags)?;
+        let span = f.span_of(key);
+        let full = match &expert {
+            Some(e) => join(&format!("{e}.{leaf}")),
+            None => join(&leaf),
+        };
+        check_template(&full, in_block, expert.as_ref().map(|_| "expert"), span, diags);
+        let stacked = full.replace("{expert}", &format!("{{0..{}}}", experts.unwrap_or(0)));
+        Some((leaf, format!("{stacked}.weight")))
+    };
+    let gate_up = proj(f, "gate_up", diags);
+    let up = proj(f, "up", diags);
+    let gate = proj(f, "gate", diags);
+    let down = proj(f, "down", diags);
+    let fused = gate_up.is_some();
+    if fused && (f.has("up") || f.has("gate")) {
+        let other = if f.has("up") { "up" } else { "gate" };
+        diags.push(
+            Diagnostic::error(
+                Code::BadValue,
+                format!("`gate_up` and a separate `{other}` projection exclude each other"),
+            )
+            .label(f.span_of("gate_up"), "the fused projection")
+            .label(f.span_of(other), "a separate one"),
+        );
+    }
+    for (key, given, what) in [
+        ("experts", f.has("experts"), "the number of experts"),
+        ("top_k", f.has("top_k"), "how many experts each token goes to"),
+        ("up", f.has("up") || fused, "the experts' up projection (or a fused `gate_up`)"),
+        ("down", f.has("down"), "the experts' down projection"),
+        ("act", f.has("act"), "the experts' activation"),
+    ] {
+        if !given {
+            diags.push(missing(c, key, what));
+        }
+    }
+    if let (Some(e), Some(k)) = (experts, top_k) {
+        if k > e {
+            diags.push(
+                Diagnostic::error(Code::Sizes, format!("`top_k` {k} is more than the {e} experts"))
+                    .label(f.span_of("top_k"), "each token goes to this many experts"),
+            );
+        }
+    }
+    let shared = f.string("shared", diags);
+    let shared_gate = f.string("shared_gate", diags).map(|g| join(&g));
+    if shared.is_none() {
+        for key in ["d_shared", "shared_gate"] {
+            if f.has(key) {
+                diags.push(
+                    Diagnostic::error(Code::BadValue, format!("`{key}` without a shared expert"))
+                        .label(f.span_of(key), "name the shared expert's prefix with `shared = \"…\"`"),
+                );
+            }
+        }
+    } else if d_shared.is_none() && !f.has("d_shared") {
+        diags.push(missing(c, "d_shared", "the shared expert's hidden size"));
+    }
+    if let Some(g) = &shared_gate {
+        check_template(g, in_block, None, f.span_of("shared_gate"), diags);
+    }
+    if diags.len() > before {
+        return None;
+    }
+    let plain = |n: &str| Proj { weight: n.to_string(), bias: None, transposed: false };
+    let shared = shared.map(|s| {
+        let name = |leaf: &str| format!("{}.weight", join(&format!("{s}.{leaf}")));
+        let (up, gate) = match (&gate_up, &up, &gate) {
+            (Some((l, _)), _, _) => (name(l), None),
+            (None, Some((l, _)), g) => (name(l), g.as_ref().map(|(l, _)| plain(&name(l)))),
+            _ => unreachable!("checked above"),
+        };
+        let mlp = Mlp {
+            up: plain(&up),
+            gate,
+            gate_up: fused,
+            down: plain(&name(&down.as_ref().unwrap().0)),
+            act: act.unwrap(),
+            d_ff: d_shared,
+        };
+        Shared { mlp, gate: shared_gate.map(|g| format!("{g}.weight")) }
+    });
+    let route = Route { experts: experts?, top_k: top_k?, scoring, normalize, scale };
+    let (up, gate) = match (gate_up, up) {
+        (Some((_, w)), _) => (w, None),
+        (None, Some((_, w))) => (w, gate.map(|g| g.1)),
+        _ => return None,
+    };
+    let router = format!("{router}.weight");
+    Some(Kind::Moe(Box::new(Moe {
+        router,
+        route,
+        hidden,
+        up,
+        gate,
+        gate_up: fused,
+        down: down?.1,
+        act: act?,
+        shared,
+    })))
 }
 
 type NameFn<'a> = dyn FnMut(&mut Fields, &str, Option<&str>, &mut Vec<Diagnostic>) -> Option<String> + 'a;
@@ -705,7 +881,7 @@ fn qk_norm(f: &mut Fields, name: &mut NameFn<'_>, diags: &mut Vec<Diagnostic>) -
         &["q", "k", "eps", "unit_offset", "over", "per_head"]
     };
     let mut n = Fields::new(&format!("`{}`", kind.name), fields, allowed);
-    n.per_head_names = true;
+    n.placeholder = Some("head");
     let eps = n.float_positive("eps", diags).unwrap_or(if layer { 1e-5 } else { 1e-6 });
     let norm = if layer {
         HeadNorm::Layer { eps, bias: n.bool("bias", diags).unwrap_or(true) }
@@ -1003,17 +1179,19 @@ fn position(f: &mut Fields, head_dim: usize, diags: &mut Vec<Diagnostic>) -> Opt
     }
 }
 
-fn check_template(t: &str, in_block: bool, head: bool, span: Span, diags: &mut Vec<Diagnostic>) {
+fn check_template(t: &str, in_block: bool, extra: Option<&str>, span: Span, diags: &mut Vec<Diagnostic>) {
     let mut rest = t;
     while let Some(open) = rest.find('{') {
         let Some(close) = rest[open..].find('}') else {
             break;
         };
         let key = &rest[open + 1..open + close];
-        if key == "head" && head {
+        if Some(key) == extra {
         } else if key != "layer" {
-            let only =
-                if head { "`{layer}` and `{head}`" } else { "`{layer}` (and `{head}` in q/k norm names)" };
+            let only = match extra {
+                Some(e) => format!("`{{layer}}` and `{{{e}}}`"),
+                None => "`{layer}` (`{head}` in q/k norm names, `{expert}` in a mixture's)".to_string(),
+            };
             diags.push(
                 Diagnostic::error(Code::BadValue, format!("unknown placeholder `{{{key}}}` in `{t}`"))
                     .label(span.clone(), format!("the placeholders are {only}")),
@@ -1068,13 +1246,14 @@ struct Fields<'a> {
     fields: &'a [Field],
     allowed: &'a [&'a str],
     used: HashSet<String>,
-    /// Names here may hold `{head}` (a q/k norm's weights stored one tensor per head).
-    per_head_names: bool,
+    /// The placeholder names here may hold besides `{layer}`: `head` (a q/k norm's
+    /// weights stored one tensor per head) or `expert` (a mixture's).
+    placeholder: Option<&'static str>,
 }
 
 impl<'a> Fields<'a> {
     fn new(what: &str, fields: &'a [Field], allowed: &'a [&'a str]) -> Self {
-        Fields { what: what.to_string(), fields, allowed, used: HashSet::new(), per_head_names: false }
+        Fields { what: what.to_string(), fields, allowed, used: HashSet::new(), placeholder: None }
     }
 
     fn get(&self, key: &str) -> Option<&'a Value> {

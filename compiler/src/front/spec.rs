@@ -185,6 +185,36 @@ pub struct Mlp {
     pub gate_up: bool,
     pub down: Proj,
     pub act: Act,
+    /// Its own hidden size, where it is not the spec's `d_ff`.
+    pub d_ff: Option<usize>,
+}
+
+/// A mixture of experts: a router, the experts (gated or plain MLPs, each one slice of
+/// 3-D tensors `[experts, rows, in]`, stacked from one tensor per expert where the
+/// checkpoint has those), and optionally a shared expert that every row runs.
+#[derive(Clone, Debug)]
+pub struct Moe {
+    /// The router's weight, `[experts, d_model]`.
+    pub router: Template,
+    pub route: crate::ir::Route,
+    /// Each expert's hidden size (`d_expert`), where it is not `d_ff`.
+    pub hidden: Option<usize>,
+    /// The experts' projections (`…{0..E}…` where the checkpoint has a tensor per
+    /// expert); with `gate_up`, `up` is one `[E, 2·f, d]` tensor, the gate's rows first.
+    pub up: Template,
+    pub gate: Option<Template>,
+    pub gate_up: bool,
+    pub down: Template,
+    pub act: Act,
+    pub shared: Option<Shared>,
+}
+
+/// A shared expert: an MLP every row runs, its output optionally scaled by
+/// `sigmoid(x · gate)` (`gate` a `[1, d_model]` weight, Qwen2-MoE).
+#[derive(Clone, Debug)]
+pub struct Shared {
+    pub mlp: Mlp,
+    pub gate: Option<Template>,
 }
 
 #[derive(Clone, Debug)]
@@ -214,6 +244,7 @@ pub enum Kind {
     },
     Attention(Box<Attention>),
     Mlp(Mlp),
+    Moe(Box<Moe>),
     /// The projection to vocabulary logits; `tied` names an embedding component whose
     /// table it reuses.
     Unembed {
@@ -235,6 +266,7 @@ impl Kind {
             Kind::RmsNorm { .. } => "rmsnorm",
             Kind::Attention(_) => "attention",
             Kind::Mlp(_) => "mlp",
+            Kind::Moe(_) => "moe",
             Kind::Unembed { .. } => "unembed",
         }
     }

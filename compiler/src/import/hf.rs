@@ -30,7 +30,7 @@ pub enum ImportError {
 }
 
 const SUPPORTED: &str =
-    "bert, bloom, cohere, distilbert, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gptj, granite, llama, mistral, olmo, olmo2, opt, phi, phi3, qwen2, qwen3, roberta, stablelm, starcoder2, xglm, xlm-roberta";
+    "bert, bloom, cohere, distilbert, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gptj, granite, granitemoe, llama, mistral, mixtral, olmo, olmo2, olmoe, opt, phi, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, roberta, stablelm, starcoder2, xglm, xlm-roberta";
 
 /// Keys that never change what inference computes.
 fn ignorable(key: &str) -> bool {
@@ -75,6 +75,10 @@ fn ignorable(key: &str) -> bool {
         "_model_name_or_path",
         "auto_map",
         "keys_to_ignore_at_inference",
+        // A mixture's training: the router's auxiliary losses and jitter.
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "router_jitter_noise",
     ];
     KEYS.contains(&key)
         || key.contains("dropout")
@@ -388,15 +392,26 @@ impl Gen {
     /// The block, or, when some layers slide and others do not, a `sliding` and a `full`
     /// variant and the shortest `pattern` of them that repeats over the layers.
     fn per_layer_type(&mut self, types: &[bool], sliding: Vec<String>, full: Vec<String>) {
-        if types.iter().all(|&s| s) || types.iter().all(|&s| !s) {
-            self.block = if types.first() == Some(&true) { sliding } else { full };
+        let kinds: Vec<usize> = types.iter().map(|&s| if s { 0 } else { 1 }).collect();
+        self.per_layer(&kinds, vec![("sliding".into(), sliding), ("full".into(), full)]);
+    }
+
+    /// The block, or, when layers differ, the variants the layers run (`kinds[l]` indexes
+    /// `variants`), in the order given, and the shortest `pattern` of them that repeats
+    /// over the layers.
+    fn per_layer(&mut self, kinds: &[usize], mut variants: Vec<(String, Vec<String>)>) {
+        // No layers (an error the front end reports): the last variant.
+        let first = kinds.first().copied().unwrap_or(variants.len() - 1);
+        if kinds.iter().all(|&k| k == first) {
+            self.block = variants.swap_remove(first).1;
             return;
         }
-        let n = types.len();
-        let period = (1..=n).find(|&p| (0..n).all(|i| types[i] == types[i % p])).unwrap_or(n);
-        let names: Vec<&str> = types[..period].iter().map(|&s| if s { "sliding" } else { "full" }).collect();
+        let n = kinds.len();
+        let period = (1..=n).find(|&p| (0..n).all(|i| kinds[i] == kinds[i % p])).unwrap_or(n);
+        let names: Vec<&str> = kinds[..period].iter().map(|&k| variants[k].0.as_str()).collect();
         self.size("pattern", format!("[{}]", names.join(", ")));
-        self.variants = vec![("sliding".into(), sliding), ("full".into(), full)];
+        self.variants =
+            variants.into_iter().enumerate().filter(|(k, _)| kinds.contains(k)).map(|(_, v)| v).collect();
     }
 
     fn size(&mut self, key: &'static str, v: impl ToString) {
@@ -496,9 +511,8 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
         .push(format!("Imported from a Hugging Face config.json (model_type `{model}`) by `tfc import-hf`."));
     match model.as_str() {
         "gpt2" => gpt2(&mut c, &mut g)?,
-        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "granite" | "olmo" | "olmo2" | "phi3" => {
-            llama_like(&mut c, &mut g)?
-        }
+        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "granite" | "olmo" | "olmo2" | "phi3"
+        | "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "granitemoe" => llama_like(&mut c, &mut g)?,
         "starcoder2" => starcoder2(&mut c, &mut g)?,
         "stablelm" => stablelm(&mut c, &mut g)?,
         "cohere" => cohere(&mut c, &mut g)?,
@@ -615,8 +629,8 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     // Which layers slide, unless `layer_types` says: Mistral's and Phi-3's window is on
     // every layer; Qwen's, with `use_sliding_window`, from `max_window_layers` on.
     let slides: Box<dyn Fn(usize) -> bool> = match model.as_str() {
-        "mistral" | "phi3" => Box::new(move |_| window.is_some()),
-        "qwen2" | "qwen3" => {
+        "mistral" | "phi3" | "mixtral" => Box::new(move |_| window.is_some()),
+        "qwen2" | "qwen3" | "qwen2_moe" | "qwen3_moe" => {
             c.expect("use_mrope", &[false.into()], "multimodal RoPE (Qwen2-VL) is not supported")?;
             let on = c.bool_or("use_sliding_window", false)?;
             let from = c.opt_usize("max_window_layers")?.unwrap_or(0);
@@ -626,7 +640,7 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
             c.expect("use_bidirectional_attention", &[false.into()], "only causal Gemma is supported")?;
             Box::new(|_| false)
         }
-        "olmo" => {
+        "olmo" | "olmoe" => {
             c.expect(
                 "clip_qkv",
                 &[Value::Null],
@@ -640,21 +654,22 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     if types.contains(&true) && window.is_none() {
         return Err(c.unsupported("sliding_window", "sliding layers need a `sliding_window` size"));
     }
-    let bias = match (model.as_str(), attn_bias) {
-        ("qwen2", _) => ", bias = [q, k, v]",
+    let qkv_bias = model == "qwen2" || model == "qwen2_moe" && c.bool_or("qkv_bias", true)?;
+    let bias = match (qkv_bias, attn_bias) {
+        (true, _) => ", bias = [q, k, v]",
         (_, true) => ", bias = true",
         _ => "",
     };
     // Qwen3 normalises each query and key head (RMSNorm, `q_norm`/`k_norm`) before RoPE;
     // OLMo 2 the whole query and key projections.
     let qk_norm = match model.as_str() {
-        "qwen3" => Some(format!("  qk_norm = rmsnorm {{ eps = {eps} }}")),
-        "olmo2" => Some(format!("  qk_norm = rmsnorm {{ eps = {eps}, over = width }}")),
+        "qwen3" | "qwen3_moe" => Some(format!("  qk_norm = rmsnorm {{ eps = {eps} }}")),
+        "olmo2" | "olmoe" => Some(format!("  qk_norm = rmsnorm {{ eps = {eps}, over = width }}")),
         _ => None,
     };
     // Granite's multipliers: of the embedding, of each residual branch, of the attention
     // scores (the scale itself) and, divided, of the logits.
-    let granite = model == "granite";
+    let granite = model == "granite" || model == "granitemoe";
     let mult = |c: &mut Config, key: &str| -> Result<Option<f64>, ImportError> {
         Ok(if granite { Some(c.f64_or(key, 1.0)?) } else { None }.filter(|&m| m != 1.0))
     };
@@ -693,7 +708,11 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let qkv = if phi3 { "qkv = \"qkv_proj\"" } else { "q = \"q_proj\", k = \"k_proj\", v = \"v_proj\"" };
     let gate_up = if phi3 { "gate_up = \"gate_up_proj\"" } else { "gate = \"gate_proj\", up = \"up_proj\"" };
     let rope = rope_text(theta, fraction, scaling);
-    let block = |window: Option<usize>| {
+    let (sparse, moe) = match mixture(c, &model, act, layers)? {
+        Some((sparse, moe)) => (sparse, Some(moe)),
+        None => (vec![false; layers], None),
+    };
+    let block = |window: Option<usize>, sparse: bool| {
         let window = window.map(|w| format!(", window = {w}")).unwrap_or_default();
         let mut b = if after { vec![] } else { vec![norm(&format!("{l}.input_layernorm"), "input_norm")] };
         b.extend([
@@ -713,9 +732,12 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
             b.push(norm(&format!("{l}.post_feedforward_layernorm"), "post_mlp_norm"));
         }
         b.extend([
-            format!(
-                "mlp: mlp {{ at = \"{l}.mlp\", {gate_up}, down = \"down_proj\", act = {act}{mlp_bias} }}"
-            ),
+            match (&moe, sparse) {
+                (Some(moe), true) => moe.clone(),
+                _ => format!(
+                    "mlp: mlp {{ at = \"{l}.mlp\", {gate_up}, down = \"down_proj\", act = {act}{mlp_bias} }}"
+                ),
+            },
             String::new(),
         ]);
         if after {
@@ -728,7 +750,25 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         }
         b
     };
-    g.per_layer_type(&types, block(window), block(None));
+    // A variant per kind of layer: sliding or not, a mixture or a dense MLP, each part
+    // of the name only where the layers differ in it.
+    let (slides, mixed) =
+        (types.contains(&true) && types.contains(&false), sparse.iter().any(|&s| s != sparse[0]));
+    let mut variants = Vec::new();
+    for (s, m) in [(true, true), (false, true), (true, false), (false, false)] {
+        let mut name: Vec<&str> = Vec::new();
+        if slides {
+            name.push(if s { "sliding" } else { "full" });
+        }
+        if mixed {
+            name.push(if m { "moe" } else { "dense" });
+        }
+        let name = if name.is_empty() { "block".to_string() } else { name.join("_") };
+        variants.push((name, block(if s { window } else { None }, m)));
+    }
+    let kinds: Vec<usize> =
+        types.iter().zip(&sparse).map(|(&s, &m)| 2 * (!m as usize) + !s as usize).collect();
+    g.per_layer(&kinds, variants);
     g.head = vec![
         norm("model.norm", "norm"),
         unembed(tied, "embed_tokens", "lm_head", false),
@@ -738,6 +778,87 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         },
     ];
     Ok(())
+}
+
+/// The mixture of experts of a llama-like family, if it is one: which of the `layers`
+/// layers run it (the others a dense MLP), and its `moe` component.
+fn mixture(
+    c: &mut Config,
+    model: &str,
+    act: &str,
+    layers: usize,
+) -> Result<Option<(Vec<bool>, String)>, ImportError> {
+    let l = "model.layers.{layer}";
+    let (experts_key, at, router, names) = match model {
+        "mixtral" => (
+            "num_local_experts",
+            "block_sparse_moe",
+            "gate",
+            "expert = \"experts.{expert}\", gate = \"w1\", up = \"w3\", down = \"w2\"",
+        ),
+        "qwen2_moe" | "qwen3_moe" | "olmoe" => (
+            "num_experts",
+            "mlp",
+            "gate",
+            "expert = \"experts.{expert}\", gate = \"gate_proj\", up = \"up_proj\", down = \"down_proj\"",
+        ),
+        "granitemoe" => (
+            "num_local_experts",
+            "block_sparse_moe",
+            "router.layer",
+            "gate_up = \"input_linear\", down = \"output_linear\"",
+        ),
+        _ => return Ok(None),
+    };
+    // Published Qwen and OLMoE configs say `num_experts`, transformers' own may say
+    // `num_local_experts`.
+    let experts = match (experts_key, c.get(experts_key).is_none() && c.get("num_local_experts").is_some()) {
+        ("num_experts", true) => c.usize("num_local_experts")?,
+        _ => c.usize(experts_key)?,
+    };
+    let top_k = c.usize("num_experts_per_tok")?;
+    let mut fields = vec![format!("experts = {experts}, top_k = {top_k}")];
+    match model {
+        // Mixtral always renormalises the chosen weights; GraniteMoE takes a softmax
+        // over the chosen logits.
+        "mixtral" => fields.push("normalize = true".into()),
+        "granitemoe" => fields.push("scoring = softmax_chosen".into()),
+        _ => {
+            if c.bool_or("norm_topk_prob", false)? {
+                fields.push("normalize = true".into());
+            }
+        }
+    }
+    // Qwen's experts have their own width; the dense layers' is `intermediate_size`.
+    let qwen = model == "qwen2_moe" || model == "qwen3_moe";
+    if qwen {
+        fields.push(format!("d_expert = {}", c.usize("moe_intermediate_size")?));
+    }
+    fields.push(format!("router = \"{router}\", {names}, act = {act}"));
+    if model == "qwen2_moe" {
+        fields.push(format!(
+            "shared = \"shared_expert\", d_shared = {}, shared_gate = \"shared_expert_gate\"",
+            c.usize("shared_expert_intermediate_size")?
+        ));
+    }
+    let sparse = if qwen {
+        let step = c.opt_usize("decoder_sparse_step")?.unwrap_or(1);
+        let dense: Vec<usize> = match c.get("mlp_only_layers") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+                .ok_or_else(|| c.unsupported("mlp_only_layers", "expected a list of layer indices"))?,
+        };
+        if step == 0 {
+            return Err(c.unsupported("decoder_sparse_step", "must be at least 1"));
+        }
+        (0..layers).map(|i| experts > 0 && !dense.contains(&i) && (i + 1) % step == 0).collect()
+    } else {
+        vec![true; layers]
+    };
+    let moe = format!("mlp: moe {{\n    at = \"{l}.{at}\"\n    {}\n  }}", fields.join("\n    "));
+    Ok(Some((sparse, moe)))
 }
 
 /// StarCoder2: LayerNorms with biases, biases on every projection, a plain (ungated)

@@ -158,6 +158,9 @@ pub fn run(g: &Graph, weights: &Weights, inputs: &Inputs) -> Result<HashMap<Stri
                 let sinks = sinks.then(|| f(4));
                 Value::F(ops::attention(f(0), f(1), f(2), ids(3), *scale, mask, *alibi, *softcap, sinks))
             }
+            Op::Route(r) => Value::F(ops::route(f(0), r)),
+            Op::Experts(e) => Value::F(ops::experts(f(0), f(1), f(2), f(3), e.gate_at.map(|_| f(4)), e)),
+            Op::RowScale => Value::F(ops::row_scale(f(0), f(1))),
             Op::LastRow => match &vals[&ops[0]] {
                 Value::I(v) => Value::I(v[v.len() - 1..].to_vec()),
                 Value::F(x) => Value::F(Tensor::new(vec![1, x.shape[1]], x.row(x.shape[0] - 1).to_vec())),

@@ -2,7 +2,7 @@
 //! with the sizes of their operands and accumulate sums in `f64`.
 
 use super::Tensor;
-use crate::ir::{alibi_slopes, Act, AttnMask, QkvLayout, QkvPart, Rope};
+use crate::ir::{alibi_slopes, Act, AttnMask, Experts, QkvLayout, QkvPart, Rope, Route};
 
 pub fn gather(table: &Tensor, ids: &[i64], offset: usize) -> Result<Tensor, String> {
     let (rows, d) = (table.shape[0], table.shape[1]);
@@ -334,4 +334,69 @@ mod tests {
         let s = Tensor::new(vec![1, 3], vec![1.0, f32::NEG_INFINITY, 1.0]);
         assert_eq!(softmax(&s, None).data, vec![0.5, 0.0, 0.5]);
     }
+}
+
+/// A router's dense weights `[T, E]`: each row's chosen experts (`Route::route`), zero
+/// elsewhere.
+pub fn route(logits: &Tensor, r: &Route) -> Tensor {
+    rows(logits, |src, dst| {
+        let l: Vec<f64> = src.iter().map(|&v| v as f64).collect();
+        for (e, w) in r.route(&l) {
+            dst[e] = w as f32;
+        }
+    })
+}
+
+/// The experts of a mixture (`Op::Experts`): each row through its chosen experts only,
+/// each expert as the MLP the dense one is (every linear map, activation and product
+/// rounded to f32), their outputs weighted and summed in ascending expert order.
+pub fn experts(
+    x: &Tensor,
+    route: &Tensor,
+    up: &Tensor,
+    down: &Tensor,
+    gate: Option<&Tensor>,
+    e: &Experts,
+) -> Tensor {
+    let (t, d, f) = (x.shape[0], x.shape[1], e.hidden);
+    // Expert `k`'s rows `at..at + f` of a `[E, R, d]` tensor, as a `[f, d]` matrix.
+    let part = |w: &Tensor, k: usize, at: usize| {
+        let start = (k * w.shape[1] + at) * d;
+        Tensor::new(vec![f, d], w.data[start..start + f * d].to_vec())
+    };
+    let mut out = vec![0.0f32; t * d];
+    for r in 0..t {
+        let xr = Tensor::new(vec![1, d], x.row(r).to_vec());
+        let mut acc = vec![0.0f64; d];
+        for k in 0..e.experts {
+            let w = route.data[r * e.experts + k];
+            if w == 0.0 {
+                continue;
+            }
+            let u = linear(&xr, &part(up, k, e.up_at), None, false);
+            let h = match (gate, e.gate_at) {
+                (Some(g), Some(at)) => {
+                    let g = map(&linear(&xr, &part(g, k, at), None, false), |v| activation(e.act, v));
+                    zip(&g, &u, |a, b| a * b)
+                }
+                _ => map(&u, |v| activation(e.act, v)),
+            };
+            let dk = Tensor::new(vec![d, f], down.data[k * d * f..(k + 1) * d * f].to_vec());
+            let y = linear(&h, &dk, None, false);
+            for (a, &v) in acc.iter_mut().zip(&y.data) {
+                *a += w as f64 * v as f64;
+            }
+        }
+        for (o, a) in out[r * d..(r + 1) * d].iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+    }
+    Tensor::new(vec![t, d], out)
+}
+
+/// Each row of `x [T, d]` times its number in `s [T, 1]`.
+pub fn row_scale(x: &Tensor, s: &Tensor) -> Tensor {
+    let d = x.shape[1];
+    let data = x.data.iter().enumerate().map(|(i, &v)| (v as f64 * s.data[i / d] as f64) as f32).collect();
+    Tensor::new(x.shape.clone(), data)
 }

@@ -27,10 +27,12 @@ pub enum Act {
     QuickGelu,
     /// `relu(x)²` (Nemotron, Primer).
     Relu2,
+    /// `1 / (1 + e^(-x))`: the gate of a shared expert (Qwen2-MoE).
+    Sigmoid,
 }
 
 impl Act {
-    pub const ALL: [(&'static str, Act); 7] = [
+    pub const ALL: [(&'static str, Act); 8] = [
         ("relu", Act::Relu),
         ("gelu", Act::Gelu),
         ("gelu_tanh", Act::GeluTanh),
@@ -38,6 +40,7 @@ impl Act {
         ("tanh", Act::Tanh),
         ("quick_gelu", Act::QuickGelu),
         ("relu2", Act::Relu2),
+        ("sigmoid", Act::Sigmoid),
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +70,14 @@ impl Act {
                 let zero = a.c(0.0);
                 let r = a.max(x, zero);
                 a.mul(r.clone(), r)
+            }
+            // 1 / (1 + e^(-x))
+            Act::Sigmoid => {
+                let n = a.neg(x);
+                let e = a.exp(n);
+                let one = a.c(1.0);
+                let d = a.add(one.clone(), e);
+                a.div(one, d)
             }
             // x / (1 + e^(-x))
             Act::Silu => {
@@ -471,6 +482,79 @@ pub struct AttnMask {
     pub window: Option<usize>,
 }
 
+/// How a router turns a row's logits into its experts' weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scoring {
+    /// A softmax over every expert, of which the `k` largest are kept (Mixtral, Qwen-MoE,
+    /// OLMoE).
+    Softmax,
+    /// The `k` largest logits, then a softmax over those `k` only (GraniteMoE, gpt-oss).
+    SoftmaxChosen,
+}
+
+impl Scoring {
+    pub const ALL: [(&'static str, Scoring); 2] =
+        [("softmax", Scoring::Softmax), ("softmax_chosen", Scoring::SoftmaxChosen)];
+
+    pub fn name(self) -> &'static str {
+        Scoring::ALL.iter().find(|(_, s)| *s == self).map(|(n, _)| *n).unwrap_or("?")
+    }
+}
+
+/// A mixture-of-experts router (`Op::Route`): which `top_k` of `experts` each row goes
+/// to, and with what weight.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Route {
+    pub experts: usize,
+    pub top_k: usize,
+    pub scoring: Scoring,
+    /// The chosen weights divided by their sum (`norm_topk_prob`).
+    pub normalize: bool,
+    /// The weights multiplied by this at the end (`routed_scaling_factor`).
+    pub scale: f64,
+}
+
+impl Route {
+    /// The chosen experts of one row of logits, each with its weight, in ascending expert
+    /// order, written once for every engine's reading of the rule: the `top_k` largest
+    /// logits (the softmax is monotonic, so this is the top of either scoring), a tie
+    /// going to the lower expert; then the scoring, the normalisation and the scale, in
+    /// f64. Engines compute the same steps in their own precision.
+    pub fn route(&self, logits: &[f64]) -> Vec<(usize, f64)> {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        // Stable: equal logits keep their expert order. NaN sorts last.
+        order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal));
+        let mut chosen: Vec<usize> = order.into_iter().take(self.top_k).collect();
+        chosen.sort_unstable();
+        let over: Vec<usize> = match self.scoring {
+            Scoring::Softmax => (0..logits.len()).collect(),
+            Scoring::SoftmaxChosen => chosen.clone(),
+        };
+        let max = over.iter().map(|&e| logits[e]).fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = over.iter().map(|&e| (logits[e] - max).exp()).sum();
+        let mut w: Vec<f64> = chosen.iter().map(|&e| (logits[e] - max).exp() / total).collect();
+        if self.normalize {
+            let s: f64 = w.iter().sum();
+            w.iter_mut().for_each(|v| *v /= s);
+        }
+        chosen.into_iter().zip(w).map(|(e, v)| (e, v * self.scale)).collect()
+    }
+}
+
+/// The experts of a mixture (`Op::Experts`): `experts` gated (or plain) MLPs of `hidden`
+/// features, each expert's matrices one slice of a 3-D tensor `[experts, rows, in]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Experts {
+    pub experts: usize,
+    pub hidden: usize,
+    pub act: Act,
+    /// The first row of each expert's up projection in its tensor (`f` in a fused
+    /// gate_up, whose gate rows come first).
+    pub up_at: usize,
+    /// The first row of each expert's gate projection, if the MLP is gated.
+    pub gate_at: Option<usize>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     Input(InputKind),
@@ -571,6 +655,18 @@ pub enum Op {
     /// The last row: `[T, d] -> [1, d]`, or the last element: `[T] -> [1]` (of the
     /// positions, for a narrowed query).
     LastRow,
+    /// A router: `logits [T, E] -> [T, E]`, each row the weights of its chosen experts
+    /// (`Route::route`) and zero elsewhere.
+    Route(Route),
+    /// A mixture's experts: `(x [T, d], route [T, E], up [E, R, d], down [E, d, f],
+    /// [gate [E, R', d]]) -> [T, d]`, row `t` the sum over its chosen experts `e` (in
+    /// ascending order) of `route[t, e] · down_e(act(gate_e(x_t)) · up_e(x_t))` (or
+    /// `down_e(act(up_e(x_t)))` without a gate). An expert whose weight is zero is not
+    /// computed: a row reads only its chosen experts.
+    Experts(Experts),
+    /// `(x [T, d], s [T, 1]) -> [T, d]`: each row times its own number (a shared
+    /// expert's gate).
+    RowScale,
 }
 
 impl Op {
@@ -585,7 +681,8 @@ impl Op {
             | Op::SplitQkv { .. }
             | Op::SplitHeads { .. }
             | Op::MergeHeads
-            | Op::LastRow => 1..=1,
+            | Op::LastRow
+            | Op::Route(_) => 1..=1,
             Op::Softmax => 1..=2,
             Op::Gather { .. }
             | Op::Add
@@ -595,7 +692,9 @@ impl Op {
             | Op::Concat { .. }
             | Op::HeadMatMul { .. }
             | Op::Alibi { .. }
-            | Op::Mask(_) => 2..=2,
+            | Op::Mask(_)
+            | Op::RowScale => 2..=2,
+            Op::Experts(e) => 4 + e.gate_at.is_some() as usize..=4 + e.gate_at.is_some() as usize,
             Op::LayerNorm { gain, .. } => 1 + *gain as usize..=2 + *gain as usize,
             Op::Linear { bias, .. } => {
                 if *bias {
@@ -635,6 +734,9 @@ impl Op {
             Op::Softmax => "softmax",
             Op::Attention { .. } => "attention",
             Op::LastRow => "last_row",
+            Op::Route(_) => "route",
+            Op::Experts(_) => "experts",
+            Op::RowScale => "row_scale",
         }
     }
 
@@ -741,6 +843,30 @@ impl Op {
                 }
                 if *sinks {
                     v.push("sinks".into());
+                }
+                v
+            }
+            Op::Route(r) => {
+                let mut v = vec![format!("top_k={}", r.top_k), r.scoring.name().into()];
+                if r.normalize {
+                    v.push("normalize".into());
+                }
+                if r.scale != 1.0 {
+                    v.push(format!("scale={}", num(r.scale)));
+                }
+                v
+            }
+            Op::Experts(e) => {
+                let mut v = vec![
+                    format!("experts={}", e.experts),
+                    format!("hidden={}", e.hidden),
+                    e.act.name().into(),
+                ];
+                if let Some(g) = e.gate_at {
+                    v.push(format!("gate_at={g}"));
+                }
+                if e.up_at > 0 {
+                    v.push(format!("up_at={}", e.up_at));
                 }
                 v
             }
@@ -959,6 +1085,58 @@ impl Op {
                     if s.shape != [Dim::fixed(h)] {
                         return Err(format!("sinks must be [{h}], are {s}"));
                     }
+                }
+                Ok(ins[0].clone())
+            }
+            Op::Route(r) => {
+                want_rank(0, 2)?;
+                float(0)?;
+                let e = fixed(last(0), "experts")?;
+                if e != r.experts || r.top_k == 0 || r.top_k > e {
+                    return Err(format!(
+                        "a router of {} experts choosing {} has {e} logits",
+                        r.experts, r.top_k
+                    ));
+                }
+                Ok(TensorType::new(ins[0].shape.clone(), DType::F32))
+            }
+            Op::Experts(x) => {
+                want_rank(0, 2)?;
+                want_rank(1, 2)?;
+                float(0)?;
+                let (d, e, f) = (last(0), Dim::fixed(x.experts), Dim::fixed(x.hidden));
+                if ins[1].shape != [ins[0].shape[0], e] {
+                    return Err(format!("the routing must be [{}, {e}], is {}", ins[0].shape[0], ins[1]));
+                }
+                let rows = |i: usize, at: usize, what: &str| -> Result<(), String> {
+                    let t = ins[i];
+                    let ok = t.rank() == 3
+                        && t.shape[0] == e
+                        && t.shape[2] == d
+                        && t.shape[1].as_fixed().is_some_and(|r| r >= at + x.hidden);
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(format!("the experts' {what} must be [{e}, ≥{}, {d}], is {t}", at + x.hidden))
+                    }
+                };
+                rows(2, x.up_at, "up projection")?;
+                if ins[3].shape != [e, d, f] {
+                    return Err(format!(
+                        "the experts' down projection must be [{e}, {d}, {f}], is {}",
+                        ins[3]
+                    ));
+                }
+                if let Some(g) = x.gate_at {
+                    rows(4, g, "gate projection")?;
+                }
+                Ok(ins[0].clone())
+            }
+            Op::RowScale => {
+                want_rank(0, 2)?;
+                float(0)?;
+                if ins[1].shape != [ins[0].shape[0], Dim::fixed(1)] {
+                    return Err(format!("the row scale must be [{}, 1], is {}", ins[0].shape[0], ins[1]));
                 }
                 Ok(ins[0].clone())
             }

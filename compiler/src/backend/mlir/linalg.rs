@@ -412,6 +412,12 @@ impl<'a> Func<'a> {
                     op.mnemonic()
                 )))
             }
+            op @ (Op::Route(_) | Op::Experts(_) | Op::RowScale) => {
+                return Err(unsupported(format!(
+                    "`{}` (a mixture of experts) on the MLIR backend; the LLVM backend and the interpreter run it",
+                    op.mnemonic()
+                )))
+            }
         };
         Ok(Some(v))
     }
