@@ -967,13 +967,31 @@ fn linear_flops(g: &tfc::ir::Graph, t: usize) -> f64 {
     let b = tfc::ir::SymBinding { t, p: 0 };
     g.node_ids()
         .into_iter()
-        .filter(|&n| matches!(g.op(n), tfc::ir::Op::Linear { .. }))
-        .map(|n| {
-            let (x, w) = (g.ty(g.operands(n)[0]), g.ty(g.operands(n)[1]));
-            let weights: usize = w.shape.iter().map(|d| d.eval(b)).product();
-            2.0 * x.shape[0].eval(b) as f64 * weights as f64
+        .map(|n| match g.op(n) {
+            tfc::ir::Op::Linear { .. } => {
+                let (x, w) = (g.ty(g.operands(n)[0]), g.ty(g.operands(n)[1]));
+                let weights: usize = w.shape.iter().map(|d| d.eval(b)).product();
+                2.0 * x.shape[0].eval(b) as f64 * weights as f64
+            }
+            // Each row runs its top_k experts' projections: gate, up, down.
+            tfc::ir::Op::Experts(x) => {
+                let d = g.ty(n).shape[1].eval(b) as f64;
+                let parts = 2.0 + x.gate_at.is_some() as u8 as f64;
+                let (k, _) = expert_share(g, n);
+                2.0 * g.ty(n).shape[0].eval(b) as f64 * k as f64 * parts * d * x.hidden as f64
+            }
+            _ => 0.0,
         })
         .sum()
+}
+
+/// How many of a mixture's experts each row runs, of how many.
+fn expert_share(g: &tfc::ir::Graph, n: tfc::ir::NodeId) -> (usize, usize) {
+    let tfc::ir::Op::Experts(x) = g.op(n) else { return (1, 1) };
+    match g.op(g.operands(n)[1]) {
+        tfc::ir::Op::Route(r) => (r.top_k, x.experts),
+        _ => (x.experts, x.experts),
+    }
 }
 
 /// Median, min and max of a sample.
@@ -1131,7 +1149,23 @@ fn report(
             }
         }
     }
-    let read_bytes = stored_bytes(m, Some(&read));
+    // A mixture's expert tensors are read for the experts the token is routed to only.
+    let mut experts = std::collections::HashMap::new();
+    for n in decode.node_ids() {
+        if let tfc::ir::Op::Experts(_) = decode.op(n) {
+            let (k, e) = expert_share(decode, n);
+            for &w in &decode.operands(n)[2..] {
+                if let tfc::ir::Op::Weight { name, .. } = decode.op(w) {
+                    experts.insert(name.clone(), k as f64 / e as f64);
+                }
+            }
+        }
+    }
+    let mut read_bytes = stored_bytes(m, Some(&read));
+    for (name, share) in &experts {
+        let one = std::collections::HashSet::from([name.clone()]);
+        read_bytes += (stored_bytes(m, Some(&one)) as f64 * share) as usize;
+    }
     let gbs = dm * read_bytes as f64 / 1e9;
     let params: usize = m.weights.iter().map(|x| x.shape.iter().product::<usize>()).sum();
     let flops = linear_flops(&c.prefill, a.prompt);

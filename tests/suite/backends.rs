@@ -704,3 +704,47 @@ fn block_weights_equal_the_interpreter() {
         }
     }
 }
+
+/// A mixture of experts in the LLVM library (the expert projections on every linear
+/// kernel: packed over an expert's rows in prefill, dot products in decode, each storage
+/// type read where the expert's slice of the 3-D tensor lies) against the interpreter:
+/// prompt, prefill + decode and extend at every split, 40 rows at once.
+#[test]
+fn mixtures_of_experts_equal_the_interpreter() {
+    use tfc::ir::{DType, Quant};
+    let spec = root().join("tests/specs/gemm/moe.tfs");
+    let dtypes = [
+        None,
+        Some(DType::BF16),
+        Some(DType::Q8),
+        Some(DType::Quant(Quant::Q4_K)),
+        Some(DType::Quant(Quant::Q6_K)),
+    ];
+    for dtype in dtypes {
+        let opts = Options { weight_dtype: dtype, ..Options::default() };
+        let c = compile(&spec, &opts);
+        let tag = dtype.map_or("f32".into(), |d| d.name().to_string());
+        let model = Model::load(build_opts(&spec, &tag, &opts, &LibOptions::default())).unwrap();
+        let (w, data) = random_weights(&model, &[&c.model]);
+        let mut s = Session::new(&model, data, 2).unwrap();
+        let name = format!("moe, {tag}");
+        check_splits(&name, &c, &w, &mut s);
+        let tokens: Vec<i32> = (0..40).map(|i| (i * 37 + 5) % c.spec.sizes.vocab as i32).collect();
+        let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
+        let want = run(&c.model, &w, &inputs).unwrap().remove("logits").unwrap();
+        s.reset();
+        let rows = s.prefill(&tokens, None, true).unwrap();
+        assert_close(&format!("{name}: 40 rows"), &rows, &want.data, tolerance(&c, &want.data));
+    }
+}
+
+/// The MLIR backends refuse a mixture of experts with an error that names it.
+#[test]
+fn the_mlir_backends_refuse_a_mixture_of_experts_by_name() {
+    let spec = root().join("specs/tiny/mixtral.tfs");
+    let c = compile(&spec, &Options::default());
+    let dir = root().join("target/test-libs/moe-mlir");
+    let opts = LibOptions { backend: Backend::Mlir, ..Default::default() };
+    let err = compile_library(&c, &dir, &opts).unwrap_err().to_string();
+    assert!(err.contains("the MLIR backend does not support `route` (a mixture of experts"), "{err}");
+}

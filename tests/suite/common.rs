@@ -364,3 +364,8 @@ pub fn check_splits(name: &str, c: &Compiled, w: &tfc::interp::Weights, e: &mut 
     assert_close(&format!("{name}: extend 6..9"), &rows, &full.data[6 * width..], tol);
     assert_eq!(e.position(), tokens.len(), "{name}: cache position after extending");
 }
+
+/// Whether a compiled model has a mixture of experts (which the MLIR backends refuse).
+pub fn has_experts(c: &tfc::Compiled) -> bool {
+    c.model.node_ids().into_iter().any(|n| matches!(c.model.op(n), tfc::ir::Op::Experts(_)))
+}

@@ -220,10 +220,12 @@ impl Lowerer<'_> {
         }
         let dtype = match (role, listed.or(self.dtype).unwrap_or(self.spec.dtype)) {
             (WeightRole::Bias | WeightRole::Gain | WeightRole::Logit, _) => DType::F32,
-            // A q8 tensor keeps its scales after all of its values, so an expert's
-            // slice of one would not be a q8 matrix: experts take q8_0's blocks.
-            (_, DType::Q8) if shape.len() == 3 => DType::Quant(Quant::Q8_0).for_rows(shape[2]),
-            (_, d) => d.for_rows(shape.last().copied().unwrap_or(0)),
+            (_, d) => match d.for_rows(shape.last().copied().unwrap_or(0)) {
+                // A q8 tensor keeps its scales after all of its values, so an expert's
+                // slice of one would not be a q8 matrix: experts take q8_0's blocks.
+                DType::Q8 if shape.len() == 3 => DType::Quant(Quant::Q8_0).for_rows(shape[2]),
+                d => d,
+            },
         };
         let layer = self.layer;
         self.leaf(Op::Weight { name, role }, TensorType::fixed(shape, dtype), origin, layer)

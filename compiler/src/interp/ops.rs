@@ -314,28 +314,6 @@ pub fn attention(
     head_matmul(&softmax(&s, sinks), v, false)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn alibi_slopes_match_the_paper() {
-        let s = alibi_slopes(8, 1.0);
-        assert!((s[0] - 0.5).abs() < 1e-12 && (s[7] - 1.0 / 256.0).abs() < 1e-12);
-        // 6 heads: the 4 of a power of two, then the odd ones of the 8-head sequence.
-        let s6 = alibi_slopes(6, 1.0);
-        assert_eq!(s6.len(), 6);
-        assert!((s6[3] - 2f64.powi(-8)).abs() < 1e-12);
-        assert!((s6[4] - 0.5).abs() < 1e-12 && (s6[5] - 0.125).abs() < 1e-12);
-    }
-
-    #[test]
-    fn softmax_of_a_masked_row_ignores_masked_entries() {
-        let s = Tensor::new(vec![1, 3], vec![1.0, f32::NEG_INFINITY, 1.0]);
-        assert_eq!(softmax(&s, None).data, vec![0.5, 0.0, 0.5]);
-    }
-}
-
 /// A router's dense weights `[T, E]`: each row's chosen experts (`Route::route`), zero
 /// elsewhere.
 pub fn route(logits: &Tensor, r: &Route) -> Tensor {
@@ -399,4 +377,26 @@ pub fn row_scale(x: &Tensor, s: &Tensor) -> Tensor {
     let d = x.shape[1];
     let data = x.data.iter().enumerate().map(|(i, &v)| (v as f64 * s.data[i / d] as f64) as f32).collect();
     Tensor::new(x.shape.clone(), data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alibi_slopes_match_the_paper() {
+        let s = alibi_slopes(8, 1.0);
+        assert!((s[0] - 0.5).abs() < 1e-12 && (s[7] - 1.0 / 256.0).abs() < 1e-12);
+        // 6 heads: the 4 of a power of two, then the odd ones of the 8-head sequence.
+        let s6 = alibi_slopes(6, 1.0);
+        assert_eq!(s6.len(), 6);
+        assert!((s6[3] - 2f64.powi(-8)).abs() < 1e-12);
+        assert!((s6[4] - 0.5).abs() < 1e-12 && (s6[5] - 0.125).abs() < 1e-12);
+    }
+
+    #[test]
+    fn softmax_of_a_masked_row_ignores_masked_entries() {
+        let s = Tensor::new(vec![1, 3], vec![1.0, f32::NEG_INFINITY, 1.0]);
+        assert_eq!(softmax(&s, None).data, vec![0.5, 0.0, 0.5]);
+    }
 }

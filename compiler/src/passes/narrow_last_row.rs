@@ -98,8 +98,9 @@ fn row_operands(op: &Op) -> &'static [usize] {
         | Op::RoundBf16
         | Op::SplitQkv { .. }
         | Op::SplitHeads { .. }
-        | Op::MergeHeads => &[0],
-        Op::Add | Op::Mul | Op::Rope(_) => &[0, 1],
+        | Op::MergeHeads
+        | Op::Route(_) => &[0],
+        Op::Add | Op::Mul | Op::Rope(_) | Op::Experts(_) | Op::RowScale => &[0, 1],
         Op::Attention { .. } => &[0, 3],
         _ => &[],
     }

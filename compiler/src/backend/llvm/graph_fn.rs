@@ -21,12 +21,13 @@ use inkwell::GlobalVisibility;
 
 use super::kb::{Kb, WFmt};
 use super::kernels::{self, Kernel, LinearAlgo, Slot, UnaryOp, WeightRead, ARG_SLOTS};
-use super::select::{weight_read, GraphPlan, LinearPlan, Packing};
+use super::select::{expert_algo, experts_scratch, linear_rows, weight_read, GraphPlan, LinearPlan, Packing};
 use super::{amx, LlvmError};
 use crate::backend::layout::Layout;
+use crate::backend::plan::Epi;
 use crate::backend::plan::Loc;
 use crate::backend::weights::{WeightTable, BLOCK};
-use crate::ir::{CacheKind, DType, Dim, Graph, NodeId, Op};
+use crate::ir::{CacheKind, DType, Dim, Experts, Graph, NodeId, Op};
 
 /// Kernel calls per basic block of a graph function: the register allocator and
 /// coalescer scan a whole block per live range or copy, so one block of every call made
@@ -357,6 +358,15 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                 self.call(k, &v, rows)
             }
             Op::Attention { .. } => self.attention(n),
+            Op::Route(r) => {
+                let v = [(X, o(self, 0)), (Out, self.val(n))];
+                self.call(Kernel::Route { route: *r }, &v, self.rows_of(n))
+            }
+            Op::RowScale => {
+                let v = [(X, o(self, 0)), (Y, o(self, 1)), (Out, self.val(n))];
+                self.call(Kernel::RowScale { width }, &v, self.rows_of(n))
+            }
+            Op::Experts(x) => self.experts(n, *x, width),
             Op::LastRow => {
                 // `[T]` (positions, i32) or `[T, d]`.
                 let src = g.ty(ops[0]);
@@ -468,6 +478,110 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
         };
         let k = Kernel::Linear { inn, out: width, bias, epi, wf, read, algo };
         self.call(k, &v, self.kb.c(tasks as i64));
+    }
+
+    /// A mixture's experts: the rows grouped by expert (`Dispatch`), then a loop over the
+    /// experts that runs each chosen one's projections with the linear kernels, over its
+    /// rows only and reading its matrices where they lie in the 3-D tensors, then the
+    /// weighted sum per row (`Combine`).
+    fn experts(&mut self, n: NodeId, x: Experts, d: usize) {
+        use Slot::*;
+        let g = self.g;
+        let ops = g.operands(n);
+        let s = experts_scratch(g, n, self.layout.max_seq).expect("bug: an experts node");
+        let (e, f) = (x.experts, x.hidden);
+        let part =
+            |me: &Self, off: u64| me.kb.int_of(me.kb.gep(me.kb.cx.i8_type(), me.at(n), me.kb.c(off as i64)));
+        let v = [
+            (X, self.val(ops[0])),
+            (Route, self.val(ops[1])),
+            (Offsets, part(self, s.offsets)),
+            (Slots, part(self, s.slot_of)),
+            (Out, part(self, s.xs)),
+            (Rows, self.rows_of(n)),
+        ];
+        self.call(Kernel::Dispatch { experts: e, d }, &v, self.kb.c(1));
+        // The loop over the experts, its counter in a stack slot.
+        let (cx, f_) = (self.kb.cx, self.kb.f);
+        let i64t = cx.i64_type();
+        let counter = self.kb.b.build_alloca(i64t, "expert").unwrap();
+        self.kb.b.build_store(counter, self.kb.c(0)).unwrap();
+        let (head, body, work, next, exit) = (
+            cx.append_basic_block(f_, "expert"),
+            cx.append_basic_block(f_, "expert_rows"),
+            cx.append_basic_block(f_, "expert_run"),
+            cx.append_basic_block(f_, "expert_next"),
+            cx.append_basic_block(f_, "experts_done"),
+        );
+        self.kb.b.build_unconditional_branch(head).unwrap();
+        self.kb.b.position_at_end(head);
+        let ex = self.kb.b.build_load(i64t, counter, "").unwrap().into_int_value();
+        let more = self.kb.icmp_lt(ex, self.kb.c(e as i64));
+        self.kb.b.build_conditional_branch(more, body, exit).unwrap();
+        self.kb.b.position_at_end(body);
+        let offsets = self.kb.ptr_of(part(self, s.offsets));
+        let lo = self.kb.ld64(offsets, ex);
+        let rows = self.kb.sub(self.kb.ld64(offsets, self.kb.add(ex, self.kb.c(1))), lo);
+        let any = self.kb.icmp_lt(self.kb.c(0), rows);
+        self.kb.b.build_conditional_branch(any, work, next).unwrap();
+        self.kb.b.position_at_end(work);
+        // Slot `lo`'s row of a part of `width` floats, and expert `ex`'s rows `at..` of a
+        // 3-D weight.
+        let slot = |me: &Self, off: u64, width: usize| {
+            let p = me.kb.gep(me.kb.cx.i8_type(), me.at(n), me.kb.c(off as i64));
+            me.kb.int_of(me.kb.gep(me.kb.f32t(), p, me.kb.mul(lo, me.kb.c(width as i64))))
+        };
+        let matrix = |me: &Self, w: NodeId, at: usize| {
+            let ty = g.ty(w);
+            let (r, inn) = (me.fixed(ty.shape[1]), me.fixed(ty.shape[2]));
+            let row = WFmt::of(ty).bytes(inn) as i64;
+            let start = me.kb.add(me.kb.mul(ex, me.kb.c(r as i64 * row)), me.kb.c(at as i64 * row));
+            (me.kb.int_of(me.kb.gep(me.kb.cx.i8_type(), me.at(w), start)), WFmt::of(ty))
+        };
+        let fixed_rows = linear_rows(g, n);
+        let linear = |inn: usize, out: usize, epi: Vec<Epi>, wf: WFmt| Kernel::Linear {
+            inn,
+            out,
+            bias: false,
+            epi,
+            wf,
+            read: WeightRead::Stored { transposed: false },
+            algo: expert_algo(fixed_rows, inn, out),
+        };
+        let (xs, hu) = (slot(self, s.xs, d), slot(self, s.up, f));
+        let (up, up_wf) = matrix(self, ops[2], x.up_at);
+        let f_tasks = self.kb.c(f.div_ceil(BLOCK) as i64);
+        match x.gate_at {
+            Some(at) => {
+                let hg = slot(self, s.gate, f);
+                let (gate, wf) = matrix(self, ops[4], at);
+                let k = linear(d, f, vec![Epi::Act(x.act)], wf);
+                self.call(k, &[(X, xs), (W, gate), (Out, hg), (Rows, rows)], f_tasks);
+                let k = linear(d, f, vec![Epi::Mul], up_wf);
+                self.call(k, &[(X, xs), (W, up), (Out, hu), (Rows, rows), (Other(0), hg)], f_tasks);
+            }
+            None => {
+                let k = linear(d, f, vec![Epi::Act(x.act)], up_wf);
+                self.call(k, &[(X, xs), (W, up), (Out, hu), (Rows, rows)], f_tasks);
+            }
+        }
+        let (down, wf) = matrix(self, ops[3], 0);
+        let ys = slot(self, s.ys, d);
+        let k = linear(f, d, vec![], wf);
+        self.call(k, &[(X, hu), (W, down), (Out, ys), (Rows, rows)], self.kb.c(d.div_ceil(BLOCK) as i64));
+        self.kb.b.build_unconditional_branch(next).unwrap();
+        self.kb.b.position_at_end(next);
+        let ex = self.kb.b.build_load(i64t, counter, "").unwrap().into_int_value();
+        self.kb.b.build_store(counter, self.kb.add(ex, self.kb.c(1))).unwrap();
+        self.kb.b.build_unconditional_branch(head).unwrap();
+        self.kb.b.position_at_end(exit);
+        let v = [
+            (Route, self.val(ops[1])),
+            (Slots, part(self, s.slot_of)),
+            (Y, part(self, s.ys)),
+            (Out, self.val(n)),
+        ];
+        self.call(Kernel::Combine { experts: e, d }, &v, self.rows_of(n));
     }
 
     /// Fused attention: by (head, query row), or by (head, block of query rows) where the

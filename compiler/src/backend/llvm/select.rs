@@ -132,9 +132,61 @@ pub(super) fn tile_outputs(
     out
 }
 
-/// Bytes a node's arena block holds after its value: a split-K GEMV's partial sums.
-pub(super) fn extra_bytes(g: &Graph, n: NodeId, weights: &WeightTable) -> u64 {
+/// Bytes a node's arena block holds after its value: a split-K GEMV's partial sums, a
+/// mixture's scratch (`ExpertsScratch`).
+pub(super) fn extra_bytes(g: &Graph, n: NodeId, weights: &WeightTable, max_seq: usize) -> u64 {
+    if let Some(s) = experts_scratch(g, n, max_seq) {
+        return s.end - s.offsets + 64;
+    }
     split_k(g, n, weights).map_or(0, |(chunks, out)| (chunks * out * 4) as u64)
+}
+
+/// Where a mixture's scratch lies in its node's arena block, in bytes from the block's
+/// start, each part 64-byte aligned after the value `[T, d]` (sized for the most rows
+/// the graph runs): the slots' offsets per expert (`i64`), each row's slot per expert
+/// (`i32`), the rows grouped by expert, the gate's and the up projection's outputs, and
+/// the experts' outputs, one row per slot (`T · top_k` slots).
+pub(super) struct ExpertsScratch {
+    pub offsets: u64,
+    pub slot_of: u64,
+    pub xs: u64,
+    pub gate: u64,
+    pub up: u64,
+    pub ys: u64,
+    pub end: u64,
+}
+
+pub(super) fn experts_scratch(g: &Graph, n: NodeId, max_seq: usize) -> Option<ExpertsScratch> {
+    let Op::Experts(x) = g.op(n) else { return None };
+    let bind = SymBinding { t: max_seq, p: max_seq.saturating_sub(1) };
+    let ty = g.ty(n).eval(bind);
+    let (t, d, e, f) = (ty[0] as u64, ty[1] as u64, x.experts as u64, x.hidden as u64);
+    let k = match g.op(g.operands(n)[1]) {
+        Op::Route(r) => r.top_k as u64,
+        _ => e,
+    };
+    let slots = t * k;
+    let a = |v: u64| v.div_ceil(64) * 64;
+    let offsets = a(t * d * 4);
+    let slot_of = offsets + a(8 * (e + 1));
+    let xs = slot_of + a(4 * t * e);
+    let gate = xs + a(slots * d * 4);
+    let up = gate + a(slots * f * 4);
+    let ys = up + a(slots * f * 4);
+    Some(ExpertsScratch { offsets, slot_of, xs, gate, up, ys, end: ys + a(slots * d * 4) })
+}
+
+/// How the linear kernels compute one expert's projection of `inn` to `out` features
+/// over `rows` rows (`None`: known only at run time): the packed GEMM for many rows,
+/// else dot products, else loops; the weights are read as stored.
+pub(super) fn expert_algo(rows: Option<usize>, inn: usize, out: usize) -> LinearAlgo {
+    if kernels::packs(rows, out, false) {
+        LinearAlgo::Packed { sliced: false }
+    } else if kernels::tiled(inn, false) {
+        LinearAlgo::Dots
+    } else {
+        LinearAlgo::Loops
+    }
 }
 
 /// What the packed GEMMs' region holds of a value.
@@ -207,7 +259,7 @@ impl GraphPlan {
         let order = g.topo_order().map_err(|_| LlvmError::Llvm("bug: cyclic graph".into()))?;
         let fused = plan::fusion(g, &order);
         let (loc, values) =
-            plan::arena(g, &order, &fused, weights, max_seq, &|n| extra_bytes(g, n, weights))?;
+            plan::arena(g, &order, &fused, weights, max_seq, &|n| extra_bytes(g, n, weights, max_seq))?;
         let bind = SymBinding { t: max_seq, p: max_seq.saturating_sub(1) };
         let packed_at = values.div_ceil(64) * 64;
         let packed_bytes = order

@@ -414,7 +414,7 @@ impl<'a> Func<'a> {
             }
             op @ (Op::Route(_) | Op::Experts(_) | Op::RowScale) => {
                 return Err(unsupported(format!(
-                    "`{}` (a mixture of experts) on the MLIR backend; the LLVM backend and the interpreter run it",
+                    "`{}` (a mixture of experts; the LLVM backend and the interpreter run it)",
                     op.mnemonic()
                 )))
             }

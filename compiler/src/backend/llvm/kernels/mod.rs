@@ -5,6 +5,7 @@
 
 mod attention;
 mod linear;
+mod moe;
 mod rows;
 
 use inkwell::attributes::AttributeLoc;
@@ -88,6 +89,17 @@ pub enum Kernel {
     GemvReduce { out: usize, chunks: usize, bias: bool, epi: Vec<Epi>, pairs: bool },
     /// args: src, cache, rows(T), P; tasks: groups. Writes `src [G, T, hd]` at `P..P+T`.
     CacheStore { head_dim: usize, max_seq: usize },
+    /// args: logits, out; tasks: rows. A router's dense weights (`ir::Route::route`).
+    Route { route: crate::ir::Route },
+    /// args: x, route, offsets (i64), slot_of (i32), out, rows; tasks: 1. Groups the rows
+    /// by expert: expert `e`'s rows go to `out` at slots `offsets[e]..offsets[e + 1]`,
+    /// copied from `x`, and `slot_of[t·E + e]` is row `t`'s slot at `e` (-1: not chosen).
+    Dispatch { experts: usize, d: usize },
+    /// args: route, slot_of, y (the experts' outputs by slot), out; tasks: rows. Each row
+    /// the weighted sum of its experts' outputs, in ascending expert order.
+    Combine { experts: usize, d: usize },
+    /// args: x, y (`[rows, 1]`), out; tasks: rows. Each row times its number.
+    RowScale { width: usize },
 }
 
 /// How a linear kernel reads its weights.
@@ -231,6 +243,17 @@ impl Kernel {
                 format!("gemv_reduce_{out}_{chunks}{}{p}{epi}", if *bias { "_b" } else { "" })
             }
             Kernel::CacheStore { head_dim, max_seq } => format!("cache_store_{head_dim}_{max_seq}"),
+            Kernel::Route { route: r } => format!(
+                "route_{}_{}_{}{}_{:016x}",
+                r.experts,
+                r.top_k,
+                r.scoring.name(),
+                if r.normalize { "_norm" } else { "" },
+                r.scale.to_bits()
+            ),
+            Kernel::Dispatch { experts, d } => format!("dispatch_{experts}_{d}"),
+            Kernel::Combine { experts, d } => format!("combine_{experts}_{d}"),
+            Kernel::RowScale { width } => format!("row_scale_{width}"),
         }
     }
 }
@@ -280,6 +303,11 @@ pub enum Slot {
     Sinks,
     /// A cache region.
     Cache,
+    /// A mixture's routing weights `[T, E]`, its rows grouped by expert (`offsets`, one
+    /// `i64` per expert and one past the end), and each row's slot per expert (`i32`).
+    Route,
+    Offsets,
+    Slots,
 }
 
 impl Kernel {
@@ -334,6 +362,10 @@ impl Kernel {
                 v
             }
             Kernel::CacheStore { .. } => vec![X, Cache, Rows, P],
+            Kernel::Route { .. } => vec![X, Out],
+            Kernel::Dispatch { .. } => vec![X, Route, Offsets, Slots, Out, Rows],
+            Kernel::Combine { .. } => vec![Route, Slots, Y, Out],
+            Kernel::RowScale { .. } => vec![X, Y, Out],
         }
     }
 
@@ -448,5 +480,9 @@ fn body<'ctx>(
         Kernel::GemvReduce { .. } => gemv_reduce(kb, k, args, begin, end),
         Kernel::LastRow { .. } => last_row(kb, k, args, begin, end),
         Kernel::CacheStore { .. } => cache_store(kb, k, args, begin, end),
+        Kernel::Route { .. } => moe::route(kb, k, args, begin, end),
+        Kernel::Dispatch { .. } => moe::dispatch(kb, k, args, begin, end),
+        Kernel::Combine { .. } => moe::combine(kb, k, args, begin, end),
+        Kernel::RowScale { .. } => moe::row_scale(kb, k, args, begin, end),
     }
 }

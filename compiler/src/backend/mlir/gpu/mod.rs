@@ -451,6 +451,12 @@ impl Emitter {
                 let (w, rows) = if src.rank() == 1 { (1, src.shape[0]) } else { (width, rows_of(ops[0])) };
                 (Kern::LastRow { w, rows, int: src.dtype == crate::ir::DType::I32 }, [one, one], ins(&[0]))
             }
+            op @ (Op::Route(_) | Op::Experts(_) | Op::RowScale) => {
+                return Err(MlirError::Unsupported(format!(
+                    "`{}` (a mixture of experts; the LLVM backend and the interpreter run it) on the GPU",
+                    op.mnemonic()
+                )))
+            }
             op => {
                 return Err(MlirError::Unsupported(format!(
                     "`{}` in a {} graph on the GPU",
