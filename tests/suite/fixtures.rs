@@ -80,3 +80,34 @@ fn a_sharded_checkpoint_reads_like_one_file() {
         assert_eq!(sharded.get(n, &shape).unwrap(), whole.get(n, &shape).unwrap(), "{n}");
     }
 }
+
+/// A mixture whose spec and checkpoint disagree is an error naming the tensor: more
+/// experts than the checkpoint has, a fused expert tensor of another shape, an expert
+/// width that does not match.
+#[test]
+fn a_mixture_that_does_not_fit_its_checkpoint_is_a_clear_error() {
+    let bind = |spec: &str, ck: &str| {
+        let c = compile_text("moe.tfs", spec);
+        let ck = Checkpoint::open(root().join("tests/fixtures/hf").join(ck)).unwrap();
+        Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).err().map(|e| e.to_string())
+    };
+    let read =
+        |arch: &str| std::fs::read_to_string(root().join("specs/tiny").join(format!("{arch}.tfs"))).unwrap();
+    let more = bind(&read("mixtral").replace("experts = 4", "experts = 6"), "mixtral").unwrap();
+    assert!(
+        more.contains(
+            "`model.layers.0.block_sparse_moe.gate.weight` has shape [4, 64], the model expects [6, 64]"
+        ),
+        "{more}"
+    );
+    let wider =
+        bind(&read("granitemoe").replace("top_k = 2", "top_k = 2, d_expert = 128"), "granitemoe").unwrap();
+    assert!(
+        wider.contains("`model.layers.0.block_sparse_moe.input_linear.weight` has shape [4, 320, 64], the model expects [4, 256, 64]"),
+        "{wider}"
+    );
+    let fewer = bind(&read("granitemoe").replace("experts = 4", "experts = 3"), "granitemoe").unwrap();
+    assert!(fewer.contains("has shape [4, 64], the model expects [3, 64]"), "{fewer}");
+    let missing = bind(&read("mixtral").replace("up = \"w3\"", "up = \"w4\""), "mixtral").unwrap();
+    assert!(missing.contains("model.layers.0.block_sparse_moe.experts.0.w4.weight"), "{missing}");
+}
