@@ -99,6 +99,35 @@ fn a_llama_gguf_in_f32_computes_what_transformers_computes_from_the_checkpoint()
     check("llama_f32.gguf", "llama", &want.data, 1e-4);
 }
 
+/// Mixtral as the converter writes it (the llama architecture with `expert_count`, the
+/// experts merged into 3-D tensors) computes what transformers computes from the fixture.
+#[test]
+fn a_mixtral_gguf_computes_what_transformers_computes_from_the_checkpoint() {
+    let want = read_tensor(&root().join("tests/fixtures/hf/mixtral/expected.safetensors"), "logits");
+    check("mixtral_f32.gguf", "mixtral", &want.data, 1e-4);
+}
+
+/// Qwen3-MoE (`qwen3moe`) in Q8_0, its experts' down projections (48 inputs, not whole
+/// blocks) in F16: the library computes what the interpreter computes from the file, and
+/// both stay near transformers' f32 logits of the checkpoint.
+#[test]
+fn a_qwen3_moe_gguf_in_q8_0_runs_as_stored() {
+    let file = "qwen3_moe_q8_0.gguf";
+    let ck = Checkpoint::open(dir().join(file)).unwrap();
+    let spec = tfc::import::gguf::import(ck.gguf().unwrap(), file).unwrap();
+    assert!(spec.contains("dtype    = q8_0") && spec.contains("\"blk.0.ffn_down_exps.weight\""), "{spec}");
+    let c = tfc::compile(file, &spec, &tfc::Options::default(), &mut |_, _| {}).unwrap();
+    let fx = Fixture::load("qwen3_moe");
+    let tokens: Vec<i64> = fx.prompt.iter().map(|&t| t as i64).collect();
+    let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
+    let interp =
+        run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap().remove("logits").unwrap();
+    let f32 = read_tensor(&root().join("tests/fixtures/hf/qwen3_moe/expected.safetensors"), "logits");
+    // Q8_0's rounding of every matrix moves these logits (up to 3.3 in magnitude) by up to 0.065.
+    assert_close(&format!("{file}: q8_0 vs f32"), &interp.data, &f32.data, 0.1);
+    check(file, "qwen3_moe", &interp.data, 1e-5);
+}
+
 /// Llama 3.1 as the converter writes it: its rope scaling as a `rope_freqs` factor per
 /// pair (`scaling = per_pair`), which computes what transformers' `llama3` scaling does.
 #[test]

@@ -102,7 +102,7 @@ fn stored(g: &Gguf, matches: &dyn Fn(&str) -> bool) -> (&'static str, Vec<(Strin
     let matrices: Vec<(&String, &'static str, usize)> = g
         .tensors
         .iter()
-        .filter(|(n, t)| t.shape.len() == 2 && matches(n))
+        .filter(|(n, t)| (t.shape.len() == 2 || t.shape.len() == 3) && matches(n))
         .map(|(n, t)| (n, kept(t.ty), t.shape.iter().product()))
         .collect();
     let mut values: Vec<(&'static str, usize)> = Vec::new();
@@ -144,7 +144,7 @@ fn dtypes_section(mut listed: Vec<(String, &'static str)>) -> String {
 }
 
 /// The architectures (`general.architecture`) the importer writes specs for.
-const SUPPORTED: &str = "gemma, gemma2, gemma3, llama, phi3, qwen2, qwen3";
+const SUPPORTED: &str = "gemma, gemma2, gemma3, llama, phi3, qwen2, qwen3, qwen3moe";
 
 /// Writes a spec for the model a GGUF file describes (`file` names it in errors).
 pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
@@ -252,6 +252,28 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
     let phi3 = arch == "phi3";
     let qkv = if phi3 { "qkv = \"attn_qkv\"" } else { "q = \"attn_q\", k = \"attn_k\", v = \"attn_v\"" };
     let ffn = if phi3 { "gate_up = \"ffn_up\"" } else { "gate = \"ffn_gate\", up = \"ffn_up\"" };
+    // A mixture of experts, as the converter writes one: the router `ffn_gate_inp`, the
+    // experts merged into 3-D `ffn_{gate,up,down}_exps`, on every layer; the chosen
+    // weights renormalised, as llama.cpp runs Mixtral (the llama architecture) and
+    // Qwen3-MoE.
+    let experts = m.size("expert_count")?.unwrap_or(0);
+    let moe = if experts > 0 {
+        if let Some(l) = (0..layers).find(|l| !has(&format!("blk.{l}.ffn_gate_inp.weight"))) {
+            return Err(m.unsupported(format!(
+                "{experts} experts, but layer {l} has no router `blk.{l}.ffn_gate_inp.weight` (dense layers between mixtures are not supported yet)"
+            )));
+        }
+        if has("blk.0.ffn_gate_inp_shexp.weight") || has("blk.0.ffn_up_shexp.weight") {
+            return Err(m.unsupported("shared experts (`*_shexp` tensors) are not supported yet".into()));
+        }
+        let used = m.need("expert_used_count")?;
+        let width = m.size("expert_feed_forward_length")?.unwrap_or(ff);
+        Some(format!(
+            "  mlp: moe {{\n    at = \"blk.{{layer}}\", router = \"ffn_gate_inp\", experts = {experts}, top_k = {used}, normalize = true, d_expert = {width}\n    gate = \"ffn_gate_exps\", up = \"ffn_up_exps\", down = \"ffn_down_exps\", act = silu\n  }}\n"
+        ))
+    } else {
+        None
+    };
     let window = match m.get("attention.sliding_window").and_then(Value::as_u64) {
         Some(0) => None,
         _ => m.size("attention.sliding_window")?,
@@ -363,7 +385,20 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
         listed.extend(others);
         main
     };
-    let mlp_dtype = stored(&|n| block_part(n, &["ffn_gate", "ffn_up", "ffn_down"]));
+    let mlp_dtype = stored(&|n| {
+        block_part(
+            n,
+            &[
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+                "ffn_gate_inp",
+                "ffn_gate_exps",
+                "ffn_up_exps",
+                "ffn_down_exps",
+            ],
+        )
+    });
     let attn = stored(&|n| block_part(n, &["attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output"]));
     let embd = stored(&|n| n == "token_embd.weight");
     let output = stored(&|n| n == "output.weight");
@@ -422,7 +457,14 @@ embed {{
             b += &norm("post_attn_norm", "post_attention_norm");
         }
         b += &norm("ffn_norm", "ffn_norm");
-        b += &format!("  mlp: mlp {{ at = \"blk.{{layer}}\", {ffn}, down = \"ffn_down\", act = {act} }}\n");
+        match &moe {
+            Some(moe) => b += moe,
+            None => {
+                b += &format!(
+                    "  mlp: mlp {{ at = \"blk.{{layer}}\", {ffn}, down = \"ffn_down\", act = {act} }}\n"
+                )
+            }
+        }
         if post_norms {
             b += &norm("post_ffn_norm", "post_ffw_norm");
             b +=
