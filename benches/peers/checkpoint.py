@@ -19,13 +19,28 @@ import os
 
 import gguf
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, GPT2Config, GPT2TokenizerFast, LlamaConfig,
+                          MixtralConfig, Qwen3MoeConfig)
 
 
 def config(shape):
     if shape == "w1":
         # GPT-2 small; `n_ctx` is what llama.cpp's GPT-2 converter reads as the context.
         return GPT2Config(n_ctx=1024)
+    if shape == "mixtral":
+        # Mixtral's shape scaled to fit: 8 experts of 3584 at d_model 1024, top-2.
+        return MixtralConfig(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                             num_key_value_heads=4, intermediate_size=3584, vocab_size=32000,
+                             num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048,
+                             rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if shape == "qwen3moe":
+        # Qwen3-30B-A3B's shape scaled to fit: 32 experts of 512 at d_model 1024, top-4,
+        # normalised, q/k norms, head_dim 128.
+        return Qwen3MoeConfig(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                              num_key_value_heads=4, head_dim=128, intermediate_size=3072,
+                              moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4,
+                              norm_topk_prob=True, vocab_size=32000, max_position_embeddings=2048,
+                              rms_norm_eps=1e-6, tie_word_embeddings=False)
     return LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                        num_key_value_heads=8, intermediate_size=5632, vocab_size=32000,
                        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -33,7 +48,7 @@ def config(shape):
 
 
 def model(shape):
-    return (GPT2LMHeadModel if shape == "w1" else LlamaForCausalLM)(config(shape))
+    return AutoModelForCausalLM.from_config(config(shape))
 
 
 def field(reader, key):
@@ -79,7 +94,7 @@ def llama_tokenizer(vocab_dir, out):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=["w1", "w2"], required=True)
+    ap.add_argument("--shape", choices=["w1", "w2", "mixtral", "qwen3moe"], required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab-dir", required=True, help="llama.cpp's models/ folder")
     ap.add_argument("--out", required=True)

@@ -976,7 +976,7 @@ fn linear_flops(g: &tfc::ir::Graph, t: usize) -> f64 {
             // Each row runs its top_k experts' projections: gate, up, down.
             tfc::ir::Op::Experts(x) => {
                 let d = g.ty(n).shape[1].eval(b) as f64;
-                let parts = 2.0 + x.gate_at.is_some() as u8 as f64;
+                let parts = 2.0 + x.gated() as u8 as f64;
                 let (k, _) = expert_share(g, n);
                 2.0 * g.ty(n).shape[0].eval(b) as f64 * k as f64 * parts * d * x.hidden as f64
             }

@@ -13,7 +13,7 @@ macro_rules! with_fixtures {
 /// the MLIR backends refuse them with an error naming the op.
 macro_rules! with_moe_fixtures {
     ($m:ident $(, $($arg:tt)*)?) => {
-        $m! { $($($arg)*)? granitemoe, mixtral, olmoe, qwen2_moe, qwen3_moe }
+        $m! { $($($arg)*)? gpt_oss, granitemoe, mixtral, olmoe, qwen2_moe, qwen3_moe }
     };
 }
 

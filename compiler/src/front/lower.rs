@@ -538,26 +538,45 @@ impl Lowerer<'_> {
     fn moe(&mut self, x: NodeId, m: &Moe, sz: &Sizes, origin: &str) -> NodeId {
         let (d, e, f) = (sz.d_model, m.route.experts, m.hidden.or(sz.d_ff).unwrap_or(0));
         let plain = |w: &str| Proj { weight: w.to_string(), bias: None, transposed: false };
-        let logits = self.linear(x, &plain(&m.router), d, e, origin);
+        let router = Proj { weight: m.router.clone(), bias: m.router_bias.clone(), transposed: false };
+        let logits = self.linear(x, &router, d, e, origin);
         let route = self.node(Op::Route(m.route), &[logits], origin);
         let rows = if m.gate_up { 2 * f } else { f };
-        let up = self.weight(&m.up, &[e, rows, d], WeightRole::Matrix, origin);
-        let down = self.weight(&m.down, &[e, d, f], WeightRole::Matrix, origin);
+        let shape = |out: usize, inn: usize| if m.transposed { [e, inn, out] } else { [e, out, inn] };
+        let up = self.weight(&m.up, &shape(rows, d), WeightRole::Matrix, origin);
+        let down = self.weight(&m.down, &shape(d, f), WeightRole::Matrix, origin);
         let gate = match (&m.gate, m.gate_up) {
+            (_, true) if m.interleaved => None,
             (_, true) => Some(up),
-            (Some(g), false) => Some(self.weight(g, &[e, f, d], WeightRole::Matrix, origin)),
+            (Some(g), false) => Some(self.weight(g, &shape(f, d), WeightRole::Matrix, origin)),
             (None, false) => None,
         };
         let op = Op::Experts(Experts {
             experts: e,
             hidden: f,
             act: m.act,
-            up_at: if m.gate_up { f } else { 0 },
+            up_at: if m.gate_up && !m.interleaved { f } else { 0 },
             gate_at: gate.map(|_| 0),
+            interleaved: m.interleaved,
+            transposed: m.transposed,
+            bias: m.biases.is_some(),
+            clamp: m.clamp,
+            up_offset: m.up_offset,
         });
         let xin = self.linear_input(x, origin);
         let mut ops = vec![xin, route, up, down];
         ops.extend(gate);
+        if let Some((ub, gb, db)) = &m.biases {
+            let ub = self.weight(ub, &[e, rows], WeightRole::Bias, origin);
+            ops.push(ub);
+            if gate.is_some() {
+                ops.push(match gb {
+                    Some(gb) => self.weight(gb, &[e, f], WeightRole::Bias, origin),
+                    None => ub,
+                });
+            }
+            ops.push(self.weight(db, &[e, d], WeightRole::Bias, origin));
+        }
         let mut y = self.node(op, &ops, origin);
         if let Some(s) = &m.shared {
             let mut out = self.mlp(x, &s.mlp, sz, origin);

@@ -460,6 +460,13 @@ fn component(
             "shared",
             "d_shared",
             "shared_gate",
+            "router_bias",
+            "transposed",
+            "bias",
+            "interleaved",
+            "clamp",
+            "up_offset",
+            "names",
             "dtype",
         ],
         "unembed" => &["at", "weight", "tied", "bias", "transposed", "softcap", "dtype"],
@@ -655,6 +662,15 @@ fn moe(
             );
         }
     }
+    let router_bias = f.bool("router_bias", diags).unwrap_or(false);
+    let transposed = f.bool("transposed", diags).unwrap_or(false);
+    let bias = f.bool("bias", diags).unwrap_or(false);
+    let interleaved = f.bool("interleaved", diags).unwrap_or(false);
+    let clamp = f.float_positive("clamp", diags);
+    let up_offset = f.float_positive("up_offset", diags).unwrap_or(0.0);
+    // `names = as_given`: the experts' tensors are named without `.weight`, their biases
+    // `{name}_bias` (gpt-oss).
+    let as_given = f.choice("names", &["suffixed", "as_given"], diags).as_deref() == Some("as_given");
     let router = f.string("router", diags).unwrap_or_else(|| "gate".into());
     let router = join(&router);
     check_template(&router, in_block, None, f.span_of("router"), diags);
@@ -669,7 +685,12 @@ fn moe(
         };
         check_template(&full, in_block, expert.as_ref().map(|_| "expert"), span, diags);
         let stacked = full.replace("{expert}", &format!("{{0..{}}}", experts.unwrap_or(0)));
-        Some((leaf, format!("{stacked}.weight")))
+        let (w, b) = if as_given {
+            (stacked.clone(), format!("{stacked}_bias"))
+        } else {
+            (format!("{stacked}.weight"), format!("{stacked}.bias"))
+        };
+        Some((leaf, w, b))
     };
     let gate_up = proj(f, "gate_up", diags);
     let up = proj(f, "up", diags);
@@ -723,15 +744,33 @@ fn moe(
     if let Some(g) = &shared_gate {
         check_template(g, in_block, None, f.span_of("shared_gate"), diags);
     }
+    if interleaved && !fused {
+        diags.push(Diagnostic::error(Code::BadValue, "`interleaved` needs a fused `gate_up`").label(
+            f.span_of("interleaved"),
+            "the gate's and the up projection's outputs alternate in one tensor",
+        ));
+    }
+    if (clamp.is_some() || up_offset != 0.0) && !(fused || f.has("gate")) {
+        let key = if clamp.is_some() { "clamp" } else { "up_offset" };
+        diags.push(
+            Diagnostic::error(Code::BadValue, format!("`{key}` needs gated experts"))
+                .label(f.span_of(key), "it shapes the gate and the up projection's product"),
+        );
+    }
     if diags.len() > before {
         return None;
     }
+    let biases = bias.then(|| {
+        let up_b = gate_up.as_ref().or(up.as_ref()).map(|p| p.2.clone()).unwrap_or_default();
+        let gate_b = if fused { None } else { gate.as_ref().map(|p| p.2.clone()) };
+        (up_b, gate_b, down.as_ref().map(|p| p.2.clone()).unwrap_or_default())
+    });
     let plain = |n: &str| Proj { weight: n.to_string(), bias: None, transposed: false };
     let shared = shared.map(|s| {
         let name = |leaf: &str| format!("{}.weight", join(&format!("{s}.{leaf}")));
         let (up, gate) = match (&gate_up, &up, &gate) {
-            (Some((l, _)), _, _) => (name(l), None),
-            (None, Some((l, _)), g) => (name(l), g.as_ref().map(|(l, _)| plain(&name(l)))),
+            (Some((l, ..)), _, _) => (name(l), None),
+            (None, Some((l, ..)), g) => (name(l), g.as_ref().map(|(l, ..)| plain(&name(l)))),
             _ => unreachable!("checked above"),
         };
         let mlp = Mlp {
@@ -746,10 +785,11 @@ fn moe(
     });
     let route = Route { experts: experts?, top_k: top_k?, scoring, normalize, scale };
     let (up, gate) = match (gate_up, up) {
-        (Some((_, w)), _) => (w, None),
-        (None, Some((_, w))) => (w, gate.map(|g| g.1)),
+        (Some((_, w, _)), _) => (w, None),
+        (None, Some((_, w, _))) => (w, gate.map(|g| g.1)),
         _ => return None,
     };
+    let router_bias = router_bias.then(|| format!("{router}.bias"));
     let router = format!("{router}.weight");
     Some(Kind::Moe(Box::new(Moe {
         router,
@@ -761,6 +801,12 @@ fn moe(
         down: down?.1,
         act: act?,
         shared,
+        router_bias,
+        transposed,
+        interleaved,
+        biases,
+        clamp,
+        up_offset,
     })))
 }
 
@@ -981,13 +1027,15 @@ fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScali
             })
         }
         ValueKind::Object(kind, fields) if kind.name == "yarn" => {
-            let keys = ["factor", "original_max_seq", "beta_fast", "beta_slow", "attention_factor"];
+            let keys =
+                ["factor", "original_max_seq", "beta_fast", "beta_slow", "attention_factor", "truncate"];
             let mut s = Fields::new("`yarn`", fields, &keys);
             let factor = s.float_positive("factor", diags);
             let original = s.positive("original_max_seq", diags);
             let beta_fast = s.float_positive("beta_fast", diags).unwrap_or(32.0);
             let beta_slow = s.float_positive("beta_slow", diags).unwrap_or(1.0);
             let attention = s.float_positive("attention_factor", diags);
+            let truncate = s.bool("truncate", diags).unwrap_or(true);
             for k in keys[..2].iter().filter(|k| !s.has(k)) {
                 diags.push(missing_field(kind, "yarn", k));
             }
@@ -999,6 +1047,7 @@ fn rope_scaling(r: &mut Fields, diags: &mut Vec<Diagnostic>) -> Option<RopeScali
                 beta_fast,
                 beta_slow,
                 attention_factor: attention.unwrap_or(RopeScaling::yarn_attention_factor(factor)),
+                truncate,
             })
         }
         ValueKind::Object(kind, fields) if kind.name == "per_pair" => {

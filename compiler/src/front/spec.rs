@@ -207,6 +207,17 @@ pub struct Moe {
     pub down: Template,
     pub act: Act,
     pub shared: Option<Shared>,
+    /// The router's bias (`[experts]`), if it has one.
+    pub router_bias: Option<Template>,
+    /// The experts' matrices stored `[E, in, out]`.
+    pub transposed: bool,
+    /// The fused gate_up's outputs alternate gate, up (gpt-oss).
+    pub interleaved: bool,
+    /// The biases of the up (or gate_up), gate and down projections, `[E, out]` each.
+    pub biases: Option<(Template, Option<Template>, Template)>,
+    /// gpt-oss's clamped GLU limit, and what is added to the up projection.
+    pub clamp: Option<f64>,
+    pub up_offset: f64,
 }
 
 /// A shared expert: an MLP every row runs, its output optionally scaled by

@@ -30,7 +30,7 @@ pub enum ImportError {
 }
 
 const SUPPORTED: &str =
-    "bert, bloom, cohere, distilbert, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gptj, granite, granitemoe, llama, mistral, mixtral, olmo, olmo2, olmoe, opt, phi, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, roberta, stablelm, starcoder2, xglm, xlm-roberta";
+    "bert, bloom, cohere, distilbert, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gptj, granite, granitemoe, gpt_oss, llama, mistral, mixtral, olmo, olmo2, olmoe, opt, phi, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, roberta, stablelm, starcoder2, xglm, xlm-roberta";
 
 /// Keys that never change what inference computes.
 fn ignorable(key: &str) -> bool {
@@ -268,9 +268,11 @@ impl<'a> Config<'a> {
                     original_max_seq: need("original_max_position_embeddings")? as usize,
                 },
                 "yarn" => {
-                    if obj.get("truncate").is_some_and(|t| t != &Value::Bool(true)) {
-                        return Err(self.unsupported(key, "YaRN without truncation is not supported"));
-                    }
+                    let truncate = match obj.get("truncate") {
+                        None => true,
+                        Some(Value::Bool(t)) => *t,
+                        Some(_) => return Err(self.unsupported(key, "`truncate` must be true or false")),
+                    };
                     // As transformers: with an original length, the factor is the ratio of
                     // the model's length to it.
                     let original = num("original_max_position_embeddings")?;
@@ -292,6 +294,7 @@ impl<'a> Config<'a> {
                         beta_fast: num("beta_fast")?.unwrap_or(32.0),
                         beta_slow: num("beta_slow")?.unwrap_or(1.0),
                         attention_factor,
+                        truncate,
                     }
                 }
                 "longrope" => {
@@ -469,13 +472,16 @@ fn rope_text(theta: f64, fraction: f64, scaling: RopeScaling) -> String {
             "scaling = dynamic {{ factor = {}, original_max_seq = {original_max_seq} }}",
             num(factor)
         )),
-        RopeScaling::Yarn { factor, original_max_seq, beta_fast, beta_slow, attention_factor } => {
+        RopeScaling::Yarn { factor, original_max_seq, beta_fast, beta_slow, attention_factor, truncate } => {
             let mut y = format!("factor = {}, original_max_seq = {original_max_seq}", num(factor));
             if (beta_fast, beta_slow) != (32.0, 1.0) {
                 y.push_str(&format!(", beta_fast = {}, beta_slow = {}", num(beta_fast), num(beta_slow)));
             }
             if attention_factor != RopeScaling::yarn_attention_factor(factor) {
                 y.push_str(&format!(", attention_factor = {}", num(attention_factor)));
+            }
+            if !truncate {
+                y.push_str(", truncate = false");
             }
             fields.push(format!("scaling = yarn {{ {y} }}"))
         }
@@ -512,7 +518,9 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
     match model.as_str() {
         "gpt2" => gpt2(&mut c, &mut g)?,
         "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "granite" | "olmo" | "olmo2" | "phi3"
-        | "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "granitemoe" => llama_like(&mut c, &mut g)?,
+        | "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "granitemoe" | "gpt_oss" => {
+            llama_like(&mut c, &mut g)?
+        }
         "starcoder2" => starcoder2(&mut c, &mut g)?,
         "stablelm" => stablelm(&mut c, &mut g)?,
         "cohere" => cohere(&mut c, &mut g)?,
@@ -712,12 +720,14 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         Some((sparse, moe)) => (sparse, Some(moe)),
         None => (vec![false; layers], None),
     };
+    // gpt-oss: one learned sink logit per head in every softmax.
+    let sinks = if model == "gpt_oss" { ", sinks = \"sinks\"" } else { "" };
     let block = |window: Option<usize>, sparse: bool| {
         let window = window.map(|w| format!(", window = {w}")).unwrap_or_default();
         let mut b = if after { vec![] } else { vec![norm(&format!("{l}.input_layernorm"), "input_norm")] };
         b.extend([
             "attn: attention {".to_string(),
-            format!("  at = \"{l}.self_attn\", {qkv}, o = \"o_proj\"{bias}{scale}"),
+            format!("  at = \"{l}.self_attn\", {qkv}, o = \"o_proj\"{bias}{scale}{sinks}"),
             format!("  position = {rope}{window}"),
         ]);
         b.extend(qk_norm.clone());
@@ -808,6 +818,15 @@ fn mixture(
             "router.layer",
             "gate_up = \"input_linear\", down = \"output_linear\"",
         ),
+        // gpt-oss: a router with a bias, the experts as 3-D `[E, in, out]` tensors named
+        // without `.weight`, gate and up outputs alternating, biases, and a GLU
+        // `(clamp(up) + 1) · g · sigmoid(α · g)` of the gate `g` capped at the limit.
+        "gpt_oss" => (
+            "num_local_experts",
+            "mlp",
+            "router",
+            "router_bias = true, gate_up = \"experts.gate_up_proj\", down = \"experts.down_proj\"\n    names = as_given, interleaved = true, transposed = true, bias = true",
+        ),
         _ => return Ok(None),
     };
     // Published Qwen and OLMoE configs say `num_experts`, transformers' own may say
@@ -822,7 +841,7 @@ fn mixture(
         // Mixtral always renormalises the chosen weights; GraniteMoE takes a softmax
         // over the chosen logits.
         "mixtral" => fields.push("normalize = true".into()),
-        "granitemoe" => fields.push("scoring = softmax_chosen".into()),
+        "granitemoe" | "gpt_oss" => fields.push("scoring = softmax_chosen".into()),
         _ => {
             if c.bool_or("norm_topk_prob", false)? {
                 fields.push("normalize = true".into());
@@ -834,6 +853,17 @@ fn mixture(
     if qwen {
         fields.push(format!("d_expert = {}", c.usize("moe_intermediate_size")?));
     }
+    let act = if model == "gpt_oss" {
+        // σ(α·g)·g is quick_gelu's form; its α is 1.702.
+        let alpha = c.f64_or("swiglu_alpha", 1.702)?;
+        if alpha != 1.702 {
+            return Err(c.unsupported("swiglu_alpha", "only 1.702 (quick_gelu's constant) is supported"));
+        }
+        let limit = c.f64_or("swiglu_limit", 7.0)?;
+        format!("quick_gelu, clamp = {}, up_offset = 1", num(limit))
+    } else {
+        act.to_string()
+    };
     fields.push(format!("router = \"{router}\", {names}, act = {act}"));
     if model == "qwen2_moe" {
         fields.push(format!(

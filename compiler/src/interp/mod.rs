@@ -159,7 +159,10 @@ pub fn run(g: &Graph, weights: &Weights, inputs: &Inputs) -> Result<HashMap<Stri
                 Value::F(ops::attention(f(0), f(1), f(2), ids(3), *scale, mask, *alibi, *softcap, sinks))
             }
             Op::Route(r) => Value::F(ops::route(f(0), r)),
-            Op::Experts(e) => Value::F(ops::experts(f(0), f(1), f(2), f(3), e.gate_at.map(|_| f(4)), e)),
+            Op::Experts(e) => {
+                let ws: Vec<&Tensor> = (2..ops.len()).map(f).collect();
+                Value::F(ops::experts(f(0), f(1), &ws, e))
+            }
             Op::RowScale => Value::F(ops::row_scale(f(0), f(1))),
             Op::LastRow => match &vals[&ops[0]] {
                 Value::I(v) => Value::I(v[v.len() - 1..].to_vec()),

@@ -327,42 +327,55 @@ pub fn route(logits: &Tensor, r: &Route) -> Tensor {
 
 /// The experts of a mixture (`Op::Experts`): each row through its chosen experts only,
 /// each expert as the MLP the dense one is (every linear map, activation and product
-/// rounded to f32), their outputs weighted and summed in ascending expert order.
-pub fn experts(
-    x: &Tensor,
-    route: &Tensor,
-    up: &Tensor,
-    down: &Tensor,
-    gate: Option<&Tensor>,
-    e: &Experts,
-) -> Tensor {
+/// rounded to f32), their outputs weighted and summed in ascending expert order. `ws`:
+/// the operands after the routing.
+pub fn experts(x: &Tensor, route: &Tensor, ws: &[&Tensor], e: &Experts) -> Tensor {
     let (t, d, f) = (x.shape[0], x.shape[1], e.hidden);
-    // Expert `k`'s rows `at..at + f` of a `[E, R, d]` tensor, as a `[f, d]` matrix.
-    let part = |w: &Tensor, k: usize, at: usize| {
-        let start = (k * w.shape[1] + at) * d;
-        Tensor::new(vec![f, d], w.data[start..start + f * d].to_vec())
+    let o = e.operands();
+    let w = |i: usize| ws[i - 2];
+    // Every output of expert `k`'s matrix in operand `i`, for the row `xr`.
+    let proj = |xr: &Tensor, i: usize, bias: Option<usize>, k: usize| {
+        let m = w(i);
+        let (a, b) = (m.shape[1], m.shape[2]);
+        let mk = Tensor::new(vec![a, b], m.data[k * a * b..(k + 1) * a * b].to_vec());
+        let bk = bias.map(|bi| {
+            let bt = w(bi);
+            let n = bt.shape[1];
+            Tensor::new(vec![n], bt.data[k * n..(k + 1) * n].to_vec())
+        });
+        linear(xr, &mk, bk.as_ref(), e.transposed)
     };
     let mut out = vec![0.0f32; t * d];
     for r in 0..t {
         let xr = Tensor::new(vec![1, d], x.row(r).to_vec());
         let mut acc = vec![0.0f64; d];
         for k in 0..e.experts {
-            let w = route.data[r * e.experts + k];
-            if w == 0.0 {
+            let wt = route.data[r * e.experts + k];
+            if wt == 0.0 {
                 continue;
             }
-            let u = linear(&xr, &part(up, k, e.up_at), None, false);
-            let h = match (gate, e.gate_at) {
-                (Some(g), Some(at)) => {
-                    let g = map(&linear(&xr, &part(g, k, at), None, false), |v| activation(e.act, v));
-                    zip(&g, &u, |a, b| a * b)
-                }
-                _ => map(&u, |v| activation(e.act, v)),
-            };
-            let dk = Tensor::new(vec![d, f], down.data[k * d * f..(k + 1) * d * f].to_vec());
-            let y = linear(&h, &dk, None, false);
+            let u = proj(&xr, o.up, o.up_bias, k).data;
+            let g = o.gate.map(|gi| proj(&xr, gi, o.gate_bias, k).data);
+            let h: Vec<f32> = (0..f)
+                .map(|j| {
+                    let (gv, uv) = match (&g, e.interleaved) {
+                        (_, true) => (Some(u[2 * j]), u[2 * j + 1]),
+                        (Some(g), false) => (Some(g[e.gate_at.unwrap_or(0) + j]), u[e.up_at + j]),
+                        (None, false) => (None, u[e.up_at + j]),
+                    };
+                    match gv {
+                        Some(gv) => {
+                            let (gc, uc) = e.glu(gv as f64, uv as f64);
+                            activation(e.act, gc as f32) * uc as f32
+                        }
+                        None => activation(e.act, uv),
+                    }
+                })
+                .collect();
+            let h = Tensor::new(vec![1, f], h);
+            let y = proj(&h, o.down, o.down_bias, k);
             for (a, &v) in acc.iter_mut().zip(&y.data) {
-                *a += w as f64 * v as f64;
+                *a += wt as f64 * v as f64;
             }
         }
         for (o, a) in out[r * d..(r + 1) * d].iter_mut().zip(acc) {

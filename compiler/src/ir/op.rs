@@ -325,6 +325,9 @@ pub enum RopeScaling {
         beta_fast: f64,
         beta_slow: f64,
         attention_factor: f64,
+        /// The ramp's ends rounded to whole pairs (transformers' `truncate`, the
+        /// default); gpt-oss keeps them fractional.
+        truncate: bool,
     },
     /// LongRoPE (Phi-3): pair `k`'s frequency divided by `long_factor[k]` when the model
     /// is compiled for more than `original_max_seq` positions (`long`), else by
@@ -415,7 +418,7 @@ impl Rope {
         };
         let base = (0..self.rotary_dim / 2).map(|k| 1.0 / theta.powf(2.0 * k as f64 / dim));
         match self.scaling {
-            RopeScaling::Yarn { factor, original_max_seq, beta_fast, beta_slow, .. } => {
+            RopeScaling::Yarn { factor, original_max_seq, beta_fast, beta_slow, truncate, .. } => {
                 // The pair index that turns `rotations` times in the original length, and
                 // the ramp from it (kept) to the other (interpolated), as transformers
                 // computes them (whole pairs, clamped to the rotated ones).
@@ -424,8 +427,9 @@ impl Rope {
                     dim * (original_max_seq as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
                         / (2.0 * self.theta.ln())
                 };
-                let low = at(beta_fast).floor().max(0.0);
-                let high = at(beta_slow).ceil().min(dim - 1.0);
+                let (low, high) = (at(beta_fast), at(beta_slow));
+                let (low, high) = if truncate { (low.floor(), high.ceil()) } else { (low, high) };
+                let (low, high) = (low.max(0.0), high.min(dim - 1.0));
                 let high = if low == high { high + 0.001 } else { high };
                 base.enumerate()
                     .map(|(k, f)| {
@@ -553,6 +557,63 @@ pub struct Experts {
     pub up_at: usize,
     /// The first row of each expert's gate projection, if the MLP is gated.
     pub gate_at: Option<usize>,
+    /// The gate and up projections are one tensor whose outputs alternate, gate then up
+    /// (gpt-oss's `gate_up_proj`): `up` has `2 · hidden` outputs and there is no gate
+    /// operand.
+    pub interleaved: bool,
+    /// Each expert's matrices are stored `[in, out]`: `up [E, d, R]`, `down [E, f, d]`.
+    pub transposed: bool,
+    /// Biases follow the matrices: `[E, R]` of the up (or interleaved gate_up)
+    /// projection, `[E, R']` of the gate, if any, and `[E, d]` of the down projection.
+    pub bias: bool,
+    /// gpt-oss's clamped GLU: the gate capped at `limit` from above, the up projection
+    /// clamped to `[-limit, limit]`.
+    pub clamp: Option<f64>,
+    /// Added to the up projection before the product (gpt-oss: 1).
+    pub up_offset: f64,
+}
+
+impl Experts {
+    /// Whether the MLP is gated.
+    pub fn gated(&self) -> bool {
+        self.gate_at.is_some() || self.interleaved
+    }
+
+    /// The operand indices of the up (or gate_up), down and gate matrices, and of their
+    /// biases.
+    pub fn operands(&self) -> ExpertOperands {
+        let gate = self.gate_at.map(|_| 4);
+        let first_bias = 4 + gate.is_some() as usize;
+        let bias = |i: usize| self.bias.then_some(first_bias + i);
+        ExpertOperands {
+            up: 2,
+            down: 3,
+            gate,
+            up_bias: bias(0),
+            gate_bias: gate.and(bias(1)),
+            down_bias: bias(1 + gate.is_some() as usize),
+        }
+    }
+
+    /// The activation's operand: the gate clamped, passed through `act`.
+    pub fn glu(&self, gate: f64, up: f64) -> (f64, f64) {
+        let (g, u) = match self.clamp {
+            Some(l) => (gate.min(l), up.clamp(-l, l)),
+            None => (gate, up),
+        };
+        (g, u + self.up_offset)
+    }
+}
+
+/// Where an `Op::Experts`'s matrices and biases are among its operands.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ExpertOperands {
+    pub up: usize,
+    pub down: usize,
+    pub gate: Option<usize>,
+    pub up_bias: Option<usize>,
+    pub gate_bias: Option<usize>,
+    pub down_bias: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -694,7 +755,10 @@ impl Op {
             | Op::Alibi { .. }
             | Op::Mask(_)
             | Op::RowScale => 2..=2,
-            Op::Experts(e) => 4 + e.gate_at.is_some() as usize..=4 + e.gate_at.is_some() as usize,
+            Op::Experts(e) => {
+                let n = 4 + e.gate_at.is_some() as usize * (1 + e.bias as usize) + 2 * e.bias as usize;
+                n..=n
+            }
             Op::LayerNorm { gain, .. } => 1 + *gain as usize..=2 + *gain as usize,
             Op::Linear { bias, .. } => {
                 if *bias {
@@ -807,12 +871,14 @@ impl Op {
                         beta_fast,
                         beta_slow,
                         attention_factor,
+                        truncate,
                     } => v.push(format!(
-                        "yarn=({}, {original_max_seq}, {}, {}, {})",
+                        "yarn=({}, {original_max_seq}, {}, {}, {}{})",
                         num(*factor),
                         num(*beta_fast),
                         num(*beta_slow),
-                        num(*attention_factor)
+                        num(*attention_factor),
+                        if *truncate { "" } else { ", untruncated" }
                     )),
                     RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_seq } => v
                         .push(format!(
@@ -867,6 +933,19 @@ impl Op {
                 }
                 if e.up_at > 0 {
                     v.push(format!("up_at={}", e.up_at));
+                }
+                for (on, name) in
+                    [(e.interleaved, "interleaved"), (e.transposed, "transposed"), (e.bias, "bias")]
+                {
+                    if on {
+                        v.push(name.into());
+                    }
+                }
+                if let Some(l) = e.clamp {
+                    v.push(format!("clamp={}", num(l)));
+                }
+                if e.up_offset != 0.0 {
+                    v.push(format!("up_offset={}", num(e.up_offset)));
                 }
                 v
             }
@@ -1108,27 +1187,47 @@ impl Op {
                 if ins[1].shape != [ins[0].shape[0], e] {
                     return Err(format!("the routing must be [{}, {e}], is {}", ins[0].shape[0], ins[1]));
                 }
-                let rows = |i: usize, at: usize, what: &str| -> Result<(), String> {
+                if x.interleaved && (x.gate_at.is_some() || x.up_at > 0) {
+                    return Err("interleaved experts have no separate gate".into());
+                }
+                // Outputs `at..at + n` of a `[E, out, in]` (or `[E, in, out]`) tensor.
+                let outs = |i: usize, at: usize, n: usize, what: &str| -> Result<(), String> {
                     let t = ins[i];
+                    let (o, k) = if x.transposed { (2, 1) } else { (1, 2) };
                     let ok = t.rank() == 3
                         && t.shape[0] == e
-                        && t.shape[2] == d
-                        && t.shape[1].as_fixed().is_some_and(|r| r >= at + x.hidden);
+                        && t.shape[k] == d
+                        && t.shape[o].as_fixed().is_some_and(|r| r >= at + n);
                     if ok {
                         Ok(())
+                    } else if x.transposed {
+                        Err(format!("the experts' {what} must be [{e}, {d}, ≥{}], is {t}", at + n))
                     } else {
-                        Err(format!("the experts' {what} must be [{e}, ≥{}, {d}], is {t}", at + x.hidden))
+                        Err(format!("the experts' {what} must be [{e}, ≥{}, {d}], is {t}", at + n))
                     }
                 };
-                rows(2, x.up_at, "up projection")?;
-                if ins[3].shape != [e, d, f] {
+                let up_n = if x.interleaved { 2 * x.hidden } else { x.hidden };
+                outs(2, x.up_at, up_n, "up projection")?;
+                let want_down = if x.transposed { [e, f, d] } else { [e, d, f] };
+                if ins[3].shape != want_down {
+                    let [a, b, c] = want_down;
                     return Err(format!(
-                        "the experts' down projection must be [{e}, {d}, {f}], is {}",
+                        "the experts' down projection must be [{a}, {b}, {c}], is {}",
                         ins[3]
                     ));
                 }
-                if let Some(g) = x.gate_at {
-                    rows(4, g, "gate projection")?;
+                let o = x.operands();
+                if let (Some(i), Some(g)) = (o.gate, x.gate_at) {
+                    outs(i, g, x.hidden, "gate projection")?;
+                }
+                // A bias per expert and output of each matrix.
+                let biased = [(o.up_bias, Some(o.up)), (o.gate_bias, o.gate), (o.down_bias, Some(o.down))];
+                for (b, w) in biased {
+                    let (Some(b), Some(w)) = (b, w) else { continue };
+                    let out = ins[w].shape[if x.transposed { 2 } else { 1 }];
+                    if ins[b].shape != [e, out] {
+                        return Err(format!("an expert bias must be [{e}, {out}], is {}", ins[b]));
+                    }
                 }
                 Ok(ins[0].clone())
             }

@@ -21,7 +21,9 @@ use inkwell::GlobalVisibility;
 
 use super::kb::{Kb, WFmt};
 use super::kernels::{self, Kernel, LinearAlgo, Slot, UnaryOp, WeightRead, ARG_SLOTS};
-use super::select::{expert_algo, experts_scratch, linear_rows, weight_read, GraphPlan, LinearPlan, Packing};
+use super::select::{
+    expert_algo, experts_scratch, glu_path, linear_rows, weight_read, GraphPlan, LinearPlan, Packing,
+};
 use super::{amx, LlvmError};
 use crate::backend::layout::Layout;
 use crate::backend::plan::Epi;
@@ -366,7 +368,7 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                 let v = [(X, o(self, 0)), (Y, o(self, 1)), (Out, self.val(n))];
                 self.call(Kernel::RowScale { width }, &v, self.rows_of(n))
             }
-            Op::Experts(x) => self.experts(n, *x, width),
+            Op::Experts(x) => self.experts(n, *x, width)?,
             Op::LastRow => {
                 // `[T]` (positions, i32) or `[T, d]`.
                 let src = g.ty(ops[0]);
@@ -484,10 +486,16 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
     /// experts that runs each chosen one's projections with the linear kernels, over its
     /// rows only and reading its matrices where they lie in the 3-D tensors, then the
     /// weighted sum per row (`Combine`).
-    fn experts(&mut self, n: NodeId, x: Experts, d: usize) {
+    fn experts(&mut self, n: NodeId, x: Experts, d: usize) -> Result<(), LlvmError> {
         use Slot::*;
         let g = self.g;
         let ops = g.operands(n);
+        if glu_path(&x) && x.gate_at.is_some() && ops[4] != ops[2] {
+            return Err(LlvmError::Unsupported(
+                "experts with a gate tensor of their own and biases, `[in, out]` storage or a clamped GLU"
+                    .into(),
+            ));
+        }
         let s = experts_scratch(g, n, self.layout.max_seq).expect("bug: an experts node");
         let (e, f) = (x.experts, x.hidden);
         let part =
@@ -539,36 +547,64 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
             (me.kb.int_of(me.kb.gep(me.kb.cx.i8_type(), me.at(w), start)), WFmt::of(ty))
         };
         let fixed_rows = linear_rows(g, n);
-        let linear = |inn: usize, out: usize, epi: Vec<Epi>, wf: WFmt| Kernel::Linear {
+        let transposed = x.transposed;
+        let linear = |inn: usize, out: usize, bias: bool, epi: Vec<Epi>, wf: WFmt| Kernel::Linear {
             inn,
             out,
-            bias: false,
+            bias,
             epi,
             wf,
-            read: WeightRead::Stored { transposed: false },
-            algo: expert_algo(fixed_rows, inn, out),
+            read: WeightRead::Stored { transposed },
+            algo: expert_algo(fixed_rows, inn, out, transposed),
         };
+        // Expert `ex`'s row of a bias `[E, out]`.
+        let bias_of = |me: &Self, b: Option<NodeId>, out: usize| {
+            b.map(|b| me.kb.int_of(me.kb.gep(me.kb.f32t(), me.at(b), me.kb.mul(ex, me.kb.c(out as i64)))))
+        };
+        let o = x.operands();
+        let node = |i: Option<usize>| i.map(|i| ops[i]);
         let (xs, hu) = (slot(self, s.xs, d), slot(self, s.up, f));
         let (up, up_wf) = matrix(self, ops[2], x.up_at);
         let f_tasks = self.kb.c(f.div_ceil(BLOCK) as i64);
-        match x.gate_at {
-            Some(at) => {
-                let hg = slot(self, s.gate, f);
-                let (gate, wf) = matrix(self, ops[4], at);
-                let k = linear(d, f, vec![Epi::Act(x.act)], wf);
-                self.call(k, &[(X, xs), (W, gate), (Out, hg), (Rows, rows)], f_tasks);
-                let k = linear(d, f, vec![Epi::Mul], up_wf);
-                self.call(k, &[(X, xs), (W, up), (Out, hu), (Rows, rows), (Other(0), hg)], f_tasks);
-            }
-            None => {
-                let k = linear(d, f, vec![Epi::Act(x.act)], up_wf);
-                self.call(k, &[(X, xs), (W, up), (Out, hu), (Rows, rows)], f_tasks);
+        if glu_path(&x) {
+            // The up (or gate_up) projection's every output, with its bias, then the GLU
+            // of its gate and up parts.
+            let r = self.fixed(*g.ty(ops[2]).shape.last().unwrap());
+            let r = if transposed { r } else { self.fixed(g.ty(ops[2]).shape[1]) };
+            let gu = slot(self, s.gate, r);
+            let (up, _) = matrix(self, ops[2], 0);
+            let mut v = vec![(X, xs), (W, up), (Out, gu), (Rows, rows)];
+            let b = bias_of(self, node(o.up_bias), r);
+            v.extend(b.map(|b| (Bias, b)));
+            self.call(linear(d, r, b.is_some(), vec![], up_wf), &v, self.kb.c(r.div_ceil(BLOCK) as i64));
+            let (gate, up_at, step) = match (x.interleaved, x.gate_at) {
+                (true, _) => (Some(0), 1, 2),
+                (false, g) => (g, x.up_at, 1),
+            };
+            let k = Kernel::Glu { glu: x, row: r, gate, up: up_at, step };
+            self.call(k, &[(X, gu), (Out, hu), (Rows, rows)], rows);
+        } else {
+            match x.gate_at {
+                Some(at) => {
+                    let hg = slot(self, s.gate, f);
+                    let (gate, wf) = matrix(self, ops[4], at);
+                    let k = linear(d, f, false, vec![Epi::Act(x.act)], wf);
+                    self.call(k, &[(X, xs), (W, gate), (Out, hg), (Rows, rows)], f_tasks);
+                    let k = linear(d, f, false, vec![Epi::Mul], up_wf);
+                    self.call(k, &[(X, xs), (W, up), (Out, hu), (Rows, rows), (Other(0), hg)], f_tasks);
+                }
+                None => {
+                    let k = linear(d, f, false, vec![Epi::Act(x.act)], up_wf);
+                    self.call(k, &[(X, xs), (W, up), (Out, hu), (Rows, rows)], f_tasks);
+                }
             }
         }
         let (down, wf) = matrix(self, ops[3], 0);
         let ys = slot(self, s.ys, d);
-        let k = linear(f, d, vec![], wf);
-        self.call(k, &[(X, hu), (W, down), (Out, ys), (Rows, rows)], self.kb.c(d.div_ceil(BLOCK) as i64));
+        let mut v = vec![(X, hu), (W, down), (Out, ys), (Rows, rows)];
+        let b = bias_of(self, node(o.down_bias), d);
+        v.extend(b.map(|b| (Bias, b)));
+        self.call(linear(f, d, b.is_some(), vec![], wf), &v, self.kb.c(d.div_ceil(BLOCK) as i64));
         self.kb.b.build_unconditional_branch(next).unwrap();
         self.kb.b.position_at_end(next);
         let ex = self.kb.b.build_load(i64t, counter, "").unwrap().into_int_value();
@@ -582,6 +618,7 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
             (Out, self.val(n)),
         ];
         self.call(Kernel::Combine { experts: e, d }, &v, self.rows_of(n));
+        Ok(())
     }
 
     /// Fused attention: by (head, query row), or by (head, block of query rows) where the

@@ -146,6 +146,14 @@ pub(super) fn extra_bytes(g: &Graph, n: NodeId, weights: &WeightTable, max_seq: 
 /// the graph runs): the slots' offsets per expert (`i64`), each row's slot per expert
 /// (`i32`), the rows grouped by expert, the gate's and the up projection's outputs, and
 /// the experts' outputs, one row per slot (`T · top_k` slots).
+/// Whether a mixture's experts run their up (or gate_up) projection whole, with its bias,
+/// then the GLU of its parts (`Kernel::Glu`): for biases, `[in, out]` storage,
+/// interleaved outputs or a clamped GLU; otherwise the gate and up projections are two
+/// linear maps with the activation and the product fused into them.
+pub(super) fn glu_path(x: &crate::ir::Experts) -> bool {
+    x.interleaved || x.transposed || x.bias || x.clamp.is_some() || x.up_offset != 0.0
+}
+
 pub(super) struct ExpertsScratch {
     pub offsets: u64,
     pub slot_of: u64,
@@ -166,12 +174,15 @@ pub(super) fn experts_scratch(g: &Graph, n: NodeId, max_seq: usize) -> Option<Ex
         _ => e,
     };
     let slots = t * k;
+    // The up (or gate_up) projection's outputs, all of which a GLU path keeps.
+    let up_ty = g.ty(g.operands(n)[2]);
+    let r = up_ty.shape[if x.transposed { 2 } else { 1 }].as_fixed().unwrap_or(0) as u64;
     let a = |v: u64| v.div_ceil(64) * 64;
     let offsets = a(t * d * 4);
     let slot_of = offsets + a(8 * (e + 1));
     let xs = slot_of + a(4 * t * e);
     let gate = xs + a(slots * d * 4);
-    let up = gate + a(slots * f * 4);
+    let up = gate + a(slots * if glu_path(x) { r } else { f } * 4);
     let ys = up + a(slots * f * 4);
     Some(ExpertsScratch { offsets, slot_of, xs, gate, up, ys, end: ys + a(slots * d * 4) })
 }
@@ -179,10 +190,10 @@ pub(super) fn experts_scratch(g: &Graph, n: NodeId, max_seq: usize) -> Option<Ex
 /// How the linear kernels compute one expert's projection of `inn` to `out` features
 /// over `rows` rows (`None`: known only at run time): the packed GEMM for many rows,
 /// else dot products, else loops; the weights are read as stored.
-pub(super) fn expert_algo(rows: Option<usize>, inn: usize, out: usize) -> LinearAlgo {
-    if kernels::packs(rows, out, false) {
+pub(super) fn expert_algo(rows: Option<usize>, inn: usize, out: usize, transposed: bool) -> LinearAlgo {
+    if kernels::packs(rows, out, transposed) {
         LinearAlgo::Packed { sliced: false }
-    } else if kernels::tiled(inn, false) {
+    } else if kernels::tiled(inn, transposed) {
         LinearAlgo::Dots
     } else {
         LinearAlgo::Loops

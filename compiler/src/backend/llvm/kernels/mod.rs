@@ -100,6 +100,11 @@ pub enum Kernel {
     Combine { experts: usize, d: usize },
     /// args: x, y (`[rows, 1]`), out; tasks: rows. Each row times its number.
     RowScale { width: usize },
+    /// args: x (`[rows, row]`: a projection's outputs), out (`[rows, hidden]`), rows;
+    /// tasks: rows. An expert's GLU: output `j` is `act(g) · (u + offset)` with `g` the
+    /// input at `gate + j · step` (clamped from above), `u` at `up + j · step` (clamped),
+    /// or `act(u)` without a gate.
+    Glu { glu: crate::ir::Experts, row: usize, gate: Option<usize>, up: usize, step: usize },
 }
 
 /// How a linear kernel reads its weights.
@@ -254,6 +259,14 @@ impl Kernel {
             Kernel::Dispatch { experts, d } => format!("dispatch_{experts}_{d}"),
             Kernel::Combine { experts, d } => format!("combine_{experts}_{d}"),
             Kernel::RowScale { width } => format!("row_scale_{width}"),
+            Kernel::Glu { glu, row, gate, up, step } => format!(
+                "glu_{}_{}_{row}_{}_{up}_{step}_{:016x}_{:016x}",
+                glu.hidden,
+                glu.act.name(),
+                gate.map_or("none".into(), |g| g.to_string()),
+                glu.clamp.unwrap_or(f64::INFINITY).to_bits(),
+                glu.up_offset.to_bits()
+            ),
         }
     }
 }
@@ -366,6 +379,7 @@ impl Kernel {
             Kernel::Dispatch { .. } => vec![X, Route, Offsets, Slots, Out, Rows],
             Kernel::Combine { .. } => vec![Route, Slots, Y, Out],
             Kernel::RowScale { .. } => vec![X, Y, Out],
+            Kernel::Glu { .. } => vec![X, Out, Rows],
         }
     }
 
@@ -484,5 +498,6 @@ fn body<'ctx>(
         Kernel::Dispatch { .. } => moe::dispatch(kb, k, args, begin, end),
         Kernel::Combine { .. } => moe::combine(kb, k, args, begin, end),
         Kernel::RowScale { .. } => moe::row_scale(kb, k, args, begin, end),
+        Kernel::Glu { .. } => moe::glu(kb, k, args, begin, end),
     }
 }

@@ -7,6 +7,7 @@ use inkwell::values::{FloatValue, IntValue};
 use inkwell::FloatPredicate;
 
 use super::{Args, Kernel, Slot};
+use crate::backend::llvm::elementwise::act;
 use crate::backend::llvm::kb::Kb;
 use crate::ir::Scoring;
 
@@ -200,6 +201,45 @@ pub(crate) fn row_scale<'ctx>(
         kb.for_(c(0), c(width), |i| {
             let at = kb.add(kb.mul(t, c(width)), i);
             kb.st(out, at, kb.fmul(kb.ld(x, at), s));
+        });
+    });
+}
+
+/// An expert's GLU over the rows of its projection's outputs (`Kernel::Glu`), in f32: the
+/// activation as every engine computes it (`Act::apply`), the clamps and the offset as
+/// `Experts::glu` says.
+pub(crate) fn glu<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let Kernel::Glu { glu: e, row, gate, up, step } = *k else { unreachable!("a Glu kernel") };
+    let (x, out) = (args.p(X), args.p(Out));
+    kb.for_(begin, end, |t| {
+        let src = kb.mul(t, c(row));
+        kb.for_(c(0), c(e.hidden), |j| {
+            let at = |first: usize| kb.add(src, kb.add(c(first), kb.mul(j, c(step))));
+            let mut u = kb.ld(x, at(up));
+            let v = match gate {
+                Some(g) => {
+                    let mut gv = kb.ld(x, at(g));
+                    if let Some(l) = e.clamp {
+                        gv = kb.fmin_c(gv, l);
+                        let lo = kb.fc(-l);
+                        u = kb.fmin_c(fsel(kb, fcmp(kb, FloatPredicate::OLT, u, lo), lo, u), l);
+                    }
+                    if e.up_offset != 0.0 {
+                        u = kb.b.build_float_add(u, kb.fc(e.up_offset), "").unwrap();
+                    }
+                    kb.b.build_float_mul(act(kb, e.act, gv), u, "").unwrap()
+                }
+                None => act(kb, e.act, u),
+            };
+            kb.st(out, kb.add(kb.mul(t, c(e.hidden)), j), v);
         });
     });
 }
