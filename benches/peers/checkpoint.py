@@ -35,11 +35,12 @@ def config(shape):
                              rms_norm_eps=1e-5, tie_word_embeddings=False)
     if shape == "qwen3moe":
         # Qwen3-30B-A3B's shape scaled to fit: 32 experts of 512 at d_model 1024, top-4,
-        # normalised, q/k norms, head_dim 128.
+        # normalised, q/k norms, head_dim 128; GPT-2's vocabulary (the converter reads
+        # Qwen's as byte-level BPE).
         return Qwen3MoeConfig(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
                               num_key_value_heads=4, head_dim=128, intermediate_size=3072,
                               moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4,
-                              norm_topk_prob=True, vocab_size=32000, max_position_embeddings=2048,
+                              norm_topk_prob=True, vocab_size=50304, max_position_embeddings=2048,
                               rms_norm_eps=1e-6, tie_word_embeddings=False)
     return LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                        num_key_value_heads=8, intermediate_size=5632, vocab_size=32000,
@@ -107,7 +108,8 @@ def main():
     torch.manual_seed(a.seed)
     m = model(a.shape)
     m.save_pretrained(a.out, safe_serialization=True)
-    (gpt2_tokenizer if a.shape == "w1" else llama_tokenizer)(a.vocab_dir, a.out)
+    # The converter reads Qwen's vocabulary as GPT-2's byte-level BPE.
+    (gpt2_tokenizer if a.shape in ("w1", "qwen3moe") else llama_tokenizer)(a.vocab_dir, a.out)
     json.dump(want, open(stamp, "w"))
 
 

@@ -117,6 +117,7 @@ impl WeightTable {
                     let ops = g.operands(u);
                     let this = match g.op(u) {
                         Op::Linear { transposed, .. } if ops[1] == id && ops[0] != id => Some(*transposed),
+                        Op::Experts(x) if expert_panels(x, g.ty(id), &ops, id) => Some(false),
                         _ => None,
                     };
                     uses[i] = match uses[i] {
@@ -136,6 +137,9 @@ impl WeightTable {
                 let (inn, out) = match shape[..] {
                     [a, b] if transposed => (a, b),
                     [a, b] => (b, a),
+                    // A mixture's `[E, R, in]` matrices as one `[E · R, in]`: each
+                    // expert's slice is whole panels (`expert_panels`).
+                    [e, r, inn] if !transposed && *dtype == DType::F32 => (inn, e * r),
                     _ => return None,
                 };
                 let layout = match dtype {
@@ -178,4 +182,29 @@ pub fn weight_bytes(shape: &[usize], dtype: DType) -> usize {
     // The front end bounds every model's bytes (`front::MAX_BYTES`) and stores as q8 only
     // rows of whole blocks, so this cannot fail.
     tfc_runtime::abi::weight_bytes(shape, dtype.name()).expect("bug: a weight of the front end's sizes")
+}
+
+/// Whether weight `w` of experts node operands `ops` is read in panels: it is one of the
+/// f32 matrices (not a bias), stored `[E, R, in]`, and every slice the linear kernels read
+/// of it (an expert's `hidden` rows from `up_at` or `gate_at`, all `R` rows of a GLU path,
+/// the down projection's `d`) is whole 64-row blocks. Panels are laid out a block at a
+/// time, so expert `e`'s slice then starts where it does as stored.
+fn expert_panels(
+    x: &crate::ir::Experts,
+    ty: &crate::ir::TensorType,
+    ops: &[crate::ir::NodeId],
+    w: crate::ir::NodeId,
+) -> bool {
+    let o = x.operands();
+    let matrices = [Some(o.up), Some(o.down), o.gate];
+    let mut at = ops.iter().enumerate().filter(|&(_, &n)| n == w).map(|(i, _)| i);
+    let whole = |v: usize| v % BLOCK == 0;
+    !x.transposed
+        && ty.dtype == crate::ir::DType::F32
+        && ty.shape.len() == 3
+        && ty.shape[1].as_fixed().is_some_and(whole)
+        && whole(x.hidden)
+        && whole(x.up_at)
+        && x.gate_at.is_none_or(whole)
+        && at.all(|i| matrices.contains(&Some(i)))
 }

@@ -548,15 +548,27 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
         };
         let fixed_rows = linear_rows(g, n);
         let transposed = x.transposed;
-        let linear = |inn: usize, out: usize, bias: bool, epi: Vec<Epi>, wf: WFmt| Kernel::Linear {
-            inn,
-            out,
-            bias,
-            epi,
-            wf,
-            read: WeightRead::Stored { transposed },
-            algo: expert_algo(fixed_rows, inn, out, transposed),
+        // f32 expert matrices of whole blocks are re-packed into panels
+        // (`WeightTable::repacked`), which the packed GEMM reads in place at any row count.
+        let weights = self.weights;
+        let panels = |w: NodeId| match g.op(w) {
+            Op::Weight { name, .. } => weights.repack_of(weights.slot(name)).is_some(),
+            _ => false,
         };
+        let linear =
+            |w: NodeId, inn: usize, out: usize, bias: bool, epi: Vec<Epi>, wf: WFmt| Kernel::Linear {
+                inn,
+                out,
+                bias,
+                epi,
+                wf,
+                read: if panels(w) { WeightRead::Panels } else { WeightRead::Stored { transposed } },
+                algo: if panels(w) {
+                    LinearAlgo::Packed { sliced: false }
+                } else {
+                    expert_algo(fixed_rows, inn, out, transposed)
+                },
+            };
         // Expert `ex`'s row of a bias `[E, out]`.
         let bias_of = |me: &Self, b: Option<NodeId>, out: usize| {
             b.map(|b| me.kb.int_of(me.kb.gep(me.kb.f32t(), me.at(b), me.kb.mul(ex, me.kb.c(out as i64)))))
@@ -576,7 +588,11 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
             let mut v = vec![(X, xs), (W, up), (Out, gu), (Rows, rows)];
             let b = bias_of(self, node(o.up_bias), r);
             v.extend(b.map(|b| (Bias, b)));
-            self.call(linear(d, r, b.is_some(), vec![], up_wf), &v, self.kb.c(r.div_ceil(BLOCK) as i64));
+            self.call(
+                linear(ops[2], d, r, b.is_some(), vec![], up_wf),
+                &v,
+                self.kb.c(r.div_ceil(BLOCK) as i64),
+            );
             let (gate, up_at, step) = match (x.interleaved, x.gate_at) {
                 (true, _) => (Some(0), 1, 2),
                 (false, g) => (g, x.up_at, 1),
@@ -588,13 +604,13 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                 Some(at) => {
                     let hg = slot(self, s.gate, f);
                     let (gate, wf) = matrix(self, ops[4], at);
-                    let k = linear(d, f, false, vec![Epi::Act(x.act)], wf);
+                    let k = linear(ops[4], d, f, false, vec![Epi::Act(x.act)], wf);
                     self.call(k, &[(X, xs), (W, gate), (Out, hg), (Rows, rows)], f_tasks);
-                    let k = linear(d, f, false, vec![Epi::Mul], up_wf);
+                    let k = linear(ops[2], d, f, false, vec![Epi::Mul], up_wf);
                     self.call(k, &[(X, xs), (W, up), (Out, hu), (Rows, rows), (Other(0), hg)], f_tasks);
                 }
                 None => {
-                    let k = linear(d, f, false, vec![Epi::Act(x.act)], up_wf);
+                    let k = linear(ops[2], d, f, false, vec![Epi::Act(x.act)], up_wf);
                     self.call(k, &[(X, xs), (W, up), (Out, hu), (Rows, rows)], f_tasks);
                 }
             }
@@ -604,7 +620,7 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
         let mut v = vec![(X, hu), (W, down), (Out, ys), (Rows, rows)];
         let b = bias_of(self, node(o.down_bias), d);
         v.extend(b.map(|b| (Bias, b)));
-        self.call(linear(f, d, b.is_some(), vec![], wf), &v, self.kb.c(d.div_ceil(BLOCK) as i64));
+        self.call(linear(ops[3], f, d, b.is_some(), vec![], wf), &v, self.kb.c(d.div_ceil(BLOCK) as i64));
         self.kb.b.build_unconditional_branch(next).unwrap();
         self.kb.b.position_at_end(next);
         let ex = self.kb.b.build_load(i64t, counter, "").unwrap().into_int_value();
