@@ -683,7 +683,18 @@ fn moe(
             Some(e) => join(&format!("{e}.{leaf}")),
             None => join(&leaf),
         };
-        check_template(&full, in_block, expert.as_ref().map(|_| "expert"), span, diags);
+        if expert.is_none() && leaf.contains("{expert}") {
+            diags.push(
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!("`{{expert}}` in `{leaf}` without an `expert` prefix"),
+                )
+                .label(span, "the experts here are one 3-D tensor")
+                .note("for one tensor per expert, name them under `expert = \"experts.{expert}\"`"),
+            );
+        } else {
+            check_template(&full, in_block, expert.as_ref().map(|_| "expert"), span, diags);
+        }
         let stacked = full.replace("{expert}", &format!("{{0..{}}}", experts.unwrap_or(0)));
         let (w, b) = if as_given {
             (stacked.clone(), format!("{stacked}_bias"))

@@ -1310,3 +1310,29 @@ pub fn sinusoid_feature(dim: usize, fairseq: bool, j: usize) -> (usize, bool) {
         true => (j % (dim / 2), j >= dim / 2),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Route, Scoring};
+
+    /// Equal logits go to the lower expert, in every scoring; the weights follow the
+    /// scoring, the normalisation and the scale.
+    #[test]
+    fn routing_ties_go_to_the_lower_expert() {
+        let r = |top_k, scoring, normalize, scale| Route { experts: 4, top_k, scoring, normalize, scale };
+        let logits = [1.0, 2.0, 2.0, 2.0];
+        let chosen = |v: Vec<(usize, f64)>| v.into_iter().map(|(e, _)| e).collect::<Vec<_>>();
+        assert_eq!(chosen(r(1, Scoring::Softmax, false, 1.0).route(&logits)), [1]);
+        assert_eq!(chosen(r(2, Scoring::SoftmaxChosen, false, 1.0).route(&logits)), [1, 2]);
+        assert_eq!(chosen(r(4, Scoring::Softmax, false, 1.0).route(&[0.0; 4])), [0, 1, 2, 3]);
+        // Two equal logits of the chosen share a softmax over themselves evenly.
+        let w = r(2, Scoring::SoftmaxChosen, false, 1.0).route(&logits);
+        assert!(w.iter().all(|&(_, v)| (v - 0.5).abs() < 1e-15), "{w:?}");
+        // Over all four: e^2 / (e + 3 e^2) each; normalised: 0.5 each; scaled by 3.
+        let w = r(2, Scoring::Softmax, false, 1.0).route(&logits);
+        let p = 2f64.exp() / (1f64.exp() + 3.0 * 2f64.exp());
+        assert!(w.iter().all(|&(_, v)| (v - p).abs() < 1e-15), "{w:?}");
+        let w = r(2, Scoring::Softmax, true, 3.0).route(&logits);
+        assert!(w.iter().all(|&(_, v)| (v - 1.5).abs() < 1e-15), "{w:?}");
+    }
+}
