@@ -16,8 +16,7 @@ threads=${THREADS:-2}
 seed=${SEED:-0}
 source benches/peers/setup.sh
 cargo build --release --quiet --bin tfc
-model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
-echo "host: $model, $(nproc) cores; run $(date -u +%Y-%m-%d), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+host_line
 echo "| model | format | tfc | llama.cpp | tfc / llama.cpp | tfc reads a step |"
 echo "| --- | --- | --- | --- | --- | --- |"
 for shape in mixtral qwen3moe; do

@@ -24,8 +24,7 @@ seed=${SEED:-0}
 source benches/peers/setup.sh
 src=$(bash scripts/fetch_smollm2.sh)
 cargo build --release --quiet --bin tfc
-model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
-echo "host: $model, $(nproc) cores; run $(date -u +%Y-%m-%d), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+host_line
 # llama.cpp's quantiser (llama_model_quantize): IN OUT FTYPE PURE; ftype 2 is Q4_0, 15 Q4_K_M
 # (pure: Q4_K for every matrix).
 quantise() {

@@ -1,9 +1,9 @@
-# Sourced by benches/peers.sh and benches/q4.sh: the peers' Python side in one virtual
+# Sourced by benches/peers.sh, q4.sh, moe.sh and x86-64-v3.sh: the peers' Python side in one virtual
 # environment (target/peers-venv) with the versions pinned in peers/requirements.txt,
 # llama-cpp-python (LLAMA_CPP_PYTHON, default 0.3.36) built from its source for this CPU
 # (GGML_NATIVE; several minutes on first use), and llama.cpp's converter and tokenizer-test
 # vocabularies unpacked from that source. Sets venv, py, work, lcp and llama, and defines
-# `convert CHECKPOINT DTYPE`.
+# `convert CHECKPOINT DTYPE` and `host_line`.
 lcp=${LLAMA_CPP_PYTHON:-0.3.36}
 venv=target/peers-venv
 work=target/peers
@@ -36,4 +36,10 @@ convert() {
     $py $llama/convert_hf_to_gguf.py "$1" --outtype $2 --outfile "$out.part" >/dev/null 2>&1 ||
         { echo "convert_hf_to_gguf.py failed on $1 ($2)" >&2; exit 1; }
     mv "$out.part" "$out"
+}
+# `host_line`: the host's CPU model and cores, the date and the commit, for a table's header.
+host_line() {
+    local model
+    model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+    echo "host: $model, $(nproc) cores; run $(date -u +%Y-%m-%d), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 }

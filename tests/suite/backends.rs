@@ -693,16 +693,21 @@ fn block_weights_equal_the_interpreter() {
             assert!(dtypes.iter().any(|d| d.starts_with('q')), "{path}: no quantised weight: {dtypes:?}");
             let (w, data) = random_weights(&model, &[&c.model]);
             let mut s = Session::new(&model, data, 2).unwrap();
-            let name = format!("{path}, {tag}");
-            check_splits(&name, &c, &w, &mut s);
-            let tokens: Vec<i32> = (0..40).map(|i| (i * 37 + 5) % c.spec.sizes.vocab as i32).collect();
-            let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
-            let want = run(&c.model, &w, &inputs).unwrap().remove("logits").unwrap();
-            s.reset();
-            let rows = s.prefill(&tokens, None, true).unwrap();
-            assert_close(&format!("{name}: 40 rows"), &rows, &want.data, tolerance(&c, &want.data));
+            splits_and_40_rows(&format!("{path}, {tag}"), &c, &w, &mut s);
         }
     }
+}
+
+/// A library session against the interpreter: prefill, decode and extend at every split
+/// (`check_splits`), then a prompt of 40 rows at once (the packed GEMM's row tiles).
+fn splits_and_40_rows(name: &str, c: &tfc::Compiled, w: &Weights, s: &mut Session) {
+    check_splits(name, c, w, s);
+    let tokens: Vec<i32> = (0..40).map(|i| (i * 37 + 5) % c.spec.sizes.vocab as i32).collect();
+    let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
+    let want = run(&c.model, w, &inputs).unwrap().remove("logits").unwrap();
+    s.reset();
+    let rows = s.prefill(&tokens, None, true).unwrap();
+    assert_close(&format!("{name}: 40 rows"), &rows, &want.data, tolerance(c, &want.data));
 }
 
 /// A mixture of experts in the LLVM library (the expert projections on every linear
@@ -727,14 +732,7 @@ fn mixtures_of_experts_equal_the_interpreter() {
         let model = Model::load(build_opts(&spec, &tag, &opts, &LibOptions::default())).unwrap();
         let (w, data) = random_weights(&model, &[&c.model]);
         let mut s = Session::new(&model, data, 2).unwrap();
-        let name = format!("moe, {tag}");
-        check_splits(&name, &c, &w, &mut s);
-        let tokens: Vec<i32> = (0..40).map(|i| (i * 37 + 5) % c.spec.sizes.vocab as i32).collect();
-        let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
-        let want = run(&c.model, &w, &inputs).unwrap().remove("logits").unwrap();
-        s.reset();
-        let rows = s.prefill(&tokens, None, true).unwrap();
-        assert_close(&format!("{name}: 40 rows"), &rows, &want.data, tolerance(&c, &want.data));
+        splits_and_40_rows(&format!("moe, {tag}"), &c, &w, &mut s);
     }
 }
 

@@ -554,16 +554,8 @@ fn component(
             let down = proj(&mut f, "down", diags);
             let act = f.choice("act", &Act::ALL.map(|(n, _)| n), diags);
             let fused = f.has("gate_up");
-            if fused && (f.has("up") || f.has("gate")) {
-                let other = if f.has("up") { "up" } else { "gate" };
-                diags.push(
-                    Diagnostic::error(
-                        Code::BadValue,
-                        format!("`gate_up` and a separate `{other}` projection exclude each other"),
-                    )
-                    .label(f.span_of("gate_up"), "the fused projection")
-                    .label(f.span_of(other), "a separate one"),
-                );
+            if let Some(d) = gate_up_beside_another(&f) {
+                diags.push(d);
                 return None;
             }
             if fused && transposed {
@@ -623,6 +615,19 @@ fn component(
     };
     f.finish(diags);
     (diags.len() == before).then_some((result, dtype))
+}
+
+/// A fused `gate_up` given beside a separate `up` or `gate` (of an `mlp` or a `moe`).
+fn gate_up_beside_another(f: &Fields) -> Option<Diagnostic> {
+    let other = ["up", "gate"].into_iter().find(|k| f.has(k)).filter(|_| f.has("gate_up"))?;
+    Some(
+        Diagnostic::error(
+            Code::BadValue,
+            format!("`gate_up` and a separate `{other}` projection exclude each other"),
+        )
+        .label(f.span_of("gate_up"), "the fused projection")
+        .label(f.span_of(other), "a separate one"),
+    )
 }
 
 /// A mixture of experts (`moe`): the router, the experts' projections (3-D tensors, or
@@ -708,17 +713,7 @@ fn moe(
     let gate = proj(f, "gate", diags);
     let down = proj(f, "down", diags);
     let fused = gate_up.is_some();
-    if fused && (f.has("up") || f.has("gate")) {
-        let other = if f.has("up") { "up" } else { "gate" };
-        diags.push(
-            Diagnostic::error(
-                Code::BadValue,
-                format!("`gate_up` and a separate `{other}` projection exclude each other"),
-            )
-            .label(f.span_of("gate_up"), "the fused projection")
-            .label(f.span_of(other), "a separate one"),
-        );
-    }
+    diags.extend(gate_up_beside_another(f));
     for (key, given, what) in [
         ("experts", f.has("experts"), "the number of experts"),
         ("top_k", f.has("top_k"), "how many experts each token goes to"),

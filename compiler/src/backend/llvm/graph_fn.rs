@@ -576,15 +576,14 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
         let o = x.operands();
         let node = |i: Option<usize>| i.map(|i| ops[i]);
         let (xs, hu) = (slot(self, s.xs, d), slot(self, s.up, f));
-        let (up, up_wf) = matrix(self, ops[2], x.up_at);
+        // A GLU path reads the whole projection, from its first row.
+        let (up, up_wf) = matrix(self, ops[2], if glu_path(&x) { 0 } else { x.up_at });
         let f_tasks = self.kb.c(f.div_ceil(BLOCK) as i64);
         if glu_path(&x) {
             // The up (or gate_up) projection's every output, with its bias, then the GLU
             // of its gate and up parts.
-            let r = self.fixed(*g.ty(ops[2]).shape.last().unwrap());
-            let r = if transposed { r } else { self.fixed(g.ty(ops[2]).shape[1]) };
+            let r = self.fixed(g.ty(ops[2]).shape[if transposed { 2 } else { 1 }]);
             let gu = slot(self, s.gate, r);
-            let (up, _) = matrix(self, ops[2], 0);
             let mut v = vec![(X, xs), (W, up), (Out, gu), (Rows, rows)];
             let b = bias_of(self, node(o.up_bias), r);
             v.extend(b.map(|b| (Bias, b)));

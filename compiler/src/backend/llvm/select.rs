@@ -141,11 +141,6 @@ pub(super) fn extra_bytes(g: &Graph, n: NodeId, weights: &WeightTable, max_seq: 
     split_k(g, n, weights).map_or(0, |(chunks, out)| (chunks * out * 4) as u64)
 }
 
-/// Where a mixture's scratch lies in its node's arena block, in bytes from the block's
-/// start, each part 64-byte aligned after the value `[T, d]` (sized for the most rows
-/// the graph runs): the slots' offsets per expert (`i64`), each row's slot per expert
-/// (`i32`), the rows grouped by expert, the gate's and the up projection's outputs, and
-/// the experts' outputs, one row per slot (`T · top_k` slots).
 /// Whether a mixture's experts run their up (or gate_up) projection whole, with its bias,
 /// then the GLU of its parts (`Kernel::Glu`): for biases, `[in, out]` storage,
 /// interleaved outputs or a clamped GLU; otherwise the gate and up projections are two
@@ -154,6 +149,11 @@ pub(super) fn glu_path(x: &crate::ir::Experts) -> bool {
     x.interleaved || x.transposed || x.bias || x.clamp.is_some() || x.up_offset != 0.0
 }
 
+/// Where a mixture's scratch lies in its node's arena block, in bytes from the block's
+/// start, each part 64-byte aligned after the value `[T, d]` (sized for the most rows
+/// the graph runs): the slots' offsets per expert (`i64`), each row's slot per expert
+/// (`i32`), the rows grouped by expert, the gate's and the up projection's outputs, and
+/// the experts' outputs, one row per slot (`T · top_k` slots).
 pub(super) struct ExpertsScratch {
     pub offsets: u64,
     pub slot_of: u64,

@@ -37,7 +37,7 @@
 //! product, into partial sums whose 32-groups hold even then odd outputs
 //! (`GemvReduce { pairs }` restores the order). q8 blocks are summed, then scaled once.
 
-use inkwell::values::{BasicValueEnum, IntValue, PointerValue, VectorValue};
+use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue, VectorValue};
 use tfc_runtime::quant::{Quant, Q8_BLOCK};
 
 use super::rows::unary;
@@ -114,6 +114,15 @@ impl<'ctx, 'e> Lin<'ctx, 'e> {
         let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
         let others = (0..n_others).map(|k| args.p(Slot::Other(k))).collect();
         (Lin { x, w, b, out, inn, n_out, epi, others, wf, tiles, panels }, rows)
+    }
+
+    /// Output `o` of row `t`: the dot product `v`, plus the bias if there is one.
+    fn store(&self, kb: &Kb<'_, 'ctx>, t: IntValue<'ctx>, o: IntValue<'ctx>, v: FloatValue<'ctx>) {
+        let v = match self.b {
+            Some(b) => kb.fadd(v, kb.ld(b, o)),
+            None => v,
+        };
+        kb.st(self.out, kb.add(kb.mul(t, kb.c(self.n_out as i64)), o), v);
     }
 
     /// The element of `W [out, in]` at output `o`, input `i`: row-major, or in the tile
@@ -205,11 +214,8 @@ pub(crate) fn lin_n_block<'ctx>(
         for r in 0..rn {
             for j in 0..on {
                 let o = kb.add(oo, c(j));
-                let mut v = kb.vsum(acc[r * on + j].into_vector_value());
-                if let Some(b) = l.b {
-                    v = kb.fadd(v, kb.ld(b, o));
-                }
-                kb.st(l.out, kb.add(kb.mul(kb.add(t0, c(r)), c(l.n_out)), o), v);
+                let v = kb.vsum(acc[r * on + j].into_vector_value());
+                l.store(kb, kb.add(t0, c(r)), o, v);
             }
         }
     };
@@ -327,11 +333,8 @@ pub(crate) fn lin_dot_row<'ctx>(
             let xv = kb.ldv(l.x, kb.add(xrow, i));
             sum = kb.vfma(xv, kb.ldvw(l.w, kb.add(wrow, i), l.wf), sum);
         }
-        let mut v = kb.vsum(sum);
-        if let Some(b) = l.b {
-            v = kb.fadd(v, kb.ld(b, o));
-        }
-        kb.st(l.out, kb.add(kb.mul(t, c(l.n_out)), o), v);
+        let v = kb.vsum(sum);
+        l.store(kb, t, o, v);
     });
 }
 
@@ -507,10 +510,7 @@ pub(crate) fn lin_q4_row<'ctx>(
         for a in &acc[3..] {
             v = kb.fadd(v, a.into_float_value());
         }
-        if let Some(b) = l.b {
-            v = kb.fadd(v, kb.ld(b, o));
-        }
-        kb.st(l.out, kb.add(kb.mul(t, c(l.n_out)), o), v);
+        l.store(kb, t, o, v);
     });
 }
 
@@ -557,11 +557,8 @@ pub(crate) fn lin_q6k_row<'ctx>(
             }
             acc
         });
-        let mut v = kb.vsum(kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()));
-        if let Some(b) = l.b {
-            v = kb.fadd(v, kb.ld(b, o));
-        }
-        kb.st(l.out, kb.add(kb.mul(t, c(l.n_out)), o), v);
+        let v = kb.vsum(kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()));
+        l.store(kb, t, o, v);
     });
 }
 
@@ -597,11 +594,8 @@ pub(crate) fn lin_groups_row<'ctx>(
             }
             acc
         });
-        let mut v = kb.vsum(kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()));
-        if let Some(b) = l.b {
-            v = kb.fadd(v, kb.ld(b, o));
-        }
-        kb.st(l.out, kb.add(kb.mul(t, c(l.n_out)), o), v);
+        let v = kb.vsum(kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()));
+        l.store(kb, t, o, v);
     });
 }
 
@@ -639,11 +633,8 @@ pub(crate) fn lin_tile_row<'ctx>(
         });
         for (r, a) in acc.iter().enumerate() {
             let o = kb.add(kb.mul(blk, c(rows)), c(r));
-            let mut v = kb.vsum(a.into_vector_value());
-            if let Some(b) = l.b {
-                v = kb.fadd(v, kb.ld(b, o));
-            }
-            kb.st(l.out, kb.add(kb.mul(t, c(l.n_out)), o), v);
+            let v = kb.vsum(a.into_vector_value());
+            l.store(kb, t, o, v);
         }
     });
 }
