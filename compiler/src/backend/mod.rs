@@ -408,7 +408,7 @@ pub fn compile_library(c: &Compiled, out_dir: &Path, opts: &LibOptions) -> Resul
         has_decode: c.decode.is_some(),
         layer_blocks: if c.spec.blocks.len() > 1 { c.spec.layer_names() } else { Vec::new() },
         kv_cache: KvCache {
-            layout: "per layer, K then V: [kv_heads][max_seq][head_dim] f32".into(),
+            layout: "per layer, K then V (K only where the values are the keys: a latent attention): [kv_heads][max_seq][head_dim] f32".into(),
             bytes_per_token: per_token,
             bytes: layout.cache_bytes as usize,
         },

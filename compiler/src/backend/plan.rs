@@ -182,6 +182,11 @@ pub fn arena(
             last_use.insert(*n, usize::MAX);
         }
     }
+    // The cache region a concatenation extends (decode's keys and values).
+    let cache_in = |n: NodeId| match g.op(g.operands(n)[0]) {
+        Op::Input(InputKind::Cache { layer, kind }) => Some((*layer, *kind)),
+        _ => None,
+    };
     let mut loc = HashMap::new();
     let mut free: Vec<(u64, u64)> = Vec::new();
     let mut top = 0u64;
@@ -197,10 +202,15 @@ pub fn arena(
             Op::Input(InputKind::Tokens) => Loc::Tokens,
             Op::Input(InputKind::TokenTypes) => Loc::Types,
             Op::Input(InputKind::Cache { layer, kind }) => Loc::Cache(*layer, *kind),
-            Op::Concat { .. } => match g.op(g.operands(n)[0]) {
-                Op::Input(InputKind::Cache { layer, kind }) => Loc::Cache(*layer, *kind),
-                _ => return Err(PlanError::Unsupported("concatenation other than the KV cache".into())),
-            },
+            Op::Concat { .. } if cache_in(n).is_some() => {
+                let (layer, kind) = cache_in(n).unwrap();
+                Loc::Cache(layer, kind)
+            }
+            Op::Concat { axis } if *axis + 1 != g.ty(n).rank() => {
+                return Err(PlanError::Unsupported(
+                    "concatenation other than the KV cache or along the features".into(),
+                ))
+            }
             Op::Softmax | Op::Mask(_) | Op::Alibi { .. } | Op::HeadMatMul { .. } => {
                 return Err(PlanError::Unsupported("unfused attention (run the fusion pass)".into()))
             }

@@ -475,6 +475,7 @@ impl Lowerer<'_> {
             Kind::Mlp(m) => Val::Hidden(self.mlp(x, m, sz, origin)),
             Kind::Moe(m) => Val::Hidden(self.moe(x, m, sz, origin)),
             Kind::Attention(a) => Val::Hidden(self.attention(a, x, origin, sz)),
+            Kind::Mla(a) => Val::Hidden(self.mla(a, x, origin, sz)),
             Kind::Unembed { weight, transposed, bias, tied, softcap } => {
                 let w = match tied {
                     Some(t) => match self.spec.embed.component(t).map(|c| &c.kind) {
@@ -540,7 +541,13 @@ impl Lowerer<'_> {
         let plain = |w: &str| Proj { weight: w.to_string(), bias: None, transposed: false };
         let router = Proj { weight: m.router.clone(), bias: m.router_bias.clone(), transposed: false };
         let logits = self.linear(x, &router, d, e, origin);
-        let route = self.node(Op::Route(m.route), &[logits], origin);
+        let route = match &m.choice_bias {
+            Some(b) => {
+                let bias = self.weight(b, &[e], WeightRole::Bias, origin);
+                self.node(Op::Route(m.route), &[logits, bias], origin)
+            }
+            None => self.node(Op::Route(m.route), &[logits], origin),
+        };
         let rows = if m.gate_up { 2 * f } else { f };
         let shape = |out: usize, inn: usize| if m.transposed { [e, inn, out] } else { [e, out, inn] };
         let up = self.weight(&m.up, &shape(rows, d), WeightRole::Matrix, origin);
@@ -711,5 +718,60 @@ impl Lowerer<'_> {
         let o = self.node(Op::HeadMatMul { transpose_b: false }, &[p, v], origin);
         let o = self.node(Op::MergeHeads, &[o], origin);
         self.linear(o, &a.o, h * hd, d, origin)
+    }
+
+    /// Multi-head latent attention with `kv_b` absorbed (`spec::Mla`): each head's query
+    /// part without rotation is taken into the latent's space by its block of `kv_b`'s key
+    /// rows, the attention runs over `[latent, rotated key]` rows that one cache holds as
+    /// both keys and values (the values' rotated features are dropped after), and each
+    /// head's latent output goes out through its block of `kv_b`'s value rows.
+    fn mla(&mut self, a: &Mla, x: NodeId, origin: &str, sz: &Sizes) -> NodeId {
+        let (h, d) = (sz.heads, sz.d_model);
+        let (r, dn, dr, dv) = (a.kv_rank, a.nope_dim, a.rope_dim, a.v_dim);
+        let rms = |me: &mut Self, x: NodeId, w: &Template, width: usize| {
+            let w = me.weight(w, &[width], WeightRole::Gain, origin);
+            me.node(Op::RmsNorm { eps: a.eps, unit_offset: false }, &[x, w], origin)
+        };
+        let q = match &a.q {
+            MlaQuery::Full(p) => self.linear(x, p, d, h * (dn + dr), origin),
+            MlaQuery::LowRank { a: qa, norm, b, rank } => {
+                let c = self.linear(x, qa, d, *rank, origin);
+                let c = rms(self, c, norm, *rank);
+                self.linear(c, b, *rank, h * (dn + dr), origin)
+            }
+        };
+        let q = self.node(Op::SplitHeads { heads: h }, &[q], origin);
+        let q_nope = self.node(Op::Slice { start: 0, len: dn }, &[q], origin);
+        let mut q_rope = self.node(Op::Slice { start: dn, len: dr }, &[q], origin);
+        let kv = self.linear(x, &a.kv_a, d, r + dr, origin);
+        let latent = self.node(Op::Slice { start: 0, len: r }, &[kv], origin);
+        let latent = rms(self, latent, &a.kv_norm, r);
+        let latent = self.node(Op::SplitHeads { heads: 1 }, &[latent], origin);
+        let k_rope = self.node(Op::Slice { start: r, len: dr }, &[kv], origin);
+        let mut k_rope = self.node(Op::SplitHeads { heads: 1 }, &[k_rope], origin);
+        let pos = self.positions(origin);
+        if let Position::Rope { theta, rotary_dim, interleaved, scaling } = &a.position {
+            let scaling = scaling.clone().compiled_for(sz.max_seq);
+            let rope =
+                Op::Rope(Rope { theta: *theta, rotary_dim: *rotary_dim, interleaved: *interleaved, scaling });
+            q_rope = self.node(rope.clone(), &[q_rope, pos], origin);
+            k_rope = self.node(rope, &[k_rope, pos], origin);
+        }
+        // Read per head by `head_linear`, in f32 whatever the spec stores matrices as.
+        let kv_b = instantiate(&a.kv_b, self.layer);
+        let ty = TensorType::fixed(&[h * (dn + dv), r], DType::F32);
+        let kv_b = self.leaf(Op::Weight { name: kv_b, role: WeightRole::Matrix }, ty, origin, self.layer);
+        let q_lat = self.node(Op::HeadLinear { at: 0, rows: dn, transposed: true }, &[q_nope, kv_b], origin);
+        let q = self.node(Op::Concat { axis: 2 }, &[q_lat, q_rope], origin);
+        let k = self.node(Op::Concat { axis: 2 }, &[latent, k_rope], origin);
+        let s = self.node(Op::HeadMatMul { transpose_b: true }, &[q, k], origin);
+        let s = self.node(Op::Scale(a.scale), &[s], origin);
+        let s = self.node(Op::Mask(AttnMask { causal: true, window: None }), &[s, pos], origin);
+        let p = self.node(Op::Softmax, &[s], origin);
+        let o = self.node(Op::HeadMatMul { transpose_b: false }, &[p, k], origin);
+        let o = self.node(Op::Slice { start: 0, len: r }, &[o], origin);
+        let o = self.node(Op::HeadLinear { at: dn, rows: dv, transposed: false }, &[o, kv_b], origin);
+        let o = self.node(Op::MergeHeads, &[o], origin);
+        self.linear(o, &a.o, h * dv, d, origin)
     }
 }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use super::ast::{self, Field, Ident, SectionKind, Span, Value, ValueKind};
 use super::diag::{Code, Diagnostic};
 use super::spec::*;
-use crate::ir::{Act, DType, QkvLayout, RopeScaling, Route, Scoring};
+use crate::ir::{Act, DType, GroupScore, QkvLayout, RopeScaling, Route, Scoring};
 
 const SETTINGS: &[&str] = &[
     "vocab",
@@ -23,7 +23,7 @@ const SETTINGS: &[&str] = &[
     "pattern",
 ];
 const KINDS: &[&str] =
-    &["embedding", "sinusoidal", "layernorm", "rmsnorm", "attention", "mlp", "moe", "unembed"];
+    &["embedding", "sinusoidal", "layernorm", "rmsnorm", "attention", "mla", "mlp", "moe", "unembed"];
 
 pub fn resolve(file: &ast::File, diags: &mut Vec<Diagnostic>) -> Option<Spec> {
     let before = diags.len();
@@ -441,6 +441,10 @@ fn component(
             "sinks",
             "dtype",
         ],
+        "mla" => &[
+            "at", "q", "q_a", "q_norm", "q_b", "q_rank", "kv_a", "kv_norm", "kv_b", "o", "kv_rank",
+            "nope_dim", "rope_dim", "v_dim", "eps", "bias", "scale", "position", "dtype",
+        ],
         "mlp" => &["at", "up", "gate", "gate_up", "down", "act", "bias", "transposed", "d_ff", "dtype"],
         "moe" => &[
             "at",
@@ -461,6 +465,10 @@ fn component(
             "d_shared",
             "shared_gate",
             "router_bias",
+            "choice_bias",
+            "groups",
+            "topk_groups",
+            "group_score",
             "transposed",
             "bias",
             "interleaved",
@@ -538,6 +546,7 @@ fn component(
             }
         }
         "attention" => attention(c, &mut f, &mut name, sizes, diags)?,
+        "mla" => mla(c, &mut f, &mut name, diags)?,
         "mlp" => {
             let bias = f.bool("bias", diags).unwrap_or(false);
             let transposed = f.bool("transposed", diags).unwrap_or(false);
@@ -668,6 +677,17 @@ fn moe(
         }
     }
     let router_bias = f.bool("router_bias", diags).unwrap_or(false);
+    let choice_bias = f.string("choice_bias", diags).map(|b| join(&b));
+    if let Some(b) = &choice_bias {
+        check_template(b, in_block, None, f.span_of("choice_bias"), diags);
+    }
+    let groups = f.positive("groups", diags).unwrap_or(1);
+    let topk_groups = f.positive("topk_groups", diags);
+    let group_score = f.choice("group_score", &GroupScore::ALL.map(|(n, _)| n), diags);
+    let group_score = GroupScore::ALL
+        .iter()
+        .find(|(n, _)| Some(*n) == group_score.as_deref())
+        .map_or(GroupScore::Max, |s| s.1);
     let transposed = f.bool("transposed", diags).unwrap_or(false);
     let bias = f.bool("bias", diags).unwrap_or(false);
     let interleaved = f.bool("interleaved", diags).unwrap_or(false);
@@ -731,7 +751,35 @@ fn moe(
                 Diagnostic::error(Code::Sizes, format!("`top_k` {k} is more than the {e} experts"))
                     .label(f.span_of("top_k"), "each token goes to this many experts"),
             );
+        } else if e % groups != 0 {
+            diags.push(
+                Diagnostic::error(Code::Sizes, format!("{e} experts do not fall into {groups} equal groups"))
+                    .label(f.span_of("groups"), "the experts' groups"),
+            );
+        } else if topk_groups.is_some_and(|g| g > groups || g * (e / groups) < k) {
+            let g = topk_groups.unwrap_or(0);
+            diags.push(
+                Diagnostic::error(
+                    Code::Sizes,
+                    format!(
+                        "`topk_groups` {g} of {groups} groups of {} experts cannot hold `top_k` {k}",
+                        e / groups
+                    ),
+                )
+                .label(f.span_of("topk_groups"), "each token chooses from this many groups"),
+            );
         }
+    }
+    for key in ["topk_groups", "group_score"] {
+        if groups == 1 && f.has(key) {
+            diags.push(
+                Diagnostic::error(Code::BadValue, format!("`{key}` without `groups`"))
+                    .label(f.span_of(key), "say how many groups the experts fall into with `groups = …`"),
+            );
+        }
+    }
+    if groups > 1 && topk_groups.is_none() && !f.has("topk_groups") {
+        diags.push(missing(c, "topk_groups", "how many groups each token chooses from"));
     }
     let shared = f.string("shared", diags);
     let shared_gate = f.string("shared_gate", diags).map(|g| join(&g));
@@ -789,7 +837,17 @@ fn moe(
         };
         Shared { mlp, gate: shared_gate.map(|g| format!("{g}.weight")) }
     });
-    let route = Route { experts: experts?, top_k: top_k?, scoring, normalize, scale };
+    let route = Route {
+        experts: experts?,
+        top_k: top_k?,
+        scoring,
+        normalize,
+        scale,
+        groups,
+        topk_groups: topk_groups.unwrap_or(1),
+        group_score,
+        choice_bias: choice_bias.is_some(),
+    };
     let (up, gate) = match (gate_up, up) {
         (Some((_, w, _)), _) => (w, None),
         (None, Some((_, w, _))) => (w, gate.map(|g| g.1)),
@@ -808,6 +866,7 @@ fn moe(
         act: act?,
         shared,
         router_bias,
+        choice_bias,
         transposed,
         interleaved,
         biases,
@@ -904,6 +963,119 @@ fn attention(
         scale,
         position: position?,
         qk_norm: qk_norm?,
+    })))
+}
+
+/// `mla { q_a = "q_a_proj", q_norm = "q_a_layernorm", q_b = "q_b_proj", q_rank = 1536,
+/// kv_a = "kv_a_proj_with_mqa", kv_norm = "kv_a_layernorm", kv_b = "kv_b_proj", o =
+/// "o_proj", kv_rank = 512, nope_dim = 128, rope_dim = 64, v_dim = 128, position = rope
+/// { … } }` (or `q = "q_proj"` for a full-rank query); `bias = true`: `q_a` (or `q`),
+/// `kv_a` and `o` have biases.
+fn mla(
+    c: &ast::Component,
+    f: &mut Fields,
+    name: &mut NameFn<'_>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Kind> {
+    let before = diags.len();
+    let bias = f.bool("bias", diags).unwrap_or(false);
+    let q_norm = name(f, "q_norm", None, diags);
+    let kv_norm = name(f, "kv_norm", None, diags);
+    let kv_b = name(f, "kv_b", None, diags);
+    let mut proj = |f: &mut Fields, key: &str, biased: bool, diags: &mut Vec<Diagnostic>| {
+        name(f, key, None, diags).map(|w| Proj {
+            bias: biased.then(|| format!("{w}.bias")),
+            weight: format!("{w}.weight"),
+            transposed: false,
+        })
+    };
+    let full = proj(f, "q", bias, diags);
+    let q_a = proj(f, "q_a", bias, diags);
+    let q_b = proj(f, "q_b", false, diags);
+    let q_rank = f.positive("q_rank", diags);
+    let kv_a = proj(f, "kv_a", bias, diags);
+    let o = proj(f, "o", bias, diags);
+    let mut dims = ["kv_rank", "nope_dim", "rope_dim", "v_dim"].map(|k| f.positive(k, diags));
+    let eps = f.float_positive("eps", diags).unwrap_or(1e-6);
+    let low = ["q_a", "q_norm", "q_b", "q_rank"];
+    let q = match (full, q_a, q_norm, q_b, q_rank) {
+        (Some(q), None, None, None, None) if !low.iter().any(|k| f.has(k)) => Some(MlaQuery::Full(q)),
+        (None, Some(a), Some(norm), Some(b), Some(rank)) => {
+            Some(MlaQuery::LowRank { a, norm: format!("{norm}.weight"), b, rank })
+        }
+        _ => {
+            let given: Vec<&str> = low.iter().copied().filter(|k| f.has(k)).collect();
+            if f.has("q") && !given.is_empty() {
+                diags.push(
+                    Diagnostic::error(
+                        Code::BadValue,
+                        "a full-rank `q` and a low-rank query exclude each other",
+                    )
+                    .label(f.span_of("q"), "the full-rank query")
+                    .label(f.span_of(given[0]), "a part of the low-rank one"),
+                );
+            } else if !f.has("q") {
+                let absent: Vec<&str> = low.iter().copied().filter(|k| !f.has(k)).collect();
+                if !absent.is_empty() {
+                    let what = "the query: `q`, or `q_a`, `q_norm`, `q_b` and `q_rank`";
+                    diags.push(missing(c, &absent.join("`, `"), what));
+                }
+            }
+            None
+        }
+    };
+    for (key, given, what) in [
+        ("kv_a", f.has("kv_a"), "the latent's projection (`kv_a_proj_with_mqa`)"),
+        ("kv_norm", f.has("kv_norm"), "the latent's RMSNorm"),
+        ("kv_b", f.has("kv_b"), "the latent's key and value projection (`kv_b_proj`)"),
+        ("o", f.has("o"), "the output projection"),
+        ("kv_rank", f.has("kv_rank"), "the latent's width"),
+        ("nope_dim", f.has("nope_dim"), "each head's key width without rotation"),
+        ("rope_dim", f.has("rope_dim"), "the rotated key width"),
+        ("v_dim", f.has("v_dim"), "each head's value width"),
+    ] {
+        if !given {
+            diags.push(missing(c, key, what));
+        }
+    }
+    let rope_dim = dims[2].take().unwrap_or(0);
+    if !f.has("position") {
+        diags.push(missing(c, "position", "the rotation of the `rope_dim` part: `rope { … }`"));
+    }
+    if rope_dim % 2 != 0 {
+        diags.push(
+            Diagnostic::error(Code::Sizes, format!("`rope_dim` {rope_dim} is odd"))
+                .label(f.span_of("rope_dim"), "rotated in pairs"),
+        );
+    }
+    let position = position(f, rope_dim, diags);
+    if let Some(p) = position.as_ref().filter(|_| f.has("position")) {
+        if !matches!(p, Position::Rope { .. }) {
+            diags.push(
+                Diagnostic::error(Code::BadValue, "a latent attention's position is `rope`")
+                    .label(f.span_of("position"), "rotates the `rope_dim` part of queries and keys"),
+            );
+        }
+    }
+    let [kv_rank, nope_dim, _, v_dim] = dims;
+    let scale =
+        f.float_positive("scale", diags).unwrap_or(1.0 / ((nope_dim.unwrap_or(0) + rope_dim) as f64).sqrt());
+    if diags.len() > before {
+        return None;
+    }
+    Some(Kind::Mla(Box::new(Mla {
+        q: q?,
+        kv_a: kv_a?,
+        kv_norm: format!("{}.weight", kv_norm?),
+        kv_b: format!("{}.weight", kv_b?),
+        o: o?,
+        kv_rank: kv_rank?,
+        nope_dim: nope_dim?,
+        rope_dim,
+        v_dim: v_dim?,
+        eps,
+        scale,
+        position: position?,
     })))
 }
 

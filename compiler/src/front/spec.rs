@@ -154,6 +154,39 @@ pub struct Attention {
     pub sinks: Option<String>,
 }
 
+/// Multi-head latent attention (DeepSeek-V2/V3): the keys and values of all heads come
+/// from one latent of `kv_rank` features per token (`kv_a`'s first part, RMS-normed) by
+/// `kv_b` (`[heads · (nope_dim + v_dim), kv_rank]`), beside one rotated key part of
+/// `rope_dim` shared by every head (`kv_a`'s last part). Lowering absorbs `kv_b` into the
+/// query and the output side, so the cache holds the latent and the rotated part only.
+#[derive(Clone, Debug)]
+pub struct Mla {
+    pub q: MlaQuery,
+    /// `[kv_rank + rope_dim, d_model]`.
+    pub kv_a: Proj,
+    /// The latent's RMSNorm weight.
+    pub kv_norm: Template,
+    pub kv_b: Template,
+    pub o: Proj,
+    pub kv_rank: usize,
+    pub nope_dim: usize,
+    pub rope_dim: usize,
+    pub v_dim: usize,
+    /// The RMSNorms' epsilon.
+    pub eps: f64,
+    pub scale: f64,
+    /// Rotary, of the `rope_dim` part.
+    pub position: Position,
+}
+
+/// The query of a latent attention: one projection to `heads · (nope_dim + rope_dim)`,
+/// or a low-rank one, `a` to `rank` features, an RMSNorm (`norm`), then `b`.
+#[derive(Clone, Debug)]
+pub enum MlaQuery {
+    Full(Proj),
+    LowRank { a: Proj, norm: Template, b: Proj, rank: usize },
+}
+
 /// The per-head norm of queries and keys (Qwen3, Gemma 3, Cohere): the same kind of norm
 /// for both, with weights (and biases) of `[head_dim]` of their own.
 #[derive(Clone, Debug)]
@@ -209,6 +242,9 @@ pub struct Moe {
     pub shared: Option<Shared>,
     /// The router's bias (`[experts]`), if it has one.
     pub router_bias: Option<Template>,
+    /// The bias added to the scores for the choice only (`[experts]`, DeepSeek-V3's
+    /// `e_score_correction_bias`), if any.
+    pub choice_bias: Option<Template>,
     /// The experts' matrices stored `[E, in, out]`.
     pub transposed: bool,
     /// The fused gate_up's outputs alternate gate, up (gpt-oss).
@@ -254,6 +290,7 @@ pub enum Kind {
         unit_offset: bool,
     },
     Attention(Box<Attention>),
+    Mla(Box<Mla>),
     Mlp(Mlp),
     Moe(Box<Moe>),
     /// The projection to vocabulary logits; `tied` names an embedding component whose
@@ -276,6 +313,7 @@ impl Kind {
             Kind::LayerNorm { .. } => "layernorm",
             Kind::RmsNorm { .. } => "rmsnorm",
             Kind::Attention(_) => "attention",
+            Kind::Mla(_) => "mla",
             Kind::Mlp(_) => "mlp",
             Kind::Moe(_) => "moe",
             Kind::Unembed { .. } => "unembed",

@@ -150,6 +150,10 @@ pub fn run(g: &Graph, weights: &Weights, inputs: &Inputs) -> Result<HashMap<Stri
             Op::MergeHeads => Value::F(ops::merge_heads(f(0))),
             Op::Rope(r) => Value::F(ops::rope(f(0), ids(1), r)),
             Op::Concat { axis } => Value::F(ops::concat(f(0), f(1), *axis)),
+            Op::Slice { start, len } => Value::F(ops::slice(f(0), *start, *len)),
+            Op::HeadLinear { at, rows, transposed } => {
+                Value::F(ops::head_linear(f(0), f(1), *at, *rows, *transposed))
+            }
             Op::HeadMatMul { transpose_b } => Value::F(ops::head_matmul(f(0), f(1), *transpose_b)),
             Op::Alibi { slope_scale } => Value::F(ops::alibi(f(0), ids(1), *slope_scale)),
             Op::Mask(m) => Value::F(ops::mask(f(0), ids(1), m)),
@@ -158,7 +162,7 @@ pub fn run(g: &Graph, weights: &Weights, inputs: &Inputs) -> Result<HashMap<Stri
                 let sinks = sinks.then(|| f(4));
                 Value::F(ops::attention(f(0), f(1), f(2), ids(3), *scale, mask, *alibi, *softcap, sinks))
             }
-            Op::Route(r) => Value::F(ops::route(f(0), r)),
+            Op::Route(r) => Value::F(ops::route(f(0), ops.get(1).map(|_| f(1)), r)),
             Op::Experts(e) => {
                 let ws: Vec<&Tensor> = (2..ops.len()).map(f).collect();
                 Value::F(ops::experts(f(0), f(1), &ws, e))

@@ -206,6 +206,37 @@ pub fn concat(a: &Tensor, b: &Tensor, axis: usize) -> Tensor {
     Tensor::new(shape, out)
 }
 
+/// Features `start..start + len` of the last axis.
+pub fn slice(x: &Tensor, start: usize, len: usize) -> Tensor {
+    let w = *x.shape.last().unwrap();
+    let data = x.data.chunks(w).flat_map(|row| &row[start..start + len]).copied().collect();
+    let mut shape = x.shape.clone();
+    *shape.last_mut().unwrap() = len;
+    Tensor::new(shape, data)
+}
+
+/// Each head `h` of `x [H, T, in]` by rows `h·p + at ..` of `w [H·p, c]` (`Op::HeadLinear`).
+pub fn head_linear(x: &Tensor, w: &Tensor, at: usize, rows: usize, transposed: bool) -> Tensor {
+    let (h, t, inn) = (x.shape[0], x.shape[1], x.shape[2]);
+    let (p, cols) = (w.shape[0] / h, w.shape[1]);
+    let out = if transposed { cols } else { rows };
+    let mut y = vec![0.0; h * t * out];
+    for hh in 0..h {
+        let m = |r: usize, c: usize| w.data[(hh * p + at + r) * cols + c] as f64;
+        for i in 0..t {
+            let xr = &x.data[(hh * t + i) * inn..][..inn];
+            for o in 0..out {
+                let acc: f64 = match transposed {
+                    true => (0..inn).map(|k| xr[k] as f64 * m(k, o)).sum(),
+                    false => (0..inn).map(|k| xr[k] as f64 * m(o, k)).sum(),
+                };
+                y[(hh * t + i) * out + o] = acc as f32;
+            }
+        }
+    }
+    Tensor::new(vec![h, t, out], y)
+}
+
 /// `a [H, M, K] · b [G, K, N]` (or `b [G, N, K]` transposed), head `h` with group
 /// `h / (H / G)`.
 pub fn head_matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Tensor {
@@ -316,10 +347,11 @@ pub fn attention(
 
 /// A router's dense weights `[T, E]`: each row's chosen experts (`Route::route`), zero
 /// elsewhere.
-pub fn route(logits: &Tensor, r: &Route) -> Tensor {
+pub fn route(logits: &Tensor, bias: Option<&Tensor>, r: &Route) -> Tensor {
+    let bias: Option<Vec<f64>> = bias.map(|b| b.data.iter().map(|&v| v as f64).collect());
     rows(logits, |src, dst| {
         let l: Vec<f64> = src.iter().map(|&v| v as f64).collect();
-        for (e, w) in r.route(&l) {
+        for (e, w) in r.route(&l, bias.as_deref()) {
             dst[e] = w as f32;
         }
     })

@@ -17,8 +17,9 @@ mod verify;
 pub use display::print;
 pub use graph::{Graph, MainOutput, Node, NodeId, Output, Phase};
 pub use op::{
-    alibi_slopes, num, sinusoid_feature, sinusoid_freqs, Act, Arith, AttnMask, CacheKind, Experts, HeadStart,
-    InputKind, Op, QkvLayout, QkvPart, Rope, RopeScaling, Route, Scoring, WeightRole, F64,
+    alibi_slopes, num, sinusoid_feature, sinusoid_freqs, Act, Arith, AttnMask, CacheKind, Experts,
+    GroupScore, HeadStart, InputKind, Op, QkvLayout, QkvPart, Rope, RopeScaling, Route, Scoring, WeightRole,
+    F64,
 };
 pub use shape::{DType, Dim, Quant, SymBinding, TensorType};
 pub use verify::{verify, VerifyError};

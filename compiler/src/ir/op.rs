@@ -494,11 +494,16 @@ pub enum Scoring {
     Softmax,
     /// The `k` largest logits, then a softmax over those `k` only (GraniteMoE, gpt-oss).
     SoftmaxChosen,
+    /// Each logit's sigmoid on its own (DeepSeek-V3).
+    Sigmoid,
 }
 
 impl Scoring {
-    pub const ALL: [(&'static str, Scoring); 2] =
-        [("softmax", Scoring::Softmax), ("softmax_chosen", Scoring::SoftmaxChosen)];
+    pub const ALL: [(&'static str, Scoring); 3] = [
+        ("softmax", Scoring::Softmax),
+        ("softmax_chosen", Scoring::SoftmaxChosen),
+        ("sigmoid", Scoring::Sigmoid),
+    ];
 
     pub fn name(self) -> &'static str {
         Scoring::ALL.iter().find(|(_, s)| *s == self).map(|(n, _)| *n).unwrap_or("?")
@@ -516,27 +521,116 @@ pub struct Route {
     pub normalize: bool,
     /// The weights multiplied by this at the end (`routed_scaling_factor`).
     pub scale: f64,
+    /// The experts fall into this many equal groups (1: ungrouped), of which each row
+    /// keeps the `topk_groups` best by `group_score` and chooses its experts from those
+    /// only (DeepSeek's `n_group`, `topk_group`).
+    pub groups: usize,
+    pub topk_groups: usize,
+    pub group_score: GroupScore,
+    /// A second operand, `bias [E]`, added to the scores for the choice only, not for
+    /// the weights (DeepSeek-V3's `e_score_correction_bias`).
+    pub choice_bias: bool,
+}
+
+/// What ranks a group of experts (`Route::groups`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GroupScore {
+    /// Its best expert's score (DeepSeek-V2's `group_limited_greedy`).
+    Max,
+    /// The sum of its two best (DeepSeek-V3).
+    Top2Sum,
+}
+
+impl GroupScore {
+    pub const ALL: [(&'static str, GroupScore); 2] =
+        [("max", GroupScore::Max), ("top2_sum", GroupScore::Top2Sum)];
+
+    pub fn name(self) -> &'static str {
+        GroupScore::ALL.iter().find(|(_, s)| *s == self).map(|(n, _)| *n).unwrap_or("?")
+    }
+}
+
+/// The `k` largest of `v` among the `allowed`, a tie going to the lower index (NaN
+/// last), in ascending index order.
+fn top_k(v: &[f64], allowed: impl Fn(usize) -> bool, k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..v.len()).filter(|&i| allowed(i)).collect();
+    // Stable: equal values keep their order.
+    order.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap_or(std::cmp::Ordering::Equal));
+    let mut chosen: Vec<usize> = order.into_iter().take(k).collect();
+    chosen.sort_unstable();
+    chosen
 }
 
 impl Route {
+    /// An ungrouped router without a choice bias.
+    pub fn plain(experts: usize, top_k: usize, scoring: Scoring, normalize: bool, scale: f64) -> Route {
+        let (groups, topk_groups, group_score) = (1, 1, GroupScore::Max);
+        Route {
+            experts,
+            top_k,
+            scoring,
+            normalize,
+            scale,
+            groups,
+            topk_groups,
+            group_score,
+            choice_bias: false,
+        }
+    }
+
+    /// Whether the choice ranks the scores (plus the bias) rather than the logits: the
+    /// scorings are monotonic, so the logits rank the same way unless a bias or a
+    /// group's sum intervenes.
+    pub fn chooses_by_score(&self) -> bool {
+        self.choice_bias || (self.groups > 1 && self.group_score == GroupScore::Top2Sum)
+    }
+
     /// The chosen experts of one row of logits, each with its weight, in ascending expert
-    /// order, written once for every engine's reading of the rule: the `top_k` largest
-    /// logits (the softmax is monotonic, so this is the top of either scoring), a tie
-    /// going to the lower expert; then the scoring, the normalisation and the scale, in
-    /// f64. Engines compute the same steps in their own precision.
-    pub fn route(&self, logits: &[f64]) -> Vec<(usize, f64)> {
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        // Stable: equal logits keep their expert order. NaN sorts last.
-        order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal));
-        let mut chosen: Vec<usize> = order.into_iter().take(self.top_k).collect();
-        chosen.sort_unstable();
-        let over: Vec<usize> = match self.scoring {
-            Scoring::Softmax => (0..logits.len()).collect(),
-            Scoring::SoftmaxChosen => chosen.clone(),
+    /// order, written once for every engine's reading of the rule: each expert's score
+    /// (a softmax over all, or a sigmoid), plus the choice bias; where there are groups,
+    /// the `topk_groups` best groups, a tie going to the lower group; the `top_k` largest
+    /// within those (the logits where they rank the same, `chooses_by_score`), a tie going
+    /// to the lower expert; then the weights (the scores, or a softmax over the chosen
+    /// logits), the normalisation and the scale, in f64. Engines compute the same steps
+    /// in their own precision.
+    pub fn route(&self, logits: &[f64], bias: Option<&[f64]>) -> Vec<(usize, f64)> {
+        let n = logits.len();
+        let softmax = |over: &[usize]| -> Vec<f64> {
+            let max = over.iter().map(|&e| logits[e]).fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = over.iter().map(|&e| (logits[e] - max).exp()).sum();
+            over.iter().map(|&e| (logits[e] - max).exp() / total).collect()
         };
-        let max = over.iter().map(|&e| logits[e]).fold(f64::NEG_INFINITY, f64::max);
-        let total: f64 = over.iter().map(|&e| (logits[e] - max).exp()).sum();
-        let mut w: Vec<f64> = chosen.iter().map(|&e| (logits[e] - max).exp() / total).collect();
+        let scores: Vec<f64> = match self.scoring {
+            Scoring::Softmax => softmax(&(0..n).collect::<Vec<_>>()),
+            Scoring::Sigmoid => logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
+            Scoring::SoftmaxChosen => logits.to_vec(),
+        };
+        let choice: Vec<f64> = match self.chooses_by_score() {
+            true => (0..n).map(|e| scores[e] + bias.map_or(0.0, |b| b[e])).collect(),
+            false => logits.to_vec(),
+        };
+        let size = n / self.groups.max(1);
+        let kept: Vec<usize> = match self.groups > 1 {
+            true => {
+                let group: Vec<f64> = (0..self.groups)
+                    .map(|g| {
+                        let part = &choice[g * size..(g + 1) * size];
+                        match self.group_score {
+                            GroupScore::Max => part.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                            GroupScore::Top2Sum => top_k(part, |_| true, 2).iter().map(|&i| part[i]).sum(),
+                        }
+                    })
+                    .collect();
+                top_k(&group, |_| true, self.topk_groups)
+            }
+            false => vec![0],
+        };
+        let allowed = |e: usize| self.groups <= 1 || kept.contains(&(e / size));
+        let chosen = top_k(&choice, allowed, self.top_k);
+        let mut w: Vec<f64> = match self.scoring {
+            Scoring::SoftmaxChosen => softmax(&chosen),
+            _ => chosen.iter().map(|&e| scores[e]).collect(),
+        };
         if self.normalize {
             let s: f64 = w.iter().sum();
             w.iter_mut().for_each(|v| *v /= s);
@@ -682,6 +776,21 @@ pub enum Op {
     Concat {
         axis: usize,
     },
+    /// Features `start..start + len` of the last axis.
+    Slice {
+        start: usize,
+        len: usize,
+    },
+    /// A linear map of each head by its own matrix, the heads' matrices blocks of rows of
+    /// one tensor: `(x [H, T, in], w [H·p, c]) -> [H, T, out]`, head `h`'s matrix rows
+    /// `h·p + at .. h·p + at + rows` of `w`. Those rows are the outputs (`x·Wᵀ`, `rows =
+    /// out`, `c = in`), or `transposed` the inputs (`x·W`, `rows = in`, `c = out`): how
+    /// multi-head latent attention reads `kv_b_proj` on the query and the output side.
+    HeadLinear {
+        at: usize,
+        rows: usize,
+        transposed: bool,
+    },
     /// Per-head matrix product with grouped heads: `a [H, M, K]`, `b [G, K, N]` (or
     /// `[G, N, K]` when `transpose_b`), head `h` uses group `h / (H / G)`.
     HeadMatMul {
@@ -743,7 +852,8 @@ impl Op {
             | Op::SplitHeads { .. }
             | Op::MergeHeads
             | Op::LastRow
-            | Op::Route(_) => 1..=1,
+            | Op::Slice { .. } => 1..=1,
+            Op::Route(r) => 1 + r.choice_bias as usize..=1 + r.choice_bias as usize,
             Op::Softmax => 1..=2,
             Op::Gather { .. }
             | Op::Add
@@ -752,6 +862,7 @@ impl Op {
             | Op::Rope(_)
             | Op::Concat { .. }
             | Op::HeadMatMul { .. }
+            | Op::HeadLinear { .. }
             | Op::Alibi { .. }
             | Op::Mask(_)
             | Op::RowScale => 2..=2,
@@ -793,6 +904,8 @@ impl Op {
             Op::Rope(_) => "rope",
             Op::Concat { .. } => "concat",
             Op::HeadMatMul { .. } => "head_matmul",
+            Op::Slice { .. } => "slice",
+            Op::HeadLinear { .. } => "head_linear",
             Op::Alibi { .. } => "alibi",
             Op::Mask(_) => "mask",
             Op::Softmax => "softmax",
@@ -891,6 +1004,14 @@ impl Op {
                 v
             }
             Op::Concat { axis } => vec![format!("axis={axis}")],
+            Op::Slice { start, len } => vec![format!("{start}..{}", start + len)],
+            Op::HeadLinear { at, rows, transposed } => {
+                let mut v = vec![format!("rows={at}..{}", at + rows)];
+                if *transposed {
+                    v.push("transposed".into());
+                }
+                v
+            }
             Op::HeadMatMul { transpose_b } if *transpose_b => vec!["transpose_b".into()],
             Op::Mask(m) => mask_attrs(m),
             Op::Alibi { slope_scale } if *slope_scale != 1.0 => {
@@ -914,6 +1035,13 @@ impl Op {
             }
             Op::Route(r) => {
                 let mut v = vec![format!("top_k={}", r.top_k), r.scoring.name().into()];
+                if r.groups > 1 {
+                    v.push(format!("groups={}/{}", r.topk_groups, r.groups));
+                    v.push(r.group_score.name().into());
+                }
+                if r.choice_bias {
+                    v.push("choice_bias".into());
+                }
                 if r.normalize {
                     v.push("normalize".into());
                 }
@@ -1117,6 +1245,35 @@ impl Op {
                 shape[*axis] = a.shape[*axis] + b.shape[*axis];
                 Ok(TensorType::new(shape, a.dtype))
             }
+            Op::Slice { start, len } => {
+                float(0)?;
+                let w = fixed(last(0), "features")?;
+                if *len == 0 || start + len > w {
+                    return Err(format!("features {start}..{} of {w}", start + len));
+                }
+                let mut shape = ins[0].shape.clone();
+                *shape.last_mut().unwrap() = Dim::fixed(*len);
+                Ok(TensorType::new(shape, ins[0].dtype))
+            }
+            Op::HeadLinear { at, rows, transposed } => {
+                want_rank(0, 3)?;
+                want_rank(1, 2)?;
+                let h = fixed(ins[0].shape[0], "heads")?;
+                let inn = fixed(ins[0].shape[2], "features")?;
+                let (all, cols) = (fixed(ins[1].shape[0], "rows")?, fixed(ins[1].shape[1], "columns")?);
+                if h == 0 || all % h != 0 || at + rows > all / h {
+                    return Err(format!(
+                        "rows {at}..{} of each of {h} heads' blocks of a {}",
+                        at + rows,
+                        ins[1]
+                    ));
+                }
+                let (want, out) = if *transposed { (*rows, cols) } else { (cols, *rows) };
+                if inn != want {
+                    return Err(format!("{inn} features into a head's matrix of {want} inputs"));
+                }
+                Ok(TensorType::new(vec![ins[0].shape[0], ins[0].shape[1], Dim::fixed(out)], ins[0].dtype))
+            }
             Op::HeadMatMul { transpose_b } => {
                 want_rank(0, 3)?;
                 want_rank(1, 3)?;
@@ -1176,6 +1333,23 @@ impl Op {
                         "a router of {} experts choosing {} has {e} logits",
                         r.experts, r.top_k
                     ));
+                }
+                if r.groups == 0 || e % r.groups != 0 || r.topk_groups == 0 || r.topk_groups > r.groups {
+                    return Err(format!("{e} experts in {} groups keeping {}", r.groups, r.topk_groups));
+                }
+                if r.topk_groups * (e / r.groups) < r.top_k {
+                    return Err(format!(
+                        "{} groups of {} experts hold fewer than the {} chosen",
+                        r.topk_groups,
+                        e / r.groups,
+                        r.top_k
+                    ));
+                }
+                if let Some(b) = ins.get(1) {
+                    float(1)?;
+                    if b.shape != [Dim::fixed(e)] {
+                        return Err(format!("the choice bias must be [{e}], is {b}"));
+                    }
                 }
                 Ok(TensorType::new(ins[0].shape.clone(), DType::F32))
             }
@@ -1313,26 +1487,52 @@ pub fn sinusoid_feature(dim: usize, fairseq: bool, j: usize) -> (usize, bool) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Route, Scoring};
+    use super::{GroupScore, Route, Scoring};
 
     /// Equal logits go to the lower expert, in every scoring; the weights follow the
     /// scoring, the normalisation and the scale.
     #[test]
     fn routing_ties_go_to_the_lower_expert() {
-        let r = |top_k, scoring, normalize, scale| Route { experts: 4, top_k, scoring, normalize, scale };
+        let r = |top_k, scoring, normalize, scale| Route::plain(4, top_k, scoring, normalize, scale);
         let logits = [1.0, 2.0, 2.0, 2.0];
         let chosen = |v: Vec<(usize, f64)>| v.into_iter().map(|(e, _)| e).collect::<Vec<_>>();
-        assert_eq!(chosen(r(1, Scoring::Softmax, false, 1.0).route(&logits)), [1]);
-        assert_eq!(chosen(r(2, Scoring::SoftmaxChosen, false, 1.0).route(&logits)), [1, 2]);
-        assert_eq!(chosen(r(4, Scoring::Softmax, false, 1.0).route(&[0.0; 4])), [0, 1, 2, 3]);
+        assert_eq!(chosen(r(1, Scoring::Softmax, false, 1.0).route(&logits, None)), [1]);
+        assert_eq!(chosen(r(2, Scoring::SoftmaxChosen, false, 1.0).route(&logits, None)), [1, 2]);
+        assert_eq!(chosen(r(4, Scoring::Softmax, false, 1.0).route(&[0.0; 4], None)), [0, 1, 2, 3]);
         // Two equal logits of the chosen share a softmax over themselves evenly.
-        let w = r(2, Scoring::SoftmaxChosen, false, 1.0).route(&logits);
+        let w = r(2, Scoring::SoftmaxChosen, false, 1.0).route(&logits, None);
         assert!(w.iter().all(|&(_, v)| (v - 0.5).abs() < 1e-15), "{w:?}");
         // Over all four: e^2 / (e + 3 e^2) each; normalised: 0.5 each; scaled by 3.
-        let w = r(2, Scoring::Softmax, false, 1.0).route(&logits);
+        let w = r(2, Scoring::Softmax, false, 1.0).route(&logits, None);
         let p = 2f64.exp() / (1f64.exp() + 3.0 * 2f64.exp());
         assert!(w.iter().all(|&(_, v)| (v - p).abs() < 1e-15), "{w:?}");
-        let w = r(2, Scoring::Softmax, true, 3.0).route(&logits);
+        let w = r(2, Scoring::Softmax, true, 3.0).route(&logits, None);
         assert!(w.iter().all(|&(_, v)| (v - 1.5).abs() < 1e-15), "{w:?}");
+    }
+
+    /// DeepSeek-V3's routing: sigmoid scores, a bias that moves the choice but not the
+    /// weights, groups ranked by their two best, ties to the lower group.
+    #[test]
+    fn grouped_routing_keeps_the_best_groups() {
+        let sig = |l: f64| 1.0 / (1.0 + (-l).exp());
+        let mut r = Route::plain(8, 2, Scoring::Sigmoid, true, 2.5);
+        (r.groups, r.topk_groups, r.group_score, r.choice_bias) = (4, 1, GroupScore::Top2Sum, true);
+        // Group 0 has the best expert (3.0), group 2 the best pair (with expert 4's bias).
+        let logits = [3.0, -4.0, 0.0, 0.0, 1.0, 2.0, -1.0, -1.0];
+        let bias = [0.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0];
+        let w = r.route(&logits, Some(&bias));
+        let (a, b) = (sig(1.0), sig(2.0));
+        assert_eq!(w.iter().map(|p| p.0).collect::<Vec<_>>(), [4, 5]);
+        assert!((w[0].1 - 2.5 * a / (a + b)).abs() < 1e-15 && (w[1].1 - 2.5 * b / (a + b)).abs() < 1e-15);
+        // Groups 1 and 2 tie (an equal pair each): the lower one is kept.
+        let w = r.route(&[-5.0, -5.0, 1.0, 1.0, 1.0, 1.0, -5.0, -5.0], None);
+        assert_eq!(w.iter().map(|p| p.0).collect::<Vec<_>>(), [2, 3]);
+        // Ranked by its best expert alone, group 0 wins.
+        r.group_score = GroupScore::Max;
+        let w = r.route(&logits, None);
+        assert_eq!(w.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 1]);
+        // A group's best is where it is, not its first expert.
+        let w = r.route(&[1.0, 0.0, 0.0, 2.0, -1.0, -1.0, -1.0, -1.0], None);
+        assert_eq!(w.iter().map(|p| p.0).collect::<Vec<_>>(), [2, 3]);
     }
 }

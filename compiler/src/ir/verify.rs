@@ -79,14 +79,18 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         }
     }
     if g.phase != Phase::Model {
-        let attn: Vec<bool> = order
+        // Per attention: causal, and its caches (one where the values are the keys).
+        let attn: Vec<(bool, usize)> = order
             .iter()
             .filter_map(|&n| match g.op(n) {
-                Op::Attention { mask, .. } => Some(mask.causal),
+                Op::Attention { mask, .. } => {
+                    let ops = g.operands(n);
+                    Some((mask.causal, if ops[1] == ops[2] { 1 } else { 2 }))
+                }
                 _ => None,
             })
             .collect();
-        let want = if attn.iter().all(|&c| c) { 2 * attn.len() } else { 0 };
+        let want = if attn.iter().all(|&(c, _)| c) { attn.iter().map(|a| a.1).sum() } else { 0 };
         let caches = g.outputs.iter().filter(|(o, _)| matches!(o, super::Output::Cache { .. })).count();
         if caches != want {
             return Err(fail(

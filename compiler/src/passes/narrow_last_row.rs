@@ -99,7 +99,11 @@ fn row_operands(op: &Op) -> &'static [usize] {
         | Op::SplitQkv { .. }
         | Op::SplitHeads { .. }
         | Op::MergeHeads
+        | Op::Slice { .. }
+        | Op::HeadLinear { .. }
         | Op::Route(_) => &[0],
+        // Along the features of `[H, T, d]` (multi-head latent attention's parts).
+        Op::Concat { axis: 2 } => &[0, 1],
         Op::Add | Op::Mul | Op::Rope(_) | Op::Experts(_) | Op::RowScale => &[0, 1],
         Op::Attention { .. } => &[0, 3],
         _ => &[],

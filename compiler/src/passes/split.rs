@@ -15,8 +15,9 @@
 //!
 //! The cache layout the runtime keeps (and backends index) is, per layer and for K and V
 //! separately, `[kv_heads, max_seq, head_dim]` row-major; the graphs name only the valid
-//! prefix `0..P` of it. A model with bidirectional attention (an encoder) has no decode
-//! graph and its prefill returns no cache.
+//! prefix `0..P` of it. An attention whose values are its keys (multi-head latent
+//! attention reads its latent as both) has the K cache only. A model with bidirectional
+//! attention (an encoder) has no decode graph and its prefill returns no cache.
 
 use super::{Pass, PassError, ShapeInfer};
 use crate::ir::{CacheKind, Dim, Graph, InputKind, Node, NodeId, Op, Output, Phase, TensorType};
@@ -56,7 +57,9 @@ impl Split {
             for &(n, layer) in &attns {
                 let ops = prefill.operands(n);
                 prefill.outputs.push((Output::Cache { layer, kind: CacheKind::K }, ops[1]));
-                prefill.outputs.push((Output::Cache { layer, kind: CacheKind::V }, ops[2]));
+                if ops[2] != ops[1] {
+                    prefill.outputs.push((Output::Cache { layer, kind: CacheKind::V }, ops[2]));
+                }
             }
         }
         if !self.all_rows {
@@ -116,6 +119,12 @@ fn with_cache(model: &Graph, attns: &[(NodeId, u32)], phase: Phase) -> Graph {
     for &(n, layer) in attns {
         let ops = g.operands(n);
         for (slot, kind) in [(1, CacheKind::K), (2, CacheKind::V)] {
+            if slot == 2 && ops[2] == ops[1] {
+                // The values are the keys (a latent attention's): one cache for both.
+                let k = g.operands(n)[1];
+                g.set_operand(n, 2, k);
+                continue;
+            }
             let new = ops[slot];
             let node = g.node(new).clone();
             let ty = node.ty.clone().expect("typed before the split");

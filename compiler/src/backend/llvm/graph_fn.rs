@@ -267,7 +267,38 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
         let width = self.fixed(*ty.shape.last().unwrap());
         let round = gp.fused.chains.contains_key(&n);
         match g.op(n) {
-            Op::Weight { .. } | Op::Input(_) | Op::Concat { .. } => {}
+            // The KV cache's concatenation is the cache itself.
+            Op::Concat { .. } if matches!(gp.loc[&n], Loc::Cache(..)) => {}
+            Op::Weight { .. } | Op::Input(_) => {}
+            Op::Concat { .. } => {
+                let a = self.fixed(*g.ty(ops[0]).shape.last().unwrap());
+                let v = [(X, o(self, 0)), (Y, o(self, 1)), (Out, self.val(n))];
+                self.call(Kernel::Concat { a, b: width - a }, &v, self.rows_of(n))
+            }
+            Op::Slice { start, len } => {
+                let k = Kernel::Slice {
+                    width: self.fixed(*g.ty(ops[0]).shape.last().unwrap()),
+                    start: *start,
+                    len: *len,
+                };
+                let v = [(X, o(self, 0)), (Out, self.val(n))];
+                self.call(k, &v, self.rows_of(n))
+            }
+            Op::HeadLinear { at, transposed, .. } => {
+                if g.ty(ops[1]).dtype != DType::F32 {
+                    return Err(LlvmError::Unsupported(format!(
+                        "`head_linear` of {} weights",
+                        g.ty(ops[1]).dtype
+                    )));
+                }
+                let src = g.ty(ops[0]);
+                let (heads, t, inn) =
+                    (self.fixed(src.shape[0]), self.dim(src.shape[1]), self.fixed(src.shape[2]));
+                let period = self.fixed(g.ty(ops[1]).shape[0]) / heads;
+                let k = Kernel::HeadLinear { inn, out: width, period, at: *at, transposed: *transposed };
+                let v = [(X, o(self, 0)), (W, o(self, 1)), (Out, self.val(n)), (Rows, t)];
+                self.call(k, &v, self.kb.mul(self.kb.c(heads as i64), t))
+            }
             Op::Positions => {
                 let v = [(Out, self.val(n)), (T, self.t()), (P, self.p())];
                 self.call(Kernel::Positions, &v, self.kb.c(1))
@@ -361,7 +392,10 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
             }
             Op::Attention { .. } => self.attention(n),
             Op::Route(r) => {
-                let v = [(X, o(self, 0)), (Out, self.val(n))];
+                let mut v = vec![(X, o(self, 0)), (Out, self.val(n))];
+                if r.choice_bias {
+                    v.push((Bias, o(self, 1)));
+                }
                 self.call(Kernel::Route { route: *r }, &v, self.rows_of(n))
             }
             Op::RowScale => {

@@ -418,6 +418,12 @@ impl<'a> Func<'a> {
                     op.mnemonic()
                 )))
             }
+            op @ (Op::Slice { .. } | Op::HeadLinear { .. }) => {
+                return Err(unsupported(format!(
+                    "`{}` (multi-head latent attention; the LLVM backend and the interpreter run it)",
+                    op.mnemonic()
+                )))
+            }
         };
         Ok(Some(v))
     }

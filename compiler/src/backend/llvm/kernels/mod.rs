@@ -4,6 +4,7 @@
 //! and processes tasks `begin..end`, so the thread pool can split its work.
 
 mod attention;
+mod latent;
 mod linear;
 mod moe;
 mod rows;
@@ -105,6 +106,13 @@ pub enum Kernel {
     /// input at `gate + j · step` (clamped from above), `u` at `up + j · step` (clamped),
     /// or `act(u)` without a gate.
     Glu { glu: crate::ir::Experts, row: usize, gate: Option<usize>, up: usize, step: usize },
+    /// args: x, out; tasks: rows. Features `start..start + len` of each row.
+    Slice { width: usize, start: usize, len: usize },
+    /// args: x, y, out; tasks: rows. The rows side by side.
+    Concat { a: usize, b: usize },
+    /// args: x, w, out, rows; tasks: heads · rows. Each head by its block of an f32
+    /// matrix (`Op::HeadLinear`).
+    HeadLinear { inn: usize, out: usize, period: usize, at: usize, transposed: bool },
 }
 
 /// How a linear kernel reads its weights.
@@ -249,16 +257,26 @@ impl Kernel {
             }
             Kernel::CacheStore { head_dim, max_seq } => format!("cache_store_{head_dim}_{max_seq}"),
             Kernel::Route { route: r } => format!(
-                "route_{}_{}_{}{}_{:016x}",
+                "route_{}_{}_{}{}_{:016x}{}{}",
                 r.experts,
                 r.top_k,
                 r.scoring.name(),
                 if r.normalize { "_norm" } else { "" },
-                r.scale.to_bits()
+                r.scale.to_bits(),
+                match r.groups {
+                    1 => String::new(),
+                    g => format!("_g{}of{g}_{}", r.topk_groups, r.group_score.name()),
+                },
+                if r.choice_bias { "_bias" } else { "" },
             ),
             Kernel::Dispatch { experts, d } => format!("dispatch_{experts}_{d}"),
             Kernel::Combine { experts, d } => format!("combine_{experts}_{d}"),
             Kernel::RowScale { width } => format!("row_scale_{width}"),
+            Kernel::Slice { width, start, len } => format!("slice_{width}_{start}_{len}"),
+            Kernel::Concat { a, b } => format!("concat_{a}_{b}"),
+            Kernel::HeadLinear { inn, out, period, at, transposed } => {
+                format!("head_linear_{inn}_{out}_{period}_{at}{}", if *transposed { "_t" } else { "" })
+            }
             Kernel::Glu { glu, row, gate, up, step } => format!(
                 "glu_{}_{}_{row}_{}_{up}_{step}_{:016x}_{:016x}",
                 glu.hidden,
@@ -375,11 +393,15 @@ impl Kernel {
                 v
             }
             Kernel::CacheStore { .. } => vec![X, Cache, Rows, P],
+            Kernel::Route { route } if route.choice_bias => vec![X, Bias, Out],
             Kernel::Route { .. } => vec![X, Out],
             Kernel::Dispatch { .. } => vec![X, Route, Offsets, Slots, Out, Rows],
             Kernel::Combine { .. } => vec![Route, Slots, Y, Out],
             Kernel::RowScale { .. } => vec![X, Y, Out],
             Kernel::Glu { .. } => vec![X, Out, Rows],
+            Kernel::Slice { .. } => vec![X, Out],
+            Kernel::Concat { .. } => vec![X, Y, Out],
+            Kernel::HeadLinear { .. } => vec![X, W, Out, Rows],
         }
     }
 
@@ -499,5 +521,8 @@ fn body<'ctx>(
         Kernel::Combine { .. } => moe::combine(kb, k, args, begin, end),
         Kernel::RowScale { .. } => moe::row_scale(kb, k, args, begin, end),
         Kernel::Glu { .. } => moe::glu(kb, k, args, begin, end),
+        Kernel::Slice { .. } => latent::slice(kb, k, args, begin, end),
+        Kernel::Concat { .. } => latent::concat(kb, k, args, begin, end),
+        Kernel::HeadLinear { .. } => latent::head_linear(kb, k, args, begin, end),
     }
 }

@@ -9,7 +9,7 @@ use inkwell::FloatPredicate;
 use super::{Args, Kernel, Slot};
 use crate::backend::llvm::elementwise::act;
 use crate::backend::llvm::kb::Kb;
-use crate::ir::Scoring;
+use crate::ir::{GroupScore, Scoring};
 
 fn fsel<'ctx>(
     kb: &Kb<'_, 'ctx>,
@@ -29,8 +29,10 @@ fn fcmp<'ctx>(
     kb.b.build_float_compare(p, a, b, "").unwrap()
 }
 
-/// Per row: the `top_k` largest logits chosen one at a time (strictly larger wins, so a
-/// tie goes to the lower expert), then their weights as `Route::route` says, in f32.
+/// Per row, as `Route::route` says, in f32: each expert's score and what its choice
+/// ranks; where there are groups, the best `topk_groups` kept one at a time (strictly
+/// larger wins, so a tie goes to the lower group) and the others' experts excluded; the
+/// `top_k` largest chosen the same way; then the chosen experts' weights.
 pub(crate) fn route<'ctx>(
     kb: &Kb<'_, 'ctx>,
     k: &Kernel,
@@ -42,50 +44,113 @@ pub(crate) fn route<'ctx>(
     let Kernel::Route { route: r } = *k else { unreachable!("a Route kernel") };
     let e = r.experts;
     let (x, out) = (args.p(Slot::X), args.p(Slot::Out));
-    // 1 where an expert is chosen.
-    let chosen = kb.alloca_f32s(e);
-    kb.for_(begin, end, |t| {
-        let row = kb.mul(t, c(e));
-        kb.for_(c(0), c(e), |j| {
-            kb.st(out, kb.add(row, j), kb.fc(0.0));
-            kb.st(chosen, j, kb.fc(0.0));
-        });
-        kb.for_(c(0), c(r.top_k), |_| {
-            let init = [kb.fc(f64::NEG_INFINITY).into(), kb.c(-1).into()];
-            let best = kb.fold(c(0), c(e), &init, |j, acc| {
+    let bias = r.choice_bias.then(|| args.p(Slot::Bias));
+    // Per expert: 0 free, 1 chosen, 2 excluded (its group is not kept).
+    let state = kb.alloca_f32s(e);
+    let choice = kb.alloca_f32s(e);
+    let size = e / r.groups;
+    let group = kb.alloca_f32s(r.groups);
+    let kept = kb.alloca_f32s(r.groups);
+    let is = |p: inkwell::values::PointerValue<'ctx>, j: IntValue<'ctx>, v: f64| {
+        fcmp(kb, FloatPredicate::OEQ, kb.ld(p, j), kb.fc(v))
+    };
+    let ninf = kb.fc(f64::NEG_INFINITY);
+    // The index of the largest of `v[j]` over `j in 0..n` where `ok(j)`, the first of equals.
+    let argmax =
+        |v: inkwell::values::PointerValue<'ctx>, n: usize, ok: &dyn Fn(IntValue<'ctx>) -> IntValue<'ctx>| {
+            let init = [ninf.into(), kb.c(-1).into()];
+            kb.fold(c(0), c(n), &init, |j, acc| {
                 let (b, bi) = (acc[0].into_float_value(), acc[1].into_int_value());
-                let l = kb.ld(x, kb.add(row, j));
-                let free = fcmp(kb, FloatPredicate::OEQ, kb.ld(chosen, j), kb.fc(0.0));
+                let l = kb.ld(v, j);
                 let first = kb.icmp_lt(bi, c(0));
                 let better = kb.b.build_or(first, fcmp(kb, FloatPredicate::OGT, l, b), "").unwrap();
-                let take = kb.b.build_and(free, better, "").unwrap();
+                let take = kb.b.build_and(ok(j), better, "").unwrap();
                 vec![fsel(kb, take, l, b).into(), kb.select(take, j, bi).into()]
-            });
-            kb.st(chosen, best[1].into_int_value(), kb.fc(1.0));
-        });
-        let scored = |j: IntValue<'ctx>| match r.scoring {
-            Scoring::Softmax => kb.c(1).const_truncate(kb.cx.bool_type()),
-            Scoring::SoftmaxChosen => fcmp(kb, FloatPredicate::ONE, kb.ld(chosen, j), kb.fc(0.0)),
+            })[1]
+                .into_int_value()
         };
-        let ninf = kb.fc(f64::NEG_INFINITY);
+    // The max and the sum of `exp(l - max)` of the logits where `over(j)`.
+    let softmax_of = |row: IntValue<'ctx>, over: &dyn Fn(IntValue<'ctx>) -> IntValue<'ctx>| {
         let max = kb.fold(c(0), c(e), &[ninf.into()], |j, acc| {
             let m = acc[0].into_float_value();
-            vec![fsel(kb, scored(j), kb.fmax(m, kb.ld(x, kb.add(row, j))), m).into()]
+            vec![fsel(kb, over(j), kb.fmax(m, kb.ld(x, kb.add(row, j))), m).into()]
         })[0]
             .into_float_value();
         let total = kb.fold(c(0), c(e), &[kb.fc(0.0).into()], |j, acc| {
             let s = acc[0].into_float_value();
             let p = kb.exp(kb.b.build_float_sub(kb.ld(x, kb.add(row, j)), max, "").unwrap());
-            vec![fsel(kb, scored(j), kb.b.build_float_add(s, p, "").unwrap(), s).into()]
+            vec![fsel(kb, over(j), kb.b.build_float_add(s, p, "").unwrap(), s).into()]
         })[0]
             .into_float_value();
+        (max, total)
+    };
+    let all = |_: IntValue<'ctx>| kb.c(1).const_truncate(kb.cx.bool_type());
+    kb.for_(begin, end, |t| {
+        let row = kb.mul(t, c(e));
+        let logit = |j: IntValue<'ctx>| kb.ld(x, kb.add(row, j));
+        let soft = (r.scoring == Scoring::Softmax).then(|| softmax_of(row, &all));
+        let score = |j: IntValue<'ctx>| match (r.scoring, soft) {
+            (Scoring::Sigmoid, _) => {
+                let en = kb.exp(kb.b.build_float_neg(logit(j), "").unwrap());
+                kb.fdiv(kb.fc(1.0), kb.b.build_float_add(kb.fc(1.0), en, "").unwrap())
+            }
+            (Scoring::Softmax, Some((max, total))) => {
+                kb.fdiv(kb.exp(kb.b.build_float_sub(logit(j), max, "").unwrap()), total)
+            }
+            _ => logit(j),
+        };
+        kb.for_(c(0), c(e), |j| {
+            kb.st(out, kb.add(row, j), kb.fc(0.0));
+            kb.st(state, j, kb.fc(0.0));
+            let v = match (r.chooses_by_score(), bias) {
+                (true, Some(b)) => kb.b.build_float_add(score(j), kb.ld(b, j), "").unwrap(),
+                (true, None) => score(j),
+                (false, _) => logit(j),
+            };
+            kb.st(choice, j, v);
+        });
+        if r.groups > 1 {
+            kb.for_(c(0), c(r.groups), |g| {
+                let first = kb.mul(g, c(size));
+                let init = [ninf.into(), ninf.into()];
+                let best = kb.fold(first, kb.add(first, c(size)), &init, |j, acc| {
+                    let (m1, m2) = (acc[0].into_float_value(), acc[1].into_float_value());
+                    let v = kb.ld(choice, j);
+                    let over = fcmp(kb, FloatPredicate::OGT, v, m1);
+                    vec![kb.fmax(m1, v).into(), fsel(kb, over, m1, kb.fmax(m2, v)).into()]
+                });
+                let (m1, m2) = (best[0].into_float_value(), best[1].into_float_value());
+                let s = match (r.group_score, size) {
+                    (GroupScore::Top2Sum, 2..) => kb.b.build_float_add(m1, m2, "").unwrap(),
+                    _ => m1,
+                };
+                kb.st(group, g, s);
+                kb.st(kept, g, kb.fc(0.0));
+            });
+            kb.for_(c(0), c(r.topk_groups), |_| {
+                let g = argmax(group, r.groups, &|g| is(kept, g, 0.0));
+                kb.st(kept, g, kb.fc(1.0));
+            });
+            kb.for_(c(0), c(e), |j| {
+                kb.if_(is(kept, kb.udiv(j, c(size)), 0.0), || kb.st(state, j, kb.fc(2.0)));
+            });
+        }
+        kb.for_(c(0), c(r.top_k), |_| {
+            let j = argmax(choice, e, &|j| is(state, j, 0.0));
+            kb.st(state, j, kb.fc(1.0));
+        });
+        let chosen_soft =
+            (r.scoring == Scoring::SoftmaxChosen).then(|| softmax_of(row, &|j| is(state, j, 1.0)));
+        let weight = |j: IntValue<'ctx>| match chosen_soft {
+            Some((max, total)) => kb.fdiv(kb.exp(kb.b.build_float_sub(logit(j), max, "").unwrap()), total),
+            None => score(j),
+        };
         let sum = kb.fold(c(0), c(e), &[kb.fc(0.0).into()], |j, acc| {
             let s = acc[0].into_float_value();
-            let is = fcmp(kb, FloatPredicate::ONE, kb.ld(chosen, j), kb.fc(0.0));
-            let p = kb.exp(kb.b.build_float_sub(kb.ld(x, kb.add(row, j)), max, "").unwrap());
-            let w = kb.fdiv(p, total);
-            kb.st(out, kb.add(row, j), fsel(kb, is, w, kb.fc(0.0)));
-            vec![fsel(kb, is, kb.b.build_float_add(s, w, "").unwrap(), s).into()]
+            let on = is(state, j, 1.0);
+            let w = fsel(kb, on, weight(j), kb.fc(0.0));
+            kb.st(out, kb.add(row, j), w);
+            vec![kb.b.build_float_add(s, w, "").unwrap().into()]
         })[0]
             .into_float_value();
         if r.normalize || r.scale != 1.0 {

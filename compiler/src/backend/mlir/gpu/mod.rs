@@ -457,6 +457,12 @@ impl Emitter {
                     op.mnemonic()
                 )))
             }
+            op @ (Op::Slice { .. } | Op::HeadLinear { .. }) => {
+                return Err(MlirError::Unsupported(format!(
+                "`{}` (multi-head latent attention; the LLVM backend and the interpreter run it) on the GPU",
+                op.mnemonic()
+            )))
+            }
             op => {
                 return Err(MlirError::Unsupported(format!(
                     "`{}` in a {} graph on the GPU",
