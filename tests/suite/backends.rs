@@ -746,3 +746,30 @@ fn the_mlir_backends_refuse_a_mixture_of_experts_by_name() {
     let err = compile_library(&c, &dir, &opts).unwrap_err().to_string();
     assert!(err.contains("the MLIR backend does not support `route` (a mixture of experts"), "{err}");
 }
+
+/// A latent attention's cache holds the latent and the rotated key part per token and
+/// layer, not expanded keys and values: the manifest says so, and the library's decode
+/// equals its prefill at every split (`backend_tests` on the DeepSeek fixtures).
+#[test]
+fn a_latent_attention_caches_its_latent_only() {
+    let built = build(&root().join("specs/tiny/deepseek_v3.tfs"), "mla-cache");
+    let m = Model::load(&built).unwrap();
+    // 2 layers × (kv_rank 24 + rope_dim 8) f32s; expanded keys and values would be
+    // 2 × 4 heads × (24 + 16) f32s.
+    assert_eq!(m.manifest().kv_cache.bytes_per_token, 2 * (24 + 8) * 4);
+    assert_eq!(m.manifest().kv_cache.bytes, 2 * (24 + 8) * 4 * 64);
+}
+
+/// The MLIR backends refuse multi-head latent attention with an error that names it.
+#[test]
+fn the_mlir_backends_refuse_a_latent_attention_by_name() {
+    let spec = root().join("specs/tiny/deepseek_v2.tfs");
+    let c = compile(&spec, &Options::default());
+    let dir = root().join("target/test-libs/mla-mlir");
+    let opts = LibOptions { backend: Backend::Mlir, ..Default::default() };
+    let err = compile_library(&c, &dir, &opts).unwrap_err().to_string();
+    assert!(
+        err.contains("(multi-head latent attention; the LLVM backend and the interpreter run it)"),
+        "{err}"
+    );
+}

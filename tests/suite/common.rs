@@ -365,7 +365,17 @@ pub fn check_splits(name: &str, c: &Compiled, w: &tfc::interp::Weights, e: &mut 
     assert_eq!(e.position(), tokens.len(), "{name}: cache position after extending");
 }
 
-/// Whether a compiled model has a mixture of experts (which the MLIR backends refuse).
-pub fn has_experts(c: &tfc::Compiled) -> bool {
-    c.model.node_ids().into_iter().any(|n| matches!(c.model.op(n), tfc::ir::Op::Experts(_)))
+/// What in a compiled model the MLIR backends refuse, as their errors name it: a mixture
+/// of experts, multi-head latent attention.
+pub fn mlir_refuses(c: &tfc::Compiled) -> Vec<&'static str> {
+    use tfc::ir::Op;
+    let ops: Vec<&Op> = c.model.node_ids().into_iter().map(|n| c.model.op(n)).collect();
+    let mut v = Vec::new();
+    if ops.iter().any(|op| matches!(op, Op::Experts(_))) {
+        v.push("mixture of experts");
+    }
+    if ops.iter().any(|op| matches!(op, Op::HeadLinear { .. })) {
+        v.push("multi-head latent attention");
+    }
+    v
 }

@@ -141,6 +141,44 @@ fn what_cannot_be_imported_faithfully_is_an_error() {
     });
     assert!(e.contains("sliding layers need a `sliding_window`"), "{e}");
     assert!(import("[1, 2]").unwrap_err().to_string().contains("not an object"));
+    // DeepSeek: routing methods and sizes it does not know.
+    let e = import_err("deepseek_v3", &|c| {
+        c.insert("topk_method".into(), "greedy".into());
+    });
+    assert!(e.contains("`topk_method` = \"greedy\""), "{e}");
+    let e = import_err("deepseek_v2", &|c| {
+        c.insert("scoring_func".into(), "sigmoid".into());
+    });
+    assert!(e.contains("`scoring_func`"), "{e}");
+    let e = import_err("deepseek_v3", &|c| {
+        c.insert("qk_head_dim".into(), 32.into());
+    });
+    assert!(e.contains("qk_nope_head_dim + qk_rope_head_dim"), "{e}");
+    let e = import_err("deepseek_v3_yarn", &|c| {
+        c.insert("n_group".into(), 3.into());
+    });
+    assert!(e.contains("`n_group` = 3"), "{e}");
+}
+
+/// DeepSeek-V2's transformers implementation never renormalises the chosen weights, so
+/// `norm_topk_prob` changes nothing there; V3's does, and says so in the spec.
+#[test]
+fn deepseek_routing_follows_transformers() {
+    let v2 = import_edited("deepseek_v2", &|c| {
+        c.insert("norm_topk_prob".into(), true.into());
+    })
+    .unwrap();
+    assert!(!v2.contains("normalize"), "{v2}");
+    let greedy = import_edited("deepseek_v2", &|c| {
+        c.insert("topk_method".into(), "greedy".into());
+    })
+    .unwrap();
+    assert!(!greedy.contains("groups ="), "{greedy}");
+    let v3 = import_edited("deepseek_v3", &|c| {
+        c.insert("norm_topk_prob".into(), false.into());
+    })
+    .unwrap();
+    assert!(!v3.contains("normalize"), "{v3}");
 }
 
 #[test]

@@ -13,7 +13,7 @@ macro_rules! with_fixtures {
 /// the MLIR backends refuse them with an error naming the op.
 macro_rules! with_moe_fixtures {
     ($m:ident $(, $($arg:tt)*)?) => {
-        $m! { $($($arg)*)? gpt_oss, granitemoe, mixtral, olmoe, qwen2_moe, qwen3_moe }
+        $m! { $($($arg)*)? deepseek_v2, deepseek_v3, deepseek_v3_yarn, gpt_oss, granitemoe, mixtral, olmoe, qwen2_moe, qwen3_moe }
     };
 }
 

@@ -30,7 +30,7 @@ pub enum ImportError {
 }
 
 const SUPPORTED: &str =
-    "bert, bloom, cohere, distilbert, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gptj, granite, granitemoe, gpt_oss, llama, mistral, mixtral, olmo, olmo2, olmoe, opt, phi, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, roberta, stablelm, starcoder2, xglm, xlm-roberta";
+    "bert, bloom, cohere, distilbert, falcon, gemma, gemma2, gemma3_text, deepseek_v2, deepseek_v3, gpt2, gpt_neox, gptj, granite, granitemoe, gpt_oss, llama, mistral, mixtral, olmo, olmo2, olmoe, opt, phi, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, roberta, stablelm, starcoder2, xglm, xlm-roberta";
 
 /// Keys that never change what inference computes.
 fn ignorable(key: &str) -> bool {
@@ -79,6 +79,12 @@ fn ignorable(key: &str) -> bool {
         "output_router_logits",
         "router_aux_loss_coef",
         "router_jitter_noise",
+        "aux_loss_alpha",
+        "seq_aux",
+        // Experts spread over devices, and DeepSeek-V3's multi-token prediction layers
+        // (a training aid; inference reads the main layers only).
+        "ep_size",
+        "num_nextn_predict_layers",
     ];
     KEYS.contains(&key)
         || key.contains("dropout")
@@ -456,6 +462,12 @@ fn num(x: f64) -> String {
     crate::ir::num(x)
 }
 
+/// `kind { fields }` with one more field (only the last ` }` closes it: a nested value's
+/// braces stay).
+fn with_field(value: &str, field: &str) -> String {
+    format!("{}, {field} }}", value.strip_suffix(" }").unwrap_or(value))
+}
+
 fn rope_text(theta: f64, fraction: f64, scaling: RopeScaling) -> String {
     let mut fields = vec![format!("theta = {}", num(theta))];
     if fraction != 1.0 {
@@ -518,9 +530,8 @@ pub fn import(config_json: &str) -> Result<String, ImportError> {
     match model.as_str() {
         "gpt2" => gpt2(&mut c, &mut g)?,
         "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "granite" | "olmo" | "olmo2" | "phi3"
-        | "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "granitemoe" | "gpt_oss" => {
-            llama_like(&mut c, &mut g)?
-        }
+        | "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "granitemoe" | "gpt_oss" | "deepseek_v2"
+        | "deepseek_v3" => llama_like(&mut c, &mut g)?,
         "starcoder2" => starcoder2(&mut c, &mut g)?,
         "stablelm" => stablelm(&mut c, &mut g)?,
         "cohere" => cohere(&mut c, &mut g)?,
@@ -603,6 +614,7 @@ fn unembed(tied: bool, embedding: &str, at: &str, bias: bool) -> String {
 fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let model = c.model.clone();
     let gemma = model == "gemma";
+    let deepseek = model == "deepseek_v2" || model == "deepseek_v3";
     let d = c.usize("hidden_size")?;
     let heads = c.usize("num_attention_heads")?;
     g.size("vocab", c.usize("vocab_size")?);
@@ -615,7 +627,9 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
         }
     }
     if let Some(hd) = c.opt_usize("head_dim")? {
-        if hd * heads != d {
+        // DeepSeek's `head_dim` is the rotated part's (the latent attention's own sizes
+        // say the rest).
+        if hd * heads != d && !deepseek {
             g.size("head_dim", hd);
         }
     }
@@ -722,22 +736,26 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     };
     // gpt-oss: one learned sink logit per head in every softmax.
     let sinks = if model == "gpt_oss" { ", sinks = \"sinks\"" } else { "" };
+    let mla = if deepseek { Some(latent_attention(c, &rope, attn_bias, &eps)?) } else { None };
     let block = |window: Option<usize>, sparse: bool| {
         let window = window.map(|w| format!(", window = {w}")).unwrap_or_default();
         let mut b = if after { vec![] } else { vec![norm(&format!("{l}.input_layernorm"), "input_norm")] };
-        b.extend([
-            "attn: attention {".to_string(),
-            format!("  at = \"{l}.self_attn\", {qkv}, o = \"o_proj\"{bias}{scale}{sinks}"),
-            format!("  position = {rope}{window}"),
-        ]);
-        b.extend(qk_norm.clone());
-        b.extend([
-            "}".into(),
-            norm(
-                &format!("{l}.post_attention_layernorm"),
-                if after { "post_attn_norm" } else { "post_norm" },
-            ),
-        ]);
+        match &mla {
+            Some(m) => b.extend(m.iter().cloned()),
+            None => {
+                b.extend([
+                    "attn: attention {".to_string(),
+                    format!("  at = \"{l}.self_attn\", {qkv}, o = \"o_proj\"{bias}{scale}{sinks}"),
+                    format!("  position = {rope}{window}"),
+                ]);
+                b.extend(qk_norm.clone());
+                b.push("}".into());
+            }
+        }
+        b.extend([norm(
+            &format!("{l}.post_attention_layernorm"),
+            if after { "post_attn_norm" } else { "post_norm" },
+        )]);
         if after {
             b.push(norm(&format!("{l}.post_feedforward_layernorm"), "post_mlp_norm"));
         }
@@ -790,6 +808,61 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     Ok(())
 }
 
+/// DeepSeek's multi-head latent attention (`mla`): a low-rank query where `q_lora_rank`
+/// is set, RoPE on adjacent pairs (`rope_interleave`, DeepSeek-V2's complex rotation),
+/// and YaRN's `mscale_all_dim` folded into the scale as transformers does.
+fn latent_attention(c: &mut Config, rope: &str, bias: bool, eps: &str) -> Result<Vec<String>, ImportError> {
+    let l = "model.layers.{layer}";
+    let (nope, rope_dim, v) =
+        (c.usize("qk_nope_head_dim")?, c.usize("qk_rope_head_dim")?, c.usize("v_head_dim")?);
+    if let Some(qk) = c.opt_usize("qk_head_dim")? {
+        if qk != nope + rope_dim {
+            return Err(c.unsupported("qk_head_dim", "must be qk_nope_head_dim + qk_rope_head_dim"));
+        }
+    }
+    let q = match c.opt_usize("q_lora_rank")? {
+        Some(r) => {
+            format!("q_a = \"q_a_proj\", q_norm = \"q_a_layernorm\", q_b = \"q_b_proj\", q_rank = {r}")
+        }
+        None => "q = \"q_proj\"".into(),
+    };
+    let pairs = c.bool_or("rope_interleave", true)?;
+    let rope = match pairs {
+        true => with_field(rope, "pairs = interleaved"),
+        false => rope.to_string(),
+    };
+    let mut scale = 1.0f64;
+    let params =
+        ["rope_parameters", "rope_scaling"].iter().find_map(|k| c.map.get(*k)).and_then(Value::as_object);
+    if let Some(p) =
+        params.filter(|p| p.get("rope_type").or(p.get("type")).and_then(Value::as_str) != Some("default"))
+    {
+        let all = p.get("mscale_all_dim").and_then(Value::as_f64).unwrap_or(0.0);
+        let factor = p.get("factor").and_then(Value::as_f64).unwrap_or(1.0);
+        if all != 0.0 && factor > 1.0 {
+            let m = 0.1 * all * factor.ln() + 1.0;
+            scale *= m * m;
+        }
+    }
+    Ok(vec![
+        "attn: mla {".into(),
+        format!("  at = \"{l}.self_attn\", {q}"),
+        "  kv_a = \"kv_a_proj_with_mqa\", kv_norm = \"kv_a_layernorm\", kv_b = \"kv_b_proj\", o = \"o_proj\""
+            .into(),
+        format!(
+            "  kv_rank = {}, nope_dim = {nope}, rope_dim = {rope_dim}, v_dim = {v}, eps = {eps}{}{}",
+            c.usize("kv_lora_rank")?,
+            match scale {
+                1.0 => String::new(),
+                m => format!(", scale = {}", num(m / ((nope + rope_dim) as f64).sqrt())),
+            },
+            if bias { ", bias = true" } else { "" }
+        ),
+        format!("  position = {rope}"),
+        "}".into(),
+    ])
+}
+
 /// The mixture of experts of a llama-like family, if it is one: which of the `layers`
 /// layers run it (the others a dense MLP), and its `moe` component.
 fn mixture(
@@ -821,6 +894,12 @@ fn mixture(
         // gpt-oss: a router with a bias, the experts as 3-D `[E, in, out]` tensors named
         // without `.weight`, gate and up outputs alternating, biases, and a GLU
         // `(clamp(up) + 1) · g · sigmoid(α · g)` of the gate `g` capped at the limit.
+        "deepseek_v2" | "deepseek_v3" => (
+            "n_routed_experts",
+            "mlp",
+            "gate",
+            "expert = \"experts.{expert}\", gate = \"gate_proj\", up = \"up_proj\", down = \"down_proj\"",
+        ),
         "gpt_oss" => (
             "num_local_experts",
             "mlp",
@@ -842,6 +921,7 @@ fn mixture(
         // over the chosen logits.
         "mixtral" => fields.push("normalize = true".into()),
         "granitemoe" | "gpt_oss" => fields.push("scoring = softmax_chosen".into()),
+        "deepseek_v2" | "deepseek_v3" => deepseek_routing(c, model, experts, &mut fields)?,
         _ => {
             if c.bool_or("norm_topk_prob", false)? {
                 fields.push("normalize = true".into());
@@ -850,7 +930,8 @@ fn mixture(
     }
     // Qwen's experts have their own width; the dense layers' is `intermediate_size`.
     let qwen = model == "qwen2_moe" || model == "qwen3_moe";
-    if qwen {
+    let deepseek = model == "deepseek_v2" || model == "deepseek_v3";
+    if qwen || deepseek {
         fields.push(format!("d_expert = {}", c.usize("moe_intermediate_size")?));
     }
     let act = if model == "gpt_oss" {
@@ -865,6 +946,13 @@ fn mixture(
         act.to_string()
     };
     fields.push(format!("router = \"{router}\", {names}, act = {act}"));
+    if deepseek {
+        let n = c.opt_usize("n_shared_experts")?.unwrap_or(0);
+        if n > 0 {
+            let f = c.usize("moe_intermediate_size")? * n;
+            fields.push(format!("shared = \"shared_experts\", d_shared = {f}"));
+        }
+    }
     if model == "qwen2_moe" {
         fields.push(format!(
             "shared = \"shared_expert\", d_shared = {}, shared_gate = \"shared_expert_gate\"",
@@ -884,11 +972,64 @@ fn mixture(
             return Err(c.unsupported("decoder_sparse_step", "must be at least 1"));
         }
         (0..layers).map(|i| experts > 0 && !dense.contains(&i) && (i + 1) % step == 0).collect()
+    } else if deepseek {
+        // Dense first layers, then a mixture every `moe_layer_freq` layers.
+        let first = c.opt_usize("first_k_dense_replace")?.unwrap_or(0);
+        let freq = c.opt_usize("moe_layer_freq")?.unwrap_or(1).max(1);
+        (0..layers).map(|i| experts > 0 && i >= first && i % freq == 0).collect()
     } else {
         vec![true; layers]
     };
     let moe = format!("mlp: moe {{\n    at = \"{l}.{at}\"\n    {}\n  }}", fields.join("\n    "));
     Ok(Some((sparse, moe)))
+}
+
+/// DeepSeek's router: V3 scores by sigmoid and chooses by the scores plus a correction
+/// bias within the best groups (ranked by their two best experts); V2 scores by softmax
+/// and, `group_limited_greedy`, chooses within the groups of the best experts.
+fn deepseek_routing(
+    c: &mut Config,
+    model: &str,
+    experts: usize,
+    fields: &mut Vec<String>,
+) -> Result<(), ImportError> {
+    let v3 = model == "deepseek_v3";
+    let method = c.str_or("topk_method", if v3 { "noaux_tc" } else { "greedy" })?;
+    let scoring = c.str_or("scoring_func", if v3 { "sigmoid" } else { "softmax" })?;
+    match (v3, scoring.as_str()) {
+        (true, "sigmoid") => fields.push("scoring = sigmoid".into()),
+        (false, "softmax") => {}
+        _ => return Err(c.unsupported("scoring_func", "DeepSeek-V3 scores by sigmoid, V2 by softmax")),
+    }
+    let groups = c.opt_usize("n_group")?.unwrap_or(1);
+    let keep = c.opt_usize("topk_group")?.unwrap_or(groups);
+    let grouped = match (v3, method.as_str()) {
+        (true, "noaux_tc") => {
+            fields.push("choice_bias = \"gate.e_score_correction_bias\"".into());
+            "top2_sum"
+        }
+        (false, "greedy") => "",
+        (false, "group_limited_greedy") => "max",
+        _ => {
+            return Err(c.unsupported("topk_method", "V3's noaux_tc, or V2's greedy or group_limited_greedy"))
+        }
+    };
+    if !grouped.is_empty() && groups > 1 {
+        if experts % groups != 0 {
+            return Err(c.unsupported("n_group", "the experts must fall into equal groups"));
+        }
+        fields.push(format!("groups = {groups}, topk_groups = {keep}, group_score = {grouped}"));
+    }
+    // transformers' DeepSeek-V2 router never renormalises, whatever `norm_topk_prob` says.
+    let normalize = c.bool_or("norm_topk_prob", v3)?;
+    if v3 && normalize {
+        fields.push("normalize = true".into());
+    }
+    let scale = c.f64_or("routed_scaling_factor", 1.0)?;
+    if scale != 1.0 {
+        fields.push(format!("scale = {}", num(scale)));
+    }
+    Ok(())
 }
 
 /// StarCoder2: LayerNorms with biases, biases on every projection, a plain (ungated)
@@ -992,7 +1133,7 @@ fn cohere(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let act = c.act("hidden_act", "silu")?;
     let (theta, fraction, scaling) = c.rope(1.0)?;
     let rope = rope_text(theta, fraction, scaling);
-    let rope = format!("{}, pairs = interleaved }}", rope.trim_end_matches(" }"));
+    let rope = with_field(&rope, "pairs = interleaved");
     let bias = if c.bool_or("attention_bias", false)? { ", bias = true" } else { "" };
     // A LayerNorm of each query and key head with a `[heads, head_dim]` weight.
     let qk_norm = c.bool_or("use_qk_norm", false)?;
@@ -1052,7 +1193,7 @@ fn gptj(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     let fraction = c.opt_usize("rotary_dim")?.map_or(1.0, |r| r as f64 / hd as f64);
     let (theta, _, scaling) = c.rope(fraction)?;
     let rope = rope_text(theta, fraction, scaling);
-    let rope = format!("{}, pairs = interleaved }}", rope.trim_end_matches(" }"));
+    let rope = with_field(&rope, "pairs = interleaved");
     for key in ["attn_pdrop", "embd_pdrop", "resid_pdrop"] {
         c.f64_or(key, 0.0)?;
     }
@@ -1327,7 +1468,7 @@ fn gemma_local_global(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     g.per_layer_type(&types, block(&local, &format!(", window = {window}")), block(&global, ""));
     let unembed = unembed(tied, "embed_tokens", "lm_head", false);
     let unembed = match final_cap {
-        Some(cap) => format!("{}, softcap = {} }}", unembed.trim_end_matches(" }"), num(cap)),
+        Some(cap) => with_field(&unembed, &format!("softcap = {}", num(cap))),
         None => unembed,
     };
     g.head = vec![
