@@ -128,6 +128,41 @@ fn a_qwen3_moe_gguf_in_q8_0_runs_as_stored() {
     check(file, "qwen3_moe", &interp.data, 1e-5);
 }
 
+/// DeepSeek-V3 as the converter writes `deepseek2`: latent attention with `kv_b_proj`
+/// split per head (`attn_k_b` transposed, `attn_v_b`), sigmoid routing with the
+/// correction bias in groups, `*_shexp` shared experts, YaRN's `mscale_all_dim` from the
+/// log multiplier: the interpreter and the library compute what transformers computes
+/// from the checkpoint.
+#[test]
+fn a_deepseek_v3_gguf_computes_what_transformers_computes_from_the_checkpoint() {
+    let want = read_tensor(&root().join("tests/fixtures/hf/deepseek_v3_yarn/expected.safetensors"), "logits");
+    check("deepseek_v3_yarn_f32.gguf", "deepseek_v3_yarn", &want.data, 1e-4);
+}
+
+/// DeepSeek-V2 in Q8_0 (a dense first layer, a full-rank query, softmax routing in groups,
+/// two shared experts): the library computes what the interpreter computes from the file
+/// (`attn_k_b`/`attn_v_b` dequantised to f32), both near transformers' f32 logits.
+#[test]
+fn a_deepseek_v2_gguf_in_q8_0_runs_as_stored() {
+    let file = "deepseek_v2_q8_0.gguf";
+    let ck = Checkpoint::open(dir().join(file)).unwrap();
+    let spec = tfc::import::gguf::import(ck.gguf().unwrap(), file).unwrap();
+    assert!(spec.contains("pattern = [dense, moe]") && spec.contains("k_b = \"attn_k_b\""), "{spec}");
+    let c = tfc::compile(file, &spec, &tfc::Options::default(), &mut |_, _| {}).unwrap();
+    let fx = Fixture::load("deepseek_v2");
+    let tokens: Vec<i64> = fx.prompt.iter().map(|&t| t as i64).collect();
+    let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
+    let interp =
+        run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap().remove("logits").unwrap();
+    let f32 = read_tensor(&root().join("tests/fixtures/hf/deepseek_v2/expected.safetensors"), "logits");
+    // Q8_0's rounding moves most rows' logits by up to 0.06 and one row by 0.21 (routing is
+    // discontinuous: a rounding can move a choice); the same model written in F32 matches
+    // transformers to 2e-6.
+    let moved = median_diff(&interp.data, &f32.data);
+    assert!(moved < 0.02, "{file}: Q8_0 moved the logits by {moved} in the median");
+    check(file, "deepseek_v2", &interp.data, 1e-5);
+}
+
 /// Llama 3.1 as the converter writes it: its rope scaling as a `rope_freqs` factor per
 /// pair (`scaling = per_pair`), which computes what transformers' `llama3` scaling does.
 #[test]

@@ -757,11 +757,27 @@ impl Lowerer<'_> {
             q_rope = self.node(rope.clone(), &[q_rope, pos], origin);
             k_rope = self.node(rope, &[k_rope, pos], origin);
         }
-        // Read per head by `head_linear`, in f32 whatever the spec stores matrices as.
-        let kv_b = instantiate(&a.kv_b, self.layer);
-        let ty = TensorType::fixed(&[h * (dn + dv), r], DType::F32);
-        let kv_b = self.leaf(Op::Weight { name: kv_b, role: WeightRole::Matrix }, ty, origin, self.layer);
-        let q_lat = self.node(Op::HeadLinear { at: 0, rows: dn, transposed: true }, &[q_nope, kv_b], origin);
+        // Read per head by `head_linear`, in f32 whatever the spec stores matrices as:
+        // `kv_b`'s key rows (the inputs of the query's map) and value rows, or its parts.
+        let f32_weight = |me: &mut Self, name: &Template, shape: &[usize]| {
+            let ty = TensorType::fixed(shape, DType::F32);
+            let op = Op::Weight { name: instantiate(name, me.layer), role: WeightRole::Matrix };
+            me.leaf(op, ty, origin, me.layer)
+        };
+        let (k_b, k_map, v_b, v_map) = match &a.kv_b {
+            KvB::Fused(kv) => {
+                let kv = f32_weight(self, kv, &[h * (dn + dv), r]);
+                let k = Op::HeadLinear { at: 0, rows: dn, transposed: true };
+                (kv, k, kv, Op::HeadLinear { at: dn, rows: dv, transposed: false })
+            }
+            KvB::Split { k, v } => {
+                let k = f32_weight(self, k, &[h, r, dn]);
+                let v = f32_weight(self, v, &[h, dv, r]);
+                let map = |rows| Op::HeadLinear { at: 0, rows, transposed: false };
+                (k, map(r), v, map(dv))
+            }
+        };
+        let q_lat = self.node(k_map, &[q_nope, k_b], origin);
         let q = self.node(Op::Concat { axis: 2 }, &[q_lat, q_rope], origin);
         let k = self.node(Op::Concat { axis: 2 }, &[latent, k_rope], origin);
         let s = self.node(Op::HeadMatMul { transpose_b: true }, &[q, k], origin);
@@ -770,7 +786,7 @@ impl Lowerer<'_> {
         let p = self.node(Op::Softmax, &[s], origin);
         let o = self.node(Op::HeadMatMul { transpose_b: false }, &[p, k], origin);
         let o = self.node(Op::Slice { start: 0, len: r }, &[o], origin);
-        let o = self.node(Op::HeadLinear { at: dn, rows: dv, transposed: false }, &[o, kv_b], origin);
+        let o = self.node(v_map, &[o, v_b], origin);
         let o = self.node(Op::MergeHeads, &[o], origin);
         self.linear(o, &a.o, h * dv, d, origin)
     }

@@ -442,8 +442,8 @@ fn component(
             "dtype",
         ],
         "mla" => &[
-            "at", "q", "q_a", "q_norm", "q_b", "q_rank", "kv_a", "kv_norm", "kv_b", "o", "kv_rank",
-            "nope_dim", "rope_dim", "v_dim", "eps", "bias", "scale", "position", "dtype",
+            "at", "q", "q_a", "q_norm", "q_b", "q_rank", "kv_a", "kv_norm", "kv_b", "k_b", "v_b", "o",
+            "kv_rank", "nope_dim", "rope_dim", "v_dim", "eps", "bias", "scale", "position", "dtype",
         ],
         "mlp" => &["at", "up", "gate", "gate_up", "down", "act", "bias", "transposed", "d_ff", "dtype"],
         "moe" => &[
@@ -821,17 +821,22 @@ fn moe(
     });
     let plain = |n: &str| Proj { weight: n.to_string(), bias: None, transposed: false };
     let shared = shared.map(|s| {
-        let name = |leaf: &str| format!("{}.weight", join(&format!("{s}.{leaf}")));
+        // Under the prefix with the experts' leaf names, or, where the name holds
+        // `{proj}`, that name with the projection's role (llama.cpp's `ffn_{proj}_shexp`).
+        let name = |role: &str, leaf: &str| match s.contains("{proj}") {
+            true => format!("{}.weight", join(&s.replace("{proj}", role))),
+            false => format!("{}.weight", join(&format!("{s}.{leaf}"))),
+        };
         let (up, gate) = match (&gate_up, &up, &gate) {
-            (Some((l, ..)), _, _) => (name(l), None),
-            (None, Some((l, ..)), g) => (name(l), g.as_ref().map(|(l, ..)| plain(&name(l)))),
+            (Some((l, ..)), _, _) => (name("gate_up", l), None),
+            (None, Some((l, ..)), g) => (name("up", l), g.as_ref().map(|(l, ..)| plain(&name("gate", l)))),
             _ => unreachable!("checked above"),
         };
         let mlp = Mlp {
             up: plain(&up),
             gate,
             gate_up: fused,
-            down: plain(&name(&down.as_ref().unwrap().0)),
+            down: plain(&name("down", &down.as_ref().unwrap().0)),
             act: act.unwrap(),
             d_ff: d_shared,
         };
@@ -982,6 +987,8 @@ fn mla(
     let q_norm = name(f, "q_norm", None, diags);
     let kv_norm = name(f, "kv_norm", None, diags);
     let kv_b = name(f, "kv_b", None, diags);
+    let k_b = name(f, "k_b", None, diags);
+    let v_b = name(f, "v_b", None, diags);
     let mut proj = |f: &mut Fields, key: &str, biased: bool, diags: &mut Vec<Diagnostic>| {
         name(f, key, None, diags).map(|w| Proj {
             bias: biased.then(|| format!("{w}.bias")),
@@ -1027,7 +1034,11 @@ fn mla(
     for (key, given, what) in [
         ("kv_a", f.has("kv_a"), "the latent's projection (`kv_a_proj_with_mqa`)"),
         ("kv_norm", f.has("kv_norm"), "the latent's RMSNorm"),
-        ("kv_b", f.has("kv_b"), "the latent's key and value projection (`kv_b_proj`)"),
+        (
+            "kv_b",
+            f.has("kv_b") || f.has("k_b") && f.has("v_b"),
+            "the latent's key and value projection (`kv_b_proj`, or its parts `k_b` and `v_b`)",
+        ),
         ("o", f.has("o"), "the output projection"),
         ("kv_rank", f.has("kv_rank"), "the latent's width"),
         ("nope_dim", f.has("nope_dim"), "each head's key width without rotation"),
@@ -1058,6 +1069,20 @@ fn mla(
         }
     }
     let [kv_rank, nope_dim, _, v_dim] = dims;
+    let kv_b = match (kv_b, k_b, v_b) {
+        (Some(kv), None, None) => Some(KvB::Fused(format!("{kv}.weight"))),
+        (None, Some(k), Some(v)) => Some(KvB::Split { k: format!("{k}.weight"), v: format!("{v}.weight") }),
+        (Some(_), ..) if f.has("k_b") || f.has("v_b") => {
+            let part = if f.has("k_b") { "k_b" } else { "v_b" };
+            diags.push(
+                Diagnostic::error(Code::BadValue, "`kv_b` and its parts `k_b`/`v_b` exclude each other")
+                    .label(f.span_of("kv_b"), "the whole projection")
+                    .label(f.span_of(part), "a part of it"),
+            );
+            None
+        }
+        _ => None,
+    };
     let scale =
         f.float_positive("scale", diags).unwrap_or(1.0 / ((nope_dim.unwrap_or(0) + rope_dim) as f64).sqrt());
     if diags.len() > before {
@@ -1067,7 +1092,7 @@ fn mla(
         q: q?,
         kv_a: kv_a?,
         kv_norm: format!("{}.weight", kv_norm?),
-        kv_b: format!("{}.weight", kv_b?),
+        kv_b: kv_b?,
         o: o?,
         kv_rank: kv_rank?,
         nope_dim: nope_dim?,

@@ -166,7 +166,7 @@ pub struct Mla {
     pub kv_a: Proj,
     /// The latent's RMSNorm weight.
     pub kv_norm: Template,
-    pub kv_b: Template,
+    pub kv_b: KvB,
     pub o: Proj,
     pub kv_rank: usize,
     pub nope_dim: usize,
@@ -177,6 +177,16 @@ pub struct Mla {
     pub scale: f64,
     /// Rotary, of the `rope_dim` part.
     pub position: Position,
+}
+
+/// How a latent attention's key and value up-projection is stored: one matrix
+/// `[heads · (nope_dim + v_dim), kv_rank]` (Hugging Face's `kv_b_proj`), or the two
+/// per-head parts llama.cpp's converter writes, `k [heads, kv_rank, nope_dim]` (each
+/// head's key part transposed) and `v [heads, v_dim, kv_rank]`.
+#[derive(Clone, Debug)]
+pub enum KvB {
+    Fused(Template),
+    Split { k: Template, v: Template },
 }
 
 /// The query of a latent attention: one projection to `heads · (nope_dim + rope_dim)`,

@@ -51,6 +51,19 @@ impl Meta<'_> {
             }
         }
     }
+    /// A count that may be zero (dense layers, shared experts).
+    fn count(&self, key: &str) -> Result<usize, GgufImportError> {
+        match self.get(key) {
+            None => Ok(0),
+            Some(v) => {
+                v.as_u64().filter(|&n| n <= 1 << 30).map(|n| n as usize).ok_or_else(|| GgufImportError::Key {
+                    file: self.file.clone(),
+                    key: format!("{}.{key}", self.arch),
+                    expected: "a whole number from 0 to 2^30",
+                })
+            }
+        }
+    }
     fn need(&self, key: &str) -> Result<usize, GgufImportError> {
         self.size(key)?.ok_or_else(|| GgufImportError::Key {
             file: self.file.clone(),
@@ -144,7 +157,7 @@ fn dtypes_section(mut listed: Vec<(String, &'static str)>) -> String {
 }
 
 /// The architectures (`general.architecture`) the importer writes specs for.
-const SUPPORTED: &str = "gemma, gemma2, gemma3, llama, phi3, qwen2, qwen3, qwen3moe";
+const SUPPORTED: &str = "deepseek2, gemma, gemma2, gemma3, llama, phi3, qwen2, qwen3, qwen3moe";
 
 /// Writes a spec for the model a GGUF file describes (`file` names it in errors).
 pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
@@ -158,6 +171,9 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
         return Err(GgufImportError::Architecture { file: file.into(), arch });
     }
     let m = Meta { g, file: file.into(), arch: arch.clone() };
+    if arch == "deepseek2" {
+        return deepseek2(&m);
+    }
     let d = m.need("embedding_length")?;
     let heads = m.need("attention.head_count")?;
     let kv = m.size("attention.head_count_kv")?.unwrap_or(heads);
@@ -354,15 +370,7 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
     let act = if gemma { "gelu_tanh" } else { "silu" };
     let e = crate::ir::num(eps);
     let mut s = String::new();
-    let name: String = g
-        .meta
-        .get("general.name")
-        .and_then(Value::as_str)
-        .unwrap_or(&arch)
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
-        .collect();
-    let name = if name.starts_with(|c: char| c.is_ascii_alphabetic()) { name } else { format!("m_{name}") };
+    let name = model_name(&m);
     writeln!(s, "# Imported from a GGUF file (architecture `{arch}`) by `tfc import-gguf`.").unwrap();
     writeln!(s, "model {name}\n").unwrap();
     let mut sizes = vec![("vocab", vocab), ("d_model", d), ("layers", layers), ("heads", heads)];
@@ -491,8 +499,209 @@ head {{
     )
     .unwrap();
     s += &dtypes_section(listed);
-    match crate::front::compile_spec(&format!("{file} (imported)"), &s, &Default::default()) {
-        Ok(_) => Ok(s),
-        Err(d) => Err(GgufImportError::Impossible { file: file.into(), report: d.render(false) }),
+    checked(&m, s)
+}
+
+/// The spec's name: the file's `general.name` as an identifier, else the architecture.
+fn model_name(m: &Meta) -> String {
+    let name: String =
+        m.g.meta
+            .get("general.name")
+            .and_then(Value::as_str)
+            .unwrap_or(&m.arch)
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .collect();
+    if name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        name
+    } else {
+        format!("m_{name}")
     }
+}
+
+/// The spec text if it compiles, else the front end's report.
+fn checked(m: &Meta, s: String) -> Result<String, GgufImportError> {
+    match crate::front::compile_spec(&format!("{} (imported)", m.file), &s, &Default::default()) {
+        Ok(_) => Ok(s),
+        Err(d) => Err(GgufImportError::Impossible { file: m.file.clone(), report: d.render(false) }),
+    }
+}
+
+/// DeepSeek-V2/V3 as llama.cpp's converter writes them (`deepseek2`): multi-head latent
+/// attention (`attn_kv_a_mqa`, the latent's norm, and `kv_b_proj` split per head into
+/// `attn_k_b` `[heads, kv_rank, nope]` and `attn_v_b`, or one `attn_kv_b` in older
+/// files; a low-rank query where `attention.q_lora_rank` is set), RoPE on adjacent pairs,
+/// `leading_dense_block_count` dense layers, then mixtures with llama.cpp's routing keys
+/// (`expert_gating_func` 1 softmax, 2 sigmoid; `exp_probs_b`, the V3 choice bias;
+/// groups; `expert_weights_norm`, `expert_weights_scale`) and `*_shexp` shared experts.
+/// The file keeps YaRN's `mscale_all_dim` only (as `0.1 · mscale_all_dim` in
+/// `rope.scaling.yarn_log_multiplier`), folded into the score scale as transformers does;
+/// the rotation's own factor is 1, which holds where `mscale` equals `mscale_all_dim`, as
+/// in every DeepSeek release.
+fn deepseek2(m: &Meta) -> Result<String, GgufImportError> {
+    let g = m.g;
+    let has = |n: &str| g.tensors.contains_key(n);
+    let d = m.need("embedding_length")?;
+    let heads = m.need("attention.head_count")?;
+    let layers = m.need("block_count")?;
+    let ff = m.need("feed_forward_length")?;
+    let max_seq = m.need("context_length")?;
+    let eps = crate::ir::num(m.float("attention.layer_norm_rms_epsilon", 1e-6)?);
+    let theta = m.float("rope.freq_base", 10000.0)?;
+    let kv_rank = m.need("attention.kv_lora_rank")?;
+    let rope_dim = m.need("rope.dimension_count")?;
+    let qk = m.need("attention.key_length_mla")?;
+    let v_dim = m.need("attention.value_length_mla")?;
+    if qk <= rope_dim {
+        return Err(m.unsupported(format!("key length {qk} is not more than the rotated {rope_dim}")));
+    }
+    let nope = qk - rope_dim;
+    let vocab = g
+        .tensors
+        .get("token_embd.weight")
+        .ok_or_else(|| m.unsupported("no tensor `token_embd.weight`".into()))?
+        .shape[0];
+    let q = match m.size("attention.q_lora_rank")? {
+        Some(r) => {
+            format!("q_a = \"attn_q_a\", q_norm = \"attn_q_a_norm\", q_b = \"attn_q_b\", q_rank = {r}")
+        }
+        None => "q = \"attn_q\"".into(),
+    };
+    let kv_b = if has("blk.0.attn_kv_b.weight") {
+        "kv_b = \"attn_kv_b\""
+    } else {
+        "k_b = \"attn_k_b\", v_b = \"attn_v_b\""
+    };
+    let (mut scaling, mut scale) = (String::new(), String::new());
+    match m.get("rope.scaling.type").and_then(Value::as_str) {
+        None | Some("none") => {}
+        Some("yarn") => {
+            let factor = m.float("rope.scaling.factor", 1.0)?;
+            let original = m.need("rope.scaling.original_context_length")?;
+            scaling = format!(
+                ", scaling = yarn {{ factor = {}, original_max_seq = {original}, attention_factor = 1 }}",
+                crate::ir::num(factor)
+            );
+            let log_mul = match m.get("rope.scaling.yarn_log_multiplier") {
+                Some(_) => m.float("rope.scaling.yarn_log_multiplier", 0.1)?,
+                None => 0.0,
+            };
+            if log_mul > 0.0 && factor > 1.0 {
+                let ms = 1.0 + log_mul * factor.ln();
+                scale = format!(", scale = {}", crate::ir::num(ms * ms / (qk as f64).sqrt()));
+            }
+        }
+        Some(t) => return Err(m.unsupported(format!("rope scaling `{t}` is not supported for deepseek2"))),
+    }
+    let dense = m.count("leading_dense_block_count")?.min(layers);
+    let experts = m.size("expert_count")?.unwrap_or(0);
+    let moe = if experts > 0 && dense < layers {
+        let mut f = vec![format!("experts = {experts}, top_k = {}", m.need("expert_used_count")?)];
+        let sigmoid = match m.size("expert_gating_func")? {
+            None | Some(1) => false,
+            Some(2) => true,
+            Some(k) => {
+                return Err(m.unsupported(format!("expert gating function {k} (1 softmax and 2 sigmoid are)")))
+            }
+        };
+        if sigmoid {
+            f.push("scoring = sigmoid".into());
+        }
+        let bias = ["blk.{l}.exp_probs_b.bias", "blk.{l}.exp_probs_b"]
+            .into_iter()
+            .find(|n| has(&n.replace("{l}", &dense.to_string())));
+        if let Some(b) = bias {
+            f.push(format!("choice_bias = \"{}\"", b.trim_start_matches("blk.{l}.")));
+        }
+        let groups = m.size("expert_group_count")?.unwrap_or(1);
+        if groups > 1 {
+            let used = m.size("expert_group_used_count")?.unwrap_or(groups);
+            let score = if sigmoid { "top2_sum" } else { "max" };
+            f.push(format!("groups = {groups}, topk_groups = {used}, group_score = {score}"));
+        }
+        if matches!(m.get("expert_weights_norm"), Some(Value::Bool(true))) {
+            f.push("normalize = true".into());
+        }
+        let w_scale = m.float("expert_weights_scale", 1.0)?;
+        if w_scale != 1.0 {
+            f.push(format!("scale = {}", crate::ir::num(w_scale)));
+        }
+        let width = m.need("expert_feed_forward_length")?;
+        f.push(format!("d_expert = {width}"));
+        f.push("router = \"ffn_gate_inp\", gate = \"ffn_gate_exps\", up = \"ffn_up_exps\", down = \"ffn_down_exps\", act = silu".into());
+        let shared = m.count("expert_shared_count")?;
+        if shared > 0 {
+            f.push(format!("shared = \"ffn_{{proj}}_shexp\", d_shared = {}", shared * width));
+        }
+        Some(format!("  mlp: moe {{\n    at = \"blk.{{layer}}\"\n    {}\n  }}\n", f.join("\n    ")))
+    } else {
+        None
+    };
+    let mut s = String::new();
+    writeln!(s, "# Imported from a GGUF file (architecture `deepseek2`) by `tfc import-gguf`.").unwrap();
+    writeln!(s, "model {}\n", model_name(m)).unwrap();
+    let mut sizes: Vec<(&str, String)> =
+        [("vocab", vocab), ("d_model", d), ("layers", layers), ("heads", heads)]
+            .into_iter()
+            .chain([("d_ff", ff), ("max_seq", max_seq)])
+            .map(|(k, v)| (k, v.to_string()))
+            .collect();
+    // The matrices the linear kernels read keep the file's storage; `k_b`/`v_b` are read in f32.
+    let part = |n: &str, parts: &[&str]| {
+        n.starts_with("blk.") && parts.iter().any(|p| n.split('.').nth(2) == Some(*p))
+    };
+    let (main, listed) = stored(g, &|n| {
+        n == "token_embd.weight"
+            || n == "output.weight"
+            || !part(n, &["attn_k_b", "attn_v_b", "attn_kv_b"]) && n.starts_with("blk.")
+    });
+    if main != "f32" {
+        sizes.push(("dtype", main.into()));
+    }
+    let kinds: Vec<bool> = (0..layers).map(|l| moe.is_some() && l >= dense).collect();
+    let mixed = kinds.iter().any(|&k| k) && !kinds.iter().all(|&k| k);
+    if mixed {
+        let names: Vec<&str> = kinds.iter().map(|&k| if k { "moe" } else { "dense" }).collect();
+        sizes.push(("pattern", format!("[{}]", names.join(", "))));
+    }
+    let w = sizes.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in sizes {
+        writeln!(s, "{k:w$} = {v}").unwrap();
+    }
+    let output = if has("output.weight") {
+        "output: unembed { at = \"output\" }"
+    } else {
+        "output: unembed { tied = token_embd }"
+    };
+    write!(
+        s,
+        "\nembed {{\n  token_embd: embedding {{ at = \"token_embd\" }}\n  x = token_embd(tokens)\n}}\n"
+    )
+    .unwrap();
+    let norm = |name: &str| format!("  {name}: rmsnorm {{ at = \"blk.{{layer}}.{name}\", eps = {eps} }}\n");
+    let block = |sparse: bool| {
+        let mut b = norm("attn_norm");
+        b += &format!(
+            "  attn: mla {{\n    at = \"blk.{{layer}}\", {q}\n    kv_a = \"attn_kv_a_mqa\", kv_norm = \"attn_kv_a_norm\", {kv_b}, o = \"attn_output\"\n    kv_rank = {kv_rank}, nope_dim = {nope}, rope_dim = {rope_dim}, v_dim = {v_dim}, eps = {eps}{scale}\n    position = rope {{ theta = {}{scaling}, pairs = interleaved }}\n  }}\n",
+            crate::ir::num(theta)
+        );
+        b += &norm("ffn_norm");
+        match (&moe, sparse) {
+            (Some(moe), true) => b += moe,
+            _ => b += "  mlp: mlp { at = \"blk.{layer}\", gate = \"ffn_gate\", up = \"ffn_up\", down = \"ffn_down\", act = silu }\n",
+        }
+        b + "\n  x = x + attn(attn_norm(x))\n  x = x + mlp(ffn_norm(x))\n"
+    };
+    if mixed {
+        write!(s, "\nblock moe {{\n{}}}\n\nblock dense {{\n{}}}\n", block(true), block(false)).unwrap();
+    } else {
+        write!(s, "\nblock {{\n{}}}\n", block(kinds.first() == Some(&true))).unwrap();
+    }
+    write!(
+        s,
+        "\nhead {{\n  output_norm: rmsnorm {{ at = \"output_norm\", eps = {eps} }}\n  {output}\n  x = output(output_norm(x))\n}}\n"
+    )
+    .unwrap();
+    s += &dtypes_section(listed);
+    checked(m, s)
 }

@@ -218,7 +218,8 @@ pub fn slice(x: &Tensor, start: usize, len: usize) -> Tensor {
 /// Each head `h` of `x [H, T, in]` by rows `h·p + at ..` of `w [H·p, c]` (`Op::HeadLinear`).
 pub fn head_linear(x: &Tensor, w: &Tensor, at: usize, rows: usize, transposed: bool) -> Tensor {
     let (h, t, inn) = (x.shape[0], x.shape[1], x.shape[2]);
-    let (p, cols) = (w.shape[0] / h, w.shape[1]);
+    let cols = *w.shape.last().unwrap();
+    let p = w.data.len() / cols / h;
     let out = if transposed { cols } else { rows };
     let mut y = vec![0.0; h * t * out];
     for hh in 0..h {

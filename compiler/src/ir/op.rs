@@ -782,8 +782,8 @@ pub enum Op {
         len: usize,
     },
     /// A linear map of each head by its own matrix, the heads' matrices blocks of rows of
-    /// one tensor: `(x [H, T, in], w [H·p, c]) -> [H, T, out]`, head `h`'s matrix rows
-    /// `h·p + at .. h·p + at + rows` of `w`. Those rows are the outputs (`x·Wᵀ`, `rows =
+    /// one tensor: `(x [H, T, in], w [H·p, c] or [H, p, c]) -> [H, T, out]`, head `h`'s
+    /// matrix rows `h·p + at .. h·p + at + rows` of `w`. Those rows are the outputs (`x·Wᵀ`, `rows =
     /// out`, `c = in`), or `transposed` the inputs (`x·W`, `rows = in`, `c = out`): how
     /// multi-head latent attention reads `kv_b_proj` on the query and the output side.
     HeadLinear {
@@ -1257,10 +1257,20 @@ impl Op {
             }
             Op::HeadLinear { at, rows, transposed } => {
                 want_rank(0, 3)?;
-                want_rank(1, 2)?;
                 let h = fixed(ins[0].shape[0], "heads")?;
                 let inn = fixed(ins[0].shape[2], "features")?;
-                let (all, cols) = (fixed(ins[1].shape[0], "rows")?, fixed(ins[1].shape[1], "columns")?);
+                let w: Vec<usize> =
+                    ins[1].shape.iter().map(|&d| fixed(d, "weights")).collect::<Result<_, _>>()?;
+                let (all, cols) = match w[..] {
+                    [all, cols] => (all, cols),
+                    [heads, p, cols] if heads == h => (h * p, cols),
+                    _ => {
+                        return Err(format!(
+                            "a head map's weights are [{h}·p, c] or [{h}, p, c], not {}",
+                            ins[1]
+                        ))
+                    }
+                };
                 if h == 0 || all % h != 0 || at + rows > all / h {
                     return Err(format!(
                         "rows {at}..{} of each of {h} heads' blocks of a {}",

@@ -294,7 +294,10 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                 let src = g.ty(ops[0]);
                 let (heads, t, inn) =
                     (self.fixed(src.shape[0]), self.dim(src.shape[1]), self.fixed(src.shape[2]));
-                let period = self.fixed(g.ty(ops[1]).shape[0]) / heads;
+                let wt = g.ty(ops[1]);
+                let period = wt.shape.iter().map(|&d| self.fixed(d)).product::<usize>()
+                    / self.fixed(*wt.shape.last().unwrap())
+                    / heads;
                 let k = Kernel::HeadLinear { inn, out: width, period, at: *at, transposed: *transposed };
                 let v = [(X, o(self, 0)), (W, o(self, 1)), (Out, self.val(n)), (Rows, t)];
                 self.call(k, &v, self.kb.mul(self.kb.c(heads as i64), t))
