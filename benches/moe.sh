@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Mixtures of experts, tfc against llama.cpp on the same GGUF files, in one run: a
-# Mixtral-shaped model (8 experts of 3584 at d_model 1024, top-2, 8 layers) and a
+# Mixtral-shaped model (8 experts of 3584 at d_model 1024, top-2, 8 layers), a
 # Qwen3-MoE-shaped one (32 experts of 512, top-4, normalised, q/k norms, head_dim 128, 8
-# layers), each made from a seed as a Hugging Face checkpoint (benches/peers/checkpoint.py)
-# and converted by llama.cpp's convert_hf_to_gguf.py to F32 and Q8_0; tfc imports the GGUF
+# layers) and a DeepSeek-V2-shaped one (latent attention of rank 256, a dense first
+# layer, then 32 experts of 512, top-4, 2 shared; 8 layers), each made from a seed as a
+# Hugging Face checkpoint (benches/peers/checkpoint.py) and converted by llama.cpp's
+# convert_hf_to_gguf.py to F32 and Q8_0; tfc imports the GGUF
 # (`tfc import-gguf`) and binds its matrices as stored, so both engines read the same
 # weights. Batch 1, a 128-token prompt, 64 greedy tokens, THREADS (default 2), median
-# (min–max) of RUNS (default 5); the bytes tfc reads per decode step (attention, routers
-# and the top-k experts' share of the expert tensors) and the GB/s that makes. Set-up as
-# benches/peers.sh (target/peers-venv).
+# (min–max) of RUNS (default 5), the SHAPES given (default all three); the bytes tfc
+# reads per decode step (attention, routers and the top-k experts' share of the expert
+# tensors) and the GB/s that makes. Set-up as benches/peers.sh (target/peers-venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-5}
@@ -19,7 +21,7 @@ cargo build --release --quiet --bin tfc
 host_line
 echo "| model | format | tfc | llama.cpp | tfc / llama.cpp | tfc reads a step |"
 echo "| --- | --- | --- | --- | --- | --- |"
-for shape in mixtral qwen3moe; do
+for shape in ${SHAPES:-mixtral qwen3moe deepseek}; do
     ck=$work/$shape-seed$seed
     (cd benches/peers && ../../$py checkpoint.py --shape $shape --seed "$seed" --vocab-dir ../../$llama/models --out ../../$ck)
     for dtype in f32 q8_0; do

@@ -42,6 +42,20 @@ def config(shape):
                               moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4,
                               norm_topk_prob=True, vocab_size=50304, max_position_embeddings=2048,
                               rms_norm_eps=1e-6, tie_word_embeddings=False)
+    if shape == "deepseek":
+        # DeepSeek-V2's shape scaled to fit: latent attention (kv_lora_rank 256, a query
+        # of rank 384, 64 + 32 rotated key dims, 64 value dims per head), a dense first
+        # layer, then 32 experts of 512, top-4 by softmax, 2 shared experts; GPT-2's
+        # vocabulary (the converter reads DeepSeek's as byte-level BPE). (llama.cpp takes a
+        # full-rank query only from a 27-layer model, V2-Lite.)
+        from transformers import DeepseekV2Config
+        return DeepseekV2Config(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                                num_key_value_heads=16, intermediate_size=2816, vocab_size=50304,
+                                q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
+                                qk_rope_head_dim=32, v_head_dim=64, moe_intermediate_size=512,
+                                n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=2,
+                                first_k_dense_replace=1, max_position_embeddings=2048,
+                                rms_norm_eps=1e-6, tie_word_embeddings=False)
     return LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                        num_key_value_heads=8, intermediate_size=5632, vocab_size=32000,
                        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -95,7 +109,7 @@ def llama_tokenizer(vocab_dir, out):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=["w1", "w2", "mixtral", "qwen3moe"], required=True)
+    ap.add_argument("--shape", choices=["w1", "w2", "mixtral", "qwen3moe", "deepseek"], required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab-dir", required=True, help="llama.cpp's models/ folder")
     ap.add_argument("--out", required=True)
@@ -109,7 +123,7 @@ def main():
     m = model(a.shape)
     m.save_pretrained(a.out, safe_serialization=True)
     # The converter reads Qwen's vocabulary as GPT-2's byte-level BPE.
-    (gpt2_tokenizer if a.shape in ("w1", "qwen3moe") else llama_tokenizer)(a.vocab_dir, a.out)
+    (gpt2_tokenizer if a.shape in ("w1", "qwen3moe", "deepseek") else llama_tokenizer)(a.vocab_dir, a.out)
     json.dump(want, open(stamp, "w"))
 
 

@@ -34,7 +34,7 @@ def load(path, **kw):
 
 
 def main():
-    ap = parser(["w1", "w2", "smollm2", "mixtral", "qwen3moe"])
+    ap = parser(["w1", "w2", "smollm2", "mixtral", "qwen3moe", "deepseek"])
     ap.add_argument("--gguf", required=True, help="the shape's checkpoint as converted by convert_hf_to_gguf.py")
     ap.add_argument("--dtype", choices=["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k", "q4_k_m"], required=True, help="the GGUF's matrix type")
     a = ap.parse_args()
