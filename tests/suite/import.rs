@@ -161,9 +161,15 @@ fn what_cannot_be_imported_faithfully_is_an_error() {
 }
 
 /// DeepSeek-V2's transformers implementation never renormalises the chosen weights, so
-/// `norm_topk_prob` changes nothing there; V3's does, and says so in the spec.
+/// `norm_topk_prob` changes nothing there; V3's does, and says so in the spec. The latent
+/// attention's norms keep transformers' 1e-6 whatever `rms_norm_eps` says.
 #[test]
-fn deepseek_routing_follows_transformers() {
+fn deepseek_imports_follow_transformers() {
+    let eps = import_edited("deepseek_v3", &|c| {
+        c.insert("rms_norm_eps".into(), 1e-5.into());
+    })
+    .unwrap();
+    assert!(eps.contains("v_dim = 16, eps = 1e-6") && eps.contains("eps = 1e-5 }"), "{eps}");
     let v2 = import_edited("deepseek_v2", &|c| {
         c.insert("norm_topk_prob".into(), true.into());
     })

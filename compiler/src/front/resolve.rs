@@ -974,8 +974,8 @@ fn attention(
 /// `mla { q_a = "q_a_proj", q_norm = "q_a_layernorm", q_b = "q_b_proj", q_rank = 1536,
 /// kv_a = "kv_a_proj_with_mqa", kv_norm = "kv_a_layernorm", kv_b = "kv_b_proj", o =
 /// "o_proj", kv_rank = 512, nope_dim = 128, rope_dim = 64, v_dim = 128, position = rope
-/// { … } }` (or `q = "q_proj"` for a full-rank query); `bias = true`: `q_a` (or `q`),
-/// `kv_a` and `o` have biases.
+/// { … } }` (or `q = "q_proj"` for a full-rank query); `bias = true`: `q_a`, `kv_a` and
+/// `o` have biases.
 fn mla(
     c: &ast::Component,
     f: &mut Fields,
@@ -996,7 +996,8 @@ fn mla(
             transposed: false,
         })
     };
-    let full = proj(f, "q", bias, diags);
+    // transformers' full-rank `q_proj` has no bias; `q_a_proj` has one with the others.
+    let full = proj(f, "q", false, diags);
     let q_a = proj(f, "q_a", bias, diags);
     let q_b = proj(f, "q_b", false, diags);
     let q_rank = f.positive("q_rank", diags);

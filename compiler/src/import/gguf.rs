@@ -567,6 +567,8 @@ fn deepseek2(m: &Meta) -> Result<String, GgufImportError> {
         }
         None => "q = \"attn_q\"".into(),
     };
+    // `attention_bias`: the converter keeps the biases of `kv_a`, `q_a` and the output.
+    let bias = if has("blk.0.attn_kv_a_mqa.bias") { ", bias = true" } else { "" };
     let kv_b = if has("blk.0.attn_kv_b.weight") {
         "kv_b = \"attn_kv_b\""
     } else {
@@ -682,7 +684,7 @@ fn deepseek2(m: &Meta) -> Result<String, GgufImportError> {
     let block = |sparse: bool| {
         let mut b = norm("attn_norm");
         b += &format!(
-            "  attn: mla {{\n    at = \"blk.{{layer}}\", {q}\n    kv_a = \"attn_kv_a_mqa\", kv_norm = \"attn_kv_a_norm\", {kv_b}, o = \"attn_output\"\n    kv_rank = {kv_rank}, nope_dim = {nope}, rope_dim = {rope_dim}, v_dim = {v_dim}, eps = {eps}{scale}\n    position = rope {{ theta = {}{scaling}, pairs = interleaved }}\n  }}\n",
+            "  attn: mla {{\n    at = \"blk.{{layer}}\", {q}\n    kv_a = \"attn_kv_a_mqa\", kv_norm = \"attn_kv_a_norm\", {kv_b}, o = \"attn_output\"\n    kv_rank = {kv_rank}, nope_dim = {nope}, rope_dim = {rope_dim}, v_dim = {v_dim}, eps = {eps}{scale}{bias}\n    position = rope {{ theta = {}{scaling}, pairs = interleaved }}\n  }}\n",
             crate::ir::num(theta)
         );
         b += &norm("ffn_norm");

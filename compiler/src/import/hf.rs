@@ -736,7 +736,7 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
     };
     // gpt-oss: one learned sink logit per head in every softmax.
     let sinks = if model == "gpt_oss" { ", sinks = \"sinks\"" } else { "" };
-    let mla = if deepseek { Some(latent_attention(c, &rope, attn_bias, &eps)?) } else { None };
+    let mla = if deepseek { Some(latent_attention(c, &rope, attn_bias)?) } else { None };
     let block = |window: Option<usize>, sparse: bool| {
         let window = window.map(|w| format!(", window = {w}")).unwrap_or_default();
         let mut b = if after { vec![] } else { vec![norm(&format!("{l}.input_layernorm"), "input_norm")] };
@@ -811,7 +811,7 @@ fn llama_like(c: &mut Config, g: &mut Gen) -> Result<(), ImportError> {
 /// DeepSeek's multi-head latent attention (`mla`): a low-rank query where `q_lora_rank`
 /// is set, RoPE on adjacent pairs (`rope_interleave`, DeepSeek-V2's complex rotation),
 /// and YaRN's `mscale_all_dim` folded into the scale as transformers does.
-fn latent_attention(c: &mut Config, rope: &str, bias: bool, eps: &str) -> Result<Vec<String>, ImportError> {
+fn latent_attention(c: &mut Config, rope: &str, bias: bool) -> Result<Vec<String>, ImportError> {
     let l = "model.layers.{layer}";
     let (nope, rope_dim, v) =
         (c.usize("qk_nope_head_dim")?, c.usize("qk_rope_head_dim")?, c.usize("v_head_dim")?);
@@ -850,7 +850,9 @@ fn latent_attention(c: &mut Config, rope: &str, bias: bool, eps: &str) -> Result
         "  kv_a = \"kv_a_proj_with_mqa\", kv_norm = \"kv_a_layernorm\", kv_b = \"kv_b_proj\", o = \"o_proj\""
             .into(),
         format!(
-            "  kv_rank = {}, nope_dim = {nope}, rope_dim = {rope_dim}, v_dim = {v}, eps = {eps}{}{}",
+            // The latent's and the query's RMSNorms keep their own epsilon, 1e-6, whatever
+            // `rms_norm_eps` says (transformers builds them without it).
+            "  kv_rank = {}, nope_dim = {nope}, rope_dim = {rope_dim}, v_dim = {v}, eps = 1e-6{}{}",
             c.usize("kv_lora_rank")?,
             match scale {
                 1.0 => String::new(),
