@@ -62,6 +62,19 @@ fn block_tensors_are_bound_as_stored() {
     }
 }
 
+/// The spec `tfc import-gguf` writes for `file`, and the interpreter's logits of the
+/// fixture `arch`'s prompt from the file's weights as stored.
+fn interpreted(file: &str, arch: &str) -> (String, tfc::interp::Tensor) {
+    let ck = Checkpoint::open(dir().join(file)).unwrap();
+    let spec = tfc::import::gguf::import(ck.gguf().unwrap(), file).unwrap();
+    let c = tfc::compile(file, &spec, &tfc::Options::default(), &mut |_, _| {}).unwrap();
+    let tokens: Vec<i64> = Fixture::load(arch).prompt.iter().map(|&t| t as i64).collect();
+    let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
+    let interp =
+        run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap().remove("logits").unwrap();
+    (spec, interp)
+}
+
 /// A fixture's prompt logits from a GGUF file, on the interpreter and the library, with
 /// the weight matrices stored as `dtype` (the spec's, f32, unless given); the library.
 fn check(file: &str, arch: &str, want: &[f32], tol: f32) -> Model {
@@ -113,15 +126,8 @@ fn a_mixtral_gguf_computes_what_transformers_computes_from_the_checkpoint() {
 #[test]
 fn a_qwen3_moe_gguf_in_q8_0_runs_as_stored() {
     let file = "qwen3_moe_q8_0.gguf";
-    let ck = Checkpoint::open(dir().join(file)).unwrap();
-    let spec = tfc::import::gguf::import(ck.gguf().unwrap(), file).unwrap();
+    let (spec, interp) = interpreted(file, "qwen3_moe");
     assert!(spec.contains("dtype    = q8_0") && spec.contains("\"blk.0.ffn_down_exps.weight\""), "{spec}");
-    let c = tfc::compile(file, &spec, &tfc::Options::default(), &mut |_, _| {}).unwrap();
-    let fx = Fixture::load("qwen3_moe");
-    let tokens: Vec<i64> = fx.prompt.iter().map(|&t| t as i64).collect();
-    let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
-    let interp =
-        run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap().remove("logits").unwrap();
     let f32 = read_tensor(&root().join("tests/fixtures/hf/qwen3_moe/expected.safetensors"), "logits");
     // Q8_0's rounding of every matrix moves these logits (up to 3.3 in magnitude) by up to 0.065.
     assert_close(&format!("{file}: q8_0 vs f32"), &interp.data, &f32.data, 0.1);
@@ -145,15 +151,8 @@ fn a_deepseek_v3_gguf_computes_what_transformers_computes_from_the_checkpoint() 
 #[test]
 fn a_deepseek_v2_gguf_in_q8_0_runs_as_stored() {
     let file = "deepseek_v2_q8_0.gguf";
-    let ck = Checkpoint::open(dir().join(file)).unwrap();
-    let spec = tfc::import::gguf::import(ck.gguf().unwrap(), file).unwrap();
+    let (spec, interp) = interpreted(file, "deepseek_v2");
     assert!(spec.contains("pattern = [dense, moe]") && spec.contains("k_b = \"attn_k_b\""), "{spec}");
-    let c = tfc::compile(file, &spec, &tfc::Options::default(), &mut |_, _| {}).unwrap();
-    let fx = Fixture::load("deepseek_v2");
-    let tokens: Vec<i64> = fx.prompt.iter().map(|&t| t as i64).collect();
-    let w = Weights::bind(&[&c.model], &WeightSource::Checkpoint(&ck)).unwrap();
-    let interp =
-        run(&c.model, &w, &Inputs { tokens, ..Inputs::default() }).unwrap().remove("logits").unwrap();
     let f32 = read_tensor(&root().join("tests/fixtures/hf/deepseek_v2/expected.safetensors"), "logits");
     // Q8_0's rounding moves most rows' logits by up to 0.06 and one row by 0.21 (routing is
     // discontinuous: a rounding can move a choice); the same model written in F32 matches

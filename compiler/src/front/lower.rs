@@ -689,10 +689,7 @@ impl Lowerer<'_> {
         }
         let v = self.node(Op::SplitHeads { heads: kv }, &[v], origin);
         let pos = self.positions(origin);
-        if let Position::Rope { theta, rotary_dim, interleaved, scaling } = &a.position {
-            let scaling = scaling.clone().compiled_for(sz.max_seq);
-            let r =
-                Op::Rope(Rope { theta: *theta, rotary_dim: *rotary_dim, interleaved: *interleaved, scaling });
+        if let Some(r) = rope(&a.position, sz) {
             q = self.node(r.clone(), &[q, pos], origin);
             k = self.node(r, &[k, pos], origin);
         }
@@ -750,12 +747,9 @@ impl Lowerer<'_> {
         let k_rope = self.node(Op::Slice { start: r, len: dr }, &[kv], origin);
         let mut k_rope = self.node(Op::SplitHeads { heads: 1 }, &[k_rope], origin);
         let pos = self.positions(origin);
-        if let Position::Rope { theta, rotary_dim, interleaved, scaling } = &a.position {
-            let scaling = scaling.clone().compiled_for(sz.max_seq);
-            let rope =
-                Op::Rope(Rope { theta: *theta, rotary_dim: *rotary_dim, interleaved: *interleaved, scaling });
-            q_rope = self.node(rope.clone(), &[q_rope, pos], origin);
-            k_rope = self.node(rope, &[k_rope, pos], origin);
+        if let Some(r) = rope(&a.position, sz) {
+            q_rope = self.node(r.clone(), &[q_rope, pos], origin);
+            k_rope = self.node(r, &[k_rope, pos], origin);
         }
         // Read per head by `head_linear`, in f32 whatever the spec stores matrices as:
         // `kv_b`'s key rows (the inputs of the query's map) and value rows, or its parts.
@@ -790,4 +784,12 @@ impl Lowerer<'_> {
         let o = self.node(Op::MergeHeads, &[o], origin);
         self.linear(o, &a.o, h * dv, d, origin)
     }
+}
+
+/// The rotation a position scheme applies to queries and keys, its scaling compiled for
+/// the model's length; `None` for the others.
+fn rope(p: &Position, sz: &Sizes) -> Option<Op> {
+    let Position::Rope { theta, rotary_dim, interleaved, scaling } = p else { return None };
+    let scaling = scaling.clone().compiled_for(sz.max_seq);
+    Some(Op::Rope(Rope { theta: *theta, rotary_dim: *rotary_dim, interleaved: *interleaved, scaling }))
 }

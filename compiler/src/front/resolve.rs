@@ -561,7 +561,7 @@ fn component(
             let up = proj(&mut f, "up", diags);
             let gate = proj(&mut f, "gate", diags);
             let down = proj(&mut f, "down", diags);
-            let act = f.choice("act", &Act::ALL.map(|(n, _)| n), diags);
+            let act = f.pick("act", &Act::ALL, diags);
             let fused = f.has("gate_up");
             if let Some(d) = gate_up_beside_another(&f) {
                 diags.push(d);
@@ -587,7 +587,6 @@ fn component(
             if act.is_none() && !f.has("act") {
                 diags.push(missing(c, "act", "the activation: relu, gelu, gelu_tanh or silu"));
             }
-            let act = Act::ALL.iter().find(|(n, _)| Some(*n) == act.as_deref()).map(|(_, a)| *a);
             let d_ff = f.positive("d_ff", diags);
             Kind::Mlp(Mlp { up: up?, gate, gate_up: fused, down: down?, act: act?, d_ff })
         }
@@ -655,15 +654,12 @@ fn moe(
     };
     let experts = f.positive("experts", diags);
     let top_k = f.positive("top_k", diags);
-    let scoring = f.choice("scoring", &Scoring::ALL.map(|(n, _)| n), diags);
-    let scoring =
-        Scoring::ALL.iter().find(|(n, _)| Some(*n) == scoring.as_deref()).map_or(Scoring::Softmax, |s| s.1);
+    let scoring = f.pick("scoring", &Scoring::ALL, diags).unwrap_or(Scoring::Softmax);
     let normalize = f.bool("normalize", diags).unwrap_or(false);
     let scale = f.float_positive("scale", diags).unwrap_or(1.0);
     let hidden = f.positive("d_expert", diags);
     let d_shared = f.positive("d_shared", diags);
-    let act = f.choice("act", &Act::ALL.map(|(n, _)| n), diags);
-    let act = Act::ALL.iter().find(|(n, _)| Some(*n) == act.as_deref()).map(|(_, a)| *a);
+    let act = f.pick("act", &Act::ALL, diags);
     let expert = f.string("expert", diags);
     if let Some(e) = &expert {
         if e.matches("{expert}").count() != 1 {
@@ -683,11 +679,7 @@ fn moe(
     }
     let groups = f.positive("groups", diags).unwrap_or(1);
     let topk_groups = f.positive("topk_groups", diags);
-    let group_score = f.choice("group_score", &GroupScore::ALL.map(|(n, _)| n), diags);
-    let group_score = GroupScore::ALL
-        .iter()
-        .find(|(n, _)| Some(*n) == group_score.as_deref())
-        .map_or(GroupScore::Max, |s| s.1);
+    let group_score = f.pick("group_score", &GroupScore::ALL, diags).unwrap_or(GroupScore::Max);
     let transposed = f.bool("transposed", diags).unwrap_or(false);
     let bias = f.bool("bias", diags).unwrap_or(false);
     let interleaved = f.bool("interleaved", diags).unwrap_or(false);
@@ -1003,7 +995,8 @@ fn mla(
     let q_rank = f.positive("q_rank", diags);
     let kv_a = proj(f, "kv_a", bias, diags);
     let o = proj(f, "o", bias, diags);
-    let mut dims = ["kv_rank", "nope_dim", "rope_dim", "v_dim"].map(|k| f.positive(k, diags));
+    let [kv_rank, nope_dim, rope_dim, v_dim] =
+        ["kv_rank", "nope_dim", "rope_dim", "v_dim"].map(|k| f.positive(k, diags));
     let eps = f.float_positive("eps", diags).unwrap_or(1e-6);
     let low = ["q_a", "q_norm", "q_b", "q_rank"];
     let q = match (full, q_a, q_norm, q_b, q_rank) {
@@ -1050,7 +1043,7 @@ fn mla(
             diags.push(missing(c, key, what));
         }
     }
-    let rope_dim = dims[2].take().unwrap_or(0);
+    let rope_dim = rope_dim.unwrap_or(0);
     if !f.has("position") {
         diags.push(missing(c, "position", "the rotation of the `rope_dim` part: `rope { … }`"));
     }
@@ -1069,7 +1062,6 @@ fn mla(
             );
         }
     }
-    let [kv_rank, nope_dim, _, v_dim] = dims;
     let kv_b = match (kv_b, k_b, v_b) {
         (Some(kv), None, None) => Some(KvB::Fused(format!("{kv}.weight"))),
         (None, Some(k), Some(v)) => Some(KvB::Split { k: format!("{k}.weight"), v: format!("{v}.weight") }),
@@ -1577,6 +1569,13 @@ impl<'a> Fields<'a> {
                 None
             }
         }
+    }
+
+    /// `choice` among a table's names, as the table's value.
+    fn pick<T: Copy>(&mut self, key: &str, table: &[(&str, T)], diags: &mut Vec<Diagnostic>) -> Option<T> {
+        let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+        let name = self.choice(key, &names, diags)?;
+        table.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
     }
 
     fn natural(&mut self, key: &str, diags: &mut Vec<Diagnostic>) -> Option<usize> {

@@ -369,10 +369,6 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
     };
     let act = if gemma { "gelu_tanh" } else { "silu" };
     let e = crate::ir::num(eps);
-    let mut s = String::new();
-    let name = model_name(&m);
-    writeln!(s, "# Imported from a GGUF file (architecture `{arch}`) by `tfc import-gguf`.").unwrap();
-    writeln!(s, "model {name}\n").unwrap();
     let mut sizes = vec![("vocab", vocab), ("d_model", d), ("layers", layers), ("heads", heads)];
     if kv != heads {
         sizes.push(("kv_heads", kv));
@@ -425,10 +421,7 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
             sliding[..period].iter().map(|&x| if x { "sliding" } else { "full" }).collect();
         sizes.push(("pattern", format!("[{}]", names.join(", "))));
     }
-    let w = sizes.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    for (k, v) in sizes {
-        writeln!(s, "{k:w$} = {v}").unwrap();
-    }
+    let mut s = header(&m, &sizes);
     let qk_norm = if has("blk.0.attn_q_norm.weight") {
         format!("\n    qk_norm = rmsnorm {{ q = \"attn_q_norm\", k = \"attn_k_norm\", eps = {e} }}")
     } else {
@@ -500,6 +493,18 @@ head {{
     .unwrap();
     s += &dtypes_section(listed);
     checked(&m, s)
+}
+
+/// A spec's first lines: where it came from, its name, and its settings aligned.
+fn header(m: &Meta, sizes: &[(&str, String)]) -> String {
+    let mut s = String::new();
+    writeln!(s, "# Imported from a GGUF file (architecture `{}`) by `tfc import-gguf`.", m.arch).unwrap();
+    writeln!(s, "model {}\n", model_name(m)).unwrap();
+    let w = sizes.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in sizes {
+        writeln!(s, "{k:w$} = {v}").unwrap();
+    }
+    s
 }
 
 /// The spec's name: the file's `general.name` as an identifier, else the architecture.
@@ -639,9 +644,6 @@ fn deepseek2(m: &Meta) -> Result<String, GgufImportError> {
     } else {
         None
     };
-    let mut s = String::new();
-    writeln!(s, "# Imported from a GGUF file (architecture `deepseek2`) by `tfc import-gguf`.").unwrap();
-    writeln!(s, "model {}\n", model_name(m)).unwrap();
     let mut sizes: Vec<(&str, String)> =
         [("vocab", vocab), ("d_model", d), ("layers", layers), ("heads", heads)]
             .into_iter()
@@ -666,10 +668,7 @@ fn deepseek2(m: &Meta) -> Result<String, GgufImportError> {
         let names: Vec<&str> = kinds.iter().map(|&k| if k { "moe" } else { "dense" }).collect();
         sizes.push(("pattern", format!("[{}]", names.join(", "))));
     }
-    let w = sizes.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    for (k, v) in sizes {
-        writeln!(s, "{k:w$} = {v}").unwrap();
-    }
+    let mut s = header(m, &sizes);
     let output = if has("output.weight") {
         "output: unembed { at = \"output\" }"
     } else {

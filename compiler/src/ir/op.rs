@@ -783,9 +783,10 @@ pub enum Op {
     },
     /// A linear map of each head by its own matrix, the heads' matrices blocks of rows of
     /// one tensor: `(x [H, T, in], w [H·p, c] or [H, p, c]) -> [H, T, out]`, head `h`'s
-    /// matrix rows `h·p + at .. h·p + at + rows` of `w`. Those rows are the outputs (`x·Wᵀ`, `rows =
-    /// out`, `c = in`), or `transposed` the inputs (`x·W`, `rows = in`, `c = out`): how
-    /// multi-head latent attention reads `kv_b_proj` on the query and the output side.
+    /// matrix rows `h·p + at .. h·p + at + rows` of `w`. Those rows are the outputs
+    /// (`x·Wᵀ`, `rows = out`, `c = in`), or `transposed` the inputs (`x·W`, `rows = in`,
+    /// `c = out`): how multi-head latent attention reads `kv_b_proj` on the query and the
+    /// output side.
     HeadLinear {
         at: usize,
         rows: usize,

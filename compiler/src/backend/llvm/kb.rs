@@ -254,6 +254,19 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         let p = self.gep(self.f32t(), base, idx);
         ok(self.b.build_store(p, v));
     }
+    /// Copies `n` floats from `src` at `from` to `dst` at `to`, one at a time.
+    pub fn copy(
+        &self,
+        dst: PointerValue<'ctx>,
+        to: IntValue<'ctx>,
+        src: PointerValue<'ctx>,
+        from: IntValue<'ctx>,
+        n: usize,
+    ) {
+        self.for_(self.c(0), self.c(n as i64), |i| {
+            self.st(dst, self.add(to, i), self.ld(src, self.add(from, i)))
+        });
+    }
     /// Loads an `i32` element, sign-extended to `i64`.
     pub fn ldi(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> IntValue<'ctx> {
         let p = self.gep(self.cx.i32_type(), base, idx);

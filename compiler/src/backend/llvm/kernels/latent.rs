@@ -23,8 +23,7 @@ pub(crate) fn slice<'ctx>(
     let Kernel::Slice { width, start, len } = *k else { unreachable!("a Slice kernel") };
     let (x, out) = (args.p(Slot::X), args.p(Slot::Out));
     kb.for_(begin, end, |t| {
-        let (src, dst) = (kb.add(kb.mul(t, c(width)), c(start)), kb.mul(t, c(len)));
-        kb.for_(c(0), c(len), |i| kb.st(out, kb.add(dst, i), kb.ld(x, kb.add(src, i))));
+        kb.copy(out, kb.mul(t, c(len)), x, kb.add(kb.mul(t, c(width)), c(start)), len);
     });
 }
 
@@ -41,9 +40,8 @@ pub(crate) fn concat<'ctx>(
     let (x, y, out) = (args.p(Slot::X), args.p(Slot::Y), args.p(Slot::Out));
     kb.for_(begin, end, |t| {
         let dst = kb.mul(t, c(a + b));
-        kb.for_(c(0), c(a), |i| kb.st(out, kb.add(dst, i), kb.ld(x, kb.add(kb.mul(t, c(a)), i))));
-        let dst = kb.add(dst, c(a));
-        kb.for_(c(0), c(b), |i| kb.st(out, kb.add(dst, i), kb.ld(y, kb.add(kb.mul(t, c(b)), i))));
+        kb.copy(out, dst, x, kb.mul(t, c(a)), a);
+        kb.copy(out, kb.add(dst, c(a)), y, kb.mul(t, c(b)), b);
     });
 }
 

@@ -205,8 +205,7 @@ pub(crate) fn dispatch<'ctx>(
                 taken,
                 || {
                     kb.sti(slot_of, at, n);
-                    let (src, dst) = (kb.mul(t, c(d)), kb.mul(n, c(d)));
-                    kb.for_(c(0), c(d), |i| kb.st(out, kb.add(dst, i), kb.ld(x, kb.add(src, i))));
+                    kb.copy(out, kb.mul(n, c(d)), x, kb.mul(t, c(d)), d);
                     vec![kb.add(n, c(1)).into()]
                 },
                 || {

@@ -268,8 +268,7 @@ pub(crate) fn split_qkv<'ctx>(
         let src = kb.mul(t, c(width));
         let dst = kb.mul(t, c(n * head_dim));
         kb.for_(c(0), c(n), |j| {
-            let (s, d) = (kb.add(src, col(j)), kb.add(dst, kb.mul(j, c(head_dim))));
-            kb.for_(c(0), c(head_dim), |i| kb.st(out, kb.add(d, i), kb.ld(x, kb.add(s, i))));
+            kb.copy(out, kb.add(dst, kb.mul(j, c(head_dim))), x, kb.add(src, col(j)), head_dim);
         });
     });
 }
@@ -292,7 +291,7 @@ pub(crate) fn split_heads<'ctx>(
         kb.for_(c(0), c(heads), |h| {
             let src = kb.add(kb.mul(t, c(heads * head_dim)), kb.mul(h, c(head_dim)));
             let dst = kb.mul(kb.add(kb.mul(h, rows), t), c(head_dim));
-            kb.for_(c(0), c(head_dim), |i| kb.st(out, kb.add(dst, i), kb.ld(x, kb.add(src, i))));
+            kb.copy(out, dst, x, src, head_dim);
         });
     });
 }
