@@ -51,6 +51,8 @@ pub const CPU_FEATURES: &[&str] = &[
 ];
 
 pub const OK: i32 = 0;
+/// `TFC_ERR_MEMORY`: a context or slot needs more memory than the process may take.
+pub const ERR_MEMORY: i32 = 11;
 
 /// The message for a status code, as `tfc_status_string` gives it.
 pub fn status_message(s: i32) -> &'static str {
@@ -156,6 +158,8 @@ pub fn weight_bytes(shape: &[usize], dtype: &str) -> Result<usize, String> {
 
 /// The most threads a context takes (`tfc_create` uses this many for a larger count).
 pub const MAX_THREADS: usize = 256;
+/// The most slots (KV caches) one context holds (`TFC_MAX_SLOTS`).
+pub const MAX_SLOTS: usize = 1024;
 
 /// FNV-1a, 64 bits: a stable hash for naming a spec.
 pub fn fnv1a(text: &str) -> String {

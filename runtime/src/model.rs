@@ -62,6 +62,15 @@ struct Fns {
     extend: Option<unsafe extern "C" fn(Ctx, *const i32, i32, i32, *mut f32) -> i32>,
     reset: unsafe extern "C" fn(Ctx) -> i32,
     position: unsafe extern "C" fn(Ctx) -> i32,
+    /// The slot calls; a library built before they existed has one cache per context.
+    slots: Option<SlotFns>,
+}
+
+struct SlotFns {
+    add: unsafe extern "C" fn(Ctx, *mut i32) -> i32,
+    select: unsafe extern "C" fn(Ctx, i32) -> i32,
+    rewind: unsafe extern "C" fn(Ctx, i32) -> i32,
+    decode_batch: unsafe extern "C" fn(Ctx, i32, *const i32, *const i32, *mut f32) -> i32,
 }
 
 pub struct Model {
@@ -140,6 +149,14 @@ impl Model {
                 extend: lib.get(b"tfc_extend\0").ok().map(|f| *f),
                 reset: *lib.get(b"tfc_reset\0").map_err(lib_err)?,
                 position: *lib.get(b"tfc_position\0").map_err(lib_err)?,
+                slots: (|| {
+                    Some(SlotFns {
+                        add: *lib.get(b"tfc_add_slot\0").ok()?,
+                        select: *lib.get(b"tfc_use_slot\0").ok()?,
+                        rewind: *lib.get(b"tfc_rewind\0").ok()?,
+                        decode_batch: *lib.get(b"tfc_decode_batch\0").ok()?,
+                    })
+                })(),
             }
         };
         // The library's own facts, which its code was compiled with: the manifest must
@@ -567,6 +584,83 @@ impl<'m> Session<'m> {
     pub fn reset(&mut self) {
         // SAFETY: `ctx` is live.
         unsafe { (self.model.fns.reset)(self.ctx) };
+    }
+
+    fn slot_fns(&self, call: &'static str) -> Result<&SlotFns, RuntimeError> {
+        self.model.fns.slots.as_ref().ok_or(RuntimeError::Arg {
+            call,
+            message: "the library has no slots (it was built before they existed): recompile it".into(),
+        })
+    }
+
+    /// Adds a slot, an empty KV cache that shares the session's weights; its index.
+    /// The calls without a slot (prefill, decode, extend, reset, rewind, position) act on
+    /// the slot `use_slot` chose, slot 0 at first.
+    pub fn add_slot(&mut self) -> Result<usize, RuntimeError> {
+        let f = self.slot_fns("add_slot")?;
+        let mut slot = -1;
+        // SAFETY: `ctx` is live and `slot` a valid place for the index.
+        match unsafe { (f.add)(self.ctx, &mut slot) } {
+            abi::OK => Ok(slot as usize),
+            abi::ERR_MEMORY => Err(RuntimeError::TooLarge(format!(
+                "another slot needs {} of KV cache, more than this process may still take",
+                crate::memory::human(self.model.manifest.kv_cache.bytes as u64)
+            ))),
+            s => check("add_slot", s).map(|_| 0),
+        }
+    }
+
+    /// Makes `slot` the one the calls without a slot act on.
+    pub fn use_slot(&mut self, slot: usize) -> Result<(), RuntimeError> {
+        let f = self.slot_fns("use_slot")?;
+        let index = i32::try_from(slot).unwrap_or(i32::MAX);
+        // SAFETY: `ctx` is live; the library checks the index.
+        check("use_slot", unsafe { (f.select)(self.ctx, index) })
+    }
+
+    /// Keeps the first `n` positions of the chosen slot's cache (a causal model's cached
+    /// positions never depend on later tokens), so a sequence sharing those tokens
+    /// continues from there with `extend`.
+    pub fn rewind(&mut self, n: usize) -> Result<(), RuntimeError> {
+        let f = self.slot_fns("rewind")?;
+        let position = self.position();
+        if n > position {
+            return Err(RuntimeError::Arg {
+                call: "rewind",
+                message: format!("to {n} positions: the cache holds only {position}"),
+            });
+        }
+        // SAFETY: `ctx` is live; `n` is within the cache.
+        check("rewind", unsafe { (f.rewind)(self.ctx, n as i32) })
+    }
+
+    /// One decode step for each `(slot, token)`, slots distinct: a row each, what
+    /// `decode` on that slot computes. Nothing runs unless every slot has room and every
+    /// token is in the vocabulary.
+    pub fn decode_batch(&mut self, steps: &[(usize, i32)]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        let f = self.slot_fns("decode_batch")?;
+        let m = &self.model.manifest;
+        let width = self.model.width;
+        if let Some(&(slot, token)) = steps.iter().find(|(_, t)| *t < 0 || *t as usize >= m.vocab) {
+            return Err(RuntimeError::Arg {
+                call: "decode_batch",
+                message: format!(
+                    "token id {token} for slot {slot} is outside the vocabulary (0..{})",
+                    m.vocab
+                ),
+            });
+        }
+        let slots: Vec<i32> = steps.iter().map(|&(s, _)| i32::try_from(s).unwrap_or(i32::MAX)).collect();
+        let tokens: Vec<i32> = steps.iter().map(|&(_, t)| t).collect();
+        let mut out = vec![0f32; steps.len() * width];
+        let n = i32::try_from(steps.len()).unwrap_or(i32::MAX);
+        // SAFETY: `slots` and `tokens` hold `n` values and `out` `n · width` floats, the
+        // width the library reports; the library checks the slots.
+        let status =
+            unsafe { (f.decode_batch)(self.ctx, n, slots.as_ptr(), tokens.as_ptr(), out.as_mut_ptr()) };
+        check("decode_batch", status)?;
+        check_finite(&out, width, || format!("batched decode of {} slots", steps.len()))?;
+        Ok(out.chunks(width).map(<[f32]>::to_vec).collect())
     }
 
     /// Positions held in the cache.

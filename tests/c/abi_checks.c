@@ -193,7 +193,38 @@ int main(void) {
         EXPECT("position after extend", tfc_position(ctx), 9);
         EXPECT("reset", tfc_reset(ctx), TFC_OK);
         EXPECT("position after reset", tfc_position(ctx), 0);
+        /* Slots: misuse is refused and changes nothing. */
+        int32_t slot = 7, pair[2] = {0, 0}, two[2] = {1, 1};
+        EXPECT("add_slot NULL", tfc_add_slot(ctx, NULL), TFC_ERR_NULL);
+        EXPECT("add_slot", tfc_add_slot(ctx, &slot), TFC_OK);
+        EXPECT("the new slot's index", slot, 1);
+        EXPECT("use_slot -1", tfc_use_slot(ctx, -1), TFC_ERR_ARG);
+        EXPECT("use_slot past the slots", tfc_use_slot(ctx, 2), TFC_ERR_ARG);
+        EXPECT("prefill slot 0", tfc_prefill(ctx, tokens, NULL, 4, 0, out), TFC_OK);
+        EXPECT("use_slot 1", tfc_use_slot(ctx, 1), TFC_OK);
+        EXPECT("slot 1 is empty", tfc_position(ctx), 0);
+        EXPECT("rewind an empty slot past its end", tfc_rewind(ctx, 1), TFC_ERR_ARG);
+        EXPECT("prefill slot 1", tfc_prefill(ctx, tokens, NULL, 2, 0, out), TFC_OK);
+        EXPECT("rewind < 0", tfc_rewind(ctx, -1), TFC_ERR_ARG);
+        EXPECT("rewind", tfc_rewind(ctx, 1), TFC_OK);
+        EXPECT("position after rewind", tfc_position(ctx), 1);
+        EXPECT("decode_batch NULL", tfc_decode_batch(ctx, 2, NULL, two, out), TFC_ERR_NULL);
+        EXPECT("decode_batch one slot twice", tfc_decode_batch(ctx, 2, pair, two, out), TFC_ERR_ARG);
+        pair[1] = 1;
+        EXPECT("decode_batch n = 0", tfc_decode_batch(ctx, 0, pair, two, out), TFC_ERR_ARG);
+        EXPECT("decode_batch bad token", tfc_decode_batch(ctx, 2, pair, bad, out), TFC_ERR_TOKEN);
+        EXPECT("position after refused batches", tfc_position(ctx), 1);
+        float *rows = malloc((size_t)tfc_output_width() * 2 * sizeof(float));
+        EXPECT("decode_batch", tfc_decode_batch(ctx, 2, pair, two, rows), TFC_OK);
+        free(rows);
+        EXPECT("slot 1 after the batch", tfc_position(ctx), 2);
+        EXPECT("use_slot 0", tfc_use_slot(ctx, 0), TFC_OK);
+        EXPECT("slot 0 after the batch", tfc_position(ctx), 5);
+        EXPECT("reset slot 0", tfc_reset(ctx), TFC_OK);
     } else {
+        int32_t slot;
+        EXPECT("rewind on an encoder", tfc_rewind(ctx, 0), TFC_ERR_NO_DECODE);
+        EXPECT("add_slot on an encoder", tfc_add_slot(ctx, &slot), TFC_OK);
         EXPECT("decode on an encoder", tfc_decode(ctx, 1, out), TFC_ERR_NO_DECODE);
         EXPECT("extend on an encoder", tfc_extend(ctx, tokens, 2, 0, out), TFC_ERR_NO_DECODE);
     }

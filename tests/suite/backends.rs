@@ -121,6 +121,71 @@ fn every_thread_count_computes_what_one_thread_does() {
     }
 }
 
+/// Slots share one context's weights and keep their own caches: sequences interleaved
+/// on several slots (decode, a batched step, a rewind and extend) compute, to the bit,
+/// what each computes alone on a context of its own.
+#[test]
+fn slots_keep_their_own_caches() {
+    for spec in ["specs/tiny/llama.tfs", "specs/tiny/deepseek_v3.tfs"] {
+        let spec = root().join(spec);
+        let c = compile(&spec, &Options::default());
+        let model = Model::load(build_with(&spec, "slots", Backend::Llvm)).unwrap();
+        let vocab = c.spec.sizes.vocab as i32;
+        let a: Vec<i32> = (0..7).map(|i| (i * 5 + 1) % vocab).collect();
+        let b: Vec<i32> = (0..4).map(|i| (i * 11 + 3) % vocab).collect();
+        let session = || Session::new(&model, random_weights(&model, &[&c.model]).1, 2).unwrap();
+        // Each alone: a prompt, then decode steps; b also rewound to 2 and extended.
+        let alone = |prompt: &[i32], steps: &[i32]| {
+            let mut s = session();
+            let mut rows = vec![s.prefill(prompt, None, false).unwrap()];
+            rows.extend(steps.iter().map(|&t| s.decode(t).unwrap()));
+            rows
+        };
+        let want_a = alone(&a, &[2, 9, 4]);
+        let want_b = alone(&b, &[6, 1, 8]);
+        // The rewound cache keeps b's first two positions as b's prompt computed them.
+        let mut s = session();
+        s.prefill(&b, None, false).unwrap();
+        s.rewind(2).unwrap();
+        let want_rewound = s.extend(&[5, 7, 3], true).unwrap();
+        // And that is the two tokens' own prompt continued, up to the rounding of a
+        // prompt of another length.
+        let mut s = session();
+        s.prefill(&b[..2], None, false).unwrap();
+        let fresh = s.extend(&[5, 7, 3], true).unwrap();
+        let worst = fresh.iter().zip(&want_rewound).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{}: a rewound cache differs from a fresh one by {worst}", spec.display());
+
+        let mut s = session();
+        assert_eq!(s.add_slot().unwrap(), 1);
+        let mut got_a = vec![s.prefill(&a, None, false).unwrap()];
+        s.use_slot(1).unwrap();
+        let mut got_b = vec![s.prefill(&b, None, false).unwrap()];
+        got_b.push(s.decode(6).unwrap());
+        s.use_slot(0).unwrap();
+        got_a.push(s.decode(2).unwrap());
+        let rows = s.decode_batch(&[(1, 1), (0, 9)]).unwrap();
+        got_b.push(rows[0].clone());
+        got_a.push(rows[1].clone());
+        let rows = s.decode_batch(&[(0, 4), (1, 8)]).unwrap();
+        got_a.push(rows[0].clone());
+        got_b.push(rows[1].clone());
+        assert_eq!(s.position(), a.len() + 3);
+        assert!(
+            got_a == want_a && got_b == want_b,
+            "{}: interleaved slots differ from each alone",
+            spec.display()
+        );
+        s.use_slot(1).unwrap();
+        assert!(s.rewind(b.len() + 4).is_err(), "rewinding past the cache is refused");
+        s.rewind(2).unwrap();
+        let rewound = s.extend(&[5, 7, 3], true).unwrap();
+        assert!(rewound == want_rewound, "{}: a rewound slot differs from a rewound context", spec.display());
+        let e = s.decode_batch(&[(1, 2), (1, 3)]).unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{e}");
+    }
+}
+
 #[test]
 fn bad_calls_through_the_abi_are_errors() {
     let spec = root().join("specs/tiny/gpt2.tfs");

@@ -307,14 +307,20 @@ static void pool_destroy(pool_t *pool) {
 }
 
 /* ---- the ABI ---- */
+/* One sequence's KV cache and the positions it holds. */
+typedef struct {
+    float *cache;
+    int64_t pos;
+} slot_t;
+
 struct tfc_ctx {
     void *arena;
-    float *cache;
+    slot_t *slots; /* slot 0 from tfc_create, more from tfc_add_slot */
+    int32_t n_slots, cur; /* the calls without a slot argument act on slots[cur] */
     const void **weights;
     void **owned; /* per weight: the library's re-packed copy, or NULL */
     int32_t *zeros; /* token types when none are given */
     int64_t unbound;
-    int64_t pos;
     pool_t *pool;
     tfc_ctx *next_live; /* the registry of live contexts */
     _Atomic int32_t busy; /* a call is running on this context */
@@ -491,16 +497,19 @@ int32_t tfc_new_context(int32_t n_threads, tfc_ctx **out) {
     tfc_ctx *c = calloc(1, sizeof *c);
     if (!c) return TFC_ERR_ALLOC;
     c->arena = big_alloc((size_t)tfc__arena_bytes + 64);
-    c->cache = big_alloc((size_t)tfc__cache_bytes + 64);
+    c->slots = calloc(1, sizeof *c->slots);
+    if (c->slots) c->slots[0].cache = big_alloc((size_t)tfc__cache_bytes + 64);
+    c->n_slots = 1;
     c->weights = calloc((size_t)tfc__n_weights + 1, sizeof(void *));
     c->owned = calloc((size_t)tfc__n_weights + 1, sizeof(void *));
     c->zeros = calloc((size_t)tfc__max_seq + 1, sizeof(int32_t));
     c->pool = pool_create(n_threads);
     c->unbound = tfc__n_weights;
-    if (!c->arena || !c->cache || !c->weights || !c->owned || !c->zeros || !c->pool) {
+    if (!c->arena || !c->slots || !c->slots[0].cache || !c->weights || !c->owned || !c->zeros || !c->pool) {
         if (c->pool) pool_destroy(c->pool);
         big_free(c->arena, (size_t)tfc__arena_bytes + 64);
-        big_free(c->cache, (size_t)tfc__cache_bytes + 64);
+        if (c->slots) big_free(c->slots[0].cache, (size_t)tfc__cache_bytes + 64);
+        free(c->slots);
         free(c->weights);
         free(c->owned);
         free(c->zeros);
@@ -528,7 +537,8 @@ void tfc_destroy(tfc_ctx *c) {
     while (atomic_load_explicit(&c->busy, memory_order_acquire)) cpu_relax();
     pool_destroy(c->pool);
     big_free(c->arena, (size_t)tfc__arena_bytes + 64);
-    big_free(c->cache, (size_t)tfc__cache_bytes + 64);
+    for (int32_t i = 0; i < c->n_slots; i++) big_free(c->slots[i].cache, (size_t)tfc__cache_bytes + 64);
+    free(c->slots);
     free(c->weights);
     for (int64_t i = 0; i < tfc__n_weights; i++) big_free(c->owned[i], (size_t)tfc__weight_bytes[i]);
     free(c->owned);
@@ -639,13 +649,14 @@ static int32_t prefill(tfc_ctx *c, const int32_t *tokens, const int32_t *types, 
     if (!tokens || !out) return TFC_ERR_NULL;
     if (n <= 0) return TFC_ERR_ARG;
     if (c->unbound > 0) return TFC_ERR_UNBOUND;
-    if (c->pos != 0) return TFC_ERR_NOT_EMPTY;
+    slot_t *sl = &c->slots[c->cur];
+    if (sl->pos != 0) return TFC_ERR_NOT_EMPTY;
     if (n > tfc__max_seq) return TFC_ERR_CONTEXT_FULL;
     int32_t s = check_tokens(tokens, types, n);
     if (s != TFC_OK) return s;
-    (all_rows ? run_prefill_all : run_prefill)(c->arena, c->cache, tokens, types ? types : c->zeros, n, 0,
+    (all_rows ? run_prefill_all : run_prefill)(c->arena, sl->cache, tokens, types ? types : c->zeros, n, 0,
                                                   c->weights, out, c->pool);
-    c->pos = tfc__has_decode ? n : 0;
+    sl->pos = tfc__has_decode ? n : 0;
     return TFC_OK;
 }
 
@@ -660,11 +671,42 @@ static int32_t decode(tfc_ctx *c, int32_t token, float *out) {
     if (!out) return TFC_ERR_NULL;
     if (!tfc__has_decode) return TFC_ERR_NO_DECODE;
     if (c->unbound > 0) return TFC_ERR_UNBOUND;
-    if (c->pos + 1 > tfc__max_seq) return TFC_ERR_CONTEXT_FULL;
+    slot_t *sl = &c->slots[c->cur];
+    if (sl->pos + 1 > tfc__max_seq) return TFC_ERR_CONTEXT_FULL;
     int32_t s = check_tokens(&token, NULL, 1);
     if (s != TFC_OK) return s;
-    run_decode(c->arena, c->cache, &token, c->zeros, 1, c->pos, c->weights, out, c->pool);
-    c->pos += 1;
+    run_decode(c->arena, sl->cache, &token, c->zeros, 1, sl->pos, c->weights, out, c->pool);
+    sl->pos += 1;
+    return TFC_OK;
+}
+
+static int32_t decode_batch(tfc_ctx *c, int32_t n, const int32_t *slots, const int32_t *tokens, float *out);
+
+int32_t tfc_decode_batch(tfc_ctx *c, int32_t n, const int32_t *slots, const int32_t *tokens, float *out) {
+    int32_t s = enter(c);
+    return s != TFC_OK ? s : leave(c, decode_batch(c, n, slots, tokens, out));
+}
+
+static int32_t decode_batch(tfc_ctx *c, int32_t n, const int32_t *slots, const int32_t *tokens, float *out) {
+    if (!slots || !tokens || !out) return TFC_ERR_NULL;
+    if (n <= 0 || n > c->n_slots) return TFC_ERR_ARG;
+    if (!tfc__has_decode) return TFC_ERR_NO_DECODE;
+    if (c->unbound > 0) return TFC_ERR_UNBOUND;
+    /* Everything is checked before any slot moves: a refused batch changes nothing. */
+    for (int32_t i = 0; i < n; i++) {
+        if (slots[i] < 0 || slots[i] >= c->n_slots) return TFC_ERR_ARG;
+        for (int32_t j = 0; j < i; j++)
+            if (slots[j] == slots[i]) return TFC_ERR_ARG;
+        if (c->slots[slots[i]].pos + 1 > tfc__max_seq) return TFC_ERR_CONTEXT_FULL;
+    }
+    int32_t s = check_tokens(tokens, NULL, n);
+    if (s != TFC_OK) return s;
+    for (int32_t i = 0; i < n; i++) {
+        slot_t *sl = &c->slots[slots[i]];
+        run_decode(c->arena, sl->cache, &tokens[i], c->zeros, 1, sl->pos, c->weights, out + (int64_t)i * tfc__out_width,
+                   c->pool);
+        sl->pos += 1;
+    }
     return TFC_OK;
 }
 
@@ -680,21 +722,22 @@ static int32_t extend(tfc_ctx *c, const int32_t *tokens, int32_t n, int32_t all_
     if (n <= 0) return TFC_ERR_ARG;
     if (!tfc__has_decode) return TFC_ERR_NO_DECODE;
     if (c->unbound > 0) return TFC_ERR_UNBOUND;
-    if (n > tfc__max_seq - c->pos) return TFC_ERR_CONTEXT_FULL;
+    slot_t *sl = &c->slots[c->cur];
+    if (n > tfc__max_seq - sl->pos) return TFC_ERR_CONTEXT_FULL;
     int32_t s = check_tokens(tokens, NULL, n);
     if (s != TFC_OK) return s;
     tfc_graph run = all_rows ? run_extend_all : run_extend;
     if (tfc__has_extend && run) {
-        run(c->arena, c->cache, tokens, c->zeros, n, c->pos, c->weights, out, c->pool);
-        c->pos += n;
+        run(c->arena, sl->cache, tokens, c->zeros, n, sl->pos, c->weights, out, c->pool);
+        sl->pos += n;
         return TFC_OK;
     }
     /* No extend graph (the MLIR backend): one decode step per token, the same
        computation; each row to its place, or every one to the last row's. */
     for (int32_t i = 0; i < n; i++) {
         float *row = all_rows ? out + (int64_t)i * tfc__out_width : out;
-        run_decode(c->arena, c->cache, &tokens[i], c->zeros, 1, c->pos, c->weights, row, c->pool);
-        c->pos += 1;
+        run_decode(c->arena, sl->cache, &tokens[i], c->zeros, 1, sl->pos, c->weights, row, c->pool);
+        sl->pos += 1;
     }
     return TFC_OK;
 }
@@ -702,14 +745,48 @@ static int32_t extend(tfc_ctx *c, const int32_t *tokens, int32_t n, int32_t all_
 int32_t tfc_reset(tfc_ctx *c) {
     int32_t s = enter(c);
     if (s != TFC_OK) return s;
-    c->pos = 0;
+    c->slots[c->cur].pos = 0;
+    return leave(c, TFC_OK);
+}
+
+int32_t tfc_rewind(tfc_ctx *c, int32_t n) {
+    int32_t s = enter(c);
+    if (s != TFC_OK) return s;
+    if (!tfc__has_decode) return leave(c, TFC_ERR_NO_DECODE);
+    if (n < 0 || n > c->slots[c->cur].pos) return leave(c, TFC_ERR_ARG);
+    c->slots[c->cur].pos = n;
+    return leave(c, TFC_OK);
+}
+
+int32_t tfc_add_slot(tfc_ctx *c, int32_t *slot) {
+    if (!slot) return TFC_ERR_NULL;
+    *slot = -1;
+    int32_t s = enter(c);
+    if (s != TFC_OK) return s;
+    if (c->n_slots >= TFC_MAX_SLOTS) return leave(c, TFC_ERR_ARG);
+    if ((uint64_t)big_size((size_t)tfc__cache_bytes + 64) > available_memory()) return leave(c, TFC_ERR_MEMORY);
+    slot_t *grown = realloc(c->slots, ((size_t)c->n_slots + 1) * sizeof *grown);
+    if (!grown) return leave(c, TFC_ERR_ALLOC);
+    c->slots = grown;
+    float *cache = big_alloc((size_t)tfc__cache_bytes + 64);
+    if (!cache) return leave(c, TFC_ERR_ALLOC);
+    c->slots[c->n_slots] = (slot_t){cache, 0};
+    *slot = c->n_slots++;
+    return leave(c, TFC_OK);
+}
+
+int32_t tfc_use_slot(tfc_ctx *c, int32_t slot) {
+    int32_t s = enter(c);
+    if (s != TFC_OK) return s;
+    if (slot < 0 || slot >= c->n_slots) return leave(c, TFC_ERR_ARG);
+    c->cur = slot;
     return leave(c, TFC_OK);
 }
 
 int32_t tfc_position(const tfc_ctx *c) {
     if (!c) return -1;
     pthread_mutex_lock(&live_mu);
-    const int32_t pos = is_live_locked(c) ? (int32_t)c->pos : -1;
+    const int32_t pos = is_live_locked(c) ? (int32_t)c->slots[c->cur].pos : -1;
     pthread_mutex_unlock(&live_mu);
     return pos;
 }

@@ -26,6 +26,8 @@ enum {
 
 /* The most threads a context runs (tfc_create takes this many for a larger count). */
 #define TFC_MAX_THREADS 256
+/* The most slots (KV caches) one context holds. */
+#define TFC_MAX_SLOTS 1024
 
 typedef struct tfc_ctx tfc_ctx;
 
@@ -99,6 +101,28 @@ int32_t tfc_extend(tfc_ctx *ctx, const int32_t *tokens, int32_t n, int32_t all_r
 int32_t tfc_reset(tfc_ctx *ctx);
 /* Positions held in the cache; -1 for a NULL or destroyed context. */
 int32_t tfc_position(const tfc_ctx *ctx);
+
+/* Slots: several sequences on one context, sharing its weights and scratch memory.
+   A context holds one KV cache per slot, each with its own position; it starts with
+   slot 0, and tfc_prefill, tfc_decode, tfc_extend, tfc_reset, tfc_rewind and
+   tfc_position act on the slot chosen with tfc_use_slot (slot 0 until then), so a caller
+   that never uses slots sees one cache as before. */
+/* Adds an empty slot (a KV cache of tfc_context_bytes' cache part); its index in *slot.
+   TFC_ERR_MEMORY when the process may not take that much more, TFC_ERR_ARG past
+   TFC_MAX_SLOTS. */
+int32_t tfc_add_slot(tfc_ctx *ctx, int32_t *slot);
+/* Makes `slot` the one the calls above act on. */
+int32_t tfc_use_slot(tfc_ctx *ctx, int32_t slot);
+/* Keeps the first n positions of the chosen slot's cache (0 <= n <= tfc_position): a
+   sequence that shares its first n tokens with the cached one continues from there with
+   tfc_extend. Causal models only (TFC_ERR_NO_DECODE otherwise): a cached position
+   depends on the tokens up to it and never on later ones. */
+int32_t tfc_rewind(tfc_ctx *ctx, int32_t n);
+/* One decode step for each of n distinct slots: token i at the next position of
+   slots[i], its output row at out + i * tfc_output_width(). Each row is what tfc_decode
+   on that slot computes. Nothing is run unless every slot has room and every token is
+   in the vocabulary. */
+int32_t tfc_decode_batch(tfc_ctx *ctx, int32_t n, const int32_t *slots, const int32_t *tokens, float *out);
 const char *tfc_status_string(int32_t status);
 
 #ifdef __cplusplus
