@@ -10,6 +10,7 @@ pub mod import;
 pub mod interp;
 pub mod ir;
 pub mod passes;
+pub mod serve;
 pub mod text;
 
 use front::{Diagnostics, Spec};

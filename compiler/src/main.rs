@@ -132,6 +132,9 @@ enum Command {
     Chat(run::ChatArgs),
     /// Measure a compiled model: prefill latency and decode speed.
     Bench(run::BenchArgs),
+    /// Serve a model over HTTP with OpenAI's API: chat and text completions (streamed or
+    /// whole), embeddings for encoders, models, health and metrics.
+    Serve(run::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -294,6 +297,7 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Run(args) => run::run(args)?,
         Command::Chat(args) => run::chat(args)?,
         Command::Bench(args) => run::bench(args)?,
+        Command::Serve(args) => run::serve(args)?,
     }
     Ok(())
 }

@@ -516,34 +516,59 @@ fn compile(spec: &Path, opts: &Options) -> Result<tfc::Compiled> {
     Ok(tfc::compile(&spec.display().to_string(), &source, opts, &mut |_, _| {})?)
 }
 
-/// How many bytes at the end of `text` are the start of a stop string (held back until it
-/// is clear whether the stop string follows).
-fn pending_stop(text: &str, stops: &[String]) -> usize {
-    stops
-        .iter()
-        .flat_map(|s| (1..s.len()).filter(move |&k| s.is_char_boundary(k)).map(move |k| &s[..k]))
-        .filter(|p| text.ends_with(p))
-        .map(str::len)
-        .max()
-        .unwrap_or(0)
+/// A model as `chat` and `serve` open it: a GGUF file or a Hugging Face folder (its spec
+/// imported), or a spec file with a checkpoint (`weights`); compiled into a library
+/// (cached), its weights mapped, its text side read.
+pub(crate) struct Opened {
+    pub c: tfc::Compiled,
+    pub model: Model,
+    pub ck: Arc<Checkpoint>,
+    pub text: tfc::text::Text,
+    /// The folder the checkpoint is, if it is one.
+    pub dir: Option<PathBuf>,
 }
 
-/// The end-of-sequence ids of a Hugging Face folder: `generation_config.json`'s
-/// `eos_token_id` (a number or a list), else `config.json`'s.
-fn hf_stop_ids(dir: &Path) -> Vec<i32> {
-    let read = |f: &str| -> Option<serde_json::Value> {
-        serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok()
+pub(crate) fn open(path: &Path, weights: Option<&Path>, precision: Precision, cpu: &str) -> Result<Opened> {
+    let gguf = tfc_runtime::checkpoint::is_gguf(path);
+    let hf = path.is_dir() && path.join("config.json").is_file();
+    let c = if gguf || hf {
+        let text = step("importing", || {
+            if gguf {
+                return import_gguf(path);
+            }
+            let config = path.join("config.json");
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("cannot read {}", config.display()))?;
+            tfc::import::hf::import(&text).with_context(|| format!("cannot import {}", config.display()))
+        })?;
+        let name = format!("{} (imported)", path.display());
+        step("compiling the graphs", || {
+            Ok(tfc::compile(&name, &text, &precision.options(), &mut |_, _| {})?)
+        })?
+    } else if path.is_dir() {
+        bail!(
+            "{} is a folder without a config.json: give a GGUF file, a Hugging Face folder, or a spec",
+            path.display()
+        );
+    } else {
+        step("compiling the graphs", || compile(path, &precision.options()))?
     };
-    ["generation_config.json", "config.json"]
-        .iter()
-        .filter_map(|f| read(f))
-        .map(|v| match &v["eos_token_id"] {
-            serde_json::Value::Number(n) => n.as_i64().into_iter().map(|i| i as i32).collect(),
-            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_i64()).map(|i| i as i32).collect(),
-            _ => Vec::new(),
-        })
-        .find(|ids: &Vec<i32>| !ids.is_empty())
-        .unwrap_or_default()
+    let weights = match weights {
+        Some(w) => w.to_path_buf(),
+        None if gguf || hf => path.to_path_buf(),
+        None => bail!("{} is a spec: give its checkpoint with --weights", path.display()),
+    };
+    let ck = Arc::new(Checkpoint::open(&weights)?);
+    let dir = weights.is_dir().then_some(weights);
+    let text = tfc::text::Text::of(&ck, dir.as_deref())?;
+    let model = step("compiling and loading the library", || {
+        load_library(&c, cpu, precision, tfc::backend::Backend::Llvm)
+    })?;
+    model
+        .needs()
+        .check(&c.spec.name, "as stored in the library", c.spec.sizes.max_seq)
+        .map_err(anyhow::Error::msg)?;
+    Ok(Opened { c, model, ck, text, dir })
 }
 
 /// The spec of the model in a GGUF file.
@@ -618,7 +643,10 @@ pub fn run(a: RunArgs) -> Result<()> {
     };
     let stop_ids: Vec<i32> = match gguf_file {
         Some(g) if text_mode => tfc::text::gguf_stop_ids(g).into_iter().map(|i| i as i32).collect(),
-        _ if text_mode => weights.as_deref().map(hf_stop_ids).unwrap_or_default(),
+        _ if text_mode => weights
+            .as_deref()
+            .map(|d| tfc::text::hf_stop_ids(d).into_iter().map(|i| i as i32).collect())
+            .unwrap_or_default(),
         _ => Vec::new(),
     };
     let tokens: Vec<i32> = match (&text, &tokenizer) {
@@ -721,7 +749,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             let text = t.decode(&ids, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
             // Up to a stop string, and not the end that may yet become one.
             let cut = a.stop.iter().filter_map(|s| text.find(s.as_str())).min();
-            let upto = cut.unwrap_or_else(|| text.len() - pending_stop(&text, &a.stop));
+            let upto = cut.unwrap_or_else(|| text.len() - tfc::text::pending_stop(&text, &a.stop));
             let upto = (0..=upto).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
             if let Some(new) = text[..upto].strip_prefix(shown.as_str()) {
                 print!("{new}");
@@ -1304,44 +1332,12 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     use std::io::{BufRead, IsTerminal};
     check_threads(a.threads)?;
     a.sampling.check()?;
-    let hf = a.model.is_dir();
-    let text = step("importing", || {
-        if !hf {
-            return import_gguf(&a.model);
-        }
-        let config = a.model.join("config.json");
-        let text =
-            std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
-        tfc::import::hf::import(&text).with_context(|| format!("cannot import {}", config.display()))
-    })?;
-    let name = format!("{} (imported)", a.model.display());
-    let c = step("compiling the graphs", || {
-        Ok(tfc::compile(&name, &text, &a.precision.options(), &mut |_, _| {})?)
-    })?;
-    let ck = Arc::new(Checkpoint::open(&a.model)?);
-    let no_template = || format!("{} holds no chat template", a.model.display());
-    let (tok, tpl, stop) = match ck.gguf() {
-        Some(g) => (
-            tfc::text::gguf_tokenizer(g)?
-                .with_context(|| format!("{} holds no tokenizer", a.model.display()))?,
-            tfc::text::ChatTemplate::from_gguf(g).with_context(no_template)?,
-            tfc::text::gguf_stop_ids(g).into_iter().map(|i| i as usize).collect::<Vec<_>>(),
-        ),
-        None => {
-            let path = a.model.join("tokenizer.json");
-            let tok = tokenizers::Tokenizer::from_file(&path)
-                .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?;
-            let tpl = tfc::text::ChatTemplate::from_hf_dir(&a.model).with_context(no_template)?;
-            (tok, tpl, hf_stop_ids(&a.model).into_iter().map(|i| i as usize).collect())
-        }
-    };
-    let model = step("compiling and loading the library", || {
-        load_library(&c, &a.target_cpu, a.precision, tfc::backend::Backend::Llvm)
-    })?;
-    model
-        .needs()
-        .check(&c.spec.name, "as stored in the library", c.spec.sizes.max_seq)
-        .map_err(anyhow::Error::msg)?;
+    let Opened { c, model, ck, text, .. } = open(&a.model, None, a.precision, &a.target_cpu)?;
+    let tok = text.tokenizer()?;
+    if text.template.is_none() {
+        bail!("{} holds no chat template", a.model.display());
+    }
+    let stop: Vec<usize> = text.stop_ids.iter().map(|&i| i as usize).collect();
     let mut s = step("binding the weights", || {
         Ok(tfc_runtime::Session::new(&model, WeightData::Checkpoint(ck.clone()), a.threads)?)
     })?;
@@ -1371,12 +1367,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             continue;
         }
         messages.push(("user".into(), line.to_string()));
-        let rendered = tpl.render(&messages, true)?;
-        let ids: Vec<u32> = tok
-            .encode(rendered.as_str(), false)
-            .map_err(|e| anyhow::anyhow!("cannot tokenise the conversation: {e}"))?
-            .get_ids()
-            .to_vec();
+        let ids = text.encode_chat(&messages)?;
         if ids.len() >= max_seq {
             messages.pop();
             eprintln!("[the conversation passes {max_seq} tokens (--max-seq); /clear starts over, or compile for more]");
@@ -1422,4 +1413,77 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         messages.push(("assistant".into(), shown));
     }
     Ok(())
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A GGUF file, a Hugging Face folder (config.json, safetensors, tokenizer.json, a chat
+    /// template), or a spec file with `--weights`.
+    model: PathBuf,
+    /// The checkpoint of a spec file.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// The port (0: any free one; the address is printed when the server listens).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Requests generated at once, each in its own slot (KV cache).
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// The most positions one request may use, prompt and completion (default: the
+    /// model's max_seq).
+    #[arg(long)]
+    ctx_size: Option<usize>,
+    /// Requests that may wait for a slot; more are refused with 503.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Threads for the compiled library: 1 to 256, or 0 for one per core.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// The CPU the library is compiled for (`native` or an LLVM CPU name).
+    #[arg(long, default_value = "native")]
+    target_cpu: String,
+    #[command(flatten)]
+    precision: Precision,
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    check_threads(a.threads)?;
+    let Opened { model, ck, text, dir, .. } =
+        open(&a.model, a.weights.as_deref(), a.precision, &a.target_cpu)?;
+    let name = a.model.file_stem().map_or("model".into(), |s| s.to_string_lossy().to_string());
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(a.host.as_str(), a.port))
+        .ok()
+        .and_then(|mut it| it.next())
+        .with_context(|| format!("--host {} --port {}: not an address to listen on", a.host, a.port))?;
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    let cfg =
+        tfc::serve::Config { parallel: a.parallel, ctx_size: a.ctx_size, queue: a.queue, threads: a.threads };
+    let shutdown = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).ok();
+        let term = async {
+            match term.as_mut() {
+                Some(t) => drop(t.recv().await),
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        eprintln!("stopping: refusing new requests, finishing the ones running");
+    };
+    let served = tfc::serve::Served { model, ck, text, dir, name };
+    let t = Instant::now();
+    step("binding the weights", || {
+        tfc::serve::serve(served, &cfg, listener, shutdown, || {
+            eprintln!("bound the weights in {:.1} s", t.elapsed().as_secs_f64());
+            // Scripts read this line for the address (with --port 0, the port chosen).
+            println!("listening on http://{local}");
+            let _ = std::io::stdout().flush();
+        })
+    })
 }

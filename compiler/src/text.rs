@@ -13,6 +13,8 @@
 
 use std::collections::HashMap;
 
+use anyhow::Context;
+
 use tfc_runtime::gguf::{Gguf, Value};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -333,4 +335,126 @@ impl ChatTemplate {
             })
             .map_err(|e| TextError::Template(e.to_string()))
     }
+}
+
+/// The end-of-sequence ids of a Hugging Face folder: `generation_config.json`'s
+/// `eos_token_id` (a number or a list), else `config.json`'s.
+pub fn hf_stop_ids(dir: &std::path::Path) -> Vec<u32> {
+    let read = |f: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok()
+    };
+    ["generation_config.json", "config.json"]
+        .iter()
+        .filter_map(|f| read(f))
+        .map(|v| match &v["eos_token_id"] {
+            serde_json::Value::Number(n) => n.as_i64().into_iter().map(|i| i as u32).collect(),
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_i64()).map(|i| i as u32).collect(),
+            _ => Vec::new(),
+        })
+        .find(|ids: &Vec<u32>| !ids.is_empty())
+        .unwrap_or_default()
+}
+
+/// The text side of a model: its tokenizer, chat template and end-of-sequence ids, as a
+/// GGUF file or a Hugging Face folder gives them.
+pub struct Text {
+    pub tokenizer: Option<Tokenizer>,
+    pub template: Option<ChatTemplate>,
+    pub stop_ids: Vec<u32>,
+    /// A GGUF file's BOS, put before a raw prompt where the file asks for it.
+    bos: Option<u32>,
+    /// A raw prompt gets the special tokens a `tokenizer.json` adds (a GGUF file's
+    /// tokenizer adds none: `bos` stands for them).
+    add_special: bool,
+}
+
+impl Text {
+    /// From the GGUF file `ck` is, else from the folder `dir` (`tokenizer.json`, a chat
+    /// template, `generation_config.json`); each part absent where its files are.
+    pub fn of(ck: &tfc_runtime::Checkpoint, dir: Option<&std::path::Path>) -> anyhow::Result<Text> {
+        if let Some(g) = ck.gguf() {
+            return Ok(Text {
+                tokenizer: gguf_tokenizer(g)?,
+                template: ChatTemplate::from_gguf(g),
+                stop_ids: gguf_stop_ids(g),
+                bos: gguf_bos(g),
+                add_special: false,
+            });
+        }
+        let Some(dir) = dir else {
+            return Ok(Text {
+                tokenizer: None,
+                template: None,
+                stop_ids: vec![],
+                bos: None,
+                add_special: true,
+            });
+        };
+        let path = dir.join("tokenizer.json");
+        let tokenizer = match path.is_file() {
+            true => Some(
+                Tokenizer::from_file(&path)
+                    .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?,
+            ),
+            false => None,
+        };
+        Ok(Text {
+            tokenizer,
+            template: ChatTemplate::from_hf_dir(dir),
+            stop_ids: hf_stop_ids(dir),
+            bos: None,
+            add_special: true,
+        })
+    }
+
+    pub fn tokenizer(&self) -> anyhow::Result<&Tokenizer> {
+        self.tokenizer
+            .as_ref()
+            .context("the model has no tokenizer (a GGUF file's, or a folder's tokenizer.json)")
+    }
+
+    /// A raw prompt's tokens, with what the model puts before text (its BOS).
+    pub fn encode_raw(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        let enc = self
+            .tokenizer()?
+            .encode(text, self.add_special)
+            .map_err(|e| anyhow::anyhow!("cannot tokenise: {e}"))?;
+        Ok(self.bos.into_iter().chain(enc.get_ids().iter().copied()).collect())
+    }
+
+    /// A conversation's tokens as the chat template writes it, the assistant's turn opened.
+    pub fn encode_chat(&self, messages: &[(String, String)]) -> anyhow::Result<Vec<u32>> {
+        let tpl = self.template.as_ref().context(
+            "the model has no chat template (a GGUF file's `tokenizer.chat_template`, or a folder's `chat_template.jinja` or `tokenizer_config.json`)",
+        )?;
+        let text = tpl.render(messages, true)?;
+        // The template writes its own special tokens.
+        let enc = self
+            .tokenizer()?
+            .encode(text.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("cannot tokenise: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// One token's text, special or not (as log-probabilities name it).
+    pub fn piece(&self, id: u32) -> String {
+        self.tokenizer.as_ref().and_then(|t| t.decode(&[id], false).ok()).unwrap_or_default()
+    }
+
+    /// The text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
+        self.tokenizer()?.decode(ids, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"))
+    }
+}
+
+/// How many bytes at the end of `text` are the start of a stop string (held back until it
+/// is clear whether the stop string follows).
+pub fn pending_stop(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .flat_map(|s| (1..s.len()).filter(move |&k| s.is_char_boundary(k)).map(move |k| &s[..k]))
+        .filter(|p| text.ends_with(p))
+        .map(str::len)
+        .max()
+        .unwrap_or(0)
 }

@@ -29,6 +29,7 @@ mod gpu;
 mod import;
 mod passes;
 mod robustness;
+pub mod serve;
 mod smollm2;
 mod stages;
 mod toolchain;

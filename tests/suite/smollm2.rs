@@ -130,3 +130,59 @@ fn answer_as_transformers(dtype: Option<tfc::ir::DType>, tol: Option<f32>) {
     }
     assert_eq!(answer, ids(&r["greedy"]), "the greedy answer");
 }
+
+/// `tfc serve` on the real model: the chat endpoint answers transformers' greedy answer,
+/// whole and streamed, ending at the end-of-turn token; with one slot and no queue a
+/// second request is refused with 503 while the first runs; a client that leaves
+/// mid-stream frees its slot before its answer is done.
+#[test]
+fn the_server_answers_as_transformers_does_and_frees_the_slot_of_a_client_that_leaves() {
+    use crate::serve::{streamed, Server};
+    use serde_json::json;
+    use std::io::Read;
+    let Some(path) = gguf() else { return };
+    let r = reference();
+    let ck = Checkpoint::open(&path).unwrap();
+    let spec = tfc::import::gguf::import(ck.gguf().unwrap(), FILE).unwrap();
+    let spec_path = root().join("target/smollm2/smollm2-serve.tfs");
+    std::fs::write(&spec_path, &spec).unwrap();
+    let opts = tfc::Options { max_seq: Some(256), ..Default::default() };
+    let model = Model::load(build_opts(&spec_path, "smollm2-serve", &opts, &Default::default())).unwrap();
+    let cfg = tfc::serve::Config { parallel: 1, ctx_size: None, queue: 0, threads: 2 };
+    let srv = Server::start(model, &path, cfg);
+
+    let question = json!([{"role": "user", "content": r["question"]}]);
+    let chat = json!({"messages": question, "max_tokens": 30, "temperature": 0});
+    let v = srv.post("/v1/chat/completions", &chat);
+    assert_eq!(v["choices"][0]["message"]["content"], r["answer"]);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["prompt_tokens"], r["chat_ids"].as_array().unwrap().len());
+    assert_eq!(v["usage"]["completion_tokens"], r["greedy"].as_array().unwrap().len() - 1);
+    let mut stream = chat.clone();
+    stream["stream"] = json!(true);
+    let (text, reason, _) = streamed(&srv.stream("/v1/chat/completions", &stream));
+    assert_eq!((text.as_str(), reason.as_str()), (r["answer"].as_str().unwrap(), "stop"));
+
+    // A long answer streaming in the only slot: a second request is refused.
+    let before = srv.metric("tfc_completion_tokens_total");
+    let long = json!({"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": true});
+    let mut first = srv.http.post(format!("{}/v1/completions", srv.url)).json(&long).send().unwrap();
+    let mut buf = [0u8; 64];
+    assert!(first.read(&mut buf).unwrap() > 0);
+    let (status, e) =
+        srv.post_raw("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2}).to_string());
+    assert_eq!(status, 503, "{e}");
+    assert_eq!(e["error"]["code"], "server_busy");
+    assert_eq!(srv.metric("tfc_requests_rejected_total"), 1);
+    // Its client leaves: the slot is freed at once, long before 200 tokens.
+    drop(first);
+    let t = std::time::Instant::now();
+    while srv.metric("tfc_batch_size") != 0 {
+        assert!(t.elapsed().as_secs() < 60, "the slot of a client that left stays busy");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let made = srv.metric("tfc_completion_tokens_total") - before;
+    assert!(made < 200, "the answer ran to its end ({made} tokens) after its client left");
+    let v = srv.post("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2, "temperature": 0}));
+    assert_eq!(v["usage"]["completion_tokens"], 2);
+}
