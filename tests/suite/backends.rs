@@ -38,8 +38,15 @@ fn check(arch: &str, backend: Backend) {
         let lib = LibOptions { backend, ..Default::default() };
         let model = Model::load(build_opts(&fx.spec, r.tag, &r.options, &lib)).unwrap();
         let ck = Arc::new(Checkpoint::open(&fx.dir).unwrap());
-        let mut s = Session::new(&model, WeightData::Checkpoint(ck), 2).unwrap();
-        check_fixture(&fx, &r, &format!("the {} library", backend.name()), &mut s);
+        let what = format!("the {} library", backend.name());
+        let mut s = Session::new(&model, WeightData::Checkpoint(ck.clone()), 2).unwrap();
+        check_fixture(&fx, &r, &what, &mut s);
+        drop(s);
+        if r.tag == fx.regimes()[0].tag {
+            let session = || Session::new(&model, WeightData::Checkpoint(ck.clone()), 2).unwrap();
+            let c = compile(&fx.spec, &r.options);
+            check_batched_decode(&format!("{arch}, {what}"), &c, &session);
+        }
     }
 }
 
@@ -88,6 +95,9 @@ fn prefill_and_decode_equal_the_interpreter(backend: Backend) {
         let mut s = Session::new(&model, data, 2).unwrap();
         let name = format!("{} ({} library)", spec.file_name().unwrap().to_string_lossy(), backend.name());
         check_splits(&name, &c, &w, &mut s);
+        drop(s);
+        let session = || Session::new(&model, random_weights(&model, &[&c.model]).1, 2).unwrap();
+        check_batched_decode(&name, &c, &session);
     }
 }
 
@@ -122,8 +132,8 @@ fn every_thread_count_computes_what_one_thread_does() {
 }
 
 /// Slots share one context's weights and keep their own caches: sequences interleaved
-/// on several slots (decode, a batched step, a rewind and extend) compute, to the bit,
-/// what each computes alone on a context of its own.
+/// on several slots (decode, a batched step, a rewind and extend) compute what each
+/// computes alone on a context of its own.
 #[test]
 fn slots_keep_their_own_caches() {
     for spec in ["specs/tiny/llama.tfs", "specs/tiny/deepseek_v3.tfs"] {
@@ -171,11 +181,18 @@ fn slots_keep_their_own_caches() {
         got_a.push(rows[0].clone());
         got_b.push(rows[1].clone());
         assert_eq!(s.position(), a.len() + 3);
+        // Prompts and single steps on slots are each alone's to the bit; a batched step
+        // is the extend graph's computation over several rows, equal up to rounding.
+        let name = spec.display();
         assert!(
-            got_a == want_a && got_b == want_b,
-            "{}: interleaved slots differ from each alone",
-            spec.display()
+            got_a[..2] == want_a[..2] && got_b[..2] == want_b[..2],
+            "{name}: slots differ from each alone"
         );
+        let tol = tolerance(&c, &want_a.concat());
+        for i in 2..4 {
+            assert_close(&format!("{name}: batched step {i} of a"), &got_a[i], &want_a[i], tol);
+            assert_close(&format!("{name}: batched step {i} of b"), &got_b[i], &want_b[i], tol);
+        }
         s.use_slot(1).unwrap();
         assert!(s.rewind(b.len() + 4).is_err(), "rewinding past the cache is refused");
         s.rewind(2).unwrap();
@@ -183,6 +200,49 @@ fn slots_keep_their_own_caches() {
         assert!(rewound == want_rewound, "{}: a rewound slot differs from a rewound context", spec.display());
         let e = s.decode_batch(&[(1, 2), (1, 3)]).unwrap_err().to_string();
         assert!(e.contains("out of range"), "{e}");
+    }
+}
+
+/// A batched decode step (`tfc_decode_batch`: the extend graph over one row per slot,
+/// each at its own position in its own cache) computes each slot's own decode step:
+/// three prompts of different lengths on three slots, then three steps of all three at
+/// once (in another order than the slots'), against each sequence alone. Run on every
+/// small spec and decoder fixture by the tests that build their libraries: learned and
+/// rotary positions, ALiBi, windows, sinks, soft-capping, mixtures of experts and latent
+/// attention.
+fn check_batched_decode<'m>(name: &str, c: &tfc::Compiled, session: &dyn Fn() -> Session<'m>) {
+    if c.decode.is_none() {
+        return;
+    }
+    let (max_seq, vocab) = (c.spec.sizes.max_seq, c.spec.sizes.vocab as i32);
+    let prompts: Vec<Vec<i32>> = [5usize, 1, 9]
+        .iter()
+        .map(|&n| (0..n.min(max_seq - 4) as i32).map(|i| (i * 13 + n as i32) % vocab).collect())
+        .collect();
+    let steps = [[3, 8, 1], [7, 2, 6], [4, 4, 9]];
+    let mut s = session();
+    s.add_slot().unwrap();
+    s.add_slot().unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        s.use_slot(i).unwrap();
+        s.prefill(p, None, false).unwrap();
+    }
+    let mut got = vec![vec![]; 3];
+    for step in &steps {
+        let rows = s.decode_batch(&[(2, step[2]), (0, step[0]), (1, step[1])]).unwrap();
+        for (slot, row) in [2, 0, 1].into_iter().zip(rows) {
+            got[slot].push(row);
+        }
+    }
+    drop(s);
+    for (i, p) in prompts.iter().enumerate() {
+        let mut alone = session();
+        alone.prefill(p, None, false).unwrap();
+        let want: Vec<Vec<f32>> = steps.iter().map(|st| alone.decode(st[i]).unwrap()).collect();
+        let tol = tolerance(c, &want.concat());
+        for (k, (g, w)) in got[i].iter().zip(&want).enumerate() {
+            assert_close(&format!("{name}: slot {i}, batched step {k}"), g, w, tol);
+        }
     }
 }
 

@@ -297,7 +297,7 @@ fn fallback_module<'ctx>(
 ) -> Result<inkwell::module::Module<'ctx>, BackendError> {
     let fm = m.clone();
     llvm::strip_amx(&fm);
-    for g in ["prefill", "prefill_all", "decode", "extend", "extend_all"] {
+    for g in ["prefill", "prefill_all", "decode", "extend", "extend_all", "decode_batch"] {
         if let Some(f) = fm.get_function(&format!("tfc__{g}")) {
             f.as_global_value().set_name(&format!("tfc__{g}__fallback"));
         }

@@ -39,6 +39,12 @@ __attribute__((weak)) void tfc__extend(void *, float *, const int32_t *, const i
                                        const void *const *, float *, void *);
 __attribute__((weak)) void tfc__extend_all(void *, float *, const int32_t *, const int32_t *, int64_t,
                                            int64_t, const void *const *, float *, void *);
+/* The batched decode, where the backend compiles it: the extend graph whose T rows are
+   one token of each of T slots. Its token-type argument is the row table instead, two
+   int64 per row: the row's position, and where its slot's cache starts, in floats from
+   the cache argument. */
+__attribute__((weak)) void tfc__decode_batch(void *, float *, const int32_t *, const int32_t *, int64_t,
+                                             int64_t, const void *const *, float *, void *);
 
 /* ---- AMX. Kernels that use tiles do so only when this is nonzero: the CPU has AMX-BF16
    and Linux has granted the process the tile state (ARCH_REQ_XCOMP_PERM for
@@ -61,7 +67,7 @@ static void enable_amx(void) {
    picks a copy, so the library never executes an instruction the CPU lacks. The
    environment variable TFC_CPU=baseline forces the fallback (for testing it). ---- */
 static tfc_graph run_prefill = tfc__prefill, run_prefill_all = tfc__prefill_all, run_decode = tfc__decode,
-                 run_extend = tfc__extend, run_extend_all = tfc__extend_all;
+                 run_extend = tfc__extend, run_extend_all = tfc__extend_all, run_decode_batch = tfc__decode_batch;
 #ifdef TFC_FALLBACK
 extern const char tfc__cpu_features[];
 void tfc__prefill__fallback(void *, float *, const int32_t *, const int32_t *, int64_t, int64_t,
@@ -74,6 +80,8 @@ __attribute__((weak)) void tfc__extend__fallback(void *, float *, const int32_t 
                                                  int64_t, const void *const *, float *, void *);
 __attribute__((weak)) void tfc__extend_all__fallback(void *, float *, const int32_t *, const int32_t *,
                                                      int64_t, int64_t, const void *const *, float *, void *);
+__attribute__((weak)) void tfc__decode_batch__fallback(void *, float *, const int32_t *, const int32_t *,
+                                                       int64_t, int64_t, const void *const *, float *, void *);
 
 static int cpu_has(const char *f, size_t n) {
 #define TFC_HAS(name) \
@@ -105,6 +113,7 @@ static void choose_code(void) {
         run_decode = tfc__decode__fallback;
         run_extend = tfc__extend__fallback;
         run_extend_all = tfc__extend_all__fallback;
+        run_decode_batch = tfc__decode_batch__fallback;
     }
 }
 #else
@@ -701,12 +710,33 @@ static int32_t decode_batch(tfc_ctx *c, int32_t n, const int32_t *slots, const i
     }
     int32_t s = check_tokens(tokens, NULL, n);
     if (s != TFC_OK) return s;
-    for (int32_t i = 0; i < n; i++) {
-        slot_t *sl = &c->slots[slots[i]];
-        run_decode(c->arena, sl->cache, &tokens[i], c->zeros, 1, sl->pos, c->weights, out + (int64_t)i * tfc__out_width,
-                   c->pool);
-        sl->pos += 1;
+    if (!run_decode_batch) {
+        /* No batched graph (the MLIR backend, token types, attention outside the cache):
+           the slots one by one, the same computation. */
+        for (int32_t i = 0; i < n; i++) {
+            slot_t *sl = &c->slots[slots[i]];
+            run_decode(c->arena, sl->cache, &tokens[i], c->zeros, 1, sl->pos, c->weights,
+                       out + (int64_t)i * tfc__out_width, c->pool);
+            sl->pos += 1;
+        }
+        return TFC_OK;
     }
+    int64_t *rows = malloc(2 * sizeof(int64_t) * (size_t)n);
+    if (!rows) return TFC_ERR_ALLOC;
+    float *base = c->slots[0].cache;
+    for (int32_t i = 0; i < n; i++) {
+        const slot_t *sl = &c->slots[slots[i]];
+        rows[2 * i] = sl->pos;
+        rows[2 * i + 1] = ((intptr_t)sl->cache - (intptr_t)base) / (intptr_t)sizeof(float);
+    }
+    /* The arena holds up to max_seq rows of the extend graph. */
+    for (int32_t at = 0; at < n; at += (int32_t)tfc__max_seq) {
+        const int32_t m = n - at < tfc__max_seq ? n - at : (int32_t)tfc__max_seq;
+        run_decode_batch(c->arena, base, tokens + at, (const int32_t *)(const void *)(rows + 2 * at), m, 0,
+                         c->weights, out + (int64_t)at * tfc__out_width, c->pool);
+    }
+    free(rows);
+    for (int32_t i = 0; i < n; i++) c->slots[slots[i]].pos += 1;
     return TFC_OK;
 }
 

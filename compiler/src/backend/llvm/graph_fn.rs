@@ -41,6 +41,10 @@ pub(super) type CallLog = Vec<(NodeId, String)>;
 
 /// Emits graph `name` (`None`: an encoder's missing decode, an empty function the C half
 /// never calls) into `m`; returns the arena bytes it needs and the kernels it calls.
+///
+/// With `batch`, the graph is the extend graph run as a batched decode (`batchable`): its
+/// T rows are T sequences, one token each, and the graph function's token-type argument
+/// is the row table instead (`Slot::RowInfo`: each row's position and slot cache).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn emit<'ctx>(
     cx: &'ctx Context,
@@ -50,6 +54,7 @@ pub(super) fn emit<'ctx>(
     weights: &WeightTable,
     layout: &Layout,
     amx: bool,
+    batch: bool,
     kernels: &mut HashMap<String, FunctionValue<'ctx>>,
 ) -> Result<(u64, CallLog), LlvmError> {
     let ptr = cx.ptr_type(inkwell::AddressSpace::default());
@@ -109,6 +114,7 @@ pub(super) fn emit<'ctx>(
         calls: 0,
         packed_input: None,
         cache_outputs: g.cache_outputs(),
+        batch,
         node: None,
         log: Vec::new(),
     };
@@ -123,6 +129,24 @@ pub(super) fn emit<'ctx>(
     e.kb.b.build_memcpy(out, 4, src, 4, bytes).map_err(|err| LlvmError::Llvm(err.to_string()))?;
     e.kb.ret();
     Ok((gp.arena_bytes(), e.log))
+}
+
+/// Whether the extend graph `g` (every row's output) also runs as a batched decode:
+/// its rows are independent but for their positions and caches. Not with token types
+/// (their argument carries the row table instead), and only where every attention reads
+/// its keys and values from the cache (a concatenation onto it), which a row can find in
+/// its own slot.
+pub(super) fn batchable(g: &Graph) -> bool {
+    use crate::ir::InputKind;
+    let from_cache = |n: NodeId| {
+        matches!(g.op(n), Op::Concat { .. })
+            && matches!(g.op(g.operands(n)[0]), Op::Input(InputKind::Cache { .. }))
+    };
+    g.node_ids().into_iter().all(|n| match g.op(n) {
+        Op::Input(InputKind::TokenTypes) => false,
+        Op::Attention { .. } => from_cache(g.operands(n)[1]) && from_cache(g.operands(n)[2]),
+        _ => true,
+    })
 }
 
 struct GraphFn<'a, 'k, 'ctx> {
@@ -144,6 +168,8 @@ struct GraphFn<'a, 'k, 'ctx> {
     packed_input: Option<(NodeId, Packing)>,
     /// The nodes whose values go to the cache, and where.
     cache_outputs: HashMap<NodeId, Vec<(u32, CacheKind)>>,
+    /// A batched decode (see `emit`).
+    batch: bool,
     /// The node being emitted, and every call so far.
     node: Option<NodeId>,
     log: CallLog,
@@ -162,8 +188,19 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
         self.param(4).into_int_value()
     }
 
+    /// `P`; in a batched decode, whose rows have positions of their own, `max_seq - T`,
+    /// so that the key count `P + T` is the cache's capacity (each row's attention sees
+    /// only the keys up to its position).
     fn p(&self) -> IntValue<'ctx> {
-        self.param(5).into_int_value()
+        match self.batch {
+            false => self.param(5).into_int_value(),
+            true => self.kb.sub(self.kb.c(self.layout.max_seq as i64), self.t()),
+        }
+    }
+
+    /// A batched decode's row table (the token-type argument).
+    fn row_info(&self) -> IntValue<'ctx> {
+        self.kb.int_of(self.param(3).into_pointer_value())
     }
 
     fn fixed(&self, d: Dim) -> usize {
@@ -302,6 +339,10 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                 let v = [(X, o(self, 0)), (W, o(self, 1)), (Out, self.val(n)), (Rows, t)];
                 self.call(k, &v, self.kb.mul(self.kb.c(heads as i64), t))
             }
+            Op::Positions if self.batch => {
+                let v = [(Out, self.val(n)), (T, self.t()), (RowInfo, self.row_info())];
+                self.call(Kernel::RowPositions, &v, self.kb.c(1))
+            }
             Op::Positions => {
                 let v = [(Out, self.val(n)), (T, self.t()), (P, self.p())];
                 self.call(Kernel::Positions, &v, self.kb.c(1))
@@ -428,9 +469,12 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
         }
         for (layer, kind) in self.cache_outputs.get(&n).cloned().unwrap_or_default() {
             let groups = self.fixed(ty.shape[0]);
-            let k = Kernel::CacheStore { head_dim: width, max_seq: self.layout.max_seq };
+            let k = Kernel::CacheStore { head_dim: width, max_seq: self.layout.max_seq, table: self.batch };
             let dst = self.kb.int_of(self.cache_ptr(layer, kind));
-            let v = [(X, self.val(n)), (Cache, dst), (Rows, self.dim(ty.shape[1])), (P, self.p())];
+            let mut v = vec![(X, self.val(n)), (Cache, dst), (Rows, self.dim(ty.shape[1])), (P, self.p())];
+            if self.batch {
+                v.push((RowInfo, self.row_info()));
+            }
             self.call(k, &v, self.kb.c(groups as i64));
         }
         Ok(())
@@ -702,8 +746,13 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
             _ => e.kb.mul(s_len, e.kb.c(head_dim as i64)),
         };
         let rows = self.dim(ty.shape[1]);
-        let block = ty.shape[1].as_fixed().is_none().then(|| kernels::attention_rows(head_dim)).flatten();
-        let k = Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap, sinks };
+        // A batched decode's rows read different caches: no block shares its keys.
+        let block = (ty.shape[1].as_fixed().is_none() && !self.batch)
+            .then(|| kernels::attention_rows(head_dim))
+            .flatten();
+        let table = self.batch;
+        let k =
+            Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap, sinks, table };
         let kb = &self.kb;
         let tasks = match block {
             Some(b) => kb.udiv(kb.add(rows, kb.c(b as i64 - 1)), kb.c(b as i64)),
@@ -722,6 +771,9 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
         ];
         if sinks {
             v.push((Sinks, self.val(ops[4])));
+        }
+        if table {
+            v.push((RowInfo, self.row_info()));
         }
         let tasks = self.kb.mul(self.kb.c(heads as i64), tasks);
         self.call(k, &v, tasks)

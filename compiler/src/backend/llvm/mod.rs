@@ -69,7 +69,14 @@ pub fn emit<'ctx>(
     let mut kernels: HashMap<String, FunctionValue> = HashMap::new();
     let mut arena = 0;
     for (name, graph) in c.named_graphs() {
-        let (used, _) = graph_fn::emit(cx, &m, name, graph, weights, &layout, amx, &mut kernels)?;
+        let (used, _) = graph_fn::emit(cx, &m, name, graph, weights, &layout, amx, false, &mut kernels)?;
+        arena = arena.max(used);
+    }
+    // The batched decode (`tfc_decode_batch`): the extend graph of every row's output,
+    // its rows one token of each slot. Without it the C half runs the slots one by one.
+    if let Some(g) = c.extend_all.as_ref().filter(|g| graph_fn::batchable(g)) {
+        let (used, _) =
+            graph_fn::emit(cx, &m, "decode_batch", Some(g), weights, &layout, amx, true, &mut kernels)?;
         arena = arena.max(used);
     }
     let layout = Layout { arena_bytes: arena, ..layout };
@@ -89,7 +96,7 @@ pub fn plan_text(c: &Compiled, weights: &WeightTable, amx: bool) -> Result<Strin
     for (name, g) in c.named_graphs() {
         let Some(g) = g else { continue };
         let p = GraphPlan::of(g, weights, c.spec.sizes.max_seq, amx)?;
-        let (_, calls) = graph_fn::emit(&cx, &m, name, Some(g), weights, &layout, amx, &mut kernels)?;
+        let (_, calls) = graph_fn::emit(&cx, &m, name, Some(g), weights, &layout, amx, false, &mut kernels)?;
         out.push_str(&select::describe(name, g, &p, amx, weights, &calls));
     }
     Ok(out)

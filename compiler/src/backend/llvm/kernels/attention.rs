@@ -35,7 +35,8 @@ pub(crate) fn attention_kernel<'ctx>(
     use Slot::*;
     let a = |s: Slot| args.i(s);
     let p = |s: Slot| args.p(s);
-    let Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap, sinks } = *k else {
+    let Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap, sinks, table } = *k
+    else {
         unreachable!("a Attention kernel")
     };
 
@@ -60,6 +61,7 @@ pub(crate) fn attention_kernel<'ctx>(
         vstride,
         slopes,
         sinks: sinks.then(|| p(Sinks)),
+        table: table.then(|| p(RowInfo)),
     };
     match block {
         None => attention(kb, &at, begin, end),
@@ -124,6 +126,9 @@ pub(crate) struct Attn<'ctx> {
     slopes: Option<PointerValue<'ctx>>,
     /// Each head's sink logit, with sinks.
     sinks: Option<PointerValue<'ctx>>,
+    /// A batched decode's row table (`Slot::RowInfo`): each query row's keys and values
+    /// are in its own slot's cache.
+    table: Option<PointerValue<'ctx>>,
 }
 
 impl<'ctx> Attn<'ctx> {
@@ -345,8 +350,10 @@ pub(crate) fn attention<'ctx>(
         let pq = kb.ldi(pos, t);
         let (lo, hi) = visible(kb, mask, pq, s_len);
         let row = kb.mul(r, c(hd));
-        let kb0 = kb.mul(g, kstride);
-        let vb0 = kb.mul(g, vstride);
+        // Where the row's slot's cache starts, from the cache argument's.
+        let slot = at.table.map_or(c(0), |ri| kb.ld64(ri, kb.add(kb.mul(t, c(2)), c(1))));
+        let kb0 = kb.add(slot, kb.mul(g, kstride));
+        let vb0 = kb.add(slot, kb.mul(g, vstride));
         let slope = slopes.map(|s| kb.ld(s, h));
         let score_of = |dot: FloatValue<'ctx>, s: IntValue<'ctx>| {
             let score = capped(kb, softcap, kb.fmul(dot, kb.fc(scale)));
@@ -383,8 +390,10 @@ pub(crate) fn attention<'ctx>(
             // One query row (decode) streams its keys and values once, from the cache: the
             // next block's rows are prefetched, or the stream waits on memory (at 1008
             // tokens of context GPT-2 small's decode read them at a third of the rate of
-            // the weights). Many rows reuse them from cache, so they skip it.
-            let stream = kb.select(kb.icmp_ge(c(1), rows), c(1), c(0));
+            // the weights). Many rows of one sequence reuse them from cache, so they skip
+            // it; a batched decode's rows each stream their own.
+            let one = kb.select(kb.icmp_ge(c(1), rows), c(1), c(0));
+            let stream = if at.table.is_some() { c(1) } else { one };
             let block_bytes = VW * hd * 4;
             let st = kb.fold(c(0), blocks, &init, |b, st| {
                 let s0 = kb.add(lo, kb.mul(b, c(VW)));

@@ -28,6 +28,9 @@ use rows::*;
 pub enum Kernel {
     /// args: out(i32); tasks: 1. `out[t] = P + t`. Needs T, P.
     Positions,
+    /// args: out(i32), rows(T), the row table; tasks: 1. `out[t]` = row `t`'s position
+    /// in a batched decode (see `Slot::RowInfo`).
+    RowPositions,
     /// args: table, ids(i32), out; tasks: T rows.
     Gather { d: usize, offset: usize, wf: WFmt },
     /// args: pos(i32), out; tasks: T rows.
@@ -77,6 +80,9 @@ pub enum Kernel {
         softcap: Option<f64>,
         /// A last argument: one sink logit per head (`Op::Softmax`).
         sinks: bool,
+        /// Each query row reads its own slot's cache (a batched decode; then the last
+        /// argument is the row table, `Slot::RowInfo`, and `block` is `None`).
+        table: bool,
     },
     /// args: x, out, rows; tasks: 1. Copies the last of `rows` rows of `[rows, width]`,
     /// f32 or, when `int`, i32.
@@ -88,8 +94,10 @@ pub enum Kernel {
     /// args partials, [b], out, then the epilogue's other operands; tasks: column blocks.
     /// `pairs`: the partials come from bf16 weights, each group of 32 as even then odd.
     GemvReduce { out: usize, chunks: usize, bias: bool, epi: Vec<Epi>, pairs: bool },
-    /// args: src, cache, rows(T), P; tasks: groups. Writes `src [G, T, hd]` at `P..P+T`.
-    CacheStore { head_dim: usize, max_seq: usize },
+    /// args: src, cache, rows(T), P, [row table]; tasks: groups. Writes `src [G, T, hd]`
+    /// at `P..P+T`; with `table` (a batched decode), row `t` at its own position in its
+    /// own slot's cache (`Slot::RowInfo`).
+    CacheStore { head_dim: usize, max_seq: usize, table: bool },
     /// args: logits, out; tasks: rows. A router's dense weights (`ir::Route::route`).
     Route { route: crate::ir::Route },
     /// args: x, route, offsets (i64), slot_of (i32), out, rows; tasks: 1. Groups the rows
@@ -155,6 +163,7 @@ impl Kernel {
         let h = crate::ir::num;
         match self {
             Kernel::Positions => "positions".into(),
+            Kernel::RowPositions => "row_positions".into(),
             Kernel::Gather { d, offset, wf } => format!("gather_d{d}_o{offset}{}", wf.suffix()),
             Kernel::Sinusoidal { dim, base, fairseq, offset } => format!(
                 "sinusoidal_{dim}_{}{}{}",
@@ -230,9 +239,20 @@ impl Kernel {
                     *interleaved as u8
                 )
             }
-            Kernel::Attention { heads, groups, head_dim, scale, mask, alibi, block, softcap, sinks } => {
+            Kernel::Attention {
+                heads,
+                groups,
+                head_dim,
+                scale,
+                mask,
+                alibi,
+                block,
+                softcap,
+                sinks,
+                table,
+            } => {
                 format!(
-                    "attention_{heads}_{groups}_{head_dim}_{:016x}_{}_{}_{}{}{}{}",
+                    "attention_{heads}_{groups}_{head_dim}_{:016x}_{}_{}_{}{}{}{}{}",
                     scale.to_bits(),
                     mask.causal as u8,
                     mask.window.unwrap_or(0),
@@ -243,7 +263,8 @@ impl Kernel {
                     }),
                     block.map_or(String::new(), |b| format!("_rows{b}")),
                     softcap.map_or(String::new(), |c| format!("_cap{:016x}", c.to_bits())),
-                    if *sinks { "_sinks" } else { "" }
+                    if *sinks { "_sinks" } else { "" },
+                    if *table { "_slots" } else { "" }
                 )
             }
             Kernel::LastRow { width, int } => format!("last_row_{width}{}", if *int { "_i32" } else { "" }),
@@ -255,7 +276,9 @@ impl Kernel {
                 let p = if *pairs { "_pairs" } else { "" };
                 format!("gemv_reduce_{out}_{chunks}{}{p}{epi}", if *bias { "_b" } else { "" })
             }
-            Kernel::CacheStore { head_dim, max_seq } => format!("cache_store_{head_dim}_{max_seq}"),
+            Kernel::CacheStore { head_dim, max_seq, table } => {
+                format!("cache_store_{head_dim}_{max_seq}{}", if *table { "_rows" } else { "" })
+            }
             Kernel::Route { route: r } => format!(
                 "route_{}_{}_{}{}_{:016x}{}{}",
                 r.experts,
@@ -339,6 +362,9 @@ pub enum Slot {
     Route,
     Offsets,
     Slots,
+    /// A batched decode's rows: per row, its position and where its slot's cache is
+    /// (floats from the cache argument's start), two `i64` each.
+    RowInfo,
 }
 
 impl Kernel {
@@ -350,6 +376,7 @@ impl Kernel {
             |epi: &[Epi]| (0..epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count()).map(Other);
         match self {
             Kernel::Positions => vec![Out, T, P],
+            Kernel::RowPositions => vec![Out, T, RowInfo],
             Kernel::Gather { .. } => vec![Table, Ids, Out],
             Kernel::Sinusoidal { .. } => vec![Pos, Out],
             Kernel::Binary { .. } => vec![X, Y, Out],
@@ -381,9 +408,10 @@ impl Kernel {
             }
             Kernel::SplitHeads { .. } => vec![X, Out, OutRows],
             Kernel::Rope { .. } => vec![X, Pos, Out, Rows, OutRows],
-            Kernel::Attention { sinks, .. } => {
+            Kernel::Attention { sinks, table, .. } => {
                 let mut v = vec![Q, K, V, Pos, Out, Rows, Keys, KStride, VStride];
                 v.extend(sinks.then_some(Sinks));
+                v.extend(table.then_some(RowInfo));
                 v
             }
             Kernel::GemvPartial { .. } => vec![X, W, Partials],
@@ -392,7 +420,8 @@ impl Kernel {
                 v.extend(others(epi));
                 v
             }
-            Kernel::CacheStore { .. } => vec![X, Cache, Rows, P],
+            Kernel::CacheStore { table: false, .. } => vec![X, Cache, Rows, P],
+            Kernel::CacheStore { table: true, .. } => vec![X, Cache, Rows, P, RowInfo],
             Kernel::Route { route } if route.choice_bias => vec![X, Bias, Out],
             Kernel::Route { .. } => vec![X, Out],
             Kernel::Dispatch { .. } => vec![X, Route, Offsets, Slots, Out, Rows],
@@ -494,6 +523,7 @@ fn body<'ctx>(
 ) {
     match k {
         Kernel::Positions => positions(kb, k, args, begin, end),
+        Kernel::RowPositions => row_positions(kb, k, args, begin, end),
         Kernel::Gather { .. } => gather(kb, k, args, begin, end),
         Kernel::Sinusoidal { .. } => sinusoidal(kb, k, args, begin, end),
         Kernel::Binary { .. } => binary(kb, k, args, begin, end),

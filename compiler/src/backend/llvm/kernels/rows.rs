@@ -26,6 +26,18 @@ pub(crate) fn positions<'ctx>(
     kb.for_(c(0), t, |i| kb.sti(out, i, kb.add(pp, i)));
 }
 
+pub(crate) fn row_positions<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    _: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    _: IntValue<'ctx>,
+    _: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let (out, t, table) = (args.p(Out), args.i(T), args.p(RowInfo));
+    kb.for_(kb.c(0), t, |i| kb.sti(out, i, kb.ld64(table, kb.mul(i, kb.c(2)))));
+}
+
 pub(crate) fn gather<'ctx>(
     kb: &Kb<'_, 'ctx>,
     k: &Kernel,
@@ -455,13 +467,19 @@ pub(crate) fn cache_store<'ctx>(
     let c = |v: usize| kb.c(v as i64);
     let a = |s: Slot| args.i(s);
     let p = |s: Slot| args.p(s);
-    let Kernel::CacheStore { head_dim, max_seq } = *k else { unreachable!("a CacheStore kernel") };
+    let Kernel::CacheStore { head_dim, max_seq, table } = *k else { unreachable!("a CacheStore kernel") };
 
     let (src, cache, rows, pp) = (p(X), p(Cache), a(Rows), a(P));
+    let table = table.then(|| p(RowInfo));
     kb.for_(begin, end, |g| {
         kb.for_(c(0), rows, |t| {
             let s = kb.mul(kb.add(kb.mul(g, rows), t), c(head_dim));
-            let d = kb.mul(kb.add(kb.mul(g, c(max_seq)), kb.add(pp, t)), c(head_dim));
+            // Row `t` at position P + t, or at its own position in its own slot's cache.
+            let (at, base) = match table {
+                None => (kb.add(pp, t), c(0)),
+                Some(r) => (kb.ld64(r, kb.mul(t, c(2))), kb.ld64(r, kb.add(kb.mul(t, c(2)), c(1)))),
+            };
+            let d = kb.add(base, kb.mul(kb.add(kb.mul(g, c(max_seq)), at), c(head_dim)));
             kb.for_(c(0), c(head_dim), |i| kb.st(cache, kb.add(d, i), kb.ld(src, kb.add(s, i))));
         });
     });
