@@ -1450,8 +1450,12 @@ pub struct ServeArgs {
 
 pub fn serve(a: ServeArgs) -> Result<()> {
     check_threads(a.threads)?;
-    let Opened { model, ck, text, dir, .. } =
-        open(&a.model, a.weights.as_deref(), a.precision, &a.target_cpu)?;
+    // The library is compiled for --ctx-size positions: each slot's cache holds that many.
+    let mut precision = a.precision;
+    if let (None, Some(n)) = (precision.max_seq, a.ctx_size) {
+        precision.max_seq = Some(u32::try_from(n).context("--ctx-size is too large")?);
+    }
+    let Opened { model, ck, text, dir, .. } = open(&a.model, a.weights.as_deref(), precision, &a.target_cpu)?;
     let name = a.model.file_stem().map_or("model".into(), |s| s.to_string_lossy().to_string());
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&(a.host.as_str(), a.port))
         .ok()

@@ -304,6 +304,68 @@ struct Engine<'m> {
     metrics: Arc<Metrics>,
     width: usize,
     pooling: Pooling,
+    /// The fewest running requests for which one batched step (`decode_batch`) is
+    /// faster than their single steps, as measured at start (`calibrate`).
+    batch_from: usize,
+}
+
+/// The fewest sequences for which one batched decode step beats as many single steps on
+/// this host and model (`usize::MAX`: none up to `slots`), measured once: each slot
+/// holds one token, both ways are run once to warm them and then timed (the faster of
+/// two), at 2, 4, 8, … and `slots` sequences. The slots are emptied afterwards.
+fn calibrate(s: &mut Session, slots: usize) -> Result<(usize, String)> {
+    use std::time::Instant;
+    if slots < 2 {
+        return Ok((usize::MAX, String::new()));
+    }
+    for i in 0..slots {
+        s.use_slot(i)?;
+        s.reset();
+        s.prefill(&[1], None, false)?;
+    }
+    let mut sizes: Vec<usize> =
+        std::iter::successors(Some(2usize), |b| Some(b * 2)).take_while(|&b| b < slots).collect();
+    sizes.push(slots);
+    let mut found = (usize::MAX, String::new());
+    'sizes: for b in sizes {
+        let steps: Vec<(usize, i32)> = (0..b).map(|i| (i, 1)).collect();
+        let mut best = [f64::MAX; 2];
+        for round in 0..3 {
+            let t = Instant::now();
+            s.decode_batch(&steps)?;
+            let batched = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for i in 0..b {
+                s.use_slot(i)?;
+                s.decode(1)?;
+            }
+            let single = t.elapsed().as_secs_f64();
+            if round > 0 {
+                best = [best[0].min(batched), best[1].min(single)];
+            }
+        }
+        if best[0] < best[1] {
+            found = (
+                b,
+                format!(
+                    "{b} sequences: one batched step {:.1} ms, single steps {:.1} ms",
+                    best[0] * 1e3,
+                    best[1] * 1e3
+                ),
+            );
+            break 'sizes;
+        }
+        found.1 = format!(
+            "{b} sequences: one batched step {:.1} ms, single steps {:.1} ms",
+            best[0] * 1e3,
+            best[1] * 1e3
+        );
+    }
+    for i in 0..slots {
+        s.use_slot(i)?;
+        s.reset();
+    }
+    Ok(found)
 }
 
 impl Engine<'_> {
@@ -349,7 +411,14 @@ impl Engine<'_> {
             let batch: Vec<(usize, i32)> = running.iter().map(|r| (r.slot, r.next as i32)).collect();
             self.metrics.steps.fetch_add(1, Relaxed);
             self.metrics.batched.fetch_add(batch.len() as u64, Relaxed);
-            match self.session.decode_batch(&batch) {
+            let rows = match batch.len() >= self.batch_from {
+                true => self.session.decode_batch(&batch),
+                false => batch
+                    .iter()
+                    .map(|&(slot, t)| self.session.use_slot(slot).and_then(|_| self.session.decode(t)))
+                    .collect(),
+            };
+            match rows {
                 Ok(rows) => {
                     for (r, row) in running.iter_mut().zip(rows) {
                         self.slots[r.slot].cached.push(r.next);
@@ -1235,14 +1304,24 @@ pub fn serve(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
     let (threads, model, ck) = (cfg.threads, m.model, m.ck);
     let engine = std::thread::spawn(move || {
-        let start = || -> Result<Session<'_>> {
+        let start = || -> Result<(Session<'_>, usize)> {
             let mut s = Session::new(&model, WeightData::Checkpoint(ck), threads)?;
             for _ in 1..slots {
                 s.add_slot()?;
             }
-            Ok(s)
+            let (batch_from, measured) =
+                if generates { calibrate(&mut s, slots)? } else { (usize::MAX, String::new()) };
+            if !measured.is_empty() {
+                let from = if batch_from == usize::MAX {
+                    "never".to_string()
+                } else {
+                    format!("from {batch_from} requests")
+                };
+                eprintln!("batched decode steps {from} (at {measured})");
+            }
+            Ok((s, batch_from))
         };
-        let session = match start() {
+        let (session, batch_from) = match start() {
             Ok(s) => s,
             Err(e) => {
                 let _ = ready_tx.send(Err(e));
@@ -1251,7 +1330,7 @@ pub fn serve(
         };
         let _ = ready_tx.send(Ok(()));
         let slots = (0..slots).map(|_| Slot::default()).collect();
-        Engine { session, text, slots, clock: 0, metrics, width, pooling }.run(queue);
+        Engine { session, text, slots, clock: 0, metrics, width, pooling, batch_from }.run(queue);
     });
     ready_rx.recv().context("the model engine stopped while starting")??;
 

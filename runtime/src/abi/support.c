@@ -710,9 +710,10 @@ static int32_t decode_batch(tfc_ctx *c, int32_t n, const int32_t *slots, const i
     }
     int32_t s = check_tokens(tokens, NULL, n);
     if (s != TFC_OK) return s;
-    if (!run_decode_batch) {
-        /* No batched graph (the MLIR backend, token types, attention outside the cache):
-           the slots one by one, the same computation. */
+    if (!run_decode_batch || n == 1) {
+        /* One slot is a decode step; with no batched graph (the MLIR backend, token
+           types, attention outside the cache), the slots one by one, the same
+           computation. */
         for (int32_t i = 0; i < n; i++) {
             slot_t *sl = &c->slots[slots[i]];
             run_decode(c->arena, sl->cache, &tokens[i], c->zeros, 1, sl->pos, c->weights,
