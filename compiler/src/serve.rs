@@ -1027,21 +1027,31 @@ fn stream(g: Generation, events: UnboundedReceiver<Event>, usage: bool) -> Respo
     Sse::new(s).into_response()
 }
 
-/// Submits a generation and answers it, streamed or whole.
+/// Checks a generation's parameters, submits it and answers it, streamed or whole.
 async fn generate(
     app: &App,
-    g: Generation,
+    kind: Kind,
     prompt: Vec<u32>,
-    params: Params,
-    stream_it: bool,
-    usage: bool,
+    c: &Common,
+    max_tokens: Option<i64>,
+    logprobs: Option<usize>,
 ) -> ApiResult<Response> {
+    let params = app.params(c, max_tokens, logprobs, prompt.len())?;
+    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+    let g = Generation {
+        kind,
+        id: request_id(prefix),
+        model: app.name.clone(),
+        created: now(),
+        prompt: prompt.len(),
+        logprobs,
+    };
     let (tx, rx) = unbounded_channel();
     app.metrics.requests.fetch_add(1, Relaxed);
     app.metrics.prompt_tokens.fetch_add(prompt.len() as u64, Relaxed);
     app.submit(Job::Generate { prompt, params, events: tx })?;
-    if stream_it {
-        return Ok(stream(g, rx, usage));
+    if c.stream.unwrap_or(false) {
+        return Ok(stream(g, rx, c.stream_options.as_ref().is_some_and(|o| o.include_usage)));
     }
     let o = collect(rx).await?;
     Ok(axum::Json(g.response(&o)).into_response())
@@ -1088,17 +1098,7 @@ async fn chat(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
         (false, None) => None,
     };
     let max = r.max_completion_tokens.or(r.common.max_tokens);
-    let params = app.params(&r.common, max, logprobs, prompt.len())?;
-    let g = Generation {
-        kind: Kind::Chat,
-        id: request_id("chatcmpl"),
-        model: app.name.clone(),
-        created: now(),
-        prompt: prompt.len(),
-        logprobs,
-    };
-    let usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    generate(&app, g, prompt, params, r.common.stream.unwrap_or(false), usage).await
+    generate(&app, Kind::Chat, prompt, &r.common, max, logprobs).await
 }
 
 async fn completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
@@ -1118,17 +1118,7 @@ async fn completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Resp
     };
     // OpenAI's default for this endpoint.
     let max = Some(r.common.max_tokens.unwrap_or(16));
-    let params = app.params(&r.common, max, logprobs, prompt.len())?;
-    let g = Generation {
-        kind: Kind::Completion,
-        id: request_id("cmpl"),
-        model: app.name.clone(),
-        created: now(),
-        prompt: prompt.len(),
-        logprobs,
-    };
-    let usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    generate(&app, g, prompt, params, r.common.stream.unwrap_or(false), usage).await
+    generate(&app, Kind::Completion, prompt, &r.common, max, logprobs).await
 }
 
 async fn embeddings(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
