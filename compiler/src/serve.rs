@@ -394,12 +394,10 @@ impl Engine<'_> {
                     Job::Generate { prompt, params, events } => {
                         let busy: Vec<usize> = running.iter().map(|r| r.slot).collect();
                         // A client gone while its request waited is not started.
-                        match (!events.is_closed())
-                            .then(|| self.start(&busy, prompt, params, events))
-                            .flatten()
-                        {
-                            Some(r) => running.push(r),
-                            None => drop(self.metrics.inflight.fetch_sub(1, Relaxed)),
+                        if events.is_closed() {
+                            self.metrics.inflight.fetch_sub(1, Relaxed);
+                        } else if let Some(r) = self.start(&busy, prompt, params, events) {
+                            running.push(r);
                         }
                     }
                 }
@@ -437,10 +435,21 @@ impl Engine<'_> {
 
     /// Drops the requests that ended or whose client has gone: their slots are free.
     fn drop_ended(&self, running: &mut Vec<Running>) {
-        let before = running.len();
-        running.retain(|r| !r.done && !r.events.is_closed());
-        self.metrics.inflight.fetch_sub((before - running.len()) as u64, Relaxed);
+        for r in running.iter_mut().filter(|r| r.events.is_closed()) {
+            self.end(r);
+        }
+        running.retain(|r| !r.done);
         self.metrics.running.store(running.len() as u64, Relaxed);
+    }
+
+    /// Ends a request: it no longer counts against the server's limit. Called before its
+    /// last event is sent, so a client that sees its answer end may send the next request
+    /// at once.
+    fn end(&self, r: &mut Running) {
+        if !r.done {
+            r.done = true;
+            self.metrics.inflight.fetch_sub(1, Relaxed);
+        }
     }
 
     /// Puts a request in a free slot and runs its prompt; the first token is sampled and
@@ -499,9 +508,9 @@ impl Engine<'_> {
     }
 
     fn fail(&mut self, r: &mut Running, message: &str) {
-        let _ = r.events.send(Event::Failed(message.to_string()));
         self.slots[r.slot].cached.clear();
-        r.done = true;
+        self.end(r);
+        let _ = r.events.send(Event::Failed(message.to_string()));
     }
 
     /// Samples the next token from `row`, sends its text, and decides whether the request
@@ -540,8 +549,7 @@ impl Engine<'_> {
         if !delta.is_empty() || logprob.is_some() {
             r.shown.push_str(&delta);
             if r.events.send(Event::Token { text: delta, logprob }).is_err() {
-                r.done = true;
-                return;
+                return self.end(r);
             }
         }
         if cut.is_some() {
@@ -562,8 +570,8 @@ impl Engine<'_> {
                 }
             }
         }
+        self.end(r);
         let _ = r.events.send(Event::Done { reason, tokens: r.generated.len() });
-        r.done = true;
     }
 
     fn logprob(&self, row: &[f32], token: u32, top: usize) -> Logprob {
