@@ -269,6 +269,7 @@ struct Metrics {
     completion_tokens: AtomicU64,
     /// Requests accepted and not yet ended: waiting or running.
     inflight: AtomicU64,
+    /// Requests holding a slot.
     running: AtomicU64,
     steps: AtomicU64,
     batched: AtomicU64,
@@ -439,16 +440,16 @@ impl Engine<'_> {
             self.end(r);
         }
         running.retain(|r| !r.done);
-        self.metrics.running.store(running.len() as u64, Relaxed);
     }
 
-    /// Ends a request: it no longer counts against the server's limit. Called before its
-    /// last event is sent, so a client that sees its answer end may send the next request
-    /// at once.
+    /// Ends a request: its slot is free and it no longer counts against the server's
+    /// limit. Called before its last event is sent, so a client that sees its answer end
+    /// may send the next request at once.
     fn end(&self, r: &mut Running) {
         if !r.done {
             r.done = true;
             self.metrics.inflight.fetch_sub(1, Relaxed);
+            self.metrics.running.fetch_sub(1, Relaxed);
         }
     }
 
@@ -462,9 +463,18 @@ impl Engine<'_> {
         events: UnboundedSender<Event>,
     ) -> Option<Running> {
         let shared = |s: &Slot| s.cached.iter().zip(&prompt).take_while(|(a, b)| a == b).count();
-        let slot = (0..self.slots.len())
+        let Some(slot) = (0..self.slots.len())
             .filter(|i| !busy.contains(i))
-            .max_by_key(|&i| (shared(&self.slots[i]), std::cmp::Reverse(self.slots[i].used)))?;
+            .max_by_key(|&i| (shared(&self.slots[i]), std::cmp::Reverse(self.slots[i].used)))
+        else {
+            // The engine admits only while a slot is free; this is a bug, told, not hung.
+            self.metrics.inflight.fetch_sub(1, Relaxed);
+            let _ = events.send(Event::Failed("internal error: no free slot".into()));
+            return None;
+        };
+        // It holds the slot from here, before its first token is sent: a client that has
+        // seen a token sees the request counted as running.
+        self.metrics.running.fetch_add(1, Relaxed);
         self.clock += 1;
         self.slots[slot].used = self.clock;
         // The last prompt token is always run: its row is the first token's logits.
@@ -1210,7 +1220,12 @@ async fn prometheus(State(app): State<Arc<App>>) -> Response {
     put("completion_tokens_total", "counter", "Tokens generated.", m.completion_tokens.load(Relaxed));
     let waiting = m.inflight.load(Relaxed).saturating_sub(m.running.load(Relaxed));
     put("queue_depth", "gauge", "Requests waiting for a slot.", waiting);
-    put("batch_size", "gauge", "Requests in the latest decode step.", m.running.load(Relaxed));
+    put(
+        "batch_size",
+        "gauge",
+        "Requests holding a slot: the next decode step's batch.",
+        m.running.load(Relaxed),
+    );
     put("decode_steps_total", "counter", "Decode steps run.", m.steps.load(Relaxed));
     put(
         "decode_rows_total",
