@@ -190,7 +190,7 @@ pub(crate) fn lin_n_block<'ctx>(
         return lin_tile_row(kb, l, t0, o0, o1, xp.expect("tiled weights have a permuted row"));
     }
     if rn == 1 {
-        return lin_dot_row(kb, l, t0, o0, o1, xp);
+        return lin_dot_row(kb, l, t0, 1, o0, o1, xp);
     }
     let c = |v: usize| kb.c(v as i64);
     let outs = 4;
@@ -258,32 +258,36 @@ pub(crate) fn permute_pairs<'ctx>(
     });
 }
 
-/// One row times `W [out, in]`, outputs `o0..o1`: one output's dot product at a time, so
-/// the block of weight rows is a single forward stream, prefetched `PREFETCH` ahead.
-/// (Four outputs' interleaved short streams left the prefetcher behind.) bf16 weights are
-/// read 32 at a time as even and odd lanes against `xp`, row `t` already permuted to match
-/// (`permute_pairs`).
+/// Rows `t..t + rn` times `W [out, in]`, outputs `o0..o1`: one output's dot products at
+/// a time, so the block of weight rows is a single forward stream, prefetched `PREFETCH`
+/// ahead, and each weight vector read (and decoded) once for all `rn` rows. (Four
+/// outputs' interleaved short streams left the prefetcher behind.) Each row keeps the
+/// accumulators one row alone has, so its sums are the same as alone, bit for bit. bf16
+/// weights are read 32 at a time as even and odd lanes against `xp`, the rows already
+/// permuted to match (`permute_pairs`, `permuted_len` apart).
 pub(crate) fn lin_dot_row<'ctx>(
     kb: &Kb<'_, 'ctx>,
     l: &Lin<'ctx, '_>,
     t: IntValue<'ctx>,
+    rn: usize,
     o0: IntValue<'ctx>,
     o1: IntValue<'ctx>,
     xp: Option<PointerValue<'ctx>>,
 ) {
     match l.wf {
-        WFmt::Quant(Quant::Q6_K) => return lin_q6k_row(kb, l, t, o0, o1),
-        WFmt::Quant(q @ (Quant::Q2_K | Quant::Q3_K)) => return lin_groups_row(kb, l, t, o0, o1, q),
-        WFmt::Quant(q) => return lin_q4_row(kb, l, t, o0, o1, q, xp),
+        WFmt::Quant(Quant::Q6_K) => return lin_q6k_row(kb, l, t, rn, o0, o1),
+        WFmt::Quant(q @ (Quant::Q2_K | Quant::Q3_K)) => return lin_groups_row(kb, l, t, rn, o0, o1, q),
+        WFmt::Quant(q) => return lin_q4_row(kb, l, t, rn, o0, o1, q, xp),
         _ => {}
     }
     let c = |v: usize| kb.c(v as i64);
     let (inn, steps) = (l.inn, l.inn / DOT);
-    let xrow = kb.mul(t, c(inn));
+    let xrows: Vec<_> = (0..rn).map(|r| kb.mul(row_at(kb, t, r), c(inn))).collect();
+    let xrow = |r: usize| xrows[r];
     let esize = l.wf.bytes(1);
     kb.for_(o0, o1, |o| {
         let wrow = kb.mul(o, c(inn));
-        let init: Vec<_> = (0..4).map(|_| kb.vzero().into()).collect();
+        let init: Vec<_> = (0..4 * rn).map(|_| kb.vzero().into()).collect();
         let acc = kb.fold(c(0), c(steps), &init, |s, acc| {
             let i = kb.mul(s, c(DOT));
             let wi = kb.add(wrow, i);
@@ -291,51 +295,81 @@ pub(crate) fn lin_dot_row<'ctx>(
             for line in 0..(DOT * esize).div_ceil(64) {
                 kb.prefetch(l.w, kb.add(bytes, c(PREFETCH + 64 * line)));
             }
-            let a = |j: usize| acc[j].into_vector_value();
-            let xv = |j: usize| kb.ldv(l.x, kb.add(xrow, kb.add(i, c(j * VW))));
-            let next: Vec<VectorValue<'ctx>> = match (l.wf, xp) {
+            let a = |r: usize, j: usize| acc[4 * r + j].into_vector_value();
+            let xv = |r: usize, j: usize| kb.ldv(l.x, kb.add(xrow(r), kb.add(i, c(j * VW))));
+            let mut next: Vec<VectorValue<'ctx>> = Vec::with_capacity(4 * rn);
+            match (l.wf, xp) {
                 (WFmt::Bf16, Some(xp)) => {
-                    let xv = |j: usize| kb.ldv(xp, kb.add(i, c(j * VW)));
                     let (e0, d0) = kb.ld_bf16_pairs(l.w, wi);
                     let (e1, d1) = kb.ld_bf16_pairs(l.w, kb.add(wi, c(2 * VW)));
-                    vec![
-                        kb.vfma(xv(0), e0, a(0)),
-                        kb.vfma(xv(1), d0, a(1)),
-                        kb.vfma(xv(2), e1, a(2)),
-                        kb.vfma(xv(3), d1, a(3)),
-                    ]
+                    for r in 0..rn {
+                        let xv =
+                            |j: usize| kb.ldv(xp, row_at(kb, kb.add(i, c(j * VW)), r * permuted_len(inn)));
+                        next.extend([
+                            kb.vfma(xv(0), e0, a(r, 0)),
+                            kb.vfma(xv(1), d0, a(r, 1)),
+                            kb.vfma(xv(2), e1, a(r, 2)),
+                            kb.vfma(xv(3), d1, a(r, 3)),
+                        ]);
+                    }
                 }
                 (WFmt::Q8 { scales }, _) => {
                     // Two blocks of 32: each block's products are summed, then scaled once.
                     kb.prefetch(l.w, kb.add(c(scales + PREFETCH / 8), kb.mul(kb.div(wi, c(Q8_BLOCK)), c(4))));
-                    let block = |b: usize| {
-                        let at = kb.add(wi, c(b * 2 * VW));
-                        let p0 = kb.vmul(xv(2 * b), kb.ldv_q8_raw(l.w, at));
-                        let blk = kb.vfma(xv(2 * b + 1), kb.ldv_q8_raw(l.w, kb.add(at, c(VW))), p0);
-                        kb.vfma(blk, kb.splat(kb.q8_scale(l.w, at, scales)), a(b))
-                    };
-                    // Accumulators 2 and 3 stay zero: one per block is enough.
-                    vec![block(0), block(1), a(2), a(3)]
+                    let block: Vec<_> = (0..2)
+                        .map(|b| {
+                            let at = kb.add(wi, c(b * 2 * VW));
+                            let w = (kb.ldv_q8_raw(l.w, at), kb.ldv_q8_raw(l.w, kb.add(at, c(VW))));
+                            (w, kb.splat(kb.q8_scale(l.w, at, scales)))
+                        })
+                        .collect();
+                    for r in 0..rn {
+                        let sum = |b: usize| {
+                            let ((w0, w1), scale) = block[b];
+                            let blk = kb.vfma(xv(r, 2 * b + 1), w1, kb.vmul(xv(r, 2 * b), w0));
+                            kb.vfma(blk, scale, a(r, b))
+                        };
+                        // Accumulators 2 and 3 stay zero: one per block is enough.
+                        next.extend([sum(0), sum(1), a(r, 2), a(r, 3)]);
+                    }
                 }
                 _ => {
-                    (0..4).map(|j| kb.vfma(xv(j), kb.ldvw(l.w, kb.add(wi, c(j * VW)), l.wf), a(j))).collect()
+                    let wv: Vec<_> = (0..4).map(|j| kb.ldvw(l.w, kb.add(wi, c(j * VW)), l.wf)).collect();
+                    for r in 0..rn {
+                        next.extend((0..4).map(|j| kb.vfma(xv(r, j), wv[j], a(r, j))));
+                    }
                 }
             };
             next.into_iter().map(Into::into).collect()
         });
-        let mut sum = kb.vadd(
-            kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()),
-            kb.vadd(acc[2].into_vector_value(), acc[3].into_vector_value()),
-        );
-        // The rest of `in` (a multiple of VW), one vector at a time.
-        for j in 0..(inn % DOT) / VW {
-            let i = c(steps * DOT + j * VW);
-            let xv = kb.ldv(l.x, kb.add(xrow, i));
-            sum = kb.vfma(xv, kb.ldvw(l.w, kb.add(wrow, i), l.wf), sum);
+        for r in 0..rn {
+            let a = |j: usize| acc[4 * r + j].into_vector_value();
+            let mut sum = kb.vadd(kb.vadd(a(0), a(1)), kb.vadd(a(2), a(3)));
+            // The rest of `in` (a multiple of VW), one vector at a time.
+            for j in 0..(inn % DOT) / VW {
+                let i = c(steps * DOT + j * VW);
+                let xv = kb.ldv(l.x, kb.add(xrow(r), i));
+                sum = kb.vfma(xv, kb.ldvw(l.w, kb.add(wrow, i), l.wf), sum);
+            }
+            let v = kb.vsum(sum);
+            l.store(kb, row_at(kb, t, r), o, v);
         }
-        let v = kb.vsum(sum);
-        l.store(kb, t, o, v);
     });
+}
+
+/// `t + r`, with no instruction for `r = 0`.
+fn row_at<'ctx>(kb: &Kb<'_, 'ctx>, t: IntValue<'ctx>, r: usize) -> IntValue<'ctx> {
+    if r == 0 {
+        t
+    } else {
+        kb.add(t, kb.c(r as i64))
+    }
+}
+
+/// Floats of one row's `x` as `permute_pairs` writes it for `lin_dot_row`: the whole
+/// steps of `DOT` over `in`.
+pub(crate) fn permuted_len(inn: usize) -> usize {
+    inn / DOT * DOT
 }
 
 /// Floats of `q4_block_sums` for a row of `inn` inputs in format `q`: none for the
@@ -379,19 +413,31 @@ pub(crate) fn q4_block_sums<'ctx>(
     }
 }
 
-/// One row times `W [out, in]` in a 4- or 5-bit format or `Q8_0`, outputs `o0..o1`: one
-/// output's row of blocks at a time, a single forward stream prefetched `PREFETCH` ahead.
-/// Each 32 values are `q · scale + offset`, so a block adds `scale · Σ q·x` and
-/// `offset · Σ x`: the values are multiplied as they are and each block's sum scaled
-/// once, and the `Σ x` are the row's `sums` (`q4_block_sums`), shared by every output.
+/// Whether `lin_q4_row` over several rows dequantises each block once for all of them
+/// (`value · scale + offset`, then one FMA per row and vector), rather than keeping the
+/// one-row factoring (a product, a scaling and the offset term per row and block).
+fn dequantises(q: Quant) -> bool {
+    matches!(q, Quant::Q8_0 | Quant::Q4_0 | Quant::Q4_1 | Quant::Q5_0 | Quant::Q5_1)
+}
+
+/// Rows `t..t + rn` times `W [out, in]` in a 4- or 5-bit format or `Q8_0`, outputs
+/// `o0..o1`: one output's row of blocks at a time, a single forward stream prefetched
+/// `PREFETCH` ahead, each block decoded once for all `rn` rows. Each 32 values are
+/// `q · scale + offset`, so for one row a block adds `scale · Σ q·x` and `offset · Σ x`:
+/// the values are multiplied as they are and each block's sum scaled once, and the `Σ x`
+/// are the row's `sums` (`q4_block_sums`, rows `q4_sums` apart), shared by every output.
+/// Several rows share each block of the 32-value formats dequantised instead
+/// (`dequantises`); the K formats keep the one-row factoring for each row.
 /// `Q4_0`'s and `Q5_0`'s values are made signed (`q - 8`, `q - 16`) instead, so they have
 /// no offset term, nor has `Q8_0`; the K formats unpack a super-block's eight scales and
 /// offsets at once (`Kb::q4k_scales`) and add their offset terms as one product with the
 /// sums. A `Q5_*` value is its nibble and its fifth bit (`Kb::q5_high`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn lin_q4_row<'ctx>(
     kb: &Kb<'_, 'ctx>,
     l: &Lin<'ctx, '_>,
     t: IntValue<'ctx>,
+    rn: usize,
     o0: IntValue<'ctx>,
     o1: IntValue<'ctx>,
     q: Quant,
@@ -407,17 +453,22 @@ pub(crate) fn lin_q4_row<'ctx>(
         _ if inn % 64 == 0 => 64,
         _ => 32,
     };
-    let xrow = kb.mul(t, c(inn));
+    let xrows: Vec<_> = (0..rn).map(|r| kb.mul(row_at(kb, t, r), c(inn))).collect();
     let row_bytes = inn / per * size;
     let sums = || sums.expect("bug: a block row with offsets reads its block sums");
+    // Each row's accumulators: vectors for the scaled sums (two) and the K formats'
+    // offsets, then a scalar one per block of a step for `Q4_1`'s and `Q5_1`'s offsets.
+    let offset = matches!(q, Quant::Q4_1 | Quant::Q5_1);
+    // One row multiplies the values as they are and scales each block's sum once; more
+    // rows share the block dequantised instead (`factored`: fewer operations per row).
+    let factored = rn == 1 || !dequantises(q);
+    let per_row = 3 + if offset && factored { unit / 32 } else { 0 };
     kb.for_(o0, o1, |o| {
         let wrow = kb.mul(o, c(row_bytes));
-        // Vector accumulators for the scaled sums (two) and the K formats' offsets, then a
-        // scalar one per block of a step for `Q4_1`'s and `Q5_1`'s offsets.
-        let mut init: Vec<BasicValueEnum<'ctx>> = (0..3).map(|_| kb.vzero().into()).collect();
-        let offsets = matches!(q, Quant::Q4_1 | Quant::Q5_1);
-        if offsets {
-            init.extend((0..unit / 32).map(|_| BasicValueEnum::from(kb.fc(0.0))));
+        let mut init: Vec<BasicValueEnum<'ctx>> = Vec::with_capacity(per_row * rn);
+        for _ in 0..rn {
+            init.extend((0..3).map(|_| BasicValueEnum::from(kb.vzero())));
+            init.extend((3..per_row).map(|_| BasicValueEnum::from(kb.fc(0.0))));
         }
         let acc = kb.fold(c(0), c(inn / unit), &init, |s, acc| {
             let i = kb.mul(s, c(unit));
@@ -426,16 +477,16 @@ pub(crate) fn lin_q4_row<'ctx>(
                 kb.prefetch(l.w, kb.add(at, c(PREFETCH + 64 * line)));
             }
             let mut acc = acc.to_vec();
-            let vacc = |acc: &[BasicValueEnum<'ctx>], a: usize| acc[a].into_vector_value();
+            let vacc =
+                |acc: &[BasicValueEnum<'ctx>], r: usize, a: usize| acc[r * per_row + a].into_vector_value();
             let shift = |s: u64| kb.cx.i32_type().const_int(s, false);
             let bias = if q == Quant::Q4_0 { 8 } else { 0 };
-            // `Σ nibble·x` of the 32 values from input `k` on, whose first and last 16
+            let x = |r: usize, k: usize| kb.ldv(l.x, kb.add(xrows[r], kb.add(i, c(k))));
+            // The 32 values from input `k` on as two vectors, whose first and last 16
             // nibbles are the `(byte, shift)` halves `lo` and `hi`.
             // `Q5_*` add each half's fifth bits (`Kb::q5_high`, for the element at
             // `k` and `k + 16` of the row) and `Q5_0` subtracts 16.
-            let dot32 = |k: usize, lo: (IntValue<'ctx>, u64), hi: (IntValue<'ctx>, u64)| {
-                let x0 = kb.ldv(l.x, kb.add(xrow, kb.add(i, c(k))));
-                let x1 = kb.ldv(l.x, kb.add(xrow, kb.add(i, c(k + VW))));
+            let values32 = |k: usize, lo: (IntValue<'ctx>, u64), hi: (IntValue<'ctx>, u64)| {
                 let w = |(at, s): (IntValue<'ctx>, u64), k: usize| {
                     if !q.fifth_bit() {
                         return kb.ld_nibbles_f(l.w, at, shift(s), bias);
@@ -451,33 +502,48 @@ pub(crate) fn lin_q4_row<'ctx>(
                     };
                     kb.b.build_signed_int_to_float(n, kb.vt(), "").unwrap()
                 };
-                let p = kb.vmul(w(lo, k), x0);
-                kb.vfma(w(hi, k + VW), x1, p)
+                (w(lo, k), w(hi, k + VW))
+            };
+            // `Σ value·x` of row `r` over the 32 inputs from `k` on.
+            let dot32 = |(w0, w1): (VectorValue<'ctx>, VectorValue<'ctx>), r: usize, k: usize| {
+                let p = kb.vmul(w0, x(r, k));
+                kb.vfma(w1, x(r, k + VW), p)
             };
             match q {
-                Quant::Q8_0 => {
+                Quant::Q8_0 | Quant::Q4_0 | Quant::Q4_1 | Quant::Q5_0 | Quant::Q5_1 => {
                     for b in 0..unit / 32 {
-                        // The block's scale, then its 32 signed bytes.
                         let blk = kb.add(at, c(b * size));
-                        let byte = |k: usize| {
-                            let q = kb.ld_bytes_as(l.w, kb.add(blk, c(2 + k)), true);
-                            kb.b.build_signed_int_to_float(q, kb.vt(), "").unwrap()
+                        let d = kb.splat(kb.ld_f16(l.w, blk));
+                        // The block's 32 values as two vectors: `Q8_0`'s signed bytes after
+                        // its scale; the others' 16 bytes of nibbles, the first 16 values
+                        // low, the last 16 high.
+                        let w = if q == Quant::Q8_0 {
+                            let byte = |k: usize| {
+                                let q = kb.ld_bytes_as(l.w, kb.add(blk, c(2 + k)), true);
+                                kb.b.build_signed_int_to_float(q, kb.vt(), "").unwrap()
+                            };
+                            (byte(0), byte(VW))
+                        } else {
+                            let qs = kb.add(blk, c(nibbles_at(q)));
+                            values32(b * 32, (qs, 0), (qs, 4))
                         };
-                        let x = |k: usize| kb.ldv(l.x, kb.add(xrow, kb.add(i, c(32 * b + k))));
-                        let p = kb.vfma(byte(VW), x(VW), kb.vmul(byte(0), x(0)));
-                        acc[b] = kb.vfma(p, kb.splat(kb.ld_f16(l.w, blk)), vacc(&acc, b)).into();
-                    }
-                }
-                Quant::Q4_0 | Quant::Q4_1 | Quant::Q5_0 | Quant::Q5_1 => {
-                    for b in 0..unit / 32 {
-                        let blk = kb.add(at, c(b * size));
-                        let d = kb.ld_f16(l.w, blk);
-                        // 16 bytes: the first 16 values low, the last 16 high.
-                        let qs = kb.add(blk, c(nibbles_at(q)));
-                        let p = dot32(b * 32, (qs, 0), (qs, 4));
-                        acc[b] = kb.vfma(p, kb.splat(d), vacc(&acc, b)).into();
-                        if offsets {
-                            let m = kb.ld_f16(l.w, kb.add(blk, c(2)));
+                        let m = offset.then(|| kb.ld_f16(l.w, kb.add(blk, c(2))));
+                        if !factored {
+                            // Dequantised once for all the rows: `value · scale + offset`.
+                            let deq = |v| match m {
+                                Some(m) => kb.vfma(v, d, kb.splat(m)),
+                                None => kb.vmul(v, d),
+                            };
+                            let (w0, w1) = (deq(w.0), deq(w.1));
+                            for r in 0..rn {
+                                let a = kb.vfma(w0, x(r, 32 * b), vacc(&acc, r, b));
+                                acc[r * per_row + b] = kb.vfma(w1, x(r, 32 * b + VW), a).into();
+                            }
+                            continue;
+                        }
+                        let p = dot32(w, 0, b * 32);
+                        acc[b] = kb.vfma(p, d, vacc(&acc, 0, b)).into();
+                        if let Some(m) = m {
                             let sb = kb.ld(sums(), kb.add(kb.mul(s, c(unit / 32)), c(b)));
                             let a = acc[3 + b].into_float_value();
                             acc[3 + b] = kb.fadd(kb.fmul(m, sb), a).into();
@@ -493,29 +559,39 @@ pub(crate) fn lin_q4_row<'ctx>(
                         // 32 bytes per two sub-blocks: the first's values low, the next's high.
                         let qs = kb.add(at, c(nibbles_at(q) + j / 2 * 32));
                         let half = 4 * (j as u64 % 2);
-                        let p = dot32(j * 32, (qs, half), (kb.add(qs, c(16)), half));
-                        acc[j % 2] = kb.vfma(p, kb.broadcast_lane(scales, j), vacc(&acc, j % 2)).into();
+                        let w = values32(j * 32, (qs, half), (kb.add(qs, c(16)), half));
+                        let scale = kb.broadcast_lane(scales, j);
+                        for r in 0..rn {
+                            let p = dot32(w, r, j * 32);
+                            acc[r * per_row + j % 2] = kb.vfma(p, scale, vacc(&acc, r, j % 2)).into();
+                        }
                     }
-                    let sv = kb.ldv(sums(), kb.mul(s, c(VW)));
-                    acc[2] = kb.vfma(scales, sv, vacc(&acc, 2)).into();
+                    for r in 0..rn {
+                        let sv = kb.ldv(sums(), row_at(kb, kb.mul(s, c(VW)), r * q4_sums(q, inn)));
+                        acc[r * per_row + 2] = kb.vfma(scales, sv, vacc(&acc, r, 2)).into();
+                    }
                 }
             }
             acc
         });
-        let sum = kb.vadd(
-            kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()),
-            acc[2].into_vector_value(),
-        );
-        let mut v = kb.vsum(sum);
-        for a in &acc[3..] {
-            v = kb.fadd(v, a.into_float_value());
+        for r in 0..rn {
+            let acc = &acc[r * per_row..(r + 1) * per_row];
+            let sum = kb.vadd(
+                kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()),
+                acc[2].into_vector_value(),
+            );
+            let mut v = kb.vsum(sum);
+            for a in &acc[3..] {
+                v = kb.fadd(v, a.into_float_value());
+            }
+            l.store(kb, row_at(kb, t, r), o, v);
         }
-        l.store(kb, t, o, v);
     });
 }
 
-/// One row times `W [out, in]` in `Q6_K`, outputs `o0..o1`: one output's row of
-/// super-blocks at a time, a single forward stream prefetched `PREFETCH` ahead. Each 16
+/// Rows `t..t + rn` times `W [out, in]` in `Q6_K`, outputs `o0..o1`: one output's row
+/// of super-blocks at a time, a single forward stream prefetched `PREFETCH` ahead, each
+/// decoded once for all `rn` rows. Each 16
 /// values share a scale: they are read as one vector (`Kb::q6k_element`'s byte runs),
 /// times `x`, and the product scaled once; the sixteen scales of a super-block are read
 /// as one vector of int8 and broadcast lane by lane.
@@ -523,18 +599,19 @@ pub(crate) fn lin_q6k_row<'ctx>(
     kb: &Kb<'_, 'ctx>,
     l: &Lin<'ctx, '_>,
     t: IntValue<'ctx>,
+    rn: usize,
     o0: IntValue<'ctx>,
     o1: IntValue<'ctx>,
 ) {
     let c = |v: usize| kb.c(v as i64);
     let inn = l.inn;
     let (per, size) = Quant::Q6_K.block();
-    let xrow = kb.mul(t, c(inn));
+    let xrows: Vec<_> = (0..rn).map(|r| kb.mul(row_at(kb, t, r), c(inn))).collect();
     let i32t = kb.cx.i32_type();
     let k = |v: u64| inkwell::types::VectorType::const_vector(&[i32t.const_int(v, false); VW]);
     kb.for_(o0, o1, |o| {
         let wrow = kb.mul(o, c(inn / per * size));
-        let init: Vec<BasicValueEnum<'ctx>> = (0..2).map(|_| kb.vzero().into()).collect();
+        let init: Vec<BasicValueEnum<'ctx>> = (0..2 * rn).map(|_| kb.vzero().into()).collect();
         let acc = kb.fold(c(0), c(inn / per), &init, |s, acc| {
             let at = kb.add(wrow, kb.mul(s, c(size)));
             for line in 0..size.div_ceil(64) {
@@ -551,24 +628,44 @@ pub(crate) fn lin_q6k_row<'ctx>(
                 let hi = kb.ld_bytes(l.w, kb.add(at, c(128 + 32 * h + off)));
                 let q = kb.q6_value(lo, k(4 * (g as u64 / 2)), hi, k(2 * g as u64), k);
                 let w = kb.b.build_signed_int_to_float(q, kb.vt(), "").unwrap();
-                let x = kb.ldv(l.x, kb.add(xrow, kb.add(kb.mul(s, c(per)), c(VW * v))));
-                let p = kb.vmul(w, x);
-                acc[v % 2] = kb.vfma(p, kb.broadcast_lane(scales, v), acc[v % 2].into_vector_value()).into();
+                let scale = kb.broadcast_lane(scales, v);
+                for (r, &xrow) in xrows.iter().enumerate() {
+                    let x = kb.ldv(l.x, kb.add(xrow, kb.add(kb.mul(s, c(per)), c(VW * v))));
+                    let p = kb.vmul(w, x);
+                    let a = 2 * r + v % 2;
+                    acc[a] = kb.vfma(p, scale, acc[a].into_vector_value()).into();
+                }
             }
             acc
         });
-        let v = kb.vsum(kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()));
-        l.store(kb, t, o, v);
+        store_pairs(kb, l, t, o, &acc);
     });
 }
 
-/// One row times `W [out, in]` in a format whose 16 values share a scale (`Q2_K`,
-/// `Q3_K`), outputs `o0..o1`: one output's row of super-blocks at a time, a single forward
-/// stream prefetched `PREFETCH` ahead, each 16 values read as one vector (`Kb::ldvw`).
+/// Stores output `o` of rows `t..`: each row's two vector accumulators, summed.
+fn store_pairs<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    t: IntValue<'ctx>,
+    o: IntValue<'ctx>,
+    acc: &[BasicValueEnum<'ctx>],
+) {
+    for (r, a) in acc.chunks(2).enumerate() {
+        let v = kb.vsum(kb.vadd(a[0].into_vector_value(), a[1].into_vector_value()));
+        l.store(kb, row_at(kb, t, r), o, v);
+    }
+}
+
+/// Rows `t..t + rn` times `W [out, in]` in a format whose 16 values share a scale
+/// (`Q2_K`, `Q3_K`), outputs `o0..o1`: one output's row of super-blocks at a time, a
+/// single forward stream prefetched `PREFETCH` ahead, each 16 values read as one vector
+/// (`Kb::ldvw`) once for all `rn` rows.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn lin_groups_row<'ctx>(
     kb: &Kb<'_, 'ctx>,
     l: &Lin<'ctx, '_>,
     t: IntValue<'ctx>,
+    rn: usize,
     o0: IntValue<'ctx>,
     o1: IntValue<'ctx>,
     q: Quant,
@@ -576,10 +673,10 @@ pub(crate) fn lin_groups_row<'ctx>(
     let c = |v: usize| kb.c(v as i64);
     let inn = l.inn;
     let (per, size) = q.block();
-    let xrow = kb.mul(t, c(inn));
+    let xrows: Vec<_> = (0..rn).map(|r| kb.mul(row_at(kb, t, r), c(inn))).collect();
     kb.for_(o0, o1, |o| {
         let wrow = kb.mul(o, c(inn / per * size));
-        let init: Vec<BasicValueEnum<'ctx>> = (0..2).map(|_| kb.vzero().into()).collect();
+        let init: Vec<BasicValueEnum<'ctx>> = (0..2 * rn).map(|_| kb.vzero().into()).collect();
         let acc = kb.fold(c(0), c(inn / per), &init, |s, acc| {
             let at = kb.add(wrow, kb.mul(s, c(size)));
             for line in 0..size.div_ceil(64) {
@@ -589,13 +686,15 @@ pub(crate) fn lin_groups_row<'ctx>(
             for v in 0..per / VW {
                 let i = kb.add(kb.mul(s, c(per)), c(VW * v));
                 let w = kb.ldvw(l.w, kb.add(kb.mul(o, c(inn)), i), l.wf);
-                let x = kb.ldv(l.x, kb.add(xrow, i));
-                acc[v % 2] = kb.vfma(w, x, acc[v % 2].into_vector_value()).into();
+                for (r, &xrow) in xrows.iter().enumerate() {
+                    let x = kb.ldv(l.x, kb.add(xrow, i));
+                    let a = 2 * r + v % 2;
+                    acc[a] = kb.vfma(w, x, acc[a].into_vector_value()).into();
+                }
             }
             acc
         });
-        let v = kb.vsum(kb.vadd(acc[0].into_vector_value(), acc[1].into_vector_value()));
-        l.store(kb, t, o, v);
+        store_pairs(kb, l, t, o, &acc);
     });
 }
 
@@ -978,6 +1077,16 @@ pub(crate) fn linear_packed<'ctx>(
         );
     }
     let Some(am) = amx else {
+        if !transposed && !tiles && !panels && inn % VW == 0 {
+            // A few rows (a batched decode step) read the weights as stored, decoding
+            // each block once per `FEW` rows instead of converting it to a panel.
+            let xp = few_rows_scratch(kb, l.wf, inn);
+            return kb.if_else(
+                kb.icmp_lt(rows, c(FEW_MAX + 1)),
+                || lin_few_rows(kb, &l, rows, begin, end, xp),
+                || lin_packed(kb, &l, rows, begin, end, panel, xs, transposed),
+            );
+        }
         return lin_packed(kb, &l, rows, begin, end, panel, xs, transposed);
     };
     // A task is `amx::groups` blocks (the last one maybe fewer).
@@ -1024,6 +1133,84 @@ pub(crate) fn linear_packed<'ctx>(
             })
         },
     );
+}
+
+/// Rows per pass of the few-row products (`lin_few_rows`) where the CPU has 32 vector
+/// registers, half that with 16 (AVX2): their accumulators (up to four vectors a row)
+/// and a step's decoded weights fit in the registers. (Eight rows a pass ran SmolLM2's
+/// Q4_1 batched steps no faster than four, on the AMD host.)
+pub(crate) const FEW: usize = 4;
+
+/// The most rows of a linear map over run-time rows on `[out, in]` weights as stored that
+/// take the few-row products rather than the packed GEMM. The packed GEMM converts each
+/// block of the weights into an f32 panel, paid once per call whatever the rows, so it
+/// loses for a few rows; the few-row products do a row's FMAs at the one-row rate, so
+/// they lose for many. `tfc bench --batch` on the AMD host, batched decode tok/s, few-row
+/// against packed: at 8 rows llama-0.85b q8 70 vs 46, q4_k 71 vs 32, q6_k 61 vs 41;
+/// at 16 rows 71 vs 74, 60 vs 55, 62 vs 62; SmolLM2-135M Q4_1 at 32 rows 404 vs 371.
+pub(crate) const FEW_MAX: usize = 4 * FEW;
+
+/// Scratch for `lin_few_rows`: `FEW` rows of what `lin_dot_row` reads besides `x` (bf16
+/// weights' permuted rows, block formats' sums per block).
+fn few_rows_scratch<'ctx>(kb: &Kb<'_, 'ctx>, wf: WFmt, inn: usize) -> Option<PointerValue<'ctx>> {
+    match wf {
+        WFmt::Bf16 if permuted_len(inn) > 0 => Some(kb.alloca_f32s(FEW * permuted_len(inn))),
+        WFmt::Quant(q) if q4_sums(q, inn) > 0 => Some(kb.alloca_f32s(FEW * q4_sums(q, inn))),
+        _ => None,
+    }
+}
+
+/// All `rows` (at most `FEW_MAX`) times `W [out, in]` as stored, column blocks
+/// `begin..end`: passes of `FEW` rows (fewer with 16 vector registers), then of the
+/// rest's binary digits, each preparing its rows' scratch (`xp`) and running
+/// `lin_dot_row` over every block, the epilogue after each.
+fn lin_few_rows<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    rows: IntValue<'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+    xp: Option<PointerValue<'ctx>>,
+) {
+    let c = |v: usize| kb.c(v as i64);
+    let inn = l.inn;
+    let few = if kb.vector_registers() >= 32 { FEW } else { FEW / 2 };
+    let pass = |t: IntValue<'ctx>, rn: usize| {
+        for r in 0..rn {
+            let xrow = kb.mul(row_at(kb, t, r), c(inn));
+            match (l.wf, xp) {
+                (WFmt::Bf16, Some(xp)) => {
+                    let n = permuted_len(inn);
+                    permute_pairs(kb, l.x, xrow, n, kb.gep(kb.f32t(), xp, c(r * n)))
+                }
+                (WFmt::Quant(q), Some(xp)) if rn == 1 || !dequantises(q) => {
+                    let at = kb.gep(kb.f32t(), xp, c(r * q4_sums(q, inn)));
+                    q4_block_sums(kb, l.x, xrow, inn, q, at)
+                }
+                _ => {}
+            }
+        }
+        kb.for_(begin, end, |blk| {
+            let o0 = kb.mul(blk, c(BLOCK));
+            let o1 = kb.min(kb.add(o0, c(BLOCK)), c(l.n_out));
+            lin_dot_row(kb, l, t, rn, o0, o1, xp);
+            for r in 0..rn {
+                epilogue(kb, l, row_at(kb, t, r), o0, o1);
+            }
+        });
+    };
+    let full = kb.div(rows, c(few));
+    kb.for_(c(0), full, |p| pass(kb.mul(p, c(few)), few));
+    // The rest by its binary digits: a pass of `n` rows where it has `n`, after the
+    // rows of the larger digits.
+    let rest = kb.sub(rows, kb.mul(full, c(few)));
+    let mut n = few / 2;
+    while n > 0 {
+        let below = kb.urem(rest, c(2 * n));
+        let t = kb.sub(rows, below);
+        kb.if_(kb.icmp_ge(below, c(n)), || pass(t, n));
+        n /= 2;
+    }
 }
 
 pub(crate) fn slice_rows<'ctx>(
