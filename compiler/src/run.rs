@@ -834,6 +834,11 @@ pub struct BenchArgs {
     /// With --sweep: draw the two curves as an SVG file.
     #[arg(long, value_name = "FILE.svg", requires = "sweep")]
     plot: Option<PathBuf>,
+    /// Also measure batched decode (what `tfc serve` runs): for each B, one step of B
+    /// sequences, each in its own cache slot after a `--prompt` long prompt, through
+    /// `decode_batch`, against B single decode steps, alternately.
+    #[arg(long, value_name = "B,…", value_delimiter = ',')]
+    batch: Vec<usize>,
     /// The machine's streaming read rate in GB/s (all threads), to report decode's share
     /// of the bandwidth roofline.
     #[arg(long, value_name = "GB/S")]
@@ -1079,6 +1084,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.sweep {
         sweep(&a, &m, &mut s)?;
     }
+    if !a.batch.is_empty() {
+        batched(&a, &m, &mut s)?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -1287,6 +1295,84 @@ fn sweep(a: &BenchArgs, m: &tfc_runtime::abi::Manifest, s: &mut tfc_runtime::Ses
     if let Some(path) = &a.plot {
         let pts = |v: &[(usize, (f64, f64, f64))]| v.iter().map(|(x, s)| (*x, s.0)).collect::<Vec<_>>();
         plot(path, &format!("{}: prefill latency and decode speed", m.name), &pts(&prefill), &pts(&decode))?;
+    }
+    Ok(())
+}
+
+/// Tokens/s of batched decode steps of B sequences against B single steps, per B of
+/// `--batch`: after a warm-up pair, `--runs` pairs, the order alternating within the pair.
+fn batched(a: &BenchArgs, m: &tfc_runtime::abi::Manifest, s: &mut tfc_runtime::Session) -> Result<()> {
+    let most = a.batch.iter().copied().max().unwrap_or(0);
+    if a.batch.contains(&0) || most > tfc_runtime::abi::MAX_SLOTS {
+        bail!("--batch: each size must be 1 to {}", tfc_runtime::abi::MAX_SLOTS);
+    }
+    // Each pair advances every sequence by two positions.
+    if a.prompt + 2 * (a.runs + 1) > m.max_seq {
+        bail!(
+            "--batch: a {}-token prompt and {} pairs of steps exceed max_seq {}",
+            a.prompt,
+            a.runs + 1,
+            m.max_seq
+        );
+    }
+    // The session has slot 0; the others are added.
+    let mut slots = 1;
+    while slots < most {
+        slots = s.add_slot()? + 1;
+    }
+    let prompt: Vec<i32> = (0..a.prompt).map(|i| ((i * 7919 + 13) % m.vocab) as i32).collect();
+    let mut rows = Vec::new();
+    for &b in &a.batch {
+        for i in 0..b {
+            s.use_slot(i)?;
+            s.reset();
+            s.prefill(&prompt, None, false)?;
+        }
+        let steps: Vec<(usize, i32)> = (0..b).map(|i| (i, prompt[i % prompt.len()])).collect();
+        let (mut one, mut each) = (Vec::new(), Vec::new());
+        for run in 0..=a.runs {
+            let mut time = |batch: bool| -> Result<f64> {
+                let t = Instant::now();
+                if batch {
+                    s.decode_batch(&steps)?;
+                } else {
+                    for &(i, tok) in &steps {
+                        s.use_slot(i)?;
+                        s.decode(tok)?;
+                    }
+                }
+                Ok(b as f64 / t.elapsed().as_secs_f64())
+            };
+            let (x, y) = if run % 2 == 0 {
+                let x = time(true)?;
+                (x, time(false)?)
+            } else {
+                let y = time(false)?;
+                (time(true)?, y)
+            };
+            if run > 0 {
+                one.push(x);
+                each.push(y);
+            }
+        }
+        let ratio: Vec<f64> = one.iter().zip(&each).map(|(x, y)| x / y).collect();
+        rows.push((b, stats(one), stats(each), stats(ratio)));
+    }
+    for i in 0..most {
+        s.use_slot(i)?;
+        s.reset();
+    }
+    s.use_slot(0)?;
+    println!(
+        "\nbatched decode after a {}-token prompt per sequence (median (min–max) of {} runs):",
+        a.prompt, a.runs
+    );
+    println!("| sequences | batched step tok/s | single steps tok/s | ratio |");
+    println!("| --- | --- | --- | --- |");
+    for (b, (x, xl, xh), (y, yl, yh), (r, rl, rh)) in rows {
+        println!(
+            "| {b} | {x:.1} ({xl:.1}–{xh:.1}) | {y:.1} ({yl:.1}–{yh:.1}) | ×{r:.2} (×{rl:.2}–×{rh:.2}) |"
+        );
     }
     Ok(())
 }
