@@ -30,6 +30,7 @@ use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -1361,7 +1362,11 @@ pub fn serve(
     listener.set_nonblocking(true)?;
     ready();
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
+        // Each token's event goes out when it is written, not when the previous one's
+        // acknowledgement comes back (Nagle's algorithm).
+        let listener = tokio::net::TcpListener::from_std(listener)?.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let stopping = app.clone();
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {
