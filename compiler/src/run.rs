@@ -1041,6 +1041,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.prompt == 0 {
         bail!("--prompt 0: prefill needs at least one token");
     }
+    // The sizes now, the positions once the library says its max_seq.
+    check_batch(&a, usize::MAX)?;
     let t0 = Instant::now();
     let c = compile(&a.spec, &a.precision.options())?;
     let dir = tempdir()?;
@@ -1054,6 +1056,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.prompt + a.decode > m.max_seq {
         bail!("{} + {} positions exceed max_seq {}", a.prompt, a.decode, m.max_seq);
     }
+    check_batch(&a, m.max_seq)?;
     let weights = BenchWeights::new(&a, &c, &model)?;
     // The `--against` library: the same model, so the same weights, bound in its order.
     let other_model = match &a.against {
@@ -1299,22 +1302,27 @@ fn sweep(a: &BenchArgs, m: &tfc_runtime::abi::Manifest, s: &mut tfc_runtime::Ses
     Ok(())
 }
 
-/// Tokens/s of batched decode steps of B sequences against B single steps, per B of
-/// `--batch`: after a warm-up pair, `--runs` pairs, the order alternating within the pair.
-fn batched(a: &BenchArgs, m: &tfc_runtime::abi::Manifest, s: &mut tfc_runtime::Session) -> Result<()> {
-    let most = a.batch.iter().copied().max().unwrap_or(0);
-    if a.batch.contains(&0) || most > tfc_runtime::abi::MAX_SLOTS {
+/// Whether `--batch` can be measured, checked before anything is.
+fn check_batch(a: &BenchArgs, max_seq: usize) -> Result<()> {
+    if a.batch.iter().any(|&b| b == 0 || b > tfc_runtime::abi::MAX_SLOTS) {
         bail!("--batch: each size must be 1 to {}", tfc_runtime::abi::MAX_SLOTS);
     }
     // Each pair advances every sequence by two positions.
-    if a.prompt + 2 * (a.runs + 1) > m.max_seq {
+    if !a.batch.is_empty() && a.prompt + 2 * (a.runs + 1) > max_seq {
         bail!(
             "--batch: a {}-token prompt and {} pairs of steps exceed max_seq {}",
             a.prompt,
             a.runs + 1,
-            m.max_seq
+            max_seq
         );
     }
+    Ok(())
+}
+
+/// Tokens/s of batched decode steps of B sequences against B single steps, per B of
+/// `--batch`: after a warm-up pair, `--runs` pairs, the order alternating within the pair.
+fn batched(a: &BenchArgs, m: &tfc_runtime::abi::Manifest, s: &mut tfc_runtime::Session) -> Result<()> {
+    let most = a.batch.iter().copied().max().unwrap_or(0);
     // The session has slot 0; the others are added.
     let mut slots = 1;
     while slots < most {
