@@ -1077,7 +1077,12 @@ pub(crate) fn linear_packed<'ctx>(
         );
     }
     let Some(am) = amx else {
-        if !transposed && !tiles && !panels && inn % VW == 0 {
+        if !transposed
+            && !tiles
+            && !panels
+            && inn % VW == 0
+            && few_rows_scratch_bytes(l.wf, inn) <= FEW_SCRATCH
+        {
             // A few rows (a batched decode step) read the weights as stored, decoding
             // each block once per `FEW` rows instead of converting it to a panel.
             let xp = few_rows_scratch(kb, l.wf, inn);
@@ -1150,20 +1155,36 @@ pub(crate) const FEW: usize = 4;
 /// at 16 rows 71 vs 74, 60 vs 55, 62 vs 62; SmolLM2-135M Q4_1 at 32 rows 404 vs 371.
 pub(crate) const FEW_MAX: usize = 4 * FEW;
 
-/// Scratch for `lin_few_rows`: `FEW` rows of what `lin_dot_row` reads besides `x` (bf16
-/// weights' permuted rows, block formats' sums per block).
-fn few_rows_scratch<'ctx>(kb: &Kb<'_, 'ctx>, wf: WFmt, inn: usize) -> Option<PointerValue<'ctx>> {
+/// The most stack `lin_few_rows` takes for its scratch: bf16 maps of more than 4096
+/// inputs (whose rows it would hold permuted) take the packed GEMM instead.
+const FEW_SCRATCH: usize = 256 << 10;
+
+/// Floats per row of what `lin_dot_row` reads besides `x`: bf16 weights' permuted rows,
+/// block formats' sums per block.
+fn few_rows_len(wf: WFmt, inn: usize) -> usize {
     match wf {
-        WFmt::Bf16 if permuted_len(inn) > 0 => Some(kb.alloca_f32s(FEW * permuted_len(inn))),
-        WFmt::Quant(q) if q4_sums(q, inn) > 0 => Some(kb.alloca_f32s(FEW * q4_sums(q, inn))),
-        _ => None,
+        WFmt::Bf16 => permuted_len(inn),
+        WFmt::Quant(q) => q4_sums(q, inn),
+        _ => 0,
     }
 }
 
+fn few_rows_scratch_bytes(wf: WFmt, inn: usize) -> usize {
+    FEW_MAX * few_rows_len(wf, inn) * 4
+}
+
+/// Scratch for `lin_few_rows`: `FEW_MAX` rows of `few_rows_len`.
+fn few_rows_scratch<'ctx>(kb: &Kb<'_, 'ctx>, wf: WFmt, inn: usize) -> Option<PointerValue<'ctx>> {
+    let len = few_rows_len(wf, inn);
+    (len > 0).then(|| kb.alloca_f32s(FEW_MAX * len))
+}
+
 /// All `rows` (at most `FEW_MAX`) times `W [out, in]` as stored, column blocks
-/// `begin..end`: passes of `FEW` rows (fewer with 16 vector registers), then of the
-/// rest's binary digits, each preparing its rows' scratch (`xp`) and running
-/// `lin_dot_row` over every block, the epilogue after each.
+/// `begin..end`: every row's scratch (`xp`) first, then block by block, passes of `FEW`
+/// rows (fewer with 16 vector registers) and of the rest's binary digits, each running
+/// `lin_dot_row` over the block, then the epilogue. A block's weights (64 outputs) stay
+/// in cache from its first pass to its last, so a step reads them from memory once for
+/// all the rows.
 fn lin_few_rows<'ctx>(
     kb: &Kb<'_, 'ctx>,
     l: &Lin<'ctx, '_>,
@@ -1175,42 +1196,38 @@ fn lin_few_rows<'ctx>(
     let c = |v: usize| kb.c(v as i64);
     let inn = l.inn;
     let few = if kb.vector_registers() >= 32 { FEW } else { FEW / 2 };
-    let pass = |t: IntValue<'ctx>, rn: usize| {
-        for r in 0..rn {
-            let xrow = kb.mul(row_at(kb, t, r), c(inn));
-            match (l.wf, xp) {
-                (WFmt::Bf16, Some(xp)) => {
-                    let n = permuted_len(inn);
-                    permute_pairs(kb, l.x, xrow, n, kb.gep(kb.f32t(), xp, c(r * n)))
-                }
-                (WFmt::Quant(q), Some(xp)) if rn == 1 || !dequantises(q) => {
-                    let at = kb.gep(kb.f32t(), xp, c(r * q4_sums(q, inn)));
-                    q4_block_sums(kb, l.x, xrow, inn, q, at)
-                }
-                _ => {}
-            }
+    // Each row's scratch, `len` floats apart.
+    let len = few_rows_len(l.wf, inn);
+    kb.for_(c(0), rows, |t| {
+        let xrow = kb.mul(t, c(inn));
+        let at = |xp: PointerValue<'ctx>| kb.gep(kb.f32t(), xp, kb.mul(t, c(len)));
+        match (l.wf, xp) {
+            (WFmt::Bf16, Some(xp)) => permute_pairs(kb, l.x, xrow, len, at(xp)),
+            (WFmt::Quant(q), Some(xp)) => q4_block_sums(kb, l.x, xrow, inn, q, at(xp)),
+            _ => {}
         }
-        kb.for_(begin, end, |blk| {
-            let o0 = kb.mul(blk, c(BLOCK));
-            let o1 = kb.min(kb.add(o0, c(BLOCK)), c(l.n_out));
+    });
+    kb.for_(begin, end, |blk| {
+        let o0 = kb.mul(blk, c(BLOCK));
+        let o1 = kb.min(kb.add(o0, c(BLOCK)), c(l.n_out));
+        let pass = |t: IntValue<'ctx>, rn: usize| {
+            let xp = xp.map(|xp| kb.gep(kb.f32t(), xp, kb.mul(t, c(len))));
             lin_dot_row(kb, l, t, rn, o0, o1, xp);
-            for r in 0..rn {
-                epilogue(kb, l, row_at(kb, t, r), o0, o1);
-            }
-        });
-    };
-    let full = kb.div(rows, c(few));
-    kb.for_(c(0), full, |p| pass(kb.mul(p, c(few)), few));
-    // The rest by its binary digits: a pass of `n` rows where it has `n`, after the
-    // rows of the larger digits.
-    let rest = kb.sub(rows, kb.mul(full, c(few)));
-    let mut n = few / 2;
-    while n > 0 {
-        let below = kb.urem(rest, c(2 * n));
-        let t = kb.sub(rows, below);
-        kb.if_(kb.icmp_ge(below, c(n)), || pass(t, n));
-        n /= 2;
-    }
+        };
+        let full = kb.div(rows, c(few));
+        kb.for_(c(0), full, |p| pass(kb.mul(p, c(few)), few));
+        // The rest by its binary digits: a pass of `n` rows where it has `n`, after the
+        // rows of the larger digits.
+        let rest = kb.sub(rows, kb.mul(full, c(few)));
+        let mut n = few / 2;
+        while n > 0 {
+            let below = kb.urem(rest, c(2 * n));
+            let t = kb.sub(rows, below);
+            kb.if_(kb.icmp_ge(below, c(n)), || pass(t, n));
+            n /= 2;
+        }
+        kb.for_(c(0), rows, |t| epilogue(kb, l, t, o0, o1));
+    });
 }
 
 pub(crate) fn slice_rows<'ctx>(
