@@ -261,8 +261,9 @@ pub(crate) fn permute_pairs<'ctx>(
 /// Rows `t..t + rn` times `W [out, in]`, outputs `o0..o1`: one output's dot products at
 /// a time, so the block of weight rows is a single forward stream, prefetched `PREFETCH`
 /// ahead, and each weight vector read (and decoded) once for all `rn` rows. (Four
-/// outputs' interleaved short streams left the prefetcher behind.) Each row keeps the
-/// accumulators one row alone has, so its sums are the same as alone, bit for bit. bf16
+/// outputs' interleaved short streams left the prefetcher behind.) In the f32, f16, bf16
+/// and q8 products here each row keeps the accumulators one row alone has, so its sums
+/// are the same as alone, bit for bit (the block formats' kernels say theirs). bf16
 /// weights are read 32 at a time as even and odd lanes against `xp`, the rows already
 /// permuted to match (`permute_pairs`, `permuted_len` apart).
 pub(crate) fn lin_dot_row<'ctx>(
@@ -1081,7 +1082,7 @@ pub(crate) fn linear_packed<'ctx>(
             && !tiles
             && !panels
             && inn % VW == 0
-            && few_rows_scratch_bytes(l.wf, inn) <= FEW_SCRATCH
+            && FEW_MAX * few_rows_len(l.wf, inn) * 4 <= FEW_SCRATCH
         {
             // A few rows (a batched decode step) read the weights as stored, decoding
             // each block once per `FEW` rows instead of converting it to a panel.
@@ -1167,10 +1168,6 @@ fn few_rows_len(wf: WFmt, inn: usize) -> usize {
         WFmt::Quant(q) => q4_sums(q, inn),
         _ => 0,
     }
-}
-
-fn few_rows_scratch_bytes(wf: WFmt, inn: usize) -> usize {
-    FEW_MAX * few_rows_len(wf, inn) * 4
 }
 
 /// Scratch for `lin_few_rows`: `FEW_MAX` rows of `few_rows_len`.
