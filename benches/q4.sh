@@ -10,6 +10,9 @@
 #   convert_hf_to_gguf.py) quantised by llama.cpp's quantiser to pure Q4_0 and pure Q4_K
 #   (every matrix, the embedding and unembedding too), and to its usual Q4_K_M (Q4_K; the
 #   unembedding and some layers' attn_v and ffn_down Q6_K).
+# tfc runs each file twice: with f32 activations (what the file stores, exactly) and with
+# `--activations q8` (linear inputs rounded to 8-bit integers per 32, the precision of
+# llama.cpp's integer products, which tfc's Q4_K kernels then multiply as integers).
 # Speed: batch 1, a 128-token prompt, 64 greedy tokens, THREADS (default 2), median
 # (min–max) of RUNS (default 5), with the weight bytes tfc reads per decode step and the
 # GB/s that makes. Error: the largest |logit difference| over every position of a
@@ -45,16 +48,14 @@ convert "$ck" f32
 quantise $ck-f32.gguf $ck-q4_0-pure.gguf 2 1
 quantise $ck-f32.gguf $ck-q4_k-pure.gguf 15 1
 quantise $ck-f32.gguf $ck-q4_k_m.gguf 15 0
-echo "| model | format | tfc | llama.cpp | tfc / llama.cpp | tfc reads a step | max logit error: tfc, llama.cpp (top token agrees) |"
-echo "| --- | --- | --- | --- | --- | --- | --- |"
+echo "| model | format | tfc activations | tfc | llama.cpp | tfc / llama.cpp | tfc reads a step | max logit error: tfc, llama.cpp (top token agrees) |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 for row in "smollm2 q4_1 $src" "smollm2 q4_0 $work/smollm2-q4_0.gguf" "smollm2 q4_k_m $work/smollm2-q4_k_m.gguf" \
     "w2 q4_0 $ck-q4_0-pure.gguf" "w2 q4_k $ck-q4_k-pure.gguf" "w2 q4_k_m $ck-q4_k_m.gguf"; do
     set -- $row
     file=$(realpath "$3")
     spec=$work/$1-$2.tfs
     target/release/tfc import-gguf "$file" >$spec
-    t=$(target/release/tfc bench $spec --weights "$file" --max-seq 256 --runs "$runs" --threads "$threads" \
-        --json | tr -d '\n')
     l=$(cd benches/peers && ../../$py llamacpp.py --shape $1 --gguf "$file" --dtype $2 \
         --runs "$runs" --threads "$threads" 2>/dev/null | tail -n 1)
     # The logit errors, each engine against transformers' f32 of the same file.
@@ -62,22 +63,27 @@ for row in "smollm2 q4_1 $src" "smollm2 q4_0 $work/smollm2-q4_0.gguf" "smollm2 q
     [ -f $e-ref.safetensors ] && [ $e-ref.safetensors -nt "$file" ] ||
         (cd benches/peers && ../../$py logit_error.py reference --gguf "$file" --out ../../$e-ref.safetensors 2>/dev/null)
     ids=$($py -c "import sys; from safetensors.numpy import load_file; print(','.join(map(str, load_file(sys.argv[1])['ids'])))" $e-ref.safetensors)
-    target/release/tfc run $spec --weights "$file" --max-seq 256 --tokens "$ids" --logits $e-tfc.safetensors >/dev/null
     (cd benches/peers && ../../$py logit_error.py llamacpp --gguf "$file" --ids ../../$e-ref.safetensors \
         --out ../../$e-llamacpp.safetensors --threads "$threads" 2>/dev/null)
-    et=$($py benches/peers/logit_error.py compare $e-ref.safetensors $e-tfc.safetensors)
     el=$($py benches/peers/logit_error.py compare $e-ref.safetensors $e-llamacpp.safetensors)
-    python3 - "$1" "$2" "$t" "$l" "$et" "$el" <<'PY'
+    for act in f32 q8; do
+        t=$(target/release/tfc bench $spec --weights "$file" --max-seq 256 --runs "$runs" --threads "$threads" \
+            --activations $act --json | tr -d '\n')
+        target/release/tfc run $spec --weights "$file" --max-seq 256 --activations $act --tokens "$ids" \
+            --logits $e-tfc-$act.safetensors >/dev/null
+        et=$($py benches/peers/logit_error.py compare $e-ref.safetensors $e-tfc-$act.safetensors)
+        python3 - "$1" "$2" "$act" "$t" "$l" "$et" "$el" <<'PY'
 import json, sys
-m, d = sys.argv[1:3]
-t, l, et, el = (json.loads(x) for x in sys.argv[3:7])
+m, d, act = sys.argv[1:4]
+t, l, et, el = (json.loads(x) for x in sys.argv[4:8])
 cell = lambda m, k: f"{m[k]['median']:.1f} ({m[k]['min']:.1f}–{m[k]['max']:.1f})"
 pre = l["prefill_ms"]["median"] / t["prefill_ms"]["median"]
 dec = t["decode_tok_s"]["median"] / l["decode_tok_s"]["median"]
-print(f"| {m} | {d} | {cell(t, 'prefill_ms')} ms, {cell(t, 'decode_tok_s')} tok/s "
+print(f"| {m} | {d} | {act} | {cell(t, 'prefill_ms')} ms, {cell(t, 'decode_tok_s')} tok/s "
       f"| {cell(l, 'prefill_ms')} ms, {cell(l, 'decode_tok_s')} tok/s "
       f"| prefill ×{pre:.2f}, decode ×{dec:.2f} | {t['decode_bytes_per_token'] / 1e6:.1f} MB, "
       f"{t['decode_weight_gb_s']:.1f} GB/s | {et['max_abs']:.2g} ({et['top1']}), {el['max_abs']:.2g} ({el['top1']}) "
       f"of logits up to {et['scale']:.3g} |")
 PY
+    done
 done

@@ -42,8 +42,6 @@ pub enum WeightDType {
     /// that are not whole super-blocks take q4_0).
     #[value(name = "q4_k")]
     Q4_K,
-    /// ggml's Q6_K: 6-bit in super-blocks of 256, an int8 scale per 16 (rows that are not
-    /// whole super-blocks take q8).
     /// ggml's Q2_K: 2-bit in super-blocks of 256, 4-bit scales and offsets per 16 (rows
     /// that are not whole super-blocks take q4_0).
     #[value(name = "q2_k")]
@@ -62,6 +60,8 @@ pub enum WeightDType {
     /// that are not whole super-blocks take q5_0).
     #[value(name = "q5_k")]
     Q5_K,
+    /// ggml's Q6_K: 6-bit in super-blocks of 256, an int8 scale per 16 (rows that are not
+    /// whole super-blocks take q8).
     #[value(name = "q6_k")]
     Q6_K,
     /// ggml's Q8_0: int8 with one f16 scale per 32 weights (matrices whose rows are a
@@ -97,6 +97,10 @@ pub enum ActDType {
     F32,
     /// The activations rounded to bf16 (ties to even).
     Bf16,
+    /// The inputs of linear maps with block weights (q8, the ggml formats) rounded to
+    /// 8-bit integers per 32 values times a power of two, which the kernels may multiply
+    /// as integers, as llama.cpp does.
+    Q8,
 }
 
 /// The precision overrides of `compile`, `ir`, `run` and `bench`.
@@ -106,8 +110,8 @@ pub struct Precision {
     /// checkpoint is converted once when it is bound).
     #[arg(long, value_enum)]
     pub dtype: Option<WeightDType>,
-    /// Round the inputs of linear maps to bf16 or not, instead of following the spec's
-    /// `activations`.
+    /// Round the inputs of linear maps to bf16, or those with block weights to q8, or
+    /// neither, instead of following the spec's `activations`.
     #[arg(long, value_enum)]
     pub activations: Option<ActDType>,
     /// Compile for this context length instead of the spec's `max_seq` (the KV cache's
@@ -121,6 +125,7 @@ impl Precision {
         let activations = self.activations.map(|a| match a {
             ActDType::F32 => tfc::ir::DType::F32,
             ActDType::Bf16 => tfc::ir::DType::BF16,
+            ActDType::Q8 => tfc::ir::DType::Q8,
         });
         Options {
             weight_dtype: self.dtype.map(Into::into),

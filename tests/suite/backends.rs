@@ -823,6 +823,63 @@ fn block_weights_equal_the_interpreter() {
     }
 }
 
+/// `activations = q8` (linear maps with block weights take `round_q8`'d inputs) in the
+/// library against the interpreter, for every block type, on the code paths a CPU may
+/// give it: the native one (integer products of `Q4_K` with AVX-512) and the baseline
+/// x86-64 copy (f32 products of the same values). In child processes, since a library
+/// chooses once.
+#[test]
+fn q8_activations_equal_the_interpreter() {
+    for cpu in ["native", "baseline"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "backends::q8_activations_child", "--ignored", "--test-threads=1"])
+            .env("TFC_CPU", cpu)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "TFC_CPU={cpu}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("1 passed"), "TFC_CPU={cpu}: the child ran no test: {stdout}");
+    }
+}
+
+#[test]
+#[ignore = "run by q8_activations_equal_the_interpreter, in a child process per code path"]
+fn q8_activations_child() {
+    use tfc::ir::{DType, Quant};
+    // Where the library and the interpreter round the same values (`gemm/q8x_head`), they
+    // differ by the order of f32 sums only: 9 rows (the few-row products), 40 (the packed
+    // GEMM), decode (one row) and batched decode steps.
+    let spec = root().join("tests/specs/gemm/q8x_head.tfs");
+    let c = compile(&spec, &Options::default());
+    let model = Model::load(build_opts(&spec, "q8x", &Options::default(), &LibOptions::default())).unwrap();
+    let (w, data) = random_weights(&model, &[&c.model]);
+    let mut s = Session::new(&model, data, 2).unwrap();
+    check_splits_within("q8x_head", &c, &w, &mut s, Some(1e-5));
+    let tokens: Vec<i32> = (0..40).map(|i| (i * 37 + 5) % c.spec.sizes.vocab as i32).collect();
+    let inputs = Inputs { tokens: tokens.iter().map(|&t| t as i64).collect(), ..Inputs::default() };
+    let want = run(&c.model, &w, &inputs).unwrap().remove("logits").unwrap();
+    s.reset();
+    assert_close("q8x_head: 40 rows", &s.prefill(&tokens, None, true).unwrap(), &want.data, 1e-5);
+    drop(s);
+    let dtypes = Quant::ALL.map(DType::Quant).into_iter().chain([DType::Q8]);
+    for dtype in dtypes {
+        for path in ["gemm/q4_rows", "gemm/f32_edges"] {
+            let spec = root().join(format!("tests/specs/{path}.tfs"));
+            let opts =
+                Options { weight_dtype: Some(dtype), activations: Some(DType::Q8), ..Options::default() };
+            let c = compile(&spec, &opts);
+            let tag = format!("{}-q8x", dtype.name());
+            let model = Model::load(build_opts(&spec, &tag, &opts, &LibOptions::default())).unwrap();
+            let (w, data) = random_weights(&model, &[&c.model]);
+            let mut s = Session::new(&model, data, 2).unwrap();
+            splits_and_40_rows(&format!("{path}, {tag}"), &c, &w, &mut s);
+            drop(s);
+            let session = || Session::new(&model, random_weights(&model, &[&c.model]).1, 2).unwrap();
+            check_batched_decode(&format!("{path}, {tag}"), &c, &session);
+        }
+    }
+}
+
 /// A library session against the interpreter: prefill, decode and extend at every split
 /// (`check_splits`), then a prompt of 40 rows at once (the packed GEMM's row tiles).
 fn splits_and_40_rows(name: &str, c: &tfc::Compiled, w: &Weights, s: &mut Session) {

@@ -124,7 +124,10 @@ fn build<'ctx>(
     tm: &inkwell::targets::TargetMachine,
 ) -> Result<(inkwell::module::Module<'ctx>, layout::Layout), BackendError> {
     match backend {
-        Backend::Llvm => Ok(llvm::emit(cx, c, weights, llvm::has_amx(tm), llvm::vector_registers(tm))?),
+        Backend::Llvm => {
+            let (amx, registers, int8) = (llvm::has_amx(tm), llvm::vector_registers(tm), llvm::int8_dots(tm));
+            Ok(llvm::emit(cx, c, weights, amx, registers, int8)?)
+        }
         Backend::Mlir => {
             let layers = c.spec.sizes.layers;
             if layers > MLIR_MAX_LAYERS {

@@ -490,7 +490,7 @@ impl Lowerer<'_> {
                         self.weight(weight, &shape, WeightRole::Matrix, origin)
                     }
                 };
-                let x = self.linear_input(x, origin);
+                let x = self.linear_input(x, Some(w), origin);
                 let mut ops = vec![x, w];
                 if let Some(b) = bias {
                     ops.push(self.weight(b, &[sz.vocab], WeightRole::Bias, origin));
@@ -570,7 +570,8 @@ impl Lowerer<'_> {
             clamp: m.clamp,
             up_offset: m.up_offset,
         });
-        let xin = self.linear_input(x, origin);
+        // The experts' products keep f32 inputs under `activations = q8`.
+        let xin = self.linear_input(x, None, origin);
         let mut ops = vec![xin, route, up, down];
         ops.extend(gate);
         if let Some((ub, gb, db)) = &m.biases {
@@ -597,19 +598,22 @@ impl Lowerer<'_> {
         y
     }
 
-    /// A linear map's input: `x`, rounded to bf16 first under `activations = bf16`.
-    fn linear_input(&mut self, x: NodeId, origin: &str) -> NodeId {
-        if self.spec.activations == DType::BF16 {
-            self.node(Op::RoundBf16, &[x], origin)
-        } else {
-            x
+    /// A linear map's input: `x`, rounded to bf16 first under `activations = bf16`, and
+    /// under `activations = q8` to 8-bit integers per 32 when the weights `w` are stored
+    /// in blocks (the products llama.cpp makes; other weights keep f32 inputs).
+    fn linear_input(&mut self, x: NodeId, w: Option<NodeId>, origin: &str) -> NodeId {
+        let blocks = w.is_some_and(|w| matches!(self.g.ty(w).dtype, DType::Q8 | DType::Quant(_)));
+        match self.spec.activations {
+            DType::BF16 => self.node(Op::RoundBf16, &[x], origin),
+            DType::Q8 if blocks => self.node(Op::RoundQ8, &[x], origin),
+            _ => x,
         }
     }
 
     fn linear(&mut self, x: NodeId, p: &Proj, inn: usize, out: usize, origin: &str) -> NodeId {
         let shape = if p.transposed { [inn, out] } else { [out, inn] };
         let w = self.weight(&p.weight, &shape, WeightRole::Matrix, origin);
-        let x = self.linear_input(x, origin);
+        let x = self.linear_input(x, Some(w), origin);
         let mut ops = vec![x, w];
         if let Some(b) = &p.bias {
             ops.push(self.weight(b, &[out], WeightRole::Bias, origin));

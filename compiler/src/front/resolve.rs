@@ -335,7 +335,7 @@ fn sizes(file: &ast::File, diags: &mut Vec<Diagnostic>) -> (Option<Sizes>, DType
         Some(s) => DType::parse(&s).unwrap(),
         None => DType::F32,
     };
-    let activations = match f.choice("activations", &["f32", "bf16"], diags) {
+    let activations = match f.choice("activations", &["f32", "bf16", "q8"], diags) {
         Some(s) => DType::parse(&s).unwrap(),
         None => DType::F32,
     };

@@ -13,7 +13,8 @@ pub struct Spec {
     pub sizes: Sizes,
     pub dtype: DType,
     /// What linear maps multiply their weights by: the f32 activations as they are
-    /// (`F32`), or rounded to bf16 first (`BF16`).
+    /// (`F32`), rounded to bf16 first (`BF16`), or, for those with block weights, to
+    /// 8-bit integers per 32 (`Q8`).
     pub activations: DType,
     pub embed: Section,
     /// The block variants (one, unnamed, unless the spec names several), and which one

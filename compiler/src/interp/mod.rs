@@ -6,6 +6,7 @@
 //! helpers as the primitive chain it replaces.
 
 mod ops;
+pub use ops::{q8_scale_bits, round_q8, Q8_ACT_BLOCK};
 mod session;
 pub mod weights;
 
@@ -135,6 +136,7 @@ pub fn run(g: &Graph, weights: &Weights, inputs: &Inputs) -> Result<HashMap<Stri
             Op::Scale(c) => Value::F(ops::map(f(0), |x| (x as f64 * c) as f32)),
             Op::Activation(a) => Value::F(ops::map(f(0), |x| ops::activation(*a, x))),
             Op::RoundBf16 => Value::F(ops::map(f(0), |x| half::bf16::from_f32(x).to_f32())),
+            Op::RoundQ8 => Value::F(ops::round_q8(f(0))),
             Op::LayerNorm { eps, gain } => {
                 let (w, b) = (gain.then(|| f(1)), ops.get(1 + *gain as usize).map(|_| f(1 + *gain as usize)));
                 Value::F(ops::layer_norm(f(0), w, b, *eps))

@@ -7,7 +7,8 @@
 //! - linear weights are `[out, in]` (PyTorch) unless `transposed`, then `[in, out]`
 //!   (GPT-2's Conv1D), so a checkpoint is bound without copying;
 //! - weights have the spec's storage dtype, activations are always `f32` (under
-//!   `activations = bf16` a linear map's input is `round_bf16`'d first, still `f32`).
+//!   `activations = bf16` a linear map's input is `round_bf16`'d first, under
+//!   `activations = q8` the input of one with block weights `round_q8`'d, still `f32`).
 
 use std::fmt;
 
@@ -740,6 +741,12 @@ pub enum Op {
     /// Each value rounded to the nearest bfloat16 (ties to even), still `f32`: the input
     /// of a linear map under `activations = bf16`.
     RoundBf16,
+    /// Each 32 values of a row (from its start; the last may be fewer) rounded to 8-bit
+    /// integers times a power of two, still `f32` (`interp::round_q8`): the input of
+    /// a linear map with block weights under `activations = q8`, which the kernels may
+    /// multiply as integers. The scale being a power of two makes the rounding exact to
+    /// undo and idempotent, so a kernel recovers the integers from the values.
+    RoundQ8,
     /// `(x, [gain], [bias])`, the gain there when `gain` (OLMo's LayerNorm has neither).
     /// Parameters are `[d]`, or for `x [H, T, d]` may be `[H, d]`, one set per head.
     LayerNorm {
@@ -849,6 +856,7 @@ impl Op {
             | Op::Scale(_)
             | Op::Activation(_)
             | Op::RoundBf16
+            | Op::RoundQ8
             | Op::SplitQkv { .. }
             | Op::SplitHeads { .. }
             | Op::MergeHeads
@@ -896,6 +904,7 @@ impl Op {
             Op::Scale(_) => "scale",
             Op::Activation(_) => "act",
             Op::RoundBf16 => "round_bf16",
+            Op::RoundQ8 => "round_q8",
             Op::LayerNorm { .. } => "layernorm",
             Op::RmsNorm { .. } => "rmsnorm",
             Op::Linear { .. } => "linear",
@@ -1141,7 +1150,7 @@ impl Op {
                 same(0, 1)?;
                 Ok(ins[0].clone())
             }
-            Op::Scale(_) | Op::Activation(_) | Op::RoundBf16 => {
+            Op::Scale(_) | Op::Activation(_) | Op::RoundBf16 | Op::RoundQ8 => {
                 float(0)?;
                 Ok(ins[0].clone())
             }

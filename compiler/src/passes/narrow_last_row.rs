@@ -96,6 +96,7 @@ fn row_operands(op: &Op) -> &'static [usize] {
         | Op::Activation(_)
         | Op::Scale(_)
         | Op::RoundBf16
+        | Op::RoundQ8
         | Op::SplitQkv { .. }
         | Op::SplitHeads { .. }
         | Op::MergeHeads

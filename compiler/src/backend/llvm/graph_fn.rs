@@ -362,6 +362,10 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                 let v = [(X, o(self, 0)), (Y, o(self, 1)), (Out, self.val(n))];
                 self.call(k, &v, self.rows_of(n))
             }
+            Op::RoundQ8 => {
+                let v = [(X, o(self, 0)), (Out, self.val(n))];
+                self.call(Kernel::RoundQ8 { width }, &v, self.rows_of(n))
+            }
             Op::Scale(_) | Op::Activation(_) | Op::RoundBf16 => {
                 let op = match g.op(n) {
                     Op::Scale(s) => UnaryOp::Scale(*s),
@@ -559,7 +563,8 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
             LinearAlgo::Amx(a) => amx::tasks(inn, width, a.parts),
             _ => width.div_ceil(BLOCK),
         };
-        let k = Kernel::Linear { inn, out: width, bias, epi, wf, read, algo };
+        let q8x = *g.op(ops[0]) == Op::RoundQ8;
+        let k = Kernel::Linear { inn, out: width, bias, epi, wf, read, algo, q8x };
         self.call(k, &v, self.kb.c(tasks as i64));
     }
 
@@ -649,6 +654,7 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                 } else {
                     expert_algo(fixed_rows, inn, out, transposed)
                 },
+                q8x: false,
             };
         // Expert `ex`'s row of a bias `[E, out]`.
         let bias_of = |me: &Self, b: Option<NodeId>, out: usize| {

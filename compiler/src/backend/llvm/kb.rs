@@ -42,6 +42,22 @@ pub fn set_vector_registers<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, n: usize)
     g.set_linkage(inkwell::module::Linkage::Internal);
 }
 
+/// The global that tells the kernels how the module's CPU multiplies bytes.
+const INT8_DOTS: &str = "tfc__int8_dots";
+
+/// Records in `m` how its CPU multiplies bytes (`Kb::int8_dots`).
+pub fn set_int8_dots<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, dots: Option<super::kernels::Int8Dots>) {
+    let n = match dots {
+        Some(super::kernels::Int8Dots::Vnni) => 2,
+        Some(super::kernels::Int8Dots::Bw) => 1,
+        None => 0,
+    };
+    let g = m.add_global(cx.i32_type(), None, INT8_DOTS);
+    g.set_initializer(&cx.i32_type().const_int(n, false));
+    g.set_constant(true);
+    g.set_linkage(inkwell::module::Linkage::Internal);
+}
+
 /// How a weight tensor is stored, as the kernels read it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WFmt {
@@ -112,6 +128,15 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
 
     /// How many vector registers this module's CPU has (`set_vector_registers`; 32, as
     /// with AVX-512, where a module does not say).
+    /// How this module's CPU multiplies bytes, if it has AVX512BW (`set_int8_dots`).
+    pub fn int8_dots(&self) -> Option<super::kernels::Int8Dots> {
+        let n = self.m.get_global(INT8_DOTS).and_then(|g| g.get_initializer());
+        match n.and_then(|v| v.into_int_value().get_zero_extended_constant()) {
+            Some(2) => Some(super::kernels::Int8Dots::Vnni),
+            Some(1) => Some(super::kernels::Int8Dots::Bw),
+            _ => None,
+        }
+    }
     pub fn vector_registers(&self) -> usize {
         let n = self.m.get_global(VECTOR_REGISTERS).and_then(|g| g.get_initializer());
         n.and_then(|v| v.into_int_value().get_zero_extended_constant()).map_or(32, |n| n as usize)
@@ -779,6 +804,63 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     pub fn broadcast_lane(&self, v: VectorValue<'ctx>, j: usize) -> VectorValue<'ctx> {
         let mask = VectorType::const_vector(&[self.cx.i32_type().const_int(j as u64, false); VW]);
         ok(self.b.build_shuffle_vector(v, self.vt().get_undef(), mask, ""))
+    }
+    /// The scale of a `round_q8` block of the `n` floats at `x + at`
+    /// (`interp::q8_scale_bits`): `2^e`, its inverse, and whether the block is
+    /// finite (else both are what an exponent of 255 gives, and the caller keeps the
+    /// values or makes the block's product NaN).
+    pub fn q8_act_scale(
+        &self,
+        x: PointerValue<'ctx>,
+        at: IntValue<'ctx>,
+        n: usize,
+    ) -> (FloatValue<'ctx>, FloatValue<'ctx>, IntValue<'ctx>) {
+        let c = |v: i64| self.c(v);
+        let bits = |v: FloatValue<'ctx>| {
+            let i = ok(self.b.build_bit_cast(v, self.cx.i32_type(), "")).into_int_value();
+            ok(self.b.build_int_z_extend(i, self.i64t(), ""))
+        };
+        let amax = self.fold(c(0), c(n as i64), &[c(0).into()], |j, acc| {
+            let m = ok(self.b.build_and(bits(self.ld(x, self.add(at, j))), c(0x7fff_ffff), ""));
+            let a = acc[0].into_int_value();
+            vec![self.select(self.icmp_lt(a, m), m, a).into()]
+        })[0]
+            .into_int_value();
+        self.q8_act_scale_of(amax)
+    }
+    /// `q8_act_scale` of a block whose largest magnitude has the bit pattern `amax`
+    /// (an `i64`).
+    pub fn q8_act_scale_of(
+        &self,
+        amax: IntValue<'ctx>,
+    ) -> (FloatValue<'ctx>, FloatValue<'ctx>, IntValue<'ctx>) {
+        let c = |v: i64| self.c(v);
+        let exp = ok(self.b.build_right_shift(amax, c(23), false, ""));
+        let finite = ok(self.b.build_int_compare(IntPredicate::NE, exp, c(255), ""));
+        let small = self.icmp_lt(exp, c(32));
+        let mant = ok(self.b.build_and(amax, c(0x7f_ffff), ""));
+        let up = ok(self.b.build_int_compare(IntPredicate::SGT, mant, c(0x7e_0000), ""));
+        let up = self.select(small, c(0), ok(self.b.build_int_z_extend(up, self.i64t(), "")));
+        let exp = self.select(small, c(32), exp);
+        let float = |e: IntValue<'ctx>| {
+            let e = ok(self.b.build_left_shift(e, c(23), ""));
+            let e = ok(self.b.build_int_truncate(e, self.cx.i32_type(), ""));
+            ok(self.b.build_bit_cast(e, self.f32t(), "")).into_float_value()
+        };
+        let d = float(self.add(self.sub(exp, c(6)), up));
+        let inv = float(self.sub(self.sub(c(260), exp), up));
+        (d, inv, finite)
+    }
+    /// `round(v · inv)` (to nearest, ties to even) as an integer of `ty`'s width: a
+    /// `round_q8` value's integer (`q8_act_scale`).
+    pub fn q8_act_int(
+        &self,
+        v: FloatValue<'ctx>,
+        inv: FloatValue<'ctx>,
+        ty: IntType<'ctx>,
+    ) -> IntValue<'ctx> {
+        let r = self.intrinsic("llvm.roundeven", &[self.fmul(v, inv)]);
+        ok(self.b.build_float_to_signed_int(r, ty, ""))
     }
     /// The scale of the q8 block holding element `idx`.
     pub fn q8_scale(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, scales: usize) -> FloatValue<'ctx> {

@@ -56,6 +56,7 @@ pub fn emit<'ctx>(
     weights: &WeightTable,
     amx: bool,
     registers: usize,
+    int8: Option<kernels::Int8Dots>,
 ) -> Result<(Module<'ctx>, Layout), LlvmError> {
     for (name, _, dtype) in &weights.names {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::Q8 | DType::Quant(_)) {
@@ -65,6 +66,7 @@ pub fn emit<'ctx>(
     }
     let m = cx.create_module(&c.spec.name);
     kb::set_vector_registers(cx, &m, registers);
+    kb::set_int8_dots(cx, &m, int8);
     let layout = layout(c);
     let mut kernels: HashMap<String, FunctionValue> = HashMap::new();
     let mut arena = 0;
@@ -107,6 +109,39 @@ pub fn has_amx(tm: &TargetMachine) -> bool {
     let f = tm.get_feature_string().to_string_lossy().to_string();
     let on: Vec<&str> = f.split(',').collect();
     on.contains(&"+amx-tile") && on.contains(&"+amx-bf16")
+}
+
+/// CPUs LLVM knows by name that have AVX512_VNNI.
+const VNNI_CPUS: &[&str] = &[
+    "cascadelake",
+    "cooperlake",
+    "icelake-client",
+    "icelake-server",
+    "rocketlake",
+    "tigerlake",
+    "sapphirerapids",
+    "emeraldrapids",
+    "graniterapids",
+    "graniterapids-d",
+    "diamondrapids",
+    "znver4",
+    "znver5",
+];
+
+/// How `tm`'s code multiplies bytes: with AVX512_VNNI, or AVX512BW, or not at all
+/// (`kernels::int8`).
+pub fn int8_dots(tm: &TargetMachine) -> Option<kernels::Int8Dots> {
+    let features = tm.get_feature_string().to_string_lossy().to_string();
+    let on: Vec<&str> = features.split(',').collect();
+    let cpu = tm.get_cpu().to_string_lossy().to_string();
+    let named = AVX512_CPUS.contains(&cpu.as_str()) && !matches!(cpu.as_str(), "knl" | "knm");
+    if on.contains(&"+avx512vnni") && on.contains(&"+avx512bw") || VNNI_CPUS.contains(&cpu.as_str()) {
+        Some(kernels::Int8Dots::Vnni)
+    } else if on.contains(&"+avx512bw") || named {
+        Some(kernels::Int8Dots::Bw)
+    } else {
+        None
+    }
 }
 
 /// CPUs LLVM knows by name that have AVX-512 (a named CPU's features are implied, not

@@ -412,6 +412,11 @@ impl<'a> Func<'a> {
                     op.mnemonic()
                 )))
             }
+            Op::RoundQ8 => {
+                return Err(unsupported(
+                    "`round_q8` (`activations = q8`; the LLVM backend and the interpreter run it)".into(),
+                ))
+            }
             op @ (Op::Route(_) | Op::Experts(_) | Op::RowScale) => {
                 return Err(unsupported(format!(
                     "`{}` (a mixture of experts; the LLVM backend and the interpreter run it)",

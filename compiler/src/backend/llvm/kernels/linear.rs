@@ -40,6 +40,7 @@
 use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue, VectorValue};
 use tfc_runtime::quant::{Quant, Q8_BLOCK};
 
+use super::int8::{int8_dots, lin_q4k_i8_row, q8x_len, q8x_row, ready, Int8Dots};
 use super::rows::unary;
 use super::{Args, Kernel, LinearAlgo, Slot, UnaryOp, WeightRead};
 use crate::backend::llvm::amx;
@@ -84,28 +85,30 @@ pub(crate) fn tiled(inn: usize, transposed: bool) -> bool {
 }
 
 pub(crate) struct Lin<'ctx, 'e> {
-    x: PointerValue<'ctx>,
-    w: PointerValue<'ctx>,
+    pub(crate) x: PointerValue<'ctx>,
+    pub(crate) w: PointerValue<'ctx>,
     b: Option<PointerValue<'ctx>>,
     out: PointerValue<'ctx>,
-    inn: usize,
+    pub(crate) inn: usize,
     n_out: usize,
     epi: &'e [Epi],
     /// The other operand of each `Add`/`Mul` in `epi`, in order.
     others: Vec<PointerValue<'ctx>>,
     /// How the weights are stored.
-    wf: WFmt,
+    pub(crate) wf: WFmt,
     /// `[out, in]` in the tile layout (`weights::Tiles`), not row-major.
-    tiles: bool,
+    pub(crate) tiles: bool,
     /// In the panel layout (`weights::WeightLayout::Panels`).
-    panels: bool,
+    pub(crate) panels: bool,
+    /// The input is `round_q8`'d (`int8::int8_dots`).
+    pub(crate) q8x: bool,
 }
 
 impl<'ctx, 'e> Lin<'ctx, 'e> {
     /// Reads the argument block of a `Kernel::Linear`: x, w, [b], out, rows, then the
     /// epilogue's other operands.
     fn from_args(args: &Args<'_, '_, 'ctx>, k: &'e Kernel) -> (Self, IntValue<'ctx>) {
-        let Kernel::Linear { inn, out: n_out, ref epi, wf, read, .. } = *k else {
+        let Kernel::Linear { inn, out: n_out, ref epi, wf, read, q8x, .. } = *k else {
             unreachable!("the arguments of a linear kernel")
         };
         let (tiles, panels) = (read == WeightRead::Tiles, read == WeightRead::Panels);
@@ -113,11 +116,11 @@ impl<'ctx, 'e> Lin<'ctx, 'e> {
         let (b, out, rows) = (args.opt_p(Slot::Bias), args.p(Slot::Out), args.i(Slot::Rows));
         let n_others = epi.iter().filter(|e| matches!(e, Epi::Add | Epi::Mul)).count();
         let others = (0..n_others).map(|k| args.p(Slot::Other(k))).collect();
-        (Lin { x, w, b, out, inn, n_out, epi, others, wf, tiles, panels }, rows)
+        (Lin { x, w, b, out, inn, n_out, epi, others, wf, tiles, panels, q8x }, rows)
     }
 
     /// Output `o` of row `t`: the dot product `v`, plus the bias if there is one.
-    fn store(&self, kb: &Kb<'_, 'ctx>, t: IntValue<'ctx>, o: IntValue<'ctx>, v: FloatValue<'ctx>) {
+    pub(crate) fn store(&self, kb: &Kb<'_, 'ctx>, t: IntValue<'ctx>, o: IntValue<'ctx>, v: FloatValue<'ctx>) {
         let v = match self.b {
             Some(b) => kb.fadd(v, kb.ld(b, o)),
             None => v,
@@ -278,7 +281,20 @@ pub(crate) fn lin_dot_row<'ctx>(
     match l.wf {
         WFmt::Quant(Quant::Q6_K) => return lin_q6k_row(kb, l, t, rn, o0, o1),
         WFmt::Quant(q @ (Quant::Q2_K | Quant::Q3_K)) => return lin_groups_row(kb, l, t, rn, o0, o1, q),
-        WFmt::Quant(q) => return lin_q4_row(kb, l, t, rn, o0, o1, q, xp),
+        WFmt::Quant(q) => {
+            match int8_dots(kb, l) {
+                Some(dots) => {
+                    let s = xp.expect("bug: integer products read their rows' integers");
+                    kb.if_else(
+                        ready(kb, dots),
+                        || lin_q4k_i8_row(kb, l, dots, t, rn, o0, o1, s),
+                        || lin_q4_row(kb, l, t, rn, o0, o1, q, xp),
+                    );
+                }
+                None => lin_q4_row(kb, l, t, rn, o0, o1, q, xp),
+            }
+            return;
+        }
         _ => {}
     }
     let c = |v: usize| kb.c(v as i64);
@@ -457,6 +473,8 @@ pub(crate) fn lin_q4_row<'ctx>(
     let xrows: Vec<_> = (0..rn).map(|r| kb.mul(row_at(kb, t, r), c(inn))).collect();
     let row_bytes = inn / per * size;
     let sums = || sums.expect("bug: a block row with offsets reads its block sums");
+    // Floats from one row's sums to the next's (`lin_few_rows`' rows of scratch).
+    let stride = few_rows_len(l.wf, inn, int8_dots(kb, l).is_some());
     // Each row's accumulators: vectors for the scaled sums (two) and the K formats'
     // offsets, then a scalar one per block of a step for `Q4_1`'s and `Q5_1`'s offsets.
     let offset = matches!(q, Quant::Q4_1 | Quant::Q5_1);
@@ -568,7 +586,7 @@ pub(crate) fn lin_q4_row<'ctx>(
                         }
                     }
                     for r in 0..rn {
-                        let sv = kb.ldv(sums(), row_at(kb, kb.mul(s, c(VW)), r * q4_sums(q, inn)));
+                        let sv = kb.ldv(sums(), row_at(kb, kb.mul(s, c(VW)), r * stride));
                         acc[r * per_row + 2] = kb.vfma(scales, sv, vacc(&acc, r, 2)).into();
                     }
                 }
@@ -1082,11 +1100,11 @@ pub(crate) fn linear_packed<'ctx>(
             && !tiles
             && !panels
             && inn % VW == 0
-            && FEW_MAX * few_rows_len(l.wf, inn) * 4 <= FEW_SCRATCH
+            && FEW_MAX * few_rows_len(l.wf, inn, int8_dots(kb, &l).is_some()) * 4 <= FEW_SCRATCH
         {
             // A few rows (a batched decode step) read the weights as stored, decoding
             // each block once per `FEW` rows instead of converting it to a panel.
-            let xp = few_rows_scratch(kb, l.wf, inn);
+            let xp = few_rows_scratch(kb, &l);
             return kb.if_else(
                 kb.icmp_lt(rows, c(FEW_MAX + 1)),
                 || lin_few_rows(kb, &l, rows, begin, end, xp),
@@ -1161,19 +1179,40 @@ pub(crate) const FEW_MAX: usize = 4 * FEW;
 const FEW_SCRATCH: usize = 256 << 10;
 
 /// Floats per row of what `lin_dot_row` reads besides `x`: bf16 weights' permuted rows,
-/// block formats' sums per block.
-fn few_rows_len(wf: WFmt, inn: usize) -> usize {
+/// block formats' sums per block, or the integers and scales of integer products (room
+/// for either where the fallback copy takes the sums).
+fn few_rows_len(wf: WFmt, inn: usize, int8: bool) -> usize {
     match wf {
         WFmt::Bf16 => permuted_len(inn),
-        WFmt::Quant(q) => q4_sums(q, inn),
+        WFmt::Quant(q) => q4_sums(q, inn).max(if int8 { q8x_len(inn) } else { 0 }),
         _ => 0,
     }
 }
 
 /// Scratch for `lin_few_rows`: `FEW_MAX` rows of `few_rows_len`.
-fn few_rows_scratch<'ctx>(kb: &Kb<'_, 'ctx>, wf: WFmt, inn: usize) -> Option<PointerValue<'ctx>> {
-    let len = few_rows_len(wf, inn);
+fn few_rows_scratch<'ctx>(kb: &Kb<'_, 'ctx>, l: &Lin<'ctx, '_>) -> Option<PointerValue<'ctx>> {
+    let len = few_rows_len(l.wf, l.inn, int8_dots(kb, l).is_some());
     (len > 0).then(|| kb.alloca_f32s(FEW_MAX * len))
+}
+
+/// What a row of block weights' products reads besides `x`, at `xp`: the integers and
+/// scales of integer products (`int8`) where they run, else the sums per block.
+fn row_scratch<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    l: &Lin<'ctx, '_>,
+    int8: Option<Int8Dots>,
+    xrow: IntValue<'ctx>,
+    q: Quant,
+    xp: PointerValue<'ctx>,
+) {
+    match int8 {
+        Some(dots) => kb.if_else(
+            ready(kb, dots),
+            || q8x_row(kb, l.x, xrow, l.inn, xp),
+            || q4_block_sums(kb, l.x, xrow, l.inn, q, xp),
+        ),
+        None => q4_block_sums(kb, l.x, xrow, l.inn, q, xp),
+    }
 }
 
 /// All `rows` (at most `FEW_MAX`) times `W [out, in]` as stored, column blocks
@@ -1194,13 +1233,14 @@ fn lin_few_rows<'ctx>(
     let inn = l.inn;
     let few = if kb.vector_registers() >= 32 { FEW } else { FEW / 2 };
     // Each row's scratch, `len` floats apart.
-    let len = few_rows_len(l.wf, inn);
+    let int8 = int8_dots(kb, l);
+    let len = few_rows_len(l.wf, inn, int8.is_some());
     kb.for_(c(0), rows, |t| {
         let xrow = kb.mul(t, c(inn));
         let at = |xp: PointerValue<'ctx>| kb.gep(kb.f32t(), xp, kb.mul(t, c(len)));
         match (l.wf, xp) {
             (WFmt::Bf16, Some(xp)) => permute_pairs(kb, l.x, xrow, len, at(xp)),
-            (WFmt::Quant(q), Some(xp)) => q4_block_sums(kb, l.x, xrow, inn, q, at(xp)),
+            (WFmt::Quant(q), Some(xp)) => row_scratch(kb, l, int8, xrow, q, at(xp)),
             _ => {}
         }
     });
@@ -1282,8 +1322,9 @@ pub(crate) fn linear_dots<'ctx>(
     // in tiles all of them, others those of whole steps of `DOT`.
     let permuted = if tiles { inn } else { inn / DOT * DOT };
     // A one-row product of block weights with offsets reads the sums of `x` per block.
+    let int8 = int8_dots(kb, &l);
     let sums = match wf {
-        WFmt::Quant(q) => q4_sums(q, inn),
+        WFmt::Quant(q) => q4_sums(q, inn).max(if int8.is_some() { q8x_len(inn) } else { 0 }),
         _ => 0,
     };
     let xp = match wf {
@@ -1307,7 +1348,7 @@ pub(crate) fn linear_dots<'ctx>(
     kb.for_(full, rows, |t| {
         match (wf, xp) {
             (WFmt::Bf16, Some(xp)) => permute_pairs(kb, l.x, kb.mul(t, c(inn)), permuted, xp),
-            (WFmt::Quant(q), Some(xp)) => q4_block_sums(kb, l.x, kb.mul(t, c(inn)), inn, q, xp),
+            (WFmt::Quant(q), Some(xp)) => row_scratch(kb, &l, int8, kb.mul(t, c(inn)), q, xp),
             _ => {}
         }
         blocks(t, 1)
@@ -1409,6 +1450,7 @@ pub(crate) fn gemv_reduce<'ctx>(
         wf: WFmt::F32,
         tiles: false,
         panels: false,
+        q8x: false,
     };
     let sum_at = |o: IntValue<'ctx>| {
         let sum = kb.fold(c(0), c(chunks), &[kb.vzero().into()], |ch, acc| {

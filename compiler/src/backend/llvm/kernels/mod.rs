@@ -4,6 +4,7 @@
 //! and processes tasks `begin..end`, so the thread pool can split its work.
 
 mod attention;
+mod int8;
 mod latent;
 mod linear;
 mod moe;
@@ -19,6 +20,7 @@ use crate::ir::{Act, AttnMask, QkvLayout, QkvPart, Rope};
 
 pub(crate) use attention::attention_rows;
 use attention::*;
+pub use int8::Int8Dots;
 use linear::*;
 pub(crate) use linear::{packs, sliced_bytes, tiled};
 use rows::*;
@@ -39,6 +41,8 @@ pub enum Kernel {
     Binary { mul: bool, width: usize },
     /// args: x, out; tasks: rows.
     Unary { op: UnaryOp, width: usize },
+    /// args: x, out; tasks: rows. `Op::RoundQ8` over rows of `width`.
+    RoundQ8 { width: usize },
     /// args: x, [w], [b], out, [rows]; tasks: rows. `round`: the output rounded to bf16
     /// (a fused `round_bf16`). `sets`: how many sets of parameters, 1 or one per head of
     /// `[heads, T, d]` (then `rows` says how many rows there are in all).
@@ -49,7 +53,17 @@ pub enum Kernel {
     /// the packed activations (AMX, or sliced) and, with `Amx::to_tiles`, where the
     /// output goes packed (`Kernel::slots`); tasks: column blocks of `BLOCK` (AMX: groups
     /// of them, `amx::tasks`).
-    Linear { inn: usize, out: usize, bias: bool, epi: Vec<Epi>, wf: WFmt, read: WeightRead, algo: LinearAlgo },
+    Linear {
+        inn: usize,
+        out: usize,
+        bias: bool,
+        epi: Vec<Epi>,
+        wf: WFmt,
+        read: WeightRead,
+        algo: LinearAlgo,
+        /// The input is `round_q8`'d: block weights may meet it as integers.
+        q8x: bool,
+    },
     /// args: x, out, rows; tasks: rows. Copies `x [rows, inn]` into the packed GEMM's
     /// slices (`slice_at`), once for all the column blocks of the linear maps reading it.
     SliceRows { inn: usize },
@@ -175,6 +189,7 @@ impl Kernel {
             Kernel::Unary { op: UnaryOp::Scale(s), width } => format!("scale_{width}_{:016x}", s.to_bits()),
             Kernel::Unary { op: UnaryOp::Act(a), width } => format!("{}_{width}", a.name()),
             Kernel::Unary { op: UnaryOp::RoundBf16, width } => format!("round_bf16_{width}"),
+            Kernel::RoundQ8 { width } => format!("round_q8_{width}"),
             Kernel::LayerNorm { d, eps, gain, bias, round, sets } => {
                 let r = if *round { "_round_bf16" } else { "" };
                 let g = if *gain { "" } else { "_no_gain" };
@@ -186,7 +201,7 @@ impl Kernel {
                 let s = if *sets > 1 { format!("_sets{sets}") } else { String::new() };
                 format!("rmsnorm_{d}_{:016x}_{}{s}{r}", eps.to_bits(), *unit_offset as u8)
             }
-            Kernel::Linear { inn, out, bias, epi, wf, read, algo } => {
+            Kernel::Linear { inn, out, bias, epi, wf, read, algo, q8x } => {
                 let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
                 let t = if *read == (WeightRead::Stored { transposed: true }) { "_t" } else { "" };
                 let b = if *bias { "_b" } else { "" };
@@ -202,7 +217,8 @@ impl Kernel {
                     LinearAlgo::Packed { sliced } => ("_p", if *sliced { "_s" } else { "" }, String::new()),
                     LinearAlgo::Dots | LinearAlgo::Loops => ("", "", String::new()),
                 };
-                format!("linear_{inn}x{out}{t}{b}{layout}{p}{s}{a}{epi}{}", wf.suffix())
+                let q = if *q8x { "_q8x" } else { "" };
+                format!("linear_{inn}x{out}{t}{b}{layout}{p}{s}{a}{epi}{}{q}", wf.suffix())
             }
             Kernel::SliceRows { inn } => format!("slice_rows_{inn}"),
             Kernel::AmxPack { inn, transposed, parts } => {
@@ -380,7 +396,7 @@ impl Kernel {
             Kernel::Gather { .. } => vec![Table, Ids, Out],
             Kernel::Sinusoidal { .. } => vec![Pos, Out],
             Kernel::Binary { .. } => vec![X, Y, Out],
-            Kernel::Unary { .. } | Kernel::SplitQkv { .. } => vec![X, Out],
+            Kernel::Unary { .. } | Kernel::RoundQ8 { .. } | Kernel::SplitQkv { .. } => vec![X, Out],
             Kernel::LayerNorm { gain, bias: b, sets, .. } => {
                 let rows = if *sets > 1 { vec![Rows] } else { vec![] };
                 [vec![X], if *gain { vec![W] } else { vec![] }, bias(*b), vec![Out], rows].concat()
@@ -528,6 +544,7 @@ fn body<'ctx>(
         Kernel::Sinusoidal { .. } => sinusoidal(kb, k, args, begin, end),
         Kernel::Binary { .. } => binary(kb, k, args, begin, end),
         Kernel::Unary { .. } => unary_rows(kb, k, args, begin, end),
+        Kernel::RoundQ8 { .. } => round_q8_rows(kb, k, args, begin, end),
         Kernel::LayerNorm { .. } => layer_norm(kb, k, args, begin, end),
         Kernel::RmsNorm { .. } => rms_norm(kb, k, args, begin, end),
         Kernel::Linear { algo: LinearAlgo::Amx(_) | LinearAlgo::Packed { .. }, .. } => {

@@ -6,6 +6,7 @@ use inkwell::values::{FloatValue, IntValue, PointerValue, VectorValue};
 use super::{Args, Kernel, Slot, UnaryOp};
 use crate::backend::llvm::elementwise::{act, F64Ir};
 use crate::backend::llvm::kb::Kb;
+use crate::interp::Q8_ACT_BLOCK;
 use crate::ir::{Act, HeadStart, QkvPart};
 
 /// One task: `out[t] = P + t`.
@@ -140,6 +141,39 @@ pub(crate) fn unary_rows<'ctx>(
             let i = kb.add(base, j);
             kb.st(out, i, unary(kb, op, kb.ld(x, i)));
         });
+    });
+}
+
+/// `Op::RoundQ8` (`interp::round_q8`): each row's blocks of 32 (the last may be
+/// fewer) as `q · 2^e`, a block holding an infinity or NaN copied as it is.
+pub(crate) fn round_q8_rows<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    k: &Kernel,
+    args: &Args<'_, '_, 'ctx>,
+    begin: IntValue<'ctx>,
+    end: IntValue<'ctx>,
+) {
+    use Slot::*;
+    let c = |v: usize| kb.c(v as i64);
+    let Kernel::RoundQ8 { width } = *k else { unreachable!("a RoundQ8 kernel") };
+    let (x, out) = (args.p(X), args.p(Out));
+    let block = |at: IntValue<'ctx>, n: usize| {
+        let (d, inv, finite) = kb.q8_act_scale(x, at, n);
+        kb.for_(c(0), c(n), |j| {
+            let i = kb.add(at, j);
+            let v = kb.ld(x, i);
+            let q = kb.q8_act_int(v, inv, kb.cx.i32_type());
+            let r = kb.fmul(kb.b.build_signed_int_to_float(q, kb.f32t(), "").unwrap(), d);
+            kb.st(out, i, kb.b.build_select(finite, r, v, "").unwrap().into_float_value());
+        });
+    };
+    let (full, tail) = (width / Q8_ACT_BLOCK, width % Q8_ACT_BLOCK);
+    kb.for_(begin, end, |r| {
+        let base = kb.mul(r, c(width));
+        kb.for_(c(0), c(full), |b| block(kb.add(base, kb.mul(b, c(Q8_ACT_BLOCK))), Q8_ACT_BLOCK));
+        if tail > 0 {
+            block(kb.add(base, c(full * Q8_ACT_BLOCK)), tail);
+        }
     });
 }
 
