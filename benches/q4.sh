@@ -53,6 +53,8 @@ echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 for row in "smollm2 q4_1 $src" "smollm2 q4_0 $work/smollm2-q4_0.gguf" "smollm2 q4_k_m $work/smollm2-q4_k_m.gguf" \
     "w2 q4_0 $ck-q4_0-pure.gguf" "w2 q4_k $ck-q4_k-pure.gguf" "w2 q4_k_m $ck-q4_k_m.gguf"; do
     set -- $row
+    # ONLY (a regular expression) keeps the rows whose "model format" it matches.
+    [[ -n "${ONLY:-}" && ! "$1 $2" =~ $ONLY ]] && continue
     file=$(realpath "$3")
     spec=$work/$1-$2.tfs
     target/release/tfc import-gguf "$file" >$spec

@@ -98,8 +98,8 @@ pub enum ActDType {
     /// The activations rounded to bf16 (ties to even).
     Bf16,
     /// The inputs of linear maps with block weights (q8, the ggml formats) rounded to
-    /// 8-bit integers per 32 values times a power of two, which the kernels may multiply
-    /// as integers, as llama.cpp does.
+    /// 8-bit integers per 32 values times max|x|/127, which the kernels may multiply as
+    /// integers, as llama.cpp does.
     Q8,
 }
 

@@ -6,7 +6,7 @@
 //! helpers as the primitive chain it replaces.
 
 mod ops;
-pub use ops::{q8_scale_bits, round_q8, Q8_ACT_BLOCK};
+pub use ops::{q8_scale, round_q8, Q8_ACT_BLOCK, Q8_ACT_TINY};
 mod session;
 pub mod weights;
 

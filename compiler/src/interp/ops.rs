@@ -54,35 +54,33 @@ pub fn map(a: &Tensor, f: impl Fn(f32) -> f32) -> Tensor {
 /// Values per block of `round_q8`.
 pub const Q8_ACT_BLOCK: usize = 32;
 
-/// The scale `2^e` of a `round_q8` block whose largest magnitude has the bit pattern
-/// `amax` (sign clear) and its inverse, as bit patterns, or `None` for a block holding an
-/// infinity or NaN. `2^e` is the least power of two with `127 · 2^e ≥ amax`, but at least
-/// `2^-101`, so neither it nor its inverse is subnormal: with `amax = m · 2^k`
-/// (`1 ≤ m < 2`), `e = k - 6` when `m ≤ 127/64`, else `k - 5`.
-pub fn q8_scale_bits(amax: u32) -> Option<(u32, u32)> {
-    let exp = amax >> 23;
-    if exp == 255 {
+/// Largest magnitudes below this (`2^-96`) make a `round_q8` block zeros.
+pub const Q8_ACT_TINY: f32 = f32::from_bits(31 << 23);
+
+/// The scale `d = amax / 127` of a `round_q8` block whose largest magnitude is `amax` and
+/// the factor `127 / amax` (both `f32` divisions), or `None` for a block holding an
+/// infinity or NaN. A block below `Q8_ACT_TINY` has factor 0: its integers are zeros.
+pub fn q8_scale(amax: f32) -> Option<(f32, f32)> {
+    if !amax.is_finite() {
         return None;
     }
-    let (exp, up) = if exp < 32 { (32, 0) } else { (exp, ((amax & 0x7f_ffff) > 0x7e_0000) as u32) };
-    // `e + 127` and `-e + 127`, with `e = exp - 127 - 6 + up`.
-    Some(((exp - 6 + up) << 23, (260 - exp - up) << 23))
+    Some(if amax < Q8_ACT_TINY { (0.0, 0.0) } else { (amax / 127.0, 127.0 / amax) })
 }
 
 /// `Op::RoundQ8` over the rows of `a` (its last dimension): each 32 values from a row's
-/// start (the last block may be fewer) become `q · 2^e`, `q = round(x / 2^e)` to nearest,
-/// ties to even, an integer in `-127..=127`, with the block's scale `2^e`
-/// (`q8_scale_bits`); a block holding an infinity or NaN stays as it is. Dividing by a
-/// power of two is exact, so the rounding is the only one, and rounding again changes
-/// nothing.
+/// start (the last block may be fewer) become `q · d` with `q = round(x · 127 / amax)` to
+/// nearest, ties to even, an integer in `-127..=127`, and `d = amax / 127` (`q8_scale`),
+/// llama.cpp's `Q8_0` rounding; a block holding an infinity or NaN stays as it is.
+/// Rounding the values again gives back the same integers, and a scale within an ulp or
+/// two of `d` (the largest is `fl(127 · d)`, within `127 · 2^-24` of an integer after
+/// the division), which is how a kernel that multiplies integers recovers them.
 pub fn round_q8(a: &Tensor) -> Tensor {
     let w = a.shape.last().copied().unwrap_or(1).max(1);
     let mut data = a.data.clone();
     for row in data.chunks_mut(w) {
         for b in row.chunks_mut(Q8_ACT_BLOCK) {
-            let amax = b.iter().map(|x| x.to_bits() & 0x7fff_ffff).max().unwrap_or(0);
-            let Some((d, inv)) = q8_scale_bits(amax) else { continue };
-            let (d, inv) = (f32::from_bits(d), f32::from_bits(inv));
+            let amax = f32::from_bits(b.iter().map(|x| x.to_bits() & 0x7fff_ffff).max().unwrap_or(0));
+            let Some((d, inv)) = q8_scale(amax) else { continue };
             for x in b.iter_mut() {
                 *x = (*x * inv).round_ties_even() as i32 as f32 * d;
             }
@@ -481,30 +479,29 @@ mod tests {
     }
 
     #[test]
-    fn round_q8_rounds_to_integers_times_a_power_of_two_once() {
-        // A block's largest magnitude 3.0 = 1.5 · 2¹ takes 2^(1-6) (1.5 ≤ 127/64); 1.99 · 2¹
-        // takes 2^(1-5). Ties go to even; the last block of a row (2 values) is its own.
-        let d = 2f32.powi(-5);
-        let row: Vec<f32> = [2.5 * d]
-            .into_iter()
-            .chain((1..32).map(|i| i as f32 * 3.0 / 31.0))
-            .chain([3.98, -0.046875])
-            .collect();
+    fn round_q8_rounds_to_integers_per_32_and_again_to_the_same() {
+        // The largest magnitude of a block (3.0) is 127 steps of 3/127; the last block of a
+        // row (2 values) is its own.
+        let row: Vec<f32> = (0..32).map(|i| i as f32 * 4.0 / 31.0 - 1.0).chain([0.5, -0.2]).collect();
         let r = round_q8(&Tensor::new(vec![1, 34], row.clone()));
-        assert_eq!(r.data[0], 2.0 * d);
-        assert_eq!(r.data[31], 3.0);
+        let (d, inv) = (3.0f32 / 127.0, 127.0f32 / 3.0);
+        assert_eq!(r.data[31], 127.0 * d);
         for (x, y) in row[..32].iter().zip(&r.data) {
-            assert_eq!(*y, (x / d).round_ties_even() * d, "{x}");
+            assert_eq!(*y, (x * inv).round_ties_even() * d, "{x}");
         }
-        assert_eq!(r.data[32..], [4.0, -0.0625]);
-        // Rounding again changes nothing, on any block of a wide range of magnitudes.
+        let d2 = 0.5f32 / 127.0;
+        assert_eq!(r.data[32..], [127.0 * d2, (-0.2f32 * (127.0 / 0.5)).round_ties_even() * d2]);
+        // Rounding again gives the same integers, scaled within two ulps, on blocks of a
+        // wide range of magnitudes.
         let wide: Vec<f32> =
             (0..320).map(|i| ((i * 7919) % 1000) as f32 * 1.37f32.powi(i % 90 - 60)).collect();
         let once = round_q8(&Tensor::new(vec![2, 160], wide));
-        assert_eq!(round_q8(&once).data, once.data);
-        // Tiny blocks keep the scale 2^-101; a NaN leaves its block as it was.
-        let tiny = round_q8(&Tensor::new(vec![1, 2], vec![3e-30, 1e-31]));
-        assert_eq!(tiny.data, vec![(3e-30f32 * 2f32.powi(101)).round() * 2f32.powi(-101), 0.0]);
+        for (a, b) in once.data.iter().zip(&round_q8(&once).data) {
+            assert!((a - b).abs() <= a.abs() * 2f32.powi(-22), "{a} {b}");
+        }
+        // Tiny blocks are zeros; a NaN leaves its block as it was.
+        let tiny = round_q8(&Tensor::new(vec![1, 2], vec![3e-30, -1e-31]));
+        assert_eq!(tiny.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), [0, 0]);
         let nan = round_q8(&Tensor::new(vec![1, 2], vec![f32::NAN, 0.3]));
         assert!(nan.data[0].is_nan() && nan.data[1] == 0.3);
     }

@@ -742,10 +742,10 @@ pub enum Op {
     /// of a linear map under `activations = bf16`.
     RoundBf16,
     /// Each 32 values of a row (from its start; the last may be fewer) rounded to 8-bit
-    /// integers times a power of two, still `f32` (`interp::round_q8`): the input of
-    /// a linear map with block weights under `activations = q8`, which the kernels may
-    /// multiply as integers. The scale being a power of two makes the rounding exact to
-    /// undo and idempotent, so a kernel recovers the integers from the values.
+    /// integers times `max |x| / 127`, still `f32` (`interp::round_q8`): the input of a
+    /// linear map with block weights under `activations = q8`, which the kernels may
+    /// multiply as integers. Rounding the values again gives back the same integers, so
+    /// a kernel recovers them from the values.
     RoundQ8,
     /// `(x, [gain], [bias])`, the gain there when `gain` (OLMo's LayerNorm has neither).
     /// Parameters are `[d]`, or for `x [H, T, d]` may be `[H, d]`, one set per head.

@@ -805,10 +805,10 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         let mask = VectorType::const_vector(&[self.cx.i32_type().const_int(j as u64, false); VW]);
         ok(self.b.build_shuffle_vector(v, self.vt().get_undef(), mask, ""))
     }
-    /// The scale of a `round_q8` block of the `n` floats at `x + at`
-    /// (`interp::q8_scale_bits`): `2^e`, its inverse, and whether the block is
-    /// finite (else both are what an exponent of 255 gives, and the caller keeps the
-    /// values or makes the block's product NaN).
+    /// The scale of a `round_q8` block of the `n` floats at `x + at` (`interp::q8_scale`):
+    /// `d = amax / 127`, the factor `127 / amax` (both 0 below `Q8_ACT_TINY`), and whether
+    /// the block is finite (else the caller keeps the values or makes the block's
+    /// product NaN).
     pub fn q8_act_scale(
         &self,
         x: PointerValue<'ctx>,
@@ -835,20 +835,14 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         amax: IntValue<'ctx>,
     ) -> (FloatValue<'ctx>, FloatValue<'ctx>, IntValue<'ctx>) {
         let c = |v: i64| self.c(v);
-        let exp = ok(self.b.build_right_shift(amax, c(23), false, ""));
-        let finite = ok(self.b.build_int_compare(IntPredicate::NE, exp, c(255), ""));
-        let small = self.icmp_lt(exp, c(32));
-        let mant = ok(self.b.build_and(amax, c(0x7f_ffff), ""));
-        let up = ok(self.b.build_int_compare(IntPredicate::SGT, mant, c(0x7e_0000), ""));
-        let up = self.select(small, c(0), ok(self.b.build_int_z_extend(up, self.i64t(), "")));
-        let exp = self.select(small, c(32), exp);
-        let float = |e: IntValue<'ctx>| {
-            let e = ok(self.b.build_left_shift(e, c(23), ""));
-            let e = ok(self.b.build_int_truncate(e, self.cx.i32_type(), ""));
-            ok(self.b.build_bit_cast(e, self.f32t(), "")).into_float_value()
-        };
-        let d = float(self.add(self.sub(exp, c(6)), up));
-        let inv = float(self.sub(self.sub(c(260), exp), up));
+        let finite = self.icmp_lt(amax, c(0x7f80_0000));
+        let tiny = self.icmp_lt(amax, c(crate::interp::Q8_ACT_TINY.to_bits() as i64));
+        let a = ok(self.b.build_int_truncate(amax, self.cx.i32_type(), ""));
+        let a = ok(self.b.build_bit_cast(a, self.f32t(), "")).into_float_value();
+        let zero_if_tiny =
+            |v: FloatValue<'ctx>| ok(self.b.build_select(tiny, self.fc(0.0), v, "")).into_float_value();
+        let d = zero_if_tiny(ok(self.b.build_float_div(a, self.fc(127.0), "")));
+        let inv = zero_if_tiny(ok(self.b.build_float_div(self.fc(127.0), a, "")));
         (d, inv, finite)
     }
     /// `round(v · inv)` (to nearest, ties to even) as an integer of `ty`'s width: a

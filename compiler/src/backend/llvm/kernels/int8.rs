@@ -1,8 +1,9 @@
 //! Integer products of `Q4_K` weights with `round_q8`'d activations (`activations = q8`),
 //! as llama.cpp makes its K-quant products, but with the activations' rounding the
-//! interpreter defines (`interp::round_q8`: 32 values per power-of-two scale).
+//! interpreter defines (`interp::round_q8`: 32 values per scale `max |x| / 127`).
 //!
-//! A row's integers are recovered from its values (the rounding is idempotent), once per
+//! A row's integers are recovered from its values (rounding them again gives the same
+//! integers, and a scale within an ulp or two of the first), once per
 //! row for every output of a task (`q8x_row`), the 32s of each super-block reordered to
 //! meet the nibbles: a super-block's 128 bytes hold its 32s 0 and 1 in the low and high
 //! nibbles of bytes 0..32, 2 and 3 of 32..64, and so on, so the 64 bytes from 0 and from
@@ -10,7 +11,8 @@
 //! Each 64 nibbles meet 64 integers of `x` in one `vpdpbusd` (unsigned × signed bytes,
 //! four products summed per 32-bit lane; `pmaddubsw` and `pmaddwd` without VNNI, exact
 //! since a nibble times an integer of `round_q8` is at most 15 · 127), eight lanes per
-//! 32; the lanes are scaled by `d · sc · 2^e` of their 32 and summed in f32. The offset
+//! 32; the lanes are scaled by `d · sc · dx` of their 32 (`dx` the activations' scale) and
+//! summed in f32. The offset
 //! term `-dmin · m · Σ x` takes each 32's sum, made with its integers.
 //!
 //! The instructions are in wrapper functions marked as `amx::ATTR` marks the tile
@@ -96,7 +98,7 @@ pub(crate) fn int8_dots(kb: &Kb<'_, '_>, l: &Lin<'_, '_>) -> Option<Int8Dots> {
 }
 
 /// Floats of one row's scratch: its `inn` integers (a quarter as many floats), then per
-/// super-block a vector of the eight 32s' scales `2^e` and their sums `Σ x`.
+/// super-block a vector of the eight 32s' scales `dx` and their sums `Σ x` (`dx · Σ q`).
 pub(crate) fn q8x_len(inn: usize) -> usize {
     inn / 4 + inn / 256 * VW
 }
@@ -224,7 +226,7 @@ pub(crate) fn lin_q4k_i8_row<'ctx>(
             let mut next = Vec::with_capacity(acc.len());
             for (r, &(qr, xr)) in rows.iter().enumerate() {
                 let acc = &acc[5 * r..5 * r + 5];
-                // Lanes 0..8: `d·sc·2^e` of each 32; 8..16: `-dmin·m·Σx`.
+                // Lanes 0..8: `d·sc·dx` of each 32; 8..16: `-dmin·m·Σx`.
                 let sx = kb.vmul(scales, kb.ldv(s, kb.add(xr, kb.mul(sb, c(VW)))));
                 for (h, nib) in nibbles.iter().enumerate() {
                     // The 64 integers at 64·h of the super-block: the 32s (a, b) of

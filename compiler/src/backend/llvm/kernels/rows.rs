@@ -145,7 +145,7 @@ pub(crate) fn unary_rows<'ctx>(
 }
 
 /// `Op::RoundQ8` (`interp::round_q8`): each row's blocks of 32 (the last may be
-/// fewer) as `q · 2^e`, a block holding an infinity or NaN copied as it is.
+/// fewer) as `q · d`, a block holding an infinity or NaN copied as it is.
 pub(crate) fn round_q8_rows<'ctx>(
     kb: &Kb<'_, 'ctx>,
     k: &Kernel,
