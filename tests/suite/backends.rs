@@ -637,15 +637,21 @@ fn f32_gemm_edges(cpu: Option<&str>) {
 #[test]
 fn bf16_gemm_paths_equal_the_interpreter() {
     for (var, value) in [("TFC_AMX", "1"), ("TFC_AMX", "0"), ("TFC_CPU", "baseline")] {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "backends::bf16_gemm_paths_child", "--ignored", "--test-threads=1"])
-            .env(var, value)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{var}={value}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("1 passed"), "{var}={value}: the child ran no test: {stdout}");
+        run_child("backends::bf16_gemm_paths_child", var, value);
     }
+}
+
+/// Runs the ignored test `name` of this binary in a child process with `var=value` (a
+/// library reads such variables once), and checks that it ran and passed.
+fn run_child(name: &str, var: &str, value: &str) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--ignored", "--test-threads=1"])
+        .env(var, value)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{var}={value}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("1 passed"), "{var}={value}: the child ran no test: {stdout}");
 }
 
 #[test]
@@ -831,14 +837,7 @@ fn block_weights_equal_the_interpreter() {
 #[test]
 fn q8_activations_equal_the_interpreter() {
     for cpu in ["native", "baseline"] {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "backends::q8_activations_child", "--ignored", "--test-threads=1"])
-            .env("TFC_CPU", cpu)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "TFC_CPU={cpu}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("1 passed"), "TFC_CPU={cpu}: the child ran no test: {stdout}");
+        run_child("backends::q8_activations_child", "TFC_CPU", cpu);
     }
 }
 

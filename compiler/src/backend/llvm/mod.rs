@@ -111,22 +111,9 @@ pub fn has_amx(tm: &TargetMachine) -> bool {
     on.contains(&"+amx-tile") && on.contains(&"+amx-bf16")
 }
 
-/// CPUs LLVM knows by name that have AVX512_VNNI.
-const VNNI_CPUS: &[&str] = &[
-    "cascadelake",
-    "cooperlake",
-    "icelake-client",
-    "icelake-server",
-    "rocketlake",
-    "tigerlake",
-    "sapphirerapids",
-    "emeraldrapids",
-    "graniterapids",
-    "graniterapids-d",
-    "diamondrapids",
-    "znver4",
-    "znver5",
-];
+/// The CPUs of `AVX512_CPUS` without AVX512_VNNI (the first two Xeon Phis without
+/// AVX512BW too).
+const AVX512_WITHOUT_VNNI: &[&str] = &["x86-64-v4", "skylake-avx512", "cannonlake", "knl", "knm"];
 
 /// How `tm`'s code multiplies bytes: with AVX512_VNNI, or AVX512BW, or not at all
 /// (`kernels::int8`).
@@ -134,10 +121,11 @@ pub fn int8_dots(tm: &TargetMachine) -> Option<kernels::Int8Dots> {
     let features = tm.get_feature_string().to_string_lossy().to_string();
     let on: Vec<&str> = features.split(',').collect();
     let cpu = tm.get_cpu().to_string_lossy().to_string();
-    let named = AVX512_CPUS.contains(&cpu.as_str()) && !matches!(cpu.as_str(), "knl" | "knm");
-    if on.contains(&"+avx512vnni") && on.contains(&"+avx512bw") || VNNI_CPUS.contains(&cpu.as_str()) {
+    let named = AVX512_CPUS.contains(&cpu.as_str());
+    let vnni = named && !AVX512_WITHOUT_VNNI.contains(&cpu.as_str());
+    if on.contains(&"+avx512vnni") && on.contains(&"+avx512bw") || vnni {
         Some(kernels::Int8Dots::Vnni)
-    } else if on.contains(&"+avx512bw") || named {
+    } else if on.contains(&"+avx512bw") || named && !matches!(cpu.as_str(), "knl" | "knm") {
         Some(kernels::Int8Dots::Bw)
     } else {
         None
