@@ -42,14 +42,22 @@ pub fn set_vector_registers<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, n: usize)
     g.set_linkage(inkwell::module::Linkage::Internal);
 }
 
+/// How a CPU multiplies bytes: `vpdpbusd` (AVX512_VNNI), or `pmaddubsw` and `pmaddwd`
+/// (AVX512BW) (`kernels::int8`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int8Dots {
+    Vnni,
+    Bw,
+}
+
 /// The global that tells the kernels how the module's CPU multiplies bytes.
 const INT8_DOTS: &str = "tfc__int8_dots";
 
 /// Records in `m` how its CPU multiplies bytes (`Kb::int8_dots`).
-pub fn set_int8_dots<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, dots: Option<super::kernels::Int8Dots>) {
+pub fn set_int8_dots<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, dots: Option<Int8Dots>) {
     let n = match dots {
-        Some(super::kernels::Int8Dots::Vnni) => 2,
-        Some(super::kernels::Int8Dots::Bw) => 1,
+        Some(Int8Dots::Vnni) => 2,
+        Some(Int8Dots::Bw) => 1,
         None => 0,
     };
     let g = m.add_global(cx.i32_type(), None, INT8_DOTS);
@@ -129,11 +137,11 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     /// How many vector registers this module's CPU has (`set_vector_registers`; 32, as
     /// with AVX-512, where a module does not say).
     /// How this module's CPU multiplies bytes, if it has AVX512BW (`set_int8_dots`).
-    pub fn int8_dots(&self) -> Option<super::kernels::Int8Dots> {
+    pub fn int8_dots(&self) -> Option<Int8Dots> {
         let n = self.m.get_global(INT8_DOTS).and_then(|g| g.get_initializer());
         match n.and_then(|v| v.into_int_value().get_zero_extended_constant()) {
-            Some(2) => Some(super::kernels::Int8Dots::Vnni),
-            Some(1) => Some(super::kernels::Int8Dots::Bw),
+            Some(2) => Some(Int8Dots::Vnni),
+            Some(1) => Some(Int8Dots::Bw),
             _ => None,
         }
     }

@@ -56,7 +56,7 @@ pub fn emit<'ctx>(
     weights: &WeightTable,
     amx: bool,
     registers: usize,
-    int8: Option<kernels::Int8Dots>,
+    int8: Option<kb::Int8Dots>,
 ) -> Result<(Module<'ctx>, Layout), LlvmError> {
     for (name, _, dtype) in &weights.names {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::Q8 | DType::Quant(_)) {
@@ -117,16 +117,16 @@ const AVX512_WITHOUT_VNNI: &[&str] = &["x86-64-v4", "skylake-avx512", "cannonlak
 
 /// How `tm`'s code multiplies bytes: with AVX512_VNNI, or AVX512BW, or not at all
 /// (`kernels::int8`).
-pub fn int8_dots(tm: &TargetMachine) -> Option<kernels::Int8Dots> {
+pub fn int8_dots(tm: &TargetMachine) -> Option<kb::Int8Dots> {
     let features = tm.get_feature_string().to_string_lossy().to_string();
     let on: Vec<&str> = features.split(',').collect();
     let cpu = tm.get_cpu().to_string_lossy().to_string();
     let named = AVX512_CPUS.contains(&cpu.as_str());
     let vnni = named && !AVX512_WITHOUT_VNNI.contains(&cpu.as_str());
     if on.contains(&"+avx512vnni") && on.contains(&"+avx512bw") || vnni {
-        Some(kernels::Int8Dots::Vnni)
+        Some(kb::Int8Dots::Vnni)
     } else if on.contains(&"+avx512bw") || named && !matches!(cpu.as_str(), "knl" | "knm") {
-        Some(kernels::Int8Dots::Bw)
+        Some(kb::Int8Dots::Bw)
     } else {
         None
     }

@@ -24,17 +24,8 @@ use inkwell::types::VectorType;
 use inkwell::values::BasicValue;
 use inkwell::values::{BasicMetadataValueEnum, FunctionValue, IntValue, PointerValue, VectorValue};
 
-use super::linear::Lin;
 use super::PREFETCH;
-use crate::backend::llvm::kb::{Kb, VW};
-
-/// How a CPU multiplies bytes: `vpdpbusd` (AVX512_VNNI), or `pmaddubsw` and `pmaddwd`
-/// (AVX512BW).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Int8Dots {
-    Vnni,
-    Bw,
-}
+use crate::backend::llvm::kb::{Int8Dots, Kb, VW};
 
 const VNNI: &str = r#"
 declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <16 x i32>, <16 x i32>)
@@ -88,13 +79,6 @@ fn wrapper<'ctx>(kb: &Kb<'_, 'ctx>, dots: Int8Dots, name: &str) -> FunctionValue
 pub(crate) fn ready<'ctx>(kb: &Kb<'_, 'ctx>, dots: Int8Dots) -> IntValue<'ctx> {
     let f = wrapper(kb, dots, "tfc_i8.ready");
     kb.b.build_call(f, &[], "").unwrap().try_as_basic_value().basic().unwrap().into_int_value()
-}
-
-/// Whether linear map `l` multiplies as integers on this CPU: `Q4_K` weights as stored,
-/// a `round_q8`'d input.
-pub(crate) fn int8_dots(kb: &Kb<'_, '_>, l: &Lin<'_, '_>) -> Option<Int8Dots> {
-    let q4k = l.wf == crate::backend::llvm::kb::WFmt::Quant(tfc_runtime::quant::Quant::Q4_K);
-    (l.q8x && q4k && !l.tiles && !l.panels && l.inn % 256 == 0).then(|| kb.int8_dots()).flatten()
 }
 
 /// Floats of one row's scratch: its `inn` integers (a quarter as many floats), then per
@@ -173,23 +157,25 @@ pub(crate) fn q8x_row<'ctx>(
     });
 }
 
-/// Rows `t..t + rn` times `Q4_K` weights `W [out, in]` as stored, outputs `o0..o1`, the
-/// rows' integers and scales from `s` on (`q8x_row`, `q8x_len` floats apart): one output's row
-/// of super-blocks at a time, prefetched `PREFETCH` ahead, each super-block's nibbles
-/// unpacked once for all the rows.
+/// Rows `t..t + rn` of `in` inputs times `Q4_K` weights `w [out, in]` as stored, outputs
+/// `o0..o1`, each sum handed to `store(row, output, sum)`; the rows' integers and scales
+/// from `s` on (`q8x_row`, `q8x_len` floats apart): one output's row of super-blocks at a
+/// time, prefetched `PREFETCH` ahead, each super-block's nibbles unpacked once for all
+/// the rows.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lin_q4k_i8_row<'ctx>(
     kb: &Kb<'_, 'ctx>,
-    l: &Lin<'ctx, '_>,
+    w: PointerValue<'ctx>,
+    inn: usize,
     dots: Int8Dots,
     t: IntValue<'ctx>,
     rn: usize,
     o0: IntValue<'ctx>,
     o1: IntValue<'ctx>,
     s: PointerValue<'ctx>,
+    store: impl Fn(IntValue<'ctx>, IntValue<'ctx>, inkwell::values::FloatValue<'ctx>),
 ) {
     let c = |v: usize| kb.c(v as i64);
-    let inn = l.inn;
     let (size, len) = (144, q8x_len(inn));
     let row_bytes = inn / 256 * size;
     let (i8t, i32t) = (kb.cx.i8_type(), kb.cx.i32_type());
@@ -212,14 +198,14 @@ pub(crate) fn lin_q4k_i8_row<'ctx>(
         let acc = kb.fold(c(0), c(inn / 256), &init, |sb, acc| {
             let at = kb.add(wrow, kb.mul(sb, c(size)));
             for line in 0..size.div_ceil(64) {
-                kb.prefetch(l.w, kb.add(at, c(PREFETCH + 64 * line)));
+                kb.prefetch(w, kb.add(at, c(PREFETCH + 64 * line)));
             }
-            let scales = kb.q4k_scales(l.w, at);
+            let scales = kb.q4k_scales(w, at);
             let nibbles: Vec<_> = (0..2)
                 .flat_map(|k| {
-                    let w = ld64(l.w, kb.add(at, c(16 + 64 * k)));
-                    let lo = kb.b.build_and(w, fifteen, "").unwrap();
-                    let hi = kb.b.build_right_shift(w, four, false, "").unwrap();
+                    let v = ld64(w, kb.add(at, c(16 + 64 * k)));
+                    let lo = kb.b.build_and(v, fifteen, "").unwrap();
+                    let hi = kb.b.build_right_shift(v, four, false, "").unwrap();
                     [as_i32(lo), as_i32(hi)]
                 })
                 .collect();
@@ -252,7 +238,7 @@ pub(crate) fn lin_q4k_i8_row<'ctx>(
             let upper: Vec<u32> = (0..VW as u32).map(|l| if l < 8 { VW as u32 } else { l }).collect();
             let offsets = kb.shuffle(a(4), kb.vzero(), &upper);
             let v = kb.vsum(kb.vadd(sums, offsets));
-            l.store(kb, kb.add(t, c(r)), o, v);
+            store(kb.add(t, c(r)), o, v);
         }
     });
 }

@@ -40,12 +40,12 @@
 use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue, VectorValue};
 use tfc_runtime::quant::{Quant, Q8_BLOCK};
 
-use super::int8::{int8_dots, lin_q4k_i8_row, q8x_len, q8x_row, ready, Int8Dots};
+use super::int8::{lin_q4k_i8_row, q8x_len, q8x_row, ready};
 use super::rows::unary;
 use super::{Args, Kernel, LinearAlgo, Slot, UnaryOp, WeightRead};
 use crate::backend::llvm::amx;
 use crate::backend::llvm::elementwise::epilogue_vectorises;
-use crate::backend::llvm::kb::{nibbles_at, Kb, WFmt, VW};
+use crate::backend::llvm::kb::{nibbles_at, Int8Dots, Kb, WFmt, VW};
 use crate::backend::plan::Epi;
 use crate::backend::weights::{Tiles, BLOCK};
 
@@ -85,23 +85,23 @@ pub(crate) fn tiled(inn: usize, transposed: bool) -> bool {
 }
 
 pub(crate) struct Lin<'ctx, 'e> {
-    pub(crate) x: PointerValue<'ctx>,
-    pub(crate) w: PointerValue<'ctx>,
+    x: PointerValue<'ctx>,
+    w: PointerValue<'ctx>,
     b: Option<PointerValue<'ctx>>,
     out: PointerValue<'ctx>,
-    pub(crate) inn: usize,
+    inn: usize,
     n_out: usize,
     epi: &'e [Epi],
     /// The other operand of each `Add`/`Mul` in `epi`, in order.
     others: Vec<PointerValue<'ctx>>,
     /// How the weights are stored.
-    pub(crate) wf: WFmt,
+    wf: WFmt,
     /// `[out, in]` in the tile layout (`weights::Tiles`), not row-major.
-    pub(crate) tiles: bool,
+    tiles: bool,
     /// In the panel layout (`weights::WeightLayout::Panels`).
-    pub(crate) panels: bool,
-    /// The input is `round_q8`'d (`int8::int8_dots`).
-    pub(crate) q8x: bool,
+    panels: bool,
+    /// The input is `round_q8`'d (`int8_dots`).
+    q8x: bool,
 }
 
 impl<'ctx, 'e> Lin<'ctx, 'e> {
@@ -120,7 +120,7 @@ impl<'ctx, 'e> Lin<'ctx, 'e> {
     }
 
     /// Output `o` of row `t`: the dot product `v`, plus the bias if there is one.
-    pub(crate) fn store(&self, kb: &Kb<'_, 'ctx>, t: IntValue<'ctx>, o: IntValue<'ctx>, v: FloatValue<'ctx>) {
+    fn store(&self, kb: &Kb<'_, 'ctx>, t: IntValue<'ctx>, o: IntValue<'ctx>, v: FloatValue<'ctx>) {
         let v = match self.b {
             Some(b) => kb.fadd(v, kb.ld(b, o)),
             None => v,
@@ -287,7 +287,10 @@ pub(crate) fn lin_dot_row<'ctx>(
                     let s = xp.expect("bug: integer products read their rows' integers");
                     kb.if_else(
                         ready(kb, dots),
-                        || lin_q4k_i8_row(kb, l, dots, t, rn, o0, o1, s),
+                        || {
+                            let store = |r, o, v| l.store(kb, r, o, v);
+                            lin_q4k_i8_row(kb, l.w, l.inn, dots, t, rn, o0, o1, s, store)
+                        },
                         || lin_q4_row(kb, l, t, rn, o0, o1, q, xp),
                     );
                 }
@@ -1177,6 +1180,13 @@ pub(crate) const FEW_MAX: usize = 4 * FEW;
 /// The most stack `lin_few_rows` takes for its scratch: bf16 maps of more than 4096
 /// inputs (whose rows it would hold permuted) take the packed GEMM instead.
 const FEW_SCRATCH: usize = 256 << 10;
+
+/// Whether linear map `l` multiplies as integers on this CPU (`int8`): `Q4_K` weights as
+/// stored, a `round_q8`'d input.
+fn int8_dots(kb: &Kb<'_, '_>, l: &Lin<'_, '_>) -> Option<Int8Dots> {
+    let q4k = l.wf == WFmt::Quant(Quant::Q4_K);
+    (l.q8x && q4k && !l.tiles && !l.panels && l.inn % 256 == 0).then(|| kb.int8_dots()).flatten()
+}
 
 /// Floats per row of what `lin_dot_row` reads besides `x`: bf16 weights' permuted rows,
 /// block formats' sums per block, or the integers and scales of integer products (room

@@ -20,7 +20,6 @@ use crate::ir::{Act, AttnMask, QkvLayout, QkvPart, Rope};
 
 pub(crate) use attention::attention_rows;
 use attention::*;
-pub use int8::Int8Dots;
 use linear::*;
 pub(crate) use linear::{packs, sliced_bytes, tiled};
 use rows::*;
