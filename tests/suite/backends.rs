@@ -632,26 +632,43 @@ fn f32_gemm_edges(cpu: Option<&str>) {
 }
 
 /// A bf16 library on each code path a CPU may give it: AMX tiles (where the CPU has them),
-/// the AVX-512 GEMM (`TFC_AMX=0`) and the baseline x86-64 copy (`TFC_CPU=baseline`), each
-/// against the interpreter. In child processes, since a library reads these once.
+/// the AVX-512 GEMM on bf16 pairs (`TFC_AMX=0`, where the CPU has AVX512_BF16) or on
+/// weights widened to f32 (`TFC_BF16_DOTS=0` too), and the baseline x86-64 copy
+/// (`TFC_CPU=baseline`), each against the interpreter. In child processes, since a
+/// library reads these once.
 #[test]
 fn bf16_gemm_paths_equal_the_interpreter() {
-    for (var, value) in [("TFC_AMX", "1"), ("TFC_AMX", "0"), ("TFC_CPU", "baseline")] {
-        run_child("backends::bf16_gemm_paths_child", var, value);
+    let paths: [&[(&str, &str)]; 5] = [
+        &[("TFC_AMX", "1")],
+        &[("TFC_AMX", "0")],
+        &[("TFC_BF16_DOTS", "0")],
+        &[("TFC_AMX", "0"), ("TFC_BF16_DOTS", "0")],
+        &[("TFC_CPU", "baseline")],
+    ];
+    for env in paths {
+        run_child("backends::bf16_gemm_paths_child", env);
+    }
+    // Where the CPU multiplies bf16 pairs, the library built for it does so on
+    // `activations = bf16`, so the children above ran that path.
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if cpuinfo.split_whitespace().any(|f| f == "avx512_bf16") {
+        let spec = root().join("tests/specs/valid/mixed_bf16_act.tfs");
+        let plan = tfc::backend::plan_ir(&compile(&spec, &Options::default()), &Default::default()).unwrap();
+        assert!(plan.contains("_pairs"), "no bf16 pairs for this CPU:\n{plan}");
     }
 }
 
-/// Runs the ignored test `name` of this binary in a child process with `var=value` (a
-/// library reads such variables once), and checks that it ran and passed.
-fn run_child(name: &str, var: &str, value: &str) {
+/// Runs the ignored test `name` of this binary in a child process with the variables
+/// `env` set (a library reads such variables once), and checks that it ran and passed.
+fn run_child(name: &str, env: &[(&str, &str)]) {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--ignored", "--test-threads=1"])
-        .env(var, value)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{var}={value}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("1 passed"), "{var}={value}: the child ran no test: {stdout}");
+    assert!(out.status.success(), "{env:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("1 passed"), "{env:?}: the child ran no test: {stdout}");
 }
 
 #[test]
@@ -659,10 +676,11 @@ fn run_child(name: &str, var: &str, value: &str) {
 fn bf16_gemm_paths_child() {
     // `[in, out]` and `[out, in]` weights; 9 rows (one padded block of 32), then 45 (two);
     // f32 activations (three bf16 parts on AMX) and bf16 ones (one part); tasks of one
-    // column group and of several, the last one short (`gemm/amx_groups`).
+    // column group and of several, the last one short (`gemm/amx_groups`); slices of
+    // inputs short of `KC` on bf16 pairs (`gemm/pairs_edges`).
     let valid =
         ["conv1d_bf16", "llama_bf16", "mixed_bf16_act", "gpt2_bf16_act"].map(|n| format!("valid/{n}"));
-    for path in valid.iter().map(String::as_str).chain(["gemm/amx_groups"]) {
+    for path in valid.iter().map(String::as_str).chain(["gemm/amx_groups", "gemm/pairs_edges"]) {
         let name = path.rsplit('/').next().unwrap();
         let spec = root().join(format!("tests/specs/{path}.tfs"));
         let c = compile(&spec, &Options::default());
@@ -837,7 +855,7 @@ fn block_weights_equal_the_interpreter() {
 #[test]
 fn q8_activations_equal_the_interpreter() {
     for cpu in ["native", "baseline"] {
-        run_child("backends::q8_activations_child", "TFC_CPU", cpu);
+        run_child("backends::q8_activations_child", &[("TFC_CPU", cpu)]);
     }
 }
 

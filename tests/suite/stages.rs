@@ -81,9 +81,27 @@ fn the_amx_plan_of_the_bf16_specs() {
     let plan = |path: &std::path::Path| {
         let c = compile(path, &Options::default());
         let weights = tfc::backend::library_weights(&c, tfc::backend::Backend::Llvm);
-        let text = tfc::backend::llvm::plan_text(&c, &weights, true).unwrap();
+        let cpu = tfc::backend::llvm::Cpu { amx: true, registers: 32, int8: None, bf16_dots: true };
+        let text = tfc::backend::llvm::plan_text(&c, &weights, &cpu).unwrap();
         assert!(text.contains("amx(parts="), "{}: no map on tiles", path.display());
         insta::assert_snapshot!("amx_plan", text);
+    };
+    insta::glob!("../../tests/specs/valid", "*bf16*.tfs", |path| plan(path));
+}
+
+/// The plan of the bf16 specs for a CPU with AVX512_BF16 and no AMX (Zen 4): the maps of
+/// bf16 weights and activations multiply bf16 pairs in the packed GEMM, their input
+/// sliced as bf16; maps of f32 activations widen the weights to f32.
+#[test]
+fn the_bf16_pairs_plan_of_the_bf16_specs() {
+    let opts = tfc::backend::LibOptions { target_cpu: Some("znver4".into()), ..Default::default() };
+    let plan = |path: &std::path::Path| {
+        let c = compile(path, &Options::default());
+        let text = tfc::backend::plan_ir(&c, &opts).unwrap();
+        if c.spec.activations == tfc::ir::DType::BF16 {
+            assert!(text.contains("_pairs"), "{}: no map on bf16 pairs", path.display());
+        }
+        insta::assert_snapshot!("pairs_plan", text);
     };
     insta::glob!("../../tests/specs/valid", "*bf16*.tfs", |path| plan(path));
 }

@@ -124,10 +124,7 @@ fn build<'ctx>(
     tm: &inkwell::targets::TargetMachine,
 ) -> Result<(inkwell::module::Module<'ctx>, layout::Layout), BackendError> {
     match backend {
-        Backend::Llvm => {
-            let (amx, registers, int8) = (llvm::has_amx(tm), llvm::vector_registers(tm), llvm::int8_dots(tm));
-            Ok(llvm::emit(cx, c, weights, amx, registers, int8)?)
-        }
+        Backend::Llvm => Ok(llvm::emit(cx, c, weights, &llvm::Cpu::of(tm))?),
         Backend::Mlir => {
             let layers = c.spec.sizes.layers;
             if layers > MLIR_MAX_LAYERS {
@@ -269,7 +266,7 @@ pub fn compile_gpu(c: &Compiled, out_dir: &Path, target: Target) -> Result<Vec<P
 /// which algorithm computes each linear map, for the CPU `opts` names.
 pub fn plan_ir(c: &Compiled, opts: &LibOptions) -> Result<String, BackendError> {
     let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
-    Ok(llvm::plan_text(c, &library_weights(c, Backend::Llvm), llvm::has_amx(&tm))?)
+    Ok(llvm::plan_text(c, &library_weights(c, Backend::Llvm), &llvm::Cpu::of(&tm))?)
 }
 
 /// The LLVM IR of a spec's library, before (`optimized = false`) or after its pipeline.

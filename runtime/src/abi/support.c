@@ -61,6 +61,17 @@ static void enable_amx(void) {
 #endif
 }
 
+/* ---- bf16 pair products (`vdpbf16ps`). Where the library was built for a CPU with
+   AVX512_BF16, its bf16 GEMMs of bf16 activations multiply pairs when this is nonzero;
+   TFC_BF16_DOTS=0 turns them off (for testing the f32 path). The baseline copy never
+   executes them, whatever this says. ---- */
+__attribute__((visibility("hidden"))) int32_t tfc__bf16_ok = 1;
+
+static void enable_bf16_dots(void) {
+    const char *want = getenv("TFC_BF16_DOTS");
+    if (want && strcmp(want, "0") == 0) tfc__bf16_ok = 0;
+}
+
 /* ---- which code runs. A library built for a CPU with features beyond baseline x86-64
    also carries a baseline copy of its graph functions (`tfc__<graph>__fallback`) and
    lists the features the main copy needs; the first context created checks them and
@@ -100,6 +111,7 @@ static int cpu_has(const char *f, size_t n) {
 static void choose_code(void) {
     __builtin_cpu_init();
     enable_amx();
+    enable_bf16_dots();
     const char *force = getenv("TFC_CPU");
     int ok = !(force && strcmp(force, "baseline") == 0);
     for (const char *f = tfc__cpu_features; ok && *f;) {
@@ -120,6 +132,7 @@ static void choose_code(void) {
 static void choose_code(void) {
     __builtin_cpu_init();
     enable_amx();
+    enable_bf16_dots();
 }
 #endif
 static pthread_once_t chosen = PTHREAD_ONCE_INIT;

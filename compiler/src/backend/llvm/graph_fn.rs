@@ -529,6 +529,8 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
         };
         let read = weight_read(g, n, weights);
         let transposed = read == WeightRead::Stored { transposed: true };
+        let pairs = matches!(algo, LinearAlgo::Amx(_) | LinearAlgo::Packed { .. })
+            && kernels::multiplies_pairs(&self.kb, wf, read, *g.op(ops[0]) == Op::RoundBf16, inn);
         match algo {
             LinearAlgo::Amx(a) => {
                 if gp.to_tiles.contains(&ops[0]) {
@@ -550,10 +552,10 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
             }
             LinearAlgo::Packed { sliced: true } => {
                 let xs = self.region(gp.packed_at);
-                if self.packed_input != Some((ops[0], Packing::Slices)) {
+                if self.packed_input != Some((ops[0], Packing::Slices { pairs })) {
                     let pv = [(X, self.val(ops[0])), (Out, xs), (Rows, self.rows_of(n))];
-                    self.call(Kernel::SliceRows { inn }, &pv, self.rows_of(n));
-                    self.packed_input = Some((ops[0], Packing::Slices));
+                    self.call(Kernel::SliceRows { inn, pairs }, &pv, self.rows_of(n));
+                    self.packed_input = Some((ops[0], Packing::Slices { pairs }));
                 }
                 v.push((PackedX, xs));
             }
@@ -564,7 +566,7 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
             _ => width.div_ceil(BLOCK),
         };
         let q8x = *g.op(ops[0]) == Op::RoundQ8;
-        let k = Kernel::Linear { inn, out: width, bias, epi, wf, read, algo, q8x };
+        let k = Kernel::Linear { inn, out: width, bias, epi, wf, read, algo, q8x, pairs };
         self.call(k, &v, self.kb.c(tasks as i64));
     }
 
@@ -655,6 +657,7 @@ impl<'ctx> GraphFn<'_, '_, 'ctx> {
                     expert_algo(fixed_rows, inn, out, transposed)
                 },
                 q8x: false,
+                pairs: false,
             };
         // Expert `ex`'s row of a bias `[E, out]`.
         let bias_of = |me: &Self, b: Option<NodeId>, out: usize| {

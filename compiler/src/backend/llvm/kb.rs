@@ -36,10 +36,23 @@ const VECTOR_REGISTERS: &str = "tfc__vector_registers";
 
 /// Records in `m` that its CPU has `n` vector registers (`Kb::vector_registers`).
 pub fn set_vector_registers<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, n: usize) {
-    let g = m.add_global(cx.i32_type(), None, VECTOR_REGISTERS);
-    g.set_initializer(&cx.i32_type().const_int(n as u64, false));
+    set_cpu_fact(cx, m, VECTOR_REGISTERS, n as u64)
+}
+
+/// A fact about the module's CPU that the kernels read as they are built (`Kb::cpu_fact`).
+fn set_cpu_fact<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, name: &str, n: u64) {
+    let g = m.add_global(cx.i32_type(), None, name);
+    g.set_initializer(&cx.i32_type().const_int(n, false));
     g.set_constant(true);
     g.set_linkage(inkwell::module::Linkage::Internal);
+}
+
+/// The global that tells the kernels whether the module's CPU has `vdpbf16ps`.
+const BF16_DOTS: &str = "tfc__bf16_dots";
+
+/// Records in `m` whether its CPU multiplies bf16 pairs (AVX512_BF16: `Kb::bf16_dots`).
+pub fn set_bf16_dots<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, on: bool) {
+    set_cpu_fact(cx, m, BF16_DOTS, on as u64)
 }
 
 /// How a CPU multiplies bytes: `vpdpbusd` (AVX512_VNNI), or `pmaddubsw` and `pmaddwd`
@@ -60,10 +73,7 @@ pub fn set_int8_dots<'ctx>(cx: &'ctx Context, m: &Module<'ctx>, dots: Option<Int
         Some(Int8Dots::Bw) => 1,
         None => 0,
     };
-    let g = m.add_global(cx.i32_type(), None, INT8_DOTS);
-    g.set_initializer(&cx.i32_type().const_int(n, false));
-    g.set_constant(true);
-    g.set_linkage(inkwell::module::Linkage::Internal);
+    set_cpu_fact(cx, m, INT8_DOTS, n)
 }
 
 /// How a weight tensor is stored, as the kernels read it.
@@ -134,20 +144,27 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         Kb { cx, m, b, f }
     }
 
-    /// How many vector registers this module's CPU has (`set_vector_registers`; 32, as
-    /// with AVX-512, where a module does not say).
+    /// The value of a `set_cpu_fact`, if the module has it.
+    fn cpu_fact(&self, name: &str) -> Option<u64> {
+        let n = self.m.get_global(name).and_then(|g| g.get_initializer());
+        n.and_then(|v| v.into_int_value().get_zero_extended_constant())
+    }
     /// How this module's CPU multiplies bytes, if it has AVX512BW (`set_int8_dots`).
     pub fn int8_dots(&self) -> Option<Int8Dots> {
-        let n = self.m.get_global(INT8_DOTS).and_then(|g| g.get_initializer());
-        match n.and_then(|v| v.into_int_value().get_zero_extended_constant()) {
+        match self.cpu_fact(INT8_DOTS) {
             Some(2) => Some(Int8Dots::Vnni),
             Some(1) => Some(Int8Dots::Bw),
             _ => None,
         }
     }
+    /// Whether this module's CPU multiplies bf16 pairs into f32 (`set_bf16_dots`).
+    pub fn bf16_dots(&self) -> bool {
+        self.cpu_fact(BF16_DOTS) == Some(1)
+    }
+    /// How many vector registers this module's CPU has (`set_vector_registers`; 32, as
+    /// with AVX-512, where a module does not say).
     pub fn vector_registers(&self) -> usize {
-        let n = self.m.get_global(VECTOR_REGISTERS).and_then(|g| g.get_initializer());
-        n.and_then(|v| v.into_int_value().get_zero_extended_constant()).map_or(32, |n| n as usize)
+        self.cpu_fact(VECTOR_REGISTERS).map_or(32, |n| n as usize)
     }
     pub fn i64t(&self) -> IntType<'ctx> {
         self.cx.i64_type()

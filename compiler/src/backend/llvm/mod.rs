@@ -47,17 +47,46 @@ pub enum LlvmError {
     Plan(#[from] PlanError),
 }
 
-/// The LLVM backend's entry: the module of a compiled spec's library, and its layout; with
-/// `amx`, for a target with AMX-BF16 (whose bf16 GEMMs then run on tiles; `strip_amx`
-/// makes a copy without them).
+/// What the kernels use of the target CPU.
+#[derive(Clone, Copy, Debug)]
+pub struct Cpu {
+    /// AMX-BF16: bf16 GEMMs run on tiles (`strip_amx` makes a copy without them).
+    pub amx: bool,
+    /// Vector registers (`vector_registers`).
+    pub registers: usize,
+    /// How it multiplies bytes (`int8_dots`).
+    pub int8: Option<kb::Int8Dots>,
+    /// AVX512_BF16: bf16 GEMMs of bf16 activations multiply pairs (`kernels::bf16`).
+    pub bf16_dots: bool,
+}
+
+impl Cpu {
+    pub fn of(tm: &TargetMachine) -> Cpu {
+        Cpu {
+            amx: has_amx(tm),
+            registers: vector_registers(tm),
+            int8: int8_dots(tm),
+            bf16_dots: bf16_dots(tm),
+        }
+    }
+
+    /// Records the CPU in `m` for the kernels built into it.
+    fn set<'ctx>(&self, cx: &'ctx Context, m: &Module<'ctx>) {
+        kb::set_vector_registers(cx, m, self.registers);
+        kb::set_int8_dots(cx, m, self.int8);
+        kb::set_bf16_dots(cx, m, self.bf16_dots);
+    }
+}
+
+/// The LLVM backend's entry: the module of a compiled spec's library for `cpu`, and its
+/// layout.
 pub fn emit<'ctx>(
     cx: &'ctx Context,
     c: &Compiled,
     weights: &WeightTable,
-    amx: bool,
-    registers: usize,
-    int8: Option<kb::Int8Dots>,
+    cpu: &Cpu,
 ) -> Result<(Module<'ctx>, Layout), LlvmError> {
+    let amx = cpu.amx;
     for (name, _, dtype) in &weights.names {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::Q8 | DType::Quant(_)) {
             let use_ = "use f32, bf16, q8, or a ggml block type (q8_0, q2_k–q6_k, q4_0, q4_1, q5_0, q5_1)";
@@ -65,8 +94,7 @@ pub fn emit<'ctx>(
         }
     }
     let m = cx.create_module(&c.spec.name);
-    kb::set_vector_registers(cx, &m, registers);
-    kb::set_int8_dots(cx, &m, int8);
+    cpu.set(cx, &m);
     let layout = layout(c);
     let mut kernels: HashMap<String, FunctionValue> = HashMap::new();
     let mut arena = 0;
@@ -89,10 +117,12 @@ pub fn emit<'ctx>(
 
 /// The plan of every graph of the library as text (`tfc ir --stage plan`): what `build`
 /// decides before it emits code.
-pub fn plan_text(c: &Compiled, weights: &WeightTable, amx: bool) -> Result<String, LlvmError> {
+pub fn plan_text(c: &Compiled, weights: &WeightTable, cpu: &Cpu) -> Result<String, LlvmError> {
     // The kernels each node calls come from emitting the graphs, into a module of their own.
     let cx = Context::create();
     let m = cx.create_module(&c.spec.name);
+    cpu.set(&cx, &m);
+    let amx = cpu.amx;
     let (layout, mut kernels) = (layout(c), HashMap::new());
     let mut out = String::new();
     for (name, g) in c.named_graphs() {
@@ -109,6 +139,25 @@ pub fn has_amx(tm: &TargetMachine) -> bool {
     let f = tm.get_feature_string().to_string_lossy().to_string();
     let on: Vec<&str> = f.split(',').collect();
     on.contains(&"+amx-tile") && on.contains(&"+amx-bf16")
+}
+
+/// CPUs LLVM knows by name that have AVX512_BF16.
+const BF16_CPUS: &[&str] = &[
+    "cooperlake",
+    "sapphirerapids",
+    "emeraldrapids",
+    "graniterapids",
+    "graniterapids-d",
+    "diamondrapids",
+    "znver4",
+    "znver5",
+];
+
+/// Whether `tm`'s code multiplies bf16 pairs into f32 (`vdpbf16ps`, AVX512_BF16).
+pub fn bf16_dots(tm: &TargetMachine) -> bool {
+    let features = tm.get_feature_string().to_string_lossy().to_string();
+    let cpu = tm.get_cpu().to_string_lossy().to_string();
+    features.split(',').any(|f| f == "+avx512bf16") || BF16_CPUS.contains(&cpu.as_str())
 }
 
 /// The CPUs of `AVX512_CPUS` without AVX512_VNNI (the first two Xeon Phis without

@@ -204,7 +204,7 @@ pub(super) fn expert_algo(rows: Option<usize>, inn: usize, out: usize, transpose
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Packing {
     Amx { transposed: bool },
-    Slices,
+    Slices { pairs: bool },
 }
 
 /// How the CPU kernels compute a linear map.

@@ -40,6 +40,7 @@
 use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue, VectorValue};
 use tfc_runtime::quant::{Quant, Q8_BLOCK};
 
+use super::bf16;
 use super::int8::{lin_q4k_i8_row, q8x_len, q8x_row, ready};
 use super::rows::unary;
 use super::{Args, Kernel, LinearAlgo, Slot, UnaryOp, WeightRead};
@@ -811,7 +812,8 @@ pub(crate) fn copy_f32s<'ctx>(
 /// as f32 `[KC, BLOCK]` (or read in place), are multiplied in `MR × BLOCK` register
 /// tiles, which start from the bias in the first slice and from the output in the
 /// others, so the output is first written when a tile has a slice's sums; last the
-/// epilogue runs.
+/// epilogue runs. With `pairs` the elements are pairs of bf16 inputs (`bf16`): the
+/// panel `[KC / 2, BLOCK]` pairs of weights, `x` its bf16 bits, a k-step two inputs.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lin_packed<'ctx>(
     kb: &Kb<'_, 'ctx>,
@@ -822,8 +824,12 @@ pub(crate) fn lin_packed<'ctx>(
     panel: PointerValue<'ctx>,
     xs: Xs<'ctx>,
     transposed: bool,
+    pairs: bool,
 ) {
     let c = |v: usize| kb.c(v as i64);
+    // Inputs per k-step, and the type of the elements of `x`'s slices.
+    let (ks, xt): (usize, inkwell::types::BasicTypeEnum) =
+        if pairs { (2, kb.cx.i16_type().into()) } else { (1, kb.f32t().into()) };
     let nv = BLOCK / VW;
     // Vectors of a register tile's row: the whole block's `nv` where the CPU has 32
     // vector registers (`MR × 4` accumulators); one (two AVX2 registers) where it has 16,
@@ -851,18 +857,26 @@ pub(crate) fn lin_packed<'ctx>(
             let xs = match xs {
                 Xs::Copy(buf) => {
                     kb.for_(c(0), rn, |t| {
-                        let src = kb.add(kb.mul(kb.add(r0, t), c(inn)), k0);
-                        copy_f32s(kb, (l.x, src), (buf, kb.mul(t, c(KC))), kn);
+                        let src = (l.x, kb.add(kb.mul(kb.add(r0, t), c(inn)), k0));
+                        let dst = (buf, kb.mul(t, c(KC)));
+                        if pairs {
+                            bf16::copy_bf16s(kb, src, dst, kn)
+                        } else {
+                            copy_f32s(kb, src, dst, kn)
+                        }
                     });
                     buf
                 }
-                Xs::Sliced(all) => kb.gep(kb.f32t(), all, slice_at(kb, rows, kblk, r0)),
+                Xs::Sliced(all) => kb.gep(xt, all, slice_at(kb, rows, kblk, r0)),
             };
             kb.for_(b0, b1, |blk| {
                 let o0 = kb.mul(blk, c(BLOCK));
                 // The block's slice: its panel in place, or packed from the weights.
                 let panel = if l.panels {
                     kb.gep(kb.f32t(), l.w, kb.mul(kb.add(kb.mul(blk, c(inn)), k0), c(BLOCK)))
+                } else if pairs {
+                    bf16::pack_panel_pairs(kb, l.w, &|o, i| l.widx(kb, o, i), (o0, k0, kn), panel);
+                    panel
                 } else {
                     pack_panel(kb, l, o0, k0, kn, panel, transposed);
                     panel
@@ -924,14 +938,22 @@ pub(crate) fn lin_packed<'ctx>(
                         },
                         || (0..rn * tv).map(|k| kb.ldv(l.out, kb.add(yrow(k / tv), col(k))).into()).collect(),
                     );
+                    // Inputs `kk..kk + ks`.
                     let k_step = |kk: IntValue<'ctx>, acc: &[BasicValueEnum<'ctx>]| {
+                        let prow = kb.udiv(kk, c(ks));
                         let wv: Vec<_> =
-                            (0..tv).map(|j| kb.ldv(panel, kb.add(kb.mul(kk, c(BLOCK)), col(j)))).collect();
+                            (0..tv).map(|j| kb.ldv(panel, kb.add(kb.mul(prow, c(BLOCK)), col(j)))).collect();
                         let mut next = Vec::with_capacity(acc.len());
                         for r in 0..rn {
-                            let xs = kb.splat(kb.ld(xs, kb.add(kb.mul(kb.add(t0, c(r)), c(KC)), kk)));
+                            let at = kb.add(kb.mul(kb.add(t0, c(r)), c(KC)), kk);
+                            // A pair's two bf16 are one 32-bit lane, broadcast like an f32.
+                            let xs = kb.splat(kb.load_f32(kb.gep(xt, xs, at)));
                             for (j, wv) in wv.iter().enumerate() {
-                                next.push(kb.vfma(xs, *wv, acc[r * tv + j].into_vector_value()).into());
+                                let acc = acc[r * tv + j].into_vector_value();
+                                next.push(
+                                    if pairs { bf16::dot(kb, acc, xs, *wv) } else { kb.vfma(xs, *wv, acc) }
+                                        .into(),
+                                );
                             }
                         }
                         next
@@ -948,11 +970,15 @@ pub(crate) fn lin_packed<'ctx>(
                                 let step = kb.add(kb.mul(kb.udiv(t0, c(MR)), c(KC)), kk);
                                 prefetch_next(step);
                             }
-                            (0..SPREAD).fold(acc.to_vec(), |acc, u| k_step(kb.add(kk, c(u)), &acc))
+                            (0..SPREAD)
+                                .step_by(ks)
+                                .fold(acc.to_vec(), |acc, u| k_step(kb.add(kk, c(u)), &acc))
                         });
                         k_from = kb.mul(groups, c(SPREAD));
                     }
-                    let acc = kb.fold(k_from, kn, &acc, |kk, acc| k_step(kk, acc));
+                    let acc = kb.fold(kb.udiv(k_from, c(ks)), kb.udiv(kn, c(ks)), &acc, |s, acc| {
+                        k_step(kb.mul(s, c(ks)), acc)
+                    });
                     for (k, v) in acc.iter().enumerate() {
                         kb.stv(l.out, kb.add(yrow(k / tv), col(k)), v.into_vector_value());
                     }
@@ -1074,7 +1100,7 @@ pub(crate) fn linear_packed<'ctx>(
     use Slot::*;
     let c = |v: usize| kb.c(v as i64);
     let p = |s: Slot| args.p(s);
-    let Kernel::Linear { inn, out: n_out, bias, read, algo, .. } = *k else {
+    let Kernel::Linear { inn, out: n_out, bias, read, algo, pairs, .. } = *k else {
         unreachable!("a Linear kernel")
     };
 
@@ -1090,12 +1116,21 @@ pub(crate) fn linear_packed<'ctx>(
     let (l, rows) = Lin::from_args(args, k);
     let panel = kb.alloca_f32s(KC * BLOCK);
     let xs = if sliced { Xs::Sliced(p(PackedX)) } else { Xs::Copy(kb.alloca_f32s(MC * KC)) };
+    // The packed GEMM of column blocks `b0..b1`: on bf16 pairs where they run.
+    let packed = |b0: IntValue<'ctx>, b1: IntValue<'ctx>| {
+        let gemm = |pairs| lin_packed(kb, &l, rows, b0, b1, panel, xs, transposed, pairs);
+        if pairs {
+            kb.if_else(bf16::ready(kb), || gemm(true), || gemm(false))
+        } else {
+            gemm(false)
+        }
+    };
     if panels {
         // One row (decode) streams each block's panel from end to end.
         return kb.if_else(
             kb.icmp_eq(rows, c(1)),
             || lin_panel_row(kb, &l, begin, end),
-            || lin_packed(kb, &l, rows, begin, end, panel, xs, transposed),
+            || packed(begin, end),
         );
     }
     let Some(am) = amx else {
@@ -1111,10 +1146,10 @@ pub(crate) fn linear_packed<'ctx>(
             return kb.if_else(
                 kb.icmp_lt(rows, c(FEW_MAX + 1)),
                 || lin_few_rows(kb, &l, rows, begin, end, xp),
-                || lin_packed(kb, &l, rows, begin, end, panel, xs, transposed),
+                || packed(begin, end),
             );
         }
-        return lin_packed(kb, &l, rows, begin, end, panel, xs, transposed);
+        return packed(begin, end);
     };
     // A task is `amx::groups` blocks (the last one maybe fewer).
     let gr = amx::groups(inn, n_out, am.parts);
@@ -1156,7 +1191,7 @@ pub(crate) fn linear_packed<'ctx>(
             kb.for_(begin, end, |task| {
                 let b0 = kb.mul(task, c(gr));
                 let b1 = kb.min(kb.add(b0, c(gr)), c(n_out / BLOCK));
-                lin_packed(kb, &l, rows, b0, b1, panel, xs, transposed)
+                packed(b0, b1)
             })
         },
     );
@@ -1288,16 +1323,29 @@ pub(crate) fn slice_rows<'ctx>(
     let c = |v: usize| kb.c(v as i64);
     let a = |s: Slot| args.i(s);
     let p = |s: Slot| args.p(s);
-    let Kernel::SliceRows { inn } = *k else { unreachable!("a SliceRows kernel") };
+    let Kernel::SliceRows { inn, pairs } = *k else { unreachable!("a SliceRows kernel") };
 
     let (x, out, rows) = (p(X), p(Out), a(Rows));
-    kb.for_(begin, end, |t| {
-        kb.for_(c(0), c(inn.div_ceil(KC)), |s| {
-            let k0 = kb.mul(s, c(KC));
-            let kn = kb.min(c(KC), kb.sub(c(inn), k0));
-            copy_f32s(kb, (x, kb.add(kb.mul(t, c(inn)), k0)), (out, slice_at(kb, rows, s, t)), kn);
-        });
-    });
+    let slices = |pairs: bool| {
+        kb.for_(begin, end, |t| {
+            kb.for_(c(0), c(inn.div_ceil(KC)), |s| {
+                let k0 = kb.mul(s, c(KC));
+                let kn = kb.min(c(KC), kb.sub(c(inn), k0));
+                let (src, dst) = ((x, kb.add(kb.mul(t, c(inn)), k0)), (out, slice_at(kb, rows, s, t)));
+                if pairs {
+                    bf16::copy_bf16s(kb, src, dst, kn)
+                } else {
+                    copy_f32s(kb, src, dst, kn)
+                }
+            });
+        })
+    };
+    // As the linear maps reading them take pairs or not (`linear_packed`).
+    if pairs {
+        kb.if_else(bf16::ready(kb), || slices(true), || slices(false))
+    } else {
+        slices(false)
+    }
 }
 
 pub(crate) fn amx_pack<'ctx>(

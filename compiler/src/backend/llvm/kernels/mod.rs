@@ -4,6 +4,7 @@
 //! and processes tasks `begin..end`, so the thread pool can split its work.
 
 mod attention;
+mod bf16;
 mod int8;
 mod latent;
 mod linear;
@@ -20,6 +21,7 @@ use crate::ir::{Act, AttnMask, QkvLayout, QkvPart, Rope};
 
 pub(crate) use attention::attention_rows;
 use attention::*;
+pub(crate) use bf16::multiplies_pairs;
 use linear::*;
 pub(crate) use linear::{packs, sliced_bytes, tiled};
 use rows::*;
@@ -62,10 +64,15 @@ pub enum Kernel {
         algo: LinearAlgo,
         /// The input is `round_q8`'d: block weights may meet it as integers.
         q8x: bool,
+        /// The packed GEMM multiplies bf16 pairs where the C half allows
+        /// (`bf16::multiplies_pairs`), reading its input's slices as `SliceRows { pairs }`
+        /// wrote them.
+        pairs: bool,
     },
     /// args: x, out, rows; tasks: rows. Copies `x [rows, inn]` into the packed GEMM's
-    /// slices (`slice_at`), once for all the column blocks of the linear maps reading it.
-    SliceRows { inn: usize },
+    /// slices (`slice_at`), once for all the column blocks of the linear maps reading it;
+    /// with `pairs`, as bf16 where the pair products run (`bf16::copy_bf16s`).
+    SliceRows { inn: usize, pairs: bool },
     /// args: x, packed, rows; tasks: tiles of 16 of the rows padded to `amx::MB`. The activations of an
     /// `amx` linear map, split into bf16 parts in the tiles' layout (`amx::pack_x`).
     AmxPack { inn: usize, transposed: bool, parts: usize },
@@ -200,7 +207,7 @@ impl Kernel {
                 let s = if *sets > 1 { format!("_sets{sets}") } else { String::new() };
                 format!("rmsnorm_{d}_{:016x}_{}{s}{r}", eps.to_bits(), *unit_offset as u8)
             }
-            Kernel::Linear { inn, out, bias, epi, wf, read, algo, q8x } => {
+            Kernel::Linear { inn, out, bias, epi, wf, read, algo, q8x, pairs } => {
                 let epi: String = epi.iter().map(|e| format!("_{}", e.symbol())).collect();
                 let t = if *read == (WeightRead::Stored { transposed: true }) { "_t" } else { "" };
                 let b = if *bias { "_b" } else { "" };
@@ -217,9 +224,12 @@ impl Kernel {
                     LinearAlgo::Dots | LinearAlgo::Loops => ("", "", String::new()),
                 };
                 let q = if *q8x { "_q8x" } else { "" };
-                format!("linear_{inn}x{out}{t}{b}{layout}{p}{s}{a}{epi}{}{q}", wf.suffix())
+                let d = if *pairs { "_pairs" } else { "" };
+                format!("linear_{inn}x{out}{t}{b}{layout}{p}{s}{a}{epi}{}{q}{d}", wf.suffix())
             }
-            Kernel::SliceRows { inn } => format!("slice_rows_{inn}"),
+            Kernel::SliceRows { inn, pairs } => {
+                format!("slice_rows_{inn}{}", if *pairs { "_pairs" } else { "" })
+            }
             Kernel::AmxPack { inn, transposed, parts } => {
                 format!("amx_pack_{inn}_{parts}{}", if *transposed { "_t" } else { "" })
             }
