@@ -1088,7 +1088,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             (run, Some(((other.prefill, other.decode), r)))
         }
     };
-    report(&a, &c, &m, compile_s, run, vs)?;
+    report(&a, &c, &m, compile_s, run, vs, model.streaming_prefetch())?;
     if a.sweep {
         sweep(&a, &m, &mut s)?;
     }
@@ -1176,6 +1176,7 @@ fn report(
     compile_s: f64,
     run: Samples,
     vs: Option<Against>,
+    prefetch: Option<bool>,
 ) -> Result<()> {
     let (pre, dec, tokens) = (run.prefill, run.decode, run.tokens);
     let weight_bytes = stored_bytes(m, None);
@@ -1221,7 +1222,8 @@ fn report(
             "precision": precision, "compile_s": compile_s,
             "prefill_ms": {"median": pm, "min": pmin, "max": pmax},
             "decode_tok_s": {"median": dm, "min": dmin, "max": dmax},
-            "decode_weight_gb_s": gbs, "decode_bytes_per_token": read_bytes, "prefill_gflop_s": gflops, "weight_bytes": weight_bytes,
+            "decode_weight_gb_s": gbs, "decode_bytes_per_token": read_bytes,
+            "decode_prefetch": prefetch, "prefill_gflop_s": gflops, "weight_bytes": weight_bytes,
             "decode_roofline_share": a.peak_gb_s.map(|p| gbs / p),
             "prefill_roofline_share": a.peak_gflop_s.map(|p| gflops / p),
             "prefill_gflop": flops / 1e9,
@@ -1255,8 +1257,13 @@ fn report(
         a.prompt,
         share(gflops, a.peak_gflop_s)
     );
+    let prefetch = match prefetch {
+        Some(true) => ", prefetched",
+        Some(false) => ", not prefetched",
+        None => "",
+    };
     println!(
-        "decode {} tokens:  {dm:.2} tok/s (min {dmin:.2}, max {dmax:.2}), {gbs:.2} GB/s of weights{}",
+        "decode {} tokens:  {dm:.2} tok/s (min {dmin:.2}, max {dmax:.2}), {gbs:.2} GB/s of weights{}{prefetch}",
         a.decode,
         share(gbs, a.peak_gb_s)
     );

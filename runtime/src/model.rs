@@ -81,6 +81,8 @@ pub struct Model {
     /// Bytes a context allocates (`tfc_context_bytes`; a library built before it existed
     /// does not say).
     context_bytes: Option<u64>,
+    /// `tfc_streaming_prefetch`, where the library has it.
+    prefetch: Option<unsafe extern "C" fn() -> i32>,
     // Keeps the code behind `fns` mapped; dropped last.
     _lib: libloading::Library,
 }
@@ -246,7 +248,19 @@ impl Model {
                 .map(|f| f())
                 .map(|b| b.max(0) as u64)
         };
-        Ok(Model { manifest, fns, width, context_bytes, _lib: lib })
+        // SAFETY: the symbol type is that of the ABI header.
+        let prefetch =
+            unsafe { lib.get::<unsafe extern "C" fn() -> i32>(b"tfc_streaming_prefetch\0").ok().map(|f| *f) };
+        Ok(Model { manifest, fns, width, context_bytes, prefetch, _lib: lib })
+    }
+
+    /// Whether the library's one-row products prefetch their weight streams
+    /// (`tfc_streaming_prefetch`): known once a graph has run in this process, and from
+    /// libraries that say.
+    pub fn streaming_prefetch(&self) -> Option<bool> {
+        // SAFETY: a plain query of the ABI header.
+        let on = unsafe { (self.prefetch?)() };
+        (on >= 0).then_some(on == 1)
     }
 
     pub fn manifest(&self) -> &Manifest {

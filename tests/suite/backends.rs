@@ -529,9 +529,10 @@ fn misuse_of_the_c_abi_gets_status_codes() {
             std::process::Command::new(&exe).env("TFC_TEST_REPACKED", repacked.to_string()).output().unwrap();
         assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
         assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "ok");
-        // The same through the baseline x86-64 copy of the code.
+        // The same through the baseline x86-64 copy of the code, without prefetches.
         let run = std::process::Command::new(&exe)
             .env("TFC_CPU", "baseline")
+            .env("TFC_PREFETCH", "0")
             .env("TFC_TEST_REPACKED", repacked.to_string())
             .output()
             .unwrap();
@@ -633,16 +634,16 @@ fn f32_gemm_edges(cpu: Option<&str>) {
 
 /// A bf16 library on each code path a CPU may give it: AMX tiles (where the CPU has them),
 /// the AVX-512 GEMM on bf16 pairs (`TFC_AMX=0`, where the CPU has AVX512_BF16) or on
-/// weights widened to f32 (`TFC_BF16_DOTS=0` too), and the baseline x86-64 copy
-/// (`TFC_CPU=baseline`), each against the interpreter. In child processes, since a
-/// library reads these once.
+/// weights widened to f32 (`TFC_BF16_DOTS=0` too; with the one-row products' prefetches
+/// off, `TFC_PREFETCH=0`), and the baseline x86-64 copy (`TFC_CPU=baseline`), each
+/// against the interpreter. In child processes, since a library reads these once.
 #[test]
 fn bf16_gemm_paths_equal_the_interpreter() {
     let paths: [&[(&str, &str)]; 5] = [
         &[("TFC_AMX", "1")],
         &[("TFC_AMX", "0")],
         &[("TFC_BF16_DOTS", "0")],
-        &[("TFC_AMX", "0"), ("TFC_BF16_DOTS", "0")],
+        &[("TFC_AMX", "0"), ("TFC_BF16_DOTS", "0"), ("TFC_PREFETCH", "0")],
         &[("TFC_CPU", "baseline")],
     ];
     for env in paths {

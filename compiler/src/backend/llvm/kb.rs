@@ -1006,6 +1006,25 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     pub fn prefetch(&self, base: PointerValue<'ctx>, bytes: IntValue<'ctx>) {
         self.prefetch_to(base, bytes, 3)
     }
+    /// Hints the `lines` cache lines from `base + bytes` on, where the C half found that
+    /// prefetching a decode step's weight streams helps on this CPU (`tfc__prefetch`,
+    /// measured once per process: `SUPPORT_C`'s `calibrate_prefetch`).
+    pub fn prefetch_stream(&self, base: PointerValue<'ctx>, bytes: IntValue<'ctx>, lines: usize) {
+        let i32t = self.cx.i32_type();
+        let g = self.m.get_global("tfc__prefetch").unwrap_or_else(|| {
+            let g = self.m.add_global(i32t, None, "tfc__prefetch");
+            g.set_linkage(inkwell::module::Linkage::External);
+            g.set_visibility(inkwell::GlobalVisibility::Hidden);
+            g
+        });
+        let on = ok(self.b.build_load(i32t, g.as_pointer_value(), "")).into_int_value();
+        let on = ok(self.b.build_int_compare(inkwell::IntPredicate::NE, on, i32t.const_zero(), ""));
+        self.if_(on, || {
+            for line in 0..lines {
+                self.prefetch(base, self.add(bytes, self.c(64 * line as i64)));
+            }
+        });
+    }
     /// Likewise into L2 only (for data read after what fills L1 now).
     pub fn prefetch_l2(&self, base: PointerValue<'ctx>, bytes: IntValue<'ctx>) {
         self.prefetch_to(base, bytes, 2)

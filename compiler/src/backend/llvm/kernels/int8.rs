@@ -197,9 +197,7 @@ pub(crate) fn lin_q4k_i8_row<'ctx>(
         let init: Vec<_> = (0..5 * rn).map(|_| kb.vzero().into()).collect();
         let acc = kb.fold(c(0), c(inn / 256), &init, |sb, acc| {
             let at = kb.add(wrow, kb.mul(sb, c(size)));
-            for line in 0..size.div_ceil(64) {
-                kb.prefetch(w, kb.add(at, c(PREFETCH + 64 * line)));
-            }
+            kb.prefetch_stream(w, kb.add(at, c(PREFETCH)), size.div_ceil(64));
             let scales = kb.q4k_scales(w, at);
             let nibbles: Vec<_> = (0..2)
                 .flat_map(|k| {

@@ -313,9 +313,7 @@ pub(crate) fn lin_dot_row<'ctx>(
             let i = kb.mul(s, c(DOT));
             let wi = kb.add(wrow, i);
             let bytes = kb.mul(wi, c(esize));
-            for line in 0..(DOT * esize).div_ceil(64) {
-                kb.prefetch(l.w, kb.add(bytes, c(PREFETCH + 64 * line)));
-            }
+            kb.prefetch_stream(l.w, kb.add(bytes, c(PREFETCH)), (DOT * esize).div_ceil(64));
             let a = |r: usize, j: usize| acc[4 * r + j].into_vector_value();
             let xv = |r: usize, j: usize| kb.ldv(l.x, kb.add(xrow(r), kb.add(i, c(j * VW))));
             let mut next: Vec<VectorValue<'ctx>> = Vec::with_capacity(4 * rn);
@@ -336,7 +334,11 @@ pub(crate) fn lin_dot_row<'ctx>(
                 }
                 (WFmt::Q8 { scales }, _) => {
                     // Two blocks of 32: each block's products are summed, then scaled once.
-                    kb.prefetch(l.w, kb.add(c(scales + PREFETCH / 8), kb.mul(kb.div(wi, c(Q8_BLOCK)), c(4))));
+                    kb.prefetch_stream(
+                        l.w,
+                        kb.add(c(scales + PREFETCH / 8), kb.mul(kb.div(wi, c(Q8_BLOCK)), c(4))),
+                        1,
+                    );
                     let block: Vec<_> = (0..2)
                         .map(|b| {
                             let at = kb.add(wi, c(b * 2 * VW));
@@ -496,9 +498,7 @@ pub(crate) fn lin_q4_row<'ctx>(
         let acc = kb.fold(c(0), c(inn / unit), &init, |s, acc| {
             let i = kb.mul(s, c(unit));
             let at = kb.add(wrow, kb.mul(s, c(unit / per * size)));
-            for line in 0..(unit / per * size).div_ceil(64) {
-                kb.prefetch(l.w, kb.add(at, c(PREFETCH + 64 * line)));
-            }
+            kb.prefetch_stream(l.w, kb.add(at, c(PREFETCH)), (unit / per * size).div_ceil(64));
             let mut acc = acc.to_vec();
             let vacc =
                 |acc: &[BasicValueEnum<'ctx>], r: usize, a: usize| acc[r * per_row + a].into_vector_value();
@@ -637,9 +637,7 @@ pub(crate) fn lin_q6k_row<'ctx>(
         let init: Vec<BasicValueEnum<'ctx>> = (0..2 * rn).map(|_| kb.vzero().into()).collect();
         let acc = kb.fold(c(0), c(inn / per), &init, |s, acc| {
             let at = kb.add(wrow, kb.mul(s, c(size)));
-            for line in 0..size.div_ceil(64) {
-                kb.prefetch(l.w, kb.add(at, c(PREFETCH + 64 * line)));
-            }
+            kb.prefetch_stream(l.w, kb.add(at, c(PREFETCH)), size.div_ceil(64));
             // The sixteen `d·sc`, sign-extended from their bytes.
             let sc = kb.ld_bytes_as(l.w, kb.add(at, c(192)), true);
             let sc = kb.b.build_signed_int_to_float(sc, kb.vt(), "").unwrap();
@@ -702,9 +700,7 @@ pub(crate) fn lin_groups_row<'ctx>(
         let init: Vec<BasicValueEnum<'ctx>> = (0..2 * rn).map(|_| kb.vzero().into()).collect();
         let acc = kb.fold(c(0), c(inn / per), &init, |s, acc| {
             let at = kb.add(wrow, kb.mul(s, c(size)));
-            for line in 0..size.div_ceil(64) {
-                kb.prefetch(l.w, kb.add(at, c(PREFETCH + 64 * line)));
-            }
+            kb.prefetch_stream(l.w, kb.add(at, c(PREFETCH)), size.div_ceil(64));
             let mut acc = acc.to_vec();
             for v in 0..per / VW {
                 let i = kb.add(kb.mul(s, c(per)), c(VW * v));
@@ -741,9 +737,7 @@ pub(crate) fn lin_tile_row<'ctx>(
         let acc = kb.fold(c(0), c(ktiles), &init, |k, acc| {
             let tile = kb.mul(kb.add(kb.mul(blk, c(ktiles)), k), c(rows * cols));
             let bytes = kb.mul(tile, c(2));
-            for line in 0..rows * cols * 2 / 64 {
-                kb.prefetch(l.w, kb.add(bytes, c(PREFETCH + 64 * line)));
-            }
+            kb.prefetch_stream(l.w, kb.add(bytes, c(PREFETCH)), rows * cols * 2 / 64);
             let (xe, xo) = (kb.ldv(xp, kb.mul(k, c(cols))), kb.ldv(xp, kb.add(kb.mul(k, c(cols)), c(VW))));
             (0..rows)
                 .map(|r| {
@@ -1029,9 +1023,7 @@ pub(crate) fn lin_panel_row<'ctx>(
             .collect();
         let acc = kb.fold(c(0), c(l.inn), &init, |k, acc| {
             let at = kb.add(base, kb.mul(k, c(BLOCK)));
-            for line in 0..BLOCK * 4 / 64 {
-                kb.prefetch(l.w, kb.add(kb.mul(at, c(4)), c(PREFETCH + 64 * line)));
-            }
+            kb.prefetch_stream(l.w, kb.add(kb.mul(at, c(4)), c(PREFETCH)), BLOCK * 4 / 64);
             let xk = kb.splat(kb.ld(l.x, k));
             (0..nv)
                 .map(|j| kb.vfma(xk, kb.ldv(l.w, kb.add(at, c(j * VW))), acc[j].into_vector_value()).into())
@@ -1582,9 +1574,7 @@ pub(crate) fn gemv_partial<'ctx>(
                 for (r, &xr) in xs.iter().enumerate() {
                     let wi = kb.add(kb.mul(kb.add(i, c(r)), c(n_out)), o);
                     let ahead = kb.wbyte(kb.add(wi, c(GEMV_ROWS * n_out)), wf);
-                    for line in 0..block_bytes.div_ceil(64) {
-                        kb.prefetch(w, kb.add(ahead, c(64 * line)));
-                    }
+                    kb.prefetch_stream(w, ahead, block_bytes.div_ceil(64));
                     match wf {
                         WFmt::Bf16 => {
                             let xv = kb.splat(xr);
