@@ -659,6 +659,21 @@ fn bf16_gemm_paths_equal_the_interpreter() {
     }
 }
 
+/// A library whose weights pass 32 MB times its first decode step with and without the
+/// weight-stream prefetches, running the step again each time, and keeps the faster;
+/// prefill, the measured step and the steps after it compute what the interpreter does.
+#[test]
+fn the_first_decode_step_measures_prefetching_and_stays_exact() {
+    let spec = root().join("tests/specs/gemm/prefetch_measured.tfs");
+    let c = compile(&spec, &Options::default());
+    let model = Model::load(build(&spec, "prefetch-measured")).unwrap();
+    let (w, data) = random_weights(&model, &[&c.model]);
+    let mut s = Session::new(&model, data, 2).unwrap();
+    assert_eq!(model.streaming_prefetch(), None, "chosen before a decode step");
+    check_splits("prefetch_measured", &c, &w, &mut s);
+    assert!(model.streaming_prefetch().is_some(), "not chosen by a decode step");
+}
+
 /// Runs the ignored test `name` of this binary in a child process with the variables
 /// `env` set (a library reads such variables once), and checks that it ran and passed.
 fn run_child(name: &str, env: &[(&str, &str)]) {

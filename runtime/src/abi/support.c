@@ -654,58 +654,18 @@ static int32_t bind_weight(tfc_ctx *c, int32_t index, const void *data, uint64_t
    ahead where tfc__prefetch is nonzero. On an Intel Xeon that took bf16 decode from 11
    to 20-27 GB/s (without it, the out-of-order window bounds how much of a stream is in
    flight); on an AMD EPYC (Zen 5), whose prefetchers keep up alone, the same
-   instructions halved it. So the first call that runs a graph measures, once per
-   process, a loop shaped like the bf16 one-row product (16 rows of 64 bytes at a time,
-   each split into two vectors and multiplied) over the bound weights, with and without
-   the prefetches, best of three each, and prefetches unless not prefetching streams 10%
-   faster. Models whose weights are under 32 MB (in cache, where it does not matter)
-   keep prefetching. TFC_PREFETCH=0 or 1 decides instead. ---- */
+   instructions halved it. So the first decode step of a process is measured: it runs
+   twice with the prefetches and twice without, alternately (a step rewrites the same
+   cache row and output each time, so running it again changes nothing), and the
+   library prefetches unless not prefetching was 3% faster, best against best. A C loop
+   shaped like the bf16 kernel, tried first, showed a tenth of the kernel's difference
+   and chose either way from run to run. Models whose weights are under 32 MB (in
+   cache, where it does not matter) keep prefetching; TFC_PREFETCH=0 or 1 decides
+   instead. ---- */
 __attribute__((visibility("hidden"))) int32_t tfc__prefetch = 1;
 
-#define PROBE_BYTES ((size_t)64 << 20)
-#define PROBE_AHEAD 3072
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-__attribute__((target("avx512f,avx512bw"))) static float probe_avx512(const char *w, size_t n, int ahead) {
-    __m512 acc[16];
-    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
-    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    const __m512 x = _mm512_set1_ps(1.0f);
-    for (size_t t = 0; t + 1024 <= n; t += 1024) {
-        if (ahead)
-            for (int l = 0; l < 16; l++) _mm_prefetch(w + t + PROBE_AHEAD + 64 * l, _MM_HINT_T0);
-        for (int r = 0; r < 16; r++) {
-            __m512i v = _mm512_loadu_si512((const void *)(w + t + 64 * r));
-            acc[r] = _mm512_fmadd_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), acc[r]);
-            acc[r] = _mm512_fmadd_ps(x, _mm512_castsi512_ps(_mm512_and_si512(v, high)), acc[r]);
-        }
-    }
-    __m512 s = acc[0];
-    for (int r = 1; r < 16; r++) s = _mm512_add_ps(s, acc[r]);
-    return _mm512_reduce_add_ps(s);
-}
-__attribute__((target("avx2,fma"))) static float probe_avx2(const char *w, size_t n, int ahead) {
-    __m256 acc[8];
-    for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
-    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
-    const __m256 x = _mm256_set1_ps(1.0f);
-    for (size_t t = 0; t + 1024 <= n; t += 1024) {
-        if (ahead)
-            for (int l = 0; l < 16; l++) _mm_prefetch(w + t + PROBE_AHEAD + 64 * l, _MM_HINT_T0);
-        for (int r = 0; r < 32; r++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(w + t + 32 * r));
-            acc[r % 8] = _mm256_fmadd_ps(x, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), acc[r % 8]);
-            acc[r % 8] = _mm256_fmadd_ps(x, _mm256_castsi256_ps(_mm256_and_si256(v, high)), acc[r % 8]);
-        }
-    }
-    __m256 s = acc[0];
-    for (int r = 1; r < 8; r++) s = _mm256_add_ps(s, acc[r]);
-    float lanes[8];
-    _mm256_storeu_ps(lanes, s);
-    return lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
-}
-#endif
+static pthread_mutex_t prefetch_mu = PTHREAD_MUTEX_INITIALIZER;
+static int prefetch_chosen = 0;
 
 static double seconds(void) {
     struct timespec t;
@@ -713,65 +673,39 @@ static double seconds(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-#define PROBE_CHUNK ((size_t)1 << 20)
-
-typedef struct {
-    const char *chunk[PROBE_BYTES / PROBE_CHUNK];
-    int ahead;
-} probe_t;
-
-static void probe_chunks(const int64_t *args, int64_t begin, int64_t end) {
-    const probe_t *p = (const probe_t *)(const void *)args;
-    volatile float sink = 0;
-    for (int64_t i = begin; i < end; i++) {
-#if defined(__x86_64__)
-        const char *w = p->chunk[i];
-        sink += __builtin_cpu_supports("avx512bw") ? probe_avx512(w, PROBE_CHUNK, p->ahead)
-                                                  : probe_avx2(w, PROBE_CHUNK, p->ahead);
-#endif
-    }
-    (void)sink;
-}
-
-/* Seconds for the pool to stream `n` chunks of c's bound weights with the probe. */
-static double probe(tfc_ctx *c, probe_t *p, int64_t n, int ahead) {
-    p->ahead = ahead;
-    const double t0 = seconds();
-    tfc__parallel_for(c->pool, probe_chunks, (const int64_t *)(const void *)p, n);
-    return seconds() - t0;
-}
-
-static pthread_mutex_t prefetch_mu = PTHREAD_MUTEX_INITIALIZER;
-static int prefetch_chosen = 0;
-
-static void calibrate_prefetch(tfc_ctx *c) {
+/* Runs graph g of one decode step (or a batch of them), choosing the prefetches on the
+   process's first. */
+static void run_step(tfc_ctx *c, tfc_graph g, float *cache, const int32_t *tokens, const int32_t *types,
+                     int64_t n, int64_t pos, float *out) {
     pthread_mutex_lock(&prefetch_mu);
-    if (!prefetch_chosen) {
+    int measure = !prefetch_chosen;
+    if (measure) {
         prefetch_chosen = 1;
         const char *want = getenv("TFC_PREFETCH");
+        int64_t bytes = 0;
+        for (int64_t i = 0; i < tfc__n_weights; i++) bytes += tfc__weight_bytes[i];
         if (want && (strcmp(want, "0") == 0 || strcmp(want, "1") == 0)) {
             tfc__prefetch = want[0] == '1';
+            measure = 0;
+        } else if (bytes < ((int64_t)32 << 20)) {
+            measure = 0;
         }
-#if defined(__x86_64__)
-        else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-            /* Whole 1 MB chunks of the weights, up to PROBE_BYTES. */
-            static probe_t p;
-            int64_t n = 0;
-            for (int64_t i = 0; i < tfc__n_weights && n < (int64_t)(PROBE_BYTES / PROBE_CHUNK); i++)
-                for (size_t at = 0; at + PROBE_CHUNK <= (size_t)tfc__weight_bytes[i] && n < (int64_t)(PROBE_BYTES / PROBE_CHUNK); at += PROBE_CHUNK)
-                    p.chunk[n++] = (const char *)c->weights[i] + at;
-            double on = 1e30, off = 1e30;
-            for (int rep = 0; rep < 5 && n >= 32; rep++) {
-                double t = probe(c, &p, n, 1);
-                on = t < on ? t : on;
-                t = probe(c, &p, n, 0);
-                off = t < off ? t : off;
-            }
-            if (n >= 32) tfc__prefetch = !(on > 1.03 * off);
+    }
+    if (measure) {
+        double best[2] = {1e30, 1e30};
+        for (int rep = 0; rep < 4; rep++) {
+            const int on = rep % 2 == 0;
+            tfc__prefetch = on;
+            const double t0 = seconds();
+            g(c->arena, cache, tokens, types, n, pos, c->weights, out, c->pool);
+            const double t = seconds() - t0;
+            best[on] = t < best[on] ? t : best[on];
         }
-#endif
+        tfc__prefetch = !(best[1] > 1.03 * best[0]);
     }
     pthread_mutex_unlock(&prefetch_mu);
+    /* The measured runs computed the step already. */
+    if (!measure) g(c->arena, cache, tokens, types, n, pos, c->weights, out, c->pool);
 }
 
 int32_t tfc_streaming_prefetch(void) {
@@ -803,7 +737,6 @@ static int32_t prefill(tfc_ctx *c, const int32_t *tokens, const int32_t *types, 
     if (!tokens || !out) return TFC_ERR_NULL;
     if (n <= 0) return TFC_ERR_ARG;
     if (c->unbound > 0) return TFC_ERR_UNBOUND;
-    calibrate_prefetch(c);
     slot_t *sl = &c->slots[c->cur];
     if (sl->pos != 0) return TFC_ERR_NOT_EMPTY;
     if (n > tfc__max_seq) return TFC_ERR_CONTEXT_FULL;
@@ -826,12 +759,11 @@ static int32_t decode(tfc_ctx *c, int32_t token, float *out) {
     if (!out) return TFC_ERR_NULL;
     if (!tfc__has_decode) return TFC_ERR_NO_DECODE;
     if (c->unbound > 0) return TFC_ERR_UNBOUND;
-    calibrate_prefetch(c);
     slot_t *sl = &c->slots[c->cur];
     if (sl->pos + 1 > tfc__max_seq) return TFC_ERR_CONTEXT_FULL;
     int32_t s = check_tokens(&token, NULL, 1);
     if (s != TFC_OK) return s;
-    run_decode(c->arena, sl->cache, &token, c->zeros, 1, sl->pos, c->weights, out, c->pool);
+    run_step(c, run_decode, sl->cache, &token, c->zeros, 1, sl->pos, out);
     sl->pos += 1;
     return TFC_OK;
 }
@@ -848,7 +780,6 @@ static int32_t decode_batch(tfc_ctx *c, int32_t n, const int32_t *slots, const i
     if (n <= 0 || n > c->n_slots) return TFC_ERR_ARG;
     if (!tfc__has_decode) return TFC_ERR_NO_DECODE;
     if (c->unbound > 0) return TFC_ERR_UNBOUND;
-    calibrate_prefetch(c);
     /* Everything is checked before any slot moves: a refused batch changes nothing. */
     for (int32_t i = 0; i < n; i++) {
         if (slots[i] < 0 || slots[i] >= c->n_slots) return TFC_ERR_ARG;
@@ -864,8 +795,7 @@ static int32_t decode_batch(tfc_ctx *c, int32_t n, const int32_t *slots, const i
            computation. */
         for (int32_t i = 0; i < n; i++) {
             slot_t *sl = &c->slots[slots[i]];
-            run_decode(c->arena, sl->cache, &tokens[i], c->zeros, 1, sl->pos, c->weights,
-                       out + (int64_t)i * tfc__out_width, c->pool);
+            run_step(c, run_decode, sl->cache, &tokens[i], c->zeros, 1, sl->pos, out + (int64_t)i * tfc__out_width);
             sl->pos += 1;
         }
         return TFC_OK;
@@ -881,8 +811,8 @@ static int32_t decode_batch(tfc_ctx *c, int32_t n, const int32_t *slots, const i
     /* The arena holds up to max_seq rows of the extend graph. */
     for (int32_t at = 0; at < n; at += (int32_t)tfc__max_seq) {
         const int32_t m = n - at < tfc__max_seq ? n - at : (int32_t)tfc__max_seq;
-        run_decode_batch(c->arena, base, tokens + at, (const int32_t *)(const void *)(rows + 2 * at), m, 0,
-                         c->weights, out + (int64_t)at * tfc__out_width, c->pool);
+        run_step(c, run_decode_batch, base, tokens + at, (const int32_t *)(const void *)(rows + 2 * at), m, 0,
+                 out + (int64_t)at * tfc__out_width);
     }
     free(rows);
     for (int32_t i = 0; i < n; i++) c->slots[slots[i]].pos += 1;
@@ -901,7 +831,6 @@ static int32_t extend(tfc_ctx *c, const int32_t *tokens, int32_t n, int32_t all_
     if (n <= 0) return TFC_ERR_ARG;
     if (!tfc__has_decode) return TFC_ERR_NO_DECODE;
     if (c->unbound > 0) return TFC_ERR_UNBOUND;
-    calibrate_prefetch(c);
     slot_t *sl = &c->slots[c->cur];
     if (n > tfc__max_seq - sl->pos) return TFC_ERR_CONTEXT_FULL;
     int32_t s = check_tokens(tokens, NULL, n);

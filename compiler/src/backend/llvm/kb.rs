@@ -157,6 +157,22 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
             _ => None,
         }
     }
+    /// Function `name` of the LLVM IR `ir`, which defines `defines` (`name` among them):
+    /// parsed and linked into the module, internal, on first use. For instructions
+    /// inkwell cannot name, wrapped as clang wraps them.
+    pub fn linked(&self, ir: &str, defines: &[&str], name: &str) -> FunctionValue<'ctx> {
+        if let Some(f) = self.m.get_function(name) {
+            return f;
+        }
+        let buf = inkwell::memory_buffer::MemoryBuffer::create_from_memory_range_copy(ir.as_bytes(), name);
+        let w = self.cx.create_module_from_ir(buf).expect("bug: wrapper IR that does not parse");
+        self.m.link_in_module(w).expect("bug: wrapper IR that does not link");
+        for n in defines {
+            let f = self.m.get_function(n).expect("bug: wrapper IR without a function it defines");
+            f.set_linkage(inkwell::module::Linkage::Internal);
+        }
+        self.m.get_function(name).expect("bug: wrapper IR without the function asked for")
+    }
     /// Whether this module's CPU multiplies bf16 pairs into f32 (`set_bf16_dots`).
     pub fn bf16_dots(&self) -> bool {
         self.cpu_fact(BF16_DOTS) == Some(1)

@@ -134,82 +134,94 @@ pub fn plan_text(c: &Compiled, weights: &WeightTable, cpu: &Cpu) -> Result<Strin
     Ok(out)
 }
 
-/// Whether `tm` executes AMX-BF16 tiles.
-pub fn has_amx(tm: &TargetMachine) -> bool {
-    let f = tm.get_feature_string().to_string_lossy().to_string();
-    let on: Vec<&str> = f.split(',').collect();
-    on.contains(&"+amx-tile") && on.contains(&"+amx-bf16")
+/// What a target machine enables: the features its feature string lists, and its CPU's
+/// name (a named CPU's features are implied, not listed).
+struct Features {
+    on: Vec<String>,
+    cpu: String,
 }
 
-/// CPUs LLVM knows by name that have AVX512_BF16.
-const BF16_CPUS: &[&str] = &[
-    "cooperlake",
-    "sapphirerapids",
-    "emeraldrapids",
-    "graniterapids",
-    "graniterapids-d",
-    "diamondrapids",
-    "znver4",
-    "znver5",
+impl Features {
+    fn of(tm: &TargetMachine) -> Features {
+        let on = tm.get_feature_string().to_string_lossy().split(',').map(str::to_string).collect();
+        Features { on, cpu: tm.get_cpu().to_string_lossy().to_string() }
+    }
+
+    fn has(&self, feature: &str) -> bool {
+        self.on.iter().any(|f| f == feature)
+    }
+
+    /// The CPU's entry in `AVX512_CPUS`, if it has one.
+    fn named(&self) -> Option<&'static Avx512Cpu> {
+        AVX512_CPUS.iter().find(|c| c.name == self.cpu)
+    }
+}
+
+/// A CPU LLVM knows by name that has AVX-512, and what else of it the kernels use.
+struct Avx512Cpu {
+    name: &'static str,
+    bw: bool,
+    vnni: bool,
+    bf16: bool,
+}
+
+const fn cpu(name: &'static str, bw: bool, vnni: bool, bf16: bool) -> Avx512Cpu {
+    Avx512Cpu { name, bw, vnni, bf16 }
+}
+
+/// The CPUs LLVM knows by name that have AVX-512: AVX512BW, AVX512_VNNI, AVX512_BF16.
+const AVX512_CPUS: &[Avx512Cpu] = &[
+    cpu("x86-64-v4", true, false, false),
+    cpu("skylake-avx512", true, false, false),
+    cpu("cascadelake", true, true, false),
+    cpu("cooperlake", true, true, true),
+    cpu("cannonlake", true, false, false),
+    cpu("icelake-client", true, true, false),
+    cpu("icelake-server", true, true, false),
+    cpu("rocketlake", true, true, false),
+    cpu("tigerlake", true, true, false),
+    cpu("sapphirerapids", true, true, true),
+    cpu("emeraldrapids", true, true, true),
+    cpu("graniterapids", true, true, true),
+    cpu("graniterapids-d", true, true, true),
+    cpu("diamondrapids", true, true, true),
+    cpu("znver4", true, true, true),
+    cpu("znver5", true, true, true),
+    cpu("knl", false, false, false),
+    cpu("knm", false, false, false),
 ];
+
+/// Whether `tm` executes AMX-BF16 tiles.
+pub fn has_amx(tm: &TargetMachine) -> bool {
+    let f = Features::of(tm);
+    f.has("+amx-tile") && f.has("+amx-bf16")
+}
 
 /// Whether `tm`'s code multiplies bf16 pairs into f32 (`vdpbf16ps`, AVX512_BF16).
 pub fn bf16_dots(tm: &TargetMachine) -> bool {
-    let features = tm.get_feature_string().to_string_lossy().to_string();
-    let cpu = tm.get_cpu().to_string_lossy().to_string();
-    features.split(',').any(|f| f == "+avx512bf16") || BF16_CPUS.contains(&cpu.as_str())
+    let f = Features::of(tm);
+    f.has("+avx512bf16") || f.named().is_some_and(|c| c.bf16)
 }
-
-/// The CPUs of `AVX512_CPUS` without AVX512_VNNI (the first two Xeon Phis without
-/// AVX512BW too).
-const AVX512_WITHOUT_VNNI: &[&str] = &["x86-64-v4", "skylake-avx512", "cannonlake", "knl", "knm"];
 
 /// How `tm`'s code multiplies bytes: with AVX512_VNNI, or AVX512BW, or not at all
 /// (`kernels::int8`).
 pub fn int8_dots(tm: &TargetMachine) -> Option<kb::Int8Dots> {
-    let features = tm.get_feature_string().to_string_lossy().to_string();
-    let on: Vec<&str> = features.split(',').collect();
-    let cpu = tm.get_cpu().to_string_lossy().to_string();
-    let named = AVX512_CPUS.contains(&cpu.as_str());
-    let vnni = named && !AVX512_WITHOUT_VNNI.contains(&cpu.as_str());
-    if on.contains(&"+avx512vnni") && on.contains(&"+avx512bw") || vnni {
+    let f = Features::of(tm);
+    let named = f.named();
+    if f.has("+avx512vnni") && f.has("+avx512bw") || named.is_some_and(|c| c.vnni) {
         Some(kb::Int8Dots::Vnni)
-    } else if on.contains(&"+avx512bw") || named && !matches!(cpu.as_str(), "knl" | "knm") {
+    } else if f.has("+avx512bw") || named.is_some_and(|c| c.bw) {
         Some(kb::Int8Dots::Bw)
     } else {
         None
     }
 }
 
-/// CPUs LLVM knows by name that have AVX-512 (a named CPU's features are implied, not
-/// listed in the target machine's feature string).
-const AVX512_CPUS: &[&str] = &[
-    "x86-64-v4",
-    "skylake-avx512",
-    "cascadelake",
-    "cooperlake",
-    "cannonlake",
-    "icelake-client",
-    "icelake-server",
-    "rocketlake",
-    "tigerlake",
-    "sapphirerapids",
-    "emeraldrapids",
-    "graniterapids",
-    "graniterapids-d",
-    "diamondrapids",
-    "znver4",
-    "znver5",
-    "knl",
-    "knm",
-];
-
 /// How many vector registers `tm`'s code has: 32 with AVX-512, else 16 (AVX2 and older),
 /// which the register tiles of the kernels are sized by (`Kb::vector_registers`).
 pub fn vector_registers(tm: &TargetMachine) -> usize {
-    let features = tm.get_feature_string().to_string_lossy().to_string();
-    let cpu = tm.get_cpu().to_string_lossy().to_string();
-    if features.split(',').any(|f| f == "+avx512f") || AVX512_CPUS.contains(&cpu.as_str()) {
+    let f = Features::of(tm);
+    if f.has("+avx512f") || f.named().is_some() {
         32
     } else {
         16

@@ -68,19 +68,7 @@ pub(crate) fn multiplies_pairs(
 
 /// The wrapper `name`, linked into the module on first use.
 fn wrapper<'ctx>(kb: &Kb<'_, 'ctx>, name: &str) -> FunctionValue<'ctx> {
-    if let Some(f) = kb.m.get_function(name) {
-        return f;
-    }
-    let buf =
-        inkwell::memory_buffer::MemoryBuffer::create_from_memory_range_copy(WRAPPERS.as_bytes(), "bf16");
-    let w = kb.cx.create_module_from_ir(buf).expect("the bf16 wrappers parse");
-    kb.m.link_in_module(w).expect("the bf16 wrappers link");
-    for n in ["tfc_bf16.dot", "tfc_bf16.ready"] {
-        kb.m.get_function(n)
-            .expect("the bf16 wrappers define it")
-            .set_linkage(inkwell::module::Linkage::Internal);
-    }
-    kb.m.get_function(name).expect("the bf16 wrappers define it")
+    kb.linked(WRAPPERS, &["tfc_bf16.dot", "tfc_bf16.ready"], name)
 }
 
 /// Whether the pair products run here: as the C half says, but false in the fallback copy.

@@ -57,22 +57,11 @@ attributes #0 = { alwaysinline nounwind "tfc-amx" }
 
 /// The wrapper `name` (`tfc_i8.dot` or `tfc_i8.ready`), linked into the module on first use.
 fn wrapper<'ctx>(kb: &Kb<'_, 'ctx>, dots: Int8Dots, name: &str) -> FunctionValue<'ctx> {
-    if let Some(f) = kb.m.get_function(name) {
-        return f;
-    }
     let text = match dots {
         Int8Dots::Vnni => VNNI,
         Int8Dots::Bw => BW,
     };
-    let buf = inkwell::memory_buffer::MemoryBuffer::create_from_memory_range_copy(text.as_bytes(), "int8");
-    let w = kb.cx.create_module_from_ir(buf).expect("the int8 wrappers parse");
-    kb.m.link_in_module(w).expect("the int8 wrappers link");
-    for n in ["tfc_i8.dot", "tfc_i8.ready"] {
-        kb.m.get_function(n)
-            .expect("the int8 wrappers define it")
-            .set_linkage(inkwell::module::Linkage::Internal);
-    }
-    kb.m.get_function(name).expect("the int8 wrappers define it")
+    kb.linked(text, &["tfc_i8.dot", "tfc_i8.ready"], name)
 }
 
 /// Whether the integer products run here: true, but false in the fallback copy.
