@@ -1024,7 +1024,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     }
     /// Hints the `lines` cache lines from `base + bytes` on, where the C half found that
     /// prefetching a decode step's weight streams helps on this CPU (`tfc__prefetch`,
-    /// measured once per process: `SUPPORT_C`'s `calibrate_prefetch`).
+    /// chosen by timing the first decode step of a process: `run_step` in `support.c`).
     pub fn prefetch_stream(&self, base: PointerValue<'ctx>, bytes: IntValue<'ctx>, lines: usize) {
         let i32t = self.cx.i32_type();
         let g = self.m.get_global("tfc__prefetch").unwrap_or_else(|| {
