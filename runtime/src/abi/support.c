@@ -664,8 +664,9 @@ static int32_t bind_weight(tfc_ctx *c, int32_t index, const void *data, uint64_t
    instead. ---- */
 __attribute__((visibility("hidden"))) int32_t tfc__prefetch = 1;
 
+/* Set, with tfc__prefetch final, once the choice is made: later steps read only this. */
+static _Atomic int32_t prefetch_chosen = 0;
 static pthread_mutex_t prefetch_mu = PTHREAD_MUTEX_INITIALIZER;
-static int prefetch_chosen = 0;
 
 static double seconds(void) {
     struct timespec t;
@@ -677,42 +678,38 @@ static double seconds(void) {
    process's first. */
 static void run_step(tfc_ctx *c, tfc_graph g, float *cache, const int32_t *tokens, const int32_t *types,
                      int64_t n, int64_t pos, float *out) {
-    pthread_mutex_lock(&prefetch_mu);
-    int measure = !prefetch_chosen;
-    if (measure) {
-        prefetch_chosen = 1;
-        const char *want = getenv("TFC_PREFETCH");
-        int64_t bytes = 0;
-        for (int64_t i = 0; i < tfc__n_weights; i++) bytes += tfc__weight_bytes[i];
-        if (want && (strcmp(want, "0") == 0 || strcmp(want, "1") == 0)) {
-            tfc__prefetch = want[0] == '1';
-            measure = 0;
-        } else if (bytes < ((int64_t)32 << 20)) {
-            measure = 0;
+    int measure = 0;
+    if (!atomic_load_explicit(&prefetch_chosen, memory_order_acquire)) {
+        pthread_mutex_lock(&prefetch_mu);
+        if (!atomic_load_explicit(&prefetch_chosen, memory_order_relaxed)) {
+            const char *want = getenv("TFC_PREFETCH");
+            int64_t bytes = 0;
+            for (int64_t i = 0; i < tfc__n_weights; i++) bytes += tfc__weight_bytes[i];
+            if (want && (strcmp(want, "0") == 0 || strcmp(want, "1") == 0)) {
+                tfc__prefetch = want[0] == '1';
+            } else if (bytes >= ((int64_t)32 << 20)) {
+                measure = 1;
+                double best[2] = {1e30, 1e30};
+                for (int rep = 0; rep < 4; rep++) {
+                    const int on = rep % 2 == 0;
+                    tfc__prefetch = on;
+                    const double t0 = seconds();
+                    g(c->arena, cache, tokens, types, n, pos, c->weights, out, c->pool);
+                    const double t = seconds() - t0;
+                    best[on] = t < best[on] ? t : best[on];
+                }
+                tfc__prefetch = !(best[1] > 1.03 * best[0]);
+            }
+            atomic_store_explicit(&prefetch_chosen, 1, memory_order_release);
         }
+        pthread_mutex_unlock(&prefetch_mu);
     }
-    if (measure) {
-        double best[2] = {1e30, 1e30};
-        for (int rep = 0; rep < 4; rep++) {
-            const int on = rep % 2 == 0;
-            tfc__prefetch = on;
-            const double t0 = seconds();
-            g(c->arena, cache, tokens, types, n, pos, c->weights, out, c->pool);
-            const double t = seconds() - t0;
-            best[on] = t < best[on] ? t : best[on];
-        }
-        tfc__prefetch = !(best[1] > 1.03 * best[0]);
-    }
-    pthread_mutex_unlock(&prefetch_mu);
     /* The measured runs computed the step already. */
     if (!measure) g(c->arena, cache, tokens, types, n, pos, c->weights, out, c->pool);
 }
 
 int32_t tfc_streaming_prefetch(void) {
-    pthread_mutex_lock(&prefetch_mu);
-    const int32_t on = prefetch_chosen ? tfc__prefetch != 0 : -1;
-    pthread_mutex_unlock(&prefetch_mu);
-    return on;
+    return atomic_load_explicit(&prefetch_chosen, memory_order_acquire) ? tfc__prefetch != 0 : -1;
 }
 
 static int32_t check_tokens(const int32_t *tokens, const int32_t *types, int64_t n) {
