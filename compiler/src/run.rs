@@ -1176,7 +1176,7 @@ fn report(
     compile_s: f64,
     run: Samples,
     vs: Option<Against>,
-    prefetch: Option<bool>,
+    prefetch: Option<tfc_runtime::Prefetch>,
 ) -> Result<()> {
     let (pre, dec, tokens) = (run.prefill, run.decode, run.tokens);
     let weight_bytes = stored_bytes(m, None);
@@ -1223,7 +1223,7 @@ fn report(
             "prefill_ms": {"median": pm, "min": pmin, "max": pmax},
             "decode_tok_s": {"median": dm, "min": dmin, "max": dmax},
             "decode_weight_gb_s": gbs, "decode_bytes_per_token": read_bytes,
-            "decode_prefetch": prefetch, "prefill_gflop_s": gflops, "weight_bytes": weight_bytes,
+            "decode_prefetch": prefetch.map(|p| p.name()), "prefill_gflop_s": gflops, "weight_bytes": weight_bytes,
             "decode_roofline_share": a.peak_gb_s.map(|p| gbs / p),
             "prefill_roofline_share": a.peak_gflop_s.map(|p| gflops / p),
             "prefill_gflop": flops / 1e9,
@@ -1258,8 +1258,9 @@ fn report(
         share(gflops, a.peak_gflop_s)
     );
     let prefetch = match prefetch {
-        Some(true) => ", prefetched",
-        Some(false) => ", not prefetched",
+        Some(tfc_runtime::Prefetch::L1) => ", prefetched into L1",
+        Some(tfc_runtime::Prefetch::L2) => ", prefetched into L2",
+        Some(tfc_runtime::Prefetch::Off) => ", not prefetched",
         None => "",
     };
     println!(

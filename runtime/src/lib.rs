@@ -14,5 +14,5 @@ pub mod quant;
 pub mod sampling;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
-pub use model::{check_finite, Model, RuntimeError, Session, WeightData};
+pub use model::{check_finite, Model, Prefetch, RuntimeError, Session, WeightData};
 pub use sampling::{argmax, Sampler, SplitMix64};

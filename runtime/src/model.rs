@@ -73,6 +73,29 @@ struct SlotFns {
     decode_batch: unsafe extern "C" fn(Ctx, i32, *const i32, *const i32, *mut f32) -> i32,
 }
 
+/// How a library's one-row products (decode) prefetch their weight streams, as it chose
+/// for this CPU (`Model::streaming_prefetch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Not at all: the CPU's own prefetchers keep up.
+    Off,
+    /// Into L1 (`prefetcht0`).
+    L1,
+    /// Into L2 only (`prefetcht1`).
+    L2,
+}
+
+impl Prefetch {
+    /// How `tfc bench` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Prefetch::Off => "off",
+            Prefetch::L1 => "l1",
+            Prefetch::L2 => "l2",
+        }
+    }
+}
+
 pub struct Model {
     manifest: Manifest,
     fns: Fns,
@@ -254,13 +277,17 @@ impl Model {
         Ok(Model { manifest, fns, width, context_bytes, prefetch, _lib: lib })
     }
 
-    /// Whether the library's one-row products prefetch their weight streams
-    /// (`tfc_streaming_prefetch`): known once a graph has run in this process, and from
-    /// libraries that say.
-    pub fn streaming_prefetch(&self) -> Option<bool> {
+    /// How the library's one-row products prefetch their weight streams
+    /// (`tfc_streaming_prefetch`): known once a decode step has run in this process, and
+    /// from libraries that say.
+    pub fn streaming_prefetch(&self) -> Option<Prefetch> {
         // SAFETY: a plain query of the ABI header.
-        let on = unsafe { (self.prefetch?)() };
-        (on >= 0).then_some(on == 1)
+        match unsafe { (self.prefetch?)() } {
+            0 => Some(Prefetch::Off),
+            1 => Some(Prefetch::L1),
+            2 => Some(Prefetch::L2),
+            _ => None,
+        }
     }
 
     pub fn manifest(&self) -> &Manifest {

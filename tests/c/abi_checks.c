@@ -233,10 +233,10 @@ int main(void) {
     const char *cpu = getenv("TFC_CPU");
     EXPECT("fallback code forced by TFC_CPU=baseline", tfc_uses_fallback(), cpu && strcmp(cpu, "baseline") == 0);
     /* Chosen at the first decode step; these models' weights are under 32 MB, so
-       prefetched, unless TFC_PREFETCH=0 says. */
+       prefetched into L1, unless TFC_PREFETCH says otherwise. */
     const char *prefetch = getenv("TFC_PREFETCH");
     EXPECT("streaming prefetch", tfc_streaming_prefetch(),
-           tfc_has_decode() ? !(prefetch && strcmp(prefetch, "0") == 0) : -1);
+           tfc_has_decode() ? (prefetch ? atoi(prefetch) : 1) : -1);
     /* Contexts in threads (the re-packed buffers are gone: bind them again). */
     for (int32_t i = 0; i < n; i++) {
         if (bufs[i]) continue;

@@ -636,12 +636,13 @@ fn f32_gemm_edges(cpu: Option<&str>) {
 /// the AVX-512 GEMM on bf16 pairs (`TFC_AMX=0`, where the CPU has AVX512_BF16) or on
 /// weights widened to f32 (`TFC_BF16_DOTS=0` too; with the one-row products' prefetches
 /// off, `TFC_PREFETCH=0`), and the baseline x86-64 copy (`TFC_CPU=baseline`), each
-/// against the interpreter. In child processes, since a library reads these once.
+/// against the interpreter; prefetching into L2 (`TFC_PREFETCH=2`) with the AVX-512
+/// GEMM. In child processes, since a library reads these once.
 #[test]
 fn bf16_gemm_paths_equal_the_interpreter() {
     let paths: [&[(&str, &str)]; 5] = [
         &[("TFC_AMX", "1")],
-        &[("TFC_AMX", "0")],
+        &[("TFC_AMX", "0"), ("TFC_PREFETCH", "2")],
         &[("TFC_BF16_DOTS", "0")],
         &[("TFC_AMX", "0"), ("TFC_BF16_DOTS", "0"), ("TFC_PREFETCH", "0")],
         &[("TFC_CPU", "baseline")],
@@ -659,8 +660,9 @@ fn bf16_gemm_paths_equal_the_interpreter() {
     }
 }
 
-/// A library whose weights pass 32 MB times its first decode step with and without the
-/// weight-stream prefetches, running the step again each time, and keeps the faster;
+/// A library whose weights pass 32 MB times its first decode step without the
+/// weight-stream prefetches and with them into L1 and into L2, running the step again
+/// each time, and keeps the fastest;
 /// prefill, the measured step and the steps after it compute what the interpreter does.
 #[test]
 fn the_first_decode_step_measures_prefetching_and_stays_exact() {

@@ -651,17 +651,19 @@ static int32_t bind_weight(tfc_ctx *c, int32_t index, const void *data, uint64_t
 }
 
 /* ---- streaming prefetch. The one-row products (decode) prefetch each weight stream 3 KB
-   ahead where tfc__prefetch is nonzero. On an Intel Xeon that took bf16 decode from 11
-   to 20-27 GB/s (without it, the out-of-order window bounds how much of a stream is in
-   flight); on an AMD EPYC (Zen 5), whose prefetchers keep up alone, the same
-   instructions halved it. So the first decode step of a process is measured: it runs
-   twice with the prefetches and twice without, alternately (a step rewrites the same
-   cache row and output each time, so running it again changes nothing), and the
-   library prefetches unless not prefetching was 3% faster, best against best. A C loop
-   shaped like the bf16 kernel, tried first, showed a tenth of the kernel's difference
-   and chose either way from run to run. Models whose weights are under 32 MB (in
-   cache, where it does not matter) keep prefetching; TFC_PREFETCH=0 or 1 decides
-   instead. ---- */
+   ahead, into L1 where tfc__prefetch is 1 and into L2 only where it is 2 (0: not at
+   all). On an Intel Xeon prefetching into L1 took bf16 decode from 11 to 20-27 GB/s
+   (without it, the out-of-order window bounds how much of a stream is in flight); on
+   an AMD EPYC (Zen 5) the same instructions halved bf16 decode and slowed q8's, while
+   prefetching into L2 made q8 decode x1.35 faster than into L1 (W2: 24 against 33
+   GB/s). No one choice holds on both, so the first decode step of a process is
+   measured: it runs twice each way, in turn (a step rewrites the same cache row and
+   output each time, so running it again changes nothing); the library prefetches into
+   whichever level was faster, best against best, unless not prefetching was 3% faster
+   than that. A C loop shaped like the bf16 kernel, tried first, showed a tenth of the
+   kernel's difference and chose either way from run to run. Models whose weights are
+   under 32 MB (in cache, where it does not matter) prefetch into L1; TFC_PREFETCH=0, 1
+   or 2 decides instead. ---- */
 __attribute__((visibility("hidden"))) int32_t tfc__prefetch = 1;
 
 /* Set, with tfc__prefetch final, once the choice is made: later steps read only this. */
@@ -685,20 +687,21 @@ static void run_step(tfc_ctx *c, tfc_graph g, float *cache, const int32_t *token
             const char *want = getenv("TFC_PREFETCH");
             int64_t bytes = 0;
             for (int64_t i = 0; i < tfc__n_weights; i++) bytes += tfc__weight_bytes[i];
-            if (want && (strcmp(want, "0") == 0 || strcmp(want, "1") == 0)) {
-                tfc__prefetch = want[0] == '1';
+            if (want && want[0] >= '0' && want[0] <= '2' && want[1] == 0) {
+                tfc__prefetch = want[0] - '0';
             } else if (bytes >= ((int64_t)32 << 20)) {
                 measure = 1;
-                double best[2] = {1e30, 1e30};
-                for (int rep = 0; rep < 4; rep++) {
-                    const int on = rep % 2 == 0;
-                    tfc__prefetch = on;
+                double best[3] = {1e30, 1e30, 1e30};
+                for (int rep = 0; rep < 6; rep++) {
+                    const int way = (rep + 1) % 3;
+                    tfc__prefetch = way;
                     const double t0 = seconds();
                     g(c->arena, cache, tokens, types, n, pos, c->weights, out, c->pool);
                     const double t = seconds() - t0;
-                    best[on] = t < best[on] ? t : best[on];
+                    best[way] = t < best[way] ? t : best[way];
                 }
-                tfc__prefetch = !(best[1] > 1.03 * best[0]);
+                const int level = best[2] < best[1] ? 2 : 1;
+                tfc__prefetch = best[0] * 1.03 < best[level] ? 0 : level;
             }
             atomic_store_explicit(&prefetch_chosen, 1, memory_order_release);
         }
@@ -709,7 +712,7 @@ static void run_step(tfc_ctx *c, tfc_graph g, float *cache, const int32_t *token
 }
 
 int32_t tfc_streaming_prefetch(void) {
-    return atomic_load_explicit(&prefetch_chosen, memory_order_acquire) ? tfc__prefetch != 0 : -1;
+    return atomic_load_explicit(&prefetch_chosen, memory_order_acquire) ? tfc__prefetch : -1;
 }
 
 static int32_t check_tokens(const int32_t *tokens, const int32_t *types, int64_t n) {

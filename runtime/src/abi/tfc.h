@@ -49,9 +49,10 @@ int64_t tfc_weight_bytes(int32_t index);
 /* 1 when this CPU runs the library's baseline x86-64 copy of its code because it lacks a
    feature of the CPU the library was built for (or TFC_CPU=baseline is set), else 0. */
 int32_t tfc_uses_fallback(void);
-/* 1 when the one-row products prefetch their weight streams ahead, 0 when they leave it
-   to the CPU: chosen once per process, by TFC_PREFETCH=0 or 1, else by timing the first
-   decode step both ways (1 for weights under 32 MB); -1 before. */
+/* How the one-row products prefetch their weight streams ahead: 1 into L1, 2 into L2
+   only, 0 not at all (left to the CPU). Chosen once per process, by TFC_PREFETCH=0, 1
+   or 2, else by timing the first decode step each way (1 for weights under 32 MB); -1
+   before. */
 int32_t tfc_streaming_prefetch(void);
 
 /* A context owns the KV cache, scratch memory and a pool of n_threads threads

@@ -1023,8 +1023,9 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         self.prefetch_to(base, bytes, 3)
     }
     /// Hints the `lines` cache lines from `base + bytes` on, where the C half found that
-    /// prefetching a decode step's weight streams helps on this CPU (`tfc__prefetch`,
-    /// chosen by timing the first decode step of a process: `run_step` in `support.c`).
+    /// prefetching a decode step's weight streams helps on this CPU, into L1 or into L2
+    /// as it found faster (`tfc__prefetch`: 0 none, 1 L1, 2 L2, chosen by timing the
+    /// first decode step of a process: `run_step` in `support.c`).
     pub fn prefetch_stream(&self, base: PointerValue<'ctx>, bytes: IntValue<'ctx>, lines: usize) {
         let i32t = self.cx.i32_type();
         let g = self.m.get_global("tfc__prefetch").unwrap_or_else(|| {
@@ -1034,12 +1035,15 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
             g
         });
         let on = ok(self.b.build_load(i32t, g.as_pointer_value(), "")).into_int_value();
-        let on = ok(self.b.build_int_compare(inkwell::IntPredicate::NE, on, i32t.const_zero(), ""));
-        self.if_(on, || {
+        let to =
+            |level: u64| ok(self.b.build_int_compare(IntPredicate::EQ, on, i32t.const_int(level, false), ""));
+        let lines = |locality: u64| {
             for line in 0..lines {
-                self.prefetch(base, self.add(bytes, self.c(64 * line as i64)));
+                self.prefetch_to(base, self.add(bytes, self.c(64 * line as i64)), locality);
             }
-        });
+        };
+        self.if_(to(1), || lines(3));
+        self.if_(to(2), || lines(2));
     }
     /// Likewise into L2 only (for data read after what fills L1 now).
     pub fn prefetch_l2(&self, base: PointerValue<'ctx>, bytes: IntValue<'ctx>) {

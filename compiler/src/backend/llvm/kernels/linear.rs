@@ -27,7 +27,8 @@
 //! weights a one-row product takes one output's dot product at a time (four accumulators),
 //! so a task's 64-row block is a single forward stream (interleaving four rows' short
 //! streams left the prefetcher behind: q8 decode ran at half the bandwidth).
-//! Every decode stream is prefetched ahead: 3 KB in the dot products (`kernels::PREFETCH`),
+//! Every decode stream is prefetched ahead, into L1 or L2 or not at all as the first decode
+//! step measured fastest (`Kb::prefetch_stream`): 3 KB in the dot products (`kernels::PREFETCH`),
 //! the same columns four rows on in the split `[in, out]` product. Without it, how
 //! much of a stream is in flight is bounded by the out-of-order window, so formats that
 //! take more instructions per byte streamed slower: on the Intel machine bf16 at 11 GB/s
@@ -234,7 +235,9 @@ pub(crate) fn lin_n_block<'ctx>(
 /// streamed at half the f32 rate. 3 KB, not 4: on one Xeon host here a stream
 /// prefetched 4 KB ahead read 25–28 GB/s, and 3, 3.5, 5 or 8 KB ahead 30–34; in A/B
 /// pairs 3 KB decoded W2 f32 ×1.39 and W1 f32 ×1.30 faster than 4 KB (bf16 ×1.04–1.17,
-/// q8 ×1.06) and 0–6% faster than 3.5 KB, and 2 KB is too near for bf16 (W2 ×0.90).
+/// q8 ×1.06) and 0–6% faster than 3.5 KB, and 2 KB is too near for bf16 (W2 ×0.90). On
+/// the AMD (Zen 5) host, prefetched into L2 only, 3 KB ahead decoded W2 q8 at 37 tok/s,
+/// 6 KB at 37 and 12 KB at 33 (bf16: 22–27, 18–20); into L1, 3 KB gave 24–28.
 pub(crate) const PREFETCH: usize = 3072;
 
 /// Elements of a one-row dot product per step: four vectors, so four accumulators hide
