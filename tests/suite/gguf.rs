@@ -134,6 +134,29 @@ fn a_qwen3_moe_gguf_in_q8_0_runs_as_stored() {
     check(file, "qwen3_moe", &interp.data, 1e-5);
 }
 
+/// Qwen2-MoE (`qwen2moe`): a dense first layer (`mlp_only_layers`) before a mixture with
+/// a shared expert (`*_shexp`) behind a sigmoid gate (`ffn_gate_inp_shexp`), the chosen
+/// weights not renormalised: the interpreter and the library compute what transformers
+/// computes from the checkpoint.
+#[test]
+fn a_qwen2_moe_gguf_computes_what_transformers_computes_from_the_checkpoint() {
+    let file = "qwen2_moe_f32.gguf";
+    let (spec, _) = interpreted(file, "qwen2_moe");
+    assert!(spec.contains("pattern  = [dense, moe]"), "{spec}");
+    assert!(spec.contains("shared_gate = \"ffn_gate_inp_shexp\"") && !spec.contains("normalize"), "{spec}");
+    let want = read_tensor(&root().join("tests/fixtures/hf/qwen2_moe/expected.safetensors"), "logits");
+    check(file, "qwen2_moe", &want.data, 1e-4);
+    // A layer with neither a router nor a dense MLP, and experts on no layer, are errors
+    // that name what is missing.
+    let mut g = tfc_runtime::gguf::Gguf::open(dir().join(file)).unwrap();
+    g.tensors.remove("blk.0.ffn_down.weight");
+    let e = tfc::import::gguf::import(&g, file).unwrap_err().to_string();
+    assert!(e.contains("layer 0 has neither a router") && e.contains("blk.0.ffn_down.weight"), "{e}");
+    g.tensors.remove("blk.1.ffn_gate_inp.weight");
+    let e = tfc::import::gguf::import(&g, file).unwrap_err().to_string();
+    assert!(e.contains("4 experts, but no layer has a router"), "{e}");
+}
+
 /// DeepSeek-V3 as the converter writes `deepseek2`: latent attention with `kv_b_proj`
 /// split per head (`attn_k_b` transposed, `attn_v_b`), sigmoid routing with the
 /// correction bias in groups, `*_shexp` shared experts, YaRN's `mscale_all_dim` from the

@@ -157,7 +157,7 @@ fn dtypes_section(mut listed: Vec<(String, &'static str)>) -> String {
 }
 
 /// The architectures (`general.architecture`) the importer writes specs for.
-const SUPPORTED: &str = "deepseek2, gemma, gemma2, gemma3, llama, phi3, qwen2, qwen3, qwen3moe";
+const SUPPORTED: &str = "deepseek2, gemma, gemma2, gemma3, llama, phi3, qwen2, qwen2moe, qwen3, qwen3moe";
 
 /// Writes a spec for the model a GGUF file describes (`file` names it in errors).
 pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
@@ -269,24 +269,58 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
     let qkv = if phi3 { "qkv = \"attn_qkv\"" } else { "q = \"attn_q\", k = \"attn_k\", v = \"attn_v\"" };
     let ffn = if phi3 { "gate_up = \"ffn_up\"" } else { "gate = \"ffn_gate\", up = \"ffn_up\"" };
     // A mixture of experts, as the converter writes one: the router `ffn_gate_inp`, the
-    // experts merged into 3-D `ffn_{gate,up,down}_exps`, on every layer; the chosen
-    // weights renormalised, as llama.cpp runs Mixtral (the llama architecture) and
-    // Qwen3-MoE.
+    // experts merged into 3-D `ffn_{gate,up,down}_exps`, on the layers that have a
+    // router (the others dense: Qwen's `mlp_only_layers`); a shared expert as
+    // `ffn_{gate,up,down}_shexp`, gated by `ffn_gate_inp_shexp` where the file has it
+    // (Qwen2-MoE). The chosen weights are renormalised where `expert_weights_norm` says,
+    // else as llama.cpp runs each architecture: Mixtral (llama) and Qwen3-MoE do,
+    // Qwen2-MoE does not.
     let experts = m.size("expert_count")?.unwrap_or(0);
+    let sparse: Vec<bool> =
+        (0..layers).map(|l| experts > 0 && has(&format!("blk.{l}.ffn_gate_inp.weight"))).collect();
     let moe = if experts > 0 {
-        if let Some(l) = (0..layers).find(|l| !has(&format!("blk.{l}.ffn_gate_inp.weight"))) {
+        let Some(first) = sparse.iter().position(|&s| s) else {
+            return Err(m.unsupported(format!("{experts} experts, but no layer has a router `ffn_gate_inp`")));
+        };
+        if let Some(l) = (0..layers).find(|&l| !sparse[l] && !has(&format!("blk.{l}.ffn_down.weight"))) {
             return Err(m.unsupported(format!(
-                "{experts} experts, but layer {l} has no router `blk.{l}.ffn_gate_inp.weight` (dense layers between mixtures are not supported yet)"
+                "{experts} experts, but layer {l} has neither a router `blk.{l}.ffn_gate_inp.weight` nor a dense `blk.{l}.ffn_down.weight`"
             )));
-        }
-        if has("blk.0.ffn_gate_inp_shexp.weight") || has("blk.0.ffn_up_shexp.weight") {
-            return Err(m.unsupported("shared experts (`*_shexp` tensors) are not supported yet".into()));
         }
         let used = m.need("expert_used_count")?;
         let width = m.size("expert_feed_forward_length")?.unwrap_or(ff);
-        Some(format!(
-            "  mlp: moe {{\n    at = \"blk.{{layer}}\", router = \"ffn_gate_inp\", experts = {experts}, top_k = {used}, normalize = true, d_expert = {width}\n    gate = \"ffn_gate_exps\", up = \"ffn_up_exps\", down = \"ffn_down_exps\", act = silu\n  }}\n"
-        ))
+        let mut f = vec![format!("experts = {experts}, top_k = {used}")];
+        let normalize = match m.get("expert_weights_norm") {
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(GgufImportError::Key {
+                    file: file.into(),
+                    key: format!("{arch}.expert_weights_norm"),
+                    expected: "a boolean",
+                })
+            }
+            None => arch != "qwen2moe",
+        };
+        if normalize {
+            f.push("normalize = true".into());
+        }
+        // llama.cpp reads a scale of 0 (the key's default) as none.
+        let scale = m.float("expert_weights_scale", 1.0)?;
+        if scale != 1.0 && scale != 0.0 {
+            f.push(format!("scale = {}", crate::ir::num(scale)));
+        }
+        f.push(format!("d_expert = {width}"));
+        f.push("router = \"ffn_gate_inp\", gate = \"ffn_gate_exps\", up = \"ffn_up_exps\", down = \"ffn_down_exps\", act = silu".into());
+        if has(&format!("blk.{first}.ffn_down_shexp.weight")) {
+            let shared = m.size("expert_shared_feed_forward_length")?.unwrap_or(ff);
+            let gate = if has(&format!("blk.{first}.ffn_gate_inp_shexp.weight")) {
+                ", shared_gate = \"ffn_gate_inp_shexp\""
+            } else {
+                ""
+            };
+            f.push(format!("shared = \"ffn_{{proj}}_shexp\", d_shared = {shared}{gate}"));
+        }
+        Some(format!("  mlp: moe {{\n    at = \"blk.{{layer}}\"\n    {}\n  }}\n", f.join("\n    ")))
     } else {
         None
     };
@@ -400,6 +434,10 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
                 "ffn_gate_exps",
                 "ffn_up_exps",
                 "ffn_down_exps",
+                "ffn_gate_inp_shexp",
+                "ffn_gate_shexp",
+                "ffn_up_shexp",
+                "ffn_down_shexp",
             ],
         )
     });
@@ -411,15 +449,30 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
     if mlp_dtype != "f32" {
         sizes.push(("dtype", mlp_dtype.into()));
     }
-    // One block for all layers, or a `sliding` and a `full` one and the shortest pattern
-    // of them that repeats over the layers.
-    let mixed = sliding.iter().any(|&x| x) && !sliding.iter().all(|&x| x);
-    if mixed {
-        let period =
-            (1..=layers).find(|&p| (0..layers).all(|i| sliding[i] == sliding[i % p])).unwrap_or(layers);
-        let names: Vec<&str> =
-            sliding[..period].iter().map(|&x| if x { "sliding" } else { "full" }).collect();
+    // One block for all layers, or one per kind of layer (`sliding` or `full`, `moe` or
+    // `dense`, or both) and the shortest pattern of them that repeats over the layers.
+    let kinds: Vec<(bool, bool)> = sliding.iter().copied().zip(sparse.iter().copied()).collect();
+    let varies = |f: fn(&(bool, bool)) -> bool| kinds.iter().any(f) && !kinds.iter().all(f);
+    let (by_window, by_mlp) = (varies(|k| k.0), varies(|k| k.1));
+    let kind_name = |&(slides, moe): &(bool, bool)| {
+        let window = if slides { "sliding" } else { "full" };
+        let mlp = if moe { "moe" } else { "dense" };
+        match (by_window, by_mlp) {
+            (true, true) => format!("{window}_{mlp}"),
+            (true, false) => window.to_string(),
+            _ => mlp.to_string(),
+        }
+    };
+    let mut block_kinds: Vec<(bool, bool)> = Vec::new();
+    if by_window || by_mlp {
+        let period = (1..=layers).find(|&p| (0..layers).all(|i| kinds[i] == kinds[i % p])).unwrap_or(layers);
+        let names: Vec<String> = kinds[..period].iter().map(kind_name).collect();
         sizes.push(("pattern", format!("[{}]", names.join(", "))));
+        for k in &kinds[..period] {
+            if !block_kinds.contains(k) {
+                block_kinds.push(*k);
+            }
+        }
     }
     let mut s = header(&m, &sizes);
     let qk_norm = if has("blk.0.attn_q_norm.weight") {
@@ -445,7 +498,7 @@ embed {{
     .unwrap();
     let norm =
         |name: &str, at: &str| format!("  {name}: rmsnorm {{ at = \"blk.{{layer}}.{at}\", eps = {e} }}\n");
-    let block = |slides: bool| {
+    let block = |slides: bool, sparse: bool| {
         let (rope, window) = match (slides, window) {
             (true, Some(w)) => (&local_rope, format!(", window = {w}")),
             _ => (&global_rope, String::new()),
@@ -459,8 +512,8 @@ embed {{
         }
         b += &norm("ffn_norm", "ffn_norm");
         match &moe {
-            Some(moe) => b += moe,
-            None => {
+            Some(moe) if sparse => b += moe,
+            _ => {
                 b += &format!(
                     "  mlp: mlp {{ at = \"blk.{{layer}}\", {ffn}, down = \"ffn_down\", act = {act} }}\n"
                 )
@@ -475,10 +528,12 @@ embed {{
         }
         b
     };
-    if mixed {
-        write!(s, "\nblock sliding {{\n{}}}\n\nblock full {{\n{}}}\n", block(true), block(false)).unwrap();
-    } else {
-        write!(s, "\nblock {{\n{}}}\n", block(sliding.first() == Some(&true))).unwrap();
+    if block_kinds.is_empty() {
+        let (slides, sparse) = kinds.first().copied().unwrap_or_default();
+        write!(s, "\nblock {{\n{}}}\n", block(slides, sparse)).unwrap();
+    }
+    for k in &block_kinds {
+        write!(s, "\nblock {} {{\n{}}}\n", kind_name(k), block(k.0, k.1)).unwrap();
     }
     write!(
         s,
