@@ -84,6 +84,31 @@ impl Meta<'_> {
     fn unsupported(&self, what: String) -> GgufImportError {
         GgufImportError::Unsupported { file: self.file.clone(), what }
     }
+    /// A mixture's weighting of its chosen experts, as `moe` fields: renormalised where
+    /// `expert_weights_norm` says (else where `default`), and scaled by
+    /// `expert_weights_scale`, which llama.cpp ignores at 0 (the key's default) and 1.
+    fn expert_weighting(&self, default: bool) -> Result<Vec<String>, GgufImportError> {
+        let normalize = match self.get("expert_weights_norm") {
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(GgufImportError::Key {
+                    file: self.file.clone(),
+                    key: format!("{}.expert_weights_norm", self.arch),
+                    expected: "a boolean",
+                })
+            }
+            None => default,
+        };
+        let mut f = Vec::new();
+        if normalize {
+            f.push("normalize = true".to_string());
+        }
+        let scale = self.float("expert_weights_scale", 1.0)?;
+        if scale != 1.0 && scale != 0.0 {
+            f.push(format!("scale = {}", crate::ir::num(scale)));
+        }
+        Ok(f)
+    }
 }
 
 /// The storage that keeps a matrix exactly as the file stores it: ggml's block types
@@ -290,25 +315,7 @@ pub fn import(g: &Gguf, file: &str) -> Result<String, GgufImportError> {
         let used = m.need("expert_used_count")?;
         let width = m.size("expert_feed_forward_length")?.unwrap_or(ff);
         let mut f = vec![format!("experts = {experts}, top_k = {used}")];
-        let normalize = match m.get("expert_weights_norm") {
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                return Err(GgufImportError::Key {
-                    file: file.into(),
-                    key: format!("{arch}.expert_weights_norm"),
-                    expected: "a boolean",
-                })
-            }
-            None => arch != "qwen2moe",
-        };
-        if normalize {
-            f.push("normalize = true".into());
-        }
-        // llama.cpp reads a scale of 0 (the key's default) as none.
-        let scale = m.float("expert_weights_scale", 1.0)?;
-        if scale != 1.0 && scale != 0.0 {
-            f.push(format!("scale = {}", crate::ir::num(scale)));
-        }
+        f.extend(m.expert_weighting(arch != "qwen2moe")?);
         f.push(format!("d_expert = {width}"));
         f.push("router = \"ffn_gate_inp\", gate = \"ffn_gate_exps\", up = \"ffn_up_exps\", down = \"ffn_down_exps\", act = silu".into());
         if has(&format!("blk.{first}.ffn_down_shexp.weight")) {
@@ -681,13 +688,7 @@ fn deepseek2(m: &Meta) -> Result<String, GgufImportError> {
             let score = if sigmoid { "top2_sum" } else { "max" };
             f.push(format!("groups = {groups}, topk_groups = {used}, group_score = {score}"));
         }
-        if matches!(m.get("expert_weights_norm"), Some(Value::Bool(true))) {
-            f.push("normalize = true".into());
-        }
-        let w_scale = m.float("expert_weights_scale", 1.0)?;
-        if w_scale != 1.0 {
-            f.push(format!("scale = {}", crate::ir::num(w_scale)));
-        }
+        f.extend(m.expert_weighting(false)?);
         let width = m.need("expert_feed_forward_length")?;
         f.push(format!("d_expert = {width}"));
         f.push("router = \"ffn_gate_inp\", gate = \"ffn_gate_exps\", up = \"ffn_up_exps\", down = \"ffn_down_exps\", act = silu".into());
