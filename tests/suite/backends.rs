@@ -63,6 +63,7 @@ mod llvm {
 mod mlir {
     use super::*;
     with_fixtures!(backend_tests, Mlir:);
+    with_moe_fixtures!(backend_tests, Mlir:);
 }
 
 /// Seeded random weights from the interpreter's binder: the interpreter's (rounded to each
@@ -942,26 +943,55 @@ fn mixtures_of_experts_equal_the_interpreter() {
         Some(DType::Quant(Quant::Q4_K)),
         Some(DType::Quant(Quant::Q6_K)),
     ];
-    for dtype in dtypes {
+    // The MLIR library (f32 and bf16 weights: what it takes) as well.
+    let runs = dtypes
+        .iter()
+        .map(|&d| (Backend::Llvm, d))
+        .chain([None, Some(DType::BF16)].map(|d| (Backend::Mlir, d)));
+    for (backend, dtype) in runs {
         let opts = Options { weight_dtype: dtype, ..Options::default() };
         let c = compile(&spec, &opts);
         let tag = dtype.map_or("f32".into(), |d| d.name().to_string());
-        let model = Model::load(build_opts(&spec, &tag, &opts, &LibOptions::default())).unwrap();
+        let lib = LibOptions { backend, ..LibOptions::default() };
+        let model = Model::load(build_opts(&spec, &tag, &opts, &lib)).unwrap();
         let (w, data) = random_weights(&model, &[&c.model]);
         let mut s = Session::new(&model, data, 2).unwrap();
-        splits_and_40_rows(&format!("moe, {tag}"), &c, &w, &mut s);
+        splits_and_40_rows(&format!("moe, {tag}, {} library", backend.name()), &c, &w, &mut s);
     }
 }
 
-/// The MLIR backends refuse a mixture of experts with an error that names it.
+/// A router whose logits all tie chooses the lowest experts in every engine, as the
+/// interpreter does (`Route::route`): with the routers' matrices zeroed (gpt-oss's router
+/// bias is zero too), every row's choice is a tie of all its experts, and any other
+/// choice would give other outputs.
 #[test]
-fn the_mlir_backends_refuse_a_mixture_of_experts_by_name() {
-    let spec = root().join("specs/tiny/mixtral.tfs");
+fn tied_routers_choose_the_lowest_experts_in_every_engine() {
+    use tfc::ir::Op;
+    let spec = root().join("tests/specs/gemm/moe.tfs");
     let c = compile(&spec, &Options::default());
-    let dir = root().join("target/test-libs/moe-mlir");
-    let opts = LibOptions { backend: Backend::Mlir, ..Default::default() };
-    let err = compile_library(&c, &dir, &opts).unwrap_err().to_string();
-    assert!(err.contains("the MLIR backend does not support `route` (a mixture of experts"), "{err}");
+    let g = &c.model;
+    let routers: Vec<String> = (g.node_ids().into_iter())
+        .filter(|&n| matches!(g.op(n), Op::Route(_)))
+        .map(|n| match g.op(g.operands(g.operands(n)[0])[1]) {
+            Op::Weight { name, .. } => name.clone(),
+            op => panic!("a router's matrix is a weight, not {op:?}"),
+        })
+        .collect();
+    assert_eq!(routers.len(), 3);
+    for backend in [Backend::Llvm, Backend::Mlir] {
+        let model = Model::load(build_with(&spec, "tied-routers", backend)).unwrap();
+        let (mut w, data) = random_weights(&model, &[g]);
+        let WeightData::Owned(mut bufs) = data else { unreachable!("random weights are owned") };
+        for name in &routers {
+            let t = w.get(name).unwrap();
+            let zero = tfc::interp::Tensor::new(t.shape.clone(), vec![0.0; t.data.len()]);
+            w.insert(name, zero);
+            let i = model.manifest().weights.iter().position(|m| &m.name == name).unwrap();
+            bufs[i].iter_mut().for_each(|v| *v = 0.0);
+        }
+        let mut s = Session::new(&model, WeightData::Owned(bufs), 2).unwrap();
+        splits_and_40_rows(&format!("tied routers, {} library", backend.name()), &c, &w, &mut s);
+    }
 }
 
 /// A latent attention's cache holds the latent and the rotated key part per token and
@@ -975,18 +1005,4 @@ fn a_latent_attention_caches_its_latent_only() {
     // 2 × 4 heads × (24 + 16) f32s.
     assert_eq!(m.manifest().kv_cache.bytes_per_token, 2 * (24 + 8) * 4);
     assert_eq!(m.manifest().kv_cache.bytes, 2 * (24 + 8) * 4 * 64);
-}
-
-/// The MLIR backends refuse multi-head latent attention with an error that names it.
-#[test]
-fn the_mlir_backends_refuse_a_latent_attention_by_name() {
-    let spec = root().join("specs/tiny/deepseek_v2.tfs");
-    let c = compile(&spec, &Options::default());
-    let dir = root().join("target/test-libs/mla-mlir");
-    let opts = LibOptions { backend: Backend::Mlir, ..Default::default() };
-    let err = compile_library(&c, &dir, &opts).unwrap_err().to_string();
-    assert!(
-        err.contains("(multi-head latent attention; the LLVM backend and the interpreter run it)"),
-        "{err}"
-    );
 }

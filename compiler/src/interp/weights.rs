@@ -84,6 +84,11 @@ impl Weights {
     pub fn get(&self, name: &str) -> Result<&Tensor, WeightError> {
         self.map.get(name).ok_or_else(|| WeightError::Unbound(name.to_string()))
     }
+
+    /// Binds `name` to `t` instead, as a test or a tool sets chosen values.
+    pub fn insert(&mut self, name: &str, t: Tensor) {
+        self.map.insert(name.to_string(), t);
+    }
 }
 
 fn round_to(mut data: Vec<f32>, dtype: DType) -> Vec<f32> {

@@ -10,6 +10,8 @@
 //! three reductions, and the weighted sum of values, with grouped heads as an affine
 //! `floordiv` in the key and value maps.
 
+mod mixture;
+
 use std::collections::HashMap;
 
 use super::text::{elem, id_map, map, round_bf16, Text};
@@ -329,14 +331,19 @@ impl<'a> Func<'a> {
             Op::Input(InputKind::TokenTypes) => self.read("%types", &ty.shape, "i32"),
             // The cache is read only through the concatenation that extends it.
             Op::Input(InputKind::Cache { .. }) => return Ok(None),
-            Op::Concat { .. } => {
-                let Op::Input(InputKind::Cache { layer, kind }) = *g.op(ops[0]) else {
-                    return Err(unsupported("concatenation other than the KV cache".into()));
-                };
-                let zero = self.t.index(0);
-                let (sub, sub_ty) = self.cache_rows(layer, kind, &zero, ty.shape[1]);
-                self.t.op(format!("bufferization.to_tensor {sub} restrict : {sub_ty} to {out_t}"))
-            }
+            Op::Concat { axis } => match *g.op(ops[0]) {
+                Op::Input(InputKind::Cache { layer, kind }) => {
+                    let zero = self.t.index(0);
+                    let (sub, sub_ty) = self.cache_rows(layer, kind, &zero, ty.shape[1]);
+                    self.t.op(format!("bufferization.to_tensor {sub} restrict : {sub_ty} to {out_t}"))
+                }
+                _ => self.concat(n, *axis),
+            },
+            Op::Slice { start, len } => self.slice(n, *start, *len),
+            Op::HeadLinear { at, rows, transposed } => self.head_linear(n, *at, *rows, *transposed),
+            Op::Route(r) => self.route(n, r),
+            Op::Experts(e) => self.experts(n, e),
+            Op::RowScale => self.row_scale(n),
             Op::Positions => {
                 let e = self.empty(&ty.shape, "i32");
                 let p = self.dims[&Dim::P].clone();
@@ -416,18 +423,6 @@ impl<'a> Func<'a> {
                 return Err(unsupported(
                     "`round_q8` (`activations = q8`; the LLVM backend and the interpreter run it)".into(),
                 ))
-            }
-            op @ (Op::Route(_) | Op::Experts(_) | Op::RowScale) => {
-                return Err(unsupported(format!(
-                    "`{}` (a mixture of experts; the LLVM backend and the interpreter run it)",
-                    op.mnemonic()
-                )))
-            }
-            op @ (Op::Slice { .. } | Op::HeadLinear { .. }) => {
-                return Err(unsupported(format!(
-                    "`{}` (multi-head latent attention; the LLVM backend and the interpreter run it)",
-                    op.mnemonic()
-                )))
             }
         };
         Ok(Some(v))
@@ -746,17 +741,7 @@ impl<'a> Func<'a> {
         } else {
             self.filled(&ty.shape, 0.0)
         };
-        // A named contraction (the maps transpose `W` as stored); a bf16 weight is
-        // widened by the op's own cast.
-        let wmap = if transposed {
-            "affine_map<(d0, d1, d2) -> (d2, d1)>"
-        } else {
-            "affine_map<(d0, d1, d2) -> (d1, d2)>"
-        };
-        self.t.op(format!(
-            "linalg.matmul indexing_maps = [affine_map<(d0, d1, d2) -> (d0, d2)>, {wmap}, \
-             affine_map<(d0, d1, d2) -> (d0, d1)>] ins({x}, {w} : {xt}, {wt}) outs({init} : {out_t}) -> {out_t}"
-        ))
+        contract(self.t, (&x, &xt), (&w, &wt), (&init, &out_t), transposed)
     }
 
     fn attention(
@@ -923,6 +908,21 @@ impl<'a> Func<'a> {
 enum Norm {
     Layer { eps: f64, gain: bool, bias: bool },
     Rms { eps: f64, unit_offset: bool },
+}
+
+/// `x·Wᵀ` (or `x·W` when `transposed`) accumulated onto `init`: a named contraction, whose
+/// maps transpose `W` as stored; a bf16 weight is widened by the op's own cast.
+fn contract(t: &mut Text, x: (&str, &str), w: (&str, &str), init: (&str, &str), transposed: bool) -> String {
+    let wmap = if transposed {
+        "affine_map<(d0, d1, d2) -> (d2, d1)>"
+    } else {
+        "affine_map<(d0, d1, d2) -> (d1, d2)>"
+    };
+    let ((x, xt), (w, wt), (init, out_t)) = (x, w, init);
+    t.op(format!(
+        "linalg.matmul indexing_maps = [affine_map<(d0, d1, d2) -> (d0, d2)>, {wmap}, \
+         affine_map<(d0, d1, d2) -> (d0, d1)>] ins({x}, {w} : {xt}, {wt}) outs({init} : {out_t}) -> {out_t}"
+    ))
 }
 
 fn elem_of(tensor_type: &str) -> String {

@@ -37,6 +37,13 @@ impl Text {
         self.line(l);
     }
 
+    /// A line between two regions of one op (`} else {`).
+    pub fn reopen(&mut self, l: impl AsRef<str>) {
+        self.indent -= 1;
+        self.line(l);
+        self.indent += 1;
+    }
+
     /// Emits `%n = rhs` and returns `%n`.
     pub fn op(&mut self, rhs: impl AsRef<str>) -> String {
         let v = self.fresh();
