@@ -966,30 +966,14 @@ fn mixtures_of_experts_equal_the_interpreter() {
 /// choice would give other outputs.
 #[test]
 fn tied_routers_choose_the_lowest_experts_in_every_engine() {
-    use tfc::ir::Op;
     let spec = root().join("tests/specs/gemm/moe.tfs");
     let c = compile(&spec, &Options::default());
-    let g = &c.model;
-    let routers: Vec<String> = (g.node_ids().into_iter())
-        .filter(|&n| matches!(g.op(n), Op::Route(_)))
-        .map(|n| match g.op(g.operands(g.operands(n)[0])[1]) {
-            Op::Weight { name, .. } => name.clone(),
-            op => panic!("a router's matrix is a weight, not {op:?}"),
-        })
-        .collect();
-    assert_eq!(routers.len(), 3);
     for backend in [Backend::Llvm, Backend::Mlir] {
         let model = Model::load(build_with(&spec, "tied-routers", backend)).unwrap();
-        let (mut w, data) = random_weights(&model, &[g]);
-        let WeightData::Owned(mut bufs) = data else { unreachable!("random weights are owned") };
-        for name in &routers {
-            let t = w.get(name).unwrap();
-            let zero = tfc::interp::Tensor::new(t.shape.clone(), vec![0.0; t.data.len()]);
-            w.insert(name, zero);
-            let i = model.manifest().weights.iter().position(|m| &m.name == name).unwrap();
-            bufs[i].iter_mut().for_each(|v| *v = 0.0);
-        }
-        let mut s = Session::new(&model, WeightData::Owned(bufs), 2).unwrap();
+        let (mut w, data) = random_weights(&model, &[&c.model]);
+        let order: Vec<&str> = model.manifest().weights.iter().map(|m| m.name.as_str()).collect();
+        let bufs = zero_routers(&c, &mut w, data, &order);
+        let mut s = Session::new(&model, bufs, 2).unwrap();
         splits_and_40_rows(&format!("tied routers, {} library", backend.name()), &c, &w, &mut s);
     }
 }

@@ -379,17 +379,29 @@ pub fn check_splits_within(
     assert_eq!(e.position(), tokens.len(), "{name}: cache position after extending");
 }
 
-/// What in a compiled model the MLIR backends refuse, as their errors name it: a mixture
-/// of experts, multi-head latent attention.
-pub fn mlir_refuses(c: &tfc::Compiled) -> Vec<&'static str> {
+/// Zeroes every router's matrix of `c` (the linear map a `route` reads) in the
+/// interpreter's weights and in the library's buffers (`order`: their names), so that
+/// every row's choice is a tie of all its experts (the routers' biases of random weights
+/// are zero too).
+pub fn zero_routers(
+    c: &Compiled,
+    w: &mut tfc::interp::Weights,
+    data: tfc_runtime::WeightData,
+    order: &[&str],
+) -> tfc_runtime::WeightData {
     use tfc::ir::Op;
-    let ops: Vec<&Op> = c.model.node_ids().into_iter().map(|n| c.model.op(n)).collect();
-    let mut v = Vec::new();
-    if ops.iter().any(|op| matches!(op, Op::Experts(_))) {
-        v.push("mixture of experts");
+    let g = &c.model;
+    let tfc_runtime::WeightData::Owned(mut bufs) = data else { panic!("random weights are owned") };
+    let routes: Vec<_> = g.node_ids().into_iter().filter(|&n| matches!(g.op(n), Op::Route(_))).collect();
+    assert!(!routes.is_empty(), "no router in {}", c.spec.name);
+    for n in routes {
+        let Op::Weight { name, .. } = g.op(g.operands(g.operands(n)[0])[1]) else {
+            panic!("a router's matrix is a weight")
+        };
+        let t = w.get(name).unwrap();
+        w.insert(name, Tensor::new(t.shape.clone(), vec![0.0; t.data.len()]));
+        let i = order.iter().position(|m| m == name).unwrap();
+        bufs[i].iter_mut().for_each(|v| *v = 0.0);
     }
-    if ops.iter().any(|op| matches!(op, Op::HeadLinear { .. })) {
-        v.push("multi-head latent attention");
-    }
-    v
+    tfc_runtime::WeightData::Owned(bufs)
 }

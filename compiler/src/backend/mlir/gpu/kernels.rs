@@ -22,7 +22,10 @@ pub(super) fn kernel_text(target: Target, name: &str, k: &Kern) -> (Vec<ArgKind>
         Kern::Attention(a) if a.sinks => vec![F32, F32, F32, I32, F32],
         Kern::Attention(_) => vec![F32, F32, F32, I32],
         Kern::LastRow { int, .. } => vec![if *int { I32 } else { F32 }],
-        Kern::CacheStore { .. } => vec![F32],
+        Kern::CacheStore { .. } | Kern::Slice { .. } => vec![F32],
+        Kern::Concat { .. } | Kern::RowScale { .. } | Kern::HeadLinear { .. } => vec![F32, F32],
+        Kern::Route(r) => vec![F32; 1 + r.choice_bias as usize],
+        Kern::Experts { n, .. } => vec![F32; *n],
     };
     let out_kind = if matches!(k, Kern::Positions | Kern::LastRow { int: true, .. }) { I32 } else { F32 };
     let mut kinds = inputs;
@@ -92,6 +95,12 @@ pub(super) fn body(k: &mut K, kern: &Kern) {
         Kern::Attention(_) => attention_kernel(k, kern),
         Kern::LastRow { .. } => last_row(k, kern),
         Kern::CacheStore { .. } => cache_store(k, kern),
+        Kern::Slice { .. } => super::mixture::slice(k, kern),
+        Kern::Concat { .. } => super::mixture::concat(k, kern),
+        Kern::RowScale { .. } => super::mixture::row_scale(k, kern),
+        Kern::HeadLinear { .. } => super::mixture::head_linear(k, kern),
+        Kern::Route(_) => super::mixture::route(k, kern),
+        Kern::Experts { .. } => super::mixture::experts(k, kern),
     }
 }
 

@@ -13,6 +13,7 @@
 
 mod builder;
 mod kernels;
+mod mixture;
 
 use std::collections::HashMap;
 
@@ -216,6 +217,41 @@ enum Kern {
         max_seq: usize,
         rows: Dim,
     },
+    /// Features `start..start + w` of rows of `w_in`.
+    Slice {
+        w_in: usize,
+        w: usize,
+        start: usize,
+    },
+    /// Rows of `wa` then `wb` features.
+    Concat {
+        wa: usize,
+        wb: usize,
+    },
+    RowScale {
+        w: usize,
+    },
+    /// `Op::HeadLinear` of rows `h·T + t`: the head's matrix rows `h·p + at ..` of a
+    /// weight of `cols` columns; `rows` is `T`.
+    HeadLinear {
+        inn: usize,
+        out: usize,
+        cols: usize,
+        p: usize,
+        at: usize,
+        transposed: bool,
+        rows: Dim,
+    },
+    Route(crate::ir::Route),
+    /// `n` inputs; each expert's up (or gate_up) projection has `up_rows` outputs, its
+    /// gate `gate_rows`.
+    Experts {
+        ex: crate::ir::Experts,
+        d: usize,
+        n: usize,
+        up_rows: usize,
+        gate_rows: usize,
+    },
 }
 
 /// A fused attention kernel's sizes and options.
@@ -334,7 +370,53 @@ impl Emitter {
         let ins = |ix: &[usize]| -> Vec<Arg> { ix.iter().map(|&i| arg(ops[i])).collect() };
         let mut per_group = [1, 1];
         let (kern, grid, args): (Kern, [Dim; 2], Vec<Arg>) = match g.op(n) {
-            Op::Weight { .. } | Op::Input(_) | Op::Concat { .. } => return Ok(None),
+            Op::Weight { .. } | Op::Input(_) => return Ok(None),
+            // The cache's own concatenation is the cache (`CacheStore` writes the new rows).
+            Op::Concat { .. } if matches!(g.op(ops[0]), Op::Input(crate::ir::InputKind::Cache { .. })) => {
+                return Ok(None)
+            }
+            Op::Concat { .. } => {
+                let w = |i: usize| fixed(*g.ty(ops[i]).shape.last().unwrap());
+                (Kern::Concat { wa: w(0), wb: w(1) }, [rows_of(n), one], ins(&[0, 1]))
+            }
+            Op::Slice { start, .. } => {
+                let w_in = fixed(*g.ty(ops[0]).shape.last().unwrap());
+                (Kern::Slice { w_in, w: width, start: *start }, [rows_of(n), one], ins(&[0]))
+            }
+            Op::RowScale => (Kern::RowScale { w: width }, [rows_of(n), one], ins(&[0, 1])),
+            Op::HeadLinear { at, transposed, .. } => {
+                let (x, w) = (g.ty(ops[0]), g.ty(ops[1]));
+                let cols = fixed(*w.shape.last().unwrap());
+                let heads = fixed(ty.shape[0]);
+                let p = w.shape.iter().map(|&s| fixed(s)).product::<usize>() / cols / heads;
+                let inn = fixed(x.shape[2]);
+                let k = Kern::HeadLinear {
+                    inn,
+                    out: width,
+                    cols,
+                    p,
+                    at: *at,
+                    transposed: *transposed,
+                    rows: ty.shape[1],
+                };
+                (k, [rows_of(n), one], ins(&[0, 1]))
+            }
+            Op::Route(r) => (Kern::Route(*r), [rows_of(n), one], ins(&(0..ops.len()).collect::<Vec<_>>())),
+            Op::Experts(ex) => {
+                let o = ex.operands();
+                let rows = |i: usize| {
+                    let s = &g.ty(ops[i]).shape;
+                    fixed(if ex.transposed { s[2] } else { s[1] })
+                };
+                let k = Kern::Experts {
+                    ex: *ex,
+                    d: width,
+                    n: ops.len(),
+                    up_rows: rows(o.up),
+                    gate_rows: o.gate.map_or(0, rows),
+                };
+                (k, [rows_of(n), one], ins(&(0..ops.len()).collect::<Vec<_>>()))
+            }
             Op::Positions => (Kern::Positions, [ty.shape[0], one], vec![]),
             Op::Gather { offset } => {
                 (Kern::Gather { d: width, offset: *offset }, [ty.shape[0], one], ins(&[0, 1]))
@@ -451,18 +533,6 @@ impl Emitter {
                 let (w, rows) = if src.rank() == 1 { (1, src.shape[0]) } else { (width, rows_of(ops[0])) };
                 (Kern::LastRow { w, rows, int: src.dtype == crate::ir::DType::I32 }, [one, one], ins(&[0]))
             }
-            op @ (Op::Route(_) | Op::Experts(_) | Op::RowScale) => {
-                return Err(MlirError::Unsupported(format!(
-                    "`{}` (a mixture of experts; the LLVM backend and the interpreter run it) on the GPU",
-                    op.mnemonic()
-                )))
-            }
-            op @ (Op::Slice { .. } | Op::HeadLinear { .. }) => {
-                return Err(MlirError::Unsupported(format!(
-                "`{}` (multi-head latent attention; the LLVM backend and the interpreter run it) on the GPU",
-                op.mnemonic()
-            )))
-            }
             op => {
                 return Err(MlirError::Unsupported(format!(
                     "`{}` in a {} graph on the GPU",
@@ -519,5 +589,11 @@ fn kern_name(k: &Kern) -> &'static str {
         Kern::Attention(_) => "attention",
         Kern::LastRow { .. } => "last_row",
         Kern::CacheStore { .. } => "cache_store",
+        Kern::Slice { .. } => "slice",
+        Kern::Concat { .. } => "concat",
+        Kern::RowScale { .. } => "row_scale",
+        Kern::HeadLinear { .. } => "head_linear",
+        Kern::Route(_) => "route",
+        Kern::Experts { .. } => "experts",
     }
 }

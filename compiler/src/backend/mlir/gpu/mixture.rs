@@ -1,0 +1,468 @@
+//! The kernels of a mixture of experts and of multi-head latent attention.
+//!
+//! - A router runs on one thread per row, as the LLVM backend's (`Route::route` in f32):
+//!   the choice in workgroup memory, the best `topk_groups` groups and then the `top_k`
+//!   experts taken one at a time (strictly larger wins, so a tie goes to the lower).
+//! - The experts run one workgroup per row. For each expert the row gave a weight (a
+//!   uniform branch), the MLP's hidden features are computed 64 at a time, one per
+//!   thread, into workgroup memory, and every thread adds weight × that chunk's share of
+//!   its outputs of the down projection to the row's sum.
+//! - Latent attention: a feature slice, a feature concatenation, and a per-head linear
+//!   map whose matrix is the head's block of rows of one weight.
+
+use super::builder::K;
+use super::{Kern, BLOCK};
+use crate::ir::{GroupScore, Scoring};
+
+/// `out[r, j] = x[r, start + j]`.
+pub(super) fn slice(k: &mut K, kern: &Kern) {
+    let Kern::Slice { w_in, w, start } = *kern else { unreachable!("a Slice kernel") };
+    let (wi, wo, s) = (k.c(w_in as i64), k.c(w as i64), k.c(start as i64));
+    let src = k.ix("muli", "%bx", &wi);
+    let src = k.ix("addi", &src, &s);
+    let dst = k.ix("muli", "%bx", &wo);
+    k.threads(w, |k, j| {
+        let i = k.ix("addi", &src, j);
+        let v = k.ld(0, &i);
+        let o = k.ix("addi", &dst, j);
+        k.st(&v, 1, &o);
+    });
+}
+
+/// `out[r] = a[r] ++ b[r]` along the features.
+pub(super) fn concat(k: &mut K, kern: &Kern) {
+    let Kern::Concat { wa, wb } = *kern else { unreachable!("a Concat kernel") };
+    let (ac, bc, oc) = (k.c(wa as i64), k.c(wb as i64), k.c((wa + wb) as i64));
+    let (a0, b0, o0) = (k.ix("muli", "%bx", &ac), k.ix("muli", "%bx", &bc), k.ix("muli", "%bx", &oc));
+    k.threads(wa, |k, j| {
+        let i = k.ix("addi", &a0, j);
+        let v = k.ld(0, &i);
+        let o = k.ix("addi", &o0, j);
+        k.st(&v, 2, &o);
+    });
+    k.threads(wb, |k, j| {
+        let i = k.ix("addi", &b0, j);
+        let v = k.ld(1, &i);
+        let o = k.ix("addi", &o0, j);
+        let o = k.ix("addi", &o, &ac);
+        k.st(&v, 2, &o);
+    });
+}
+
+/// `out[r, j] = x[r, j] · s[r]`.
+pub(super) fn row_scale(k: &mut K, kern: &Kern) {
+    let Kern::RowScale { w } = *kern else { unreachable!("a RowScale kernel") };
+    let wc = k.c(w as i64);
+    let base = k.ix("muli", "%bx", &wc);
+    let s = k.ld(1, "%bx");
+    k.threads(w, |k, j| {
+        let i = k.ix("addi", &base, j);
+        let x = k.ld(0, &i);
+        let v = k.fl("mulf", &x, &s);
+        k.st(&v, 2, &i);
+    });
+}
+
+/// Row `bx = h·T + t` of `x [H, T, inn]` by head `h`'s block of `w` (`Op::HeadLinear`).
+pub(super) fn head_linear(k: &mut K, kern: &Kern) {
+    let Kern::HeadLinear { inn, out, cols, p, at, transposed, rows } = *kern else {
+        unreachable!("a HeadLinear kernel")
+    };
+    let n = k.dim(rows);
+    let h = k.ix("divui", "%bx", &n);
+    let (innc, outc, colc) = (k.c(inn as i64), k.c(out as i64), k.c(cols as i64));
+    let pc = k.c(p as i64);
+    let atc = k.c(at as i64);
+    let first = k.ix("muli", &h, &pc);
+    let first = k.ix("addi", &first, &atc);
+    let x0 = k.ix("muli", "%bx", &innc);
+    let y0 = k.ix("muli", "%bx", &outc);
+    k.threads(out, |k, o| {
+        let (z, one) = (k.c(0), k.c(1));
+        let zf = k.f(0.0);
+        let acc = k.for_(&z, &innc, &one, &[zf], |k, i, acc| {
+            let xi = k.ix("addi", &x0, i);
+            let x = k.ld(0, &xi);
+            // Row `first + o`, column `i`; or transposed row `first + i`, column `o`.
+            let (r, c) = if transposed { (i, o) } else { (o, i) };
+            let wr = k.ix("addi", &first, r);
+            let wi = k.ix("muli", &wr, &colc);
+            let wi = k.ix("addi", &wi, c);
+            let w = k.ld(1, &wi);
+            let m = k.fl("mulf", &x, &w);
+            vec![k.fl("addf", &acc[0], &m)]
+        });
+        let yi = k.ix("addi", &y0, o);
+        k.st(&acc[0], 2, &yi);
+    });
+}
+
+/// An index as `f32` (exact below 2²⁴) and back.
+fn to_f(k: &mut K, i: &str) -> String {
+    let v = k.t.op(format!("arith.index_cast {i} : index to i32"));
+    k.t.op(format!("arith.sitofp {v} : i32 to f32"))
+}
+
+fn to_index(k: &mut K, f: &str) -> String {
+    let v = k.t.op(format!("arith.fptosi {f} : f32 to i32"));
+    k.t.op(format!("arith.index_cast {v} : i32 to index"))
+}
+
+fn fcmp(k: &mut K, pred: &str, a: &str, b: &str) -> String {
+    k.t.op(format!("arith.cmpf {pred}, {a}, {b} : f32"))
+}
+
+/// The index of the largest `v[j]`, `j in 0..n` where `ok(j)`, the first of equals.
+fn argmax(k: &mut K, v: &str, n: usize, ok: &dyn Fn(&mut K, &str) -> String) -> String {
+    let (z, one, nc) = (k.c(0), k.c(1), k.c(n as i64));
+    let init = [k.f(f32::NEG_INFINITY), k.f(-1.0)];
+    let r = k.for_(&z, &nc, &one, &init, |k, j, acc| {
+        let x = k.sh_ld(v, n, j);
+        let zf = k.f(0.0);
+        let first = fcmp(k, "olt", &acc[1], &zf);
+        let gt = fcmp(k, "ogt", &x, &acc[0]);
+        let better = k.t.bin("ori", &first, &gt, "i1");
+        let okj = ok(k, j);
+        let take = k.t.bin("andi", &okj, &better, "i1");
+        let jf = to_f(k, j);
+        vec![k.sel(&take, &x, &acc[0], "f32"), k.sel(&take, &jf, &acc[1], "f32")]
+    });
+    to_index(k, &r[1])
+}
+
+/// Whether `s[j] == v`.
+fn is(k: &mut K, s: &str, n: usize, j: &str, v: f32) -> String {
+    let x = k.sh_ld(s, n, j);
+    let c = k.f(v);
+    fcmp(k, "oeq", &x, &c)
+}
+
+/// A router's row `bx` (`Route::route`, in f32), on thread 0.
+pub(super) fn route(k: &mut K, kern: &Kern) {
+    let Kern::Route(r) = *kern else { unreachable!("a Route kernel") };
+    let e = r.experts;
+    let out = 1 + r.choice_bias as usize;
+    let (groups, size) = (r.groups, e / r.groups.max(1));
+    // Per expert: what the choice ranks; 0 free, 1 chosen, 2 excluded.
+    let choice = k.shared(e);
+    let state = k.shared(e);
+    let (group, kept) =
+        if groups > 1 { (k.shared(groups), k.shared(groups)) } else { (String::new(), String::new()) };
+    let ec = k.c(e as i64);
+    let base = k.ix("muli", "%bx", &ec);
+    let z = k.c(0);
+    let first = k.cmp("eq", "%tid", &z);
+    k.if_(&first, |k| {
+        let (z, one) = (k.c(0), k.c(1));
+        let logit = |k: &mut K, j: &str| {
+            let i = k.ix("addi", &base, j);
+            k.ld(0, &i)
+        };
+        // The max and the sum of exp(l - max) over the experts where `over`.
+        let softmax_of = |k: &mut K, over: &dyn Fn(&mut K, &str) -> String| {
+            let ninf = k.f(f32::NEG_INFINITY);
+            let mx = k.for_(&z, &ec, &one, &[ninf], |k, j, acc| {
+                let l = logit(k, j);
+                let m = k.t.op(format!("arith.maximumf {}, {l} : f32", acc[0]));
+                let on = over(k, j);
+                vec![k.sel(&on, &m, &acc[0], "f32")]
+            });
+            let zf = k.f(0.0);
+            let total = k.for_(&z, &ec, &one, &[zf], |k, j, acc| {
+                let l = logit(k, j);
+                let d = k.fl("subf", &l, &mx[0]);
+                let x = k.exp(&d);
+                let s = k.fl("addf", &acc[0], &x);
+                let on = over(k, j);
+                vec![k.sel(&on, &s, &acc[0], "f32")]
+            });
+            (mx[0].clone(), total[0].clone())
+        };
+        let all = |k: &mut K, _: &str| k.t.op("arith.constant true");
+        let soft = (r.scoring == Scoring::Softmax).then(|| softmax_of(k, &all));
+        let score = |k: &mut K, j: &str| {
+            let l = logit(k, j);
+            match (r.scoring, &soft) {
+                (Scoring::Sigmoid, _) => {
+                    let n = k.t.op(format!("arith.negf {l} : f32"));
+                    let x = k.exp(&n);
+                    let one = k.f(1.0);
+                    let d = k.fl("addf", &one, &x);
+                    k.fl("divf", &one, &d)
+                }
+                (Scoring::Softmax, Some((mx, total))) => {
+                    let d = k.fl("subf", &l, mx);
+                    let x = k.exp(&d);
+                    k.fl("divf", &x, total)
+                }
+                _ => l,
+            }
+        };
+        k.for_(&z, &ec, &one, &[], |k, j, _| {
+            let zf = k.f(0.0);
+            let oi = k.ix("addi", &base, j);
+            k.st(&zf, out, &oi);
+            k.sh_st(&zf, &state, e, j);
+            let v = match (r.chooses_by_score(), r.choice_bias) {
+                (true, true) => {
+                    let s = score(k, j);
+                    let b = k.ld(1, j);
+                    k.fl("addf", &s, &b)
+                }
+                (true, false) => score(k, j),
+                (false, _) => logit(k, j),
+            };
+            k.sh_st(&v, &choice, e, j);
+            vec![]
+        });
+        if groups > 1 {
+            let gc = k.c(groups as i64);
+            let sc = k.c(size as i64);
+            k.for_(&z, &gc, &one, &[], |k, g, _| {
+                let lo = k.ix("muli", g, &sc);
+                let hi = k.ix("addi", &lo, &sc);
+                let ninf = k.f(f32::NEG_INFINITY);
+                let best = k.for_(&lo, &hi, &one, &[ninf.clone(), ninf], |k, j, acc| {
+                    let v = k.sh_ld(&choice, e, j);
+                    let over = fcmp(k, "ogt", &v, &acc[0]);
+                    let m1 = k.t.op(format!("arith.maximumf {}, {v} : f32", acc[0]));
+                    let m2 = k.t.op(format!("arith.maximumf {}, {v} : f32", acc[1]));
+                    vec![m1, k.sel(&over, &acc[0], &m2, "f32")]
+                });
+                let s = match (r.group_score, size) {
+                    (GroupScore::Top2Sum, 2..) => k.fl("addf", &best[0], &best[1]),
+                    _ => best[0].clone(),
+                };
+                k.sh_st(&s, &group, groups, g);
+                let zf = k.f(0.0);
+                k.sh_st(&zf, &kept, groups, g);
+                vec![]
+            });
+            let tk = k.c(r.topk_groups as i64);
+            k.for_(&z, &tk, &one, &[], |k, _, _| {
+                let g = argmax(k, &group, groups, &|k, g| is(k, &kept, groups, g, 0.0));
+                let onef = k.f(1.0);
+                k.sh_st(&onef, &kept, groups, &g);
+                vec![]
+            });
+            k.for_(&z, &ec, &one, &[], |k, j, _| {
+                let g = k.ix("divui", j, &sc);
+                let out_of = is(k, &kept, groups, &g, 0.0);
+                k.if_(&out_of, |k| {
+                    let two = k.f(2.0);
+                    k.sh_st(&two, &state, e, j);
+                });
+                vec![]
+            });
+        }
+        let top = k.c(r.top_k as i64);
+        k.for_(&z, &top, &one, &[], |k, _, _| {
+            let j = argmax(k, &choice, e, &|k, j| is(k, &state, e, j, 0.0));
+            let onef = k.f(1.0);
+            k.sh_st(&onef, &state, e, &j);
+            vec![]
+        });
+        let chosen = |k: &mut K, j: &str| is(k, &state, e, j, 1.0);
+        let chosen_soft = (r.scoring == Scoring::SoftmaxChosen).then(|| softmax_of(k, &chosen));
+        let zf = k.f(0.0);
+        let sum = k.for_(&z, &ec, &one, &[zf], |k, j, acc| {
+            let w = match &chosen_soft {
+                Some((mx, total)) => {
+                    let l = logit(k, j);
+                    let d = k.fl("subf", &l, mx);
+                    let x = k.exp(&d);
+                    k.fl("divf", &x, total)
+                }
+                None => score(k, j),
+            };
+            let on = chosen(k, j);
+            let zf = k.f(0.0);
+            let w = k.sel(&on, &w, &zf, "f32");
+            let oi = k.ix("addi", &base, j);
+            k.st(&w, out, &oi);
+            vec![k.fl("addf", &acc[0], &w)]
+        });
+        if r.normalize || r.scale != 1.0 {
+            k.for_(&z, &ec, &one, &[], |k, j, _| {
+                let oi = k.ix("addi", &base, j);
+                let mut w = k.ld(out, &oi);
+                if r.normalize {
+                    w = k.fl("divf", &w, &sum[0]);
+                }
+                if r.scale != 1.0 {
+                    let s = k.f(r.scale as f32);
+                    w = k.fl("mulf", &w, &s);
+                }
+                k.st(&w, out, &oi);
+                vec![]
+            });
+        }
+    });
+}
+
+/// The experts of row `bx` (`Op::Experts`); arguments x, route, the matrices and biases
+/// in `Experts::operands` order, out.
+pub(super) fn experts(k: &mut K, kern: &Kern) {
+    let Kern::Experts { ex, d, n, up_rows: ur, gate_rows: gw } = *kern else {
+        unreachable!("an Experts kernel")
+    };
+    let o = ex.operands();
+    let out = n;
+    let f = ex.hidden;
+    let e = ex.experts;
+    let sh = k.shared(BLOCK);
+    let (dc, ec, fc, bc) = (k.c(d as i64), k.c(e as i64), k.c(f as i64), k.c(BLOCK as i64));
+    let x0 = k.ix("muli", "%bx", &dc);
+    let r0 = k.ix("muli", "%bx", &ec);
+    // Each thread's outputs start at 0 (and only it touches them).
+    k.threads(d, |k, j| {
+        let i = k.ix("addi", &x0, j);
+        let zf = k.f(0.0);
+        k.st(&zf, out, &i);
+    });
+    let (z, one) = (k.c(0), k.c(1));
+    // Output `row` of expert `ei`'s projection in operand `w` (`[E, R, d]`, or
+    // transposed `[E, d, R]`, of `rows` outputs) of x's row, plus its bias.
+    let proj = |k: &mut K, w: usize, bias: Option<usize>, rows: usize, ei: &str, row: &str| {
+        let rc = k.c(rows as i64);
+        let (z, one) = (k.c(0), k.c(1));
+        let zf = k.f(0.0);
+        let acc = k.for_(&z, &dc, &one, &[zf], |k, i, acc| {
+            let xi = k.ix("addi", &x0, i);
+            let x = k.ld(0, &xi);
+            let wi = if ex.transposed {
+                let a = k.ix("muli", ei, &dc);
+                let a = k.ix("addi", &a, i);
+                let a = k.ix("muli", &a, &rc);
+                k.ix("addi", &a, row)
+            } else {
+                let a = k.ix("muli", ei, &rc);
+                let a = k.ix("addi", &a, row);
+                let a = k.ix("muli", &a, &dc);
+                k.ix("addi", &a, i)
+            };
+            let wv = k.ld(w, &wi);
+            let m = k.fl("mulf", &x, &wv);
+            vec![k.fl("addf", &acc[0], &m)]
+        });
+        match bias {
+            Some(b) => {
+                let bi = k.ix("muli", ei, &rc);
+                let bi = k.ix("addi", &bi, row);
+                let bv = k.ld(b, &bi);
+                k.fl("addf", &acc[0], &bv)
+            }
+            None => acc[0].clone(),
+        }
+    };
+    k.for_(&z, &ec, &one, &[], |k, ei, _| {
+        let wi = k.ix("addi", &r0, ei);
+        let w = k.ld(1, &wi);
+        let zf = k.f(0.0);
+        let on = fcmp(k, "une", &w, &zf);
+        k.if_(&on, |k| {
+            let (z, _) = (k.c(0), k.c(1));
+            k.for_(&z, &fc, &bc, &[], |k, c0, _| {
+                // Hidden feature c0 + tid, or 0 past the last.
+                let j = k.ix("addi", c0, "%tid");
+                let inside = k.cmp("ult", &j, &fc);
+                let zi = k.c(0);
+                let js = k.sel(&inside, &j, &zi, "index");
+                let at = |k: &mut K, first: usize, step: usize| {
+                    let s = k.c(step as i64);
+                    let a = k.ix("muli", &js, &s);
+                    let fc = k.c(first as i64);
+                    k.ix("addi", &a, &fc)
+                };
+                let h = match (o.gate, ex.interleaved) {
+                    (_, true) => {
+                        let (gr, urow) = (at(k, 0, 2), at(k, 1, 2));
+                        let g = proj(k, o.up, o.up_bias, ur, ei, &gr);
+                        let u = proj(k, o.up, o.up_bias, ur, ei, &urow);
+                        glu(k, &ex, &g, &u)
+                    }
+                    (Some(gi), false) => {
+                        let (gr, urow) = (at(k, ex.gate_at.unwrap_or(0), 1), at(k, ex.up_at, 1));
+                        let g = proj(k, gi, o.gate_bias, gw, ei, &gr);
+                        let u = proj(k, o.up, o.up_bias, ur, ei, &urow);
+                        glu(k, &ex, &g, &u)
+                    }
+                    (None, false) => {
+                        let urow = at(k, ex.up_at, 1);
+                        let u = proj(k, o.up, o.up_bias, ur, ei, &urow);
+                        k.act(ex.act, &u)
+                    }
+                };
+                let zf = k.f(0.0);
+                let h = k.sel(&inside, &h, &zf, "f32");
+                k.sh_st(&h, &sh, BLOCK, "%tid");
+                k.barrier();
+                // Each output adds weight × Σ over the chunk of hidden × down.
+                let cend = k.ix("addi", c0, &bc);
+                let cend = k.t.op(format!("arith.minui {cend}, {fc} : index"));
+                let m = k.ix("subi", &cend, c0);
+                k.threads(d, |k, oi| {
+                    let (z, one) = (k.c(0), k.c(1));
+                    let zf = k.f(0.0);
+                    let part = k.for_(&z, &m, &one, &[zf], |k, jj, acc| {
+                        let hv = k.sh_ld(&sh, BLOCK, jj);
+                        let jabs = k.ix("addi", c0, jj);
+                        // down [E, d, f] (or transposed [E, f, d]).
+                        let wi = if ex.transposed {
+                            let a = k.ix("muli", ei, &fc);
+                            let a = k.ix("addi", &a, &jabs);
+                            let a = k.ix("muli", &a, &dc);
+                            k.ix("addi", &a, oi)
+                        } else {
+                            let a = k.ix("muli", ei, &dc);
+                            let a = k.ix("addi", &a, oi);
+                            let a = k.ix("muli", &a, &fc);
+                            k.ix("addi", &a, &jabs)
+                        };
+                        let dv = k.ld(o.down, &wi);
+                        let p = k.fl("mulf", &hv, &dv);
+                        vec![k.fl("addf", &acc[0], &p)]
+                    });
+                    let yi = k.ix("addi", &x0, oi);
+                    let prev = k.ld(out, &yi);
+                    let p = k.fl("mulf", &w, &part[0]);
+                    let s = k.fl("addf", &prev, &p);
+                    k.st(&s, out, &yi);
+                });
+                k.barrier();
+                vec![]
+            });
+            if let Some(b) = o.down_bias {
+                k.threads(d, |k, oi| {
+                    let bi = k.ix("muli", ei, &dc);
+                    let bi = k.ix("addi", &bi, oi);
+                    let bv = k.ld(b, &bi);
+                    let yi = k.ix("addi", &x0, oi);
+                    let prev = k.ld(out, &yi);
+                    let p = k.fl("mulf", &w, &bv);
+                    let s = k.fl("addf", &prev, &p);
+                    k.st(&s, out, &yi);
+                });
+            }
+        });
+        vec![]
+    });
+}
+
+/// The activation's operand: the gate clamped, the up projection clamped and offset
+/// (`Experts::glu`), then `act(gate) · up`.
+fn glu(k: &mut K, ex: &crate::ir::Experts, g: &str, u: &str) -> String {
+    let (mut g, mut u) = (g.to_string(), u.to_string());
+    if let Some(l) = ex.clamp {
+        let (hi, lo) = (k.f(l as f32), k.f(-l as f32));
+        g = k.t.op(format!("arith.minimumf {g}, {hi} : f32"));
+        u = k.t.op(format!("arith.maximumf {u}, {lo} : f32"));
+        u = k.t.op(format!("arith.minimumf {u}, {hi} : f32"));
+    }
+    if ex.up_offset != 0.0 {
+        let off = k.f(ex.up_offset as f32);
+        u = k.fl("addf", &u, &off);
+    }
+    let a = k.act(ex.act, &g);
+    k.fl("mulf", &a, &u)
+}
