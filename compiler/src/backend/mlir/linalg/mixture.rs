@@ -7,11 +7,11 @@
 //!   groups likewise, then the chosen experts' weights. Counting ranks instead of
 //!   selecting one maximum at a time keeps every step a data-parallel op, at `E²`
 //!   comparisons a row.
-//! - The experts are loops, expert by expert and row by row: a row that gave the expert
-//!   no weight skips it, so a decode step reads its `k` experts only, and each row's sum
-//!   gathers its experts in ascending order as `Op::Experts` says. An expert's matrices
-//!   are slices of the 3-D weight at the loop's index, multiplied by the same named
-//!   contractions as every linear map.
+//! - The experts are a loop over the experts: the rows that chose one are gathered and go
+//!   through its MLP together (its matrices are slices of the 3-D weights at the loop's
+//!   index, multiplied by the same named contractions as every linear map); an expert no
+//!   row chose is skipped, so a decode step reads its `k` experts only. Each row's sum
+//!   gathers its experts in ascending order, as `Op::Experts` says.
 //! - Latent attention needs slices of the last axis, concatenations, and per-head linear
 //!   maps over blocks of rows of `kv_b_proj`, whose affine maps address the blocks.
 
@@ -418,9 +418,11 @@ impl Func<'_> {
         self.t.op(format!("tensor.collapse_shape {kept} [[0], [1, 2]] : {i3} into {flat}"))
     }
 
-    /// The experts (`Op::Experts`): for each expert, each row that gave it a weight
-    /// (`une 0`, so a NaN weight still reaches the sum) adds weight × the expert's MLP of
-    /// the row to its sum.
+    /// The experts (`Op::Experts`), expert by expert: the rows that gave the expert a
+    /// weight (`une 0`, so a NaN weight still reaches the sum) are gathered, go through
+    /// its MLP together (its matrices read once for all of them; none when no row chose
+    /// it, so decode reads `k` experts), and each adds weight × its output row to its sum,
+    /// in ascending expert order.
     pub(super) fn experts(&mut self, n: NodeId, ex: &Experts) -> String {
         let Local { ty, ops, out_t, .. } = self.local(n);
         let o = ex.operands();
@@ -431,35 +433,70 @@ impl Func<'_> {
         let rows = self.dim(ty.shape[0]);
         let init = self.filled(&ty.shape, 0.0);
         let (c0, c1, ce) = (self.t.index(0), self.t.index(1), self.t.index(ex.experts as i64));
+        let zero = self.t.f32(0.0);
         let (e, acc, done) = (self.t.fresh(), self.t.fresh(), self.t.fresh());
         self.t.open(format!(
             "{done} = scf.for {e} = {c0} to {ce} step {c1} iter_args({acc} = {init}) -> ({out_t}) {{"
         ));
-        let (row, acc_r, done_r) = (self.t.fresh(), self.t.fresh(), self.t.fresh());
+        // Whether row `t` gave expert `e` a weight, and the weight.
+        let weight = |t: &mut Text, row: &str| {
+            let w = t.op(format!("tensor.extract {route}[{row}, {e}] : {route_t}"));
+            let on = t.op(format!("arith.cmpf une, {w}, {zero} : f32"));
+            (w, on)
+        };
+        let (row, c, count) = (self.t.fresh(), self.t.fresh(), self.t.fresh());
         self.t.open(format!(
-            "{done_r} = scf.for {row} = {c0} to {rows} step {c1} iter_args({acc_r} = {acc}) -> ({out_t}) {{"
+            "{count} = scf.for {row} = {c0} to {rows} step {c1} iter_args({c} = {c0}) -> (index) {{"
         ));
-        let w = self.t.op(format!("tensor.extract {route}[{row}, {e}] : {route_t}"));
-        let zero = self.t.f32(0.0);
-        let on = self.t.op(format!("arith.cmpf une, {w}, {zero} : f32"));
-        let next = self.t.fresh();
-        self.t.open(format!("{next} = scf.if {on} -> ({out_t}) {{"));
+        let (_, on) = weight(self.t, &row);
+        let step = self.t.op(format!("arith.select {on}, {c1}, {c0} : index"));
+        let next = self.t.bin("addi", &c, &step, "index");
+        self.t.line(format!("scf.yield {next} : index"));
+        self.t.close("}");
+        let any = self.t.op(format!("arith.cmpi ugt, {count}, {c0} : index"));
+        let chosen = self.t.fresh();
+        self.t.open(format!("{chosen} = scf.if {any} -> ({out_t}) {{"));
+        let rows_t = |k: usize| format!("tensor<?x{k}xf32>");
         let row_t = |k: usize| format!("tensor<1x{k}xf32>");
+        // The chosen rows gathered in order: the tensor and the next free row.
+        let gathered = self.t.op(format!("tensor.empty({count}) : {}", rows_t(dm)));
+        let (row, xs_a, j, xs) = (self.t.fresh(), self.t.fresh(), self.t.fresh(), self.t.fresh());
+        self.t.open(format!(
+            "{xs}:2 = scf.for {row} = {c0} to {rows} step {c1} iter_args({xs_a} = {gathered}, {j} = {c0}) -> ({}, index) {{",
+            rows_t(dm)
+        ));
+        let (_, on) = weight(self.t, &row);
+        let r = self.t.fresh();
+        self.t.open(format!("{r}:2 = scf.if {on} -> ({}, index) {{", rows_t(dm)));
         let xr =
             self.t.op(format!("tensor.extract_slice {x}[{row}, 0] [1, {dm}] [1, 1] : {xt} to {}", row_t(dm)));
+        let put = self.t.op(format!(
+            "tensor.insert_slice {xr} into {xs_a}[{j}, 0] [1, {dm}] [1, 1] : {} into {}",
+            row_t(dm),
+            rows_t(dm)
+        ));
+        let j1 = self.t.bin("addi", &j, &c1, "index");
+        self.t.line(format!("scf.yield {put}, {j1} : {}, index", rows_t(dm)));
+        self.t.reopen("} else {");
+        self.t.line(format!("scf.yield {xs_a}, {j} : {}, index", rows_t(dm)));
+        self.t.close("}");
+        self.t.line(format!("scf.yield {r}#0, {r}#1 : {}, index", rows_t(dm)));
+        self.t.close("}");
+        let xs = format!("{xs}#0");
+        // The MLP of the gathered rows.
         let bias = |i: Option<usize>| i.map(|i| ops[i]);
-        let (up, up_w) = self.expert_proj(&xr, dm, ops[o.up], bias(o.up_bias), &e, ex.transposed);
+        let (up, up_w) = self.expert_proj(&xs, &count, dm, ops[o.up], bias(o.up_bias), &e, ex.transposed);
         let gate =
             o.gate.map(|gi| match ops[gi] == ops[o.up] && o.gate_bias.is_none() && o.up_bias.is_none() {
                 true => (up.clone(), up_w),
-                false => self.expert_proj(&xr, dm, ops[gi], bias(o.gate_bias), &e, ex.transposed),
+                false => self.expert_proj(&xs, &count, dm, ops[gi], bias(o.gate_bias), &e, ex.transposed),
             });
         // The gate's and the up projection's outputs of the MLP's hidden features.
         let part = |t: &mut Text, (v, width): &(String, usize), first: usize, step: usize| {
             t.op(format!(
-                "tensor.extract_slice {v}[0, {first}] [1, {f}] [1, {step}] : {} to {}",
-                row_t(*width),
-                row_t(f)
+                "tensor.extract_slice {v}[0, {first}] [{count}, {f}] [1, {step}] : {} to {}",
+                rows_t(*width),
+                rows_t(f)
             ))
         };
         let (g_part, u_part) = match (&gate, ex.interleaved) {
@@ -469,11 +506,11 @@ impl Func<'_> {
             }
             (None, false) => (None, part(self.t, &(up, up_w), ex.up_at, 1)),
         };
-        let mut ins = vec![(u_part, row_t(f), id_map(2))];
-        ins.extend(g_part.map(|gp| (gp, row_t(f), id_map(2))));
-        let h0 = self.empty(&[Dim::fixed(1), Dim::fixed(f)], "f32");
+        let mut ins = vec![(u_part, rows_t(f), id_map(2))];
+        ins.extend(g_part.map(|gp| (gp, rows_t(f), id_map(2))));
+        let h0 = self.t.op(format!("tensor.empty({count}) : {}", rows_t(f)));
         let ex = *ex;
-        let h = self.generic(&ins, (h0, row_t(f), id_map(2)), &["parallel"; 2], |t, a| match a.len() {
+        let h = self.generic(&ins, (h0, rows_t(f), id_map(2)), &["parallel"; 2], |t, a| match a.len() {
             3 => {
                 let (mut gv, mut u) = (a[1].clone(), a[0].clone());
                 if let Some(lim) = ex.clamp {
@@ -491,37 +528,55 @@ impl Func<'_> {
             }
             _ => super::activation(t, ex.act, &a[0]),
         });
-        let (y, _) = self.expert_proj(&h, f, ops[o.down], bias(o.down_bias), &e, ex.transposed);
-        let prev = self.t.op(format!(
-            "tensor.extract_slice {acc_r}[{row}, 0] [1, {dm}] [1, 1] : {out_t} to {}",
+        let (y, _) = self.expert_proj(&h, &count, f, ops[o.down], bias(o.down_bias), &e, ex.transposed);
+        // Each chosen row adds weight × its output row, in place.
+        let (row, a, j, sums) = (self.t.fresh(), self.t.fresh(), self.t.fresh(), self.t.fresh());
+        self.t.open(format!(
+            "{sums}:2 = scf.for {row} = {c0} to {rows} step {c1} iter_args({a} = {acc}, {j} = {c0}) -> ({out_t}, index) {{"
+        ));
+        let (w, on) = weight(self.t, &row);
+        let r = self.t.fresh();
+        self.t.open(format!("{r}:2 = scf.if {on} -> ({out_t}, index) {{"));
+        let prev = self
+            .t
+            .op(format!("tensor.extract_slice {a}[{row}, 0] [1, {dm}] [1, 1] : {out_t} to {}", row_t(dm)));
+        let yr = self.t.op(format!(
+            "tensor.extract_slice {y}[{j}, 0] [1, {dm}] [1, 1] : {} to {}",
+            rows_t(dm),
             row_t(dm)
         ));
-        // Accumulated into the row in place, so that the loops' sums stay one buffer.
-        let ins = [(y, row_t(dm), id_map(2))];
-        let sum = self.generic(&ins, (prev, row_t(dm), id_map(2)), &["parallel"; 2], |t, a| {
-            let p = t.bin("mulf", &w, &a[0], "f32");
-            t.bin("addf", &a[1], &p, "f32")
+        let ins = [(yr, row_t(dm), id_map(2))];
+        let sum = self.generic(&ins, (prev, row_t(dm), id_map(2)), &["parallel"; 2], |t, v| {
+            let p = t.bin("mulf", &w, &v[0], "f32");
+            t.bin("addf", &v[1], &p, "f32")
         });
         let put = self.t.op(format!(
-            "tensor.insert_slice {sum} into {acc_r}[{row}, 0] [1, {dm}] [1, 1] : {} into {out_t}",
+            "tensor.insert_slice {sum} into {a}[{row}, 0] [1, {dm}] [1, 1] : {} into {out_t}",
             row_t(dm)
         ));
-        self.t.line(format!("scf.yield {put} : {out_t}"));
+        let j1 = self.t.bin("addi", &j, &c1, "index");
+        self.t.line(format!("scf.yield {put}, {j1} : {out_t}, index"));
         self.t.reopen("} else {");
-        self.t.line(format!("scf.yield {acc_r} : {out_t}"));
+        self.t.line(format!("scf.yield {a}, {j} : {out_t}, index"));
         self.t.close("}");
-        self.t.line(format!("scf.yield {next} : {out_t}"));
+        self.t.line(format!("scf.yield {r}#0, {r}#1 : {out_t}, index"));
         self.t.close("}");
-        self.t.line(format!("scf.yield {done_r} : {out_t}"));
+        self.t.line(format!("scf.yield {sums}#0 : {out_t}"));
+        self.t.reopen("} else {");
+        self.t.line(format!("scf.yield {acc} : {out_t}"));
+        self.t.close("}");
+        self.t.line(format!("scf.yield {chosen} : {out_t}"));
         self.t.close("}");
         done
     }
 
-    /// One row `x [1, inn]` through expert `e`'s matrix in the 3-D weight `w` (and its
-    /// row of the bias `[E, out]`): `[1, out]`, and `out`.
+    /// The rows `x [n, inn]` (`n` an index value) through expert `e`'s matrix in the 3-D
+    /// weight `w` (and its row of the bias `[E, out]`): `[n, out]`, and `out`.
+    #[allow(clippy::too_many_arguments)]
     fn expert_proj(
         &mut self,
         x: &str,
+        n: &str,
         inn: usize,
         w: NodeId,
         bias: Option<NodeId>,
@@ -536,8 +591,8 @@ impl Func<'_> {
         let sub = self
             .t
             .op(format!("tensor.extract_slice {wv}[{e}, 0, 0] [1, {a}, {b}] [1, 1, 1] : {wt} to {sub_t}"));
-        let out_t = format!("tensor<1x{out}xf32>");
-        let one_out = [Dim::fixed(1), Dim::fixed(out)];
+        let out_t = format!("tensor<?x{out}xf32>");
+        let empty = self.t.op(format!("tensor.empty({n}) : {out_t}"));
         let init = match bias {
             Some(bn) => {
                 let (bv, bt) = self.val(bn);
@@ -546,15 +601,17 @@ impl Func<'_> {
                 let brow = self
                     .t
                     .op(format!("tensor.extract_slice {bv}[{e}, 0] [1, {out}] [1, 1] : {bt} to {brow_t}"));
-                let em = self.empty(&one_out, "f32");
                 let ins = [(brow, brow_t, map(2, &d(&["d1"])))];
-                self.generic(&ins, (em, out_t.clone(), id_map(2)), &["parallel"; 2], |t, a| {
+                self.generic(&ins, (empty, out_t.clone(), id_map(2)), &["parallel"; 2], |t, a| {
                     widen(t, &a[0], bdt)
                 })
             }
-            None => self.filled(&one_out, 0.0),
+            None => {
+                let z = self.t.f32(0.0);
+                self.t.op(format!("linalg.fill ins({z} : f32) outs({empty} : {out_t}) -> {out_t}"))
+            }
         };
-        let xt = format!("tensor<1x{inn}xf32>");
+        let xt = format!("tensor<?x{inn}xf32>");
         (contract(self.t, (x, &xt), (&sub, &sub_t), (&init, &out_t), transposed), out)
     }
 }
