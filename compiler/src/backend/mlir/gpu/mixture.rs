@@ -130,6 +130,17 @@ fn argmax(k: &mut K, v: &str, n: usize, ok: &dyn Fn(&mut K, &str) -> String) -> 
     to_index(k, &r[1])
 }
 
+/// `times` times, the largest of `v[0..n]` whose `state` is 0 (free) gets state 1.
+fn take_best(k: &mut K, v: &str, state: &str, n: usize, times: usize) {
+    let (z, one, tc) = (k.c(0), k.c(1), k.c(times as i64));
+    k.for_(&z, &tc, &one, &[], |k, _, _| {
+        let j = argmax(k, v, n, &|k, j| is(k, state, n, j, 0.0));
+        let onef = k.f(1.0);
+        k.sh_st(&onef, state, n, &j);
+        vec![]
+    });
+}
+
 /// Whether `s[j] == v`.
 fn is(k: &mut K, s: &str, n: usize, j: &str, v: f32) -> String {
     let x = k.sh_ld(s, n, j);
@@ -238,13 +249,7 @@ pub(super) fn route(k: &mut K, kern: &Kern) {
                 k.sh_st(&zf, &kept, groups, g);
                 vec![]
             });
-            let tk = k.c(r.topk_groups as i64);
-            k.for_(&z, &tk, &one, &[], |k, _, _| {
-                let g = argmax(k, &group, groups, &|k, g| is(k, &kept, groups, g, 0.0));
-                let onef = k.f(1.0);
-                k.sh_st(&onef, &kept, groups, &g);
-                vec![]
-            });
+            take_best(k, &group, &kept, groups, r.topk_groups);
             k.for_(&z, &ec, &one, &[], |k, j, _| {
                 let g = k.ix("divui", j, &sc);
                 let out_of = is(k, &kept, groups, &g, 0.0);
@@ -255,13 +260,7 @@ pub(super) fn route(k: &mut K, kern: &Kern) {
                 vec![]
             });
         }
-        let top = k.c(r.top_k as i64);
-        k.for_(&z, &top, &one, &[], |k, _, _| {
-            let j = argmax(k, &choice, e, &|k, j| is(k, &state, e, j, 0.0));
-            let onef = k.f(1.0);
-            k.sh_st(&onef, &state, e, &j);
-            vec![]
-        });
+        take_best(k, &choice, &state, e, r.top_k);
         let chosen = |k: &mut K, j: &str| is(k, &state, e, j, 1.0);
         let chosen_soft = (r.scoring == Scoring::SoftmaxChosen).then(|| softmax_of(k, &chosen));
         let zf = k.f(0.0);
@@ -330,17 +329,7 @@ pub(super) fn experts(k: &mut K, kern: &Kern) {
         let acc = k.for_(&z, &dc, &one, &[zf], |k, i, acc| {
             let xi = k.ix("addi", &x0, i);
             let x = k.ld(0, &xi);
-            let wi = if ex.transposed {
-                let a = k.ix("muli", ei, &dc);
-                let a = k.ix("addi", &a, i);
-                let a = k.ix("muli", &a, &rc);
-                k.ix("addi", &a, row)
-            } else {
-                let a = k.ix("muli", ei, &rc);
-                let a = k.ix("addi", &a, row);
-                let a = k.ix("muli", &a, &dc);
-                k.ix("addi", &a, i)
-            };
+            let wi = expert_at(k, ei, (row, &rc), (i, &dc), ex.transposed);
             let wv = k.ld(w, &wi);
             let m = k.fl("mulf", &x, &wv);
             vec![k.fl("addf", &acc[0], &m)]
@@ -407,18 +396,7 @@ pub(super) fn experts(k: &mut K, kern: &Kern) {
                     let part = k.for_(&z, &m, &one, &[zf], |k, jj, acc| {
                         let hv = k.sh_ld(&sh, BLOCK, jj);
                         let jabs = k.ix("addi", c0, jj);
-                        // down [E, d, f] (or transposed [E, f, d]).
-                        let wi = if ex.transposed {
-                            let a = k.ix("muli", ei, &fc);
-                            let a = k.ix("addi", &a, &jabs);
-                            let a = k.ix("muli", &a, &dc);
-                            k.ix("addi", &a, oi)
-                        } else {
-                            let a = k.ix("muli", ei, &dc);
-                            let a = k.ix("addi", &a, oi);
-                            let a = k.ix("muli", &a, &fc);
-                            k.ix("addi", &a, &jabs)
-                        };
+                        let wi = expert_at(k, ei, (oi, &dc), (&jabs, &fc), ex.transposed);
                         let dv = k.ld(o.down, &wi);
                         let p = k.fl("mulf", &hv, &dv);
                         vec![k.fl("addf", &acc[0], &p)]
@@ -447,6 +425,23 @@ pub(super) fn experts(k: &mut K, kern: &Kern) {
         });
         vec![]
     });
+}
+
+/// Where expert `e`'s matrix element (output `o` of `outs`, input `i` of `ins`) lies in
+/// its 3-D weight: `[E, outs, ins]`, or transposed `[E, ins, outs]`.
+fn expert_at(
+    k: &mut K,
+    e: &str,
+    (o, outs): (&str, &str),
+    (i, ins): (&str, &str),
+    transposed: bool,
+) -> String {
+    let ((major, majors), (minor, minors)) =
+        if transposed { ((i, ins), (o, outs)) } else { ((o, outs), (i, ins)) };
+    let a = k.ix("muli", e, majors);
+    let a = k.ix("addi", &a, major);
+    let a = k.ix("muli", &a, minors);
+    k.ix("addi", &a, minor)
 }
 
 /// The activation's operand: the gate clamped, the up projection clamped and offset

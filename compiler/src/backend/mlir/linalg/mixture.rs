@@ -466,22 +466,16 @@ impl Func<'_> {
             rows_t(dm)
         ));
         let (_, on) = weight(self.t, &row);
-        let r = self.t.fresh();
-        self.t.open(format!("{r}:2 = scf.if {on} -> ({}, index) {{", rows_t(dm)));
-        let xr =
-            self.t.op(format!("tensor.extract_slice {x}[{row}, 0] [1, {dm}] [1, 1] : {xt} to {}", row_t(dm)));
-        let put = self.t.op(format!(
-            "tensor.insert_slice {xr} into {xs_a}[{j}, 0] [1, {dm}] [1, 1] : {} into {}",
-            row_t(dm),
-            rows_t(dm)
-        ));
-        let j1 = self.t.bin("addi", &j, &c1, "index");
-        self.t.line(format!("scf.yield {put}, {j1} : {}, index", rows_t(dm)));
-        self.t.reopen("} else {");
-        self.t.line(format!("scf.yield {xs_a}, {j} : {}, index", rows_t(dm)));
-        self.t.close("}");
-        self.t.line(format!("scf.yield {r}#0, {r}#1 : {}, index", rows_t(dm)));
-        self.t.close("}");
+        self.row_taken(&on, &rows_t(dm), &xs_a, &j, &c1, |me| {
+            let xr = me
+                .t
+                .op(format!("tensor.extract_slice {x}[{row}, 0] [1, {dm}] [1, 1] : {xt} to {}", row_t(dm)));
+            me.t.op(format!(
+                "tensor.insert_slice {xr} into {xs_a}[{j}, 0] [1, {dm}] [1, 1] : {} into {}",
+                row_t(dm),
+                rows_t(dm)
+            ))
+        });
         let xs = format!("{xs}#0");
         // The MLP of the gathered rows.
         let bias = |i: Option<usize>| i.map(|i| ops[i]);
@@ -535,32 +529,26 @@ impl Func<'_> {
             "{sums}:2 = scf.for {row} = {c0} to {rows} step {c1} iter_args({a} = {acc}, {j} = {c0}) -> ({out_t}, index) {{"
         ));
         let (w, on) = weight(self.t, &row);
-        let r = self.t.fresh();
-        self.t.open(format!("{r}:2 = scf.if {on} -> ({out_t}, index) {{"));
-        let prev = self
-            .t
-            .op(format!("tensor.extract_slice {a}[{row}, 0] [1, {dm}] [1, 1] : {out_t} to {}", row_t(dm)));
-        let yr = self.t.op(format!(
-            "tensor.extract_slice {y}[{j}, 0] [1, {dm}] [1, 1] : {} to {}",
-            rows_t(dm),
-            row_t(dm)
-        ));
-        let ins = [(yr, row_t(dm), id_map(2))];
-        let sum = self.generic(&ins, (prev, row_t(dm), id_map(2)), &["parallel"; 2], |t, v| {
-            let p = t.bin("mulf", &w, &v[0], "f32");
-            t.bin("addf", &v[1], &p, "f32")
+        self.row_taken(&on, &out_t, &a, &j, &c1, |me| {
+            let prev = me.t.op(format!(
+                "tensor.extract_slice {a}[{row}, 0] [1, {dm}] [1, 1] : {out_t} to {}",
+                row_t(dm)
+            ));
+            let yr = me.t.op(format!(
+                "tensor.extract_slice {y}[{j}, 0] [1, {dm}] [1, 1] : {} to {}",
+                rows_t(dm),
+                row_t(dm)
+            ));
+            let ins = [(yr, row_t(dm), id_map(2))];
+            let sum = me.generic(&ins, (prev, row_t(dm), id_map(2)), &["parallel"; 2], |t, v| {
+                let p = t.bin("mulf", &w, &v[0], "f32");
+                t.bin("addf", &v[1], &p, "f32")
+            });
+            me.t.op(format!(
+                "tensor.insert_slice {sum} into {a}[{row}, 0] [1, {dm}] [1, 1] : {} into {out_t}",
+                row_t(dm)
+            ))
         });
-        let put = self.t.op(format!(
-            "tensor.insert_slice {sum} into {a}[{row}, 0] [1, {dm}] [1, 1] : {} into {out_t}",
-            row_t(dm)
-        ));
-        let j1 = self.t.bin("addi", &j, &c1, "index");
-        self.t.line(format!("scf.yield {put}, {j1} : {out_t}, index"));
-        self.t.reopen("} else {");
-        self.t.line(format!("scf.yield {a}, {j} : {out_t}, index"));
-        self.t.close("}");
-        self.t.line(format!("scf.yield {r}#0, {r}#1 : {out_t}, index"));
-        self.t.close("}");
         self.t.line(format!("scf.yield {sums}#0 : {out_t}"));
         self.t.reopen("} else {");
         self.t.line(format!("scf.yield {acc} : {out_t}"));
@@ -568,6 +556,29 @@ impl Func<'_> {
         self.t.line(format!("scf.yield {chosen} : {out_t}"));
         self.t.close("}");
         done
+    }
+
+    /// The end of a row loop's body that carries `(prev: ty, j: index)`: when `on`, `put`
+    /// makes the new value and `j` advances; else both pass through.
+    fn row_taken(
+        &mut self,
+        on: &str,
+        ty: &str,
+        prev: &str,
+        j: &str,
+        c1: &str,
+        put: impl FnOnce(&mut Self) -> String,
+    ) {
+        let r = self.t.fresh();
+        self.t.open(format!("{r}:2 = scf.if {on} -> ({ty}, index) {{"));
+        let v = put(self);
+        let j1 = self.t.bin("addi", j, c1, "index");
+        self.t.line(format!("scf.yield {v}, {j1} : {ty}, index"));
+        self.t.reopen("} else {");
+        self.t.line(format!("scf.yield {prev}, {j} : {ty}, index"));
+        self.t.close("}");
+        self.t.line(format!("scf.yield {r}#0, {r}#1 : {ty}, index"));
+        self.t.close("}");
     }
 
     /// The rows `x [n, inn]` (`n` an index value) through expert `e`'s matrix in the 3-D
