@@ -152,9 +152,10 @@ pub fn plan_unfused(
     order: &[NodeId],
     weights: &WeightTable,
     max_seq: usize,
+    extra: &dyn Fn(NodeId) -> u64,
 ) -> Result<(HashMap<NodeId, Loc>, u64), PlanError> {
     let none = Fusion { chains: HashMap::new(), absorbed: HashMap::new(), in_cache: HashMap::new() };
-    arena(g, order, &none, weights, max_seq, &|_| 0)
+    arena(g, order, &none, weights, max_seq, extra)
 }
 
 /// Assigns arena offsets in schedule order, reusing a block once its value is dead (best

@@ -25,7 +25,7 @@ pub(super) fn kernel_text(target: Target, name: &str, k: &Kern) -> (Vec<ArgKind>
         Kern::CacheStore { .. } | Kern::Slice { .. } => vec![F32],
         Kern::Concat { .. } | Kern::RowScale { .. } | Kern::HeadLinear { .. } => vec![F32, F32],
         Kern::Route(r) => vec![F32; 1 + r.choice_bias as usize],
-        Kern::Experts { n, .. } => vec![F32; *n],
+        Kern::Experts { n, .. } => vec![F32; *n + 2],
     };
     let out_kind = if matches!(k, Kern::Positions | Kern::LastRow { int: true, .. }) { I32 } else { F32 };
     let mut kinds = inputs;

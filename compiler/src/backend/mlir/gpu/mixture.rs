@@ -3,15 +3,16 @@
 //! - A router runs on one thread per row, as the LLVM backend's (`Route::route` in f32):
 //!   the choice in workgroup memory, the best `topk_groups` groups and then the `top_k`
 //!   experts taken one at a time (strictly larger wins, so a tie goes to the lower).
-//! - The experts run one workgroup per row. For each expert the row gave a weight (a
-//!   uniform branch), the MLP's hidden features are computed 64 at a time, one per
-//!   thread, into workgroup memory, and every thread adds weight × that chunk's share of
-//!   its outputs of the down projection to the row's sum.
+//! - The experts are three dispatches. A workgroup per expert and chunk of 64 hidden
+//!   features computes them for every row that chose the expert, into that row's slot
+//!   (its chosen experts in ascending order); then likewise the down projections; then a
+//!   workgroup per row sums weight × down projection over its slots. Each expert's
+//!   matrices are read once for all of its rows, and an expert no row chose not at all.
 //! - Latent attention: a feature slice, a feature concatenation, and a per-head linear
 //!   map whose matrix is the head's block of rows of one weight.
 
 use super::builder::K;
-use super::{Kern, BLOCK};
+use super::{ExpertStage, Kern, BLOCK};
 use crate::ir::{GroupScore, Scoring};
 
 /// `out[r, j] = x[r, start + j]`.
@@ -299,132 +300,169 @@ pub(super) fn route(k: &mut K, kern: &Kern) {
     });
 }
 
-/// The experts of row `bx` (`Op::Experts`); arguments x, route, the matrices and biases
-/// in `Experts::operands` order, out.
+/// One stage of the experts (`ExpertStage`); arguments x, route, the matrices and biases
+/// in `Experts::operands` order, the slots' hidden features `[T·slots, f]` and down
+/// projections `[T·slots, d]`, out.
 pub(super) fn experts(k: &mut K, kern: &Kern) {
-    let Kern::Experts { ex, d, n, up_rows: ur, gate_rows: gw } = *kern else {
+    let Kern::Experts { ex, d, n, up_rows: ur, gate_rows: gw, slots, stage, rows } = *kern else {
         unreachable!("an Experts kernel")
     };
     let o = ex.operands();
-    let out = n;
-    let f = ex.hidden;
-    let e = ex.experts;
-    let sh = k.shared(BLOCK);
-    let (dc, ec, fc, bc) = (k.c(d as i64), k.c(e as i64), k.c(f as i64), k.c(BLOCK as i64));
-    let x0 = k.ix("muli", "%bx", &dc);
-    let r0 = k.ix("muli", "%bx", &ec);
-    // Each thread's outputs start at 0 (and only it touches them).
-    k.threads(d, |k, j| {
-        let i = k.ix("addi", &x0, j);
-        let zf = k.f(0.0);
-        k.st(&zf, out, &i);
-    });
+    let (hidden, down, out) = (n, n + 1, n + 2);
+    let (f, e) = (ex.hidden, ex.experts);
+    let (dc, ec, fc, sc) = (k.c(d as i64), k.c(e as i64), k.c(f as i64), k.c(slots as i64));
+    let rows = k.dim(rows);
     let (z, one) = (k.c(0), k.c(1));
-    // Output `row` of expert `ei`'s projection in operand `w` (`[E, R, d]`, or
-    // transposed `[E, d, R]`, of `rows` outputs) of x's row, plus its bias.
-    let proj = |k: &mut K, w: usize, bias: Option<usize>, rows: usize, ei: &str, row: &str| {
-        let rc = k.c(rows as i64);
-        let (z, one) = (k.c(0), k.c(1));
-        let zf = k.f(0.0);
-        let acc = k.for_(&z, &dc, &one, &[zf], |k, i, acc| {
-            let xi = k.ix("addi", &x0, i);
-            let x = k.ld(0, &xi);
-            let wi = expert_at(k, ei, (row, &rc), (i, &dc), ex.transposed);
-            let wv = k.ld(w, &wi);
-            let m = k.fl("mulf", &x, &wv);
-            vec![k.fl("addf", &acc[0], &m)]
-        });
-        match bias {
-            Some(b) => {
-                let bi = k.ix("muli", ei, &rc);
-                let bi = k.ix("addi", &bi, row);
-                let bv = k.ld(b, &bi);
-                k.fl("addf", &acc[0], &bv)
-            }
-            None => acc[0].clone(),
-        }
-    };
-    k.for_(&z, &ec, &one, &[], |k, ei, _| {
-        let wi = k.ix("addi", &r0, ei);
+    // Row `t`'s weight of expert `ei`, whether it chose it, and its slot: how many of
+    // the experts before `ei` it chose (below `slots`).
+    let chose = |k: &mut K, t: &str, ei: &str| {
+        let base = k.ix("muli", t, &ec);
+        let wi = k.ix("addi", &base, ei);
         let w = k.ld(1, &wi);
         let zf = k.f(0.0);
         let on = fcmp(k, "une", &w, &zf);
-        k.if_(&on, |k| {
-            let (z, _) = (k.c(0), k.c(1));
-            k.for_(&z, &fc, &bc, &[], |k, c0, _| {
-                // Hidden feature c0 + tid, or 0 past the last.
-                let j = k.ix("addi", c0, "%tid");
-                let inside = k.cmp("ult", &j, &fc);
-                let zi = k.c(0);
-                let js = k.sel(&inside, &j, &zi, "index");
-                let at = |k: &mut K, first: usize, step: usize| {
-                    let s = k.c(step as i64);
-                    let a = k.ix("muli", &js, &s);
-                    let fc = k.c(first as i64);
-                    k.ix("addi", &a, &fc)
-                };
-                let h = match (o.gate, ex.interleaved) {
-                    (_, true) => {
-                        let (gr, urow) = (at(k, 0, 2), at(k, 1, 2));
-                        let g = proj(k, o.up, o.up_bias, ur, ei, &gr);
-                        let u = proj(k, o.up, o.up_bias, ur, ei, &urow);
-                        glu(k, &ex, &g, &u)
-                    }
-                    (Some(gi), false) => {
-                        let (gr, urow) = (at(k, ex.gate_at.unwrap_or(0), 1), at(k, ex.up_at, 1));
-                        let g = proj(k, gi, o.gate_bias, gw, ei, &gr);
-                        let u = proj(k, o.up, o.up_bias, ur, ei, &urow);
-                        glu(k, &ex, &g, &u)
-                    }
-                    (None, false) => {
-                        let urow = at(k, ex.up_at, 1);
-                        let u = proj(k, o.up, o.up_bias, ur, ei, &urow);
-                        k.act(ex.act, &u)
-                    }
-                };
-                let zf = k.f(0.0);
-                let h = k.sel(&inside, &h, &zf, "f32");
-                k.sh_st(&h, &sh, BLOCK, "%tid");
-                k.barrier();
-                // Each output adds weight × Σ over the chunk of hidden × down.
-                let cend = k.ix("addi", c0, &bc);
-                let cend = k.t.op(format!("arith.minui {cend}, {fc} : index"));
-                let m = k.ix("subi", &cend, c0);
-                k.threads(d, |k, oi| {
-                    let (z, one) = (k.c(0), k.c(1));
-                    let zf = k.f(0.0);
-                    let part = k.for_(&z, &m, &one, &[zf], |k, jj, acc| {
-                        let hv = k.sh_ld(&sh, BLOCK, jj);
-                        let jabs = k.ix("addi", c0, jj);
-                        let wi = expert_at(k, ei, (oi, &dc), (&jabs, &fc), ex.transposed);
-                        let dv = k.ld(o.down, &wi);
-                        let p = k.fl("mulf", &hv, &dv);
-                        vec![k.fl("addf", &acc[0], &p)]
-                    });
-                    let yi = k.ix("addi", &x0, oi);
-                    let prev = k.ld(out, &yi);
-                    let p = k.fl("mulf", &w, &part[0]);
-                    let s = k.fl("addf", &prev, &p);
-                    k.st(&s, out, &yi);
-                });
-                k.barrier();
+        (w, on, base)
+    };
+    let slot_of = |k: &mut K, base: &str, ei: &str| {
+        let (z, one) = (k.c(0), k.c(1));
+        let zf = k.f(0.0);
+        let n = k.for_(&z, ei, &one, &[zf], |k, j, acc| {
+            let i = k.ix("addi", base, j);
+            let w = k.ld(1, &i);
+            let zf = k.f(0.0);
+            let on = fcmp(k, "une", &w, &zf);
+            let onef = k.f(1.0);
+            let inc = k.sel(&on, &onef, &zf, "f32");
+            vec![k.fl("addf", &acc[0], &inc)]
+        });
+        let s = to_index(k, &n[0]);
+        let last = k.c(slots as i64 - 1);
+        k.t.op(format!("arith.minui {s}, {last} : index"))
+    };
+    // Element `i` of row `slot` of row `t`'s slots of `width`.
+    let at = |k: &mut K, t: &str, slot: &str, width: &str, i: &str| {
+        let r = k.ix("muli", t, &sc);
+        let r = k.ix("addi", &r, slot);
+        let r = k.ix("muli", &r, width);
+        k.ix("addi", &r, i)
+    };
+    let ei = "%by".to_string();
+    // Feature `bx·64 + tid` (below `width`) of expert `by`, for every row `t` that chose
+    // it (`base`: the row's weights).
+    let each_row = |k: &mut K, width: &str, body: &dyn Fn(&mut K, &str, &str, &str)| {
+        let bc = k.c(BLOCK as i64);
+        let j = k.ix("muli", "%bx", &bc);
+        let j = k.ix("addi", &j, "%tid");
+        let inside = k.cmp("ult", &j, width);
+        k.if_(&inside, |k| {
+            k.for_(&z, &rows, &one, &[], |k, t, _| {
+                let (_, on, base) = chose(k, t, &ei);
+                k.if_(&on, |k| body(k, &j, t, &base));
                 vec![]
             });
-            if let Some(b) = o.down_bias {
-                k.threads(d, |k, oi| {
-                    let bi = k.ix("muli", ei, &dc);
-                    let bi = k.ix("addi", &bi, oi);
-                    let bv = k.ld(b, &bi);
-                    let yi = k.ix("addi", &x0, oi);
-                    let prev = k.ld(out, &yi);
-                    let p = k.fl("mulf", &w, &bv);
-                    let s = k.fl("addf", &prev, &p);
-                    k.st(&s, out, &yi);
-                });
-            }
         });
-        vec![]
-    });
+    };
+    match stage {
+        ExpertStage::Hidden => each_row(k, &fc, &|k, j, t, base| {
+            let x0 = k.ix("muli", t, &dc);
+            // Output `row` of expert `ei`'s projection in operand `w` of row t.
+            let proj = |k: &mut K, w: usize, bias: Option<usize>, rows: usize, row: &str| {
+                let rc = k.c(rows as i64);
+                let (z, one) = (k.c(0), k.c(1));
+                let zf = k.f(0.0);
+                let acc = k.for_(&z, &dc, &one, &[zf], |k, i, acc| {
+                    let xi = k.ix("addi", &x0, i);
+                    let x = k.ld(0, &xi);
+                    let wi = expert_at(k, &ei, (row, &rc), (i, &dc), ex.transposed);
+                    let wv = k.ld(w, &wi);
+                    let m = k.fl("mulf", &x, &wv);
+                    vec![k.fl("addf", &acc[0], &m)]
+                });
+                plus_bias(k, &acc[0], bias, &ei, &rc, row)
+            };
+            let row_at = |k: &mut K, first: usize, step: usize| {
+                let s = k.c(step as i64);
+                let a = k.ix("muli", j, &s);
+                let fc = k.c(first as i64);
+                k.ix("addi", &a, &fc)
+            };
+            let h = match (o.gate, ex.interleaved) {
+                (_, true) => {
+                    let (gr, urow) = (row_at(k, 0, 2), row_at(k, 1, 2));
+                    let g = proj(k, o.up, o.up_bias, ur, &gr);
+                    let u = proj(k, o.up, o.up_bias, ur, &urow);
+                    glu(k, &ex, &g, &u)
+                }
+                (Some(gi), false) => {
+                    let (gr, urow) = (row_at(k, ex.gate_at.unwrap_or(0), 1), row_at(k, ex.up_at, 1));
+                    let g = proj(k, gi, o.gate_bias, gw, &gr);
+                    let u = proj(k, o.up, o.up_bias, ur, &urow);
+                    glu(k, &ex, &g, &u)
+                }
+                (None, false) => {
+                    let urow = row_at(k, ex.up_at, 1);
+                    let u = proj(k, o.up, o.up_bias, ur, &urow);
+                    k.act(ex.act, &u)
+                }
+            };
+            let slot = slot_of(k, base, &ei);
+            let hi = at(k, t, &slot, &fc, j);
+            k.st(&h, hidden, &hi);
+        }),
+        ExpertStage::Down => each_row(k, &dc, &|k, oi, t, base| {
+            let slot = slot_of(k, base, &ei);
+            let (z, one) = (k.c(0), k.c(1));
+            let zf = k.f(0.0);
+            let acc = k.for_(&z, &fc, &one, &[zf], |k, j, acc| {
+                let hi = at(k, t, &slot, &fc, j);
+                let hv = k.ld(hidden, &hi);
+                let wi = expert_at(k, &ei, (oi, &dc), (j, &fc), ex.transposed);
+                let dv = k.ld(o.down, &wi);
+                let p = k.fl("mulf", &hv, &dv);
+                vec![k.fl("addf", &acc[0], &p)]
+            });
+            let y = plus_bias(k, &acc[0], o.down_bias, &ei, &dc, oi);
+            let yi = at(k, t, &slot, &dc, oi);
+            k.st(&y, down, &yi);
+        }),
+        ExpertStage::Sum => {
+            // Row `bx`: weight × down projection of each chosen expert, in ascending order.
+            let t = "%bx".to_string();
+            let x0 = k.ix("muli", &t, &dc);
+            k.threads(d, |k, oi| {
+                let zf = k.f(0.0);
+                let r = k.for_(&z, &ec, &one, &[zf.clone(), zf], |k, ei, acc| {
+                    let (w, on, _) = chose(k, &t, ei);
+                    let last = k.c(slots as i64 - 1);
+                    let s = to_index(k, &acc[1]);
+                    let s = k.t.op(format!("arith.minui {s}, {last} : index"));
+                    let yi = at(k, &t, &s, &dc, oi);
+                    let y = k.ld(down, &yi);
+                    let p = k.fl("mulf", &w, &y);
+                    let sum = k.fl("addf", &acc[0], &p);
+                    let onef = k.f(1.0);
+                    let next = k.fl("addf", &acc[1], &onef);
+                    vec![k.sel(&on, &sum, &acc[0], "f32"), k.sel(&on, &next, &acc[1], "f32")]
+                });
+                let i = k.ix("addi", &x0, oi);
+                k.st(&r[0], out, &i);
+            });
+        }
+    }
+}
+
+/// `v` plus element `i` of expert `e`'s row of the bias in argument `bias` (`[E, n]`), if
+/// there is one.
+fn plus_bias(k: &mut K, v: &str, bias: Option<usize>, e: &str, n: &str, i: &str) -> String {
+    match bias {
+        Some(b) => {
+            let bi = k.ix("muli", e, n);
+            let bi = k.ix("addi", &bi, i);
+            let bv = k.ld(b, &bi);
+            k.fl("addf", v, &bv)
+        }
+        None => v.to_string(),
+    }
 }
 
 /// Where expert `e`'s matrix element (output `o` of `outs`, input `i` of `ins`) lies in

@@ -243,15 +243,64 @@ enum Kern {
         rows: Dim,
     },
     Route(crate::ir::Route),
-    /// `n` inputs; each expert's up (or gate_up) projection has `up_rows` outputs, its
-    /// gate `gate_rows`.
+    /// One stage of a mixture's experts (`ExpertStage`); arguments: the node's `n`
+    /// operands, the hidden features and the down projections of `slots` per row (the
+    /// router's `top_k`), the output. Each expert's up (or gate_up) projection has
+    /// `up_rows` outputs, its gate `gate_rows`.
     Experts {
         ex: crate::ir::Experts,
         d: usize,
         n: usize,
         up_rows: usize,
         gate_rows: usize,
+        slots: usize,
+        stage: ExpertStage,
+        /// The rows of `x` (`T`, or 1 where the last row was narrowed).
+        rows: Dim,
     },
+}
+
+/// The three dispatches of a mixture's experts. A row's chosen experts fill its slots in
+/// ascending order; the first two stages run a workgroup per expert (and chunk of
+/// features) over every row that chose it, so each expert's matrices are read once for
+/// all of them, and an expert no row chose reads nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ExpertStage {
+    /// The MLP's hidden features of each (row, slot).
+    Hidden,
+    /// The down projection of each (row, slot).
+    Down,
+    /// Per row, the weighted sum of its slots.
+    Sum,
+}
+
+/// Where a GPU experts node keeps its slots, after its output `[T, d]` in its arena
+/// block: the hidden features `[T·slots, f]`, then the down projections
+/// `[T·slots, d]` (byte offsets from the block, and the bytes in all).
+struct ExpertsScratch {
+    hidden: u64,
+    down: u64,
+    bytes: u64,
+}
+
+fn experts_scratch(g: &Graph, n: NodeId, max_seq: usize) -> Option<ExpertsScratch> {
+    let Op::Experts(ex) = g.op(n) else { return None };
+    let ops = g.operands(n);
+    let slots = expert_slots(g, ops[1], ex);
+    let bind = crate::ir::SymBinding { t: max_seq, p: max_seq.saturating_sub(1) };
+    let shape = g.ty(n).eval(bind);
+    let (rows, d) = (shape[0] as u64, shape[1] as u64);
+    let hidden = rows * d * 4;
+    let down = hidden + rows * slots as u64 * ex.hidden as u64 * 4;
+    Some(ExpertsScratch { hidden, down, bytes: down + rows * slots as u64 * d * 4 - hidden })
+}
+
+/// A row's slots: its router's `top_k` (every expert if the weights come from elsewhere).
+fn expert_slots(g: &Graph, route: NodeId, ex: &crate::ir::Experts) -> usize {
+    match g.op(route) {
+        Op::Route(r) => r.top_k.min(ex.experts),
+        _ => ex.experts,
+    }
 }
 
 /// A fused attention kernel's sizes and options.
@@ -290,7 +339,8 @@ impl Emitter {
         layout: &Layout,
     ) -> Result<(GpuGraph, u64), MlirError> {
         let order = g.topo_order().map_err(|_| MlirError::Mlir("bug: cyclic graph".into()))?;
-        let (loc, bytes) = plan_unfused(g, &order, weights, layout.max_seq)
+        let scratch = |n: NodeId| experts_scratch(g, n, layout.max_seq).map_or(0, |s| s.bytes);
+        let (loc, bytes) = plan_unfused(g, &order, weights, layout.max_seq, &scratch)
             .map_err(|e| MlirError::Unsupported(e.to_string()))?;
         let cache_off = |l: u32, k: CacheKind| layout.cache[&(l, k)].0 * 4;
         let arg = |n: NodeId| -> Arg {
@@ -312,6 +362,16 @@ impl Emitter {
                 continue;
             };
             args.push(arg(n));
+            // A mixture's experts: the hidden features and the down projections of each
+            // expert's rows (a workgroup per expert and chunk of features) before the sum.
+            if let Kern::Experts { ex, d, n: inputs, up_rows, gate_rows, slots, rows, .. } = kern {
+                for (stage, width) in [(ExpertStage::Hidden, ex.hidden), (ExpertStage::Down, d)] {
+                    let k = Kern::Experts { ex, d, n: inputs, up_rows, gate_rows, slots, stage, rows };
+                    let ki = self.kernel(&k);
+                    let grid = [lin(Dim::fixed(width.div_ceil(BLOCK))), lin(Dim::fixed(ex.experts))];
+                    ds.push(Dispatch { kernel: ki, grid, per_group: [1, 1], args: push_dims(args.clone()) });
+                }
+            }
             let ki = self.kernel(&kern);
             ds.push(Dispatch {
                 kernel: ki,
@@ -414,8 +474,16 @@ impl Emitter {
                     n: ops.len(),
                     up_rows: rows(o.up),
                     gate_rows: o.gate.map_or(0, rows),
+                    slots: expert_slots(g, ops[1], ex),
+                    stage: ExpertStage::Sum,
+                    rows: ty.shape[0],
                 };
-                (k, [rows_of(n), one], ins(&(0..ops.len()).collect::<Vec<_>>()))
+                let (Some(s), Loc::Arena(at)) = (experts_scratch(g, n, layout.max_seq), loc[&n]) else {
+                    return Err(MlirError::Mlir("bug: an experts node outside the arena".into()));
+                };
+                let mut args = ins(&(0..ops.len()).collect::<Vec<_>>());
+                args.extend([Arg::Arena(at + s.hidden), Arg::Arena(at + s.down)]);
+                (k, [rows_of(n), one], args)
             }
             Op::Positions => (Kern::Positions, [ty.shape[0], one], vec![]),
             Op::Gather { offset } => {
