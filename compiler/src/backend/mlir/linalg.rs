@@ -339,8 +339,8 @@ impl<'a> Func<'a> {
                 }
                 _ => self.concat(n, *axis),
             },
-            Op::Slice { start, len } => self.slice(n, *start, *len),
-            Op::HeadLinear { at, rows, transposed } => self.head_linear(n, *at, *rows, *transposed),
+            Op::Slice { start, .. } => self.slice(n, *start),
+            Op::HeadLinear { at, transposed, .. } => self.head_linear(n, *at, *transposed),
             Op::Route(r) => self.route(n, r),
             Op::Experts(e) => self.experts(n, e),
             Op::RowScale => self.row_scale(n),

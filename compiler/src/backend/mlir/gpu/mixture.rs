@@ -142,6 +142,13 @@ fn take_best(k: &mut K, v: &str, state: &str, n: usize, times: usize) {
     });
 }
 
+/// `exp(x - max) / sum`: one element of a softmax.
+fn softmax_at(k: &mut K, x: &str, max: &str, sum: &str) -> String {
+    let d = k.fl("subf", x, max);
+    let e = k.exp(&d);
+    k.fl("divf", &e, sum)
+}
+
 /// Whether `s[j] == v`.
 fn is(k: &mut K, s: &str, n: usize, j: &str, v: f32) -> String {
     let x = k.sh_ld(s, n, j);
@@ -202,11 +209,7 @@ pub(super) fn route(k: &mut K, kern: &Kern) {
                     let d = k.fl("addf", &one, &x);
                     k.fl("divf", &one, &d)
                 }
-                (Scoring::Softmax, Some((mx, total))) => {
-                    let d = k.fl("subf", &l, mx);
-                    let x = k.exp(&d);
-                    k.fl("divf", &x, total)
-                }
+                (Scoring::Softmax, Some((mx, total))) => softmax_at(k, &l, mx, total),
                 _ => l,
             }
         };
@@ -269,9 +272,7 @@ pub(super) fn route(k: &mut K, kern: &Kern) {
             let w = match &chosen_soft {
                 Some((mx, total)) => {
                     let l = logit(k, j);
-                    let d = k.fl("subf", &l, mx);
-                    let x = k.exp(&d);
-                    k.fl("divf", &x, total)
+                    softmax_at(k, &l, mx, total)
                 }
                 None => score(k, j),
             };

@@ -47,6 +47,19 @@ fn count_if(t: &mut Text, c: &str, acc: &str) -> String {
     t.bin("addi", acc, &one, "i32")
 }
 
+/// Whether an `i32` flag is set.
+fn set(t: &mut Text, flag: &str) -> String {
+    let z = t.int(0, "i32");
+    t.op(format!("arith.cmpi ne, {flag}, {z} : i32"))
+}
+
+/// `exp(x - max) / sum`: one element of a softmax.
+fn softmax_at(t: &mut Text, x: &str, max: &str, sum: &str) -> String {
+    let d = t.bin("subf", x, max, "f32");
+    let e = t.op(format!("math.exp {d} : f32"));
+    t.bin("divf", &e, sum, "f32")
+}
+
 /// Whether loop index `a` is below loop index `b` of a generic.
 fn index_below(t: &mut Text, a: usize, b: usize) -> String {
     let ia = t.op(format!("linalg.index {a} : index"));
@@ -72,7 +85,7 @@ impl Func<'_> {
     }
 
     /// Features `start..start + len` of the last axis.
-    pub(super) fn slice(&mut self, n: NodeId, start: usize, _len: usize) -> String {
+    pub(super) fn slice(&mut self, n: NodeId, start: usize) -> String {
         let Local { ty, ops, out_t, .. } = self.local(n);
         let (x, xt) = self.val(ops[0]);
         let rank = ty.rank();
@@ -116,7 +129,7 @@ impl Func<'_> {
 
     /// Each head by its own block of rows of one matrix (`Op::HeadLinear`), the blocks
     /// addressed by the weight's affine map.
-    pub(super) fn head_linear(&mut self, n: NodeId, at: usize, _rows: usize, transposed: bool) -> String {
+    pub(super) fn head_linear(&mut self, n: NodeId, at: usize, transposed: bool) -> String {
         let (g, Local { ty, ops, out_t, .. }) = (self.g, self.local(n));
         let (x, xt) = self.val(ops[0]);
         let (w, wt) = self.val(ops[1]);
@@ -167,12 +180,7 @@ impl Func<'_> {
         let red = ["parallel", "reduction"];
         let mut ins = vec![(l.0.clone(), l.1.clone(), m2.clone())];
         ins.extend(over.map(|o| (o.0.clone(), o.1.clone(), m2.clone())));
-        let on = |t: &mut Text, a: &[String]| {
-            (a.len() == 3).then(|| {
-                let z = t.int(0, "i32");
-                t.op(format!("arith.cmpi ne, {}, {z} : i32", a[1]))
-            })
-        };
+        let on = |t: &mut Text, a: &[String]| (a.len() == 3).then(|| set(t, &a[1]));
         let init = self.filled(&[rows], f32::NEG_INFINITY);
         let mx = self.generic(&ins, (init, row_t.clone(), row.clone()), &red, |t, a| {
             let acc = &a[a.len() - 1];
@@ -191,8 +199,7 @@ impl Func<'_> {
             let s = t.bin("addf", acc, &ex, "f32");
             match a.len() == 4 {
                 true => {
-                    let z = t.int(0, "i32");
-                    let c = t.op(format!("arith.cmpi ne, {}, {z} : i32", a[2]));
+                    let c = set(t, &a[2]);
                     t.op(format!("arith.select {c}, {s}, {acc} : f32"))
                 }
                 false => s,
@@ -222,9 +229,7 @@ impl Func<'_> {
                 ];
                 let e = self.empty(&te, "f32");
                 self.generic(&ins, (e, out_t.clone(), m2.clone()), &par, |t, a| {
-                    let x = t.bin("subf", &a[0], &a[1], "f32");
-                    let ex = t.op(format!("math.exp {x} : f32"));
-                    t.bin("divf", &ex, &a[2], "f32")
+                    softmax_at(t, &a[0], &a[1], &a[2])
                 })
             }
             Scoring::Sigmoid => {
@@ -259,27 +264,7 @@ impl Func<'_> {
         };
         let allowed = (r.groups > 1).then(|| self.kept_groups(r, &choice, &out_t, rows));
         // Each expert's rank among those its row may choose; the first `top_k` are chosen.
-        let mut ins = vec![
-            (choice.clone(), out_t.clone(), map(3, &d(&["d0", "d1"]))),
-            (choice, out_t.clone(), map(3, &d(&["d0", "d2"]))),
-        ];
-        ins.extend(allowed.iter().map(|a| (a.clone(), i32_t.clone(), map(3, &d(&["d0", "d2"])))));
-        let z = self.filled_i32(&te);
-        let rank = self.generic(
-            &ins,
-            (z, i32_t.clone(), map(3, &d(&["d0", "d1"]))),
-            &["parallel", "parallel", "reduction"],
-            |t, a| {
-                let before = index_below(t, 2, 1);
-                let mut c = beats(t, &a[1], &a[0], &before);
-                if a.len() == 4 {
-                    let z = t.int(0, "i32");
-                    let ok = t.op(format!("arith.cmpi ne, {}, {z} : i32", a[2]));
-                    c = t.bin("andi", &c, &ok, "i1");
-                }
-                count_if(t, &c, &a[a.len() - 1])
-            },
-        );
+        let rank = self.ranks(&choice, &te, allowed.as_deref());
         let mut ins = vec![(rank, i32_t.clone(), m2.clone())];
         ins.extend(allowed.map(|a| (a, i32_t.clone(), m2.clone())));
         let e = self.empty(&te, "i32");
@@ -288,8 +273,7 @@ impl Func<'_> {
             let kc = t.int(k, "i32");
             let mut c = t.op(format!("arith.cmpi slt, {}, {kc} : i32", a[0]));
             if a.len() == 3 {
-                let z = t.int(0, "i32");
-                let ok = t.op(format!("arith.cmpi ne, {}, {z} : i32", a[1]));
+                let ok = set(t, &a[1]);
                 c = t.bin("andi", &c, &ok, "i1");
             }
             t.op(format!("arith.extui {c} : i1 to i32"))
@@ -307,15 +291,10 @@ impl Func<'_> {
         let e = self.empty(&te, "f32");
         let w = self.generic(&ins, (e, out_t.clone(), m2.clone()), &par, |t, a| {
             let v = match a.len() {
-                5 => {
-                    let x = t.bin("subf", &a[0], &a[2], "f32");
-                    let ex = t.op(format!("math.exp {x} : f32"));
-                    t.bin("divf", &ex, &a[3], "f32")
-                }
+                5 => softmax_at(t, &a[0], &a[2], &a[3]),
                 _ => a[0].clone(),
             };
-            let z = t.int(0, "i32");
-            let on = t.op(format!("arith.cmpi ne, {}, {z} : i32", a[1]));
+            let on = set(t, &a[1]);
             let zero = t.f32(0.0);
             t.op(format!("arith.select {on}, {v}, {zero} : f32"))
         });
@@ -346,6 +325,32 @@ impl Func<'_> {
         })
     }
 
+    /// Each element's rank along the last axis of `v` (`shape`, f32): how many of its
+    /// row's elements beat it (`beats`), counting only those whose `mask` flag (`i32`,
+    /// same shape) is set, if there is one.
+    fn ranks(&mut self, v: &str, shape: &[Dim], mask: Option<&str>) -> String {
+        let r = shape.len();
+        let (vt, it) = (tensor(shape, "f32"), tensor(shape, "i32"));
+        let own: Vec<String> = (0..r).map(|i| format!("d{i}")).collect();
+        let mut other = own.clone();
+        other[r - 1] = format!("d{r}");
+        let mut ins =
+            vec![(v.to_string(), vt.clone(), map(r + 1, &own)), (v.to_string(), vt, map(r + 1, &other))];
+        ins.extend(mask.map(|m| (m.to_string(), it.clone(), map(r + 1, &other))));
+        let mut iters = vec!["parallel"; r];
+        iters.push("reduction");
+        let z = self.filled_i32(shape);
+        self.generic(&ins, (z, it, map(r + 1, &own)), &iters, |t, a| {
+            let before = index_below(t, r, r - 1);
+            let mut c = beats(t, &a[1], &a[0], &before);
+            if a.len() == 4 {
+                let ok = set(t, &a[2]);
+                c = t.bin("andi", &c, &ok, "i1");
+            }
+            count_if(t, &c, &a[a.len() - 1])
+        })
+    }
+
     /// Per row, `1` for the experts of the `topk_groups` best groups, `0` for the rest
     /// (`[T, E] i32`): each group's score (its best, or its two best summed), then each
     /// group's rank among the row's groups.
@@ -363,21 +368,10 @@ impl Func<'_> {
         let gi = tensor(&gsh, "i32");
         let (p3, red3) = (["parallel"; 3], ["parallel", "parallel", "reduction"]);
         let m3 = |ds: &[&str]| map(3, &d(ds));
-        let m4 = |ds: &[&str]| map(4, &d(ds));
         let score = match (r.group_score, size) {
             (GroupScore::Top2Sum, 2..) => {
                 // Each expert's rank within its group; the first two are summed.
-                let z = self.filled_i32(&sh3);
-                let ins = [
-                    (c3.clone(), t3.clone(), m4(&["d0", "d1", "d2"])),
-                    (c3.clone(), t3.clone(), m4(&["d0", "d1", "d3"])),
-                ];
-                let iters = ["parallel", "parallel", "parallel", "reduction"];
-                let within = self.generic(&ins, (z, i3.clone(), m4(&["d0", "d1", "d2"])), &iters, |t, a| {
-                    let before = index_below(t, 3, 2);
-                    let c = beats(t, &a[1], &a[0], &before);
-                    count_if(t, &c, &a[2])
-                });
+                let within = self.ranks(&c3, &sh3, None);
                 let init = self.filled(&gsh, 0.0);
                 let ins = [(c3, t3, m3(&["d0", "d1", "d2"])), (within, i3.clone(), m3(&["d0", "d1", "d2"]))];
                 self.generic(&ins, (init, gt.clone(), m3(&["d0", "d1"])), &red3, |t, a| {
@@ -395,13 +389,7 @@ impl Func<'_> {
                 })
             }
         };
-        let z = self.filled_i32(&gsh);
-        let ins = [(score.clone(), gt.clone(), m3(&["d0", "d1"])), (score, gt, m3(&["d0", "d2"]))];
-        let grank = self.generic(&ins, (z, gi.clone(), m3(&["d0", "d1"])), &red3, |t, a| {
-            let before = index_below(t, 2, 1);
-            let c = beats(t, &a[1], &a[0], &before);
-            count_if(t, &c, &a[2])
-        });
+        let grank = self.ranks(&score, &gsh, None);
         let e = self.empty(&sh3, "i32");
         let keep = r.topk_groups as i64;
         let kept = self.generic(
