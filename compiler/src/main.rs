@@ -216,7 +216,7 @@ fn dispatch(cmd: Command) -> Result<()> {
                             _ => String::from_utf8_lossy(&b.binary).into_owned(),
                         }
                     }
-                    "mlir" | "mlir-llvm" => tfc::backend::mlir_ir(&c, &stage)?,
+                    "mlir" | "mlir-llvm" => tfc::backend::mlir_ir(&c, &stage, &lib)?,
                     "plan" => tfc::backend::plan_ir(&c, &lib)?,
                     _ => match c.stage(&stage, all_rows) {
                         Some(g) => tfc::ir::print(g),

@@ -105,13 +105,17 @@ fn prefill_and_decode_equal_the_interpreter(backend: Backend) {
 /// The pool deals each participant a range of tasks and lets the idle take from the
 /// others' (`support.c`): whichever thread runs a task, it computes the same values, so
 /// any thread count gives the one-thread result to the bit, in prefill (AMX tiles and
-/// their prefetches for bf16) and in decode.
+/// their prefetches for bf16) and in decode; the MLIR library's kernels (a task is a
+/// block of output columns) likewise.
 #[test]
 fn every_thread_count_computes_what_one_thread_does() {
-    for spec in ["specs/tiny/llama.tfs", "tests/specs/valid/llama_bf16.tfs"] {
+    let runs = ["specs/tiny/llama.tfs", "tests/specs/valid/llama_bf16.tfs"]
+        .into_iter()
+        .flat_map(|s| [(s, Backend::Llvm), (s, Backend::Mlir)]);
+    for (spec, backend) in runs {
         let spec = root().join(spec);
         let c = compile(&spec, &Options::default());
-        let model = Model::load(build_with(&spec, "threads", Backend::Llvm)).unwrap();
+        let model = Model::load(build_with(&spec, "threads", backend)).unwrap();
         let n = 45.min(c.spec.sizes.max_seq - 5);
         let tokens: Vec<i32> = (0..n as i32).map(|i| (i * 7 + 2) % c.spec.sizes.vocab as i32).collect();
         let run = |threads: usize| {
@@ -127,7 +131,8 @@ fn every_thread_count_computes_what_one_thread_does() {
         for threads in [2, 3, 5] {
             let got = run(threads);
             let same = one.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same && one.len() == got.len(), "{}: {threads} threads differ from one", spec.display());
+            let what = format!("{} ({})", spec.display(), backend.name());
+            assert!(same && one.len() == got.len(), "{what}: {threads} threads differ from one");
         }
     }
 }
@@ -604,19 +609,23 @@ fn bf16_weights_match_the_interpreter_and_stay_close_to_f32() {
 /// that end in a partial vector, two chunks of rows, a ragged last row tile; every row of
 /// a long prompt, then a shorter one and decoding after it, against the interpreter. On
 /// this CPU, and built for x86-64-v3 (AVX2: 16 vector registers, so register tiles one
-/// vector wide, `Kb::vector_registers`).
+/// vector wide, `Kb::vector_registers`). The MLIR library's kernels likewise, at both
+/// register tiles (`kernels::Tile`).
 #[test]
 fn f32_gemm_edges_equal_the_interpreter() {
-    for cpu in [None, Some("x86-64-v3")] {
-        f32_gemm_edges(cpu);
+    for backend in [Backend::Llvm, Backend::Mlir] {
+        for cpu in [None, Some("x86-64-v3")] {
+            f32_gemm_edges(backend, cpu);
+        }
     }
 }
 
-fn f32_gemm_edges(cpu: Option<&str>) {
+fn f32_gemm_edges(backend: Backend, cpu: Option<&str>) {
     let spec = root().join("tests/specs/gemm/f32_edges.tfs");
     let c = compile(&spec, &Options::default());
-    let lib = LibOptions { target_cpu: cpu.map(Into::into), ..Default::default() };
-    let model = Model::load(build_opts(&spec, cpu.unwrap_or("edges"), &Options::default(), &lib)).unwrap();
+    let lib = LibOptions { backend, target_cpu: cpu.map(Into::into) };
+    let tag = format!("{}-{}", cpu.unwrap_or("edges"), backend.name());
+    let model = Model::load(build_opts(&spec, &tag, &Options::default(), &lib)).unwrap();
     let (w, data) = random_weights(&model, &[&c.model]);
     let mut s = Session::new(&model, data, 2).unwrap();
     let tokens: Vec<i32> = (0..203).map(|i| (i * 37 + 5) % c.spec.sizes.vocab as i32).collect();
@@ -912,6 +921,26 @@ fn q8_activations_child() {
             drop(s);
             let session = || Session::new(&model, random_weights(&model, &[&c.model]).1, 2).unwrap();
             check_batched_decode(&format!("{path}, {tag}"), &c, &session);
+        }
+    }
+}
+
+/// The MLIR library's products at their edges (`tests/specs/gemm/rows_edges.tfs` and
+/// `f32_edges.tfs`: partial row tiles, output blocks and input vectors, in both storage
+/// orders, grouped heads) at both register tiles, every split and 40 rows at once.
+#[test]
+fn mlir_product_edges_equal_the_interpreter() {
+    for spec in ["rows_edges", "f32_edges"] {
+        let spec = root().join(format!("tests/specs/gemm/{spec}.tfs"));
+        let c = compile(&spec, &Options::default());
+        for cpu in [None, Some("x86-64-v3")] {
+            let lib = LibOptions { backend: Backend::Mlir, target_cpu: cpu.map(Into::into) };
+            let model =
+                Model::load(build_opts(&spec, cpu.unwrap_or("edges"), &Options::default(), &lib)).unwrap();
+            let (w, data) = random_weights(&model, &[&c.model]);
+            let mut s = Session::new(&model, data, 2).unwrap();
+            let name = format!("{} (MLIR, {})", spec.display(), cpu.unwrap_or("native"));
+            splits_and_40_rows(&name, &c, &w, &mut s);
         }
     }
 }

@@ -227,7 +227,8 @@ fn mlir_stages() {
     let spec = root().join("tests/specs/valid/alibi_hidden.tfs");
     let source = std::fs::read_to_string(&spec).unwrap();
     let c = compile_text("alibi_hidden.tfs", &source);
-    let cpu = tfc::backend::mlir_ir(&c, "mlir").unwrap();
+    let lib = tfc::backend::LibOptions { target_cpu: Some("x86-64-v4".into()), ..Default::default() };
+    let cpu = tfc::backend::mlir_ir(&c, "mlir", &lib).unwrap();
     insta::assert_snapshot!("alibi_hidden@mlir", cpu);
     let v = gpu_build(&c, Target::Vulkan).unwrap();
     insta::assert_snapshot!("alibi_hidden@gpu", v.kernels);

@@ -138,7 +138,7 @@ fn build<'ctx>(
             }
             let layout = layout::layout(c);
             let ml = mlir::Mlir::new();
-            let m = mlir_cpu(&ml, c, weights, &layout, true)?;
+            let m = mlir_cpu(&ml, c, weights, &layout, llvm::vector_registers(tm), true)?;
             let lm = ml.to_llvm(&m, cx)?;
             for name in ["prefill", "prefill_all", "decode"] {
                 if let Some(f) = lm.get_function(&format!("tfc__{name}")) {
@@ -159,9 +159,10 @@ fn mlir_cpu<'c>(
     c: &Compiled,
     weights: &weights::WeightTable,
     layout: &layout::Layout,
+    registers: usize,
     lower: bool,
 ) -> Result<melior::ir::Module<'c>, BackendError> {
-    let text = mlir::linalg::emit(c, weights, layout)?;
+    let text = mlir::linalg::emit(c, weights, layout, registers)?;
     let mut m = ml.parse(&text)?;
     if lower {
         ml.lower_cpu(&mut m)?;
@@ -169,12 +170,14 @@ fn mlir_cpu<'c>(
     Ok(m)
 }
 
-/// The MLIR of a spec's CPU library: `mlir` (linalg on tensors) or `mlir-llvm` (lowered).
-pub fn mlir_ir(c: &Compiled, stage: &str) -> Result<String, BackendError> {
+/// The MLIR of a spec's CPU library for `opts.target_cpu`: `mlir` (linalg on tensors) or
+/// `mlir-llvm` (lowered).
+pub fn mlir_ir(c: &Compiled, stage: &str, opts: &LibOptions) -> Result<String, BackendError> {
+    let tm = llvm::target_machine(opts.target_cpu.as_deref())?;
     let weights = library_weights(c, Backend::Mlir);
     let layout = layout::layout(c);
     let ml = mlir::Mlir::new();
-    let m = mlir_cpu(&ml, c, &weights, &layout, stage == "mlir-llvm")?;
+    let m = mlir_cpu(&ml, c, &weights, &layout, llvm::vector_registers(&tm), stage == "mlir-llvm")?;
     Ok(m.as_operation().to_string())
 }
 

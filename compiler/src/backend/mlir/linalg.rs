@@ -10,9 +10,10 @@
 //! three reductions, and the weighted sum of values, with grouped heads as an affine
 //! `floordiv` in the key and value maps.
 
+mod kernels;
 mod mixture;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use super::text::{elem, id_map, map, round_bf16, Text};
 use super::MlirError;
@@ -25,7 +26,13 @@ use crate::Compiled;
 
 /// The linalg backend's entry: the module of a compiled spec's library as MLIR text, one
 /// function per graph.
-pub fn emit(c: &Compiled, weights: &WeightTable, layout: &Layout) -> Result<String, MlirError> {
+/// `registers`: the target's vector registers, which size the kernels' register tiles.
+pub fn emit(
+    c: &Compiled,
+    weights: &WeightTable,
+    layout: &Layout,
+    registers: usize,
+) -> Result<String, MlirError> {
     for (name, _, dtype) in &weights.names {
         if !matches!(dtype, DType::F32 | DType::BF16) {
             return Err(unsupported(format!("{dtype} weights (`{name}`); use f32 or bf16")));
@@ -33,10 +40,16 @@ pub fn emit(c: &Compiled, weights: &WeightTable, layout: &Layout) -> Result<Stri
     }
     let mut t = Text::default();
     t.open("module attributes {transform.with_named_sequence} {");
+    let tile = kernels::Tile::for_registers(registers);
+    let mut used = BTreeSet::new();
     for (name, graph) in
         [("prefill", Some(&c.prefill)), ("prefill_all", Some(&c.prefill_all)), ("decode", c.decode.as_ref())]
     {
-        Func::emit(&mut t, name, graph, weights, layout)?;
+        Func::emit(&mut t, name, graph, weights, layout, tile, &mut used)?;
+    }
+    kernels::declare_pool(&mut t);
+    for k in used {
+        kernels::emit(&mut t, k, tile);
     }
     for l in super::CPU_TRANSFORM.lines() {
         t.line(l);
@@ -64,6 +77,9 @@ struct Func<'a> {
     vals: HashMap<NodeId, String>,
     /// `memref<G x max_seq x hd>` views of each cache region.
     cache_views: HashMap<(u32, CacheKind), String>,
+    tile: kernels::Tile,
+    /// The kernels the module's functions call.
+    kernels: &'a mut BTreeSet<kernels::Kernel>,
 }
 
 const SIG: &str = "%arena: !llvm.ptr, %cache: !llvm.ptr, %tokens: !llvm.ptr, %types: !llvm.ptr, \
@@ -99,6 +115,8 @@ impl<'a> Func<'a> {
         g: Option<&Graph>,
         weights: &WeightTable,
         layout: &Layout,
+        tile: kernels::Tile,
+        kernels: &mut BTreeSet<kernels::Kernel>,
     ) -> Result<(), MlirError> {
         t.open(format!("func.func @tfc__{name}({SIG}) {{"));
         if let Some(g) = g {
@@ -110,6 +128,8 @@ impl<'a> Func<'a> {
                 dims: HashMap::new(),
                 vals: HashMap::new(),
                 cache_views: HashMap::new(),
+                tile,
+                kernels,
             };
             f.body()?;
         }
@@ -123,6 +143,7 @@ impl<'a> Func<'a> {
         let pi = self.t.op("arith.index_cast %P : i64 to index");
         self.dims.insert(Dim::T, ti);
         self.dims.insert(Dim::P, pi);
+        self.kernel_args();
         let g = self.g;
         let order = g.topo_order().map_err(|_| MlirError::Mlir("bug: cyclic graph".into()))?;
         let cache_out = g.cache_outputs();
@@ -301,6 +322,24 @@ impl<'a> Func<'a> {
 
     fn val(&self, n: NodeId) -> (String, String) {
         (self.vals[&n].clone(), ttype(self.g.ty(n)))
+    }
+
+    /// A node's value in f32 (widened if stored narrower).
+    fn f32_of(&mut self, n: NodeId) -> (String, String) {
+        let (v, vt) = self.val(n);
+        let ty = self.g.ty(n).clone();
+        if ty.dtype == DType::F32 {
+            return (v, vt);
+        }
+        let e = self.empty(&ty.shape, "f32");
+        let (ft, ident, el) = (tensor(&ty.shape, "f32"), id_map(ty.rank()), elem(ty.dtype));
+        let r = self.generic(
+            &[(v, vt, ident.clone())],
+            (e, ft.clone(), ident),
+            &vec!["parallel"; ty.rank()],
+            |t, a| t.op(format!("arith.extf {} : {el} to f32", a[0])),
+        );
+        (r, ft)
     }
 
     /// What emitting node `n` as one `linalg.generic` over its output needs.
@@ -733,6 +772,20 @@ impl<'a> Func<'a> {
         let (x, xt) = self.val(ops[0]);
         let (w, wt) = self.val(ops[1]);
         let out_t = ttype(&ty);
+        if ty.rank() == 2 {
+            let stored = if transposed { kernels::Stored::InOut } else { kernels::Stored::OutIn };
+            let k = kernels::Kernel { stored, bf16: g.ty(ops[1]).dtype == DType::BF16, bias };
+            let b = bias.then(|| self.f32_of(ops[2]));
+            let inner = *g.ty(ops[0]).shape.last().unwrap();
+            let b = b.as_ref().map(|(v, t)| (v.as_str(), t.as_str()));
+            return self.product(
+                k,
+                (&x, &xt),
+                (&w, &wt),
+                b,
+                kernels::Shape { out: &ty.shape, inner, per: 1 },
+            );
+        }
         let init = if bias {
             let (b, bt) = self.val(ops[2]);
             let e = self.empty(&ty.shape, "f32");
@@ -768,20 +821,11 @@ impl<'a> Func<'a> {
         let sc_t = tensor(&sc_shape, "f32");
         let row_shape = [ty.shape[0], rows];
         let row_t = tensor(&row_shape, "f32");
-        let kv = |a: &str, b: &str| map(4, &[format!("d0 floordiv {per}"), a.into(), b.into()]);
-        let red4 = ["parallel", "parallel", "parallel", "reduction"];
         // scores[h, t, s] = Σ_d q[h, t, d] · k[h / per, s, d]
-        let z = self.filled(&sc_shape, 0.0);
-        let ins = [(q, qt, map(4, &["d0".into(), "d1".into(), "d3".into()])), (k, kt, kv("d2", "d3"))];
-        let scores = self.generic(
-            &ins,
-            (z, sc_t.clone(), map(4, &["d0".into(), "d1".into(), "d2".into()])),
-            &red4,
-            |t, a| {
-                let p = t.bin("mulf", &a[0], &a[1], "f32");
-                t.bin("addf", &a[2], &p, "f32")
-            },
-        );
+        let nk = kernels::Kernel { stored: kernels::Stored::OutIn, bf16: false, bias: false };
+        let hd = ty.shape[2];
+        let scores =
+            self.product(nk, (&q, &qt), (&k, &kt), None, kernels::Shape { out: &sc_shape, inner: hd, per });
         // Scale, ALiBi and the mask, as interp::attention orders them.
         let e = self.empty(&sc_shape, "f32");
         let mut ins = vec![(scores, sc_t.clone(), id_map(3)), (pos, pos_t, map(3, &["d1".into()]))];
@@ -890,16 +934,13 @@ impl<'a> Func<'a> {
             |t, a| t.bin("divf", &a[0], &a[1], "f32"),
         );
         // out[h, t, d] = Σ_s p[h, t, s] · v[h / per, s, d]
-        let z = self.filled(&ty.shape, 0.0);
-        let ins = [(probs, sc_t, map(4, &["d0".into(), "d1".into(), "d3".into()])), (v, vt, kv("d3", "d2"))];
-        self.generic(
-            &ins,
-            (z, ttype(&ty), map(4, &["d0".into(), "d1".into(), "d2".into()])),
-            &red4,
-            |t, a| {
-                let p = t.bin("mulf", &a[0], &a[1], "f32");
-                t.bin("addf", &a[2], &p, "f32")
-            },
+        let kn = kernels::Kernel { stored: kernels::Stored::InOut, bf16: false, bias: false };
+        self.product(
+            kn,
+            (&probs, &sc_t),
+            (&v, &vt),
+            None,
+            kernels::Shape { out: &ty.shape, inner: s_len, per },
         )
     }
 }
@@ -930,11 +971,66 @@ fn elem_of(tensor_type: &str) -> String {
     inner.rsplit('x').next().unwrap_or(inner).to_string()
 }
 
-/// An activation of an `f32` value (`Act::apply`), computed in f64 as the reference does.
+/// An activation of an `f32` value (`Act::apply`) in f32, as the LLVM backend's kernels
+/// compute it (`elementwise::F32Ir`, but dividing exactly): `exp` of at most 80, `tanh(y) =
+/// 1 - 2 / (e^(2y) + 1)` (`expf`: the f64 `tanh` and `exp` of libm took a fifth of W1's
+/// prefill on one thread, and more of it on two, as the elementwise ops are not on the
+/// pool). The exact GELU, `erf`, in f64 (libm), as the reference does.
 pub fn activation(t: &mut Text, act: Act, x: &str) -> String {
-    let w = t.op(format!("arith.extf {x} : f32 to f64"));
-    let r = act.apply(&mut F64Text(t), w);
-    t.op(format!("arith.truncf {r} : f64 to f32"))
+    if act == Act::Gelu {
+        let w = t.op(format!("arith.extf {x} : f32 to f64"));
+        let r = act.apply(&mut F64Text(t), w);
+        return t.op(format!("arith.truncf {r} : f64 to f32"));
+    }
+    act.apply(&mut F32Text(t), x.to_string())
+}
+
+/// `Arith` as f32 MLIR text (see `activation`).
+struct F32Text<'a>(&'a mut Text);
+
+impl F32Text<'_> {
+    fn exp_below_80(&mut self, a: &str) -> String {
+        let c = self.0.f32(80.0);
+        let m = self.0.op(format!("arith.minimumf {a}, {c} : f32"));
+        self.0.op(format!("math.exp {m} : f32"))
+    }
+}
+
+impl Arith for F32Text<'_> {
+    type V = String;
+    fn c(&mut self, v: f64) -> String {
+        self.0.f32(v as f32)
+    }
+    fn add(&mut self, a: String, b: String) -> String {
+        self.0.bin("addf", &a, &b, "f32")
+    }
+    fn mul(&mut self, a: String, b: String) -> String {
+        self.0.bin("mulf", &a, &b, "f32")
+    }
+    fn div(&mut self, a: String, b: String) -> String {
+        self.0.bin("divf", &a, &b, "f32")
+    }
+    fn neg(&mut self, a: String) -> String {
+        self.0.op(format!("arith.negf {a} : f32"))
+    }
+    fn max(&mut self, a: String, b: String) -> String {
+        self.0.op(format!("arith.maximumf {a}, {b} : f32"))
+    }
+    fn exp(&mut self, a: String) -> String {
+        self.exp_below_80(&a)
+    }
+    fn tanh(&mut self, y: String) -> String {
+        let y2 = self.0.bin("addf", &y, &y, "f32");
+        let e = self.exp_below_80(&y2);
+        let one = self.0.f32(1.0);
+        let two = self.0.f32(2.0);
+        let d = self.0.bin("addf", &e, &one, "f32");
+        let q = self.0.bin("divf", &two, &d, "f32");
+        self.0.bin("subf", &one, &q, "f32")
+    }
+    fn erf(&mut self, _: String) -> String {
+        unreachable!("bug: the exact GELU is computed in f64 (`activation`)")
+    }
 }
 
 /// `Arith` as f64 MLIR text.

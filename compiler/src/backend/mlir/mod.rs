@@ -122,6 +122,7 @@ impl Mlir {
     pub fn lower_cpu(&self, module: &mut Module) -> Result<(), MlirError> {
         self.run(module, CPU_BUFFERIZE)?;
         strip_transforms(module);
+
         self.run(module, CPU_TO_LLVM)
     }
 
