@@ -979,91 +979,84 @@ fn elem_of(tensor_type: &str) -> String {
 pub fn activation(t: &mut Text, act: Act, x: &str) -> String {
     if act == Act::Gelu {
         let w = t.op(format!("arith.extf {x} : f32 to f64"));
-        let r = act.apply(&mut F64Text(t), w);
+        let r = act.apply(&mut FloatText { t, f64: true }, w);
         return t.op(format!("arith.truncf {r} : f64 to f32"));
     }
-    act.apply(&mut F32Text(t), x.to_string())
+    act.apply(&mut FloatText { t, f64: false }, x.to_string())
 }
 
-/// `Arith` as f32 MLIR text (see `activation`).
-struct F32Text<'a>(&'a mut Text);
+/// `Arith` as MLIR text in f32 or f64 (see `activation`).
+struct FloatText<'a> {
+    t: &'a mut Text,
+    f64: bool,
+}
 
-impl F32Text<'_> {
-    fn exp_below_80(&mut self, a: &str) -> String {
-        let c = self.0.f32(80.0);
-        let m = self.0.op(format!("arith.minimumf {a}, {c} : f32"));
-        self.0.op(format!("math.exp {m} : f32"))
+impl FloatText<'_> {
+    fn ty(&self) -> &'static str {
+        if self.f64 {
+            "f64"
+        } else {
+            "f32"
+        }
+    }
+
+    fn bin(&mut self, op: &str, a: &str, b: &str) -> String {
+        let ty = self.ty();
+        self.t.bin(op, a, b, ty)
+    }
+
+    /// `e^a`, in f32 of at most `e^80`.
+    fn exp_of(&mut self, a: &str) -> String {
+        if self.f64 {
+            return self.t.op(format!("math.exp {a} : f64"));
+        }
+        let c = self.t.f32(80.0);
+        let m = self.t.op(format!("arith.minimumf {a}, {c} : f32"));
+        self.t.op(format!("math.exp {m} : f32"))
     }
 }
 
-impl Arith for F32Text<'_> {
+impl Arith for FloatText<'_> {
     type V = String;
     fn c(&mut self, v: f64) -> String {
-        self.0.f32(v as f32)
+        if self.f64 {
+            self.t.f64(v)
+        } else {
+            self.t.f32(v as f32)
+        }
     }
     fn add(&mut self, a: String, b: String) -> String {
-        self.0.bin("addf", &a, &b, "f32")
+        self.bin("addf", &a, &b)
     }
     fn mul(&mut self, a: String, b: String) -> String {
-        self.0.bin("mulf", &a, &b, "f32")
+        self.bin("mulf", &a, &b)
     }
     fn div(&mut self, a: String, b: String) -> String {
-        self.0.bin("divf", &a, &b, "f32")
+        self.bin("divf", &a, &b)
     }
     fn neg(&mut self, a: String) -> String {
-        self.0.op(format!("arith.negf {a} : f32"))
+        self.t.op(format!("arith.negf {a} : {}", self.ty()))
     }
     fn max(&mut self, a: String, b: String) -> String {
-        self.0.op(format!("arith.maximumf {a}, {b} : f32"))
+        self.t.op(format!("arith.maximumf {a}, {b} : {}", self.ty()))
     }
     fn exp(&mut self, a: String) -> String {
-        self.exp_below_80(&a)
+        self.exp_of(&a)
     }
     fn tanh(&mut self, y: String) -> String {
-        let y2 = self.0.bin("addf", &y, &y, "f32");
-        let e = self.exp_below_80(&y2);
-        let one = self.0.f32(1.0);
-        let two = self.0.f32(2.0);
-        let d = self.0.bin("addf", &e, &one, "f32");
-        let q = self.0.bin("divf", &two, &d, "f32");
-        self.0.bin("subf", &one, &q, "f32")
-    }
-    fn erf(&mut self, _: String) -> String {
-        unreachable!("bug: the exact GELU is computed in f64 (`activation`)")
-    }
-}
-
-/// `Arith` as f64 MLIR text.
-struct F64Text<'a>(&'a mut Text);
-
-impl Arith for F64Text<'_> {
-    type V = String;
-    fn c(&mut self, v: f64) -> String {
-        self.0.f64(v)
-    }
-    fn add(&mut self, a: String, b: String) -> String {
-        self.0.bin("addf", &a, &b, "f64")
-    }
-    fn mul(&mut self, a: String, b: String) -> String {
-        self.0.bin("mulf", &a, &b, "f64")
-    }
-    fn div(&mut self, a: String, b: String) -> String {
-        self.0.bin("divf", &a, &b, "f64")
-    }
-    fn neg(&mut self, a: String) -> String {
-        self.0.op(format!("arith.negf {a} : f64"))
-    }
-    fn max(&mut self, a: String, b: String) -> String {
-        self.0.op(format!("arith.maximumf {a}, {b} : f64"))
-    }
-    fn exp(&mut self, a: String) -> String {
-        self.0.op(format!("math.exp {a} : f64"))
-    }
-    fn tanh(&mut self, a: String) -> String {
-        self.0.op(format!("math.tanh {a} : f64"))
+        if self.f64 {
+            return self.t.op(format!("math.tanh {y} : f64"));
+        }
+        let y2 = self.bin("addf", &y, &y);
+        let e = self.exp_of(&y2);
+        let (one, two) = (self.t.f32(1.0), self.t.f32(2.0));
+        let d = self.bin("addf", &e, &one);
+        let q = self.bin("divf", &two, &d);
+        self.bin("subf", &one, &q)
     }
     fn erf(&mut self, a: String) -> String {
-        self.0.op(format!("math.erf {a} : f64"))
+        assert!(self.f64, "bug: the exact GELU is computed in f64 (`activation`)");
+        self.t.op(format!("math.erf {a} : f64"))
     }
 }
 

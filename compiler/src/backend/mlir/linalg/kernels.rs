@@ -128,12 +128,12 @@ impl Func<'_> {
         self.t.line(format!("{ARGS} = llvm.alloca {n} x i64 : (i64) -> !llvm.ptr"));
     }
 
-    /// A tensor's buffer: `rank` 2 (`[rows, cols]`) or 3 (`[batch, rows, cols]`), its last
-    /// axis contiguous, as every tensor of the graphs is.
+    /// A tensor's buffer: `rank` 1, 2 (`[rows, cols]`) or 3 (`[batch, rows, cols]`), its
+    /// last axis contiguous, as every tensor of the graphs is.
     pub(super) fn buf(&mut self, v: &str, tt: &str, rank: usize, el: &str) -> Buf {
         let shape = tt.trim_start_matches("tensor<").trim_end_matches('>');
         let shape = &shape[..shape.rfind('x').unwrap_or(0)];
-        let strides = if rank == 3 { "[?, ?, 1]" } else { "[?, 1]" };
+        let strides = ["[1]", "[?, 1]", "[?, ?, 1]"][rank - 1];
         let mt = format!("memref<{shape}x{el}, strided<{strides}, offset: ?>>");
         let m = self.pointer_read(v, tt, &mt);
         let outs: Vec<String> = (0..2 + 2 * rank).map(|_| self.t.fresh()).collect();
@@ -146,7 +146,10 @@ impl Func<'_> {
             self.t.op(format!("memref.extract_aligned_pointer_as_index {} : memref<{el}> -> index", outs[0]));
         let ptr = self.at_offset(&base, &outs[1], el);
         let strides = &outs[2 + rank..];
-        let row = self.t.op(format!("arith.index_cast {} : index to i64", strides[rank - 2]));
+        let row = match rank {
+            1 => self.t.int(0, "i64"),
+            _ => self.t.op(format!("arith.index_cast {} : index to i64", strides[rank - 2])),
+        };
         let batch = if rank == 3 {
             self.t.op(format!("arith.index_cast {} : index to i64", strides[0]))
         } else {
@@ -192,15 +195,7 @@ impl Func<'_> {
         let x = self.buf(x.0, x.1, rank, "f32");
         let w = self.buf(w.0, w.1, rank, if k.bf16 { "bf16" } else { "f32" });
         let bias = match bias {
-            Some((b, bt)) => {
-                let m = self.pointer_read(b, bt, &super::memref_of(bt));
-                let p = self.t.op(format!(
-                    "memref.extract_aligned_pointer_as_index {m} : {} -> index",
-                    super::memref_of(bt)
-                ));
-                let i = self.t.op(format!("arith.index_cast {p} : index to i64"));
-                self.t.op(format!("llvm.inttoptr {i} : i64 to !llvm.ptr"))
-            }
+            Some((b, bt)) => self.buf(b, bt, 1, "f32").ptr,
             None => self.t.op("llvm.mlir.zero : !llvm.ptr"),
         };
         let ot = super::tensor(out_shape, "f32");
@@ -249,7 +244,7 @@ impl Func<'_> {
         ];
         for (i, v) in slots {
             let at = self.t.op(format!("llvm.getelementptr {ARGS}[{i}] : (!llvm.ptr) -> !llvm.ptr, i64"));
-            let ty = if v.starts_with('%') && is_ptr_slot(i) { "!llvm.ptr" } else { "i64" };
+            let ty = if is_ptr_slot(i) { "!llvm.ptr" } else { "i64" };
             self.t.line(format!("llvm.store {v}, {at} : {ty}, !llvm.ptr"));
         }
         let f = self.t.op(format!("func.constant @{} : {KERNEL_TYPE}", k.name()));
