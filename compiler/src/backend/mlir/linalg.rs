@@ -4,11 +4,12 @@
 //! `(arena, cache, tokens, types, T, P, weights, out, pool)`, so the library's C half
 //! calls it the same way. Raw pointers become memrefs through a descriptor built in the
 //! `llvm` dialect, memrefs become tensors with `bufferization.to_tensor`, and every op is
-//! a `linalg.generic` (or a reshape) on tensors; results leave through
-//! `linalg.copy` into the output buffer and the KV cache.
-//! The fused attention node is its own sequence: scores, scale/ALiBi/mask, a softmax in
-//! three reductions, and the weighted sum of values, with grouped heads as an affine
-//! `floordiv` in the key and value maps.
+//! a `linalg.generic` (or a reshape) on tensors, but the products: linear maps and
+//! attention's scores and weighted values are kernels on the thread pool
+//! (`kernels.rs`); results leave through `linalg.copy` into the output buffer and the KV
+//! cache. The fused attention node is its own sequence: scores, scale/ALiBi/mask, a
+//! softmax in three reductions, and the weighted sum of values, grouped heads reading
+//! their key/value head (`h / per`).
 
 mod kernels;
 mod mixture;
@@ -771,30 +772,12 @@ impl<'a> Func<'a> {
         let ops = g.operands(n);
         let (x, xt) = self.val(ops[0]);
         let (w, wt) = self.val(ops[1]);
-        let out_t = ttype(&ty);
-        if ty.rank() == 2 {
-            let stored = if transposed { kernels::Stored::InOut } else { kernels::Stored::OutIn };
-            let k = kernels::Kernel { stored, bf16: g.ty(ops[1]).dtype == DType::BF16, bias };
-            let b = bias.then(|| self.f32_of(ops[2]));
-            let inner = *g.ty(ops[0]).shape.last().unwrap();
-            let b = b.as_ref().map(|(v, t)| (v.as_str(), t.as_str()));
-            return self.product(
-                k,
-                (&x, &xt),
-                (&w, &wt),
-                b,
-                kernels::Shape { out: &ty.shape, inner, per: 1 },
-            );
-        }
-        let init = if bias {
-            let (b, bt) = self.val(ops[2]);
-            let e = self.empty(&ty.shape, "f32");
-            let m = map(2, &["d1".into()]);
-            self.generic(&[(b, bt, m)], (e, out_t.clone(), id_map(2)), &["parallel"; 2], |_, a| a[0].clone())
-        } else {
-            self.filled(&ty.shape, 0.0)
-        };
-        contract(self.t, (&x, &xt), (&w, &wt), (&init, &out_t), transposed)
+        let stored = if transposed { kernels::Stored::InOut } else { kernels::Stored::OutIn };
+        let k = kernels::Kernel { stored, bf16: g.ty(ops[1]).dtype == DType::BF16, bias };
+        let b = bias.then(|| self.f32_of(ops[2]));
+        let b = b.as_ref().map(|(v, t)| (v.as_str(), t.as_str()));
+        let inner = g.ty(ops[0]).shape[1];
+        self.product(k, (&x, &xt), (&w, &wt), b, kernels::Shape { out: &ty.shape, inner, per: 1 })
     }
 
     fn attention(

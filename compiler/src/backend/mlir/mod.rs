@@ -1,7 +1,8 @@
 //! The MLIR backend: the same graphs through MLIR's own lowering.
 //!
-//! - CPU (`linalg.rs`): the graphs as `func` + `linalg` on tensors; MLIR bufferizes, tiles
-//!   and vectorises the contractions (a transform-dialect script), lowers to the LLVM
+//! - CPU (`linalg.rs`): the graphs as `func` + `linalg` on tensors, the products as
+//!   `vector`-dialect kernels on the thread pool; MLIR bufferizes, tiles and vectorises
+//!   the experts' contractions (a transform-dialect script), lowers to the LLVM
 //!   dialect, and `mlirTranslateModuleToLLVMIR` hands the result to the LLVM backend's
 //!   object emission and linking, so the library and its ABI are the same.
 //! - GPU (`gpu.rs`): the graphs as a sequence of `gpu.func` kernels and a dispatch list,
@@ -264,8 +265,9 @@ impl Default for Mlir {
     }
 }
 
-/// The transform script that tiles and vectorises every linear map (`[rows, out, in]`
-/// contractions) into one-row, one-input, 16-output steps: `acc[16] += x[k] · w[k, 16]`
+/// The transform script that tiles and vectorises the contractions left in the graph
+/// functions (the experts'; the other products are kernels) into
+/// one-row, one-input, 16-output steps: `acc[16] += x[k] · w[k, 16]`
 /// for weights stored `[in, out]` (after interchanging the loops to `(row, in, out)`),
 /// and 16-wide dot products for `[out, in]`. Larger tiles make MLIR's n-D vector lowering
 /// scalarise transposes and broadcasts into thousands of ops per tile.
