@@ -40,7 +40,7 @@ pub fn emit(
         }
     }
     let mut t = Text::default();
-    t.open("module attributes {transform.with_named_sequence} {");
+    t.open("module {");
     let tile = kernels::Tile::for_registers(registers);
     let mut used = BTreeSet::new();
     for (name, graph) in
@@ -51,9 +51,6 @@ pub fn emit(
     kernels::declare_pool(&mut t);
     for k in used {
         kernels::emit(&mut t, k, tile);
-    }
-    for l in super::CPU_TRANSFORM.lines() {
-        t.line(l);
     }
     t.close("}");
     Ok(t.out)
@@ -777,7 +774,7 @@ impl<'a> Func<'a> {
         let b = bias.then(|| self.f32_of(ops[2]));
         let b = b.as_ref().map(|(v, t)| (v.as_str(), t.as_str()));
         let inner = g.ty(ops[0]).shape[1];
-        self.product(k, (&x, &xt), (&w, &wt), b, kernels::Shape { out: &ty.shape, inner, per: 1 })
+        self.product(k, (&x, &xt), (&w, &wt), b, kernels::Shape { out: &ty.shape, rows: None, inner, per: 1 })
     }
 
     fn attention(
@@ -807,8 +804,13 @@ impl<'a> Func<'a> {
         // scores[h, t, s] = Σ_d q[h, t, d] · k[h / per, s, d]
         let nk = kernels::Kernel { stored: kernels::Stored::OutIn, bf16: false, bias: false };
         let hd = ty.shape[2];
-        let scores =
-            self.product(nk, (&q, &qt), (&k, &kt), None, kernels::Shape { out: &sc_shape, inner: hd, per });
+        let scores = self.product(
+            nk,
+            (&q, &qt),
+            (&k, &kt),
+            None,
+            kernels::Shape { out: &sc_shape, rows: None, inner: hd, per },
+        );
         // Scale, ALiBi and the mask, as interp::attention orders them.
         let e = self.empty(&sc_shape, "f32");
         let mut ins = vec![(scores, sc_t.clone(), id_map(3)), (pos, pos_t, map(3, &["d1".into()]))];
@@ -923,7 +925,7 @@ impl<'a> Func<'a> {
             (&probs, &sc_t),
             (&v, &vt),
             None,
-            kernels::Shape { out: &ty.shape, inner: s_len, per },
+            kernels::Shape { out: &ty.shape, rows: None, inner: s_len, per },
         )
     }
 }
@@ -932,21 +934,6 @@ impl<'a> Func<'a> {
 enum Norm {
     Layer { eps: f64, gain: bool, bias: bool },
     Rms { eps: f64, unit_offset: bool },
-}
-
-/// `x·Wᵀ` (or `x·W` when `transposed`) accumulated onto `init`: a named contraction, whose
-/// maps transpose `W` as stored; a bf16 weight is widened by the op's own cast.
-fn contract(t: &mut Text, x: (&str, &str), w: (&str, &str), init: (&str, &str), transposed: bool) -> String {
-    let wmap = if transposed {
-        "affine_map<(d0, d1, d2) -> (d2, d1)>"
-    } else {
-        "affine_map<(d0, d1, d2) -> (d1, d2)>"
-    };
-    let ((x, xt), (w, wt), (init, out_t)) = (x, w, init);
-    t.op(format!(
-        "linalg.matmul indexing_maps = [affine_map<(d0, d1, d2) -> (d0, d2)>, {wmap}, \
-         affine_map<(d0, d1, d2) -> (d0, d1)>] ins({x}, {w} : {xt}, {wt}) outs({init} : {out_t}) -> {out_t}"
-    ))
 }
 
 fn elem_of(tensor_type: &str) -> String {

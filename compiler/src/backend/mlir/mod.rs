@@ -1,8 +1,7 @@
 //! The MLIR backend: the same graphs through MLIR's own lowering.
 //!
 //! - CPU (`linalg.rs`): the graphs as `func` + `linalg` on tensors, the products as
-//!   `vector`-dialect kernels on the thread pool; MLIR bufferizes, tiles and vectorises
-//!   the experts' contractions (a transform-dialect script), lowers to the LLVM
+//!   `vector`-dialect kernels on the thread pool; MLIR bufferizes, lowers to the LLVM
 //!   dialect, and `mlirTranslateModuleToLLVMIR` hands the result to the LLVM backend's
 //!   object emission and linking, so the library and its ABI are the same.
 //! - GPU (`gpu.rs`): the graphs as a sequence of `gpu.func` kernels and a dispatch list,
@@ -31,21 +30,16 @@ pub enum MlirError {
     Mlir(String),
 }
 
-/// The CPU lowering, part one: fuse elementwise producers into their consumers, turn the
-/// tensors into buffers, and run `CPU_TRANSFORM`, which tiles and vectorises the
-/// contractions.
+/// The CPU lowering, part one: fuse elementwise producers into their consumers and turn
+/// the tensors into buffers.
 pub const CPU_BUFFERIZE: &str = "builtin.module(\
     canonicalize, cse, \
     linalg-fuse-elementwise-ops, \
     one-shot-bufferize{bufferize-function-boundaries=false}, \
-    func.func(buffer-hoisting), \
-    transform-interpreter)";
+    func.func(buffer-hoisting))";
 
-/// Part two, after the transform script is removed: masks become selects, buffers are
-/// freed after their last use (this must not see `vector.mask` regions), the rest becomes
-/// loops, and everything the LLVM dialect.
+/// Part two: buffers are freed, the rest becomes loops, and everything the LLVM dialect.
 pub const CPU_TO_LLVM: &str = "builtin.module(\
-    func.func(lower-vector-mask), \
     buffer-deallocation-pipeline, \
     canonicalize, \
     convert-linalg-to-loops, \
@@ -122,8 +116,6 @@ impl Mlir {
     /// Lowers the `linalg` module of `linalg::emit` to the LLVM dialect.
     pub fn lower_cpu(&self, module: &mut Module) -> Result<(), MlirError> {
         self.run(module, CPU_BUFFERIZE)?;
-        strip_transforms(module);
-
         self.run(module, CPU_TO_LLVM)
     }
 
@@ -242,67 +234,8 @@ unsafe fn op_name(op: mlir_sys::MlirOperation) -> String {
     }
 }
 
-/// Removes the transform script once it has run; nothing after it knows its ops.
-fn strip_transforms(module: &mut Module) {
-    // SAFETY: walks the module's own block; each removed op is owned by us, then destroyed.
-    unsafe {
-        let block = module.body().to_raw();
-        let mut op = mlir_sys::mlirBlockGetFirstOperation(block);
-        while !op.ptr.is_null() {
-            let next = mlir_sys::mlirOperationGetNextInBlock(op);
-            if op_name(op).starts_with("transform.") {
-                mlir_sys::mlirOperationRemoveFromParent(op);
-                mlir_sys::mlirOperationDestroy(op);
-            }
-            op = next;
-        }
-    }
-}
-
 impl Default for Mlir {
     fn default() -> Self {
         Mlir::new()
     }
 }
-
-/// The transform script that tiles and vectorises the contractions left in the graph
-/// functions (the experts'; the other products are kernels) into
-/// one-row, one-input, 16-output steps: `acc[16] += x[k] · w[k, 16]`
-/// for weights stored `[in, out]` (after interchanging the loops to `(row, in, out)`),
-/// and 16-wide dot products for `[out, in]`. Larger tiles make MLIR's n-D vector lowering
-/// scalarise transposes and broadcasts into thousands of ops per tile.
-pub const CPU_TRANSFORM: &str = r#"transform.named_sequence @__transform_main(%root: !transform.any_op {transform.readonly}) {
-    %tr = transform.structured.match ops{["linalg.matmul"]} attributes {indexing_maps = [affine_map<(d0, d1, d2) -> (d0, d2)>, affine_map<(d0, d1, d2) -> (d2, d1)>, affine_map<(d0, d1, d2) -> (d0, d1)>]} in %root
-      : (!transform.any_op) -> !transform.any_op
-    transform.foreach %tr : !transform.any_op {
-    ^bb0(%op: !transform.any_op):
-      %g = transform.structured.generalize %op : (!transform.any_op) -> !transform.any_op
-      %i = transform.structured.interchange %g iterator_interchange = [0, 2, 1] : (!transform.any_op) -> !transform.any_op
-      %tiled, %loops:3 = transform.structured.tile_using_for %i tile_sizes [1, 1, 16]
-        : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op, !transform.any_op)
-      transform.structured.vectorize %tiled vector_sizes [1, 1, 16] : !transform.any_op
-    }
-    %mm = transform.structured.match ops{["linalg.matmul"]} in %root
-      : (!transform.any_op) -> !transform.any_op
-    transform.foreach %mm : !transform.any_op {
-    ^bb0(%op: !transform.any_op):
-      %tiled, %loops:3 = transform.structured.tile_using_for %op tile_sizes [1, 1, 16]
-        : (!transform.any_op) -> (!transform.any_op, !transform.any_op, !transform.any_op, !transform.any_op)
-      transform.structured.vectorize %tiled vector_sizes [1, 1, 16] : !transform.any_op
-    }
-    %f = transform.structured.match ops{["func.func"]} in %root : (!transform.any_op) -> !transform.any_op
-    transform.apply_patterns to %f {
-      transform.apply_patterns.vector.lower_masked_transfers
-      transform.apply_patterns.vector.transfer_permutation_patterns
-      transform.apply_patterns.vector.lower_contraction lowering_strategy = "outerproduct"
-      transform.apply_patterns.vector.lower_multi_reduction lowering_strategy = "innerparallel"
-      transform.apply_patterns.vector.lower_outerproduct
-      transform.apply_patterns.vector.lower_transfer max_transfer_rank = 1
-      transform.apply_patterns.vector.lower_transpose
-      transform.apply_patterns.vector.lower_shape_cast
-      transform.apply_patterns.vector.lower_broadcast
-      transform.apply_patterns.vector.lower_masks
-      transform.apply_patterns.vector.cast_away_vector_leading_one_dim
-    } : !transform.any_op
-    transform.yield
-  }"#;

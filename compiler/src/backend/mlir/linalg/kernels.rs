@@ -106,10 +106,12 @@ impl Kernel {
     }
 }
 
-/// A product's sizes: the output's shape, `K`, and the batch entries per entry of the
-/// second operand.
+/// A product's sizes: the output's shape (its rows an index value `rows` instead, where
+/// they are not a `Dim`: an expert's gathered rows), `K`, and the batch entries per entry
+/// of the second operand.
 pub struct Shape<'s> {
     pub out: &'s [Dim],
+    pub rows: Option<&'s str>,
     pub inner: Dim,
     pub per: usize,
 }
@@ -171,6 +173,15 @@ impl Func<'_> {
         m
     }
 
+    /// A dimension's size as an index value: a fixed one as a new constant, so that a
+    /// product inside a loop (an expert's) leaves no value `dim` would reuse outside it.
+    fn size(&mut self, d: Dim) -> String {
+        match d.as_fixed() {
+            Some(c) => self.t.index(c as i64),
+            None => self.dim(d),
+        }
+    }
+
     /// The pointer `base + offset` elements, from index values.
     fn at_offset(&mut self, base: &str, offset: &str, el: &str) -> String {
         let b = self.t.op(format!("arith.index_cast {base} : index to i64"));
@@ -189,7 +200,7 @@ impl Func<'_> {
         bias: Option<(&str, &str)>,
         s: Shape,
     ) -> String {
-        let Shape { out: out_shape, inner, per } = s;
+        let Shape { out: out_shape, rows, inner, per } = s;
         self.kernels.insert(k);
         let rank = out_shape.len();
         let x = self.buf(x.0, x.1, rank, "f32");
@@ -200,22 +211,26 @@ impl Func<'_> {
         };
         let ot = super::tensor(out_shape, "f32");
         let mt = super::memref_of(&ot);
-        let dynamic: Vec<String> =
-            out_shape.iter().filter(|d| d.as_fixed().is_none()).map(|&d| self.dim(d)).collect();
+        // Each axis's size as an index value; `rows` stands for the rows' if given.
+        let sizes: Vec<String> = (out_shape.iter().enumerate())
+            .map(|(i, &d)| match rows {
+                Some(r) if i == rank - 2 => r.to_string(),
+                _ => self.size(d),
+            })
+            .collect();
+        let dynamic: Vec<&str> = (out_shape.iter().zip(&sizes))
+            .filter(|(d, _)| d.as_fixed().is_none())
+            .map(|(_, s)| s.as_str())
+            .collect();
         let out = self.t.op(format!("memref.alloc({}) {{alignment = 64 : i64}} : {mt}", dynamic.join(", ")));
         let p = self.t.op(format!("memref.extract_aligned_pointer_as_index {out} : {mt} -> index"));
         let zero = self.t.index(0);
         let out_ptr = self.at_offset(&p, &zero, "f32");
-        let dims: Vec<String> = out_shape
-            .iter()
-            .map(|&d| {
-                let i = self.dim(d);
-                self.t.op(format!("arith.index_cast {i} : index to i64"))
-            })
-            .collect();
+        let dims: Vec<String> =
+            sizes.iter().map(|i| self.t.op(format!("arith.index_cast {i} : index to i64"))).collect();
         let (rows, n) = (&dims[rank - 2], &dims[rank - 1]);
         let out_batch = if rank == 3 { self.t.bin("muli", rows, n, "i64") } else { self.t.int(0, "i64") };
-        let kd = self.dim(inner);
+        let kd = self.size(inner);
         let kk = self.t.op(format!("arith.index_cast {kd} : index to i64"));
         let bw = self.t.int(self.tile.block(k.stored) as i64, "i64");
         let one = self.t.int(1, "i64");

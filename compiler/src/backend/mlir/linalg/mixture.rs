@@ -9,13 +9,14 @@
 //!   comparisons a row.
 //! - The experts are a loop over the experts: the rows that chose one are gathered and go
 //!   through its MLP together (its matrices are slices of the 3-D weights at the loop's
-//!   index, multiplied by the same named contractions as every linear map); an expert no
+//!   index, multiplied by the same product kernels as every linear map); an expert no
 //!   row chose is skipped, so a decode step reads its `k` experts only. Each row's sum
 //!   gathers its experts in ascending order, as `Op::Experts` says.
 //! - Latent attention needs slices of the last axis, concatenations, and per-head linear
 //!   maps over blocks of rows of `kv_b_proj`, whose affine maps address the blocks.
 
-use super::{contract, map, tensor, Func, Local};
+use super::kernels::{Kernel, Shape, Stored};
+use super::{map, tensor, Func, Local};
 use crate::backend::mlir::text::{elem, id_map, Text};
 use crate::ir::{DType, Dim, Experts, GroupScore, NodeId, Route, Scoring};
 
@@ -590,27 +591,28 @@ impl Func<'_> {
         let sub = self
             .t
             .op(format!("tensor.extract_slice {wv}[{e}, 0, 0] [1, {a}, {b}] [1, 1, 1] : {wt} to {sub_t}"));
-        let out_t = format!("tensor<?x{out}xf32>");
-        let empty = self.t.op(format!("tensor.empty({n}) : {out_t}"));
-        let init = match bias {
-            Some(bn) => {
-                let (bv, bt) = self.val(bn);
-                let bdt = self.g.ty(bn).dtype;
-                let brow_t = format!("tensor<{out}x{}>", elem(bdt));
-                let brow = self
-                    .t
-                    .op(format!("tensor.extract_slice {bv}[{e}, 0] [1, {out}] [1, 1] : {bt} to {brow_t}"));
-                let ins = [(brow, brow_t, map(2, &d(&["d1"])))];
-                self.generic(&ins, (empty, out_t.clone(), id_map(2)), &["parallel"; 2], |t, a| {
-                    widen(t, &a[0], bdt)
-                })
-            }
-            None => {
-                let z = self.t.f32(0.0);
-                self.t.op(format!("linalg.fill ins({z} : f32) outs({empty} : {out_t}) -> {out_t}"))
-            }
-        };
+        // The expert's bias row, in f32.
+        let bias = bias.map(|bn| {
+            let (bv, bt) = self.val(bn);
+            let bdt = self.g.ty(bn).dtype;
+            let brow_t = format!("tensor<{out}x{}>", elem(bdt));
+            let brow =
+                self.t.op(format!("tensor.extract_slice {bv}[{e}, 0] [1, {out}] [1, 1] : {bt} to {brow_t}"));
+            let (ft, one) = (format!("tensor<{out}xf32>"), id_map(1));
+            let empty = self.t.op(format!("tensor.empty() : {ft}"));
+            let b = self.generic(
+                &[(brow, brow_t, one.clone())],
+                (empty, ft.clone(), one),
+                &["parallel"],
+                |t, a| widen(t, &a[0], bdt),
+            );
+            (b, ft)
+        });
+        let stored = if transposed { Stored::InOut } else { Stored::OutIn };
+        let k = Kernel { stored, bf16: wty.dtype == DType::BF16, bias: bias.is_some() };
         let xt = format!("tensor<?x{inn}xf32>");
-        (contract(self.t, (x, &xt), (&sub, &sub_t), (&init, &out_t), transposed), out)
+        let b = bias.as_ref().map(|(v, t)| (v.as_str(), t.as_str()));
+        let shape = Shape { out: &[Dim::T, Dim::fixed(out)], rows: Some(n), inner: Dim::fixed(inn), per: 1 };
+        (self.product(k, (x, &xt), (&sub, &sub_t), b, shape), out)
     }
 }
